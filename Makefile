@@ -1,0 +1,34 @@
+# qlm — the two commands a fresh machine needs are `make demo` and `make test`.
+PYTHON ?= python3
+OUT ?= out
+
+.PHONY: help install test lint typecheck unit proto up down demo bench sim-quick clean
+
+help:
+	@echo "make install   install qlm and its dev tools (pip, editable)"
+	@echo "make test      lint + type-check + every test, on real Redis and real Kafka"
+	@echo "make demo      the whole stack on real Redis + Kafka with simulated GPU workers"
+	@echo "make proto     regenerate qlm/api/v1 from proto/qlm/v1"
+	@echo "make up/down   start/stop Redis + Kafka (+ services) under .qlm/"
+	@echo "make bench     the benchmarks (results under docs/results/)"
+
+install:
+	$(PYTHON) -m pip install -q -e '.[dev]'
+
+lint:
+	$(PYTHON) -m ruff check qlm services loadgen tests
+
+typecheck:
+	$(PYTHON) -m mypy
+
+unit:
+	$(PYTHON) -m pytest -q tests/unit
+
+test: lint typecheck
+	$(PYTHON) -m pytest -q
+
+sim-quick:
+	$(PYTHON) -m loadgen.sim --workload WA --quick --out $(OUT)/sim-WA
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache $(OUT)

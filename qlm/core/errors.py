@@ -1,0 +1,36 @@
+"""The error families of qlm, named once.
+
+Every validation error names the offending field and the problem, so that a
+transport (gRPC status, Kafka dead-letter record, CLI message) can show it as is.
+"""
+
+from __future__ import annotations
+
+
+class QlmError(Exception):
+    """Base of every error qlm raises on purpose."""
+
+
+class InvalidInput(QlmError, ValueError):
+    """Input that can never succeed: maps to gRPC INVALID_ARGUMENT / a DLQ record."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class NotFound(QlmError, KeyError):
+    """A named thing (request, model, profile) does not exist: gRPC NOT_FOUND."""
+
+    def __init__(self, what: str, name: str) -> None:
+        super().__init__(f"{what} {name!r} not found")
+        self.what = what
+        self.name = name
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0])
+
+
+class Unavailable(QlmError):
+    """A dependency (Redis, Kafka, estimator) does not answer: gRPC UNAVAILABLE."""

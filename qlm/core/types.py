@@ -1,0 +1,340 @@
+"""The data model every part of qlm shares: requests, SLOs, groups, snapshots, decisions.
+
+All values are frozen dataclasses. A scheduling step reads a :class:`QueueSnapshot`
+and returns a :class:`Decision`; the simulator and the scheduler service apply it.
+Times are seconds on whatever clock the caller injects (virtual in the simulator,
+``time.time()`` in the services).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Final
+
+from qlm.core.errors import InvalidInput
+
+
+class SLOClass(StrEnum):
+    """Service classes. ``custom`` requests carry their own TTFT deadline."""
+
+    INTERACTIVE = "interactive"
+    BATCH_1 = "batch-1"
+    BATCH_2 = "batch-2"
+    CUSTOM = "custom"
+
+
+#: Default TTFT SLOs of the evaluation protocol (QLM paper): 20 s, 60 s, 1 h.
+DEFAULT_TTFT_SLO_S: Final[Mapping[SLOClass, float]] = MappingProxyType(
+    {SLOClass.INTERACTIVE: 20.0, SLOClass.BATCH_1: 60.0, SLOClass.BATCH_2: 3600.0}
+)
+
+
+def parse_slo_class(value: str, field_name: str = "slo_class") -> SLOClass:
+    try:
+        return SLOClass(value)
+    except ValueError:
+        allowed = ", ".join(c.value for c in SLOClass)
+        raise InvalidInput(field_name, f"unknown class {value!r}; expected one of {allowed}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SLO:
+    """A latency objective: first token within ``ttft_s`` of arrival; optional TPOT target."""
+
+    ttft_s: float
+    tpot_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.ttft_s, int | float) and math.isfinite(self.ttft_s)):
+            raise InvalidInput("slo.ttft_s", f"must be a finite number, got {self.ttft_s!r}")
+        if self.ttft_s <= 0:
+            raise InvalidInput("slo.ttft_s", f"must be > 0, got {self.ttft_s}")
+        if self.tpot_s is not None and not (math.isfinite(self.tpot_s) and self.tpot_s > 0):
+            raise InvalidInput("slo.tpot_s", f"must be > 0 when set, got {self.tpot_s}")
+
+    @classmethod
+    def for_class(cls, slo_class: SLOClass, ttft_s: float | None = None) -> SLO:
+        """The class default, or ``ttft_s`` when given (required for ``custom``)."""
+        if ttft_s is None:
+            if slo_class is SLOClass.CUSTOM:
+                raise InvalidInput("slo.ttft_s", "required for class 'custom'")
+            ttft_s = DEFAULT_TTFT_SLO_S[slo_class]
+        return cls(ttft_s=ttft_s)
+
+
+class RequestState(StrEnum):
+    """queued → running → finished | failed | cancelled; running → queued on eviction."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (RequestState.FINISHED, RequestState.FAILED, RequestState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One inference request as the scheduler sees it (no prompt text, only its size).
+
+    ``max_tokens`` bounds the output; ``num_generated`` is the progress kept across
+    evictions (an evicted request resumes, it does not restart).
+    """
+
+    id: str
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    slo_class: SLOClass
+    slo: SLO
+    arrival_at: float
+    tenant: str = "default"
+    num_generated: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise InvalidInput("id", "must not be empty")
+        if not self.model:
+            raise InvalidInput("model", "must not be empty")
+        if self.prompt_tokens <= 0:
+            raise InvalidInput("prompt_tokens", f"must be > 0, got {self.prompt_tokens}")
+        if self.max_tokens <= 0:
+            raise InvalidInput("max_tokens", f"must be > 0, got {self.max_tokens}")
+        if not 0 <= self.num_generated <= self.max_tokens:
+            raise InvalidInput(
+                "num_generated", f"must be in [0, max_tokens={self.max_tokens}], got {self.num_generated}"
+            )
+        if not math.isfinite(self.arrival_at):
+            raise InvalidInput("arrival_at", f"must be finite, got {self.arrival_at}")
+
+    @property
+    def deadline_at(self) -> float:
+        """When the first token must have arrived to meet the TTFT SLO."""
+        return self.arrival_at + self.slo.ttft_s
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.max_tokens - self.num_generated
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens whose KV state the request holds when (re)admitted."""
+        return self.prompt_tokens + self.num_generated
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class GroupKey:
+    """Requests of one model and SLO class that arrived in the same window."""
+
+    model: str
+    slo_class: SLOClass
+    window: int
+
+    def __str__(self) -> str:
+        return f"{self.model}|{self.slo_class.value}|{self.window}"
+
+    @classmethod
+    def parse(cls, text: str) -> GroupKey:
+        try:
+            model, slo_class, window = text.rsplit("|", 2)
+            return cls(model, SLOClass(slo_class), int(window))
+        except ValueError:
+            raise InvalidInput("group", f"malformed group key {text!r}") from None
+
+
+def group_key_for(request: Request, window_s: float) -> GroupKey:
+    if window_s <= 0:
+        raise InvalidInput("window_s", f"must be > 0, got {window_s}")
+    return GroupKey(request.model, request.slo_class, math.floor(request.arrival_at / window_s))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestGroup:
+    """A scheduling unit: the queued requests of one :class:`GroupKey`, in arrival order."""
+
+    key: GroupKey
+    requests: tuple[Request, ...]
+
+    def __post_init__(self) -> None:
+        if not self.requests:
+            raise InvalidInput("requests", f"group {self.key} must not be empty")
+
+    @property
+    def model(self) -> str:
+        return self.key.model
+
+    @property
+    def slo_class(self) -> SLOClass:
+        return self.key.slo_class
+
+    @property
+    def size(self) -> int:
+        return len(self.requests)
+
+    @property
+    def first_arrival_at(self) -> float:
+        return min(r.arrival_at for r in self.requests)
+
+    @property
+    def earliest_deadline_at(self) -> float:
+        return min(r.deadline_at for r in self.requests)
+
+    @property
+    def total_prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.requests)
+
+
+def group_requests(requests: Iterable[Request], window_s: float) -> tuple[RequestGroup, ...]:
+    """Partition ``requests`` into groups; groups sorted by key, requests by arrival."""
+    buckets: dict[GroupKey, list[Request]] = {}
+    for request in requests:
+        buckets.setdefault(group_key_for(request, window_s), []).append(request)
+    return tuple(
+        RequestGroup(key, tuple(sorted(reqs, key=lambda r: (r.arrival_at, r.id))))
+        for key, reqs in sorted(buckets.items())
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRequest:
+    """A request that a worker is serving, with when it started and its progress."""
+
+    request: Request
+    started_at: float
+    first_token_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """What the scheduler knows of one worker (one model instance on one or more GPUs).
+
+    ``models`` are the models the worker can serve without a cold load (awake or
+    asleep); ``active_model`` is the awake one, or None while idle or swapping.
+    """
+
+    id: str
+    gpu: str
+    models: tuple[str, ...]
+    active_model: str | None
+    kv_capacity_tokens: int
+    max_batch_size: int
+    running: tuple[RunningRequest, ...] = ()
+    num_gpus: int = 1
+    swapping_until: float | None = None
+
+    @property
+    def kv_used_tokens(self) -> int:
+        return sum(r.request.context_tokens for r in self.running)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+
+def _frozen_mapping(value: Mapping[str, tuple[GroupKey, ...]]) -> Mapping[str, tuple[GroupKey, ...]]:
+    return MappingProxyType(dict(value))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """A read-only view of the whole queue at ``now``: the input of every policy.
+
+    ``virtual_queues`` is the previous decision's order per worker (may be empty).
+    """
+
+    now: float
+    groups: tuple[RequestGroup, ...]
+    workers: tuple[WorkerView, ...]
+    virtual_queues: Mapping[str, tuple[GroupKey, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.virtual_queues, MappingProxyType):
+            object.__setattr__(self, "virtual_queues", _frozen_mapping(self.virtual_queues))
+
+    @property
+    def num_queued(self) -> int:
+        return sum(g.size for g in self.groups)
+
+    def group(self, key: GroupKey) -> RequestGroup:
+        for g in self.groups:
+            if g.key == key:
+                return g
+        raise KeyError(str(key))
+
+    def worker(self, worker_id: str) -> WorkerView:
+        for w in self.workers:
+            if w.id == worker_id:
+                return w
+        raise KeyError(worker_id)
+
+
+# ---------------------------------------------------------------- decisions
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Set worker ``worker_id``'s virtual queue to ``order`` (head first)."""
+
+    worker_id: str
+    order: tuple[GroupKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    """Worker ``worker_id`` admits these queued requests now (head of its queue)."""
+
+    worker_id: str
+    request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """Preempt a running request; it keeps its progress and returns to the queue."""
+
+    worker_id: str
+    request_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Swap:
+    """Switch the worker's active model (sleep the current one, wake ``to_model``)."""
+
+    worker_id: str
+    to_model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Refuse a queued request (e.g. it can no longer meet its SLO and policy says drop)."""
+
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Everything one scheduling step wants to happen. Pure data; applied elsewhere."""
+
+    placements: tuple[Place, ...] = ()
+    pulls: tuple[Pull, ...] = ()
+    evictions: tuple[Evict, ...] = ()
+    swaps: tuple[Swap, ...] = ()
+    rejections: tuple[Reject, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.placements or self.pulls or self.evictions or self.swaps or self.rejections)
+
+    def order_for(self, worker_id: str) -> tuple[GroupKey, ...]:
+        for place in self.placements:
+            if place.worker_id == worker_id:
+                return place.order
+        return ()
