@@ -27,6 +27,9 @@ unit:
 test: lint typecheck
 	$(PYTHON) -m pytest -q
 
+proto:
+	$(PYTHON) proto/generate.py
+
 sim-quick:
 	$(PYTHON) -m loadgen.sim --workload WA --quick --out $(OUT)/sim-WA
 

@@ -1,0 +1,1 @@
+"""Wire APIs of qlm (generated protobuf/gRPC code per version)."""

@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf code of proto/qlm/v1 (make proto)."""
