@@ -217,6 +217,8 @@ class WorkerView:
 
     ``models`` are the models the worker can serve without a cold load (awake or
     asleep); ``active_model`` is the awake one, or None while idle or swapping.
+    While a model swap is under way, ``swapping_to`` names the model being woken
+    and ``swapping_until`` when it will be ready.
     """
 
     id: str
@@ -228,6 +230,7 @@ class WorkerView:
     running: tuple[RunningRequest, ...] = ()
     num_gpus: int = 1
     swapping_until: float | None = None
+    swapping_to: str | None = None
 
     @property
     def kv_used_tokens(self) -> int:
