@@ -1,0 +1,325 @@
+"""What a client may submit, and the one validation every entry point applies.
+
+A submission arrives as a plain mapping with the field names of ``SubmitRequest`` in
+``proto/qlm/v1/qlm.proto`` — from gRPC (translated by the servicer), from a Kafka
+``qlm.batch.requests`` record (JSON) or from a line of a JSONL batch file (the CLI).
+:func:`parse_submission` turns it into a :class:`Submission` or raises
+:class:`InvalidInput` naming the field and the problem. It is pure (no I/O, no clock).
+
+Record schema (JSON object; only ``model``, one prompt field and ``max_tokens`` required)::
+
+    {"request_id": str, "tenant": str, "model": str,
+     "prompt": str | "prompt_token_ids": [int, ...],
+     "max_tokens": int, "slo_class": "interactive" | "batch-1" | "batch-2" | "custom",
+     "ttft_slo_s": number, "tpot_slo_s": number,
+     "sampling": {"temperature": number, "top_p": number, "top_k": int, "seed": int,
+                  "stop": [str, ...], "ignore_eos": bool}}
+
+``prompt_text`` is accepted as a synonym of ``prompt`` (the proto's name). Unknown
+fields are rejected so that a misspelt field never passes silently.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from qlm.core.errors import InvalidInput
+from qlm.core.types import DEFAULT_TTFT_SLO_S, SLO, Request, SLOClass
+
+MAX_REQUEST_ID_LEN: Final = 128
+MAX_TENANT_LEN: Final = 128
+#: Characters of a client-chosen request id: they appear in Redis keys and log lines.
+REQUEST_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+#: Prompt text is sized as ~4 UTF-8 bytes per token until a tokenizer is consulted.
+BYTES_PER_TOKEN_ESTIMATE: Final = 4
+DEFAULT_TENANT: Final = "default"
+
+_TOP_LEVEL_FIELDS: Final = frozenset({
+    "request_id", "tenant", "model", "prompt", "prompt_text", "prompt_token_ids",
+    "max_tokens", "slo_class", "ttft_slo_s", "tpot_slo_s", "sampling",
+})
+_SAMPLING_FIELDS: Final = frozenset({"temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"})
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """A served model and the longest prompt + output it accepts (tokens)."""
+
+    name: str
+    max_model_len: int
+    gpus: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionLimits:
+    """Server-side caps that do not depend on the model."""
+
+    max_prompt_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A validated submission. ``request_id`` is empty when the client chose none."""
+
+    request_id: str
+    tenant: str
+    model: str
+    prompt_text: str | None
+    prompt_token_ids: tuple[int, ...] | None
+    num_prompt_tokens: int
+    max_tokens: int
+    slo_class: SLOClass
+    slo: SLO
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_id(self, request_id: str) -> Submission:
+        return Submission(
+            request_id, self.tenant, self.model, self.prompt_text, self.prompt_token_ids,
+            self.num_prompt_tokens, self.max_tokens, self.slo_class, self.slo, self.sampling,
+        )
+
+    def to_request(self, arrival_at: float) -> Request:
+        """The scheduler's view of this submission, arriving at ``arrival_at``."""
+        return Request(
+            id=self.request_id, model=self.model, prompt_tokens=self.num_prompt_tokens,
+            max_tokens=self.max_tokens, slo_class=self.slo_class, slo=self.slo,
+            arrival_at=arrival_at, tenant=self.tenant,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """This submission in the record schema above (round-trips through parse_submission)."""
+        record: dict[str, Any] = {
+            "request_id": self.request_id, "tenant": self.tenant, "model": self.model,
+            "max_tokens": self.max_tokens, "slo_class": self.slo_class.value,
+            "ttft_slo_s": self.slo.ttft_s,
+        }
+        if self.prompt_text is not None:
+            record["prompt"] = self.prompt_text
+        else:
+            record["prompt_token_ids"] = list(self.prompt_token_ids or ())
+        if self.slo.tpot_s is not None:
+            record["tpot_slo_s"] = self.slo.tpot_s
+        if self.sampling:
+            record["sampling"] = dict(self.sampling)
+        return record
+
+
+# ------------------------------------------------------------------ type checks
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _str(record: Mapping[str, Any], name: str, default: str = "") -> str:
+    value = record.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidInput(name, f"must be a string, got {_type_name(value)}")
+    return value
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(name, f"must be an integer, got {_type_name(value)}")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(name, f"must be a number, got {_type_name(value)}")
+    if not math.isfinite(value):
+        raise InvalidInput(name, f"must be finite, got {value}")
+    return float(value)
+
+
+# ------------------------------------------------------------------ fields
+def _request_id(record: Mapping[str, Any]) -> str:
+    request_id = _str(record, "request_id")
+    if request_id and not REQUEST_ID_PATTERN.fullmatch(request_id):
+        raise InvalidInput(
+            "request_id",
+            f"must be 1..{MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:-], "
+            f"got {request_id[:40]!r}",
+        )
+    return request_id
+
+
+def _tenant(record: Mapping[str, Any]) -> str:
+    tenant = _str(record, "tenant") or DEFAULT_TENANT
+    if len(tenant) > MAX_TENANT_LEN or not tenant.isprintable():
+        raise InvalidInput("tenant", f"must be 1..{MAX_TENANT_LEN} printable characters")
+    return tenant
+
+
+def _model(record: Mapping[str, Any], models: Mapping[str, ModelLimits] | None) -> str:
+    model = _str(record, "model")
+    if not model:
+        raise InvalidInput("model", "is required")
+    if models is not None and model not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise InvalidInput("model", f"unknown model {model!r}; served models: {known}")
+    return model
+
+
+def _prompt(
+    record: Mapping[str, Any], limits: SubmissionLimits
+) -> tuple[str | None, tuple[int, ...] | None, int]:
+    """(text, token ids, number of prompt tokens): exactly one of text / ids is set."""
+    text_field = "prompt" if "prompt" in record else "prompt_text"
+    has_text = record.get(text_field) is not None
+    has_ids = record.get("prompt_token_ids") is not None
+    if "prompt" in record and "prompt_text" in record:
+        raise InvalidInput("prompt_text", "give either 'prompt' or 'prompt_text', not both")
+    if has_text and has_ids:
+        raise InvalidInput("prompt", "give either prompt text or prompt_token_ids, not both")
+    if has_ids:
+        ids = record["prompt_token_ids"]
+        if not isinstance(ids, list | tuple):
+            raise InvalidInput(
+                "prompt_token_ids", f"must be a list of integers, got {_type_name(ids)}"
+            )
+        if not ids:
+            raise InvalidInput("prompt_token_ids", "must not be empty")
+        for i, token in enumerate(ids):
+            if _int(token, f"prompt_token_ids[{i}]") < 0:
+                raise InvalidInput(f"prompt_token_ids[{i}]", f"must be >= 0, got {token}")
+        return None, tuple(ids), len(ids)
+    text = _str(record, text_field)
+    if not text:
+        raise InvalidInput("prompt", "must not be empty (give prompt text or prompt_token_ids)")
+    num_bytes = len(text.encode("utf-8", errors="surrogatepass"))
+    if num_bytes > limits.max_prompt_bytes:
+        raise InvalidInput(
+            "prompt", f"is {num_bytes} bytes, over the limit of {limits.max_prompt_bytes} bytes"
+        )
+    return text, None, max(1, math.ceil(num_bytes / BYTES_PER_TOKEN_ESTIMATE))
+
+
+def _max_tokens(
+    record: Mapping[str, Any], num_prompt_tokens: int, limits: ModelLimits | None
+) -> int:
+    if record.get("max_tokens") is None:
+        raise InvalidInput("max_tokens", "is required")
+    max_tokens = _int(record["max_tokens"], "max_tokens")
+    if max_tokens <= 0:
+        raise InvalidInput("max_tokens", f"must be > 0, got {max_tokens}")
+    if limits is not None and num_prompt_tokens + max_tokens > limits.max_model_len:
+        raise InvalidInput(
+            "max_tokens",
+            f"{max_tokens} + {num_prompt_tokens} prompt tokens exceeds the model's "
+            f"max_model_len of {limits.max_model_len} for {limits.name!r}",
+        )
+    return max_tokens
+
+
+def _slo_class(record: Mapping[str, Any]) -> SLOClass:
+    value = record.get("slo_class")
+    if value is None or value == "":
+        return SLOClass.INTERACTIVE
+    if not isinstance(value, str):
+        raise InvalidInput("slo_class", f"must be one of {_class_names()}, got {value!r}")
+    try:
+        return SLOClass(value)
+    except ValueError:
+        raise InvalidInput("slo_class", f"must be one of {_class_names()}, got {value!r}") from None
+
+
+def _class_names() -> str:
+    return ", ".join(c.value for c in SLOClass)
+
+
+def _slo(record: Mapping[str, Any], slo_class: SLOClass) -> SLO:
+    ttft = record.get("ttft_slo_s")
+    if ttft is None:
+        if slo_class is SLOClass.CUSTOM:
+            raise InvalidInput("ttft_slo_s", "is required for slo_class 'custom'")
+        ttft_s = DEFAULT_TTFT_SLO_S[slo_class]
+    else:
+        ttft_s = _number(ttft, "ttft_slo_s")
+        if ttft_s <= 0:
+            raise InvalidInput("ttft_slo_s", f"must be > 0, got {ttft_s}")
+    tpot = record.get("tpot_slo_s")
+    tpot_s = None
+    if tpot is not None:
+        tpot_s = _number(tpot, "tpot_slo_s")
+        if tpot_s <= 0:
+            raise InvalidInput("tpot_slo_s", f"must be > 0 when set, got {tpot_s}")
+    return SLO(ttft_s=ttft_s, tpot_s=tpot_s)
+
+
+def _sampling(record: Mapping[str, Any]) -> dict[str, Any]:
+    raw = record.get("sampling")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise InvalidInput("sampling", f"must be an object, got {_type_name(raw)}")
+    _reject_unknown(raw, _SAMPLING_FIELDS, "sampling.")
+    out: dict[str, Any] = {}
+    if raw.get("temperature") is not None:
+        out["temperature"] = _number(raw["temperature"], "sampling.temperature")
+        if out["temperature"] < 0:
+            raise InvalidInput("sampling.temperature", f"must be >= 0, got {out['temperature']}")
+    if raw.get("top_p") is not None:
+        out["top_p"] = _number(raw["top_p"], "sampling.top_p")
+        if not 0 < out["top_p"] <= 1:
+            raise InvalidInput("sampling.top_p", f"must be in (0, 1], got {out['top_p']}")
+    if raw.get("top_k"):
+        out["top_k"] = _int(raw["top_k"], "sampling.top_k")
+        if out["top_k"] < 0:
+            raise InvalidInput("sampling.top_k", f"must be >= 0, got {out['top_k']}")
+    if raw.get("seed") is not None:
+        out["seed"] = _int(raw["seed"], "sampling.seed")
+    if raw.get("stop"):
+        stop = raw["stop"]
+        if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidInput("sampling.stop", "must be a list of non-empty strings")
+        out["stop"] = list(stop)
+    ignore_eos = raw.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise InvalidInput("sampling.ignore_eos", f"must be true or false, got {ignore_eos!r}")
+    if ignore_eos:
+        out["ignore_eos"] = True
+    return out
+
+
+def _reject_unknown(record: Mapping[str, Any], known: frozenset[str], prefix: str = "") -> None:
+    for name in record:
+        if name not in known:
+            raise InvalidInput(f"{prefix}{name}", "unknown field")
+
+
+# ------------------------------------------------------------------ entry point
+def parse_submission(
+    record: Any,
+    models: Mapping[str, ModelLimits] | None,
+    limits: SubmissionLimits = SubmissionLimits(),
+) -> Submission:
+    """Validate ``record`` (schema in the module docstring) into a :class:`Submission`.
+
+    ``models`` maps served model names to their limits; None skips the model checks
+    (a client that does not know the catalogue). Raises InvalidInput on the first problem.
+    """
+    if not isinstance(record, Mapping):
+        raise InvalidInput("record", f"must be a JSON object, got {_type_name(record)}")
+    _reject_unknown(record, _TOP_LEVEL_FIELDS)
+    request_id = _request_id(record)
+    tenant = _tenant(record)
+    model = _model(record, models)
+    prompt_text, prompt_ids, num_prompt_tokens = _prompt(record, limits)
+    model_limits = models.get(model) if models is not None else None
+    if model_limits is not None and num_prompt_tokens >= model_limits.max_model_len:
+        raise InvalidInput(
+            "prompt", f"{num_prompt_tokens} tokens leave no room for output under the model's "
+            f"max_model_len of {model_limits.max_model_len}"
+        )
+    max_tokens = _max_tokens(record, num_prompt_tokens, model_limits)
+    slo_class = _slo_class(record)
+    return Submission(
+        request_id=request_id, tenant=tenant, model=model, prompt_text=prompt_text,
+        prompt_token_ids=prompt_ids, num_prompt_tokens=num_prompt_tokens, max_tokens=max_tokens,
+        slo_class=slo_class, slo=_slo(record, slo_class), sampling=_sampling(record),
+    )
