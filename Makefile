@@ -2,7 +2,7 @@
 PYTHON ?= python3
 OUT ?= out
 
-.PHONY: help install test lint typecheck unit proto up down demo bench sim-quick clean
+.PHONY: help install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean
 
 help:
 	@echo "make install   install qlm and its dev tools (pip, editable)"
@@ -10,6 +10,7 @@ help:
 	@echo "make demo      the whole stack on real Redis + Kafka with simulated GPU workers"
 	@echo "make proto     regenerate qlm/api/v1 from proto/qlm/v1"
 	@echo "make up/down   start/stop Redis + Kafka (+ services) under .qlm/"
+	@echo "make kafka-jars  fetch the Kafka broker jars from Maven Central (cached)"
 	@echo "make bench     the benchmarks (results under docs/results/)"
 
 install:
@@ -29,6 +30,18 @@ test: lint typecheck
 
 proto:
 	$(PYTHON) proto/generate.py
+
+kafka-jars:
+	$(PYTHON) -m qlm.localstack fetch-jars
+
+up:
+	$(PYTHON) -m qlm.localstack up --dir .qlm
+
+down:
+	$(PYTHON) -m qlm.localstack down --dir .qlm
+
+status:
+	$(PYTHON) -m qlm.localstack status --dir .qlm
 
 sim-quick:
 	$(PYTHON) -m loadgen.sim --workload WA --quick --out $(OUT)/sim-WA

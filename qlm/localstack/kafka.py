@@ -1,0 +1,263 @@
+"""A local Apache Kafka broker in KRaft mode (one node: broker + controller) on the machine's Java.
+
+The jars come from Maven Central through Maven and a small pom
+(``qlm/localstack/kafka-pom.xml``) and are cached in
+``~/.cache/qlm/kafka-<version>/libs`` (``QLM_KAFKA_LIBS`` overrides the directory,
+``QLM_KAFKA_VERSION`` the version). Storage is formatted once per data directory;
+later starts reuse it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from qlm.core.errors import Unavailable
+from qlm.localstack.process import ServerProcess
+
+DEFAULT_KAFKA_VERSION = "4.1.1"
+DEFAULT_KAFKA_PORT = 9092
+DEFAULT_CONTROLLER_PORT = 9093
+START_TIMEOUT_S = 90.0
+HEAP_OPTS = ("-Xms256m", "-Xmx512m")
+POM_PATH = Path(__file__).with_name("kafka-pom.xml")
+BROKER_MAIN = "kafka.Kafka"
+STORAGE_TOOL_MAIN = "kafka.tools.StorageTool"
+
+
+def kafka_version() -> str:
+    """The Kafka version to run (``QLM_KAFKA_VERSION``, default :data:`DEFAULT_KAFKA_VERSION`)."""
+    return os.environ.get("QLM_KAFKA_VERSION", DEFAULT_KAFKA_VERSION)
+
+
+def kafka_libs_dir(version: str | None = None) -> Path:
+    """Where the broker's jars are cached (``QLM_KAFKA_LIBS`` overrides)."""
+    override = os.environ.get("QLM_KAFKA_LIBS")
+    if override:
+        return Path(override).expanduser()
+    return Path.home() / ".cache" / "qlm" / f"kafka-{version or kafka_version()}" / "libs"
+
+
+def _broker_jar_present(libs: Path, version: str) -> bool:
+    return (libs / f"kafka_2.13-{version}.jar").is_file()
+
+
+def fetch_kafka_jars(version: str | None = None, libs: Path | None = None) -> Path:
+    """Make sure the broker's jars are in ``libs`` (fetched with Maven once); returns ``libs``.
+
+    Raises Unavailable when Maven is missing or the fetch fails.
+    """
+    version = version or kafka_version()
+    libs = libs or kafka_libs_dir(version)
+    if _broker_jar_present(libs, version):
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise Unavailable("mvn not found: apt-get install maven (needed to fetch the Kafka jars)")
+    staging = libs.with_name(libs.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        mvn, "-q", "-B", "-f", str(POM_PATH), f"-Dkafka.version={version}",
+        "dependency:copy-dependencies", "-DincludeScope=runtime",
+        f"-DoutputDirectory={staging}",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not _broker_jar_present(staging, version):
+        raise Unavailable(
+            f"fetching Kafka {version} jars with Maven failed (status {done.returncode}):\n"
+            f"{(done.stdout + done.stderr)[-3000:]}"
+        )
+    shutil.rmtree(libs, ignore_errors=True)
+    staging.rename(libs)  # all or nothing: a half fetch never looks complete
+    return libs
+
+
+def java_binary() -> str:
+    """The ``java`` to run Kafka with (``JAVA_HOME`` first, then PATH); Unavailable when absent."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return str(Path(java_home) / "bin" / "java")
+    java = shutil.which("java")
+    if java is None:
+        raise Unavailable("java not found: apt-get install openjdk-17-jre-headless")
+    return java
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64 without padding (22 characters)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
+def _metadata_request(correlation_id: int) -> bytes:
+    """A Metadata v1 request asking for no topics (only the brokers), with its size prefix."""
+    client_id = b"qlm-localstack"
+    body = struct.pack(">hhih", 3, 1, correlation_id, len(client_id)) + client_id
+    body += struct.pack(">i", 0)  # topics: empty array
+    return struct.pack(">i", len(body)) + body
+
+
+def _recv_exactly(sock: socket.socket, num_bytes: int) -> bytes:
+    chunks = b""
+    while len(chunks) < num_bytes:
+        chunk = sock.recv(num_bytes - len(chunks))
+        if not chunk:
+            raise OSError("connection closed")
+        chunks += chunk
+    return chunks
+
+
+def num_live_brokers(host: str, port: int, timeout_s: float = 1.0) -> int:
+    """How many brokers the node on ``host:port`` reports in a Metadata response (0 on error).
+
+    A broker lists itself only once it has registered with the controller and been
+    unfenced, i.e. when it can serve produce and admin requests.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(_metadata_request(correlation_id=1))
+            (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
+            response = _recv_exactly(sock, size)
+    except OSError:
+        return 0
+    correlation_id, num_brokers = struct.unpack_from(">ii", response, 0)
+    return num_brokers if correlation_id == 1 else 0
+
+
+class KafkaServer:
+    """One KRaft node on ``127.0.0.1``; data, config, log and pid file live under ``data_dir``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = DEFAULT_KAFKA_PORT,
+        controller_port: int = DEFAULT_CONTROLLER_PORT,
+        version: str | None = None,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port
+        self.controller_port = controller_port
+        self.version = version or kafka_version()
+        self.host = "127.0.0.1"
+        self.config_path = self.data_dir / "server.properties"
+        self.log_dirs = self.data_dir / "data"
+        self.process = ServerProcess("kafka", self.data_dir, marker=str(self.config_path))
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``127.0.0.1:<port>``, for aiokafka's ``bootstrap_servers``."""
+        return f"{self.host}:{self.port}"
+
+    def server_properties(self) -> str:
+        """Single-node combined broker+controller config; internal topics have one partition."""
+        host, port, cport = self.host, self.port, self.controller_port
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{host}:{cport}",
+            "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+            "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.log_dirs),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.num.partitions": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "background.threads": "2",
+            "log.retention.hours": "168",
+        }
+        return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+    def _log4j2_config(self) -> Path:
+        path = self.data_dir / "log4j2.properties"
+        path.write_text(
+            "status = warn\n"
+            "appender.out.type = Console\n"
+            "appender.out.name = out\n"
+            "appender.out.layout.type = PatternLayout\n"
+            "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
+            "rootLogger.level = info\n"
+            "rootLogger.appenderRef.out.ref = out\n"
+            "logger.kafka.name = kafka\n"
+            "logger.kafka.level = warn\n"
+            "logger.org.name = org.apache.kafka\n"
+            "logger.org.level = warn\n"
+            "logger.started.name = kafka.server.KafkaRaftServer\n"
+            "logger.started.level = info\n"
+        )
+        return path
+
+    def _java_argv(self, libs: Path, main: str, *args: str) -> list[str]:
+        return [
+            java_binary(), *HEAP_OPTS, "-XX:+UseSerialGC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self._log4j2_config()}",
+            "-cp", f"{libs}/*", main, *args,
+        ]  # fmt: skip
+
+    def is_formatted(self) -> bool:
+        """Whether the KRaft storage under ``log_dirs`` has been formatted already."""
+        return (self.log_dirs / "meta.properties").is_file()
+
+    def format_storage(self, libs: Path) -> None:
+        """Format KRaft storage once (a new cluster id); a formatted directory is left alone."""
+        if self.is_formatted():
+            return
+        argv = self._java_argv(
+            libs, STORAGE_TOOL_MAIN, "format", "-t", new_cluster_id(), "-c", str(self.config_path)
+        )
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not self.is_formatted():
+            raise Unavailable(
+                f"formatting Kafka storage in {self.log_dirs} failed:\n"
+                f"{(done.stdout + done.stderr)[-3000:]}"
+            )
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
+        """Fetch jars if needed, format once, start the broker and wait until it serves metadata.
+
+        Returns the seconds from process start to ready.
+        """
+        libs = fetch_kafka_jars(self.version)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.server_properties())
+        self.format_storage(libs)
+        started_at = time.monotonic()
+        self.process.start(self._java_argv(libs, BROKER_MAIN, str(self.config_path)))
+        try:
+            self.process.wait_until(
+                lambda: num_live_brokers(self.host, self.port) > 0,
+                timeout_s,
+                f"broker answering on port {self.port}",
+                poll_s=0.2,
+            )
+        except Unavailable:
+            self.process.stop(timeout_s=2.0, kill=True)
+            raise
+        return time.monotonic() - started_at
+
+    def stop(self, kill: bool = False) -> bool:
+        """Controlled shutdown on SIGTERM (or SIGKILL with ``kill``); False when none ran."""
+        return self.process.stop(timeout_s=30.0, kill=kill)
+
+    def is_running(self) -> bool:
+        """Whether the broker this object (or its pid file) names is alive."""
+        return self.process.running_pid() is not None

@@ -1,0 +1,99 @@
+"""A local Debian ``redis-server`` with the append-only file on (``appendfsync everysec``).
+
+The data directory survives stop/start, so a restart on the same directory shows
+what the AOF kept. RDB snapshots are off: whatever survives a restart survived
+through the AOF alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from qlm.core.errors import Unavailable
+from qlm.localstack.process import ServerProcess
+
+DEFAULT_REDIS_PORT = 6379
+START_TIMEOUT_S = 20.0
+
+
+def redis_server_binary() -> str:
+    """Path of ``redis-server`` (``QLM_REDIS_SERVER`` overrides); Unavailable when absent."""
+    binary = os.environ.get("QLM_REDIS_SERVER") or shutil.which("redis-server")
+    if not binary or not Path(binary).exists():
+        raise Unavailable("redis-server not found: apt-get install redis-server")
+    return binary
+
+
+def ping(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """Whether a Redis server on ``host:port`` answers PING with PONG and has loaded its data.
+
+    A server still loading its AOF answers ``-LOADING``, which counts as not ready.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """``redis-server`` on ``127.0.0.1:port`` with its data, log and pid file under ``data_dir``."""
+
+    def __init__(self, data_dir: Path, port: int = DEFAULT_REDIS_PORT) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port
+        self.host = "127.0.0.1"
+        self.process = ServerProcess("redis", self.data_dir, marker=f"{self.host}:{port}")
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    def argv(self) -> list[str]:
+        """The ``redis-server`` command line: config as arguments, no config file."""
+        return [
+            redis_server_binary(),
+            # The address comes first so that the process title names it (the pid-file marker).
+            "--bind", self.host,
+            "--port", str(self.port),
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+            "--logfile", "",
+        ]  # fmt: skip
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
+        """Start the server and wait until it answers PING; returns the seconds it took."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process.start(self.argv())
+        try:
+            return self.process.wait_until(
+                lambda: ping(self.host, self.port), timeout_s, f"PING on port {self.port}"
+            )
+        except Unavailable:
+            self.process.stop(timeout_s=2.0, kill=True)
+            raise
+
+    def stop(self, kill: bool = False) -> bool:
+        """SIGTERM (Redis flushes the AOF and exits) or, with ``kill``, SIGKILL.
+
+        Returns False when no server was running.
+        """
+        return self.process.stop(kill=kill)
+
+    def restart(self, kill: bool = False, timeout_s: float = START_TIMEOUT_S) -> float:
+        """Stop and start again on the same port and data directory (the AOF is replayed)."""
+        self.stop(kill=kill)
+        return self.start(timeout_s)
+
+    def is_running(self) -> bool:
+        """Whether the server this object (or its pid file) names is alive."""
+        return self.process.running_pid() is not None

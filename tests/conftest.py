@@ -1,0 +1,102 @@
+"""Shared fixtures: a real ``redis-server`` and a real Apache Kafka broker on free loopback ports.
+
+Each server starts once per test session, and only when a test asks for it
+(Kafka takes seconds). When a server cannot start, the asking test fails under
+``CI=true`` and is skipped elsewhere, with the reason.
+
+- ``redis_server``: the session's :class:`~qlm.localstack.RedisServer` (AOF on).
+  ``redis_server.restart()`` stops it (SIGTERM; ``kill=True`` for SIGKILL) and
+  starts it again on the same port and data directory, to show what the AOF kept.
+- ``redis_url``: the server's URL, with every database flushed before the test.
+- ``kafka_server``: the session's :class:`~qlm.localstack.KafkaServer` (KRaft, one node,
+  topics are not auto-created).
+- ``kafka_bootstrap``: its ``bootstrap_servers`` string.
+- ``unique_topic``: ``unique_topic("events")`` returns a topic name no other test uses.
+- ``topic_prefix``: a prefix unique to the test, for :class:`qlm.bus.topics.TopicNames`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from typing import NoReturn
+
+import pytest
+import redis
+
+from qlm.core.errors import Unavailable
+from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
+
+
+def in_ci() -> bool:
+    """Whether the tests run under CI (``CI=true``): missing servers are then failures."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def server_unavailable(reason: str) -> NoReturn:
+    """Fail under CI, skip elsewhere."""
+    if in_ci():
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), free_loopback_port())
+    try:
+        server.start()
+    except Unavailable as error:
+        server_unavailable(f"redis-server did not start: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    if not redis_server.is_running():  # an earlier test stopped it and failed before restarting
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
+    server = KafkaServer(
+        tmp_path_factory.mktemp("kafka"), free_loopback_port(), free_loopback_port()
+    )
+    try:
+        server.start()
+    except Unavailable as error:
+        server_unavailable(f"Kafka did not start: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_server: KafkaServer) -> str:
+    return kafka_server.bootstrap_servers
+
+
+def _test_slug(request: pytest.FixtureRequest) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:80]
+
+
+@pytest.fixture
+def unique_topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    slug = _test_slug(request)
+
+    def make(base: str = "topic") -> str:
+        return f"{base}.{slug}.{uuid.uuid4().hex[:8]}"
+
+    return make
+
+
+@pytest.fixture
+def topic_prefix(request: pytest.FixtureRequest) -> str:
+    return f"{_test_slug(request)}.{uuid.uuid4().hex[:8]}."

@@ -1,0 +1,128 @@
+"""The local brokers are real and behave: Redis keeps data across restarts through the AOF,
+Kafka answers clients, and ``up``/``down`` leave no process behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from qlm.localstack import KafkaServer, RedisServer
+from qlm.localstack.kafka import num_live_brokers
+from qlm.localstack.process import port_is_open
+from qlm.localstack.stack import read_ports
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
+def test_redis_restart_keeps_data_through_aof(
+    redis_server: RedisServer, redis_url: str, kill: bool
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("save") == {"save": ""}  # no RDB: only the AOF can keep data
+        client.zadd("queue", {"a": 1.0, "b": 2.0})
+        client.set("record", "kept")
+    finally:
+        client.close()
+
+    redis_server.restart(kill=kill)
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.zrange("queue", 0, -1) == [b"a", b"b"]
+        assert client.get("record") == b"kept"
+    finally:
+        client.close()
+
+
+@pytest.mark.redis
+def test_redis_url_starts_each_test_empty(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.dbsize() == 0  # the test above wrote keys; the fixture flushed them
+    finally:
+        client.close()
+
+
+@pytest.mark.kafka
+async def test_kafka_answers_clients(
+    kafka_server: KafkaServer, kafka_bootstrap: str, unique_topic: Callable[[str], str]
+) -> None:
+    assert num_live_brokers(kafka_server.host, kafka_server.port) == 1
+    topic = unique_topic("smoke")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = await producer.send_and_wait(topic, b"hello")
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        record = await consumer.getone()
+    finally:
+        await consumer.stop()
+    assert (record.offset, record.value) == (sent.offset, b"hello")
+
+
+def _localstack(command: str, stack_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "qlm.localstack", command, "--dir", str(stack_dir), *flags],
+        capture_output=True, text=True, timeout=180, env=env, check=False,
+    )  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+@pytest.mark.redis
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_up_then_down_leaves_no_process(tmp_path: Path) -> None:
+    stack_dir = tmp_path / "stack"
+    up = _localstack("up", stack_dir, "--redis-port", "0", "--kafka-port", "0",
+                     "--controller-port", "0")  # fmt: skip
+    if up.returncode != 0:
+        _localstack("down", stack_dir)
+    assert up.returncode == 0, up.stderr
+    ports = read_ports(stack_dir)
+    assert ports is not None
+    assert f"redis://127.0.0.1:{ports.redis}/0" in up.stdout
+    assert f"127.0.0.1:{ports.kafka}" in up.stdout
+    pids = [int((stack_dir / name).read_text()) for name in ("redis/redis.pid", "kafka/kafka.pid")]
+    assert all(_alive(pid) for pid in pids)
+    assert _localstack("status", stack_dir).returncode == 0
+
+    down = _localstack("down", stack_dir)
+
+    assert down.returncode == 0, down.stderr
+    assert not any(_alive(pid) for pid in pids)
+    assert not port_is_open("127.0.0.1", ports.redis)
+    assert not port_is_open("127.0.0.1", ports.kafka)
+    assert not list(stack_dir.glob("*/*.pid"))
+    assert _localstack("status", stack_dir).returncode == 3
