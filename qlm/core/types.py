@@ -299,11 +299,16 @@ class Pull:
 
 @dataclass(frozen=True, slots=True)
 class Evict:
-    """Preempt a running request; it keeps its progress and returns to the queue."""
+    """Preempt a running request; it keeps its progress and returns to the queue.
+
+    ``state_swap``: keep its KV state in the worker's CPU memory (costs a GPU↔CPU copy
+    each way) instead of recomputing it by prefill when it is admitted again.
+    """
 
     worker_id: str
     request_id: str
     reason: str = ""
+    state_swap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
