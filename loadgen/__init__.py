@@ -1,0 +1,1 @@
+"""Load generators, experiment runners and benchmarks (not part of the installed core)."""
