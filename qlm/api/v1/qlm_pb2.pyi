@@ -537,9 +537,12 @@ class CancelResponse(_message.Message):
     request_id: _builtins.str
     """The request's id."""
     state: Global___RequestState.ValueType
-    """State after the call: CANCELLED, or the terminal state it had already reached."""
+    """State after the call: CANCELLED for a request that was queued; RUNNING for one being
+    served (its worker is told to stop it and it ends CANCELLED shortly after); otherwise
+    the terminal state it had already reached.
+    """
     cancelled: _builtins.bool
-    """True when this call cancelled it; false when it had already ended."""
+    """True when this call cancelled it (or asked its worker to); false when it had ended."""
     def __init__(
         self,
         *,
