@@ -1,0 +1,55 @@
+-- Shared helpers, prepended to every script of this directory when it is loaded
+-- (qlm/store/scripts.py). Key names follow qlm/store/keys.py; `prefix` is the
+-- deployment's key prefix, passed to each script in ARGV.
+
+local function req_key(prefix, id) return prefix .. 'req:' .. id end
+local function group_key(prefix, group) return prefix .. 'group:' .. group end
+local function running_key(prefix, worker) return prefix .. 'running:' .. worker end
+local function stream_key(prefix, id) return prefix .. 'stream:' .. id end
+
+-- The model of a group key "model|slo_class|window" (the model may contain '|').
+local function model_of(group) return string.match(group, '^(.*)|[^|]*|[^|]*$') end
+
+-- Re-score the group in the index by its head, or drop it when it is empty.
+local function refresh_group_index(prefix, group)
+  local head = redis.call('ZRANGE', group_key(prefix, group), 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    redis.call('ZREM', prefix .. 'groups', group)
+  else
+    redis.call('ZADD', prefix .. 'groups', head[2], group)
+  end
+end
+
+-- Queue `id` in `group` with score `deadline_at`; the index keeps the earliest deadline.
+local function add_to_group(prefix, id, group, deadline_at)
+  redis.call('ZADD', group_key(prefix, group), deadline_at, id)
+  redis.call('ZADD', prefix .. 'groups', 'LT', deadline_at, group)
+end
+
+-- Forget the lease and the worker's running entry of `id`.
+local function release_lease(prefix, id, worker)
+  redis.call('ZREM', prefix .. 'leases', id)
+  if worker and worker ~= '' then redis.call('SREM', running_key(prefix, worker), id) end
+end
+
+-- Record a terminal state, close the token stream with an end entry, start both TTLs.
+-- opts: {now, record_ttl_s, stream_ttl_s, stream_maxlen} as strings from ARGV.
+local function finish_record(prefix, id, state, reason, opts)
+  local rk = req_key(prefix, id)
+  local sk = stream_key(prefix, id)
+  redis.call('HSET', rk, 'state', state, 'finished_at', opts.now, 'error', reason,
+    'lease_expires_at', '')
+  redis.call('XADD', sk, 'MAXLEN', '~', opts.stream_maxlen, '*', 'end', state, 'error', reason,
+    'at', opts.now)
+  if tonumber(opts.stream_ttl_s) > 0 then redis.call('EXPIRE', sk, opts.stream_ttl_s) end
+  if tonumber(opts.record_ttl_s) > 0 then redis.call('EXPIRE', rk, opts.record_ttl_s) end
+end
+
+-- Put a running request back in its group (eviction or expired lease), keeping progress.
+local function requeue_record(prefix, id, group, deadline_at)
+  redis.call('HSET', req_key(prefix, id), 'state', 'queued', 'worker', '', 'lease_expires_at', '')
+  redis.call('HINCRBY', req_key(prefix, id), 'num_evictions', 1)
+  add_to_group(prefix, id, group, deadline_at)
+end
+
+-- End of shared helpers.

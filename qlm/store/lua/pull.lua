@@ -1,0 +1,45 @@
+-- pull: a worker takes up to N queued requests of its active model from the head
+-- of its virtual queue and holds them under a lease. One round trip.
+--
+-- KEYS[1]  vq:{worker}        the worker's virtual queue (list of group keys, head first)
+-- KEYS[2]  running:{worker}   ids running on the worker
+-- KEYS[3]  leases             lease sorted set (score = lease_expires_at)
+-- KEYS[4]  workers            set of known workers
+-- ARGV[1]  prefix             key prefix (group:{group}, groups and req:{id} are derived)
+-- ARGV[2]  worker             worker id
+-- ARGV[3]  model              the worker's active model; other models' groups are skipped
+-- ARGV[4]  max_requests       N > 0
+-- ARGV[5]  now                started_at of the pulled requests
+-- ARGV[6]  lease_expires_at   their lease expiry
+--
+-- Walks the virtual queue head first; from each group of `model` pops its lowest
+-- scores (earliest deadlines) until N requests are taken. Each pulled record gets
+-- state=running, worker, started_at, lease_expires_at, num_pulls+1.
+-- Returns one flat HGETALL array per pulled request, in pull order.
+
+local prefix, worker, model = ARGV[1], ARGV[2], ARGV[3]
+local remaining = tonumber(ARGV[4])
+local now, lease = ARGV[5], ARGV[6]
+local pulled = {}
+redis.call('SADD', KEYS[4], worker)
+for _, group in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if remaining <= 0 then break end
+  if model_of(group) == model then
+    local popped = redis.call('ZPOPMIN', group_key(prefix, group), remaining)
+    if #popped > 0 then
+      for i = 1, #popped, 2 do
+        local id = popped[i]
+        local rk = req_key(prefix, id)
+        redis.call('HSET', rk, 'state', 'running', 'worker', worker, 'started_at', now,
+          'lease_expires_at', lease)
+        redis.call('HINCRBY', rk, 'num_pulls', 1)
+        redis.call('ZADD', KEYS[3], lease, id)
+        redis.call('SADD', KEYS[2], id)
+        pulled[#pulled + 1] = redis.call('HGETALL', rk)
+      end
+      remaining = remaining - #popped / 2
+      refresh_group_index(prefix, group)
+    end
+  end
+end
+return pulled

@@ -1,0 +1,642 @@
+"""The Redis queue store: durable requests, groups, virtual queues, leases and token streams.
+
+Every change that touches more than one key is one Lua script (``qlm/store/lua``),
+so each method below is atomic and, except :meth:`RedisQueueStore.snapshot` and
+:meth:`RedisQueueStore.read_tokens`, one round trip. Key names and sorted-set scores
+are defined in :mod:`qlm.store.keys`; the record schema is in ``docs/redis.md``.
+
+Lifecycle of a request::
+
+    enqueue ─▶ queued ──pull/claim──▶ running ──ack──▶ finished | failed | cancelled
+                  ▲                      │
+                  └── requeue (evicted) ─┤  lease expired ─▶ requeue_expired
+    cancel: queued ─▶ cancelled;  running ─▶ cancel_requested (the worker stops it)
+
+Time comes from the injected ``clock`` (seconds; ``time.time`` by default). Errors:
+:class:`~qlm.core.errors.InvalidInput` for bad arguments (nothing written),
+:class:`~qlm.core.errors.NotFound` for unknown ids,
+:class:`~qlm.store.errors.LeaseLost` when a worker reports on a request it no longer
+holds, :class:`~qlm.core.errors.Unavailable` when Redis does not answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any
+
+import redis.exceptions
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from qlm.core.errors import InvalidInput, NotFound, Unavailable
+from qlm.core.types import (
+    GroupKey,
+    QueueSnapshot,
+    Request,
+    RequestGroup,
+    RequestState,
+    RunningRequest,
+    WorkerView,
+    group_key_for,
+)
+from qlm.store.errors import IdempotencyConflict, LeaseLost
+from qlm.store.keys import DEFAULT_PREFIX, Keys, group_member_score
+from qlm.store.records import (
+    SCHEDULING_FIELDS,
+    RequestRecord,
+    encode_json,
+    identity_pairs,
+    initial_pairs,
+    pairs_to_dict,
+    record_from_fields,
+    request_from_fields,
+)
+from qlm.store.scripts import Scripts
+
+DEFAULT_GROUP_WINDOW_S = 10.0
+DEFAULT_LEASE_S = 30.0
+DEFAULT_RECORD_TTL_S = 24 * 3600.0
+DEFAULT_STREAM_TTL_S = 3600.0
+DEFAULT_STREAM_MAXLEN = 10_000
+DEFAULT_MAX_CONNECTIONS = 256
+_SNAPSHOT_CHUNK = 1000
+_EXPIRED_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """``created`` is False when the id already existed with the same payload; ``record``
+    is then the stored record (its state may be anything, e.g. finished)."""
+
+    record: RequestRecord
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRenewal:
+    """Result of a heartbeat: ``lost`` ids are no longer this worker's (stop them and
+    do not report them); ``cancel_requested`` ids must be stopped and acked cancelled."""
+
+    lost: tuple[str, ...]
+    cancel_requested: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """One entry of a request's token stream.
+
+    ``final_state`` is set only on the last entry (the request ended); that entry
+    carries no tokens and ``error`` says why a failed or cancelled request ended.
+    """
+
+    entry_id: str
+    at: float
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    num_generated: int = 0
+    final_state: RequestState | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    """The queue as read by :meth:`RedisQueueStore.snapshot`.
+
+    Membership (which ids are queued in which group, which run where, every virtual
+    queue) is read atomically, so no request appears twice. ``groups`` are in index
+    order (earliest deadline first), each group's requests in pull order (deadline,
+    then id). Record fields are read right after, so progress may be slightly newer.
+    """
+
+    groups: tuple[RequestGroup, ...]
+    running: Mapping[str, tuple[RunningRequest, ...]]
+    virtual_queues: Mapping[str, tuple[GroupKey, ...]]
+
+    def group(self, key: GroupKey) -> RequestGroup:
+        """The queued group ``key``; KeyError when it has no queued request."""
+        for group in self.groups:
+            if group.key == key:
+                return group
+        raise KeyError(str(key))
+
+    @property
+    def worker_ids(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.running) | set(self.virtual_queues)))
+
+    def to_queue_snapshot(self, now: float, workers: Iterable[WorkerView]) -> QueueSnapshot:
+        """A policy input: ``workers`` (their static view) with their running requests."""
+        views = tuple(replace(w, running=self.running.get(w.id, ())) for w in workers)
+        return QueueSnapshot(
+            now=now, groups=self.groups, workers=views, virtual_queues=self.virtual_queues
+        )
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise Unavailable(f"redis: {exc}") from exc
+
+
+def _require_id(value: str, field_name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(field_name, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _require_positive(value: float, field_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInput(field_name, f"must be a finite number, got {value!r}")
+    if value <= 0:
+        raise InvalidInput(field_name, f"must be > 0, got {value}")
+    return value
+
+
+def _require_count(value: int, field_name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(field_name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidInput(field_name, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _ttl_arg(value: float, field_name: str) -> str:
+    """Whole seconds for EXPIRE (0 = no expiry)."""
+    if value != 0:
+        _require_positive(value, field_name)
+    return str(math.ceil(value))
+
+
+class RedisQueueStore:
+    """The queue of qlm on one Redis server. Safe to share between asyncio tasks.
+
+    ``client`` must decode responses (``decode_responses=True``); :meth:`from_url`
+    builds one. Options: ``prefix`` of every key; ``group_window_s`` the arrival
+    window that groups requests; ``lease_s`` the default lease of pulled requests;
+    ``record_ttl_s`` / ``stream_ttl_s`` how long a record / token stream lives after
+    its request ended (0 = forever; the id can be reused once the record is gone);
+    ``stream_maxlen`` the approximate cap of each token stream.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        group_window_s: float = DEFAULT_GROUP_WINDOW_S,
+        lease_s: float = DEFAULT_LEASE_S,
+        record_ttl_s: float = DEFAULT_RECORD_TTL_S,
+        stream_ttl_s: float = DEFAULT_STREAM_TTL_S,
+        stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not client.get_connection_kwargs().get("decode_responses"):
+            raise InvalidInput("client", "must be created with decode_responses=True")
+        self._redis = client
+        self.keys = Keys(prefix)
+        self.group_window_s = _require_positive(group_window_s, "group_window_s")
+        self.lease_s = _require_positive(lease_s, "lease_s")
+        self._record_ttl = _ttl_arg(record_ttl_s, "record_ttl_s")
+        self._stream_ttl = _ttl_arg(stream_ttl_s, "stream_ttl_s")
+        self._stream_maxlen = str(_require_count(stream_maxlen, "stream_maxlen", minimum=1))
+        self._clock = clock
+        self._scripts = Scripts.register(client)
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, **options: Any
+    ) -> RedisQueueStore:
+        """A store on a new client for ``url`` (``redis://host:port/db``).
+
+        Callers beyond ``max_connections`` concurrent commands wait for a free
+        connection (up to 20 s) instead of failing. Each :meth:`read_tokens` reader
+        holds one connection while it waits for output, so size this to the number
+        of concurrent token streams plus the other concurrent callers.
+        """
+        _require_count(max_connections, "max_connections", minimum=1)
+        pool = BlockingConnectionPool.from_url(
+            url, decode_responses=True, max_connections=max_connections, timeout=20
+        )
+        return cls(Redis.from_pool(pool), **options)  # the client owns (closes) the pool
+
+    async def aclose(self) -> None:
+        """Close the client (and its pool when built by :meth:`from_url`)."""
+        await self._redis.aclose()
+
+    async def ping(self) -> bool:
+        """True when Redis answers (for health checks); never raises."""
+        try:
+            return bool(await self._redis.ping())
+        except (redis.exceptions.RedisError, OSError):
+            return False
+
+    # ------------------------------------------------------------------ helpers
+    def _now(self) -> str:
+        return repr(float(self._clock()))
+
+    def _ttl_args(self) -> list[str]:
+        return [self._record_ttl, self._stream_ttl, self._stream_maxlen]
+
+    def _lease_until(self, lease_s: float | None) -> str:
+        lease = self.lease_s if lease_s is None else _require_positive(lease_s, "lease_s")
+        return repr(float(self._clock()) + lease)
+
+    def group_of(self, request: Request) -> GroupKey:
+        """The group ``request`` is queued in under this store's window."""
+        return group_key_for(request, self.group_window_s)
+
+    # ------------------------------------------------------------------ ingest
+    async def enqueue(
+        self, request: Request, *, prompt: Any = None, params: Mapping[str, Any] | None = None
+    ) -> EnqueueResult:
+        """Store and queue ``request`` atomically (record + group entry + group index).
+
+        Idempotent by ``request.id``: the same id with the same model, sizes, SLO,
+        tenant, prompt and params returns the stored record (``created=False``),
+        whatever its state; with any of those different raises
+        :class:`IdempotencyConflict` naming the field. ``prompt`` is any JSON value
+        (text or token ids), ``params`` a JSON object (sampling parameters).
+        """
+        if request.num_generated != 0:
+            raise InvalidInput(
+                "num_generated", f"must be 0 for a new request, got {request.num_generated}"
+            )
+        params = {} if params is None else params
+        if not isinstance(params, Mapping):
+            raise InvalidInput("params", f"must be a mapping, got {type(params).__name__}")
+        prompt_json = encode_json(prompt, "prompt")
+        params_json = encode_json(dict(params), "params")
+        group = self.group_of(request)
+        enqueued_at = float(self._clock())
+        identity = identity_pairs(request, prompt_json, params_json)
+        args = [
+            request.id,
+            str(group),
+            repr(group_member_score(request.deadline_at)),
+            str(len(identity) // 2),
+            *identity,
+            *initial_pairs(request, group, enqueued_at),
+        ]
+        keys = [self.keys.request(request.id), self.keys.group(group), self.keys.groups]
+        with _redis_errors():
+            reply = await self._scripts.enqueue(keys=keys, args=args)
+        match reply[0]:
+            case "created":
+                record = RequestRecord(
+                    request=request,
+                    state=RequestState.QUEUED,
+                    group=group,
+                    enqueued_at=enqueued_at,
+                    prompt=json.loads(prompt_json),
+                    params=MappingProxyType(json.loads(params_json)),
+                )
+                return EnqueueResult(record, created=True)
+            case "exists":
+                return EnqueueResult(record_from_fields(pairs_to_dict(reply[1:])), created=False)
+            case "conflict":
+                raise IdempotencyConflict(request.id, reply[1], reply[2])
+        raise AssertionError(f"enqueue script replied {reply!r}")
+
+    async def get(self, request_id: str) -> RequestRecord:
+        """The record of ``request_id``; :class:`NotFound` if unknown (or expired)."""
+        _require_id(request_id, "request_id")
+        with _redis_errors():
+            fields: dict[str, str] = await self._redis.hgetall(  # type: ignore[assignment]
+                self.keys.request(request_id)
+            )
+        if not fields:
+            raise NotFound("request", request_id)
+        return record_from_fields(fields)
+
+    async def cancel(self, request_id: str, reason: str = "cancelled by client") -> RequestState:
+        """Cancel a request. Queued → ``cancelled`` now (returned). Running → stays
+        ``running`` with ``cancel_requested`` set; its worker stops it (returns
+        ``running``). Terminal → unchanged (its state is returned). NotFound if unknown."""
+        return await self._end_queued(request_id, "cancel", reason)
+
+    async def reject(self, request_id: str, reason: str) -> RequestState:
+        """End a *queued* request as ``failed`` with ``reason`` (a scheduler Reject).
+        Returns the resulting state; a request that is not queued is left unchanged."""
+        if not reason:
+            raise InvalidInput("reason", "must not be empty")
+        return await self._end_queued(request_id, "reject", reason)
+
+    async def _end_queued(self, request_id: str, mode: str, reason: str) -> RequestState:
+        _require_id(request_id, "request_id")
+        args = [self.keys.prefix, request_id, mode, reason, self._now(), *self._ttl_args()]
+        with _redis_errors():
+            reply = await self._scripts.cancel(keys=[self.keys.request(request_id)], args=args)
+        if reply[0] == "not_found":
+            raise NotFound("request", request_id)
+        return RequestState(reply[1])
+
+    # ------------------------------------------------------------------ scheduler
+    async def set_virtual_queue(self, worker_id: str, order: Sequence[GroupKey]) -> None:
+        """Replace ``worker_id``'s virtual queue by ``order`` (head first), atomically."""
+        await self.set_virtual_queues({worker_id: order})
+
+    async def set_virtual_queues(self, orders: Mapping[str, Sequence[GroupKey]]) -> None:
+        """Replace the virtual queues of all workers in ``orders`` in one atomic step."""
+        workers = [_require_id(w, "worker_id") for w in orders]
+        flat: list[str] = []
+        for worker in workers:
+            order = orders[worker]
+            if len(set(order)) != len(order):
+                raise InvalidInput("order", f"worker {worker!r}: a group appears twice")
+            for group in order:
+                if not isinstance(group, GroupKey):
+                    raise InvalidInput("order", f"worker {worker!r}: not a GroupKey: {group!r}")
+            flat.extend(str(g) for g in order)
+        if not workers:
+            return
+        keys = [*(self.keys.virtual_queue(w) for w in workers), self.keys.workers]
+        args = [str(len(workers)), *workers, *(str(len(orders[w])) for w in workers), *flat]
+        with _redis_errors():
+            await self._scripts.set_virtual_queues(keys=keys, args=args)
+
+    async def snapshot(self) -> StoreSnapshot:
+        """Queued groups with their requests, each worker's running requests and
+        virtual queue: one atomic script for membership + pipelined record reads."""
+        with _redis_errors():
+            groups_raw, workers_raw = await self._scripts.snapshot(
+                keys=[self.keys.groups, self.keys.workers], args=[self.keys.prefix]
+            )
+            ids = [i for _, members in groups_raw for i in members]
+            ids += [i for _, _, running in workers_raw for i in running]
+            fields = await self._scheduling_fields(ids)
+        groups = tuple(
+            RequestGroup(
+                GroupKey.parse(group),
+                tuple(request_from_fields(fields[i]) for i in members if i in fields),
+            )
+            for group, members in groups_raw
+            if any(i in fields for i in members)
+        )
+        running = {
+            worker: tuple(
+                RunningRequest(
+                    request=request_from_fields(fields[i]),
+                    started_at=float(fields[i]["started_at"]),
+                    first_token_at=float(fields[i]["first_token_at"])
+                    if fields[i]["first_token_at"]
+                    else None,
+                )
+                for i in sorted(members)
+                if i in fields
+            )
+            for worker, _, members in workers_raw
+        }
+        virtual_queues = {
+            worker: tuple(GroupKey.parse(g) for g in order) for worker, order, _ in workers_raw
+        }
+        return StoreSnapshot(
+            groups=groups,
+            running=MappingProxyType(running),
+            virtual_queues=MappingProxyType(virtual_queues),
+        )
+
+    async def _scheduling_fields(self, ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """``id → {field: value}`` of :data:`SCHEDULING_FIELDS` (records that vanished
+        in between are left out)."""
+        out: dict[str, dict[str, str]] = {}
+        for start in range(0, len(ids), _SNAPSHOT_CHUNK):
+            chunk = ids[start : start + _SNAPSHOT_CHUNK]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for request_id in chunk:
+                    pipe.hmget(self.keys.request(request_id), SCHEDULING_FIELDS)
+                rows = await pipe.execute()
+            for request_id, row in zip(chunk, rows, strict=True):
+                if row[0] is not None:
+                    out[request_id] = dict(zip(SCHEDULING_FIELDS, row, strict=True))
+        return out
+
+    async def requeue_expired(self) -> dict[str, RequestState]:
+        """Return every request whose lease expired before now to its group (progress
+        kept), or cancel it if its cancellation was requested. Returns ``id → new
+        state`` (``queued`` or ``cancelled``)."""
+        now = self._now()
+        out: dict[str, RequestState] = {}
+        while True:
+            args = [self.keys.prefix, now, str(_EXPIRED_BATCH), *self._ttl_args()]
+            with _redis_errors():
+                reply = await self._scripts.requeue_expired(keys=[self.keys.leases], args=args)
+            for request_id, outcome in zip(reply[::2], reply[1::2], strict=True):
+                if outcome != "missing":
+                    out[request_id] = RequestState(outcome)
+            if len(reply) // 2 < _EXPIRED_BATCH:
+                return out
+
+    # ------------------------------------------------------------------ worker
+    async def pull(
+        self, worker_id: str, model: str, max_requests: int, *, lease_s: float | None = None
+    ) -> tuple[RequestRecord, ...]:
+        """Take up to ``max_requests`` queued requests of ``model`` from the head of
+        ``worker_id``'s virtual queue (groups in queue order, each group by deadline)
+        and hold them under a lease of ``lease_s`` (default: the store's). Groups of
+        other models are skipped. Returns the records now ``running`` (maybe none)."""
+        _require_id(worker_id, "worker_id")
+        _require_id(model, "model")
+        _require_count(max_requests, "max_requests", minimum=1)
+        lease_until = self._lease_until(lease_s)
+        keys = [
+            self.keys.virtual_queue(worker_id),
+            self.keys.running(worker_id),
+            self.keys.leases,
+            self.keys.workers,
+        ]
+        args = [self.keys.prefix, worker_id, model, str(max_requests), self._now(), lease_until]
+        with _redis_errors():
+            reply = await self._scripts.pull(keys=keys, args=args)
+        return tuple(record_from_fields(pairs_to_dict(flat)) for flat in reply)
+
+    async def claim(
+        self, worker_id: str, request_ids: Sequence[str], *, lease_s: float | None = None
+    ) -> tuple[RequestRecord, ...]:
+        """Hold these named requests on ``worker_id`` under a lease (a scheduler
+        ``Pull`` decision). Ids that are not queued are skipped; returns the claimed."""
+        _require_id(worker_id, "worker_id")
+        ids = [_require_id(i, "request_ids") for i in request_ids]
+        if len(set(ids)) != len(ids):
+            raise InvalidInput("request_ids", "an id appears twice")
+        if not ids:
+            return ()
+        lease_until = self._lease_until(lease_s)
+        keys = [self.keys.running(worker_id), self.keys.leases, self.keys.workers]
+        args = [self.keys.prefix, worker_id, self._now(), lease_until, *ids]
+        with _redis_errors():
+            reply = await self._scripts.claim(keys=keys, args=args)
+        return tuple(record_from_fields(pairs_to_dict(flat)) for flat in reply)
+
+    async def renew_leases(
+        self, worker_id: str, request_ids: Iterable[str], *, lease_s: float | None = None
+    ) -> LeaseRenewal:
+        """Heartbeat: extend the leases of the requests ``worker_id`` still holds."""
+        _require_id(worker_id, "worker_id")
+        ids = [_require_id(i, "request_ids") for i in request_ids]
+        if not ids:
+            return LeaseRenewal((), ())
+        args = [self.keys.prefix, worker_id, self._lease_until(lease_s), *ids]
+        with _redis_errors():
+            lost, cancelled = await self._scripts.renew(keys=[self.keys.leases], args=args)
+        return LeaseRenewal(tuple(lost), tuple(cancelled))
+
+    async def ack(
+        self,
+        worker_id: str,
+        request_id: str,
+        state: RequestState = RequestState.FINISHED,
+        *,
+        num_generated: int | None = None,
+        error: str = "",
+    ) -> None:
+        """Record the final ``state`` of a request ``worker_id`` holds, drop its lease,
+        close its token stream and start the record/stream TTLs. Raises
+        :class:`LeaseLost` (nothing written) if the worker no longer holds it."""
+        _require_id(worker_id, "worker_id")
+        _require_id(request_id, "request_id")
+        if not isinstance(state, RequestState) or not state.is_terminal:
+            raise InvalidInput("state", f"must be finished, failed or cancelled, got {state!r}")
+        progress = self._progress_arg(num_generated)
+        args = [
+            self.keys.prefix,
+            request_id,
+            worker_id,
+            state.value,
+            progress,
+            error,
+            self._now(),
+            *self._ttl_args(),
+        ]
+        with _redis_errors():
+            reply = await self._scripts.finish(keys=[self.keys.request(request_id)], args=args)
+        self._check_worker_reply(reply, worker_id, request_id)
+
+    async def requeue(
+        self, worker_id: str, request_id: str, *, num_generated: int | None = None
+    ) -> RequestState:
+        """Evict: return a request ``worker_id`` holds to its group keeping its progress
+        (``num_generated``, default: the progress stored by :meth:`append_tokens`).
+        Returns ``queued``, or ``cancelled`` when its cancellation was requested.
+        Raises :class:`LeaseLost` if the worker no longer holds it."""
+        _require_id(worker_id, "worker_id")
+        _require_id(request_id, "request_id")
+        args = [
+            self.keys.prefix,
+            request_id,
+            worker_id,
+            self._progress_arg(num_generated),
+            self._now(),
+            *self._ttl_args(),
+        ]
+        with _redis_errors():
+            reply = await self._scripts.requeue(keys=[self.keys.request(request_id)], args=args)
+        self._check_worker_reply(reply, worker_id, request_id)
+        return RequestState(reply[0])
+
+    @staticmethod
+    def _progress_arg(num_generated: int | None) -> str:
+        if num_generated is None:
+            return ""
+        return str(_require_count(num_generated, "num_generated", minimum=0))
+
+    @staticmethod
+    def _check_worker_reply(reply: list[Any], worker_id: str, request_id: str) -> None:
+        match reply[0]:
+            case "not_found":
+                raise NotFound("request", request_id)
+            case "lost":
+                raise LeaseLost(request_id, worker_id, reply[1], reply[2])
+            case "invalid":
+                raise InvalidInput(reply[1], reply[2])
+
+    # ------------------------------------------------------------------ token streams
+    async def append_tokens(
+        self,
+        worker_id: str,
+        request_id: str,
+        *,
+        text: str = "",
+        token_ids: Sequence[int] = (),
+        num_tokens: int | None = None,
+    ) -> int:
+        """Append an output chunk to the request's stream and add ``num_tokens``
+        (default ``len(token_ids)``) to its progress; the first chunk sets
+        ``first_token_at``. Returns the new ``num_generated``. Raises
+        :class:`LeaseLost` if ``worker_id`` no longer holds the request."""
+        _require_id(worker_id, "worker_id")
+        _require_id(request_id, "request_id")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+            raise InvalidInput("token_ids", "must be integers")
+        count = len(token_ids) if num_tokens is None else num_tokens
+        _require_count(count, "num_tokens", minimum=0)
+        keys = [self.keys.request(request_id), self.keys.stream(request_id)]
+        args = [
+            worker_id,
+            self._now(),
+            text,
+            json.dumps(list(token_ids)),
+            str(count),
+            self._stream_maxlen,
+        ]
+        with _redis_errors():
+            reply = await self._scripts.append_tokens(keys=keys, args=args)
+        self._check_worker_reply(reply, worker_id, request_id)
+        return int(reply[1])
+
+    async def read_tokens(
+        self, request_id: str, *, after: str = "0-0", block_ms: int = 1000
+    ) -> AsyncIterator[TokenChunk]:
+        """Yield the request's stream entries after entry id ``after`` as they arrive
+        (XREAD BLOCK), ending after the entry that carries ``final_state``. Raises
+        :class:`NotFound` if the request is unknown. A request that ended and whose
+        stream has expired yields nothing more."""
+        _require_id(request_id, "request_id")
+        _require_count(block_ms, "block_ms", minimum=1)
+        stream = self.keys.stream(request_id)
+        await self.get(request_id)  # NotFound before waiting
+        last = after
+        while True:
+            with _redis_errors():
+                reply: Any = await self._redis.xread({stream: last}, count=256, block=block_ms)
+            if not reply:
+                if await self._ended_without_stream(request_id, stream):
+                    return
+                continue
+            for entry_id, fields in reply[0][1]:
+                last = entry_id
+                chunk = _chunk_from_entry(entry_id, fields)
+                yield chunk
+                if chunk.final_state is not None:
+                    return
+
+    async def _ended_without_stream(self, request_id: str, stream: str) -> bool:
+        with _redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hget(self.keys.request(request_id), "state")
+            pipe.exists(stream)
+            state, exists = await pipe.execute()
+        return state is None or (RequestState(state).is_terminal and not exists)
+
+
+def _chunk_from_entry(entry_id: str, fields: Mapping[str, str]) -> TokenChunk:
+    at = float(fields.get("at", "0") or 0)
+    if "end" in fields:
+        return TokenChunk(
+            entry_id=entry_id,
+            at=at,
+            final_state=RequestState(fields["end"]),
+            error=fields.get("error", ""),
+        )
+    return TokenChunk(
+        entry_id=entry_id,
+        at=at,
+        text=fields.get("text", ""),
+        token_ids=tuple(json.loads(fields.get("token_ids") or "[]")),
+        num_generated=int(fields.get("num_generated", "0")),
+    )
