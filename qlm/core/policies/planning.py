@@ -1,0 +1,466 @@
+"""Group-level cost model shared by the planning policies (``qlm``, ``shepherd``).
+
+The planners never look at single requests while they search: every request group is
+summarised once (:class:`GroupStats`, memoised across decisions while the group's
+request tuple is unchanged) and every worker once (:class:`WorkerLoad`). A search
+step then costs O(1) per (group, worker) pair, whatever the number of queued requests.
+
+Timing model of one worker's virtual queue (a *lane*), in the estimator's terms:
+
+* the worker decodes at Θ(model, GPU, B) tokens/s, B the steady batch
+  ``min(max_batch_size, kv_capacity // mean context)``; a group of n requests with
+  expected output tokens Σμᵢ occupies it for ``S = Σμᵢ/Θ + n·prefill(mean prompt)``
+  (variance Σσᵢ²/Θ²; output lengths are Normal by the central limit theorem);
+* ``end`` is when all work placed so far on the lane has drained (running requests
+  first, then the groups in order);
+* a group of the model already active starts when a slot frees, i.e. when the work
+  ahead minus what B in-flight requests still hold (``lead = B·μ/2/Θ``) has drained:
+  ``start = max(segment_start, end − lead)``; a group of another model waits for the
+  full drain plus the swap (``wake_s`` when the model sleeps on the worker, else
+  ``cold_load_s``): ``start = end + swap``;
+* its requests are admitted over ``spread = S·max(0, 1 − B/n)`` seconds in arrival
+  order (so in deadline order), each after its own prefill.
+
+A group's expected SLO attainment is the mean over a few deadline quantiles dⱼ of
+Φ((dⱼ − start − qⱼ·spread − prefill) / σ), σ the standard deviation of the start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qlm.core.errors import InvalidInput
+from qlm.core.perf import PerfProfile, ProfileBook
+from qlm.core.types import (
+    GroupKey,
+    Request,
+    RequestGroup,
+    RunningRequest,
+    SLOClass,
+    WorkerView,
+)
+
+#: Deadline quantiles at which a group's attainment is evaluated.
+DEADLINE_QUANTILES: tuple[float, ...] = (0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875,
+                                         0.8125, 0.9375)
+#: Floor on a start time's standard deviation (s): keeps Φ finite and smooth.
+MIN_STD_S = 0.25
+#: Beyond this many standard deviations a deadline counts as surely met or missed.
+SURE_Z = 5.0
+
+# ShareGPT-like output length (tokens) used when no estimator statistics are given.
+_FALLBACK_OUTPUT_MEAN = 338.0
+_FALLBACK_OUTPUT_STD = 300.0
+
+
+def _default_output_stats() -> tuple[float, float]:
+    try:  # the estimator's documented default, when that module is present
+        from qlm.core.estimator import DEFAULT_OUTPUT_STATS
+    except ImportError:
+        return (_FALLBACK_OUTPUT_MEAN, _FALLBACK_OUTPUT_STD)
+    return (float(DEFAULT_OUTPUT_STATS.mean), float(DEFAULT_OUTPUT_STATS.std))
+
+
+def output_stats_from(options: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """Per-model (mean, std) of output tokens from ``options['output_stats']``.
+
+    Accepts ``{model: LengthStats}`` or ``{model: (mean, std)}``; "*" is the default.
+    """
+    raw = options.get("output_stats") or {}
+    stats: dict[str, tuple[float, float]] = {"*": _default_output_stats()}
+    for model, value in raw.items():
+        mean, std = (value.mean, value.std) if hasattr(value, "mean") else value
+        if not (mean > 0 and std >= 0):
+            raise InvalidInput(f"options.output_stats.{model}", "needs mean > 0 and std >= 0")
+        stats[model] = (float(mean), float(std))
+    return stats
+
+
+def phi(x: float) -> float:
+    """Standard normal CDF."""
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+# --------------------------------------------------------------- group summaries
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    """What the planners need of one group, computed in one pass over its requests."""
+
+    key: GroupKey
+    index: int
+    size: int
+    mean_prompt: float
+    out_mean_total: float
+    out_var_total: float
+    mean_output: float
+    deadline_points: tuple[float, ...]
+    earliest_deadline_at: float
+    ttft_s: float
+
+    @property
+    def model(self) -> str:
+        return self.key.model
+
+
+def _expected_output(request: Request, mean: float, std: float) -> tuple[float, float]:
+    """Expected remaining output tokens of a request and their variance."""
+    cap = request.max_tokens - request.num_generated
+    expected = min(float(request.max_tokens), mean) - request.num_generated
+    expected = max(1.0, min(expected, float(cap)))
+    variance = std * std if request.max_tokens > mean else 0.0
+    return expected, variance
+
+
+def summarise_group(group: RequestGroup, index: int,
+                    output_stats: Mapping[str, tuple[float, float]]) -> GroupStats:
+    mean, std = output_stats.get(group.model, output_stats["*"])
+    requests = group.requests
+    n = len(requests)
+    prompt = 0
+    out_mean = 0.0
+    out_var = 0.0
+    deadlines = []
+    for r in requests:
+        prompt += r.prompt_tokens
+        e, v = _expected_output(r, mean, std)
+        out_mean += e
+        out_var += v
+        deadlines.append(r.arrival_at + r.slo.ttft_s)
+    deadlines.sort()
+    points = tuple(deadlines[min(n - 1, int(q * n))] for q in DEADLINE_QUANTILES)
+    return GroupStats(
+        key=group.key, index=index, size=n, mean_prompt=prompt / n,
+        out_mean_total=out_mean, out_var_total=out_var, mean_output=out_mean / n,
+        deadline_points=points, earliest_deadline_at=deadlines[0],
+        ttft_s=requests[0].slo.ttft_s,
+    )
+
+
+class GroupStatsCache:
+    """Memo of :class:`GroupStats` across decisions.
+
+    An entry is reused while the group's request tuple is the same object, or has the
+    same length and the same first and last request (groups only lose requests at the
+    head and gain them at the tail or, on eviction, change size). Entries of groups that
+    left the queue are dropped at every refresh.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[GroupKey, tuple[tuple[Request, ...], tuple[Any, ...], GroupStats]] = {}
+        self._stats_id: int = 0
+
+    def refresh(self, groups: Sequence[RequestGroup],
+                output_stats: Mapping[str, tuple[float, float]]) -> list[GroupStats]:
+        stats_id = hash(tuple(sorted(output_stats.items())))
+        if stats_id != self._stats_id:
+            self._entries = {}
+            self._stats_id = stats_id
+        fresh: dict[GroupKey, tuple[tuple[Request, ...], tuple[Any, ...], GroupStats]] = {}
+        out: list[GroupStats] = []
+        for index, group in enumerate(groups):
+            reqs = group.requests
+            cached = self._entries.get(group.key)
+            stats: GroupStats | None = None
+            if cached is not None and (cached[0] is reqs or cached[1] == _fingerprint(reqs)):
+                stats = cached[2]
+                if stats.index != index:
+                    stats = _reindexed(stats, index)
+            if stats is None:
+                stats = summarise_group(group, index, output_stats)
+            fresh[group.key] = (reqs, _fingerprint(reqs), stats)
+            out.append(stats)
+        self._entries = fresh
+        return out
+
+
+def _fingerprint(reqs: tuple[Request, ...]) -> tuple[Any, ...]:
+    first, last = reqs[0], reqs[-1]
+    return (len(reqs), first.id, first.num_generated, last.id, last.num_generated)
+
+
+def _reindexed(stats: GroupStats, index: int) -> GroupStats:
+    return GroupStats(stats.key, index, stats.size, stats.mean_prompt, stats.out_mean_total,
+                      stats.out_var_total, stats.mean_output, stats.deadline_points,
+                      stats.earliest_deadline_at, stats.ttft_s)
+
+
+# --------------------------------------------------------------- worker summaries
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """One worker's running work: remaining expected tokens, sorted, and their sum."""
+
+    remaining_tokens: float
+    remaining_var: float
+    remaining_sorted: tuple[float, ...]
+
+
+def summarise_running(running: Sequence[RunningRequest],
+                      output_stats: Mapping[str, tuple[float, float]]) -> WorkerLoad:
+    total = 0.0
+    var = 0.0
+    each = []
+    for rr in running:
+        r = rr.request
+        mean, std = output_stats.get(r.model, output_stats["*"])
+        e, v = _expected_output(r, mean, std)
+        total += e
+        var += v
+        each.append(e)
+    each.sort()
+    return WorkerLoad(total, var, tuple(each))
+
+
+class WorkerLoadCache:
+    """Memo of :class:`WorkerLoad` keyed by worker, reused while ``running`` is unchanged."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[RunningRequest, ...], WorkerLoad]] = {}
+
+    def refresh(self, workers: Sequence[WorkerView],
+                output_stats: Mapping[str, tuple[float, float]]) -> list[WorkerLoad]:
+        fresh = {}
+        out = []
+        for w in workers:
+            cached = self._entries.get(w.id)
+            if cached is not None and cached[0] is w.running:
+                load = cached[1]
+            else:
+                load = summarise_running(w.running, output_stats)
+            fresh[w.id] = (w.running, load)
+            out.append(load)
+        self._entries = fresh
+        return out
+
+
+# --------------------------------------------------------------- cost model
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A group's cost on one worker shape."""
+
+    mean_s: float
+    var_s2: float
+    prefill_s: float
+    spread_s: float
+    lead_s: float
+    batch: int
+    tokens_per_s: float
+
+
+def steady_batch(profile: PerfProfile, worker: WorkerView, mean_context: float) -> int:
+    by_kv = int(worker.kv_capacity_tokens // max(1.0, mean_context))
+    return max(1, min(worker.max_batch_size, profile.max_batch_size, by_kv))
+
+
+class CostModel:
+    """Per-decision cost tables: service of each group on each worker shape (lazy).
+
+    ``charge_swaps=False`` prices every model swap at zero (a planner that is not
+    swap-aware); a model the worker cannot serve stays impossible.
+    """
+
+    def __init__(self, profiles: ProfileBook, workers: Sequence[WorkerView],
+                 stats: Sequence[GroupStats],
+                 output_stats: Mapping[str, tuple[float, float]],
+                 charge_swaps: bool = True) -> None:
+        self.profiles = profiles
+        self.charge_swaps = charge_swaps
+        self.workers = workers
+        self.stats = stats
+        self.output_stats = output_stats
+        shapes: dict[tuple[str, int, int, int], int] = {}
+        self.shape_of: list[int] = []
+        for w in workers:
+            self.shape_of.append(shapes.setdefault((w.gpu, w.kv_capacity_tokens,
+                                                    w.max_batch_size, w.num_gpus), len(shapes)))
+        self.shape_worker: list[WorkerView] = [None] * len(shapes)  # type: ignore[list-item]
+        for i, w in enumerate(workers):
+            if self.shape_worker[self.shape_of[i]] is None:
+                self.shape_worker[self.shape_of[i]] = w
+        self._service: dict[tuple[int, int], Service | None] = {}
+        self._drain: dict[tuple[int, str], float] = {}
+
+    def service(self, group_index: int, worker_index: int) -> Service | None:
+        """Cost of group ``group_index`` on worker ``worker_index``; None if no profile."""
+        shape = self.shape_of[worker_index]
+        key = (group_index, shape)
+        if key in self._service:
+            return self._service[key]
+        g = self.stats[group_index]
+        w = self.shape_worker[shape]
+        if not self.profiles.has(g.model, w.gpu) or (
+                self.profiles.get(g.model, w.gpu).num_gpus > w.num_gpus):
+            self._service[key] = None
+            return None
+        p = self.profiles.get(g.model, w.gpu)
+        ctx = g.mean_prompt + g.mean_output / 2.0
+        batch = steady_batch(p, w, ctx)
+        theta = p.decode_tokens_per_s(batch, ctx)
+        prefill = p.prefill_s(max(1, round(g.mean_prompt)))
+        mean = g.out_mean_total / theta + g.size * prefill
+        var = g.out_var_total / (theta * theta)
+        spread = mean * max(0.0, 1.0 - batch / g.size)
+        lead = batch * (g.mean_output / 2.0) / theta
+        s = Service(mean, var, prefill, spread, lead, batch, theta)
+        self._service[key] = s
+        return s
+
+    def drain_rate(self, worker_index: int, model: str) -> float:
+        """Tokens/s at which the worker drains its running requests of ``model``."""
+        shape = self.shape_of[worker_index]
+        key = (shape, model)
+        rate = self._drain.get(key)
+        if rate is None:
+            w = self.shape_worker[shape]
+            if self.profiles.has(model, w.gpu):
+                p = self.profiles.get(model, w.gpu)
+                mean, _ = self.output_stats.get(model, self.output_stats["*"])
+                ctx = 512.0 + mean / 2.0
+                rate = p.decode_tokens_per_s(steady_batch(p, w, ctx), ctx)
+            else:
+                rate = 1000.0
+            self._drain[key] = rate
+        return rate
+
+    def swap_s(self, worker_index: int, model: str, from_model: str | None = None) -> float:
+        """Seconds to switch the worker to ``model``: sleep ``from_model``, wake or load."""
+        w = self.workers[worker_index]
+        if not self.profiles.has(model, w.gpu):
+            return math.inf
+        if self.profiles.get(model, w.gpu).num_gpus > w.num_gpus:
+            return math.inf
+        if not self.charge_swaps:
+            return 0.0
+        sleep = 0.0
+        if from_model is not None and self.profiles.has(from_model, w.gpu):
+            sleep = self.profiles.get(from_model, w.gpu).sleep_s
+        return sleep + self.profiles.get(model, w.gpu).swap_in_s(model in w.models)
+
+
+# --------------------------------------------------------------- lanes
+class Lane:
+    """A worker's virtual queue while a plan is built: its order and the walk's state.
+
+    ``initial`` is the state before any queued group (running work only); ``tail``,
+    ``seg_start_at``, ``end_at``, ``end_var`` the state after the last group of ``order``.
+    """
+
+    __slots__ = ("end_at", "end_var", "index", "initial", "order", "seg_start_at", "tail",
+                 "version", "worker")
+
+    def __init__(self, index: int, worker: WorkerView, load: WorkerLoad, cost: CostModel,
+                 now: float) -> None:
+        self.index = index
+        self.worker = worker
+        self.order: list[int] = []
+        self.version = 0
+        self.tail: str | None = None
+        free_at = now
+        model = worker.active_model
+        if worker.swapping_until is not None:
+            free_at = max(now, worker.swapping_until)
+            model = worker.swapping_to
+        end_at, end_var = free_at, 0.0
+        if model is not None and load.remaining_tokens > 0:
+            rate = cost.drain_rate(index, model)
+            end_at = free_at + load.remaining_tokens / rate
+            end_var = load.remaining_var / (rate * rate)
+        self.initial: tuple[str | None, float, float, float] = (model, free_at, end_at, end_var)
+        self.reset([], cost)
+
+    def reset(self, order: list[int], cost: CostModel) -> list[Slot]:
+        """Set the order and recompute the tail state; returns the slots of ``order``."""
+        self.order = order
+        self.version += 1
+        slots = walk(cost, self, order)
+        if slots:
+            last = slots[-1]
+            self.tail = cost.stats[order[-1]].model
+            self.seg_start_at, self.end_at = last.seg_start_at, last.end_at
+            self.end_var = last.end_var
+        else:
+            self.tail, self.seg_start_at, self.end_at, self.end_var = self.initial
+        return slots
+
+    def append(self, gi: int, slot: Slot, cost: CostModel) -> None:
+        self.order.append(gi)
+        self.version += 1
+        self.tail = cost.stats[gi].model
+        self.seg_start_at, self.end_at, self.end_var = slot.seg_start_at, slot.end_at, slot.end_var
+
+    def slot_for(self, gi: int, cost: CostModel) -> Slot | None:
+        """Where group ``gi`` would sit if appended now; None if the worker can't serve it."""
+        svc = cost.service(gi, self.index)
+        if svc is None:
+            return None
+        return place_after(cost, self.index, cost.stats[gi], svc, self.tail, self.seg_start_at,
+                           self.end_at, self.end_var)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Where a group would sit on a lane: its start distribution and the lane after it."""
+
+    start_at: float
+    start_var: float
+    end_at: float
+    end_var: float
+    seg_start_at: float
+    swapped: bool
+    p_meet: float
+
+
+def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
+                tail_model: str | None, seg_start_at: float, end_at: float,
+                end_var: float) -> Slot:
+    """The walk's step: group ``g`` appended after a lane in state (tail, seg, end)."""
+    if tail_model == g.model:
+        start = max(seg_start_at, end_at - svc.lead_s)
+        seg = seg_start_at
+        swapped = False
+    else:
+        start = end_at + cost.swap_s(worker_index, g.model, tail_model)
+        seg = start
+        swapped = True
+    p = p_meet(g, svc, start, end_var)
+    return Slot(start, end_var, start + svc.mean_s if swapped else end_at + svc.mean_s,
+                end_var + svc.var_s2, seg, swapped, p)
+
+
+def p_meet(g: GroupStats, svc: Service, start_at: float, start_var: float) -> float:
+    """Expected fraction of ``g``'s requests whose first token beats their deadline."""
+    first_token_at = start_at + svc.prefill_s
+    std = math.sqrt(start_var) + MIN_STD_S
+    points = g.deadline_points
+    if (points[0] - first_token_at - svc.spread_s) / std > SURE_Z:
+        return 1.0
+    if (points[-1] - first_token_at) / std < -SURE_Z:
+        return 0.0
+    total = 0.0
+    for q, d in zip(DEADLINE_QUANTILES, g.deadline_points, strict=True):
+        total += phi((d - first_token_at - q * svc.spread_s) / std)
+    return total / len(DEADLINE_QUANTILES)
+
+
+def walk(cost: CostModel, lane: Lane, order: Sequence[int]) -> list[Slot]:
+    """Slots of every group of ``order`` on ``lane`` from the lane's initial state."""
+    tail, seg, end, var = lane.initial
+    slots = []
+    for gi in order:
+        svc = cost.service(gi, lane.index)
+        if svc is None:
+            raise InvalidInput("placement", f"no profile for {cost.stats[gi].key} on "
+                               f"worker {lane.worker.id}")
+        slot = place_after(cost, lane.index, cost.stats[gi], svc, tail, seg, end, var)
+        slots.append(slot)
+        tail, seg, end, var = cost.stats[gi].model, slot.seg_start_at, slot.end_at, slot.end_var
+    return slots
+
+
+def lane_value(cost: CostModel, lane: Lane, order: Sequence[int],
+               weights: Mapping[SLOClass, float]) -> float:
+    """Σ weight·size·p_meet over the lane's groups."""
+    return sum(weights.get(cost.stats[gi].key.slo_class, 1.0) * cost.stats[gi].size * s.p_meet
+               for gi, s in zip(order, walk(cost, lane, order), strict=True))

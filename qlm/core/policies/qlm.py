@@ -1,0 +1,624 @@
+"""``qlm``: the global scheduler — groups onto virtual queues, maximising SLO attainment.
+
+Objective: maximise Σ_g weight(class_g)·size_g·p_g, p_g the expected fraction of group
+g's requests whose first token beats their deadline under the timing model of
+:mod:`qlm.core.policies.planning` (model-swap time charged between adjacent groups of
+different models, and from the worker's active model to the first group). A group is
+placed only on a worker whose GPU has a profile for its model.
+
+**Exact MILP** (``scipy.optimize.milp``/HiGHS, under ``milp_time_limit_s``) when
+``num_groups × num_workers ≤ milp_max_cells``. Positions k = 0..K−1 per worker w,
+K = number of groups, times relative to ``now``, means only (no variance):
+
+* ``x[g,w,k] ∈ {0,1}``: g at position k of w; Σ_{w,k} x = 1 per g; Σ_g x[·,w,k] ≤ 1;
+  positions filled contiguously (Σ_g x[·,w,k+1] ≤ Σ_g x[·,w,k]).
+* ``z[w,k,m] ∈ {0,1}``: a swap *into* model m before position k:
+  z ≥ Σ_{g∈m} x[g,w,k] − Σ_{g∈m} x[g,w,k−1] (k=0: the active model counts as position −1).
+* ``E[w,k]`` (lane drained after k) ≥ E[w,k−1] + Σ_g S_{gw}·x[g,w,k] + Σ_m c_{wm}·z[w,k,m],
+  E[w,−1] = the running work's drain time; ``B[w,k]`` (position k's start) ≥ B[w,k−1],
+  ≥ E[w,k−1] − Σ_g lead_{gw}·x[g,w,k] (a same-model group starts when a slot frees),
+  ≥ E[w,k−1] + c_{wm} − M(1 − z[w,k,m]) (after a swap: full drain plus the swap).
+* ``t_g ≥ B[w,k] + prefill_{gw} − M(1 − x[g,w,k])``: the group's first-token time.
+* ``u[g,j] ∈ {0,1}``: deadline quantile j of g is met:
+  t_g + q_j·Σ spread_{gw}·x[g,w,k] ≤ d_{gj} + M(1 − u[g,j]) (the linearised SLO term).
+* maximise Σ weight_g·size_g/J·u[g,j] − ε·Σ t_g.
+
+The MILP's plan and the heuristic's are both scored by the (stochastic) planning model
+and the better one is used; a MILP that fails or finds nothing in time falls back to
+the heuristic.
+
+**Heuristic** (large instances, and always as the MILP's competitor), O(G·log W):
+
+1. groups in deadline order (earliest deadline quantile, then key);
+2. each goes to one of at most three candidate workers per GPU shape — least drained
+   lane already ending with its model (no swap), least drained lane where the model
+   sleeps resident (wake), least drained lane overall (cold load) — picked from heaps;
+   among candidates within 0.02 of the best p_meet, the one that drains earliest
+   (load balancing over heterogeneous workers by estimated wait);
+3. a group that would likely miss (p < 0.5) may displace one earlier group on that
+   lane when that raises the lane's value (weighted Moore–Hodgson); displaced and
+   hopeless (p < 0.02 everywhere) groups are appended last, where they cost nobody;
+4. local improvement: adjacent swaps inside each lane that raise its value, within an
+   evaluation budget (``improve_budget``), so the pass is deterministic.
+
+**LSOs**: *pull* via :func:`qlm.core.pulls.with_pulls` (backpressure); *model swap* when
+a worker's head group needs another model and the worker has drained; *eviction* when the
+head group of a worker is of a tighter class than running requests and too few slots
+free within its slack: just enough looser-class running requests are evicted (largest
+remaining slack first — those past their first token have met their TTFT SLO already —
+then most remaining work); they keep their progress. With ``kv_state_swap`` an eviction
+sets ``Evict.state_swap`` when moving the KV state over PCIe is cheaper than recomputing
+it. *Rejections* only with ``reject_late=True`` (requests whose
+deadline has passed).
+
+Cost per decision: one pass over the requests of groups whose request tuple changed
+(memoised), one over running requests of workers whose running set changed; the search
+itself touches groups and workers only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qlm.core.errors import InvalidInput
+from qlm.core.policies.base import PolicyContext, register
+from qlm.core.policies.planning import (
+    DEADLINE_QUANTILES,
+    CostModel,
+    GroupStats,
+    GroupStatsCache,
+    Lane,
+    Slot,
+    WorkerLoad,
+    WorkerLoadCache,
+    lane_value,
+    output_stats_from,
+    walk,
+)
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, with_pulls
+from qlm.core.types import (
+    Decision,
+    Evict,
+    Place,
+    QueueSnapshot,
+    Reject,
+    SLOClass,
+    Swap,
+)
+
+DEFAULT_OPTIONS: Mapping[str, Any] = {
+    "milp_max_cells": 24,  # use the MILP when groups × workers ≤ this
+    "milp_time_limit_s": 0.05,
+    "improve_budget": 400,  # lane walks the local search may spend
+    "hopeless_p": 0.02,
+    "displace_below_p": 0.5,
+    "evict": True,
+    "evict_below_p": 0.9,
+    "kv_state_swap": False,
+    "pcie_gb_per_s": 25.0,
+    "reject_late": False,
+    "class_weights": {},
+    "output_stats": {},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A computed assignment: per worker index the ordered group indices, and its score."""
+
+    orders: tuple[tuple[int, ...], ...]
+    value: float
+    mode: str  # "milp", "heuristic", or "heuristic (milp: <why>)"
+
+
+class PlanningContext:
+    """Everything one decision computes once: summaries, cost tables, lanes."""
+
+    def __init__(self, snapshot: QueueSnapshot, ctx: PolicyContext, stats: list[GroupStats],
+                 loads: list[WorkerLoad], output_stats: Mapping[str, tuple[float, float]],
+                 weights: Mapping[SLOClass, float]) -> None:
+        self.snapshot = snapshot
+        self.now = snapshot.now
+        self.stats = stats
+        self.loads = loads
+        self.weights = weights
+        self.cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats)
+
+    def fresh_lanes(self) -> list[Lane]:
+        return [Lane(i, w, self.loads[i], self.cost, self.now)
+                for i, w in enumerate(self.snapshot.workers)]
+
+    def weight(self, gi: int) -> float:
+        return self.weights.get(self.stats[gi].key.slo_class, 1.0)
+
+    def score(self, orders: Sequence[Sequence[int]]) -> float:
+        lanes = self.fresh_lanes()
+        return sum(lane_value(self.cost, lanes[i], list(o), self.weights)
+                   for i, o in enumerate(orders) if o)
+
+
+# ------------------------------------------------------------------ heuristic
+class _Heaps:
+    """Least-drained lanes per (shape, tail model), (shape, resident model) and shape."""
+
+    def __init__(self, lanes: Sequence[Lane], cost: CostModel) -> None:
+        self.cost = cost
+        self.tail: dict[tuple[int, str | None], list[tuple[float, int, int]]] = {}
+        self.resident: dict[tuple[int, str], list[tuple[float, int, int]]] = {}
+        self.any: dict[int, list[tuple[float, int, int]]] = {}
+        for lane in lanes:
+            self.push(lane)
+
+    def push(self, lane: Lane) -> None:
+        shape = self.cost.shape_of[lane.index]
+        entry = (lane.end_at, lane.index, lane.version)
+        heapq.heappush(self.tail.setdefault((shape, lane.tail), []), entry)
+        for m in lane.worker.models:
+            heapq.heappush(self.resident.setdefault((shape, m), []), entry)
+        heapq.heappush(self.any.setdefault(shape, []), entry)
+
+    @staticmethod
+    def top(heap: list[tuple[float, int, int]] | None, lanes: Sequence[Lane]) -> Lane | None:
+        while heap:
+            _, index, version = heap[0]
+            if lanes[index].version == version:
+                return lanes[index]
+            heapq.heappop(heap)
+        return None
+
+    def candidates(self, model: str, shapes: Sequence[int], lanes: Sequence[Lane]) -> list[Lane]:
+        found: dict[int, Lane] = {}
+        for shape in shapes:
+            for heap in (self.tail.get((shape, model)), self.resident.get((shape, model)),
+                         self.any.get(shape)):
+                lane = self.top(heap, lanes)
+                if lane is not None:
+                    found[lane.index] = lane
+        return [found[i] for i in sorted(found)]
+
+
+def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any]) -> Plan:
+    cost, stats = pc.cost, pc.stats
+    lanes = pc.fresh_lanes()
+    heaps = _Heaps(lanes, cost)
+    shape_reps = _shape_representatives(cost)
+    hopeless_p = float(options["hopeless_p"])
+    displace_below = float(options["displace_below_p"])
+    deferred: list[int] = []
+    order = sorted(range(len(stats)), key=lambda i: (stats[i].deadline_points[0], stats[i].key))
+    for gi in order:
+        shapes = [s for s, rep in enumerate(shape_reps) if cost.service(gi, rep) is not None]
+        if not shapes:
+            continue  # no worker can ever serve it: left out of every queue
+        lane, slot = _best_slot(gi, heaps.candidates(stats[gi].model, shapes, lanes), cost)
+        if lane is None or slot is None:
+            continue
+        if slot.p_meet < hopeless_p:
+            deferred.append(gi)
+            continue
+        if slot.p_meet < displace_below and lane.order:
+            displaced = _displace_one(pc, lane, gi)
+            if displaced is not None:
+                deferred.append(displaced)
+                heaps.push(lane)
+                continue
+        lane.append(gi, slot, cost)
+        heaps.push(lane)
+    for gi in sorted(deferred, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
+        shapes = [s for s, rep in enumerate(shape_reps) if cost.service(gi, rep) is not None]
+        cands = heaps.candidates(stats[gi].model, shapes, lanes)
+        best = min(((lane.slot_for(gi, cost), lane) for lane in cands),
+                   key=lambda sl: (sl[0].end_at if sl[0] else math.inf, sl[1].index))
+        if best[0] is not None:
+            best[1].append(gi, best[0], cost)
+            heaps.push(best[1])
+    _improve(pc, lanes, int(options["improve_budget"]))
+    orders = tuple(tuple(lane.order) for lane in lanes)
+    return Plan(orders, pc.score(orders), "heuristic")
+
+
+def _shape_representatives(cost: CostModel) -> list[int]:
+    reps: dict[int, int] = {}
+    for i, shape in enumerate(cost.shape_of):
+        reps.setdefault(shape, i)
+    return [reps[s] for s in sorted(reps)]
+
+
+def _best_slot(gi: int, candidates: Sequence[Lane], cost: CostModel
+               ) -> tuple[Lane | None, Slot | None]:
+    options = [(lane, lane.slot_for(gi, cost)) for lane in candidates]
+    valid = [(lane, s) for lane, s in options if s is not None]
+    if not valid:
+        return None, None
+    best_p = max(s.p_meet for _, s in valid)
+    good = [(lane, s) for lane, s in valid if s.p_meet >= best_p - 0.02]
+    return min(good, key=lambda ls: (ls[1].end_at, ls[0].index))
+
+
+def _displace_one(pc: PlanningContext, lane: Lane, gi: int) -> int | None:
+    """Drop the earlier group whose removal most raises the lane's value with ``gi`` added."""
+    cost = pc.cost
+    base = lane_value(cost, lane, [*lane.order, gi], pc.weights)
+    best_gain, best_pos = 1e-9, -1
+    for pos in range(len(lane.order)):
+        trial = [*lane.order[:pos], *lane.order[pos + 1:], gi]
+        gain = lane_value(cost, lane, trial, pc.weights) - base
+        if gain > best_gain:
+            best_gain, best_pos = gain, pos
+    if best_pos < 0:
+        return None
+    removed = lane.order[best_pos]
+    lane.reset([*lane.order[:best_pos], *lane.order[best_pos + 1:], gi], cost)
+    return removed
+
+
+def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
+    """Adjacent swaps inside each lane that raise its value, until no gain or no budget."""
+    cost = pc.cost
+    for lane in lanes:
+        if len(lane.order) < 2 or budget <= 0:
+            continue
+        slots = walk(cost, lane, lane.order)
+        if all(s.p_meet > 0.999 for s in slots):
+            continue
+        current = lane.order
+        value = lane_value(cost, lane, current, pc.weights)
+        improved = True
+        while improved and budget > 0:
+            improved = False
+            for i in range(len(current) - 1):
+                if budget <= 0:
+                    break
+                trial = [*current[:i], current[i + 1], current[i], *current[i + 2:]]
+                budget -= 1
+                v = lane_value(cost, lane, trial, pc.weights)
+                if v > value + 1e-9:
+                    current, value, improved = trial, v, True
+        if current is not lane.order:
+            lane.reset(current, cost)
+
+
+# ------------------------------------------------------------------ MILP
+def milp_plan(pc: PlanningContext, time_limit_s: float) -> Plan | str:
+    """The exact plan of the module docstring, or a string saying why there is none."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_array
+
+    if time_limit_s <= 0:
+        return "no time"
+    cost, stats, now = pc.cost, pc.stats, pc.now
+    lanes = pc.fresh_lanes()
+    num_g, num_w = len(stats), len(lanes)
+    if num_g == 0:
+        return Plan(tuple(() for _ in lanes), 0.0, "milp")
+    K = num_g
+    models = sorted({g.model for g in stats})
+    svc = {(g, w): cost.service(g, w) for g in range(num_g) for w in range(num_w)}
+    allowed = [(g, w) for (g, w), s in svc.items() if s is not None]
+    if not allowed:
+        return "no profile"
+    J = len(DEADLINE_QUANTILES)
+
+    names: dict[tuple[Any, ...], int] = {}
+    lower: list[float] = []
+    upper: list[float] = []
+    integral: list[int] = []
+
+    def var(name: tuple[Any, ...], lo: float, hi: float, is_int: bool) -> int:
+        names[name] = len(lower)
+        lower.append(lo)
+        upper.append(hi)
+        integral.append(1 if is_int else 0)
+        return names[name]
+
+    swap_cost = {(w, m): cost.swap_s(w, m, lanes[w].initial[0]) for w in range(num_w)
+                 for m in models}
+    finite_swaps = [c for c in swap_cost.values() if math.isfinite(c)]
+    horizon = (max(lane.initial[2] for lane in lanes) - now
+               + sum(max(s.mean_s + s.prefill_s for (gg, _), s in svc.items()
+                         if gg == g and s is not None) for g in range(num_g))
+               + num_g * (max(finite_swaps) if finite_swaps else 0.0))
+    big_m = horizon + max(abs(d - now) for g in stats for d in g.deadline_points) + 1.0
+
+    for g, w in allowed:
+        for k in range(K):
+            var(("x", g, w, k), 0, 1, True)
+    for w in range(num_w):
+        for k in range(K):
+            for m in models:
+                hi = 1.0 if math.isfinite(swap_cost[(w, m)]) else 0.0
+                var(("z", w, k, m), 0, hi, True)
+            var(("E", w, k), -math.inf, math.inf, False)
+            var(("B", w, k), -math.inf, math.inf, False)
+    for g in range(num_g):
+        var(("t", g), -math.inf, math.inf, False)
+        for j in range(J):
+            var(("u", g, j), 0, 1, True)
+
+    rows: list[dict[int, float]] = []
+    row_lo: list[float] = []
+    row_hi: list[float] = []
+
+    def row(coefs: dict[int, float], lo: float, hi: float) -> None:
+        rows.append(coefs)
+        row_lo.append(lo)
+        row_hi.append(hi)
+
+    xs_of_g: dict[int, list[tuple[int, int]]] = {}
+    for g, w in allowed:
+        xs_of_g.setdefault(g, []).append((g, w))
+    for g in range(num_g):
+        pairs = xs_of_g.get(g, [])
+        if pairs:
+            row({names[("x", g, w, k)]: 1.0 for _, w in pairs for k in range(K)}, 1, 1)
+    gs_on_w = {w: [g for g, ww in allowed if ww == w] for w in range(num_w)}
+    for w in range(num_w):
+        tail0, seg0, end0, _ = lanes[w].initial
+        seg0, end0 = seg0 - now, end0 - now
+        for k in range(K):
+            here = {names[("x", g, w, k)]: 1.0 for g in gs_on_w[w]}
+            if here:
+                row(dict(here), -math.inf, 1)
+            if k > 0 and here:
+                coefs = dict(here)
+                for g in gs_on_w[w]:
+                    coefs[names[("x", g, w, k - 1)]] = -1.0
+                row(coefs, -math.inf, 0)
+            for m in models:
+                coefs = {names[("z", w, k, m)]: 1.0}
+                for g in gs_on_w[w]:
+                    if stats[g].model == m:
+                        coefs[names[("x", g, w, k)]] = -1.0
+                        if k > 0:
+                            coefs[names[("x", g, w, k - 1)]] = 1.0
+                lo = -1.0 if (k == 0 and tail0 == m) else 0.0
+                row(coefs, lo, math.inf)
+            e, b = names[("E", w, k)], names[("B", w, k)]
+            # E[w,k] >= E[w,k-1] + sum S x + sum c z
+            coefs = {e: 1.0}
+            for g in gs_on_w[w]:
+                s = svc[(g, w)]
+                assert s is not None
+                coefs[names[("x", g, w, k)]] = -s.mean_s
+            for m in models:
+                if math.isfinite(swap_cost[(w, m)]):
+                    coefs[names[("z", w, k, m)]] = -swap_cost[(w, m)]
+            prev_e = names[("E", w, k - 1)] if k > 0 else None
+            if prev_e is not None:
+                coefs[prev_e] = -1.0
+            row(coefs, 0.0 if prev_e is not None else end0, math.inf)
+            # B[w,k] >= B[w,k-1]  (or the free time)
+            if k > 0:
+                row({b: 1.0, names[("B", w, k - 1)]: -1.0}, 0.0, math.inf)
+            else:
+                row({b: 1.0}, seg0, math.inf)
+            # B[w,k] >= E[w,k-1] - sum lead x
+            coefs = {b: 1.0}
+            for g in gs_on_w[w]:
+                s = svc[(g, w)]
+                assert s is not None
+                coefs[names[("x", g, w, k)]] = s.lead_s
+            if prev_e is not None:
+                coefs[prev_e] = -1.0
+            row(coefs, 0.0 if prev_e is not None else end0, math.inf)
+            # B[w,k] >= E[w,k-1] + c_m - M (1 - z)
+            for m in models:
+                c = swap_cost[(w, m)]
+                if not math.isfinite(c):
+                    continue
+                coefs = {b: 1.0, names[("z", w, k, m)]: -(c + big_m)}
+                if prev_e is not None:
+                    coefs[prev_e] = -1.0
+                row(coefs, -big_m if prev_e is not None else end0 - big_m, math.inf)
+    for g, w in allowed:
+        s = svc[(g, w)]
+        assert s is not None
+        t = names[("t", g)]
+        for k in range(K):
+            # t_g >= B[w,k] + prefill - M (1 - x)
+            row({t: 1.0, names[("B", w, k)]: -1.0, names[("x", g, w, k)]: -big_m},
+                s.prefill_s - big_m, math.inf)
+    for g in range(num_g):
+        t = names[("t", g)]
+        for j, (q, d) in enumerate(zip(DEADLINE_QUANTILES, stats[g].deadline_points,
+                                       strict=True)):
+            coefs = {t: 1.0, names[("u", g, j)]: big_m}
+            for _, w in xs_of_g.get(g, []):
+                s = svc[(g, w)]
+                assert s is not None
+                for k in range(K):
+                    coefs[names[("x", g, w, k)]] = q * s.spread_s
+            row(coefs, -math.inf, d - now + big_m)
+
+    objective = np.zeros(len(lower))
+    eps = 1e-2 / max(1.0, horizon * num_g)
+    for g in range(num_g):
+        objective[names[("t", g)]] = eps
+        for j in range(J):
+            objective[names[("u", g, j)]] = -pc.weight(g) * stats[g].size / J
+    r_idx, c_idx, vals = [], [], []
+    for i, coefs in enumerate(rows):
+        for c, v in coefs.items():
+            r_idx.append(i)
+            c_idx.append(c)
+            vals.append(v)
+    matrix = coo_array((vals, (r_idx, c_idx)), shape=(len(rows), len(lower))).tocsr()
+    result = milp(
+        objective,
+        constraints=LinearConstraint(matrix, np.array(row_lo), np.array(row_hi)),
+        integrality=np.array(integral),
+        bounds=Bounds(np.array(lower), np.array(upper)),
+        options={"time_limit": time_limit_s, "presolve": True, "mip_rel_gap": 1e-7},
+    )
+    if result.x is None:
+        return f"status {result.status}: {result.message}"
+    orders: list[list[tuple[int, int]]] = [[] for _ in range(num_w)]
+    for g, w in allowed:
+        for k in range(K):
+            if result.x[names[("x", g, w, k)]] > 0.5:
+                orders[w].append((k, g))
+    final = tuple(tuple(g for _, g in sorted(o)) for o in orders)
+    return Plan(final, pc.score(final), "milp" if result.status == 0 else "milp (time limit)")
+
+
+# ------------------------------------------------------------------ LSOs
+def plan_swaps(pc: PlanningContext, plan: Plan) -> tuple[Swap, ...]:
+    """A drained worker whose head group needs another model switches to it."""
+    swaps = []
+    for w, order in zip(pc.snapshot.workers, plan.orders, strict=True):
+        if not order or w.swapping_until is not None or w.running:
+            continue
+        head = pc.stats[order[0]].model
+        if head != w.active_model:
+            swaps.append(Swap(w.id, head))
+    return tuple(swaps)
+
+
+def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
+                   ) -> tuple[Evict, ...]:
+    """Make room for a tighter-class head group that would miss waiting for free slots."""
+    if not options["evict"]:
+        return ()
+    now, cost = pc.now, pc.cost
+    evictions: list[Evict] = []
+    for wi, (w, order) in enumerate(zip(pc.snapshot.workers, plan.orders, strict=True)):
+        if not order or w.swapping_until is not None or not w.running:
+            continue
+        head = pc.stats[order[0]]
+        if head.model != w.active_model:
+            continue
+        svc = cost.service(order[0], wi)
+        if svc is None:
+            continue
+        slots = walk(cost, Lane(wi, w, pc.loads[wi], cost, now), order[:1])
+        if slots[0].p_meet >= float(options["evict_below_p"]):
+            continue
+        slack_s = head.deadline_points[0] - now - svc.prefill_s
+        if head.deadline_points[-1] - now - svc.prefill_s < 0:
+            continue  # every request of the group is late already: evicting cannot help
+        need = min(head.size, svc.batch) - max(0, svc.batch - w.batch_size)
+        per_slot_rate = svc.tokens_per_s / svc.batch
+        remaining = pc.loads[wi].remaining_sorted
+        finishing = _count_at_most(remaining, max(0.0, slack_s) * per_slot_rate)
+        short = need - finishing
+        if short <= 0:
+            continue
+        victims = sorted(
+            (rr for rr in w.running if rr.request.slo.ttft_s > head.ttft_s),
+            key=lambda rr: (
+                -(math.inf if rr.first_token_at is not None else rr.request.deadline_at - now),
+                -(rr.request.max_tokens - rr.request.num_generated),
+                rr.request.id,
+            ),
+        )
+        for rr in victims[:short]:
+            evictions.append(Evict(w.id, rr.request.id, reason=f"slo:{head.key}",
+                                   state_swap=_state_swap_pays(pc, wi, rr, options)))
+    return tuple(evictions)
+
+
+def _count_at_most(sorted_values: Sequence[float], limit: float) -> int:
+    import bisect
+
+    return bisect.bisect_right(sorted_values, limit)
+
+
+def _state_swap_pays(pc: PlanningContext, wi: int, rr: Any, options: Mapping[str, Any]) -> bool:
+    """True when copying the KV state to CPU and back beats recomputing it by prefill.
+
+    Copy time: 2 · context tokens · ``notes.kv_bytes_per_token`` / ``pcie_gb_per_s``
+    (per GPU of a tensor-parallel instance the bytes and the links both divide).
+    """
+    if not options["kv_state_swap"]:
+        return False
+    w = pc.snapshot.workers[wi]
+    profile = pc.cost.profiles.get(rr.request.model, w.gpu)
+    bytes_per_token = float(profile.notes.get("kv_bytes_per_token", 0.0) or 0.0)
+    if bytes_per_token <= 0:
+        return False
+    tokens = rr.request.context_tokens
+    copy_s = 2.0 * tokens * bytes_per_token / (float(options["pcie_gb_per_s"]) * 1e9
+                                               * profile.num_gpus)
+    return copy_s < profile.prefill_s(tokens)
+
+
+def plan_rejections(pc: PlanningContext, options: Mapping[str, Any]) -> tuple[Reject, ...]:
+    if not options["reject_late"]:
+        return ()
+    return tuple(Reject(r.id, "deadline passed") for g in pc.snapshot.groups
+                 for r in g.requests if r.deadline_at < pc.now)
+
+
+# ------------------------------------------------------------------ policy
+def merged_options(base: Mapping[str, Any], ctx: PolicyContext) -> dict[str, Any]:
+    options = dict(DEFAULT_OPTIONS)
+    options.update(base)
+    options.update(ctx.options)
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise InvalidInput("options", f"unknown qlm option(s): {', '.join(sorted(unknown))}")
+    return options
+
+
+def class_weights(options: Mapping[str, Any]) -> dict[SLOClass, float]:
+    out: dict[SLOClass, float] = {}
+    for name, value in dict(options["class_weights"]).items():
+        if not (isinstance(value, int | float) and value >= 0):
+            raise InvalidInput(f"options.class_weights.{name}", "must be a number >= 0")
+        out[SLOClass(name)] = float(value)
+    return out
+
+
+@register("qlm")
+class QlmPolicy:
+    """The qlm global scheduler (see the module docstring). Options: :data:`DEFAULT_OPTIONS`.
+
+    The instance memoises per-group and per-worker summaries between decisions; the
+    decision itself depends only on ``snapshot`` and ``ctx``.
+    """
+
+    name: ClassVar[str] = "qlm"
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self._groups = GroupStatsCache()
+        self._workers = WorkerLoadCache()
+
+    def planning_context(self, snapshot: QueueSnapshot, ctx: PolicyContext,
+                         options: Mapping[str, Any]) -> PlanningContext:
+        output_stats = output_stats_from(options)
+        stats = self._groups.refresh(snapshot.groups, output_stats)
+        loads = self._workers.refresh(snapshot.workers, output_stats)
+        return PlanningContext(snapshot, ctx, stats, loads, output_stats, class_weights(options))
+
+    def plan(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> tuple[PlanningContext, Plan]:
+        options = merged_options(self.options, ctx)
+        pc = self.planning_context(snapshot, ctx, options)
+        heuristic = heuristic_plan(pc, options)
+        cells = len(pc.stats) * len(snapshot.workers)
+        if not pc.stats or cells > int(options["milp_max_cells"]):
+            return pc, heuristic
+        exact = milp_plan(pc, float(options["milp_time_limit_s"]))
+        if isinstance(exact, str):
+            return pc, Plan(heuristic.orders, heuristic.value, f"heuristic (milp: {exact})")
+        return pc, exact if exact.value >= heuristic.value - 1e-3 else heuristic
+
+    def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
+        options = merged_options(self.options, ctx)
+        pc, plan = self.plan(snapshot, ctx)
+        keys = [g.key for g in pc.stats]
+        placements = tuple(Place(w.id, tuple(keys[g] for g in order))
+                           for w, order in zip(snapshot.workers, plan.orders, strict=True))
+        decision = Decision(
+            placements=placements,
+            evictions=plan_evictions(pc, plan, options),
+            swaps=plan_swaps(pc, plan),
+            rejections=plan_rejections(pc, options),
+        )
+        return with_pulls(decision, snapshot, ctx.profiles, DEFAULT_EXPECTED_OUTPUT_TOKENS)
