@@ -1,0 +1,514 @@
+"""Request waiting-time (RWT) estimator: how long each group waits at each queue position.
+
+The estimator never reads a request's true output length. Each request's remaining
+output ``R`` is random: the model's output length ``L`` follows a log-normal with the
+model's :class:`LengthStats` mean and standard deviation, truncated at ``max_tokens``
+and conditioned on what the request already generated::
+
+    R = min(L, max_tokens) − g   given L > g        (g = num_generated)
+
+whose mean and variance come in closed form from the log-normal's partial moments
+(no approximation beyond the log-normal shape itself). The decode work of ``n``
+requests is then Normal(Σ E[R], Σ Var[R]) by the central limit theorem, and time is
+work divided by the throughput Θ = B / step(B) of the worker's steady batch B.
+
+Queue model of a worker (``queue_waits``), in seconds from ``now``:
+
+* a *segment* is a run of adjacent work of one model: the running requests, then
+  queued groups of the same model. Inside a segment, with cumulative work ``T`` ahead
+  of group k (decode of everything ahead at each group's own Θ, plus the prefills of
+  the queued groups ahead), group k's first request starts at
+  ``max(0, T − credit)`` where ``credit = (B−1)·ρ·τ`` is the work still in flight in
+  the other B−1 slots when a slot frees (ρ = E[R²]/2E[R], the renewal-equilibrium
+  residual; τ = step/B, seconds per token);
+* between segments of different models the worker drains (the segment ends at
+  ``max(T, last start + longest in-flight residual · step at half the batch)``), then
+  swaps: ``sleep_s`` of the outgoing model + ``wake_s`` of the incoming one if it is
+  resident on the worker (``worker.models``), else its ``cold_load_s``;
+* the wait of group k also includes the prefill of its own first request (its first
+  token); ``spread_s`` says how much later the group's last request starts.
+
+The variance of a wait is the sum of the decode variances ahead (swap and prefill
+times are taken as exact). Online correction: one factor per (model, gpu) multiplies
+decode step times; :meth:`RWTEstimator.with_observation` moves it by an EWMA of
+observed/predicted.
+
+Pure: no I/O, no clock. Per-group sums are memoised by group identity (groups are
+frozen), so evaluating a whole order costs O(number of groups) after the first call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from types import MappingProxyType
+from typing import Final
+
+import numpy as np
+from scipy.special import ndtr
+
+from qlm.core.errors import InvalidInput
+from qlm.core.perf import PerfProfile, ProfileBook
+from qlm.core.types import Request, RequestGroup, WorkerView
+
+_STANDARD_NORMAL: Final = NormalDist()
+
+#: EWMA weight of one observation in the online correction.
+CORRECTION_ALPHA: Final = 0.3
+#: The correction factor on decode time stays within these bounds.
+CORRECTION_MIN: Final = 0.25
+CORRECTION_MAX: Final = 4.0
+#: Memoised groups kept before the memo starts afresh.
+_MEMO_LIMIT: Final = 50_000
+
+
+# ------------------------------------------------------------------ lengths
+@dataclass(frozen=True, slots=True)
+class LengthStats:
+    """Output-length distribution of one model (tokens): mean and standard deviation.
+
+    The estimator treats it as a log-normal with these moments (exactly ``mean`` when
+    ``std`` is 0).
+    """
+
+    mean: float
+    std: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mean) and self.mean > 0):
+            raise InvalidInput("output_stats.mean", f"must be finite and > 0, got {self.mean!r}")
+        if not (math.isfinite(self.std) and self.std >= 0):
+            raise InvalidInput("output_stats.std", f"must be finite and >= 0, got {self.std!r}")
+
+    @classmethod
+    def from_samples(cls, lengths: Iterable[float]) -> LengthStats:
+        """Mean and (population) standard deviation of observed output lengths."""
+        values = np.asarray(list(lengths), dtype=float)
+        if values.size == 0:
+            raise InvalidInput("lengths", "needs at least one sample")
+        if not np.all(np.isfinite(values)) or np.any(values <= 0):
+            raise InvalidInput("lengths", "every length must be a finite number > 0")
+        return cls(float(values.mean()), float(values.std()))
+
+    @property
+    def lognormal(self) -> tuple[float, float]:
+        """(μ, σ) of log L for the log-normal with this mean and std."""
+        s2 = math.log1p((self.std / self.mean) ** 2)
+        return math.log(self.mean) - s2 / 2.0, math.sqrt(s2)
+
+    def remaining_moments(self, max_tokens: np.ndarray, generated: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance of R = min(L, max_tokens) − generated, given L > generated."""
+        cap = np.asarray(max_tokens, dtype=float)
+        done = np.asarray(generated, dtype=float)
+        left = np.maximum(cap - done, 0.0)
+        if self.std == 0.0:
+            mean = np.clip(np.minimum(self.mean, cap) - done, 0.0, None)
+            return mean, np.zeros_like(mean)
+        mu, s = self.lognormal
+        log_cap = np.log(np.maximum(cap, 1e-300))
+        started = done > 0
+        log_done = np.log(np.where(started, done, 1.0))
+
+        def below(log_x: np.ndarray, k: int) -> np.ndarray:  # Φ((ln x − μ − k s²)/s)
+            return np.asarray(ndtr((log_x - mu - k * s * s) / s))
+
+        p_over_cap = 1.0 - below(log_cap, 0)
+        p_alive = np.where(started, 1.0 - below(log_done, 0), 1.0)
+        moments = []
+        for k in (1, 2):
+            scale = math.exp(k * mu + k * k * s * s / 2.0)
+            lower = np.where(started, below(log_done, k), 0.0)
+            partial = scale * np.clip(below(log_cap, k) - lower, 0.0, None)
+            moments.append((partial + cap**k * p_over_cap) / np.maximum(p_alive, 1e-300))
+        first, second = moments
+        mean = first - done
+        var = second - first * first
+        hopeless = p_alive < 1e-12  # far beyond the tail: fall back to uniform on [0, left]
+        mean = np.where(hopeless, left / 2.0, mean)
+        var = np.where(hopeless, left * left / 12.0, var)
+        return np.clip(mean, 0.0, left), np.clip(var, 0.0, None)
+
+    def quantile_tokens(self, q: float) -> float:
+        """The q-quantile of L (untruncated)."""
+        if self.std == 0.0:
+            return self.mean
+        mu, s = self.lognormal
+        return math.exp(mu + s * _STANDARD_NORMAL.inv_cdf(q))
+
+
+#: ShareGPT-like chat output lengths: mean 338 tokens (ShareGPT's mean output in the vLLM
+#: paper, 5.8× Alpaca's 58.45), std 300 (coefficient of variation 0.89, log-normal σ 0.77;
+#: no ShareGPT copy is available here, so the spread is the usual heavy-tailed chat shape,
+#: between the Azure conversation trace's 0.77 and an exponential's 1.0). See docs/profiles.md.
+DEFAULT_OUTPUT_STATS: Final = LengthStats(mean=338.0, std=300.0)
+#: Fitted to GeneratedTokens of ../shared/traces/azure_llm_2023_conv.csv (19,366 rows).
+AZURE_CONV_OUTPUT_STATS: Final = LengthStats(mean=211.1, std=162.9)
+
+
+# ------------------------------------------------------------------ waits
+@dataclass(frozen=True, slots=True)
+class WaitEstimate:
+    """A group's wait, Normal(mean_s, std_s²) by the central limit theorem.
+
+    ``mean_s``/``std_s`` are the wait of the group's first request (until its first
+    token). ``spread_s`` (>= 0) is how much later, on average, the group's last request
+    starts; requests in between are taken to start evenly over that spread.
+    """
+
+    mean_s: float
+    std_s: float
+    spread_s: float = 0.0
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of the first request's wait, clipped at >= 0."""
+        if not 0.0 < q < 1.0:
+            raise InvalidInput("q", f"must be in (0, 1), got {q}")
+        if self.std_s == 0.0:
+            return max(0.0, self.mean_s)
+        return max(0.0, self.mean_s + self.std_s * _STANDARD_NORMAL.inv_cdf(q))
+
+    def p_within(self, seconds: float) -> float:
+        """P(W <= seconds) for the first request's wait W (0 for negative seconds)."""
+        if seconds < 0.0:
+            return 0.0
+        if self.std_s == 0.0:
+            return 1.0 if self.mean_s <= seconds else 0.0
+        return float(ndtr((seconds - self.mean_s) / self.std_s))
+
+    def at_fraction(self, fraction: float) -> WaitEstimate:
+        """The wait of the request ``fraction`` (0 = first, 1 = last) into the group."""
+        return WaitEstimate(self.mean_s + fraction * self.spread_s, self.std_s)
+
+
+# ------------------------------------------------------------------ per-group sums
+@dataclass(frozen=True, slots=True)
+class GroupWork:
+    """Sums over one group's requests that every wait needs (GPU-independent)."""
+
+    model: str
+    size: int
+    out_mean_tokens: float     # Σ E[R]
+    out_var_tokens: float      # Σ Var[R]
+    residual_tokens: float     # ρ = Σ E[R²] / (2 Σ E[R]), renewal-equilibrium residual
+    mean_context: float        # mean KV tokens a request holds over its life
+    mean_reservation: float    # mean KV tokens a request holds at its end
+    tail_cap_tokens: float     # most output any request may still produce
+    head_prompt_tokens: int    # the first request's prefill (its own TTFT)
+    prompt_tokens: np.ndarray  # every request's prefill tokens, in group order
+    deadlines_at: np.ndarray   # every request's deadline, in group order
+
+
+def _work_of(requests: Sequence[Request], model: str, stats: LengthStats) -> GroupWork:
+    cap = np.fromiter((r.max_tokens for r in requests), float, len(requests))
+    done = np.fromiter((r.num_generated for r in requests), float, len(requests))
+    prompt = np.fromiter((r.prompt_tokens for r in requests), np.int64, len(requests))
+    deadlines = np.fromiter((r.deadline_at for r in requests), float, len(requests))
+    mean, var = stats.remaining_moments(cap, done)
+    total = float(mean.sum())
+    second = float((var + mean * mean).sum())
+    held = prompt + done
+    return GroupWork(
+        model=model,
+        size=len(requests),
+        out_mean_tokens=total,
+        out_var_tokens=float(var.sum()),
+        residual_tokens=second / (2.0 * total) if total > 0 else 0.0,
+        mean_context=float((held + mean / 2.0).mean()),
+        mean_reservation=float((held + mean).mean()),
+        tail_cap_tokens=float((cap - done).max()),
+        head_prompt_tokens=int(prompt[0]),
+        prompt_tokens=prompt,
+        deadlines_at=deadlines,
+    )
+
+
+def _prefill_many(profile: PerfProfile, tokens: np.ndarray) -> np.ndarray:
+    """``profile.prefill_s`` over an array (piecewise-linear, linear beyond the ends)."""
+    xs = np.asarray(profile.prefill_tokens, dtype=float)
+    ys = np.asarray(profile.prefill_seconds, dtype=float)
+    t = tokens.astype(float)
+    inside = np.interp(t, xs, ys)
+    lo_slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+    hi_slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    out = np.where(t < xs[0], ys[0] + lo_slope * (t - xs[0]), inside)
+    out = np.where(t > xs[-1], ys[-1] + hi_slope * (t - xs[-1]), out)
+    return np.where(t <= 0, 0.0, np.clip(out, 0.0, None))
+
+
+def batch_prefill_s(profile: PerfProfile, tokens: np.ndarray) -> float:
+    """Prefill of many prompts: one fixed cost (the smallest tabulated prefill) + marginals.
+
+    Summing single-prompt prefills would charge the fixed cost per prompt; vLLM batches
+    them (on the H100 128×512 tokens take 1.50 s, not 128×16.4 ms).
+    """
+    if tokens.size == 0:
+        return 0.0
+    fixed = profile.prefill_seconds[0]
+    each = _prefill_many(profile, tokens)
+    return float(fixed + np.clip(each - fixed, 0.0, None).sum())
+
+
+@dataclass(frozen=True, slots=True)
+class _Timing:
+    """One group on one worker: uncorrected decode seconds and exact seconds."""
+
+    decode_s: float        # E[decode work] · τ
+    decode_var_s2: float   # Var[decode work] · τ²
+    credit_s: float        # (B−1)·ρ·τ
+    tail_s: float          # longest in-flight residual · step at half the batch
+    prefill_s: float       # prefill of all its requests
+    head_prefill_s: float  # prefill of its first request
+
+
+def steady_batch(worker: WorkerView, profile: PerfProfile, reservation_tokens: float) -> int:
+    """min(max batch, how many requests of this size the KV cache holds), at least 1."""
+    by_kv = int(worker.kv_capacity_tokens // max(reservation_tokens, 1.0))
+    return max(1, min(worker.max_batch_size, profile.max_batch_size, by_kv))
+
+
+def _timing(work: GroupWork, worker: WorkerView, profile: PerfProfile,
+            stats: LengthStats) -> _Timing:
+    batch = steady_batch(worker, profile, work.mean_reservation)
+    step = profile.decode_step_s(batch, int(batch * work.mean_context))
+    per_token = step / batch
+    in_flight = max(1, min(batch, work.size))
+    tail_tokens = min(work.tail_cap_tokens,
+                      max(work.out_mean_tokens / work.size,
+                          stats.quantile_tokens(in_flight / (in_flight + 1.0))))
+    half = max(1, in_flight // 2)
+    return _Timing(
+        decode_s=work.out_mean_tokens * per_token,
+        decode_var_s2=work.out_var_tokens * per_token * per_token,
+        credit_s=(batch - 1) * work.residual_tokens * per_token,
+        tail_s=tail_tokens * profile.decode_step_s(half, int(half * work.mean_context)),
+        prefill_s=batch_prefill_s(profile, work.prompt_tokens),
+        head_prefill_s=profile.prefill_s(work.head_prompt_tokens),
+    )
+
+
+class _Memo:
+    """Group sums by group identity (the group is kept alive, so its id stays its own)."""
+
+    __slots__ = ("timings", "works")
+
+    def __init__(self) -> None:
+        self.works: dict[int, tuple[RequestGroup, GroupWork]] = {}
+        self.timings: dict[tuple[int, str, int, int], tuple[RequestGroup, _Timing]] = {}
+
+    def trim(self) -> None:
+        if len(self.works) > _MEMO_LIMIT:
+            self.works.clear()
+        if len(self.timings) > _MEMO_LIMIT:
+            self.timings.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """Work of one model run back to back on a worker (see the module docstring)."""
+
+    model: str | None
+    start_s: float
+    ahead_s: float = 0.0          # T: decode + prefill seconds ahead, from start_s
+    ahead_var_s2: float = 0.0
+    credit_s: float = 0.0         # of the work just ahead
+    tail_s: float = 0.0
+
+    def end_s(self) -> float:
+        last_start = max(0.0, self.ahead_s - self.credit_s)
+        return self.start_s + max(self.ahead_s, last_start + self.tail_s)
+
+
+# ------------------------------------------------------------------ estimator
+class RWTEstimator:
+    """Waiting-time distributions of request groups on workers. Immutable and pure."""
+
+    def __init__(self, profiles: ProfileBook,
+                 output_stats: Mapping[str, LengthStats] | None = None,
+                 corrections: Mapping[tuple[str, str], float] | None = None,
+                 default_output_stats: LengthStats = DEFAULT_OUTPUT_STATS) -> None:
+        self._profiles = profiles
+        self._stats: Mapping[str, LengthStats] = MappingProxyType(dict(output_stats or {}))
+        for key, factor in (corrections or {}).items():
+            if not (math.isfinite(factor) and factor > 0):
+                raise InvalidInput(f"corrections.{key[0]}@{key[1]}", f"must be > 0, got {factor}")
+        self._corrections: Mapping[tuple[str, str], float] = MappingProxyType(
+            {k: min(CORRECTION_MAX, max(CORRECTION_MIN, float(v)))
+             for k, v in (corrections or {}).items()})
+        self._default_stats = default_output_stats
+        self._memo = _Memo()
+
+    # ------------------------------------------------------------ accessors
+    @property
+    def profiles(self) -> ProfileBook:
+        return self._profiles
+
+    @property
+    def corrections(self) -> Mapping[tuple[str, str], float]:
+        """Current factor on decode time per (model, gpu); absent means 1.0."""
+        return self._corrections
+
+    def correction(self, model: str, gpu: str) -> float:
+        return self._corrections.get((model, gpu), 1.0)
+
+    def output_stats(self, model: str) -> LengthStats:
+        return self._stats.get(model, self._default_stats)
+
+    def group_work(self, group: RequestGroup) -> GroupWork:
+        """The group's GPU-independent sums (memoised by identity)."""
+        hit = self._memo.works.get(id(group))
+        if hit is not None and hit[0] is group:
+            return hit[1]
+        work = _work_of(group.requests, group.model, self.output_stats(group.model))
+        self._memo.trim()
+        self._memo.works[id(group)] = (group, work)
+        return work
+
+    def _timing_of(self, worker: WorkerView, group: RequestGroup) -> _Timing:
+        key = (id(group), worker.gpu, worker.kv_capacity_tokens, worker.max_batch_size)
+        hit = self._memo.timings.get(key)
+        if hit is not None and hit[0] is group:
+            return hit[1]
+        profile = self._profiles.get(group.model, worker.gpu)
+        timing = _timing(self.group_work(group), worker, profile, self.output_stats(group.model))
+        self._memo.timings[key] = (group, timing)
+        return timing
+
+    # ------------------------------------------------------------ contract
+    def group_service(self, worker: WorkerView, group: RequestGroup) -> WaitEstimate:
+        """Time the group occupies the worker: its decode at the steady batch + its prefills."""
+        timing = self._timing_of(worker, group)
+        factor = self.correction(group.model, worker.gpu)
+        return WaitEstimate(timing.decode_s * factor + timing.prefill_s,
+                            math.sqrt(timing.decode_var_s2) * factor)
+
+    def queue_waits(self, worker: WorkerView, order: Sequence[RequestGroup], now: float
+                    ) -> tuple[WaitEstimate, ...]:
+        """Each group's wait (until its first request's first token) at its place in ``order``.
+
+        Counted from ``now``: the worker's pending swap (``swapping_until``), the remaining
+        work of ``worker.running``, the work of the groups ahead, model swaps between
+        adjacent groups of different models, and the group's own first prefill. While
+        ``active_model`` is None and a swap is under way, the swap is taken to bring the
+        head group's model when that model is resident. Raises NotFound when a group's
+        model has no profile on this worker's GPU.
+        """
+        start = max(0.0, (worker.swapping_until or now) - now)
+        segment, past_var = self._running_segment(worker, start)
+        resident = set(worker.models)
+        if segment.model is not None:
+            resident.add(segment.model)
+        swapping_in = worker.active_model is None and worker.swapping_until is not None
+        waits: list[WaitEstimate] = []
+        for index, group in enumerate(order):
+            if group.model != segment.model:
+                arrives_by_swap = index == 0 and swapping_in and group.model in resident
+                swap = 0.0 if arrives_by_swap else self._swap_s(worker, segment.model, group.model,
+                                                                group.model in resident)
+                past_var += segment.ahead_var_s2
+                segment = _Segment(group.model, segment.end_s() + swap)
+                resident.add(group.model)
+            timing = self._timing_of(worker, group)
+            factor = self.correction(group.model, worker.gpu)
+            waits.append(self._wait_in(segment, timing, factor, past_var, group.size))
+            segment = _Segment(
+                model=segment.model,
+                start_s=segment.start_s,
+                ahead_s=segment.ahead_s + timing.decode_s * factor + timing.prefill_s,
+                ahead_var_s2=segment.ahead_var_s2 + timing.decode_var_s2 * factor * factor,
+                credit_s=timing.credit_s * factor,
+                tail_s=timing.tail_s * factor,
+            )
+        return tuple(waits)
+
+    def p_meet_slo(self, group: RequestGroup, wait: WaitEstimate, now: float) -> float:
+        """Expected fraction of the group's requests whose deadline_at >= now + W.
+
+        Request j of n (group order) waits Normal(mean_s + spread_s·j/(n−1), std_s²).
+        """
+        deadlines = self.group_work(group).deadlines_at
+        n = deadlines.size
+        offsets = wait.spread_s * np.arange(n) / (n - 1) if n > 1 else np.zeros(1)
+        slack = deadlines - now - (wait.mean_s + offsets)
+        if wait.std_s == 0.0:
+            return float(np.mean(slack >= 0.0))
+        return float(np.mean(ndtr(slack / wait.std_s)))
+
+    def with_observation(self, model: str, gpu: str, predicted_s: float, observed_s: float
+                         ) -> RWTEstimator:
+        """A new estimator whose (model, gpu) decode-time factor moves toward observed/predicted.
+
+        ``predicted_s`` must be what *this* estimator predicted (its correction included):
+        factor ← clamp(factor · (1 + α·(observed/predicted − 1))), α = CORRECTION_ALPHA, so
+        the factor settles where predictions match observations.
+        """
+        if not (math.isfinite(predicted_s) and predicted_s > 0):
+            raise InvalidInput("predicted_s", f"must be a finite number > 0, got {predicted_s!r}")
+        if not (math.isfinite(observed_s) and observed_s >= 0):
+            raise InvalidInput("observed_s", f"must be a finite number >= 0, got {observed_s!r}")
+        ratio = min(CORRECTION_MAX, max(CORRECTION_MIN, observed_s / predicted_s))
+        factor = self.correction(model, gpu) * (1.0 + CORRECTION_ALPHA * (ratio - 1.0))
+        corrections = dict(self._corrections)
+        corrections[(model, gpu)] = min(CORRECTION_MAX, max(CORRECTION_MIN, factor))
+        clone = RWTEstimator(self._profiles, self._stats, corrections, self._default_stats)
+        clone._memo = self._memo  # timings are stored uncorrected: safe to share
+        return clone
+
+    def with_output_stats(self, model: str, stats: LengthStats) -> RWTEstimator:
+        """A new estimator that uses ``stats`` for ``model``'s output lengths."""
+        merged = dict(self._stats)
+        merged[model] = stats
+        return RWTEstimator(self._profiles, merged, self._corrections, self._default_stats)
+
+    # ------------------------------------------------------------ internals
+    def _swap_s(self, worker: WorkerView, from_model: str | None, to_model: str,
+                resident: bool) -> float:
+        sleep = 0.0
+        if from_model is not None and self._profiles.has(from_model, worker.gpu):
+            sleep = self._profiles.get(from_model, worker.gpu).sleep_s
+        return sleep + self._profiles.get(to_model, worker.gpu).swap_in_s(resident)
+
+    def _running_segment(self, worker: WorkerView, start_s: float) -> tuple[_Segment, float]:
+        """The segment of the requests running now (their remaining decode only)."""
+        model = worker.active_model
+        if not worker.running:
+            return _Segment(model, start_s), 0.0
+        requests = [r.request for r in worker.running]
+        model = model or requests[0].model
+        profile = self._profiles.get(model, worker.gpu)
+        stats = self.output_stats(model)
+        cap = np.fromiter((r.max_tokens for r in requests), float, len(requests))
+        done = np.fromiter((r.num_generated for r in requests), float, len(requests))
+        held = np.fromiter((r.context_tokens for r in requests), float, len(requests))
+        mean, var = stats.remaining_moments(cap, done)
+        batch = steady_batch(worker, profile, float((held + mean).mean()))
+        context = float((held + mean / 2.0).mean())
+        per_token = profile.decode_step_s(batch, int(batch * context)) / batch
+        per_token *= self.correction(model, worker.gpu)
+        tail_tokens = float(np.max(np.minimum(mean + np.sqrt(var), cap - done)))
+        size = len(requests)
+        tail_step = profile.decode_step_s(max(1, size // 2), int(max(1, size // 2) * context))
+        segment = _Segment(
+            model=model,
+            start_s=start_s,
+            ahead_s=float(mean.sum()) * per_token,
+            ahead_var_s2=float(var.sum()) * per_token * per_token,
+            credit_s=(batch - 1) * float(mean.mean()) * per_token,
+            tail_s=tail_tokens * tail_step * self.correction(model, worker.gpu),
+        )
+        return segment, 0.0
+
+    @staticmethod
+    def _wait_in(segment: _Segment, timing: _Timing, factor: float, past_var: float,
+                 size: int) -> WaitEstimate:
+        queued_s = segment.ahead_s - segment.credit_s
+        var = past_var + (segment.ahead_var_s2 if queued_s > 0 else 0.0)
+        mean = segment.start_s + max(0.0, queued_s) + timing.head_prefill_s
+        # The last request starts once the rest of the group is ahead of it too.
+        share = (size - 1) / size
+        own_s = (timing.decode_s * factor + timing.prefill_s) * share
+        last = max(0.0, segment.ahead_s + own_s - timing.credit_s * factor)
+        spread = max(0.0, last - max(0.0, queued_s)) if size > 1 else 0.0
+        return WaitEstimate(mean, math.sqrt(var), spread)
