@@ -1,7 +1,7 @@
 """The local broker stack under one directory (default ``.qlm``): Redis + Kafka.
 
 ``up`` starts what is not running yet and writes ``stack.json`` (ports) and
-``stack.env`` (``QLM_REDIS_URL``, ``QLM_KAFKA_BOOTSTRAP_SERVERS``) so that other
+``stack.env`` (``QLM_REDIS_URL``, ``QLM_KAFKA_BOOTSTRAP``) so that other
 processes can find the servers; ``down`` stops exactly the processes whose pid
 files are under the directory.
 """
@@ -69,7 +69,7 @@ class LocalStack:
         """How clients reach the servers, as environment variables."""
         return {
             "QLM_REDIS_URL": self.redis.url,
-            "QLM_KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
+            "QLM_KAFKA_BOOTSTRAP": self.kafka.bootstrap_servers,
         }
 
     def up(self) -> list[str]:

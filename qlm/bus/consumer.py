@@ -1,0 +1,226 @@
+"""A Kafka consumer that commits a record only after its effect is durable.
+
+For each record, in partition order:
+
+1. ``decode(value)`` turns the bytes into a value or raises :class:`InvalidInput`;
+2. ``handler(value, record)`` makes the effect durable (a Redis write, say) and returns;
+3. the offset after the record is committed (per fetched batch, after all its handlers
+   returned).
+
+A record that cannot be decoded, or whose handler raises InvalidInput, goes to the
+dead-letter topic (reason, field, origin, the raw bytes in base64); the consumer
+commits past it and carries on. Any other handler error is retried with backoff;
+after ``max_attempts`` the consumer stops *without* committing that record, so the
+next consumer in the group gets it again. Delivery is at least once: handlers must
+be idempotent (qlm's are, by request id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from qlm.bus.producer import BusProducer
+from qlm.bus.records import DeadLetter
+from qlm.core.errors import InvalidInput, QlmError, Unavailable
+
+T = TypeVar("T")
+Decode = Callable[[bytes | None], T]
+Handler = Callable[[T, ConsumerRecord[Any, Any]], Awaitable[None]]
+
+log = structlog.get_logger("qlm.bus")
+
+
+class HandlerFailed(QlmError):
+    """A handler kept failing on one record; the record was not committed."""
+
+    def __init__(self, topic: str, partition: int, offset: int, num_attempts: int) -> None:
+        super().__init__(
+            f"handler failed {num_attempts} times on {topic}[{partition}]@{offset}; not committed"
+        )
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+
+class _StopRequested(Exception):
+    """Raised inside the loop when stop() interrupts a retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerOptions:
+    """Tuning: retries of a failing handler, batch size and poll timeout."""
+
+    max_attempts: int = 5
+    retry_backoff_s: float = 0.2
+    max_records: int = 200
+    poll_timeout_ms: int = 200
+    session_timeout_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise InvalidInput("max_attempts", f"must be >= 1, got {self.max_attempts}")
+        if self.retry_backoff_s < 0:
+            raise InvalidInput("retry_backoff_s", f"must be >= 0, got {self.retry_backoff_s}")
+
+
+class BusConsumer(Generic[T]):
+    """Consume ``topics`` in consumer group ``group_id``; dead letters go to ``dlq_topic``.
+
+    Lifecycle: ``await start()``; ``await run()`` (returns after ``stop()``, raises
+    HandlerFailed when a handler keeps failing); ``await stop()`` from another task
+    ends the loop after the record in hand, commits what was handled and leaves the group.
+    ``producer`` (started by the caller) writes the dead letters.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topics: Sequence[str],
+        group_id: str,
+        decode: Decode[T],
+        handler: Handler[T],
+        dlq_topic: str,
+        producer: BusProducer,
+        options: ConsumerOptions | None = None,
+        clock: Callable[[], float] = time.time,
+        client_id: str = "qlm",
+    ) -> None:
+        if not topics:
+            raise InvalidInput("topics", "must name at least one topic")
+        self.group_id = group_id
+        self.dlq_topic = dlq_topic
+        self.options = options or ConsumerOptions()
+        self.num_handled = 0
+        self.num_dead_letters = 0
+        self._decode = decode
+        self._handler = handler
+        self._producer = producer
+        self._clock = clock
+        self._stopping = asyncio.Event()
+        self._running: asyncio.Future[None] | None = None
+        self._closed = False
+        self._consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=bootstrap_servers,
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            session_timeout_ms=self.options.session_timeout_ms,
+        )
+
+    async def start(self) -> None:
+        """Connect and join the group; raises Unavailable when no broker answers."""
+        try:
+            await self._consumer.start()
+        except KafkaError as error:
+            await self._consumer.stop()
+            raise Unavailable(f"Kafka consumer could not connect: {error}") from error
+
+    async def run(self) -> None:
+        """Consume until stop() or a HandlerFailed; leaves the group when it returns."""
+        self._running = asyncio.get_running_loop().create_future()
+        try:
+            while not self._stopping.is_set():
+                batches = await self._consumer.getmany(
+                    timeout_ms=self.options.poll_timeout_ms,
+                    max_records=self.options.max_records,
+                )
+                for partition, records in batches.items():
+                    await self._consume_partition(partition, records)
+                    if self._stopping.is_set():
+                        break
+        except _StopRequested:
+            pass
+        finally:
+            await self._close()
+            self._running.set_result(None)
+
+    async def stop(self) -> None:
+        """Finish the record in hand, commit, leave the group. Safe to call more than once."""
+        self._stopping.set()
+        if self._running is not None:
+            await asyncio.shield(self._running)
+        else:
+            await self._close()
+
+    async def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._consumer.stop()
+
+    async def _consume_partition(
+        self, partition: TopicPartition, records: Sequence[ConsumerRecord[Any, Any]]
+    ) -> None:
+        """Handle records in order; commit the offset after the last one handled."""
+        next_offset: int | None = None
+        try:
+            for record in records:
+                if self._stopping.is_set():
+                    break
+                await self._consume_one(record)
+                next_offset = record.offset + 1
+        finally:
+            if next_offset is not None:
+                await self._commit(partition, next_offset)
+
+    async def _consume_one(self, record: ConsumerRecord[Any, Any]) -> None:
+        try:
+            value = self._decode(record.value)
+        except InvalidInput as error:
+            await self._dead_letter(record, error)
+            return
+        for attempt in range(1, self.options.max_attempts + 1):
+            try:
+                await self._handler(value, record)
+            except InvalidInput as error:
+                await self._dead_letter(record, error)
+                return
+            except Exception as error:
+                log.warning(
+                    "kafka_handler_failed", topic=record.topic, partition=record.partition,
+                    offset=record.offset, attempt=attempt, error=repr(error),
+                )  # fmt: skip
+                if attempt == self.options.max_attempts:
+                    raise HandlerFailed(
+                        record.topic, record.partition, record.offset, attempt
+                    ) from error
+                await self._backoff(attempt)
+            else:
+                self.num_handled += 1
+                return
+
+    async def _backoff(self, attempt: int) -> None:
+        delay_s = self.options.retry_backoff_s * 2 ** (attempt - 1)
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
+        except TimeoutError:
+            return
+        raise _StopRequested
+
+    async def _dead_letter(self, record: ConsumerRecord[Any, Any], error: InvalidInput) -> None:
+        letter = DeadLetter.of(
+            error, record.topic, record.partition, record.offset, record.key, record.value,
+            self.group_id, self._clock(),
+        )  # fmt: skip
+        await self._producer.publish(self.dlq_topic, letter)
+        self.num_dead_letters += 1
+        log.warning(
+            "kafka_dead_letter", topic=record.topic, partition=record.partition,
+            offset=record.offset, field=error.field, reason=error.problem,
+        )  # fmt: skip
+
+    async def _commit(self, partition: TopicPartition, next_offset: int) -> None:
+        try:
+            await self._consumer.commit({partition: next_offset})
+        except CommitFailedError as error:  # the partition moved to another member meanwhile
+            log.warning("kafka_commit_failed", partition=str(partition), error=str(error))

@@ -1,0 +1,311 @@
+"""The records qlm writes to Kafka: one schema per topic, JSON on the wire, versioned.
+
+Every record is a JSON object with ``"v": 1`` (the schema version) and the fields of
+its model below; docs/kafka.md lists them all. Decoding is strict: a wrong type, a
+missing field or an unknown field raises :class:`InvalidInput` naming the field, and
+the consumer sends the record to ``qlm.dlq``. A later incompatible schema gets
+``"v": 2`` and its own model; a consumer names the versions it reads.
+
+Times (``*_at``) are seconds since the Unix epoch on the writer's clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Final, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from qlm.core.errors import InvalidInput
+from qlm.submission import ModelLimits, Submission, SubmissionLimits, parse_submission
+
+SCHEMA_VERSION: Final = 1
+
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+Timestamp = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0)]
+SLOClassName = Literal["interactive", "batch-1", "batch-2", "custom"]
+
+
+def _field_of(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "record"
+
+
+def invalid_input_from(error: ValidationError) -> InvalidInput:
+    """The first problem of a pydantic validation error as InvalidInput(field, problem)."""
+    first = error.errors()[0]
+    field, problem = _field_of(first["loc"]), str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "qlm_field":
+        field, problem = str(first["ctx"]["field"]), str(first["ctx"]["problem"])
+    elif first["type"] == "json_invalid":
+        problem = f"not valid JSON ({problem.removeprefix('Invalid JSON: ')})"
+    elif first["type"] == "model_type":
+        problem = "must be a JSON object"
+    elif first["loc"] == ("v",):
+        problem = f"unsupported schema version {first.get('input')!r}; this reader knows 1"
+    elif first["type"] == "extra_forbidden":
+        problem = "unknown field"
+    elif first["type"] == "missing":
+        problem = "is required"
+    return InvalidInput(field, problem)
+
+
+class BusRecord(BaseModel):
+    """Base of every record: frozen, strict types, unknown fields rejected, ``v`` first."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    topic_name: ClassVar[str] = ""
+    v: Literal[1] = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        """Compact JSON, UTF-8; fields that are None are left out."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Self:
+        """Decode and validate; raises InvalidInput naming the first bad field."""
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as error:
+            raise invalid_input_from(error) from None
+
+    def key(self) -> bytes:
+        """The Kafka record key: it picks the partition, and so the order records keep."""
+        raise NotImplementedError
+
+
+def _require(condition: bool, field: str, problem: str) -> None:
+    """In a model validator: fail naming ``field`` (pydantic would name the whole record)."""
+    if not condition:
+        raise PydanticCustomError(
+            "qlm_field", "{field} {problem}", {"field": field, "problem": problem}
+        )
+
+
+EventType = Literal[
+    "admitted", "started", "first_token", "finished", "evicted", "cancelled", "failed"
+]
+_EVENTS_ON_A_WORKER: Final = frozenset({"started", "first_token", "finished", "evicted"})
+
+
+class Event(BusRecord):
+    """A request's life, on ``qlm.events``; keyed by request id.
+
+    ``worker`` is required for started / first_token / finished / evicted; ``reason``
+    for failed. ``predicted_wait_s`` accompanies admitted.
+    """
+
+    topic_name: ClassVar[str] = "qlm.events"
+    type: EventType
+    request_id: Name
+    model: Name
+    slo_class: SLOClassName
+    at: Timestamp
+    arrival_at: Timestamp
+    tenant: Name | None = None
+    worker: Name | None = None
+    num_prompt_tokens: Count | None = None
+    num_output_tokens: Count | None = None
+    predicted_wait_s: Seconds | None = None
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> Self:
+        if self.type in _EVENTS_ON_A_WORKER:
+            _require(self.worker is not None, "worker", f"is required for {self.type} events")
+        if self.type == "failed":
+            _require(bool(self.reason), "reason", "is required for failed events")
+        return self
+
+    def key(self) -> bytes:
+        return self.request_id.encode()
+
+
+LsoType = Literal["evict", "swap", "migrate"]
+
+
+class LsoCommand(BusRecord):
+    """A serving operation a worker must carry out, on ``qlm.lso``; keyed by the worker.
+
+    - evict: preempt ``request_ids`` (running on ``worker``) and return them to the queue;
+      ``keep_kv`` swaps their KV cache to CPU instead of dropping it.
+    - swap: put the current model to sleep and wake ``to_model``.
+    - migrate: move ``request_ids`` from ``worker`` to ``to_worker``.
+    """
+
+    topic_name: ClassVar[str] = "qlm.lso"
+    type: LsoType
+    command_id: Name
+    worker: Name
+    issued_at: Timestamp
+    request_ids: tuple[Name, ...] = ()
+    to_model: Name | None = None
+    to_worker: Name | None = None
+    keep_kv: bool = False
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> Self:
+        if self.type in ("evict", "migrate"):
+            _require(bool(self.request_ids), "request_ids", f"must not be empty for {self.type}")
+        if self.type == "swap":
+            _require(self.to_model is not None, "to_model", "is required for swap")
+        if self.type == "migrate":
+            _require(self.to_worker is not None, "to_worker", "is required for migrate")
+            _require(self.to_worker != self.worker, "to_worker", "must differ from worker")
+        return self
+
+    def key(self) -> bytes:
+        return self.worker.encode()
+
+
+class Telemetry(BusRecord):
+    """One worker's state after a step (or a window of steps), on ``qlm.telemetry``.
+
+    The estimator compares ``step_time_observed_s`` with ``step_time_predicted_s``
+    (from the performance profile) to correct its model online.
+    """
+
+    topic_name: ClassVar[str] = "qlm.telemetry"
+    worker: Name
+    gpu: Name
+    at: Timestamp
+    model: Name | None = None
+    batch_size: Count
+    num_waiting: Count = 0
+    kv_used_fraction: Annotated[float, Field(ge=0, le=1)]
+    num_context_tokens: Count | None = None
+    step_time_predicted_s: Seconds
+    step_time_observed_s: Seconds
+    num_steps: Annotated[int, Field(ge=1)] = 1
+
+    def key(self) -> bytes:
+        return self.worker.encode()
+
+
+class BatchResult(BusRecord):
+    """The outcome of one batch request, on ``qlm.batch.results``; keyed by request id.
+
+    ``error`` is required when ``status`` is failed.
+    """
+
+    topic_name: ClassVar[str] = "qlm.batch.results"
+    request_id: Name
+    model: Name
+    status: Literal["finished", "failed", "cancelled"]
+    at: Timestamp
+    arrival_at: Timestamp | None = None
+    first_token_at: Timestamp | None = None
+    worker: Name | None = None
+    num_prompt_tokens: Count | None = None
+    num_output_tokens: Count = 0
+    output_text: str | None = None
+    output_token_ids: tuple[Count, ...] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    slo_met: bool | None = None
+    error: Annotated[str, Field(max_length=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _error_when_failed(self) -> Self:
+        if self.status == "failed":
+            _require(bool(self.error), "error", "is required when status is failed")
+        return self
+
+    def key(self) -> bytes:
+        return self.request_id.encode()
+
+
+class DeadLetter(BusRecord):
+    """A record a consumer could not use, on ``qlm.dlq``; keyed by its origin.
+
+    ``value_b64`` / ``key_b64`` hold the original bytes exactly (standard base64).
+    """
+
+    topic_name: ClassVar[str] = "qlm.dlq"
+    reason: Annotated[str, Field(min_length=1, max_length=4096)]
+    field: str | None = None
+    topic: Name
+    partition: Count
+    offset: Count
+    consumer_group: Name
+    failed_at: Timestamp
+    key_b64: str | None = None
+    value_b64: str
+
+    @classmethod
+    def of(
+        cls,
+        error: InvalidInput,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        consumer_group: str,
+        failed_at: float,
+    ) -> DeadLetter:
+        """The dead letter for a record that failed with ``error``."""
+        return cls(
+            reason=str(error)[:4096],
+            field=error.field,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            consumer_group=consumer_group,
+            failed_at=failed_at,
+            key_b64=None if key is None else base64.b64encode(key).decode(),
+            value_b64=base64.b64encode(value or b"").decode(),
+        )
+
+    def original_value(self) -> bytes:
+        """The bytes of the record as it was on its topic."""
+        return base64.b64decode(self.value_b64)
+
+    def key(self) -> bytes:
+        return f"{self.topic}:{self.partition}:{self.offset}".encode()
+
+
+# ------------------------------------------------------------ batch requests
+def encode_batch_request(submission: Submission) -> bytes:
+    """A ``qlm.batch.requests`` record: the submission's fields (``SubmitRequest``) plus ``v``."""
+    return json.dumps({"v": SCHEMA_VERSION, **submission.to_record()}).encode()
+
+
+def decode_batch_request(
+    raw: bytes | None,
+    models: Mapping[str, ModelLimits] | None,
+    limits: SubmissionLimits | None = None,
+) -> Submission:
+    """Validate a ``qlm.batch.requests`` record into a Submission (``v`` may be left out).
+
+    Raises InvalidInput naming the field: bad JSON, not an object, unsupported ``v``,
+    or anything :func:`qlm.submission.parse_submission` rejects.
+    """
+    record = _json_object(raw)
+    version = record.pop("v", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise InvalidInput("v", f"unsupported schema version {version!r}; this reader knows 1")
+    return parse_submission(record, models, limits or SubmissionLimits())
+
+
+def _json_object(raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        raise InvalidInput("record", "has no value")
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidInput("record", f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("record", "must be a JSON object")
+    return value
+
+
+#: Topic base name -> the record model that topic carries (batch requests: see above).
+RECORD_TYPES: Final[Mapping[str, type[BusRecord]]] = {
+    model.topic_name: model for model in (Event, LsoCommand, Telemetry, BatchResult, DeadLetter)
+}

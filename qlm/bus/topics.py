@@ -1,0 +1,145 @@
+"""Every Kafka topic qlm uses, its partitions and settings, and the admin step that creates them.
+
+Topic names are ``<prefix>qlm.<name>``; the prefix is empty in a deployment and
+unique per test, so that tests on one broker never see each other's records.
+Record keys (see :mod:`qlm.bus.records`) decide partitions: request id for
+requests, events and results (one request's records stay in order), worker id for
+LSO commands and telemetry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+from qlm.core.errors import InvalidInput, Unavailable
+
+BATCH_REQUESTS: Final = "qlm.batch.requests"
+BATCH_RESULTS: Final = "qlm.batch.results"
+EVENTS: Final = "qlm.events"
+LSO: Final = "qlm.lso"
+TELEMETRY: Final = "qlm.telemetry"
+DLQ: Final = "qlm.dlq"
+
+DAY_MS: Final = 24 * 3600 * 1000
+#: Name -> (partitions, retention in ms). Partitions bound consumer parallelism per group.
+_LAYOUT: Final[Mapping[str, tuple[int, int]]] = MappingProxyType(
+    {
+        BATCH_REQUESTS: (4, 7 * DAY_MS),
+        BATCH_RESULTS: (2, 7 * DAY_MS),
+        EVENTS: (4, 7 * DAY_MS),
+        LSO: (2, 1 * DAY_MS),
+        TELEMETRY: (2, 1 * DAY_MS),
+        DLQ: (1, 30 * DAY_MS),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicNames:
+    """The six topic names under one prefix (empty in a deployment)."""
+
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+        if not set(self.prefix) <= allowed or len(self.prefix) > 200:
+            raise InvalidInput("prefix", "must be at most 200 characters of [A-Za-z0-9._-]")
+
+    @property
+    def batch_requests(self) -> str:
+        return self.prefix + BATCH_REQUESTS
+
+    @property
+    def batch_results(self) -> str:
+        return self.prefix + BATCH_RESULTS
+
+    @property
+    def events(self) -> str:
+        return self.prefix + EVENTS
+
+    @property
+    def lso(self) -> str:
+        return self.prefix + LSO
+
+    @property
+    def telemetry(self) -> str:
+        return self.prefix + TELEMETRY
+
+    @property
+    def dlq(self) -> str:
+        return self.prefix + DLQ
+
+    def all(self) -> tuple[str, ...]:
+        """All six names, in the order of :data:`_LAYOUT`."""
+        return tuple(self.prefix + name for name in _LAYOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """How one topic is created."""
+
+    name: str
+    num_partitions: int
+    replication_factor: int
+    configs: Mapping[str, str] = field(default_factory=dict)
+
+
+def topic_specs(names: TopicNames | None = None, replication_factor: int = 1) -> list[TopicSpec]:
+    """The specs of all six topics; ``min.insync.replicas`` is 2 when there are ≥ 3 replicas.
+
+    With acks=all, a write is acknowledged once every in-sync replica has it.
+    """
+    if replication_factor < 1:
+        raise InvalidInput("replication_factor", f"must be >= 1, got {replication_factor}")
+    names = names or TopicNames()
+    min_isr = 2 if replication_factor >= 3 else 1
+    return [
+        TopicSpec(
+            names.prefix + name,
+            num_partitions,
+            replication_factor,
+            {"retention.ms": str(retention_ms), "min.insync.replicas": str(min_isr)},
+        )
+        for name, (num_partitions, retention_ms) in _LAYOUT.items()
+    ]
+
+
+async def ensure_topics(bootstrap_servers: str, specs: Sequence[TopicSpec]) -> list[str]:
+    """Create the topics that do not exist yet; returns the names it created.
+
+    Existing topics are left as they are (their partitions are not changed).
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="qlm-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [spec for spec in specs if spec.name not in existing]
+        if not missing:
+            return []
+        new_topics = [
+            NewTopic(
+                spec.name,
+                num_partitions=spec.num_partitions,
+                replication_factor=spec.replication_factor,
+                topic_configs=dict(spec.configs),
+            )
+            for spec in missing
+        ]
+        response = await admin.create_topics(new_topics)
+        created = []
+        for topic, error_code, *rest in response.topic_errors:
+            if error_code == TopicAlreadyExistsError.errno:  # created by another process meanwhile
+                continue
+            if error_code != 0:
+                message = rest[0] if rest and rest[0] else for_code(error_code).__name__
+                raise Unavailable(f"creating Kafka topic {topic!r} failed: {message}")
+            created.append(topic)
+        return created
+    finally:
+        await admin.close()

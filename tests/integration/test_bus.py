@@ -1,0 +1,223 @@
+"""The Kafka bus on a real broker: round trip, commit only after the effect, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
+
+from qlm.bus import (
+    BusConsumer,
+    BusProducer,
+    ConsumerOptions,
+    DeadLetter,
+    Event,
+    HandlerFailed,
+    TopicNames,
+    ensure_topics,
+    topic_specs,
+)
+from qlm.core.errors import InvalidInput
+
+pytestmark = pytest.mark.kafka
+
+FAST = ConsumerOptions(max_attempts=2, retry_backoff_s=0.0, poll_timeout_ms=100)
+
+
+def event(request_id: str, event_type: str = "admitted", **fields: Any) -> Event:
+    return Event.model_validate(
+        {"type": event_type, "request_id": request_id, "model": "m", "slo_class": "batch-1",
+         "at": 2.0, "arrival_at": 1.0, **fields}
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def topics(kafka_bootstrap: str, topic_prefix: str) -> TopicNames:
+    names = TopicNames(topic_prefix)
+    await ensure_topics(kafka_bootstrap, topic_specs(names))
+    return names
+
+
+@pytest.fixture
+async def producer(kafka_bootstrap: str) -> AsyncIterator[BusProducer]:
+    async with BusProducer(kafka_bootstrap) as bus_producer:
+        yield bus_producer
+
+
+def consumer_of(
+    kafka_bootstrap: str,
+    topics: TopicNames,
+    producer: BusProducer,
+    handler: Callable[[Event, ConsumerRecord[Any, Any]], Awaitable[None]],
+    group_id: str,
+) -> BusConsumer[Event]:
+    return BusConsumer(
+        kafka_bootstrap, [topics.events], group_id, Event.from_json, handler,
+        topics.dlq, producer, FAST,
+    )  # fmt: skip
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(poll(), timeout_s)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+async def committed_offset(kafka_bootstrap: str, group_id: str, topic: str) -> int | None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    found = [meta.offset for tp, meta in offsets.items() if tp.topic == topic]
+    return max(found) if found else None
+
+
+async def read_all(kafka_bootstrap: str, topic: str, num_records: int) -> list[bytes]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(values) < num_records:
+                values.append((await consumer.getone()).value)
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def test_ensure_topics_creates_each_topic_once(kafka_bootstrap: str, topic_prefix: str):
+    names = TopicNames(topic_prefix)
+
+    created = await ensure_topics(kafka_bootstrap, topic_specs(names))
+    created_again = await ensure_topics(kafka_bootstrap, topic_specs(names))
+
+    assert sorted(created) == sorted(names.all())
+    assert created_again == []
+    assert names.events == f"{topic_prefix}qlm.events"
+
+
+async def test_published_record_round_trips(
+    kafka_bootstrap: str, topics: TopicNames, producer: BusProducer
+) -> None:
+    sent = event("r-1", "started", worker="w-0", num_prompt_tokens=12)
+    received: list[tuple[Event, bytes]] = []
+
+    async def handle(value: Event, record: ConsumerRecord[Any, Any]) -> None:
+        received.append((value, record.key))
+
+    consumer = consumer_of(kafka_bootstrap, topics, producer, handle, "round-trip")
+    await consumer.start()
+    running = asyncio.create_task(consumer.run())
+    metadata = await producer.publish(topics.events, sent)
+    await until(lambda: len(received) == 1, "the event")
+    await consumer.stop()
+    await running
+
+    assert received == [(sent, b"r-1")]
+    assert await committed_offset(kafka_bootstrap, "round-trip", topics.events) == (
+        metadata.offset + 1
+    )
+
+
+async def test_failed_handler_is_not_committed_and_the_record_comes_back(
+    kafka_bootstrap: str, topics: TopicNames, producer: BusProducer
+) -> None:
+    for request_id in ("a", "b", "c"):  # one key: one partition, in this order
+        await producer.publish_raw(topics.events, event(request_id).to_json(), key=b"same")
+    first_run: list[str] = []
+
+    async def fails_on_b(value: Event, record: ConsumerRecord[Any, Any]) -> None:
+        if value.request_id == "b":
+            raise ConnectionError("redis is down")
+        first_run.append(value.request_id)
+
+    consumer = consumer_of(kafka_bootstrap, topics, producer, fails_on_b, "retry")
+    await consumer.start()
+    with pytest.raises(HandlerFailed) as failure:
+        await consumer.run()
+    assert first_run == ["a"]
+    assert failure.value.offset == 1
+    assert await committed_offset(kafka_bootstrap, "retry", topics.events) == 1
+
+    second_run: list[str] = []
+
+    async def works(value: Event, record: ConsumerRecord[Any, Any]) -> None:
+        second_run.append(value.request_id)
+
+    restarted = consumer_of(kafka_bootstrap, topics, producer, works, "retry")
+    await restarted.start()
+    running = asyncio.create_task(restarted.run())
+    await until(lambda: len(second_run) == 2, "b and c redelivered")
+    await restarted.stop()
+    await running
+
+    assert second_run == ["b", "c"]
+    assert await committed_offset(kafka_bootstrap, "retry", topics.events) == 3
+
+
+async def test_malformed_records_go_to_the_dlq_and_the_consumer_carries_on(
+    kafka_bootstrap: str, topics: TopicNames, producer: BusProducer
+) -> None:
+    not_json = b"{not json"
+    no_worker = b'{"v":1,"type":"started","request_id":"x","model":"m","slo_class":"batch-1",'
+    no_worker += b'"at":1,"arrival_at":1}'
+    future_version = b'{"v":7,"type":"admitted"}'
+    valid = [event("rejected-by-handler").to_json(), event("good").to_json()]
+    for raw in (not_json, no_worker, future_version, *valid):  # one key: one partition, in order
+        await producer.publish_raw(topics.events, raw, key=b"k")
+    handled: list[str] = []
+
+    async def handle(value: Event, record: ConsumerRecord[Any, Any]) -> None:
+        if value.request_id == "rejected-by-handler":
+            raise InvalidInput("model", "unknown model 'm'")
+        handled.append(value.request_id)
+
+    consumer = consumer_of(kafka_bootstrap, topics, producer, handle, "dlq")
+    await consumer.start()
+    running = asyncio.create_task(consumer.run())
+    await until(lambda: handled == ["good"], "the good record after the bad ones")
+    await consumer.stop()
+    await running
+
+    letters = [DeadLetter.from_json(raw) for raw in await read_all(kafka_bootstrap, topics.dlq, 4)]
+    assert [(letter.field, letter.offset) for letter in letters] == [
+        ("record", 0), ("worker", 1), ("v", 2), ("model", 3)
+    ]  # fmt: skip
+    assert "not valid JSON" in letters[0].reason
+    assert letters[1].reason == "worker: is required for started events"
+    assert "unsupported schema version 7" in letters[2].reason
+    assert [letter.original_value() for letter in letters[:3]] == [
+        not_json, no_worker, future_version
+    ]  # fmt: skip
+    assert all(letter.topic == topics.events and letter.key_b64 for letter in letters)
+    assert all(letter.consumer_group == "dlq" for letter in letters)
+    assert consumer.num_dead_letters == 4
+    assert await committed_offset(kafka_bootstrap, "dlq", topics.events) == 5
+
+
+async def test_stop_while_idle_ends_the_run(
+    kafka_bootstrap: str, topics: TopicNames, producer: BusProducer
+) -> None:
+    async def handle(value: Event, record: ConsumerRecord[Any, Any]) -> None:
+        raise AssertionError("no record was published")
+
+    consumer = consumer_of(kafka_bootstrap, topics, producer, handle, "idle")
+    await consumer.start()
+    running = asyncio.create_task(consumer.run())
+    await asyncio.sleep(0.3)
+    await asyncio.wait_for(consumer.stop(), 15)
+    await asyncio.wait_for(running, 1)
+    assert running.done() and running.exception() is None
