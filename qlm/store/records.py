@@ -8,7 +8,7 @@ optional value is the empty string. Pure functions, no I/O.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -93,8 +93,8 @@ def _opt_num(value: float | None) -> str:
     return "" if value is None else _num(value)
 
 
-def identity_pairs(request: Request, prompt_json: str, params_json: str) -> list[str]:
-    """Flat ``[field, value, ...]`` of :data:`IDENTITY_FIELDS` for the enqueue script."""
+def identity_pairs(request: Request, prompt_json: str, params_json: str) -> list[tuple[str, str]]:
+    """``(field, value)`` of :data:`IDENTITY_FIELDS`, in that order, for the enqueue script."""
     values = {
         "model": request.model,
         "prompt_tokens": str(request.prompt_tokens),
@@ -106,11 +106,11 @@ def identity_pairs(request: Request, prompt_json: str, params_json: str) -> list
         "prompt": prompt_json,
         "params": params_json,
     }
-    return [item for name in IDENTITY_FIELDS for item in (name, values[name])]
+    return [(name, values[name]) for name in IDENTITY_FIELDS]
 
 
-def initial_pairs(request: Request, group: GroupKey, enqueued_at: float) -> list[str]:
-    """Flat ``[field, value, ...]`` of the non-identity fields of a new queued record."""
+def initial_pairs(request: Request, group: GroupKey, enqueued_at: float) -> list[tuple[str, str]]:
+    """``(field, value)`` of the non-identity fields of a new queued record."""
     values = {
         "id": request.id,
         "arrival_at": _num(request.arrival_at),
@@ -129,7 +129,7 @@ def initial_pairs(request: Request, group: GroupKey, enqueued_at: float) -> list
         "num_evictions": "0",
         "num_pulls": "0",
     }
-    return [item for pair in values.items() for item in pair]
+    return list(values.items())
 
 
 def _float_or_none(text: str | None) -> float | None:
@@ -173,6 +173,6 @@ def record_from_fields(fields: Mapping[str, str]) -> RequestRecord:
     )
 
 
-def pairs_to_dict(flat: Sequence[str]) -> dict[str, str]:
-    """``[f1, v1, f2, v2, ...]`` (HGETALL inside a script) → ``{f1: v1, ...}``."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+def record_from_json(text: str) -> RequestRecord:
+    """Rebuild a record from a script's reply: the hash as one JSON object of strings."""
+    return record_from_fields(json.loads(text))

@@ -52,8 +52,8 @@ from qlm.store.records import (
     encode_json,
     identity_pairs,
     initial_pairs,
-    pairs_to_dict,
     record_from_fields,
+    record_from_json,
     request_from_fields,
 )
 from qlm.store.scripts import Scripts
@@ -274,14 +274,12 @@ class RedisQueueStore:
         params_json = encode_json(dict(params), "params")
         group = self.group_of(request)
         enqueued_at = float(self._clock())
-        identity = identity_pairs(request, prompt_json, params_json)
         args = [
             request.id,
             str(group),
             repr(group_member_score(request.deadline_at)),
-            str(len(identity) // 2),
-            *identity,
-            *initial_pairs(request, group, enqueued_at),
+            json.dumps(identity_pairs(request, prompt_json, params_json)),
+            json.dumps(initial_pairs(request, group, enqueued_at)),
         ]
         keys = [self.keys.request(request.id), self.keys.group(group), self.keys.groups]
         with _redis_errors():
@@ -298,7 +296,7 @@ class RedisQueueStore:
                 )
                 return EnqueueResult(record, created=True)
             case "exists":
-                return EnqueueResult(record_from_fields(pairs_to_dict(reply[1:])), created=False)
+                return EnqueueResult(record_from_json(reply[1]), created=False)
             case "conflict":
                 raise IdempotencyConflict(request.id, reply[1], reply[2])
         raise AssertionError(f"enqueue script replied {reply!r}")
@@ -453,7 +451,7 @@ class RedisQueueStore:
         args = [self.keys.prefix, worker_id, model, str(max_requests), self._now(), lease_until]
         with _redis_errors():
             reply = await self._scripts.pull(keys=keys, args=args)
-        return tuple(record_from_fields(pairs_to_dict(flat)) for flat in reply)
+        return tuple(record_from_json(text) for text in reply)
 
     async def claim(
         self, worker_id: str, request_ids: Sequence[str], *, lease_s: float | None = None
@@ -471,7 +469,7 @@ class RedisQueueStore:
         args = [self.keys.prefix, worker_id, self._now(), lease_until, *ids]
         with _redis_errors():
             reply = await self._scripts.claim(keys=keys, args=args)
-        return tuple(record_from_fields(pairs_to_dict(flat)) for flat in reply)
+        return tuple(record_from_json(text) for text in reply)
 
     async def renew_leases(
         self, worker_id: str, request_ids: Iterable[str], *, lease_s: float | None = None

@@ -52,4 +52,13 @@ local function requeue_record(prefix, id, group, deadline_at)
   add_to_group(prefix, id, group, deadline_at)
 end
 
+-- The record hash at `rk` as one JSON object of strings (cheaper to send and parse
+-- than HGETALL's flat array).
+local function record_json(rk)
+  local flat = redis.call('HGETALL', rk)
+  local record = {}
+  for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+  return cjson.encode(record)
+end
+
 -- End of shared helpers.

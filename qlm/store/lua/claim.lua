@@ -10,7 +10,7 @@
 -- ARGV[4]  lease_expires_at   their lease expiry
 -- ARGV[5 ..]                  request ids, in the order to return them
 --
--- Returns one flat HGETALL array per claimed request.
+-- Returns the claimed records as JSON objects of strings.
 
 local prefix, worker, now, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local claimed = {}
@@ -27,7 +27,7 @@ for i = 5, #ARGV do
     redis.call('HINCRBY', rk, 'num_pulls', 1)
     redis.call('ZADD', KEYS[2], lease, id)
     redis.call('SADD', KEYS[1], id)
-    claimed[#claimed + 1] = redis.call('HGETALL', rk)
+    claimed[#claimed + 1] = record_json(rk)
   end
 end
 return claimed

@@ -15,7 +15,7 @@
 -- Walks the virtual queue head first; from each group of `model` pops its lowest
 -- scores (earliest deadlines) until N requests are taken. Each pulled record gets
 -- state=running, worker, started_at, lease_expires_at, num_pulls+1.
--- Returns one flat HGETALL array per pulled request, in pull order.
+-- Returns the records now running as JSON objects of strings, in pull order.
 
 local prefix, worker, model = ARGV[1], ARGV[2], ARGV[3]
 local remaining = tonumber(ARGV[4])
@@ -35,7 +35,7 @@ for _, group in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
         redis.call('HINCRBY', rk, 'num_pulls', 1)
         redis.call('ZADD', KEYS[3], lease, id)
         redis.call('SADD', KEYS[2], id)
-        pulled[#pulled + 1] = redis.call('HGETALL', rk)
+        pulled[#pulled + 1] = record_json(rk)
       end
       remaining = remaining - #popped / 2
       refresh_group_index(prefix, group)
