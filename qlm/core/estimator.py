@@ -18,13 +18,16 @@ Queue model of a worker (``queue_waits``), in seconds from ``now``:
   queued groups of the same model. Inside a segment, with cumulative work ``T`` ahead
   of group k (decode of everything ahead at each group's own Θ, plus the prefills of
   the queued groups ahead), group k's first request starts at
-  ``max(0, T − credit)`` where ``credit = (B−1)·ρ·τ`` is the work still in flight in
-  the other B−1 slots when a slot frees (ρ = E[R²]/2E[R], the renewal-equilibrium
-  residual; τ = step/B, seconds per token);
-* between segments of different models the worker drains (the segment ends at
-  ``max(T, last start + longest in-flight residual · step at half the batch)``), then
-  swaps: ``sleep_s`` of the outgoing model + ``wake_s`` of the incoming one if it is
-  resident on the worker (``worker.models``), else its ``cold_load_s``;
+  ``max(last start of group k−1, T − credit)`` (groups start in queue order), where
+  ``credit = (B−1)·ρ·τ`` is the work still in flight in the other B−1 slots when a
+  slot frees (ρ = E[R²]/2E[R], the renewal-equilibrium residual; τ = step/B, seconds
+  per token);
+* between segments of different models the worker drains: the segment ends at
+  ``max(T, latest (last start of a group + its longest in-flight residual · step at
+  half the batch))``, the residual being the output-length quantile m/(m+1) for m
+  requests in flight; then it swaps: ``sleep_s`` of the outgoing model + ``wake_s``
+  of the incoming one if it is resident on the worker (``worker.models``), else its
+  ``cold_load_s``;
 * the wait of group k also includes the prefill of its own first request (its first
   token); ``spread_s`` says how much later the group's last request starts.
 
@@ -307,18 +310,28 @@ class _Memo:
 
 @dataclass(frozen=True, slots=True)
 class _Segment:
-    """Work of one model run back to back on a worker (see the module docstring)."""
+    """Work of one model run back to back on a worker (see the module docstring).
+
+    Times are seconds from ``start_s``. Groups start in queue order: ``started_s`` is
+    when the last request of the latest group started, ``drain_s`` the latest expected
+    finish of the requests in flight at any group's last start.
+    """
 
     model: str | None
     start_s: float
-    ahead_s: float = 0.0          # T: decode + prefill seconds ahead, from start_s
+    ahead_s: float = 0.0          # T: decode + prefill seconds ahead
     ahead_var_s2: float = 0.0
-    credit_s: float = 0.0         # of the work just ahead
-    tail_s: float = 0.0
+    credit_s: float = 0.0         # in-flight work of the group just ahead, seconds
+    started_s: float = 0.0
+    drain_s: float = 0.0
+
+    def next_start_s(self) -> float:
+        """When the next queued group's first request starts."""
+        return max(self.started_s, self.ahead_s - self.credit_s)
 
     def end_s(self) -> float:
-        last_start = max(0.0, self.ahead_s - self.credit_s)
-        return self.start_s + max(self.ahead_s, last_start + self.tail_s)
+        """When everything in the segment has finished (before a swap)."""
+        return self.start_s + max(self.ahead_s, self.drain_s)
 
 
 # ------------------------------------------------------------------ estimator
@@ -396,7 +409,8 @@ class RWTEstimator:
         model has no profile on this worker's GPU.
         """
         start = max(0.0, (worker.swapping_until or now) - now)
-        segment, past_var = self._running_segment(worker, start)
+        segment = self._running_segment(worker, start)
+        past_var = 0.0
         resident = set(worker.models)
         if segment.model is not None:
             resident.add(segment.model)
@@ -412,14 +426,18 @@ class RWTEstimator:
                 resident.add(group.model)
             timing = self._timing_of(worker, group)
             factor = self.correction(group.model, worker.gpu)
-            waits.append(self._wait_in(segment, timing, factor, past_var, group.size))
+            first_s, last_s = self._starts_in(segment, timing, factor, group.size)
+            var = past_var + (segment.ahead_var_s2 if first_s > 0 else 0.0)
+            waits.append(WaitEstimate(segment.start_s + first_s + timing.head_prefill_s,
+                                      math.sqrt(var), last_s - first_s))
             segment = _Segment(
                 model=segment.model,
                 start_s=segment.start_s,
                 ahead_s=segment.ahead_s + timing.decode_s * factor + timing.prefill_s,
                 ahead_var_s2=segment.ahead_var_s2 + timing.decode_var_s2 * factor * factor,
                 credit_s=timing.credit_s * factor,
-                tail_s=timing.tail_s * factor,
+                started_s=last_s,
+                drain_s=max(segment.drain_s, last_s + timing.tail_s * factor),
             )
         return tuple(waits)
 
@@ -470,11 +488,11 @@ class RWTEstimator:
             sleep = self._profiles.get(from_model, worker.gpu).sleep_s
         return sleep + self._profiles.get(to_model, worker.gpu).swap_in_s(resident)
 
-    def _running_segment(self, worker: WorkerView, start_s: float) -> tuple[_Segment, float]:
+    def _running_segment(self, worker: WorkerView, start_s: float) -> _Segment:
         """The segment of the requests running now (their remaining decode only)."""
         model = worker.active_model
         if not worker.running:
-            return _Segment(model, start_s), 0.0
+            return _Segment(model, start_s)
         requests = [r.request for r in worker.running]
         model = model or requests[0].model
         profile = self._profiles.get(model, worker.gpu)
@@ -496,19 +514,17 @@ class RWTEstimator:
             ahead_s=float(mean.sum()) * per_token,
             ahead_var_s2=float(var.sum()) * per_token * per_token,
             credit_s=(batch - 1) * float(mean.mean()) * per_token,
-            tail_s=tail_tokens * tail_step * self.correction(model, worker.gpu),
+            drain_s=tail_tokens * tail_step * self.correction(model, worker.gpu),
         )
-        return segment, 0.0
+        return segment
 
     @staticmethod
-    def _wait_in(segment: _Segment, timing: _Timing, factor: float, past_var: float,
-                 size: int) -> WaitEstimate:
-        queued_s = segment.ahead_s - segment.credit_s
-        var = past_var + (segment.ahead_var_s2 if queued_s > 0 else 0.0)
-        mean = segment.start_s + max(0.0, queued_s) + timing.head_prefill_s
-        # The last request starts once the rest of the group is ahead of it too.
-        share = (size - 1) / size
-        own_s = (timing.decode_s * factor + timing.prefill_s) * share
-        last = max(0.0, segment.ahead_s + own_s - timing.credit_s * factor)
-        spread = max(0.0, last - max(0.0, queued_s)) if size > 1 else 0.0
-        return WaitEstimate(mean, math.sqrt(var), spread)
+    def _starts_in(segment: _Segment, timing: _Timing, factor: float, size: int
+                   ) -> tuple[float, float]:
+        """When the group's first and last requests start, from the segment's start."""
+        first = segment.next_start_s()
+        if size == 1:
+            return first, first
+        # The last request starts once the rest of its group is ahead of it too.
+        own = (timing.decode_s * factor + timing.prefill_s) * (size - 1) / size
+        return first, max(first, segment.ahead_s + own - timing.credit_s * factor)
