@@ -1,0 +1,426 @@
+"""The simulated engine: continuous batching that follows a performance profile in real time.
+
+It runs the model of :mod:`qlm.sim.engine` (the discrete-event simulator) on a clock
+instead of an event queue, with the same profile maths and the same helpers
+(:func:`qlm.sim.batching.decode_segment_s` / :func:`~qlm.sim.batching.decode_steps_within`):
+
+* **prefill-first, whole prefill**: at a step boundary, requests waiting in the engine
+  are prefilled together in one step (FIFO, at least one, at most
+  ``max_prefill_tokens`` context tokens, within free batch slots and the KV cache)
+  while the running batch waits; the step takes ``prefill_s(sum of context tokens)``
+  (a resumed request recomputes prompt + kept output) and emits each admitted
+  request's first new token. One request alone: TTFT = ``prefill_s(prompt)``.
+* **decode segments**: otherwise every running request advances by one token per
+  step of ``decode_step_s(batch, context)``; a segment of k steps lasts
+  ``decode_segment_s`` and ends at the next completion, when the KV cache would
+  overflow, after ``max_segment_s`` of wall time (so tokens stream), or at the next
+  step boundary when a request is added or aborted.
+* **KV overflow**: when the running context + one token each would exceed the KV
+  capacity, the latest admitted request is preempted back to the waiting list
+  (progress kept, recomputed by prefill), like vLLM.
+* **model swap**: ``sleep(model)`` takes ``sleep_s``, ``wake(model)`` ``wake_s`` of
+  the model's profile (every model given to the engine is resident).
+
+Output stops at ``max_tokens`` (no end-of-sequence is modelled; ``ignore_eos`` is
+implied). Token ids are fake but deterministic. ``time_scale`` > 1 runs faster than
+the real GPU (10: ten times faster); all reported times (stats) are engine seconds,
+i.e. what the real GPU would take. The clock is injected (the loop's by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from qlm.core.errors import InvalidInput, NotFound
+from qlm.core.perf import PerfProfile
+from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
+from qlm.engine.clock import Clock, LoopClock
+from qlm.sim.batching import decode_segment_s, decode_steps_within
+from qlm.sim.cluster import SimConfig
+
+#: Prompt tokens one prefill step admits at most (the simulator's default).
+DEFAULT_MAX_PREFILL_TOKENS = SimConfig().max_prefill_tokens
+#: Longest decode segment in wall seconds before its tokens are emitted.
+DEFAULT_MAX_SEGMENT_S = 0.02
+FAKE_VOCAB_SIZE = 32000
+
+
+@dataclass(eq=False)
+class _Seq:
+    request: EngineRequest
+    num_generated: int
+    token_ids: list[int]
+    outbox: asyncio.Queue[OutputChunk] = field(default_factory=asyncio.Queue)
+    prefilled: bool = False
+    aborted: bool = False
+    base_token: int = 0
+
+    @property
+    def context_tokens(self) -> int:
+        return self.request.prompt_tokens + self.num_generated
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.request.max_tokens - self.num_generated
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillPlan:
+    """Which waiting requests one prefill step admits (by position) and its context tokens."""
+
+    positions: tuple[int, ...]
+    context_tokens: int
+
+
+def plan_prefill(
+    waiting_context: Iterable[int],
+    num_running: int,
+    running_context: int,
+    profile: PerfProfile,
+    max_prefill_tokens: int,
+) -> PrefillPlan:
+    """The FIFO prefix of waiting requests (their context tokens) one prefill admits.
+
+    At least one request when it fits the batch and the KV cache; then more while the
+    prefill budget, free batch slots and KV capacity (context + one new token each) last.
+    Pure.
+    """
+    free_slots = profile.max_batch_size - num_running
+    kv_free = profile.kv_capacity_tokens - running_context - num_running
+    budget = max_prefill_tokens
+    chosen: list[int] = []
+    total = 0
+    for position, tokens in enumerate(waiting_context):
+        need_kv = tokens + 1
+        if free_slots <= 0 or need_kv > kv_free or (chosen and tokens > budget):
+            break
+        chosen.append(position)
+        total += tokens
+        free_slots -= 1
+        kv_free -= need_kv
+        budget -= tokens
+    return PrefillPlan(tuple(chosen), total)
+
+
+def plan_decode_steps(
+    profile: PerfProfile,
+    batch: int,
+    context_tokens: int,
+    min_remaining_tokens: int,
+    max_segment_engine_s: float,
+) -> int:
+    """Steps of the next decode segment: to the next completion, before the KV cache
+    overflows (as the simulator), and within ``max_segment_engine_s``; at least one."""
+    to_kv_full = (profile.kv_capacity_tokens - context_tokens) // batch
+    within = decode_steps_within(profile, batch, context_tokens, max_segment_engine_s)
+    return max(1, min(min_remaining_tokens, to_kv_full, within))
+
+
+def fake_token_id(base: int, index: int) -> int:
+    """The simulated output token at position ``index`` of a request (deterministic)."""
+    return (base + index * 7919) % FAKE_VOCAB_SIZE
+
+
+class SimulatedEngine:
+    """An :class:`~qlm.engine.base.Engine` without a GPU (see the module docstring).
+
+    ``profiles``: one per model this engine holds, all of one GPU type.
+    ``active_model``: awake at start (default: the first profile's model).
+    """
+
+    def __init__(
+        self,
+        profiles: Iterable[PerfProfile],
+        *,
+        active_model: str | None = None,
+        clock: Clock | None = None,
+        time_scale: float = 1.0,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        max_segment_s: float = DEFAULT_MAX_SEGMENT_S,
+    ) -> None:
+        by_model = {p.model: p for p in profiles}
+        if not by_model:
+            raise InvalidInput("profiles", "at least one profile is needed")
+        gpus = {p.gpu for p in by_model.values()}
+        if len(gpus) != 1:
+            raise InvalidInput("profiles", f"must all be of one GPU type, got {sorted(gpus)}")
+        if not time_scale > 0:
+            raise InvalidInput("time_scale", f"must be > 0, got {time_scale}")
+        if max_prefill_tokens <= 0:
+            raise InvalidInput("max_prefill_tokens", f"must be > 0, got {max_prefill_tokens}")
+        if not max_segment_s > 0:
+            raise InvalidInput("max_segment_s", f"must be > 0, got {max_segment_s}")
+        first = next(iter(by_model))
+        active = first if active_model is None else active_model
+        if active not in by_model:
+            raise InvalidInput("active_model", f"{active!r} is not one of {sorted(by_model)}")
+        self._profiles: Mapping[str, PerfProfile] = by_model
+        self._gpu = gpus.pop()
+        self._active: str | None = active
+        self._clock: Clock = clock or LoopClock()
+        self.time_scale = float(time_scale)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_segment_s = max_segment_s
+        self._seqs: dict[str, _Seq] = {}
+        self._waiting: list[_Seq] = []
+        self._running: list[_Seq] = []
+        self._changed = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._swapping = False
+        self._num_steps = 0
+        self._observed_s = 0.0
+        self._predicted_s = 0.0
+        self._num_output_tokens = 0
+        self._num_swaps = 0
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def gpu(self) -> str:
+        return self._gpu
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self._profiles)
+
+    @property
+    def active_model(self) -> str | None:
+        return None if self._swapping else self._active
+
+    def profile(self, model: str) -> PerfProfile:
+        try:
+            return self._profiles[model]
+        except KeyError:
+            known = sorted(self._profiles)
+            raise InvalidInput("model", f"{model!r} is not one of {known}") from None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"sim-engine-{self._gpu}")
+
+    async def close(self) -> None:
+        for request_id in list(self._seqs):
+            self._end(self._seqs[request_id], "abort")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # ---------------------------------------------------------------- requests
+    def add(self, request: EngineRequest) -> AsyncIterator[OutputChunk]:
+        if self._task is None:
+            raise InvalidInput("engine", "not started")
+        if self.active_model is None or request.model != self.active_model:
+            raise InvalidInput(
+                "model", f"{request.model!r} is not the active model ({self.active_model!r})"
+            )
+        if request.request_id in self._seqs:
+            raise InvalidInput("request_id", f"{request.request_id!r} is already running")
+        capacity = self.profile(request.model).kv_capacity_tokens
+        if request.prompt_tokens + request.max_tokens > capacity:
+            raise InvalidInput(
+                "max_tokens",
+                f"prompt {request.prompt_tokens} + max_tokens {request.max_tokens} "
+                f"exceeds the KV capacity of {capacity} tokens",
+            )
+        seq = _Seq(
+            request=request,
+            num_generated=request.num_generated,
+            token_ids=list(request.generated_token_ids),
+            base_token=zlib.crc32(request.request_id.encode()),
+        )
+        self._seqs[request.request_id] = seq
+        self._waiting.append(seq)
+        self._changed.set()
+        return _drain(seq.outbox)
+
+    async def abort(self, request_id: str) -> Progress:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise NotFound("request", request_id)
+        progress = Progress(request_id, seq.num_generated, tuple(seq.token_ids))
+        self._end(seq, "abort")
+        self._changed.set()
+        return progress
+
+    # ---------------------------------------------------------------- model swap
+    async def sleep(self, model: str) -> None:
+        profile = self.profile(model)
+        if self._active != model or self._swapping:
+            raise InvalidInput("model", f"{model!r} is not awake")
+        if self._seqs:
+            raise InvalidInput(
+                "model", f"{model!r} still has {len(self._seqs)} requests; abort them first"
+            )
+        self._swapping = True
+        self._num_swaps += 1
+        await self._idle.wait()
+        await self._pause(profile.sleep_s)
+        self._active = None
+        self._swapping = False
+
+    async def wake(self, model: str) -> None:
+        profile = self.profile(model)
+        if self._active is not None or self._swapping:
+            raise InvalidInput("model", f"{self._active!r} is awake; put it to sleep first")
+        self._swapping = True
+        try:
+            await self._pause(profile.wake_s)
+        finally:
+            self._swapping = False
+        self._active = model
+        self._changed.set()
+
+    async def _pause(self, engine_s: float) -> None:
+        await self._clock.sleep_until(self._clock.now() + engine_s / self.time_scale)
+
+    # ---------------------------------------------------------------- stats
+    def stats(self) -> EngineStats:
+        model = self.active_model
+        capacity = self._profiles[model].kv_capacity_tokens if model else 0
+        return EngineStats(
+            active_model=model,
+            batch_size=len(self._running),
+            num_waiting=len(self._waiting),
+            kv_used_tokens=sum(s.context_tokens for s in self._running),
+            kv_capacity_tokens=capacity,
+            num_steps=self._num_steps,
+            step_time_observed_s=self._observed_s,
+            step_time_predicted_s=self._predicted_s,
+            num_output_tokens=self._num_output_tokens,
+            num_swaps=self._num_swaps,
+        )
+
+    # ---------------------------------------------------------------- the loop
+    async def _run(self) -> None:
+        while True:
+            if self._active is None or self._swapping or not (self._waiting or self._running):
+                self._idle.set()
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            self._idle.clear()
+            profile = self._profiles[self._active]
+            self._preempt_overflow(profile)
+            plan = plan_prefill(
+                (s.context_tokens for s in self._waiting),
+                len(self._running),
+                sum(s.context_tokens for s in self._running),
+                profile,
+                self.max_prefill_tokens,
+            )
+            if plan.positions:
+                await self._prefill(profile, plan)
+            elif self._running:
+                await self._decode(profile)
+            else:  # nothing fits: wait for a change (an abort frees room)
+                self._idle.set()
+                self._changed.clear()
+                await self._changed.wait()
+
+    def _preempt_overflow(self, profile: PerfProfile) -> None:
+        while self._running and (
+            sum(s.context_tokens for s in self._running) + len(self._running)
+            > profile.kv_capacity_tokens
+        ):
+            seq = self._running.pop()
+            seq.prefilled = False
+            self._waiting.insert(0, seq)
+
+    async def _prefill(self, profile: PerfProfile, plan: PrefillPlan) -> None:
+        batch = [self._waiting[i] for i in plan.positions]
+        del self._waiting[: len(batch)]
+        self._running.extend(batch)
+        predicted = profile.prefill_s(plan.context_tokens)
+        started_at = self._clock.now()
+        await self._clock.sleep_until(started_at + predicted / self.time_scale)
+        self._account(1, predicted, started_at)
+        for seq in batch:
+            seq.prefilled = True
+            self._emit(seq, 1)
+
+    async def _decode(self, profile: PerfProfile) -> None:
+        batch = list(self._running)
+        ctx0 = sum(s.context_tokens for s in batch)
+        steps = plan_decode_steps(
+            profile,
+            len(batch),
+            ctx0,
+            min(s.remaining_tokens for s in batch),
+            self.max_segment_s * self.time_scale,
+        )
+        started_at = self._clock.now()
+        segment_s = decode_segment_s(profile, len(batch), ctx0, steps)
+        self._changed.clear()
+        if await self._wait_until_or_changed(started_at + segment_s / self.time_scale):
+            elapsed = (self._clock.now() - started_at) * self.time_scale
+            steps = min(steps, decode_steps_within(profile, len(batch), ctx0, elapsed) + 1)
+            segment_s = decode_segment_s(profile, len(batch), ctx0, steps)
+            await self._clock.sleep_until(started_at + segment_s / self.time_scale)
+        self._account(steps, segment_s, started_at)
+        for seq in batch:
+            if not seq.aborted:
+                self._emit(seq, steps)
+
+    async def _wait_until_or_changed(self, end_at: float) -> bool:
+        """Wait until ``end_at`` on the clock; True if a change came first."""
+        timer = asyncio.ensure_future(self._clock.sleep_until(end_at))
+        change = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait({timer, change}, return_when=asyncio.FIRST_COMPLETED)
+            interrupted = not timer.done()
+        finally:
+            for future in (timer, change):
+                future.cancel()
+        return interrupted
+
+    def _account(self, steps: int, predicted_s: float, started_at: float) -> None:
+        self._num_steps += steps
+        self._predicted_s += predicted_s
+        self._observed_s += (self._clock.now() - started_at) * self.time_scale
+
+    # ---------------------------------------------------------------- output
+    def _emit(self, seq: _Seq, num_tokens: int) -> None:
+        if seq.aborted:
+            return
+        count = min(num_tokens, seq.remaining_tokens)
+        start = seq.num_generated
+        new = tuple(fake_token_id(seq.base_token, i) for i in range(start, start + count))
+        seq.token_ids.extend(new)
+        seq.num_generated += count
+        self._num_output_tokens += count
+        done = seq.num_generated >= seq.request.max_tokens
+        seq.outbox.put_nowait(
+            OutputChunk(seq.request.request_id, new, seq.num_generated,
+                        finish_reason="length" if done else None)
+        )
+        if done:
+            self._forget(seq)
+
+    def _end(self, seq: _Seq, reason: FinishReason) -> None:
+        seq.outbox.put_nowait(OutputChunk(seq.request.request_id, (), seq.num_generated,
+                                          finish_reason=reason))
+        self._forget(seq)
+
+    def _forget(self, seq: _Seq) -> None:
+        seq.aborted = True
+        self._seqs.pop(seq.request.request_id, None)
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+
+
+async def _drain(outbox: asyncio.Queue[OutputChunk]) -> AsyncIterator[OutputChunk]:
+    while True:
+        chunk = await outbox.get()
+        yield chunk
+        if chunk.finished:
+            return
