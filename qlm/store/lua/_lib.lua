@@ -10,6 +10,17 @@ local function stream_key(prefix, id) return prefix .. 'stream:' .. id end
 -- The model of a group key "model|slo_class|window" (the model may contain '|').
 local function model_of(group) return string.match(group, '^(.*)|[^|]*|[^|]*$') end
 
+-- For each group of `groups` (a list), whether it has a queued request (is in the index).
+local function nonempty_groups(prefix, groups)
+  local out = {}
+  for start = 1, #groups, 1000 do
+    local last = math.min(start + 999, #groups)
+    local scores = redis.call('ZMSCORE', prefix .. 'groups', unpack(groups, start, last))
+    for i = start, last do out[i] = scores[i - start + 1] ~= false end
+  end
+  return out
+end
+
 -- Re-score the group in the index by its head, or drop it when it is empty.
 local function refresh_group_index(prefix, group)
   local head = redis.call('ZRANGE', group_key(prefix, group), 0, 0, 'WITHSCORES')

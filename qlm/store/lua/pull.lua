@@ -12,7 +12,8 @@
 -- ARGV[5]  now                started_at of the pulled requests
 -- ARGV[6]  lease_expires_at   their lease expiry
 --
--- Walks the virtual queue head first; from each group of `model` pops its lowest
+-- Walks the virtual queue head first (groups with no queued request are found with
+-- one ZMSCORE on the index and skipped); from each group of `model` pops its lowest
 -- scores (earliest deadlines) until N requests are taken. Each pulled record gets
 -- state=running, worker, started_at, lease_expires_at, num_pulls+1.
 -- Returns the records now running as JSON objects of strings, in pull order.
@@ -22,13 +23,15 @@ local remaining = tonumber(ARGV[4])
 local now, lease = ARGV[5], ARGV[6]
 local pulled = {}
 redis.call('SADD', KEYS[4], worker)
-for _, group in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+local order = redis.call('LRANGE', KEYS[1], 0, -1)
+local queued = nonempty_groups(prefix, order)
+for i, group in ipairs(order) do
   if remaining <= 0 then break end
-  if model_of(group) == model then
+  if queued[i] and model_of(group) == model then
     local popped = redis.call('ZPOPMIN', group_key(prefix, group), remaining)
     if #popped > 0 then
-      for i = 1, #popped, 2 do
-        local id = popped[i]
+      for j = 1, #popped, 2 do
+        local id = popped[j]
         local rk = req_key(prefix, id)
         redis.call('HSET', rk, 'state', 'running', 'worker', worker, 'started_at', now,
           'lease_expires_at', lease)
