@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from qlm.core.errors import InvalidInput, NotFound
+from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.types import SLO, GroupKey, Request, RequestState, SLOClass
 from qlm.localstack import RedisServer
 from qlm.store import IdempotencyConflict, LeaseLost, RedisQueueStore
@@ -606,3 +606,21 @@ async def test_only_documented_keys_are_used(store: RedisQueueStore, raw: aiored
     assert await all_keys(raw) == {keys.request("r1"), keys.virtual_queue("w1"), keys.workers,
                                    keys.stream("r1")}
     assert 0 < await raw.ttl(keys.stream("r1")) <= 3600
+
+
+async def test_redis_down_is_unavailable_and_writes_resume_after(
+    redis_server: RedisServer, store: RedisQueueStore
+) -> None:
+    await store.enqueue(make_request("r1"))
+    await asyncio.to_thread(redis_server.stop)
+    try:
+        assert not await store.ping()
+        with pytest.raises(Unavailable):
+            await store.get("r1")
+        with pytest.raises(Unavailable):
+            await store.enqueue(make_request("r2"))
+    finally:
+        await asyncio.to_thread(redis_server.start)
+    assert await store.ping()
+    assert (await store.get("r1")).state is RequestState.QUEUED
+    assert (await store.enqueue(make_request("r2"))).created
