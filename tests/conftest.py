@@ -13,6 +13,9 @@ Each server starts once per test session, and only when a test asks for it
 - ``kafka_bootstrap``: its ``bootstrap_servers`` string.
 - ``unique_topic``: ``unique_topic("events")`` returns a topic name no other test uses.
 - ``topic_prefix``: a prefix unique to the test, for :class:`qlm.bus.topics.TopicNames`.
+- ``kafka_topics``: the six qlm topics under ``topic_prefix``, created.
+
+Servers started here get SIGTERM if the test process dies, so none outlives a run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import NoReturn
 import pytest
 import redis
 
+from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import Unavailable
 from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
 
@@ -44,7 +48,9 @@ def server_unavailable(reason: str) -> NoReturn:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), free_loopback_port())
+    server = RedisServer(
+        tmp_path_factory.mktemp("redis"), free_loopback_port(), die_with_parent=True
+    )
     try:
         server.start()
     except Unavailable as error:
@@ -68,7 +74,10 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture(scope="session")
 def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
     server = KafkaServer(
-        tmp_path_factory.mktemp("kafka"), free_loopback_port(), free_loopback_port()
+        tmp_path_factory.mktemp("kafka"),
+        free_loopback_port(),
+        free_loopback_port(),
+        die_with_parent=True,
     )
     try:
         server.start()
@@ -100,3 +109,10 @@ def unique_topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
 @pytest.fixture
 def topic_prefix(request: pytest.FixtureRequest) -> str:
     return f"{_test_slug(request)}.{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+async def kafka_topics(kafka_bootstrap: str, topic_prefix: str) -> TopicNames:
+    names = TopicNames(topic_prefix)
+    await ensure_topics(kafka_bootstrap, topic_specs(names))
+    return names

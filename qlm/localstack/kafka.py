@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from qlm.core.errors import Unavailable
-from qlm.localstack.process import ServerProcess
+from qlm.localstack.process import ServerProcess, ensure_port_free
 
 DEFAULT_KAFKA_VERSION = "4.1.1"
 DEFAULT_KAFKA_PORT = 9092
@@ -141,8 +141,11 @@ class KafkaServer:
         port: int = DEFAULT_KAFKA_PORT,
         controller_port: int = DEFAULT_CONTROLLER_PORT,
         version: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        """``die_with_parent``: stop the broker when the starting thread exits (tests)."""
         self.data_dir = data_dir.resolve()
+        self.die_with_parent = die_with_parent
         self.port = port
         self.controller_port = controller_port
         self.version = version or kafka_version()
@@ -240,8 +243,13 @@ class KafkaServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.server_properties())
         self.format_storage(libs)
+        ensure_port_free(self.host, self.port, "kafka")
+        ensure_port_free(self.host, self.controller_port, "kafka controller")
         started_at = time.monotonic()
-        self.process.start(self._java_argv(libs, BROKER_MAIN, str(self.config_path)))
+        self.process.start(
+            self._java_argv(libs, BROKER_MAIN, str(self.config_path)),
+            die_with_parent=self.die_with_parent,
+        )
         try:
             self.process.wait_until(
                 lambda: num_live_brokers(self.host, self.port) > 0,

@@ -9,6 +9,7 @@ the command line it was started with, so a recycled pid is never signalled.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -43,6 +44,19 @@ def tail(path: Path, num_lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(lines[-num_lines:])
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent thread exits."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def ensure_port_free(host: str, port: int, what: str) -> None:
+    """Raise Unavailable when something already listens on ``host:port``."""
+    if port_is_open(host, port):
+        raise Unavailable(f"{what}: port {port} on {host} is already in use")
 
 
 def _cmdline_of(pid: int) -> str | None:
@@ -84,9 +98,16 @@ class ServerProcess:
         self.log_path = run_dir / f"{name}.log"
         self._popen: subprocess.Popen[bytes] | None = None
 
-    def start(self, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
-        """Start ``argv`` in its own session (it outlives the caller); returns the pid.
+    def start(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        die_with_parent: bool = False,
+    ) -> int:
+        """Start ``argv`` in its own session; returns the pid.
 
+        The process outlives the caller unless ``die_with_parent`` (Linux: it gets
+        SIGTERM when the calling thread exits, so a killed test run leaves no server).
         Raises Unavailable when a live process from an earlier start is still running.
         """
         existing = self.running_pid()
@@ -101,6 +122,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_terminate_with_parent if die_with_parent else None,
             )
         self.pid_path.write_text(f"{self._popen.pid}\n")
         return self._popen.pid

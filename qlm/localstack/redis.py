@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from qlm.core.errors import Unavailable
-from qlm.localstack.process import ServerProcess
+from qlm.localstack.process import ServerProcess, ensure_port_free
 
 DEFAULT_REDIS_PORT = 6379
 START_TIMEOUT_S = 20.0
@@ -43,9 +43,13 @@ def ping(host: str, port: int, timeout_s: float = 0.5) -> bool:
 class RedisServer:
     """``redis-server`` on ``127.0.0.1:port`` with its data, log and pid file under ``data_dir``."""
 
-    def __init__(self, data_dir: Path, port: int = DEFAULT_REDIS_PORT) -> None:
+    def __init__(
+        self, data_dir: Path, port: int = DEFAULT_REDIS_PORT, die_with_parent: bool = False
+    ) -> None:
+        """``die_with_parent``: stop the server when the starting thread exits (tests)."""
         self.data_dir = data_dir.resolve()
         self.port = port
+        self.die_with_parent = die_with_parent
         self.host = "127.0.0.1"
         self.process = ServerProcess("redis", self.data_dir, marker=f"{self.host}:{port}")
 
@@ -73,7 +77,8 @@ class RedisServer:
     def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
         """Start the server and wait until it answers PING; returns the seconds it took."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process.start(self.argv())
+        ensure_port_free(self.host, self.port, "redis")
+        self.process.start(self.argv(), die_with_parent=self.die_with_parent)
         try:
             return self.process.wait_until(
                 lambda: ping(self.host, self.port), timeout_s, f"PING on port {self.port}"

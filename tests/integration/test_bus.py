@@ -36,10 +36,8 @@ def event(request_id: str, event_type: str = "admitted", **fields: Any) -> Event
 
 
 @pytest.fixture
-async def topics(kafka_bootstrap: str, topic_prefix: str) -> TopicNames:
-    names = TopicNames(topic_prefix)
-    await ensure_topics(kafka_bootstrap, topic_specs(names))
-    return names
+def topics(kafka_topics: TopicNames) -> TopicNames:
+    return kafka_topics
 
 
 @pytest.fixture
