@@ -34,6 +34,7 @@ from typing import Any
 
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile, ProfileBook
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
 from qlm.core.types import (
     GroupKey,
     Request,
@@ -98,6 +99,7 @@ class GroupStats:
     mean_output: float
     deadline_points: tuple[float, ...]
     earliest_deadline_at: float
+    latest_deadline_at: float
     ttft_s: float
 
     @property
@@ -123,11 +125,15 @@ def summarise_group(group: RequestGroup, index: int,
     out_mean = 0.0
     out_var = 0.0
     deadlines = []
-    for r in requests:
+    var_each = std * std
+    for r in requests:  # _expected_output, inlined: this loop is the hot one
         prompt += r.prompt_tokens
-        e, v = _expected_output(r, mean, std)
-        out_mean += e
-        out_var += v
+        generated = r.num_generated
+        cap = r.max_tokens - generated
+        e = (r.max_tokens if r.max_tokens < mean else mean) - generated
+        out_mean += 1.0 if e < 1.0 else (cap if e > cap else e)
+        if r.max_tokens > mean:
+            out_var += var_each
         deadlines.append(r.arrival_at + r.slo.ttft_s)
     deadlines.sort()
     points = tuple(deadlines[min(n - 1, int(q * n))] for q in DEADLINE_QUANTILES)
@@ -135,6 +141,7 @@ def summarise_group(group: RequestGroup, index: int,
         key=group.key, index=index, size=n, mean_prompt=prompt / n,
         out_mean_total=out_mean, out_var_total=out_var, mean_output=out_mean / n,
         deadline_points=points, earliest_deadline_at=deadlines[0],
+        latest_deadline_at=deadlines[-1],
         ttft_s=requests[0].slo.ttft_s,
     )
 
@@ -149,31 +156,41 @@ class GroupStatsCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[GroupKey, tuple[tuple[Request, ...], tuple[Any, ...], GroupStats]] = {}
-        self._stats_id: int = 0
+        self._entries: dict[GroupKey, _Entry] = {}
+        self._basis: tuple[Any, ...] = ()
+        #: Per group of the last refresh (same order): a memo the cost model fills with
+        #: the group's :class:`Service` per worker shape; survives while the group does.
+        self.memos: list[dict[Any, Any]] = []
 
     def refresh(self, groups: Sequence[RequestGroup],
-                output_stats: Mapping[str, tuple[float, float]]) -> list[GroupStats]:
-        stats_id = hash(tuple(sorted(output_stats.items())))
-        if stats_id != self._stats_id:
+                output_stats: Mapping[str, tuple[float, float]],
+                profiles: ProfileBook | None = None) -> list[GroupStats]:
+        basis = (tuple(sorted(output_stats.items())), id(profiles))
+        if basis != self._basis:
             self._entries = {}
-            self._stats_id = stats_id
-        fresh: dict[GroupKey, tuple[tuple[Request, ...], tuple[Any, ...], GroupStats]] = {}
+            self._basis = basis
+        fresh: dict[GroupKey, _Entry] = {}
         out: list[GroupStats] = []
+        memos: list[dict[Any, Any]] = []
         for index, group in enumerate(groups):
             reqs = group.requests
             cached = self._entries.get(group.key)
-            stats: GroupStats | None = None
+            entry: _Entry | None = None
             if cached is not None and (cached[0] is reqs or cached[1] == _fingerprint(reqs)):
-                stats = cached[2]
-                if stats.index != index:
-                    stats = _reindexed(stats, index)
-            if stats is None:
-                stats = summarise_group(group, index, output_stats)
-            fresh[group.key] = (reqs, _fingerprint(reqs), stats)
-            out.append(stats)
+                entry = cached
+                if entry[2].index != index:
+                    entry = (reqs, entry[1], _reindexed(entry[2], index), entry[3])
+            if entry is None:
+                entry = (reqs, _fingerprint(reqs), summarise_group(group, index, output_stats), {})
+            fresh[group.key] = entry
+            out.append(entry[2])
+            memos.append(entry[3])
         self._entries = fresh
+        self.memos = memos
         return out
+
+
+_Entry = tuple[tuple[Request, ...], tuple[Any, ...], GroupStats, dict[Any, Any]]
 
 
 def _fingerprint(reqs: tuple[Request, ...]) -> tuple[Any, ...]:
@@ -184,7 +201,7 @@ def _fingerprint(reqs: tuple[Request, ...]) -> tuple[Any, ...]:
 def _reindexed(stats: GroupStats, index: int) -> GroupStats:
     return GroupStats(stats.key, index, stats.size, stats.mean_prompt, stats.out_mean_total,
                       stats.out_var_total, stats.mean_output, stats.deadline_points,
-                      stats.earliest_deadline_at, stats.ttft_s)
+                      stats.earliest_deadline_at, stats.latest_deadline_at, stats.ttft_s)
 
 
 # --------------------------------------------------------------- worker summaries
@@ -195,6 +212,7 @@ class WorkerLoad:
     remaining_tokens: float
     remaining_var: float
     remaining_sorted: tuple[float, ...]
+    kv_reserved_tokens: int
 
 
 def summarise_running(running: Sequence[RunningRequest],
@@ -202,6 +220,7 @@ def summarise_running(running: Sequence[RunningRequest],
     total = 0.0
     var = 0.0
     each = []
+    reserved = 0
     for rr in running:
         r = rr.request
         mean, std = output_stats.get(r.model, output_stats["*"])
@@ -209,8 +228,9 @@ def summarise_running(running: Sequence[RunningRequest],
         total += e
         var += v
         each.append(e)
+        reserved += kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
     each.sort()
-    return WorkerLoad(total, var, tuple(each))
+    return WorkerLoad(total, var, tuple(each), reserved)
 
 
 class WorkerLoadCache:
@@ -236,6 +256,8 @@ class WorkerLoadCache:
 
 
 # --------------------------------------------------------------- cost model
+_MISSING = object()
+
 @dataclass(frozen=True, slots=True)
 class Service:
     """A group's cost on one worker shape."""
@@ -264,35 +286,51 @@ class CostModel:
     def __init__(self, profiles: ProfileBook, workers: Sequence[WorkerView],
                  stats: Sequence[GroupStats],
                  output_stats: Mapping[str, tuple[float, float]],
-                 charge_swaps: bool = True) -> None:
+                 charge_swaps: bool = True,
+                 memos: Sequence[dict[Any, Any]] | None = None) -> None:
         self.profiles = profiles
         self.charge_swaps = charge_swaps
         self.workers = workers
         self.stats = stats
         self.output_stats = output_stats
-        shapes: dict[tuple[str, int, int, int], int] = {}
+        shapes: dict[tuple[Any, ...], int] = {}
         self.shape_of: list[int] = []
         for w in workers:
-            self.shape_of.append(shapes.setdefault((w.gpu, w.kv_capacity_tokens,
-                                                    w.max_batch_size, w.num_gpus), len(shapes)))
+            self.shape_of.append(shapes.setdefault(
+                (w.gpu, w.kv_capacity_tokens, w.max_batch_size, w.num_gpus), len(shapes)))
+        self.shape_keys: list[tuple[Any, ...]] = list(shapes)
         self.shape_worker: list[WorkerView] = [None] * len(shapes)  # type: ignore[list-item]
         for i, w in enumerate(workers):
             if self.shape_worker[self.shape_of[i]] is None:
                 self.shape_worker[self.shape_of[i]] = w
-        self._service: dict[tuple[int, int], Service | None] = {}
+        self._table: list[list[Any]] = [[_MISSING] * len(shapes) for _ in stats]
+        self._memos = memos
         self._drain: dict[tuple[int, str], float] = {}
+        self._swap: dict[tuple[int, str, str | None], float] = {}
 
     def service(self, group_index: int, worker_index: int) -> Service | None:
         """Cost of group ``group_index`` on worker ``worker_index``; None if no profile."""
         shape = self.shape_of[worker_index]
-        key = (group_index, shape)
-        if key in self._service:
-            return self._service[key]
+        row = self._table[group_index]
+        found = row[shape]
+        if found is not _MISSING:
+            return found
+        memo = self._memos[group_index] if self._memos is not None else None
+        key = self.shape_keys[shape]
+        if memo is not None and key in memo:
+            found = memo[key]
+        else:
+            found = self._compute_service(group_index, shape)
+            if memo is not None:
+                memo[key] = found
+        row[shape] = found
+        return found
+
+    def _compute_service(self, group_index: int, shape: int) -> Service | None:
         g = self.stats[group_index]
         w = self.shape_worker[shape]
         if not self.profiles.has(g.model, w.gpu) or (
                 self.profiles.get(g.model, w.gpu).num_gpus > w.num_gpus):
-            self._service[key] = None
             return None
         p = self.profiles.get(g.model, w.gpu)
         ctx = g.mean_prompt + g.mean_output / 2.0
@@ -303,9 +341,7 @@ class CostModel:
         var = g.out_var_total / (theta * theta)
         spread = mean * max(0.0, 1.0 - batch / g.size)
         lead = batch * (g.mean_output / 2.0) / theta
-        s = Service(mean, var, prefill, spread, lead, batch, theta)
-        self._service[key] = s
-        return s
+        return Service(mean, var, prefill, spread, lead, batch, theta)
 
     def drain_rate(self, worker_index: int, model: str) -> float:
         """Tokens/s at which the worker drains its running requests of ``model``."""
@@ -326,6 +362,13 @@ class CostModel:
 
     def swap_s(self, worker_index: int, model: str, from_model: str | None = None) -> float:
         """Seconds to switch the worker to ``model``: sleep ``from_model``, wake or load."""
+        key = (worker_index, model, from_model)
+        found = self._swap.get(key)
+        if found is None:
+            found = self._swap[key] = self._compute_swap(worker_index, model, from_model)
+        return found
+
+    def _compute_swap(self, worker_index: int, model: str, from_model: str | None) -> float:
         w = self.workers[worker_index]
         if not self.profiles.has(model, w.gpu):
             return math.inf
@@ -390,13 +433,16 @@ class Lane:
         self.tail = cost.stats[gi].model
         self.seg_start_at, self.end_at, self.end_var = slot.seg_start_at, slot.end_at, slot.end_var
 
-    def slot_for(self, gi: int, cost: CostModel) -> Slot | None:
-        """Where group ``gi`` would sit if appended now; None if the worker can't serve it."""
+    def slot_for(self, gi: int, cost: CostModel, with_p: bool = True) -> Slot | None:
+        """Where group ``gi`` would sit if appended now; None if the worker can't serve it.
+
+        ``with_p=False`` leaves ``p_meet`` at 0 (for callers that only need the times).
+        """
         svc = cost.service(gi, self.index)
         if svc is None:
             return None
         return place_after(cost, self.index, cost.stats[gi], svc, self.tail, self.seg_start_at,
-                           self.end_at, self.end_var)
+                           self.end_at, self.end_var, with_p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,7 +460,7 @@ class Slot:
 
 def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
                 tail_model: str | None, seg_start_at: float, end_at: float,
-                end_var: float) -> Slot:
+                end_var: float, with_p: bool = True) -> Slot:
     """The walk's step: group ``g`` appended after a lane in state (tail, seg, end)."""
     if tail_model == g.model:
         start = max(seg_start_at, end_at - svc.lead_s)
@@ -424,7 +470,7 @@ def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
         start = end_at + cost.swap_s(worker_index, g.model, tail_model)
         seg = start
         swapped = True
-    p = p_meet(g, svc, start, end_var)
+    p = p_meet(g, svc, start, end_var) if with_p else 0.0
     return Slot(start, end_var, start + svc.mean_s if swapped else end_at + svc.mean_s,
                 end_var + svc.var_s2, seg, swapped, p)
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -81,11 +81,12 @@ from qlm.core.policies.planning import (
     output_stats_from,
     walk,
 )
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, with_pulls
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation, with_pulls
 from qlm.core.types import (
     Decision,
     Evict,
     Place,
+    Pull,
     QueueSnapshot,
     Reject,
     SLOClass,
@@ -122,13 +123,15 @@ class PlanningContext:
 
     def __init__(self, snapshot: QueueSnapshot, ctx: PolicyContext, stats: list[GroupStats],
                  loads: list[WorkerLoad], output_stats: Mapping[str, tuple[float, float]],
-                 weights: Mapping[SLOClass, float]) -> None:
+                 weights: Mapping[SLOClass, float],
+                 memos: Sequence[dict[Any, Any]] | None = None) -> None:
         self.snapshot = snapshot
         self.now = snapshot.now
         self.stats = stats
+        self.stats_by_key = {g.key: g for g in stats}
         self.loads = loads
         self.weights = weights
-        self.cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats)
+        self.cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats, memos=memos)
 
     def fresh_lanes(self) -> list[Lane]:
         return [Lane(i, w, self.loads[i], self.cost, self.now)
@@ -173,29 +176,49 @@ class _Heaps:
         return None
 
     def candidates(self, model: str, shapes: Sequence[int], lanes: Sequence[Lane]) -> list[Lane]:
+        """Per shape: the least-drained lane ending with ``model`` (no swap), then the
+        least-drained one where it sleeps (wake) and the least-drained overall (load),
+        each only if it drains earlier than the ones before — otherwise it is dominated
+        (starts no earlier and pays at least as much swap)."""
         found: dict[int, Lane] = {}
         for shape in shapes:
+            bound = math.inf
             for heap in (self.tail.get((shape, model)), self.resident.get((shape, model)),
                          self.any.get(shape)):
                 lane = self.top(heap, lanes)
-                if lane is not None:
+                if lane is not None and lane.end_at < bound:
                     found[lane.index] = lane
+                    bound = lane.end_at
         return [found[i] for i in sorted(found)]
 
 
-def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any]) -> Plan:
+def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool = True) -> Plan:
+    """The heuristic of the module docstring; ``score=False`` skips the final scoring walk."""
     cost, stats = pc.cost, pc.stats
     lanes = pc.fresh_lanes()
     heaps = _Heaps(lanes, cost)
     shape_reps = _shape_representatives(cost)
+    shapes_of_model: dict[str, list[int]] = {}
+
+    def shapes_for(gi: int) -> list[int]:
+        model = stats[gi].model
+        found = shapes_of_model.get(model)
+        if found is None:
+            found = shapes_of_model[model] = [
+                s for s, rep in enumerate(shape_reps) if cost.service(gi, rep) is not None]
+        return found
+
     hopeless_p = float(options["hopeless_p"])
     displace_below = float(options["displace_below_p"])
     deferred: list[int] = []
     order = sorted(range(len(stats)), key=lambda i: (stats[i].deadline_points[0], stats[i].key))
     for gi in order:
-        shapes = [s for s, rep in enumerate(shape_reps) if cost.service(gi, rep) is not None]
+        shapes = shapes_for(gi)
         if not shapes:
             continue  # no worker can ever serve it: left out of every queue
+        if stats[gi].latest_deadline_at < pc.now:
+            deferred.append(gi)  # every deadline has passed: no position can help it
+            continue
         lane, slot = _best_slot(gi, heaps.candidates(stats[gi].model, shapes, lanes), cost)
         if lane is None or slot is None:
             continue
@@ -211,16 +234,16 @@ def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any]) -> Plan:
         lane.append(gi, slot, cost)
         heaps.push(lane)
     for gi in sorted(deferred, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
-        shapes = [s for s, rep in enumerate(shape_reps) if cost.service(gi, rep) is not None]
+        shapes = shapes_for(gi)
         cands = heaps.candidates(stats[gi].model, shapes, lanes)
-        best = min(((lane.slot_for(gi, cost), lane) for lane in cands),
+        best = min(((lane.slot_for(gi, cost, with_p=False), lane) for lane in cands),
                    key=lambda sl: (sl[0].end_at if sl[0] else math.inf, sl[1].index))
         if best[0] is not None:
             best[1].append(gi, best[0], cost)
             heaps.push(best[1])
     _improve(pc, lanes, int(options["improve_budget"]))
     orders = tuple(tuple(lane.order) for lane in lanes)
-    return Plan(orders, pc.score(orders), "heuristic")
+    return Plan(orders, pc.score(orders) if score else math.nan, "heuristic")
 
 
 def _shape_representatives(cost: CostModel) -> list[int]:
@@ -265,8 +288,8 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
         if len(lane.order) < 2 or budget <= 0:
             continue
         slots = walk(cost, lane, lane.order)
-        if all(s.p_meet > 0.999 for s in slots):
-            continue
+        if all(s.p_meet > 0.99 or s.p_meet < 0.01 for s in slots):
+            continue  # every group surely met or surely missed: no adjacent swap helps
         current = lane.order
         value = lane_value(cost, lane, current, pc.weights)
         improved = True
@@ -585,6 +608,9 @@ class QlmPolicy:
 
     name: ClassVar[str] = "qlm"
 
+    #: Score every plan (tests and diagnostics); decisions do not need it.
+    always_score: bool = False
+
     def __init__(self, **options: Any) -> None:
         self.options = options
         self._groups = GroupStatsCache()
@@ -593,16 +619,18 @@ class QlmPolicy:
     def planning_context(self, snapshot: QueueSnapshot, ctx: PolicyContext,
                          options: Mapping[str, Any]) -> PlanningContext:
         output_stats = output_stats_from(options)
-        stats = self._groups.refresh(snapshot.groups, output_stats)
+        stats = self._groups.refresh(snapshot.groups, output_stats, ctx.profiles)
         loads = self._workers.refresh(snapshot.workers, output_stats)
-        return PlanningContext(snapshot, ctx, stats, loads, output_stats, class_weights(options))
+        return PlanningContext(snapshot, ctx, stats, loads, output_stats, class_weights(options),
+                               self._groups.memos)
 
     def plan(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> tuple[PlanningContext, Plan]:
         options = merged_options(self.options, ctx)
         pc = self.planning_context(snapshot, ctx, options)
-        heuristic = heuristic_plan(pc, options)
         cells = len(pc.stats) * len(snapshot.workers)
-        if not pc.stats or cells > int(options["milp_max_cells"]):
+        use_milp = bool(pc.stats) and cells <= int(options["milp_max_cells"])
+        heuristic = heuristic_plan(pc, options, score=use_milp or self.always_score)
+        if not use_milp:
             return pc, heuristic
         exact = milp_plan(pc, float(options["milp_time_limit_s"]))
         if isinstance(exact, str):
@@ -621,4 +649,32 @@ class QlmPolicy:
             swaps=plan_swaps(pc, plan),
             rejections=plan_rejections(pc, options),
         )
-        return with_pulls(decision, snapshot, ctx.profiles, DEFAULT_EXPECTED_OUTPUT_TOKENS)
+        return replace(decision, pulls=plan_pulls_for(pc, decision))
+
+
+def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
+    """The shared backpressure pulls (:func:`qlm.core.pulls.with_pulls`) of ``decision``.
+
+    Workers that cannot admit anything now (no free batch slot, no KV headroom by the
+    memoised reservation sum, or a head group of another model) are left out before
+    calling it, so the pulls are the same and the cost is paid only where room exists.
+    """
+    profiles = pc.cost.profiles
+    keep = []
+    for place, w, load in zip(decision.placements, pc.snapshot.workers, pc.loads, strict=True):
+        model = w.active_model
+        if not place.order or model is None or w.swapping_until is not None:
+            continue
+        if place.order[0].model != model or not profiles.has(model, w.gpu):
+            continue
+        p = profiles.get(model, w.gpu)
+        if w.batch_size >= min(w.max_batch_size, p.max_batch_size):
+            continue
+        headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
+        head = pc.stats_by_key[place.order[0]]
+        if kv_reservation(pc.snapshot.groups[head.index].requests[0],
+                          DEFAULT_EXPECTED_OUTPUT_TOKENS) > headroom:
+            continue  # plan_pulls would stop at the very first request
+        keep.append(place)
+    narrowed = replace(decision, placements=tuple(keep))
+    return with_pulls(narrowed, pc.snapshot, profiles, DEFAULT_EXPECTED_OUTPUT_TOKENS).pulls

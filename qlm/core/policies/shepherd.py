@@ -76,9 +76,10 @@ class ShepherdPolicy:
     def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
         options = self._options(ctx)
         output_stats = output_stats_from(options)
-        stats = self._groups.refresh(snapshot.groups, output_stats)
+        stats = self._groups.refresh(snapshot.groups, output_stats, ctx.profiles)
         loads = self._workers.refresh(snapshot.workers, output_stats)
-        cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats, charge_swaps=False)
+        cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats, charge_swaps=False,
+                         memos=self._groups.memos)
         now = snapshot.now
         lanes = [Lane(i, w, loads[i], cost, now) for i, w in enumerate(snapshot.workers)]
         window = int(options["window"])

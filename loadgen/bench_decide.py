@@ -1,0 +1,196 @@
+"""Scheduler decision-time benchmark: ``decide()`` on a snapshot of 100k queued requests.
+
+    python -m loadgen.bench_decide --queued 100000 --workers 80 --policies qlm,edf,fcfs
+
+The cluster is the paper's: 3/8 of the workers on A10-24GB and 5/8 on A100-80GB
+(30 + 50 at 80 workers), each worker one instance of one of the three models
+(Mistral-7B, Vicuna-13B, Llama-70B, round robin) on as many GPUs as its profile
+needs; a worker keeps the other models it could serve asleep. Each worker runs a
+batch of ``--running`` requests. Queued requests are spread over 3 models × 3 classes
+× ``--windows`` arrival windows (a few hundred groups).
+
+Between two measured decisions the queue moves as in a live system: time advances by
+``--step-s``, ``--churn`` groups lose their head requests (pulled) and as many gain
+new arrivals, so per-group summaries must be recomputed for those groups. The first
+decision of a fresh policy instance (nothing memoised) is reported separately as
+``cold_ms``. Every policy sees the same sequence of snapshots, in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qlm.core.perf import ProfileBook
+from qlm.core.policies import PolicyContext, make_policy
+from qlm.core.types import (
+    SLO,
+    QueueSnapshot,
+    Request,
+    RequestGroup,
+    RunningRequest,
+    SLOClass,
+    WorkerView,
+    group_requests,
+)
+
+MODELS = ("mistral-7b", "vicuna-13b", "llama-70b")
+CLASSES = (SLOClass.INTERACTIVE, SLOClass.BATCH_1, SLOClass.BATCH_2)
+RESULT_PATH = Path("docs/results/bench_decide.json")
+
+
+def build_workers(num_workers: int, running: int, now: float, profiles: ProfileBook,
+                  rng: np.random.Generator) -> tuple[WorkerView, ...]:
+    num_a10 = round(num_workers * 3 / 8)
+    workers = []
+    for i in range(num_workers):
+        gpu = "A10-24GB" if i < num_a10 else "A100-80GB"
+        model = MODELS[i % len(MODELS)]
+        prof = profiles.get(model, gpu)
+        asleep = tuple(m for m in MODELS if profiles.get(m, gpu).num_gpus <= prof.num_gpus)
+        batch = min(running, prof.max_batch_size)
+        reqs = tuple(
+            RunningRequest(
+                Request(f"run-{i}-{j}", model, int(rng.integers(64, 1024)), 1024,
+                        SLOClass.BATCH_2, SLO.for_class(SLOClass.BATCH_2), now - 30.0,
+                        num_generated=int(rng.integers(0, 300))),
+                started_at=now - 10.0, first_token_at=now - 9.0)
+            for j in range(batch))
+        workers.append(WorkerView(f"w{i:03d}", gpu, asleep, model, prof.kv_capacity_tokens,
+                                  prof.max_batch_size, reqs, num_gpus=prof.num_gpus))
+    return tuple(workers)
+
+
+def build_queue(num_queued: int, windows: int, window_s: float, now: float,
+                rng: np.random.Generator) -> tuple[RequestGroup, ...]:
+    start = now - windows * window_s
+    arrivals = np.sort(rng.uniform(start, now, num_queued))
+    models = rng.integers(0, len(MODELS), num_queued)
+    classes = rng.choice(len(CLASSES), num_queued, p=[0.3, 0.3, 0.4])
+    prompts = rng.integers(16, 2048, num_queued)
+    outputs = rng.integers(16, 1024, num_queued)
+    reqs = [
+        Request(f"q{i}", MODELS[models[i]], int(prompts[i]), int(outputs[i]),
+                CLASSES[classes[i]], SLO.for_class(CLASSES[classes[i]]), float(arrivals[i]))
+        for i in range(num_queued)
+    ]
+    return group_requests(reqs, window_s)
+
+
+def churn(snapshot: QueueSnapshot, step: int, num_churn: int, step_s: float,
+          window_s: float) -> QueueSnapshot:
+    """The next snapshot: time advances, ``num_churn`` groups lose heads, as many gain tails."""
+    groups = list(snapshot.groups)
+    now = snapshot.now + step_s
+    n = len(groups)
+    for k in range(num_churn):
+        i = (step * num_churn + k) % n
+        g = groups[i]
+        if g.size > 2:
+            groups[i] = RequestGroup(g.key, g.requests[1:])
+        j = (i + n // 2) % n
+        g = groups[j]
+        new = replace(g.requests[-1], id=f"{g.requests[-1].id}+{step}")
+        groups[j] = RequestGroup(g.key, (*g.requests, new))
+    return QueueSnapshot(now, tuple(groups), snapshot.workers)
+
+
+def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContext
+                ) -> dict[str, Any]:
+    policy = make_policy(name)
+    gc.collect()
+    t0 = time.perf_counter()
+    policy.decide(snapshots[0], ctx)
+    cold_ms = (time.perf_counter() - t0) * 1e3
+    times = []
+    for snap in snapshots[1:]:
+        t0 = time.perf_counter()
+        policy.decide(snap, ctx)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {
+        "iterations": len(times),
+        "cold_ms": round(cold_ms, 3),
+        "p50_ms": round(statistics.median(times), 3),
+        "p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 3),
+        "max_ms": round(times[-1], 3),
+        "mean_ms": round(statistics.fmean(times), 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadgen.bench_decide", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queued", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=80)
+    parser.add_argument("--running", type=int, default=64, help="running requests per worker")
+    parser.add_argument("--windows", type=int, default=34,
+                        help="arrival windows (groups = 3 models × 3 classes × windows)")
+    parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--policy", default="qlm")
+    parser.add_argument("--policies", default=None,
+                        help="comma list; the first is the subject, the rest its references")
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--reference-iterations", type=int, default=30)
+    parser.add_argument("--churn", type=int, default=5)
+    parser.add_argument("--step-s", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=RESULT_PATH)
+    args = parser.parse_args(argv)
+    names = [p.strip() for p in (args.policies or args.policy).split(",") if p.strip()]
+
+    rng = np.random.default_rng(args.seed)
+    profiles = ProfileBook.load()
+    now = 10_000.0
+    workers = build_workers(args.workers, args.running, now, profiles, rng)
+    groups = build_queue(args.queued, args.windows, args.window_s, now, rng)
+    snapshots = [QueueSnapshot(now, groups, workers)]
+    for step in range(max(args.iterations, args.reference_iterations)):
+        snapshots.append(churn(snapshots[-1], step, args.churn, args.step_s, args.window_s))
+    ctx = PolicyContext(profiles)
+    results: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        n = args.iterations if i == 0 else args.reference_iterations
+        results[name] = time_policy(name, snapshots[: n + 1], ctx)
+        r = results[name]
+        print(f"{name:10s} cold {r['cold_ms']:9.2f} ms  p50 {r['p50_ms']:9.2f} ms  "
+              f"p99 {r['p99_ms']:9.2f} ms  ({r['iterations']} decisions)")
+    subject = names[0]
+    ratios = {ref: {"p50": round(results[subject]["p50_ms"] / results[ref]["p50_ms"], 3),
+                    "p99": round(results[subject]["p99_ms"] / results[ref]["p99_ms"], 3)}
+              for ref in names[1:]}
+    for ref, ratio in ratios.items():
+        print(f"{subject}/{ref}: p50 ×{ratio['p50']}, p99 ×{ratio['p99']}")
+    report = {
+        "command": "python -m loadgen.bench_decide " + " ".join(sys.argv[1:] if argv is None
+                                                                else argv),
+        "queued": snapshots[0].num_queued,
+        "groups": len(groups),
+        "workers": len(workers),
+        "running_per_worker": args.running,
+        "churn_groups_per_decision": args.churn,
+        "machine": {"python": platform.python_version(), "cpu": platform.processor()
+                    or platform.machine()},
+        "target_p99_ms": 10.0,
+        "policies": results,
+        "ratio_to": ratios,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""The qlm global scheduler and the SHEPHERD-style planner on small hand-made cases."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qlm.core.perf import PerfProfile, ProfileBook
+from qlm.core.policies import PolicyContext, make_policy
+from qlm.core.policies.qlm import QlmPolicy
+from qlm.core.types import (
+    SLO,
+    QueueSnapshot,
+    Request,
+    RequestGroup,
+    RunningRequest,
+    SLOClass,
+    WorkerView,
+    group_requests,
+)
+
+
+def profile(model: str, gpu: str, *, decode_base_s: float = 0.02, wake_s: float = 5.0,
+            max_batch: int = 16) -> PerfProfile:
+    return PerfProfile(
+        model=model, gpu=gpu, num_gpus=1, prefill_tokens=(1, 4096),
+        prefill_seconds=(0.01, 0.4), decode_base_s=decode_base_s, decode_per_seq_s=1e-4,
+        decode_per_ctx_token_s=0.0, kv_capacity_tokens=1_000_000, max_batch_size=max_batch,
+        sleep_s=0.5, wake_s=wake_s, cold_load_s=20.0,
+    )
+
+
+def request(rid: str, model: str, arrival_at: float, ttft_s: float,
+            slo_class: SLOClass = SLOClass.CUSTOM, max_tokens: int = 100,
+            num_generated: int = 0) -> Request:
+    return Request(rid, model, 100, max_tokens, slo_class, SLO(ttft_s), arrival_at,
+                   num_generated=num_generated)
+
+
+def worker(wid: str, models: tuple[str, ...], active: str | None, *, gpu: str = "g",
+           running: tuple[RunningRequest, ...] = (), max_batch: int = 16) -> WorkerView:
+    return WorkerView(wid, gpu, models, active, 1_000_000, max_batch, running)
+
+
+def attainment(policy: QlmPolicy, snapshot: QueueSnapshot, ctx: PolicyContext,
+               orders: list[list[int]]) -> float:
+    pc = policy.planning_context(snapshot, ctx, {**_defaults(), **ctx.options})
+    total = sum(g.size for g in pc.stats)
+    return pc.score(orders) / total
+
+
+def _defaults() -> dict[str, object]:
+    from qlm.core.policies.qlm import DEFAULT_OPTIONS
+
+    return dict(DEFAULT_OPTIONS)
+
+
+def interleaved_deadlines() -> tuple[QueueSnapshot, ProfileBook]:
+    """Two models on one worker, deadlines alternating A, B, A, B; a swap costs 5.5 s.
+
+    EDF serves A, B, A, B (three swaps) and the last B group misses; serving both A
+    groups first needs one swap and meets every deadline.
+    """
+    book = ProfileBook.of([profile("A", "g"), profile("B", "g")])
+    reqs = []
+    for window, (model, deadline) in enumerate([("A", 10.0), ("B", 12.0), ("A", 14.0),
+                                                 ("B", 16.0)]):
+        reqs += [request(f"{model}{window}-{i}", model, float(window), deadline - window)
+                 for i in range(4)]
+    snap = QueueSnapshot(0.0, group_requests(reqs, 1.0), (worker("w0", ("A", "B"), "A"),))
+    return snap, book
+
+
+def test_milp_groups_by_model_where_edf_misses_because_of_swaps() -> None:
+    snap, book = interleaved_deadlines()
+    ctx = PolicyContext(book, {"milp_time_limit_s": 10.0})
+    policy = QlmPolicy()
+    pc, plan = policy.plan(snap, ctx)
+    assert plan.mode == "milp"
+    models = [pc.stats[g].model for g in plan.orders[0]]
+    assert models == ["A", "A", "B", "B"]  # one swap, not three
+    edf = sorted(range(4), key=lambda g: pc.stats[g].earliest_deadline_at)
+    assert [pc.stats[g].model for g in edf] == ["A", "B", "A", "B"]
+    assert attainment(policy, snap, ctx, [list(plan.orders[0])]) > 0.99
+    assert attainment(policy, snap, ctx, [edf]) < 0.8
+
+
+def test_decision_places_every_group_once_and_pulls_only_the_head_model() -> None:
+    snap, book = interleaved_deadlines()
+    decision = make_policy("qlm").decide(snap, PolicyContext(book))
+    order = decision.order_for("w0")
+    assert sorted(order) == sorted(g.key for g in snap.groups)
+    pulled = [rid for p in decision.pulls for rid in p.request_ids]
+    assert pulled and all(rid.startswith("A") for rid in pulled)
+
+
+def random_instance(seed: int) -> tuple[QueueSnapshot, ProfileBook]:
+    rng = random.Random(seed)
+    book = ProfileBook.of([profile(m, g, decode_base_s=rng.uniform(0.02, 0.06))
+                           for m in ("A", "B") for g in ("fast", "slow")])
+    reqs = []
+    for window in range(rng.randint(3, 5)):
+        model = rng.choice("AB")
+        ttft = rng.uniform(3.0, 25.0)
+        reqs += [request(f"r{window}-{i}", model, float(window), ttft)
+                 for i in range(rng.randint(2, 12))]
+    workers = (worker("w0", ("A", "B"), "A", gpu="fast"),
+               worker("w1", ("A", "B"), "B", gpu="slow"))
+    return QueueSnapshot(5.0, group_requests(reqs, 1.0), workers), book
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_heuristic_is_close_to_the_milp_on_small_instances(seed: int) -> None:
+    snap, book = random_instance(seed)
+    ctx = PolicyContext(book, {"milp_time_limit_s": 10.0})
+    policy = QlmPolicy()
+    pc, best = policy.plan(snap, ctx)
+    from qlm.core.policies.qlm import heuristic_plan, merged_options, milp_plan
+
+    exact = milp_plan(pc, 10.0)
+    assert not isinstance(exact, str)
+    heuristic = heuristic_plan(pc, merged_options({}, ctx))
+    total = sum(g.size for g in pc.stats)
+    assert heuristic.value / total >= exact.value / total - 0.1
+    assert best.value >= max(exact.value, heuristic.value) - 1e-3
+    placed = sorted(g for order in best.orders for g in order)
+    assert placed == list(range(len(pc.stats)))
+
+
+def test_milp_with_no_time_falls_back_to_the_heuristic() -> None:
+    snap, book = interleaved_deadlines()
+    ctx = PolicyContext(book, {"milp_time_limit_s": 0.0})
+    pc, plan = QlmPolicy().plan(snap, ctx)
+    assert plan.mode.startswith("heuristic (milp:")
+    assert sorted(plan.orders[0]) == list(range(len(pc.stats)))
+    decision = QlmPolicy().decide(snap, ctx)
+    assert len(decision.order_for("w0")) == len(snap.groups)
+
+
+def test_group_goes_only_where_its_model_has_a_profile() -> None:
+    book = ProfileBook.of([profile("A", "big"), profile("B", "big"), profile("B", "small")])
+    reqs = [request(f"a{i}", "A", 0.0, 30.0) for i in range(3)]
+    reqs += [request(f"b{i}", "B", 0.0, 30.0) for i in range(3)]
+    workers = (worker("s0", ("B",), "B", gpu="small"), worker("s1", ("B",), "B", gpu="small"),
+               worker("b0", ("A", "B"), "B", gpu="big"))
+    snap = QueueSnapshot(0.0, group_requests(reqs, 1.0), workers)
+    decision = make_policy("qlm").decide(snap, PolicyContext(book))
+    for place in decision.placements:
+        if place.worker_id != "b0":
+            assert all(key.model == "B" for key in place.order)
+    assert any(key.model == "A" for key in decision.order_for("b0"))
+
+
+def busy_worker(interactive_running: bool = True) -> WorkerView:
+    """A full worker (4 slots) of long batch requests, one interactive among them."""
+    running = [
+        RunningRequest(request(f"batch{i}", "A", -100.0, 3600.0, SLOClass.BATCH_2,
+                               max_tokens=2000, num_generated=10 + i),
+                       started_at=-50.0, first_token_at=-49.0)
+        for i in range(3)
+    ]
+    if interactive_running:
+        running.append(RunningRequest(request("inter-run", "A", -1.0, 20.0,
+                                              SLOClass.INTERACTIVE, max_tokens=2000),
+                                      started_at=-0.5, first_token_at=-0.4))
+    else:
+        running.append(RunningRequest(request("batch3", "A", -100.0, 3600.0, SLOClass.BATCH_2,
+                                              max_tokens=2000), started_at=-50.0))
+    return worker("w0", ("A",), "A", running=tuple(running), max_batch=4)
+
+
+def slow_book() -> ProfileBook:
+    # 4 slots at ~40 tokens/s in all: a running request's ~330 tokens take ~30 s.
+    return ProfileBook.of([profile("A", "g", decode_base_s=0.1, max_batch=4)])
+
+
+def interactive_group(ttft_s: float, n: int = 2) -> tuple[RequestGroup, ...]:
+    reqs = [request(f"i{k}", "A", 0.0, ttft_s, SLOClass.INTERACTIVE) for k in range(n)]
+    return group_requests(reqs, 1.0)
+
+
+def test_evicts_batch_work_when_an_interactive_group_would_miss() -> None:
+    snap = QueueSnapshot(0.0, interactive_group(20.0), (busy_worker(),))
+    decision = make_policy("qlm").decide(snap, PolicyContext(slow_book()))
+    evicted = [e.request_id for e in decision.evictions]
+    assert len(evicted) == 2  # exactly the two slots the group needs
+    assert all(rid.startswith("batch") for rid in evicted)
+    # least progress among equal slack goes first: all have passed their first token
+    assert evicted == ["batch0", "batch1"]
+    assert all(e.worker_id == "w0" and not e.state_swap for e in decision.evictions)
+
+
+def test_no_eviction_when_nothing_is_at_risk() -> None:
+    ctx = PolicyContext(slow_book())
+    relaxed = QueueSnapshot(0.0, interactive_group(300.0), (busy_worker(),))
+    assert make_policy("qlm").decide(relaxed, ctx).evictions == ()
+    free = worker("w0", ("A",), "A", running=busy_worker().running[:2], max_batch=4)
+    roomy = QueueSnapshot(0.0, interactive_group(20.0), (free,))
+    assert make_policy("qlm").decide(roomy, ctx).evictions == ()
+    disabled = QueueSnapshot(0.0, interactive_group(20.0), (busy_worker(),))
+    assert QlmPolicy(evict=False).decide(disabled, ctx).evictions == ()
+
+
+def test_eviction_can_keep_kv_state_when_copying_is_cheaper() -> None:
+    base = profile("A", "g", decode_base_s=0.1, max_batch=4)
+    book = ProfileBook.of([PerfProfile.from_json({**base.to_json(),
+                                                  "notes": {"kv_bytes_per_token": 1000}})])
+    snap = QueueSnapshot(0.0, interactive_group(20.0), (busy_worker(),))
+    decision = QlmPolicy(kv_state_swap=True).decide(snap, PolicyContext(book))
+    assert decision.evictions and all(e.state_swap for e in decision.evictions)
+
+
+def test_swaps_a_drained_worker_to_its_head_groups_model() -> None:
+    book = ProfileBook.of([profile("A", "g"), profile("B", "g")])
+    snap = QueueSnapshot(0.0, group_requests([request("b0", "B", 0.0, 30.0)], 1.0),
+                         (worker("w0", ("A", "B"), "A"),))
+    decision = make_policy("qlm").decide(snap, PolicyContext(book))
+    assert [(s.worker_id, s.to_model) for s in decision.swaps] == [("w0", "B")]
+    assert decision.pulls == ()
+
+
+def test_memoised_summaries_do_not_change_decisions() -> None:
+    snap, book = random_instance(3)
+    ctx = PolicyContext(book)
+    warm = QlmPolicy()
+    warm.decide(snap, ctx)
+    g = snap.groups[0]
+    moved = (RequestGroup(g.key, g.requests[1:]),) if g.size > 1 else ()
+    later = QueueSnapshot(snap.now + 1.0, moved + snap.groups[1:], snap.workers)
+    assert warm.decide(later, ctx) == QlmPolicy().decide(later, ctx)
+
+
+def test_shepherd_preempts_for_a_group_that_would_miss() -> None:
+    running = tuple(
+        RunningRequest(request(f"run{i}", "A", -10.0, 3600.0, SLOClass.BATCH_2,
+                               max_tokens=2000, num_generated=i), started_at=-5.0)
+        for i in range(4))
+    busy = worker("w0", ("A",), "A", running=running, max_batch=4)
+    snap = QueueSnapshot(0.0, interactive_group(20.0, n=10), (busy,))
+    decision = make_policy("shepherd").decide(snap, PolicyContext(slow_book()))
+    assert sorted(e.request_id for e in decision.evictions) == ["run0", "run1", "run2", "run3"]
+
+
+def test_shepherd_does_not_preempt_when_the_group_meets_its_deadline_anyway() -> None:
+    snap = QueueSnapshot(0.0, interactive_group(300.0, n=8), (busy_worker(),))
+    decision = make_policy("shepherd").decide(snap, PolicyContext(slow_book()))
+    assert decision.evictions == ()
+
+
+def test_shepherd_ignores_swap_costs_when_planning() -> None:
+    snap, book = interleaved_deadlines()
+    decision = make_policy("shepherd").decide(snap, PolicyContext(book))
+    models = [key.model for key in decision.order_for("w0")]
+    assert models == ["A", "B", "A", "B"]  # deadline/goodput order, swaps not priced
