@@ -48,3 +48,6 @@ sim-quick:
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache $(OUT)
+
+bench-store:
+	$(PYTHON) -m loadgen.bench_store --out docs/results/bench_store.json
