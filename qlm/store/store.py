@@ -243,9 +243,11 @@ class RedisQueueStore:
     def _ttl_args(self) -> list[str]:
         return [self._record_ttl, self._stream_ttl, self._stream_maxlen]
 
-    def _lease_until(self, lease_s: float | None) -> str:
+    def _now_and_lease_until(self, lease_s: float | None) -> tuple[str, str]:
+        """The time now and when a lease of ``lease_s`` (default: the store's) taken now ends."""
         lease = self.lease_s if lease_s is None else _require_positive(lease_s, "lease_s")
-        return repr(float(self._clock()) + lease)
+        now = float(self._clock())
+        return repr(now), repr(now + lease)
 
     def group_of(self, request: Request) -> GroupKey:
         """The group ``request`` is queued in under this store's window."""
@@ -345,11 +347,11 @@ class RedisQueueStore:
         flat: list[str] = []
         for worker in workers:
             order = orders[worker]
-            if len(set(order)) != len(order):
-                raise InvalidInput("order", f"worker {worker!r}: a group appears twice")
             for group in order:
                 if not isinstance(group, GroupKey):
                     raise InvalidInput("order", f"worker {worker!r}: not a GroupKey: {group!r}")
+            if len(set(order)) != len(order):
+                raise InvalidInput("order", f"worker {worker!r}: a group appears twice")
             flat.extend(str(g) for g in order)
         if not workers:
             return
@@ -441,14 +443,14 @@ class RedisQueueStore:
         _require_id(worker_id, "worker_id")
         _require_id(model, "model")
         _require_count(max_requests, "max_requests", minimum=1)
-        lease_until = self._lease_until(lease_s)
+        now, lease_until = self._now_and_lease_until(lease_s)
         keys = [
             self.keys.virtual_queue(worker_id),
             self.keys.running(worker_id),
             self.keys.leases,
             self.keys.workers,
         ]
-        args = [self.keys.prefix, worker_id, model, str(max_requests), self._now(), lease_until]
+        args = [self.keys.prefix, worker_id, model, str(max_requests), now, lease_until]
         with _redis_errors():
             reply = await self._scripts.pull(keys=keys, args=args)
         return tuple(record_from_json(text) for text in reply)
@@ -464,9 +466,9 @@ class RedisQueueStore:
             raise InvalidInput("request_ids", "an id appears twice")
         if not ids:
             return ()
-        lease_until = self._lease_until(lease_s)
+        now, lease_until = self._now_and_lease_until(lease_s)
         keys = [self.keys.running(worker_id), self.keys.leases, self.keys.workers]
-        args = [self.keys.prefix, worker_id, self._now(), lease_until, *ids]
+        args = [self.keys.prefix, worker_id, now, lease_until, *ids]
         with _redis_errors():
             reply = await self._scripts.claim(keys=keys, args=args)
         return tuple(record_from_json(text) for text in reply)
@@ -479,7 +481,8 @@ class RedisQueueStore:
         ids = [_require_id(i, "request_ids") for i in request_ids]
         if not ids:
             return LeaseRenewal((), ())
-        args = [self.keys.prefix, worker_id, self._lease_until(lease_s), *ids]
+        _, lease_until = self._now_and_lease_until(lease_s)
+        args = [self.keys.prefix, worker_id, lease_until, *ids]
         with _redis_errors():
             lost, cancelled = await self._scripts.renew(keys=[self.keys.leases], args=args)
         return LeaseRenewal(tuple(lost), tuple(cancelled))
