@@ -267,8 +267,9 @@ class SubmitResponse(_message.Message):
     state: Global___RequestState.ValueType
     """The request's state right after this call (QUEUED for a new request)."""
     predicted_wait_mean_s: _builtins.float
-    """Predicted time from now until the request's first token is scheduled, mean (seconds).
-    Computed by the RWT estimator over the current queue; 0 when the queue is empty.
+    """Predicted time from now until the request starts, mean (seconds), from the RWT
+    estimator (Estimator.PredictWait) when the ingest service has one configured; an
+    ingest without an estimator answers 0 here, 0 in the p90 and 1 in p_meet_slo.
     """
     predicted_wait_p90_s: _builtins.float
     """90th percentile of the predicted wait (seconds)."""

@@ -1,0 +1,298 @@
+"""The ingest data plane: validate a submission, write it through the store, announce it.
+
+Transport-free: the gRPC servicer (``services/ingest``) and the Kafka batch consumer
+both call :class:`IngestPlane`; neither validates nor touches Redis or Kafka itself.
+
+Contracts:
+
+* :meth:`IngestPlane.submit` validates with :func:`qlm.submission.parse_submission`
+  (InvalidInput names the field; nothing is written), then enqueues with one store
+  call (one Lua script: record + group entry, idempotent by id). Only a *new* request
+  is announced with an ``admitted`` event on ``qlm.events``; a repeat of a known id
+  with the same content answers from the stored record and announces nothing; a repeat
+  with different content is InvalidInput (IdempotencyConflict) naming the field.
+* The event is published after the enqueue is durable in Redis. Events are hints (the
+  scheduler also ticks), so a failed publish is logged and does not fail the submit.
+* Time comes from the injected ``clock`` (Unix seconds in the services).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from qlm.bus.records import decode_batch_request
+from qlm.core.errors import InvalidInput
+from qlm.core.perf import PROFILE_DIR, ProfileBook
+from qlm.core.types import Request, RequestState
+from qlm.log import get_logger, request_context
+from qlm.store.records import RequestRecord
+from qlm.store.store import RedisQueueStore
+from qlm.submission import ModelLimits, Submission, SubmissionLimits, parse_submission
+
+log = get_logger("qlm.ingest")
+
+#: z-score of the 90th percentile of a Normal distribution.
+Z_P90 = 1.2815515655446004
+
+
+# ------------------------------------------------------------------ values
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Predicted wait of a request until it starts: Normal(mean, std), and P(meet SLO)."""
+
+    wait_mean_s: float = 0.0
+    wait_std_s: float = 0.0
+    p_meet_slo: float = 1.0
+
+    @property
+    def wait_p90_s(self) -> float:
+        return self.wait_mean_s + Z_P90 * self.wait_std_s
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOutcome:
+    request_id: str
+    state: RequestState
+    deadline_at: float
+    duplicate: bool
+    prediction: Prediction
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOutcome:
+    request_id: str
+    state: RequestState
+    cancelled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """Output tokens from ``index`` on; the last chunk of a stream has ``final_state``."""
+
+    index: int
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    final_state: RequestState | None = None
+    finish_reason: str = ""
+    error: str = ""
+    num_generated: int = 0
+
+
+# ------------------------------------------------------------------ collaborators
+class EventPublisher(Protocol):
+    """Announces queue changes on ``qlm.events`` (qlm.bus)."""
+
+    async def admitted(self, record: RequestRecord, prediction: Prediction) -> None: ...
+
+
+class WaitPredictor(Protocol):
+    """Predicts the wait of a new request (the RWT estimator, in process or remote)."""
+
+    def predict(self, request: Request, now: float) -> Prediction: ...
+
+
+class NoQueueModel:
+    """Predicts no wait; used when no estimator is configured."""
+
+    def predict(self, request: Request, now: float) -> Prediction:
+        return Prediction()
+
+
+# ------------------------------------------------------------------ catalogue
+def load_models(models_file: Path | None = None, profiles_dir: Path | None = None) -> dict[
+    str, ModelLimits
+]:
+    """Served models: from ``models_file`` (YAML/JSON ``{"models": [{name, max_model_len}]}``)
+    when given, else every model with a performance profile (max_model_len = the smallest
+    over its GPUs)."""
+    if models_file is not None:
+        return _models_from_file(models_file)
+    book = ProfileBook.load(profiles_dir or PROFILE_DIR)
+    models: dict[str, ModelLimits] = {}
+    for (model, gpu), profile in sorted(book.profiles.items()):
+        known = models.get(model)
+        max_len = min(profile.max_model_len, known.max_model_len if known else math.inf)
+        gpus = (*(known.gpus if known else ()), gpu)
+        models[model] = ModelLimits(model, int(max_len), gpus)
+    return models
+
+
+def _models_from_file(path: Path) -> dict[str, ModelLimits]:
+    data = yaml.safe_load(path.read_text())
+    entries = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise InvalidInput(f"{path.name}.models", "must be a list of {name, max_model_len}")
+    models: dict[str, ModelLimits] = {}
+    for i, entry in enumerate(entries):
+        where = f"{path.name}.models[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidInput(f"{where}.name", "must be a string")
+        max_len = entry.get("max_model_len")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 1:
+            raise InvalidInput(f"{where}.max_model_len", f"must be an integer > 1, got {max_len!r}")
+        gpus = tuple(str(g) for g in entry.get("gpus", ()))
+        models[entry["name"]] = ModelLimits(entry["name"], max_len, gpus)
+    return models
+
+
+# ------------------------------------------------------------------ the plane
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class IngestPlane:
+    """Submit / get / cancel / stream, over a store, an event publisher and a predictor."""
+
+    def __init__(
+        self,
+        store: RedisQueueStore,
+        events: EventPublisher,
+        models: Mapping[str, ModelLimits],
+        clock: Callable[[], float],
+        limits: SubmissionLimits = SubmissionLimits(),  # noqa: B008 - frozen
+        predictor: WaitPredictor | None = None,
+        id_factory: Callable[[], str] = new_request_id,
+    ) -> None:
+        self.store = store
+        self.events = events
+        self.models = dict(models)
+        self.clock = clock
+        self.limits = limits
+        self.predictor = predictor or NoQueueModel()
+        self.id_factory = id_factory
+
+    def validate(self, record: Any) -> Submission:
+        """The submission in ``record``, or InvalidInput naming the field."""
+        return parse_submission(record, self.models, self.limits)
+
+    async def submit(self, record: Any) -> SubmitOutcome:
+        """Validate and queue one submission (contract in the module docstring)."""
+        submission = self.validate(record)
+        if not submission.request_id:
+            submission = submission.with_id(self.id_factory())
+        return await self.enqueue(submission)
+
+    def decode_batch_record(self, raw: bytes | None) -> Submission:
+        """Validate one ``qlm.batch.requests`` record (JSON; qlm.bus.records).
+
+        Validated exactly like :meth:`submit`, and ``request_id`` is required: a record may
+        be delivered again after a consumer restart, and the id makes that a no-op.
+        """
+        submission = decode_batch_request(raw, self.models, self.limits)
+        if not submission.request_id:
+            raise InvalidInput(
+                "request_id", "is required in batch records (it makes redelivery idempotent)"
+            )
+        return submission
+
+    async def enqueue(self, submission: Submission) -> SubmitOutcome:
+        """Queue a validated submission that has an id; announce it when new."""
+        with request_context(request_id=submission.request_id):
+            now = self.clock()
+            request = submission.to_request(arrival_at=now)
+            prompt: Any = (
+                submission.prompt_text
+                if submission.prompt_text is not None
+                else list(submission.prompt_token_ids or ())
+            )
+            result = await self.store.enqueue(request, prompt=prompt, params=submission.sampling)
+            stored = result.record
+            prediction = self.predictor.predict(stored.request, now)
+            if result.created:
+                await self._announce(stored, prediction)
+            else:
+                log.info("duplicate_submit", state=stored.state.value)
+            return SubmitOutcome(
+                request_id=stored.id,
+                state=stored.state,
+                deadline_at=stored.request.deadline_at,
+                duplicate=not result.created,
+                prediction=prediction,
+            )
+
+    async def _announce(self, record: RequestRecord, prediction: Prediction) -> None:
+        try:
+            await self.events.admitted(record, prediction)
+        except Exception as exc:  # an event is a hint; the request is already queued
+            log.warning("admitted_event_failed", error=repr(exc))
+
+    async def get(self, request_id: str) -> RequestRecord:
+        _check_id(request_id)
+        return await self.store.get(request_id)
+
+    async def cancel(self, request_id: str) -> CancelOutcome:
+        _check_id(request_id)
+        with request_context(request_id=request_id):
+            before = await self.store.get(request_id)  # NotFound for an unknown id
+            state = await self.store.cancel(request_id)
+            cancelled = not before.state.is_terminal and state in (
+                RequestState.CANCELLED, RequestState.RUNNING
+            )
+            log.info("cancel", cancelled=cancelled, state=state.value)
+            return CancelOutcome(request_id, state, cancelled)
+
+    def list_models(self) -> list[ModelLimits]:
+        return sorted(self.models.values(), key=lambda m: m.name)
+
+    async def stream_tokens(
+        self, request_id: str, from_index: int = 0, block_ms: int = 1000
+    ) -> AsyncIterator[TokenChunk]:
+        """Output chunks of ``request_id`` from token ``from_index`` on, then a final chunk.
+
+        Follows the request's Redis stream (written by its worker). NotFound for an
+        unknown id; a request whose stream expired after it ended yields only the final
+        chunk, built from its record.
+        """
+        _check_id(request_id)
+        if from_index < 0:
+            raise InvalidInput("from_index", f"must be >= 0, got {from_index}")
+        async for entry in self.store.read_tokens(request_id, block_ms=block_ms):
+            if entry.final_state is not None:
+                break
+            chunk = _clip(entry.token_ids, entry.text, entry.num_generated, from_index)
+            if chunk is not None:
+                yield chunk
+        yield _final_chunk(await self.store.get(request_id))
+
+    async def health(self) -> bool:
+        """Whether the store answers."""
+        try:
+            return await asyncio.wait_for(self.store.ping(), timeout=2.0)
+        except Exception:
+            return False
+
+
+def _check_id(request_id: str) -> None:
+    if not request_id:
+        raise InvalidInput("request_id", "is required")
+
+
+def _clip(
+    token_ids: tuple[int, ...], text: str, num_generated: int, from_index: int
+) -> TokenChunk | None:
+    """The part of a stream entry at or after token ``from_index`` (None if none is)."""
+    index = num_generated - len(token_ids)
+    if num_generated <= from_index:
+        return None
+    if index >= from_index:
+        return TokenChunk(index, token_ids, text, num_generated=num_generated)
+    skip = from_index - index  # text cannot be split by token without the tokenizer
+    return TokenChunk(from_index, token_ids[skip:], "", num_generated=num_generated)
+
+
+def _final_chunk(record: RequestRecord) -> TokenChunk:
+    n = record.request.num_generated
+    state = record.state if record.state.is_terminal else RequestState.FAILED
+    reason = "length" if state is RequestState.FINISHED and n >= record.request.max_tokens else ""
+    return TokenChunk(
+        index=n, final_state=state, finish_reason=reason or state.value, error=record.error,
+        num_generated=n,
+    )

@@ -1,0 +1,1 @@
+"""The qlm services: ingest, estimator, scheduler, worker (one package each)."""

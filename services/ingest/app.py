@@ -1,0 +1,181 @@
+"""The ingest service assembled: store + producer + plane + gRPC server + batch consumer.
+
+:class:`IngestApp` is what ``python -m services.ingest`` runs and what the tests start
+in process. Start order: Redis store, Kafka topics and producer, the plane, the gRPC
+server, the batch consumer. Stop order (graceful, on SIGTERM): health NOT_SERVING,
+consumer stops (its last records are committed only after their enqueue), the gRPC
+server stops taking calls and drains for ``shutdown_grace_s``, then the producer
+flushes and the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaClient
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from qlm.bus.producer import BusProducer
+from qlm.bus.records import Event
+from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
+from qlm.config import IngestSettings
+from qlm.ingest import IngestPlane, Prediction, load_models
+from qlm.log import get_logger
+from qlm.store.records import RequestRecord
+from qlm.store.store import RedisQueueStore
+from qlm.submission import ModelLimits, SubmissionLimits
+from services.ingest.batch import BatchIngest
+from services.ingest.server import IngestServer
+
+log = get_logger("services.ingest.app")
+
+
+@dataclass(frozen=True, slots=True)
+class BusEvents:
+    """Publishes ``admitted`` events on ``qlm.events``.
+
+    Returns once the event is queued in the producer (acks=all, idempotent; sent within
+    its linger time, flushed on shutdown), without waiting for the broker: events are
+    hints next to the durable queue in Redis, and waiting would put a broker round trip
+    on every submit. A failed delivery is logged.
+    """
+
+    producer: BusProducer
+    topic: str
+    clock: Callable[[], float]
+
+    async def admitted(self, record: RequestRecord, prediction: Prediction) -> None:
+        request = record.request
+        event = Event(
+            type="admitted",
+            request_id=request.id,
+            model=request.model,
+            slo_class=request.slo_class.value,
+            at=self.clock(),
+            arrival_at=request.arrival_at,
+            tenant=request.tenant,
+            num_prompt_tokens=request.prompt_tokens,
+            predicted_wait_s=prediction.wait_mean_s,
+        )
+        acknowledged = await self.producer.publish_soon(self.topic, event)
+        acknowledged.add_done_callback(_log_if_lost)
+
+
+def _log_if_lost(acknowledged: asyncio.Future[Any]) -> None:
+    if not acknowledged.cancelled() and acknowledged.exception() is not None:
+        log.warning("admitted_event_lost", error=repr(acknowledged.exception()))
+
+
+def redis_client(url: str) -> Redis:
+    """A client that reconnects by itself: a command that finds its connection closed
+    (Redis restarted) is retried with backoff for about two seconds before it fails."""
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=8),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=10,
+    )
+
+
+async def kafka_answers(bootstrap_servers: str) -> bool:
+    """Whether a broker answers a metadata request (health probe)."""
+    client = AIOKafkaClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=2000)
+    try:
+        await client.bootstrap()
+        return True
+    except Exception:
+        return False
+    finally:
+        await client.close()
+
+
+class IngestApp:
+    """One ingest process. ``await app.start()``, then ``await app.stop()``."""
+
+    def __init__(
+        self,
+        settings: IngestSettings,
+        models: Mapping[str, ModelLimits] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.topics = TopicNames(settings.topic_prefix)
+        self.models = dict(models) if models is not None else load_models(
+            settings.models_file, settings.profiles_dir
+        )
+        self.store = RedisQueueStore(
+            redis_client(settings.redis_url), prefix=settings.key_prefix,
+            group_window_s=settings.group_window_s, clock=clock,
+        )
+        self.producer = BusProducer(settings.kafka_bootstrap, client_id="qlm-ingest")
+        self.plane = IngestPlane(
+            self.store,
+            BusEvents(self.producer, self.topics.events, clock),
+            self.models,
+            clock,
+            SubmissionLimits(max_prompt_bytes=settings.max_prompt_bytes),
+        )
+        self.server: IngestServer | None = None
+        self.consumer: BatchIngest | None = None
+
+    @property
+    def port(self) -> int:
+        if self.server is None:
+            raise RuntimeError("not started")
+        return self.server.port
+
+    async def start(self) -> None:
+        s = self.settings
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await self.producer.start()
+        if s.serve_grpc:
+            self.server = IngestServer(
+                self.plane,
+                f"{s.host}:{s.port}",
+                probes=[self.store.ping, lambda: kafka_answers(s.kafka_bootstrap)],
+                max_message_bytes=s.max_message_bytes,
+            )
+            await self.server.start()
+        if s.batch_consumer:
+            self.consumer = BatchIngest(self.plane, s, self.topics, self.producer, self.clock)
+            await self.consumer.start()
+        log.info("ingest_started", models=sorted(self.models), grpc=s.serve_grpc,
+                 batch_consumer=s.batch_consumer)
+
+    async def stop(self) -> None:
+        """Graceful: stop taking work, drain, close (module docstring)."""
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_s)
+        if self.consumer is not None:
+            await self.consumer.stop()
+        await self.producer.stop()
+        await self.store.aclose()
+        log.info("ingest_stopped")
+
+
+async def serve(settings: IngestSettings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    app = IngestApp(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal_received")
+    with contextlib.suppress(asyncio.CancelledError):
+        await app.stop()
+
+

@@ -1,0 +1,82 @@
+"""The ``qlm.batch.requests`` consumer of ingest: each record is a submission.
+
+Records are validated exactly like ``Submit`` (:meth:`IngestPlane.decode_batch_record`);
+an invalid one goes to ``qlm.dlq`` with the reason naming the field. A valid one is
+enqueued (idempotent by its request id) and its offset is committed only after that
+(:class:`qlm.bus.consumer.BusConsumer`), so a consumer killed mid-batch re-reads at
+most the uncommitted records on restart, and re-enqueuing them is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from qlm.bus.consumer import BusConsumer
+from qlm.bus.producer import BusProducer
+from qlm.bus.topics import TopicNames
+from qlm.config import IngestSettings
+from qlm.ingest import IngestPlane
+from qlm.log import get_logger
+from qlm.submission import Submission
+
+log = get_logger("services.ingest.batch")
+
+
+class BatchIngest:
+    """Runs the consumer loop as a task between :meth:`start` and :meth:`stop`."""
+
+    def __init__(
+        self,
+        plane: IngestPlane,
+        settings: IngestSettings,
+        topics: TopicNames,
+        producer: BusProducer,
+        clock: Callable[[], float],
+    ) -> None:
+        self.plane = plane
+        self.consumer: BusConsumer[Submission] = BusConsumer(
+            settings.kafka_bootstrap,
+            [topics.batch_requests],
+            settings.consumer_group,
+            decode=plane.decode_batch_record,
+            handler=self.on_record,
+            dlq_topic=topics.dlq,
+            producer=producer,
+            clock=clock,
+            client_id="qlm-ingest-batch",
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def on_record(self, submission: Submission, record: ConsumerRecord[Any, Any]) -> None:
+        """Enqueue; returns once the record is durable in Redis (then it is committed)."""
+        await self.plane.enqueue(submission)
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._run(), name="ingest-batch-consumer")
+
+    async def _run(self) -> None:
+        try:
+            await self.consumer.run()
+        except Exception as error:  # HandlerFailed: Redis kept failing; records not committed
+            log.error("batch_consumer_stopped", error=str(error))
+            raise
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+
+    @property
+    def num_handled(self) -> int:
+        return self.consumer.num_handled
+
+    @property
+    def num_dead_letters(self) -> int:
+        return self.consumer.num_dead_letters

@@ -1,0 +1,48 @@
+"""The QueueManager servicer: wire messages in, :class:`qlm.ingest.IngestPlane` calls, wire out.
+
+No validation and no error handling here: the plane validates, and
+:class:`services.ingest.errors.ErrorInterceptor` maps its exceptions to status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from qlm.api.v1 import qlm_pb2 as pb
+from qlm.api.v1 import qlm_pb2_grpc
+from qlm.ingest import IngestPlane
+from services.ingest import messages
+
+
+class QueueManagerServicer(qlm_pb2_grpc.QueueManagerServicer):
+    def __init__(self, plane: IngestPlane) -> None:
+        self.plane = plane
+
+    async def Submit(
+        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitResponse:
+        outcome = await self.plane.submit(messages.submit_record(request))
+        return messages.submit_response(outcome)
+
+    async def StreamTokens(
+        self, request: pb.StreamTokensRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TokenChunk]:
+        async for chunk in self.plane.stream_tokens(request.request_id, request.from_index):
+            yield messages.token_chunk(request.request_id, chunk)
+
+    async def GetRequest(
+        self, request: pb.GetRequestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RequestInfo:
+        return messages.request_info(await self.plane.get(request.request_id))
+
+    async def Cancel(
+        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelResponse:
+        return messages.cancel_response(await self.plane.cancel(request.request_id))
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return messages.list_models_response(self.plane.list_models())

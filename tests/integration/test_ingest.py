@@ -1,0 +1,487 @@
+"""The ingest service on real Redis and real Kafka: gRPC submits, validation, idempotency,
+health, batch ingestion through Kafka (exactly once across a killed consumer), the DLQ,
+and a Redis restart.
+
+The gRPC server runs in process on a free port; the batch consumer of the kill test
+runs as a subprocess (``python -m services.ingest``) so that it can be SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from qlm.api.v1 import qlm_pb2 as pb
+from qlm.bus.producer import BusProducer
+from qlm.bus.records import DeadLetter, Event
+from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
+from qlm.client import QlmClient
+from qlm.config import IngestSettings
+from qlm.core.errors import InvalidInput, NotFound
+from qlm.localstack import RedisServer
+from qlm.store.keys import Keys
+from qlm.submission import ModelLimits
+from services.ingest.app import IngestApp
+
+pytestmark = [pytest.mark.redis, pytest.mark.kafka]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = {"m7b": ModelLimits("m7b", max_model_len=2048, gpus=("H100-80GB",))}
+MAX_PROMPT_BYTES = 4096
+MAX_MESSAGE_BYTES = 64 * 1024
+KEYS = Keys()
+
+
+def _settings(redis_url: str, kafka: str, topic_prefix: str, **changes: Any) -> IngestSettings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url, "kafka_bootstrap": kafka, "topic_prefix": topic_prefix,
+        "host": "127.0.0.1", "port": 0, "batch_consumer": False,
+        "consumer_group": f"{topic_prefix}ingest", "shutdown_grace_s": 1.0,
+        "max_prompt_bytes": MAX_PROMPT_BYTES, "max_message_bytes": MAX_MESSAGE_BYTES,
+        "log_json": False,
+    }
+    values.update(changes)
+    return IngestSettings(**values)
+
+
+@pytest.fixture
+async def ingest(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str
+) -> AsyncIterator[IngestApp]:
+    app = IngestApp(_settings(redis_url, kafka_bootstrap, topic_prefix), models=MODELS)
+    await app.start()
+    yield app
+    await app.stop()
+
+
+@pytest.fixture
+async def client(ingest: IngestApp) -> AsyncIterator[QlmClient]:
+    async with QlmClient(f"127.0.0.1:{ingest.port}", timeout_s=10) as qlm_client:
+        yield qlm_client
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def redis_dump(client: aioredis.Redis) -> dict[bytes, bytes | None]:
+    """Every key and its DUMP serialisation: equal dumps mean nothing was written."""
+    return {key: await client.dump(key) async for key in client.scan_iter(count=1000)}
+
+
+async def read_topic(
+    bootstrap: str, topic: str, until: Callable[[list[Any]], bool], timeout_s: float = 20.0
+) -> list[Any]:
+    """Records of ``topic`` from the beginning until ``until(records)`` or the timeout."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=f"reader-{uuid.uuid4().hex}",
+        auto_offset_reset="earliest", enable_auto_commit=False,
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not until(records):
+            batches = await consumer.getmany(timeout_ms=300)
+            for batch in batches.values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def good(**changes: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"model": "m7b", "prompt": "Tell me a story.", "max_tokens": 64}
+    record.update(changes)
+    return record
+
+
+# ------------------------------------------------------------------ submit
+async def test_submit_writes_record_group_entry_and_admitted_event(
+    client: QlmClient, raw_redis: aioredis.Redis, kafka_bootstrap: str, ingest: IngestApp
+) -> None:
+    reply = await client.submit(good(request_id="req-1", slo_class="batch-1", tenant="t1"))
+    assert reply.request_id == "req-1"
+    assert reply.state == pb.REQUEST_STATE_QUEUED and not reply.duplicate
+
+    record = await raw_redis.hgetall(KEYS.request("req-1"))
+    assert record[b"state"] == b"queued" and record[b"model"] == b"m7b"
+    assert record[b"tenant"] == b"t1" and record[b"slo_class"] == b"batch-1"
+    group = record[b"group"].decode()
+    assert await raw_redis.zscore(KEYS.group(group), "req-1") == pytest.approx(reply.deadline_at)
+    assert await raw_redis.zscore(KEYS.groups, group) is not None
+
+    events = await read_topic(
+        kafka_bootstrap, ingest.topics.events, lambda rs: len(rs) >= 1
+    )
+    assert len(events) == 1 and events[0].key == b"req-1"
+    event = Event.from_json(events[0].value)
+    assert (event.type, event.request_id, event.model, event.slo_class) == (
+        "admitted", "req-1", "m7b", "batch-1"
+    )
+
+    info = await client.get("req-1")
+    assert info.state == pb.REQUEST_STATE_QUEUED and info.group == group
+    assert info.slo_class == pb.SLO_CLASS_BATCH_1 and info.ttft_slo_s == 60.0
+
+
+async def test_submit_without_id_gets_a_generated_one(client: QlmClient) -> None:
+    first = await client.submit(good())
+    second = await client.submit(good())
+    assert first.request_id and second.request_id and first.request_id != second.request_id
+
+
+def _bad_messages() -> list[tuple[str, pb.SubmitRequest, str]]:
+    """(case, message, expected "field: problem" prefix)."""
+    def msg(**fields: Any) -> pb.SubmitRequest:
+        base: dict[str, Any] = {"model": "m7b", "prompt_text": "hello", "max_tokens": 16}
+        base.update(fields)
+        return pb.SubmitRequest(**{k: v for k, v in base.items() if v is not None})
+
+    return [
+        ("unknown model", msg(model="gpt-9"), "model: unknown model 'gpt-9'"),
+        ("missing model", msg(model=None), "model: is required"),
+        ("empty prompt", msg(prompt_text=""), "prompt: must not be empty"),
+        ("no prompt", msg(prompt_text=None), "prompt: must not be empty"),
+        ("empty token ids", msg(prompt_text=None, prompt_token_ids=pb.TokenIds(ids=[])),
+         "prompt_token_ids: must not be empty"),
+        ("negative token id", msg(prompt_text=None, prompt_token_ids=pb.TokenIds(ids=[5, -1])),
+         "prompt_token_ids[1]: must be >= 0"),
+        ("max_tokens zero", msg(max_tokens=0), "max_tokens: must be > 0, got 0"),
+        ("max_tokens negative", msg(max_tokens=-7), "max_tokens: must be > 0, got -7"),
+        ("max_tokens over the model limit", msg(max_tokens=5000),
+         "max_tokens: 5000 + 2 prompt tokens exceeds the model's max_model_len of 2048"),
+        ("prompt ids over the model limit",
+         msg(prompt_text=None, prompt_token_ids=pb.TokenIds(ids=[1] * 2040), max_tokens=16),
+         "max_tokens: 16 + 2040 prompt tokens exceeds"),
+        ("custom class without SLO", msg(slo_class=pb.SLO_CLASS_CUSTOM),
+         "ttft_slo_s: is required for slo_class 'custom'"),
+        ("negative SLO", msg(slo_class=pb.SLO_CLASS_CUSTOM, ttft_slo_s=-2.0),
+         "ttft_slo_s: must be > 0, got -2.0"),
+        ("zero SLO override", msg(ttft_slo_s=0.0), "ttft_slo_s: must be > 0, got 0.0"),
+        ("negative TPOT", msg(tpot_slo_s=-0.1), "tpot_slo_s: must be > 0 when set"),
+        ("unknown enum value", msg(slo_class=42), "slo_class: must be one of"),
+        ("bad sampling", msg(sampling=pb.SamplingParams(top_p=1.5)),
+         "sampling.top_p: must be in (0, 1]"),
+        ("bad request id", msg(request_id="has space"), "request_id: must be 1..128 characters"),
+        ("oversized prompt", msg(prompt_text="x" * (MAX_PROMPT_BYTES + 1)),
+         f"prompt: is {MAX_PROMPT_BYTES + 1} bytes, over the limit of {MAX_PROMPT_BYTES} bytes"),
+    ]
+
+
+async def test_every_bad_input_is_invalid_argument_and_writes_nothing(
+    ingest: IngestApp, raw_redis: aioredis.Redis
+) -> None:
+    await QlmClient(f"127.0.0.1:{ingest.port}").submit(good(request_id="existing"))
+    before = await redis_dump(raw_redis)
+    assert before, "the store must hold something for the comparison to mean anything"
+    failures = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ingest.port}") as channel:
+        submit = channel.unary_unary(
+            "/qlm.v1.QueueManager/Submit", response_deserializer=pb.SubmitResponse.FromString
+        )
+        cases = [(name, m.SerializeToString(), want) for name, m, want in _bad_messages()]
+        cases += [
+            # max_tokens (field 6) sent as a string: wrong type on the wire
+            ("wrong wire type", b"\x1a\x03m7b\x22\x02hi\x32\x03ten",
+             "max_tokens: has the wrong type on the wire"),
+            ("not protobuf", b"\xff\xff\xff\xff", "request: is not a valid protobuf message"),
+        ]
+        for name, payload, want in cases:
+            try:
+                await submit(payload, timeout=10)
+                failures.append(f"{name}: accepted")
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.INVALID_ARGUMENT or not (
+                    error.details() or ""
+                ).startswith(want):
+                    failures.append(f"{name}: {error.code()} {error.details()!r}")
+    assert not failures, "\n".join(failures)
+    assert await redis_dump(raw_redis) == before
+
+
+async def test_message_over_the_transport_limit_is_refused_and_writes_nothing(
+    client: QlmClient, raw_redis: aioredis.Redis
+) -> None:
+    before = await redis_dump(raw_redis)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.submit(pb.SubmitRequest(
+            model="m7b", prompt_text="y" * (MAX_MESSAGE_BYTES + 10), max_tokens=4
+        ))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await redis_dump(raw_redis) == before
+
+
+async def test_client_raises_invalid_input_naming_the_field(client: QlmClient) -> None:
+    with pytest.raises(InvalidInput) as info:
+        await client.submit(good(max_tokens=0))
+    assert (info.value.field, info.value.problem) == ("max_tokens", "must be > 0, got 0")
+
+
+async def test_duplicate_submit_is_idempotent(
+    client: QlmClient, raw_redis: aioredis.Redis, kafka_bootstrap: str, ingest: IngestApp
+) -> None:
+    first = await client.submit(good(request_id="dup-1"))
+    after_first = await redis_dump(raw_redis)
+    again = await client.submit(good(request_id="dup-1"))
+    assert again.duplicate and not first.duplicate
+    assert (again.request_id, again.state, again.deadline_at) == (
+        first.request_id, first.state, first.deadline_at
+    )
+    assert await redis_dump(raw_redis) == after_first
+    with pytest.raises(InvalidInput) as info:  # same id, different payload
+        await client.submit(good(request_id="dup-1", max_tokens=65))
+    assert info.value.field == "max_tokens"
+    assert await redis_dump(raw_redis) == after_first
+    events = await read_topic(kafka_bootstrap, ingest.topics.events, lambda rs: False, 3.0)
+    assert [r.key for r in events] == [b"dup-1"]
+
+
+async def test_get_cancel_and_stream_of_a_cancelled_request(client: QlmClient) -> None:
+    await client.submit(good(request_id="c-1"))
+    cancelled = await client.cancel("c-1")
+    assert cancelled.cancelled and cancelled.state == pb.REQUEST_STATE_CANCELLED
+    again = await client.cancel("c-1")
+    assert not again.cancelled and again.state == pb.REQUEST_STATE_CANCELLED
+    chunks = [c async for c in client.stream_tokens("c-1")]
+    assert len(chunks) == 1 and chunks[0].final.state == pb.REQUEST_STATE_CANCELLED
+    for call in (client.get("nope"), client.cancel("nope")):
+        with pytest.raises(NotFound):
+            await call
+    with pytest.raises(NotFound):
+        _ = [c async for c in client.stream_tokens("nope")]
+
+
+async def test_list_models(client: QlmClient) -> None:
+    models = await client.list_models()
+    assert [(m.name, m.max_model_len, list(m.gpus)) for m in models] == [
+        ("m7b", 2048, ["H100-80GB"])
+    ]
+
+
+async def test_health_serving_and_reflection(ingest: IngestApp) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ingest.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "qlm.v1.QueueManager"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name async for r in responses for s in r.list_services_response.service}
+        assert {"qlm.v1.QueueManager", "grpc.health.v1.Health"} <= names
+
+
+async def test_health_not_serving_when_kafka_does_not_answer(
+    redis_url: str, topic_prefix: str, ingest: IngestApp
+) -> None:
+    ingest.server.probes = (ingest.store.ping, _never)  # type: ignore[union-attr]
+    assert not await ingest.server.refresh_health()  # type: ignore[union-attr]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ingest.port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _never() -> bool:
+    return False
+
+
+# ------------------------------------------------------------------ Redis restart
+async def test_queue_survives_a_redis_restart(
+    client: QlmClient, redis_server: RedisServer, raw_redis: aioredis.Redis
+) -> None:
+    ids = [f"aof-{i}" for i in range(5)]
+    for request_id in ids:
+        await client.submit(good(request_id=request_id, slo_class="batch-2"))
+    before = await redis_dump(raw_redis)
+    await asyncio.to_thread(redis_server.restart)
+    fresh = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await redis_dump(fresh) == before
+    finally:
+        await fresh.aclose()
+    for request_id in ids:  # the running ingest reconnects by itself
+        assert (await client.get(request_id)).state == pb.REQUEST_STATE_QUEUED
+
+
+# ------------------------------------------------------------------ Kafka batch
+def _write_batch(path: Path, num_lines: int) -> None:
+    with path.open("w") as handle:
+        for i in range(num_lines):
+            handle.write(json.dumps({"model": "m7b", "prompt": f"item {i}", "max_tokens": 32,
+                                     "slo_class": "batch-2"}) + "\n")
+
+
+def _cli(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qlm.cli", *args], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=120,
+    )
+
+
+def _consumer_process(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.ingest", "--serve-grpc", "false"],
+            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+
+
+async def _num_queued(client: aioredis.Redis, group_prefix: bytes = b"qlm:group:") -> int:
+    total = 0
+    async for key in client.scan_iter(match=group_prefix + b"*", count=1000):
+        total += await client.zcard(key)
+    return total
+
+
+@pytest.mark.slow
+async def test_batch_lands_exactly_once_across_a_killed_consumer(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str, raw_redis: aioredis.Redis,
+    tmp_path: Path,
+) -> None:
+    num_lines = 4000
+    batch = tmp_path / "jobs.jsonl"
+    _write_batch(batch, num_lines)
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text("models:\n  - {name: m7b, max_model_len: 2048}\n")
+    env = {
+        **os.environ, "QLM_REDIS_URL": redis_url, "QLM_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "QLM_TOPIC_PREFIX": topic_prefix, "QLM_MODELS_FILE": str(models_file),
+        "QLM_CONSUMER_GROUP": f"{topic_prefix}ingest", "QLM_LOG_LEVEL": "warning",
+        "PYTHONPATH": str(ROOT),
+    }
+    await ensure_topics(kafka_bootstrap, topic_specs(TopicNames(topic_prefix)))
+    sent = _cli(["batch", "submit", str(batch)], env)
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["num_sent"] == num_lines
+
+    log_path = tmp_path / "consumer.log"
+    first = _consumer_process(env, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while (queued := await _num_queued(raw_redis)) < num_lines // 10:
+            assert first.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"consumer too slow: {queued} queued"
+            await asyncio.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    at_kill = await _num_queued(raw_redis)
+    assert 0 < at_kill < num_lines, f"the kill must land mid-batch, got {at_kill}"
+
+    second = _consumer_process(env, log_path)
+    try:
+        deadline = time.monotonic() + 90
+        while await _num_queued(raw_redis) < num_lines:
+            assert second.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "batch did not finish after the restart"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # anything redelivered has been handled by now
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0, log_path.read_text()
+
+    assert await _num_queued(raw_redis) == num_lines
+    ids = {f"jobs-{n}" for n in range(1, num_lines + 1)}
+    records = [key async for key in raw_redis.scan_iter(match=b"qlm:req:*", count=1000)]
+    assert {key.decode().removeprefix("qlm:req:") for key in records} == ids
+    events = await read_topic(
+        kafka_bootstrap, TopicNames(topic_prefix).events, lambda rs: len(rs) >= at_kill, 20.0
+    )
+    keys = [r.key for r in events]
+    assert len(keys) == len(set(keys)), "a request was announced twice"
+
+    resent = _cli(["batch", "submit", str(batch)], env)  # re-running the file is a no-op
+    assert resent.returncode == 0, resent.stderr
+
+
+async def test_bad_batch_file_line_is_reported_and_nothing_is_sent(
+    tmp_path: Path, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    batch = tmp_path / "bad.jsonl"
+    batch.write_text(
+        json.dumps(good()) + "\n\n" + json.dumps(good(max_tokens="many")) + "\n"
+    )
+    env = {**os.environ, "QLM_KAFKA_BOOTSTRAP": kafka_bootstrap,
+           "QLM_TOPIC_PREFIX": topic_prefix, "PYTHONPATH": str(ROOT)}
+    result = _cli(["batch", "submit", str(batch)], env)
+    assert result.returncode == 2
+    assert f"{batch}:3: max_tokens: must be an integer, got str" in result.stderr
+    await ensure_topics(kafka_bootstrap, topic_specs(TopicNames(topic_prefix)))
+    sent = await read_topic(
+        kafka_bootstrap, TopicNames(topic_prefix).batch_requests, lambda rs: False, 2.0
+    )
+    assert sent == []
+
+
+async def test_malformed_batch_records_go_to_the_dlq_and_the_consumer_carries_on(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    app = IngestApp(
+        _settings(redis_url, kafka_bootstrap, topic_prefix, batch_consumer=True, serve_grpc=False),
+        models=MODELS,
+    )
+    await app.start()
+    try:
+        before = await redis_dump(raw_redis)
+        topics = app.topics
+        bad = [
+            (b"b-1", json.dumps({"request_id": "b-1", **good(max_tokens="ten")}).encode(),
+             "max_tokens"),
+            (b"b-2", b"{not json", "record"),
+            (b"b-3", json.dumps(good()).encode(), "request_id"),
+            (b"b-4", json.dumps({"request_id": "b-4", **good(model="nope")}).encode(), "model"),
+            (b"b-5", json.dumps({"v": 9, "request_id": "b-5", **good()}).encode(), "v"),
+        ]
+        async with BusProducer(kafka_bootstrap) as producer:
+            for key, value, _ in bad:
+                await producer.publish_raw(topics.batch_requests, value, key)
+            await producer.publish_raw(
+                topics.batch_requests,
+                json.dumps({"request_id": "ok-1", **good()}).encode(), b"ok-1",
+            )
+        letters = await read_topic(
+            kafka_bootstrap, topics.dlq, lambda rs: len(rs) >= len(bad), 30.0
+        )
+        decoded = {
+            base64.b64decode(d.key_b64 or ""): d
+            for d in (DeadLetter.from_json(r.value) for r in letters)
+        }
+        assert {k: d.field for k, d in decoded.items()} == {k: f for k, _, f in bad}
+        assert {k: d.original_value() for k, d in decoded.items()} == {k: v for k, v, _ in bad}
+        assert "must be an integer, got str" in decoded[b"b-1"].reason
+        deadline = time.monotonic() + 20
+        while not await raw_redis.exists(KEYS.request("ok-1")):
+            assert time.monotonic() < deadline, "the good record after the bad ones never landed"
+            await asyncio.sleep(0.05)
+        after = await redis_dump(raw_redis)
+        assert set(after) - set(before) == {
+            KEYS.request("ok-1").encode(), *[k for k in after if k.startswith(b"qlm:group")],
+            KEYS.groups.encode(),
+        }
+        assert await _num_queued(raw_redis) == 1
+    finally:
+        await app.stop()
