@@ -32,9 +32,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from qlm.core.errors import InvalidInput
+from qlm.core.estimator import DEFAULT_OUTPUT_STATS, LengthStats
 from qlm.core.perf import PerfProfile, ProfileBook
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
 from qlm.core.types import (
     GroupKey,
     Request,
@@ -52,31 +55,24 @@ MIN_STD_S = 0.25
 #: Beyond this many standard deviations a deadline counts as surely met or missed.
 SURE_Z = 5.0
 
-# ShareGPT-like output length (tokens) used when no estimator statistics are given.
-_FALLBACK_OUTPUT_MEAN = 338.0
-_FALLBACK_OUTPUT_STD = 300.0
+def output_stats_from(options: Mapping[str, Any]) -> dict[str, LengthStats]:
+    """Per-model output-length statistics from ``options['output_stats']``.
 
-
-def _default_output_stats() -> tuple[float, float]:
-    try:  # the estimator's documented default, when that module is present
-        from qlm.core.estimator import DEFAULT_OUTPUT_STATS
-    except ImportError:
-        return (_FALLBACK_OUTPUT_MEAN, _FALLBACK_OUTPUT_STD)
-    return (float(DEFAULT_OUTPUT_STATS.mean), float(DEFAULT_OUTPUT_STATS.std))
-
-
-def output_stats_from(options: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
-    """Per-model (mean, std) of output tokens from ``options['output_stats']``.
-
-    Accepts ``{model: LengthStats}`` or ``{model: (mean, std)}``; "*" is the default.
+    Accepts ``{model: LengthStats}`` or ``{model: (mean, std)}``; key "*" (default
+    :data:`qlm.core.estimator.DEFAULT_OUTPUT_STATS`) covers every other model.
     """
     raw = options.get("output_stats") or {}
-    stats: dict[str, tuple[float, float]] = {"*": _default_output_stats()}
+    stats: dict[str, LengthStats] = {"*": DEFAULT_OUTPUT_STATS}
     for model, value in raw.items():
-        mean, std = (value.mean, value.std) if hasattr(value, "mean") else value
-        if not (mean > 0 and std >= 0):
-            raise InvalidInput(f"options.output_stats.{model}", "needs mean > 0 and std >= 0")
-        stats[model] = (float(mean), float(std))
+        if isinstance(value, LengthStats):
+            stats[model] = value
+            continue
+        try:
+            mean, std = value
+        except (TypeError, ValueError):
+            raise InvalidInput(f"options.output_stats.{model}",
+                               "expected LengthStats or (mean, std)") from None
+        stats[model] = LengthStats(float(mean), float(std))
     return stats
 
 
@@ -107,41 +103,25 @@ class GroupStats:
         return self.key.model
 
 
-def _expected_output(request: Request, mean: float, std: float) -> tuple[float, float]:
-    """Expected remaining output tokens of a request and their variance."""
-    cap = request.max_tokens - request.num_generated
-    expected = min(float(request.max_tokens), mean) - request.num_generated
-    expected = max(1.0, min(expected, float(cap)))
-    variance = std * std if request.max_tokens > mean else 0.0
-    return expected, variance
-
-
 def summarise_group(group: RequestGroup, index: int,
-                    output_stats: Mapping[str, tuple[float, float]]) -> GroupStats:
-    mean, std = output_stats.get(group.model, output_stats["*"])
+                    output_stats: Mapping[str, LengthStats]) -> GroupStats:
+    """One vectorised pass: remaining-output moments as the estimator computes them
+    (truncated log-normal given the progress kept), prompts and deadlines."""
+    lengths = output_stats.get(group.model, output_stats["*"])
     requests = group.requests
     n = len(requests)
-    prompt = 0
-    out_mean = 0.0
-    out_var = 0.0
-    deadlines = []
-    var_each = std * std
-    for r in requests:  # _expected_output, inlined: this loop is the hot one
-        prompt += r.prompt_tokens
-        generated = r.num_generated
-        cap = r.max_tokens - generated
-        e = (r.max_tokens if r.max_tokens < mean else mean) - generated
-        out_mean += 1.0 if e < 1.0 else (cap if e > cap else e)
-        if r.max_tokens > mean:
-            out_var += var_each
-        deadlines.append(r.arrival_at + r.slo.ttft_s)
-    deadlines.sort()
-    points = tuple(deadlines[min(n - 1, int(q * n))] for q in DEADLINE_QUANTILES)
+    cap = np.fromiter((r.max_tokens for r in requests), float, n)
+    done = np.fromiter((r.num_generated for r in requests), float, n)
+    prompt = np.fromiter((r.prompt_tokens for r in requests), float, n)
+    deadlines = np.sort(np.fromiter((r.arrival_at + r.slo.ttft_s for r in requests), float, n))
+    mean, var = lengths.remaining_moments(cap, done)
+    out_mean = float(np.maximum(mean, 1.0).sum())
+    picks = [min(n - 1, int(q * n)) for q in DEADLINE_QUANTILES]
     return GroupStats(
-        key=group.key, index=index, size=n, mean_prompt=prompt / n,
-        out_mean_total=out_mean, out_var_total=out_var, mean_output=out_mean / n,
-        deadline_points=points, earliest_deadline_at=deadlines[0],
-        latest_deadline_at=deadlines[-1],
+        key=group.key, index=index, size=n, mean_prompt=float(prompt.mean()),
+        out_mean_total=out_mean, out_var_total=float(var.sum()), mean_output=out_mean / n,
+        deadline_points=tuple(float(deadlines[i]) for i in picks),
+        earliest_deadline_at=float(deadlines[0]), latest_deadline_at=float(deadlines[-1]),
         ttft_s=requests[0].slo.ttft_s,
     )
 
@@ -163,9 +143,9 @@ class GroupStatsCache:
         self.memos: list[dict[Any, Any]] = []
 
     def refresh(self, groups: Sequence[RequestGroup],
-                output_stats: Mapping[str, tuple[float, float]],
+                output_stats: Mapping[str, LengthStats],
                 profiles: ProfileBook | None = None) -> list[GroupStats]:
-        basis = (tuple(sorted(output_stats.items())), id(profiles))
+        basis = (tuple(sorted(output_stats.items(), key=lambda kv: kv[0])), id(profiles))
         if basis != self._basis:
             self._entries = {}
             self._basis = basis
@@ -216,21 +196,22 @@ class WorkerLoad:
 
 
 def summarise_running(running: Sequence[RunningRequest],
-                      output_stats: Mapping[str, tuple[float, float]]) -> WorkerLoad:
-    total = 0.0
-    var = 0.0
-    each = []
-    reserved = 0
-    for rr in running:
-        r = rr.request
-        mean, std = output_stats.get(r.model, output_stats["*"])
-        e, v = _expected_output(r, mean, std)
-        total += e
-        var += v
-        each.append(e)
-        reserved += kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
-    each.sort()
-    return WorkerLoad(total, var, tuple(each), reserved)
+                      output_stats: Mapping[str, LengthStats]) -> WorkerLoad:
+    """Remaining-output moments of a worker's running requests and their KV reservations
+    (the same reservation as :func:`qlm.core.pulls.kv_reservation`)."""
+    n = len(running)
+    if n == 0:
+        return WorkerLoad(0.0, 0.0, (), 0)
+    lengths = output_stats.get(running[0].request.model, output_stats["*"])
+    cap = np.fromiter((rr.request.max_tokens for rr in running), float, n)
+    done = np.fromiter((rr.request.num_generated for rr in running), float, n)
+    prompt = np.fromiter((rr.request.prompt_tokens for rr in running), np.int64, n)
+    mean, var = lengths.remaining_moments(cap, done)
+    expected = DEFAULT_EXPECTED_OUTPUT_TOKENS
+    reserved = prompt + np.minimum(cap.astype(np.int64),
+                                   np.maximum(done.astype(np.int64) + 1, expected))
+    return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
+                      int(reserved.sum()))
 
 
 class WorkerLoadCache:
@@ -240,7 +221,7 @@ class WorkerLoadCache:
         self._entries: dict[str, tuple[tuple[RunningRequest, ...], WorkerLoad]] = {}
 
     def refresh(self, workers: Sequence[WorkerView],
-                output_stats: Mapping[str, tuple[float, float]]) -> list[WorkerLoad]:
+                output_stats: Mapping[str, LengthStats]) -> list[WorkerLoad]:
         fresh = {}
         out = []
         for w in workers:
@@ -285,7 +266,7 @@ class CostModel:
 
     def __init__(self, profiles: ProfileBook, workers: Sequence[WorkerView],
                  stats: Sequence[GroupStats],
-                 output_stats: Mapping[str, tuple[float, float]],
+                 output_stats: Mapping[str, LengthStats],
                  charge_swaps: bool = True,
                  memos: Sequence[dict[Any, Any]] | None = None) -> None:
         self.profiles = profiles
@@ -352,7 +333,7 @@ class CostModel:
             w = self.shape_worker[shape]
             if self.profiles.has(model, w.gpu):
                 p = self.profiles.get(model, w.gpu)
-                mean, _ = self.output_stats.get(model, self.output_stats["*"])
+                mean = self.output_stats.get(model, self.output_stats["*"]).mean
                 ctx = 512.0 + mean / 2.0
                 rate = p.decode_tokens_per_s(steady_batch(p, w, ctx), ctx)
             else:

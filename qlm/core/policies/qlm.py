@@ -72,6 +72,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qlm.core.errors import InvalidInput
+from qlm.core.estimator import LengthStats
 from qlm.core.policies.base import PolicyContext, register
 from qlm.core.policies.planning import (
     DEADLINE_QUANTILES,
@@ -127,7 +128,7 @@ class PlanningContext:
     """Everything one decision computes once: summaries, cost tables, lanes."""
 
     def __init__(self, snapshot: QueueSnapshot, ctx: PolicyContext, stats: list[GroupStats],
-                 loads: list[WorkerLoad], output_stats: Mapping[str, tuple[float, float]],
+                 loads: list[WorkerLoad], output_stats: Mapping[str, LengthStats],
                  weights: Mapping[SLOClass, float],
                  memos: Sequence[dict[Any, Any]] | None = None) -> None:
         self.snapshot = snapshot
