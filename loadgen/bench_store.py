@@ -6,9 +6,10 @@ loopback port with the project's settings (AOF on, ``appendfsync everysec``), or
 against ``--url``. Phases run one after the other on the same data:
 
 1. enqueue ``--requests`` requests (3 models × 3 SLO classes, groups of 10 s);
-2. pull: each client is a worker with every group of its model in its virtual
+2. snapshot: three full snapshots of the queue, one after the other;
+3. pull: each client is a worker with every group of its model in its virtual
    queue and pulls ``--pull-batch`` requests per call until the queue is empty;
-3. ack every pulled request as finished.
+4. ack every pulled request as finished.
 
 Writes throughput and per-call latency percentiles as JSON (``--out``), with the
 exact command line. Example::
@@ -119,6 +120,20 @@ async def bench_enqueue(
     return PhaseResult("enqueue", calls, moved, elapsed, lat)
 
 
+async def bench_snapshot(store: RedisQueueStore, num_snapshots: int) -> PhaseResult:
+    """Sequential full snapshots of the queue (the scheduler's read)."""
+    latencies = []
+    num_requests = 0
+    started = time.perf_counter()
+    for _ in range(num_snapshots):
+        t = time.perf_counter()
+        snap = await store.snapshot()
+        latencies.append(time.perf_counter() - t)
+        num_requests += sum(g.size for g in snap.groups)
+    elapsed = time.perf_counter() - started
+    return PhaseResult("snapshot", num_snapshots, num_requests, elapsed, latencies)
+
+
 async def bench_pull(
     store: RedisQueueStore, requests: list[Request], num_clients: int, batch: int
 ) -> tuple[PhaseResult, dict[str, list[str]]]:
@@ -190,6 +205,8 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         before = cpu.read()
         enqueue = cpu.measure(await bench_enqueue(store, requests, args.clients), before)
         before = cpu.read()
+        snapshot = cpu.measure(await bench_snapshot(store, 3), before)
+        before = cpu.read()
         pull, held = await bench_pull(store, requests, args.clients, args.pull_batch)
         pull = cpu.measure(pull, before)
         pulled = sum(len(v) for v in held.values())
@@ -200,7 +217,7 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await store.aclose()
         cpu.close()
-    return {p.name: p.as_json() for p in (enqueue, pull, ack)}
+    return {p.name: p.as_json() for p in (enqueue, snapshot, pull, ack)}
 
 
 def redis_version(url: str) -> str:

@@ -26,6 +26,7 @@ SCRIPT_NAMES = (
     "set_virtual_queues",
     "append_tokens",
     "snapshot",
+    "read_records",
 )
 
 
@@ -53,6 +54,7 @@ class Scripts:
     set_virtual_queues: AsyncScript
     append_tokens: AsyncScript
     snapshot: AsyncScript
+    read_records: AsyncScript
 
     @classmethod
     def register(cls, client: Redis) -> Scripts:

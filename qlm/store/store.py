@@ -404,15 +404,16 @@ class RedisQueueStore:
     async def _scheduling_fields(self, ids: Sequence[str]) -> dict[str, dict[str, str]]:
         """``id → {field: value}`` of :data:`SCHEDULING_FIELDS` (records that vanished
         in between are left out)."""
+        chunks = [ids[i : i + _SNAPSHOT_CHUNK] for i in range(0, len(ids), _SNAPSHOT_CHUNK)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for chunk in chunks:
+                keys = [self.keys.request(i) for i in chunk]
+                await self._scripts.read_records(keys=keys, args=SCHEDULING_FIELDS, client=pipe)
+            replies = await pipe.execute()
         out: dict[str, dict[str, str]] = {}
-        for start in range(0, len(ids), _SNAPSHOT_CHUNK):
-            chunk = ids[start : start + _SNAPSHOT_CHUNK]
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for request_id in chunk:
-                    pipe.hmget(self.keys.request(request_id), SCHEDULING_FIELDS)
-                rows = await pipe.execute()
-            for request_id, row in zip(chunk, rows, strict=True):
-                if row[0] is not None:
+        for chunk, reply in zip(chunks, replies, strict=True):
+            for request_id, row in zip(chunk, json.loads(reply), strict=True):
+                if row[0] is not False:
                     out[request_id] = dict(zip(SCHEDULING_FIELDS, row, strict=True))
         return out
 

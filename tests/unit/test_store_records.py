@@ -88,5 +88,5 @@ def test_every_script_header_lists_its_keys_and_argv(name: str) -> None:
     body = script_source(name).split("-- End of shared helpers.", 1)[1]
     header = [line for line in body.splitlines() if line.startswith("--")]
     assert any("KEYS[1" in line for line in header)
-    assert any("ARGV[1]" in line for line in header)
+    assert any("ARGV[1" in line for line in header)
     assert any("Returns" in line for line in header)
