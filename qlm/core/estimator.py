@@ -42,6 +42,7 @@ frozen), so evaluating a whole order costs O(number of groups) after the first c
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from scipy.special import ndtr
 
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile, ProfileBook
+from qlm.core.pulls import kv_reservation
 from qlm.core.types import Request, RequestGroup, WorkerView
 
 _STANDARD_NORMAL: Final = NormalDist()
@@ -63,6 +65,9 @@ CORRECTION_ALPHA: Final = 0.3
 #: The correction factor on decode time stays within these bounds.
 CORRECTION_MIN: Final = 0.25
 CORRECTION_MAX: Final = 4.0
+#: Prompt tokens one admission (prefill step) takes at most: vLLM's default
+#: max_num_batched_tokens, and the simulator's max_prefill_tokens.
+PREFILL_TOKENS_PER_STEP: Final = 8192
 #: Memoised groups kept before the memo starts afresh.
 _MEMO_LIMIT: Final = 50_000
 
@@ -141,6 +146,30 @@ class LengthStats:
         mu, s = self.lognormal
         return math.exp(mu + s * _STANDARD_NORMAL.inv_cdf(q))
 
+    def residual_quantile_tokens(self, q: float, max_tokens: float) -> float:
+        """The q-quantile of the equilibrium residual of X = min(L, max_tokens).
+
+        A request caught in flight at a random moment has residual output with CDF
+        F(x) = E[min(X, x)] / E[X] (renewal theory); solved for x by bisection.
+        """
+        return _residual_quantile(self, q, float(max_tokens))
+
+
+@functools.lru_cache(maxsize=4096)
+def _residual_quantile(stats: LengthStats, q: float, max_tokens: float) -> float:
+    if stats.std == 0.0:
+        return q * min(stats.mean, max_tokens)
+    zero = np.zeros(1)
+    whole = float(stats.remaining_moments(np.array([max_tokens]), zero)[0][0])
+    lo, hi = 0.0, max_tokens
+    for _ in range(30):
+        mid = (lo + hi) / 2.0
+        if float(stats.remaining_moments(np.array([mid]), zero)[0][0]) < q * whole:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
 
 #: ShareGPT-like chat output lengths: mean 338 tokens (ShareGPT's mean output in the vLLM
 #: paper, 5.8× Alpaca's 58.45), std 300 (coefficient of variation 0.89, log-normal σ 0.77;
@@ -195,12 +224,13 @@ class GroupWork:
     size: int
     out_mean_tokens: float     # Σ E[R]
     out_var_tokens: float      # Σ Var[R]
+    decode_tokens: float       # Σ E[R] less the first tokens that prefills emit
     residual_tokens: float     # ρ = Σ E[R²] / (2 Σ E[R]), renewal-equilibrium residual
-    mean_context: float        # mean KV tokens a request holds over its life
-    mean_reservation: float    # mean KV tokens a request holds at its end
+    mean_context: float        # mean KV tokens of a request in a running batch
+    mean_reservation: float    # mean KV tokens admission reserves (qlm.core.pulls)
     tail_cap_tokens: float     # most output any request may still produce
     head_prompt_tokens: int    # the first request's prefill (its own TTFT)
-    prompt_tokens: np.ndarray  # every request's prefill tokens, in group order
+    prompt_tokens: np.ndarray  # every request's prefill tokens (prompt + generated), in order
     deadlines_at: np.ndarray   # every request's deadline, in group order
 
 
@@ -212,18 +242,23 @@ def _work_of(requests: Sequence[Request], model: str, stats: LengthStats) -> Gro
     mean, var = stats.remaining_moments(cap, done)
     total = float(mean.sum())
     second = float((var + mean * mean).sum())
+    residual = second / (2.0 * total) if total > 0 else 0.0
     held = prompt + done
+    fresh = (done == 0).astype(float)  # their first token comes out of the prefill
     return GroupWork(
         model=model,
         size=len(requests),
         out_mean_tokens=total,
         out_var_tokens=float(var.sum()),
-        residual_tokens=second / (2.0 * total) if total > 0 else 0.0,
-        mean_context=float((held + mean / 2.0).mean()),
-        mean_reservation=float((held + mean).mean()),
+        decode_tokens=float(np.clip(mean - fresh, 0.0, None).sum()),
+        residual_tokens=residual,
+        # In a running batch long requests stay longer: the mean output generated so far
+        # by a request caught in the batch is the equilibrium age ρ, not E[R]/2.
+        mean_context=float(held.mean()) + residual,
+        mean_reservation=float(np.mean([kv_reservation(r) for r in requests])),
         tail_cap_tokens=float((cap - done).max()),
-        head_prompt_tokens=int(prompt[0]),
-        prompt_tokens=prompt,
+        head_prompt_tokens=int(held[0]),
+        prompt_tokens=held.astype(np.int64),
         deadlines_at=deadlines,
     )
 
@@ -241,17 +276,37 @@ def _prefill_many(profile: PerfProfile, tokens: np.ndarray) -> np.ndarray:
     return np.where(t <= 0, 0.0, np.clip(out, 0.0, None))
 
 
-def batch_prefill_s(profile: PerfProfile, tokens: np.ndarray) -> float:
-    """Prefill of many prompts: one fixed cost (the smallest tabulated prefill) + marginals.
+def admission_prefill_s(profile: PerfProfile, tokens: np.ndarray, batch: int,
+                        mean_output_tokens: float) -> float:
+    """Prefill time of admitting requests with ``tokens`` to prefill each, at steady batch.
 
-    Summing single-prompt prefills would charge the fixed cost per prompt; vLLM batches
-    them (on the H100 128×512 tokens take 1.50 s, not 128×16.4 ms).
+    Admissions are prefill-first steps of at most PREFILL_TOKENS_PER_STEP tokens at a
+    step boundary. In a full batch of ``batch`` requests of mean output μ, λ = batch/μ
+    requests finish per decode step, so a step boundary admits on average λ/(1 − e^−λ)
+    requests (Poisson completions, at least one). Each admission pays the fixed cost
+    once (the smallest tabulated prefill) plus every prompt's marginal prefill::
+
+        fixed · max(1, n·(1 − e^−λ)/λ, Σ tokens / PREFILL_TOKENS_PER_STEP) + Σ (prefill(p) − fixed)
     """
     if tokens.size == 0:
         return 0.0
     fixed = profile.prefill_seconds[0]
-    each = _prefill_many(profile, tokens)
-    return float(fixed + np.clip(each - fixed, 0.0, None).sum())
+    marginal = float(np.clip(_prefill_many(profile, tokens) - fixed, 0.0, None).sum())
+    rate = batch / max(mean_output_tokens, 1.0)
+    per_request = -math.expm1(-rate) / rate
+    admissions = max(1.0, tokens.size * per_request, float(tokens.sum()) / PREFILL_TOKENS_PER_STEP)
+    return fixed * admissions + marginal
+
+
+def first_admission_tokens(tokens: np.ndarray, free_slots: int) -> int:
+    """Tokens prefilled with the first request when a group is admitted into free slots.
+
+    Whole requests in order, up to ``free_slots`` and PREFILL_TOKENS_PER_STEP tokens (the
+    first request always).
+    """
+    sums = np.cumsum(tokens[:max(1, free_slots)])
+    fit = int(np.searchsorted(sums, PREFILL_TOKENS_PER_STEP, side="right"))
+    return int(sums[max(fit, 1) - 1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,12 +318,21 @@ class _Timing:
     credit_s: float        # (B−1)·ρ·τ
     tail_s: float          # longest in-flight residual · step at half the batch
     prefill_s: float       # prefill of all its requests
-    head_prefill_s: float  # prefill of its first request
+    head_prefill_s: float  # prefill of its first request, admitted alone
+    bulk_prefill_s: float  # prefill of its first request, admitted into free slots
+
+
+def kv_capacity_for(worker: WorkerView, profile: PerfProfile) -> int:
+    """KV tokens the worker has for ``profile.model``: its own figure for the active model,
+    else no more than the model's profile allows (the view describes the active model)."""
+    if profile.model == worker.active_model:
+        return worker.kv_capacity_tokens
+    return min(worker.kv_capacity_tokens, profile.kv_capacity_tokens)
 
 
 def steady_batch(worker: WorkerView, profile: PerfProfile, reservation_tokens: float) -> int:
     """min(max batch, how many requests of this size the KV cache holds), at least 1."""
-    by_kv = int(worker.kv_capacity_tokens // max(reservation_tokens, 1.0))
+    by_kv = int(kv_capacity_for(worker, profile) // max(reservation_tokens, 1.0))
     return max(1, min(worker.max_batch_size, profile.max_batch_size, by_kv))
 
 
@@ -278,17 +342,20 @@ def _timing(work: GroupWork, worker: WorkerView, profile: PerfProfile,
     step = profile.decode_step_s(batch, int(batch * work.mean_context))
     per_token = step / batch
     in_flight = max(1, min(batch, work.size))
-    tail_tokens = min(work.tail_cap_tokens,
-                      max(work.out_mean_tokens / work.size,
-                          stats.quantile_tokens(in_flight / (in_flight + 1.0))))
+    # The longest of the requests in flight when the last one starts (median of the max
+    # of `in_flight` equilibrium residuals).
+    tail_tokens = stats.residual_quantile_tokens(in_flight / (in_flight + 1.0),
+                                                 work.tail_cap_tokens)
     half = max(1, in_flight // 2)
+    mean_output = work.out_mean_tokens / work.size
     return _Timing(
-        decode_s=work.out_mean_tokens * per_token,
+        decode_s=work.decode_tokens * per_token,
         decode_var_s2=work.out_var_tokens * per_token * per_token,
         credit_s=(batch - 1) * work.residual_tokens * per_token,
         tail_s=tail_tokens * profile.decode_step_s(half, int(half * work.mean_context)),
-        prefill_s=batch_prefill_s(profile, work.prompt_tokens),
+        prefill_s=admission_prefill_s(profile, work.prompt_tokens, batch, mean_output),
         head_prefill_s=profile.prefill_s(work.head_prompt_tokens),
+        bulk_prefill_s=profile.prefill_s(first_admission_tokens(work.prompt_tokens, batch)),
     )
 
 
@@ -299,7 +366,7 @@ class _Memo:
 
     def __init__(self) -> None:
         self.works: dict[int, tuple[RequestGroup, GroupWork]] = {}
-        self.timings: dict[tuple[int, str, int, int], tuple[RequestGroup, _Timing]] = {}
+        self.timings: dict[tuple[int, str, int, int, bool], tuple[RequestGroup, _Timing]] = {}
 
     def trim(self) -> None:
         if len(self.works) > _MEMO_LIMIT:
@@ -380,7 +447,8 @@ class RWTEstimator:
         return work
 
     def _timing_of(self, worker: WorkerView, group: RequestGroup) -> _Timing:
-        key = (id(group), worker.gpu, worker.kv_capacity_tokens, worker.max_batch_size)
+        key = (id(group), worker.gpu, worker.kv_capacity_tokens, worker.max_batch_size,
+               group.model == worker.active_model)
         hit = self._memo.timings.get(key)
         if hit is not None and hit[0] is group:
             return hit[1]
@@ -428,7 +496,10 @@ class RWTEstimator:
             factor = self.correction(group.model, worker.gpu)
             first_s, last_s = self._starts_in(segment, timing, factor, group.size)
             var = past_var + (segment.ahead_var_s2 if first_s > 0 else 0.0)
-            waits.append(WaitEstimate(segment.start_s + first_s + timing.head_prefill_s,
+            # Its first token: its own prefill once it starts, or, when it finds free slots,
+            # the prefill of the first admission it shares with its group-mates.
+            first_token_s = max(first_s + timing.head_prefill_s, timing.bulk_prefill_s)
+            waits.append(WaitEstimate(segment.start_s + first_token_s,
                                       math.sqrt(var), last_s - first_s))
             segment = _Segment(
                 model=segment.model,
@@ -501,7 +572,7 @@ class RWTEstimator:
         done = np.fromiter((r.num_generated for r in requests), float, len(requests))
         held = np.fromiter((r.context_tokens for r in requests), float, len(requests))
         mean, var = stats.remaining_moments(cap, done)
-        batch = steady_batch(worker, profile, float((held + mean).mean()))
+        batch = steady_batch(worker, profile, float(np.mean([kv_reservation(r) for r in requests])))
         context = float((held + mean / 2.0).mean())
         per_token = profile.decode_step_s(batch, int(batch * context)) / batch
         per_token *= self.correction(model, worker.gpu)

@@ -79,10 +79,17 @@ def closed_form_step(batch: int) -> float:
     return BASE + PER_SEQ * batch + PER_CTX * batch * (PROMPT + MU / 2)
 
 
-def group_prefill(n: int) -> float:
-    """One fixed cost (the smallest tabulated prefill) plus n marginal prefills."""
+def group_prefill(n: int, batch: int = 64) -> float:
+    """Fixed cost per admission (λ = B/μ completions per step) plus n marginal prefills."""
     fixed = prefill(16)
-    return fixed + n * (prefill(PROMPT) - fixed)
+    rate = batch / MU
+    admissions = max(1.0, n * -math.expm1(-rate) / rate, n * PROMPT / 8192)
+    return fixed * admissions + n * (prefill(PROMPT) - fixed)
+
+
+def decode_tokens(n: int) -> float:
+    """The prefill emits each request's first token; decode makes the other μ − 1."""
+    return n * (MU - 1)
 
 
 # ------------------------------------------------------------------ lengths
@@ -127,13 +134,14 @@ def test_length_stats_validation_and_fit() -> None:
 
 # ------------------------------------------------------------------ closed forms
 def test_group_service_of_identical_requests() -> None:
-    """n requests, output μ each, steady batch B: n·μ·step(B)/B decode + their prefills."""
+    """n requests, output μ each, steady batch B: n·(μ−1)·step(B)/B decode + their prefills."""
     est = RWTEstimator(BOOK, EXACT)
     n = 10
     batch = steady_batch(worker(), BOOK.get("a", GPU), PROMPT + MU)
     assert batch == 64  # max_batch_size binds (KV would allow 100,000 / 300 = 333)
     service = est.group_service(worker(), group("a", n))
-    assert service.mean_s == pytest.approx(n * MU * closed_form_step(64) / 64 + group_prefill(n))
+    assert service.mean_s == pytest.approx(
+        decode_tokens(n) * closed_form_step(64) / 64 + group_prefill(n))
     assert service.std_s == 0.0
 
 
@@ -143,7 +151,7 @@ def test_steady_batch_is_limited_by_kv_capacity() -> None:
     assert steady_batch(small, BOOK.get("a", GPU), PROMPT + MU) == 10
     service = est.group_service(small, group("a", 20))
     step = BASE + PER_SEQ * 10 + PER_CTX * 10 * (PROMPT + MU / 2)
-    assert service.mean_s == pytest.approx(20 * MU * step / 10 + group_prefill(20))
+    assert service.mean_s == pytest.approx(decode_tokens(20) * step / 10 + group_prefill(20, 10))
 
 
 def test_variance_scales_with_n_sigma_squared() -> None:
@@ -158,28 +166,29 @@ def test_variance_scales_with_n_sigma_squared() -> None:
 
 
 def test_head_group_on_idle_worker_waits_only_for_its_prefill() -> None:
+    """Free slots: the first admission prefills 10 prompts together (<= 8192 tokens)."""
     est = RWTEstimator(BOOK, EXACT)
     (wait,) = est.queue_waits(worker(), [group("a", 10)], now=100.0)
-    assert wait.mean_s == pytest.approx(prefill(PROMPT))
+    assert wait.mean_s == pytest.approx(prefill(10 * PROMPT))
     assert wait.std_s == 0.0
 
 
 def test_second_group_waits_for_the_first_minus_in_flight_work() -> None:
-    """wait₂ = (n·μ·τ + prefills₁) − (B−1)·ρ·τ + prefill, ρ = μ/2 for fixed lengths."""
+    """wait₂ = (n·(μ−1)·τ + prefills₁) − (B−1)·ρ·τ + prefill, ρ = μ/2 for fixed lengths."""
     est = RWTEstimator(BOOK, EXACT)
     n = 500
     first, second = est.queue_waits(worker(), [group("a", n, 0), group("a", 5, 1)], now=0.0)
     per_token = closed_form_step(64) / 64
-    ahead = n * MU * per_token + group_prefill(n)
+    ahead = decode_tokens(n) * per_token + group_prefill(n)
     credit = 63 * (MU / 2) * per_token
-    assert first.mean_s == pytest.approx(prefill(PROMPT))
+    assert first.mean_s == pytest.approx(prefill(64 * PROMPT))
     assert second.mean_s == pytest.approx(ahead - credit + prefill(PROMPT))
 
 
 def test_a_small_group_ahead_leaves_free_slots() -> None:
     est = RWTEstimator(BOOK, EXACT)
     _, second = est.queue_waits(worker(), [group("a", 3, 0), group("a", 5, 1)], now=0.0)
-    assert second.mean_s == pytest.approx(prefill(PROMPT))
+    assert second.mean_s == pytest.approx(prefill(5 * PROMPT))
 
 
 def test_model_swap_adds_sleep_and_wake() -> None:
@@ -198,7 +207,7 @@ def test_swap_waits_for_the_segment_to_drain() -> None:
     est = RWTEstimator(BOOK, EXACT)
     n = 500
     per_token = closed_form_step(64) / 64
-    ahead = n * MU * per_token + group_prefill(n)
+    ahead = decode_tokens(n) * per_token + group_prefill(n)
     swapped = est.queue_waits(worker(), [group("a", n, 0), group("b", 5, 1)], 0.0)[1]
     assert swapped.mean_s >= ahead + SLEEP + WAKE + prefill(PROMPT) - 1e-9
 
@@ -206,14 +215,14 @@ def test_swap_waits_for_the_segment_to_drain() -> None:
 def test_idle_worker_wakes_the_head_model_without_sleeping_anything() -> None:
     est = RWTEstimator(BOOK, EXACT)
     (wait,) = est.queue_waits(worker(active=None), [group("b", 5)], 0.0)
-    assert wait.mean_s == pytest.approx(WAKE + prefill(PROMPT))
+    assert wait.mean_s == pytest.approx(WAKE + prefill(5 * PROMPT))
 
 
 def test_pending_swap_counts_from_now() -> None:
     est = RWTEstimator(BOOK, EXACT)
     busy = worker(active=None, swapping_until=12.0)
     (wait,) = est.queue_waits(busy, [group("b", 5)], now=10.0)
-    assert wait.mean_s == pytest.approx(2.0 + prefill(PROMPT))
+    assert wait.mean_s == pytest.approx(2.0 + prefill(5 * PROMPT))
 
 
 def test_running_requests_delay_the_queue() -> None:
