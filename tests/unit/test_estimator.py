@@ -19,6 +19,7 @@ from qlm.core.estimator import (
     steady_batch,
 )
 from qlm.core.perf import PerfProfile, ProfileBook
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
 from qlm.core.types import (
     SLO,
     GroupKey,
@@ -146,12 +147,14 @@ def test_group_service_of_identical_requests() -> None:
 
 
 def test_steady_batch_is_limited_by_kv_capacity() -> None:
+    """Admission reserves prompt + expected output (qlm.core.pulls): 3,000 // 438 = 6."""
     small = WorkerView("w", GPU, ("a",), "a", 3_000, 64)
     est = RWTEstimator(BOOK, EXACT)
-    assert steady_batch(small, BOOK.get("a", GPU), PROMPT + MU) == 10
+    reservation = PROMPT + DEFAULT_EXPECTED_OUTPUT_TOKENS
+    assert steady_batch(small, BOOK.get("a", GPU), reservation) == 6
     service = est.group_service(small, group("a", 20))
-    step = BASE + PER_SEQ * 10 + PER_CTX * 10 * (PROMPT + MU / 2)
-    assert service.mean_s == pytest.approx(decode_tokens(20) * step / 10 + group_prefill(20, 10))
+    step = BASE + PER_SEQ * 6 + PER_CTX * 6 * (PROMPT + MU / 2)
+    assert service.mean_s == pytest.approx(decode_tokens(20) * step / 6 + group_prefill(20, 6))
 
 
 def test_variance_scales_with_n_sigma_squared() -> None:
@@ -160,8 +163,9 @@ def test_variance_scales_with_n_sigma_squared() -> None:
     one = est.group_service(worker(), group("a", 50, max_tokens=100_000))
     two = est.group_service(worker(), group("a", 100, max_tokens=100_000))
     assert two.std_s**2 == pytest.approx(2 * one.std_s**2, rel=1e-9)
-    # std = sqrt(n)·σ·τ with τ = step/B seconds per token (truncation negligible here)
-    per_token = BOOK.get("a", GPU).decode_step_s(64, int(64 * (PROMPT + 150.0))) / 64
+    # std = sqrt(n)·σ·τ with τ = step/B seconds per token (truncation negligible here); a
+    # request in the batch holds prompt + its equilibrium age E[L²]/2E[L] = 187.5 tokens
+    per_token = BOOK.get("a", GPU).decode_step_s(64, int(64 * (PROMPT + 187.5))) / 64
     assert one.std_s == pytest.approx(math.sqrt(50) * 150.0 * per_token, rel=1e-3)
 
 
