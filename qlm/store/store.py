@@ -364,9 +364,11 @@ class RedisQueueStore:
         """Queued groups with their requests, each worker's running requests and
         virtual queue: one atomic script for membership + pipelined record reads."""
         with _redis_errors():
-            groups_raw, workers_raw = await self._scripts.snapshot(
+            reply = await self._scripts.snapshot(
                 keys=[self.keys.groups, self.keys.workers], args=[self.keys.prefix]
             )
+            groups_raw, workers_raw = (_json_list(part) for part in json.loads(reply))
+            workers_raw = [(w, _json_list(vq), _json_list(run)) for w, vq, run in workers_raw]
             ids = [i for _, members in groups_raw for i in members]
             ids += [i for _, _, running in workers_raw for i in running]
             fields = await self._scheduling_fields(ids)
@@ -624,6 +626,11 @@ class RedisQueueStore:
             pipe.exists(stream)
             state, exists = await pipe.execute()
         return state is None or (RequestState(state).is_terminal and not exists)
+
+
+def _json_list(value: Any) -> list[Any]:
+    """A list from a script's JSON, where cjson writes an empty list as ``{}``."""
+    return list(value) if value else []
 
 
 def _chunk_from_entry(entry_id: str, fields: Mapping[str, str]) -> TokenChunk:

@@ -5,9 +5,9 @@
 -- KEYS[2]  workers            set of known workers
 -- ARGV[1]  prefix             key prefix (group:{group}, vq:{worker}, running:{worker} derived)
 --
--- Returns {groups, workers}: groups = {{group, {id, ...}}, ...} in index order
--- (earliest deadline first), ids by score; workers = {{worker, {vq group, ...},
--- {running id, ...}}, ...}.
+-- Returns one JSON text {groups, workers}: groups = [[group, [id, ...]], ...] in
+-- index order (earliest deadline first), ids by score; workers = [[worker, [vq
+-- group, ...], [running id, ...]], ...]. An empty list may be encoded as {} (cjson).
 
 local prefix = ARGV[1]
 local groups = {}
@@ -19,4 +19,4 @@ for _, worker in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   workers[#workers + 1] = {worker, redis.call('LRANGE', prefix .. 'vq:' .. worker, 0, -1),
     redis.call('SMEMBERS', running_key(prefix, worker))}
 end
-return {groups, workers}
+return cjson.encode({groups, workers})
