@@ -253,3 +253,14 @@ def test_shepherd_ignores_swap_costs_when_planning() -> None:
     decision = make_policy("shepherd").decide(snap, PolicyContext(book))
     models = [key.model for key in decision.order_for("w0")]
     assert models == ["A", "B", "A", "B"]  # deadline/goodput order, swaps not priced
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pulls_are_the_shared_backpressure_pulls(seed: int) -> None:
+    from dataclasses import replace
+
+    from qlm.core.pulls import with_pulls
+
+    snap, book = random_instance(seed)
+    decision = make_policy("qlm").decide(snap, PolicyContext(book))
+    assert with_pulls(replace(decision, pulls=()), snap, book).pulls == decision.pulls

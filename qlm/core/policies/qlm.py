@@ -46,7 +46,7 @@ the heuristic.
 4. local improvement: adjacent swaps inside each lane that raise its value, within an
    evaluation budget (``improve_budget``), so the pass is deterministic.
 
-**LSOs**: *pull* via :func:`qlm.core.pulls.with_pulls` (backpressure); *model swap* when
+**LSOs**: *pull* via :func:`qlm.core.pulls.plan_pulls` (backpressure); *model swap* when
 a worker's head group needs another model and the worker has drained; *eviction* when the
 head group of a worker is of a tighter class than running requests and too few slots
 free within its slack: just enough looser-class running requests are evicted (largest
@@ -87,7 +87,7 @@ from qlm.core.policies.planning import (
     output_stats_from,
     walk,
 )
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation, with_pulls
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation, plan_pulls
 from qlm.core.types import (
     Decision,
     Evict,
@@ -664,17 +664,20 @@ class QlmPolicy:
 
 
 def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
-    """The shared backpressure pulls (:func:`qlm.core.pulls.with_pulls`) of ``decision``.
+    """The shared backpressure pulls of ``decision``: :func:`qlm.core.pulls.plan_pulls` per
+    worker, exactly as :func:`qlm.core.pulls.with_pulls` would compute them.
 
-    Workers that cannot admit anything now (no free batch slot, no KV headroom by the
-    memoised reservation sum, or a head group of another model) are left out before
-    calling it, so the pulls are the same and the cost is paid only where room exists.
+    Workers that evict or swap in this decision pull nothing (as in ``with_pulls``);
+    workers that cannot admit anything now (no free batch slot, no KV headroom for the
+    head request by the memoised reservation sum, a head group of another model) are
+    skipped before calling it. No request is excluded: a group sits on one worker only.
     """
     profiles = pc.cost.profiles
-    keep = []
+    busy = {e.worker_id for e in decision.evictions} | {s.worker_id for s in decision.swaps}
+    pulls = []
     for place, w, load in zip(decision.placements, pc.snapshot.workers, pc.loads, strict=True):
         model = w.active_model
-        if not place.order or model is None or w.swapping_until is not None:
+        if not place.order or model is None or w.swapping_until is not None or w.id in busy:
             continue
         if place.order[0].model != model or not profiles.has(model, w.gpu):
             continue
@@ -682,10 +685,11 @@ def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
         if w.batch_size >= min(w.max_batch_size, p.max_batch_size):
             continue
         headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
-        head = pc.stats_by_key[place.order[0]]
-        if kv_reservation(pc.snapshot.groups[head.index].requests[0],
-                          DEFAULT_EXPECTED_OUTPUT_TOKENS) > headroom:
+        head = pc.snapshot.groups[pc.stats_by_key[place.order[0]].index]
+        if kv_reservation(head.requests[0], DEFAULT_EXPECTED_OUTPUT_TOKENS) > headroom:
             continue  # plan_pulls would stop at the very first request
-        keep.append(place)
-    narrowed = replace(decision, placements=tuple(keep))
-    return with_pulls(narrowed, pc.snapshot, profiles, DEFAULT_EXPECTED_OUTPUT_TOKENS).pulls
+        queue = [pc.snapshot.groups[pc.stats_by_key[k].index] for k in place.order]
+        ids = plan_pulls(w, queue, p, DEFAULT_EXPECTED_OUTPUT_TOKENS)
+        if ids:
+            pulls.append(Pull(w.id, ids))
+    return tuple(pulls)
