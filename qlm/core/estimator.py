@@ -9,8 +9,12 @@ and conditioned on what the request already generated::
 
 whose mean and variance come in closed form from the log-normal's partial moments
 (no approximation beyond the log-normal shape itself). The decode work of ``n``
-requests is then Normal(Σ E[R], Σ Var[R]) by the central limit theorem, and time is
-work divided by the throughput Θ = B / step(B) of the worker's steady batch B.
+requests is then Normal(Σ E[R], Σ Var[R]) by the central limit theorem (less the
+first token of each fresh request, which its prefill emits), and time is work divided
+by the throughput Θ = B / step(B) of the worker's steady batch B:
+B = min(max batch, KV capacity // mean admission reservation of
+:func:`qlm.core.pulls.kv_reservation`), step(B) at B sequences each holding its
+prompt + ρ tokens (ρ = E[R²]/2E[R]: long requests stay longer in a batch).
 
 Queue model of a worker (``queue_waits``), in seconds from ``now``:
 
@@ -20,16 +24,20 @@ Queue model of a worker (``queue_waits``), in seconds from ``now``:
   the queued groups ahead), group k's first request starts at
   ``max(last start of group k−1, T − credit)`` (groups start in queue order), where
   ``credit = (B−1)·ρ·τ`` is the work still in flight in the other B−1 slots when a
-  slot frees (ρ = E[R²]/2E[R], the renewal-equilibrium residual; τ = step/B, seconds
-  per token);
+  slot frees (ρ is also the renewal-equilibrium residual; τ = step/B, seconds per
+  token);
+* a group's prefill costs one fixed cost per admission step (λ = B/E[R] completions
+  per step, so about n·(1 − e^−λ)/λ admissions, at least Σ tokens / 8192) plus every
+  prompt's marginal prefill (:func:`admission_prefill_s`);
 * between segments of different models the worker drains: the segment ends at
-  ``max(T, latest (last start of a group + its longest in-flight residual · step at
-  half the batch))``, the residual being the output-length quantile m/(m+1) for m
-  requests in flight; then it swaps: ``sleep_s`` of the outgoing model + ``wake_s``
-  of the incoming one if it is resident on the worker (``worker.models``), else its
-  ``cold_load_s``;
+  ``max(T, latest (last start of a group + longest in-flight residual · step at half
+  the batch))``, the longest residual being the m/(m+1) quantile of the equilibrium
+  residual for m requests in flight; then it swaps: ``sleep_s`` of the outgoing model
+  + ``wake_s`` of the incoming one if it is resident on the worker
+  (``worker.models``), else its ``cold_load_s``;
 * the wait of group k also includes the prefill of its own first request (its first
-  token); ``spread_s`` says how much later the group's last request starts.
+  token; the shared first admission of up to 8,192 tokens when it finds free slots);
+  ``spread_s`` says how much later the group's last request starts.
 
 The variance of a wait is the sum of the decode variances ahead (swap and prefill
 times are taken as exact). Online correction: one factor per (model, gpu) multiplies
