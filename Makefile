@@ -51,3 +51,9 @@ clean:
 
 bench-store:
 	$(PYTHON) -m loadgen.bench_store --out docs/results/bench_store.json
+
+profiles:
+	$(PYTHON) -m loadgen.profiles
+
+estimator-check:
+	$(PYTHON) -m loadgen.estimator_check --seeds 5
