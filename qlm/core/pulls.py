@@ -75,21 +75,24 @@ def plan_pulls(
     profile: PerfProfile,
     expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS,
     exclude: frozenset[str] = frozenset(),
+    reserved_tokens: int | None = None,
 ) -> tuple[str, ...]:
     """Ids of the requests ``worker`` admits now from the head of its ordered ``queue``.
 
     ``profile`` is the profile of the worker's active model on its GPU; the stricter
     of its limits and the worker's own (``max_batch_size``, ``kv_capacity_tokens``)
     applies. Requests in ``exclude`` are skipped (e.g. already pulled elsewhere).
-    Pure: same inputs, same answer.
+    ``reserved_tokens``, when given, must equal ``kv_reserved_tokens(worker, …)``
+    (a caller that keeps it up to date saves the sum). Pure: same inputs, same answer.
     """
     if worker.active_model is None or worker.swapping_until is not None:
         return ()
     free_slots = min(worker.max_batch_size, profile.max_batch_size) - worker.batch_size
-    headroom = (
-        min(worker.kv_capacity_tokens, profile.kv_capacity_tokens)
-        - kv_reserved_tokens(worker, expected_output_tokens)
-    )
+    if free_slots <= 0:
+        return ()
+    if reserved_tokens is None:
+        reserved_tokens = kv_reserved_tokens(worker, expected_output_tokens)
+    headroom = min(worker.kv_capacity_tokens, profile.kv_capacity_tokens) - reserved_tokens
     pulled: list[str] = []
     for group in queue:
         if group.model != worker.active_model:

@@ -69,12 +69,14 @@ def steady_throughput(profile: PerfProfile, expected_output_tokens: int) -> floa
 
 
 def group_work_s(group: RequestGroup, profile: PerfProfile, expected_output_tokens: int) -> float:
-    """Seconds of worker time the group needs: its prefill plus its expected decode tokens."""
-    tokens = sum(
-        expected_output(r.max_tokens, r.num_generated, expected_output_tokens)
-        for r in group.requests
-    )
-    prefill = sum(profile.prefill_s(r.context_tokens) for r in group.requests)
+    """Seconds of worker time the group needs: its prefills plus its expected decode tokens."""
+    n = group.size
+    context = 0
+    tokens = 0
+    for r in group.requests:
+        context += r.context_tokens
+        tokens += max(0, min(r.max_tokens, expected_output_tokens) - r.num_generated)
+    prefill = n * profile.prefill_s(round(context / n))
     return prefill + tokens / steady_throughput(profile, expected_output_tokens)
 
 

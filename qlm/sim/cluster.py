@@ -1,0 +1,85 @@
+"""What a simulation is given: jobs (requests with their true output length), workers, knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from qlm.core.errors import InvalidInput
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
+from qlm.core.types import Request
+
+#: Bytes of KV state per token when a profile does not say (Mistral-7B: 32 layers ×
+#: 8 KV heads × 128 dims × K and V × 2 bytes fp16).
+DEFAULT_KV_BYTES_PER_TOKEN: Final[int] = 32 * 8 * 128 * 2 * 2
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A request plus what only the simulated engine knows: its true output length."""
+
+    request: Request
+    output_tokens: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.output_tokens <= self.request.max_tokens:
+            raise InvalidInput(
+                "output_tokens",
+                f"must be in [1, max_tokens={self.request.max_tokens}], got {self.output_tokens}",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """One model instance: ``num_gpus`` GPUs of type ``gpu``.
+
+    ``models`` are resident (awake or asleep: waking costs ``wake_s``); any other
+    model the GPU has a profile for costs ``cold_load_s``. ``active_model`` is
+    awake at the start (must be in ``models``).
+    """
+
+    id: str
+    gpu: str
+    active_model: str
+    models: tuple[str, ...]
+    num_gpus: int = 1
+
+    def __post_init__(self) -> None:
+        if self.active_model not in self.models:
+            raise InvalidInput(f"worker {self.id}.active_model", "must be one of its models")
+        if self.num_gpus <= 0:
+            raise InvalidInput(f"worker {self.id}.num_gpus", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """Simulation knobs.
+
+    * ``tick_s``: period of the scheduler's tick (virtual seconds);
+    * ``group_window_s``: arrival window of a request group;
+    * ``min_decision_interval_s``: decisions triggered by events closer than this
+      are coalesced into one (0: one per distinct event time);
+    * ``max_prefill_tokens``: prompt tokens one prefill step admits at most (at least
+      one request), like vLLM's ``max_num_batched_tokens``;
+    * ``pcie_gb_s``: GPU↔CPU bandwidth for KV state swaps (GB/s);
+    * ``horizon_s``: the run stops this long after the last arrival; requests not
+      served by then count as missed;
+    * ``expected_output_tokens``: the KV reservation of the backpressure pull.
+    """
+
+    tick_s: float = 1.0
+    group_window_s: float = 1.0
+    min_decision_interval_s: float = 0.1
+    max_prefill_tokens: int = 8192
+    pcie_gb_s: float = 25.0
+    horizon_s: float = 6 * 3600.0
+    expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS
+
+    def __post_init__(self) -> None:
+        for name in ("tick_s", "group_window_s", "pcie_gb_s", "horizon_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidInput(f"sim.{name}", "must be > 0")
+        if self.min_decision_interval_s < 0:
+            raise InvalidInput("sim.min_decision_interval_s", "must be >= 0")
+        if self.max_prefill_tokens <= 0:
+            raise InvalidInput("sim.max_prefill_tokens", "must be > 0")

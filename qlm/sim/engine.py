@@ -1,0 +1,713 @@
+"""The discrete-event simulation of a cluster of LLM workers under one scheduling policy.
+
+Model (every time is virtual seconds):
+
+* **Worker** = one model instance on ``num_gpus`` GPUs of one type. It holds a set of
+  resident models (awake or asleep) and has at most one active model. It is always
+  in one *phase*: idle, prefill, decode, swap or stall (KV copy to CPU).
+* **Continuous batching.** A decode phase is a segment of whole decode steps of a
+  fixed batch, each step advancing every running request by one token
+  (:mod:`qlm.sim.batching`); it ends at the next completion, when the KV cache
+  would overflow, or earlier at the next step boundary when something must change
+  (admission, eviction, swap).
+* **Prefill is whole and prefill-first** (vLLM's scheduler without chunked
+  prefill): at a step boundary the worker admits requests (backpressure pull,
+  :func:`qlm.core.pulls.plan_pulls`, at most ``max_prefill_tokens`` prompt tokens)
+  and prefills them in one step while its running batch waits; the prefill emits
+  each admitted request's first token, so **TTFT = end of its admission prefill**.
+* **Eviction keeps progress.** An evicted request returns to the queue with its
+  generated tokens. Re-admission recomputes its KV state by a prefill of
+  prompt + generated tokens, unless it was evicted with ``state_swap`` and comes
+  back to the same worker: then it pays ``bytes/PCIe bandwidth`` on the way out
+  (a stall) and on the way in, instead of the prefill. When the KV cache would
+  overflow, the engine itself evicts the latest admitted request (recompute),
+  like vLLM's preemption.
+* **Model swap** = sleep the active model (``sleep_s`` of its profile) + wake the
+  target (``wake_s`` if resident, else ``cold_load_s``). Running requests are
+  evicted first (progress kept); the worker serves nothing while swapping; the old
+  model stays resident (asleep in CPU memory).
+* **Scheduler** invoked at the arrival of a request of a new group, at every
+  completion or eviction, and on a periodic tick; invocations at one instant are
+  coalesced. Each ``decide()`` call's wall time is measured by the injected
+  ``timer``. A decision's placements become the workers' virtual queues; its
+  evictions, swaps and explicit pulls take effect at each worker's next step
+  boundary; between decisions workers keep pulling from their virtual queues.
+  Invalid actions (evicting a request not running there, swapping to a model the
+  worker cannot serve, pulling a request not queued) are ignored and counted.
+* Running requests in a worker's view show progress as of the worker's last step
+  boundary (views are rebuilt when a worker changes phase).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from qlm.core.errors import InvalidInput
+from qlm.core.perf import PerfProfile, ProfileBook
+from qlm.core.policies.base import Policy, PolicyContext
+from qlm.core.pulls import can_serve, kv_reservation, plan_pulls
+from qlm.core.types import (
+    Decision,
+    GroupKey,
+    QueueSnapshot,
+    Request,
+    RequestGroup,
+    RunningRequest,
+    WorkerView,
+    group_key_for,
+)
+from qlm.sim.batching import decode_segment_s, decode_steps_within
+from qlm.sim.cluster import DEFAULT_KV_BYTES_PER_TOKEN, Job, SimConfig, WorkerSpec
+from qlm.sim.events import Arrival, Boundary, Decide, Event, EventQueue, Tick
+from qlm.sim.metrics import RequestRecord, RunResult, summarise
+
+Timer = Callable[[], float]
+#: Maps a snapshot and the decision made on it to predicted first-token times by request id.
+Predictor = Callable[[QueueSnapshot, Decision], Mapping[str, float]]
+Scheduled = list[tuple[float, Event]]
+
+
+class Phase(Enum):
+    IDLE = "idle"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    SWAP = "swap"
+    STALL = "stall"
+
+
+@dataclass
+class _Live:
+    """The simulator's mutable record of one request."""
+
+    job: Job
+    key: GroupKey
+    request: Request
+    generated: int = 0
+    started_at: float | None = None
+    admitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    worker_id: str | None = None
+    num_evictions: int = 0
+    rejected: bool = False
+    kv_on_worker: str | None = None
+    predicted_at: float | None = None
+    predicted_first_token_at: float | None = None
+
+
+@dataclass
+class _Worker:
+    spec: WorkerSpec
+    active_model: str | None
+    models: set[str]
+    phase: Phase = Phase.IDLE
+    phase_started_at: float = 0.0
+    phase_end_at: float = 0.0
+    epoch: int = 0
+    running: list[str] = field(default_factory=list)
+    admitting: list[str] = field(default_factory=list)
+    seg_batch: int = 0
+    seg_ctx0: int = 0
+    seg_steps: int = 0
+    swap_target: str | None = None
+    stall_s: float = 0.0
+    pending_evictions: dict[str, bool] = field(default_factory=dict)
+    pending_swap: str | None = None
+    pending_pulls: list[str] = field(default_factory=list)
+    order: tuple[GroupKey, ...] = ()
+    busy_s: float = 0.0
+    view: WorkerView | None = None
+    reserved_tokens: int = 0  # KV reservations of ``view.running`` (valid with ``view``)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self.pending_evictions or self.pending_swap or self.pending_pulls)
+
+
+class Simulation:
+    """One run: ``jobs`` on ``workers`` under ``policy``. Call :meth:`run` once."""
+
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        workers: Sequence[WorkerSpec],
+        profiles: ProfileBook,
+        policy: Policy,
+        config: SimConfig | None = None,
+        *,
+        seed: int = 0,
+        timer: Timer | None = None,
+        predictor: Predictor | None = None,
+        policy_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config or SimConfig()
+        self.jobs = tuple(sorted(jobs, key=lambda j: (j.request.arrival_at, j.request.id)))
+        self._validate(self.jobs, workers, profiles)
+        self.profiles = profiles
+        self.policy = policy
+        self.ctx = PolicyContext(profiles, dict(policy_options or {}))
+        self.rng = np.random.default_rng(seed)
+        self.timer = timer
+        self.predictor = predictor
+        self.window_s = float(getattr(policy, "group_window_s", self.config.group_window_s))
+        self.events = EventQueue()
+        self.now = 0.0
+        self.live: dict[str, _Live] = {}
+        self.queued: dict[GroupKey, dict[str, None]] = {}
+        self.group_cache: dict[GroupKey, RequestGroup] = {}
+        self.owner: dict[GroupKey, str] = {}
+        self.running_views: dict[str, RunningRequest] = {}
+        self.workers = {
+            s.id: _Worker(spec=s, active_model=s.active_model, models=set(s.models))
+            for s in workers
+        }
+        self.decide_pending = False
+        self.last_decide_at = -math.inf
+        self.decision_s: list[float] = []
+        self.num_swaps = 0
+        self.num_evictions = 0
+        self.num_invalid = 0
+        self.num_arrived = 0
+        self.num_open = 0  # arrived, not finished or rejected
+
+    @staticmethod
+    def _validate(
+        jobs: Sequence[Job], workers: Sequence[WorkerSpec], profiles: ProfileBook
+    ) -> None:
+        if not jobs:
+            raise InvalidInput("jobs", "must not be empty")
+        if not workers:
+            raise InvalidInput("workers", "must not be empty")
+        if len({j.request.id for j in jobs}) != len(jobs):
+            raise InvalidInput("jobs", "request ids must be unique")
+        if len({w.id for w in workers}) != len(workers):
+            raise InvalidInput("workers", "worker ids must be unique")
+        for w in workers:
+            for m in w.models:
+                if not profiles.has(m, w.gpu):
+                    raise InvalidInput(f"worker {w.id}.models", f"no profile for {m}@{w.gpu}")
+
+    # ================================================================ loop
+    def run(self) -> RunResult:
+        for index, job in enumerate(self.jobs):
+            self.events.push(job.request.arrival_at, Arrival(index))
+        self.events.push(self.jobs[0].request.arrival_at, Tick())
+        horizon_at = self.jobs[-1].request.arrival_at + self.config.horizon_s
+        while self.events:
+            at, event = self.events.pop()
+            if at > horizon_at:
+                break
+            self.now = at
+            for new_at, new_event in self._handle(event):
+                self.events.push(new_at, new_event)
+        return self._result()
+
+    def _handle(self, event: Event) -> Scheduled:
+        if isinstance(event, Boundary):
+            return self.on_boundary(event)
+        if isinstance(event, Arrival):
+            return self.on_arrival(event)
+        if isinstance(event, Tick):
+            return self.on_tick()
+        return self.on_decide()
+
+    # ============================================================== events
+    def on_arrival(self, event: Arrival) -> Scheduled:
+        job = self.jobs[event.index]
+        live = _Live(job=job, key=group_key_for(job.request, self.window_s), request=job.request)
+        self.live[job.request.id] = live
+        self.num_arrived += 1
+        self.num_open += 1
+        is_new_group = live.key not in self.queued
+        self._enqueue(live)
+        out: Scheduled = self.request_decision() if is_new_group else []
+        owner = self.owner.get(live.key)
+        if owner is not None:
+            out += self._nudge(self.workers[owner])
+        return out
+
+    def on_tick(self) -> Scheduled:
+        if self.num_arrived == len(self.jobs) and self.num_open == 0:
+            return []
+        out: Scheduled = self.request_decision() if self.queued else []
+        out.append((self.now + self.config.tick_s, Tick()))
+        return out
+
+    def on_decide(self) -> Scheduled:
+        self.decide_pending = False
+        self.last_decide_at = self.now
+        snapshot = self.snapshot()
+        started = self.timer() if self.timer else 0.0
+        decision = self.policy.decide(snapshot, self.ctx)
+        if self.timer:
+            self.decision_s.append(self.timer() - started)
+        if self.predictor is not None:
+            self._record_predictions(self.predictor(snapshot, decision))
+        return self.apply(decision)
+
+    def on_boundary(self, event: Boundary) -> Scheduled:
+        worker = self.workers[event.worker_id]
+        if event.epoch != worker.epoch:
+            return []
+        changed = self._end_phase(worker)
+        changed |= self._apply_pending(worker)
+        out = self._start_next_phase(worker)
+        if changed:
+            out += self.request_decision()
+        return out
+
+    def request_decision(self) -> Scheduled:
+        if self.decide_pending:
+            return []
+        self.decide_pending = True
+        at = max(self.now, self.last_decide_at + self.config.min_decision_interval_s)
+        return [(at, Decide())]
+
+    # ============================================================ snapshot
+    def snapshot(self) -> QueueSnapshot:
+        return QueueSnapshot(
+            now=self.now,
+            groups=tuple(self._group(k) for k in sorted(self.queued)),
+            workers=tuple(self._view(w) for w in self.workers.values()),
+            virtual_queues={w.id: w.order for w in self.workers.values()},
+        )
+
+    def _group(self, key: GroupKey) -> RequestGroup:
+        group = self.group_cache.get(key)
+        if group is None:
+            requests = sorted(
+                (self.live[rid].request for rid in self.queued[key]),
+                key=lambda r: (r.arrival_at, r.id),
+            )
+            group = RequestGroup(key, tuple(requests))
+            self.group_cache[key] = group
+        return group
+
+    def _view(self, w: _Worker) -> WorkerView:
+        if w.view is None:
+            running = tuple(self._running_view(rid) for rid in (*w.running, *w.admitting))
+            model = w.swap_target if w.phase is Phase.SWAP else w.active_model
+            profile = self._profile(w, model) if model else None
+            w.view = WorkerView(
+                id=w.id,
+                gpu=w.spec.gpu,
+                models=tuple(sorted(w.models)),
+                active_model=None if w.phase is Phase.SWAP else w.active_model,
+                kv_capacity_tokens=profile.kv_capacity_tokens if profile else 1,
+                max_batch_size=profile.max_batch_size if profile else 1,
+                running=running,
+                num_gpus=w.spec.num_gpus,
+                swapping_until=w.phase_end_at if w.phase is Phase.SWAP else None,
+                swapping_to=w.swap_target if w.phase is Phase.SWAP else None,
+            )
+            expected = self.config.expected_output_tokens
+            w.reserved_tokens = sum(kv_reservation(r.request, expected) for r in running)
+        return w.view
+
+    def _running_view(self, rid: str) -> RunningRequest:
+        """The request as running now (views are reused while its progress is unchanged)."""
+        live = self.live[rid]
+        view = self.running_views.get(rid)
+        if (
+            view is None
+            or view.request.num_generated != live.generated
+            or view.started_at != live.admitted_at
+            or view.first_token_at != live.first_token_at
+        ):
+            request = _with_generated(live.job.request, live.generated)
+            view = RunningRequest(request, live.admitted_at, live.first_token_at)
+            self.running_views[rid] = view
+        return view
+
+    def _profile(self, w: _Worker, model: str) -> PerfProfile:
+        return self.profiles.get(model, w.spec.gpu)
+
+    # ============================================================ decision
+    def apply(self, decision: Decision) -> Scheduled:
+        """Apply a decision: rejections and placements now, the rest at step boundaries."""
+        for rejection in decision.rejections:
+            self._reject(rejection.request_id)
+        self._apply_placements(decision)
+        for evict in decision.evictions:
+            w = self.workers.get(evict.worker_id)
+            if w is None or evict.request_id not in (*w.running, *w.admitting):
+                self.num_invalid += 1
+                continue
+            w.pending_evictions[evict.request_id] = evict.state_swap
+        for swap in decision.swaps:
+            w = self.workers.get(swap.worker_id)
+            if w is None or not can_serve(self._view(w), swap.to_model, self.profiles):
+                self.num_invalid += 1
+                continue
+            if w.phase is not Phase.SWAP and swap.to_model == w.active_model:
+                w.pending_swap = None
+                continue
+            w.pending_swap = swap.to_model
+        for pull in decision.pulls:
+            w = self.workers.get(pull.worker_id)
+            for rid in pull.request_ids:
+                live = self.live.get(rid)
+                if w is None or live is None or rid not in self.queued.get(live.key, {}):
+                    self.num_invalid += 1
+                    continue
+                w.pending_pulls.append(rid)
+        out: Scheduled = []
+        for w in self.workers.values():
+            out += self._nudge(w)
+        return out
+
+    def _apply_placements(self, decision: Decision) -> None:
+        named: dict[str, tuple[GroupKey, ...]] = {}
+        for place in decision.placements:
+            if place.worker_id not in self.workers:
+                self.num_invalid += 1
+                continue
+            named[place.worker_id] = place.order
+        if not named:
+            return
+        placed = {k for order in named.values() for k in order}
+        for w in self.workers.values():
+            if w.id in named:
+                w.order = named[w.id]
+            else:
+                w.order = tuple(k for k in w.order if k not in placed)
+        self.owner = {}
+        for w in self.workers.values():
+            for k in w.order:
+                self.owner.setdefault(k, w.id)
+
+    def _record_predictions(self, predicted: Mapping[str, float]) -> None:
+        for rid, first_token_at in predicted.items():
+            live = self.live.get(rid)
+            if live is not None and live.predicted_at is None and live.first_token_at is None:
+                live.predicted_at = self.now
+                live.predicted_first_token_at = first_token_at
+
+    # ============================================================= workers
+    def _nudge(self, w: _Worker) -> Scheduled:
+        """Make ``w`` act on new work or pending actions at its next step boundary."""
+        if w.phase is Phase.IDLE and (w.has_pending or self._pullable(w)):
+            w.epoch += 1
+            return [(self.now, Boundary(w.id, w.epoch))]
+        if w.phase is Phase.DECODE and (w.has_pending or self._pullable(w)):
+            return self._cut_segment(w)
+        return []
+
+    def _pullable(self, w: _Worker) -> bool:
+        if w.active_model is None or not w.order:
+            return False
+        return bool(self._planned_pulls(w, limit_one=True))
+
+    def _planned_pulls(self, w: _Worker, limit_one: bool = False) -> tuple[str, ...]:
+        assert w.active_model is not None
+        groups = []
+        for k in w.order:
+            if k in self.queued:
+                groups.append(self._group(k))
+                if limit_one:
+                    break
+        if not groups:
+            return ()
+        return plan_pulls(
+            self._view(w),
+            groups,
+            self._profile(w, w.active_model),
+            self.config.expected_output_tokens,
+            reserved_tokens=w.reserved_tokens,
+        )
+
+    def _cut_segment(self, w: _Worker) -> Scheduled:
+        profile = self._profile(w, self._active(w))
+        done = decode_steps_within(profile, w.seg_batch, w.seg_ctx0, self.now - w.phase_started_at)
+        steps = min(done + 1, w.seg_steps)
+        if steps == w.seg_steps:
+            return []
+        w.seg_steps = steps
+        w.phase_end_at = w.phase_started_at + decode_segment_s(
+            profile, w.seg_batch, w.seg_ctx0, steps
+        )
+        w.epoch += 1
+        return [(w.phase_end_at, Boundary(w.id, w.epoch))]
+
+    @staticmethod
+    def _active(w: _Worker) -> str:
+        if w.active_model is None:
+            raise AssertionError(f"worker {w.id} has no active model")
+        return w.active_model
+
+    def _end_phase(self, w: _Worker) -> bool:
+        """Account for the phase that ends now; True if requests finished."""
+        finished = False
+        if w.phase is Phase.DECODE:
+            w.busy_s += self.now - w.phase_started_at
+            for rid in list(w.running):
+                live = self.live[rid]
+                live.generated += w.seg_steps
+                if live.generated >= live.job.output_tokens:
+                    self._finish(w, live)
+                    finished = True
+        elif w.phase is Phase.PREFILL:
+            w.busy_s += self.now - w.phase_started_at
+            for rid in w.admitting:
+                live = self.live[rid]
+                live.generated += 1
+                if live.first_token_at is None:
+                    live.first_token_at = self.now
+                w.running.append(rid)
+                if live.generated >= live.job.output_tokens:
+                    self._finish(w, live)
+                    finished = True
+            w.admitting = []
+        elif w.phase is Phase.SWAP:
+            assert w.swap_target is not None
+            w.active_model = w.swap_target
+            w.models.add(w.swap_target)
+            w.swap_target = None
+        w.phase = Phase.IDLE
+        w.view = None
+        return finished
+
+    def _apply_pending(self, w: _Worker) -> bool:
+        """Apply pending evictions and the engine's own KV preemption; True if any."""
+        changed = False
+        for rid, state_swap in w.pending_evictions.items():
+            if rid in w.running:
+                self._evict(w, rid, state_swap)
+                changed = True
+        w.pending_evictions.clear()
+        if w.active_model is not None:
+            capacity = self._profile(w, w.active_model).kv_capacity_tokens
+            while w.running and self._context(w.running) + len(w.running) > capacity:
+                self._evict(w, w.running[-1], state_swap=False)
+                changed = True
+        return changed
+
+    def _start_next_phase(self, w: _Worker) -> Scheduled:
+        target = w.pending_swap
+        w.pending_swap = None
+        if target is not None and target != w.active_model:
+            return self._start_swap(w, target)
+        if w.stall_s > 0:
+            duration, w.stall_s = w.stall_s, 0.0
+            return self._start_phase(w, Phase.STALL, duration)
+        if w.active_model is not None:
+            admitted = self._admit(w)
+            if admitted:
+                return self._start_phase(w, Phase.PREFILL, self._prefill_s(w, admitted))
+        if w.running:
+            return self._start_decode(w)
+        w.pending_pulls.clear()
+        return []
+
+    def _start_phase(self, w: _Worker, phase: Phase, duration: float) -> Scheduled:
+        w.phase = phase
+        w.phase_started_at = self.now
+        w.phase_end_at = self.now + duration
+        w.epoch += 1
+        return [(w.phase_end_at, Boundary(w.id, w.epoch))]
+
+    def _start_swap(self, w: _Worker, target: str) -> Scheduled:
+        for rid in list(w.running):
+            self._evict(w, rid, state_swap=False)
+        sleep = self._profile(w, w.active_model).sleep_s if w.active_model else 0.0
+        duration = sleep + self._profile(w, target).swap_in_s(target in w.models)
+        w.active_model = None
+        w.swap_target = target
+        w.view = None
+        w.pending_pulls.clear()
+        self.num_swaps += 1
+        duration, w.stall_s = duration + w.stall_s, 0.0
+        return self._start_phase(w, Phase.SWAP, duration)
+
+    def _start_decode(self, w: _Worker) -> Scheduled:
+        profile = self._profile(w, self._active(w))
+        batch = len(w.running)
+        ctx0 = self._context(w.running)
+        to_completion = min(
+            self.live[rid].job.output_tokens - self.live[rid].generated for rid in w.running
+        )
+        to_kv_full = (profile.kv_capacity_tokens - ctx0) // batch
+        w.seg_batch, w.seg_ctx0 = batch, ctx0
+        w.seg_steps = max(1, min(to_completion, to_kv_full))
+        return self._start_phase(
+            w, Phase.DECODE, decode_segment_s(profile, batch, ctx0, w.seg_steps)
+        )
+
+    def _context(self, rids: Iterable[str]) -> int:
+        total = 0
+        for rid in rids:
+            live = self.live[rid]
+            total += live.job.request.prompt_tokens + live.generated
+        return total
+
+    # ============================================================ admission
+    def _admit(self, w: _Worker) -> list[str]:
+        """Admit pending explicit pulls, then the head of the virtual queue, within limits."""
+        model = self._active(w)
+        profile = self._profile(w, model)
+        view = self._view(w)
+        free_slots = profile.max_batch_size - view.batch_size
+        headroom = profile.kv_capacity_tokens - w.reserved_tokens
+        budget = self.config.max_prefill_tokens
+        explicit = [
+            rid
+            for rid in dict.fromkeys(w.pending_pulls)
+            if rid in self.queued.get(self.live[rid].key, {}) and self.live[rid].key.model == model
+        ]
+        w.pending_pulls.clear()
+        candidates = [*explicit, *self._planned_pulls(w)]
+        admitted: list[str] = []
+        for rid in dict.fromkeys(candidates):
+            live = self.live[rid]
+            need = kv_reservation(live.request, self.config.expected_output_tokens)
+            tokens = live.request.context_tokens
+            if free_slots <= 0 or need > headroom or (admitted and tokens > budget):
+                break
+            admitted.append(rid)
+            free_slots -= 1
+            headroom -= need
+            budget -= tokens
+        for rid in admitted:
+            live = self.live[rid]
+            self._dequeue(live)
+            live.admitted_at = self.now
+            if live.started_at is None:
+                live.started_at = self.now
+            live.worker_id = w.id
+        w.admitting = admitted
+        if admitted:
+            w.view = None
+        return admitted
+
+    def _prefill_s(self, w: _Worker, admitted: Sequence[str]) -> float:
+        profile = self._profile(w, self._active(w))
+        recompute_tokens = 0
+        restore_s = 0.0
+        for rid in admitted:
+            live = self.live[rid]
+            if live.kv_on_worker == w.id:
+                restore_s += self._kv_copy_s(w, live)
+            else:
+                recompute_tokens += live.request.context_tokens
+            live.kv_on_worker = None
+        return profile.prefill_s(recompute_tokens) + restore_s
+
+    def _kv_copy_s(self, w: _Worker, live: _Live) -> float:
+        profile = self._profile(w, live.key.model)
+        bytes_per_token = int(profile.notes.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN))
+        tokens = live.job.request.prompt_tokens + live.generated
+        return tokens * bytes_per_token / (self.config.pcie_gb_s * 1e9)
+
+    # ============================================================== queue
+    def _enqueue(self, live: _Live) -> None:
+        self.queued.setdefault(live.key, {})[live.request.id] = None
+        self.group_cache.pop(live.key, None)
+
+    def _dequeue(self, live: _Live) -> None:
+        members = self.queued[live.key]
+        del members[live.request.id]
+        if not members:
+            del self.queued[live.key]
+        self.group_cache.pop(live.key, None)
+
+    def _evict(self, w: _Worker, rid: str, state_swap: bool) -> None:
+        w.running.remove(rid)
+        w.view = None
+        live = self.live[rid]
+        live.num_evictions += 1
+        self.num_evictions += 1
+        live.request = replace(live.job.request, num_generated=live.generated)
+        if state_swap:
+            live.kv_on_worker = w.id
+            w.stall_s += self._kv_copy_s(w, live)
+        self._enqueue(live)
+
+    def _finish(self, w: _Worker, live: _Live) -> None:
+        w.running.remove(live.request.id)
+        self.running_views.pop(live.request.id, None)
+        live.finished_at = self.now
+        self.num_open -= 1
+
+    def _reject(self, rid: str) -> None:
+        live = self.live.get(rid)
+        if live is None or rid not in self.queued.get(live.key, {}):
+            self.num_invalid += 1
+            return
+        self._dequeue(live)
+        live.rejected = True
+        self.num_open -= 1
+
+    # ============================================================= result
+    def _result(self) -> RunResult:
+        records = tuple(self._record(j) for j in self.jobs)
+        metrics = summarise(
+            records,
+            busy_gpu_s=sum(w.busy_s * w.spec.num_gpus for w in self.workers.values()),
+            num_gpus=sum(w.spec.num_gpus for w in self.workers.values()),
+            swaps=self.num_swaps,
+            evictions=self.num_evictions,
+            decision_s=self.decision_s,
+            invalid_actions=self.num_invalid,
+        )
+        return RunResult(metrics, records, tuple(self.decision_s))
+
+    def _record(self, job: Job) -> RequestRecord:
+        r = job.request
+        live = self.live.get(r.id)
+        if live is None:
+            return RequestRecord(
+                r.id, r.model, r.slo_class.value, r.arrival_at, r.deadline_at, r.prompt_tokens,
+                job.output_tokens, None, None, None, None, 0, False,
+            )
+        return RequestRecord(
+            id=r.id,
+            model=r.model,
+            slo_class=r.slo_class.value,
+            arrival_at=r.arrival_at,
+            deadline_at=r.deadline_at,
+            prompt_tokens=r.prompt_tokens,
+            output_tokens=job.output_tokens,
+            started_at=live.started_at,
+            first_token_at=live.first_token_at,
+            finished_at=live.finished_at,
+            worker_id=live.worker_id,
+            num_evictions=live.num_evictions,
+            rejected=live.rejected,
+            predicted_at=live.predicted_at,
+            predicted_first_token_at=live.predicted_first_token_at,
+        )
+
+
+_REQUEST_FIELDS = tuple(f.name for f in fields(Request))
+
+
+def _with_generated(request: Request, num_generated: int) -> Request:
+    """``replace(request, num_generated=...)`` without re-validation (the simulator keeps
+    ``0 <= num_generated < max_tokens``); the simulator makes many of these."""
+    clone = object.__new__(Request)
+    for name in _REQUEST_FIELDS:
+        object.__setattr__(clone, name, getattr(request, name))
+    object.__setattr__(clone, "num_generated", num_generated)
+    return clone
+
+
+def simulate(
+    jobs: Sequence[Job],
+    workers: Sequence[WorkerSpec],
+    profiles: ProfileBook,
+    policy: Policy,
+    config: SimConfig | None = None,
+    **kwargs: Any,
+) -> RunResult:
+    """Run one simulation (see :class:`Simulation` for the keyword arguments)."""
+    return Simulation(jobs, workers, profiles, policy, config, **kwargs).run()

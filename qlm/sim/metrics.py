@@ -1,0 +1,163 @@
+"""Per-request records and the metrics of one run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qlm.core.types import SLOClass
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What happened to one request. ``None`` times: it never got that far.
+
+    ``predicted_first_token_at`` is the first prediction made for the request after
+    it arrived (``predicted_at`` when), if the run had a predictor.
+    """
+
+    id: str
+    model: str
+    slo_class: str
+    arrival_at: float
+    deadline_at: float
+    prompt_tokens: int
+    output_tokens: int
+    started_at: float | None
+    first_token_at: float | None
+    finished_at: float | None
+    worker_id: str | None
+    num_evictions: int
+    rejected: bool
+    predicted_at: float | None = None
+    predicted_first_token_at: float | None = None
+
+    @property
+    def met_slo(self) -> bool:
+        return self.first_token_at is not None and self.first_token_at <= self.deadline_at
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.arrival_at
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.finished_at is None or self.first_token_at is None or self.output_tokens < 2:
+            return None
+        return (self.finished_at - self.first_token_at) / (self.output_tokens - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+@dataclass(frozen=True, slots=True)
+class RunMetrics:
+    num_requests: int
+    num_finished: int
+    num_rejected: int
+    slo_attainment: float
+    slo_attainment_by_class: Mapping[str, float]
+    throughput_rps: float
+    throughput_tok_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float
+    tpot_p99_s: float
+    gpu_util: float
+    swaps: int
+    evictions: int
+    decision_ms_p50: float
+    decision_ms_p99: float
+    num_decisions: int
+    makespan_s: float
+    invalid_actions: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["slo_attainment_by_class"] = dict(self.slo_attainment_by_class)
+        return d
+
+
+@dataclass(frozen=True)
+class RunResult:
+    metrics: RunMetrics
+    records: tuple[RequestRecord, ...]
+    decision_s: tuple[float, ...] = field(default=())
+
+
+def summarise(
+    records: Sequence[RequestRecord],
+    *,
+    busy_gpu_s: float,
+    num_gpus: int,
+    swaps: int,
+    evictions: int,
+    decision_s: Sequence[float],
+    invalid_actions: int = 0,
+) -> RunMetrics:
+    """Metrics of a run from its records. Unserved and rejected requests miss their SLO.
+
+    Throughput and utilisation are over the makespan (first arrival → last finish).
+    TTFT/TPOT percentiles are over the requests that got a first token / finished.
+    """
+    n = len(records)
+    finished = [r for r in records if r.finished_at is not None]
+    start = min((r.arrival_at for r in records), default=0.0)
+    end = max((r.finished_at for r in finished if r.finished_at is not None), default=start)
+    makespan = max(end - start, 1e-9)
+    by_class: dict[str, list[bool]] = {}
+    for r in records:
+        by_class.setdefault(r.slo_class, []).append(r.met_slo)
+    ttfts = [t for r in records if (t := r.ttft_s) is not None]
+    tpots = [t for r in records if (t := r.tpot_s) is not None]
+    ms = [1000 * s for s in decision_s]
+    order = [c.value for c in SLOClass]
+    return RunMetrics(
+        num_requests=n,
+        num_finished=len(finished),
+        num_rejected=sum(r.rejected for r in records),
+        slo_attainment=sum(r.met_slo for r in records) / n if n else float("nan"),
+        slo_attainment_by_class={
+            c: sum(v) / len(v)
+            for c, v in sorted(by_class.items(), key=lambda kv: order.index(kv[0]))
+        },
+        throughput_rps=len(finished) / makespan,
+        throughput_tok_s=sum(r.output_tokens for r in finished) / makespan,
+        ttft_p50_s=_pct(ttfts, 50),
+        ttft_p99_s=_pct(ttfts, 99),
+        tpot_p50_s=_pct(tpots, 50),
+        tpot_p99_s=_pct(tpots, 99),
+        gpu_util=busy_gpu_s / (num_gpus * makespan) if num_gpus else 0.0,
+        swaps=swaps,
+        evictions=evictions,
+        decision_ms_p50=_pct(ms, 50),
+        decision_ms_p99=_pct(ms, 99),
+        num_decisions=len(ms),
+        makespan_s=makespan,
+        invalid_actions=invalid_actions,
+    )
+
+
+def wait_prediction_r2(records: Sequence[RequestRecord]) -> tuple[float, int]:
+    """R² of predicted vs realised wait to first token (from prediction time), and n."""
+    pairs = [
+        (r.predicted_first_token_at - r.predicted_at, r.first_token_at - r.predicted_at)
+        for r in records
+        if r.predicted_at is not None
+        and r.predicted_first_token_at is not None
+        and r.first_token_at is not None
+    ]
+    if len(pairs) < 2:
+        return float("nan"), len(pairs)
+    pred = np.array([p for p, _ in pairs])
+    real = np.array([o for _, o in pairs])
+    ss_res = float(np.sum((real - pred) ** 2))
+    ss_tot = float(np.sum((real - real.mean()) ** 2))
+    return (1 - ss_res / ss_tot if ss_tot > 0 else float("nan")), len(pairs)

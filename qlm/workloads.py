@@ -1,0 +1,342 @@
+"""Workloads for the simulator: arrivals, lengths, class and model mixes, clusters.
+
+Generators are pure functions of a ``numpy.random.Generator``; reading a trace CSV
+(:func:`load_trace_csv`) is the only I/O and stays at the edge — parsing and
+validation (:func:`parse_trace`) are pure.
+
+**Lengths (ShareGPT-like).** Prompt and output tokens are log-normal::
+
+    prompt ~ LogNormal(mu=4.59, sigma=0.99)  → mean ≈ 161, median ≈ 98, clipped to [4, 4096]
+    output ~ LogNormal(mu=5.45, sigma=0.86)  → mean ≈ 336, median ≈ 233, clipped to [4, 2048]
+
+The means are the published ShareGPT means (161 prompt / 338 output tokens, as used
+by the vLLM paper); the dispersions σ are fitted (MLE of log-lengths) on the Azure
+LLM 2023 conversation trace (prompt σ = 0.99, output σ = 0.86; its own fitted
+means are μ = 6.63 / 5.02, i.e. longer prompts and shorter outputs than ShareGPT),
+because the raw ShareGPT data is not available offline.
+
+**Arrivals.** Poisson (exponential gaps, never capped) or bursty gamma gaps with
+coefficient of variation ``cv > 1`` (shape 1/cv²). Jobs are generated once at unit
+rate and time-scaled to each target rate, so every rate and every policy sees the
+same requests in the same order.
+
+**Workloads** (SLOs on TTFT: interactive 20 s, batch-1 60 s, batch-2 1 h):
+
+* ``WA`` — one model (mistral-7b), 50% interactive, 25% batch-1, 25% batch-2.
+* ``WB`` — three models (mistral-7b, vicuna-13b, llama-70b), batch only (50%
+  batch-1, 50% batch-2); model popularity shifts in three equal phases (the hot
+  model takes 60% of each phase), and workers start with one resident model each,
+  so serving the shifting demand needs model swaps (cold loads the first time).
+* ``WC`` — one model (mistral-7b), mega-prompts of 3,000–4,000 tokens (uniform),
+  class mix of WA.
+
+**Clusters.** ``cluster_for(workload, scale)``: ``3·scale`` A10-24GB and ``5·scale``
+A100-80GB GPUs (``scale=10`` is the paper's 30 + 50). WA/WC: one single-GPU worker
+per GPU, all mistral-7b. WB: A10s are single-GPU mistral-7b workers; the A100s
+form ``scale`` 4-GPU instances (llama-70b needs tensor parallelism 4) starting on
+llama-70b and ``scale`` single-GPU workers alternating vicuna-13b / mistral-7b.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from qlm.core.errors import InvalidInput
+from qlm.core.types import SLO, Request, SLOClass
+from qlm.sim.cluster import Job, WorkerSpec
+
+MISTRAL: Final = "mistral-7b"
+VICUNA: Final = "vicuna-13b"
+LLAMA: Final = "llama-70b"
+A10: Final = "A10-24GB"
+A100: Final = "A100-80GB"
+#: max_tokens of generated requests: the client's cap, not the true length.
+DEFAULT_MAX_TOKENS: Final = 2048
+TRACE_COLUMNS: Final = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
+# ================================================================ lengths
+@dataclass(frozen=True, slots=True)
+class LengthModel:
+    """Log-normal prompt and output lengths (tokens), clipped."""
+
+    prompt_mu: float
+    prompt_sigma: float
+    output_mu: float
+    output_sigma: float
+    prompt_min: int = 4
+    prompt_max: int = 4096
+    output_min: int = 4
+    output_max: int = DEFAULT_MAX_TOKENS
+
+
+SHAREGPT: Final = LengthModel(prompt_mu=4.59, prompt_sigma=0.99, output_mu=5.45, output_sigma=0.86)
+
+
+def sample_lengths(
+    rng: np.random.Generator, n: int, model: LengthModel = SHAREGPT
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` (prompt, output) token counts."""
+    prompts = rng.lognormal(model.prompt_mu, model.prompt_sigma, n)
+    outputs = rng.lognormal(model.output_mu, model.output_sigma, n)
+    return (
+        np.clip(np.rint(prompts), model.prompt_min, model.prompt_max).astype(np.int64),
+        np.clip(np.rint(outputs), model.output_min, model.output_max).astype(np.int64),
+    )
+
+
+# =============================================================== arrivals
+def poisson_arrivals(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
+    """Arrival times (s, first at its gap after 0) of a Poisson process of ``rate`` req/s."""
+    _check_rate(rate)
+    return np.cumsum(rng.exponential(1.0 / rate, n))
+
+
+def gamma_arrivals(rng: np.random.Generator, n: int, rate: float, cv: float) -> np.ndarray:
+    """Bursty arrivals: gamma gaps of mean 1/rate and coefficient of variation ``cv``."""
+    _check_rate(rate)
+    if not cv > 0:
+        raise InvalidInput("cv", f"must be > 0, got {cv}")
+    shape = 1.0 / (cv * cv)
+    return np.cumsum(rng.gamma(shape, 1.0 / (rate * shape), n))
+
+
+def _check_rate(rate: float) -> None:
+    if not (math.isfinite(rate) and rate > 0):
+        raise InvalidInput("rate", f"must be a finite number > 0, got {rate}")
+
+
+def pick(rng: np.random.Generator, n: int, weights: Mapping[str, float]) -> list[str]:
+    """``n`` labels drawn with the given (unnormalised) weights."""
+    labels = list(weights)
+    p = np.array([weights[k] for k in labels], dtype=float)
+    if len(labels) == 0 or (p < 0).any() or p.sum() <= 0:
+        raise InvalidInput("weights", "need at least one label and non-negative weights")
+    return [labels[i] for i in rng.choice(len(labels), size=n, p=p / p.sum())]
+
+
+# ================================================================== trace
+@dataclass(frozen=True, slots=True)
+class TraceRow:
+    arrival_s: float  # seconds since the first row
+    context_tokens: int
+    generated_tokens: int
+
+
+def parse_trace(
+    rows: Iterable[Mapping[str, str | None]], source: str = "trace"
+) -> tuple[TraceRow, ...]:
+    """Validate and convert CSV rows (dicts) to :class:`TraceRow`, sorted by time.
+
+    Raises :class:`InvalidInput` naming the column (and row) of the first problem:
+    a missing column, a timestamp that does not parse, token counts that are not
+    integers or not > 0 (context) / >= 1 (generated).
+    """
+    parsed: list[tuple[datetime, int, int]] = []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if line == 2:
+            missing = [c for c in TRACE_COLUMNS if c not in row]
+            if missing:
+                raise InvalidInput(f"{source}.{missing[0]}", "missing column")
+        at = _parse_timestamp(row.get("TIMESTAMP"), f"{source}.TIMESTAMP (line {line})")
+        ctx = _parse_tokens(row.get("ContextTokens"), f"{source}.ContextTokens (line {line})")
+        gen = _parse_tokens(row.get("GeneratedTokens"), f"{source}.GeneratedTokens (line {line})")
+        parsed.append((at, ctx, gen))
+    if not parsed:
+        raise InvalidInput(source, "no rows")
+    parsed.sort(key=lambda r: r[0])
+    first = parsed[0][0]
+    return tuple(TraceRow((at - first).total_seconds(), c, g) for at, c, g in parsed)
+
+
+def _parse_timestamp(text: str | None, where: str) -> datetime:
+    if text is None or not text.strip():
+        raise InvalidInput(where, "empty timestamp")
+    value = text.strip()
+    head, dot, frac = value.partition(".")
+    try:
+        base = datetime.fromisoformat(head)
+        if dot:
+            if not frac.isdigit():
+                raise ValueError(frac)
+            return base.replace(microsecond=int(frac[:6].ljust(6, "0")))
+        return base
+    except ValueError:
+        raise InvalidInput(where, f"unparsable timestamp {value!r}") from None
+
+
+def _parse_tokens(text: str | None, where: str) -> int:
+    if text is None or not text.strip():
+        raise InvalidInput(where, "empty token count")
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise InvalidInput(where, f"not an integer: {text.strip()!r}") from None
+    if value < 0:
+        raise InvalidInput(where, f"negative token count {value}")
+    if value == 0:
+        raise InvalidInput(where, "token count must be >= 1")
+    return value
+
+
+def load_trace_csv(path: Path) -> tuple[TraceRow, ...]:
+    """Read and validate a trace CSV (columns TIMESTAMP, ContextTokens, GeneratedTokens)."""
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise InvalidInput(str(path), "empty file")
+            missing = [c for c in TRACE_COLUMNS if c not in reader.fieldnames]
+            if missing:
+                raise InvalidInput(f"{path.name}.{missing[0]}", "missing column")
+            return parse_trace(reader, source=path.name)
+    except OSError as exc:
+        raise InvalidInput(str(path), f"cannot read: {exc.strerror}") from None
+
+
+def slice_trace(
+    rows: Sequence[TraceRow], num_requests: int | None, start: int = 0
+) -> tuple[TraceRow, ...]:
+    """``num_requests`` consecutive rows from ``start``, times re-based to 0."""
+    if start < 0 or (num_requests is not None and num_requests <= 0):
+        raise InvalidInput("num_requests", "must be > 0 (and start >= 0)")
+    chosen = rows[start : None if num_requests is None else start + num_requests]
+    if not chosen:
+        raise InvalidInput("num_requests", f"trace has only {len(rows)} rows")
+    t0 = chosen[0].arrival_s
+    return tuple(TraceRow(r.arrival_s - t0, r.context_tokens, r.generated_tokens) for r in chosen)
+
+
+def unit_rate_times(times: np.ndarray) -> np.ndarray:
+    """Times rescaled so the mean arrival rate is 1 req/s (n arrivals over n seconds)."""
+    n = len(times)
+    span = float(times[-1] - times[0]) if n > 1 else 0.0
+    if span <= 0:
+        return np.arange(n, dtype=float)
+    return (times - times[0]) * (n - 1) / span
+
+
+# =============================================================== workloads
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    """Requests at unit rate: arrival times (mean 1 req/s) plus everything else fixed."""
+
+    unit_times: np.ndarray
+    prompts: np.ndarray
+    outputs: np.ndarray
+    models: tuple[str, ...]
+    classes: tuple[SLOClass, ...]
+
+    def jobs_at(
+        self, rate: float, max_tokens: int = DEFAULT_MAX_TOKENS, prefix: str = "r"
+    ) -> tuple[Job, ...]:
+        """The requests arriving at mean ``rate`` req/s (times divided by ``rate``)."""
+        _check_rate(rate)
+        jobs = []
+        for i in range(len(self.unit_times)):
+            output = int(self.outputs[i])
+            request = Request(
+                id=f"{prefix}{i:06d}",
+                model=self.models[i],
+                prompt_tokens=int(self.prompts[i]),
+                max_tokens=max(max_tokens, output),
+                slo_class=self.classes[i],
+                slo=SLO.for_class(self.classes[i]),
+                arrival_at=float(self.unit_times[i]) / rate,
+            )
+            jobs.append(Job(request, output))
+        return tuple(jobs)
+
+
+WA_CLASSES: Final = {
+    SLOClass.INTERACTIVE.value: 0.5,
+    SLOClass.BATCH_1.value: 0.25,
+    SLOClass.BATCH_2.value: 0.25,
+}
+WB_CLASSES: Final = {SLOClass.BATCH_1.value: 0.5, SLOClass.BATCH_2.value: 0.5}
+WB_MODELS: Final = (MISTRAL, VICUNA, LLAMA)
+WORKLOADS: Final = ("WA", "WB", "WC")
+
+
+def plan_requests(
+    workload: str,
+    num_requests: int,
+    rng: np.random.Generator,
+    trace: Sequence[TraceRow] | None = None,
+    bursty_cv: float | None = None,
+) -> RequestPlan:
+    """The requests of ``workload`` at unit rate.
+
+    With ``trace``, arrival times and lengths come from the trace (sliced to
+    ``num_requests``; WC keeps its 3–4k prompts); otherwise Poisson (or gamma with
+    ``bursty_cv``) arrivals and ShareGPT-like lengths.
+    """
+    if workload not in WORKLOADS:
+        expected = ", ".join(WORKLOADS)
+        raise InvalidInput("workload", f"unknown {workload!r}; expected one of {expected}")
+    if num_requests <= 0:
+        raise InvalidInput("num_requests", f"must be > 0, got {num_requests}")
+    if trace is not None:
+        rows = slice_trace(trace, num_requests)
+        n = len(rows)
+        times = unit_rate_times(np.array([r.arrival_s for r in rows]))
+        prompts = np.array([r.context_tokens for r in rows], dtype=np.int64)
+        outputs = np.array([r.generated_tokens for r in rows], dtype=np.int64)
+    else:
+        n = num_requests
+        if bursty_cv:
+            times = gamma_arrivals(rng, n, 1.0, bursty_cv)
+        else:
+            times = poisson_arrivals(rng, n, 1.0)
+        prompts, outputs = sample_lengths(rng, n)
+    if workload == "WC":
+        prompts = rng.integers(3000, 4001, n)
+    if workload == "WB":
+        models = _phased_models(rng, n)
+        classes = pick(rng, n, WB_CLASSES)
+    else:
+        models = [MISTRAL] * n
+        classes = pick(rng, n, WA_CLASSES)
+    return RequestPlan(times, prompts, outputs, tuple(models), tuple(SLOClass(c) for c in classes))
+
+
+def _phased_models(rng: np.random.Generator, n: int) -> list[str]:
+    """WB's model of each request: three equal phases, each with one hot model (60%)."""
+    models: list[str] = []
+    bounds = np.linspace(0, n, len(WB_MODELS) + 1).astype(int)
+    for phase, hot in enumerate((LLAMA, VICUNA, MISTRAL)):
+        size = int(bounds[phase + 1] - bounds[phase])
+        weights = {m: (0.6 if m == hot else 0.2) for m in WB_MODELS}
+        models.extend(pick(rng, size, weights))
+    return models
+
+
+#: Cluster presets: (A10 GPUs, A100 GPUs). ``paper`` is the QLM paper's cluster.
+CLUSTERS: Final = {"mini": (1, 2), "small": (3, 5), "paper": (30, 50)}
+
+
+def cluster_for(workload: str, cluster: str = "mini") -> tuple[WorkerSpec, ...]:
+    """Workers of ``workload`` on a preset cluster (see the module docstring)."""
+    if cluster not in CLUSTERS:
+        raise InvalidInput("cluster", f"unknown {cluster!r}; expected one of {', '.join(CLUSTERS)}")
+    num_a10, num_a100 = CLUSTERS[cluster]
+    workers = [WorkerSpec(f"a10-{i:02d}", A10, MISTRAL, (MISTRAL,)) for i in range(num_a10)]
+    if workload != "WB":
+        workers += [WorkerSpec(f"a100-{i:02d}", A100, MISTRAL, (MISTRAL,)) for i in range(num_a100)]
+        return tuple(workers)
+    num_quads = max(1, num_a100 // 5)
+    workers += [
+        WorkerSpec(f"a100x4-{i:02d}", A100, LLAMA, (LLAMA,), num_gpus=4) for i in range(num_quads)
+    ]
+    for i in range(max(1, num_a100 - 4 * num_quads)):
+        model = VICUNA if i % 2 == 0 else MISTRAL
+        workers.append(WorkerSpec(f"a100-{i:02d}", A100, model, (model,)))
+    return tuple(workers)
