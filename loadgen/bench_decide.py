@@ -5,13 +5,14 @@
 The cluster is the paper's: 3/8 of the workers on A10-24GB and 5/8 on A100-80GB
 (30 + 50 at 80 workers), each worker one instance of one of the three models
 (Mistral-7B, Vicuna-13B, Llama-70B, round robin) on as many GPUs as its profile
-needs; a worker keeps the other models it could serve asleep. Each worker runs a
-batch of ``--running`` requests. Queued requests are spread over 3 models × 3 classes
-× ``--windows`` arrival windows (a few hundred groups).
+needs; a worker keeps the other models it could serve asleep. Queued requests are
+spread over 3 models × 3 classes × ``--windows`` arrival windows (a few hundred
+groups).
 
 Between two measured decisions the queue moves as in a live system: time advances by
 ``--step-s``, ``--churn`` groups lose their head requests (pulled) and as many gain
-new arrivals, so per-group summaries must be recomputed for those groups. The first
+new arrivals, so per-group summaries must be brought up to date for those groups.
+Workers are full but for ``--free-slots`` of room each. The first
 decision of a fresh policy instance (nothing memoised) is reported separately as
 ``cold_ms``. Every policy sees the same sequence of snapshots, in the same process.
 """
@@ -34,6 +35,7 @@ import numpy as np
 
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
 from qlm.core.types import (
     SLO,
     QueueSnapshot,
@@ -50,8 +52,11 @@ CLASSES = (SLOClass.INTERACTIVE, SLOClass.BATCH_1, SLOClass.BATCH_2)
 RESULT_PATH = Path("docs/results/bench_decide.json")
 
 
-def build_workers(num_workers: int, running: int, now: float, profiles: ProfileBook,
+def build_workers(num_workers: int, free_slots: int, now: float, profiles: ProfileBook,
                   rng: np.random.Generator) -> tuple[WorkerView, ...]:
+    """Workers whose batch is full but for ``free_slots`` requests' worth of room (the
+    room completions freed since the last decision: with 100k requests queued, any
+    larger room would have been filled by the previous decision's pulls)."""
     num_a10 = round(num_workers * 3 / 8)
     workers = []
     for i in range(num_workers):
@@ -59,11 +64,14 @@ def build_workers(num_workers: int, running: int, now: float, profiles: ProfileB
         model = MODELS[i % len(MODELS)]
         prof = profiles.get(model, gpu)
         asleep = tuple(m for m in MODELS if profiles.get(m, gpu).num_gpus <= prof.num_gpus)
-        batch = min(running, prof.max_batch_size)
+        prompt, max_tokens = 512, 1024
+        reservation = prompt + DEFAULT_EXPECTED_OUTPUT_TOKENS
+        batch = max(0, min(prof.max_batch_size, prof.kv_capacity_tokens // reservation)
+                    - free_slots)
         reqs = tuple(
             RunningRequest(
-                Request(f"run-{i}-{j}", model, int(rng.integers(64, 1024)), 1024,
-                        SLOClass.BATCH_2, SLO.for_class(SLOClass.BATCH_2), now - 30.0,
+                Request(f"run-{i}-{j}", model, prompt, max_tokens, SLOClass.BATCH_2,
+                        SLO.for_class(SLOClass.BATCH_2), now - 30.0,
                         num_generated=int(rng.integers(0, 300))),
                 started_at=now - 10.0, first_token_at=now - 9.0)
             for j in range(batch))
@@ -109,7 +117,6 @@ def churn(snapshot: QueueSnapshot, step: int, num_churn: int, step_s: float,
 def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContext
                 ) -> dict[str, Any]:
     policy = make_policy(name)
-    gc.collect()
     t0 = time.perf_counter()
     policy.decide(snapshots[0], ctx)
     cold_ms = (time.perf_counter() - t0) * 1e3
@@ -134,7 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queued", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=80)
-    parser.add_argument("--running", type=int, default=64, help="running requests per worker")
+    parser.add_argument("--free-slots", type=int, default=4,
+                        help="room per worker (requests) left by completions since the last "
+                             "decision; the rest of its batch is full")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() after building the queue, as a long-running "
+                             "scheduler does for its long-lived state")
     parser.add_argument("--windows", type=int, default=34,
                         help="arrival windows (groups = 3 models × 3 classes × windows)")
     parser.add_argument("--window-s", type=float, default=10.0)
@@ -153,11 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     profiles = ProfileBook.load()
     now = 10_000.0
-    workers = build_workers(args.workers, args.running, now, profiles, rng)
+    workers = build_workers(args.workers, args.free_slots, now, profiles, rng)
     groups = build_queue(args.queued, args.windows, args.window_s, now, rng)
     snapshots = [QueueSnapshot(now, groups, workers)]
     for step in range(max(args.iterations, args.reference_iterations)):
         snapshots.append(churn(snapshots[-1], step, args.churn, args.step_s, args.window_s))
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     ctx = PolicyContext(profiles)
     results: dict[str, Any] = {}
     for i, name in enumerate(names):
@@ -178,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "queued": snapshots[0].num_queued,
         "groups": len(groups),
         "workers": len(workers),
-        "running_per_worker": args.running,
+        "running": sum(w.batch_size for w in workers),
+        "free_slots_per_worker": args.free_slots,
+        "gc_freeze": args.gc_freeze,
         "churn_groups_per_decision": args.churn,
         "machine": {"python": platform.python_version(), "cpu": platform.processor()
                     or platform.machine()},

@@ -264,3 +264,22 @@ def test_pulls_are_the_shared_backpressure_pulls(seed: int) -> None:
     snap, book = random_instance(seed)
     decision = make_policy("qlm").decide(snap, PolicyContext(book))
     assert with_pulls(replace(decision, pulls=()), snap, book).pulls == decision.pulls
+
+
+def test_incremental_group_summaries_equal_fresh_ones() -> None:
+    from qlm.core.policies.planning import GroupStatsCache, output_stats_from, summarise_group
+
+    stats = output_stats_from({})
+    reqs = tuple(request(f"r{i}", "A", 0.01 * i, 20.0 + i % 3, max_tokens=50 + 40 * i)
+                 for i in range(40))
+    key = group_requests(reqs, 1.0)[0].key
+    cache = GroupStatsCache()
+    cache.refresh([RequestGroup(key, reqs[:30])], stats)
+    for later in (reqs[5:30], reqs[7:40], reqs[7:39], (reqs[0], *reqs[8:40])):
+        group = RequestGroup(key, later)
+        [got] = cache.refresh([group], stats)
+        want = summarise_group(group, 0, stats)
+        assert got.size == want.size and got.deadline_points == want.deadline_points
+        assert got.out_mean_total == pytest.approx(want.out_mean_total, rel=1e-12)
+        assert got.out_var_total == pytest.approx(want.out_var_total, rel=1e-12)
+        assert got.mean_prompt == pytest.approx(want.mean_prompt, rel=1e-12)

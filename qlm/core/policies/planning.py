@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,7 @@ class GroupStats:
     """What the planners need of one group, computed in one pass over its requests."""
 
     key: GroupKey
+    model: str
     index: int
     size: int
     mean_prompt: float
@@ -98,41 +99,89 @@ class GroupStats:
     latest_deadline_at: float
     ttft_s: float
 
-    @property
-    def model(self) -> str:
-        return self.key.model
+
+@dataclass(frozen=True, slots=True)
+class GroupArrays:
+    """Per-request terms of a group, in group order: remaining-output mean and variance
+    (the estimator's truncated log-normal given the progress kept), prompt tokens and
+    deadlines."""
+
+    out_mean: np.ndarray
+    out_var: np.ndarray
+    prompt: np.ndarray
+    deadline: np.ndarray
+
+    @classmethod
+    def of(cls, requests: Sequence[Request], lengths: LengthStats) -> GroupArrays:
+        n = len(requests)
+        cap = np.fromiter((r.max_tokens for r in requests), float, n)
+        done = np.fromiter((r.num_generated for r in requests), float, n)
+        prompt = np.fromiter((r.prompt_tokens for r in requests), float, n)
+        deadline = np.fromiter((r.arrival_at + r.slo.ttft_s for r in requests), float, n)
+        mean, var = lengths.remaining_moments(cap, done)
+        return cls(np.maximum(mean, 1.0), var, prompt, deadline)
+
+    def tail(self, start: int) -> GroupArrays:
+        return GroupArrays(self.out_mean[start:], self.out_var[start:], self.prompt[start:],
+                           self.deadline[start:])
+
+    def extended(self, more: GroupArrays) -> GroupArrays:
+        return GroupArrays(*(np.concatenate((a, b)) for a, b in (
+            (self.out_mean, more.out_mean), (self.out_var, more.out_var),
+            (self.prompt, more.prompt), (self.deadline, more.deadline))))
+
+
+def stats_of(key: GroupKey, index: int, arrays: GroupArrays, ttft_s: float) -> GroupStats:
+    n = len(arrays.deadline)
+    deadlines = np.sort(arrays.deadline)
+    out_mean = float(arrays.out_mean.sum())
+    picks = [min(n - 1, int(q * n)) for q in DEADLINE_QUANTILES]
+    return GroupStats(
+        key=key, model=key.model, index=index, size=n, mean_prompt=float(arrays.prompt.mean()),
+        out_mean_total=out_mean, out_var_total=float(arrays.out_var.sum()),
+        mean_output=out_mean / n, deadline_points=tuple(float(deadlines[i]) for i in picks),
+        earliest_deadline_at=float(deadlines[0]), latest_deadline_at=float(deadlines[-1]),
+        ttft_s=ttft_s,
+    )
 
 
 def summarise_group(group: RequestGroup, index: int,
                     output_stats: Mapping[str, LengthStats]) -> GroupStats:
-    """One vectorised pass: remaining-output moments as the estimator computes them
-    (truncated log-normal given the progress kept), prompts and deadlines."""
+    """The group's :class:`GroupStats` in one vectorised pass over its requests."""
     lengths = output_stats.get(group.model, output_stats["*"])
-    requests = group.requests
-    n = len(requests)
-    cap = np.fromiter((r.max_tokens for r in requests), float, n)
-    done = np.fromiter((r.num_generated for r in requests), float, n)
-    prompt = np.fromiter((r.prompt_tokens for r in requests), float, n)
-    deadlines = np.sort(np.fromiter((r.arrival_at + r.slo.ttft_s for r in requests), float, n))
-    mean, var = lengths.remaining_moments(cap, done)
-    out_mean = float(np.maximum(mean, 1.0).sum())
-    picks = [min(n - 1, int(q * n)) for q in DEADLINE_QUANTILES]
-    return GroupStats(
-        key=group.key, index=index, size=n, mean_prompt=float(prompt.mean()),
-        out_mean_total=out_mean, out_var_total=float(var.sum()), mean_output=out_mean / n,
-        deadline_points=tuple(float(deadlines[i]) for i in picks),
-        earliest_deadline_at=float(deadlines[0]), latest_deadline_at=float(deadlines[-1]),
-        ttft_s=requests[0].slo.ttft_s,
-    )
+    return stats_of(group.key, index, GroupArrays.of(group.requests, lengths),
+                    group.requests[0].slo.ttft_s)
+
+
+@dataclass(slots=True)
+class _Entry:
+    requests: tuple[Request, ...]
+    arrays: GroupArrays
+    stats: GroupStats
+    memo: dict[Any, Any]
+
+
+def dropped_at_head(old: tuple[Request, ...], new: tuple[Request, ...]) -> int | None:
+    """k if ``new`` is ``old`` without its first k requests plus requests appended at the
+    tail (what pulls and arrivals do to a group); None otherwise."""
+    try:
+        k = old.index(new[0])
+    except ValueError:
+        return None
+    kept = len(old) - k
+    if kept > len(new) or old[k:] != new[:kept]:
+        return None
+    return k
 
 
 class GroupStatsCache:
     """Memo of :class:`GroupStats` across decisions.
 
-    An entry is reused while the group's request tuple is the same object, or has the
-    same length and the same first and last request (groups only lose requests at the
-    head and gain them at the tail or, on eviction, change size). Entries of groups that
-    left the queue are dropped at every refresh.
+    An entry is reused while the group's request tuple is the same object. When a group
+    only lost requests at its head (pulled) and gained some at its tail (arrivals), its
+    per-request terms are sliced and extended, so only the new requests are read; any
+    other change recomputes the group. Entries of groups that left the queue are dropped
+    at every refresh. Exact: a summary never differs from a fresh one.
     """
 
     def __init__(self) -> None:
@@ -153,35 +202,37 @@ class GroupStatsCache:
         out: list[GroupStats] = []
         memos: list[dict[Any, Any]] = []
         for index, group in enumerate(groups):
-            reqs = group.requests
-            cached = self._entries.get(group.key)
-            entry: _Entry | None = None
-            if cached is not None and (cached[0] is reqs or cached[1] == _fingerprint(reqs)):
-                entry = cached
-                if entry[2].index != index:
-                    entry = (reqs, entry[1], _reindexed(entry[2], index), entry[3])
-            if entry is None:
-                entry = (reqs, _fingerprint(reqs), summarise_group(group, index, output_stats), {})
+            entry = self._entry(group, index, output_stats)
             fresh[group.key] = entry
-            out.append(entry[2])
-            memos.append(entry[3])
+            out.append(entry.stats)
+            memos.append(entry.memo)
         self._entries = fresh
         self.memos = memos
         return out
 
-
-_Entry = tuple[tuple[Request, ...], tuple[Any, ...], GroupStats, dict[Any, Any]]
-
-
-def _fingerprint(reqs: tuple[Request, ...]) -> tuple[Any, ...]:
-    first, last = reqs[0], reqs[-1]
-    return (len(reqs), first.id, first.num_generated, last.id, last.num_generated)
+    def _entry(self, group: RequestGroup, index: int,
+               output_stats: Mapping[str, LengthStats]) -> _Entry:
+        reqs = group.requests
+        ttft_s = reqs[0].slo.ttft_s
+        cached = self._entries.get(group.key)
+        if cached is not None and cached.requests is reqs:
+            if cached.stats.index != index:
+                cached.stats = _reindexed(cached.stats, index)
+            return cached
+        lengths = output_stats.get(group.model, output_stats["*"])
+        k = dropped_at_head(cached.requests, reqs) if cached is not None else None
+        if cached is not None and k is not None:
+            kept = len(cached.requests) - k
+            arrays = cached.arrays.tail(k)
+            if kept < len(reqs):
+                arrays = arrays.extended(GroupArrays.of(reqs[kept:], lengths))
+        else:
+            arrays = GroupArrays.of(reqs, lengths)
+        return _Entry(reqs, arrays, stats_of(group.key, index, arrays, ttft_s), {})
 
 
 def _reindexed(stats: GroupStats, index: int) -> GroupStats:
-    return GroupStats(stats.key, index, stats.size, stats.mean_prompt, stats.out_mean_total,
-                      stats.out_var_total, stats.mean_output, stats.deadline_points,
-                      stats.earliest_deadline_at, stats.latest_deadline_at, stats.ttft_s)
+    return replace(stats, index=index)
 
 
 # --------------------------------------------------------------- worker summaries
@@ -193,6 +244,7 @@ class WorkerLoad:
     remaining_var: float
     remaining_sorted: tuple[float, ...]
     kv_reserved_tokens: int
+    loosest_ttft_s: float  # the largest TTFT SLO among running requests (0 if none)
 
 
 def summarise_running(running: Sequence[RunningRequest],
@@ -201,7 +253,7 @@ def summarise_running(running: Sequence[RunningRequest],
     (the same reservation as :func:`qlm.core.pulls.kv_reservation`)."""
     n = len(running)
     if n == 0:
-        return WorkerLoad(0.0, 0.0, (), 0)
+        return WorkerLoad(0.0, 0.0, (), 0, 0.0)
     lengths = output_stats.get(running[0].request.model, output_stats["*"])
     cap = np.fromiter((rr.request.max_tokens for rr in running), float, n)
     done = np.fromiter((rr.request.num_generated for rr in running), float, n)
@@ -211,7 +263,7 @@ def summarise_running(running: Sequence[RunningRequest],
     reserved = prompt + np.minimum(cap.astype(np.int64),
                                    np.maximum(done.astype(np.int64) + 1, expected))
     return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
-                      int(reserved.sum()))
+                      int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running))
 
 
 class WorkerLoadCache:

@@ -87,7 +87,7 @@ from qlm.core.policies.planning import (
     output_stats_from,
     walk,
 )
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation, plan_pulls
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
 from qlm.core.types import (
     Decision,
     Evict,
@@ -528,11 +528,8 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
         if head.model != w.active_model:
             continue
         svc = cost.service(order[0], wi)
-        if svc is None:
-            continue
-        slots = walk(cost, Lane(wi, w, pc.loads[wi], cost, now), order[:1])
-        if slots[0].p_meet >= float(options["evict_below_p"]):
-            continue
+        if svc is None or head.ttft_s >= pc.loads[wi].loosest_ttft_s:
+            continue  # nothing running is of a looser class
         slack_s = head.deadline_points[0] - now - svc.prefill_s
         if head.deadline_points[-1] - now - svc.prefill_s < 0:
             continue  # every request of the group is late already: evicting cannot help
@@ -542,6 +539,9 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
         finishing = _count_at_most(remaining, max(0.0, slack_s) * per_slot_rate)
         short = need - finishing
         if short <= 0:
+            continue
+        slots = walk(cost, Lane(wi, w, pc.loads[wi], cost, now), order[:1])
+        if slots[0].p_meet >= float(options["evict_below_p"]):
             continue
         victims = sorted(
             (rr for rr in w.running if rr.request.slo.ttft_s > head.ttft_s),
@@ -664,16 +664,17 @@ class QlmPolicy:
 
 
 def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
-    """The shared backpressure pulls of ``decision``: :func:`qlm.core.pulls.plan_pulls` per
-    worker, exactly as :func:`qlm.core.pulls.with_pulls` would compute them.
+    """The shared backpressure pulls of ``decision``, as :func:`qlm.core.pulls.with_pulls`
+    computes them (a test holds the two equal).
 
-    Workers that evict or swap in this decision pull nothing (as in ``with_pulls``);
-    workers that cannot admit anything now (no free batch slot, no KV headroom for the
-    head request by the memoised reservation sum, a head group of another model) are
-    skipped before calling it. No request is excluded: a group sits on one worker only.
+    Workers that evict or swap in this decision pull nothing (as in ``with_pulls``). The
+    walk is :func:`qlm.core.pulls.plan_pulls`'s, with the running requests' reservation
+    sum taken from the memoised worker summary instead of re-read per decision. No
+    request is excluded: a group sits on one worker only.
     """
     profiles = pc.cost.profiles
     busy = {e.worker_id for e in decision.evictions} | {s.worker_id for s in decision.swaps}
+    groups, by_key = pc.snapshot.groups, pc.stats_by_key
     pulls = []
     for place, w, load in zip(decision.placements, pc.snapshot.workers, pc.loads, strict=True):
         model = w.active_model
@@ -682,14 +683,20 @@ def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
         if place.order[0].model != model or not profiles.has(model, w.gpu):
             continue
         p = profiles.get(model, w.gpu)
-        if w.batch_size >= min(w.max_batch_size, p.max_batch_size):
-            continue
+        free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
         headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
-        head = pc.snapshot.groups[pc.stats_by_key[place.order[0]].index]
-        if kv_reservation(head.requests[0], DEFAULT_EXPECTED_OUTPUT_TOKENS) > headroom:
-            continue  # plan_pulls would stop at the very first request
-        queue = [pc.snapshot.groups[pc.stats_by_key[k].index] for k in place.order]
-        ids = plan_pulls(w, queue, p, DEFAULT_EXPECTED_OUTPUT_TOKENS)
+        ids: list[str] = []
+        for key in place.order:
+            if key.model != model or free_slots <= 0:
+                break
+            for r in groups[by_key[key].index].requests:
+                need = kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
+                if free_slots <= 0 or need > headroom:
+                    free_slots = 0
+                    break
+                ids.append(r.id)
+                free_slots -= 1
+                headroom -= need
         if ids:
-            pulls.append(Pull(w.id, ids))
+            pulls.append(Pull(w.id, tuple(ids)))
     return tuple(pulls)
