@@ -1,0 +1,300 @@
+"""The worker process: one or more :class:`~services.worker.worker.Worker` sharing Redis,
+Kafka, one ``qlm.lso`` reader, one Prometheus endpoint and one gRPC health endpoint.
+
+Start-up: connect to Redis and Kafka (create the topics if missing), build each
+worker's engine, start the workers, the LSO reader, metrics and health; health turns
+SERVING once all of that runs (and stays so while Redis answers).
+
+LSO commands are read by a consumer group of this process (``lso_group``, default
+``<topic prefix>qlm-worker-<worker ids>``) and queued per worker: each worker carries
+out its commands one at a time, in order, so a slow swap never delays another
+worker's commands. Commands issued before the process started (older than
+``STALE_COMMAND_S`` before it) are stale decisions and are ignored.
+
+Shutdown on SIGTERM / SIGINT: health NOT_SERVING, stop reading commands, drain every
+worker (``shutdown_grace_s`` to finish, then requeue with progress), close clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from aiokafka import ConsumerRecord
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import start_http_server
+from redis.asyncio import Redis
+
+from qlm.bus.consumer import BusConsumer
+from qlm.bus.producer import BusProducer
+from qlm.bus.records import LsoCommand
+from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
+from qlm.config import WorkerSettings
+from qlm.core.errors import InvalidInput
+from qlm.core.perf import PROFILE_DIR, ProfileBook
+from qlm.engine.base import Engine
+from qlm.engine.factory import make_engine
+from qlm.log import get_logger
+from qlm.store.store import RedisQueueStore
+from services.worker.metrics import WorkerMetrics
+from services.worker.worker import Worker, WorkerOptions
+
+log = get_logger("services.worker.app")
+
+HEALTH_SERVICE = "qlm.worker"
+#: Commands issued this long before the process started are ignored as stale.
+STALE_COMMAND_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Who a worker is: its id, GPU type and the models it holds (first awake)."""
+
+    id: str
+    gpu: str
+    models: tuple[str, ...]
+
+
+def worker_specs(settings: WorkerSettings) -> tuple[WorkerSpec, ...]:
+    """The workers named by the flags, or by ``workers_file``."""
+    if settings.workers_file is None:
+        assert settings.worker_id and settings.gpu
+        return (WorkerSpec(settings.worker_id, settings.gpu, tuple(settings.models)),)
+    return read_workers_file(settings.workers_file)
+
+
+def read_workers_file(path: Path) -> tuple[WorkerSpec, ...]:
+    """``{"workers": [{"id": str, "gpu": str, "models": [str, ...]}, ...]}`` (YAML)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise InvalidInput("workers_file", f"cannot read {path}: {error}") from None
+    entries = data.get("workers") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise InvalidInput(f"{path.name}.workers", "must be a non-empty list")
+    specs = []
+    for i, entry in enumerate(entries):
+        where = f"{path.name}.workers[{i}]"
+        if not isinstance(entry, dict):
+            raise InvalidInput(where, "must be a mapping with id, gpu and models")
+        for name in ("id", "gpu"):
+            if not isinstance(entry.get(name), str) or not entry[name]:
+                raise InvalidInput(f"{where}.{name}", "must be a non-empty string")
+        models = entry.get("models")
+        if not isinstance(models, list) or not models or not all(
+            isinstance(m, str) and m for m in models
+        ):
+            raise InvalidInput(f"{where}.models", "must be a non-empty list of model names")
+        specs.append(WorkerSpec(entry["id"], entry["gpu"], tuple(models)))
+    if len({s.id for s in specs}) != len(specs):
+        raise InvalidInput(f"{path.name}.workers", "worker ids must be unique")
+    return tuple(specs)
+
+
+def build_engine(spec: WorkerSpec, settings: WorkerSettings, profiles: ProfileBook) -> Engine:
+    vllm_options = None
+    if settings.engine == "vllm":
+        from qlm.engine.vllm_engine import VllmOptions
+
+        vllm_options = VllmOptions(
+            model_dir=settings.vllm_model_dir,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            max_model_len=settings.vllm_max_model_len,
+            enforce_eager=settings.vllm_enforce_eager,
+            load_format=settings.vllm_load_format,
+        )
+    return make_engine(
+        settings.engine,
+        spec.gpu,
+        spec.models,
+        profiles,
+        time_scale=settings.time_scale,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        vllm_options=vllm_options,
+    )
+
+
+def decode_command(raw: bytes | None) -> LsoCommand:
+    """A ``qlm.lso`` record, or InvalidInput naming the bad field (the record goes to the DLQ)."""
+    if raw is None:
+        raise InvalidInput("record", "has no value")
+    return LsoCommand.from_json(raw)
+
+
+class WorkerProcess:
+    """Everything one ``python -m services.worker`` runs (see the module docstring)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.specs = worker_specs(settings)
+        profiles = ProfileBook.load(settings.profiles_dir or PROFILE_DIR)
+        for spec in self.specs:
+            for model in spec.models:
+                profiles.get(model, spec.gpu)  # NotFound names the missing profile
+        self.profiles = profiles
+        self.topics = TopicNames(settings.topic_prefix)
+        self.metrics = WorkerMetrics()
+        self.started_at = time.time()
+        self.store = RedisQueueStore.from_url(
+            settings.redis_url, prefix=settings.key_prefix, lease_s=settings.lease_s
+        )
+        self.redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        self.producer = BusProducer(settings.kafka_bootstrap, client_id="qlm-worker")
+        self.workers: dict[str, Worker] = {}
+        self.commands: dict[str, asyncio.Queue[LsoCommand]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.consumer: BusConsumer[LsoCommand] | None = None
+        self.health = health_aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        self.metrics_port = 0
+        self._metrics_server: Any = None
+
+    @property
+    def lso_group(self) -> str:
+        ids = "+".join(s.id for s in self.specs)
+        return self.settings.lso_group or f"{self.settings.topic_prefix}qlm-worker-{ids}"
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> None:
+        s = self.settings
+        await self.producer.start()
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        options = WorkerOptions(
+            lease_s=s.lease_s,
+            renew_interval_s=s.renew_interval_s,
+            pull_interval_s=s.pull_interval_s,
+            telemetry_interval_s=s.telemetry_interval_s,
+            expected_output_tokens=s.expected_output_tokens,
+        )
+        for spec in self.specs:
+            engine = build_engine(spec, s, self.profiles)
+            worker = Worker(
+                spec.id, engine, self.store, self.redis, self.producer, self.topics,
+                {m: self.profiles.get(m, spec.gpu) for m in spec.models}, self.metrics, options,
+            )  # fmt: skip
+            self.workers[spec.id] = worker
+            self.commands[spec.id] = asyncio.Queue()
+        await asyncio.gather(*(w.start() for w in self.workers.values()))
+        for worker_id in self.workers:
+            self._spawn(self._obey(worker_id), f"lso-{worker_id}")
+        self.consumer = BusConsumer(
+            s.kafka_bootstrap, [self.topics.lso], self.lso_group, decode_command,
+            self._on_command, self.topics.dlq, self.producer, client_id="qlm-worker",
+        )  # fmt: skip
+        await self.consumer.start()
+        self._spawn(self._read_commands(), "lso-reader")
+        self._start_metrics()
+        await self._start_health()
+        log.info("worker_process_ready", workers=list(self.workers), health_port=self.health_port,
+                 metrics_port=self.metrics_port, lso_group=self.lso_group)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    def _start_metrics(self) -> None:
+        server, _thread = start_http_server(
+            self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+        )
+        self._metrics_server = server
+        self.metrics_port = int(server.server_port)
+
+    async def _start_health(self) -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.settings.host}:{self.settings.health_port}"
+        self.health_port = server.add_insecure_port(address)
+        if self.health_port == 0:
+            raise OSError(f"cannot listen on port {self.settings.health_port}")
+        await server.start()
+        self.grpc_server = server
+        await self._set_health(True)
+        self._spawn(self._watch_health(), "health")
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", HEALTH_SERVICE, *(f"{HEALTH_SERVICE}.{w}" for w in self.workers)):
+            await self.health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            await self._set_health(await self.store.ping())
+
+    # ------------------------------------------------------------------ LSO
+    async def _on_command(self, command: LsoCommand, record: ConsumerRecord[Any, Any]) -> None:
+        queue = self.commands.get(command.worker)
+        if queue is None:
+            return  # another process's worker
+        if command.issued_at < self.started_at - STALE_COMMAND_S:
+            log.info("lso_stale_ignored", worker=command.worker, command_id=command.command_id)
+            return
+        queue.put_nowait(command)
+
+    async def _read_commands(self) -> None:
+        assert self.consumer is not None
+        try:
+            await self.consumer.run()
+        except Exception:
+            log.exception("lso_reader_failed")
+
+    async def _obey(self, worker_id: str) -> None:
+        worker, queue = self.workers[worker_id], self.commands[worker_id]
+        while True:
+            command = await queue.get()
+            try:
+                await worker.on_lso(command)
+            except Exception as error:
+                log.warning("lso_failed", worker=worker_id, command_id=command.command_id,
+                            error=str(error))
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self) -> None:
+        await self._set_health(False)
+        if self.consumer is not None:
+            await self.consumer.stop()
+        await asyncio.gather(
+            *(w.drain(self.settings.shutdown_grace_s) for w in self.workers.values())
+        )
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.producer.stop()
+        await self.store.aclose()
+        await self.redis.aclose()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(1.0)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        log.info("worker_process_stopped")
+
+
+async def serve(settings: WorkerSettings, stop_signals: Sequence[int] = (signal.SIGTERM,
+                                                                          signal.SIGINT)) -> None:
+    """Run the worker process until one of ``stop_signals``; then shut down gracefully."""
+    process = WorkerProcess(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await process.start()
+        await stop.wait()
+        log.info("worker_process_stopping", grace_s=settings.shutdown_grace_s)
+    finally:
+        await process.stop()

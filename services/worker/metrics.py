@@ -1,0 +1,53 @@
+"""Prometheus metrics of the worker service (one registry per process, labelled by worker)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class WorkerMetrics:
+    """Batch size, KV use, throughput, outcomes, swaps and step times of each worker."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.batch_size = Gauge(
+            "qlm_worker_batch_size", "Requests running in the engine", ["worker"], registry=r
+        )
+        self.num_waiting = Gauge(
+            "qlm_worker_waiting_requests", "Requests admitted but not yet prefilled",
+            ["worker"], registry=r,
+        )
+        self.kv_used = Gauge(
+            "qlm_worker_kv_used_fraction", "KV cache in use (0..1)", ["worker"], registry=r
+        )
+        self.output_tokens = Counter(
+            "qlm_worker_output_tokens", "Output tokens streamed", ["worker", "model"], registry=r
+        )
+        self.tokens_per_s = Gauge(
+            "qlm_worker_output_tokens_per_second", "Output tokens/s over the last telemetry window",
+            ["worker"], registry=r,
+        )
+        self.requests = Counter(
+            "qlm_worker_requests", "Requests that left the worker, by outcome",
+            ["worker", "outcome"], registry=r,
+        )
+        self.pulled = Counter("qlm_worker_pulled_requests", "Requests pulled", ["worker"],
+                              registry=r)
+        self.swaps = Counter("qlm_worker_model_swaps", "Model swaps", ["worker"], registry=r)
+        self.swap_seconds = Histogram(
+            "qlm_worker_model_swap_seconds", "Wall time of a model swap", ["worker"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r,
+        )
+        self.step_seconds = Gauge(
+            "qlm_worker_step_seconds", "Mean engine step time over the last telemetry window",
+            ["worker", "kind"], registry=r,
+        )
+        self.active_model = Gauge(
+            "qlm_worker_active_model", "1 for the model that is awake", ["worker", "model"],
+            registry=r,
+        )

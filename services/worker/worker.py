@@ -1,0 +1,660 @@
+"""One worker: pull under backpressure, run on the engine, stream, report, obey LSOs.
+
+Loops of a running :class:`Worker` (asyncio tasks):
+
+* **pull**: while it is not draining or swapping, read the head of its virtual queue
+  (:mod:`services.worker.queue_head`), decide how many requests fit with
+  :func:`qlm.core.pulls.plan_pulls` (the simulator's backpressure: free batch slots and
+  KV reservations), take that many with the store's pull (under a lease) and add
+  them to the engine. Polls every ``pull_interval_s`` when nothing fits or is
+  queued, at once when a request leaves.
+* **serve** (one task per request): tokens from the engine are appended to the
+  request's Redis stream (chunks that pile up while a write is in flight go in one
+  write); the first one publishes ``first_token``; the end acks the request in the
+  store (finished / failed) and publishes ``finished`` (and, for batch classes, a
+  ``qlm.batch.results`` record).
+* **renew**: every ``renew_interval_s`` extend the leases of the running requests;
+  requests the worker lost (lease expired, taken elsewhere) are aborted silently;
+  requests whose cancellation was requested are aborted and acked ``cancelled``.
+* **telemetry**: every ``telemetry_interval_s`` publish batch size, KV use and the
+  mean predicted vs observed step time of the window on ``qlm.telemetry`` (windows
+  without an engine step are skipped) and refresh the Prometheus gauges.
+
+LSO commands (:meth:`Worker.on_lso`): ``evict`` / ``migrate`` abort the named running
+requests and requeue them with their progress (``evicted`` event); ``swap`` stops
+pulling, evicts everything running, sleeps the active model and wakes the target.
+
+Stopping (:meth:`Worker.drain`, on SIGTERM): stop pulling, let running requests
+finish for ``grace_s``, then requeue what is left with its progress.
+
+Every Redis write that names the worker is checked by the store: a request the worker
+no longer holds (LeaseLost) is dropped without reporting. Events are hints; a failed
+publish is logged and never fails a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+
+from qlm.bus.producer import BusProducer
+from qlm.bus.records import BatchResult, BusRecord, Event, LsoCommand, Telemetry
+from qlm.bus.topics import TopicNames
+from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable
+from qlm.core.perf import PerfProfile
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, plan_pulls
+from qlm.core.types import RequestState, RunningRequest, SLOClass, WorkerView
+from qlm.engine.base import Engine, EngineRequest, EngineStats, OutputChunk
+from qlm.log import get_logger, request_context
+from qlm.store.errors import LeaseLost
+from qlm.store.records import RequestRecord
+from qlm.store.store import RedisQueueStore
+from services.worker.metrics import WorkerMetrics
+from services.worker.queue_head import read_queue_head
+
+log = get_logger("services.worker")
+
+#: SLO classes whose results go to qlm.batch.results.
+BATCH_CLASSES = frozenset({SLOClass.BATCH_1, SLOClass.BATCH_2})
+#: Largest output (token ids) put in one batch result record.
+MAX_RESULT_TOKENS = 100_000
+
+StopReason = Literal["evict", "cancel", "lost", "shutdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """Timing and admission knobs of a worker (see :class:`qlm.config.WorkerSettings`)."""
+
+    lease_s: float = 15.0
+    renew_interval_s: float = 1.0
+    pull_interval_s: float = 0.005
+    telemetry_interval_s: float = 1.0
+    expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS
+
+    def __post_init__(self) -> None:
+        for name in ("lease_s", "renew_interval_s", "pull_interval_s", "telemetry_interval_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidInput(name, f"must be > 0, got {getattr(self, name)}")
+        if self.renew_interval_s >= self.lease_s:
+            raise InvalidInput("renew_interval_s", "must be shorter than lease_s")
+
+
+@dataclass(eq=False)
+class _Running:
+    """A request this worker holds, and what it has streamed of it."""
+
+    record: RequestRecord
+    engine_request: EngineRequest
+    started_at: float
+    num_generated: int
+    token_ids: list[int]
+    text: list[str]
+    first_token_at: float | None = None
+    stop_reason: StopReason | None = None
+    task: asyncio.Task[None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    def view(self) -> RunningRequest:
+        request = self.record.request
+        progress = min(self.num_generated, request.max_tokens)
+        if progress != request.num_generated:
+            request = replace(request, num_generated=progress)
+        return RunningRequest(request, self.started_at, self.first_token_at)
+
+
+class Worker:
+    """One worker (``worker_id`` on one ``gpu``) driving one engine."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        engine: Engine,
+        store: RedisQueueStore,
+        redis: Redis,
+        producer: BusProducer,
+        topics: TopicNames,
+        profiles: dict[str, PerfProfile],
+        metrics: WorkerMetrics,
+        options: WorkerOptions | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.id = worker_id
+        self.engine = engine
+        self.store = store
+        self.redis = redis
+        self.producer = producer
+        self.topics = topics
+        self.profiles = profiles
+        self.metrics = metrics
+        self.options = options or WorkerOptions()
+        self.clock = clock
+        self.running: dict[str, _Running] = {}
+        self.draining = False
+        self.swapping = False
+        self._capacity_freed = asyncio.Event()
+        self._swap_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_stats: EngineStats | None = None
+        self._last_stats_at = 0.0
+        self._outbox: asyncio.Queue[tuple[BusRecord, str]] = asyncio.Queue()
+        self._sender: asyncio.Task[None] | None = None
+
+    # ================================================================ lifecycle
+    async def start(self) -> None:
+        await self.engine.start()
+        self._last_stats, self._last_stats_at = self.engine.stats(), time.monotonic()
+        self._set_active_model_gauge()
+        self._sender = asyncio.create_task(self._send_loop(), name=f"worker-{self.id}-send")
+        for name, loop in (
+            ("pull", self._pull_loop),
+            ("renew", self._renew_loop),
+            ("telemetry", self._telemetry_loop),
+        ):
+            self._tasks.append(asyncio.create_task(loop(), name=f"worker-{self.id}-{name}"))
+        log.info("worker_started", worker=self.id, gpu=self.engine.gpu,
+                 models=list(self.engine.models), active_model=self.engine.active_model)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop pulling; let running requests finish within ``grace_s``; requeue the rest
+        with their progress; stop the loops and the engine."""
+        self.draining = True
+        self._capacity_freed.set()
+        deadline = time.monotonic() + grace_s
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        leftover = list(self.running.values())
+        if leftover:
+            log.info("worker_requeue_on_shutdown", worker=self.id, num_requests=len(leftover))
+        await asyncio.gather(*(self._evict(r, "shutdown") for r in leftover))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.engine.close()
+        await self._outbox.join()
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        log.info("worker_stopped", worker=self.id)
+
+    # ================================================================ pull
+    async def _pull_loop(self) -> None:
+        while not self.draining:
+            try:
+                num_pulled = await self.pull_once()
+            except (Unavailable, OSError) as error:
+                log.warning("pull_failed", worker=self.id, error=str(error))
+                num_pulled = 0
+                await asyncio.sleep(0.5)
+            if num_pulled == 0:
+                self._capacity_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._capacity_freed.wait(), timeout=self.options.pull_interval_s
+                    )
+
+    def view(self) -> WorkerView | None:
+        """This worker as the scheduler sees it (None while it has no active model)."""
+        model = self.engine.active_model
+        if model is None:
+            return None
+        profile = self.profiles[model]
+        stats = self.engine.stats()
+        capacity = profile.kv_capacity_tokens
+        if stats.kv_capacity_tokens > 0:
+            capacity = min(capacity, stats.kv_capacity_tokens)
+        return WorkerView(
+            id=self.id,
+            gpu=self.engine.gpu,
+            models=self.engine.models,
+            active_model=model,
+            kv_capacity_tokens=capacity,
+            max_batch_size=profile.max_batch_size,
+            running=tuple(r.view() for r in self.running.values()),
+        )
+
+    async def pull_once(self) -> int:
+        """One backpressure pull; returns how many requests were started."""
+        if self.draining or self.swapping:
+            return 0
+        view = self.view()
+        if view is None or view.batch_size >= view.max_batch_size:
+            return 0
+        model = view.active_model
+        assert model is not None
+        head = await read_queue_head(
+            self.redis, self.store.keys, self.id, model, view.max_batch_size - view.batch_size
+        )
+        planned = plan_pulls(view, head, self.profiles[model], self.options.expected_output_tokens)
+        if not planned:
+            return 0
+        records = await self.store.pull(
+            self.id, model, len(planned), lease_s=self.options.lease_s
+        )
+        for record in records:
+            await self._start(record)
+        return len(records)
+
+    async def _start(self, record: RequestRecord) -> None:
+        with request_context(request_id=record.id):
+            self.metrics.pulled.labels(self.id).inc()
+            started_at = record.started_at or self.clock()
+            if record.request.num_generated >= record.request.max_tokens:
+                await self._ack_complete(record)
+                return
+            try:
+                engine_request = await self._engine_request(record)
+                run = _Running(
+                    record=record,
+                    engine_request=engine_request,
+                    started_at=started_at,
+                    num_generated=record.request.num_generated,
+                    token_ids=list(engine_request.generated_token_ids),
+                    text=[engine_request.generated_text] if engine_request.generated_text else [],
+                    first_token_at=record.first_token_at,
+                )
+                stream = self.engine.add(engine_request)
+            except InvalidInput as error:
+                await self._fail(record, str(error))
+                return
+            self.running[record.id] = run
+            self._publish(self._event(record, "started", at=started_at))
+            run.task = asyncio.create_task(self._serve(run, stream), name=f"serve-{record.id}")
+            log.info("request_started", worker=self.id, num_generated=run.num_generated)
+
+    async def _ack_complete(self, record: RequestRecord) -> None:
+        """A request evicted right after its last token: nothing left to generate."""
+        with contextlib.suppress(LeaseLost):
+            await self.store.ack(self.id, record.id, RequestState.FINISHED)
+            self.metrics.requests.labels(self.id, "finished").inc()
+            self._publish(self._event(record, "finished", at=self.clock(),
+                                      num_output_tokens=record.request.num_generated))
+            self._publish_result(record, "finished", self.clock(), None, finish_reason="length")
+
+    async def _engine_request(self, record: RequestRecord) -> EngineRequest:
+        request = record.request
+        prompt = record.prompt
+        token_ids: tuple[int, ...] | None = None
+        text: str | None = None
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            token_ids = tuple(prompt) if len(prompt) == request.prompt_tokens else None
+        elif isinstance(prompt, str):
+            text = prompt
+        params = dict(record.params)
+        kept_ids: tuple[int, ...] = ()
+        kept_text = ""
+        if request.num_generated > 0:
+            kept_ids, kept_text = await self._kept_output(record.id, request.num_generated)
+        stop = params.get("stop") or ()
+        return EngineRequest(
+            request_id=record.id,
+            model=request.model,
+            prompt_tokens=request.prompt_tokens,
+            max_tokens=request.max_tokens,
+            prompt_token_ids=token_ids,
+            prompt_text=text,
+            num_generated=request.num_generated,
+            generated_token_ids=kept_ids,
+            generated_text=kept_text,
+            ignore_eos=bool(params.get("ignore_eos", True)),
+            temperature=params.get("temperature"),
+            top_p=params.get("top_p"),
+            top_k=params.get("top_k"),
+            seed=params.get("seed"),
+            stop=tuple(str(s) for s in stop),
+        )
+
+    async def _kept_output(
+        self, request_id: str, num_generated: int
+    ) -> tuple[tuple[int, ...], str]:
+        """The output an evicted request already streamed (its first ``num_generated`` tokens)."""
+        ids: list[int] = []
+        text: list[str] = []
+        async for chunk in self.store.read_tokens(request_id, block_ms=1):
+            ids.extend(chunk.token_ids)
+            text.append(chunk.text)
+            if chunk.final_state is not None or chunk.num_generated >= num_generated:
+                break
+        return tuple(ids[:num_generated]), "".join(text)
+
+    # ================================================================ serve
+    async def _serve(self, run: _Running, stream: AsyncIterator[OutputChunk]) -> None:
+        """Stream one request's output to Redis until it ends or is stopped."""
+        pending: list[OutputChunk] = []
+        arrived = asyncio.Event()
+
+        async def pump() -> None:
+            async for chunk in stream:
+                pending.append(chunk)
+                arrived.set()
+
+        pump_task = asyncio.create_task(pump(), name=f"pump-{run.id}")
+        try:
+            with request_context(request_id=run.id):
+                while True:
+                    await arrived.wait()
+                    arrived.clear()
+                    chunks, pending[:] = list(pending), []
+                    if not await self._write(run, chunks):
+                        return
+                    last = chunks[-1].finish_reason
+                    if last in ("length", "stop"):
+                        await self._finish(run, last)
+                        return
+                    if last == "abort" or run.stop_reason is not None:
+                        return
+        except LeaseLost:
+            log.warning("lease_lost", worker=self.id)
+            run.stop_reason = "lost"
+            with contextlib.suppress(NotFound):
+                await self.engine.abort(run.id)
+            self._forget(run, "lost")
+        except Exception as error:  # the engine or Redis broke for this request
+            log.exception("serve_failed", worker=self.id)
+            with contextlib.suppress(NotFound):
+                await self.engine.abort(run.id)
+            with contextlib.suppress(QlmError):
+                await self._fail(run.record, f"worker error: {error!r}", run)
+            self._forget(run, "failed")
+        finally:
+            pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump_task
+            run.done.set()
+
+    async def _write(self, run: _Running, chunks: list[OutputChunk]) -> bool:
+        """Append the tokens of ``chunks`` to the stream; False if the request was lost."""
+        token_ids = [t for c in chunks for t in c.token_ids]
+        text = "".join(c.text for c in chunks)
+        if not token_ids and not text:
+            return True
+        if run.stop_reason == "lost":
+            return False
+        await self.store.append_tokens(self.id, run.id, text=text, token_ids=token_ids)
+        run.num_generated += len(token_ids)
+        run.token_ids.extend(token_ids)
+        if text:
+            run.text.append(text)
+        self.metrics.output_tokens.labels(self.id, run.record.request.model).inc(len(token_ids))
+        if run.first_token_at is None:
+            run.first_token_at = self.clock()
+            self._publish(self._event(run.record, "first_token", at=run.first_token_at,
+                                      num_output_tokens=run.num_generated))
+        return True
+
+    async def _finish(self, run: _Running, reason: str) -> None:
+        await self.store.ack(self.id, run.id, RequestState.FINISHED,
+                             num_generated=run.num_generated)
+        now = self.clock()
+        self._forget(run, "finished")
+        self._publish(self._event(run.record, "finished", at=now,
+                                  num_output_tokens=run.num_generated))
+        self._publish_result(run.record, "finished", now, run, finish_reason=reason)
+        log.info("request_finished", worker=self.id, num_generated=run.num_generated)
+
+    async def _fail(self, record: RequestRecord, error: str, run: _Running | None = None) -> None:
+        num_generated = run.num_generated if run else record.request.num_generated
+        try:
+            await self.store.ack(self.id, record.id, RequestState.FAILED,
+                                 num_generated=num_generated, error=error[:1000])
+        except LeaseLost:
+            return
+        now = self.clock()
+        self.metrics.requests.labels(self.id, "failed").inc()
+        self._publish(self._event(record, "failed", at=now, reason=error[:1000]))
+        self._publish_result(record, "failed", now, run, error=error[:4000])
+        log.warning("request_failed", worker=self.id, error=error)
+
+    def _forget(self, run: _Running, outcome: str) -> None:
+        if self.running.pop(run.id, None) is not None:
+            self.metrics.requests.labels(self.id, outcome).inc()
+            self._capacity_freed.set()
+
+    # ================================================================ stopping requests
+    async def _stop(self, run: _Running, reason: StopReason) -> bool:
+        """Abort ``run`` in the engine and wait until its streamed tokens are written.
+
+        False if someone else is already stopping it (or it ended)."""
+        if run.stop_reason is not None or run.id not in self.running:
+            return False
+        run.stop_reason = reason
+        with contextlib.suppress(NotFound):
+            await self.engine.abort(run.id)
+        await run.done.wait()
+        return True
+
+    async def _evict(self, run: _Running, reason: str) -> bool:
+        """Requeue ``run`` keeping its progress; publish ``evicted``. False if it was not
+        running here any more."""
+        with request_context(request_id=run.id):
+            if not await self._stop(run, "shutdown" if reason == "shutdown" else "evict"):
+                return False
+            try:
+                state = await self.store.requeue(self.id, run.id, num_generated=run.num_generated)
+            except LeaseLost:
+                self._forget(run, "lost")
+                return False
+            self._forget(run, "evicted")
+            now = self.clock()
+            if state is RequestState.CANCELLED:
+                self._publish(self._event(run.record, "cancelled", at=now, reason="cancelled"))
+                self._publish_result(run.record, "cancelled", now, run, finish_reason="abort")
+            else:
+                self._publish(self._event(run.record, "evicted", at=now, reason=reason,
+                                          num_output_tokens=run.num_generated))
+            log.info("request_evicted", worker=self.id, reason=reason,
+                     num_generated=run.num_generated)
+            return True
+
+    async def _cancel(self, run: _Running) -> None:
+        with request_context(request_id=run.id):
+            if not await self._stop(run, "cancel"):
+                return
+            try:
+                await self.store.ack(self.id, run.id, RequestState.CANCELLED,
+                                     num_generated=run.num_generated, error="cancelled")
+            except LeaseLost:
+                self._forget(run, "lost")
+                return
+            self._forget(run, "cancelled")
+            now = self.clock()
+            self._publish(self._event(run.record, "cancelled", at=now, reason="cancelled",
+                                      num_output_tokens=run.num_generated))
+            self._publish_result(run.record, "cancelled", now, run, finish_reason="abort")
+            log.info("request_cancelled", worker=self.id, num_generated=run.num_generated)
+
+    async def _drop_lost(self, run: _Running) -> None:
+        with request_context(request_id=run.id):
+            log.warning("lease_lost", worker=self.id)
+            if await self._stop(run, "lost"):
+                self._forget(run, "lost")
+
+    # ================================================================ renew
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.renew_interval_s)
+            try:
+                await self.renew_once()
+            except (Unavailable, OSError) as error:
+                log.warning("renew_failed", worker=self.id, error=str(error))
+
+    async def renew_once(self) -> None:
+        """Extend leases; drop lost requests; stop cancelled ones."""
+        ids = [i for i, r in self.running.items() if r.stop_reason is None]
+        if not ids:
+            return
+        renewal = await self.store.renew_leases(self.id, ids, lease_s=self.options.lease_s)
+        jobs = [self._drop_lost(self.running[i]) for i in renewal.lost if i in self.running]
+        jobs += [self._cancel(self.running[i]) for i in renewal.cancel_requested
+                 if i in self.running]
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    # ================================================================ LSO
+    async def on_lso(self, command: LsoCommand) -> None:
+        """Carry out an LSO command addressed to this worker."""
+        if command.worker != self.id:
+            return
+        log.info("lso_received", worker=self.id, type=command.type, command_id=command.command_id,
+                 request_ids=list(command.request_ids), to_model=command.to_model)
+        if command.type in ("evict", "migrate"):
+            runs = [self.running[i] for i in command.request_ids if i in self.running]
+            reason = command.reason or command.type
+            await asyncio.gather(*(self._evict(r, reason) for r in runs))
+        elif command.type == "swap":
+            assert command.to_model is not None
+            if command.to_model not in self.engine.models:
+                raise InvalidInput(
+                    "to_model", f"worker {self.id} holds {list(self.engine.models)}, "
+                    f"not {command.to_model!r}",
+                )
+            await self.swap(command.to_model, reason=command.reason or "lso")
+
+    async def swap(self, to_model: str, reason: str = "") -> None:
+        """Make ``to_model`` active: stop pulling, requeue running work, sleep + wake."""
+        async with self._swap_lock:
+            current = self.engine.active_model
+            if current == to_model or self.draining:
+                return
+            self.swapping = True
+            started = time.monotonic()
+            try:
+                await asyncio.gather(*(self._evict(r, "swap") for r in list(self.running.values())))
+                if current is not None:
+                    await self.engine.sleep(current)
+                self._set_active_model_gauge()
+                await self.engine.wake(to_model)
+            finally:
+                self.swapping = False
+                self._capacity_freed.set()
+                self._set_active_model_gauge()
+            elapsed = time.monotonic() - started
+            self.metrics.swaps.labels(self.id).inc()
+            self.metrics.swap_seconds.labels(self.id).observe(elapsed)
+            log.info("model_swapped", worker=self.id, from_model=current, to_model=to_model,
+                     wall_s=round(elapsed, 4), reason=reason)
+            self._publish_telemetry(force=True)
+
+    # ================================================================ telemetry
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.telemetry_interval_s)
+            self._publish_telemetry()
+
+    def _publish_telemetry(self, force: bool = False) -> None:
+        stats = self.engine.stats()
+        now_mono = time.monotonic()
+        last = self._last_stats or stats
+        window_s = max(1e-9, now_mono - self._last_stats_at)
+        num_steps = stats.num_steps - last.num_steps
+        num_tokens = stats.num_output_tokens - last.num_output_tokens
+        self._last_stats, self._last_stats_at = stats, now_mono
+        m = self.metrics
+        m.batch_size.labels(self.id).set(stats.batch_size)
+        m.num_waiting.labels(self.id).set(stats.num_waiting)
+        m.kv_used.labels(self.id).set(stats.kv_used_fraction)
+        m.tokens_per_s.labels(self.id).set(num_tokens / window_s)
+        predicted = observed = 0.0
+        if num_steps > 0:
+            predicted = (stats.step_time_predicted_s - last.step_time_predicted_s) / num_steps
+            observed = (stats.step_time_observed_s - last.step_time_observed_s) / num_steps
+            m.step_seconds.labels(self.id, "predicted").set(predicted)
+            m.step_seconds.labels(self.id, "observed").set(observed)
+        elif not force:
+            return
+        self._publish(Telemetry(
+            worker=self.id,
+            gpu=self.engine.gpu,
+            at=self.clock(),
+            model=stats.active_model,
+            batch_size=stats.batch_size,
+            num_waiting=stats.num_waiting,
+            kv_used_fraction=stats.kv_used_fraction,
+            num_context_tokens=stats.kv_used_tokens,
+            step_time_predicted_s=predicted,
+            step_time_observed_s=observed,
+            num_steps=max(1, num_steps),
+        ), self.topics.telemetry)
+
+    def _set_active_model_gauge(self) -> None:
+        active = self.engine.active_model
+        for model in self.engine.models:
+            self.metrics.active_model.labels(self.id, model).set(1 if model == active else 0)
+
+    # ================================================================ records
+    def _event(self, record: RequestRecord, kind: Any, *, at: float, reason: str | None = None,
+               num_output_tokens: int | None = None) -> Event:
+        request = record.request
+        return Event(
+            type=kind,
+            request_id=request.id,
+            model=request.model,
+            slo_class=request.slo_class.value,
+            at=at,
+            arrival_at=max(0.0, request.arrival_at),
+            tenant=request.tenant,
+            worker=self.id,
+            num_prompt_tokens=request.prompt_tokens,
+            num_output_tokens=num_output_tokens,
+            reason=reason,
+        )
+
+    def _publish_result(self, record: RequestRecord, status: Any, at: float,
+                        run: _Running | None, *, finish_reason: Any = None,
+                        error: str | None = None) -> None:
+        request = record.request
+        if request.slo_class not in BATCH_CLASSES:
+            return
+        token_ids = run.token_ids if run else []
+        first_token_at = run.first_token_at if run else record.first_token_at
+        self._publish(BatchResult(
+            request_id=request.id,
+            model=request.model,
+            status=status,
+            at=at,
+            arrival_at=max(0.0, request.arrival_at),
+            first_token_at=first_token_at,
+            worker=self.id,
+            num_prompt_tokens=request.prompt_tokens,
+            num_output_tokens=run.num_generated if run else request.num_generated,
+            output_text="".join(run.text) if run and run.text else None,
+            output_token_ids=tuple(token_ids) if len(token_ids) <= MAX_RESULT_TOKENS else None,
+            finish_reason=finish_reason,
+            slo_met=None if first_token_at is None else first_token_at <= request.deadline_at,
+            error=error,
+        ), self.topics.batch_results)
+
+    def _publish(self, record: BusRecord, topic: str | None = None) -> None:
+        """Queue ``record`` for Kafka (``qlm.events`` by default) without waiting for it.
+
+        One sender per worker hands records to the producer in the order they were
+        queued, so a request's events keep their order on its partition."""
+        self._outbox.put_nowait((record, topic or self.topics.events))
+
+    async def _send_loop(self) -> None:
+        while True:
+            record, topic = await self._outbox.get()
+            try:
+                future = await self.producer.publish_soon(topic, record)
+                future.add_done_callback(self._log_publish_failure)
+            except Exception as error:  # events are hints: log and carry on
+                log.warning("publish_failed", worker=self.id, topic=topic, error=repr(error))
+            finally:
+                self._outbox.task_done()
+
+    def _log_publish_failure(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("publish_failed", worker=self.id, error=repr(future.exception()))

@@ -1,0 +1,421 @@
+"""The worker service as a process on real Redis and real Kafka, with the simulated engine.
+
+Each test starts ``python -m services.worker`` (simulated engine, time-scaled), enqueues
+requests through the store, points the worker's virtual queue at their groups and
+watches Redis (records, token streams) and Kafka (``qlm.events``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from aiokafka import AIOKafkaConsumer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qlm.bus.producer import BusProducer
+from qlm.bus.records import BatchResult, Event, LsoCommand
+from qlm.bus.topics import TopicNames
+from qlm.core.types import SLO, Request, RequestState, SLOClass
+from qlm.localstack import free_loopback_port
+from qlm.store import RedisQueueStore
+from qlm.store.records import RequestRecord
+
+pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL, GPU = "mistral-7b", "A100-80GB"
+
+
+@dataclass
+class WorkerProc:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    health_port: int
+    worker_ids: tuple[str, ...]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+def wait_serving(proc: WorkerProc, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{proc.health_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.process.poll() is not None:
+                raise AssertionError(f"worker exited {proc.process.returncode}:\n{proc.log()}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service="qlm.worker"), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"worker not serving after {timeout_s}s:\n{proc.log()}")
+
+
+@pytest.fixture
+def start_worker(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProc]]:
+    started: list[WorkerProc] = []
+
+    def start(*args: str, worker_ids: Sequence[str] = ("w1",)) -> WorkerProc:
+        health_port = free_loopback_port()
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        command = [
+            sys.executable, "-m", "services.worker", "--engine", "sim",
+            "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
+            "--topic-prefix", topic_prefix, "--host", "127.0.0.1",
+            "--health-port", str(health_port), "--metrics-port", str(free_loopback_port()),
+            "--telemetry-interval-s", "0.5", "--log-json", "true", *args,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file,
+                                       stderr=subprocess.STDOUT)
+        proc = WorkerProc(process, log_path, health_port, tuple(worker_ids))
+        started.append(proc)
+        wait_serving(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait(10)
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisQueueStore]:
+    store = RedisQueueStore.from_url(redis_url, group_window_s=60.0)
+    yield store
+    await store.aclose()
+
+
+def make_request(rid: str, max_tokens: int, slo_class: SLOClass = SLOClass.INTERACTIVE,
+                 model: str = MODEL, prompt_tokens: int = 200) -> Request:
+    return Request(rid, model, prompt_tokens, max_tokens, slo_class, SLO.for_class(slo_class),
+                   arrival_at=time.time())
+
+
+async def enqueue(store: RedisQueueStore, worker_id: str, requests: Sequence[Request]) -> None:
+    for request in requests:
+        prompt = list(range(1, request.prompt_tokens + 1))
+        await store.enqueue(request, prompt=prompt, params={"ignore_eos": True})
+    groups = sorted({store.group_of(r) for r in requests})
+    snapshot = await store.snapshot()
+    order = [*snapshot.virtual_queues.get(worker_id, ()), *groups]
+    await store.set_virtual_queue(worker_id, list(dict.fromkeys(order)))
+
+
+async def wait_for(
+    check: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def stream_tokens(store: RedisQueueStore, rid: str) -> tuple[list[int], RequestState | None]:
+    tokens: list[int] = []
+    final = None
+    async for chunk in store.read_tokens(rid, block_ms=200):
+        tokens.extend(chunk.token_ids)
+        final = chunk.final_state
+    return tokens, final
+
+
+class EventLog:
+    """Reads a topic from the beginning in the background."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.records: list[bytes] = []
+        self._consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+            group_id=f"test-{uuid.uuid4().hex[:8]}",
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> EventLog:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        async for message in self._consumer:
+            self.records.append(message.value)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await self._consumer.stop()
+
+    def events(self) -> list[Event]:
+        return [Event.from_json(raw) for raw in self.records]
+
+    async def wait(self, predicate: Callable[[list[Event]], bool], what: str,
+                   timeout_s: float = 30.0) -> list[Event]:
+        async def check() -> list[Event] | None:
+            events = self.events()
+            return events if predicate(events) else None
+
+        result: list[Event] = await wait_for(check, timeout_s, what)
+        return result
+
+
+def finished(records: Sequence[RequestRecord]) -> bool:
+    return all(r.state is RequestState.FINISHED for r in records)
+
+
+async def records_of(store: RedisQueueStore, ids: Sequence[str]) -> list[RequestRecord]:
+    return [await store.get(i) for i in ids]
+
+
+# ---------------------------------------------------------------------------- tests
+async def test_worker_finishes_each_request_once_streams_tokens_and_reports_events(
+    start_worker: Callable[..., WorkerProc], store: RedisQueueStore, kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    proc = start_worker("--worker-id", "w1", "--gpu", GPU, "--models", MODEL,
+                        "--time-scale", "20")
+    topics = TopicNames(topic_prefix)
+    async with EventLog(kafka_bootstrap, topics.events) as events, \
+            EventLog(kafka_bootstrap, topics.batch_results) as results, \
+            EventLog(kafka_bootstrap, topics.telemetry) as telemetry:
+        requests = [make_request(f"r{i}", 20 + 7 * i) for i in range(12)]
+        requests += [make_request(f"b{i}", 30, SLOClass.BATCH_1) for i in range(4)]
+        await enqueue(store, "w1", requests)
+        ids = [r.id for r in requests]
+
+        async def all_finished() -> bool:
+            return finished(await records_of(store, ids))
+
+        await wait_for(all_finished, 60, "every request finished")
+        for request in requests:
+            tokens, final = await stream_tokens(store, request.id)
+            assert final is RequestState.FINISHED
+            assert len(tokens) == request.max_tokens
+            record = await store.get(request.id)
+            assert record.request.num_generated == request.max_tokens
+            assert record.num_pulls == 1 and record.worker_id == "w1"
+            assert record.first_token_at is not None
+
+        got = await events.wait(
+            lambda evs: sum(e.type == "finished" for e in evs) >= len(ids), "finished events"
+        )
+        for rid in ids:
+            mine = [e for e in got if e.request_id == rid]
+            kinds = [e.type for e in mine]
+            assert kinds.count("finished") == 1, kinds
+            assert kinds.count("started") == 1 and kinds.count("first_token") == 1, kinds
+            assert kinds.index("started") < kinds.index("first_token") < kinds.index("finished")
+            done = next(e for e in mine if e.type == "finished")
+            assert done.worker == "w1" and done.num_output_tokens == next(
+                r.max_tokens for r in requests if r.id == rid
+            )
+
+        async def four_results() -> bool:
+            return len(results.records) >= 4
+
+        await wait_for(four_results, 20, "batch results")
+        batch = [BatchResult.from_json(raw) for raw in results.records]
+        assert sorted(b.request_id for b in batch) == [f"b{i}" for i in range(4)]
+        assert all(b.status == "finished" and b.num_output_tokens == 30 for b in batch)
+
+        async def some_telemetry() -> bool:
+            return bool(telemetry.records)
+
+        await wait_for(some_telemetry, 20, "telemetry")
+        sample = json.loads(telemetry.records[0])
+        assert sample["worker"] == "w1" and sample["gpu"] == GPU and sample["model"] == MODEL
+        assert sample["step_time_predicted_s"] > 0
+
+    proc.process.send_signal(signal.SIGTERM)
+    assert proc.process.wait(30) == 0, proc.log()
+
+
+async def test_evict_command_requeues_with_progress_and_the_request_resumes(
+    start_worker: Callable[..., WorkerProc], store: RedisQueueStore, kafka_bootstrap: str,
+    topic_prefix: str,
+) -> None:
+    start_worker("--worker-id", "w1", "--gpu", GPU, "--models", MODEL, "--time-scale", "2")
+    topics = TopicNames(topic_prefix)
+    request = make_request("long", 1000, SLOClass.BATCH_1)
+    async with EventLog(kafka_bootstrap, topics.events) as events:
+        await enqueue(store, "w1", [request])
+
+        async def progressed() -> bool:
+            record = await store.get("long")
+            return record.state is RequestState.RUNNING and record.request.num_generated >= 30
+
+        await wait_for(progressed, 30, "tokens streamed")
+        async with BusProducer(kafka_bootstrap) as producer:
+            await producer.publish(topics.lso, LsoCommand(
+                type="evict", command_id="c1", worker="w1", issued_at=time.time(),
+                request_ids=("long",), reason="test",
+            ))
+        got = await events.wait(lambda evs: any(e.type == "evicted" for e in evs), "evicted")
+        evicted = next(e for e in got if e.type == "evicted")
+        assert evicted.worker == "w1" and evicted.reason == "test"
+        kept = evicted.num_output_tokens
+        assert kept is not None and 30 <= kept < 1000
+
+        async def done() -> RequestRecord | None:
+            record = await store.get("long")
+            return record if record.state is RequestState.FINISHED else None
+
+        record = await wait_for(done, 60, "resumed request finished")
+        assert record.num_evictions == 1 and record.num_pulls == 2
+        tokens, final = await stream_tokens(store, "long")
+        assert final is RequestState.FINISHED
+        assert len(tokens) == 1000  # the kept tokens were not generated again
+        got = await events.wait(lambda evs: any(e.type == "finished" for e in evs), "finished")
+        kinds = [e.type for e in got if e.request_id == "long"]
+        assert kinds.count("started") == 2 and kinds.count("finished") == 1
+        assert kinds.count("first_token") == 1  # the resumed run had its first token already
+
+
+async def test_killed_worker_leaves_leases_that_requeue_expired_returns(
+    start_worker: Callable[..., WorkerProc], store: RedisQueueStore,
+) -> None:
+    proc = start_worker("--worker-id", "w1", "--gpu", GPU, "--models", MODEL,
+                        "--lease-s", "1.5", "--renew-interval-s", "0.3")
+    requests = [make_request(f"k{i}", 3000) for i in range(3)]
+    await enqueue(store, "w1", requests)
+    ids = [r.id for r in requests]
+
+    async def all_progressing() -> bool:
+        return all(r.state is RequestState.RUNNING and r.request.num_generated > 5
+                   for r in await records_of(store, ids))
+
+    await wait_for(all_progressing, 30, "requests running")
+    assert await store.requeue_expired() == {}  # leases are renewed while it lives
+    proc.process.send_signal(signal.SIGKILL)
+    proc.process.wait(10)
+    progress = {r.id: r.request.num_generated for r in await records_of(store, ids)}
+    await asyncio.sleep(2.0)
+    assert await store.requeue_expired() == {i: RequestState.QUEUED for i in ids}
+    for record in await records_of(store, ids):
+        assert record.state is RequestState.QUEUED
+        assert record.request.num_generated == progress[record.id] > 5
+
+
+async def test_sigterm_requeues_running_work_with_progress(
+    start_worker: Callable[..., WorkerProc], store: RedisQueueStore,
+) -> None:
+    proc = start_worker("--worker-id", "w1", "--gpu", GPU, "--models", MODEL,
+                        "--shutdown-grace-s", "0.2")
+    await enqueue(store, "w1", [make_request("t0", 5000)])
+
+    async def running() -> bool:
+        record = await store.get("t0")
+        return record.request.num_generated > 5
+
+    await wait_for(running, 30, "request running")
+    proc.process.send_signal(signal.SIGTERM)
+    assert proc.process.wait(30) == 0, proc.log()
+    record = await store.get("t0")
+    assert record.state is RequestState.QUEUED and record.num_evictions == 1
+    assert 5 < record.request.num_generated < 5000
+    tokens, _ = await _tokens_so_far(store, "t0")
+    assert len(tokens) == record.request.num_generated
+
+
+async def test_cancel_stops_a_running_request(
+    start_worker: Callable[..., WorkerProc], store: RedisQueueStore,
+) -> None:
+    start_worker("--worker-id", "w1", "--gpu", GPU, "--models", MODEL,
+                 "--renew-interval-s", "0.2")
+    await enqueue(store, "w1", [make_request("c0", 5000)])
+
+    async def running() -> bool:
+        return (await store.get("c0")).request.num_generated > 5
+
+    await wait_for(running, 30, "request running")
+    assert await store.cancel("c0") is RequestState.RUNNING
+
+    async def cancelled() -> bool:
+        return (await store.get("c0")).state is RequestState.CANCELLED
+
+    await wait_for(cancelled, 10, "request cancelled")
+    tokens, final = await stream_tokens(store, "c0")
+    assert final is RequestState.CANCELLED and 5 < len(tokens) < 5000
+
+
+async def test_workers_file_runs_several_workers_and_a_swap_command_changes_model(
+    start_worker: Callable[..., WorkerProc], store: RedisQueueStore, kafka_bootstrap: str,
+    topic_prefix: str, tmp_path: Path,
+) -> None:
+    workers_file = tmp_path / "workers.yaml"
+    workers_file.write_text(
+        "workers:\n"
+        f"  - {{id: wa, gpu: {GPU}, models: [mistral-7b, vicuna-13b]}}\n"
+        f"  - {{id: wb, gpu: {GPU}, models: [vicuna-13b]}}\n"
+    )
+    proc = start_worker("--workers-file", str(workers_file), "--time-scale", "20",
+                        worker_ids=("wa", "wb"))
+    a = [make_request(f"a{i}", 40) for i in range(3)]
+    b = [make_request(f"b{i}", 40, model="vicuna-13b") for i in range(3)]
+    await enqueue(store, "wa", a)
+    await enqueue(store, "wb", b)
+
+    async def all_finished() -> bool:
+        return finished(await records_of(store, [r.id for r in a + b]))
+
+    await wait_for(all_finished, 60, "both workers finished their queues")
+    assert {(await store.get(r.id)).worker_id for r in a} == {"wa"}
+    assert {(await store.get(r.id)).worker_id for r in b} == {"wb"}
+
+    # wa holds vicuna-13b asleep: swap to it, then it serves vicuna requests.
+    topics = TopicNames(topic_prefix)
+    async with BusProducer(kafka_bootstrap) as producer:
+        await producer.publish(topics.lso, LsoCommand(
+            type="swap", command_id="s1", worker="wa", issued_at=time.time(),
+            to_model="vicuna-13b",
+        ))
+    c = [make_request(f"c{i}", 20, SLOClass.BATCH_1, model="vicuna-13b") for i in range(2)]
+    await enqueue(store, "wa", c)
+
+    async def swapped_and_served() -> bool:
+        return finished(await records_of(store, [r.id for r in c]))
+
+    try:
+        await wait_for(swapped_and_served, 60, "wa swapped to vicuna-13b and served")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{proc.log()}") from None
+    assert {(await store.get(r.id)).worker_id for r in c} == {"wa"}
+
+
+async def _tokens_so_far(store: RedisQueueStore, rid: str) -> tuple[list[int], int]:
+    """Tokens in the stream of a request that has not ended (no final entry)."""
+    tokens: list[int] = []
+    count = 0
+    reader = store.read_tokens(rid, block_ms=100)
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.__anext__(), timeout=0.5)
+            tokens.extend(chunk.token_ids)
+            count += 1
+    except (TimeoutError, StopAsyncIteration):
+        pass
+    finally:
+        await reader.aclose()  # type: ignore[attr-defined]
+    return tokens, count
