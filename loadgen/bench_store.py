@@ -202,6 +202,7 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     cpu = CpuMeter(url)
     try:
         requests = make_requests(args.requests, args.arrival_rate)
+        await asyncio.gather(*(store.ping() for _ in range(args.clients)))  # open connections
         before = cpu.read()
         enqueue = cpu.measure(await bench_enqueue(store, requests, args.clients), before)
         before = cpu.read()
@@ -228,31 +229,64 @@ def redis_version(url: str) -> str:
         client.close()
 
 
+def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per phase, the median over runs of throughput and latency percentiles."""
+    def median(phase: str, *path: str) -> float:
+        values = []
+        for run_result in runs:
+            value: Any = run_result["phases"][phase]
+            for key in path:
+                value = value[key]
+            values.append(float(value))
+        return round(float(np.median(values)), 3)
+
+    return {
+        phase: {
+            "requests_per_s": median(phase, "requests_per_s"),
+            "calls_per_s": median(phase, "calls_per_s"),
+            "latency_ms_p50": median(phase, "latency_ms", "p50"),
+            "latency_ms_p99": median(phase, "latency_ms", "p99"),
+        }
+        for phase in runs[0]["phases"]
+    }
+
+
+def run_once(args: argparse.Namespace, data_dir: Path) -> tuple[dict[str, Any], str]:
+    """One full run (fresh Redis data); returns its phases and the Redis version."""
+    server = None
+    url = args.url
+    if url is None:
+        server = RedisServer(data_dir, free_loopback_port())
+        server.start()
+        url = server.url
+    try:
+        redis.Redis.from_url(url).flushall()
+        load_at_start = round(os.getloadavg()[0], 2)
+        phases = asyncio.run(run(url, args))
+        return {"load_average_1m_at_start": load_at_start, "phases": phases}, redis_version(url)
+    finally:
+        if server is not None:
+            server.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--pull-batch", type=int, default=1, help="requests per pull call")
     parser.add_argument("--arrival-rate", type=float, default=100.0, help="arrivals/s (groups)")
+    parser.add_argument("--repeat", type=int, default=3, help="full runs; the median is reported")
     parser.add_argument("--url", help="an existing Redis (flushed!); default: start one")
     parser.add_argument("--out", type=Path, help="write the result JSON here")
     args = parser.parse_args(argv)
-    load_at_start = round(os.getloadavg()[0], 2)
 
-    with tempfile.TemporaryDirectory(prefix="qlm-bench-redis-") as data_dir:
-        server = None
-        url = args.url
-        if url is None:
-            server = RedisServer(Path(data_dir), free_loopback_port())
-            server.start()
-            url = server.url
-        try:
-            redis.Redis.from_url(url).flushall()
-            phases = asyncio.run(run(url, args))
-            version = redis_version(url)
-        finally:
-            if server is not None:
-                server.stop()
+    runs = []
+    version = ""
+    for index in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="qlm-bench-redis-") as data_dir:
+            run_result, version = run_once(args, Path(data_dir))
+        runs.append(run_result)
+        print(f"run {index + 1}/{args.repeat}: " + json.dumps(median_summary([run_result])))
 
     result = {
         "benchmark": "qlm.store (RedisQueueStore) micro-benchmark",
@@ -260,19 +294,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
-            "load_average_1m_at_start": load_at_start,
+            "shared": "other processes ran meanwhile: see each run's load average",
             "python": platform.python_version(),
             "redis_server": version,
             "redis_config": "appendonly yes, appendfsync everysec, no RDB"
-            if server is not None
+            if args.url is None
             else "external",
         },
         "requests": args.requests,
         "clients": args.clients,
-        "phases": phases,
+        "pull_batch": args.pull_batch,
+        "median": median_summary(runs),
+        "runs": runs,
     }
     text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result["median"], indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
