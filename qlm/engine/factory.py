@@ -40,5 +40,6 @@ def make_engine(
     if kind == "vllm":
         from qlm.engine.vllm_engine import VllmEngine, VllmOptions
 
-        return VllmEngine(gpu, models, vllm_options or VllmOptions())
+        known = {m: profiles.get(m, gpu) for m in models if profiles.has(m, gpu)}
+        return VllmEngine(gpu, models, vllm_options or VllmOptions(), known)
     raise InvalidInput("engine", f"unknown engine {kind!r}; expected one of {ENGINE_KINDS}")

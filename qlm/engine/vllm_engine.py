@@ -1,0 +1,324 @@
+"""The vLLM engine: vLLM's v1 ``AsyncLLM`` in-process, one instance per model on one GPU.
+
+vLLM is imported in :meth:`VllmEngine.start`, never at module import, so nothing that
+merely imports qlm needs vLLM (use :func:`qlm.engine.factory.make_engine`).
+
+* **Models**: one ``AsyncLLM`` per model, all created with ``enable_sleep_mode=True`` and
+  a share of the GPU (``gpu_memory_utilization``, default ``0.85 / number of models``;
+  it is a share of the whole card, so co-resident models must split it). The models
+  after the first are started and put to sleep at once; the first stays awake.
+  ``sleep(model)`` = ``AsyncLLM.sleep(level)`` (level 1: weights to CPU memory, KV
+  dropped), ``wake(model)`` = ``wake_up()``; a swap is about 0.5 s on an H100 once warm
+  (../shared/gpu/README.md).
+* **Requests**: prompts go as token ids (``{"prompt_token_ids": [...]}``; with dummy
+  weights there is no tokenizer); a resumed request is re-prefilled with prompt + kept
+  output ids (prefix caching makes that cheap) and asks for the remaining tokens.
+  ``ignore_eos`` (default on) makes outputs exactly ``max_tokens`` long for replays.
+  Outputs stream as deltas (``RequestOutputKind.DELTA``).
+* **abort** calls ``AsyncLLM.abort`` and returns the output streamed so far.
+* **stats**: batch size = requests in the engine; KV use = their context tokens
+  against the KV cache (``num_gpu_blocks × block_size``). A step is counted each time
+  outputs arrive after a gap (outputs of one step arrive together); its observed time
+  is the gap since the previous step while the engine was busy, its predicted time the
+  profile's ``decode_step_s(batch, context)`` (prefill steps are counted as decode
+  steps: a known approximation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlm.core.errors import InvalidInput, NotFound, Unavailable
+from qlm.core.perf import PerfProfile
+from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
+
+#: Outputs closer together than this belong to one engine step.
+STEP_GAP_S = 0.0005
+#: A longer gap means the engine was idle, not stepping.
+IDLE_GAP_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class VllmOptions:
+    """How the AsyncLLM instances are built (see the module docstring)."""
+
+    model_dir: Path = Path("/tmp/qlm-models")
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    load_format: str = "dummy"
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    sleep_level: int = 1
+    seed: int = 0
+    extra_engine_args: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        share = self.gpu_memory_utilization
+        if share is not None and not 0 < share <= 1:
+            raise InvalidInput("gpu_memory_utilization", f"must be in (0, 1], got {share}")
+        if self.sleep_level not in (1, 2):
+            raise InvalidInput("sleep_level", f"must be 1 or 2, got {self.sleep_level}")
+
+
+@dataclass(eq=False)
+class _Live:
+    request: EngineRequest
+    model: str
+    num_generated: int
+    token_ids: list[int]
+    text: list[str]
+    aborted: bool = False
+
+
+def model_path(model: str, options: VllmOptions) -> str:
+    """Where ``model``'s weights (or, for dummy weights, its config.json) are.
+
+    ``<model_dir>/<model>`` when it exists or when ``model`` is a known shape (its
+    config.json is then written there); otherwise ``model`` itself (a path or a
+    Hugging Face name)."""
+    path = options.model_dir / model
+    if (path / "config.json").exists():
+        return str(path)
+    try:
+        from loadgen.gpu.common import MODEL_SHAPES
+    except ImportError:
+        return model
+    if model in MODEL_SHAPES:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(MODEL_SHAPES[model], indent=1))
+        return str(path)
+    return model
+
+
+class VllmEngine:
+    """An :class:`~qlm.engine.base.Engine` on vLLM ``AsyncLLM`` (one per model)."""
+
+    def __init__(
+        self,
+        gpu: str,
+        models: Sequence[str],
+        options: VllmOptions | None = None,
+        profiles: Mapping[str, PerfProfile] | None = None,
+    ) -> None:
+        if not models or len(set(models)) != len(models):
+            raise InvalidInput("models", "must be a non-empty list of distinct models")
+        self._gpu = gpu
+        self._models = tuple(models)
+        self.options = options or VllmOptions()
+        self._profiles = dict(profiles or {})
+        self._llms: dict[str, Any] = {}
+        self._active: str | None = None
+        self._live: dict[str, _Live] = {}
+        self._num_swaps = 0
+        self._num_steps = 0
+        self._observed_s = 0.0
+        self._predicted_s = 0.0
+        self._num_output_tokens = 0
+        self._last_output_at: float | None = None
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def gpu(self) -> str:
+        return self._gpu
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self._models
+
+    @property
+    def active_model(self) -> str | None:
+        return self._active
+
+    # ---------------------------------------------------------------- lifecycle
+    def _engine_args(self, model: str) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        o = self.options
+        share = o.gpu_memory_utilization or round(0.85 / len(self._models), 3)
+        return AsyncEngineArgs(
+            model=model_path(model, o),
+            load_format=o.load_format,
+            skip_tokenizer_init=o.load_format == "dummy",
+            enable_sleep_mode=True,
+            gpu_memory_utilization=share,
+            max_model_len=o.max_model_len,
+            enforce_eager=o.enforce_eager,
+            enable_prefix_caching=o.enable_prefix_caching,
+            max_num_seqs=o.max_num_seqs,
+            max_num_batched_tokens=o.max_num_batched_tokens,
+            seed=o.seed,
+            **dict(o.extra_engine_args),
+        )
+
+    async def start(self) -> None:
+        """Start every model; all but the first go to sleep right after starting."""
+        if self._llms:
+            return
+        try:
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as error:
+            raise Unavailable(f"vLLM is not installed: {error}") from error
+        for model in (*self._models[1:], self._models[0]):
+            llm = AsyncLLM.from_engine_args(self._engine_args(model))
+            self._llms[model] = llm
+            if model != self._models[0]:
+                await llm.sleep(level=self.options.sleep_level)
+        self._active = self._models[0]
+
+    async def close(self) -> None:
+        for request_id in list(self._live):
+            await self.abort(request_id)
+        for llm in self._llms.values():
+            llm.shutdown()
+        self._llms.clear()
+        self._active = None
+
+    # ---------------------------------------------------------------- requests
+    def add(self, request: EngineRequest) -> AsyncIterator[OutputChunk]:
+        if request.model != self._active:
+            raise InvalidInput(
+                "model", f"{request.model!r} is not the active model ({self._active!r})"
+            )
+        if request.request_id in self._live:
+            raise InvalidInput("request_id", f"{request.request_id!r} is already running")
+        ids = request.resume_prompt_ids()
+        if ids is None and request.prompt_text is None:
+            raise InvalidInput("prompt", "needs token ids or text")
+        live = _Live(request, request.model, request.num_generated,
+                     list(request.generated_token_ids), [request.generated_text])
+        self._live[request.request_id] = live
+        return self._stream(live, self._llms[request.model])
+
+    def _sampling_params(self, request: EngineRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        optional = {
+            name: value
+            for name, value in (
+                ("temperature", request.temperature),
+                ("top_p", request.top_p),
+                ("top_k", request.top_k),
+                ("seed", request.seed),
+            )
+            if value is not None
+        }
+        return SamplingParams(
+            max_tokens=request.remaining_tokens,
+            ignore_eos=request.ignore_eos,
+            detokenize=request.prompt_token_ids is None,
+            stop=list(request.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+            **optional,
+        )
+
+    async def _stream(self, live: _Live, llm: Any) -> AsyncIterator[OutputChunk]:
+        request = live.request
+        ids = request.resume_prompt_ids()
+        prompt: dict[str, Any] = (
+            {"prompt_token_ids": ids}
+            if ids is not None
+            else {"prompt": (request.prompt_text or "") + request.generated_text}
+        )
+        finish: FinishReason | None = None
+        try:
+            async for out in llm.generate(prompt, self._sampling_params(request),
+                                          request_id=request.request_id):
+                completion = out.outputs[0]
+                new = tuple(int(t) for t in completion.token_ids)
+                self._on_output(len(new))
+                live.num_generated += len(new)
+                live.token_ids.extend(new)
+                text = completion.text or ""
+                live.text.append(text)
+                if out.finished:
+                    finish = _finish_reason(completion.finish_reason, live.aborted)
+                yield OutputChunk(request.request_id, new, live.num_generated, text, finish)
+                if finish is not None:
+                    return
+        except Exception:
+            if not live.aborted:
+                raise
+        finally:
+            self._live.pop(request.request_id, None)
+        if finish is None:
+            yield OutputChunk(request.request_id, (), live.num_generated, finish_reason="abort")
+
+    async def abort(self, request_id: str) -> Progress:
+        live = self._live.get(request_id)
+        if live is None:
+            raise NotFound("request", request_id)
+        live.aborted = True
+        await self._llms[live.model].abort(request_id)
+        self._live.pop(request_id, None)
+        return Progress(request_id, live.num_generated, tuple(live.token_ids), "".join(live.text))
+
+    # ---------------------------------------------------------------- model swap
+    async def sleep(self, model: str) -> None:
+        if model != self._active:
+            raise InvalidInput("model", f"{model!r} is not awake")
+        if any(live.model == model for live in self._live.values()):
+            raise InvalidInput("model", f"{model!r} still has requests; abort them first")
+        self._active = None
+        self._num_swaps += 1
+        await self._llms[model].sleep(level=self.options.sleep_level)
+
+    async def wake(self, model: str) -> None:
+        if model not in self._llms:
+            raise InvalidInput("model", f"{model!r} is not one of {list(self._models)}")
+        if self._active is not None:
+            raise InvalidInput("model", f"{self._active!r} is awake; put it to sleep first")
+        await self._llms[model].wake_up()
+        self._active = model
+
+    # ---------------------------------------------------------------- stats
+    def _context_tokens(self) -> int:
+        return sum(live.request.prompt_tokens + live.num_generated for live in self._live.values())
+
+    def _on_output(self, num_tokens: int) -> None:
+        now = time.monotonic()
+        self._num_output_tokens += num_tokens
+        last = self._last_output_at
+        self._last_output_at = now
+        if last is None or now - last < STEP_GAP_S:
+            return
+        self._num_steps += 1
+        if now - last < IDLE_GAP_S:
+            self._observed_s += now - last
+            profile = self._profiles.get(self._active or "")
+            if profile is not None:
+                self._predicted_s += profile.decode_step_s(len(self._live), self._context_tokens())
+
+    def kv_capacity_tokens(self) -> int:
+        if self._active is None or self._active not in self._llms:
+            return 0
+        cache = self._llms[self._active].vllm_config.cache_config
+        return int(cache.num_gpu_blocks or 0) * int(cache.block_size)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            active_model=self._active,
+            batch_size=len(self._live),
+            num_waiting=0,
+            kv_used_tokens=self._context_tokens(),
+            kv_capacity_tokens=self.kv_capacity_tokens(),
+            num_steps=self._num_steps,
+            step_time_observed_s=self._observed_s,
+            step_time_predicted_s=self._predicted_s,
+            num_output_tokens=self._num_output_tokens,
+            num_swaps=self._num_swaps,
+        )
+
+
+def _finish_reason(reason: str | None, aborted: bool) -> FinishReason:
+    if aborted or reason == "abort":
+        return "abort"
+    return "length" if reason == "length" else "stop"
+
