@@ -6,9 +6,11 @@ g's requests whose first token beats their deadline under the timing model of
 different models, and from the worker's active model to the first group). A group is
 placed only on a worker whose GPU has a profile for its model.
 
-**Exact MILP** (``scipy.optimize.milp``/HiGHS, under ``milp_time_limit_s``) when
-``num_groups × num_workers ≤ milp_max_cells``. Positions k = 0..K−1 per worker w,
-K = number of groups, times relative to ``now``, means only (no variance):
+**Exact MILP** (``scipy.optimize.milp``/HiGHS) when ``num_groups × num_workers ≤
+milp_max_cells``, within ``milp_node_limit`` branch-and-bound nodes (a deterministic
+budget: same snapshot, same plan) and ``milp_time_limit_s`` (a wall-clock backstop).
+Positions k = 0..K−1 per worker w, K = number of groups, times relative to ``now``,
+means only (no variance):
 
 * ``x[g,w,k] ∈ {0,1}``: g at position k of w; Σ_{w,k} x = 1 per g; Σ_g x[·,w,k] ≤ 1;
   positions filled contiguously (Σ_g x[·,w,k+1] ≤ Σ_g x[·,w,k]).
@@ -101,7 +103,8 @@ from qlm.core.types import (
 
 DEFAULT_OPTIONS: Mapping[str, Any] = {
     "milp_max_cells": 24,  # use the MILP when groups × workers ≤ this
-    "milp_time_limit_s": 0.05,
+    "milp_time_limit_s": 1.0,  # wall-clock backstop only
+    "milp_node_limit": 2000,  # the deterministic budget
     "improve_budget": 400,  # lane walks the local search may spend
     "hopeless_p": 0.02,
     "displace_below_p": 0.5,
@@ -197,6 +200,28 @@ class _Heaps:
                     bound = lane.end_at
         return [found[i] for i in sorted(found)]
 
+    def earliest_end(self, gi: int, shapes: Sequence[int], lanes: Sequence[Lane]
+                     ) -> Lane | None:
+        """The lane that would finish group ``gi`` first, among each shape's least-drained
+        lane ending with its model and least-drained lane overall (late groups only need
+        to be served soon, not at the best position)."""
+        cost = self.cost
+        model = cost.stats[gi].model
+        best: tuple[float, int] | None = None
+        for shape in shapes:
+            for heap in (self.tail.get((shape, model)), self.any.get(shape)):
+                lane = self.top(heap, lanes)
+                if lane is None:
+                    continue
+                svc = cost.service(gi, lane.index)
+                assert svc is not None
+                end = lane.end_at + svc.mean_s
+                if lane.tail != model:
+                    end += cost.swap_s(lane.index, model, lane.tail)
+                if best is None or (end, lane.index) < best:
+                    best = (end, lane.index)
+        return None if best is None else lanes[best[1]]
+
 
 def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool = True) -> Plan:
     """The heuristic of the module docstring; ``score=False`` skips the final scoring walk."""
@@ -240,13 +265,12 @@ def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool 
         lane.append(gi, slot, cost)
         heaps.push(lane)
     for gi in sorted(deferred, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
-        shapes = shapes_for(gi)
-        cands = heaps.candidates(stats[gi].model, shapes, lanes)
-        best = min(((lane.slot_for(gi, cost, with_p=False), lane) for lane in cands),
-                   key=lambda sl: (sl[0].end_at if sl[0] else math.inf, sl[1].index))
-        if best[0] is not None:
-            best[1].append(gi, best[0], cost)
-            heaps.push(best[1])
+        target = heaps.earliest_end(gi, shapes_for(gi), lanes)
+        if target is not None:
+            slot = target.slot_for(gi, cost, with_p=False)
+            assert slot is not None
+            target.append(gi, slot, cost)
+            heaps.push(target)
     _improve(pc, lanes, int(options["improve_budget"]))
     orders = tuple(tuple(lane.order) for lane in lanes)
     return Plan(orders, pc.score(orders) if score else math.nan, "heuristic")
@@ -314,13 +338,13 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
 
 
 # ------------------------------------------------------------------ MILP
-def milp_plan(pc: PlanningContext, time_limit_s: float) -> Plan | str:
+def milp_plan(pc: PlanningContext, time_limit_s: float, node_limit: int = 2000) -> Plan | str:
     """The exact plan of the module docstring, or a string saying why there is none."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_array
 
-    if time_limit_s <= 0:
-        return "no time"
+    if time_limit_s <= 0 or node_limit <= 0:
+        return "no budget"
     cost, stats, now = pc.cost, pc.stats, pc.now
     lanes = pc.fresh_lanes()
     num_g, num_w = len(stats), len(lanes)
@@ -488,7 +512,8 @@ def milp_plan(pc: PlanningContext, time_limit_s: float) -> Plan | str:
         constraints=LinearConstraint(matrix, np.array(row_lo), np.array(row_hi)),
         integrality=np.array(integral),
         bounds=Bounds(np.array(lower), np.array(upper)),
-        options={"time_limit": time_limit_s, "presolve": True, "mip_rel_gap": 1e-7},
+        options={"time_limit": time_limit_s, "node_limit": node_limit, "presolve": True,
+                 "mip_rel_gap": 1e-7},
     )
     if result.x is None:
         return f"status {result.status}: {result.message}"
@@ -498,7 +523,7 @@ def milp_plan(pc: PlanningContext, time_limit_s: float) -> Plan | str:
             if result.x[names[("x", g, w, k)]] > 0.5:
                 orders[w].append((k, g))
     final = tuple(tuple(g for _, g in sorted(o)) for o in orders)
-    return Plan(final, pc.score(final), "milp" if result.status == 0 else "milp (time limit)")
+    return Plan(final, pc.score(final), "milp" if result.status == 0 else "milp (budget hit)")
 
 
 # ------------------------------------------------------------------ LSOs
@@ -643,7 +668,8 @@ class QlmPolicy:
         heuristic = heuristic_plan(pc, options, score=use_milp or self.always_score)
         if not use_milp:
             return pc, heuristic
-        exact = milp_plan(pc, float(options["milp_time_limit_s"]))
+        exact = milp_plan(pc, float(options["milp_time_limit_s"]),
+                          int(options["milp_node_limit"]))
         if isinstance(exact, str):
             return pc, Plan(heuristic.orders, heuristic.value, f"heuristic (milp: {exact})")
         return pc, exact if exact.value >= heuristic.value - 1e-3 else heuristic
