@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +55,11 @@ class IngestSettings(CommonSettings):
     batch_consumer: bool = Field(True, description="run the qlm.batch.requests consumer")
     consumer_group: str = Field("qlm-ingest", min_length=1)
     serve_grpc: bool = Field(True, description="serve the gRPC API")
+    event_linger_ms: int = Field(
+        50, ge=0, le=1000,
+        description="how long the producer gathers admitted events into one batch "
+        "(submits do not wait for it)",
+    )
 
     @model_validator(mode="after")
     def _prompt_fits_in_a_message(self) -> Self:
@@ -62,6 +67,71 @@ class IngestSettings(CommonSettings):
             raise ValueError("max_prompt_bytes must be smaller than max_message_bytes")
         return self
 
+
+
+class EstimatorSettings(CommonSettings):
+    """The estimator service: RWT estimator behind gRPC, corrected online from telemetry."""
+
+    host: str = Field("0.0.0.0", description="gRPC listen address")
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    metrics_port: int = Field(9463, ge=0, le=65535, description="Prometheus (0 = any)")
+    serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
+    profiles_dir: Path | None = Field(None, description="performance profiles directory")
+    workers_file: Path | None = Field(
+        None, description="YAML list of workers {id, gpu, models}; others join by telemetry"
+    )
+    worker_timeout_s: float = Field(
+        10.0, ge=0, description="a worker silent this long is gone (0 = never)"
+    )
+    refresh_interval_s: float = Field(
+        1.0, gt=0, description="how often the queue view is re-read from Redis"
+    )
+    admission_min_p: float = Field(
+        0.05, ge=0, le=1, description="admit when P(meet SLO) at the best place >= this"
+    )
+    shutdown_grace_s: float = Field(5.0, ge=0, description="drain time on SIGTERM")
+
+
+class SchedulerSettings(CommonSettings):
+    """The scheduler service: one leader (Redis lease) runs the policy; standbys wait."""
+
+    policy: Literal["qlm", "fcfs", "edf", "shepherd", "priority"] = Field(
+        "qlm", description="scheduling policy"
+    )
+    policy_options: dict[str, Any] = Field(
+        default_factory=dict, description="policy options (JSON object)"
+    )
+    instance_id: str | None = Field(
+        None, min_length=1, max_length=128, description="lease owner name (default host-pid)"
+    )
+    tick_s: float = Field(1.0, gt=0, description="decide at least this often (seconds)")
+    debounce_s: float = Field(
+        0.02, ge=0, description="after an event, wait this long for more before deciding"
+    )
+    lease_ttl_s: float = Field(3.0, gt=0, description="leader lease time to live")
+    lease_renew_s: float = Field(1.0, gt=0, description="leader renews this often")
+    lease_margin_s: float = Field(
+        0.5, ge=0, description="the leader stops applying this long before its lease ends"
+    )
+    command_cooldown_s: float = Field(
+        5.0, ge=0, description="do not repeat the same evict/swap command within this time"
+    )
+    profiles_dir: Path | None = Field(None, description="performance profiles directory")
+    workers_file: Path | None = Field(
+        None, description="YAML list of workers {id, gpu, models}; others join by telemetry"
+    )
+    worker_timeout_s: float = Field(
+        10.0, ge=0, description="a worker silent this long gets no work (0 = never)"
+    )
+    host: str = Field("0.0.0.0", description="listen address of metrics")
+    metrics_port: int = Field(9462, ge=0, le=65535, description="Prometheus (0 = any)")
+    serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self) -> Self:
+        if self.lease_renew_s + self.lease_margin_s >= self.lease_ttl_s:
+            raise ValueError("lease_renew_s + lease_margin_s must be < lease_ttl_s")
+        return self
 
 
 class WorkerSettings(CommonSettings):

@@ -173,6 +173,37 @@ def _ttl_arg(value: float, field_name: str) -> str:
     return str(math.ceil(value))
 
 
+@dataclass(frozen=True, slots=True)
+class _EnqueueCall:
+    """The enqueue script's KEYS/ARGV for one request, and how to read its reply."""
+
+    request: Request
+    group: GroupKey
+    enqueued_at: float
+    prompt_json: str
+    params_json: str
+    keys: list[str]
+    args: list[str]
+
+    def result(self, reply: list[Any]) -> EnqueueResult:
+        match reply[0]:
+            case "created":
+                record = RequestRecord(
+                    request=self.request,
+                    state=RequestState.QUEUED,
+                    group=self.group,
+                    enqueued_at=self.enqueued_at,
+                    prompt=json.loads(self.prompt_json),
+                    params=MappingProxyType(json.loads(self.params_json)),
+                )
+                return EnqueueResult(record, created=True)
+            case "exists":
+                return EnqueueResult(record_from_json(reply[1]), created=False)
+            case "conflict":
+                raise IdempotencyConflict(self.request.id, reply[1], reply[2])
+        raise AssertionError(f"enqueue script replied {reply!r}")
+
+
 class RedisQueueStore:
     """The queue of qlm on one Redis server. Safe to share between asyncio tasks.
 
@@ -265,6 +296,48 @@ class RedisQueueStore:
         :class:`IdempotencyConflict` naming the field. ``prompt`` is any JSON value
         (text or token ids), ``params`` a JSON object (sampling parameters).
         """
+        call = self._enqueue_call(request, prompt, params)
+        with _redis_errors():
+            reply = await self._scripts.enqueue(keys=call.keys, args=call.args)
+        return call.result(reply)
+
+    async def enqueue_many(
+        self, items: Sequence[tuple[Request, Any, Mapping[str, Any] | None]]
+    ) -> list[EnqueueResult | InvalidInput]:
+        """:meth:`enqueue` for each ``(request, prompt, params)``, in one pipeline.
+
+        Each item is its own atomic script run, exactly as :meth:`enqueue` (the batch is
+        not a transaction); one round trip for all of them. The answer has one entry per
+        item, in order: its EnqueueResult, or the InvalidInput (IdempotencyConflict
+        included) that :meth:`enqueue` would have raised for it. Unavailable when Redis
+        does not answer (then any subset of the items may have been written).
+        """
+        calls: list[_EnqueueCall | InvalidInput] = []
+        pipe = self._redis.pipeline(transaction=False)
+        for request, prompt, params in items:
+            try:
+                call = self._enqueue_call(request, prompt, params)
+            except InvalidInput as error:
+                calls.append(error)
+                continue
+            calls.append(call)
+            await self._scripts.enqueue(keys=call.keys, args=call.args, client=pipe)
+        with _redis_errors():
+            replies = iter(await pipe.execute(raise_on_error=True) if len(pipe) else [])
+        results: list[EnqueueResult | InvalidInput] = []
+        for call_or_error in calls:
+            if isinstance(call_or_error, InvalidInput):
+                results.append(call_or_error)
+                continue
+            try:
+                results.append(call_or_error.result(next(replies)))
+            except InvalidInput as error:
+                results.append(error)
+        return results
+
+    def _enqueue_call(
+        self, request: Request, prompt: Any, params: Mapping[str, Any] | None
+    ) -> _EnqueueCall:
         if request.num_generated != 0:
             raise InvalidInput(
                 "num_generated", f"must be 0 for a new request, got {request.num_generated}"
@@ -284,24 +357,7 @@ class RedisQueueStore:
             json.dumps(initial_pairs(request, group, enqueued_at)),
         ]
         keys = [self.keys.request(request.id), self.keys.group(group), self.keys.groups]
-        with _redis_errors():
-            reply = await self._scripts.enqueue(keys=keys, args=args)
-        match reply[0]:
-            case "created":
-                record = RequestRecord(
-                    request=request,
-                    state=RequestState.QUEUED,
-                    group=group,
-                    enqueued_at=enqueued_at,
-                    prompt=json.loads(prompt_json),
-                    params=MappingProxyType(json.loads(params_json)),
-                )
-                return EnqueueResult(record, created=True)
-            case "exists":
-                return EnqueueResult(record_from_json(reply[1]), created=False)
-            case "conflict":
-                raise IdempotencyConflict(request.id, reply[1], reply[2])
-        raise AssertionError(f"enqueue script replied {reply!r}")
+        return _EnqueueCall(request, group, enqueued_at, prompt_json, params_json, keys, args)
 
     async def get(self, request_id: str) -> RequestRecord:
         """The record of ``request_id``; :class:`NotFound` if unknown (or expired)."""

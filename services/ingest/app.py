@@ -119,7 +119,9 @@ class IngestApp:
             redis_client(settings.redis_url), prefix=settings.key_prefix,
             group_window_s=settings.group_window_s, clock=clock,
         )
-        self.producer = BusProducer(settings.kafka_bootstrap, client_id="qlm-ingest")
+        self.producer = BusProducer(
+            settings.kafka_bootstrap, client_id="qlm-ingest", linger_ms=settings.event_linger_ms
+        )
         self.plane = IngestPlane(
             self.store,
             BusEvents(self.producer, self.topics.events, clock),

@@ -1,0 +1,319 @@
+"""Submit throughput and latency through the whole front door: gRPC → ingest → Redis → Kafka.
+
+Starts a local ``redis-server`` (AOF on) and Apache Kafka (KRaft) on free loopback ports
+(or uses ``--redis-url`` / ``--kafka-bootstrap``), runs the ingest service as its own
+process (``python -m services.ingest``, exactly as deployed), waits until its health
+check says SERVING, then drives it with ``--concurrency`` asyncio clients (default 64)
+over ``--channels`` gRPC channels from ``--client-procs`` load processes for
+``--duration`` seconds after a ``--warmup``. Every Submit is a new request (unique id),
+so each one is one Redis script (record + group entry) and one ``admitted`` event.
+
+Afterwards it checks that Redis holds exactly the requests that were acknowledged and
+counts the ``admitted`` events on Kafka. Writes submits/s, latency percentiles, and CPU
+seconds used by each process as JSON (``--out``), with the exact command line::
+
+    python -m loadgen.bench_submit --out docs/results/bench_submit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "bench-7b"
+PROMPT = "Summarise the following support ticket in two sentences. " * 4
+
+
+# ------------------------------------------------------------------ load process
+@dataclass(frozen=True)
+class LoadResult:
+    latencies_s: list[float]
+    num_ok: int
+    num_errors: int
+    first_error: str
+    cpu_s: float
+
+
+def _load_process(target: str, concurrency: int, channels: int, warmup_s: float,
+                  duration_s: float, start_at: float, tag: str, out: Any) -> None:
+    """Runs in a child process; sends its LoadResult through ``out`` (a Pipe end)."""
+    result = asyncio.run(_drive(target, concurrency, channels, warmup_s, duration_s, start_at, tag))
+    out.send(result)
+    out.close()
+
+
+async def _drive(target: str, concurrency: int, channels: int, warmup_s: float,
+                 duration_s: float, start_at: float, tag: str) -> LoadResult:
+    import grpc
+
+    from qlm.api.v1 import qlm_pb2 as pb
+    from qlm.api.v1 import qlm_pb2_grpc
+
+    open_channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels)
+    ]
+    stubs = [qlm_pb2_grpc.QueueManagerStub(c) for c in open_channels]
+    latencies: list[float] = []
+    errors: list[str] = []
+    num_ok = 0
+    measure_from = start_at + warmup_s
+    stop_at = measure_from + duration_s
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+
+    async def client(index: int) -> None:
+        nonlocal num_ok
+        stub = stubs[index % len(stubs)]
+        n = 0
+        while (now := time.time()) < stop_at:
+            n += 1
+            message = pb.SubmitRequest(
+                request_id=f"{tag}-{index}-{n}", tenant="bench", model=MODEL,
+                prompt_text=PROMPT, max_tokens=128, slo_class=pb.SLO_CLASS_BATCH_1,
+            )
+            began = time.perf_counter()
+            try:
+                await stub.Submit(message, timeout=10)
+            except grpc.aio.AioRpcError as error:
+                errors.append(f"{error.code()}: {error.details()}")
+                continue
+            num_ok += 1
+            if now >= measure_from:
+                latencies.append(time.perf_counter() - began)
+
+    cpu_before = time.process_time()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    cpu = time.process_time() - cpu_before
+    for channel in open_channels:
+        await channel.close()
+    return LoadResult(latencies, num_ok, len(errors), errors[0] if errors else "", cpu)
+
+
+# ------------------------------------------------------------------ helpers
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its reaped children) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of(ingest_pid: int, servers: Sequence[Any]) -> dict[str, float]:
+    cpu = {"ingest": _cpu_seconds(ingest_pid)}
+    for server in servers:
+        pid = server.process.running_pid()
+        if pid is not None:
+            cpu[type(server).__name__] = _cpu_seconds(pid)
+    return cpu
+
+
+def _wait_serving(target: str, timeout_s: float = 60.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise SystemExit(f"ingest at {target} did not become SERVING in {timeout_s} s")
+
+
+def _count_redis(url: str, prefix: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return sum(1 for _ in client.scan_iter(match=f"{prefix}req:*", count=5000))
+    finally:
+        client.close()
+
+
+async def _count_events(bootstrap: str, topic: str, expected: int, timeout_s: float) -> int:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=f"bench-count-{uuid.uuid4().hex}",
+        auto_offset_reset="earliest", enable_auto_commit=False,
+    )
+    await consumer.start()
+    seen = 0
+    try:
+        deadline = time.monotonic() + timeout_s
+        while seen < expected and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            seen += sum(len(b) for b in batches.values())
+    finally:
+        await consumer.stop()
+    return seen
+
+
+def _percentiles_ms(latencies: Sequence[float]) -> dict[str, float]:
+    if not latencies:
+        return {}
+    values = np.asarray(latencies) * 1e3
+    return {
+        name: round(float(np.percentile(values, q)), 3)
+        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))
+    } | {"max": round(float(values.max()), 3), "mean": round(float(values.mean()), 3)}
+
+
+# ------------------------------------------------------------------ main
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
+
+    work = Path(tempfile.mkdtemp(prefix="qlm-bench-submit-"))
+    servers: list[Any] = []
+    try:
+        redis_url, kafka = args.redis_url, args.kafka_bootstrap
+        if redis_url is None:
+            redis_server = RedisServer(work / "redis", free_loopback_port())
+            redis_server.start()
+            servers.append(redis_server)
+            redis_url = redis_server.url
+        if kafka is None:
+            kafka_server = KafkaServer(work / "kafka", free_loopback_port(), free_loopback_port())
+            kafka_server.start()
+            servers.append(kafka_server)
+            kafka = kafka_server.bootstrap_servers
+        return _measure(args, work, redis_url, kafka, servers)
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
+def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
+             servers: list[Any]) -> dict[str, Any]:
+    from qlm.localstack import free_loopback_port
+
+    prefix = f"bench{uuid.uuid4().hex[:6]}:"
+    topic_prefix = f"bench{uuid.uuid4().hex[:6]}."
+    models = work / "models.yaml"
+    models.write_text(f"models:\n  - {{name: {MODEL}, max_model_len: 8192}}\n")
+    port = free_loopback_port()
+    env = {
+        **os.environ, "PYTHONPATH": str(ROOT), "QLM_REDIS_URL": redis_url,
+        "QLM_KAFKA_BOOTSTRAP": kafka, "QLM_KEY_PREFIX": prefix, "QLM_TOPIC_PREFIX": topic_prefix,
+        "QLM_MODELS_FILE": str(models), "QLM_HOST": "127.0.0.1", "QLM_PORT": str(port),
+        "QLM_BATCH_CONSUMER": "false", "QLM_LOG_LEVEL": "warning",
+    }
+    log_path = work / "ingest.log"
+    with log_path.open("wb") as log_file:
+        ingest = subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env,
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    try:
+        _wait_serving(target)
+        cpu_before = _cpu_of(ingest.pid, servers)
+        start_at = time.time() + 1.0
+        pipes, procs = [], []
+        per_proc = [args.concurrency // args.client_procs] * args.client_procs
+        per_proc[0] += args.concurrency - sum(per_proc)
+        for i, concurrency in enumerate(per_proc):
+            receive, send = mp.Pipe(duplex=False)
+            proc = mp.get_context("spawn").Process(
+                target=_load_process,
+                args=(target, concurrency, max(1, args.channels // args.client_procs),
+                      args.warmup, args.duration, start_at, f"c{i}", send),
+            )
+            proc.start()
+            pipes.append(receive)
+            procs.append(proc)
+        results: list[LoadResult] = [p.recv() for p in pipes]
+        for proc in procs:
+            proc.join()
+        cpu_after = _cpu_of(ingest.pid, servers)
+    finally:
+        ingest.terminate()
+        ingest.wait(30)
+    latencies = [x for r in results for x in r.latencies_s]
+    num_errors = sum(r.num_errors for r in results)
+    num_stored = _count_redis(redis_url, prefix)
+    num_ok_total = sum(r.num_ok for r in results)
+    num_events = asyncio.run(
+        _count_events(kafka, f"{topic_prefix}qlm.events", num_ok_total, timeout_s=30)
+    )
+    measured_window = args.duration
+    cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
+    cpu["load_clients"] = sum(r.cpu_s for r in results)
+    # CPU seconds per acknowledged submit, each process over the same span (warmup included)
+    cpu_per_submit = {
+        name: round(seconds * 1000 / num_ok_total, 4) for name, seconds in cpu.items()
+    } if num_ok_total else {}
+    return {
+        "benchmark": "Submit: gRPC → ingest → Redis (one Lua script) → Kafka (admitted event)",
+        "command": "python -m loadgen.bench_submit " + shlex.join(sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+            "note": "ingest, redis-server, Kafka and the load processes share these cores",
+        },
+        "concurrency": args.concurrency,
+        "client_procs": args.client_procs,
+        "channels": args.channels,
+        "warmup_s": args.warmup,
+        "duration_s": measured_window,
+        "submits_measured": len(latencies),
+        "submits_per_s": round(len(latencies) / measured_window, 1),
+        "latency_ms": _percentiles_ms(latencies),
+        "errors": num_errors,
+        "first_error": next((r.first_error for r in results if r.first_error), ""),
+        "submits_acknowledged_incl_warmup": num_ok_total,
+        "requests_in_redis": num_stored,
+        "admitted_events_in_kafka": num_events,
+        "cpu_s": {name: round(seconds, 2) for name, seconds in cpu.items()},
+        "cpu_ms_per_submit": cpu_per_submit,
+        "submits_per_s_if_2_cores_were_ours": round(2000.0 / sum(cpu_per_submit.values()), 1)
+        if cpu_per_submit else None,
+        "target_submits_per_s": 3000,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
+    parser.add_argument("--client-procs", type=int, default=1, help="load processes")
+    parser.add_argument("--channels", type=int, default=4, help="gRPC channels in all")
+    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    parser.add_argument("--redis-url")
+    parser.add_argument("--kafka-bootstrap")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.client_procs < 1 or args.duration <= 0:
+        parser.error("--concurrency, --client-procs must be >= 1 and --duration > 0")
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
