@@ -52,6 +52,9 @@ clean:
 bench-store:
 	$(PYTHON) -m loadgen.bench_store --out docs/results/bench_store.json
 
+bench-submit:
+	$(PYTHON) -m loadgen.bench_submit --out docs/results/bench_submit.json
+
 profiles:
 	$(PYTHON) -m loadgen.profiles
 

@@ -485,3 +485,33 @@ async def test_malformed_batch_records_go_to_the_dlq_and_the_consumer_carries_on
         assert await _num_queued(raw_redis) == 1
     finally:
         await app.stop()
+
+
+# ------------------------------------------------------------------ store batch enqueue
+async def test_enqueue_many_answers_like_one_enqueue_per_item(redis_url: str) -> None:
+    from qlm.core.types import SLO, Request, SLOClass
+    from qlm.store.store import RedisQueueStore
+
+    store = RedisQueueStore.from_url(redis_url)
+    try:
+        def request(request_id: str, max_tokens: int = 8) -> Request:
+            return Request(request_id, "m7b", 4, max_tokens, SLOClass.BATCH_1, SLO(60.0), 100.0)
+
+        first = await store.enqueue(request("a"), prompt="p")
+        results = await store.enqueue_many([
+            (request("a"), "p", None),       # exists, same payload
+            (request("b"), "p", {"seed": 1}),  # new
+            (request("a", 9), "p", None),    # exists, different payload
+            (request("c"), "p", []),         # params not a mapping
+        ])
+        assert [type(r).__name__ for r in results] == [
+            "EnqueueResult", "EnqueueResult", "IdempotencyConflict", "InvalidInput"
+        ]
+        assert not results[0].created and results[0].record.id == first.record.id  # type: ignore[union-attr]
+        assert results[1].created  # type: ignore[union-attr]
+        assert (await store.get("b")).params == {"seed": 1}
+        assert results[2].field == "max_tokens"  # type: ignore[union-attr]
+        with pytest.raises(NotFound):
+            await store.get("c")
+    finally:
+        await store.aclose()
