@@ -168,7 +168,10 @@ class Telemetry(BusRecord):
     """One worker's state after a step (or a window of steps), on ``qlm.telemetry``.
 
     The estimator compares ``step_time_observed_s`` with ``step_time_predicted_s``
-    (from the performance profile) to correct its model online.
+    (from the performance profile) to correct its model online. ``num_steps = 0`` is
+    a heartbeat of an idle worker (no step in the window; both step times are 0 and
+    carry no information). ``models`` lists the models the worker holds (awake or
+    asleep), when it says.
     """
 
     topic_name: ClassVar[str] = "qlm.telemetry"
@@ -176,13 +179,14 @@ class Telemetry(BusRecord):
     gpu: Name
     at: Timestamp
     model: Name | None = None
+    models: tuple[Name, ...] | None = None
     batch_size: Count
     num_waiting: Count = 0
     kv_used_fraction: Annotated[float, Field(ge=0, le=1)]
     num_context_tokens: Count | None = None
     step_time_predicted_s: Seconds
     step_time_observed_s: Seconds
-    num_steps: Annotated[int, Field(ge=1)] = 1
+    num_steps: Annotated[int, Field(ge=0)] = 1
 
     def key(self) -> bytes:
         return self.worker.encode()

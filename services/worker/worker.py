@@ -16,9 +16,11 @@ Loops of a running :class:`Worker` (asyncio tasks):
 * **renew**: every ``renew_interval_s`` extend the leases of the running requests;
   requests the worker lost (lease expired, taken elsewhere) are aborted silently;
   requests whose cancellation was requested are aborted and acked ``cancelled``.
-* **telemetry**: every ``telemetry_interval_s`` publish batch size, KV use and the
-  mean predicted vs observed step time of the window on ``qlm.telemetry`` (windows
-  without an engine step are skipped) and refresh the Prometheus gauges.
+* **telemetry**: every ``telemetry_interval_s`` (and right after a model swap) publish
+  the awake and held models, batch size, KV use and the mean predicted vs observed
+  step time of the window on ``qlm.telemetry`` (an idle window is a heartbeat with
+  ``num_steps = 0``: the scheduler's roster uses telemetry for liveness) and refresh
+  the Prometheus gauges.
 
 LSO commands (:meth:`Worker.on_lso`): ``evict`` / ``migrate`` abort the named running
 requests and requeue them with their progress (``evicted`` event); ``swap`` stops
@@ -546,7 +548,7 @@ class Worker:
             self.metrics.swap_seconds.labels(self.id).observe(elapsed)
             log.info("model_swapped", worker=self.id, from_model=current, to_model=to_model,
                      wall_s=round(elapsed, 4), reason=reason)
-            self._publish_telemetry(force=True)
+            self._publish_telemetry()
 
     # ================================================================ telemetry
     async def _telemetry_loop(self) -> None:
@@ -554,7 +556,7 @@ class Worker:
             await asyncio.sleep(self.options.telemetry_interval_s)
             self._publish_telemetry()
 
-    def _publish_telemetry(self, force: bool = False) -> None:
+    def _publish_telemetry(self) -> None:
         stats = self.engine.stats()
         now_mono = time.monotonic()
         last = self._last_stats or stats
@@ -573,20 +575,19 @@ class Worker:
             observed = (stats.step_time_observed_s - last.step_time_observed_s) / num_steps
             m.step_seconds.labels(self.id, "predicted").set(predicted)
             m.step_seconds.labels(self.id, "observed").set(observed)
-        elif not force:
-            return
         self._publish(Telemetry(
             worker=self.id,
             gpu=self.engine.gpu,
             at=self.clock(),
             model=stats.active_model,
+            models=self.engine.models,
             batch_size=stats.batch_size,
             num_waiting=stats.num_waiting,
             kv_used_fraction=stats.kv_used_fraction,
             num_context_tokens=stats.kv_used_tokens,
             step_time_predicted_s=predicted,
             step_time_observed_s=observed,
-            num_steps=max(1, num_steps),
+            num_steps=num_steps,
         ), self.topics.telemetry)
 
     def _set_active_model_gauge(self) -> None:

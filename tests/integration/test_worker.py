@@ -240,13 +240,18 @@ async def test_worker_finishes_each_request_once_streams_tokens_and_reports_even
         assert sorted(b.request_id for b in batch) == [f"b{i}" for i in range(4)]
         assert all(b.status == "finished" and b.num_output_tokens == 30 for b in batch)
 
-        async def some_telemetry() -> bool:
-            return bool(telemetry.records)
+        def busy_windows() -> list[dict[str, Any]]:
+            samples = [json.loads(raw) for raw in telemetry.records]
+            return [t for t in samples if t.get("num_steps", 1) > 0]
 
-        await wait_for(some_telemetry, 20, "telemetry")
-        sample = json.loads(telemetry.records[0])
+        async def some_telemetry() -> bool:
+            return bool(busy_windows())
+
+        await wait_for(some_telemetry, 20, "telemetry of a busy window")
+        sample = busy_windows()[0]
         assert sample["worker"] == "w1" and sample["gpu"] == GPU and sample["model"] == MODEL
-        assert sample["step_time_predicted_s"] > 0
+        assert sample["models"] == [MODEL]
+        assert sample["step_time_predicted_s"] > 0 and sample["step_time_observed_s"] > 0
 
     proc.process.send_signal(signal.SIGTERM)
     assert proc.process.wait(30) == 0, proc.log()
