@@ -495,10 +495,12 @@ class RedisQueueStore:
     async def pull(
         self, worker_id: str, model: str, max_requests: int, *, lease_s: float | None = None
     ) -> tuple[RequestRecord, ...]:
-        """Take up to ``max_requests`` queued requests of ``model`` from the head of
-        ``worker_id``'s virtual queue (groups in queue order, each group by deadline)
-        and hold them under a lease of ``lease_s`` (default: the store's). Groups of
-        other models are skipped. Returns the records now ``running`` (maybe none)."""
+        """Take up to ``max_requests`` queued requests from the head of ``worker_id``'s
+        virtual queue (groups in queue order, each group by deadline) and hold them
+        under a lease of ``lease_s`` (default: the store's). Groups with no queued
+        request are skipped; the pull stops at the first group of a model other than
+        ``model`` (the worker's active one), as :func:`qlm.core.pulls.plan_pulls` does.
+        Returns the records now ``running`` (maybe none)."""
         _require_id(worker_id, "worker_id")
         _require_id(model, "model")
         _require_count(max_requests, "max_requests", minimum=1)

@@ -246,15 +246,20 @@ async def test_pull_takes_groups_in_virtual_queue_order_then_deadline_order(
     assert third == ()
 
 
-async def test_pull_skips_groups_of_other_models(store: RedisQueueStore) -> None:
+async def test_pull_stops_at_the_first_queued_group_of_another_model(
+    store: RedisQueueStore,
+) -> None:
+    empty_mistral = make_request("m", model="mistral-7b")
     qwen = make_request("q", model="qwen-7b")
     llama = make_request("l")
-    await store.enqueue(qwen)
-    await store.enqueue(llama)
-    await store.set_virtual_queue("w1", [group_of(qwen), group_of(llama)])
+    for request in (empty_mistral, qwen, llama):
+        await store.enqueue(request)
+    await store.cancel("m")  # its group is empty now: skipped, whatever its model
+    await store.set_virtual_queue("w1", [group_of(empty_mistral), group_of(qwen), group_of(llama)])
 
-    assert [r.id for r in await store.pull("w1", "llama-8b", 5)] == ["l"]
+    assert await store.pull("w1", "llama-8b", 5) == ()  # qwen's group must be served first
     assert [r.id for r in await store.pull("w1", "qwen-7b", 5)] == ["q"]
+    assert [r.id for r in await store.pull("w1", "llama-8b", 5)] == ["l"]
 
 
 async def test_pull_holds_a_lease_until_now_plus_lease_s(

@@ -7,15 +7,17 @@
 -- KEYS[4]  workers            set of known workers
 -- ARGV[1]  prefix             key prefix (group:{group}, groups and req:{id} are derived)
 -- ARGV[2]  worker             worker id
--- ARGV[3]  model              the worker's active model; other models' groups are skipped
+-- ARGV[3]  model              the worker's active model
 -- ARGV[4]  max_requests       N > 0
 -- ARGV[5]  now                started_at of the pulled requests
 -- ARGV[6]  lease_expires_at   their lease expiry
 --
--- Walks the virtual queue head first (groups with no queued request are found with
--- one ZMSCORE on the index and skipped); from each group of `model` pops its lowest
--- scores (earliest deadlines) until N requests are taken. Each pulled record gets
--- state=running, worker, started_at, lease_expires_at, num_pulls+1.
+-- Walks the virtual queue head first; groups with no queued request are skipped
+-- (found with one ZMSCORE on the index). From each group pops its lowest scores
+-- (earliest deadlines) until N requests are taken, and stops at the first group of
+-- another model: a model swap must come first, pulling past it would reorder the
+-- queue (as qlm.core.pulls.plan_pulls). Each pulled record gets state=running,
+-- worker, started_at, lease_expires_at, num_pulls+1.
 -- Returns the records now running as JSON objects of strings, in pull order.
 
 local prefix, worker, model = ARGV[1], ARGV[2], ARGV[3]
@@ -27,7 +29,8 @@ local order = redis.call('LRANGE', KEYS[1], 0, -1)
 local queued = nonempty_groups(prefix, order)
 for i, group in ipairs(order) do
   if remaining <= 0 then break end
-  if queued[i] and model_of(group) == model then
+  if queued[i] and model_of(group) ~= model then break end
+  if queued[i] then
     local popped = redis.call('ZPOPMIN', group_key(prefix, group), remaining)
     if #popped > 0 then
       for j = 1, #popped, 2 do
