@@ -27,6 +27,7 @@ SCRIPT_NAMES = (
     "append_tokens",
     "snapshot",
     "read_records",
+    "queue_head",
 )
 
 
@@ -55,6 +56,7 @@ class Scripts:
     append_tokens: AsyncScript
     snapshot: AsyncScript
     read_records: AsyncScript
+    queue_head: AsyncScript
 
     @classmethod
     def register(cls, client: Redis) -> Scripts:

@@ -516,6 +516,33 @@ class RedisQueueStore:
             reply = await self._scripts.pull(keys=keys, args=args)
         return tuple(record_from_json(text) for text in reply)
 
+    async def queue_head(
+        self, worker_id: str, model: str, max_requests: int
+    ) -> tuple[RequestGroup, ...]:
+        """What :meth:`pull` with the same arguments would take now, without taking it:
+        the leading queued groups of ``worker_id``'s virtual queue up to the first
+        queued group of another model, with at most ``max_requests`` requests in all,
+        in pull order. One atomic read; for planning a backpressure pull with
+        :func:`qlm.core.pulls.plan_pulls` (the pull itself may then find less)."""
+        _require_id(worker_id, "worker_id")
+        _require_id(model, "model")
+        _require_count(max_requests, "max_requests", minimum=1)
+        args = [self.keys.prefix, model, str(max_requests), *SCHEDULING_FIELDS]
+        with _redis_errors():
+            reply = await self._scripts.queue_head(
+                keys=[self.keys.virtual_queue(worker_id)], args=args
+            )
+        groups = []
+        for group, rows in _json_list(json.loads(reply)):
+            requests = tuple(
+                request_from_fields(dict(zip(SCHEDULING_FIELDS, row, strict=True)))
+                for row in _json_list(rows)
+                if row[0] is not False
+            )
+            if requests:
+                groups.append(RequestGroup(GroupKey.parse(group), requests))
+        return tuple(groups)
+
     async def claim(
         self, worker_id: str, request_ids: Sequence[str], *, lease_s: float | None = None
     ) -> tuple[RequestRecord, ...]:

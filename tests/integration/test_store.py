@@ -262,6 +262,30 @@ async def test_pull_stops_at_the_first_queued_group_of_another_model(
     assert [r.id for r in await store.pull("w1", "llama-8b", 5)] == ["l"]
 
 
+async def test_queue_head_shows_what_pull_would_take(store: RedisQueueStore) -> None:
+    llama = [make_request(f"l{k}", arrival_at=T0 + k) for k in range(3)]
+    later = make_request("l-later", arrival_at=T0 + WINDOW_S)
+    qwen = make_request("q", model="qwen-7b")
+    for request in [*llama, later, qwen]:
+        await store.enqueue(request)
+    order = [group_of(llama[0]), group_of(later), group_of(qwen)]
+    await store.set_virtual_queue("w1", order)
+
+    head = await store.queue_head("w1", "llama-8b", 4)
+    assert [(g.key, [r.id for r in g.requests]) for g in head] == [
+        (group_of(llama[0]), ["l0", "l1", "l2"]),
+        (group_of(later), ["l-later"]),
+    ]
+    assert head[0].requests[0] == llama[0]
+    assert [r.id for g in await store.queue_head("w1", "llama-8b", 2) for r in g.requests] == [
+        "l0", "l1"
+    ]
+    assert await store.queue_head("w1", "qwen-7b", 4) == ()  # llama groups come first
+    pulled = await store.pull("w1", "llama-8b", 4)
+    assert [r.id for r in pulled] == [r.id for g in head for r in g.requests]
+    assert await store.queue_head("w2", "llama-8b", 4) == ()  # no virtual queue
+
+
 async def test_pull_holds_a_lease_until_now_plus_lease_s(
     store: RedisQueueStore, raw: aioredis.Redis, clock: FakeClock
 ) -> None:
@@ -541,6 +565,7 @@ async def test_bad_worker_reports_are_invalid_and_write_nothing(
         ("order", lambda: store.set_virtual_queue("w1", [group_of(request)] * 2)),
         ("params", lambda: store.enqueue(make_request("r2"), params={"x": object()})),
         ("reason", lambda: store.reject("r1", "")),
+        ("max_requests", lambda: store.queue_head("w1", "llama-8b", 0)),
     ]
     for field, call in cases:
         with pytest.raises(InvalidInput) as error:
