@@ -40,7 +40,7 @@ def configure(level: str = "info", json: bool = True, service: str = "qlm") -> N
 
 def get_logger(name: str) -> Any:
     """A bound logger whose lines carry ``logger_name=name``."""
-    return structlog.get_logger().bind(logger_name=name)
+    return structlog.get_logger(logger_name=name)
 
 
 @contextmanager

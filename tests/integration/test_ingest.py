@@ -515,3 +515,57 @@ async def test_enqueue_many_answers_like_one_enqueue_per_item(redis_url: str) ->
             await store.get("c")
     finally:
         await store.aclose()
+
+
+# ------------------------------------------------------------------ the process
+def _free_port() -> int:
+    from qlm.localstack import free_loopback_port
+
+    return free_loopback_port()
+
+
+async def test_ingest_process_serves_then_stops_gracefully_on_sigterm(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    models_file = tmp_path / "models.json"
+    models_file.write_text(json.dumps({"models": [{"name": "m7b", "max_model_len": 2048}]}))
+    port = _free_port()
+    log_path = tmp_path / "ingest.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.ingest", "--host", "127.0.0.1", "--port", str(port),
+             "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
+             "--topic-prefix", topic_prefix, "--models-file", str(models_file),
+             "--batch-consumer", "false", "--shutdown-grace-s", "2"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(
+                health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        async with QlmClient(f"127.0.0.1:{port}") as qlm_client:
+            assert (await qlm_client.submit(good(request_id="proc-1"))).request_id == "proc-1"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    events = [line["event"] for line in lines]
+    assert events.index("signal_received") < events.index("ingest_stopping") < events.index(
+        "ingest_stopped"
+    )
+    assert all(line.get("service") == "ingest" for line in lines)
+
+
+def test_ingest_refuses_a_bad_flag_naming_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.ingest", "--port", "70000"], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "error: port: Input should be less than or equal to 65535" in result.stderr
