@@ -61,6 +61,34 @@ class IngestSettings(CommonSettings):
         "(submits do not wait for it)",
     )
 
+    estimator_addr: str | None = Field(
+        None, description="estimator service host:port for predicted waits and admission; "
+        "unset: the estimator in process over workers_file (or no prediction without it)"
+    )
+    estimator_timeout_s: float = Field(
+        0.25, gt=0, description="PredictWait deadline; past it the request is admitted"
+    )
+    admission: str = Field(
+        "interactive=reject", description="per class: reject (when the estimator says the "
+        "SLO cannot be met) or queue, e.g. 'interactive=reject,custom=queue'"
+    )
+    admission_min_p: float = Field(
+        0.05, ge=0, le=1, description="in-process estimator: admit when P(meet SLO) >= this"
+    )
+    workers_file: Path | None = Field(
+        None, description="in-process estimator: YAML list of workers {id, gpu, models}"
+    )
+
+    @model_validator(mode="after")
+    def _admission_rules_parse(self) -> Self:
+        from qlm.ingest import AdmissionRules  # late: qlm.ingest is heavier than settings
+
+        try:
+            AdmissionRules.parse(self.admission)
+        except InvalidInput as error:
+            raise ValueError(str(error)) from None
+        return self
+
     @model_validator(mode="after")
     def _prompt_fits_in_a_message(self) -> Self:
         if self.max_prompt_bytes >= self.max_message_bytes:

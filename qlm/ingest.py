@@ -14,6 +14,12 @@ Contracts:
 * The event is published after the enqueue is durable in Redis. Events are hints (the
   scheduler also ticks), so a failed publish is logged and does not fail the submit.
 * Time comes from the injected ``clock`` (Unix seconds in the services).
+* Admission control (:class:`AdmissionRules`, gRPC submits only): when the predictor says
+  a new request cannot meet its SLO even at the best place (``Prediction.admit`` is
+  False) and the rules say ``reject`` for its class, :meth:`IngestPlane.submit` raises
+  :class:`~qlm.core.errors.Overloaded` (gRPC RESOURCE_EXHAUSTED with the predicted wait
+  and a retry-after) and writes nothing; a repeat of an id already queued is never
+  refused. Records from Kafka are always queued.
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ from typing import Any, Protocol
 import yaml
 
 from qlm.bus.records import decode_batch_request
-from qlm.core.errors import InvalidInput
+from qlm.core.errors import InvalidInput, NotFound, Overloaded
 from qlm.core.perf import PROFILE_DIR, ProfileBook
-from qlm.core.types import Request, RequestState
+from qlm.core.types import Request, RequestState, SLOClass
 from qlm.log import get_logger, request_context
 from qlm.store.records import RequestRecord
 from qlm.store.store import EnqueueResult, RedisQueueStore
@@ -51,6 +57,8 @@ class Prediction:
     wait_mean_s: float = 0.0
     wait_std_s: float = 0.0
     p_meet_slo: float = 1.0
+    admit: bool = True
+    retry_after_s: float = 0.0
 
     @property
     def wait_p90_s(self) -> float:
@@ -96,14 +104,51 @@ class EventPublisher(Protocol):
 class WaitPredictor(Protocol):
     """Predicts the wait of a new request (the RWT estimator, in process or remote)."""
 
-    def predict(self, request: Request, now: float) -> Prediction: ...
+    async def predict(self, request: Request, now: float) -> Prediction: ...
 
 
 class NoQueueModel:
     """Predicts no wait; used when no estimator is configured."""
 
-    def predict(self, request: Request, now: float) -> Prediction:
+    async def predict(self, request: Request, now: float) -> Prediction:
         return Prediction()
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRules:
+    """Per class: ``reject`` a request the predictor does not admit, or ``queue`` it anyway.
+
+    Batch classes are always queued (the predictor admits them too).
+    """
+
+    rejecting: frozenset[SLOClass] = frozenset({SLOClass.INTERACTIVE})
+
+    def rejects(self, slo_class: SLOClass) -> bool:
+        return slo_class in self.rejecting
+
+    @classmethod
+    def parse(cls, text: str) -> AdmissionRules:
+        """From ``"interactive=reject,batch-1=queue"``; classes not named keep the default
+        (interactive rejects, the others queue). InvalidInput names the bad entry."""
+        rejecting = set(cls().rejecting)
+        for entry in filter(None, (part.strip() for part in text.split(","))):
+            name, _, action = entry.partition("=")
+            try:
+                slo_class = SLOClass(name.strip())
+            except ValueError:
+                raise InvalidInput("admission", f"unknown class {name.strip()!r}") from None
+            match action.strip():
+                case "reject" if slo_class not in (SLOClass.BATCH_1, SLOClass.BATCH_2):
+                    rejecting.add(slo_class)
+                case "reject":
+                    raise InvalidInput("admission", f"{slo_class.value}: batch classes are "
+                                       "always queued")
+                case "queue":
+                    rejecting.discard(slo_class)
+                case other:
+                    raise InvalidInput("admission", f"{entry!r}: expected reject or queue, "
+                                       f"got {other!r}")
+        return cls(frozenset(rejecting))
 
 
 # ------------------------------------------------------------------ catalogue
@@ -208,6 +253,7 @@ class IngestPlane:
         limits: SubmissionLimits = SubmissionLimits(),  # noqa: B008 - frozen
         predictor: WaitPredictor | None = None,
         id_factory: Callable[[], str] = new_request_id,
+        admission: AdmissionRules = AdmissionRules(),
     ) -> None:
         self.store = store
         self.events = events
@@ -216,6 +262,7 @@ class IngestPlane:
         self.limits = limits
         self.predictor = predictor or NoQueueModel()
         self.id_factory = id_factory
+        self.admission = admission
         self.enqueuer = EnqueueBatcher(store)
 
     def validate(self, record: Any) -> Submission:
@@ -227,7 +274,7 @@ class IngestPlane:
         submission = self.validate(record)
         if not submission.request_id:
             submission = submission.with_id(self.id_factory())
-        return await self.enqueue(submission)
+        return await self.enqueue(submission, admission=True)
 
     def decode_batch_record(self, raw: bytes | None) -> Submission:
         """Validate one ``qlm.batch.requests`` record (JSON; qlm.bus.records).
@@ -242,8 +289,9 @@ class IngestPlane:
             )
         return submission
 
-    async def enqueue(self, submission: Submission) -> SubmitOutcome:
-        """Queue a validated submission that has an id; announce it when new."""
+    async def enqueue(self, submission: Submission, *, admission: bool = False) -> SubmitOutcome:
+        """Queue a validated submission that has an id; announce it when new. With
+        ``admission``, refuse it first when the rules say so (module docstring)."""
         with request_context(request_id=submission.request_id):
             now = self.clock()
             request = submission.to_request(arrival_at=now)
@@ -252,9 +300,11 @@ class IngestPlane:
                 if submission.prompt_text is not None
                 else list(submission.prompt_token_ids or ())
             )
+            prediction = await self.predictor.predict(request, now)
+            if admission and not prediction.admit and self.admission.rejects(request.slo_class):
+                await self._refuse(request, prediction)
             result = await self.enqueuer.enqueue(request, prompt, submission.sampling)
             stored = result.record
-            prediction = self.predictor.predict(stored.request, now)
             if result.created:
                 await self._announce(stored, prediction)
             else:
@@ -266,6 +316,26 @@ class IngestPlane:
                 duplicate=not result.created,
                 prediction=prediction,
             )
+
+    async def _refuse(self, request: Request, prediction: Prediction) -> None:
+        """Raise Overloaded, unless the id is already known (a retry is answered as usual)."""
+        try:
+            await self.store.get(request.id)
+            return
+        except NotFound:
+            pass
+        log.info("admission_refused", slo_class=request.slo_class.value,
+                 wait_mean_s=round(prediction.wait_mean_s, 3), p_meet_slo=prediction.p_meet_slo,
+                 retry_after_s=round(prediction.retry_after_s, 3))
+        raise Overloaded(
+            f"request cannot meet its {request.slo.ttft_s:g} s TTFT SLO now: predicted wait "
+            f"{prediction.wait_mean_s:.1f} s (p90 {prediction.wait_p90_s:.1f} s, P(meet) "
+            f"{prediction.p_meet_slo:.3f}); retry after {prediction.retry_after_s:.1f} s",
+            retry_after_s=prediction.retry_after_s,
+            details={"predicted-wait-s": f"{prediction.wait_mean_s:.3f}",
+                     "predicted-wait-p90-s": f"{prediction.wait_p90_s:.3f}",
+                     "p-meet-slo": f"{prediction.p_meet_slo:.4f}"},
+        )
 
     async def _announce(self, record: RequestRecord, prediction: Prediction) -> None:
         try:

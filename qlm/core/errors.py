@@ -6,6 +6,8 @@ transport (gRPC status, Kafka dead-letter record, CLI message) can show it as is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class QlmError(Exception):
     """Base of every error qlm raises on purpose."""
@@ -34,3 +36,14 @@ class NotFound(QlmError, KeyError):
 
 class Unavailable(QlmError):
     """A dependency (Redis, Kafka, estimator) does not answer: gRPC UNAVAILABLE."""
+
+
+class Overloaded(QlmError):
+    """Admission control refused work now (gRPC RESOURCE_EXHAUSTED); it may be retried
+    after ``retry_after_s``. ``details`` (string values) travel as trailing metadata."""
+
+    def __init__(self, message: str, retry_after_s: float,
+                 details: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.details = dict(details or {})

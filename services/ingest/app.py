@@ -29,12 +29,13 @@ from qlm.bus.producer import BusProducer
 from qlm.bus.records import Event
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.config import IngestSettings
-from qlm.ingest import IngestPlane, Prediction, load_models
+from qlm.ingest import AdmissionRules, IngestPlane, Prediction, load_models
 from qlm.log import get_logger
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
 from services.ingest.batch import BatchIngest
+from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.server import IngestServer
 
 log = get_logger("services.ingest.app")
@@ -128,6 +129,8 @@ class IngestApp:
             self.models,
             clock,
             SubmissionLimits(max_prompt_bytes=settings.max_prompt_bytes),
+            predictor=make_predictor(settings, self.store, clock),
+            admission=AdmissionRules.parse(settings.admission),
         )
         self.server: IngestServer | None = None
         self.consumer: BatchIngest | None = None
@@ -163,6 +166,7 @@ class IngestApp:
         if self.consumer is not None:
             await self.consumer.stop()
         await self.producer.stop()
+        await close_predictor(self.plane.predictor)
         await self.store.aclose()
         log.info("ingest_stopped")
 

@@ -6,6 +6,7 @@ raised                            status
 InvalidInput (and subclasses)     INVALID_ARGUMENT
 NotFound                          NOT_FOUND
 Unavailable                       UNAVAILABLE
+Overloaded                        RESOURCE_EXHAUSTED (trailing metadata: retry-after-s, …)
 anything else                     INTERNAL (logged)
 ================================  =================
 
@@ -23,7 +24,7 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from qlm.core.errors import InvalidInput, NotFound, Unavailable
+from qlm.core.errors import InvalidInput, NotFound, Overloaded, Unavailable
 from qlm.log import get_logger
 
 log = get_logger("services.ingest.errors")
@@ -32,6 +33,7 @@ STATUS_OF: Final[tuple[tuple[type[Exception], grpc.StatusCode], ...]] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 
@@ -67,6 +69,9 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unhandled_error", error=repr(error))
         await context.abort(code, "internal error")
+    if isinstance(error, Overloaded):
+        metadata = (("retry-after-s", f"{error.retry_after_s:.3f}"), *error.details.items())
+        await context.abort(code, str(error), trailing_metadata=metadata)
     await context.abort(code, str(error))
 
 

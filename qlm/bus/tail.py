@@ -1,0 +1,50 @@
+"""Follow topics from their end, without a consumer group: for hints, not for work.
+
+Every process that tails sees every record written after it started; nothing is
+committed and nothing is replayed after a restart. The scheduler and the estimator use
+it for ``qlm.events`` and ``qlm.telemetry`` (wake-ups, worker liveness, corrections),
+where a missed record costs at most one tick.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+
+from qlm.core.errors import Unavailable
+from qlm.log import get_logger
+
+log = get_logger("qlm.bus.tail")
+
+
+class TopicTail:
+    """``await start()``; ``await run()`` calls ``on_record(topic, value)`` per record until
+    ``stop()``. ``on_record`` must not block (it runs on the event loop)."""
+
+    def __init__(self, bootstrap_servers: str, topics: Sequence[str],
+                 on_record: Callable[[str, bytes | None], None], client_id: str = "qlm") -> None:
+        self._consumer = AIOKafkaConsumer(
+            *topics, bootstrap_servers=bootstrap_servers, group_id=None, client_id=client_id,
+            enable_auto_commit=False, auto_offset_reset="latest")
+        self._on_record = on_record
+
+    async def start(self) -> None:
+        """Connect; raises Unavailable when no broker answers."""
+        try:
+            await self._consumer.start()
+        except KafkaError as error:
+            await self._consumer.stop()
+            raise Unavailable(f"Kafka consumer could not connect: {error}") from error
+
+    async def run(self) -> None:
+        async for record in self._consumer:
+            try:
+                self._on_record(record.topic, record.value)
+            except Exception as error:  # a bad record must not end the tail
+                log.warning("tail_record_failed", topic=record.topic, offset=record.offset,
+                            error=repr(error))
+
+    async def stop(self) -> None:
+        await self._consumer.stop()

@@ -1,0 +1,1 @@
+"""The estimator service: the RWT estimator behind gRPC, corrected online from telemetry."""

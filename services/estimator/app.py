@@ -1,0 +1,165 @@
+"""The estimator service assembled: profiles, roster, plane, gRPC server, telemetry tail.
+
+``python -m services.estimator --port N`` runs :func:`serve`. The gRPC server carries the
+``qlm.v1.Estimator`` service, ``grpc.health.v1`` (SERVING while Redis and Kafka answer)
+and reflection, behind the one error interceptor of qlm's servers. ``qlm.telemetry`` and
+``qlm.events`` are tailed from their end (:mod:`qlm.bus.tail`): telemetry moves the
+per-(model, GPU) correction and keeps the worker roster live; ``admitted`` and
+``first_token`` events pair predicted with realised waits (Prometheus histograms).
+
+Graceful shutdown (SIGTERM): health NOT_SERVING, the server stops taking calls and
+drains for ``shutdown_grace_s``, then the tail and the clients close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from redis.asyncio import Redis
+
+from qlm.api.v1 import estimator_pb2, estimator_pb2_grpc
+from qlm.bus.records import Event, Telemetry
+from qlm.bus.tail import TopicTail
+from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
+from qlm.config import EstimatorSettings
+from qlm.core.estimator import RWTEstimator
+from qlm.core.perf import PROFILE_DIR, ProfileBook
+from qlm.log import get_logger
+from qlm.roster import WorkerRoster, read_workers_file
+from qlm.store.store import RedisQueueStore
+from services.estimator.metrics import EstimatorMetrics
+from services.estimator.plane import EstimatorPlane
+from services.estimator.servicer import EstimatorServicer
+from services.ingest.app import kafka_answers
+from services.ingest.errors import ErrorInterceptor
+
+log = get_logger("services.estimator")
+
+SERVICE_NAME = estimator_pb2.DESCRIPTOR.services_by_name["Estimator"].full_name
+Probe = Callable[[], Awaitable[bool]]
+
+
+class EstimatorApp:
+    """One estimator process. ``await app.start()``, then ``await app.stop()``."""
+
+    def __init__(self, settings: EstimatorSettings, clock: Callable[[], float] = time.time,
+                 profiles: ProfileBook | None = None) -> None:
+        self.settings = s = settings
+        self.clock = clock
+        self.topics = TopicNames(s.topic_prefix)
+        self.metrics = EstimatorMetrics()
+        self.profiles = profiles or ProfileBook.load(s.profiles_dir or PROFILE_DIR)
+        declared = read_workers_file(s.workers_file) if s.workers_file else ()
+        self.roster = WorkerRoster(declared, timeout_s=s.worker_timeout_s, started_at=clock())
+        self.redis = Redis.from_url(s.redis_url, decode_responses=True)
+        self.store = RedisQueueStore(self.redis, prefix=s.key_prefix, clock=clock)
+        self.plane = EstimatorPlane(
+            RWTEstimator(self.profiles), self.roster, self.store,
+            admission_min_p=s.admission_min_p, refresh_interval_s=s.refresh_interval_s,
+            clock=clock, on_correction=self.metrics.on_correction,
+            on_realised=self.metrics.on_realised, on_answer=self._count_answer)
+        self.tail = TopicTail(s.kafka_bootstrap, [self.topics.telemetry, self.topics.events],
+                              self._on_record, client_id="qlm-estimator")
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()],
+                                      options=[("grpc.so_reuseport", 0)])
+        estimator_pb2_grpc.add_EstimatorServicer_to_server(EstimatorServicer(self.plane),
+                                                           self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        self.metrics_port: int | None = None
+        self._probes: Sequence[Probe] = (self.store.ping,
+                                         lambda: kafka_answers(s.kafka_bootstrap))
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        s = self.settings
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await self.tail.start()
+        await self.server.start()
+        if s.serve_metrics:
+            server, _ = start_http_server(s.metrics_port, s.host, registry=self.metrics.registry)
+            self.metrics_port = server.server_port
+            self._metrics_server = server
+        await self.refresh_health()
+        self._tasks = [asyncio.create_task(self.tail.run(), name="estimator-tail"),
+                       asyncio.create_task(self._watch_health(), name="estimator-health")]
+        log.info("estimator_listening", port=self.port, metrics_port=self.metrics_port,
+                 profiles=len(self.profiles.profiles), workers=sorted(self.roster.workers))
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING → stop taking calls → drain (grace) → close."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s)
+        await self.tail.stop()
+        await self.redis.aclose()
+        if self.metrics_port is not None:
+            self._metrics_server.shutdown()
+        log.info("estimator_stopped")
+
+    async def refresh_health(self) -> bool:
+        results = await asyncio.gather(*(_safe(p) for p in self._probes))
+        healthy = all(results) and not self._stopping
+        status = (health_pb2.HealthCheckResponse.SERVING if healthy
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+        return healthy
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            await self.refresh_health()
+
+    def _on_record(self, topic: str, value: bytes | None) -> None:
+        if value is None:
+            return
+        if topic == self.topics.telemetry:
+            self.plane.on_telemetry(Telemetry.from_json(value))
+        elif topic == self.topics.events:
+            self.plane.on_event(Event.from_json(value))
+
+    def _count_answer(self, slo_class: str, admit: bool) -> None:
+        self.metrics.predictions.labels(slo_class, "true" if admit else "false").inc()
+
+
+async def _safe(probe: Probe) -> bool:
+    try:
+        return bool(await asyncio.wait_for(probe(), timeout=2.0))
+    except Exception:
+        return False
+
+
+async def serve(settings: EstimatorSettings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    app = EstimatorApp(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal_received")
+    with contextlib.suppress(asyncio.CancelledError):
+        await app.stop()

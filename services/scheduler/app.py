@@ -1,0 +1,195 @@
+"""The scheduler service assembled: lease, event tail, scheduling loop, metrics.
+
+Tasks of one replica (:class:`SchedulerApp`):
+
+* **lease**: a standby tries to acquire every ``lease_ttl_s / 4``; the leader renews
+  every ``lease_renew_s`` (:mod:`services.scheduler.lease`);
+* **tail**: follows ``qlm.events`` and ``qlm.telemetry`` from their end (no consumer
+  group: every replica sees every record; they are hints, nothing is committed). Events
+  of a new, finished, evicted, cancelled or failed request wake the loop; telemetry and
+  worker events keep the :class:`~qlm.roster.WorkerRoster` current;
+* **loop**: a step (:mod:`services.scheduler.loop`) on every wake-up (after
+  ``debounce_s`` to gather a burst) and at least every ``tick_s``.
+
+Stop (SIGTERM): the loop and the tail stop, the lease is released at once (a standby
+takes over on its next try), the producer flushes, the clients close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from aiokafka.errors import KafkaError
+from prometheus_client import start_http_server
+from redis.asyncio import Redis
+
+from qlm.bus.producer import BusProducer
+from qlm.bus.records import Event, Telemetry
+from qlm.bus.tail import TopicTail
+from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
+from qlm.config import SchedulerSettings
+from qlm.core.errors import InvalidInput, QlmError, Unavailable
+from qlm.core.perf import PROFILE_DIR, ProfileBook
+from qlm.core.policies.base import PolicyContext, make_policy
+from qlm.log import get_logger
+from qlm.roster import WorkerRoster, read_workers_file
+from qlm.store.store import RedisQueueStore
+from services.scheduler.lease import LeaderLease, LeaseKeys
+from services.scheduler.loop import SchedulingLoop, StepReport
+from services.scheduler.metrics import SchedulerMetrics
+
+log = get_logger("services.scheduler.app")
+
+#: Event types after which the queue changed enough to decide again at once.
+WAKING_EVENTS = frozenset({"admitted", "finished", "evicted", "cancelled", "failed"})
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class SchedulerApp:
+    """One scheduler replica. ``await app.start()``, then ``await app.stop()``."""
+
+    def __init__(self, settings: SchedulerSettings, clock: Callable[[], float] = time.time,
+                 profiles: ProfileBook | None = None) -> None:
+        self.settings = s = settings
+        self.clock = clock
+        self.topics = TopicNames(s.topic_prefix)
+        self.instance_id = s.instance_id or default_instance_id()
+        self.profiles = profiles or ProfileBook.load(s.profiles_dir or PROFILE_DIR)
+        declared = read_workers_file(s.workers_file) if s.workers_file else ()
+        self.roster = WorkerRoster(declared, timeout_s=s.worker_timeout_s, started_at=clock())
+        self.redis = Redis.from_url(s.redis_url, decode_responses=True)
+        self.store = RedisQueueStore(self.redis, prefix=s.key_prefix, clock=clock)
+        self.lease = LeaderLease(self.redis, LeaseKeys.under(s.key_prefix), self.instance_id,
+                                 ttl_s=s.lease_ttl_s, margin_s=s.lease_margin_s)
+        self.producer = BusProducer(s.kafka_bootstrap, client_id="qlm-scheduler")
+        self.metrics = SchedulerMetrics()
+        self.policy = make_policy(s.policy)
+        self.loop = SchedulingLoop(
+            self.store, self.producer, self.topics.lso, self.policy,
+            PolicyContext(self.profiles, dict(s.policy_options)), self.roster, self.lease,
+            self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock)
+        self.tail = TopicTail(s.kafka_bootstrap, [self.topics.events, self.topics.telemetry],
+                              self._on_record, client_id=f"qlm-scheduler-{self.instance_id}")
+        self.metrics_port: int | None = None
+        self.last_report: StepReport | None = None
+        self.num_steps = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        s = self.settings
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await self.producer.start()
+        await self.tail.start()
+        if s.serve_metrics:
+            server, _ = start_http_server(s.metrics_port, s.host, registry=self.metrics.registry)
+            self.metrics_port = server.server_port
+            self._metrics_server = server
+        for name, job in (("lease", self._lease_loop), ("tail", self.tail.run),
+                          ("decide", self._decide_loop)):
+            self._tasks.append(asyncio.create_task(job(), name=f"scheduler-{name}"))
+        log.info("scheduler_started", instance=self.instance_id, policy=self.policy.name,
+                 workers=sorted(self.roster.workers), metrics_port=self.metrics_port)
+
+    async def stop(self) -> None:
+        """Stop deciding, release the lease (hand over now), flush and close."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        was_leader = self.lease.fence > 0
+        await self.lease.release()
+        self.metrics.is_leader.set(0)
+        await self.tail.stop()
+        await self.producer.stop()
+        await self.redis.aclose()
+        if self.metrics_port is not None:
+            self._metrics_server.shutdown()
+        log.info("scheduler_stopped", instance=self.instance_id, released=was_leader)
+
+    def is_leader(self) -> bool:
+        return self.lease.is_held()
+
+    def wake(self) -> None:
+        """Decide again soon (an event changed the queue)."""
+        self._wake.set()
+
+    # ------------------------------------------------------------ tasks
+    async def _lease_loop(self) -> None:
+        s = self.settings
+        while True:
+            try:
+                if self.lease.fence > 0:
+                    held = await self.lease.renew()
+                    if not held:
+                        log.warning("lease_lost", instance=self.instance_id)
+                else:
+                    held = await self.lease.try_acquire()
+                    if held:
+                        log.info("lease_acquired", instance=self.instance_id,
+                                 fence=self.lease.fence)
+                        self.wake()
+            except Unavailable as error:
+                held = False
+                log.warning("lease_unavailable", instance=self.instance_id, error=str(error))
+            self.metrics.is_leader.set(1 if self.lease.is_held() else 0)
+            self.metrics.fence.set(self.lease.fence)
+            await asyncio.sleep(s.lease_renew_s if held else s.lease_ttl_s / 4)
+
+    async def _decide_loop(self) -> None:
+        s = self.settings
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=s.tick_s)
+                if s.debounce_s > 0:
+                    await asyncio.sleep(s.debounce_s)
+            self._wake.clear()
+            if not self.lease.is_held():
+                continue
+            try:
+                self.last_report = await self.loop.step()
+                self.num_steps += 1
+            except (QlmError, OSError, KafkaError) as error:
+                self.metrics.decisions.labels(self.policy.name, "failed").inc()
+                log.warning("step_failed", error=repr(error))
+                await asyncio.sleep(min(1.0, s.tick_s))
+
+    def _on_record(self, topic: str, value: bytes | None) -> None:
+        if value is None:
+            return
+        try:
+            if topic == self.topics.telemetry:
+                self.roster.on_telemetry(Telemetry.from_json(value))
+            elif topic == self.topics.events:
+                event = Event.from_json(value)
+                self.roster.on_event(event)
+                if event.type in WAKING_EVENTS:
+                    self.wake()
+        except InvalidInput as error:
+            log.warning("record_ignored", topic=topic, error=str(error))
+
+
+async def serve(settings: SchedulerSettings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    app = SchedulerApp(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal_received")
+    with contextlib.suppress(asyncio.CancelledError):
+        await app.stop()

@@ -1,0 +1,241 @@
+"""One scheduling step: requeue expired leases → snapshot → ``decide`` → apply.
+
+The decision is the policy's pure ``decide(QueueSnapshot, PolicyContext)`` — the same
+code the simulator runs, with the RWT/planning estimator in process (no gRPC on the
+decision path: the policy needs per-request sizes that a remote call would have to
+ship every step, and a round trip per step buys nothing). This module only translates
+between the store and the policy and applies the result:
+
+==============  ==========================================================================
+decision        effect
+==============  ==========================================================================
+``Place``       ``set_virtual_queues`` (one atomic script for every worker); workers the
+                store knows that are no longer live get an empty queue
+``Evict``       one ``evict`` LSO command per worker on ``qlm.lso`` (``keep_kv`` =
+                ``state_swap``)
+``Swap``        one ``swap`` LSO command on ``qlm.lso``
+``Reject``      ``store.reject`` (queued → failed with the reason)
+``Pull``        nothing: workers pull the head of their virtual queue themselves under
+                backpressure (the same ``plan_pulls``), with a lease
+==============  ==========================================================================
+
+The same evict/swap command is not repeated within ``command_cooldown_s`` (the worker
+needs a moment to carry it out and report; until then the snapshot still shows the old
+state and the policy asks again). Commands carry the leader's fencing token in
+``command_id``. A replica that does not hold the lease computes nothing and applies
+nothing; the lease is checked again right before the writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from qlm.bus.producer import BusProducer
+from qlm.bus.records import LsoCommand
+from qlm.core.perf import ProfileBook
+from qlm.core.policies.base import Policy, PolicyContext
+from qlm.core.types import Decision, GroupKey, QueueSnapshot, RequestState, WorkerView
+from qlm.log import get_logger
+from qlm.roster import WorkerRoster
+from qlm.store.store import RedisQueueStore, StoreSnapshot
+from services.scheduler.lease import LeaderLease
+from services.scheduler.metrics import SchedulerMetrics
+
+log = get_logger("services.scheduler")
+
+
+# ------------------------------------------------------------------ pure parts
+def queue_snapshot(store_snapshot: StoreSnapshot, workers: Iterable[WorkerView], now: float
+                   ) -> QueueSnapshot:
+    """The policy's input: live ``workers`` with their running requests from the store."""
+    return store_snapshot.to_queue_snapshot(now, workers)
+
+
+def decide(policy: Policy, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
+    """The decision step (pure: the policy's ``decide``)."""
+    return policy.decide(snapshot, ctx)
+
+
+def queue_orders(decision: Decision, snapshot: QueueSnapshot,
+                 known_workers: Iterable[str]) -> dict[str, tuple[GroupKey, ...]]:
+    """Virtual queue per worker: the decision's order for live workers, empty for the
+    workers the store knows that are not live (their groups go elsewhere)."""
+    orders = {w.id: decision.order_for(w.id) for w in snapshot.workers}
+    for worker_id in known_workers:
+        orders.setdefault(worker_id, ())
+    return orders
+
+
+def lso_commands(decision: Decision, fence: int, numbers: Iterable[int], issued_at: float
+                 ) -> list[LsoCommand]:
+    """The evict and swap commands of ``decision``: one evict per worker (its request ids
+    in decision order; ``keep_kv`` if any eviction asks for a state swap), one per swap."""
+    seq = iter(numbers)
+    by_worker: dict[str, list[str]] = {}
+    keep_kv: dict[str, bool] = {}
+    reasons: dict[str, str] = {}
+    for evict in decision.evictions:
+        by_worker.setdefault(evict.worker_id, []).append(evict.request_id)
+        keep_kv[evict.worker_id] = keep_kv.get(evict.worker_id, False) or evict.state_swap
+        reasons.setdefault(evict.worker_id, evict.reason)
+    commands = [
+        LsoCommand(type="evict", command_id=f"{fence}-{next(seq)}", worker=worker,
+                   issued_at=issued_at, request_ids=tuple(ids), keep_kv=keep_kv[worker],
+                   reason=reasons[worker] or None)
+        for worker, ids in by_worker.items()
+    ]
+    commands += [
+        LsoCommand(type="swap", command_id=f"{fence}-{next(seq)}", worker=swap.worker_id,
+                   issued_at=issued_at, to_model=swap.to_model)
+        for swap in decision.swaps
+    ]
+    return commands
+
+
+@dataclass
+class CommandMemory:
+    """Which evictions and swaps were commanded recently (to not repeat them)."""
+
+    cooldown_s: float
+    _sent_at: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def fresh(self, decision: Decision, now: float) -> Decision:
+        """``decision`` without the evictions and swaps already commanded within the
+        cooldown; remembers the ones it lets through."""
+        self._sent_at = {k: t for k, t in self._sent_at.items() if now - t < self.cooldown_s}
+        evictions = tuple(e for e in decision.evictions
+                          if ("evict", e.request_id) not in self._sent_at)
+        swaps = tuple(s for s in decision.swaps
+                      if ("swap", f"{s.worker_id}>{s.to_model}") not in self._sent_at)
+        for e in evictions:
+            self._sent_at[("evict", e.request_id)] = now
+        for s in swaps:
+            self._sent_at[("swap", f"{s.worker_id}>{s.to_model}")] = now
+        return Decision(decision.placements, decision.pulls, evictions, swaps,
+                        decision.rejections)
+
+
+def depth_by_class_and_model(snapshot: QueueSnapshot) -> Mapping[tuple[str, str], int]:
+    tally: Tally[tuple[str, str]] = Tally()
+    for group in snapshot.groups:
+        tally[(group.slo_class.value, group.model)] += group.size
+    return tally
+
+
+# ------------------------------------------------------------------ the step
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """What one step did and how long each phase took (seconds)."""
+
+    applied: bool
+    num_groups: int = 0
+    num_queued: int = 0
+    num_requeued: int = 0
+    num_commands: int = 0
+    snapshot_s: float = 0.0
+    decide_s: float = 0.0
+    apply_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.snapshot_s + self.decide_s + self.apply_s
+
+
+class SchedulingLoop:
+    """Runs steps for one replica: only while ``lease.is_held()`` does it do anything."""
+
+    def __init__(self, store: RedisQueueStore, producer: BusProducer, lso_topic: str,
+                 policy: Policy, ctx: PolicyContext, roster: WorkerRoster, lease: LeaderLease,
+                 metrics: SchedulerMetrics, *, command_cooldown_s: float = 5.0,
+                 clock: Callable[[], float] = time.time, decide_in_thread: bool = True) -> None:
+        self.store = store
+        self.producer = producer
+        self.lso_topic = lso_topic
+        self.policy = policy
+        self.ctx = ctx
+        self.roster = roster
+        self.lease = lease
+        self.metrics = metrics
+        self.clock = clock
+        self.decide_in_thread = decide_in_thread
+        self.memory = CommandMemory(command_cooldown_s)
+        self._numbers = itertools.count(1)
+        self._depth_labels: set[tuple[str, str]] = set()
+
+    @property
+    def profiles(self) -> ProfileBook:
+        return self.ctx.profiles
+
+    async def step(self) -> StepReport:
+        """One step if we lead (see the module docstring); a no-op report otherwise."""
+        if not self.lease.is_held():
+            self.metrics.decisions.labels(self.policy.name, "skipped").inc()
+            return StepReport(applied=False)
+        started = time.perf_counter()
+        requeued = await self.store.requeue_expired()
+        for state in requeued.values():
+            self.metrics.requeued.labels(state.value).inc()
+        if requeued:
+            log.info("leases_expired", num_requeued=sum(
+                s is RequestState.QUEUED for s in requeued.values()), num_total=len(requeued))
+        stored = await self.store.snapshot()
+        now = self.clock()
+        snapshot = queue_snapshot(stored, self.roster.views(now, self.profiles), now)
+        read_at = time.perf_counter()
+        if self.decide_in_thread:
+            decision = await asyncio.to_thread(decide, self.policy, snapshot, self.ctx)
+        else:
+            decision = decide(self.policy, snapshot, self.ctx)
+        decided_at = time.perf_counter()
+        if not self.lease.is_held():  # lost the lease while deciding: write nothing
+            self.metrics.decisions.labels(self.policy.name, "skipped").inc()
+            return StepReport(applied=False)
+        num_commands = await self.apply(decision, snapshot, stored.worker_ids)
+        done_at = time.perf_counter()
+        report = StepReport(True, len(snapshot.groups), snapshot.num_queued, len(requeued),
+                            num_commands, read_at - started, decided_at - read_at,
+                            done_at - decided_at)
+        self._observe(report, snapshot)
+        return report
+
+    async def apply(self, decision: Decision, snapshot: QueueSnapshot,
+                    known_workers: Iterable[str]) -> int:
+        """Write the decision (table in the module docstring); returns the commands sent."""
+        await self.store.set_virtual_queues(queue_orders(decision, snapshot, known_workers))
+        fresh = self.memory.fresh(decision, snapshot.now)
+        commands = lso_commands(fresh, self.lease.fence, self._numbers, self.clock())
+        acknowledged = [await self.producer.publish_soon(self.lso_topic, c) for c in commands]
+        for reject in decision.rejections:
+            await self.store.reject(reject.request_id, reject.reason or "rejected by scheduler")
+        if acknowledged:
+            await asyncio.gather(*acknowledged)
+        for command in commands:
+            if command.type == "evict":
+                self.metrics.evictions.labels(command.worker).inc(len(command.request_ids))
+            elif command.type == "swap":
+                self.metrics.swaps.labels(command.worker, command.to_model or "").inc()
+            log.info("lso_sent", type=command.type, worker=command.worker,
+                     command_id=command.command_id, request_ids=list(command.request_ids),
+                     to_model=command.to_model)
+        self.metrics.rejections.inc(len(decision.rejections))
+        return len(commands)
+
+    def _observe(self, report: StepReport, snapshot: QueueSnapshot) -> None:
+        m = self.metrics
+        m.decisions.labels(self.policy.name, "applied").inc()
+        for phase, seconds in (("snapshot", report.snapshot_s), ("decide", report.decide_s),
+                               ("apply", report.apply_s), ("total", report.total_s)):
+            m.decision_seconds.labels(phase).observe(seconds)
+        depth = depth_by_class_and_model(snapshot)
+        for labels in self._depth_labels - set(depth):
+            m.queue_depth.labels(*labels).set(0)
+        for labels, count in depth.items():
+            m.queue_depth.labels(*labels).set(count)
+        self._depth_labels |= set(depth)
+        m.num_groups.set(report.num_groups)
+        m.num_workers.set(len(snapshot.workers))
