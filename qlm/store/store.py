@@ -65,6 +65,9 @@ DEFAULT_STREAM_TTL_S = 3600.0
 DEFAULT_STREAM_MAXLEN = 10_000
 DEFAULT_MAX_CONNECTIONS = 256
 _SNAPSHOT_CHUNK = 1000
+#: The fields of a queued request's record that may change (requeue with progress);
+#: ``arrival_at`` guards against an id reused after its record expired.
+_CHANGING_FIELDS = ("num_generated", "arrival_at")
 _EXPIRED_BATCH = 500
 
 
@@ -238,6 +241,8 @@ class RedisQueueStore:
         self._stream_maxlen = str(_require_count(stream_maxlen, "stream_maxlen", minimum=1))
         self._clock = clock
         self._scripts = Scripts.register(client)
+        #: Queued requests of the previous snapshot: id → (changing fields, Request).
+        self._known_queued: dict[str, tuple[tuple[str, ...], Request]] = {}
 
     @classmethod
     def from_url(
@@ -418,37 +423,33 @@ class RedisQueueStore:
 
     async def snapshot(self) -> StoreSnapshot:
         """Queued groups with their requests, each worker's running requests and
-        virtual queue: one atomic script for membership + pipelined record reads."""
+        virtual queue: one atomic script for membership, then one pipelined round trip
+        of record reads (1,000 records per script call).
+
+        Queued requests seen by this store's previous snapshot are not rebuilt: only
+        their ``num_generated`` and ``arrival_at`` are read again and compared (the
+        other fields of a record never change), which keeps a snapshot of a large
+        queue cheap when taken every scheduling tick."""
         with _redis_errors():
             reply = await self._scripts.snapshot(
                 keys=[self.keys.groups, self.keys.workers], args=[self.keys.prefix]
             )
             groups_raw, workers_raw = (_json_list(part) for part in json.loads(reply))
             workers_raw = [(w, _json_list(vq), _json_list(run)) for w, vq, run in workers_raw]
-            ids = [i for _, members in groups_raw for i in members]
-            ids += [i for _, _, running in workers_raw for i in running]
-            fields = await self._scheduling_fields(ids)
-        groups = tuple(
-            RequestGroup(
-                GroupKey.parse(group),
-                tuple(request_from_fields(fields[i]) for i in members if i in fields),
+            queued = await self._queued_requests([i for _, ids in groups_raw for i in ids])
+            running_fields = await self._read_fields(
+                [i for _, _, ids in workers_raw for i in ids], SCHEDULING_FIELDS
             )
-            for group, members in groups_raw
-            if any(i in fields for i in members)
+        groups = tuple(
+            RequestGroup(GroupKey.parse(group), tuple(queued[i] for i in ids if i in queued))
+            for group, ids in groups_raw
+            if any(i in queued for i in ids)
         )
         running = {
             worker: tuple(
-                RunningRequest(
-                    request=request_from_fields(fields[i]),
-                    started_at=float(fields[i]["started_at"]),
-                    first_token_at=float(fields[i]["first_token_at"])
-                    if fields[i]["first_token_at"]
-                    else None,
-                )
-                for i in sorted(members)
-                if i in fields
+                _running_from_fields(running_fields[i]) for i in sorted(ids) if i in running_fields
             )
-            for worker, _, members in workers_raw
+            for worker, _, ids in workers_raw
         }
         virtual_queues = {
             worker: tuple(GroupKey.parse(g) for g in order) for worker, order, _ in workers_raw
@@ -459,21 +460,63 @@ class RedisQueueStore:
             virtual_queues=MappingProxyType(virtual_queues),
         )
 
-    async def _scheduling_fields(self, ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        """``id → {field: value}`` of :data:`SCHEDULING_FIELDS` (records that vanished
-        in between are left out)."""
-        chunks = [ids[i : i + _SNAPSHOT_CHUNK] for i in range(0, len(ids), _SNAPSHOT_CHUNK)]
+    async def _queued_requests(self, ids: Sequence[str]) -> dict[str, Request]:
+        """``id → Request`` for queued ids, reusing the previous snapshot's requests
+        whose changing fields are the same (records that vanished are left out)."""
+        known = self._known_queued
+        new_ids = [i for i in ids if i not in known]
+        known_ids = [i for i in ids if i in known]
+        rows = await self._read_rows([(new_ids, SCHEDULING_FIELDS), (known_ids, _CHANGING_FIELDS)])
+        fresh: dict[str, tuple[tuple[str, ...], Request]] = {}
+        for request_id, row in zip(new_ids, rows[0], strict=True):
+            if row[0] is not False:
+                fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
+                version = tuple(fields[f] for f in _CHANGING_FIELDS)
+                fresh[request_id] = (version, request_from_fields(fields))
+        changed = []
+        for request_id, row in zip(known_ids, rows[1], strict=True):
+            if row[0] is False:
+                continue
+            if tuple(row) == known[request_id][0]:
+                fresh[request_id] = known[request_id]
+            else:
+                changed.append(request_id)
+        if changed:  # requeued with new progress since the last snapshot: read in full
+            for request_id, fields in (await self._read_fields(changed, SCHEDULING_FIELDS)).items():
+                version = tuple(fields[f] for f in _CHANGING_FIELDS)
+                fresh[request_id] = (version, request_from_fields(fields))
+        self._known_queued = fresh
+        return {request_id: entry[1] for request_id, entry in fresh.items()}
+
+    async def _read_fields(
+        self, ids: Sequence[str], fields: Sequence[str]
+    ) -> dict[str, dict[str, str]]:
+        """``id → {field: value}`` (records that vanished are left out)."""
+        (rows,) = await self._read_rows([(ids, fields)])
+        return {
+            request_id: dict(zip(fields, row, strict=True))
+            for request_id, row in zip(ids, rows, strict=True)
+            if row[0] is not False
+        }
+
+    async def _read_rows(
+        self, reads: Sequence[tuple[Sequence[str], Sequence[str]]]
+    ) -> list[list[list[Any]]]:
+        """For each ``(ids, fields)``, the field values of each id (``False`` when the
+        record or field is missing); all reads in one pipelined round trip."""
+        chunked = [
+            [ids[i : i + _SNAPSHOT_CHUNK] for i in range(0, len(ids), _SNAPSHOT_CHUNK)]
+            for ids, _ in reads
+        ]
+        if not any(chunked):
+            return [[] for _ in reads]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for chunk in chunks:
-                keys = [self.keys.request(i) for i in chunk]
-                await self._scripts.read_records(keys=keys, args=SCHEDULING_FIELDS, client=pipe)
-            replies = await pipe.execute()
-        out: dict[str, dict[str, str]] = {}
-        for chunk, reply in zip(chunks, replies, strict=True):
-            for request_id, row in zip(chunk, json.loads(reply), strict=True):
-                if row[0] is not False:
-                    out[request_id] = dict(zip(SCHEDULING_FIELDS, row, strict=True))
-        return out
+            for chunks, (_, fields) in zip(chunked, reads, strict=True):
+                for chunk in chunks:
+                    keys = [self.keys.request(i) for i in chunk]
+                    await self._scripts.read_records(keys=keys, args=fields, client=pipe)
+            replies = iter(await pipe.execute())
+        return [[row for _ in chunks for row in json.loads(next(replies))] for chunks in chunked]
 
     async def requeue_expired(self) -> dict[str, RequestState]:
         """Return every request whose lease expired before now to its group (progress
@@ -711,6 +754,15 @@ class RedisQueueStore:
             pipe.exists(stream)
             state, exists = await pipe.execute()
         return state is None or (RequestState(state).is_terminal and not exists)
+
+
+def _running_from_fields(fields: Mapping[str, str]) -> RunningRequest:
+    first_token_at = fields["first_token_at"]
+    return RunningRequest(
+        request=request_from_fields(fields),
+        started_at=float(fields["started_at"]),
+        first_token_at=float(first_token_at) if first_token_at else None,
+    )
 
 
 def _json_list(value: Any) -> list[Any]:

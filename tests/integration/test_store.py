@@ -510,6 +510,26 @@ async def test_snapshots_during_concurrent_pulls_see_each_request_once(
         assert set(queued) | set(running) == everyone
 
 
+async def test_snapshot_sees_progress_made_between_two_snapshots(store: RedisQueueStore) -> None:
+    request = make_request("r1")
+    await store.enqueue(request)
+    await store.enqueue(make_request("r2"))
+    first = await store.snapshot()
+    assert await store.snapshot() == first
+
+    # pulled, progressed and evicted between two snapshots: never seen running
+    await store.claim("w1", ["r1"])
+    await store.append_tokens("w1", "r1", token_ids=[1, 2, 3])
+    await store.requeue("w1", "r1")
+    second = await store.snapshot()
+
+    by_id = {r.id: r for g in second.groups for r in g.requests}
+    assert by_id["r1"].num_generated == 3
+    assert by_id["r2"] == make_request("r2")
+    await store.cancel("r2")
+    assert [r.id for g in (await store.snapshot()).groups for r in g.requests] == ["r1"]
+
+
 # ------------------------------------------------------------------ token streams
 async def test_token_stream_is_read_as_it_is_written(store: RedisQueueStore) -> None:
     request = make_request("r1")
