@@ -67,8 +67,13 @@ class BusRecord(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> Self:
-        """Decode and validate; raises InvalidInput naming the first bad field."""
+    def from_json(cls, raw: bytes | str | None) -> Self:
+        """Decode and validate; raises InvalidInput naming the first bad field.
+
+        None (a Kafka record without a value) is invalid too.
+        """
+        if raw is None:
+            raise InvalidInput("record", "has no value")
         try:
             return cls.model_validate_json(raw)
         except ValidationError as error:
