@@ -8,8 +8,9 @@
 Submissions are records with the schema of :mod:`qlm.submission` (the same as a line of
 a JSONL batch file). Server errors come back as qlm's own exceptions: INVALID_ARGUMENT
 → :class:`InvalidInput` (with ``field`` and ``problem``), NOT_FOUND → :class:`NotFound`,
-UNAVAILABLE / DEADLINE_EXCEEDED → :class:`Unavailable`; anything else stays a
-``grpc.RpcError``.
+UNAVAILABLE / DEADLINE_EXCEEDED → :class:`Unavailable`, RESOURCE_EXHAUSTED (admission
+control) → :class:`Overloaded` (``retry_after_s`` and the predicted wait from the trailing
+metadata); anything else stays a ``grpc.RpcError``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import grpc
 
 from qlm.api.v1 import qlm_pb2 as pb
 from qlm.api.v1 import qlm_pb2_grpc
-from qlm.core.errors import InvalidInput, NotFound, Unavailable
+from qlm.core.errors import InvalidInput, NotFound, Overloaded, Unavailable
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 SLO_CLASS_TO_PB: Final = {
@@ -91,6 +92,11 @@ def raise_from_rpc_error(error: grpc.RpcError) -> NoReturn:
         raise NotFound("request", details.split("'")[1] if details.count("'") >= 2 else details)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         raise Unavailable(f"qlm at the target does not answer: {details}")
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        metadata = {str(k): str(v) for k, v in (trailing or ())}
+        retry_after = float(metadata.pop("retry-after-s", "0") or 0)
+        raise Overloaded(details, retry_after, metadata)
     raise error
 
 

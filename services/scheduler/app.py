@@ -36,7 +36,7 @@ from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.config import SchedulerSettings
 from qlm.core.errors import InvalidInput, QlmError, Unavailable
 from qlm.core.perf import PROFILE_DIR, ProfileBook
-from qlm.core.policies.base import PolicyContext, make_policy
+from qlm.core.policies.base import Policy, PolicyContext, make_policy
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.store import RedisQueueStore
@@ -58,7 +58,7 @@ class SchedulerApp:
     """One scheduler replica. ``await app.start()``, then ``await app.stop()``."""
 
     def __init__(self, settings: SchedulerSettings, clock: Callable[[], float] = time.time,
-                 profiles: ProfileBook | None = None) -> None:
+                 profiles: ProfileBook | None = None, policy: Policy | None = None) -> None:
         self.settings = s = settings
         self.clock = clock
         self.topics = TopicNames(s.topic_prefix)
@@ -72,7 +72,7 @@ class SchedulerApp:
                                  ttl_s=s.lease_ttl_s, margin_s=s.lease_margin_s)
         self.producer = BusProducer(s.kafka_bootstrap, client_id="qlm-scheduler")
         self.metrics = SchedulerMetrics()
-        self.policy = make_policy(s.policy)
+        self.policy = policy or make_policy(s.policy)
         self.loop = SchedulingLoop(
             self.store, self.producer, self.topics.lso, self.policy,
             PolicyContext(self.profiles, dict(s.policy_options)), self.roster, self.lease,
@@ -118,6 +118,16 @@ class SchedulerApp:
         if self.metrics_port is not None:
             self._metrics_server.shutdown()
         log.info("scheduler_stopped", instance=self.instance_id, released=was_leader)
+
+    async def halt(self) -> None:
+        """Stop every task *without* releasing the lease: what a crashed replica looks like
+        to the others (the lease expires on its own). :meth:`stop` still closes."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
 
     def is_leader(self) -> bool:
         return self.lease.is_held()

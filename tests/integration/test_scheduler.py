@@ -1,0 +1,292 @@
+"""The scheduler service on real Redis and real Kafka: leader election and takeover,
+virtual queues from a snapshot, LSO commands on ``qlm.lso``, rejections, expired leases.
+
+Replicas run in process (:class:`SchedulerApp`); a crash is :meth:`SchedulerApp.halt`
+(tasks cancelled, lease not released), so the standby must wait for the lease to expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from qlm.bus.records import LsoCommand
+from qlm.bus.topics import TopicNames
+from qlm.config import SchedulerSettings
+from qlm.core.policies.base import PolicyContext
+from qlm.core.types import (
+    SLO,
+    Decision,
+    Evict,
+    Place,
+    QueueSnapshot,
+    Reject,
+    Request,
+    RequestState,
+    SLOClass,
+    Swap,
+)
+from qlm.store.store import RedisQueueStore
+from services.scheduler.app import SchedulerApp
+
+pytestmark = [pytest.mark.redis, pytest.mark.kafka]
+
+WORKERS_YAML = """
+workers:
+  - {id: w-mistral, gpu: A100-80GB, models: [mistral-7b, vicuna-13b]}
+  - {id: w-vicuna, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}
+"""
+TAKEOVER_TIMEOUT_S = 20.0  # generous: the lease is 1.5 s
+
+
+@pytest.fixture
+def workers_file(tmp_path: Path) -> Path:
+    path = tmp_path / "workers.yaml"
+    path.write_text(WORKERS_YAML)
+    return path
+
+
+def _settings(redis_url: str, kafka: str, topics: TopicNames, workers_file: Path,
+              **changes: Any) -> SchedulerSettings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url, "kafka_bootstrap": kafka, "topic_prefix": topics.prefix,
+        "workers_file": workers_file, "serve_metrics": False, "log_json": False,
+        "lease_ttl_s": 1.5, "lease_renew_s": 0.3, "lease_margin_s": 0.3, "tick_s": 0.2,
+        "worker_timeout_s": 0, "policy": "fcfs",
+    }
+    values.update(changes)
+    return SchedulerSettings(**values)
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisQueueStore]:
+    queue_store = RedisQueueStore.from_url(redis_url, group_window_s=5.0)
+    yield queue_store
+    await queue_store.aclose()
+
+
+@pytest.fixture
+async def start_scheduler(
+    redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNames, workers_file: Path
+) -> AsyncIterator[Callable[..., Awaitable[SchedulerApp]]]:
+    apps: list[SchedulerApp] = []
+
+    async def start(instance_id: str, **changes: Any) -> SchedulerApp:
+        policy = changes.pop("policy_object", None)
+        settings = _settings(redis_url, kafka_bootstrap, kafka_topics, workers_file,
+                             instance_id=instance_id, **changes)
+        app = SchedulerApp(settings, policy=policy)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0,
+                     what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout_s} s")
+
+
+def _request(model: str, slo_class: SLOClass = SLOClass.BATCH_1, *, prompt: int = 200,
+             max_tokens: int = 100, at: float | None = None) -> Request:
+    return Request(uuid.uuid4().hex, model, prompt, max_tokens, slo_class,
+                   SLO.for_class(slo_class), time.time() if at is None else at)
+
+
+async def _leader(apps: list[SchedulerApp]) -> SchedulerApp:
+    async def one_leads() -> bool:
+        return sum(a.is_leader() for a in apps) == 1
+
+    await eventually(one_leads, what="one leader")
+    return next(a for a in apps if a.is_leader())
+
+
+# ------------------------------------------------------------------ leader election
+async def test_one_replica_leads_and_the_standby_takes_over_when_it_dies(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore
+) -> None:
+    await store.enqueue(_request("mistral-7b"))
+    a = await start_scheduler("replica-a")
+    b = await start_scheduler("replica-b")
+    leader = await _leader([a, b])
+    standby = b if leader is a else a
+    assert await leader.lease.owner() == leader.instance_id
+    await eventually(lambda: _true(leader.num_steps > 0), what="leader steps")
+    await asyncio.sleep(0.5)
+    assert standby.num_steps == 0  # the standby never applied a decision
+    first_fence = leader.lease.fence
+
+    await leader.halt()  # crash: the lease is not released
+    assert await standby.lease.owner() == leader.instance_id
+
+    async def taken_over() -> bool:
+        return standby.is_leader() and await standby.lease.owner() == standby.instance_id
+
+    await eventually(taken_over, TAKEOVER_TIMEOUT_S, "standby takeover")
+    assert standby.lease.fence > first_fence  # a new term
+    await eventually(lambda: _true(standby.num_steps > 0), what="new leader steps")
+    assert not leader.is_leader()  # its own deadline passed: it would not write any more
+
+
+async def test_graceful_stop_hands_over_at_once(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]],
+) -> None:
+    a = await start_scheduler("replica-a")
+    b = await start_scheduler("replica-b")
+    leader = await _leader([a, b])
+    standby = b if leader is a else a
+    await leader.stop()
+    assert await standby.lease.owner() in (None, standby.instance_id)  # released, not expired
+    await eventually(lambda: _true(standby.is_leader()), TAKEOVER_TIMEOUT_S, "takeover")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# ------------------------------------------------------------------ decisions applied
+async def test_queued_groups_get_virtual_queues_on_workers_that_serve_them(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore
+) -> None:
+    for model in ("mistral-7b", "vicuna-13b"):
+        for slo_class in (SLOClass.INTERACTIVE, SLOClass.BATCH_1):
+            for _ in range(3):
+                await store.enqueue(_request(model, slo_class))
+    app = await start_scheduler("solo", policy="qlm")
+    await app.loop.lease.try_acquire()
+    report = await app.loop.step()
+    assert report.applied and report.num_queued == 12 and report.num_groups == 4
+
+    snapshot = await store.snapshot()
+    placed = [key for order in snapshot.virtual_queues.values() for key in order]
+    assert sorted(placed) == sorted(g.key for g in snapshot.groups)  # each group exactly once
+    assert set(snapshot.virtual_queues) == {"w-mistral", "w-vicuna"}
+    # Each worker's head group is of its awake model (no swap needed to start).
+    assert snapshot.virtual_queues["w-mistral"][0].model == "mistral-7b"
+    assert snapshot.virtual_queues["w-vicuna"][0].model == "vicuna-13b"
+    depth = app.metrics.queue_depth.labels("interactive", "vicuna-13b")._value.get()
+    assert depth == 3
+
+
+class ScriptedPolicy:
+    """A policy that returns one fixed decision (to drive the apply path)."""
+
+    name: ClassVar[str] = "scripted"
+
+    def __init__(self) -> None:
+        self.decision = Decision()
+
+    def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
+        return self.decision
+
+
+async def _lso_records(kafka: str, topic: str, count: int, timeout_s: float = 15.0
+                       ) -> list[LsoCommand]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    records: list[LsoCommand] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(records) < count and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            for batch in batches.values():
+                records += [LsoCommand.from_json(r.value) for r in batch]
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def test_evict_swap_and_reject_decisions_are_applied(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore,
+    kafka_bootstrap: str, kafka_topics: TopicNames,
+) -> None:
+    running = [_request("mistral-7b") for _ in range(2)]
+    for request in running:
+        await store.enqueue(request)
+    await store.claim("w-mistral", [r.id for r in running], lease_s=60)
+    doomed = _request("vicuna-13b", SLOClass.INTERACTIVE)
+    await store.enqueue(doomed)
+    group = store.group_of(doomed)
+
+    policy = ScriptedPolicy()
+    policy.decision = Decision(
+        placements=(Place("w-vicuna", (group,)), Place("w-mistral", ())),
+        evictions=tuple(Evict("w-mistral", r.id, "make room", state_swap=True)
+                        for r in running),
+        swaps=(Swap("w-mistral", "vicuna-13b"),),
+        rejections=(Reject(doomed.id, "deadline passed"),),
+    )
+    app = await start_scheduler("solo", policy_object=policy, tick_s=60.0)
+    await app.loop.lease.try_acquire()
+    fence = app.lease.fence
+    report = await app.loop.step()
+    assert report.applied and report.num_commands == 2
+    again = await app.loop.step()  # within the cooldown: not sent twice
+    assert again.num_commands == 0
+
+    commands = await _lso_records(kafka_bootstrap, kafka_topics.lso, 2)
+    evicts = [c for c in commands if c.type == "evict"]
+    swaps = [c for c in commands if c.type == "swap"]
+    assert len(evicts) == 1 and len(swaps) == 1, commands
+    assert evicts[0].worker == "w-mistral" and evicts[0].keep_kv
+    assert sorted(evicts[0].request_ids) == sorted(r.id for r in running)
+    assert swaps[0].worker == "w-mistral" and swaps[0].to_model == "vicuna-13b"
+    assert all(c.command_id.startswith(f"{fence}-") for c in commands)
+
+    assert (await store.get(doomed.id)).state is RequestState.FAILED
+    snapshot = await store.snapshot()
+    assert snapshot.virtual_queues["w-vicuna"] == (group,)
+    assert app.metrics.evictions.labels("w-mistral")._value.get() == 2
+
+
+async def test_a_standby_applies_nothing(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore
+) -> None:
+    await store.enqueue(_request("mistral-7b"))
+    leader = await start_scheduler("leader", tick_s=60.0)
+    await eventually(lambda: _true(leader.is_leader()), what="leader")
+    policy = ScriptedPolicy()
+    policy.decision = Decision(placements=(Place("w-mistral", ()),),
+                               swaps=(Swap("w-mistral", "vicuna-13b"),))
+    standby = await start_scheduler("standby", policy_object=policy)
+    report = await standby.loop.step()
+    assert not report.applied
+    assert await standby.lease.owner() == "leader"
+
+
+async def test_expired_leases_go_back_to_the_queue(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore
+) -> None:
+    requests = [_request("mistral-7b") for _ in range(3)]
+    for request in requests:
+        await store.enqueue(request)
+    claimed = await store.claim("w-gone", [r.id for r in requests], lease_s=0.2)
+    assert len(claimed) == 3
+    await asyncio.sleep(0.3)
+    app = await start_scheduler("solo", tick_s=60.0)
+    await app.loop.lease.try_acquire()
+    report = await app.loop.step()
+    assert report.num_requeued == 3
+    for request in requests:
+        assert (await store.get(request.id)).state is RequestState.QUEUED
+    snapshot = await store.snapshot()
+    assert sorted(r.id for g in snapshot.groups for r in g.requests) == sorted(
+        r.id for r in requests)
+    assert snapshot.virtual_queues.get("w-gone", ()) == ()  # not a live worker: no queue
+    assert app.metrics.requeued.labels("queued")._value.get() == 3
