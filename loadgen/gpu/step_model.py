@@ -1,0 +1,133 @@
+"""A step-level model of one vLLM engine (v1 scheduler), driven by a measured profile.
+
+It exists to show what the simulator must model to reproduce real vLLM within 10 %:
+vLLM 0.25 does **chunked prefill mixed into decode steps** with **asynchronous
+scheduling**, and a first token reaches the client a fixed latency after its step.
+
+* Every step serves all decoding requests (one token each) plus prompt chunks of
+  waiting/partially prefilled requests, FCFS, up to ``max_num_batched_tokens`` tokens.
+* Step time = ``decode_step_s(B, ctx)`` of the decoding requests + the prefill chunk's
+  marginal cost ``prefill_s(n) − L − base`` (``prefill_s(n) − L`` when nothing decodes).
+* ``L`` (output latency) = the profile's smallest prefill time minus one decode step at
+  batch 1: what a single-request TTFT measures beyond GPU work (front-end, IPC, sampling).
+  Every token reaches the client ``L`` after its step ends.
+* Asynchronous scheduling: while the engine is busy, step ``k+1`` is scheduled when step
+  ``k`` starts, so a request that arrives during step ``k`` joins step ``k+2`` at the earliest.
+* Admission is FCFS while running requests < ``max_batch_size`` and their KV tokens fit
+  ``kv_capacity_tokens`` (no preemption: the replays here stay far below capacity).
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from qlm.core.errors import InvalidInput
+from qlm.core.perf import PerfProfile
+
+from .common import RequestTiming, TraceRequest
+
+
+@dataclass(slots=True)
+class _Live:
+    index: int
+    prompt_tokens: int
+    output_tokens: int
+    prefilled: int = 0
+    generated: int = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled >= self.prompt_tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.prefilled + self.generated
+
+
+@dataclass(frozen=True, slots=True)
+class StepModel:
+    """One engine: ``profile`` plus vLLM's scheduling knobs."""
+
+    profile: PerfProfile
+    max_num_batched_tokens: int = 8192
+    async_scheduling: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens <= 0:
+            raise InvalidInput("max_num_batched_tokens", "must be > 0")
+
+    @property
+    def output_latency_s(self) -> float:
+        """``L``: single-request TTFT of the shortest measured prompt beyond one decode step."""
+        tokens = self.profile.prefill_tokens[0]
+        return max(0.0, self.profile.prefill_s(tokens) - self.profile.decode_step_s(1, tokens))
+
+    def step_s(self, num_decoding: int, decode_context: int, prefill_tokens: int) -> float:
+        """Seconds of one step: the decode batch plus a prefill chunk of ``prefill_tokens``."""
+        decode = self.profile.decode_step_s(num_decoding, decode_context)
+        if prefill_tokens <= 0:
+            return decode
+        chunk = self.profile.prefill_s(prefill_tokens) - self.output_latency_s
+        if num_decoding > 0:
+            chunk -= self.profile.decode_base_s
+        return decode + max(0.0, chunk)
+
+    def run(self, requests: Sequence[TraceRequest]) -> list[RequestTiming]:
+        """Serve ``requests`` (open loop); timings in the requests' order."""
+        if not requests:
+            raise InvalidInput("requests", "must not be empty")
+        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+        arrivals = deque(order)
+        waiting: deque[_Live] = deque()
+        running: list[_Live] = []
+        first_at: dict[int, float] = {}
+        finish_at: dict[int, float] = {}
+        now = scheduled_at = requests[order[0]].arrival_s
+        latency = self.output_latency_s
+        while arrivals or waiting or running:
+            # Requests visible to this step's scheduling: with async scheduling, those that
+            # arrived before the previous step began (the engine was busy since then).
+            visible_until = scheduled_at if (self.async_scheduling and running) else now
+            while arrivals and requests[arrivals[0]].arrival_s <= visible_until:
+                i = arrivals.popleft()
+                waiting.append(_Live(i, requests[i].prompt_tokens, requests[i].output_tokens))
+            if not waiting and not running:
+                now = scheduled_at = max(now, requests[arrivals[0]].arrival_s)
+                continue
+            self._admit(waiting, running)
+            decoding = [r for r in running if r.decoding]
+            budget = self.max_num_batched_tokens - len(decoding)
+            chunks: list[tuple[_Live, int]] = []
+            for r in running:
+                if not r.decoding and budget > 0:
+                    take = min(r.prompt_tokens - r.prefilled, budget)
+                    chunks.append((r, take))
+                    budget -= take
+            duration = self.step_s(len(decoding), sum(r.kv_tokens for r in decoding),
+                                   sum(take for _, take in chunks))
+            scheduled_at, now = now, now + duration
+            for r in decoding:
+                r.generated += 1
+            for r, take in chunks:
+                r.prefilled += take
+                if r.decoding:
+                    r.generated += 1
+                    first_at[r.index] = now + latency
+            for r in [r for r in running if r.generated >= r.output_tokens]:
+                finish_at[r.index] = now + latency
+                running.remove(r)
+        return [RequestTiming(requests[i].arrival_s, first_at[i], finish_at[i],
+                              requests[i].output_tokens) for i in range(len(requests))]
+
+    def _admit(self, waiting: deque[_Live], running: list[_Live]) -> None:
+        kv_used = sum(r.prompt_tokens + r.generated for r in running)
+        while waiting and len(running) < self.profile.max_batch_size:
+            head = waiting[0]
+            if running and kv_used + head.prompt_tokens > self.profile.kv_capacity_tokens:
+                break
+            running.append(waiting.popleft())
+            kv_used += head.prompt_tokens

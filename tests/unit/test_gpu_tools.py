@@ -1,0 +1,124 @@
+"""The GPU measurement tooling's pure parts: trace slices, statistics, the decode fit, the
+step model, and the measured profiles they produced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loadgen.gpu.common import (
+    RequestTiming,
+    TraceRequest,
+    gpu_label,
+    latency_summary,
+    load_trace_slice,
+    percentile,
+    read_slice_csv,
+    write_slice_csv,
+)
+from loadgen.gpu.profile_fit import fit_decode, profile_from_raw
+from loadgen.gpu.step_model import StepModel
+from qlm.core.errors import InvalidInput
+from qlm.core.perf import PROFILE_DIR, PerfProfile, load_profile
+
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "gpu"
+
+
+def _trace(tmp_path: Path) -> Path:
+    path = tmp_path / "trace.csv"
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:50.9951690,396,109\n"
+        "2023-11-16 18:15:51.2224670,20000,55\n"
+        "2023-11-16 18:15:51.3910170,91,0\n"
+    )
+    return path
+
+
+def test_trace_slice_scales_arrivals_and_clips_to_the_context_limit(tmp_path: Path) -> None:
+    reqs = load_trace_slice(_trace(tmp_path), start=1, count=3, speedup=2.0, max_model_len=4096)
+    assert [r.arrival_s for r in reqs] == pytest.approx([0.0, 0.113649, 0.197924])
+    assert reqs[1] == TraceRequest(reqs[1].arrival_s, 4096 - 55, 55)  # prompt clipped
+    assert reqs[2].output_tokens == 1  # zero generated tokens become one
+    out = tmp_path / "slice.csv"
+    write_slice_csv(reqs, out)
+    assert read_slice_csv(out) == reqs
+
+
+def test_trace_slice_refuses_what_the_file_does_not_hold(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput):
+        load_trace_slice(_trace(tmp_path), start=2, count=5, speedup=1.0, max_model_len=4096)
+    with pytest.raises(InvalidInput) as err:
+        load_trace_slice(_trace(tmp_path), start=0, count=2, speedup=0.0, max_model_len=4096)
+    assert err.value.field == "speedup"
+
+
+def test_percentile_interpolates_and_summary_counts_tokens() -> None:
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == pytest.approx(2.5)
+    assert percentile([1.0, 2.0], 100) == 2.0
+    timings = [RequestTiming(0.0, 0.1, 1.1, 11), RequestTiming(1.0, 1.3, 1.3, 1)]
+    summary = latency_summary(timings)
+    assert summary["ttft_p50_s"] == pytest.approx(0.2)
+    assert summary["tpot_p50_s"] == pytest.approx(0.1)  # one-token output has no TPOT
+    assert summary["output_tok_per_s"] == pytest.approx(12 / 1.3, rel=1e-3)
+
+
+def test_gpu_label_names_the_profile_gpu() -> None:
+    assert gpu_label("NVIDIA H100 80GB HBM3") == "H100-80GB"
+    assert gpu_label("NVIDIA H200") == "H200-141GB"
+
+
+def test_decode_fit_recovers_a_linear_model() -> None:
+    points = [{"batch": b, "context_tokens": b * c, "step_s": 0.006 + 2e-5 * b + 4e-8 * b * c}
+              for b in (1, 8, 64, 256) for c in (128, 2048)]
+    fit = fit_decode(points)
+    assert fit["base_s"] == pytest.approx(0.006, rel=1e-4)
+    assert fit["per_seq_s"] == pytest.approx(2e-5, rel=1e-3)
+    assert fit["per_ctx_token_s"] == pytest.approx(4e-8, rel=1e-3)
+    assert fit["max_abs_rel_residual"] < 1e-3
+    with pytest.raises(InvalidInput):
+        fit_decode(points[:2])
+
+
+@pytest.mark.parametrize("model", ["mistral-7b", "vicuna-13b", "qwen2.5-1.5b"])
+def test_shipped_h100_profile_is_the_fit_of_the_raw_measurements(model: str) -> None:
+    raw = json.loads((RESULTS / f"h100_profile_raw_{model}.json").read_text())
+    profile, _ = profile_from_raw(raw)
+    shipped = load_profile(PROFILE_DIR / f"{model}@H100-80GB.json")
+    assert shipped == PerfProfile.from_json(profile.to_json())
+    assert shipped.source.startswith("measured: vLLM 0.25.0 on NVIDIA H100")
+
+
+def _profile() -> PerfProfile:
+    return PerfProfile(model="m", gpu="g", num_gpus=1, prefill_tokens=(16, 1016),
+                       prefill_seconds=(0.013, 0.038), decode_base_s=0.006,
+                       decode_per_seq_s=0.0, decode_per_ctx_token_s=0.0,
+                       kv_capacity_tokens=100_000, max_batch_size=256, sleep_s=0.3, wake_s=0.5,
+                       cold_load_s=30.0)
+
+
+def test_step_model_single_request_reproduces_the_profile() -> None:
+    model = StepModel(_profile())
+    assert model.output_latency_s == pytest.approx(0.007)
+    (t,) = model.run([TraceRequest(0.0, 1016, 3)])
+    assert t.ttft_s == pytest.approx(0.038)  # the measured single-request TTFT
+    assert t.tpot_s == pytest.approx(0.006)  # then one decode step per token
+
+
+def test_step_model_mixes_a_prefill_into_the_decode_step_one_step_late() -> None:
+    model = StepModel(_profile())
+    # B arrives 1 ms into A's second decode step: with async scheduling it cannot join
+    # the step that was already scheduled, only the one after; that step carries A's
+    # decode and B's whole prefill (25 ms of marginal work over a bare step).
+    a_first_step_end = 0.038 - 0.007
+    timings = model.run([TraceRequest(0.0, 1016, 10),
+                         TraceRequest(a_first_step_end + 0.001, 1016, 2)])
+    a, b = timings
+    assert b.first_token_s == pytest.approx(a_first_step_end + 2 * 0.006 + 0.031 + 0.007)
+    assert a.finish_s - a.first_token_s == pytest.approx(8 * 0.006 + 0.031)  # 8 bare + 1 mixed
+    sync = StepModel(_profile(), async_scheduling=False).run(
+        [TraceRequest(0.0, 1016, 10), TraceRequest(a_first_step_end + 0.001, 1016, 2)])
+    assert sync[1].first_token_s < b.first_token_s
