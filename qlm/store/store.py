@@ -747,6 +747,20 @@ class RedisQueueStore:
                 if chunk.final_state is not None:
                     return
 
+    async def token_chunks(self, request_id: str) -> tuple[TokenChunk, ...]:
+        """Every entry of the request's token stream now (XRANGE; no waiting), e.g.
+        the output an evicted request already produced. Empty when nothing was written
+        yet or the stream expired; NotFound if the request is unknown."""
+        _require_id(request_id, "request_id")
+        with _redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.exists(self.keys.request(request_id))
+            pipe.xrange(self.keys.stream(request_id))
+            exists, entries = await pipe.execute()
+        if not exists:
+            raise NotFound("request", request_id)
+        return tuple(_chunk_from_entry(entry_id, fields) for entry_id, fields in entries)
+
     async def _ended_without_stream(self, request_id: str, stream: str) -> bool:
         with _redis_errors():
             pipe = self._redis.pipeline(transaction=False)

@@ -368,6 +368,8 @@ async def test_eviction_requeue_keeps_progress_and_first_token_time(
     assert resumed.request.num_generated == 5
     assert resumed.first_token_at == T0 + 1.5
     assert resumed.num_evictions == 1
+    kept = await store.token_chunks("r1")  # the output produced before the eviction
+    assert [c.token_ids for c in kept] == [(1, 2), (3, 4, 5)] and kept[0].text == "ab"
     assert await store.append_tokens("w2", "r1", token_ids=[6]) == 6
     await store.requeue("w2", "r1", num_generated=9)  # progress reported explicitly
     assert (await store.get("r1")).request.num_generated == 9
@@ -553,6 +555,7 @@ async def test_token_stream_is_read_as_it_is_written(store: RedisQueueStore) -> 
     assert await asyncio.wait_for(reading, timeout=10) == ["Hello", " world", "<finished>"]
     chunks = [c async for c in store.read_tokens("r1")]  # a late reader sees it all
     assert [c.num_generated for c in chunks[:2]] == [1, 2]
+    assert await store.token_chunks("r1") == tuple(chunks)
     with pytest.raises(NotFound):
         _ = [c async for c in store.read_tokens("unknown")]
 
