@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from qlm.api.v1 import qlm_pb2 as pb
+from qlm.api.v1 import qlm_pb2_grpc
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import DeadLetter, Event
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
@@ -221,13 +222,14 @@ async def test_every_bad_input_is_invalid_argument_and_writes_nothing(
 
 
 async def test_message_over_the_transport_limit_is_refused_and_writes_nothing(
-    client: QlmClient, raw_redis: aioredis.Redis
+    ingest: IngestApp, raw_redis: aioredis.Redis
 ) -> None:
     before = await redis_dump(raw_redis)
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await client.submit(pb.SubmitRequest(
-            model="m7b", prompt_text="y" * (MAX_MESSAGE_BYTES + 10), max_tokens=4
-        ))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ingest.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await qlm_pb2_grpc.QueueManagerStub(channel).Submit(pb.SubmitRequest(
+                model="m7b", prompt_text="y" * (MAX_MESSAGE_BYTES + 10), max_tokens=4
+            ))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await redis_dump(raw_redis) == before
 
