@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.types import SLO, GroupKey, Request, RequestState, SLOClass
 from qlm.localstack import RedisServer
-from qlm.store import IdempotencyConflict, LeaseLost, RedisQueueStore
+from qlm.store import EnqueueResult, IdempotencyConflict, LeaseLost, RedisQueueStore
 from qlm.store.keys import Keys
 
 pytestmark = pytest.mark.redis
@@ -222,6 +222,34 @@ async def test_enqueue_same_id_different_payload_names_the_conflict(
     assert error.value.field == field
     assert "r1" in str(error.value)
     assert await dump(raw) == before
+
+
+async def test_enqueue_many_answers_each_item_as_enqueue_would(
+    store: RedisQueueStore, raw: aioredis.Redis
+) -> None:
+    await store.enqueue(make_request("old"), prompt="p")
+
+    results = await store.enqueue_many(
+        [
+            (make_request("new"), "p", None),
+            (make_request("old"), "p", None),  # duplicate: the stored record
+            (make_request("old", max_tokens=3), "p", None),  # conflict
+            (make_request("bad"), "p", {"x": object()}),  # not JSON: nothing sent
+            (make_request("new2"), "p", {"top_k": 5}),
+        ]
+    )
+
+    new, duplicate, conflict, bad, new2 = results
+    assert isinstance(new, EnqueueResult) and new.created
+    assert isinstance(duplicate, EnqueueResult) and not duplicate.created
+    assert isinstance(conflict, IdempotencyConflict) and conflict.field == "max_tokens"
+    assert isinstance(bad, InvalidInput) and bad.field == "params"
+    assert isinstance(new2, EnqueueResult) and new2.record.params == {"top_k": 5}
+    assert await raw.zrange(Keys().group(group_of(make_request("x"))), 0, -1) == [
+        "new", "new2", "old"
+    ]
+    assert not await raw.exists(Keys().request("bad"))
+    assert await store.enqueue_many([]) == []
 
 
 # ------------------------------------------------------------------ pull and leases
