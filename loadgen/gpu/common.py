@@ -241,3 +241,24 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def main() -> None:
+    """Write a trace slice as the CSV the GPU scripts replay."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--trace", type=Path,
+                        default=Path("../shared/traces/azure_llm_2023_conv.csv"))
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--count", type=int, default=400)
+    parser.add_argument("--max-model-len", type=int, default=16384)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    requests = load_trace_slice(args.trace, args.start, args.count, 1.0, args.max_model_len)
+    write_slice_csv(requests, args.out)
+    print(f"{args.out}: {len(requests)} requests over {requests[-1].arrival_s:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
