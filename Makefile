@@ -60,3 +60,6 @@ profiles:
 
 estimator-check:
 	$(PYTHON) -m loadgen.estimator_check --seeds 5
+
+gpu-fidelity:
+	$(PYTHON) -m loadgen.gpu.fidelity docs/results/gpu/h100_replay_mistral-7b.json docs/results/gpu/h100_replay_mistral-7b_high_load.json --out docs/results/gpu/fidelity.json
