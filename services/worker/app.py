@@ -32,7 +32,6 @@ from aiokafka import ConsumerRecord
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 
 from qlm.bus.consumer import BusConsumer
 from qlm.bus.producer import BusProducer
@@ -147,7 +146,6 @@ class WorkerProcess:
         self.store = RedisQueueStore.from_url(
             settings.redis_url, prefix=settings.key_prefix, lease_s=settings.lease_s
         )
-        self.redis = Redis.from_url(settings.redis_url, decode_responses=True)
         self.producer = BusProducer(settings.kafka_bootstrap, client_id="qlm-worker")
         self.workers: dict[str, Worker] = {}
         self.commands: dict[str, asyncio.Queue[LsoCommand]] = {}
@@ -179,7 +177,7 @@ class WorkerProcess:
         for spec in self.specs:
             engine = build_engine(spec, s, self.profiles)
             worker = Worker(
-                spec.id, engine, self.store, self.redis, self.producer, self.topics,
+                spec.id, engine, self.store, self.producer, self.topics,
                 {m: self.profiles.get(m, spec.gpu) for m in spec.models}, self.metrics, options,
             )  # fmt: skip
             self.workers[spec.id] = worker
@@ -276,7 +274,6 @@ class WorkerProcess:
                 await task
         await self.producer.stop()
         await self.store.aclose()
-        await self.redis.aclose()
         if self.grpc_server is not None:
             await self.grpc_server.stop(1.0)
         if self._metrics_server is not None:

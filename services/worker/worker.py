@@ -3,7 +3,7 @@
 Loops of a running :class:`Worker` (asyncio tasks):
 
 * **pull**: while it is not draining or swapping, read the head of its virtual queue
-  (:mod:`services.worker.queue_head`), decide how many requests fit with
+  (the store's ``queue_head``, one atomic read), decide how many requests fit with
   :func:`qlm.core.pulls.plan_pulls` (the simulator's backpressure: free batch slots and
   KV reservations), take that many with the store's pull (under a lease) and add
   them to the engine. Polls every ``pull_interval_s`` when nothing fits or is
@@ -43,8 +43,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from redis.asyncio import Redis
-
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import BatchResult, BusRecord, Event, LsoCommand, Telemetry
 from qlm.bus.topics import TopicNames
@@ -58,7 +56,6 @@ from qlm.store.errors import LeaseLost
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from services.worker.metrics import WorkerMetrics
-from services.worker.queue_head import read_queue_head
 
 log = get_logger("services.worker")
 
@@ -66,6 +63,8 @@ log = get_logger("services.worker")
 BATCH_CLASSES = frozenset({SLOClass.BATCH_1, SLOClass.BATCH_2})
 #: Largest output (token ids) put in one batch result record.
 MAX_RESULT_TOKENS = 100_000
+#: Longest wait for an evicted request's kept output to be read back from its stream.
+KEPT_OUTPUT_READ_S = 2.0
 
 StopReason = Literal["evict", "cancel", "lost", "shutdown"]
 
@@ -123,7 +122,6 @@ class Worker:
         worker_id: str,
         engine: Engine,
         store: RedisQueueStore,
-        redis: Redis,
         producer: BusProducer,
         topics: TopicNames,
         profiles: dict[str, PerfProfile],
@@ -134,7 +132,6 @@ class Worker:
         self.id = worker_id
         self.engine = engine
         self.store = store
-        self.redis = redis
         self.producer = producer
         self.topics = topics
         self.profiles = profiles
@@ -237,9 +234,7 @@ class Worker:
             return 0
         model = view.active_model
         assert model is not None
-        head = await read_queue_head(
-            self.redis, self.store.keys, self.id, model, view.max_batch_size - view.batch_size
-        )
+        head = await self.store.queue_head(self.id, model, view.max_batch_size - view.batch_size)
         planned = plan_pulls(view, head, self.profiles[model], self.options.expected_output_tokens)
         if not planned:
             return 0
@@ -322,14 +317,24 @@ class Worker:
     async def _kept_output(
         self, request_id: str, num_generated: int
     ) -> tuple[tuple[int, ...], str]:
-        """The output an evicted request already streamed (its first ``num_generated`` tokens)."""
+        """The output an evicted request already streamed (its first ``num_generated``
+        tokens), read back from its stream; whatever was read within
+        ``KEPT_OUTPUT_READ_S`` if the stream holds less (e.g. it was trimmed)."""
         ids: list[int] = []
         text: list[str] = []
-        async for chunk in self.store.read_tokens(request_id, block_ms=1):
-            ids.extend(chunk.token_ids)
-            text.append(chunk.text)
-            if chunk.final_state is not None or chunk.num_generated >= num_generated:
-                break
+        reader = self.store.read_tokens(request_id, block_ms=50)
+        try:
+            async with asyncio.timeout(KEPT_OUTPUT_READ_S):
+                async for chunk in reader:
+                    ids.extend(chunk.token_ids)
+                    text.append(chunk.text)
+                    if chunk.final_state is not None or chunk.num_generated >= num_generated:
+                        break
+        except TimeoutError:
+            log.warning("kept_output_incomplete", worker=self.id, num_read=len(ids),
+                        num_generated=num_generated)
+        finally:
+            await reader.aclose()  # type: ignore[attr-defined]
         return tuple(ids[:num_generated]), "".join(text)
 
     # ================================================================ serve

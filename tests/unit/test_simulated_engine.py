@@ -227,7 +227,7 @@ async def test_agrees_with_the_discrete_event_simulator(clock: VirtualClock) -> 
     ]
     sim = simulate(
         jobs, [WorkerSpec("w", "G", "m", ("m",))], ProfileBook.of([p]), make_policy("fcfs"),
-        SimConfig(tick_s=0.01, group_window_s=0.01),
+        SimConfig(tick_s=0.01, group_window_s=0.01, min_decision_interval_s=0.0),
     )
     expected = {r.id: (r.first_token_at, r.finished_at) for r in sim.records}
 

@@ -1,0 +1,168 @@
+"""How long the worker service adds between enqueue and the first token in Redis.
+
+Starts its own ``redis-server`` and Kafka (qlm.localstack) and one worker process with
+the simulated engine, then, one request at a time (light load), enqueues a request
+into a group already on the worker's virtual queue and waits for the first token to
+appear in the request's Redis stream. The engine's own share (the prefill, divided by
+the time scale) is reported beside it, so the difference is the worker's overhead:
+queue poll + pull + engine hand-off + stream write + the reader's wake-up.
+
+    python -m loadgen.bench_worker --requests 300 --pull-interval-s 0.005 \\
+        --out docs/results/bench_worker.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qlm.core.perf import ProfileBook
+from qlm.core.types import SLO, Request, SLOClass
+from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
+from qlm.store import RedisQueueStore
+
+MODEL, GPU = "mistral-7b", "A100-80GB"
+
+
+def percentile(values: list[float], q: float) -> float:
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def wait_serving(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"worker exited with {process.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service="qlm.worker"), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise SystemExit("worker did not become ready")
+
+
+async def measure(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    store = RedisQueueStore.from_url(redis_url, group_window_s=1e6)
+    prompt = list(range(1, args.prompt_tokens + 1))
+    overheads: list[float] = []
+    phases: dict[str, list[float]] = {"enqueue_to_pulled": [], "pulled_to_first_token_written": [],
+                                      "first_token_written_to_read": []}
+    try:
+        for i in range(args.warmup + args.requests):
+            request = Request(f"q{i}", MODEL, args.prompt_tokens, args.max_tokens,
+                              SLOClass.INTERACTIVE, SLO(20.0), arrival_at=time.time())
+            if i == 0:
+                await store.set_virtual_queue("w1", [store.group_of(request)])
+            started = time.perf_counter()
+            await store.enqueue(request, prompt=prompt)
+            first_at = None
+            async for chunk in store.read_tokens(request.id, block_ms=1000):
+                if first_at is None and chunk.token_ids:
+                    first_at = time.perf_counter()
+                if chunk.final_state is not None:
+                    break
+            assert first_at is not None
+            read_at = time.time()
+            if i >= args.warmup:
+                overheads.append(first_at - started)
+                record = await store.get(request.id)
+                assert record.started_at is not None and record.first_token_at is not None
+                read_at -= (time.perf_counter() - first_at)
+                phases["enqueue_to_pulled"].append(record.started_at - record.enqueued_at)
+                phases["pulled_to_first_token_written"].append(
+                    record.first_token_at - record.started_at)
+                phases["first_token_written_to_read"].append(read_at - record.first_token_at)
+            await asyncio.sleep(args.gap_s)
+    finally:
+        await store.aclose()
+    profile = ProfileBook.load().get(MODEL, GPU)
+    engine_s = profile.prefill_s(args.prompt_tokens) / args.time_scale
+    ms = [1000 * x for x in overheads]
+    return {
+        "num_requests": len(ms),
+        "enqueue_to_first_token_ms": {
+            "p50": round(percentile(ms, 50), 3),
+            "p90": round(percentile(ms, 90), 3),
+            "p99": round(percentile(ms, 99), 3),
+            "mean": round(sum(ms) / len(ms), 3),
+        },
+        "phases_p50_ms (store clock)": {
+            name: round(1000 * percentile(values, 50), 3) for name, values in phases.items()
+        },
+        "engine_prefill_ms": round(1000 * engine_s, 4),
+        "worker_overhead_p50_ms": round(percentile(ms, 50) - 1000 * engine_s, 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--time-scale", type=float, default=100.0)
+    parser.add_argument("--pull-interval-s", type=float, default=0.005)
+    parser.add_argument("--gap-s", type=float, default=0.01)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="qlm-bench-worker-"))
+    redis = RedisServer(root / "redis", free_loopback_port())
+    kafka = KafkaServer(root / "kafka", free_loopback_port(), free_loopback_port())
+    redis.start()
+    kafka.start()
+    health_port = free_loopback_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "services.worker", "--engine", "sim", "--worker-id", "w1",
+         "--gpu", GPU, "--models", MODEL, "--time-scale", str(args.time_scale),
+         "--pull-interval-s", str(args.pull_interval_s), "--redis-url", redis.url,
+         "--kafka-bootstrap", kafka.bootstrap_servers, "--host", "127.0.0.1",
+         "--health-port", str(health_port), "--metrics-port", str(free_loopback_port()),
+         "--log-level", "warning"],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    try:
+        wait_serving(health_port, worker)
+        result = asyncio.run(measure(redis.url, args))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        kafka.stop()
+        redis.stop()
+    result = {
+        "benchmark": "worker enqueue -> first token in the Redis stream, light load",
+        "command": " ".join(["python -m loadgen.bench_worker", *sys.argv[1:]]),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2)},
+        **result,
+    }
+    print(json.dumps(result, indent=1))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
