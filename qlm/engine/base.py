@@ -18,8 +18,10 @@ Contract (every implementation):
 * ``abort(request_id)`` stops a request and returns its :class:`Progress` (output
   tokens generated so far, including what it was admitted with), so the caller can
   requeue it and resume it later with :meth:`EngineRequest.resumed`. Its iterator
-  ends with an "abort" chunk. Aborting an unknown or finished id raises
-  :class:`NotFound`.
+  ends with an "abort" chunk; output the engine had produced but not yet delivered
+  may ride on that chunk (vLLM), so a caller that streams keeps what it received
+  (the iterator's total) rather than ``Progress``. Aborting an unknown or finished
+  id raises :class:`NotFound`.
 * ``sleep(model)`` / ``wake(model)`` change which model is active (a model swap is
   ``sleep(current)`` then ``wake(next)``). ``sleep`` requires the model to have no
   requests (abort or finish them first) else InvalidInput; while asleep or swapping

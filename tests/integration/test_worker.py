@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,12 @@ class WorkerProc:
     process: subprocess.Popen[bytes]
     log_path: Path
     health_port: int
+    metrics_port: int
     worker_ids: tuple[str, ...]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as reply:
+            return str(reply.read().decode())
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -74,20 +80,20 @@ def start_worker(
     started: list[WorkerProc] = []
 
     def start(*args: str, worker_ids: Sequence[str] = ("w1",)) -> WorkerProc:
-        health_port = free_loopback_port()
+        health_port, metrics_port = free_loopback_port(), free_loopback_port()
         log_path = tmp_path / f"worker-{len(started)}.log"
         command = [
             sys.executable, "-m", "services.worker", "--engine", "sim",
             "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
             "--topic-prefix", topic_prefix, "--host", "127.0.0.1",
-            "--health-port", str(health_port), "--metrics-port", str(free_loopback_port()),
+            "--health-port", str(health_port), "--metrics-port", str(metrics_port),
             "--telemetry-interval-s", "0.5", "--log-json", "true", *args,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file,
                                        stderr=subprocess.STDOUT)
-        proc = WorkerProc(process, log_path, health_port, tuple(worker_ids))
+        proc = WorkerProc(process, log_path, health_port, metrics_port, tuple(worker_ids))
         started.append(proc)
         wait_serving(proc)
         return proc
@@ -253,6 +259,10 @@ async def test_worker_finishes_each_request_once_streams_tokens_and_reports_even
         assert sample["models"] == [MODEL]
         assert sample["step_time_predicted_s"] > 0 and sample["step_time_observed_s"] > 0
 
+    metrics = proc.metrics()
+    total = sum(r.max_tokens for r in requests)
+    assert f'qlm_worker_output_tokens_total{{model="{MODEL}",worker="w1"}} {total}.0' in metrics
+    assert f'qlm_worker_requests_total{{outcome="finished",worker="w1"}} {len(ids)}.0' in metrics
     proc.process.send_signal(signal.SIGTERM)
     assert proc.process.wait(30) == 0, proc.log()
 
