@@ -69,10 +69,12 @@ async def store(redis_url: str) -> AsyncIterator[RedisQueueStore]:
 @pytest.fixture
 async def estimator(redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNames,
                     workers_file: Path) -> AsyncIterator[EstimatorApp]:
-    settings = EstimatorSettings(
-        redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, topic_prefix=kafka_topics.prefix,
-        host="127.0.0.1", port=0, serve_metrics=False, workers_file=workers_file,
-        worker_timeout_s=0, refresh_interval_s=0.01, log_json=False, shutdown_grace_s=0.5)
+    values: dict[str, Any] = {
+        "redis_url": redis_url, "kafka_bootstrap": kafka_bootstrap,
+        "topic_prefix": kafka_topics.prefix, "host": "127.0.0.1", "port": 0,
+        "serve_metrics": False, "workers_file": workers_file, "worker_timeout_s": 0,
+        "refresh_interval_s": 0.01, "log_json": False, "shutdown_grace_s": 0.5}
+    settings = EstimatorSettings(**values)
     app = EstimatorApp(settings, profiles=PROFILES)
     await app.start()
     yield app
@@ -221,11 +223,13 @@ async def test_telemetry_moves_the_correction_and_the_predictions(
 @pytest.fixture
 async def ingest(redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNames,
                  estimator: EstimatorApp) -> AsyncIterator[IngestApp]:
-    settings = IngestSettings(
-        redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, topic_prefix=kafka_topics.prefix,
-        host="127.0.0.1", port=0, batch_consumer=False, log_json=False, shutdown_grace_s=0.5,
-        estimator_addr=f"127.0.0.1:{estimator.port}", estimator_timeout_s=5.0,
-        group_window_s=5.0)
+    values: dict[str, Any] = {
+        "redis_url": redis_url, "kafka_bootstrap": kafka_bootstrap,
+        "topic_prefix": kafka_topics.prefix, "host": "127.0.0.1", "port": 0,
+        "batch_consumer": False, "log_json": False, "shutdown_grace_s": 0.5,
+        "estimator_addr": f"127.0.0.1:{estimator.port}", "estimator_timeout_s": 5.0,
+        "group_window_s": 5.0}
+    settings = IngestSettings(**values)
     app = IngestApp(settings, models={MODEL: ModelLimits(MODEL, 32768, (GPU,))})
     await app.start()
     yield app

@@ -1,0 +1,201 @@
+"""The pure parts of the estimator, scheduler and admission: no servers.
+
+Worker roster liveness, LSO command building and the repeat cooldown, virtual queue
+orders for gone workers, PredictWait's best worker and admission, EstimateBatch's
+monotonicity, and the admission rules' parser.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from qlm.bus.records import Event, Telemetry
+from qlm.core.errors import InvalidInput, NotFound
+from qlm.core.estimator import RWTEstimator
+from qlm.core.perf import ProfileBook
+from qlm.core.types import (
+    SLO,
+    Decision,
+    Evict,
+    GroupKey,
+    Place,
+    QueueSnapshot,
+    Request,
+    RequestGroup,
+    RunningRequest,
+    SLOClass,
+    Swap,
+)
+from qlm.ingest import AdmissionRules
+from qlm.roster import WorkerInfo, WorkerRoster, view_of, workers_from
+from services.estimator.plane import (
+    GroupSummary,
+    WaitQuery,
+    WorkerSummary,
+    estimate_batch,
+    predict_wait,
+)
+from services.scheduler.loop import CommandMemory, lso_commands, queue_orders
+
+PROFILES = ProfileBook.load()
+MODEL, GPU = "mistral-7b", "A100-80GB"
+
+
+def _telemetry(worker: str, at: float, model: str | None = MODEL) -> Telemetry:
+    return Telemetry(worker=worker, gpu=GPU, at=at, model=model, batch_size=1,
+                     kv_used_fraction=0.1, step_time_predicted_s=0.02,
+                     step_time_observed_s=0.02)
+
+
+# ------------------------------------------------------------------ roster
+def test_declared_workers_get_a_start_grace_then_must_report() -> None:
+    roster = WorkerRoster(workers_from({"workers": [
+        {"id": "a", "gpu": GPU, "models": [MODEL]},
+        {"id": "b", "gpu": GPU, "models": [MODEL, "vicuna-13b"]}]}), timeout_s=5, started_at=100)
+    assert [w.id for w in roster.live(104)] == ["a", "b"]
+    roster.on_telemetry(_telemetry("a", 103))
+    assert [w.id for w in roster.live(107)] == ["a"]  # b never reported
+    roster.on_event(Event(type="started", request_id="r", model=MODEL, slo_class="batch-1",
+                          at=106, arrival_at=100, worker="b"))
+    assert [w.id for w in roster.live(109)] == ["b"]  # a went silent, b spoke
+
+
+def test_telemetry_introduces_workers_and_tracks_the_awake_model() -> None:
+    roster = WorkerRoster(timeout_s=0)
+    roster.on_telemetry(_telemetry("new", 1.0))
+    roster.on_telemetry(_telemetry("new", 2.0, model="vicuna-13b"))
+    (view,) = roster.views(10.0, PROFILES)
+    assert view.active_model == "vicuna-13b" and set(view.models) == {MODEL, "vicuna-13b"}
+    assert view.kv_capacity_tokens == PROFILES.get("vicuna-13b", GPU).kv_capacity_tokens
+
+
+def test_a_worker_without_any_profile_has_no_view() -> None:
+    assert view_of(WorkerInfo("x", "TPU", (MODEL,), MODEL), PROFILES) is None
+
+
+def test_workers_file_errors_name_the_entry() -> None:
+    with pytest.raises(InvalidInput, match=r"workers\[1\]\.models"):
+        workers_from({"workers": [{"id": "a", "gpu": GPU, "models": [MODEL]},
+                                  {"id": "b", "gpu": GPU, "models": []}]})
+    with pytest.raises(InvalidInput, match="unique"):
+        workers_from({"workers": [{"id": "a", "gpu": GPU, "models": [MODEL]}] * 2})
+
+
+# ------------------------------------------------------------------ scheduler apply
+def test_lso_commands_group_evictions_per_worker_and_carry_the_fence() -> None:
+    decision = Decision(
+        evictions=(Evict("w0", "r1", "room"), Evict("w0", "r2", "room", state_swap=True),
+                   Evict("w1", "r3")),
+        swaps=(Swap("w2", "vicuna-13b"),))
+    commands = lso_commands(decision, fence=7, numbers=iter(range(1, 10)), issued_at=5.0)
+    assert [(c.type, c.worker, c.request_ids, c.keep_kv) for c in commands] == [
+        ("evict", "w0", ("r1", "r2"), True), ("evict", "w1", ("r3",), False),
+        ("swap", "w2", (), False)]
+    assert [c.command_id for c in commands] == ["7-1", "7-2", "7-3"]
+
+
+def test_the_same_command_is_not_repeated_within_the_cooldown() -> None:
+    memory = CommandMemory(cooldown_s=5.0)
+    decision = Decision(evictions=(Evict("w0", "r1"),), swaps=(Swap("w1", MODEL),))
+    assert memory.fresh(decision, 0.0) == decision
+    assert memory.fresh(decision, 4.9).evictions == ()
+    assert memory.fresh(decision, 4.9).swaps == ()
+    assert memory.fresh(decision, 5.1) == decision
+
+
+def test_workers_that_are_gone_get_an_empty_queue() -> None:
+    key = GroupKey(MODEL, SLOClass.BATCH_1, 0)
+    view = view_of(WorkerInfo("live", GPU, (MODEL,), MODEL), PROFILES)
+    assert view is not None
+    snapshot = QueueSnapshot(0.0, (), (view,))
+    orders = queue_orders(Decision(placements=(Place("live", (key,)),)), snapshot,
+                          ["live", "gone"])
+    assert orders == {"live": (key,), "gone": ()}
+
+
+# ------------------------------------------------------------------ estimator plane
+def _group(n: int, slo_class: SLOClass = SLOClass.INTERACTIVE, prompt: int = 1000,
+           window: int = 0, arrival_at: float = 0.0) -> RequestGroup:
+    return RequestGroup(GroupKey(MODEL, slo_class, window), tuple(
+        Request(f"q{window}-{i}", MODEL, prompt, 1000, slo_class, SLO.for_class(slo_class),
+                arrival_at) for i in range(n)))
+
+
+def test_predict_wait_picks_the_least_loaded_worker_and_refuses_hopeless_interactive() -> None:
+    estimator = RWTEstimator(PROFILES)
+    idle = view_of(WorkerInfo("idle", GPU, (MODEL,), MODEL), PROFILES)
+    busy = view_of(WorkerInfo("busy", GPU, (MODEL,), MODEL), PROFILES)
+    assert idle is not None and busy is not None
+    backlog = _group(3000)
+    snapshot = QueueSnapshot(1.0, (backlog,), (busy, idle), {"busy": (backlog.key,)})
+    query = WaitQuery(MODEL, SLOClass.INTERACTIVE, 500, 200)
+    answer = predict_wait(estimator, snapshot, query, 0.05)
+    assert answer.best_worker_id == "idle" and answer.admit and answer.p_meet_slo > 0.99
+
+    crowded = QueueSnapshot(1.0, (backlog,), (busy,), {"busy": (backlog.key,)})
+    refused = predict_wait(estimator, crowded, query, 0.05)
+    assert not refused.admit and refused.retry_after_s > 0 and refused.wait_mean_s > 20
+    batch = predict_wait(estimator, crowded, WaitQuery(MODEL, SLOClass.BATCH_1, 500, 200), 0.05)
+    assert batch.admit and batch.p_meet_slo < 0.05  # batch is always admitted
+    # A group with a later deadline does not stand ahead of a new interactive request.
+    later = _group(3000, SLOClass.BATCH_2, window=1)
+    relaxed = QueueSnapshot(1.0, (later,), (busy,), {"busy": (later.key,)})
+    assert predict_wait(estimator, relaxed, query, 0.05).admit
+
+
+def test_predict_wait_without_workers_admits_and_unknown_models_are_not_found() -> None:
+    estimator = RWTEstimator(PROFILES)
+    empty = QueueSnapshot(0.0, (), ())
+    answer = predict_wait(estimator, empty, WaitQuery(MODEL, SLOClass.INTERACTIVE, 5, 5), 0.05)
+    assert answer.admit and answer.best_worker_id == ""
+    with pytest.raises(NotFound):
+        predict_wait(estimator, empty, WaitQuery("nope", SLOClass.INTERACTIVE, 5, 5), 0.05)
+    with pytest.raises(InvalidInput, match="prompt_tokens"):
+        WaitQuery(MODEL, SLOClass.INTERACTIVE, 0, 5)
+
+
+def test_running_work_counts_in_predict_wait() -> None:
+    estimator = RWTEstimator(PROFILES)
+    base = view_of(WorkerInfo("w", GPU, (MODEL,), MODEL), PROFILES)
+    assert base is not None
+    running = tuple(RunningRequest(r, 0.0) for r in _group(base.max_batch_size, window=9).requests)
+    from dataclasses import replace
+
+    full = replace(base, running=running)
+    query = WaitQuery(MODEL, SLOClass.INTERACTIVE, 500, 200)
+    idle_wait = predict_wait(estimator, QueueSnapshot(0.0, (), (base,)), query, 0.05).wait_mean_s
+    full_wait = predict_wait(estimator, QueueSnapshot(0.0, (), (full,)), query, 0.05).wait_mean_s
+    assert full_wait > idle_wait
+
+
+def test_estimate_batch_head_wait_grows_with_running_work_and_swaps_cost() -> None:
+    estimator = RWTEstimator(PROFILES)
+    groups = [GroupSummary("g", MODEL, 10, 10 * 500, 10 * 300)]
+    limit = PROFILES.get(MODEL, GPU).max_batch_size
+    workers = [
+        WorkerSummary("idle", GPU, MODEL),
+        WorkerSummary("full", GPU, MODEL, (), 100_000, limit),
+        WorkerSummary("other", GPU, "vicuna-13b", ("vicuna-13b", MODEL)),
+        WorkerSummary("cold", GPU, "vicuna-13b", ("vicuna-13b",)),
+    ]
+    out = estimate_batch(estimator, groups, workers)
+    idle, full, other, cold = out.head_wait_mean_s[0]
+    assert idle < full and idle < other < cold  # a wake is cheaper than a cold load
+    assert out.service_mean_s[0, 2] > out.service_mean_s[0, 0]
+    assert out.head_wait_std_s[0, 1] > 0 and out.head_wait_std_s[0, 0] == 0
+    with pytest.raises(InvalidInput, match="num_requests"):
+        GroupSummary("bad", MODEL, 0, 1, 1)
+
+
+# ------------------------------------------------------------------ admission rules
+def test_admission_rules_parse() -> None:
+    assert AdmissionRules.parse("").rejects(SLOClass.INTERACTIVE)
+    rules = AdmissionRules.parse("interactive=queue, custom=reject")
+    assert not rules.rejects(SLOClass.INTERACTIVE) and rules.rejects(SLOClass.CUSTOM)
+    assert not rules.rejects(SLOClass.BATCH_1)
+    with pytest.raises(InvalidInput, match="always queued"):
+        AdmissionRules.parse("batch-1=reject")
+    with pytest.raises(InvalidInput, match="unknown class"):
+        AdmissionRules.parse("vip=reject")
+    with pytest.raises(InvalidInput, match="expected reject or queue"):
+        AdmissionRules.parse("interactive=drop")
