@@ -106,6 +106,67 @@ async def _drive(target: str, concurrency: int, channels: int, warmup_s: float,
     return LoadResult(latencies, num_ok, len(errors), errors[0] if errors else "", cpu)
 
 
+# ------------------------------------------------------------------ gRPC floor
+def _trivial_server(port: int) -> None:
+    """A QueueManager whose Submit does nothing: what gRPC alone costs per call."""
+    import grpc
+
+    from qlm.api.v1 import qlm_pb2 as pb
+
+    async def submit(request: Any, context: Any) -> Any:
+        return pb.SubmitResponse(request_id=request.request_id, state=pb.REQUEST_STATE_QUEUED)
+
+    handler = grpc.method_handlers_generic_handler("qlm.v1.QueueManager", {
+        "Submit": grpc.unary_unary_rpc_method_handler(
+            submit,
+            request_deserializer=pb.SubmitRequest.FromString,
+            response_serializer=pb.SubmitResponse.SerializeToString,
+        )
+    })
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def measure_grpc_floor(concurrency: int, channels: int, duration_s: float) -> dict[str, Any]:
+    """Submits/s and CPU per call of client + server with an empty Submit handler."""
+    from qlm.localstack import free_loopback_port
+
+    port = free_loopback_port()
+    server = mp.get_context("spawn").Process(target=_trivial_server, args=(port,), daemon=True)
+    server.start()
+    try:
+        _wait_ready(f"127.0.0.1:{port}")
+        cpu_before = _cpu_seconds(server.pid or 0)
+        result = asyncio.run(_drive(f"127.0.0.1:{port}", concurrency, channels, 1.0,
+                                    duration_s, time.time() + 0.2, "floor"))
+        server_cpu = _cpu_seconds(server.pid or 0) - cpu_before
+    finally:
+        server.terminate()
+        server.join(10)
+    return {
+        "submits_per_s": round(len(result.latencies_s) / duration_s, 1),
+        "latency_ms": _percentiles_ms(result.latencies_s),
+        "cpu_ms_per_call": {
+            "server": round(server_cpu * 1000 / max(1, result.num_ok), 4),
+            "load_clients": round(result.cpu_s * 1000 / max(1, result.num_ok), 4),
+        },
+    }
+
+
+def _wait_ready(target: str, timeout_s: float = 30.0) -> None:
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+
+
 # ------------------------------------------------------------------ helpers
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of a process (and its reaped children) from /proc."""
@@ -290,6 +351,7 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
         "submits_per_s_if_2_cores_were_ours": round(2000.0 / sum(cpu_per_submit.values()), 1)
         if cpu_per_submit else None,
         "target_submits_per_s": 3000,
+        "grpc_floor_empty_handler": measure_grpc_floor(args.concurrency, args.channels, 8.0),
     }
 
 
