@@ -571,3 +571,38 @@ def test_ingest_refuses_a_bad_flag_naming_it() -> None:
     )
     assert result.returncode == 2
     assert "error: port: Input should be less than or equal to 65535" in result.stderr
+
+
+# ------------------------------------------------------------------ token streaming
+async def test_stream_tokens_follows_the_worker_from_an_index_to_the_end(
+    client: QlmClient, ingest: IngestApp
+) -> None:
+    from qlm.core.types import RequestState
+
+    await client.submit(good(request_id="s-1", max_tokens=8))
+    store = ingest.store
+    assert [r.id for r in await store.claim("w1", ["s-1"])] == ["s-1"]
+    await store.append_tokens("w1", "s-1", text="ab", token_ids=[1, 2])
+
+    async def follow(from_index: int) -> list[pb.TokenChunk]:
+        return [c async for c in client.stream_tokens("s-1", from_index=from_index)]
+
+    from_start = asyncio.create_task(follow(0))
+    from_three = asyncio.create_task(follow(3))
+    await asyncio.sleep(0.3)  # both are waiting on the stream now
+    await store.append_tokens("w1", "s-1", text="cde", token_ids=[3, 4, 5])
+    await store.ack("w1", "s-1", RequestState.FINISHED, num_generated=5)
+    chunks = await asyncio.wait_for(from_start, 20)
+    assert [(c.index, list(c.token_ids), c.text) for c in chunks[:-1]] == [
+        (0, [1, 2], "ab"), (2, [3, 4, 5], "cde")
+    ]
+    final = chunks[-1].final
+    assert (final.state, final.num_generated) == (pb.REQUEST_STATE_FINISHED, 5)
+    later = await asyncio.wait_for(from_three, 20)
+    assert [(c.index, list(c.token_ids)) for c in later[:-1]] == [(3, [4, 5])]
+    assert later[-1].final.state == pb.REQUEST_STATE_FINISHED
+    info = await client.get("s-1")
+    assert (info.state, info.num_generated, info.worker_id) == (
+        pb.REQUEST_STATE_FINISHED, 5, "w1"
+    )
+    assert info.first_token_at > 0 and info.finished_at >= info.first_token_at
