@@ -606,3 +606,29 @@ async def test_stream_tokens_follows_the_worker_from_an_index_to_the_end(
         pb.REQUEST_STATE_FINISHED, 5, "w1"
     )
     assert info.first_token_at > 0 and info.finished_at >= info.first_token_at
+
+
+# ------------------------------------------------------------------ CLI
+async def test_cli_submit_status_cancel_and_models(ingest: IngestApp) -> None:
+    env = {**os.environ, "QLM_TARGET": f"127.0.0.1:{ingest.port}", "PYTHONPATH": str(ROOT)}
+
+    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(_cli, args, env)
+
+    submitted = await cli("submit", "--model", "m7b", "--prompt", "hi", "--max-tokens", "4",
+                          "--slo-class", "custom", "--ttft-slo-s", "2.5", "--id", "cli-1")
+    assert submitted.returncode == 0, submitted.stderr
+    assert json.loads(submitted.stdout)["request_id"] == "cli-1"
+    status = await cli("status", "cli-1")
+    info = json.loads(status.stdout)
+    assert (info["state"], info["slo_class"], info["ttft_slo_s"]) == (
+        "REQUEST_STATE_QUEUED", "SLO_CLASS_CUSTOM", 2.5
+    )
+    cancelled = await cli("cancel", "cli-1")
+    assert json.loads(cancelled.stdout)["state"] == "REQUEST_STATE_CANCELLED"
+    models = await cli("models")
+    assert [m["name"] for m in json.loads(models.stdout)] == ["m7b"]
+    bad = await cli("submit", "--model", "m7b", "--prompt", "hi", "--max-tokens", "0")
+    assert bad.returncode == 2 and "max_tokens: must be > 0, got 0" in bad.stderr
+    missing = await cli("status", "nope")
+    assert missing.returncode == 1 and "request 'nope' not found" in missing.stderr
