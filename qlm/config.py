@@ -183,6 +183,9 @@ class WorkerSettings(CommonSettings):
     lease_s: float = Field(15.0, gt=0, description="lease of a pulled request")
     renew_interval_s: float = Field(1.0, gt=0, description="lease renewal / cancel check")
     pull_interval_s: float = Field(0.005, gt=0, description="queue poll period when idle")
+    wake_on_enqueue: bool = Field(
+        True, description="wake idle workers by Redis keyspace notifications (CONFIG SET)"
+    )
     telemetry_interval_s: float = Field(1.0, gt=0, description="qlm.telemetry period")
     expected_output_tokens: int = Field(338, gt=0, description="KV reservation per request")
     max_prefill_tokens: int = Field(8192, gt=0, description="simulated engine prefill budget")

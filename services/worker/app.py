@@ -2,7 +2,9 @@
 Kafka, one ``qlm.lso`` reader, one Prometheus endpoint and one gRPC health endpoint.
 
 Start-up: connect to Redis and Kafka (create the topics if missing), build each
-worker's engine, start the workers, the LSO reader, metrics and health; health turns
+worker's engine, subscribe to queue notifications (``wake_on_enqueue``, see
+:mod:`services.worker.wakeup`; idle workers then poll only every ``WATCHED_POLL_S``
+as a fallback), start the workers, the LSO reader, metrics and health; health turns
 SERVING once all of that runs (and stays so while Redis answers).
 
 LSO commands are read by a consumer group of this process (``lso_group``, default
@@ -45,6 +47,7 @@ from qlm.engine.factory import make_engine
 from qlm.log import get_logger
 from qlm.store.store import RedisQueueStore
 from services.worker.metrics import WorkerMetrics
+from services.worker.wakeup import QueueWatcher
 from services.worker.worker import Worker, WorkerOptions
 
 log = get_logger("services.worker.app")
@@ -52,6 +55,8 @@ log = get_logger("services.worker.app")
 HEALTH_SERVICE = "qlm.worker"
 #: Commands issued this long before the process started are ignored as stale.
 STALE_COMMAND_S = 5.0
+#: Fallback poll period of an idle worker when queue notifications wake it.
+WATCHED_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,7 @@ class WorkerProcess:
             settings.redis_url, prefix=settings.key_prefix, lease_s=settings.lease_s
         )
         self.producer = BusProducer(settings.kafka_bootstrap, client_id="qlm-worker")
+        self.watcher = QueueWatcher(settings.redis_url, self.store.keys)
         self.workers: dict[str, Worker] = {}
         self.commands: dict[str, asyncio.Queue[LsoCommand]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -182,6 +188,12 @@ class WorkerProcess:
             )  # fmt: skip
             self.workers[spec.id] = worker
             self.commands[spec.id] = asyncio.Queue()
+        if s.wake_on_enqueue:
+            for worker in self.workers.values():
+                self.watcher.register(worker.wake)
+            if await self.watcher.start():
+                for worker in self.workers.values():
+                    worker.poll_interval_s = max(s.pull_interval_s, WATCHED_POLL_S)
         await asyncio.gather(*(w.start() for w in self.workers.values()))
         for worker_id in self.workers:
             self._spawn(self._obey(worker_id), f"lso-{worker_id}")
@@ -272,6 +284,7 @@ class WorkerProcess:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.watcher.stop()
         await self.producer.stop()
         await self.store.aclose()
         if self.grpc_server is not None:

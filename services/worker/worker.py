@@ -6,8 +6,9 @@ Loops of a running :class:`Worker` (asyncio tasks):
   (the store's ``queue_head``, one atomic read), decide how many requests fit with
   :func:`qlm.core.pulls.plan_pulls` (the simulator's backpressure: free batch slots and
   KV reservations), take that many with the store's pull (under a lease) and add
-  them to the engine. Polls every ``pull_interval_s`` when nothing fits or is
-  queued, at once when a request leaves.
+  them to the engine. When nothing fits or is queued it waits for :attr:`Worker.wake`
+  (a request left; requests were queued, see :mod:`services.worker.wakeup`) or at
+  most ``poll_interval_s``.
 * **serve** (one task per request): tokens from the engine are appended to the
   request's Redis stream (chunks that pile up while a write is in flight go in one
   write); the first one publishes ``first_token``; the end acks the request in the
@@ -141,7 +142,9 @@ class Worker:
         self.running: dict[str, _Running] = {}
         self.draining = False
         self.swapping = False
-        self._capacity_freed = asyncio.Event()
+        #: Set when the worker should look at its queue now (a request left, work queued).
+        self.wake = asyncio.Event()
+        self.poll_interval_s = self.options.pull_interval_s
         self._swap_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_stats: EngineStats | None = None
@@ -168,7 +171,7 @@ class Worker:
         """Stop pulling; let running requests finish within ``grace_s``; requeue the rest
         with their progress; stop the loops and the engine."""
         self.draining = True
-        self._capacity_freed.set()
+        self.wake.set()
         deadline = time.monotonic() + grace_s
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -199,11 +202,9 @@ class Worker:
                 num_pulled = 0
                 await asyncio.sleep(0.5)
             if num_pulled == 0:
-                self._capacity_freed.clear()
+                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._capacity_freed.wait(), timeout=self.options.pull_interval_s
-                    )
+                    await asyncio.wait_for(self.wake.wait(), timeout=self.poll_interval_s)
 
     def view(self) -> WorkerView | None:
         """This worker as the scheduler sees it (None while it has no active model)."""
@@ -428,7 +429,7 @@ class Worker:
     def _forget(self, run: _Running, outcome: str) -> None:
         if self.running.pop(run.id, None) is not None:
             self.metrics.requests.labels(self.id, outcome).inc()
-            self._capacity_freed.set()
+            self.wake.set()
 
     # ================================================================ stopping requests
     async def _stop(self, run: _Running, reason: StopReason) -> bool:
@@ -546,7 +547,7 @@ class Worker:
                 await self.engine.wake(to_model)
             finally:
                 self.swapping = False
-                self._capacity_freed.set()
+                self.wake.set()
                 self._set_active_model_gauge()
             elapsed = time.monotonic() - started
             self.metrics.swaps.labels(self.id).inc()
