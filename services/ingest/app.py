@@ -29,6 +29,7 @@ from qlm.bus.producer import BusProducer
 from qlm.bus.records import Event
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.config import IngestSettings
+from qlm.core.errors import Unavailable
 from qlm.ingest import AdmissionRules, IngestPlane, Prediction, load_models
 from qlm.log import get_logger
 from qlm.store.records import RequestRecord
@@ -173,16 +174,27 @@ class IngestApp:
 
 
 async def serve(settings: IngestSettings) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    """Run until SIGTERM or SIGINT, then stop gracefully.
+
+    Raises Unavailable when the batch consumer gave up (its handler kept failing, e.g.
+    Redis stayed down): the process then exits non-zero after a graceful stop, so that
+    its supervisor restarts it; the records it did not commit are read again.
+    """
     app = IngestApp(settings)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal_received")
+    waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait(), name="ingest-signal")]
+    if app.consumer is not None:
+        waiters.append(asyncio.create_task(app.consumer.wait_stopped(), name="ingest-batch"))
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    consumer_failed = not stop.is_set()
+    log.info("signal_received" if not consumer_failed else "batch_consumer_gave_up")
     with contextlib.suppress(asyncio.CancelledError):
         await app.stop()
-
-
+    if consumer_failed:
+        raise Unavailable("the batch consumer gave up; restart the ingest service")

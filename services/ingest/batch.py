@@ -67,6 +67,12 @@ class BatchIngest:
             log.error("batch_consumer_stopped", error=str(error))
             raise
 
+    async def wait_stopped(self) -> None:
+        """Returns when the consumer loop has ended (stop(), or it gave up)."""
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._task)
+
     async def stop(self) -> None:
         await self.consumer.stop()
         if self._task is not None:
