@@ -310,14 +310,17 @@ async def _never() -> bool:
 
 
 # ------------------------------------------------------------------ Redis restart
+@pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
 async def test_queue_survives_a_redis_restart(
-    client: QlmClient, redis_server: RedisServer, raw_redis: aioredis.Redis
+    client: QlmClient, redis_server: RedisServer, raw_redis: aioredis.Redis, kill: bool
 ) -> None:
     ids = [f"aof-{i}" for i in range(5)]
     for request_id in ids:
         await client.submit(good(request_id=request_id, slo_class="batch-2"))
     before = await redis_dump(raw_redis)
-    await asyncio.to_thread(redis_server.restart)
+    if kill:  # appendfsync everysec: what is older than a second is on disk
+        await asyncio.sleep(1.5)
+    await asyncio.to_thread(redis_server.restart, kill)
     fresh = aioredis.Redis.from_url(redis_server.url)
     try:
         assert await redis_dump(fresh) == before
