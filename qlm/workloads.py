@@ -23,8 +23,8 @@ same requests in the same order.
 **Workloads** (SLOs on TTFT: interactive 20 s, batch-1 60 s, batch-2 1 h):
 
 * ``WA`` — one model (mistral-7b), 50% interactive, 25% batch-1, 25% batch-2.
-* ``WB`` — three models (mistral-7b, vicuna-13b, llama-70b), batch only (50%
-  batch-1, 50% batch-2); model popularity shifts in three equal phases (the hot
+* ``WB`` — three models (mistral-7b, vicuna-13b, llama-70b), batch only (70%
+  batch-1, 30% batch-2); model popularity shifts in three equal phases (the hot
   model takes 60% of each phase), and workers start with one resident model each,
   so serving the shifting demand needs model swaps (cold loads the first time).
 * ``WC`` — one model (mistral-7b), mega-prompts of 3,000–4,000 tokens (uniform),
@@ -261,7 +261,7 @@ WA_CLASSES: Final = {
     SLOClass.BATCH_1.value: 0.25,
     SLOClass.BATCH_2.value: 0.25,
 }
-WB_CLASSES: Final = {SLOClass.BATCH_1.value: 0.5, SLOClass.BATCH_2.value: 0.5}
+WB_CLASSES: Final = {SLOClass.BATCH_1.value: 0.7, SLOClass.BATCH_2.value: 0.3}
 WB_MODELS: Final = (MISTRAL, VICUNA, LLAMA)
 WORKLOADS: Final = ("WA", "WB", "WC")
 

@@ -35,7 +35,8 @@ Model (every time is virtual seconds):
   Invalid actions (evicting a request not running there, swapping to a model the
   worker cannot serve, pulling a request not queued) are ignored and counted.
 * Running requests in a worker's view show progress as of the worker's last step
-  boundary (views are rebuilt when a worker changes phase).
+  boundary, refreshed once it moved ``VIEW_LAG_TOKENS`` tokens (views are cheap to
+  keep, costly to rebuild for every request at every step).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ from qlm.sim.events import Arrival, Boundary, Decide, Event, EventQueue, Tick
 from qlm.sim.metrics import RequestRecord, RunResult, summarise
 
 Timer = Callable[[], float]
+#: A running request's view is refreshed once its progress moved this many tokens.
+VIEW_LAG_TOKENS = 8
 #: Maps a snapshot and the decision made on it to predicted first-token times by request id.
 Predictor = Callable[[QueueSnapshot, Decision], Mapping[str, float]]
 Scheduled = list[tuple[float, Event]]
@@ -120,6 +123,7 @@ class _Worker:
     pending_evictions: dict[str, bool] = field(default_factory=dict)
     pending_swap: str | None = None
     pending_pulls: list[str] = field(default_factory=list)
+    restored: set[str] = field(default_factory=set)  # admitted by KV restore, not prefill
     order: tuple[GroupKey, ...] = ()
     busy_s: float = 0.0
     view: WorkerView | None = None
@@ -239,7 +243,7 @@ class Simulation:
     def on_tick(self) -> Scheduled:
         if self.num_arrived == len(self.jobs) and self.num_open == 0:
             return []
-        out: Scheduled = self.request_decision() if self.queued else []
+        out: Scheduled = self.request_decision() if self.num_open else []
         out.append((self.now + self.config.tick_s, Tick()))
         return out
 
@@ -320,7 +324,7 @@ class Simulation:
         view = self.running_views.get(rid)
         if (
             view is None
-            or view.request.num_generated != live.generated
+            or abs(view.request.num_generated - live.generated) >= VIEW_LAG_TOKENS
             or view.started_at != live.admitted_at
             or view.first_token_at != live.first_token_at
         ):
@@ -460,7 +464,8 @@ class Simulation:
             w.busy_s += self.now - w.phase_started_at
             for rid in w.admitting:
                 live = self.live[rid]
-                live.generated += 1
+                if rid not in w.restored:  # a recompute prefill emits the next token
+                    live.generated += 1
                 if live.first_token_at is None:
                     live.first_token_at = self.now
                 w.running.append(rid)
@@ -468,6 +473,7 @@ class Simulation:
                     self._finish(w, live)
                     finished = True
             w.admitting = []
+            w.restored.clear()
         elif w.phase is Phase.SWAP:
             assert w.swap_target is not None
             w.active_model = w.swap_target
@@ -595,8 +601,9 @@ class Simulation:
         restore_s = 0.0
         for rid in admitted:
             live = self.live[rid]
-            if live.kv_on_worker == w.id:
+            if live.kv_on_worker == w.id and live.first_token_at is not None:
                 restore_s += self._kv_copy_s(w, live)
+                w.restored.add(rid)
             else:
                 recompute_tokens += live.request.context_tokens
             live.kv_on_worker = None

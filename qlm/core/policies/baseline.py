@@ -52,8 +52,34 @@ GroupSortKey = Callable[[RequestGroup], tuple[Any, ...]]
 TYPICAL_PROMPT_TOKENS = 512
 
 
+_MEMO_LIMIT = 50_000
+_memo: dict[tuple[int, str], tuple[RequestGroup, Any]] = {}
+
+
+def _memoised(group: RequestGroup, what: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` remembered per group object (groups are immutable; a caller that keeps
+    unchanged groups between decisions saves the per-request sums). Pure in effect."""
+    key = (id(group), what)
+    hit = _memo.get(key)
+    if hit is not None and hit[0] is group:
+        return hit[1]
+    value = compute()
+    if len(_memo) >= _MEMO_LIMIT:
+        _memo.clear()
+    _memo[key] = (group, value)
+    return value
+
+
+def first_arrival_at(group: RequestGroup) -> float:
+    return float(_memoised(group, "first_arrival_at", lambda: group.first_arrival_at))
+
+
+def earliest_deadline_at(group: RequestGroup) -> float:
+    return float(_memoised(group, "earliest_deadline_at", lambda: group.earliest_deadline_at))
+
+
 def fcfs_key(group: RequestGroup) -> tuple[Any, ...]:
-    return (group.first_arrival_at, group.key)
+    return (first_arrival_at(group), group.key)
 
 
 def expected_output(max_tokens: int, num_generated: int, expected_output_tokens: int) -> int:
@@ -70,14 +96,23 @@ def steady_throughput(profile: PerfProfile, expected_output_tokens: int) -> floa
 
 def group_work_s(group: RequestGroup, profile: PerfProfile, expected_output_tokens: int) -> float:
     """Seconds of worker time the group needs: its prefills plus its expected decode tokens."""
-    n = group.size
+    context, tokens = _memoised(
+        group,
+        f"tokens/{expected_output_tokens}",
+        lambda: _group_tokens(group, expected_output_tokens),
+    )
+    prefill = group.size * profile.prefill_s(round(context / group.size))
+    return float(prefill + tokens / steady_throughput(profile, expected_output_tokens))
+
+
+def _group_tokens(group: RequestGroup, expected_output_tokens: int) -> tuple[int, int]:
+    """(context tokens to prefill, expected output tokens still to generate) of a group."""
     context = 0
     tokens = 0
     for r in group.requests:
         context += r.context_tokens
         tokens += max(0, min(r.max_tokens, expected_output_tokens) - r.num_generated)
-    prefill = n * profile.prefill_s(round(context / n))
-    return prefill + tokens / steady_throughput(profile, expected_output_tokens)
+    return context, tokens
 
 
 def running_work_s(worker: WorkerView, profile: PerfProfile, expected_output_tokens: int) -> float:
@@ -119,7 +154,7 @@ class OrderedDispatchPolicy:
 
     def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
         order = sorted(
-            snapshot.groups, key=lambda g: (*self.sort_key(g), g.first_arrival_at, g.key)
+            snapshot.groups, key=lambda g: (*self.sort_key(g), first_arrival_at(g), g.key)
         )
         state = self._initial_state(snapshot, ctx.profiles)
         swaps = self._idle_swaps(snapshot, order, state, ctx.profiles)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from qlm.core.policies.base import register
-from qlm.core.policies.baseline import OrderedDispatchPolicy
+from qlm.core.policies.baseline import OrderedDispatchPolicy, earliest_deadline_at
 from qlm.core.types import RequestGroup
 
 
 def edf_key(group: RequestGroup) -> tuple[Any, ...]:
-    return (group.earliest_deadline_at,)
+    return (earliest_deadline_at(group),)
 
 
 @register("edf")

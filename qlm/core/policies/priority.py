@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from qlm.core.perf import ProfileBook
 from qlm.core.policies.base import register
-from qlm.core.policies.baseline import OrderedDispatchPolicy, _Dispatch
+from qlm.core.policies.baseline import OrderedDispatchPolicy, _Dispatch, first_arrival_at
 from qlm.core.pulls import kv_reservation, kv_reserved_tokens
 from qlm.core.types import Evict, QueueSnapshot, RequestGroup, SLOClass, WorkerView
 
@@ -26,7 +26,7 @@ def priority_level(slo_class: SLOClass) -> int:
 
 
 def priority_key(group: RequestGroup) -> tuple[Any, ...]:
-    return (priority_level(group.slo_class), group.first_arrival_at)
+    return (priority_level(group.slo_class), first_arrival_at(group))
 
 
 @register("priority")
