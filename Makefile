@@ -9,7 +9,7 @@ help:
 	@echo "make test      lint + type-check + every test, on real Redis and real Kafka"
 	@echo "make demo      the whole stack on real Redis + Kafka with simulated GPU workers"
 	@echo "make proto     regenerate qlm/api/v1 from proto/qlm/v1"
-	@echo "make up/down   start/stop Redis + Kafka (+ services) under .qlm/"
+	@echo "make up/down   start/stop Redis + Kafka + the services under .qlm/ (POLICY=fcfs WORKERS=f.yaml TIME_SCALE=x)"
 	@echo "make kafka-jars  fetch the Kafka broker jars from Maven Central (cached)"
 	@echo "make bench     the benchmarks (results under docs/results/)"
 
@@ -34,8 +34,11 @@ proto:
 kafka-jars:
 	$(PYTHON) -m qlm.localstack fetch-jars
 
+POLICY ?= qlm
+WORKERS ?= docker/workers.cpu.yaml
+TIME_SCALE ?= 1
 up:
-	$(PYTHON) -m qlm.localstack up --dir .qlm
+	$(PYTHON) -m qlm.localstack up --dir .qlm --policy $(POLICY) --workers-file $(WORKERS) --time-scale $(TIME_SCALE)
 
 down:
 	$(PYTHON) -m qlm.localstack down --dir .qlm

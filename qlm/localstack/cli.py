@@ -1,4 +1,9 @@
-"""Command line of the local broker stack (``make up`` / ``make down`` / ``make kafka-jars``)."""
+"""Command line of the local stack (``make up`` / ``make down`` / ``make kafka-jars``).
+
+``up`` starts Redis and Kafka, then the four services (estimator, ingest, scheduler with
+``--policy``, simulated workers from ``--workers-file``) unless ``--brokers-only``;
+``down`` stops the services first, then the brokers; ``status`` lists all of them.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,12 @@ from qlm.localstack.kafka import (
     kafka_version,
 )
 from qlm.localstack.redis import DEFAULT_REDIS_PORT
+from qlm.localstack.services import (
+    DEFAULT_WORKERS_FILE,
+    POLICIES,
+    ServiceOptions,
+    ServiceStack,
+)
 from qlm.localstack.stack import LocalStack, StackPorts
 
 
@@ -51,7 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_port_from_env("QLM_KAFKA_CONTROLLER_PORT", DEFAULT_CONTROLLER_PORT),
     )
+    parser.add_argument("--policy", choices=POLICIES,
+                        default=os.environ.get("QLM_POLICY", "qlm"), help="scheduler policy")
+    parser.add_argument("--workers-file", type=Path, default=DEFAULT_WORKERS_FILE,
+                        help="YAML of the simulated workers (GPU type and models per worker)")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="simulated workers run this many times faster than their GPUs")
+    parser.add_argument("--admission", default="interactive=reject",
+                        help="ingest's admission rules per class")
+    parser.add_argument("--brokers-only", action="store_true",
+                        help="up: start Redis and Kafka only")
     return parser
+
+
+def service_stack(args: argparse.Namespace, stack: LocalStack) -> ServiceStack:
+    """The services of ``args.dir``: as recorded by an earlier ``up``, else from the flags."""
+    env = stack.environment()
+    recorded = ServiceStack.recorded(args.dir, env["QLM_REDIS_URL"], env["QLM_KAFKA_BOOTSTRAP"])
+    if args.command == "up" and all(s.pid is None for s in recorded.status()):
+        recorded.options = ServiceOptions(
+            policy=args.policy, workers_file=args.workers_file, time_scale=args.time_scale,
+            admission=args.admission)
+    return recorded
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,13 +96,19 @@ def run(args: argparse.Namespace) -> int:
     stack = LocalStack.open(
         args.dir, StackPorts(args.redis_port, args.kafka_port, args.controller_port)
     )
+    services = service_stack(args, stack)
     if args.command == "up":
         for line in stack.up():
-            print(line)
+            print(line, flush=True)
+        if not args.brokers_only:
+            for line in services.up():
+                print(line, flush=True)
+            with (stack.stack_dir / "stack.env").open("a") as env:
+                env.write(f"QLM_INGEST_ADDR={services.ingest_addr}\n")
         print(f"environment: {stack.stack_dir / 'stack.env'}")
         return 0
     if args.command == "down":
-        for line in stack.down():
+        for line in [*services.down(), *stack.down()]:
             print(line)
         return 0
     num_down = 0
@@ -79,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
         answers = "answers" if status.answers else "no answer"
         print(f"{status.name:6} {status.address:28} {state:14} {answers}")
         num_down += status.pid is None
+    for service in services.status():
+        state = f"pid {service.pid}" if service.pid is not None else "not running"
+        ready = "ready" if service.ready else "not ready"
+        print(f"{service.name:9} {state:14} {ready:9} {service.detail}")
     return 0 if num_down == 0 else 3
 
 

@@ -1,0 +1,381 @@
+"""The four qlm services as local processes: estimator, ingest, scheduler, simulated workers.
+
+:class:`ServiceStack` starts them under ``<dir>/services`` (one pid file and one log per
+service, ``services.json`` with their ports) against an already running Redis + Kafka,
+and waits until each is ready:
+
+* ingest, estimator, worker: the standard ``grpc.health.v1`` check answers SERVING;
+* scheduler (no gRPC server): its Prometheus endpoint says ``qlm_scheduler_is_leader 1``.
+
+Start order: estimator → ingest (asks the estimator for predicted waits) → scheduler
+→ workers; ``down`` stops them in the reverse order (workers drain first).
+
+**Time scale.** With ``time_scale = X`` the simulated workers run X times faster than
+the GPUs of their profiles (``--time-scale X``). The scheduler, the estimator and ingest
+then read a copy of the profiles with every time divided by X (``<dir>/services/profiles``,
+:func:`scaled_profile_json`), so that their predictions are in the same wall-clock
+seconds the workers take. A client that wants the SLOs of the paper's time divides
+them by X too (``ttft_slo_s``). With X = 1 the copy equals the profiles.
+
+Process management and I/O only; nothing in ``qlm.core`` depends on this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qlm.core.errors import InvalidInput, Unavailable
+from qlm.core.perf import PROFILE_DIR
+from qlm.localstack.process import ServerProcess, free_loopback_port, port_is_open
+from qlm.roster import read_workers_file
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+DEFAULT_WORKERS_FILE: Final = REPO_ROOT / "docker" / "workers.cpu.yaml"
+SERVICES_FILE: Final = "services.json"
+SERVICE_NAMES: Final = ("estimator", "ingest", "scheduler", "worker")
+#: The ingest port a client tries first; another free port when it is taken.
+PREFERRED_INGEST_PORT: Final = 50051
+START_TIMEOUT_S: Final = 90.0
+POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceOptions:
+    """How the services run. Validated on construction (InvalidInput names the field).
+
+    * ``policy``: the scheduler's policy;
+    * ``workers_file``: YAML ``{"workers": [{id, gpu, models}, ...]}`` of simulated workers;
+    * ``time_scale``: the workers run this many times faster than their GPUs (see module);
+    * ``admission``: ingest's per-class admission rules (``interactive=reject`` ...);
+    * ``group_window_s``, ``tick_s``: ingest's group window, the scheduler's tick (wall s);
+    * ``shutdown_grace_s``: how long a stopping service may finish in-flight work.
+    """
+
+    policy: str = "qlm"
+    workers_file: Path = DEFAULT_WORKERS_FILE
+    time_scale: float = 1.0
+    admission: str = "interactive=reject"
+    group_window_s: float = 1.0
+    tick_s: float = 1.0
+    shutdown_grace_s: float = 2.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            allowed = ", ".join(POLICIES)
+            raise InvalidInput("policy", f"must be one of {allowed}, got {self.policy!r}")
+        for name in ("time_scale", "group_window_s", "tick_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise InvalidInput(name, f"must be a finite number > 0, got {value!r}")
+        if not self.shutdown_grace_s >= 0:
+            raise InvalidInput("shutdown_grace_s", "must be >= 0")
+        read_workers_file(self.workers_file)  # InvalidInput names the bad entry
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["workers_file"] = str(self.workers_file)
+        return d
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ServiceOptions:
+        return cls(**{**data, "workers_file": Path(data["workers_file"])})
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePorts:
+    """Loopback ports of one service set (0 = not chosen yet)."""
+
+    ingest: int = 0
+    estimator: int = 0
+    worker_health: int = 0
+    estimator_metrics: int = 0
+    scheduler_metrics: int = 0
+    worker_metrics: int = 0
+
+    def resolved(self) -> ServicePorts:
+        """Every 0 replaced: ingest by 50051 when that is free, the rest by free ports."""
+        chosen: dict[str, int] = {}
+        for name, port in asdict(self).items():
+            if port:
+                chosen[name] = port
+            elif name == "ingest" and not port_is_open("127.0.0.1", PREFERRED_INGEST_PORT):
+                chosen[name] = PREFERRED_INGEST_PORT
+            else:
+                chosen[name] = free_loopback_port()
+        return ServicePorts(**chosen)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """What ``status`` reports for one service."""
+
+    name: str
+    pid: int | None
+    ready: bool
+    detail: str = ""
+
+
+@dataclass
+class ServiceStack:
+    """The services of one stack directory, talking to ``redis_url`` and ``kafka_bootstrap``."""
+
+    stack_dir: Path
+    redis_url: str
+    kafka_bootstrap: str
+    options: ServiceOptions = field(default_factory=ServiceOptions)
+    ports: ServicePorts = field(default_factory=ServicePorts)
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        self.stack_dir = self.stack_dir.resolve()
+        self.run_dir = self.stack_dir / "services"
+        marker = str(self.run_dir)
+        self.processes = {name: ServerProcess(name, self.run_dir, marker) for name in SERVICE_NAMES}
+
+    # ---------------------------------------------------------------- files
+    @property
+    def profiles_dir(self) -> Path:
+        return self.run_dir / "profiles"
+
+    @property
+    def workers_copy(self) -> Path:
+        return self.run_dir / "workers.yaml"
+
+    @property
+    def ingest_addr(self) -> str:
+        return f"127.0.0.1:{self.ports.ingest}"
+
+    @classmethod
+    def recorded(cls, stack_dir: Path, redis_url: str, kafka_bootstrap: str) -> ServiceStack:
+        """The services an earlier ``up`` recorded in ``stack_dir`` (defaults when none)."""
+        path = stack_dir.resolve() / "services" / SERVICES_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return cls(stack_dir, redis_url, kafka_bootstrap)
+        return cls(stack_dir, redis_url, kafka_bootstrap,
+                   ServiceOptions.from_json(data["options"]), ServicePorts(**data["ports"]))
+
+    def _write_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.options.workers_file, self.workers_copy)
+        write_scaled_profiles(PROFILE_DIR, self.profiles_dir, self.options.time_scale)
+        record = {"options": self.options.to_json(), "ports": asdict(self.ports),
+                  "ingest_addr": self.ingest_addr}
+        (self.run_dir / SERVICES_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    # ---------------------------------------------------------------- argv
+    def _common(self) -> list[str]:
+        return ["--redis-url", self.redis_url, "--kafka-bootstrap", self.kafka_bootstrap,
+                "--log-level", self.options.log_level]
+
+    def argv(self, name: str) -> list[str]:
+        """The command line of one service (the run directory appears in each: pid marker)."""
+        o, p = self.options, self.ports
+        module = [self.python, "-m", f"services.{name}"]
+        if name == "estimator":
+            return [*module, *self._common(), "--host", "127.0.0.1", "--port", str(p.estimator),
+                    "--metrics-port", str(p.estimator_metrics),
+                    "--profiles-dir", str(self.profiles_dir),
+                    "--workers-file", str(self.workers_copy),
+                    "--shutdown-grace-s", str(o.shutdown_grace_s)]
+        if name == "ingest":
+            return [*module, *self._common(), "--host", "127.0.0.1", "--port", str(p.ingest),
+                    "--profiles-dir", str(self.profiles_dir),
+                    "--estimator-addr", f"127.0.0.1:{p.estimator}",
+                    "--admission", o.admission,
+                    "--group-window-s", str(o.group_window_s),
+                    "--shutdown-grace-s", str(o.shutdown_grace_s)]
+        if name == "scheduler":
+            return [*module, *self._common(), "--policy", o.policy, "--host", "127.0.0.1",
+                    "--metrics-port", str(p.scheduler_metrics),
+                    "--profiles-dir", str(self.profiles_dir),
+                    "--workers-file", str(self.workers_copy),
+                    "--tick-s", str(o.tick_s)]
+        if name == "worker":
+            return [*module, *self._common(), "--engine", "sim",
+                    "--workers-file", str(self.workers_copy),
+                    "--time-scale", str(o.time_scale), "--host", "127.0.0.1",
+                    "--health-port", str(p.worker_health),
+                    "--metrics-port", str(p.worker_metrics),
+                    "--shutdown-grace-s", str(o.shutdown_grace_s)]
+        raise InvalidInput("service", f"unknown {name!r}; expected one of {SERVICE_NAMES}")
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        path = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
+        return env
+
+    # ---------------------------------------------------------------- readiness
+    def is_ready(self, name: str) -> bool:
+        """Whether the service answers as ready (module docstring)."""
+        p = self.ports
+        if name == "scheduler":
+            return scheduler_is_leader(p.scheduler_metrics)
+        port = {"estimator": p.estimator, "ingest": p.ingest, "worker": p.worker_health}[name]
+        return grpc_serving(f"127.0.0.1:{port}")
+
+    # ---------------------------------------------------------------- lifecycle
+    def up(self) -> list[str]:
+        """Start every service that is not running, in order, each ready before the next.
+
+        A service that does not become ready is stopped, with its log's tail in the
+        Unavailable raised; the ones started before it keep running (``down`` stops them).
+        """
+        if all(self.processes[n].running_pid() is None for n in SERVICE_NAMES):
+            self.ports = self.ports.resolved()
+            self._write_files()
+        lines = []
+        for name in SERVICE_NAMES:
+            lines.append(self.start_one(name))
+        return lines
+
+    def start_one(self, name: str, timeout_s: float = START_TIMEOUT_S) -> str:
+        """Start one service (unless running) and wait until it is ready."""
+        process = self.processes[name]
+        if process.running_pid() is not None:
+            return f"{name:9} already running (pid {process.running_pid()})"
+        pid = process.start(self.argv(name), env=self._env())
+        try:
+            seconds = process.wait_until(lambda: self.is_ready(name), timeout_s, "ready")
+        except Unavailable:
+            process.stop(timeout_s=2.0, kill=True)
+            raise
+        return f"{name:9} pid {pid} ready in {seconds:.1f} s ({self.describe(name)})"
+
+    def describe(self, name: str) -> str:
+        p, o = self.ports, self.options
+        return {
+            "estimator": f"grpc 127.0.0.1:{p.estimator}",
+            "ingest": f"grpc {self.ingest_addr}",
+            "scheduler": f"policy {o.policy}, metrics :{p.scheduler_metrics}",
+            "worker": f"{len(read_workers_file(self.workers_copy))} simulated, "
+                      f"time scale {o.time_scale:g}",
+        }[name]
+
+    def restart_one(self, name: str, options: ServiceOptions | None = None) -> str:
+        """Stop one service and start it again (with new options, e.g. another policy)."""
+        self.processes[name].stop(timeout_s=self.options.shutdown_grace_s + 10)
+        if options is not None:
+            self.options = options
+            self._write_files()
+        return self.start_one(name)
+
+    def down(self) -> list[str]:
+        """Stop workers, scheduler, ingest, estimator (SIGTERM, SIGKILL after the grace)."""
+        lines = []
+        for name in reversed(SERVICE_NAMES):
+            stopped = self.processes[name].stop(timeout_s=self.options.shutdown_grace_s + 10)
+            lines.append(f"{name:9} {'stopped' if stopped else 'was not running'}")
+        return lines
+
+    def status(self) -> list[ServiceStatus]:
+        out = []
+        for name in SERVICE_NAMES:
+            pid = self.processes[name].running_pid()
+            ready = pid is not None and self.ports.ingest != 0 and self.is_ready(name)
+            out.append(ServiceStatus(name, pid, ready, self.describe(name) if pid else ""))
+        return out
+
+    def log_path(self, name: str) -> Path:
+        return self.processes[name].log_path
+
+
+# -------------------------------------------------------------------- checks
+def grpc_serving(target: str, timeout_s: float = 1.0) -> bool:
+    """Whether ``grpc.health.v1.Health/Check`` (service "") answers SERVING."""
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def scheduler_is_leader(metrics_port: int, timeout_s: float = 1.0) -> bool:
+    """Whether the scheduler's Prometheus endpoint reports ``qlm_scheduler_is_leader 1``."""
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{metrics_port}/metrics", timeout=timeout_s
+        ) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return False
+    return any(line.startswith("qlm_scheduler_is_leader ") and float(line.split()[1]) >= 1
+               for line in text.splitlines())
+
+
+# -------------------------------------------------------------------- profiles
+#: Every key of a profile JSON whose value is seconds (see qlm.core.perf).
+_TIME_FIELDS: Final[tuple[tuple[str, ...], ...]] = (
+    ("decode", "base_s"), ("decode", "per_seq_s"), ("decode", "per_ctx_token_s"),
+    ("swap", "sleep_s"), ("swap", "wake_s"), ("cold_load_s",),
+)
+
+
+def scaled_profile_json(data: Mapping[str, Any], time_scale: float) -> dict[str, Any]:
+    """A profile (JSON form) of a GPU ``time_scale`` times faster: every time divided by it.
+
+    Prefill seconds, decode step coefficients, sleep/wake and cold-load times scale;
+    token counts (KV capacity, batch and length limits) do not.
+    """
+    if not time_scale > 0:
+        raise InvalidInput("time_scale", f"must be > 0, got {time_scale}")
+    out: dict[str, Any] = json.loads(json.dumps(data))
+    out["prefill"]["seconds"] = [s / time_scale for s in data["prefill"]["seconds"]]
+    for path in _TIME_FIELDS:
+        holder: Any = out
+        for key in path[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and isinstance(holder.get(path[-1]), int | float):
+            holder[path[-1]] = holder[path[-1]] / time_scale
+    if time_scale != 1:
+        out["source"] = f"{data.get('source', '')} [times / {time_scale:g}]"
+    return out
+
+
+def write_scaled_profiles(source: Path, target: Path, time_scale: float) -> int:
+    """Write every ``*.json`` profile of ``source`` into ``target``, scaled; returns how many."""
+    target.mkdir(parents=True, exist_ok=True)
+    num = 0
+    for path in sorted(source.glob("*.json")):
+        data = json.loads(path.read_text())
+        (target / path.name).write_text(json.dumps(scaled_profile_json(data, time_scale),
+                                                   indent=1) + "\n")
+        num += 1
+    return num
+
+
+def with_policy(options: ServiceOptions, policy: str) -> ServiceOptions:
+    """The same options with another scheduler policy."""
+    return replace(options, policy=policy)
+
+
+__all__ = [
+    "DEFAULT_WORKERS_FILE",
+    "ServiceOptions",
+    "ServicePorts",
+    "ServiceStack",
+    "ServiceStatus",
+    "grpc_serving",
+    "scaled_profile_json",
+    "scheduler_is_leader",
+    "with_policy",
+    "write_scaled_profiles",
+]
+
