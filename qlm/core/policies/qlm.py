@@ -30,9 +30,10 @@ after the running work), and each big-M is the smallest value that leaves its
 constraint slack when the indicator is 0 — the LP relaxation stays tight enough for
 HiGHS to prove optimality on ~10 groups × 2 workers in well under a second.
 
-The MILP's plan and the heuristic's are both scored by the (stochastic) planning model
-and the better one is used; a MILP that fails or finds nothing in time falls back to
-the heuristic.
+The MILP runs only when the heuristic's plan falls short of an upper bound (every group
+alone on an idle worker, :func:`attainment_bound`); both plans are
+scored by the (stochastic) planning model and the better one is used; a MILP that fails
+or finds nothing within its budget falls back to the heuristic.
 
 **Heuristic** (large instances, and always as the MILP's competitor), O(G·log W):
 
@@ -87,6 +88,7 @@ from qlm.core.policies.planning import (
     WorkerLoadCache,
     lane_value,
     output_stats_from,
+    p_meet,
     walk,
 )
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
@@ -102,9 +104,9 @@ from qlm.core.types import (
 )
 
 DEFAULT_OPTIONS: Mapping[str, Any] = {
-    "milp_max_cells": 24,  # use the MILP when groups × workers ≤ this
-    "milp_time_limit_s": 1.0,  # wall-clock backstop only
-    "milp_node_limit": 2000,  # the deterministic budget
+    "milp_max_cells": 12,  # use the MILP when groups × workers ≤ this
+    "milp_time_limit_s": 0.2,  # wall-clock backstop only
+    "milp_node_limit": 300,  # the deterministic budget
     "improve_budget": 400,  # lane walks the local search may spend
     "hopeless_p": 0.02,
     "displace_below_p": 0.5,
@@ -526,6 +528,21 @@ def milp_plan(pc: PlanningContext, time_limit_s: float, node_limit: int = 2000) 
     return Plan(final, pc.score(final), "milp" if result.status == 0 else "milp (budget hit)")
 
 
+def attainment_bound(pc: PlanningContext) -> float:
+    """An upper bound on any plan's value: every group alone on an idle worker of the
+    shape that suits it best, starting now (no queue, no running work, no swap)."""
+    reps = _shape_representatives(pc.cost)
+    total = 0.0
+    for gi, g in enumerate(pc.stats):
+        best = 0.0
+        for rep in reps:
+            svc = pc.cost.service(gi, rep)
+            if svc is not None:
+                best = max(best, p_meet(g, svc, pc.now, 0.0))
+        total += pc.weight(gi) * g.size * best
+    return total
+
+
 # ------------------------------------------------------------------ LSOs
 def plan_swaps(pc: PlanningContext, plan: Plan) -> tuple[Swap, ...]:
     """A drained worker whose head group needs another model switches to it."""
@@ -666,8 +683,8 @@ class QlmPolicy:
         cells = len(pc.stats) * len(snapshot.workers)
         use_milp = bool(pc.stats) and cells <= int(options["milp_max_cells"])
         heuristic = heuristic_plan(pc, options, score=use_milp or self.always_score)
-        if not use_milp:
-            return pc, heuristic
+        if not use_milp or heuristic.value >= attainment_bound(pc) - 1e-3 * len(pc.stats):
+            return pc, heuristic  # nothing for the MILP to win
         exact = milp_plan(pc, float(options["milp_time_limit_s"]),
                           int(options["milp_node_limit"]))
         if isinstance(exact, str):
