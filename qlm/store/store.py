@@ -318,17 +318,12 @@ class RedisQueueStore:
         does not answer (then any subset of the items may have been written).
         """
         calls: list[_EnqueueCall | InvalidInput] = []
-        pipe = self._redis.pipeline(transaction=False)
         for request, prompt, params in items:
             try:
-                call = self._enqueue_call(request, prompt, params)
+                calls.append(self._enqueue_call(request, prompt, params))
             except InvalidInput as error:
                 calls.append(error)
-                continue
-            calls.append(call)
-            await self._scripts.enqueue(keys=call.keys, args=call.args, client=pipe)
-        with _redis_errors():
-            replies = iter(await pipe.execute(raise_on_error=True) if len(pipe) else [])
+        replies = iter(await self._run_enqueues([c for c in calls if isinstance(c, _EnqueueCall)]))
         results: list[EnqueueResult | InvalidInput] = []
         for call_or_error in calls:
             if isinstance(call_or_error, InvalidInput):
@@ -339,6 +334,30 @@ class RedisQueueStore:
             except InvalidInput as error:
                 results.append(error)
         return results
+
+    async def _run_enqueues(self, calls: Sequence[_EnqueueCall]) -> list[Any]:
+        """The enqueue script's replies for ``calls``: EVALSHA in one pipeline, one round
+        trip (redis-py's pipelined Script would add a SCRIPT EXISTS round trip each time).
+        The script is loaded and the batch sent again only if Redis lost it (NOSCRIPT:
+        then no EVALSHA of the batch ran)."""
+        if not calls:
+            return []
+        script = self._scripts.enqueue
+        for _ in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for call in calls:
+                pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+            with _redis_errors():
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                break
+            with _redis_errors():
+                await self._redis.script_load(script.script)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                with _redis_errors():
+                    raise reply
+        return replies
 
     def _enqueue_call(
         self, request: Request, prompt: Any, params: Mapping[str, Any] | None

@@ -58,8 +58,7 @@ class BusEvents:
 
     async def admitted(self, record: RequestRecord, prediction: Prediction) -> None:
         request = record.request
-        # Built from a record the store validated: skip pydantic's re-validation (hot path).
-        event = Event.model_construct(
+        event = Event(
             type="admitted",
             request_id=request.id,
             model=request.model,

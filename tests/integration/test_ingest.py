@@ -503,6 +503,9 @@ async def test_enqueue_many_answers_like_one_enqueue_per_item(redis_url: str) ->
             return Request(request_id, "m7b", 4, max_tokens, SLOClass.BATCH_1, SLO(60.0), 100.0)
 
         first = await store.enqueue(request("a"), prompt="p")
+        flusher = aioredis.Redis.from_url(redis_url)
+        await flusher.script_flush()  # the batch must load the script again by itself
+        await flusher.aclose()
         results = await store.enqueue_many([
             (request("a"), "p", None),       # exists, same payload
             (request("b"), "p", {"seed": 1}),  # new
