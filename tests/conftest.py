@@ -31,7 +31,7 @@ import redis
 
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import Unavailable
-from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
+from qlm.localstack import KafkaServer, RedisServer
 
 
 def in_ci() -> bool:
@@ -48,11 +48,10 @@ def server_unavailable(reason: str) -> NoReturn:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(
-        tmp_path_factory.mktemp("redis"), free_loopback_port(), die_with_parent=True
-    )
     try:
-        server.start()
+        server = RedisServer.start_on_free_port(
+            tmp_path_factory.mktemp("redis"), die_with_parent=True
+        )
     except Unavailable as error:
         server_unavailable(f"redis-server did not start: {error}")
     yield server
@@ -73,14 +72,10 @@ def redis_url(redis_server: RedisServer) -> str:
 
 @pytest.fixture(scope="session")
 def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
-    server = KafkaServer(
-        tmp_path_factory.mktemp("kafka"),
-        free_loopback_port(),
-        free_loopback_port(),
-        die_with_parent=True,
-    )
     try:
-        server.start()
+        server = KafkaServer.start_on_free_ports(
+            tmp_path_factory.mktemp("kafka"), die_with_parent=True
+        )
     except Unavailable as error:
         server_unavailable(f"Kafka did not start: {error}")
     yield server

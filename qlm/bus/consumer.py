@@ -25,7 +25,8 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import DeadLetter
@@ -48,6 +49,19 @@ class HandlerFailed(QlmError):
         self.topic = topic
         self.partition = partition
         self.offset = offset
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):
+    """Before partitions move to another member, commit what was handled on them."""
+
+    def __init__(self, consumer: BusConsumer[Any]) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._consumer._commit_handled(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        return None
 
 
 class _StopRequested(Exception):
@@ -107,8 +121,9 @@ class BusConsumer(Generic[T]):
         self._stopping = asyncio.Event()
         self._running: asyncio.Future[None] | None = None
         self._closed = False
+        #: Next offset to commit per partition: records handled but not committed yet.
+        self._handled: dict[TopicPartition, int] = {}
         self._consumer = AIOKafkaConsumer(
-            *topics,
             bootstrap_servers=bootstrap_servers,
             group_id=group_id,
             client_id=client_id,
@@ -117,6 +132,7 @@ class BusConsumer(Generic[T]):
             isolation_level="read_committed",
             session_timeout_ms=self.options.session_timeout_ms,
         )
+        self._consumer.subscribe(list(topics), listener=_CommitOnRevoke(self))
 
     async def start(self) -> None:
         """Connect and join the group; raises Unavailable when no broker answers."""
@@ -161,17 +177,18 @@ class BusConsumer(Generic[T]):
     async def _consume_partition(
         self, partition: TopicPartition, records: Sequence[ConsumerRecord[Any, Any]]
     ) -> None:
-        """Handle records in order; commit the offset after the last one handled."""
-        next_offset: int | None = None
+        """Handle records in order; commit the offset after the last one handled.
+
+        Stops early when the partition was revoked meanwhile (its new owner takes over).
+        """
         try:
             for record in records:
-                if self._stopping.is_set():
+                if self._stopping.is_set() or partition not in self._consumer.assignment():
                     break
                 await self._consume_one(record)
-                next_offset = record.offset + 1
+                self._handled[partition] = record.offset + 1
         finally:
-            if next_offset is not None:
-                await self._commit(partition, next_offset)
+            await self._commit_handled({partition})
 
     async def _consume_one(self, record: ConsumerRecord[Any, Any]) -> None:
         try:
@@ -219,8 +236,12 @@ class BusConsumer(Generic[T]):
             offset=record.offset, field=error.field, reason=error.problem,
         )  # fmt: skip
 
-    async def _commit(self, partition: TopicPartition, next_offset: int) -> None:
+    async def _commit_handled(self, partitions: set[TopicPartition]) -> None:
+        """Commit the handled offsets of ``partitions`` (those with anything handled)."""
+        offsets = {tp: self._handled.pop(tp) for tp in partitions if tp in self._handled}
+        if not offsets:
+            return
         try:
-            await self._consumer.commit({partition: next_offset})
-        except CommitFailedError as error:  # the partition moved to another member meanwhile
-            log.warning("kafka_commit_failed", partition=str(partition), error=str(error))
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as error:  # moved to another member
+            log.warning("kafka_commit_failed", offsets=str(offsets), error=str(error))

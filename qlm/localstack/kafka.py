@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from qlm.core.errors import Unavailable
-from qlm.localstack.process import ServerProcess, ensure_port_free
+from qlm.localstack.process import ServerProcess, ensure_port_free, free_loopback_port
 
 DEFAULT_KAFKA_VERSION = "4.1.1"
 DEFAULT_KAFKA_PORT = 9092
@@ -261,6 +261,27 @@ class KafkaServer:
             self.process.stop(timeout_s=2.0, kill=True)
             raise
         return time.monotonic() - started_at
+
+    @classmethod
+    def start_on_free_ports(
+        cls, data_dir: Path, die_with_parent: bool = False, num_attempts: int = 3
+    ) -> KafkaServer:
+        """A started broker on free loopback ports; tries new ports when one is taken first.
+
+        Raises the last Unavailable when every attempt fails.
+        """
+        for attempt in range(1, num_attempts + 1):
+            server = cls(
+                data_dir, free_loopback_port(), free_loopback_port(),
+                die_with_parent=die_with_parent,
+            )  # fmt: skip
+            try:
+                server.start()
+                return server
+            except Unavailable:
+                if attempt == num_attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def stop(self, kill: bool = False) -> bool:
         """Controlled shutdown on SIGTERM (or SIGKILL with ``kill``); False when none ran."""

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from qlm.core.errors import Unavailable
-from qlm.localstack.process import ServerProcess, ensure_port_free
+from qlm.localstack.process import ServerProcess, ensure_port_free, free_loopback_port
 
 DEFAULT_REDIS_PORT = 6379
 START_TIMEOUT_S = 20.0
@@ -86,6 +86,24 @@ class RedisServer:
         except Unavailable:
             self.process.stop(timeout_s=2.0, kill=True)
             raise
+
+    @classmethod
+    def start_on_free_port(
+        cls, data_dir: Path, die_with_parent: bool = False, num_attempts: int = 3
+    ) -> RedisServer:
+        """A started server on a free loopback port; tries new ports when one is taken first.
+
+        Raises the last Unavailable when every attempt fails.
+        """
+        for attempt in range(1, num_attempts + 1):
+            server = cls(data_dir, free_loopback_port(), die_with_parent=die_with_parent)
+            try:
+                server.start()
+                return server
+            except Unavailable:
+                if attempt == num_attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def stop(self, kill: bool = False) -> bool:
         """SIGTERM (Redis flushes the AOF and exits) or, with ``kill``, SIGKILL.

@@ -219,3 +219,35 @@ async def test_stop_while_idle_ends_the_run(
     await asyncio.wait_for(consumer.stop(), 15)
     await asyncio.wait_for(running, 1)
     assert running.done() and running.exception() is None
+
+
+async def test_a_rebalance_loses_no_record(
+    kafka_bootstrap: str, topics: TopicNames, producer: BusProducer
+) -> None:
+    request_ids = [f"r{i}" for i in range(40)]  # keys spread over the 4 partitions
+    for request_id in request_ids:
+        await producer.publish(topics.events, event(request_id))
+    handled: list[str] = []
+
+    async def slow(value: Event, record: ConsumerRecord[Any, Any]) -> None:
+        await asyncio.sleep(0.02)
+        handled.append(value.request_id)
+
+    first = consumer_of(kafka_bootstrap, topics, producer, slow, "rebalance")
+    second = consumer_of(kafka_bootstrap, topics, producer, slow, "rebalance")
+    await first.start()
+    running = [asyncio.create_task(first.run())]
+    await until(lambda: len(handled) >= 5, "the first records")
+    await second.start()  # joining moves partitions away from the first consumer
+    running.append(asyncio.create_task(second.run()))
+    await until(lambda: set(handled) == set(request_ids), "every record")
+    await asyncio.gather(first.stop(), second.stop())
+    await asyncio.gather(*running)
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets("rebalance")
+    finally:
+        await admin.close()
+    assert sum(meta.offset for tp, meta in offsets.items() if tp.topic == topics.events) == 40
