@@ -105,7 +105,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_up_then_down_leaves_no_process(tmp_path: Path) -> None:
     stack_dir = tmp_path / "stack"
-    up = _localstack("up", stack_dir, "--redis-port", "0", "--kafka-port", "0",
+    up = _localstack("up", stack_dir, "--brokers-only", "--redis-port", "0", "--kafka-port", "0",
                      "--controller-port", "0")  # fmt: skip
     if up.returncode != 0:
         _localstack("down", stack_dir)
