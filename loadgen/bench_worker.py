@@ -124,6 +124,8 @@ def main() -> int:
     parser.add_argument("--time-scale", type=float, default=100.0)
     parser.add_argument("--pull-interval-s", type=float, default=0.005)
     parser.add_argument("--gap-s", type=float, default=0.01)
+    parser.add_argument("--poll-only", action="store_true",
+                        help="no queue notifications: the worker only polls")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="qlm-bench-worker-"))
@@ -138,7 +140,7 @@ def main() -> int:
          "--pull-interval-s", str(args.pull_interval_s), "--redis-url", redis.url,
          "--kafka-bootstrap", kafka.bootstrap_servers, "--host", "127.0.0.1",
          "--health-port", str(health_port), "--metrics-port", str(free_loopback_port()),
-         "--log-level", "warning"],
+         "--log-level", "warning", "--wake-on-enqueue", str(not args.poll_only).lower()],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )  # fmt: skip
     try:

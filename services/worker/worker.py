@@ -146,11 +146,13 @@ class Worker:
         self.wake = asyncio.Event()
         self.poll_interval_s = self.options.pull_interval_s
         self._swap_lock = asyncio.Lock()
+        self._pull_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_stats: EngineStats | None = None
         self._last_stats_at = 0.0
         self._outbox: asyncio.Queue[tuple[BusRecord, str]] = asyncio.Queue()
         self._sender: asyncio.Task[None] | None = None
+        self._pull_task: asyncio.Task[None] | None = None
 
     # ================================================================ lifecycle
     async def start(self) -> None:
@@ -158,8 +160,8 @@ class Worker:
         self._last_stats, self._last_stats_at = self.engine.stats(), time.monotonic()
         self._set_active_model_gauge()
         self._sender = asyncio.create_task(self._send_loop(), name=f"worker-{self.id}-send")
+        self._pull_task = asyncio.create_task(self._pull_loop(), name=f"worker-{self.id}-pull")
         for name, loop in (
-            ("pull", self._pull_loop),
             ("renew", self._renew_loop),
             ("telemetry", self._telemetry_loop),
         ):
@@ -173,6 +175,8 @@ class Worker:
         self.draining = True
         self.wake.set()
         deadline = time.monotonic() + grace_s
+        if self._pull_task is not None:  # its pull in flight ends and starts what it took
+            await self._pull_task
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         leftover = list(self.running.values())
@@ -195,14 +199,18 @@ class Worker:
     # ================================================================ pull
     async def _pull_loop(self) -> None:
         while not self.draining:
+            self.wake.clear()  # before looking: a wake-up during the pull is not lost
             try:
                 num_pulled = await self.pull_once()
             except (Unavailable, OSError) as error:
                 log.warning("pull_failed", worker=self.id, error=str(error))
                 num_pulled = 0
                 await asyncio.sleep(0.5)
-            if num_pulled == 0:
-                self.wake.clear()
+            except Exception:  # a bug must not stop the worker pulling for good
+                log.exception("pull_failed", worker=self.id)
+                num_pulled = 0
+                await asyncio.sleep(0.5)
+            if num_pulled == 0 and not self.draining:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=self.poll_interval_s)
 
@@ -228,6 +236,10 @@ class Worker:
 
     async def pull_once(self) -> int:
         """One backpressure pull; returns how many requests were started."""
+        async with self._pull_lock:  # a swap waits for a pull in flight to start its requests
+            return await self._pull_unlocked()
+
+    async def _pull_unlocked(self) -> int:
         if self.draining or self.swapping:
             return 0
         view = self.view()
@@ -252,6 +264,10 @@ class Worker:
             started_at = record.started_at or self.clock()
             if record.request.num_generated >= record.request.max_tokens:
                 await self._ack_complete(record)
+                return
+            if record.request.model != self.engine.active_model:  # not ours to fail: put back
+                with contextlib.suppress(LeaseLost):
+                    await self.store.requeue(self.id, record.id)
                 return
             try:
                 engine_request = await self._engine_request(record)
@@ -498,6 +514,8 @@ class Worker:
                 await self.renew_once()
             except (Unavailable, OSError) as error:
                 log.warning("renew_failed", worker=self.id, error=str(error))
+            except Exception:
+                log.exception("renew_failed", worker=self.id)
 
     async def renew_once(self) -> None:
         """Extend leases; drop lost requests; stop cancelled ones."""
@@ -537,7 +555,8 @@ class Worker:
             current = self.engine.active_model
             if current == to_model or self.draining:
                 return
-            self.swapping = True
+            async with self._pull_lock:
+                self.swapping = True
             started = time.monotonic()
             try:
                 await asyncio.gather(*(self._evict(r, "swap") for r in list(self.running.values())))
@@ -560,7 +579,10 @@ class Worker:
     async def _telemetry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options.telemetry_interval_s)
-            self._publish_telemetry()
+            try:
+                self._publish_telemetry()
+            except Exception:
+                log.exception("telemetry_failed", worker=self.id)
 
     def _publish_telemetry(self) -> None:
         stats = self.engine.stats()
