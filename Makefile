@@ -58,6 +58,9 @@ bench-store:
 bench-submit:
 	$(PYTHON) -m loadgen.bench_submit --out docs/results/bench_submit.json
 
+bench-worker:
+	$(PYTHON) -m loadgen.bench_worker --requests 200 --warmup 20 --out docs/results/bench_worker.json
+
 profiles:
 	$(PYTHON) -m loadgen.profiles
 
