@@ -52,12 +52,13 @@ DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
 RATES: Mapping[str, tuple[float, ...]] = {
     "WA": (20, 40, 80, 160, 320, 640),
     "WB": (5, 10, 20, 40, 80, 160),
-    "WC": (2, 4, 8, 16, 32, 64),
+    "WC": (2, 3, 4, 6, 8, 12),
 }
+#: --quick: one light and one heavy rate of each sweep.
 QUICK_RATES: Mapping[str, tuple[float, ...]] = {
-    "WA": (20, 80, 320),
-    "WB": (5, 20, 80),
-    "WC": (2, 8, 32),
+    "WA": (40, 320),
+    "WB": (10, 80),
+    "WC": (3, 8),
 }
 #: Requests per run on the ``mini`` cluster. 3,500 is the paper's trace length; WA
 #: needs twice that on 3 GPUs: even all at once, 3,500 ShareGPT-like requests drain

@@ -69,7 +69,7 @@ class SimConfig:
 
     tick_s: float = 1.0
     group_window_s: float = 1.0
-    min_decision_interval_s: float = 0.1
+    min_decision_interval_s: float = 0.25
     max_prefill_tokens: int = 8192
     pcie_gb_s: float = 25.0
     horizon_s: float = 6 * 3600.0
