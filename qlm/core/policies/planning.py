@@ -245,6 +245,10 @@ class WorkerLoad:
     remaining_sorted: tuple[float, ...]
     kv_reserved_tokens: int
     loosest_ttft_s: float  # the largest TTFT SLO among running requests (0 if none)
+    #: Running requests in the order they should be evicted: largest remaining slack
+    #: first (past their first token: their TTFT SLO is met, infinite slack; else latest
+    #: deadline first), then most remaining output, then id.
+    eviction_order: tuple[RunningRequest, ...] = ()
 
 
 def summarise_running(running: Sequence[RunningRequest],
@@ -262,8 +266,14 @@ def summarise_running(running: Sequence[RunningRequest],
     expected = DEFAULT_EXPECTED_OUTPUT_TOKENS
     reserved = prompt + np.minimum(cap.astype(np.int64),
                                    np.maximum(done.astype(np.int64) + 1, expected))
+    order = tuple(sorted(running, key=lambda rr: (
+        rr.first_token_at is None,
+        -rr.request.deadline_at if rr.first_token_at is None else 0.0,
+        rr.request.num_generated - rr.request.max_tokens,
+        rr.request.id,
+    )))
     return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
-                      int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running))
+                      int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running), order)
 
 
 class WorkerLoadCache:

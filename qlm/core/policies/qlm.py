@@ -585,17 +585,15 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
         slots = walk(cost, Lane(wi, w, pc.loads[wi], cost, now), order[:1])
         if slots[0].p_meet >= float(options["evict_below_p"]):
             continue
-        victims = sorted(
-            (rr for rr in w.running if rr.request.slo.ttft_s > head.ttft_s),
-            key=lambda rr: (
-                -(math.inf if rr.first_token_at is not None else rr.request.deadline_at - now),
-                -(rr.request.max_tokens - rr.request.num_generated),
-                rr.request.id,
-            ),
-        )
-        for rr in victims[:short]:
-            evictions.append(Evict(w.id, rr.request.id, reason=f"slo:{head.key}",
-                                   state_swap=_state_swap_pays(pc, wi, rr, options)))
+        reason = f"slo:{head.key}"
+        taken = 0
+        for rr in pc.loads[wi].eviction_order:
+            if taken >= short:
+                break
+            if rr.request.slo.ttft_s > head.ttft_s:
+                evictions.append(Evict(w.id, rr.request.id, reason=reason,
+                                       state_swap=_state_swap_pays(pc, wi, rr, options)))
+                taken += 1
     return tuple(evictions)
 
 
