@@ -46,6 +46,9 @@ down:
 status:
 	$(PYTHON) -m qlm.localstack status --dir .qlm
 
+demo:
+	$(PYTHON) -m loadgen.demo --dir .qlm/demo --out $(OUT)/demo
+
 sim-quick:
 	$(PYTHON) -m loadgen.sim --workload WA --quick --out $(OUT)/sim-WA
 

@@ -1,0 +1,109 @@
+"""The SLO report of an experiment: ``summary.json`` entries, the table, the plots.
+
+One format for every runner (the simulator's ``loadgen.sim`` and the stack's
+``loadgen.demo``), so that their tables can be laid side by side. ``summary.json``::
+
+    {"workload": str, "rates": [..], "policies": {name: {
+        "slo_attainment": [per rate], "slo_attainment_by_class": {cls: [..]},
+        "throughput_rps": [..], "throughput_tok_s": [..], "ttft_p50_s": [..], "ttft_p99_s": [..],
+        "tpot_p50_s": [..], "tpot_p99_s": [..], "gpu_util": [..], "swaps": [..],
+        "evictions": [..], "decision_ms_p50": [..], "decision_ms_p99": [..],
+        "num_decisions": [..], "invalid_actions": [..], "wait_r2": [..], "wall_s": [..]}},
+     ... extra keys of the runner}
+
+A value that was not measured is ``null`` (shown as ``—``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from qlm.sim.metrics import RunMetrics
+
+PER_RATE_KEYS = (
+    "slo_attainment", "throughput_rps", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s",
+    "tpot_p50_s", "tpot_p99_s", "gpu_util", "swaps", "evictions", "decision_ms_p50",
+    "decision_ms_p99", "num_decisions", "invalid_actions",
+)
+
+
+def num(x: float | None) -> float | None:
+    """A JSON number: None for NaN (not measured), else rounded to 6 decimals."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if np.isnan(x) else round(x, 6)
+
+
+def policy_entry(runs: Sequence[tuple[RunMetrics, float, float]]) -> dict[str, Any]:
+    """One policy's entry: per-rate lists from ``(metrics, wait_r2, wall_s)`` of each rate."""
+    metrics = [m for m, _, _ in runs]
+    entry: dict[str, Any] = {k: [num(getattr(m, k)) for m in metrics] for k in PER_RATE_KEYS}
+    classes = sorted({c for m in metrics for c in m.slo_attainment_by_class})
+    entry["slo_attainment_by_class"] = {
+        c: [num(m.slo_attainment_by_class.get(c, float("nan"))) for m in metrics]
+        for c in classes
+    }
+    entry["wait_r2"] = [num(r2) for _, r2, _ in runs]
+    entry["wall_s"] = [round(wall, 3) for _, _, wall in runs]
+    return entry
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _count(x: float | None) -> str:
+    return "—" if x is None else str(int(x))
+
+
+def print_table(summary: Mapping[str, Any], title: str | None = None) -> None:
+    """The report table: one row per rate and policy, SLO attainment overall and per class."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or f"{summary['workload']} on {summary['cluster']} "
+                                 f"({summary['num_requests']} requests, seed {summary['seed']})")
+    classes = sorted(
+        {c for p in summary["policies"].values() for c in p["slo_attainment_by_class"]}
+    )
+    for col in ("rate", "policy", "SLO", *classes, "req/s", "tok/s", "TTFT p99",
+                "util", "swaps", "evict", "dec p99 ms", "R²"):
+        table.add_column(col, justify="right")
+    for i, rate in enumerate(summary["rates"]):
+        for name, p in summary["policies"].items():
+            table.add_row(
+                f"{rate:g}", name, fmt(p["slo_attainment"][i]),
+                *(fmt(p["slo_attainment_by_class"].get(c, [None] * (i + 1))[i]) for c in classes),
+                fmt(p["throughput_rps"][i], 1), fmt(p["throughput_tok_s"][i], 0),
+                fmt(p["ttft_p99_s"][i], 1), fmt(p["gpu_util"][i], 2),
+                _count(p["swaps"][i]), _count(p["evictions"][i]),
+                fmt(p["decision_ms_p99"][i], 2), fmt(p["wait_r2"][i], 2),
+            )
+        if i < len(summary["rates"]) - 1:
+            table.add_section()
+    Console(width=200).print(table)
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+    """The same table as Markdown (for docs/results)."""
+    classes = sorted(
+        {c for p in summary["policies"].values() for c in p["slo_attainment_by_class"]}
+    )
+    head = ["rate", "policy", "SLO", *classes, "req/s", "tok/s", "TTFT p99", "util", "swaps",
+            "evict", "dec p99 ms", "R²"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for i, rate in enumerate(summary["rates"]):
+        for name, p in summary["policies"].items():
+            row = [f"{rate:g}", name, fmt(p["slo_attainment"][i]),
+                   *(fmt(p["slo_attainment_by_class"].get(c, [None] * (i + 1))[i])
+                     for c in classes),
+                   fmt(p["throughput_rps"][i], 1), fmt(p["throughput_tok_s"][i], 0),
+                   fmt(p["ttft_p99_s"][i], 1), fmt(p["gpu_util"][i], 2),
+                   _count(p["swaps"][i]), _count(p["evictions"][i]),
+                   fmt(p["decision_ms_p99"][i], 2), fmt(p["wait_r2"][i], 2)]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
