@@ -74,7 +74,7 @@ def redis_url(redis_server: RedisServer) -> str:
 def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
     try:
         server = KafkaServer.start_on_free_ports(
-            tmp_path_factory.mktemp("kafka"), die_with_parent=True
+            tmp_path_factory.mktemp("kafka"), die_with_parent=True, quick_start=True
         )
     except Unavailable as error:
         server_unavailable(f"Kafka did not start: {error}")

@@ -3,12 +3,14 @@
 ``up`` starts what is not running yet and writes ``stack.json`` (ports) and
 ``stack.env`` (``QLM_REDIS_URL``, ``QLM_KAFKA_BOOTSTRAP``) so that other
 processes can find the servers; ``down`` stops exactly the processes whose pid
-files are under the directory.
+files are under the directory. ``QLM_KAFKA_QUICK_START=1`` starts Kafka with JIT
+tier 1 only (faster start, lower peak throughput; for tests).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +59,12 @@ class LocalStack:
         self.stack_dir = stack_dir.resolve()
         self.ports = ports
         self.redis = RedisServer(self.stack_dir / "redis", ports.redis)
-        self.kafka = KafkaServer(self.stack_dir / "kafka", ports.kafka, ports.kafka_controller)
+        self.kafka = KafkaServer(
+            self.stack_dir / "kafka",
+            ports.kafka,
+            ports.kafka_controller,
+            quick_start=os.environ.get("QLM_KAFKA_QUICK_START", "") in {"1", "true", "yes"},
+        )
 
     @classmethod
     def open(cls, stack_dir: Path, requested: StackPorts) -> LocalStack:

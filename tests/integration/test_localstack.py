@@ -85,7 +85,7 @@ async def test_kafka_answers_clients(
 
 
 def _localstack(command: str, stack_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "QLM_KAFKA_QUICK_START": "1"}
     return subprocess.run(
         [sys.executable, "-m", "qlm.localstack", command, "--dir", str(stack_dir), *flags],
         capture_output=True, text=True, timeout=180, env=env, check=False,
