@@ -5,7 +5,9 @@
 and reflection, behind the one error interceptor of qlm's servers. ``qlm.telemetry`` and
 ``qlm.events`` are tailed from their end (:mod:`qlm.bus.tail`): telemetry moves the
 per-(model, GPU) correction and keeps the worker roster live; ``admitted`` and
-``first_token`` events pair predicted with realised waits (Prometheus histograms).
+``first_token`` events pair predicted with realised waits (Prometheus histograms). The
+queue view is re-read in the background every ``refresh_interval_s``, so PredictWait on
+ingest's submit path never waits for a snapshot.
 
 Graceful shutdown (SIGTERM): health NOT_SERVING, the server stops taking calls and
 drains for ``shutdown_grace_s``, then the tail and the clients close.
@@ -98,7 +100,8 @@ class EstimatorApp:
             self._metrics_server = server
         await self.refresh_health()
         self._tasks = [asyncio.create_task(self.tail.run(), name="estimator-tail"),
-                       asyncio.create_task(self._watch_health(), name="estimator-health")]
+                       asyncio.create_task(self._watch_health(), name="estimator-health"),
+                       asyncio.create_task(self.plane.keep_fresh(), name="estimator-view")]
         log.info("estimator_listening", port=self.port, metrics_port=self.metrics_port,
                  profiles=len(self.profiles.profiles), workers=sorted(self.roster.workers))
 

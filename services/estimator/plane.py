@@ -27,6 +27,8 @@ this plane in process instead of calling the service.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -38,7 +40,7 @@ from typing import Final
 import numpy as np
 
 from qlm.bus.records import Event, Telemetry
-from qlm.core.errors import InvalidInput, NotFound
+from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.estimator import PREFILL_TOKENS_PER_STEP, RWTEstimator, WaitEstimate
 from qlm.core.perf import PerfProfile
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, can_serve
@@ -352,16 +354,33 @@ class EstimatorPlane:
         self.on_answer = on_answer
         self._view: QueueSnapshot | None = None
         self._view_at = -math.inf
+        self._kept_fresh = False
         self._predicted: OrderedDict[str, float] = OrderedDict()
 
     async def view(self) -> QueueSnapshot:
-        """The queue as of at most ``refresh_interval_s`` ago, at the current time."""
+        """The latest queue view, at the current time. Without a running
+        :meth:`keep_fresh` it is re-read here when older than ``refresh_interval_s``; with
+        one, a call never waits for Redis (except for the very first view)."""
         now = self.clock()
-        if self._view is None or now - self._view_at >= self.refresh_interval_s:
+        stale = now - self._view_at >= self.refresh_interval_s
+        if self._view is None or (stale and not self._kept_fresh):
             await self.refresh(now)
         assert self._view is not None
         workers = self._view.workers
         return QueueSnapshot(now, self._view.groups, workers, self._view.virtual_queues)
+
+    async def keep_fresh(self) -> None:
+        """Re-read the view every ``refresh_interval_s`` until cancelled (a task), so that
+        predictions on the submit path never wait for a snapshot of a large queue."""
+        self._kept_fresh = True
+        try:
+            while True:
+                started = self.clock()
+                with contextlib.suppress(Unavailable):  # keep the last view; health says why
+                    await self.refresh(started)
+                await asyncio.sleep(max(0.0, self.refresh_interval_s - (self.clock() - started)))
+        finally:
+            self._kept_fresh = False
 
     async def refresh(self, now: float | None = None) -> QueueSnapshot:
         now = self.clock() if now is None else now

@@ -73,7 +73,7 @@ async def estimator(redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNam
         "redis_url": redis_url, "kafka_bootstrap": kafka_bootstrap,
         "topic_prefix": kafka_topics.prefix, "host": "127.0.0.1", "port": 0,
         "serve_metrics": False, "workers_file": workers_file, "worker_timeout_s": 0,
-        "refresh_interval_s": 0.01, "log_json": False, "shutdown_grace_s": 0.5}
+        "refresh_interval_s": 3600.0, "log_json": False, "shutdown_grace_s": 0.5}
     settings = EstimatorSettings(**values)
     app = EstimatorApp(settings, profiles=PROFILES)
     await app.start()
@@ -93,12 +93,15 @@ def _request(slo_class: SLOClass = SLOClass.INTERACTIVE, *, prompt: int = 500,
                    SLO.for_class(slo_class), time.time())
 
 
-async def _queue_on_worker(store: RedisQueueStore, requests: list[Request]) -> None:
-    """Enqueue ``requests`` and put their groups on the worker's virtual queue."""
+async def _queue_on_worker(store: RedisQueueStore, requests: list[Request],
+                           estimator: EstimatorApp) -> None:
+    """Enqueue ``requests``, put their groups on the worker's virtual queue and have the
+    estimator read the queue now (its background refresh is hourly in these tests)."""
     for request in requests:
         await store.enqueue(request)
     groups = sorted({store.group_of(r) for r in requests})
     await store.set_virtual_queue(WORKER, groups)
+    await estimator.plane.refresh()
 
 
 def _worker_view() -> Any:
@@ -114,7 +117,7 @@ async def test_health_and_predict_wait_agree_with_the_core_estimator(
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
     queued = [_request() for _ in range(600)]
-    await _queue_on_worker(store, queued)
+    await _queue_on_worker(store, queued, estimator)
     answer = await stub.PredictWait(epb.PredictWaitRequest(
         model=MODEL, slo_class=pb.SLO_CLASS_INTERACTIVE, prompt_tokens=300, max_tokens=200))
 
@@ -194,7 +197,7 @@ async def test_telemetry_moves_the_correction_and_the_predictions(
     estimator: EstimatorApp, stub: estimator_pb2_grpc.EstimatorStub, store: RedisQueueStore,
     kafka_bootstrap: str, kafka_topics: TopicNames,
 ) -> None:
-    await _queue_on_worker(store, [_request() for _ in range(600)])
+    await _queue_on_worker(store, [_request() for _ in range(600)], estimator)
     query = epb.PredictWaitRequest(model=MODEL, slo_class=pb.SLO_CLASS_INTERACTIVE,
                                    prompt_tokens=300, max_tokens=200)
     before = await stub.PredictWait(query)
@@ -245,14 +248,14 @@ def _submit(slo_class: str, request_id: str | None = None) -> dict[str, Any]:
 
 
 async def test_admission_rejects_hopeless_interactive_requests_and_queues_batch(
-    ingest: IngestApp, store: RedisQueueStore
+    ingest: IngestApp, store: RedisQueueStore, estimator: EstimatorApp
 ) -> None:
     async with QlmClient(f"127.0.0.1:{ingest.port}", timeout_s=10) as client:
         light = await client.submit(_submit("interactive"))  # empty queue: admitted
         assert light.state == pb.REQUEST_STATE_QUEUED
 
         hopeless = [_request(prompt=2000, max_tokens=2000) for _ in range(3000)]
-        await _queue_on_worker(store, hopeless)
+        await _queue_on_worker(store, hopeless, estimator)
         refused_id = uuid.uuid4().hex
         with pytest.raises(Overloaded) as refused:
             await client.submit(_submit("interactive", refused_id))
@@ -273,9 +276,10 @@ async def test_admission_rejects_hopeless_interactive_requests_and_queues_batch(
 
 
 async def test_the_status_carries_retry_after_as_trailing_metadata(
-    ingest: IngestApp, store: RedisQueueStore
+    ingest: IngestApp, store: RedisQueueStore, estimator: EstimatorApp
 ) -> None:
-    await _queue_on_worker(store, [_request(prompt=2000, max_tokens=2000) for _ in range(3000)])
+    hopeless = [_request(prompt=2000, max_tokens=2000) for _ in range(3000)]
+    await _queue_on_worker(store, hopeless, estimator)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ingest.port}") as channel:
         from qlm.api.v1 import qlm_pb2_grpc
         from qlm.client import submit_request

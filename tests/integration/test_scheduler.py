@@ -8,6 +8,9 @@ Replicas run in process (:class:`SchedulerApp`); a crash is :meth:`SchedulerApp.
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
 from qlm.bus.records import LsoCommand
@@ -43,7 +47,8 @@ workers:
   - {id: w-mistral, gpu: A100-80GB, models: [mistral-7b, vicuna-13b]}
   - {id: w-vicuna, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}
 """
-TAKEOVER_TIMEOUT_S = 20.0  # generous: the lease is 1.5 s
+TAKEOVER_TIMEOUT_S = 20.0  # generous: the lease is 1.5 s (2 s for processes)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -290,3 +295,52 @@ async def test_expired_leases_go_back_to_the_queue(
         r.id for r in requests)
     assert snapshot.virtual_queues.get("w-gone", ()) == ()  # not a live worker: no queue
     assert app.metrics.requeued.labels("queued")._value.get() == 3
+
+
+# ------------------------------------------------------------------ real processes
+def _spawn(instance_id: str, redis_url: str, kafka: str, topics: TopicNames,
+           workers_file: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "services.scheduler", "--instance-id", instance_id,
+            "--redis-url", redis_url, "--kafka-bootstrap", kafka,
+            "--topic-prefix", topics.prefix, "--workers-file", str(workers_file),
+            "--policy", "fcfs", "--metrics-port", "0", "--host", "127.0.0.1",
+            "--lease-ttl-s", "2", "--lease-renew-s", "0.5", "--lease-margin-s", "0.3",
+            "--log-json", "false"]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def test_killing_the_leader_process_hands_over_to_the_standby_process(
+    redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNames, workers_file: Path
+) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    processes = {name: _spawn(name, redis_url, kafka_bootstrap, kafka_topics, workers_file)
+                 for name in ("proc-a", "proc-b")}
+    try:
+        async def owner() -> str | None:
+            value = await client.get("qlm:scheduler:leader")
+            return None if value is None else str(value)
+
+        await eventually(lambda: _is_in(owner(), processes), 60.0, "a leader process")
+        leader = await owner()
+        assert leader is not None
+        standby = next(name for name in processes if name != leader)
+        processes[leader].send_signal(signal.SIGKILL)  # no release: the lease must expire
+        processes[leader].wait(timeout=10)
+
+        async def standby_leads() -> bool:
+            return await owner() == standby
+
+        await eventually(standby_leads, TAKEOVER_TIMEOUT_S, "standby process takeover")
+        processes[standby].send_signal(signal.SIGTERM)  # graceful: releases the lease
+        assert processes[standby].wait(timeout=30) == 0, processes[standby].stderr
+        assert await owner() is None
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        await client.aclose()
+
+
+async def _is_in(value: Awaitable[str | None], names: dict[str, Any]) -> bool:
+    return await value in names
