@@ -131,13 +131,17 @@ def sim_workers(workers_file: Path) -> tuple[WorkerSpec, ...]:
 def simulate_policy(plan: DemoPlan, workers: Sequence[WorkerSpec], policy: str
                     ) -> tuple[RunMetrics, float, float, tuple[RequestRecord, ...]]:
     """The discrete-event simulator on the plan: (metrics, wait R², wall s, records)."""
+    from loadgen.sim import estimator_predictor
     from qlm.core.policies import make_policy
     from qlm.sim import simulate
 
+    profiles = ProfileBook.load()
     started = time.perf_counter()
-    result = simulate(plan.jobs, workers, ProfileBook.load(), make_policy(policy), SimConfig(),
-                      seed=plan.seed, timer=time.perf_counter)
-    return (result.metrics, float("nan"), time.perf_counter() - started, result.records)
+    result = simulate(plan.jobs, workers, profiles, make_policy(policy), SimConfig(),
+                      seed=plan.seed, timer=time.perf_counter,
+                      predictor=estimator_predictor(profiles))
+    r2, _ = wait_prediction_r2(result.records)
+    return (result.metrics, r2, time.perf_counter() - started, result.records)
 
 
 # ===================================================================== stack run

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.report import policy_entry, print_table
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import make_policy, policy_names
@@ -64,11 +65,6 @@ QUICK_RATES: Mapping[str, tuple[float, ...]] = {
 #: needs twice that on 3 GPUs: even all at once, 3,500 ShareGPT-like requests drain
 #: in about two minutes there, which caps every wait near the 60 s SLO.
 NUM_REQUESTS: Mapping[str, int] = {"WA": 7000, "WB": 3500, "WC": 3500}
-PER_RATE_KEYS = (
-    "slo_attainment", "throughput_rps", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s",
-    "tpot_p50_s", "tpot_p99_s", "gpu_util", "swaps", "evictions", "decision_ms_p50",
-    "decision_ms_p99", "num_decisions", "invalid_actions",
-)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -217,23 +213,12 @@ def summary_of(
     by = {(r.policy, r.rate): r for r in runs}
     out: dict[str, Any] = {"workload": workload, "rates": list(rates), "policies": {}}
     for name in policies:
-        metrics = [by[(name, rate)].result.metrics for rate in rates]
-        entry: dict[str, Any] = {k: [_num(getattr(m, k)) for m in metrics] for k in PER_RATE_KEYS}
-        classes = sorted({c for m in metrics for c in m.slo_attainment_by_class})
-        entry["slo_attainment_by_class"] = {
-            c: [_num(m.slo_attainment_by_class.get(c, float("nan"))) for m in metrics]
-            for c in classes
-        }
-        entry["wait_r2"] = [_num(by[(name, rate)].wait_r2) for rate in rates]
-        entry["wall_s"] = [round(by[(name, rate)].wall_s, 3) for rate in rates]
-        out["policies"][name] = entry
+        out["policies"][name] = policy_entry([
+            (by[(name, rate)].result.metrics, by[(name, rate)].wait_r2, by[(name, rate)].wall_s)
+            for rate in rates
+        ])
     out.update(extra)
     return out
-
-
-def _num(x: float) -> float | None:
-    x = float(x)
-    return None if np.isnan(x) else round(x, 6)
 
 
 def write_records(path: Path, runs: Sequence[Run]) -> None:
@@ -278,37 +263,6 @@ def plot(path: Path, summary: Mapping[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def print_table(summary: Mapping[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{summary['workload']} on {summary['cluster']} "
-                        f"({summary['num_requests']} requests, seed {summary['seed']})")
-    classes = sorted(
-        {c for p in summary["policies"].values() for c in p["slo_attainment_by_class"]}
-    )
-    for col in ("rate", "policy", "SLO", *classes, "req/s", "tok/s", "TTFT p99",
-                "util", "swaps", "evict", "dec p99 ms", "R²"):
-        table.add_column(col, justify="right")
-    for i, rate in enumerate(summary["rates"]):
-        for name, p in summary["policies"].items():
-            table.add_row(
-                f"{rate:g}", name, _fmt(p["slo_attainment"][i]),
-                *(_fmt(p["slo_attainment_by_class"][c][i]) for c in classes),
-                _fmt(p["throughput_rps"][i], 1), _fmt(p["throughput_tok_s"][i], 0),
-                _fmt(p["ttft_p99_s"][i], 1), _fmt(p["gpu_util"][i], 2),
-                str(p["swaps"][i]), str(p["evictions"][i]),
-                _fmt(p["decision_ms_p99"][i], 2), _fmt(p["wait_r2"][i], 2),
-            )
-        if i < len(summary["rates"]) - 1:
-            table.add_section()
-    Console(width=200).print(table)
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,7 +60,8 @@ class ServiceOptions:
     * ``time_scale``: the workers run this many times faster than their GPUs (see module);
     * ``admission``: ingest's per-class admission rules (``interactive=reject`` ...);
     * ``group_window_s``, ``tick_s``: ingest's group window, the scheduler's tick (wall s);
-    * ``shutdown_grace_s``: how long a stopping service may finish in-flight work.
+    * ``shutdown_grace_s``: how long a stopping service may finish in-flight work;
+    * ``topic_prefix``: prefix of every Kafka topic (tests: unique per test).
     """
 
     policy: str = "qlm"
@@ -71,6 +72,7 @@ class ServiceOptions:
     tick_s: float = 1.0
     shutdown_grace_s: float = 2.0
     log_level: str = "info"
+    topic_prefix: str = ""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -180,7 +182,7 @@ class ServiceStack:
     # ---------------------------------------------------------------- argv
     def _common(self) -> list[str]:
         return ["--redis-url", self.redis_url, "--kafka-bootstrap", self.kafka_bootstrap,
-                "--log-level", self.options.log_level]
+                "--log-level", self.options.log_level, "--topic-prefix", self.options.topic_prefix]
 
     def argv(self, name: str) -> list[str]:
         """The command line of one service (the run directory appears in each: pid marker)."""
