@@ -8,6 +8,7 @@ the command line it was started with, so a recycled pid is never signalled.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -44,6 +45,10 @@ def tail(path: Path, num_lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(lines[-num_lines:])
+
+
+#: One long-lived thread that forks servers which must die with this process.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlm-spawner")
 
 
 def _terminate_with_parent() -> None:
@@ -115,17 +120,24 @@ class ServerProcess:
             raise Unavailable(f"{self.name} already runs as pid {existing} ({self.pid_path})")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self._popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_terminate_with_parent if die_with_parent else None,
-            )
-        self.pid_path.write_text(f"{self._popen.pid}\n")
-        return self._popen.pid
+
+            def popen() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_terminate_with_parent if die_with_parent else None,
+                )
+
+            # The death signal follows the thread that forked, so fork from one that
+            # lives as long as this process (a caller's short-lived thread would not).
+            popened = _SPAWNER.submit(popen).result() if die_with_parent else popen()
+        self._popen = popened
+        self.pid_path.write_text(f"{popened.pid}\n")
+        return popened.pid
 
     def running_pid(self) -> int | None:
         """The pid from the pid file if that process is alive and is ours, else None."""
