@@ -19,7 +19,9 @@ per policy:
 
 Between steps ``--churn`` new requests arrive (so group summaries change as in a live
 queue). The cluster is the paper's mix: 3/8 of the workers A10-24GB, 5/8 A100-80GB,
-models round robin. Reports p50/p99/max per phase and policy, with the command line.
+models round robin. Reports p50/p99/max per phase and policy, with the command line, and
+the CPU seconds each step cost this process (all threads) and the Redis server: on a
+shared machine wall times grow with the load average, CPU seconds much less.
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ async def fill_running(store: RedisQueueStore, workers: Sequence[WorkerInfo],
     return claimed
 
 
+def redis_cpu_s(client: redis.Redis) -> float:
+    info: Any = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float]:
     ms = np.asarray(values) * 1e3
     return {"p50": round(float(np.percentile(ms, 50)), 1),
@@ -134,14 +141,21 @@ async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: st
                               PolicyContext(profiles), WorkerRoster(workers, timeout_s=0),
                               lease, SchedulerMetrics(), command_cooldown_s=0.0)
         reports: list[StepReport] = []
+        client_cpu: list[float] = []
+        redis_cpu: list[float] = []
+        meter = redis.Redis.from_url(redis_url, decode_responses=True)
         for step in range(args.steps + 1):
+            before = (time.process_time(), redis_cpu_s(meter))
             report = await loop.step()
             if step > 0:  # the first step fills the memos: reported as cold
                 reports.append(report)
+                client_cpu.append(time.process_time() - before[0])
+                redis_cpu.append(redis_cpu_s(meter) - before[1])
             else:
                 cold = report
             arrivals = make_requests(args.churn, time.time(), 1.0, rng, f"s{step}")
             await enqueue_all(store, arrivals)
+        meter.close()
         return {
             "enqueue_s": round(enqueue_s, 2),
             "running": num_running,
@@ -153,6 +167,8 @@ async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: st
                         "apply": round(cold.apply_s * 1e3, 1)},
             "ms": {phase: percentiles([getattr(r, f"{phase}_s") for r in reports])
                    for phase in ("snapshot", "decide", "apply", "total")},
+            "cpu_ms_per_step": {"scheduler_process": percentiles(client_cpu),
+                                "redis_server": percentiles(redis_cpu)},
         }
     finally:
         await producer.stop()
