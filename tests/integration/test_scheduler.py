@@ -344,3 +344,29 @@ async def test_killing_the_leader_process_hands_over_to_the_standby_process(
 
 async def _is_in(value: Awaitable[str | None], names: dict[str, Any]) -> bool:
     return await value in names
+
+
+async def test_lease_fencing_and_a_leader_that_cannot_renew_stops_in_time(redis_url: str) -> None:
+    from services.scheduler.lease import LeaderLease, LeaseKeys
+
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    clock = [100.0]
+    keys = LeaseKeys.under("qlm:")
+    a = LeaderLease(client, keys, "a", ttl_s=10.0, margin_s=1.0, monotonic=lambda: clock[0])
+    b = LeaderLease(client, keys, "b", ttl_s=10.0, margin_s=1.0, monotonic=lambda: clock[0])
+    try:
+        assert await a.try_acquire() and a.fence == 1 and a.is_held()
+        assert not await b.try_acquire() and not b.is_held()
+        assert await a.try_acquire() and a.fence == 1  # re-acquiring extends the same term
+        clock[0] += 9.5  # no renew for longer than ttl − margin: stop applying
+        assert not a.is_held()
+        assert await a.renew() and a.is_held()  # the key was still ours: renewed
+        await client.delete(keys.leader)  # the key expires (a paused leader, say)
+        assert await b.try_acquire() and b.fence == 2  # a new term
+        assert not await a.renew() and not a.is_held() and a.fence == 0
+        await a.release()  # not ours: the new leader keeps its lease
+        assert await b.owner() == "b"
+        await b.release()
+        assert await b.owner() is None
+    finally:
+        await client.aclose()
