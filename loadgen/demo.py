@@ -319,8 +319,11 @@ async def send_interactive(client: Any, t: Tracked, time_scale: float) -> None:
 
 
 async def replay(run: StackRun, ingest_addr: str, bootstrap: str, timeout_s: float,
-                 progress: Any = None) -> None:
-    """Send every request at its time; return once every one has ended (or ``timeout_s``)."""
+                 progress: Any = None, check_alive: Any = None) -> None:
+    """Send every request at its time; return once every one has ended (or ``timeout_s``).
+
+    ``check_alive()`` is called every quarter second while waiting; it raises when a
+    service has died (there is no point in waiting then)."""
     from qlm.bus.producer import BusProducer
     from qlm.bus.topics import TopicNames
     from qlm.client import QlmClient
@@ -347,6 +350,8 @@ async def replay(run: StackRun, ingest_addr: str, bootstrap: str, timeout_s: flo
         while run.num_done() < len(run.tracked) and time.time() < deadline:
             if progress is not None:
                 progress(False)
+            if check_alive is not None:
+                check_alive()
             await asyncio.sleep(0.25)
         if progress is not None:
             progress(False)
@@ -406,7 +411,7 @@ def run_stack_policies(args: argparse.Namespace, plan: DemoPlan) -> dict[str, St
                 print(line, flush=True)
             runs[policy] = asyncio.run(run_one_policy(
                 plan, policy, services.ingest_addr, env["QLM_KAFKA_BOOTSTRAP"],
-                args.time_scale, args.timeout_s))
+                args.time_scale, args.timeout_s, services_alive(services)))
             runs[policy].decision_s = decision_seconds(services.ports.scheduler_metrics)
             for line in services.down():
                 print(line, flush=True)
@@ -423,8 +428,23 @@ def run_stack_policies(args: argparse.Namespace, plan: DemoPlan) -> dict[str, St
     return runs
 
 
+def services_alive(services: Any) -> Any:
+    """A check that raises Unavailable (naming the service and its log) once one has exited."""
+    from qlm.core.errors import Unavailable
+    from qlm.localstack.process import tail
+
+    def check() -> None:
+        for name, process in services.processes.items():
+            if process.running_pid() is None:
+                raise Unavailable(f"the {name} service exited; log {process.log_path}:\n"
+                                  f"{tail(process.log_path, 5)}")
+
+    return check
+
+
 async def run_one_policy(plan: DemoPlan, policy: str, ingest_addr: str, bootstrap: str,
-                         time_scale: float, timeout_s: float) -> StackRun:
+                         time_scale: float, timeout_s: float, check_alive: Any = None
+                         ) -> StackRun:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     tracked = {f"{policy}-{j.request.id}": Tracked(j, f"{policy}-{j.request.id}")
@@ -446,7 +466,7 @@ async def run_one_policy(plan: DemoPlan, policy: str, ingest_addr: str, bootstra
             bar.update(done, completed=run.num_done())
 
         try:
-            await replay(run, ingest_addr, bootstrap, timeout_s, progress)
+            await replay(run, ingest_addr, bootstrap, timeout_s, progress, check_alive)
         finally:
             await watch.stop()
     run.wall_s = time.perf_counter() - started

@@ -78,12 +78,18 @@ def _log_if_lost(acknowledged: asyncio.Future[Any]) -> None:
         log.warning("admitted_event_lost", error=repr(acknowledged.exception()))
 
 
+#: Connections of ingest's Redis pool: every open StreamTokens call holds one while it
+#: waits for output (redis-py's default of 100 would refuse the 101st stream).
+REDIS_MAX_CONNECTIONS = 4096
+
+
 def redis_client(url: str) -> Redis:
     """A client that reconnects by itself: a command that finds its connection closed
     (Redis restarted) is retried with backoff for about six seconds before it fails."""
     return Redis.from_url(
         url,
         decode_responses=True,
+        max_connections=REDIS_MAX_CONNECTIONS,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=16),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=10,
