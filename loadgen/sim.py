@@ -45,7 +45,14 @@ from qlm.core.types import Decision, QueueSnapshot
 from qlm.sim import RunResult, SimConfig, simulate
 from qlm.sim.engine import Predictor
 from qlm.sim.metrics import wait_prediction_r2
-from qlm.workloads import CLUSTERS, WORKLOADS, cluster_for, load_trace_csv, plan_requests
+from qlm.workloads import (
+    CLUSTERS,
+    WB_CLUSTERS,
+    WORKLOADS,
+    cluster_for,
+    load_trace_csv,
+    plan_requests,
+)
 
 DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
 #: Rate sweeps (req/s) on the ``mini`` cluster, chosen so that fcfs goes from ~1.0
@@ -53,7 +60,7 @@ DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
 RATES: Mapping[str, tuple[float, ...]] = {
     "WA": (20, 40, 80, 160, 320, 640),
     "WB": (5, 10, 20, 40, 80, 160),
-    "WC": (2, 3, 4, 6, 8, 12),
+    "WC": (2, 4, 6, 8, 12, 16),
 }
 #: --quick: one light and one heavy rate of each sweep.
 QUICK_RATES: Mapping[str, tuple[float, ...]] = {
@@ -108,9 +115,11 @@ def check_policies(text: str) -> tuple[str, ...]:
     return names
 
 
-def cluster_scale(cluster: str) -> float:
-    a10, a100 = CLUSTERS[cluster]
-    base_a10, base_a100 = CLUSTERS["mini"]
+def cluster_scale(workload: str, cluster: str) -> float:
+    """GPUs of ``cluster`` over GPUs of ``mini`` for this workload (rates and requests scale)."""
+    table = WB_CLUSTERS if workload == "WB" else CLUSTERS
+    a10, a100 = table[cluster]
+    base_a10, base_a100 = table["mini"]
     return (a10 + a100) / (base_a10 + base_a100)
 
 
@@ -269,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         policies = check_policies(args.policies)
-        scale = cluster_scale(args.cluster)
+        scale = cluster_scale(args.workload, args.cluster)
         if args.rates:
             rates = parse_rates(args.rates)
         else:

@@ -30,11 +30,14 @@ same requests in the same order.
 * ``WC`` — one model (mistral-7b), mega-prompts of 3,000–4,000 tokens (uniform),
   class mix of WA.
 
-**Clusters.** ``cluster_for(workload, scale)``: ``3·scale`` A10-24GB and ``5·scale``
-A100-80GB GPUs (``scale=10`` is the paper's 30 + 50). WA/WC: one single-GPU worker
-per GPU, all mistral-7b. WB: A10s are single-GPU mistral-7b workers; the A100s
-form ``scale`` 4-GPU instances (llama-70b needs tensor parallelism 4) starting on
-llama-70b and ``scale`` single-GPU workers alternating vicuna-13b / mistral-7b.
+**Clusters.** ``cluster_for(workload, preset)`` with presets (A10-24GB, A100-80GB
+GPUs): ``paper`` (30, 50), ``small`` (3, 5), ``mini`` (1, 2; for WB 1, 5). WA/WC: one
+single-GPU worker per GPU, all mistral-7b. WB: A10s are single-GPU mistral-7b
+workers (vicuna-13b needs two A10s, llama-70b eight); the A100s form one 4-GPU
+instance per five A100s (llama-70b needs tensor parallelism 4, at least one)
+starting on llama-70b, and the rest are single-GPU workers alternating vicuna-13b /
+mistral-7b. Every worker starts with only its active model resident, so any other
+model costs a cold load the first time and a wake afterwards.
 """
 
 from __future__ import annotations
@@ -321,13 +324,15 @@ def _phased_models(rng: np.random.Generator, n: int) -> list[str]:
 
 #: Cluster presets: (A10 GPUs, A100 GPUs). ``paper`` is the QLM paper's cluster.
 CLUSTERS: Final = {"mini": (1, 2), "small": (3, 5), "paper": (30, 50)}
+#: WB needs a 4-GPU A100 instance for llama-70b, so its ``mini`` has 5 A100s.
+WB_CLUSTERS: Final = {"mini": (1, 5), "small": (3, 5), "paper": (30, 50)}
 
 
 def cluster_for(workload: str, cluster: str = "mini") -> tuple[WorkerSpec, ...]:
     """Workers of ``workload`` on a preset cluster (see the module docstring)."""
     if cluster not in CLUSTERS:
         raise InvalidInput("cluster", f"unknown {cluster!r}; expected one of {', '.join(CLUSTERS)}")
-    num_a10, num_a100 = CLUSTERS[cluster]
+    num_a10, num_a100 = (WB_CLUSTERS if workload == "WB" else CLUSTERS)[cluster]
     workers = [WorkerSpec(f"a10-{i:02d}", A10, MISTRAL, (MISTRAL,)) for i in range(num_a10)]
     if workload != "WB":
         workers += [WorkerSpec(f"a100-{i:02d}", A100, MISTRAL, (MISTRAL,)) for i in range(num_a100)]
