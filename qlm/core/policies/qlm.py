@@ -44,8 +44,9 @@ or finds nothing within its budget falls back to the heuristic.
    among candidates within 0.02 of the best p_meet, the one that drains earliest
    (load balancing over heterogeneous workers by estimated wait);
 3. a group that would likely miss (p < 0.5) may displace one earlier group on that
-   lane when that raises the lane's value (weighted Moore–Hodgson); displaced and
-   hopeless (p < 0.02 everywhere) groups are appended last, where they cost nobody;
+   lane when that raises the lane's value (weighted Moore–Hodgson); displaced groups,
+   and groups still hopeless (p < 0.02 on every candidate), are appended last, where
+   they cost nobody;
 4. local improvement: adjacent swaps inside each lane that raise its value, within an
    evaluation budget (``improve_budget``), so the pass is deterministic.
 
@@ -255,15 +256,15 @@ def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool 
         lane, slot = _best_slot(gi, heaps.candidates(stats[gi].model, shapes, lanes), cost)
         if lane is None or slot is None:
             continue
-        if slot.p_meet < hopeless_p:
-            deferred.append(gi)
-            continue
         if slot.p_meet < displace_below and lane.order:
             displaced = _displace_one(pc, lane, gi)
             if displaced is not None:
                 deferred.append(displaced)
                 heaps.push(lane)
                 continue
+        if slot.p_meet < hopeless_p:
+            deferred.append(gi)
+            continue
         lane.append(gi, slot, cost)
         heaps.push(lane)
     for gi in sorted(deferred, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
