@@ -220,20 +220,16 @@ class EventWatch:
 
         self.topics = TopicNames("")
         self.run = run
+        self.since = time.time()  # commands issued before belong to earlier runs
         self.consumer = AIOKafkaConsumer(
             self.topics.events, self.topics.lso, bootstrap_servers=bootstrap, group_id=None,
-            enable_auto_commit=False, auto_offset_reset="latest", client_id="qlm-demo")
+            enable_auto_commit=False, auto_offset_reset="earliest", client_id="qlm-demo")
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Join every partition and pin its current end, so nothing later is missed."""
+        """Read both topics from their start (ids are unique to the run: older records
+        are skipped), so no record of this run can be missed."""
         await self.consumer.start()
-        for _ in range(100):
-            if self.consumer.assignment():
-                break
-            await asyncio.sleep(0.1)
-        for tp in self.consumer.assignment():
-            await self.consumer.position(tp)
         self._task = asyncio.create_task(self._follow(), name="demo-events")
 
     async def _follow(self) -> None:
@@ -272,10 +268,12 @@ class EventWatch:
             t.worker = event.worker or t.worker
 
     def on_command(self, command: Any) -> None:
+        if command.issued_at < self.since:
+            return
         if command.type == "swap":
             self.run.num_swaps += 1
         elif command.type == "evict":
-            self.run.num_evicted += len(command.request_ids)
+            self.run.num_evicted += sum(1 for r in command.request_ids if r in self.run.tracked)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -347,17 +345,43 @@ async def replay(run: StackRun, ingest_addr: str, bootstrap: str, timeout_s: flo
                 progress(True)
         await asyncio.gather(*pending_sends)
         deadline = time.time() + timeout_s
+        next_poll = time.time() + 2.0
         while run.num_done() < len(run.tracked) and time.time() < deadline:
             if progress is not None:
                 progress(False)
             if check_alive is not None:
                 check_alive()
+            if time.time() >= next_poll:
+                await poll_unfinished(client, run)
+                next_poll = time.time() + 2.0
             await asyncio.sleep(0.25)
         if progress is not None:
             progress(False)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def poll_unfinished(client: Any, run: StackRun, limit: int = 64) -> None:
+    """Ask ingest (GetRequest) about requests with no terminal event yet: the record in
+    Redis is the truth when an event is late."""
+    from qlm.client import STATE_NAMES
+
+    waiting = [t for t in run.tracked.values()
+               if t.terminal is None and not t.rejected and t.sent_at is not None][:limit]
+    infos = await asyncio.gather(*(client.get(t.request_id) for t in waiting),
+                                 return_exceptions=True)
+    for t, info in zip(waiting, infos, strict=True):
+        if isinstance(info, BaseException):
+            continue
+        state = STATE_NAMES.get(info.state)
+        if state not in TERMINAL_EVENTS:
+            continue
+        if t.first_token_at is None and info.first_token_at > 0:
+            t.first_token_at = info.first_token_at
+        t.finished_at = t.finished_at or (info.finished_at or None)
+        t.worker = t.worker or info.worker_id or None
+        t.terminal = state
 
 
 def decision_seconds(metrics_port: int) -> list[float]:
@@ -447,7 +471,8 @@ async def run_one_policy(plan: DemoPlan, policy: str, ingest_addr: str, bootstra
                          ) -> StackRun:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    tracked = {f"{policy}-{j.request.id}": Tracked(j, f"{policy}-{j.request.id}")
+    run_tag = f"{policy}-{int(time.time()) % 100000:05d}"
+    tracked = {f"{run_tag}-{j.request.id}": Tracked(j, f"{run_tag}-{j.request.id}")
                for j in plan.jobs}
     run = StackRun(policy, tracked, t0=0.0, time_scale=time_scale)
     watch = EventWatch(bootstrap, run)
