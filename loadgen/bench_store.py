@@ -68,6 +68,8 @@ class PhaseResult:
             "requests_per_s": round(self.num_requests / self.elapsed_s, 1),
             "client_cpu_s": round(self.client_cpu_s, 3),
             "redis_server_cpu_s": round(self.redis_cpu_s, 3),
+            "client_cpu_us_per_call": round(self.client_cpu_s / self.num_calls * 1e6, 1),
+            "redis_cpu_us_per_call": round(self.redis_cpu_s / self.num_calls * 1e6, 1),
             "latency_ms": {
                 "p50": round(float(np.percentile(lat_ms, 50)), 3),
                 "p99": round(float(np.percentile(lat_ms, 99)), 3),
@@ -246,6 +248,8 @@ def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "calls_per_s": median(phase, "calls_per_s"),
             "latency_ms_p50": median(phase, "latency_ms", "p50"),
             "latency_ms_p99": median(phase, "latency_ms", "p99"),
+            "client_cpu_us_per_call": median(phase, "client_cpu_us_per_call"),
+            "redis_cpu_us_per_call": median(phase, "redis_cpu_us_per_call"),
         }
         for phase in runs[0]["phases"]
     }
