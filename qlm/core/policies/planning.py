@@ -103,8 +103,9 @@ class GroupStats:
 @dataclass(frozen=True, slots=True)
 class GroupArrays:
     """Per-request terms of a group, in group order: remaining-output mean and variance
-    (the estimator's truncated log-normal given the progress kept), prompt tokens and
-    deadlines."""
+    (the estimator's truncated log-normal given the progress kept), tokens to prefill
+    (prompt plus progress kept) and deadlines (infinite for a request that already had its
+    first token, e.g. one evicted after it started: its TTFT SLO is settled)."""
 
     out_mean: np.ndarray
     out_var: np.ndarray
@@ -116,8 +117,10 @@ class GroupArrays:
         n = len(requests)
         cap = np.fromiter((r.max_tokens for r in requests), float, n)
         done = np.fromiter((r.num_generated for r in requests), float, n)
-        prompt = np.fromiter((r.prompt_tokens for r in requests), float, n)
-        deadline = np.fromiter((r.arrival_at + r.slo.ttft_s for r in requests), float, n)
+        prompt = np.fromiter((r.prompt_tokens + r.num_generated for r in requests), float, n)
+        # A request that generated tokens had its first token: its TTFT SLO is settled.
+        deadline = np.fromiter((r.arrival_at + r.slo.ttft_s if r.num_generated == 0
+                                else math.inf for r in requests), float, n)
         mean, var = lengths.remaining_moments(cap, done)
         return cls(np.maximum(mean, 1.0), var, prompt, deadline)
 
@@ -246,8 +249,8 @@ class WorkerLoad:
     kv_reserved_tokens: int
     loosest_ttft_s: float  # the largest TTFT SLO among running requests (0 if none)
     #: Running requests in the order they should be evicted: largest remaining slack
-    #: first (past their first token: their TTFT SLO is met, infinite slack; else latest
-    #: deadline first), then most remaining output, then id.
+    #: first — past their first token (TTFT SLO settled: infinite slack) before the
+    #: others — then loosest class, latest deadline, least progress to recompute, id.
     eviction_order: tuple[RunningRequest, ...] = ()
 
 
@@ -268,8 +271,9 @@ def summarise_running(running: Sequence[RunningRequest],
                                    np.maximum(done.astype(np.int64) + 1, expected))
     order = tuple(sorted(running, key=lambda rr: (
         rr.first_token_at is None,
+        -rr.request.slo.ttft_s,
         -rr.request.deadline_at if rr.first_token_at is None else 0.0,
-        rr.request.num_generated - rr.request.max_tokens,
+        rr.request.num_generated,
         rr.request.id,
     )))
     return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
@@ -330,8 +334,10 @@ class CostModel:
                  stats: Sequence[GroupStats],
                  output_stats: Mapping[str, LengthStats],
                  charge_swaps: bool = True,
-                 memos: Sequence[dict[Any, Any]] | None = None) -> None:
+                 memos: Sequence[dict[Any, Any]] | None = None,
+                 service_scale: float = 1.0) -> None:
         self.profiles = profiles
+        self.service_scale = service_scale
         self.charge_swaps = charge_swaps
         self.workers = workers
         self.stats = stats
@@ -380,7 +386,7 @@ class CostModel:
         batch = steady_batch(p, w, ctx)
         theta = p.decode_tokens_per_s(batch, ctx)
         prefill = p.prefill_s(max(1, round(g.mean_prompt)))
-        mean = g.out_mean_total / theta + g.size * prefill
+        mean = self.service_scale * (g.out_mean_total / theta + g.size * prefill)
         var = g.out_var_total / (theta * theta)
         spread = mean * max(0.0, 1.0 - batch / g.size)
         lead = batch * (g.mean_output / 2.0) / theta

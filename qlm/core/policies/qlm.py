@@ -51,11 +51,11 @@ or finds nothing within its budget falls back to the heuristic.
    evaluation budget (``improve_budget``), so the pass is deterministic.
 
 **LSOs**: *pull* via :func:`qlm.core.pulls.plan_pulls` (backpressure); *model swap* when
-a worker's head group needs another model and the worker has drained; *eviction* when the
-head group of a worker is of a tighter class than running requests and too few slots
-free within its slack: just enough looser-class running requests are evicted (largest
-remaining slack first — those past their first token have met their TTFT SLO already —
-then most remaining work); they keep their progress. With ``kv_state_swap`` an eviction
+a worker's head group needs another model and the worker has drained; *eviction* when
+too few slots of a worker free up within the slack of its head group: just enough
+running requests of looser classes are evicted (largest remaining slack first: those
+past their first token have met their TTFT SLO already); they keep their progress (see
+:func:`plan_evictions`). With ``kv_state_swap`` an eviction
 sets ``Evict.state_swap`` when moving the KV state over PCIe is cheaper than recomputing
 it. *Rejections* only with ``reject_late=True`` (requests whose
 deadline has passed).
@@ -112,8 +112,13 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {
     "hopeless_p": 0.02,
     "displace_below_p": 0.5,
     "evict": True,
-    "evict_below_p": 0.9,
+    # Fraction of the modelled per-slot decode rate trusted when counting running requests
+    # that finish within a head group's slack (fewer counted: more evictions).
+    "evict_rate_credit": 0.0,
     "kv_state_swap": False,
+    # Multiplies every modelled service time: how much slower than the profile's steady
+    # batch a worker really serves (prefill stalls, batches that never fill).
+    "service_scale": 1.0,
     "pcie_gb_per_s": 25.0,
     "reject_late": False,
     "class_weights": {},
@@ -136,14 +141,16 @@ class PlanningContext:
     def __init__(self, snapshot: QueueSnapshot, ctx: PolicyContext, stats: list[GroupStats],
                  loads: list[WorkerLoad], output_stats: Mapping[str, LengthStats],
                  weights: Mapping[SLOClass, float],
-                 memos: Sequence[dict[Any, Any]] | None = None) -> None:
+                 memos: Sequence[dict[Any, Any]] | None = None,
+                 service_scale: float = 1.0) -> None:
         self.snapshot = snapshot
         self.now = snapshot.now
         self.stats = stats
         self.stats_by_key = {g.key: g for g in stats}
         self.loads = loads
         self.weights = weights
-        self.cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats, memos=memos)
+        self.cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats, memos=memos,
+                              service_scale=service_scale)
 
     def fresh_lanes(self) -> list[Lane]:
         return [Lane(i, w, self.loads[i], self.cost, self.now)
@@ -559,7 +566,16 @@ def plan_swaps(pc: PlanningContext, plan: Plan) -> tuple[Swap, ...]:
 
 def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
                    ) -> tuple[Evict, ...]:
-    """Make room for a tighter-class head group that would miss waiting for free slots."""
+    """Make room for a worker's head group whose earliest requests would miss waiting for
+    free slots.
+
+    Slots the head group needs now: min(size, steady batch) less the free ones, less the
+    running requests expected to finish within the slack of its earliest deadlines. That
+    many running requests of a looser class than the head group are evicted, in
+    :attr:`WorkerLoad.eviction_order` (past their first token first: their TTFT SLO is
+    settled). They keep their progress. Requests of the head group's own class are never
+    taken: they would return to a group of the same deadlines and be pulled right back.
+    """
     if not options["evict"]:
         return ()
     now, cost = pc.now, pc.cost
@@ -571,20 +587,18 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
         if head.model != w.active_model:
             continue
         svc = cost.service(order[0], wi)
-        if svc is None or head.ttft_s >= pc.loads[wi].loosest_ttft_s:
-            continue  # nothing running is of a looser class
-        slack_s = head.deadline_points[0] - now - svc.prefill_s
-        if head.deadline_points[-1] - now - svc.prefill_s < 0:
-            continue  # every request of the group is late already: evicting cannot help
-        need = min(head.size, svc.batch) - max(0, svc.batch - w.batch_size)
-        per_slot_rate = svc.tokens_per_s / svc.batch
-        remaining = pc.loads[wi].remaining_sorted
-        finishing = _count_at_most(remaining, max(0.0, slack_s) * per_slot_rate)
-        short = need - finishing
-        if short <= 0:
+        if svc is None:
             continue
-        slots = walk(cost, Lane(wi, w, pc.loads[wi], cost, now), order[:1])
-        if slots[0].p_meet >= float(options["evict_below_p"]):
+        slack_s = head.deadline_points[0] - now - svc.prefill_s
+        if head.latest_deadline_at - now - svc.prefill_s < 0 or math.isinf(slack_s):
+            continue  # all late already, or nothing left to meet: evicting cannot help
+        need = min(head.size, svc.batch) - max(0, svc.batch - w.batch_size)
+        if need <= 0:
+            continue
+        per_slot_rate = float(options["evict_rate_credit"]) * svc.tokens_per_s / svc.batch
+        remaining = pc.loads[wi].remaining_sorted
+        short = need - _count_at_most(remaining, max(0.0, slack_s) * per_slot_rate)
+        if short <= 0:
             continue
         reason = f"slo:{head.key}"
         taken = 0
@@ -674,7 +688,7 @@ class QlmPolicy:
         stats = self._groups.refresh(snapshot.groups, output_stats, ctx.profiles)
         loads = self._workers.refresh(snapshot.workers, output_stats)
         return PlanningContext(snapshot, ctx, stats, loads, output_stats, class_weights(options),
-                               self._groups.memos)
+                               self._groups.memos, float(options["service_scale"]))
 
     def plan(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> tuple[PlanningContext, Plan]:
         options = merged_options(self.options, ctx)
