@@ -114,7 +114,7 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {
     "evict": True,
     # Fraction of the modelled per-slot decode rate trusted when counting running requests
     # that finish within a head group's slack (fewer counted: more evictions).
-    "evict_rate_credit": 0.0,
+    "evict_rate_credit": 1.0,
     "kv_state_swap": False,
     # Multiplies every modelled service time: how much slower than the profile's steady
     # batch a worker really serves (prefill stalls, batches that never fill).
