@@ -59,13 +59,13 @@ DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
 #: attainment to well below 0.7; other clusters scale them by their GPU count.
 RATES: Mapping[str, tuple[float, ...]] = {
     "WA": (20, 40, 80, 160, 320, 640),
-    "WB": (5, 10, 20, 40, 80, 160),
+    "WB": (2.5, 5, 10, 20, 40, 80),
     "WC": (2, 4, 6, 8, 12, 16),
 }
 #: --quick: one light and one heavy rate of each sweep.
 QUICK_RATES: Mapping[str, tuple[float, ...]] = {
     "WA": (40, 320),
-    "WB": (10, 80),
+    "WB": (5, 40),
     "WC": (3, 8),
 }
 #: Requests per run on the ``mini`` cluster. 3,500 is the paper's trace length; WA

@@ -34,10 +34,12 @@ same requests in the same order.
 GPUs): ``paper`` (30, 50), ``small`` (3, 5), ``mini`` (1, 2; for WB 1, 5). WA/WC: one
 single-GPU worker per GPU, all mistral-7b. WB: A10s are single-GPU mistral-7b
 workers (vicuna-13b needs two A10s, llama-70b eight); the A100s form one 4-GPU
-instance per five A100s (llama-70b needs tensor parallelism 4, at least one)
-starting on llama-70b, and the rest are single-GPU workers alternating vicuna-13b /
-mistral-7b. Every worker starts with only its active model resident, so any other
-model costs a cold load the first time and a wake afterwards.
+instance per five A100s (llama-70b needs tensor parallelism 4, at least one),
+and the rest are single-GPU workers alternating vicuna-13b / mistral-7b. Every
+worker starts with only its active model resident, and the 4-GPU instances start
+on vicuna-13b: no worker serves llama-70b, the first phase's hot model, until a
+policy swaps one (a cold load, 95 s); afterwards a model that slept on a worker
+wakes in about a second.
 """
 
 from __future__ import annotations
@@ -339,7 +341,8 @@ def cluster_for(workload: str, cluster: str = "mini") -> tuple[WorkerSpec, ...]:
         return tuple(workers)
     num_quads = max(1, num_a100 // 5)
     workers += [
-        WorkerSpec(f"a100x4-{i:02d}", A100, LLAMA, (LLAMA,), num_gpus=4) for i in range(num_quads)
+        WorkerSpec(f"a100x4-{i:02d}", A100, VICUNA, (VICUNA,), num_gpus=4)
+        for i in range(num_quads)
     ]
     for i in range(max(1, num_a100 - 4 * num_quads)):
         model = VICUNA if i % 2 == 0 else MISTRAL

@@ -135,7 +135,8 @@ def test_wb_cluster_forces_swaps() -> None:
         workers = cluster_for("WB", cluster)
         resident_everywhere = set.intersection(*(set(w.models) for w in workers))
         assert not resident_everywhere
-        assert any(w.num_gpus == 4 and w.active_model == LLAMA for w in workers)
+        assert any(w.num_gpus == 4 for w in workers)
+        assert not any(LLAMA in w.models for w in workers)  # llama-70b needs a cold load
     paper = cluster_for("WA", "paper")
     assert sum(w.gpu == "A10-24GB" for w in paper) == 30
     assert sum(w.gpu == "A100-80GB" for w in paper) == 50
