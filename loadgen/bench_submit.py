@@ -179,8 +179,21 @@ def _cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
 def _cpu_of(ingest_pid: int, servers: Sequence[Any]) -> dict[str, float]:
-    cpu = {"ingest": _cpu_seconds(ingest_pid)}
+    """CPU seconds so far of ingest (with its child processes) and of each server."""
+    cpu = {"ingest": sum(_cpu_seconds(p) for p in (ingest_pid, *_children_of(ingest_pid)))}
     for server in servers:
         pid = server.process.running_pid()
         if pid is not None:
@@ -204,6 +217,16 @@ def _wait_serving(target: str, timeout_s: float = 60.0) -> None:
                 pass
             time.sleep(0.2)
     raise SystemExit(f"ingest at {target} did not become SERVING in {timeout_s} s")
+
+
+def _wait_listening(log_path: Path, num_processes: int, timeout_s: float = 60.0) -> None:
+    """Until every ingest process has logged that it listens (connections spread only
+    over the processes that listen when a channel connects)."""
+    deadline = time.monotonic() + timeout_s
+    while log_path.read_text().count('"ingest_listening"') < num_processes:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not all {num_processes} ingest processes listen; see {log_path}")
+        time.sleep(0.1)
 
 
 def _count_redis(url: str, prefix: str) -> int:
@@ -289,7 +312,8 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
         **os.environ, "PYTHONPATH": str(ROOT), "QLM_REDIS_URL": redis_url,
         "QLM_KAFKA_BOOTSTRAP": kafka, "QLM_KEY_PREFIX": prefix, "QLM_TOPIC_PREFIX": topic_prefix,
         "QLM_MODELS_FILE": str(models), "QLM_HOST": "127.0.0.1", "QLM_PORT": str(port),
-        "QLM_BATCH_CONSUMER": "false", "QLM_LOG_LEVEL": "warning",
+        "QLM_BATCH_CONSUMER": "false", "QLM_LOG_LEVEL": "info",
+        "QLM_PROCESSES": str(args.ingest_processes),
     }
     log_path = work / "ingest.log"
     with log_path.open("wb") as log_file:
@@ -298,15 +322,17 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
     target = f"127.0.0.1:{port}"
     try:
         _wait_serving(target)
+        _wait_listening(log_path, args.ingest_processes)
         start_at = time.time() + 1.0
         pipes, procs = [], []
         per_proc = [args.concurrency // args.client_procs] * args.client_procs
         per_proc[0] += args.concurrency - sum(per_proc)
+        channels = max(args.channels, 4 * args.ingest_processes)
         for i, concurrency in enumerate(per_proc):
             receive, send = mp.Pipe(duplex=False)
             proc = mp.get_context("spawn").Process(
                 target=_load_process,
-                args=(target, concurrency, max(1, args.channels // args.client_procs),
+                args=(target, concurrency, max(1, channels // args.client_procs),
                       args.warmup, args.duration, start_at, f"c{i}", send),
             )
             proc.start()
@@ -347,6 +373,7 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
             "note": "ingest, redis-server, Kafka and the load processes share these cores",
         },
         "concurrency": args.concurrency,
+        "ingest_processes": args.ingest_processes,
         "client_procs": args.client_procs,
         "channels": args.channels,
         "warmup_s": args.warmup,
@@ -377,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=4, help="gRPC channels in all")
     parser.add_argument("--duration", type=float, default=15.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
+    parser.add_argument("--ingest-processes", type=int, default=1,
+                        help="ingest processes on the port (python -m services.ingest --processes)")
     parser.add_argument("--redis-url")
     parser.add_argument("--kafka-bootstrap")
     parser.add_argument("--out", type=Path)

@@ -55,6 +55,11 @@ class IngestSettings(CommonSettings):
     batch_consumer: bool = Field(True, description="run the qlm.batch.requests consumer")
     consumer_group: str = Field("qlm-ingest", min_length=1)
     serve_grpc: bool = Field(True, description="serve the gRPC API")
+    processes: int = Field(
+        1, ge=1, le=64,
+        description="ingest processes sharing --port (SO_REUSEPORT; needs a fixed port); each "
+        "is also a member of the batch consumer group",
+    )
     event_linger_ms: int = Field(
         50, ge=0, le=1000,
         description="how long the producer gathers admitted events into one batch "

@@ -1,18 +1,44 @@
 """``python -m services.ingest [--port 50051] [--redis-url ...] [--kafka-bootstrap ...]``.
 
 Flags override ``QLM_*`` environment variables (qlm.config.IngestSettings); ``--help``
-lists them all.
+lists them all. ``--processes N`` runs N ingest processes on one port (the kernel spreads
+connections over them, SO_REUSEPORT): one event loop tops out near one core. SIGTERM to
+the first process stops it gracefully, then the others.
 """
 
 from __future__ import annotations
 
-import asyncio
+import multiprocessing as mp
+import signal
 import sys
 
 from qlm.config import IngestSettings, load_settings
-from qlm.core.errors import InvalidInput, Unavailable
-from qlm.log import configure
-from services.ingest.app import serve
+from qlm.core.errors import InvalidInput
+from services.ingest.app import run_child, run_one
+
+
+def run_many(settings: IngestSettings) -> int:
+    """``settings.processes`` processes on one port: this one and its children."""
+    if settings.port == 0:
+        print("error: processes: needs a fixed --port (0 picks a different one each)",
+              file=sys.stderr)
+        return 2
+    context = mp.get_context("spawn")
+    children = [
+        context.Process(target=run_child, args=(settings,), name=f"ingest-{i}")
+        for i in range(1, settings.processes)
+    ]
+    for child in children:
+        child.start()
+    status = run_one(settings)
+    for child in children:
+        if child.is_alive():
+            child.terminate()  # SIGTERM: the child stops gracefully too
+    for child in children:
+        child.join(settings.shutdown_grace_s + 30)
+        if child.exitcode not in (0, -signal.SIGTERM):
+            status = status or 1
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,13 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidInput as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    configure(settings.log_level, settings.log_json, service="ingest")
-    try:
-        asyncio.run(serve(settings))
-    except Unavailable as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_many(settings) if settings.processes > 1 else run_one(settings)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.config import IngestSettings
 from qlm.core.errors import Unavailable
 from qlm.ingest import AdmissionRules, IngestPlane, Prediction, load_models
-from qlm.log import get_logger
+from qlm.log import configure, get_logger
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
@@ -158,6 +159,7 @@ class IngestApp:
                 f"{s.host}:{s.port}",
                 probes=[self.store.ping, lambda: kafka_answers(s.kafka_bootstrap)],
                 max_message_bytes=s.max_message_bytes,
+                reuse_port=s.processes > 1,
             )
             await self.server.start()
         if s.batch_consumer:
@@ -203,3 +205,19 @@ async def serve(settings: IngestSettings) -> None:
         await app.stop()
     if consumer_failed:
         raise Unavailable("the batch consumer gave up; restart the ingest service")
+
+
+def run_one(settings: IngestSettings) -> int:
+    """One ingest process until SIGTERM/SIGINT; 1 when it stopped because of a failure."""
+    configure(settings.log_level, settings.log_json, service="ingest")
+    try:
+        asyncio.run(serve(settings))
+    except Unavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_child(settings: IngestSettings) -> None:
+    """Entry of the extra processes of ``--processes`` (importable for spawn)."""
+    sys.exit(run_one(settings))

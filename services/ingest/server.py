@@ -44,6 +44,7 @@ class IngestServer:
         *,
         max_message_bytes: int = 8 * 1024 * 1024,
         health_interval_s: float = 2.0,
+        reuse_port: bool = False,
     ) -> None:
         self.plane = plane
         self.probes = tuple(probes)
@@ -54,7 +55,7 @@ class IngestServer:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(reuse_port)),
             ],
         )
         qlm_pb2_grpc.add_QueueManagerServicer_to_server(QueueManagerServicer(plane), self.server)

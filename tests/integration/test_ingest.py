@@ -638,3 +638,73 @@ async def test_cli_submit_status_cancel_and_models(ingest: IngestApp) -> None:
     assert bad.returncode == 2 and "max_tokens: must be > 0, got 0" in bad.stderr
     missing = await cli("status", "nope")
     assert missing.returncode == 1 and "request 'nope' not found" in missing.stderr
+
+
+async def test_two_ingest_processes_share_a_port_and_stop_together(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path,
+    raw_redis: aioredis.Redis,
+) -> None:
+    models_file = tmp_path / "models.json"
+    models_file.write_text(json.dumps({"models": [{"name": "m7b", "max_model_len": 2048}]}))
+    port = _free_port()
+    with (tmp_path / "ingest.log").open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.ingest", "--processes", "2", "--host", "127.0.0.1",
+             "--port", str(port), "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
+             "--topic-prefix", topic_prefix, "--models-file", str(models_file),
+             "--batch-consumer", "false", "--shutdown-grace-s", "1"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while (tmp_path / "ingest.log").read_text().count('"ingest_listening"') < 2:
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "ingest.log"
+            ).read_text()
+            await asyncio.sleep(0.1)
+        for i in range(8):  # a new channel each time: the kernel picks a process per connection
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True
+                )
+            async with QlmClient(f"127.0.0.1:{port}") as qlm_client:
+                await qlm_client.submit(good(request_id=f"mp-{i}"))
+        assert await _num_queued(raw_redis) == 8
+        children = _child_pids(process.pid)
+        assert len(children) >= 1
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        log_text = (tmp_path / "ingest.log").read_text()
+        assert log_text.count('"ingest_listening"') == 2, log_text
+        assert log_text.count('"ingest_stopped"') == 2, log_text
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in children):  # the resource tracker exits after us
+            assert time.monotonic() < deadline, "a child of the ingest process outlived it"
+            await asyncio.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _child_pids(pid: int) -> list[int]:
+    return [
+        int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+        if _ppid(stat) == pid
+    ]
+
+
+def _ppid(stat: Path) -> int:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
