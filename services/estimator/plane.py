@@ -32,9 +32,10 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from statistics import NormalDist
+from types import MappingProxyType
 from typing import Final
 
 import numpy as np
@@ -107,21 +108,48 @@ class WaitAnswer:
         return max(0.0, self.wait_mean_s + Z_P90 * self.wait_std_s)
 
 
-def place_after_urgent(snapshot: QueueSnapshot, worker: WorkerView, group: RequestGroup
+@dataclass(frozen=True, slots=True)
+class QueueIndex:
+    """Per worker, its queued groups in virtual-queue order with their earliest deadlines:
+    built once per queue view, so a prediction never walks the requests."""
+
+    groups: tuple[RequestGroup, ...]
+    queues: Mapping[str, tuple[tuple[float, RequestGroup], ...]]
+
+    @classmethod
+    def of(cls, snapshot: QueueSnapshot,
+           deadline_of: Callable[[RequestGroup], float] | None = None) -> QueueIndex:
+        by_key = {g.key: g for g in snapshot.groups}
+        earliest = deadline_of or _earliest_deadline
+        deadline = {g.key: earliest(g) for g in snapshot.groups}
+        queues = {worker: tuple((deadline[k], by_key[k]) for k in order if k in by_key)
+                  for worker, order in snapshot.virtual_queues.items()}
+        return cls(snapshot.groups, MappingProxyType(queues))
+
+    def fits(self, snapshot: QueueSnapshot) -> bool:
+        return self.groups is snapshot.groups
+
+
+def _earliest_deadline(group: RequestGroup) -> float:
+    return min(r.deadline_at for r in group.requests)
+
+
+def place_after_urgent(index: QueueIndex, worker: WorkerView, group: RequestGroup
                        ) -> list[RequestGroup]:
     """``worker``'s queued groups that stay ahead of ``group`` (deadline not later), in
     queue order, followed by ``group``."""
-    by_key = {g.key: g for g in snapshot.groups}
     deadline = group.earliest_deadline_at
-    ahead = [by_key[k] for k in snapshot.virtual_queues.get(worker.id, ()) if k in by_key
-             and by_key[k].earliest_deadline_at <= deadline]
+    ahead = [g for d, g in index.queues.get(worker.id, ()) if d <= deadline]
     return [*ahead, group]
 
 
 def predict_wait(estimator: RWTEstimator, snapshot: QueueSnapshot, query: WaitQuery,
-                 admission_min_p: float) -> WaitAnswer:
-    """The answer for ``query`` on ``snapshot`` (rules in the module docstring). Pure."""
+                 admission_min_p: float, index: QueueIndex | None = None) -> WaitAnswer:
+    """The answer for ``query`` on ``snapshot`` (rules in the module docstring). Pure.
+    ``index`` (built from the same groups) saves indexing the queue on every call."""
     now = snapshot.now
+    if index is None or not index.fits(snapshot):
+        index = QueueIndex.of(snapshot)
     if not any(m == query.model for m, _ in estimator.profiles.profiles):
         raise NotFound("model", query.model)
     request = query.request(now)
@@ -130,8 +158,8 @@ def predict_wait(estimator: RWTEstimator, snapshot: QueueSnapshot, query: WaitQu
     for worker in snapshot.workers:
         if not can_serve(worker, query.model, estimator.profiles):
             continue
-        wait = estimator.queue_waits(worker, place_after_urgent(snapshot, worker, group), now)[-1]
-        p = estimator.p_meet_slo(group, wait, now)
+        wait = estimator.queue_waits(worker, place_after_urgent(index, worker, group), now)[-1]
+        p = p_within(wait, request.deadline_at - now)
         candidate = (-p, wait.mean_s, worker.id, wait)
         if best is None or candidate[:3] < best[:3]:
             best = candidate
@@ -141,6 +169,14 @@ def predict_wait(estimator: RWTEstimator, snapshot: QueueSnapshot, query: WaitQu
     admit = p >= admission_min_p or query.slo_class in ALWAYS_ADMITTED
     retry_after = 0.0 if admit else retry_after_s(wait, request.slo.ttft_s, admission_min_p)
     return WaitAnswer(wait.mean_s, wait.std_s, p, admit, best[2], retry_after)
+
+
+def p_within(wait: WaitEstimate, slack_s: float) -> float:
+    """P(W <= slack_s): :meth:`RWTEstimator.p_meet_slo` for a group of one request,
+    without numpy (PredictWait evaluates it once per worker)."""
+    if wait.std_s == 0.0:
+        return 1.0 if wait.mean_s <= slack_s else 0.0
+    return 0.5 * math.erfc((wait.mean_s - slack_s) / (wait.std_s * math.sqrt(2.0)))
 
 
 def retry_after_s(wait: WaitEstimate, ttft_slo_s: float, min_p: float) -> float:
@@ -355,6 +391,9 @@ class EstimatorPlane:
         self._view: QueueSnapshot | None = None
         self._view_at = -math.inf
         self._kept_fresh = False
+        self._index: QueueIndex | None = None
+        self._groups: dict[GroupKey, RequestGroup] = {}
+        self._deadlines: dict[GroupKey, tuple[RequestGroup, float]] = {}
         self._predicted: OrderedDict[str, float] = OrderedDict()
 
     async def view(self) -> QueueSnapshot:
@@ -371,13 +410,16 @@ class EstimatorPlane:
 
     async def keep_fresh(self) -> None:
         """Re-read the view every ``refresh_interval_s`` until cancelled (a task), so that
-        predictions on the submit path never wait for a snapshot of a large queue."""
+        predictions on the submit path never wait for a snapshot of a large queue; then,
+        in a thread, work out every worker's queue once so that the estimator's memo holds
+        the sums of every group that changed before a prediction needs them."""
         self._kept_fresh = True
         try:
             while True:
                 started = self.clock()
                 with contextlib.suppress(Unavailable):  # keep the last view; health says why
-                    await self.refresh(started)
+                    view = await self.refresh(started)
+                    await asyncio.to_thread(self._warm, view)
                 await asyncio.sleep(max(0.0, self.refresh_interval_s - (self.clock() - started)))
         finally:
             self._kept_fresh = False
@@ -388,12 +430,50 @@ class EstimatorPlane:
         if self.store is None:
             self._view = QueueSnapshot(now, (), workers)
         else:
-            self._view = (await self.store.snapshot()).to_queue_snapshot(now, workers)
+            stored = await self.store.snapshot()
+            stored = replace(stored, groups=self._same_groups(stored.groups))
+            self._view = stored.to_queue_snapshot(now, workers)
         self._view_at = now
+        self._index = QueueIndex.of(self._view, self._deadline_of)
         return self._view
 
+    def _same_groups(self, groups: tuple[RequestGroup, ...]) -> tuple[RequestGroup, ...]:
+        """``groups``, where a group holds the very same requests as in the previous view
+        the previous group object (the estimator memoises by group identity)."""
+        known = self._groups
+        out = []
+        for group in groups:
+            before = known.get(group.key)
+            if before is not None and len(before.requests) == len(group.requests) and all(
+                    a is b for a, b in zip(before.requests, group.requests, strict=True)):
+                group = before
+            out.append(group)
+        self._groups = {g.key: g for g in out}
+        self._deadlines = {k: v for k, v in self._deadlines.items() if k in self._groups}
+        return tuple(out)
+
+    def _deadline_of(self, group: RequestGroup) -> float:
+        """The group's earliest deadline, remembered while the group object lives on."""
+        known = self._deadlines.get(group.key)
+        if known is not None and known[0] is group:
+            return known[1]
+        deadline = _earliest_deadline(group)
+        self._deadlines[group.key] = (group, deadline)
+        return deadline
+
+    def _warm(self, view: QueueSnapshot) -> None:
+        index = self._index
+        if index is None:
+            return
+        estimator = self.estimator
+        for worker in view.workers:
+            queue = [g for _, g in index.queues.get(worker.id, ())]
+            with contextlib.suppress(NotFound):
+                estimator.queue_waits(worker, queue, view.now)
+
     async def predict_wait(self, query: WaitQuery) -> WaitAnswer:
-        answer = predict_wait(self.estimator, await self.view(), query, self.admission_min_p)
+        view = await self.view()
+        answer = predict_wait(self.estimator, view, query, self.admission_min_p, self._index)
         if self.on_answer is not None:
             self.on_answer(query.slo_class.value, answer.admit)
         return answer
