@@ -72,3 +72,9 @@ estimator-check:
 
 gpu-fidelity:
 	$(PYTHON) -m loadgen.gpu.fidelity docs/results/gpu/h100_replay_mistral-7b.json docs/results/gpu/h100_replay_mistral-7b_high_load.json --out docs/results/gpu/fidelity.json
+
+bench-scheduler:
+	$(PYTHON) -m loadgen.bench_scheduler --queued 100000 --workers 80 --steps 20 --policies qlm,fcfs --out docs/results/bench_scheduler.json
+
+bench-estimator:
+	$(PYTHON) -m loadgen.bench_estimator --queued 100000 --workers 80 --rounds 10 --queries 50 --out docs/results/bench_estimator.json
