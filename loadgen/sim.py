@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.report import policy_entry, print_table
+from loadgen.report import markdown_table, policy_entry, print_table
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import make_policy, policy_names
@@ -317,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     })
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.out / "summary.md").write_text(markdown_table(summary))
     if not args.no_records:
         write_records(args.out / "records.csv.gz", runs)
     plot(args.out / "attainment.png", summary)
