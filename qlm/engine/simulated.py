@@ -21,6 +21,10 @@ instead of an event queue, with the same profile maths and the same helpers
 * **model swap**: ``sleep(model)`` takes ``sleep_s``, ``wake(model)`` ``wake_s`` of
   the model's profile (every model given to the engine is resident).
 
+While the engine is busy, each step starts where the previous one was due to end, not
+when the event loop got round to it: the modelled GPU keeps its pace (tokens are only
+emitted late) as long as the loop lags by less than ``max_lag_s``.
+
 Output stops at ``max_tokens`` (no end-of-sequence is modelled; ``ignore_eos`` is
 implied). Token ids are fake but deterministic. ``time_scale`` > 1 runs faster than
 the real GPU (10: ten times faster); all reported times (stats) are engine seconds,
@@ -45,7 +49,9 @@ from qlm.sim.cluster import SimConfig
 #: Prompt tokens one prefill step admits at most (the simulator's default).
 DEFAULT_MAX_PREFILL_TOKENS = SimConfig().max_prefill_tokens
 #: Longest decode segment in wall seconds before its tokens are emitted.
-DEFAULT_MAX_SEGMENT_S = 0.02
+DEFAULT_MAX_SEGMENT_S = 0.05
+#: Wall seconds of event-loop lag a busy engine makes up for (see the module docstring).
+DEFAULT_MAX_LAG_S = 0.25
 FAKE_VOCAB_SIZE = 32000
 
 
@@ -141,6 +147,7 @@ class SimulatedEngine:
         time_scale: float = 1.0,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         max_segment_s: float = DEFAULT_MAX_SEGMENT_S,
+        max_lag_s: float = DEFAULT_MAX_LAG_S,
     ) -> None:
         by_model = {p.model: p for p in profiles}
         if not by_model:
@@ -165,6 +172,8 @@ class SimulatedEngine:
         self.time_scale = float(time_scale)
         self.max_prefill_tokens = max_prefill_tokens
         self.max_segment_s = max_segment_s
+        self.max_lag_s = max_lag_s
+        self._busy_until: float | None = None
         self._seqs: dict[str, _Seq] = {}
         self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
@@ -302,6 +311,7 @@ class SimulatedEngine:
     async def _run(self) -> None:
         while True:
             if self._active is None or self._swapping or not (self._waiting or self._running):
+                self._busy_until = None
                 self._idle.set()
                 self._changed.clear()
                 await self._changed.wait()
@@ -321,6 +331,7 @@ class SimulatedEngine:
             elif self._running:
                 await self._decode(profile)
             else:  # nothing fits: wait for a change (an abort frees room)
+                self._busy_until = None
                 self._idle.set()
                 self._changed.clear()
                 await self._changed.wait()
@@ -339,7 +350,7 @@ class SimulatedEngine:
         del self._waiting[: len(batch)]
         self._running.extend(batch)
         predicted = profile.prefill_s(plan.context_tokens)
-        started_at = self._clock.now()
+        started_at = self._step_start()
         await self._clock.sleep_until(started_at + predicted / self.time_scale)
         self._account(1, predicted, started_at)
         for seq in batch:
@@ -356,7 +367,7 @@ class SimulatedEngine:
             min(s.remaining_tokens for s in batch),
             self.max_segment_s * self.time_scale,
         )
-        started_at = self._clock.now()
+        started_at = self._step_start()
         segment_s = decode_segment_s(profile, len(batch), ctx0, steps)
         self._changed.clear()
         if await self._wait_until_or_changed(started_at + segment_s / self.time_scale):
@@ -381,7 +392,17 @@ class SimulatedEngine:
                 future.cancel()
         return interrupted
 
+    def _step_start(self) -> float:
+        """When the next step starts on the clock: right where the previous one was due
+        to end while the engine stays busy (so that event-loop lag does not slow the
+        modelled GPU down), else now."""
+        now = self._clock.now()
+        if self._busy_until is not None and now - self._busy_until <= self.max_lag_s:
+            return min(now, self._busy_until)
+        return now
+
     def _account(self, steps: int, predicted_s: float, started_at: float) -> None:
+        self._busy_until = started_at + predicted_s / self.time_scale
         self._num_steps += steps
         self._predicted_s += predicted_s
         self._observed_s += (self._clock.now() - started_at) * self.time_scale

@@ -33,7 +33,7 @@ from typing import Any
 import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from qlm.core.errors import InvalidInput, NotFound, Unavailable
+from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable
 from qlm.core.types import (
     GroupKey,
     QueueSnapshot,
@@ -87,6 +87,17 @@ class LeaseRenewal:
 
     lost: tuple[str, ...]
     cancel_requested: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenAppend:
+    """One output chunk for :meth:`RedisQueueStore.append_tokens_many` (same meaning as
+    the arguments of :meth:`RedisQueueStore.append_tokens`)."""
+
+    request_id: str
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    num_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -739,6 +750,49 @@ class RedisQueueStore:
             reply = await self._scripts.append_tokens(keys=keys, args=args)
         self._check_worker_reply(reply, worker_id, request_id)
         return int(reply[1])
+
+    async def append_tokens_many(
+        self, worker_id: str, appends: Sequence[TokenAppend]
+    ) -> list[int | QlmError]:
+        """:meth:`append_tokens` for several requests of ``worker_id`` in one round trip
+        (a pipeline of the same script; each append is atomic on its own, the batch is
+        not). Returns, in order, each request's new ``num_generated`` or the error
+        :meth:`append_tokens` would have raised for it (:class:`LeaseLost`,
+        :class:`NotFound`, :class:`InvalidInput`); bad arguments raise before anything
+        is sent."""
+        _require_id(worker_id, "worker_id")
+        calls = []
+        for append in appends:
+            _require_id(append.request_id, "request_id")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in append.token_ids):
+                raise InvalidInput("token_ids", "must be integers")
+            count = len(append.token_ids) if append.num_tokens is None else append.num_tokens
+            _require_count(count, "num_tokens", minimum=0)
+            keys = [self.keys.request(append.request_id), self.keys.stream(append.request_id)]
+            args = [
+                worker_id,
+                self._now(),
+                append.text,
+                json.dumps(list(append.token_ids)),
+                str(count),
+                self._stream_maxlen,
+            ]
+            calls.append((keys, args))
+        if not calls:
+            return []
+        with _redis_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await self._scripts.append_tokens(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
+        results: list[int | QlmError] = []
+        for append, reply in zip(appends, replies, strict=True):
+            try:
+                self._check_worker_reply(reply, worker_id, append.request_id)
+                results.append(int(reply[1]))
+            except QlmError as error:
+                results.append(error)
+        return results
 
     async def read_tokens(
         self, request_id: str, *, after: str = "0-0", block_ms: int = 1000

@@ -11,9 +11,10 @@ Loops of a running :class:`Worker` (asyncio tasks):
   most ``poll_interval_s``.
 * **serve** (one task per request): tokens from the engine are appended to the
   request's Redis stream (chunks that pile up while a write is in flight go in one
-  write); the first one publishes ``first_token``; the end acks the request in the
-  store (finished / failed) and publishes ``finished`` (and, for batch classes, a
-  ``qlm.batch.results`` record).
+  write, and the writes of all requests share round trips, see
+  :mod:`services.worker.streams`); the first one publishes ``first_token``; the end
+  acks the request in the store (finished / failed) and publishes ``finished`` (and,
+  for batch classes, a ``qlm.batch.results`` record).
 * **renew**: every ``renew_interval_s`` extend the leases of the running requests;
   requests the worker lost (lease expired, taken elsewhere) are aborted silently;
   requests whose cancellation was requested are aborted and acked ``cancelled``.
@@ -57,6 +58,7 @@ from qlm.store.errors import LeaseLost
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from services.worker.metrics import WorkerMetrics
+from services.worker.streams import StreamWriter
 
 log = get_logger("services.worker")
 
@@ -150,6 +152,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_stats: EngineStats | None = None
         self._last_stats_at = 0.0
+        self._streams = StreamWriter(store, worker_id)
         self._outbox: asyncio.Queue[tuple[BusRecord, str]] = asyncio.Queue()
         self._sender: asyncio.Task[None] | None = None
         self._pull_task: asyncio.Task[None] | None = None
@@ -189,6 +192,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.engine.close()
+        await self._streams.close()
         await self._outbox.join()
         if self._sender is not None:
             self._sender.cancel()
@@ -407,7 +411,7 @@ class Worker:
             return True
         if run.stop_reason == "lost":
             return False
-        await self.store.append_tokens(self.id, run.id, text=text, token_ids=token_ids)
+        await self._streams.append(run.id, tuple(token_ids), text)
         run.num_generated += len(token_ids)
         run.token_ids.extend(token_ids)
         if text:

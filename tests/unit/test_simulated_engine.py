@@ -87,7 +87,7 @@ async def test_requests_added_together_share_one_prefill_and_decode_steps(
     clock: VirtualClock,
 ) -> None:
     p = profile()
-    engine = await started(clock, p)
+    engine = await started(clock, p, max_segment_s=1e-6)  # emit after every step
     a, b = engine.add(request("a", 300, 3)), engine.add(request("b", 200, 3))
     got = await asyncio.gather(collect(clock, a), collect(clock, b))
     await engine.close()
@@ -198,6 +198,30 @@ async def test_kv_overflow_preempts_the_latest_request_keeping_its_progress(
         assert chunks[-1][1].num_generated == 300
         assert sum(len(c.token_ids) for _, c in chunks) == 300
     assert engine.stats().num_steps > 300  # b was recomputed after a finished
+
+
+class LaggyClock(VirtualClock):
+    """Every wake-up comes ``lag_s`` late, like an event loop under load."""
+
+    def __init__(self, lag_s: float) -> None:
+        super().__init__()
+        self.lag_s = lag_s
+
+    async def sleep_until(self, at: float) -> None:
+        await super().sleep_until(at + self.lag_s)
+
+
+async def test_loop_lag_delays_tokens_but_not_the_modelled_gpu() -> None:
+    p = profile()
+    clock = LaggyClock(lag_s=0.004)
+    engine = await started(clock, p, max_segment_s=0.02)  # ~25 segments for 200 tokens
+    chunks = await collect(clock, engine.add(request("a", prompt=100, max_tokens=200)))
+    await engine.close()
+    ideal = p.prefill_s(100) + decode_segment_s(p, 1, 101, 199)
+    assert len(chunks) > 20
+    assert ideal < chunks[-1][0] <= ideal + 0.004 + 1e-9  # late by one lag, not by 20 of them
+    stats = engine.stats()
+    assert stats.step_time_predicted_s == pytest.approx(ideal)
 
 
 def test_prefill_plan_respects_budget_slots_and_kv() -> None:
