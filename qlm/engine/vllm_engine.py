@@ -16,18 +16,18 @@ merely imports qlm needs vLLM (use :func:`qlm.engine.factory.make_engine`).
   ``ignore_eos`` (default on) makes outputs exactly ``max_tokens`` long for replays.
   Outputs stream as deltas (``RequestOutputKind.DELTA``).
 * **abort** calls ``AsyncLLM.abort`` and returns the output streamed so far.
-* **stats**: batch size = requests in the engine; KV use = their context tokens
-  against the KV cache (``num_gpu_blocks × block_size``). A step is counted each time
-  outputs arrive after a gap (outputs of one step arrive together); its observed time
-  is the gap since the previous step while the engine was busy, its predicted time the
-  profile's ``decode_step_s(batch, context)`` (prefill steps are counted as decode
-  steps: a known approximation).
+* **stats** come from vLLM's own per-step statistics (a stat logger registered with
+  each ``AsyncLLM``): batch size and waiting requests from the scheduler, KV use as
+  vLLM reports it (against ``num_gpu_blocks × block_size`` tokens). Each engine step
+  (one set of outputs) counts as a step; its observed time is the time since the
+  previous step while the engine stayed busy, its predicted time the profile's
+  ``decode_step_s(batch, context)`` (a step that also prefills is predicted as a
+  decode step: a known approximation).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +37,7 @@ from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.perf import PerfProfile
 from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
 
-#: Outputs closer together than this belong to one engine step.
-STEP_GAP_S = 0.0005
-#: A longer gap means the engine was idle, not stepping.
+#: A longer gap between two engine steps means the engine was idle, not stepping.
 IDLE_GAP_S = 1.0
 
 
@@ -121,7 +119,10 @@ class VllmEngine:
         self._observed_s = 0.0
         self._predicted_s = 0.0
         self._num_output_tokens = 0
-        self._last_output_at: float | None = None
+        self._last_step_at: float | None = None
+        self._batch_size = 0
+        self._num_waiting = 0
+        self._kv_used_fraction = 0.0
 
     # ---------------------------------------------------------------- identity
     @property
@@ -166,11 +167,33 @@ class VllmEngine:
         except ImportError as error:
             raise Unavailable(f"vLLM is not installed: {error}") from error
         for model in (*self._models[1:], self._models[0]):
-            llm = AsyncLLM.from_engine_args(self._engine_args(model))
+            llm = AsyncLLM.from_engine_args(
+                self._engine_args(model), stat_loggers=[self._stat_logger(model)]
+            )
             self._llms[model] = llm
             if model != self._models[0]:
                 await llm.sleep(level=self.options.sleep_level)
         self._active = self._models[0]
+
+    def _stat_logger(self, model: str) -> Any:
+        """A vLLM stat logger class that feeds each engine step of ``model`` to
+        :meth:`_on_step` (vLLM calls it in the event loop, once per set of outputs)."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class QlmStatLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any,
+                       mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+                engine._on_step(model, scheduler_stats, iteration_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return QlmStatLogger
 
     async def close(self) -> None:
         for request_id in list(self._live):
@@ -233,7 +256,7 @@ class VllmEngine:
                                           request_id=request.request_id):
                 completion = out.outputs[0]
                 new = tuple(int(t) for t in completion.token_ids)
-                self._on_output(len(new))
+                self._num_output_tokens += len(new)
                 live.num_generated += len(new)
                 live.token_ids.extend(new)
                 text = completion.text or ""
@@ -282,19 +305,26 @@ class VllmEngine:
     def _context_tokens(self) -> int:
         return sum(live.request.prompt_tokens + live.num_generated for live in self._live.values())
 
-    def _on_output(self, num_tokens: int) -> None:
-        now = time.monotonic()
-        self._num_output_tokens += num_tokens
-        last = self._last_output_at
-        self._last_output_at = now
-        if last is None or now - last < STEP_GAP_S:
+    def _on_step(self, model: str, scheduler: Any, iteration: Any) -> None:
+        """One engine step of ``model`` ended (vLLM's scheduler and iteration stats)."""
+        if model != self._active:
             return
+        if scheduler is not None:
+            self._batch_size = int(scheduler.num_running_reqs)
+            self._num_waiting = int(scheduler.num_waiting_reqs)
+            self._kv_used_fraction = float(scheduler.kv_cache_usage)
+        if iteration is None:
+            return
+        now = float(iteration.iteration_timestamp)
+        last, self._last_step_at = self._last_step_at, now
         self._num_steps += 1
-        if now - last < IDLE_GAP_S:
-            self._observed_s += now - last
-            profile = self._profiles.get(self._active or "")
-            if profile is not None:
-                self._predicted_s += profile.decode_step_s(len(self._live), self._context_tokens())
+        if last is None or not 0 <= now - last < IDLE_GAP_S:
+            return
+        self._observed_s += now - last
+        profile = self._profiles.get(model)
+        if profile is not None:
+            batch = self._batch_size or len(self._live)
+            self._predicted_s += profile.decode_step_s(batch, self._context_tokens())
 
     def kv_capacity_tokens(self) -> int:
         if self._active is None or self._active not in self._llms:
@@ -303,12 +333,13 @@ class VllmEngine:
         return int(cache.num_gpu_blocks or 0) * int(cache.block_size)
 
     def stats(self) -> EngineStats:
+        capacity = self.kv_capacity_tokens()
         return EngineStats(
             active_model=self._active,
-            batch_size=len(self._live),
-            num_waiting=0,
-            kv_used_tokens=self._context_tokens(),
-            kv_capacity_tokens=self.kv_capacity_tokens(),
+            batch_size=min(self._batch_size, len(self._live)),
+            num_waiting=min(self._num_waiting, len(self._live)),
+            kv_used_tokens=round(self._kv_used_fraction * capacity) if self._live else 0,
+            kv_capacity_tokens=capacity,
             num_steps=self._num_steps,
             step_time_observed_s=self._observed_s,
             step_time_predicted_s=self._predicted_s,
