@@ -8,6 +8,7 @@ from qlm.store.store import (
     LeaseRenewal,
     RedisQueueStore,
     StoreSnapshot,
+    TokenAppend,
     TokenChunk,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "RedisQueueStore",
     "RequestRecord",
     "StoreSnapshot",
+    "TokenAppend",
     "TokenChunk",
 ]

@@ -12,7 +12,13 @@ import redis.asyncio as aioredis
 from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.types import SLO, GroupKey, Request, RequestState, SLOClass
 from qlm.localstack import RedisServer
-from qlm.store import EnqueueResult, IdempotencyConflict, LeaseLost, RedisQueueStore
+from qlm.store import (
+    EnqueueResult,
+    IdempotencyConflict,
+    LeaseLost,
+    RedisQueueStore,
+    TokenAppend,
+)
 from qlm.store.keys import Keys
 
 pytestmark = pytest.mark.redis
@@ -588,6 +594,32 @@ async def test_token_stream_is_read_as_it_is_written(store: RedisQueueStore) -> 
         _ = [c async for c in store.read_tokens("unknown")]
 
 
+async def test_append_tokens_many_answers_each_request(
+    store: RedisQueueStore, clock: FakeClock
+) -> None:
+    for request_id in ("a", "b", "c"):
+        await store.enqueue(make_request(request_id, max_tokens=4))
+    await store.claim("w1", ["a", "b"])
+    await store.claim("w2", ["c"])
+
+    results = await store.append_tokens_many(
+        "w1",
+        [
+            TokenAppend("a", token_ids=(1, 2), text="hi"),
+            TokenAppend("b", num_tokens=5),  # past max_tokens
+            TokenAppend("c", token_ids=(3,)),  # held by w2
+            TokenAppend("a", token_ids=(4,)),
+        ],
+    )
+
+    assert results[0] == 2 and results[3] == 3
+    assert isinstance(results[1], InvalidInput) and results[1].field == "num_tokens"
+    assert isinstance(results[2], LeaseLost) and results[2].holder == "w2"
+    assert [c.token_ids for c in await store.token_chunks("a")] == [(1, 2), (4,)]
+    assert await store.token_chunks("c") == ()
+    assert (await store.get("b")).request.num_generated == 0
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("max_requests", [0, -1])
 async def test_pull_with_no_room_is_invalid(store: RedisQueueStore, max_requests: int) -> None:
@@ -655,6 +687,9 @@ async def test_restart_keeps_the_queue(
 
     after_store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
     try:
+        # the restarted server lost its scripts: a pipelined batch loads them again
+        (again,) = await after_store.enqueue_many([(requests[5], [1, 2, 3], None)])
+        assert isinstance(again, EnqueueResult) and not again.created
         assert await after_store.snapshot() == before
         assert await after_store.get("r0") == record_before
         # and it keeps working: leases still expire, scripts load again
