@@ -12,10 +12,14 @@ comes from two sources, merged here:
   that reports is alive; telemetry also names its GPU and awake model (and its resident
   models when the record carries them).
 
-Liveness: a worker heard from within ``timeout_s`` is live. A worker from the file that
-has not been heard from at all is live for ``timeout_s`` after the roster starts (start
-grace), then it must report like any other. ``timeout_s = 0`` keeps every known worker
-live forever (no liveness check).
+Liveness is judged on *bus time*, the latest report heard from any worker (never earlier
+than the roster's start): a worker is live while its own last report (its start, for a
+declared worker not heard from yet) is within ``timeout_s`` of that. So a worker that
+dies while the others keep reporting drops out after ``timeout_s``; but when nobody is
+heard any more (Kafka unreachable, the tail stopped) bus time stands still and every
+worker keeps its standing: a bus outage never empties the virtual queues. It also makes
+liveness immune to clock skew between the workers and the reader. ``timeout_s = 0``
+keeps every known worker live forever (no liveness check).
 
 :meth:`WorkerRoster.views` builds the views with ``running=()``: the store snapshot fills
 the running requests (:meth:`qlm.store.StoreSnapshot.to_queue_snapshot`). KV capacity and
@@ -93,6 +97,7 @@ class WorkerRoster:
         self.timeout_s = timeout_s
         self.started_at = started_at
         self._workers: dict[str, WorkerInfo] = {w.id: w for w in declared}
+        self.bus_time = started_at
 
     @property
     def workers(self) -> Mapping[str, WorkerInfo]:
@@ -100,6 +105,7 @@ class WorkerRoster:
 
     def on_telemetry(self, record: Telemetry) -> None:
         """A worker reported: it is alive, on ``record.gpu``, with ``record.model`` awake."""
+        self.bus_time = max(self.bus_time, record.at)
         known = self._workers.get(record.worker)
         models = tuple(getattr(record, "models", None) or ())
         if known is None:
@@ -118,21 +124,24 @@ class WorkerRoster:
         """A worker event (started, first_token, finished, evicted) shows it is alive."""
         if event.worker is None or event.worker not in self._workers:
             return
+        self.bus_time = max(self.bus_time, event.at)
         known = self._workers[event.worker]
         self._workers[event.worker] = replace(known, heard_at=max(event.at, known.heard_at or 0.0))
 
-    def is_live(self, worker: WorkerInfo, now: float) -> bool:
+    def is_live(self, worker: WorkerInfo) -> bool:
+        """Whether ``worker`` reported within ``timeout_s`` of bus time (module docstring)."""
         if self.timeout_s == 0:
             return True
         last = worker.heard_at if worker.heard_at is not None else self.started_at
-        return now - last <= self.timeout_s
+        return self.bus_time - last <= self.timeout_s
 
-    def live(self, now: float) -> tuple[WorkerInfo, ...]:
-        """Live workers, by id."""
-        return tuple(w for _, w in sorted(self._workers.items()) if self.is_live(w, now))
+    def live(self, now: float | None = None) -> tuple[WorkerInfo, ...]:
+        """Live workers, by id (``now`` is not needed: liveness runs on bus time)."""
+        return tuple(w for _, w in sorted(self._workers.items()) if self.is_live(w))
 
     def views(self, now: float, profiles: ProfileBook) -> tuple[WorkerView, ...]:
-        """Views of the live workers that have a profile for at least one of their models."""
+        """Views of the live workers that have a profile for at least one of their models
+        (``now``: the time of the snapshot they go into)."""
         return tuple(v for w in self.live(now) if (v := view_of(w, profiles)) is not None)
 
 

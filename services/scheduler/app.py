@@ -154,6 +154,9 @@ class SchedulerApp:
             except Unavailable as error:
                 held = False
                 log.warning("lease_unavailable", instance=self.instance_id, error=str(error))
+            except Exception as error:  # never let the lease task die: log and try again
+                held = False
+                log.exception("lease_error", instance=self.instance_id, error=repr(error))
             self.metrics.is_leader.set(1 if self.lease.is_held() else 0)
             self.metrics.fence.set(self.lease.fence)
             await asyncio.sleep(s.lease_renew_s if held else s.lease_ttl_s / 4)
@@ -171,9 +174,13 @@ class SchedulerApp:
             try:
                 self.last_report = await self.loop.step()
                 self.num_steps += 1
-            except (QlmError, OSError, KafkaError) as error:
+            except (QlmError, OSError, KafkaError) as error:  # Redis or Kafka away: retry
                 self.metrics.decisions.labels(self.policy.name, "failed").inc()
                 log.warning("step_failed", error=repr(error))
+                await asyncio.sleep(min(1.0, s.tick_s))
+            except Exception as error:  # a bug in a policy must not stop the leader deciding
+                self.metrics.decisions.labels(self.policy.name, "failed").inc()
+                log.exception("step_error", error=repr(error))
                 await asyncio.sleep(min(1.0, s.tick_s))
 
     def _on_record(self, topic: str, value: bytes | None) -> None:

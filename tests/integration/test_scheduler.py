@@ -370,3 +370,27 @@ async def test_lease_fencing_and_a_leader_that_cannot_renew_stops_in_time(redis_
         assert await b.owner() is None
     finally:
         await client.aclose()
+
+
+class FlakyPolicy(ScriptedPolicy):
+    """Fails on its first decision, then decides (a policy bug must not stop the leader)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_calls = 0
+
+    def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
+        self.num_calls += 1
+        if self.num_calls == 1:
+            raise ValueError("a policy bug")
+        return self.decision
+
+
+async def test_a_failing_decision_does_not_stop_the_leader(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]],
+) -> None:
+    policy = FlakyPolicy()
+    app = await start_scheduler("solo", policy_object=policy, tick_s=0.1)
+    await eventually(lambda: _true(app.num_steps >= 2), what="steps after a failure")
+    assert app.metrics.decisions.labels("scripted", "failed")._value.get() == 1
+    assert app.is_leader()

@@ -48,16 +48,26 @@ def _telemetry(worker: str, at: float, model: str | None = MODEL) -> Telemetry:
 
 
 # ------------------------------------------------------------------ roster
-def test_declared_workers_get_a_start_grace_then_must_report() -> None:
+def test_a_worker_silent_while_others_report_drops_out() -> None:
     roster = WorkerRoster(workers_from({"workers": [
         {"id": "a", "gpu": GPU, "models": [MODEL]},
         {"id": "b", "gpu": GPU, "models": [MODEL, "vicuna-13b"]}]}), timeout_s=5, started_at=100)
-    assert [w.id for w in roster.live(104)] == ["a", "b"]
-    roster.on_telemetry(_telemetry("a", 103))
-    assert [w.id for w in roster.live(107)] == ["a"]  # b never reported
+    assert [w.id for w in roster.live()] == ["a", "b"]
+    roster.on_telemetry(_telemetry("a", 104))
+    assert [w.id for w in roster.live()] == ["a", "b"]  # b's start grace: 100 + 5
+    roster.on_telemetry(_telemetry("a", 106))
+    assert [w.id for w in roster.live()] == ["a"]  # b never reported
     roster.on_event(Event(type="started", request_id="r", model=MODEL, slo_class="batch-1",
-                          at=106, arrival_at=100, worker="b"))
-    assert [w.id for w in roster.live(109)] == ["b"]  # a went silent, b spoke
+                          at=112, arrival_at=100, worker="b"))
+    assert [w.id for w in roster.live()] == ["b"]  # a went silent while b spoke
+
+
+def test_when_nobody_reports_every_worker_keeps_its_standing() -> None:
+    roster = WorkerRoster(workers_from({"workers": [
+        {"id": "a", "gpu": GPU, "models": [MODEL]}]}), timeout_s=5, started_at=100)
+    roster.on_telemetry(_telemetry("a", 101))
+    # The bus goes quiet (Kafka down): bus time stands still, the worker stays live.
+    assert [w.id for w in roster.views(10_000.0, PROFILES)] == ["a"]
 
 
 def test_telemetry_introduces_workers_and_tracks_the_awake_model() -> None:
