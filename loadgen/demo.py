@@ -414,9 +414,8 @@ def run_stack_policies(args: argparse.Namespace, plan: DemoPlan) -> dict[str, St
     import redis
 
     from qlm.localstack.services import ServiceOptions, ServiceStack
-    from qlm.localstack.stack import LocalStack, StackPorts
 
-    stack = LocalStack.open(args.dir, StackPorts(0, 0, 0))
+    stack = fresh_stack(args.dir)
     runs: dict[str, StackRun] = {}
     services: ServiceStack | None = None
     try:
@@ -450,6 +449,26 @@ def run_stack_policies(args: argparse.Namespace, plan: DemoPlan) -> dict[str, St
         for line in stack.down():
             print(line, flush=True)
     return runs
+
+
+def fresh_stack(stack_dir: Path) -> Any:
+    """A new stack in ``stack_dir`` on free ports (the directory's old data is removed);
+    Unavailable when something from an earlier start still runs there."""
+    import shutil
+
+    from qlm.core.errors import Unavailable
+    from qlm.localstack.services import ServiceStack
+    from qlm.localstack.stack import LocalStack, StackPorts
+
+    old = LocalStack.open(stack_dir, StackPorts(0, 0, 0))
+    old_services = ServiceStack(stack_dir, "", "")
+    running = [s.name for s in old.status() if s.pid is not None] + [
+        name for name, p in old_services.processes.items() if p.running_pid() is not None]
+    if running:
+        raise Unavailable(f"{', '.join(running)} still run in {stack_dir}; stop them with "
+                          f"python -m qlm.localstack down --dir {stack_dir}")
+    shutil.rmtree(stack_dir, ignore_errors=True)
+    return LocalStack(stack_dir, StackPorts(0, 0, 0).resolved())
 
 
 def services_alive(services: Any) -> Any:
