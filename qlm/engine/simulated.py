@@ -174,6 +174,8 @@ class SimulatedEngine:
         self.max_segment_s = max_segment_s
         self.max_lag_s = max_lag_s
         self._busy_until: float | None = None
+        self._last_end_at = 0.0
+        self._observed_from = 0.0
         self._seqs: dict[str, _Seq] = {}
         self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
@@ -398,14 +400,21 @@ class SimulatedEngine:
         modelled GPU down), else now."""
         now = self._clock.now()
         if self._busy_until is not None and now - self._busy_until <= self.max_lag_s:
+            self._observed_from = self._last_end_at
             return min(now, self._busy_until)
+        self._observed_from = now
         return now
 
     def _account(self, steps: int, predicted_s: float, started_at: float) -> None:
+        """Count ``steps`` that started at ``started_at`` (clock) and were predicted to take
+        ``predicted_s`` engine seconds. Observed time runs from the end of the previous
+        step (while busy) to now, so lag is counted once, not again by every step."""
+        now = self._clock.now()
         self._busy_until = started_at + predicted_s / self.time_scale
         self._num_steps += steps
         self._predicted_s += predicted_s
-        self._observed_s += (self._clock.now() - started_at) * self.time_scale
+        self._observed_s += max(0.0, now - self._observed_from) * self.time_scale
+        self._last_end_at = now
 
     # ---------------------------------------------------------------- output
     def _emit(self, seq: _Seq, num_tokens: int) -> None:

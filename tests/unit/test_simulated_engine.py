@@ -222,6 +222,7 @@ async def test_loop_lag_delays_tokens_but_not_the_modelled_gpu() -> None:
     assert ideal < chunks[-1][0] <= ideal + 0.004 + 1e-9  # late by one lag, not by 20 of them
     stats = engine.stats()
     assert stats.step_time_predicted_s == pytest.approx(ideal)
+    assert stats.step_time_observed_s == pytest.approx(chunks[-1][0])  # lag counted once
 
 
 def test_prefill_plan_respects_budget_slots_and_kv() -> None:
