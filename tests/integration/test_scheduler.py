@@ -85,7 +85,8 @@ async def start_scheduler(
 
     async def start(instance_id: str, **changes: Any) -> SchedulerApp:
         policy = changes.pop("policy_object", None)
-        settings = _settings(redis_url, kafka_bootstrap, kafka_topics, workers_file,
+        workers = changes.pop("workers_file", workers_file)
+        settings = _settings(redis_url, kafka_bootstrap, kafka_topics, workers,
                              instance_id=instance_id, **changes)
         app = SchedulerApp(settings, policy=policy)
         await app.start()
@@ -394,3 +395,27 @@ async def test_a_failing_decision_does_not_stop_the_leader(
     await eventually(lambda: _true(app.num_steps >= 2), what="steps after a failure")
     assert app.metrics.decisions.labels("scripted", "failed")._value.get() == 1
     assert app.is_leader()
+
+
+async def test_a_real_policy_eviction_reaches_the_worker_on_kafka(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore,
+    kafka_bootstrap: str, kafka_topics: TopicNames, tmp_path: Path,
+) -> None:
+    one_worker = tmp_path / "one.yaml"
+    one_worker.write_text("workers:\n  - {id: w-mistral, gpu: A100-80GB, models: [mistral-7b]}\n")
+    # 200 batch requests of 2,000 + 2,000 tokens fill the worker's KV cache (466k tokens).
+    running = [_request("mistral-7b", prompt=2000, max_tokens=2000) for _ in range(200)]
+    for request in running:
+        await store.enqueue(request)
+    assert len(await store.claim("w-mistral", [r.id for r in running], lease_s=60)) == 200
+    await store.enqueue(_request("mistral-7b", SLOClass.INTERACTIVE))
+
+    app = await start_scheduler("solo", policy="priority", workers_file=one_worker,
+                                tick_s=60.0)
+    await app.loop.lease.try_acquire()
+    report = await app.loop.step()
+    assert report.num_commands == 1
+    (command,) = await _lso_records(kafka_bootstrap, kafka_topics.lso, 1)
+    assert command.type == "evict" and command.worker == "w-mistral"
+    assert command.reason == "priority"
+    assert set(command.request_ids) <= {r.id for r in running} and command.request_ids
