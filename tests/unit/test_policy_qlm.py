@@ -56,8 +56,13 @@ def _defaults() -> dict[str, object]:
     return dict(DEFAULT_OPTIONS)
 
 
+#: Short outputs (mean 100 tokens): a drain before a swap takes ~2.4 s more.
+SHORT_OUTPUTS = {"output_stats": {"*": (100.0, 10.0)}}
+
+
 def interleaved_deadlines() -> tuple[QueueSnapshot, ProfileBook]:
-    """Two models on one worker, deadlines alternating A, B, A, B; a swap costs 5.5 s.
+    """Two models on one worker, deadlines alternating A, B, A, B; a swap costs ~8 s
+    (5.5 s of sleep and wake, ~2.4 s for the longest request to drain).
 
     EDF serves A, B, A, B (three swaps) and the last B group misses; serving both A
     groups first needs one swap and meets every deadline.
@@ -74,7 +79,7 @@ def interleaved_deadlines() -> tuple[QueueSnapshot, ProfileBook]:
 
 def test_milp_groups_by_model_where_edf_misses_because_of_swaps() -> None:
     snap, book = interleaved_deadlines()
-    ctx = PolicyContext(book, {"milp_time_limit_s": 10.0})
+    ctx = PolicyContext(book, {"milp_time_limit_s": 10.0, **SHORT_OUTPUTS})
     policy = QlmPolicy()
     pc, plan = policy.plan(snap, ctx)
     assert plan.mode == "milp"
@@ -88,7 +93,7 @@ def test_milp_groups_by_model_where_edf_misses_because_of_swaps() -> None:
 
 def test_decision_places_every_group_once_and_pulls_only_the_head_model() -> None:
     snap, book = interleaved_deadlines()
-    decision = make_policy("qlm").decide(snap, PolicyContext(book))
+    decision = make_policy("qlm").decide(snap, PolicyContext(book, SHORT_OUTPUTS))
     order = decision.order_for("w0")
     assert sorted(order) == sorted(g.key for g in snap.groups)
     pulled = [rid for p in decision.pulls for rid in p.request_ids]
@@ -130,7 +135,7 @@ def test_heuristic_is_close_to_the_milp_on_small_instances(seed: int) -> None:
 
 def test_milp_with_no_time_falls_back_to_the_heuristic() -> None:
     snap, book = interleaved_deadlines()
-    ctx = PolicyContext(book, {"milp_time_limit_s": 0.0})
+    ctx = PolicyContext(book, {"milp_time_limit_s": 0.0, **SHORT_OUTPUTS})
     pc, plan = QlmPolicy().plan(snap, ctx)
     assert plan.mode.startswith("heuristic (milp:")
     assert sorted(plan.orders[0]) == list(range(len(pc.stats)))

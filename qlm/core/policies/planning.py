@@ -16,8 +16,9 @@ Timing model of one worker's virtual queue (a *lane*), in the estimator's terms:
 * a group of the model already active starts when a slot frees, i.e. when the work
   ahead minus what B in-flight requests still hold (``lead = B·μ/2/Θ``) has drained:
   ``start = max(segment_start, end − lead)``; a group of another model waits for the
-  full drain plus the swap (``wake_s`` when the model sleeps on the worker, else
-  ``cold_load_s``): ``start = end + swap``;
+  full drain, the longest in-flight request's tail (95th-percentile output at batch 1)
+  and the swap (sleep, then ``wake_s`` when the model sleeps on the worker, else
+  ``cold_load_s``): ``start = end + tail + swap``;
 * its requests are admitted over ``spread = S·max(0, 1 − B/n)`` seconds in arrival
   order (so in deadline order), each after its own prefill.
 
@@ -356,6 +357,7 @@ class CostModel:
         self._memos = memos
         self._drain: dict[tuple[int, str], float] = {}
         self._swap: dict[tuple[int, str, str | None], float] = {}
+        self._tail: dict[tuple[int, str], float] = {}
 
     def service(self, group_index: int, worker_index: int) -> Service | None:
         """Cost of group ``group_index`` on worker ``worker_index``; None if no profile."""
@@ -408,6 +410,25 @@ class CostModel:
                 rate = 1000.0
             self._drain[key] = rate
         return rate
+
+    def drain_tail_s(self, worker_index: int, model: str) -> float:
+        """Seconds a worker decoding ``model`` needs past the fluid drain to finish its
+        longest in-flight request before it can swap (the batch shrinks as it drains):
+        the 95th-percentile output length decoded at batch 1."""
+        if not self.charge_swaps:
+            return 0.0
+        key = (worker_index, model)
+        found = self._tail.get(key)
+        if found is None:
+            w = self.workers[worker_index]
+            found = 0.0
+            if self.profiles.has(model, w.gpu):
+                p = self.profiles.get(model, w.gpu)
+                lengths = self.output_stats.get(model, self.output_stats["*"])
+                tokens = lengths.quantile_tokens(0.95)
+                found = tokens * p.decode_step_s(1, int(512 + tokens / 2))
+            self._tail[key] = found
+        return found
 
     def swap_s(self, worker_index: int, model: str, from_model: str | None = None) -> float:
         """Seconds to switch the worker to ``model``: sleep ``from_model``, wake or load."""
@@ -517,6 +538,8 @@ def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
         swapped = False
     else:
         start = end_at + cost.swap_s(worker_index, g.model, tail_model)
+        if tail_model is not None and end_at > seg_start_at:
+            start += cost.drain_tail_s(worker_index, tail_model)
         seg = start
         swapped = True
     p = p_meet(g, svc, start, end_var) if with_p else 0.0

@@ -228,6 +228,8 @@ class _Heaps:
                 end = lane.end_at + svc.mean_s
                 if lane.tail != model:
                     end += cost.swap_s(lane.index, model, lane.tail)
+                    if lane.tail is not None and lane.end_at > lane.seg_start_at:
+                        end += cost.drain_tail_s(lane.index, lane.tail)
                 if best is None or (end, lane.index) < best:
                     best = (end, lane.index)
         return None if best is None else lanes[best[1]]
