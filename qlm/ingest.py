@@ -59,6 +59,9 @@ class Prediction:
     p_meet_slo: float = 1.0
     admit: bool = True
     retry_after_s: float = 0.0
+    #: False when no prediction could be made (estimator unreachable): the numbers above
+    #: are placeholders and are not announced.
+    known: bool = True
 
     @property
     def wait_p90_s(self) -> float:

@@ -68,7 +68,7 @@ class BusEvents:
             arrival_at=request.arrival_at,
             tenant=request.tenant,
             num_prompt_tokens=request.prompt_tokens,
-            predicted_wait_s=prediction.wait_mean_s,
+            predicted_wait_s=prediction.wait_mean_s if prediction.known else None,
         )
         acknowledged = await self.producer.publish_soon(self.topic, event)
         acknowledged.add_done_callback(_log_if_lost)

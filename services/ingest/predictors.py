@@ -3,7 +3,8 @@
 * :class:`RemotePredictor` (``--estimator-addr``): one ``Estimator.PredictWait`` call per
   new submission, with a deadline of ``timeout_s``. When the estimator does not answer in
   time the request is admitted with no prediction (fail open: admission control must not
-  turn an estimator outage into an ingest outage); the failure is logged.
+  turn an estimator outage into an ingest outage; ``Prediction.known`` is False and the
+  ``admitted`` event carries no predicted wait); the failure is logged.
 * :class:`LocalPredictor` (no address, ``--workers-file`` given): the same plane the
   estimator service runs (:class:`services.estimator.plane.EstimatorPlane`) in this
   process, over this ingest's store and the declared workers (no telemetry, so no online
@@ -59,7 +60,7 @@ class RemotePredictor:
         except grpc.aio.AioRpcError as error:
             log.warning("estimator_unavailable", address=self.address,
                         code=error.code().name, details=error.details())
-            return Prediction()
+            return Prediction(known=False)
         return prediction_of(answer)
 
     async def close(self) -> None:

@@ -291,3 +291,39 @@ async def test_the_status_carries_retry_after_as_trailing_metadata(
     metadata = dict(refused.value.trailing_metadata() or ())
     assert float(metadata["retry-after-s"]) > 0
     assert "retry after" in (refused.value.details() or "")
+
+
+async def test_ingest_admits_when_the_estimator_does_not_answer(
+    redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNames
+) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    from qlm.bus.records import Event
+    from qlm.localstack import free_loopback_port
+
+    values: dict[str, Any] = {
+        "redis_url": redis_url, "kafka_bootstrap": kafka_bootstrap,
+        "topic_prefix": kafka_topics.prefix, "host": "127.0.0.1", "port": 0,
+        "batch_consumer": False, "log_json": False, "shutdown_grace_s": 0.5,
+        "estimator_addr": f"127.0.0.1:{free_loopback_port()}", "estimator_timeout_s": 0.2}
+    app = IngestApp(IngestSettings(**values), models={MODEL: ModelLimits(MODEL, 32768, (GPU,))})
+    await app.start()
+    try:
+        async with QlmClient(f"127.0.0.1:{app.port}", timeout_s=10) as client:
+            reply = await client.submit(_submit("interactive"))  # fail open: queued
+        assert reply.state == pb.REQUEST_STATE_QUEUED
+    finally:
+        await app.stop()
+    consumer = AIOKafkaConsumer(kafka_topics.events, bootstrap_servers=kafka_bootstrap,
+                                group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        events: list[Event] = []
+        deadline = time.monotonic() + 15
+        while not events and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                events += [Event.from_json(r.value) for r in batch]
+    finally:
+        await consumer.stop()
+    (admitted,) = [e for e in events if e.request_id == reply.request_id]
+    assert admitted.type == "admitted" and admitted.predicted_wait_s is None  # not a guess
