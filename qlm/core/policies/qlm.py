@@ -106,8 +106,8 @@ from qlm.core.types import (
 
 DEFAULT_OPTIONS: Mapping[str, Any] = {
     "milp_max_cells": 12,  # use the MILP when groups × workers ≤ this
-    "milp_time_limit_s": 0.2,  # wall-clock backstop only
-    "milp_node_limit": 300,  # the deterministic budget
+    "milp_time_limit_s": 2.0,  # wall-clock backstop only (never binds in practice)
+    "milp_node_limit": 100,  # the deterministic budget
     "improve_budget": 400,  # lane walks the local search may spend
     "hopeless_p": 0.02,
     "displace_below_p": 0.5,
