@@ -160,6 +160,7 @@ class Worker:
     # ================================================================ lifecycle
     async def start(self) -> None:
         await self.engine.start()
+        await self.requeue_orphans()
         self._last_stats, self._last_stats_at = self.engine.stats(), time.monotonic()
         self._set_active_model_gauge()
         self._sender = asyncio.create_task(self._send_loop(), name=f"worker-{self.id}-send")
@@ -171,6 +172,18 @@ class Worker:
             self._tasks.append(asyncio.create_task(loop(), name=f"worker-{self.id}-{name}"))
         log.info("worker_started", worker=self.id, gpu=self.engine.gpu,
                  models=list(self.engine.models), active_model=self.engine.active_model)
+
+    async def requeue_orphans(self) -> int:
+        """Return what an earlier life of this worker id still holds (it died without
+        requeueing) to the queue with its progress, instead of waiting for the leases to
+        expire. Returns how many."""
+        snapshot = await self.store.snapshot()
+        orphans = [r.request for r in snapshot.running.get(self.id, ())]
+        for request in orphans:
+            with request_context(request_id=request.id), contextlib.suppress(LeaseLost):
+                await self.store.requeue(self.id, request.id)
+                log.info("orphan_requeued", worker=self.id, num_generated=request.num_generated)
+        return len(orphans)
 
     async def drain(self, grace_s: float) -> None:
         """Stop pulling; let running requests finish within ``grace_s``; requeue the rest

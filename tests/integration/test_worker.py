@@ -333,6 +333,33 @@ async def test_killed_worker_leaves_leases_that_requeue_expired_returns(
         assert record.request.num_generated == progress[record.id] > 5
 
 
+async def test_restarted_worker_requeues_what_its_killed_life_held(
+    start_worker: Callable[..., WorkerProc], store: RedisQueueStore,
+) -> None:
+    args = ("--worker-id", "w1", "--gpu", GPU, "--models", MODEL, "--time-scale", "4")
+    proc = start_worker(*args)
+    requests = [make_request(f"o{i}", 600) for i in range(2)]
+    await enqueue(store, "w1", requests)
+    ids = [r.id for r in requests]
+
+    async def progressing() -> bool:
+        return all(r.request.num_generated > 5 for r in await records_of(store, ids))
+
+    await wait_for(progressing, 30, "requests running")
+    proc.process.send_signal(signal.SIGKILL)
+    proc.process.wait(10)
+    start_worker(*args)  # same id, long before the 15 s leases expire
+
+    async def all_finished() -> bool:
+        return finished(await records_of(store, ids))
+
+    await wait_for(all_finished, 30, "requests finished by the new life")
+    for record in await records_of(store, ids):
+        assert record.num_evictions == 1 and record.num_pulls == 2
+        tokens, final = await stream_tokens(store, record.id)
+        assert final is RequestState.FINISHED and len(tokens) == 600
+
+
 async def test_sigterm_requeues_running_work_with_progress(
     start_worker: Callable[..., WorkerProc], store: RedisQueueStore,
 ) -> None:
