@@ -79,6 +79,7 @@ def service_stack(args: argparse.Namespace, stack: LocalStack) -> ServiceStack:
     """The services of ``args.dir``: as recorded by an earlier ``up``, else from the flags."""
     env = stack.environment()
     recorded = ServiceStack.recorded(args.dir, env["QLM_REDIS_URL"], env["QLM_KAFKA_BOOTSTRAP"])
+    recorded.prefer_standard_ports = True  # ingest on 50051 when free: the client's default
     if args.command == "up" and all(s.pid is None for s in recorded.status()):
         recorded.options = ServiceOptions(
             policy=args.policy, workers_file=args.workers_file, time_scale=args.time_scale,

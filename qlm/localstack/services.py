@@ -38,7 +38,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qlm.core.errors import InvalidInput, Unavailable
 from qlm.core.perf import PROFILE_DIR
-from qlm.localstack.process import ServerProcess, free_loopback_port, port_is_open
+from qlm.localstack.process import (
+    ServerProcess,
+    ensure_port_free,
+    free_loopback_port,
+    port_is_open,
+)
 from qlm.roster import read_workers_file
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
@@ -107,13 +112,15 @@ class ServicePorts:
     scheduler_metrics: int = 0
     worker_metrics: int = 0
 
-    def resolved(self) -> ServicePorts:
-        """Every 0 replaced: ingest by 50051 when that is free, the rest by free ports."""
+    def resolved(self, prefer_standard: bool = False) -> ServicePorts:
+        """Every 0 replaced by a free port; with ``prefer_standard``, ingest gets 50051
+        (what clients try first) when that is free."""
         chosen: dict[str, int] = {}
         for name, port in asdict(self).items():
             if port:
                 chosen[name] = port
-            elif name == "ingest" and not port_is_open("127.0.0.1", PREFERRED_INGEST_PORT):
+            elif (prefer_standard and name == "ingest"
+                  and not port_is_open("127.0.0.1", PREFERRED_INGEST_PORT)):
                 chosen[name] = PREFERRED_INGEST_PORT
             else:
                 chosen[name] = free_loopback_port()
@@ -140,6 +147,7 @@ class ServiceStack:
     options: ServiceOptions = field(default_factory=ServiceOptions)
     ports: ServicePorts = field(default_factory=ServicePorts)
     python: str = sys.executable
+    prefer_standard_ports: bool = False
 
     def __post_init__(self) -> None:
         self.stack_dir = self.stack_dir.resolve()
@@ -239,7 +247,7 @@ class ServiceStack:
         Unavailable raised; the ones started before it keep running (``down`` stops them).
         """
         if all(self.processes[n].running_pid() is None for n in SERVICE_NAMES):
-            self.ports = self.ports.resolved()
+            self.ports = self.ports.resolved(self.prefer_standard_ports)
             self._write_files()
         lines = []
         for name in SERVICE_NAMES:
@@ -251,13 +259,24 @@ class ServiceStack:
         process = self.processes[name]
         if process.running_pid() is not None:
             return f"{name:9} already running (pid {process.running_pid()})"
+        for port in self.ports_of(name):  # else a health check could reach another process
+            ensure_port_free("127.0.0.1", port, name)
         pid = process.start(self.argv(name), env=self._env())
         try:
-            seconds = process.wait_until(lambda: self.is_ready(name), timeout_s, "ready")
+            seconds = process.wait_until(
+                lambda: process.running_pid() is not None and self.is_ready(name),
+                timeout_s, "ready")
         except Unavailable:
             process.stop(timeout_s=2.0, kill=True)
             raise
         return f"{name:9} pid {pid} ready in {seconds:.1f} s ({self.describe(name)})"
+
+    def ports_of(self, name: str) -> tuple[int, ...]:
+        """The ports one service listens on."""
+        p = self.ports
+        return {"estimator": (p.estimator, p.estimator_metrics), "ingest": (p.ingest,),
+                "scheduler": (p.scheduler_metrics,),
+                "worker": (p.worker_health, p.worker_metrics)}[name]
 
     def describe(self, name: str) -> str:
         p, o = self.ports, self.options
