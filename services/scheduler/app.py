@@ -37,6 +37,7 @@ from qlm.config import SchedulerSettings
 from qlm.core.errors import InvalidInput, QlmError, Unavailable
 from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext, make_policy
+from qlm.core.types import QueueSnapshot
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.store import RedisQueueStore
@@ -64,6 +65,9 @@ class SchedulerApp:
         self.topics = TopicNames(s.topic_prefix)
         self.instance_id = s.instance_id or default_instance_id()
         self.profiles = profiles or ProfileBook.load(s.profiles_dir or PROFILE_DIR)
+        self.policy = policy or make_policy(s.policy)
+        context = PolicyContext(self.profiles, dict(s.policy_options))
+        self.policy.decide(QueueSnapshot(clock(), (), ()), context)  # bad options fail now
         declared = read_workers_file(s.workers_file) if s.workers_file else ()
         self.roster = WorkerRoster(declared, timeout_s=s.worker_timeout_s, started_at=clock())
         self.redis = Redis.from_url(s.redis_url, decode_responses=True)
@@ -72,11 +76,9 @@ class SchedulerApp:
                                  ttl_s=s.lease_ttl_s, margin_s=s.lease_margin_s)
         self.producer = BusProducer(s.kafka_bootstrap, client_id="qlm-scheduler")
         self.metrics = SchedulerMetrics()
-        self.policy = policy or make_policy(s.policy)
         self.loop = SchedulingLoop(
-            self.store, self.producer, self.topics.lso, self.policy,
-            PolicyContext(self.profiles, dict(s.policy_options)), self.roster, self.lease,
-            self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock)
+            self.store, self.producer, self.topics.lso, self.policy, context, self.roster,
+            self.lease, self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock)
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.events, self.topics.telemetry],
                               self._on_record, client_id=f"qlm-scheduler-{self.instance_id}")
         self.metrics_port: int | None = None
