@@ -21,7 +21,9 @@ Contract (every implementation):
   ends with an "abort" chunk; output the engine had produced but not yet delivered
   may ride on that chunk (vLLM), so a caller that streams keeps what it received
   (the iterator's total) rather than ``Progress``. Aborting an unknown or finished
-  id raises :class:`NotFound`.
+  id raises :class:`NotFound`. ``keep_kv=True`` asks the engine to keep the request's
+  KV state in CPU memory, so that adding it again with the same context restores that
+  state instead of recomputing it (an engine that cannot does a plain abort).
 * ``sleep(model)`` / ``wake(model)`` change which model is active (a model swap is
   ``sleep(current)`` then ``wake(next)``). ``sleep`` requires the model to have no
   requests (abort or finish them first) else InvalidInput; while asleep or swapping
@@ -180,7 +182,7 @@ class Engine(Protocol):
 
     def add(self, request: EngineRequest) -> AsyncIterator[OutputChunk]: ...
 
-    async def abort(self, request_id: str) -> Progress: ...
+    async def abort(self, request_id: str, keep_kv: bool = False) -> Progress: ...
 
     async def sleep(self, model: str) -> None: ...
 

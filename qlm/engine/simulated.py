@@ -18,6 +18,11 @@ instead of an event queue, with the same profile maths and the same helpers
 * **KV overflow**: when the running context + one token each would exceed the KV
   capacity, the latest admitted request is preempted back to the waiting list
   (progress kept, recomputed by prefill), like vLLM.
+* **KV state swap**: ``abort(id, keep_kv=True)`` copies the request's KV state to CPU
+  memory (the engine stalls ``tokens × bytes per token / PCIe bandwidth`` at its next
+  step boundary); when the request is added again with the same context, the copy
+  back replaces its prefill and it rejoins the batch without a new token, as in the
+  simulator.
 * **model swap**: ``sleep(model)`` takes ``sleep_s``, ``wake(model)`` ``wake_s`` of
   the model's profile (every model given to the engine is resident).
 
@@ -44,7 +49,7 @@ from qlm.core.perf import PerfProfile
 from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
 from qlm.engine.clock import Clock, LoopClock
 from qlm.sim.batching import decode_segment_s, decode_steps_within
-from qlm.sim.cluster import SimConfig
+from qlm.sim.cluster import DEFAULT_KV_BYTES_PER_TOKEN, SimConfig
 
 #: Prompt tokens one prefill step admits at most (the simulator's default).
 DEFAULT_MAX_PREFILL_TOKENS = SimConfig().max_prefill_tokens
@@ -52,6 +57,8 @@ DEFAULT_MAX_PREFILL_TOKENS = SimConfig().max_prefill_tokens
 DEFAULT_MAX_SEGMENT_S = 0.05
 #: Wall seconds of event-loop lag a busy engine makes up for (see the module docstring).
 DEFAULT_MAX_LAG_S = 0.25
+#: Evicted requests whose KV state the engine remembers keeping in CPU memory.
+MAX_KV_ON_CPU = 10_000
 FAKE_VOCAB_SIZE = 32000
 
 
@@ -62,6 +69,7 @@ class _Seq:
     token_ids: list[int]
     outbox: asyncio.Queue[OutputChunk] = field(default_factory=asyncio.Queue)
     prefilled: bool = False
+    restore: bool = False  # its KV state comes back from CPU memory instead of a prefill
     aborted: bool = False
     base_token: int = 0
 
@@ -148,6 +156,7 @@ class SimulatedEngine:
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         max_segment_s: float = DEFAULT_MAX_SEGMENT_S,
         max_lag_s: float = DEFAULT_MAX_LAG_S,
+        pcie_gb_s: float = SimConfig().pcie_gb_s,
     ) -> None:
         by_model = {p.model: p for p in profiles}
         if not by_model:
@@ -173,6 +182,9 @@ class SimulatedEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_segment_s = max_segment_s
         self.max_lag_s = max_lag_s
+        self.pcie_gb_s = pcie_gb_s
+        self._stall_s = 0.0
+        self._kv_on_cpu: dict[str, int] = {}
         self._busy_until: float | None = None
         self._last_end_at = 0.0
         self._observed_from = 0.0
@@ -209,6 +221,12 @@ class SimulatedEngine:
         except KeyError:
             known = sorted(self._profiles)
             raise InvalidInput("model", f"{model!r} is not one of {known}") from None
+
+    def kv_copy_s(self, model: str, tokens: int) -> float:
+        """Seconds to copy ``tokens`` of KV state between GPU and CPU (as the simulator)."""
+        notes = self.profile(model).notes
+        bytes_per_token = int(notes.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN))
+        return tokens * bytes_per_token / (self.pcie_gb_s * 1e9)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -247,16 +265,23 @@ class SimulatedEngine:
             token_ids=list(request.generated_token_ids),
             base_token=zlib.crc32(request.request_id.encode()),
         )
+        kept = self._kv_on_cpu.pop(request.request_id, None)
+        seq.restore = request.num_generated > 0 and kept == request.context_tokens
         self._seqs[request.request_id] = seq
         self._waiting.append(seq)
         self._changed.set()
         return _drain(seq.outbox)
 
-    async def abort(self, request_id: str) -> Progress:
+    async def abort(self, request_id: str, keep_kv: bool = False) -> Progress:
         seq = self._seqs.get(request_id)
         if seq is None:
             raise NotFound("request", request_id)
         progress = Progress(request_id, seq.num_generated, tuple(seq.token_ids))
+        if keep_kv and seq.prefilled and self._active is not None:
+            while len(self._kv_on_cpu) >= MAX_KV_ON_CPU:  # forget the oldest
+                self._kv_on_cpu.pop(next(iter(self._kv_on_cpu)))
+            self._kv_on_cpu[request_id] = seq.context_tokens
+            self._stall_s += self.kv_copy_s(self._active, seq.context_tokens)
         self._end(seq, "abort")
         self._changed.set()
         return progress
@@ -273,7 +298,9 @@ class SimulatedEngine:
         self._swapping = True
         self._num_swaps += 1
         await self._idle.wait()
-        await self._pause(profile.sleep_s)
+        stall_s, self._stall_s = self._stall_s, 0.0  # KV copies still under way come first
+        self._kv_on_cpu.clear()
+        await self._pause(stall_s + profile.sleep_s)
         self._active = None
         self._swapping = False
 
@@ -312,7 +339,8 @@ class SimulatedEngine:
     # ---------------------------------------------------------------- the loop
     async def _run(self) -> None:
         while True:
-            if self._active is None or self._swapping or not (self._waiting or self._running):
+            busy = self._waiting or self._running or self._stall_s > 0
+            if self._active is None or self._swapping or not busy:
                 self._busy_until = None
                 self._idle.set()
                 self._changed.clear()
@@ -320,6 +348,9 @@ class SimulatedEngine:
                 continue
             self._idle.clear()
             profile = self._profiles[self._active]
+            if self._stall_s > 0:  # KV state of evicted requests is copied out first
+                await self._stall()
+                continue
             self._preempt_overflow(profile)
             plan = plan_prefill(
                 (s.context_tokens for s in self._waiting),
@@ -351,13 +382,25 @@ class SimulatedEngine:
         batch = [self._waiting[i] for i in plan.positions]
         del self._waiting[: len(batch)]
         self._running.extend(batch)
-        predicted = profile.prefill_s(plan.context_tokens)
+        recompute = sum(s.context_tokens for s in batch if not s.restore)
+        restore_s = sum(self.kv_copy_s(profile.model, s.context_tokens) for s in batch if s.restore)
+        predicted = profile.prefill_s(recompute) + restore_s
         started_at = self._step_start()
         await self._clock.sleep_until(started_at + predicted / self.time_scale)
         self._account(1, predicted, started_at)
         for seq in batch:
             seq.prefilled = True
-            self._emit(seq, 1)
+            if seq.restore:  # back from CPU memory: it rejoins the batch, no token yet
+                seq.restore = False
+            else:  # a prefill emits the next token
+                self._emit(seq, 1)
+
+    async def _stall(self) -> None:
+        stall_s, self._stall_s = self._stall_s, 0.0
+        started_at = self._step_start()
+        await self._clock.sleep_until(started_at + stall_s / self.time_scale)
+        self._busy_until = started_at + stall_s / self.time_scale
+        self._last_end_at = self._clock.now()
 
     async def _decode(self, profile: PerfProfile) -> None:
         batch = list(self._running)

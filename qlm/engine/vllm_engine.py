@@ -274,7 +274,9 @@ class VllmEngine:
         if finish is None:
             yield OutputChunk(request.request_id, (), live.num_generated, finish_reason="abort")
 
-    async def abort(self, request_id: str) -> Progress:
+    async def abort(self, request_id: str, keep_kv: bool = False) -> Progress:
+        """Abort; ``keep_kv`` is not supported (vLLM frees the KV cache; prefix caching
+        makes the re-prefill of a resumed request cheaper)."""
         live = self._live.get(request_id)
         if live is None:
             raise NotFound("request", request_id)

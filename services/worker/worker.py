@@ -465,7 +465,7 @@ class Worker:
             self.wake.set()
 
     # ================================================================ stopping requests
-    async def _stop(self, run: _Running, reason: StopReason) -> bool:
+    async def _stop(self, run: _Running, reason: StopReason, keep_kv: bool = False) -> bool:
         """Abort ``run`` in the engine and wait until its streamed tokens are written.
 
         False if someone else is already stopping it (or it ended)."""
@@ -473,15 +473,17 @@ class Worker:
             return False
         run.stop_reason = reason
         with contextlib.suppress(NotFound):
-            await self.engine.abort(run.id)
+            await self.engine.abort(run.id, keep_kv=keep_kv)
         await run.done.wait()
         return True
 
-    async def _evict(self, run: _Running, reason: str) -> bool:
-        """Requeue ``run`` keeping its progress; publish ``evicted``. False if it was not
-        running here any more."""
+    async def _evict(self, run: _Running, reason: str, keep_kv: bool = False) -> bool:
+        """Requeue ``run`` keeping its progress (and, with ``keep_kv``, its KV state in
+        the engine's CPU memory); publish ``evicted``. False if it was not running here
+        any more."""
         with request_context(request_id=run.id):
-            if not await self._stop(run, "shutdown" if reason == "shutdown" else "evict"):
+            stop: StopReason = "shutdown" if reason == "shutdown" else "evict"
+            if not await self._stop(run, stop, keep_kv):
                 return False
             try:
                 state = await self.store.requeue(self.id, run.id, num_generated=run.num_generated)
@@ -556,7 +558,8 @@ class Worker:
         if command.type in ("evict", "migrate"):
             runs = [self.running[i] for i in command.request_ids if i in self.running]
             reason = command.reason or command.type
-            await asyncio.gather(*(self._evict(r, reason) for r in runs))
+            keep_kv = command.keep_kv and command.type == "evict"
+            await asyncio.gather(*(self._evict(r, reason, keep_kv) for r in runs))
         elif command.type == "swap":
             assert command.to_model is not None
             if command.to_model not in self.engine.models:

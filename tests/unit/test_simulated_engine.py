@@ -136,6 +136,31 @@ async def test_abort_keeps_progress_and_resume_continues_it(clock: VirtualClock)
     assert sum(len(c.token_ids) for _, c in chunks) == 1000 - len(seen)
 
 
+async def test_kv_state_swap_stalls_then_restores_instead_of_prefilling(
+    clock: VirtualClock,
+) -> None:
+    p = profile(notes={"kv_bytes_per_token": 1_000_000})
+    engine = await started(clock, p, max_segment_s=1e-6, pcie_gb_s=25.0)
+    stream = engine.add(request("a", prompt=500, max_tokens=100))
+    async for chunk in stream:
+        if chunk.num_generated >= 10:
+            break
+    t0 = clock.now()
+    progress = await engine.abort("a", keep_kv=True)
+    _ = [c async for c in stream]
+    ctx = 500 + progress.num_generated
+    copy_s = engine.kv_copy_s("m", ctx)
+    assert copy_s == pytest.approx(ctx * 1_000_000 / 25e9)
+    chunks = await collect(clock, engine.add(request("a", 500, 100).resumed(progress)))
+    await engine.close()
+    # the cut step, the copy out (stall), the copy back instead of a prefill (no token),
+    # then the resumed request's first decode step
+    expected = p.decode_step_s(1, ctx) + copy_s + copy_s + p.decode_step_s(1, ctx)
+    assert chunks[0][0] - t0 == pytest.approx(expected)
+    assert chunks[0][1].num_generated == progress.num_generated + 1
+    assert chunks[-1][1].num_generated == 100
+
+
 async def test_swap_takes_sleep_plus_wake_and_only_the_active_model_runs(
     clock: VirtualClock,
 ) -> None:
