@@ -149,6 +149,12 @@ class SchedulerSettings(CommonSettings):
     command_cooldown_s: float = Field(
         5.0, ge=0, description="do not repeat the same evict/swap command within this time"
     )
+    online_correction: bool = Field(
+        False, description="plan with profiles corrected by qlm.telemetry (as the estimator)"
+    )
+    correction_min_change: float = Field(
+        0.1, ge=0, description="rebuild the corrected profiles when a factor moves this much"
+    )
     profiles_dir: Path | None = Field(None, description="performance profiles directory")
     workers_file: Path | None = Field(
         None, description="YAML list of workers {id, gpu, models}; others join by telemetry"

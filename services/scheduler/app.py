@@ -41,6 +41,7 @@ from qlm.core.types import QueueSnapshot
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.store import RedisQueueStore
+from services.scheduler.corrections import CorrectedProfiles
 from services.scheduler.lease import LeaderLease, LeaseKeys
 from services.scheduler.loop import SchedulingLoop, StepReport
 from services.scheduler.metrics import SchedulerMetrics
@@ -76,9 +77,12 @@ class SchedulerApp:
                                  ttl_s=s.lease_ttl_s, margin_s=s.lease_margin_s)
         self.producer = BusProducer(s.kafka_bootstrap, client_id="qlm-scheduler")
         self.metrics = SchedulerMetrics()
+        self.corrections = (CorrectedProfiles(self.profiles, s.correction_min_change)
+                            if s.online_correction else None)
         self.loop = SchedulingLoop(
             self.store, self.producer, self.topics.lso, self.policy, context, self.roster,
-            self.lease, self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock)
+            self.lease, self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock,
+            profiles_source=self.corrections.book if self.corrections else None)
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.events, self.topics.telemetry],
                               self._on_record, client_id=f"qlm-scheduler-{self.instance_id}")
         self.metrics_port: int | None = None
@@ -176,6 +180,9 @@ class SchedulerApp:
             try:
                 self.last_report = await self.loop.step()
                 self.num_steps += 1
+                if self.corrections is not None:
+                    for (model, gpu), factor in self.corrections.factors.items():
+                        self.metrics.correction.labels(model, gpu).set(factor)
             except (QlmError, OSError, KafkaError) as error:  # Redis or Kafka away: retry
                 self.metrics.decisions.labels(self.policy.name, "failed").inc()
                 log.warning("step_failed", error=repr(error))
@@ -190,7 +197,10 @@ class SchedulerApp:
             return
         try:
             if topic == self.topics.telemetry:
-                self.roster.on_telemetry(Telemetry.from_json(value))
+                telemetry = Telemetry.from_json(value)
+                self.roster.on_telemetry(telemetry)
+                if self.corrections is not None:
+                    self.corrections.on_telemetry(telemetry)
             elif topic == self.topics.events:
                 event = Event.from_json(value)
                 self.roster.on_event(event)

@@ -152,7 +152,8 @@ class SchedulingLoop:
     def __init__(self, store: RedisQueueStore, producer: BusProducer, lso_topic: str,
                  policy: Policy, ctx: PolicyContext, roster: WorkerRoster, lease: LeaderLease,
                  metrics: SchedulerMetrics, *, command_cooldown_s: float = 5.0,
-                 clock: Callable[[], float] = time.time, decide_in_thread: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, decide_in_thread: bool = True,
+                 profiles_source: Callable[[], ProfileBook] | None = None) -> None:
         self.store = store
         self.producer = producer
         self.lso_topic = lso_topic
@@ -163,6 +164,7 @@ class SchedulingLoop:
         self.metrics = metrics
         self.clock = clock
         self.decide_in_thread = decide_in_thread
+        self.profiles_source = profiles_source
         self.memory = CommandMemory(command_cooldown_s)
         self._numbers = itertools.count(1)
         self._depth_labels: set[tuple[str, str]] = set()
@@ -170,6 +172,15 @@ class SchedulingLoop:
     @property
     def profiles(self) -> ProfileBook:
         return self.ctx.profiles
+
+    def context(self) -> PolicyContext:
+        """The policy's context: the measured profiles, or the online-corrected ones."""
+        if self.profiles_source is None:
+            return self.ctx
+        book = self.profiles_source()
+        if book is not self.ctx.profiles:
+            self.ctx = PolicyContext(book, self.ctx.options)
+        return self.ctx
 
     async def step(self) -> StepReport:
         """One step if we lead (see the module docstring); a no-op report otherwise."""
@@ -187,10 +198,11 @@ class SchedulingLoop:
         now = self.clock()
         snapshot = queue_snapshot(stored, self.roster.views(now, self.profiles), now)
         read_at = time.perf_counter()
+        ctx = self.context()
         if self.decide_in_thread:
-            decision = await asyncio.to_thread(decide, self.policy, snapshot, self.ctx)
+            decision = await asyncio.to_thread(decide, self.policy, snapshot, ctx)
         else:
-            decision = decide(self.policy, snapshot, self.ctx)
+            decision = decide(self.policy, snapshot, ctx)
         decided_at = time.perf_counter()
         if not self.lease.is_held():  # lost the lease while deciding: write nothing
             self.metrics.decisions.labels(self.policy.name, "skipped").inc()

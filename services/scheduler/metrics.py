@@ -43,3 +43,6 @@ class SchedulerMetrics:
             "qlm_scheduler_is_leader", "1 while this replica holds the leader lease", registry=r)
         self.fence = Gauge("qlm_scheduler_fence", "Fencing token of the current term",
                            registry=r)
+        self.correction = Gauge(
+            "qlm_scheduler_correction_factor", "Decode-time factor of the profiles in use "
+            "(--online-correction)", ["model", "gpu"], registry=r)

@@ -420,3 +420,31 @@ async def test_a_real_policy_eviction_reaches_the_worker_on_kafka(
     assert command.type == "evict" and command.worker == "w-mistral"
     assert command.reason == "priority"
     assert set(command.request_ids) <= {r.id for r in running} and command.request_ids
+
+
+async def test_online_correction_feeds_the_policy_corrected_profiles(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore,
+    kafka_bootstrap: str, kafka_topics: TopicNames,
+) -> None:
+    from qlm.bus.producer import BusProducer
+    from qlm.bus.records import Telemetry
+
+    await store.enqueue(_request("mistral-7b"))
+    app = await start_scheduler("solo", policy="qlm", online_correction=True, tick_s=60.0)
+    slow = Telemetry(worker="w-mistral", gpu="A100-80GB", at=time.time(), model="mistral-7b",
+                     batch_size=8, kv_used_fraction=0.2, step_time_predicted_s=0.02,
+                     step_time_observed_s=0.06, num_steps=40)
+    assert app.corrections is not None
+    async with BusProducer(kafka_bootstrap) as producer:
+        async def corrected() -> bool:
+            await producer.publish(kafka_topics.telemetry, slow)  # the tail starts at the end
+            return app.corrections is not None and bool(app.corrections.factors)
+
+        await eventually(corrected, 45.0, "a corrected profile book")
+    await app.loop.lease.try_acquire()
+    report = await app.loop.step()
+    assert report.applied
+    profiles = app.loop.ctx.profiles
+    assert profiles is not app.profiles
+    assert profiles.get("mistral-7b", "A100-80GB").decode_base_s > app.profiles.get(
+        "mistral-7b", "A100-80GB").decode_base_s

@@ -209,3 +209,26 @@ def test_admission_rules_parse() -> None:
         AdmissionRules.parse("vip=reject")
     with pytest.raises(InvalidInput, match="expected reject or queue"):
         AdmissionRules.parse("interactive=drop")
+
+
+# ------------------------------------------------------------------ scheduler corrections
+def test_online_correction_rebuilds_the_profiles_only_when_a_factor_moved() -> None:
+    from services.scheduler.corrections import CorrectedProfiles
+
+    book = CorrectedProfiles(PROFILES, min_change=0.1)
+    assert book.book() is PROFILES
+    heartbeat = _telemetry("w", 1.0).model_copy(update={"step_time_predicted_s": 0.0,
+                                                         "step_time_observed_s": 0.0})
+    assert not book.on_telemetry(heartbeat)
+    slow = _telemetry("w", 2.0).model_copy(update={"step_time_observed_s": 0.04})  # 2× slower
+    for _ in range(20):
+        assert book.on_telemetry(slow)
+    corrected = book.book()
+    factor = book.factors[(MODEL, GPU)]
+    assert 1.9 < factor <= 2.0
+    base, now = PROFILES.get(MODEL, GPU), corrected.get(MODEL, GPU)
+    assert now.decode_step_s(8, 4000) == pytest.approx(base.decode_step_s(8, 4000) * factor)
+    assert now.prefill_s(1000) == base.prefill_s(1000)  # only decode is corrected
+    assert corrected.get("vicuna-13b", GPU) == PROFILES.get("vicuna-13b", GPU)
+    book.on_telemetry(slow)  # a small further move: the same book (policy memos survive)
+    assert book.book() is corrected
