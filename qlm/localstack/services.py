@@ -200,7 +200,7 @@ class ServiceStack:
             return [*module, *self._common(), "--host", "127.0.0.1", "--port", str(p.estimator),
                     "--metrics-port", str(p.estimator_metrics),
                     "--profiles-dir", str(self.profiles_dir),
-                    "--workers-file", str(self.workers_copy),
+                    "--workers-file", str(self.workers_copy), "--policy", o.policy,
                     "--shutdown-grace-s", str(o.shutdown_grace_s)]
         if name == "ingest":
             return [*module, *self._common(), "--host", "127.0.0.1", "--port", str(p.ingest),

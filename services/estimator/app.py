@@ -68,7 +68,8 @@ class EstimatorApp:
             RWTEstimator(self.profiles), self.roster, self.store,
             admission_min_p=s.admission_min_p, refresh_interval_s=s.refresh_interval_s,
             clock=clock, on_correction=self.metrics.on_correction,
-            on_realised=self.metrics.on_realised, on_answer=self._count_answer)
+            on_realised=self.metrics.on_realised, on_answer=self._count_answer,
+            policy=s.policy)
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.telemetry, self.topics.events],
                               self._on_record, client_id="qlm-estimator")
         self.health = health_aio.HealthServicer()

@@ -8,9 +8,11 @@ this plane in process instead of calling the service.
   (live workers) at most every ``refresh_interval_s``; reads in between use the cache.
 * **predict_wait** (ingest's question): the new request as a group of one, placed on each
   worker that can serve its model (:func:`qlm.core.pulls.can_serve`) right after the
-  groups of that worker's virtual queue whose earliest deadline is not later than its
-  own (the earliest place a deadline-ordered queue would give it: it cannot jump groups
-  that are more urgent); its wait there is :meth:`RWTEstimator.queue_waits` — running
+  groups of that worker's virtual queue that the scheduler's policy keeps ahead of it
+  (:data:`ORDER_KEYS`: for qlm, edf and shepherd those whose earliest deadline is not
+  later than its own — the earliest place a deadline-ordered queue gives it; for fcfs
+  every group that arrived before it; for priority the interactive groups, then earlier
+  arrivals); its wait there is :meth:`RWTEstimator.queue_waits` — running
   work, model swaps, the groups ahead, its own prefill. The best worker is the one with
   the highest P(meet SLO), then the shortest mean wait.
 * **admission**: admit when P(meet SLO) at the best place >= ``admission_min_p``; batch
@@ -109,20 +111,55 @@ class WaitAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupOrder:
+    """What the policies order groups by: earliest deadline, first arrival, class level."""
+
+    earliest_deadline_at: float
+    first_arrival_at: float
+    level: int
+
+    @classmethod
+    def of(cls, group: RequestGroup) -> GroupOrder:
+        return cls(min(r.deadline_at for r in group.requests),
+                   min(r.arrival_at for r in group.requests),
+                   0 if group.slo_class is SLOClass.INTERACTIVE else 1)
+
+
+#: Per policy, the key under which a queued group stays ahead of a new request's group
+#: (key of the queued group <= key of the new one): deadline order for the deadline-aware
+#: policies, arrival order for fcfs, interactive first then arrival for priority.
+ORDER_KEYS: Final[Mapping[str, Callable[[GroupOrder], tuple[float, ...]]]] = MappingProxyType({
+    "qlm": lambda o: (o.earliest_deadline_at,),
+    "edf": lambda o: (o.earliest_deadline_at,),
+    "shepherd": lambda o: (o.earliest_deadline_at,),
+    "fcfs": lambda o: (o.first_arrival_at,),
+    "priority": lambda o: (o.level, o.first_arrival_at),
+})
+
+
+def order_key(policy: str) -> Callable[[GroupOrder], tuple[float, ...]]:
+    try:
+        return ORDER_KEYS[policy]
+    except KeyError:
+        raise InvalidInput("policy", f"unknown policy {policy!r}; expected one of "
+                           f"{', '.join(sorted(ORDER_KEYS))}") from None
+
+
+@dataclass(frozen=True, slots=True)
 class QueueIndex:
-    """Per worker, its queued groups in virtual-queue order with their earliest deadlines:
+    """Per worker, its queued groups in virtual-queue order with their ordering facts:
     built once per queue view, so a prediction never walks the requests."""
 
     groups: tuple[RequestGroup, ...]
-    queues: Mapping[str, tuple[tuple[float, RequestGroup], ...]]
+    queues: Mapping[str, tuple[tuple[GroupOrder, RequestGroup], ...]]
 
     @classmethod
     def of(cls, snapshot: QueueSnapshot,
-           deadline_of: Callable[[RequestGroup], float] | None = None) -> QueueIndex:
+           order_of: Callable[[RequestGroup], GroupOrder] | None = None) -> QueueIndex:
         by_key = {g.key: g for g in snapshot.groups}
-        earliest = deadline_of or _earliest_deadline
-        deadline = {g.key: earliest(g) for g in snapshot.groups}
-        queues = {worker: tuple((deadline[k], by_key[k]) for k in order if k in by_key)
+        ordering = order_of or GroupOrder.of
+        orders = {g.key: ordering(g) for g in snapshot.groups}
+        queues = {worker: tuple((orders[k], by_key[k]) for k in order if k in by_key)
                   for worker, order in snapshot.virtual_queues.items()}
         return cls(snapshot.groups, MappingProxyType(queues))
 
@@ -130,24 +167,24 @@ class QueueIndex:
         return self.groups is snapshot.groups
 
 
-def _earliest_deadline(group: RequestGroup) -> float:
-    return min(r.deadline_at for r in group.requests)
-
-
-def place_after_urgent(index: QueueIndex, worker: WorkerView, group: RequestGroup
-                       ) -> list[RequestGroup]:
-    """``worker``'s queued groups that stay ahead of ``group`` (deadline not later), in
-    queue order, followed by ``group``."""
-    deadline = group.earliest_deadline_at
-    ahead = [g for d, g in index.queues.get(worker.id, ()) if d <= deadline]
+def place_after_urgent(index: QueueIndex, worker: WorkerView, group: RequestGroup,
+                       policy: str = "qlm") -> list[RequestGroup]:
+    """``worker``'s queued groups that stay ahead of ``group`` under ``policy``'s order
+    (:data:`ORDER_KEYS`), in queue order, followed by ``group``."""
+    key = order_key(policy)
+    mine = key(GroupOrder.of(group))
+    ahead = [g for o, g in index.queues.get(worker.id, ()) if key(o) <= mine]
     return [*ahead, group]
 
 
 def predict_wait(estimator: RWTEstimator, snapshot: QueueSnapshot, query: WaitQuery,
-                 admission_min_p: float, index: QueueIndex | None = None) -> WaitAnswer:
-    """The answer for ``query`` on ``snapshot`` (rules in the module docstring). Pure.
-    ``index`` (built from the same groups) saves indexing the queue on every call."""
+                 admission_min_p: float, index: QueueIndex | None = None,
+                 policy: str = "qlm") -> WaitAnswer:
+    """The answer for ``query`` on ``snapshot`` (rules in the module docstring) when the
+    scheduler runs ``policy``. Pure. ``index`` (built from the same groups) saves
+    indexing the queue on every call."""
     now = snapshot.now
+    order_key(policy)  # InvalidInput for an unknown policy
     if index is None or not index.fits(snapshot):
         index = QueueIndex.of(snapshot)
     if not any(m == query.model for m, _ in estimator.profiles.profiles):
@@ -158,7 +195,8 @@ def predict_wait(estimator: RWTEstimator, snapshot: QueueSnapshot, query: WaitQu
     for worker in snapshot.workers:
         if not can_serve(worker, query.model, estimator.profiles):
             continue
-        wait = estimator.queue_waits(worker, place_after_urgent(index, worker, group), now)[-1]
+        queue = place_after_urgent(index, worker, group, policy)
+        wait = estimator.queue_waits(worker, queue, now)[-1]
         p = p_within(wait, request.deadline_at - now)
         candidate = (-p, wait.mean_s, worker.id, wait)
         if best is None or candidate[:3] < best[:3]:
@@ -376,13 +414,16 @@ class EstimatorPlane:
                  refresh_interval_s: float = 1.0, clock: Callable[[], float] = time.time,
                  on_correction: Callable[[str, str, float], None] | None = None,
                  on_realised: Callable[[str, float, float], None] | None = None,
-                 on_answer: Callable[[str, bool], None] | None = None) -> None:
+                 on_answer: Callable[[str, bool], None] | None = None,
+                 policy: str = "qlm") -> None:
         if not 0.0 <= admission_min_p <= 1.0:
             raise InvalidInput("admission_min_p", f"must be in [0, 1], got {admission_min_p}")
         self.estimator = estimator
         self.roster = roster
         self.store = store
         self.admission_min_p = admission_min_p
+        self.policy = policy
+        order_key(policy)
         self.refresh_interval_s = refresh_interval_s
         self.clock = clock
         self.on_correction = on_correction
@@ -393,7 +434,7 @@ class EstimatorPlane:
         self._kept_fresh = False
         self._index: QueueIndex | None = None
         self._groups: dict[GroupKey, RequestGroup] = {}
-        self._deadlines: dict[GroupKey, tuple[RequestGroup, float]] = {}
+        self._orders: dict[GroupKey, tuple[RequestGroup, GroupOrder]] = {}
         self._predicted: OrderedDict[str, float] = OrderedDict()
 
     async def view(self) -> QueueSnapshot:
@@ -434,7 +475,7 @@ class EstimatorPlane:
             stored = replace(stored, groups=self._same_groups(stored.groups))
             self._view = stored.to_queue_snapshot(now, workers)
         self._view_at = now
-        self._index = QueueIndex.of(self._view, self._deadline_of)
+        self._index = QueueIndex.of(self._view, self._order_of)
         return self._view
 
     def _same_groups(self, groups: tuple[RequestGroup, ...]) -> tuple[RequestGroup, ...]:
@@ -449,17 +490,17 @@ class EstimatorPlane:
                 group = before
             out.append(group)
         self._groups = {g.key: g for g in out}
-        self._deadlines = {k: v for k, v in self._deadlines.items() if k in self._groups}
+        self._orders = {k: v for k, v in self._orders.items() if k in self._groups}
         return tuple(out)
 
-    def _deadline_of(self, group: RequestGroup) -> float:
-        """The group's earliest deadline, remembered while the group object lives on."""
-        known = self._deadlines.get(group.key)
+    def _order_of(self, group: RequestGroup) -> GroupOrder:
+        """The group's ordering facts, remembered while the group object lives on."""
+        known = self._orders.get(group.key)
         if known is not None and known[0] is group:
             return known[1]
-        deadline = _earliest_deadline(group)
-        self._deadlines[group.key] = (group, deadline)
-        return deadline
+        order = GroupOrder.of(group)
+        self._orders[group.key] = (group, order)
+        return order
 
     def _warm(self, view: QueueSnapshot) -> None:
         index = self._index
@@ -473,7 +514,8 @@ class EstimatorPlane:
 
     async def predict_wait(self, query: WaitQuery) -> WaitAnswer:
         view = await self.view()
-        answer = predict_wait(self.estimator, view, query, self.admission_min_p, self._index)
+        answer = predict_wait(self.estimator, view, query, self.admission_min_p, self._index,
+                              self.policy)
         if self.on_answer is not None:
             self.on_answer(query.slo_class.value, answer.admit)
         return answer

@@ -232,3 +232,22 @@ def test_online_correction_rebuilds_the_profiles_only_when_a_factor_moved() -> N
     assert corrected.get("vicuna-13b", GPU) == PROFILES.get("vicuna-13b", GPU)
     book.on_telemetry(slow)  # a small further move: the same book (policy memos survive)
     assert book.book() is corrected
+
+
+def test_which_groups_stay_ahead_follows_the_schedulers_policy() -> None:
+    estimator = RWTEstimator(PROFILES)
+    busy = view_of(WorkerInfo("busy", GPU, (MODEL,), MODEL), PROFILES)
+    assert busy is not None
+    relaxed = _group(3000, SLOClass.BATCH_2, window=1, arrival_at=0.0)  # arrived first
+    snapshot = QueueSnapshot(1.0, (relaxed,), (busy,), {"busy": (relaxed.key,)})
+    interactive = WaitQuery(MODEL, SLOClass.INTERACTIVE, 500, 200)
+    batch = WaitQuery(MODEL, SLOClass.BATCH_1, 500, 200)
+
+    def wait(query: WaitQuery, policy: str) -> float:
+        return predict_wait(estimator, snapshot, query, 0.05, policy=policy).wait_mean_s
+
+    assert wait(interactive, "qlm") < 5 < wait(interactive, "fcfs")  # fcfs: it waits behind
+    assert wait(interactive, "edf") == wait(interactive, "qlm")
+    assert wait(interactive, "priority") < 5 < wait(batch, "priority")
+    with pytest.raises(InvalidInput, match="policy"):
+        predict_wait(estimator, snapshot, interactive, 0.05, policy="lifo")
