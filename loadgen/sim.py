@@ -2,7 +2,14 @@
 
     python -m loadgen.sim --workload {WA,WB,WC} [--trace CSV] [--policies qlm,fcfs,...]
         [--rates r1,r2,...] [--seed N] [--quick] [--cluster mini|small|paper]
-        [--num-requests N] --out DIR
+        [--workers-file F] [--models m1,m2] [--num-requests N] --out DIR
+
+``--workers-file`` takes the cluster from a workers file (``docker/workers.*.yaml``, first
+model awake) instead of ``--cluster``; ``--models`` (with ``--trace``) builds the requests
+as ``make demo`` does (:func:`loadgen.demo.build_plan`: the workload's class mix drawn
+first, then the models in equal shares, prompts cut to the model's length limit,
+``max_tokens`` = the trace's output), so that the simulator runs exactly the demo's
+requests on the demo's workers.
 
 Writes ``DIR/summary.json`` (schema below), ``DIR/records.csv.gz`` (one row per
 request, policy and rate: arrival, start, first token, finish, worker, predicted
@@ -43,6 +50,7 @@ from qlm.core.perf import ProfileBook
 from qlm.core.policies import make_policy, policy_names
 from qlm.core.types import Decision, QueueSnapshot
 from qlm.sim import RunResult, SimConfig, simulate
+from qlm.sim.cluster import Job, WorkerSpec
 from qlm.sim.engine import Predictor
 from qlm.sim.metrics import wait_prediction_r2
 from qlm.workloads import (
@@ -83,6 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="two rates of the sweep (< 2 min)")
     p.add_argument("--cluster", choices=sorted(CLUSTERS), default="mini")
+    p.add_argument("--workers-file", type=Path, help="cluster from a workers YAML instead")
+    p.add_argument("--models", help="comma-separated models in equal shares (needs --trace)")
     p.add_argument("--num-requests", type=int)
     p.add_argument("--bursty-cv", type=float, help="gamma arrivals with this CV instead of Poisson")
     p.add_argument("--jobs", type=int, default=2, help="simulations run in parallel processes")
@@ -174,19 +184,38 @@ class Task:
     cluster: str
     trace_path: Path | None
     bursty_cv: float | None
+    workers_file: Path | None = None
+    models: tuple[str, ...] = ()
+
+    def workers(self) -> tuple[WorkerSpec, ...]:
+        if self.workers_file is not None:
+            from loadgen.demo import sim_workers
+
+            return sim_workers(self.workers_file)
+        return cluster_for(self.workload, self.cluster)
+
+    def jobs(self) -> tuple[Job, ...]:
+        """The requests at ``rate`` (rebuilt from the seed: identical in every process)."""
+        if self.models:
+            from loadgen.demo import build_plan
+
+            if self.trace_path is None:
+                raise InvalidInput("models", "needs --trace")
+            return build_plan(self.trace_path, self.num_requests, self.rate, self.models,
+                              self.seed).jobs
+        trace = load_trace_csv(self.trace_path) if self.trace_path else None
+        plan = plan_requests(self.workload, self.num_requests, np.random.default_rng(self.seed),
+                             trace=trace, bursty_cv=self.bursty_cv)
+        return plan.jobs_at(self.rate)
 
 
 def run_one(task: Task) -> Run:
     """One simulation. Rebuilds the (seeded, hence identical) requests in this process."""
     profiles = ProfileBook.load()
-    trace = load_trace_csv(task.trace_path) if task.trace_path else None
-    plan = plan_requests(
-        task.workload, task.num_requests, np.random.default_rng(task.seed),
-        trace=trace, bursty_cv=task.bursty_cv,
-    )
+    jobs = task.jobs()
     started = time.perf_counter()
     result = simulate(
-        plan.jobs_at(task.rate), cluster_for(task.workload, task.cluster), profiles,
+        jobs, task.workers(), profiles,
         make_policy(task.policy), SimConfig(), seed=task.seed, timer=time.perf_counter,
         predictor=estimator_predictor(profiles),
     )
@@ -292,21 +321,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {args.workload} rate={run.rate:g} {run.policy:<9} "
                   f"SLO={m.slo_attainment:.3f} ({run.wall_s:.1f}s)", file=sys.stderr, flush=True)
 
+        models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
+        if models and (args.workload != "WA" or args.trace is None):
+            raise InvalidInput("models", "needs --workload WA (the demo's class mix) and --trace")
         tasks = [
             Task(args.workload, name, rate, args.seed, num_requests, args.cluster,
-                 args.trace, args.bursty_cv)
+                 args.trace, args.bursty_cv, args.workers_file, models)
             for rate in rates
             for name in policies
         ]
+        workers = tasks[0].workers()  # fail early on a bad workers file
         if args.trace:
             load_trace_csv(args.trace)  # fail early, in this process, on a bad trace
         runs = run_all(tasks, args.jobs, on_run=progress)
     except InvalidInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    workers = cluster_for(args.workload, args.cluster)
     summary = summary_of(args.workload, rates, policies, runs, {
-        "cluster": args.cluster,
+        "cluster": args.workers_file.name if args.workers_file else args.cluster,
+        "models": list(models) or None,
         "workers": [f"{w.id}:{w.gpu}x{w.num_gpus}:{w.active_model}" for w in workers],
         "num_requests": num_requests,
         "seed": args.seed,

@@ -108,3 +108,16 @@ def test_demo_workers_become_simulator_workers_with_the_first_model_awake() -> N
     workers = sim_workers(DEMO_WORKERS)
     assert [(w.id, w.gpu, w.active_model) for w in workers] == [
         ("demo-a100-0", "A100-80GB", "vicuna-13b"), ("demo-a10-0", "A10-24GB", "mistral-7b")]
+
+
+def test_loadgen_sim_runs_the_demos_requests_on_the_demos_workers(tmp_path: Path) -> None:
+    from loadgen.sim import Task
+
+    trace = _trace(tmp_path, 8)
+    task = Task("WA", "fcfs", 2.0, 5, 8, "mini", trace, None, DEMO_WORKERS,
+                ("mistral-7b", "vicuna-13b"))
+    plan = build_plan(trace, 8, rate=2.0, models=("mistral-7b", "vicuna-13b"), seed=5)
+    assert task.jobs() == plan.jobs
+    assert task.workers() == sim_workers(DEMO_WORKERS)
+    with pytest.raises(InvalidInput, match="models"):
+        Task("WA", "fcfs", 2.0, 5, 8, "mini", None, None, None, ("mistral-7b",)).jobs()
