@@ -305,8 +305,10 @@ class Managed:
     def __init__(self, policy_name: str, engines: Mapping[str, Engine], gpu: str,
                  profiles: ProfileBook, workload: Workload,
                  prompts: Mapping[str, tuple[int, ...]], args: argparse.Namespace) -> None:
-        self.policy = make_policy(policy_name)
-        self.ctx = PolicyContext(profiles)
+        base, _, tag = policy_name.partition("+")
+        self.policy = make_policy(base)
+        options = json.loads(args.qlm_options) if tag == "opts" else {}
+        self.ctx = PolicyContext(profiles, options)
         self.window_s = float(getattr(self.policy, "group_window_s", args.group_window_s))
         self.workload = workload
         self.prompts = prompts
@@ -785,14 +787,17 @@ async def _main(args: argparse.Namespace, result: dict[str, Any], save: Any) -> 
     print(table(result), flush=True)
     side: dict[str, Any] = {}
     result["side_measurements"] = side
-    steps: list[tuple[str, float, Any]] = [
-        ("evict_readmit", 40, lambda: measure_evict(
-            engines[models[0]], models[0], args.evict_prompt_tokens, args.evict_keep_tokens, 3,
-            args.seed)),
-        ("swaps", 30, lambda: measure_swaps(engines, models, 2, args.seed)),
-        ("cold_restart", args.cold_restart_need_s,
-         lambda: measure_cold_restart(engines, models[0], args, profiles)),
-    ]
+    if not args.side:
+        steps: list[tuple[str, float, Any]] = []
+    else:
+        steps = [
+            ("evict_readmit", 40, lambda: measure_evict(
+                engines[models[0]], models[0], args.evict_prompt_tokens,
+                args.evict_keep_tokens, 3, args.seed)),
+            ("swaps", 30, lambda: measure_swaps(engines, models, 2, args.seed)),
+            ("cold_restart", args.cold_restart_need_s,
+             lambda: measure_cold_restart(engines, models[0], args, profiles)),
+        ]
     for name, need_s, measure in steps:
         if elapsed() > args.budget_s - need_s:
             result["skipped"].append(f"{name}: time budget")
@@ -825,7 +830,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interactive-slo-s", type=float, default=2.0)
     p.add_argument("--batch1-slo-s", type=float, default=60.0)
     p.add_argument("--batch2-slo-s", type=float, default=120.0)
-    p.add_argument("--variants", default="bare,fcfs,qlm")
+    p.add_argument("--variants", default="bare,fcfs,qlm",
+                   help="bare, or a policy name; <policy>+opts runs it with --qlm-options")
+    p.add_argument("--qlm-options", default='{"hopeless_p": 0.0}',
+                   help="policy options (JSON) of the <policy>+opts variants")
+    p.add_argument("--no-side", dest="side", action="store_false",
+                   help="skip the evict / swap / cold restart measurements")
+    p.add_argument("--code-version", default="", help="recorded as given (e.g. a git commit)")
     p.add_argument("--group-window-s", type=float, default=1.0)
     p.add_argument("--tick-s", type=float, default=0.25)
     p.add_argument("--min-decision-interval-s", type=float, default=0.05)
