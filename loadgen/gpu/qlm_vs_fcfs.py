@@ -49,7 +49,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -228,15 +228,21 @@ def engine_request(request: Request, prompt: tuple[int, ...], outcome: Outcome) 
         generated_token_ids=tuple(outcome.token_ids), ignore_eos=True)
 
 
-async def consume(stream: Any, outcome: Outcome, clock: ReplayClock) -> str | None:
-    """Stream to the end; returns the finish reason."""
+async def consume(stream: Any, outcome: Outcome, clock: ReplayClock,
+                  on_first_output: Callable[[], None] | None = None) -> str | None:
+    """Stream to the end; returns the finish reason. ``on_first_output`` is called when
+    the first tokens of this admission arrive (its prefill is done)."""
     reason: str | None = None
+    first = True
     async for chunk in stream:
         assert isinstance(chunk, OutputChunk)
         if chunk.token_ids:
             if outcome.first_token_at is None:
                 outcome.first_token_at = clock.now()
             outcome.token_ids.extend(chunk.token_ids)
+            if first and on_first_output is not None:
+                first = False
+                on_first_output()
         reason = chunk.finish_reason
     if reason in ("length", "stop"):
         outcome.finished_at = clock.now()
@@ -285,6 +291,7 @@ class _Run:
     started_at: float
     task: asyncio.Task[None] | None = None
     evicting: bool = False
+    prefilled: bool = False
 
 
 @dataclass(eq=False)
@@ -308,6 +315,8 @@ class Managed:
         base, _, tag = policy_name.partition("+")
         self.policy = make_policy(base)
         options = json.loads(args.qlm_options) if tag == "opts" else {}
+        #: Context tokens admitted to an engine and not yet prefilled, at most (0: no cap).
+        self.prefill_cap = int(args.opts_prefill_cap) if tag == "opts" else 0
         self.ctx = PolicyContext(profiles, options)
         self.window_s = float(getattr(self.policy, "group_window_s", args.group_window_s))
         self.workload = workload
@@ -446,6 +455,8 @@ class Managed:
         for pull in decision.pulls:
             w = self.workers.get(pull.worker_id)
             for rid in pull.request_ids:
+                if w is not None and not self._within_prefill_cap(w, rid):
+                    break
                 if w is None or not self._start(w, rid):
                     self.num_invalid += 1
         for w in self.workers.values():
@@ -465,7 +476,21 @@ class Managed:
         if not groups:
             return
         for rid in plan_pulls(self._view(w), ordered_groups(w.order, groups), w.profile):
+            if not self._within_prefill_cap(w, rid):
+                break
             self._start(w, rid)
+
+    def _within_prefill_cap(self, w: _Worker, request_id: str) -> bool:
+        """With a cap: admit while the engine's not-yet-prefilled context stays under it
+        (always one when nothing is waiting), so that later, tighter requests do not queue
+        inside the engine behind a burst pulled all at once."""
+        if self.prefill_cap <= 0:
+            return True
+        pending = sum(run.request.context_tokens for run in w.running.values()
+                      if not run.prefilled)
+        need = self.outcomes[request_id].request.prompt_tokens + \
+            self.outcomes[request_id].num_generated
+        return pending == 0 or pending + need <= self.prefill_cap
 
     def _start(self, w: _Worker, request_id: str) -> bool:
         request = self._dequeue(request_id)
@@ -488,8 +513,14 @@ class Managed:
 
     async def _serve(self, w: _Worker, run: _Run, stream: Any) -> None:
         outcome = self.outcomes[run.request.id]
+
+        def on_prefilled() -> None:
+            run.prefilled = True
+            if self.prefill_cap > 0:
+                self._pull(w)
+
         try:
-            reason = await consume(stream, outcome, self.clock)
+            reason = await consume(stream, outcome, self.clock, on_prefilled)
         except Exception as error:
             outcome.error = repr(error)[:300]
             reason = "error"
@@ -834,6 +865,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="bare, or a policy name; <policy>+opts runs it with --qlm-options")
     p.add_argument("--qlm-options", default='{"hopeless_p": 0.0}',
                    help="policy options (JSON) of the <policy>+opts variants")
+    p.add_argument("--opts-prefill-cap", type=int, default=16384,
+                   help="<policy>+opts variants: cap on admitted, not yet prefilled context "
+                        "tokens per engine (0: none)")
     p.add_argument("--no-side", dest="side", action="store_false",
                    help="skip the evict / swap / cold restart measurements")
     p.add_argument("--code-version", default="", help="recorded as given (e.g. a git commit)")
