@@ -78,3 +78,6 @@ bench-scheduler:
 
 bench-estimator:
 	$(PYTHON) -m loadgen.bench_estimator --queued 100000 --workers 80 --rounds 10 --queries 50 --out docs/results/bench_estimator.json
+
+docs:  ## regenerate the generated docs (configuration reference)
+	$(PYTHON) -m qlm.configdoc > docs/config.md
