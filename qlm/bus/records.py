@@ -93,42 +93,72 @@ def _require(condition: bool, field: str, problem: str) -> None:
 
 
 EventType = Literal[
-    "admitted", "started", "first_token", "finished", "evicted", "cancelled", "failed"
+    "admitted", "started", "first_token", "finished", "evicted", "cancelled", "failed",
+    "swapped",
 ]
 _EVENTS_ON_A_WORKER: Final = frozenset({"started", "first_token", "finished", "evicted"})
+#: Event types about a worker, not a request: no request id, class or arrival.
+WORKER_EVENT_TYPES: Final = frozenset({"swapped"})
 
 
 class Event(BusRecord):
-    """A request's life, on ``qlm.events``; keyed by request id.
+    """A request's life, or a worker's model swap, on ``qlm.events``; keyed by request id
+    (worker events: by worker id).
 
-    ``worker`` is required for started / first_token / finished / evicted; ``reason``
-    for failed. ``predicted_wait_s`` accompanies admitted.
+    Request events (every type but ``swapped``) require ``request_id``, ``slo_class``
+    and ``arrival_at``; ``worker`` is required for started / first_token / finished /
+    evicted; ``reason`` for failed. ``predicted_wait_s`` accompanies admitted.
+
+    ``swapped`` (a worker event) says that ``worker`` finished a model swap at ``at``:
+    ``from_model`` (absent when no model was awake) went to sleep and ``model`` is now
+    awake; ``duration_s`` is the wall time of the whole swap (requeueing its running
+    requests, sleep and wake). It carries no request fields; ``reason`` says why.
+    Readers that only follow requests skip it by its type (or its missing request id).
     """
 
     topic_name: ClassVar[str] = "qlm.events"
     type: EventType
-    request_id: Name
+    request_id: Name | None = None
     model: Name
-    slo_class: SLOClassName
+    slo_class: SLOClassName | None = None
     at: Timestamp
-    arrival_at: Timestamp
+    arrival_at: Timestamp | None = None
     tenant: Name | None = None
     worker: Name | None = None
     num_prompt_tokens: Count | None = None
     num_output_tokens: Count | None = None
     predicted_wait_s: Seconds | None = None
     reason: Annotated[str, Field(max_length=1024)] | None = None
+    from_model: Name | None = None
+    duration_s: Seconds | None = None
 
     @model_validator(mode="after")
     def _fields_of_its_type(self) -> Self:
+        if self.type in WORKER_EVENT_TYPES:
+            for name in ("request_id", "slo_class", "arrival_at"):
+                _require(getattr(self, name) is None, name, f"must be absent in {self.type} "
+                         "events")
+            _require(self.worker is not None, "worker", f"is required for {self.type} events")
+            _require(self.duration_s is not None, "duration_s",
+                     f"is required for {self.type} events")
+            return self
+        for name in ("request_id", "slo_class", "arrival_at"):
+            _require(getattr(self, name) is not None, name, "is required")
+        for name in ("from_model", "duration_s"):
+            _require(getattr(self, name) is None, name, "is only for swapped events")
         if self.type in _EVENTS_ON_A_WORKER:
             _require(self.worker is not None, "worker", f"is required for {self.type} events")
         if self.type == "failed":
             _require(bool(self.reason), "reason", "is required for failed events")
         return self
 
+    @property
+    def is_worker_event(self) -> bool:
+        """Whether this event is about a worker (``swapped``), not a request."""
+        return self.type in WORKER_EVENT_TYPES
+
     def key(self) -> bytes:
-        return self.request_id.encode()
+        return (self.request_id or self.worker or "").encode()
 
 
 LsoType = Literal["evict", "swap", "migrate"]

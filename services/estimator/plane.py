@@ -543,6 +543,8 @@ class EstimatorPlane:
     def on_event(self, event: Event) -> None:
         """Pairs ``admitted`` predictions with the realised wait of ``first_token``."""
         self.roster.on_event(event)
+        if event.request_id is None or event.slo_class is None or event.arrival_at is None:
+            return  # a worker event (swapped): no request to pair
         if event.type == "admitted" and event.predicted_wait_s is not None:
             self._predicted[event.request_id] = event.predicted_wait_s
             while len(self._predicted) > _PENDING_LIMIT:

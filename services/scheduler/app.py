@@ -6,8 +6,9 @@ Tasks of one replica (:class:`SchedulerApp`):
   every ``lease_renew_s`` (:mod:`services.scheduler.lease`);
 * **tail**: follows ``qlm.events`` and ``qlm.telemetry`` from their end (no consumer
   group: every replica sees every record; they are hints, nothing is committed). Events
-  of a new, finished, evicted, cancelled or failed request wake the loop; telemetry and
-  worker events keep the :class:`~qlm.roster.WorkerRoster` current;
+  of a new, finished, evicted, cancelled or failed request and a finished model swap
+  wake the loop; telemetry and worker events keep the :class:`~qlm.roster.WorkerRoster`
+  current;
 * **loop**: a step (:mod:`services.scheduler.loop`) on every wake-up (after
   ``debounce_s`` to gather a burst) and at least every ``tick_s``.
 
@@ -49,7 +50,8 @@ from services.scheduler.metrics import SchedulerMetrics
 log = get_logger("services.scheduler.app")
 
 #: Event types after which the queue changed enough to decide again at once.
-WAKING_EVENTS = frozenset({"admitted", "finished", "evicted", "cancelled", "failed"})
+WAKING_EVENTS = frozenset({"admitted", "finished", "evicted", "cancelled", "failed",
+                           "swapped"})
 
 
 def default_instance_id() -> str:

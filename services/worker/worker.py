@@ -26,7 +26,8 @@ Loops of a running :class:`Worker` (asyncio tasks):
 
 LSO commands (:meth:`Worker.on_lso`): ``evict`` / ``migrate`` abort the named running
 requests and requeue them with their progress (``evicted`` event); ``swap`` stops
-pulling, evicts everything running, sleeps the active model and wakes the target.
+pulling, evicts everything running, sleeps the active model and wakes the target, then
+publishes a ``swapped`` event (from and to model, wall time of the swap).
 
 Stopping (:meth:`Worker.drain`, on SIGTERM): stop pulling, let running requests
 finish for ``grace_s``, then requeue what is left with its progress.
@@ -593,6 +594,9 @@ class Worker:
             self.metrics.swap_seconds.labels(self.id).observe(elapsed)
             log.info("model_swapped", worker=self.id, from_model=current, to_model=to_model,
                      wall_s=round(elapsed, 4), reason=reason)
+            self._publish(Event(type="swapped", model=to_model, from_model=current,
+                                worker=self.id, at=self.clock(), duration_s=elapsed,
+                                reason=reason[:1024] or None))
             self._publish_telemetry()
 
     # ================================================================ telemetry
