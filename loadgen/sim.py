@@ -286,12 +286,18 @@ def plot(path: Path, summary: Mapping[str, Any]) -> None:
     panels = ["overall", *classes]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
-        for name, p in policies.items():
+        for k, (name, p) in enumerate(policies.items()):
             ys = p["slo_attainment"] if panel == "overall" else p["slo_attainment_by_class"].get(
                 panel, [None] * len(rates)
             )
-            ax.plot(rates, [np.nan if y is None else y for y in ys], marker="o", label=name)
+            # distinct marker and dash per policy: equal curves (e.g. fcfs and priority
+            # without interactive traffic) stay visible
+            ax.plot(rates, [np.nan if y is None else y for y in ys], label=name,
+                    marker="os^Dv*"[k % 6], linestyle=("-", "--", ":", "-.")[k % 4],
+                    markersize=7 - k, alpha=0.85)
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("arrival rate (req/s)")
         ax.set_title(f"{summary['workload']}: {panel}")
