@@ -8,6 +8,7 @@ where a missed record costs at most one tick.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer
@@ -18,6 +19,10 @@ from qlm.log import get_logger
 
 log = get_logger("qlm.bus.tail")
 
+#: Topic metadata is refreshed this often, so that a partition whose leader was not yet
+#: known when the tail started (a topic created just before) is followed soon after.
+METADATA_MAX_AGE_MS = 5000
+
 
 class TopicTail:
     """``await start()``; ``await run()`` calls ``on_record(topic, value)`` per record until
@@ -27,8 +32,10 @@ class TopicTail:
                  on_record: Callable[[str, bytes | None], None], client_id: str = "qlm") -> None:
         self._consumer = AIOKafkaConsumer(
             *topics, bootstrap_servers=bootstrap_servers, group_id=None, client_id=client_id,
-            enable_auto_commit=False, auto_offset_reset="latest")
+            enable_auto_commit=False, auto_offset_reset="latest",
+            metadata_max_age_ms=METADATA_MAX_AGE_MS)
         self._on_record = on_record
+        self._stopping = False
 
     async def start(self) -> None:
         """Connect; raises Unavailable when no broker answers."""
@@ -39,12 +46,22 @@ class TopicTail:
             raise Unavailable(f"Kafka consumer could not connect: {error}") from error
 
     async def run(self) -> None:
-        async for record in self._consumer:
+        """Follow until :meth:`stop`; a broker error is logged and the tail carries on."""
+        while not self._stopping:
             try:
-                self._on_record(record.topic, record.value)
-            except Exception as error:  # a bad record must not end the tail
-                log.warning("tail_record_failed", topic=record.topic, offset=record.offset,
-                            error=repr(error))
+                async for record in self._consumer:
+                    self._handle(record.topic, record.value, record.offset)
+            except KafkaError as error:
+                log.warning("tail_error", error=repr(error))
+            if not self._stopping:
+                await asyncio.sleep(1.0)
+
+    def _handle(self, topic: str, value: bytes | None, offset: int) -> None:
+        try:
+            self._on_record(topic, value)
+        except Exception as error:  # a bad record must not end the tail
+            log.warning("tail_record_failed", topic=topic, offset=offset, error=repr(error))
 
     async def stop(self) -> None:
+        self._stopping = True
         await self._consumer.stop()

@@ -438,7 +438,9 @@ async def test_online_correction_feeds_the_policy_corrected_profiles(
     async with BusProducer(kafka_bootstrap) as producer:
         async def corrected() -> bool:
             await producer.publish(kafka_topics.telemetry, slow)  # the tail starts at the end
-            return app.corrections is not None and bool(app.corrections.factors)
+            corrections = app.corrections
+            return corrections is not None and corrections.estimator.correction(
+                "mistral-7b", "A100-80GB") > 1.1  # enough to rebuild the book
 
         await eventually(corrected, 45.0, "a corrected profile book")
     await app.loop.lease.try_acquire()
@@ -448,3 +450,4 @@ async def test_online_correction_feeds_the_policy_corrected_profiles(
     assert profiles is not app.profiles
     assert profiles.get("mistral-7b", "A100-80GB").decode_base_s > app.profiles.get(
         "mistral-7b", "A100-80GB").decode_base_s
+    assert app.corrections.factors[("mistral-7b", "A100-80GB")] > 1.1
