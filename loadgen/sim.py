@@ -38,7 +38,7 @@ import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bursty-cv", type=float, help="gamma arrivals with this CV instead of Poisson")
     p.add_argument("--jobs", type=int, default=2, help="simulations run in parallel processes")
     p.add_argument("--no-records", action="store_true", help="skip records.csv.gz")
+    p.add_argument("--tick-s", type=float, default=SimConfig().tick_s,
+                   help="period of the scheduler's tick (virtual s)")
+    p.add_argument("--decision-interval-s", type=float, default=SimConfig().min_decision_interval_s,
+                   help="decisions closer than this are coalesced (virtual s)")
+    p.add_argument("--group-window-s", type=float, default=SimConfig().group_window_s,
+                   help="arrival window of a request group (s)")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -186,6 +192,7 @@ class Task:
     bursty_cv: float | None
     workers_file: Path | None = None
     models: tuple[str, ...] = ()
+    config: SimConfig = field(default_factory=SimConfig)
 
     def workers(self) -> tuple[WorkerSpec, ...]:
         if self.workers_file is not None:
@@ -216,7 +223,7 @@ def run_one(task: Task) -> Run:
     started = time.perf_counter()
     result = simulate(
         jobs, task.workers(), profiles,
-        make_policy(task.policy), SimConfig(), seed=task.seed, timer=time.perf_counter,
+        make_policy(task.policy), task.config, seed=task.seed, timer=time.perf_counter,
         predictor=estimator_predictor(profiles),
     )
     r2, _ = wait_prediction_r2(result.records)
@@ -330,9 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
         if models and (args.workload != "WA" or args.trace is None):
             raise InvalidInput("models", "needs --workload WA (the demo's class mix) and --trace")
+        config = SimConfig(tick_s=args.tick_s, group_window_s=args.group_window_s,
+                           min_decision_interval_s=args.decision_interval_s)
         tasks = [
             Task(args.workload, name, rate, args.seed, num_requests, args.cluster,
-                 args.trace, args.bursty_cv, args.workers_file, models)
+                 args.trace, args.bursty_cv, args.workers_file, models, config)
             for rate in rates
             for name in policies
         ]
