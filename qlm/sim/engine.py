@@ -305,7 +305,8 @@ class Simulation:
             w.view = WorkerView(
                 id=w.id,
                 gpu=w.spec.gpu,
-                models=tuple(sorted(w.models)),
+                # the model being woken counts as resident (it is awake when the swap ends)
+                models=tuple(sorted(w.models | ({w.swap_target} if w.swap_target else set()))),
                 active_model=None if w.phase is Phase.SWAP else w.active_model,
                 kv_capacity_tokens=profile.kv_capacity_tokens if profile else 1,
                 max_batch_size=profile.max_batch_size if profile else 1,
