@@ -386,8 +386,9 @@ def milp_plan(pc: PlanningContext, time_limit_s: float, node_limit: int = 2000) 
                  for m in models}
     finite_swaps = [c for c in swap_cost.values() if math.isfinite(c)]
     horizon = (max(lane.initial[2] for lane in lanes) - now
-               + sum(max(s.mean_s + s.prefill_s for (gg, _), s in svc.items()
-                         if gg == g and s is not None) for g in range(num_g))
+               + sum(max((s.mean_s + s.prefill_s for (gg, _), s in svc.items()
+                          if gg == g and s is not None), default=0.0)  # none: unplaceable
+                     for g in range(num_g))
                + num_g * (max(finite_swaps) if finite_swaps else 0.0))
     max_prefill = max(sv.prefill_s for sv in svc.values() if sv is not None)
     time_hi = horizon + max_prefill + 1.0  # every time variable lies in [0, time_hi]
