@@ -59,6 +59,18 @@ def test_services_wait_for_healthy_brokers(cpu: dict[str, Any]) -> None:
         assert cpu["services"][name]["environment"]["QLM_REDIS_URL"] == "redis://redis:6379/0"
 
 
+def test_every_service_command_names_a_module_of_the_project(cpu: dict[str, Any]) -> None:
+    gpu = compose_config("gpu")
+    for name, service in {**cpu["services"], **gpu["services"]}.items():
+        command = service.get("command") or []
+        if command[:2] == ["python", "-m"]:
+            module = command[2]
+            path = ROOT / Path(*module.split("."))
+            assert (path / "__main__.py").exists() or path.with_suffix(".py").exists(), (
+                f"service {name} runs missing module {module}"
+            )
+
+
 def test_gpu_profile_reserves_one_gpu_per_vllm_worker() -> None:
     gpu = compose_config("gpu")
     workers = {n: s for n, s in gpu["services"].items() if n.startswith("worker-gpu")}
@@ -68,3 +80,10 @@ def test_gpu_profile_reserves_one_gpu_per_vllm_worker() -> None:
         assert devices[0]["capabilities"] == ["gpu"]
         assert len(devices[0]["device_ids"]) == 1
         assert "vllm" in service["command"]
+
+
+def test_ingest_asks_the_estimator_and_both_follow_one_policy(cpu: dict[str, Any]) -> None:
+    ingest = cpu["services"]["ingest"]["command"]
+    assert ingest[ingest.index("--estimator-addr") + 1] == "estimator:50052"
+    policy = {name: cpu["services"][name]["command"] for name in ("estimator", "scheduler")}
+    assert {cmd[cmd.index("--policy") + 1] for cmd in policy.values()} == {"qlm"}
