@@ -1,0 +1,371 @@
+"""The stack under faults: the four services as processes on real Redis and real Kafka,
+simulated workers of two models, 20× faster than their GPUs.
+
+* the qlm scheduler evicts running batch work for late interactive requests and swaps
+  a worker's model for a model nobody serves, both visible on ``qlm.events``, while
+  every request still finishes exactly once;
+* a worker killed with SIGKILL loses its leases: the scheduler returns its requests to
+  the queue and another worker finishes them;
+* a scheduler leader killed with SIGKILL hands over to a standby replica, which keeps
+  giving new requests virtual queues.
+
+Short leases and ticks (``QLM_*`` variables the service processes inherit) keep each
+test within seconds. Cancelling a running request through gRPC is shown by
+``test_stack_e2e.py::test_mixed_traffic_finishes_exactly_once_and_cancel_stops``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from qlm.bus.topics import TopicNames
+from qlm.client import QlmClient
+from qlm.localstack.process import free_loopback_port
+from qlm.localstack.services import REPO_ROOT, ServiceOptions, ServiceStack
+
+pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
+
+TIME_SCALE = 20.0
+#: Short leases and liveness (seconds) for every service process of these tests.
+FAST_FAILOVER = {
+    "QLM_LEASE_S": "2",              # worker: a pulled request's lease
+    "QLM_RENEW_INTERVAL_S": "0.5",   # worker: lease renewal
+    "QLM_TELEMETRY_INTERVAL_S": "0.5",
+    "QLM_WORKER_TIMEOUT_S": "3",     # scheduler, estimator: a silent worker is gone
+    "QLM_LEASE_TTL_S": "2",          # scheduler: leader lease
+    "QLM_LEASE_RENEW_S": "0.5",
+    "QLM_LEASE_MARGIN_S": "0.3",
+}
+LEADER_KEY = "qlm:scheduler:leader"
+Spawn = Callable[[str, list[str]], "subprocess.Popen[bytes]"]
+
+
+# ------------------------------------------------------------------ stack and processes
+@pytest.fixture
+def make_stack(tmp_path: Path, redis_url: str, kafka_bootstrap: str, topic_prefix: str,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ServiceStack]]:
+    """``make_stack(workers_yaml)`` starts the four services (qlm policy) and returns them."""
+    for name, value in FAST_FAILOVER.items():
+        monkeypatch.setenv(name, value)
+    stacks: list[ServiceStack] = []
+
+    def make(workers_yaml: str) -> ServiceStack:
+        workers = tmp_path / "workers.yaml"
+        workers.write_text(workers_yaml)
+        options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=TIME_SCALE,
+                                 admission="interactive=queue", group_window_s=0.2,
+                                 tick_s=0.25, shutdown_grace_s=0.5, topic_prefix=topic_prefix)
+        stack = ServiceStack(tmp_path / "stack", redis_url, kafka_bootstrap, options)
+        stacks.append(stack)
+        stack.up()
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.down()
+        assert all(p.running_pid() is None for p in stack.processes.values())
+
+
+@pytest.fixture
+def extra_processes(tmp_path: Path) -> Iterator[Spawn]:
+    """``spawn(name, argv)`` runs one more service process (log in ``tmp_path``); all are
+    killed at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        with (tmp_path / f"{name}.log").open("wb") as log_file:
+            process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log_file,
+                                       stderr=subprocess.STDOUT)
+        started.append(process)
+        return process
+
+    yield spawn
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def worker_argv(stack: ServiceStack, worker_id: str, gpu: str, models: list[str],
+                metrics_port: int) -> list[str]:
+    """A worker process of one worker on ``stack``'s Redis, Kafka and topics."""
+    return [sys.executable, "-m", "services.worker", "--engine", "sim",
+            "--redis-url", stack.redis_url, "--kafka-bootstrap", stack.kafka_bootstrap,
+            "--topic-prefix", stack.options.topic_prefix, "--worker-id", worker_id,
+            "--gpu", gpu, *(a for m in models for a in ("--models", m)),
+            "--time-scale", str(TIME_SCALE), "--host", "127.0.0.1",
+            "--health-port", str(free_loopback_port()), "--metrics-port", str(metrics_port)]
+
+
+def scheduler_argv(stack: ServiceStack, instance_id: str, metrics_port: int) -> list[str]:
+    """A second scheduler replica of ``stack`` (same flags, its own id and metrics port)."""
+    argv = stack.argv("scheduler")
+    argv[argv.index("--metrics-port") + 1] = str(metrics_port)
+    return [*argv, "--instance-id", instance_id]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+        return str(reply.read().decode())
+
+
+def leader_of(redis_url: str) -> str | None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        value = client.get(LEADER_KEY)
+        return None if value is None else str(value)
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------ traffic and events
+class EventLog:
+    """Every record of ``qlm.events`` (read from the start of the test's own topic)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                         auto_offset_reset="earliest")
+        self.events: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        async for record in self.consumer:
+            self.events.append(json.loads(record.value))
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+    def count(self, kind: str) -> Counter[str]:
+        return Counter(e["request_id"] for e in self.of_type(kind))
+
+    def workers_of(self, kind: str, request_id: str) -> list[str]:
+        return [e["worker"] for e in self.of_type(kind) if e["request_id"] == request_id]
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.consumer.stop()
+
+
+@pytest.fixture
+async def event_log(kafka_bootstrap: str, kafka_topics: TopicNames,
+                    tmp_path: Path) -> AsyncIterator[EventLog]:
+    """The test's ``qlm.events``; kept in ``tmp_path/events.jsonl`` for a failure's post-mortem."""
+    log = EventLog(kafka_bootstrap, kafka_topics.events)
+    await log.start()
+    yield log
+    await log.stop()
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log.events))
+
+
+def record(request_id: str, model: str, slo_class: str, prompt_tokens: int, max_tokens: int,
+           ttft_slo_s: float | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "request_id": request_id, "model": model, "slo_class": slo_class,
+        "prompt_token_ids": [1 + i % 1000 for i in range(prompt_tokens)],
+        "max_tokens": max_tokens, "sampling": {"ignore_eos": True}}
+    if ttft_slo_s is not None:
+        out["ttft_slo_s"] = ttft_slo_s
+    return out
+
+
+async def send_batch(bootstrap: str, topics: TopicNames, records: list[dict[str, Any]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await asyncio.gather(*(
+            producer.send_and_wait(topics.batch_requests, json.dumps(r).encode(),
+                                   key=r["request_id"].encode()) for r in records))
+    finally:
+        await producer.stop()
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float, what: str,
+                     detail: Callable[[], str] = str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.2)
+    assert condition(), f"timed out after {timeout_s} s waiting for {what}: {detail()}"
+
+
+def summary(log: EventLog, ids: set[str]) -> str:
+    """What the event log says, for a failure message."""
+    kinds = Counter(e["type"] for e in log.events)
+    missing = sorted(ids - set(log.count("finished")))
+    return f"events {dict(kinds)}; not finished: {missing}"
+
+
+def assert_finished_exactly_once(log: EventLog, ids: set[str]) -> None:
+    finished = log.count("finished")
+    assert {rid: n for rid, n in finished.items() if n != 1} == {}
+    assert set(finished) == ids
+
+
+# ------------------------------------------------------------------ tests
+async def test_scheduler_evicts_and_swaps_visibly_and_every_request_finishes_once(
+    make_stack: Callable[[str], ServiceStack], event_log: EventLog, kafka_bootstrap: str,
+    kafka_topics: TopicNames,
+) -> None:
+    # Two A100s, both with vicuna-13b awake and mistral-7b asleep: 2,000-token prompts
+    # fill their KV caches (60k tokens) with 25 requests each.
+    stack = make_stack(
+        "workers:\n"
+        "  - {id: f-0, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}\n"
+        "  - {id: f-1, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}\n")
+    batch = [record(f"b{i:02d}", "vicuna-13b", "batch-2", 2000, 2000) for i in range(80)]
+    for wave in range(4):  # four groups (0.2 s windows), spread over both workers
+        await send_batch(kafka_bootstrap, kafka_topics, batch[wave * 20:(wave + 1) * 20])
+        await asyncio.sleep(0.3)
+
+    def both_full() -> bool:
+        started = Counter(e["worker"] for e in event_log.of_type("started"))
+        return min(started["f-0"], started["f-1"]) >= 24
+
+    await eventually(both_full, 60, "both workers full", lambda: summary(event_log, set()))
+
+    # Interactive requests that cannot wait for 2,000 more tokens of the running batch
+    # work (about 5 s): the qlm policy evicts some of it.
+    interactive = [record(f"i{i}", "vicuna-13b", "interactive", 2000, 30, ttft_slo_s=1.5)
+                   for i in range(6)]
+    async with QlmClient(stack.ingest_addr) as client:
+        for r in interactive:
+            await client.submit(r)
+    # A model nobody has awake: some worker must swap to it.
+    other = [record(f"m{i}", "mistral-7b", "batch-1", 500, 100, ttft_slo_s=8.0)
+             for i in range(6)]
+    await send_batch(kafka_bootstrap, kafka_topics, other)
+
+    everything = {r["request_id"] for r in batch + interactive + other}
+    await eventually(lambda: set(event_log.count("finished")) >= everything, 90,
+                     "every request finished", lambda: summary(event_log, everything))
+    await asyncio.sleep(1.0)  # a duplicate would show up by now
+    assert_finished_exactly_once(event_log, everything)
+
+    evicted = event_log.of_type("evicted")
+    assert any(e["reason"].startswith("slo:") for e in evicted), evicted
+    assert all(e["request_id"].startswith("b") for e in evicted)  # only batch work yields
+    swaps = event_log.of_type("swapped")
+    assert any(e["model"] == "mistral-7b" and e["from_model"] == "vicuna-13b"
+               and e["worker"] in ("f-0", "f-1") and e["duration_s"] >= 0 for e in swaps), swaps
+    for rid in (r["request_id"] for r in other):  # served after the swap, by the swapper
+        (worker,) = event_log.workers_of("finished", rid)
+        assert any(s["worker"] == worker and s["model"] == "mistral-7b" for s in swaps)
+
+
+async def test_killed_worker_requests_return_to_the_queue_and_finish_elsewhere(
+    make_stack: Callable[[str], ServiceStack], event_log: EventLog, kafka_bootstrap: str,
+    kafka_topics: TopicNames,
+    extra_processes: Spawn,
+) -> None:
+    stack = make_stack("workers:\n  - {id: f-stay, gpu: A10-24GB, models: [mistral-7b]}\n")
+    victim_metrics = free_loopback_port()
+    victim = extra_processes("f-victim", worker_argv(stack, "f-victim", "A10-24GB",
+                                                     ["mistral-7b"], victim_metrics))
+    await eventually(lambda: "qlm_worker_batch_size" in _try_scrape(victim_metrics), 60,
+                     "second worker up")
+    # Several groups (0.2 s windows), so that the scheduler spreads them over both workers.
+    requests = [record(f"k{i:02d}", "mistral-7b", "batch-1", 1000, 1500, ttft_slo_s=30.0)
+                for i in range(30)]
+    for wave in range(6):
+        await send_batch(kafka_bootstrap, kafka_topics, requests[wave * 5:(wave + 1) * 5])
+        await asyncio.sleep(0.3)
+
+    def victim_busy() -> bool:
+        on_victim = {e["request_id"] for e in event_log.of_type("first_token")
+                     if e["worker"] == "f-victim"}
+        return len(on_victim - set(event_log.count("finished"))) >= 2
+
+    await eventually(victim_busy, 60, "requests in progress on the second worker")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    unfinished_on_victim = (
+        {e["request_id"] for e in event_log.of_type("started") if e["worker"] == "f-victim"}
+        - set(event_log.count("finished")))
+    assert unfinished_on_victim
+
+    ids = {r["request_id"] for r in requests}
+    await eventually(lambda: set(event_log.count("finished")) >= ids, 90,
+                     "every request finished", lambda: summary(event_log, ids))
+    await asyncio.sleep(1.0)
+    assert_finished_exactly_once(event_log, ids)
+    for rid in unfinished_on_victim:  # lease expired, requeued by the scheduler, resumed
+        assert event_log.workers_of("finished", rid) == ["f-stay"], rid
+        assert event_log.workers_of("started", rid)[-1] == "f-stay", rid
+    assert "qlm_scheduler_requeued_total{state=\"queued\"}" in scrape(
+        stack.ports.scheduler_metrics)
+
+
+async def test_killed_scheduler_leader_hands_over_to_the_standby(
+    make_stack: Callable[[str], ServiceStack], event_log: EventLog, kafka_bootstrap: str,
+    kafka_topics: TopicNames, redis_url: str,
+    extra_processes: Spawn,
+) -> None:
+    stack = make_stack(
+        "workers:\n"
+        "  - {id: f-0, gpu: A100-80GB, models: [mistral-7b, vicuna-13b]}\n"
+        "  - {id: f-1, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}\n")
+    leader = leader_of(redis_url)
+    assert leader is not None
+    standby_metrics = free_loopback_port()
+    standby = extra_processes("scheduler-standby",
+                              scheduler_argv(stack, "standby", standby_metrics))
+    await eventually(lambda: "qlm_scheduler_is_leader 0.0" in _try_scrape(standby_metrics),
+                     60, "standby replica up")
+
+    async def serve_wave(prefix: str) -> set[str]:
+        wave = [record(f"{prefix}{i}", ("mistral-7b", "vicuna-13b")[i % 2],
+                       "batch-1" if i % 3 else "interactive", 100, 40) for i in range(8)]
+        await send_batch(kafka_bootstrap, kafka_topics, wave[:4])
+        async with QlmClient(stack.ingest_addr) as client:
+            for r in wave[4:]:
+                await client.submit(r)
+        ids = {r["request_id"] for r in wave}
+        await eventually(lambda: set(event_log.count("finished")) >= ids, 60,
+                         f"wave {prefix} finished", lambda: summary(event_log, ids))
+        return ids
+
+    before = await serve_wave("pre")
+    os.kill(stack.processes["scheduler"].running_pid() or 0, signal.SIGKILL)
+    killed_at = time.monotonic()
+    await eventually(lambda: leader_of(redis_url) == "standby", 20, "standby takes over")
+    takeover_s = time.monotonic() - killed_at
+    assert "qlm_scheduler_is_leader 1.0" in scrape(standby_metrics)
+    after = await serve_wave("post")  # queued after the takeover: only the standby decides
+
+    await asyncio.sleep(1.0)
+    assert_finished_exactly_once(event_log, before | after)
+    applied = [line for line in scrape(standby_metrics).splitlines()
+               if line.startswith("qlm_scheduler_decisions_total") and 'outcome="applied"' in line]
+    assert applied and float(applied[0].split()[-1]) > 0
+    assert takeover_s < 20
+    assert standby.poll() is None
+
+
+def _try_scrape(port: int) -> str:
+    try:
+        return scrape(port)
+    except OSError:
+        return ""
