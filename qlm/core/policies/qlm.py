@@ -182,7 +182,8 @@ class _Heaps:
         entry = (lane.end_at, lane.index, lane.version)
         heapq.heappush(self.tail.setdefault((shape, lane.tail), []), entry)
         for m in lane.worker.models:
-            heapq.heappush(self.resident.setdefault((shape, m), []), entry)
+            if m != lane.tail:  # ending with m already: the tail heap has it, no swap
+                heapq.heappush(self.resident.setdefault((shape, m), []), entry)
         heapq.heappush(self.any.setdefault(shape, []), entry)
 
     @staticmethod
