@@ -162,3 +162,37 @@ def test_baselines_swap_only_idle_workers(name: str) -> None:
             w = workers[swap.worker_id]
             assert not w.running and w.swapping_until is None
             assert w.active_model not in {g.model for g in snapshot.groups}
+
+
+def unservable_snapshot(with_servable: bool) -> QueueSnapshot:
+    """Only one-GPU gB workers: "mid" has no profile on gB and "big" needs two GPUs, so no
+    worker can serve their groups (the A10 / Vicuna-13B case)."""
+    now = 1000.0
+    plan = [("mid", SLOClass.BATCH_1), ("big", SLOClass.INTERACTIVE), ("mid", SLOClass.BATCH_2)]
+    if with_servable:
+        plan += [("small", SLOClass.BATCH_2), ("small", SLOClass.INTERACTIVE)]
+    requests = [Request(f"u{i}", m, 100, 256, c, SLO.for_class(c), now - 5 - i)
+                for i, (m, c) in enumerate(plan)]
+    busy = RunningRequest(Request("run-u", "small", 50, 512, SLOClass.BATCH_2,
+                                  SLO.for_class(SLOClass.BATCH_2), now - 50), now - 10, now - 9)
+    workers = (WorkerView("w0", "gB", ("small",), "small", 6000, 8, (), num_gpus=1),
+               WorkerView("w1", "gB", ("small", "big"), "small", 6000, 8, (busy,),
+                          num_gpus=1))
+    return QueueSnapshot(now=now, groups=group_requests(requests, 10.0), workers=workers)
+
+
+UNSERVABLE = [unservable_snapshot(False), unservable_snapshot(True)]
+
+
+@pytest.mark.parametrize("index", range(len(UNSERVABLE)))
+def test_contract_with_unservable_groups(policy_name: str, index: int) -> None:
+    """A group no worker can serve never fails a decision and is never placed or pulled."""
+    snapshot = UNSERVABLE[index]
+    decision = decide(policy_name, snapshot)
+    placed = {k.model for p in decision.placements for k in p.order}
+    assert placed <= {"small"}
+    queued = {r.id: r for g in snapshot.groups for r in g.requests}
+    assert all(queued[rid].model == "small" for p in decision.pulls for rid in p.request_ids)
+    assert all(s.to_model == "small" for s in decision.swaps)
+    if index == 1:
+        assert "small" in placed, "the servable groups are still planned"

@@ -32,3 +32,29 @@ def test_milp_plans_around_a_group_no_worker_can_serve() -> None:
     placed = {pc.stats[g].model for order in exact.orders for g in order}
     assert "C" not in placed and placed == {"A", "B"}
     QlmPolicy().decide(snap, ctx)  # the whole decision goes through too
+
+
+def test_reject_unservable_names_the_model() -> None:
+    book = ProfileBook.of([profile("A")])
+    reqs = [Request(f"{m}-{i}", m, 100, 100, SLOClass.CUSTOM, SLO(20.0), 0.0)
+            for m in ("A", "C") for i in range(2)]
+    worker = WorkerView("w0", "g", ("A",), "A", 1_000_000, 16, ())
+    snap = QueueSnapshot(1.0, group_requests(reqs, 1.0), (worker,))
+    for options in ({"milp_max_cells": 0}, {"milp_max_cells": 100}):
+        kept = QlmPolicy(**options).decide(snap, PolicyContext(book))
+        assert kept.rejections == ()  # default: stays queued, unplaced
+        decision = QlmPolicy(reject_unservable=True, **options).decide(snap, PolicyContext(book))
+        assert {(r.request_id, r.reason) for r in decision.rejections} == {
+            ("C-0", "no worker can serve model C"), ("C-1", "no worker can serve model C")}
+        assert {k.model for p in decision.placements for k in p.order} == {"A"}
+
+
+def test_milp_alone_with_only_unservable_groups() -> None:
+    book = ProfileBook.of([profile("A")])
+    reqs = [Request(f"C-{i}", "C", 100, 100, SLOClass.CUSTOM, SLO(20.0), 0.0) for i in range(2)]
+    worker = WorkerView("w0", "g", ("A",), "A", 1_000_000, 16, ())
+    snap = QueueSnapshot(1.0, group_requests(reqs, 1.0), (worker,))
+    ctx = PolicyContext(book)
+    pc, _ = QlmPolicy().plan(snap, ctx)
+    assert milp_plan(pc, 10.0) == "no profile"
+    assert QlmPolicy(milp_max_cells=100).decide(snap, ctx).placements[0].order == ()

@@ -58,7 +58,9 @@ past their first token have met their TTFT SLO already); they keep their progres
 :func:`plan_evictions`). With ``kv_state_swap`` an eviction
 sets ``Evict.state_swap`` when moving the KV state over PCIe is cheaper than recomputing
 it. *Rejections* only with ``reject_late=True`` (requests whose
-deadline has passed).
+deadline has passed) and ``reject_unservable=True`` (requests of a group that no worker of
+the snapshot can serve: no profile for its model on their GPUs, or too few GPUs; the
+reason names the model). Without it such a group stays queued and unplaced.
 
 Cost per decision: one pass over the requests of groups whose request tuple changed
 (memoised), one over running requests of workers whose running set changed; the search
@@ -121,6 +123,7 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {
     "service_scale": 1.0,
     "pcie_gb_per_s": 25.0,
     "reject_late": False,
+    "reject_unservable": False,
     "class_weights": {},
     "output_stats": {},
 }
@@ -405,10 +408,11 @@ def milp_plan(pc: PlanningContext, time_limit_s: float, node_limit: int = 2000) 
                 var(("z", w, k, m), 0, hi, True)
             var(("E", w, k), 0.0, time_hi, False)
             var(("B", w, k), 0.0, time_hi, False)
+    placeable = {g for g, _ in allowed}
     for g in range(num_g):
         var(("t", g), 0.0, time_hi, False)
-        for j in range(J):
-            var(("u", g, j), 0, 1, True)
+        for j in range(J):  # a group no worker can serve meets nothing
+            var(("u", g, j), 0, 1 if g in placeable else 0, True)
 
     rows: list[dict[int, float]] = []
     row_lo: list[float] = []
@@ -641,11 +645,26 @@ def _state_swap_pays(pc: PlanningContext, wi: int, rr: Any, options: Mapping[str
     return copy_s < profile.prefill_s(tokens)
 
 
+def unservable_groups(pc: PlanningContext) -> list[int]:
+    """Indices of the groups that no worker of the snapshot can serve."""
+    reps = _shape_representatives(pc.cost)
+    return [gi for gi in range(len(pc.stats))
+            if all(pc.cost.service(gi, rep) is None for rep in reps)]
+
+
 def plan_rejections(pc: PlanningContext, options: Mapping[str, Any]) -> tuple[Reject, ...]:
-    if not options["reject_late"]:
-        return ()
-    return tuple(Reject(r.id, "deadline passed") for g in pc.snapshot.groups
-                 for r in g.requests if r.deadline_at < pc.now)
+    rejected: list[Reject] = []
+    seen: set[str] = set()
+    if options["reject_unservable"]:
+        for gi in unservable_groups(pc):
+            model = pc.stats[gi].model
+            for r in pc.snapshot.groups[gi].requests:
+                rejected.append(Reject(r.id, f"no worker can serve model {model}"))
+                seen.add(r.id)
+    if options["reject_late"]:
+        rejected.extend(Reject(r.id, "deadline passed") for g in pc.snapshot.groups
+                        for r in g.requests if r.deadline_at < pc.now and r.id not in seen)
+    return tuple(rejected)
 
 
 # ------------------------------------------------------------------ policy
