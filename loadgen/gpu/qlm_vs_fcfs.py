@@ -17,6 +17,10 @@ counts; prompt token ids are drawn per variant so no variant hits another's pref
   least-loaded dispatch, no preemption beyond the engine's own).
 * **bare**: every request goes to its model's engine at its arrival time; vLLM's own
   scheduler (FCFS waiting queue, preemption on KV shortage) does the rest.
+* **<policy>+opts** (e.g. ``qlm+opts``): the policy with ``--qlm-options`` as its
+  options, and a worker that keeps at most ``--opts-prefill-cap`` context tokens
+  admitted but not yet prefilled (so a burst is not queued inside vLLM, where no
+  later decision can reorder it, ahead of tighter requests that arrive after it).
 
 The engines are :class:`qlm.engine.vllm_engine.VllmEngine` (vLLM ``AsyncLLM``
 in-process, one per model, both awake, each with a share of the GPU and sleep mode
