@@ -253,6 +253,9 @@ class WorkerLoad:
     #: first — past their first token (TTFT SLO settled: infinite slack) before the
     #: others — then loosest class, latest deadline, least progress to recompute, id.
     eviction_order: tuple[RunningRequest, ...] = ()
+    #: How many of ``eviction_order`` (its head) are past their first token; each of the
+    #: two parts is in descending TTFT SLO order.
+    num_started: int = 0
 
 
 def summarise_running(running: Sequence[RunningRequest],
@@ -277,8 +280,10 @@ def summarise_running(running: Sequence[RunningRequest],
         rr.request.num_generated,
         rr.request.id,
     )))
+    num_started = sum(1 for rr in running if rr.first_token_at is not None)
     return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
-                      int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running), order)
+                      int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running), order,
+                      num_started)
 
 
 class WorkerLoadCache:

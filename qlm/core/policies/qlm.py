@@ -223,12 +223,14 @@ class _Heaps:
         model = cost.stats[gi].model
         best: tuple[float, int] | None = None
         for shape in shapes:
+            svc = None
             for heap in (self.tail.get((shape, model)), self.any.get(shape)):
                 lane = self.top(heap, lanes)
                 if lane is None:
                     continue
-                svc = cost.service(gi, lane.index)
-                assert svc is not None
+                if svc is None:  # the same for every lane of the shape
+                    svc = cost.service(gi, lane.index)
+                    assert svc is not None
                 end = lane.end_at + svc.mean_s
                 if lane.tail != model:
                     end += cost.swap_s(lane.index, model, lane.tail)
@@ -337,7 +339,8 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
         if all(s.p_meet > 0.99 or s.p_meet < 0.01 for s in slots):
             continue  # every group surely met or surely missed: no adjacent swap helps
         current = lane.order
-        value = lane_value(cost, lane, current, pc.weights)
+        value = sum(pc.weight(gi) * cost.stats[gi].size * s.p_meet  # = lane_value
+                    for gi, s in zip(current, slots, strict=True))
         improved = True
         while improved and budget > 0:
             improved = False
@@ -609,13 +612,16 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
         if short <= 0:
             continue
         reason = f"slo:{head.key}"
+        state_swaps = bool(options["kv_state_swap"])
         taken = 0
-        for rr in pc.loads[wi].eviction_order:
-            if taken >= short:
-                break
-            if rr.request.slo.ttft_s > head.ttft_s:
-                evictions.append(Evict(w.id, rr.request.id, reason=reason,
-                                       state_swap=_state_swap_pays(pc, wi, rr, options)))
+        load = pc.loads[wi]
+        started = load.eviction_order[:load.num_started]
+        for part in (started, load.eviction_order[load.num_started:]):
+            for rr in part:  # descending TTFT SLO: past the looser ones, none qualifies
+                if taken >= short or rr.request.slo.ttft_s <= head.ttft_s:
+                    break
+                evictions.append(Evict(w.id, rr.request.id, reason, state_swaps
+                                       and _state_swap_pays(pc, wi, rr, options)))
                 taken += 1
     return tuple(evictions)
 
