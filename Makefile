@@ -2,10 +2,10 @@
 PYTHON ?= python3
 OUT ?= out
 
-.PHONY: help install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean
+.PHONY: help setup install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean
 
 help:
-	@echo "make install   install qlm and its dev tools (pip, editable)"
+	@echo "make setup     install what a clean Debian machine lacks (apt, pip, Kafka jars); test and demo run it"
 	@echo "make test      lint + type-check + every test, on real Redis and real Kafka"
 	@echo "make demo      the whole stack on real Redis + Kafka with simulated GPU workers"
 	@echo "make proto     regenerate qlm/api/v1 from proto/qlm/v1"
@@ -13,8 +13,25 @@ help:
 	@echo "make kafka-jars  fetch the Kafka broker jars from Maven Central (cached)"
 	@echo "make bench     the benchmarks (results under docs/results/)"
 
-install:
-	$(PYTHON) -m pip install -q -e '.[dev]'
+# Everything a clean Debian machine lacks: redis-server, Maven + Java 17 (for the Kafka
+# jars), the Python packages, the Kafka jars from Maven Central. Redone when
+# pyproject.toml or the Kafka pom changes; `make test` and `make demo` depend on it.
+SETUP_STAMP := .qlm/setup.stamp
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): pyproject.toml qlm/localstack/kafka-pom.xml
+	@if ! command -v redis-server >/dev/null || ! command -v mvn >/dev/null || ! command -v java >/dev/null; then \
+	  echo "installing redis-server, maven, openjdk-17 (apt)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server maven openjdk-17-jre-headless >/dev/null; \
+	fi
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PYTHON) -m qlm.localstack fetch-jars
+	@mkdir -p $(dir $@) && touch $@
+
+install: setup
 
 lint:
 	$(PYTHON) -m ruff check qlm services loadgen tests
@@ -25,7 +42,7 @@ typecheck:
 unit:
 	$(PYTHON) -m pytest -q tests/unit
 
-test: lint typecheck
+test: setup lint typecheck
 	$(PYTHON) -m pytest -q
 
 proto:
@@ -46,7 +63,7 @@ down:
 status:
 	$(PYTHON) -m qlm.localstack status --dir .qlm
 
-demo:
+demo: setup
 	$(PYTHON) -m loadgen.demo --dir .qlm/demo --out $(OUT)/demo
 
 sim-quick:
