@@ -65,6 +65,14 @@ class IngestSettings(CommonSettings):
         description="how long the producer gathers admitted events into one batch "
         "(submits do not wait for it)",
     )
+    metrics_port: int = Field(
+        9460, ge=0, le=65535, description="Prometheus (0 = any); with --processes N, "
+        "process i serves on metrics_port + i"
+    )
+    serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
+    queue_depth_interval_s: float = Field(
+        5.0, gt=0, description="how often the queue-depth gauge is re-read from Redis"
+    )
 
     estimator_addr: str | None = Field(
         None, description="estimator service host:port for predicted waits and admission; "

@@ -20,17 +20,22 @@ Contracts:
   :class:`~qlm.core.errors.Overloaded` (gRPC RESOURCE_EXHAUSTED with the predicted wait
   and a retry-after) and writes nothing; a repeat of an id already queued is never
   refused. Records from Kafka are always queued.
+* Every submit (gRPC :meth:`IngestPlane.submit`, Kafka :meth:`IngestPlane.enqueue` and
+  :meth:`IngestPlane.decode_batch_record`) is reported once to the plane's
+  :class:`SubmitObserver` (metrics) with its :data:`SubmitResult`, class, model, where it
+  came from and how long the plane took.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import yaml
 
@@ -102,6 +107,29 @@ class EventPublisher(Protocol):
     """Announces queue changes on ``qlm.events`` (qlm.bus)."""
 
     async def admitted(self, record: RequestRecord, prediction: Prediction) -> None: ...
+
+
+#: How a submit ended, named once (the metrics label): queued as new; answered from the
+#: stored record (same id, same content); refused as invalid input (nothing written);
+#: refused because its SLO cannot be met (admission control); failed (Redis away).
+SubmitResult = Literal["admitted", "duplicate", "rejected-invalid", "rejected-capacity",
+                       "failed"]
+SubmitSource = Literal["grpc", "kafka"]
+#: Class / model label of a submission refused before its class or model was known.
+UNKNOWN: Final = "unknown"
+
+
+class SubmitObserver(Protocol):
+    """Sees every submit once, when it ends (metrics)."""
+
+    def on_submit(self, source: SubmitSource, result: SubmitResult, slo_class: str,
+                  model: str, seconds: float, prediction: Prediction | None) -> None: ...
+
+
+class NoObserver:
+    def on_submit(self, source: SubmitSource, result: SubmitResult, slo_class: str,
+                  model: str, seconds: float, prediction: Prediction | None) -> None:
+        return None
 
 
 class WaitPredictor(Protocol):
@@ -257,6 +285,7 @@ class IngestPlane:
         predictor: WaitPredictor | None = None,
         id_factory: Callable[[], str] = new_request_id,
         admission: AdmissionRules = AdmissionRules(),
+        observer: SubmitObserver | None = None,
     ) -> None:
         self.store = store
         self.events = events
@@ -267,6 +296,7 @@ class IngestPlane:
         self.id_factory = id_factory
         self.admission = admission
         self.enqueuer = EnqueueBatcher(store)
+        self.observer = observer or NoObserver()
 
     def validate(self, record: Any) -> Submission:
         """The submission in ``record``, or InvalidInput naming the field."""
@@ -274,10 +304,16 @@ class IngestPlane:
 
     async def submit(self, record: Any) -> SubmitOutcome:
         """Validate and queue one submission (contract in the module docstring)."""
-        submission = self.validate(record)
+        started = time.perf_counter()
+        try:
+            submission = self.validate(record)
+        except InvalidInput:
+            self.observer.on_submit("grpc", "rejected-invalid", UNKNOWN, UNKNOWN,
+                                    time.perf_counter() - started, None)
+            raise
         if not submission.request_id:
             submission = submission.with_id(self.id_factory())
-        return await self.enqueue(submission, admission=True)
+        return await self.enqueue(submission, admission=True, source="grpc", started=started)
 
     def decode_batch_record(self, raw: bytes | None) -> Submission:
         """Validate one ``qlm.batch.requests`` record (JSON; qlm.bus.records).
@@ -285,16 +321,46 @@ class IngestPlane:
         Validated exactly like :meth:`submit`, and ``request_id`` is required: a record may
         be delivered again after a consumer restart, and the id makes that a no-op.
         """
-        submission = decode_batch_request(raw, self.models, self.limits)
-        if not submission.request_id:
-            raise InvalidInput(
-                "request_id", "is required in batch records (it makes redelivery idempotent)"
-            )
+        started = time.perf_counter()
+        try:
+            submission = decode_batch_request(raw, self.models, self.limits)
+            if not submission.request_id:
+                raise InvalidInput(
+                    "request_id", "is required in batch records (it makes redelivery idempotent)"
+                )
+        except InvalidInput:
+            self.observer.on_submit("kafka", "rejected-invalid", UNKNOWN, UNKNOWN,
+                                    time.perf_counter() - started, None)
+            raise
         return submission
 
-    async def enqueue(self, submission: Submission, *, admission: bool = False) -> SubmitOutcome:
+    async def enqueue(self, submission: Submission, *, admission: bool = False,
+                      source: SubmitSource = "kafka",
+                      started: float | None = None) -> SubmitOutcome:
         """Queue a validated submission that has an id; announce it when new. With
-        ``admission``, refuse it first when the rules say so (module docstring)."""
+        ``admission``, refuse it first when the rules say so (module docstring).
+        ``source`` and ``started`` (``time.perf_counter()`` when the submit began) are
+        for the observer."""
+        started = time.perf_counter() if started is None else started
+        seen: list[Prediction] = []
+        result: SubmitResult = "failed"
+        try:
+            outcome = await self._enqueue(submission, admission, seen)
+            result = "duplicate" if outcome.duplicate else "admitted"
+            return outcome
+        except Overloaded:
+            result = "rejected-capacity"
+            raise
+        except InvalidInput:
+            result = "rejected-invalid"
+            raise
+        finally:
+            self.observer.on_submit(source, result, submission.slo_class.value,
+                                    submission.model, time.perf_counter() - started,
+                                    seen[0] if seen else None)
+
+    async def _enqueue(self, submission: Submission, admission: bool,
+                       seen: list[Prediction]) -> SubmitOutcome:
         with request_context(request_id=submission.request_id):
             now = self.clock()
             request = submission.to_request(arrival_at=now)
@@ -304,6 +370,7 @@ class IngestPlane:
                 else list(submission.prompt_token_ids or ())
             )
             prediction = await self.predictor.predict(request, now)
+            seen.append(prediction)
             if admission and not prediction.admit and self.admission.rejects(request.slo_class):
                 await self._refuse(request, prediction)
             result = await self.enqueuer.enqueue(request, prompt, submission.sampling)

@@ -111,6 +111,7 @@ class ServicePorts:
     estimator_metrics: int = 0
     scheduler_metrics: int = 0
     worker_metrics: int = 0
+    ingest_metrics: int = 0
 
     def resolved(self, prefer_standard: bool = False) -> ServicePorts:
         """Every 0 replaced by a free port; with ``prefer_standard``, ingest gets 50051
@@ -205,6 +206,7 @@ class ServiceStack:
         if name == "ingest":
             return [*module, *self._common(), "--host", "127.0.0.1", "--port", str(p.ingest),
                     "--profiles-dir", str(self.profiles_dir),
+                    "--metrics-port", str(p.ingest_metrics),
                     "--estimator-addr", f"127.0.0.1:{p.estimator}",
                     "--admission", o.admission,
                     "--group-window-s", str(o.group_window_s),
@@ -274,7 +276,8 @@ class ServiceStack:
     def ports_of(self, name: str) -> tuple[int, ...]:
         """The ports one service listens on."""
         p = self.ports
-        return {"estimator": (p.estimator, p.estimator_metrics), "ingest": (p.ingest,),
+        return {"estimator": (p.estimator, p.estimator_metrics),
+                "ingest": (p.ingest, p.ingest_metrics),
                 "scheduler": (p.scheduler_metrics,),
                 "worker": (p.worker_health, p.worker_metrics)}[name]
 

@@ -41,6 +41,7 @@ from qlm.core.types import (
     RequestGroup,
     RequestState,
     RunningRequest,
+    SLOClass,
     WorkerView,
     group_key_for,
 )
@@ -450,6 +451,27 @@ class RedisQueueStore:
         args = [str(len(workers)), *workers, *(str(len(orders[w])) for w in workers), *flat]
         with _redis_errors():
             await self._scripts.set_virtual_queues(keys=keys, args=args)
+
+    async def queue_depths(self) -> dict[tuple[str, SLOClass], int]:
+        """Queued requests per (model, SLO class): the group index, then one pipelined
+        ZCARD per queued group (cost grows with the number of groups, not of requests;
+        not atomic: a gauge's view). Malformed group names are skipped."""
+        with _redis_errors():
+            names = [str(n) for n in await self._redis.zrange(self.keys.groups, 0, -1)]
+            if not names:
+                return {}
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.zcard(self.keys.group(name))
+                sizes = await pipe.execute()
+        depths: dict[tuple[str, SLOClass], int] = {}
+        for name, size in zip(names, sizes, strict=True):
+            try:
+                key = GroupKey.parse(name)
+            except InvalidInput:
+                continue
+            depths[(key.model, key.slo_class)] = depths.get((key.model, key.slo_class), 0) + size
+        return depths
 
     async def snapshot(self) -> StoreSnapshot:
         """Queued groups with their requests, each worker's running requests and

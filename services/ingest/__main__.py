@@ -3,7 +3,8 @@
 Flags override ``QLM_*`` environment variables (qlm.config.IngestSettings); ``--help``
 lists them all. ``--processes N`` runs N ingest processes on one port (the kernel spreads
 connections over them, SO_REUSEPORT): one event loop tops out near one core. SIGTERM to
-the first process stops it gracefully, then the others.
+the first process stops it gracefully, then the others. Process ``i`` serves its
+Prometheus metrics on ``--metrics-port`` + i.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def run_many(settings: IngestSettings) -> int:
         return 2
     context = mp.get_context("spawn")
     children = [
-        context.Process(target=run_child, args=(settings,), name=f"ingest-{i}")
+        context.Process(target=run_child, args=(_nth(settings, i),), name=f"ingest-{i}")
         for i in range(1, settings.processes)
     ]
     for child in children:
@@ -39,6 +40,12 @@ def run_many(settings: IngestSettings) -> int:
         if child.exitcode not in (0, -signal.SIGTERM):
             status = status or 1
     return status
+
+
+def _nth(settings: IngestSettings, index: int) -> IngestSettings:
+    """The settings of process ``index``: its own metrics port (``metrics_port + index``)."""
+    port = settings.metrics_port + index if settings.metrics_port else 0
+    return settings.model_copy(update={"metrics_port": port})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,11 @@
 
 :class:`IngestApp` is what ``python -m services.ingest`` runs and what the tests start
 in process. Start order: Redis store, Kafka topics and producer, the plane, the gRPC
-server, the batch consumer. Stop order (graceful, on SIGTERM): health NOT_SERVING,
-consumer stops (its last records are committed only after their enqueue), the gRPC
-server stops taking calls and drains for ``shutdown_grace_s``, then the producer
-flushes and the store closes.
+server, the batch consumer, the queue-depth gauge's refresh (metrics:
+:mod:`services.ingest.metrics`; :func:`serve` also serves them over HTTP). Stop order
+(graceful, on SIGTERM): health NOT_SERVING, consumer stops (its last records are
+committed only after their enqueue), the gRPC server stops taking calls and drains for
+``shutdown_grace_s``, then the producer flushes and the store closes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaClient
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -37,6 +39,7 @@ from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
 from services.ingest.batch import BatchIngest
+from services.ingest.metrics import IngestMetrics
 from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.server import IngestServer
 
@@ -131,6 +134,7 @@ class IngestApp:
         self.producer = BusProducer(
             settings.kafka_bootstrap, client_id="qlm-ingest", linger_ms=settings.event_linger_ms
         )
+        self.metrics = IngestMetrics()
         self.plane = IngestPlane(
             self.store,
             BusEvents(self.producer, self.topics.events, clock),
@@ -139,9 +143,11 @@ class IngestApp:
             SubmissionLimits(max_prompt_bytes=settings.max_prompt_bytes),
             predictor=make_predictor(settings, self.store, clock),
             admission=AdmissionRules.parse(settings.admission),
+            observer=self.metrics,
         )
         self.server: IngestServer | None = None
         self.consumer: BatchIngest | None = None
+        self._depth_task: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -165,11 +171,25 @@ class IngestApp:
         if s.batch_consumer:
             self.consumer = BatchIngest(self.plane, s, self.topics, self.producer, self.clock)
             await self.consumer.start()
+        self._depth_task = asyncio.create_task(self._refresh_queue_depth(), name="ingest-depth")
         log.info("ingest_started", models=sorted(self.models), grpc=s.serve_grpc,
                  batch_consumer=s.batch_consumer)
 
+    async def _refresh_queue_depth(self) -> None:
+        """Re-read queued requests per class and model every ``queue_depth_interval_s``."""
+        while True:
+            try:
+                self.metrics.refresh_queue_depth(await self.store.queue_depths())
+            except Exception as error:  # Redis away: the gauge keeps its last values
+                log.warning("queue_depth_failed", error=repr(error))
+            await asyncio.sleep(self.settings.queue_depth_interval_s)
+
     async def stop(self) -> None:
         """Graceful: stop taking work, drain, close (module docstring)."""
+        if self._depth_task is not None:
+            self._depth_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._depth_task
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
         if self.consumer is not None:
@@ -189,6 +209,8 @@ async def serve(settings: IngestSettings) -> None:
     """
     app = IngestApp(settings)
     await app.start()
+    if settings.serve_metrics:
+        serve_metrics(app, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -205,6 +227,18 @@ async def serve(settings: IngestSettings) -> None:
         await app.stop()
     if consumer_failed:
         raise Unavailable("the batch consumer gave up; restart the ingest service")
+
+
+def serve_metrics(app: IngestApp, settings: IngestSettings) -> None:
+    """Serve ``app``'s metrics over HTTP. A port that is taken is logged as an error and
+    the front door keeps serving (metrics must not take submits down with them)."""
+    try:
+        server, _ = start_http_server(settings.metrics_port, settings.host,
+                                      registry=app.metrics.registry)
+    except OSError as error:
+        log.error("metrics_unavailable", port=settings.metrics_port, error=repr(error))
+        return
+    log.info("metrics_serving", port=server.server_port)
 
 
 def run_one(settings: IngestSettings) -> int:

@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 @dataclass
 class WorkerMetrics:
-    """Batch size, KV use, throughput, outcomes, swaps and step times of each worker."""
+    """Batch size, KV use, throughput, outcomes, SLO attainment at the first token, swaps
+    and step times of each worker."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -46,6 +47,12 @@ class WorkerMetrics:
         self.step_seconds = Gauge(
             "qlm_worker_step_seconds", "Mean engine step time over the last telemetry window",
             ["worker", "kind"], registry=r,
+        )
+        self.first_tokens = Counter(
+            "qlm_worker_first_tokens", "Requests whose first token this worker streamed, "
+            "by whether it came before the request's TTFT deadline (slo: met / missed): "
+            "SLO attainment = met / (met + missed)",
+            ["worker", "model", "slo_class", "slo"], registry=r,
         )
         self.active_model = Gauge(
             "qlm_worker_active_model", "1 for the model that is awake", ["worker", "model"],

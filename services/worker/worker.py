@@ -433,9 +433,16 @@ class Worker:
         self.metrics.output_tokens.labels(self.id, run.record.request.model).inc(len(token_ids))
         if run.first_token_at is None:
             run.first_token_at = self.clock()
+            self._count_first_token(run.record, run.first_token_at)
             self._publish(self._event(run.record, "first_token", at=run.first_token_at,
                                       num_output_tokens=run.num_generated))
         return True
+
+    def _count_first_token(self, record: RequestRecord, at: float) -> None:
+        request = record.request
+        slo = "met" if at <= request.deadline_at else "missed"
+        self.metrics.first_tokens.labels(self.id, request.model, request.slo_class.value,
+                                         slo).inc()
 
     async def _finish(self, run: _Running, reason: str) -> None:
         await self.store.ack(self.id, run.id, RequestState.FINISHED,

@@ -32,9 +32,11 @@ from typing import Any
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from qlm.bus.topics import TopicNames
 from qlm.client import QlmClient
+from qlm.core.errors import InvalidInput
 from qlm.localstack.process import free_loopback_port
 from qlm.localstack.services import REPO_ROOT, ServiceOptions, ServiceStack
 
@@ -50,24 +52,26 @@ FAST_FAILOVER = {
     "QLM_LEASE_TTL_S": "2",          # scheduler: leader lease
     "QLM_LEASE_RENEW_S": "0.5",
     "QLM_LEASE_MARGIN_S": "0.3",
+    "QLM_QUEUE_DEPTH_INTERVAL_S": "0.5",  # ingest: queue-depth gauge refresh
 }
 LEADER_KEY = "qlm:scheduler:leader"
 Spawn = Callable[[str, list[str]], "subprocess.Popen[bytes]"]
+MakeStack = Callable[..., ServiceStack]
 
 
 # ------------------------------------------------------------------ stack and processes
 @pytest.fixture
 def make_stack(tmp_path: Path, redis_url: str, kafka_bootstrap: str, topic_prefix: str,
-               monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ServiceStack]]:
-    """``make_stack(workers_yaml)`` starts the four services (qlm policy) and returns them."""
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeStack]:
+    """``make_stack(workers_yaml, time_scale=20)`` starts the four services (qlm policy)."""
     for name, value in FAST_FAILOVER.items():
         monkeypatch.setenv(name, value)
     stacks: list[ServiceStack] = []
 
-    def make(workers_yaml: str) -> ServiceStack:
+    def make(workers_yaml: str, time_scale: float = TIME_SCALE) -> ServiceStack:
         workers = tmp_path / "workers.yaml"
         workers.write_text(workers_yaml)
-        options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=TIME_SCALE,
+        options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=time_scale,
                                  admission="interactive=queue", group_window_s=0.2,
                                  tick_s=0.25, shutdown_grace_s=0.5, topic_prefix=topic_prefix)
         stack = ServiceStack(tmp_path / "stack", redis_url, kafka_bootstrap, options)
@@ -123,6 +127,21 @@ def scheduler_argv(stack: ServiceStack, instance_id: str, metrics_port: int) -> 
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
         return str(reply.read().decode())
+
+
+def samples(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample of one Prometheus endpoint: name → [(labels, value)]."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(scrape(port)):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def total(found: dict[str, list[tuple[dict[str, str], float]]], name: str,
+          **labels: str) -> float:
+    """Sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(v for have, v in found.get(name, ()) if labels.items() <= have.items())
 
 
 def leader_of(redis_url: str) -> str | None:
@@ -226,18 +245,18 @@ def assert_finished_exactly_once(log: EventLog, ids: set[str]) -> None:
 
 # ------------------------------------------------------------------ tests
 async def test_scheduler_evicts_and_swaps_visibly_and_every_request_finishes_once(
-    make_stack: Callable[[str], ServiceStack], event_log: EventLog, kafka_bootstrap: str,
+    make_stack: MakeStack, event_log: EventLog, kafka_bootstrap: str,
     kafka_topics: TopicNames,
 ) -> None:
-    # Two A100s, both with vicuna-13b awake and mistral-7b asleep: 2,000-token prompts
-    # fill their KV caches (60k tokens) with 25 requests each.
+    # Two A100s (10x faster), both with vicuna-13b awake and mistral-7b asleep:
+    # 2,000-token prompts fill their KV caches (60k tokens) with 25 requests each.
     stack = make_stack(
         "workers:\n"
         "  - {id: f-0, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}\n"
-        "  - {id: f-1, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}\n")
-    batch = [record(f"b{i:02d}", "vicuna-13b", "batch-2", 2000, 2000) for i in range(80)]
-    for wave in range(4):  # four groups (0.2 s windows), spread over both workers
-        await send_batch(kafka_bootstrap, kafka_topics, batch[wave * 20:(wave + 1) * 20])
+        "  - {id: f-1, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}\n", time_scale=10.0)
+    batch = [record(f"b{i:02d}", "vicuna-13b", "batch-2", 2000, 2000) for i in range(60)]
+    for wave in range(2):  # two groups (0.2 s windows), one per worker
+        await send_batch(kafka_bootstrap, kafka_topics, batch[wave * 30:(wave + 1) * 30])
         await asyncio.sleep(0.3)
 
     def both_full() -> bool:
@@ -246,15 +265,15 @@ async def test_scheduler_evicts_and_swaps_visibly_and_every_request_finishes_onc
 
     await eventually(both_full, 60, "both workers full", lambda: summary(event_log, set()))
 
-    # Interactive requests that cannot wait for 2,000 more tokens of the running batch
-    # work (about 5 s): the qlm policy evicts some of it.
-    interactive = [record(f"i{i}", "vicuna-13b", "interactive", 2000, 30, ttft_slo_s=1.5)
+    # Interactive requests that cannot wait for ~1,800 more tokens of the running batch
+    # work (about 9 s): the qlm policy evicts some of it.
+    interactive = [record(f"i{i}", "vicuna-13b", "interactive", 2000, 30, ttft_slo_s=4.0)
                    for i in range(6)]
     async with QlmClient(stack.ingest_addr) as client:
         for r in interactive:
             await client.submit(r)
     # A model nobody has awake: some worker must swap to it.
-    other = [record(f"m{i}", "mistral-7b", "batch-1", 500, 100, ttft_slo_s=8.0)
+    other = [record(f"m{i}", "mistral-7b", "batch-1", 500, 100, ttft_slo_s=15.0)
              for i in range(6)]
     await send_batch(kafka_bootstrap, kafka_topics, other)
 
@@ -273,10 +292,56 @@ async def test_scheduler_evicts_and_swaps_visibly_and_every_request_finishes_onc
     for rid in (r["request_id"] for r in other):  # served after the swap, by the swapper
         (worker,) = event_log.workers_of("finished", rid)
         assert any(s["worker"] == worker and s["model"] == "mistral-7b" for s in swaps)
+    async with QlmClient(stack.ingest_addr) as client:  # two more submit results
+        await client.submit(interactive[0])  # the same again: a duplicate
+        with pytest.raises(InvalidInput):
+            await client.submit({**interactive[1], "request_id": "bad", "max_tokens": 0})
+    assert_metrics_show_the_run(stack, event_log, interactive, batch + other)
+
+
+def assert_metrics_show_the_run(stack: ServiceStack, log: EventLog,
+                                interactive: list[dict[str, Any]],
+                                batch: list[dict[str, Any]]) -> None:
+    """One scrape of each service: queue depth, submits, predicted and realised waits,
+    SLO attainment, decisions and their time, evictions, swaps, batch size and KV use."""
+    p = stack.ports
+    ingest, estimator = samples(p.ingest_metrics), samples(p.estimator_metrics)
+    scheduler, worker = samples(p.scheduler_metrics), samples(p.worker_metrics)
+
+    submits = "qlm_ingest_submits_total"
+    assert total(ingest, submits, result="admitted", source="grpc",
+                 slo_class="interactive", model="vicuna-13b") == len(interactive)
+    assert total(ingest, submits, result="admitted", source="kafka") == len(batch)
+    assert total(ingest, submits, result="duplicate", source="grpc") == 1
+    assert total(ingest, submits, result="rejected-invalid", source="grpc",
+                 slo_class="unknown", model="unknown") == 1
+    assert total(ingest, "qlm_ingest_submit_seconds_count") == len(interactive) + len(batch) + 2
+    assert total(ingest, "qlm_ingest_predicted_wait_seconds_count") > 0
+    assert "qlm_ingest_queue_depth" in ingest  # seen non-empty while the batch waited
+    assert total(ingest, "qlm_ingest_queue_depth") == 0  # and refreshed since
+
+    assert total(estimator, "qlm_estimator_wait_seconds_count", kind="realised") > 0
+    assert total(estimator, "qlm_estimator_predictions_total") > 0
+
+    assert total(scheduler, "qlm_scheduler_decisions_total", outcome="applied") > 0
+    assert total(scheduler, "qlm_scheduler_decision_seconds_count", phase="decide") > 0
+    assert "qlm_scheduler_queue_depth" in scheduler
+    assert total(scheduler, "qlm_scheduler_evictions_total") >= len(log.of_type("evicted"))
+    assert total(scheduler, "qlm_scheduler_swaps_total") >= 1
+
+    assert total(worker, "qlm_worker_model_swaps_total") == len(log.of_type("swapped"))
+    assert total(worker, "qlm_worker_requests_total", outcome="evicted") == len(
+        log.of_type("evicted"))
+    first_tokens = total(worker, "qlm_worker_first_tokens_total")
+    assert first_tokens == len(interactive) + len(batch)
+    assert {labels["slo"] for labels, _ in worker["qlm_worker_first_tokens_total"]} <= {
+        "met", "missed"}
+    for name in ("qlm_worker_batch_size", "qlm_worker_kv_used_fraction"):
+        assert {labels["worker"] for labels, _ in worker[name]} == {"f-0", "f-1"}
 
 
 async def test_killed_worker_requests_return_to_the_queue_and_finish_elsewhere(
-    make_stack: Callable[[str], ServiceStack], event_log: EventLog, kafka_bootstrap: str,
+    make_stack: MakeStack, event_log: EventLog, kafka_bootstrap: str,
     kafka_topics: TopicNames,
     extra_processes: Spawn,
 ) -> None:
@@ -319,7 +384,7 @@ async def test_killed_worker_requests_return_to_the_queue_and_finish_elsewhere(
 
 
 async def test_killed_scheduler_leader_hands_over_to_the_standby(
-    make_stack: Callable[[str], ServiceStack], event_log: EventLog, kafka_bootstrap: str,
+    make_stack: MakeStack, event_log: EventLog, kafka_bootstrap: str,
     kafka_topics: TopicNames, redis_url: str,
     extra_processes: Spawn,
 ) -> None:
