@@ -53,7 +53,9 @@ class PerfProfile:
     def __post_init__(self) -> None:
         where = f"profile {self.model}@{self.gpu}"
         if len(self.prefill_tokens) != len(self.prefill_seconds) or len(self.prefill_tokens) < 2:
-            raise InvalidInput(f"{where}.prefill", "needs >= 2 points, tokens and seconds of equal length")
+            raise InvalidInput(
+                f"{where}.prefill", "needs >= 2 points, tokens and seconds of equal length"
+            )
         if list(self.prefill_tokens) != sorted(set(self.prefill_tokens)):
             raise InvalidInput(f"{where}.prefill.tokens", "must be strictly increasing")
         if any(s < 0 for s in self.prefill_seconds):

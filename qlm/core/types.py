@@ -38,7 +38,8 @@ def parse_slo_class(value: str, field_name: str = "slo_class") -> SLOClass:
         return SLOClass(value)
     except ValueError:
         allowed = ", ".join(c.value for c in SLOClass)
-        raise InvalidInput(field_name, f"unknown class {value!r}; expected one of {allowed}") from None
+        problem = f"unknown class {value!r}; expected one of {allowed}"
+        raise InvalidInput(field_name, problem) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,8 @@ class Request:
             raise InvalidInput("max_tokens", f"must be > 0, got {self.max_tokens}")
         if not 0 <= self.num_generated <= self.max_tokens:
             raise InvalidInput(
-                "num_generated", f"must be in [0, max_tokens={self.max_tokens}], got {self.num_generated}"
+                "num_generated",
+                f"must be in [0, max_tokens={self.max_tokens}], got {self.num_generated}",
             )
         if not math.isfinite(self.arrival_at):
             raise InvalidInput("arrival_at", f"must be finite, got {self.arrival_at}")
@@ -241,7 +243,10 @@ class WorkerView:
         return len(self.running)
 
 
-def _frozen_mapping(value: Mapping[str, tuple[GroupKey, ...]]) -> Mapping[str, tuple[GroupKey, ...]]:
+VirtualQueues = Mapping[str, tuple[GroupKey, ...]]
+
+
+def _frozen_mapping(value: VirtualQueues) -> VirtualQueues:
     return MappingProxyType(dict(value))
 
 
@@ -339,7 +344,9 @@ class Decision:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.placements or self.pulls or self.evictions or self.swaps or self.rejections)
+        return not (
+            self.placements or self.pulls or self.evictions or self.swaps or self.rejections
+        )
 
     def order_for(self, worker_id: str) -> tuple[GroupKey, ...]:
         for place in self.placements:
