@@ -4,8 +4,10 @@ Input: a replay JSON written on the GPU host by ``replay_vllm`` / ``profile_vllm
 request's arrival, prompt and output tokens, and what vLLM did with it). The same requests
 go, with the measured profile of the same model and GPU, through
 
-* ``simulator``: :func:`qlm.sim.simulate`, one worker, the ``fcfs`` policy (vLLM's own
-  order, no qlm), decisions not coalesced (vLLM schedules at every step);
+* ``simulator`` / ``simulator_whole``: :func:`qlm.sim.simulate`, one worker, the ``fcfs``
+  policy (vLLM's own order, no qlm), decisions not coalesced (vLLM schedules at every
+  step), with ``prefill_mode="chunked"`` (vLLM's engine model, the default) and
+  ``prefill_mode="whole"`` (whole prefill first, the batch waits);
 * ``step_model``: :class:`loadgen.gpu.step_model.StepModel`, a step-level model of vLLM's
   scheduler (chunked prefill mixed into decode steps, asynchronous scheduling).
 
@@ -47,7 +49,7 @@ def jobs_of(records: Sequence[Mapping[str, Any]], model: str) -> list[Job]:
     jobs = []
     for i, r in enumerate(records):
         request = Request(
-            id=f"r{i}", model=model, prompt_tokens=int(r["prompt_tokens"]),
+            id=f"r{i:06d}", model=model, prompt_tokens=int(r["prompt_tokens"]),
             max_tokens=int(r["max_tokens"]), slo_class=SLOClass.INTERACTIVE,
             slo=SLO.for_class(SLOClass.INTERACTIVE), arrival_at=float(r["arrival_s"]))
         jobs.append(Job(request, output_tokens=int(r["output_tokens"])))
@@ -55,13 +57,13 @@ def jobs_of(records: Sequence[Mapping[str, Any]], model: str) -> list[Job]:
 
 
 def simulated_timings(jobs: Sequence[Job], gpu: str, profiles: ProfileBook,
-                      max_prefill_tokens: int) -> list[RequestTiming]:
+                      max_prefill_tokens: int, prefill_mode: str) -> list[RequestTiming]:
     """Run the jobs on one simulated worker; the timings of every request that finished."""
     model = jobs[0].request.model
     worker = WorkerSpec(id="gpu0", gpu=gpu, active_model=model, models=(model,))
     # Bare vLLM schedules at every step: decisions are not coalesced.
     config = SimConfig(max_prefill_tokens=max_prefill_tokens, horizon_s=3600.0,
-                       min_decision_interval_s=0.0)
+                       min_decision_interval_s=0.0, prefill_mode=prefill_mode)
     result = simulate(jobs, [worker], profiles, make_policy("fcfs"), config)
     timings = []
     for rec in result.records:
@@ -100,8 +102,10 @@ def fidelity(replay_file: Mapping[str, Any], profiles: ProfileBook) -> dict[str,
         records = replay["requests"]
         real = latency_summary([RequestTiming(r["arrival_s"], r["first_token_s"], r["finish_s"],
                                               r["output_tokens"]) for r in records])
+        jobs = jobs_of(records, model)
         sides = {
-            "simulator": simulated_timings(jobs_of(records, model), gpu, profiles, budget),
+            "simulator": simulated_timings(jobs, gpu, profiles, budget, "chunked"),
+            "simulator_whole": simulated_timings(jobs, gpu, profiles, budget, "whole"),
             "step_model": step_model_timings(records, StepModel(profile, budget)),
         }
         run: dict[str, Any] = {"speedup": replay["speedup"], "slice": replay["slice"],
@@ -118,7 +122,7 @@ def fidelity(replay_file: Mapping[str, Any], profiles: ProfileBook) -> dict[str,
     }
 
 
-SIDES = ("simulator", "step_model")
+SIDES = ("simulator", "simulator_whole", "step_model")
 
 
 def print_table(result: Mapping[str, Any]) -> None:

@@ -1,6 +1,8 @@
 """A step-level model of one vLLM engine (v1 scheduler), driven by a measured profile.
 
-It exists to show what the simulator must model to reproduce real vLLM within 10 %:
+It is the reference the simulator's ``prefill_mode="chunked"`` is checked against (one
+step per event, no segments, no policy): what the simulator must model to reproduce real
+vLLM within 10 %:
 vLLM 0.25 does **chunked prefill mixed into decode steps** with **asynchronous
 scheduling**, and a first token reaches the client a fixed latency after its step.
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile
+from qlm.sim.batching import mixed_step_s, output_latency_s
 
 from .common import RequestTiming, TraceRequest
 
@@ -62,19 +65,14 @@ class StepModel:
 
     @property
     def output_latency_s(self) -> float:
-        """``L``: single-request TTFT of the shortest measured prompt beyond one decode step."""
-        tokens = self.profile.prefill_tokens[0]
-        return max(0.0, self.profile.prefill_s(tokens) - self.profile.decode_step_s(1, tokens))
+        """``L``: single-request TTFT of the shortest measured prompt beyond one decode step
+        (:func:`qlm.sim.batching.output_latency_s`, shared with the simulator)."""
+        return output_latency_s(self.profile)
 
     def step_s(self, num_decoding: int, decode_context: int, prefill_tokens: int) -> float:
-        """Seconds of one step: the decode batch plus a prefill chunk of ``prefill_tokens``."""
-        decode = self.profile.decode_step_s(num_decoding, decode_context)
-        if prefill_tokens <= 0:
-            return decode
-        chunk = self.profile.prefill_s(prefill_tokens) - self.output_latency_s
-        if num_decoding > 0:
-            chunk -= self.profile.decode_base_s
-        return decode + max(0.0, chunk)
+        """Seconds of one step: the decode batch plus a prefill chunk of ``prefill_tokens``
+        (:func:`qlm.sim.batching.mixed_step_s`, shared with the simulator)."""
+        return mixed_step_s(self.profile, num_decoding, decode_context, prefill_tokens)
 
     def run(self, requests: Sequence[TraceRequest]) -> list[RequestTiming]:
         """Serve ``requests`` (open loop); timings in the requests' order."""

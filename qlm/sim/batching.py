@@ -14,6 +14,8 @@ completion, KV exhaustion or interruption) instead of one event per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from qlm.core.perf import PerfProfile
 
@@ -38,3 +40,72 @@ def decode_steps_within(profile: PerfProfile, batch: int, ctx0: int, elapsed_s: 
     while decode_segment_s(profile, batch, ctx0, k + 1) <= elapsed_s:
         k += 1
     return k
+
+
+# ---------------------------------------------------------------- chunked prefill
+#: Engine models: ``whole`` prefills admitted requests in one step while the running batch
+#: waits; ``chunked`` mixes prompt chunks into decode steps like vLLM ≥ 0.6 (see below).
+PREFILL_MODES = ("whole", "chunked")
+
+
+def output_latency_s(profile: PerfProfile) -> float:
+    """``L``: what a single request's TTFT measures beyond GPU work (front-end, IPC,
+    sampling): the smallest profiled prefill time minus one decode step at batch 1.
+    In the chunked model every token reaches the client ``L`` after its step ends."""
+    tokens = profile.prefill_tokens[0]
+    return max(0.0, profile.prefill_s(tokens) - profile.decode_step_s(1, tokens))
+
+
+def mixed_step_s(
+    profile: PerfProfile, num_decoding: int, decode_context: int, prefill_tokens: int
+) -> float:
+    """Seconds of one chunked step: ``num_decoding`` requests holding ``decode_context``
+    tokens decode one token each and ``prefill_tokens`` prompt tokens are prefilled.
+
+    = ``decode_step_s(B, ctx)`` + the chunk's marginal work ``prefill_s(n) − L`` (less
+    the decode step's fixed cost ``base`` when something decodes: it is paid once)."""
+    decode = profile.decode_step_s(num_decoding, decode_context)
+    if prefill_tokens <= 0:
+        return decode
+    chunk = profile.prefill_s(prefill_tokens) - output_latency_s(profile)
+    if num_decoding > 0:
+        chunk -= profile.decode_base_s
+    return decode + max(0.0, chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPlan:
+    """One chunked step: prompt tokens for each request already prefilling (in order) and
+    for each newly admitted one (a FIFO prefix of the candidates)."""
+
+    continuing: tuple[int, ...]
+    admitted: tuple[int, ...]
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(self.continuing) + sum(self.admitted)
+
+
+def plan_chunks(
+    max_batched_tokens: int,
+    num_decoding: int,
+    prefilling_remaining: Sequence[int],
+    candidate_tokens: Iterable[int],
+) -> ChunkPlan:
+    """vLLM's token budget for one step: every decoding request takes one token, then the
+    requests already prefilling take chunks in order, then candidates (prompt tokens still
+    to prefill; 0 for a KV restore) are admitted while budget is left. Pure."""
+    budget = max_batched_tokens - num_decoding
+    continuing = []
+    for remaining in prefilling_remaining:
+        take = min(remaining, max(0, budget))
+        continuing.append(take)
+        budget -= take
+    admitted = []
+    for tokens in candidate_tokens:
+        if budget <= 0:
+            break
+        take = min(tokens, budget)
+        admitted.append(take)
+        budget -= take
+    return ChunkPlan(tuple(continuing), tuple(admitted))

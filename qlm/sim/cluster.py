@@ -8,6 +8,7 @@ from typing import Final
 from qlm.core.errors import InvalidInput
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
 from qlm.core.types import Request
+from qlm.sim.batching import PREFILL_MODES
 
 #: Bytes of KV state per token when a profile does not say (Mistral-7B: 32 layers ×
 #: 8 KV heads × 128 dims × K and V × 2 bytes fp16).
@@ -64,7 +65,13 @@ class SimConfig:
     * ``pcie_gb_s``: GPU↔CPU bandwidth for KV state swaps (GB/s);
     * ``horizon_s``: the run stops this long after the last arrival; requests not
       served by then count as missed;
-    * ``expected_output_tokens``: the KV reservation of the backpressure pull.
+    * ``expected_output_tokens``: the KV reservation of the backpressure pull;
+    * ``prefill_mode``: the engine model (:data:`qlm.sim.batching.PREFILL_MODES`):
+      ``whole`` prefills admitted requests in one step while the batch waits;
+      ``chunked`` is vLLM's: each step has a budget of ``max_prefill_tokens`` tokens,
+      one per decoding request first, then prompt chunks; a request joins one step
+      late (asynchronous scheduling) and every token reaches the client the profile's
+      output latency after its step.
     """
 
     tick_s: float = 1.0
@@ -74,6 +81,7 @@ class SimConfig:
     pcie_gb_s: float = 25.0
     horizon_s: float = 6 * 3600.0
     expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS
+    prefill_mode: str = "whole"
 
     def __post_init__(self) -> None:
         for name in ("tick_s", "group_window_s", "pcie_gb_s", "horizon_s"):
@@ -83,3 +91,6 @@ class SimConfig:
             raise InvalidInput("sim.min_decision_interval_s", "must be >= 0")
         if self.max_prefill_tokens <= 0:
             raise InvalidInput("sim.max_prefill_tokens", "must be > 0")
+        if self.prefill_mode not in PREFILL_MODES:
+            raise InvalidInput("sim.prefill_mode", f"must be one of {PREFILL_MODES}, "
+                               f"got {self.prefill_mode!r}")

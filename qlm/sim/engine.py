@@ -63,7 +63,13 @@ from qlm.core.types import (
     WorkerView,
     group_key_for,
 )
-from qlm.sim.batching import decode_segment_s, decode_steps_within
+from qlm.sim.batching import (
+    decode_segment_s,
+    decode_steps_within,
+    mixed_step_s,
+    output_latency_s,
+    plan_chunks,
+)
 from qlm.sim.cluster import DEFAULT_KV_BYTES_PER_TOKEN, Job, SimConfig, WorkerSpec
 from qlm.sim.events import Arrival, Boundary, Decide, Event, EventQueue, Tick
 from qlm.sim.metrics import RequestRecord, RunResult, summarise
@@ -79,6 +85,7 @@ Scheduled = list[tuple[float, Event]]
 class Phase(Enum):
     IDLE = "idle"
     PREFILL = "prefill"
+    MIXED = "mixed"  # one chunked step: decode tokens plus prompt chunks
     DECODE = "decode"
     SWAP = "swap"
     STALL = "stall"
@@ -102,6 +109,9 @@ class _Live:
     kv_on_worker: str | None = None
     predicted_at: float | None = None
     predicted_first_token_at: float | None = None
+    queued_at: float = 0.0
+    prefill_need: int = 0  # chunked: prompt tokens its admission prefills (0: KV restore)
+    prefilled: int = 0  # chunked: of which done
 
 
 @dataclass
@@ -128,6 +138,12 @@ class _Worker:
     busy_s: float = 0.0
     view: WorkerView | None = None
     reserved_tokens: int = 0  # KV reservations of ``view.running`` (valid with ``view``)
+    # chunked prefill: the current step's decoding requests and prompt chunks, when the
+    # last step began, whether a queued request was not yet visible to the scheduler
+    step_decoding: list[str] = field(default_factory=list)
+    step_chunks: dict[str, int] = field(default_factory=dict)
+    last_step_at: float = 0.0
+    deferred: bool = False
 
     @property
     def id(self) -> str:
@@ -155,6 +171,7 @@ class Simulation:
         policy_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config or SimConfig()
+        self.chunked = self.config.prefill_mode == "chunked"
         self.jobs = tuple(sorted(jobs, key=lambda j: (j.request.arrival_at, j.request.id)))
         self._validate(self.jobs, workers, profiles)
         self.profiles = profiles
@@ -453,8 +470,14 @@ class Simulation:
     def _end_phase(self, w: _Worker) -> bool:
         """Account for the phase that ends now; True if requests finished."""
         finished = False
-        if w.phase is Phase.DECODE:
+        if w.phase is Phase.MIXED:
+            finished = self._end_mixed_step(w)
+        elif w.phase is Phase.DECODE:
             w.busy_s += self.now - w.phase_started_at
+            profile = self._profile(w, self._active(w))
+            w.last_step_at = w.phase_started_at + decode_segment_s(
+                profile, w.seg_batch, w.seg_ctx0, w.seg_steps - 1
+            )
             for rid in list(w.running):
                 live = self.live[rid]
                 live.generated += w.seg_steps
@@ -484,6 +507,45 @@ class Simulation:
         w.view = None
         return finished
 
+    def _end_mixed_step(self, w: _Worker) -> bool:
+        """Chunked: every decoding request got a token; prompt chunks that complete a
+        prefill emit the first token (a KV restore rejoins without one)."""
+        w.busy_s += self.now - w.phase_started_at
+        w.last_step_at = w.phase_started_at
+        latency = self._output_latency_s(w)
+        finished = False
+        for rid in w.step_decoding:
+            live = self.live[rid]
+            live.generated += 1
+            if live.generated >= live.job.output_tokens:
+                self._finish(w, live)
+                finished = True
+        for rid, take in w.step_chunks.items():
+            live = self.live[rid]
+            live.prefilled += take
+            if live.prefilled < live.prefill_need:
+                continue
+            w.admitting.remove(rid)
+            w.running.append(rid)
+            if rid in w.restored:
+                w.restored.discard(rid)
+                continue
+            live.generated += 1
+            if live.first_token_at is None:
+                live.first_token_at = self.now + latency
+            if live.generated >= live.job.output_tokens:
+                self._finish(w, live)
+                finished = True
+        w.step_decoding = []
+        w.step_chunks = {}
+        return finished
+
+    def _output_latency_s(self, w: _Worker) -> float:
+        """Chunked: a token reaches the client this long after its step (0 when whole)."""
+        if not self.chunked or w.active_model is None:
+            return 0.0
+        return output_latency_s(self._profile(w, w.active_model))
+
     def _apply_pending(self, w: _Worker) -> bool:
         """Apply pending evictions and the engine's own KV preemption; True if any."""
         changed = False
@@ -491,11 +553,19 @@ class Simulation:
             if rid in w.running:
                 self._evict(w, rid, state_swap)
                 changed = True
+            elif rid in w.admitting:  # chunked: a prefill under way is dropped
+                self._evict(w, rid, state_swap=False)
+                changed = True
         w.pending_evictions.clear()
         if w.active_model is not None:
             capacity = self._profile(w, w.active_model).kv_capacity_tokens
-            while w.running and self._context(w.running) + len(w.running) > capacity:
-                self._evict(w, w.running[-1], state_swap=False)
+            while w.running or w.admitting:
+                used = self._context(w.running) + len(w.running)
+                used += sum(self.live[rid].prefilled for rid in w.admitting)
+                if used <= capacity:
+                    break
+                latest = w.admitting[-1] if w.admitting else w.running[-1]
+                self._evict(w, latest, state_swap=False)
                 changed = True
         return changed
 
@@ -507,7 +577,11 @@ class Simulation:
         if w.stall_s > 0:
             duration, w.stall_s = w.stall_s, 0.0
             return self._start_phase(w, Phase.STALL, duration)
-        if w.active_model is not None:
+        if w.active_model is not None and self.chunked:
+            restore_s = self._admit_chunks(w)
+            if w.admitting:
+                return self._start_mixed_step(w, restore_s)
+        elif w.active_model is not None:
             admitted = self._admit(w)
             if admitted:
                 return self._start_phase(w, Phase.PREFILL, self._prefill_s(w, admitted))
@@ -524,7 +598,7 @@ class Simulation:
         return [(w.phase_end_at, Boundary(w.id, w.epoch))]
 
     def _start_swap(self, w: _Worker, target: str) -> Scheduled:
-        for rid in list(w.running):
+        for rid in [*w.running, *w.admitting]:
             self._evict(w, rid, state_swap=False)
         sleep = self._profile(w, w.active_model).sleep_s if w.active_model else 0.0
         duration = sleep + self._profile(w, target).swap_in_s(target in w.models)
@@ -545,7 +619,7 @@ class Simulation:
         )
         to_kv_full = (profile.kv_capacity_tokens - ctx0) // batch
         w.seg_batch, w.seg_ctx0 = batch, ctx0
-        w.seg_steps = max(1, min(to_completion, to_kv_full))
+        w.seg_steps = 1 if w.deferred else max(1, min(to_completion, to_kv_full))
         return self._start_phase(
             w, Phase.DECODE, decode_segment_s(profile, batch, ctx0, w.seg_steps)
         )
@@ -558,23 +632,26 @@ class Simulation:
         return total
 
     # ============================================================ admission
-    def _admit(self, w: _Worker) -> list[str]:
-        """Admit pending explicit pulls, then the head of the virtual queue, within limits."""
+    def _candidates(self, w: _Worker) -> list[str]:
+        """Pending explicit pulls, then the head of the virtual queue (no duplicates)."""
         model = self._active(w)
-        profile = self._profile(w, model)
-        view = self._view(w)
-        free_slots = profile.max_batch_size - view.batch_size
-        headroom = profile.kv_capacity_tokens - w.reserved_tokens
-        budget = self.config.max_prefill_tokens
         explicit = [
             rid
             for rid in dict.fromkeys(w.pending_pulls)
             if rid in self.queued.get(self.live[rid].key, {}) and self.live[rid].key.model == model
         ]
         w.pending_pulls.clear()
-        candidates = [*explicit, *self._planned_pulls(w)]
+        return list(dict.fromkeys([*explicit, *self._planned_pulls(w)]))
+
+    def _admit(self, w: _Worker) -> list[str]:
+        """Admit pending explicit pulls, then the head of the virtual queue, within limits."""
+        profile = self._profile(w, self._active(w))
+        view = self._view(w)
+        free_slots = profile.max_batch_size - view.batch_size
+        headroom = profile.kv_capacity_tokens - w.reserved_tokens
+        budget = self.config.max_prefill_tokens
         admitted: list[str] = []
-        for rid in dict.fromkeys(candidates):
+        for rid in self._candidates(w):
             live = self.live[rid]
             need = kv_reservation(live.request, self.config.expected_output_tokens)
             tokens = live.request.context_tokens
@@ -584,6 +661,74 @@ class Simulation:
             free_slots -= 1
             headroom -= need
             budget -= tokens
+        self._mark_admitted(w, admitted)
+        w.admitting = admitted
+        if admitted:
+            w.view = None
+        return admitted
+
+    def _admit_chunks(self, w: _Worker) -> float:
+        """Chunked: admit the candidates that get a share of this step's token budget;
+        the seconds of KV restores (from CPU memory) the step pays for them.
+
+        With asynchronous scheduling a busy worker's step is planned when the previous
+        step begins: requests queued after that are not visible yet (``w.deferred``)."""
+        profile = self._profile(w, self._active(w))
+        view = self._view(w)
+        free_slots = profile.max_batch_size - view.batch_size
+        headroom = profile.kv_capacity_tokens - w.reserved_tokens
+        visible_until = w.last_step_at if (w.running or w.admitting) else self.now
+        w.deferred = False
+        eligible: list[str] = []
+        for rid in self._candidates(w):
+            live = self.live[rid]
+            if live.queued_at > visible_until:
+                w.deferred = True
+                break
+            need = kv_reservation(live.request, self.config.expected_output_tokens)
+            if free_slots <= 0 or need > headroom:
+                break
+            eligible.append(rid)
+            free_slots -= 1
+            headroom -= need
+        restore = {rid for rid in eligible if self._restores(w, self.live[rid])}
+        plan = plan_chunks(
+            self.config.max_prefill_tokens,
+            len(w.running),
+            [self.live[rid].prefill_need - self.live[rid].prefilled for rid in w.admitting],
+            (0 if rid in restore else self.live[rid].request.context_tokens for rid in eligible),
+        )
+        admitted = eligible[: len(plan.admitted)]
+        self._mark_admitted(w, admitted)
+        w.step_chunks = dict(zip(w.admitting, plan.continuing, strict=True))
+        restore_s = 0.0
+        for rid, take in zip(admitted, plan.admitted, strict=True):
+            live = self.live[rid]
+            if rid in restore:
+                w.restored.add(rid)
+                restore_s += self._kv_copy_s(w, live)
+            live.prefill_need = 0 if rid in restore else live.request.context_tokens
+            live.prefilled = 0
+            live.kv_on_worker = None
+            w.step_chunks[rid] = take
+        w.admitting.extend(admitted)
+        if admitted:
+            w.view = None
+        return restore_s
+
+    def _restores(self, w: _Worker, live: _Live) -> bool:
+        """Whether the request's KV state comes back from CPU memory instead of a prefill."""
+        return live.kv_on_worker == w.id and live.first_token_at is not None
+
+    def _start_mixed_step(self, w: _Worker, restore_s: float) -> Scheduled:
+        profile = self._profile(w, self._active(w))
+        w.step_decoding = list(w.running)
+        duration = mixed_step_s(
+            profile, len(w.running), self._context(w.running), sum(w.step_chunks.values())
+        )
+        return self._start_phase(w, Phase.MIXED, duration + restore_s)
+
+    def _mark_admitted(self, w: _Worker, admitted: Sequence[str]) -> None:
         for rid in admitted:
             live = self.live[rid]
             self._dequeue(live)
@@ -591,10 +736,6 @@ class Simulation:
             if live.started_at is None:
                 live.started_at = self.now
             live.worker_id = w.id
-        w.admitting = admitted
-        if admitted:
-            w.view = None
-        return admitted
 
     def _prefill_s(self, w: _Worker, admitted: Sequence[str]) -> float:
         profile = self._profile(w, self._active(w))
@@ -602,7 +743,7 @@ class Simulation:
         restore_s = 0.0
         for rid in admitted:
             live = self.live[rid]
-            if live.kv_on_worker == w.id and live.first_token_at is not None:
+            if self._restores(w, live):
                 restore_s += self._kv_copy_s(w, live)
                 w.restored.add(rid)
             else:
@@ -618,6 +759,7 @@ class Simulation:
 
     # ============================================================== queue
     def _enqueue(self, live: _Live) -> None:
+        live.queued_at = self.now
         self.queued.setdefault(live.key, {})[live.request.id] = None
         self.group_cache.pop(live.key, None)
 
@@ -629,9 +771,14 @@ class Simulation:
         self.group_cache.pop(live.key, None)
 
     def _evict(self, w: _Worker, rid: str, state_swap: bool) -> None:
-        w.running.remove(rid)
+        if rid in w.admitting:  # chunked: its prefill under way is lost
+            w.admitting.remove(rid)
+            w.restored.discard(rid)
+        else:
+            w.running.remove(rid)
         w.view = None
         live = self.live[rid]
+        live.prefilled = 0
         live.num_evictions += 1
         self.num_evictions += 1
         live.request = replace(live.job.request, num_generated=live.generated)
@@ -643,7 +790,7 @@ class Simulation:
     def _finish(self, w: _Worker, live: _Live) -> None:
         w.running.remove(live.request.id)
         self.running_views.pop(live.request.id, None)
-        live.finished_at = self.now
+        live.finished_at = self.now + self._output_latency_s(w)
         self.num_open -= 1
 
     def _reject(self, rid: str) -> None:
