@@ -26,6 +26,15 @@ instead of an event queue, with the same profile maths and the same helpers
 * **model swap**: ``sleep(model)`` takes ``sleep_s``, ``wake(model)`` ``wake_s`` of
   the model's profile (every model given to the engine is resident).
 
+With ``prefill_mode="chunked"`` (vLLM's engine; :data:`qlm.sim.batching.PREFILL_MODES`)
+prefill is not a step of its own: every step has a budget of ``max_prefill_tokens``
+tokens, one per decoding request first, then prompt chunks of the requests being
+prefilled (in admission order), then newly admitted ones; it takes
+:func:`~qlm.sim.batching.mixed_step_s`. A request added while the engine is busy joins
+one step late (asynchronous scheduling: a step is planned when the previous one
+begins), and every chunk reaches its stream :func:`~qlm.sim.batching.output_latency_s`
+after its step. The simulator's ``prefill_mode="chunked"`` is the same model.
+
 While the engine is busy, each step starts where the previous one was due to end, not
 when the event loop got round to it: the modelled GPU keeps its pace (tokens are only
 emitted late) as long as the loop lags by less than ``max_lag_s``.
@@ -40,6 +49,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import sys
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -48,7 +59,14 @@ from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PerfProfile
 from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
 from qlm.engine.clock import Clock, LoopClock
-from qlm.sim.batching import decode_segment_s, decode_steps_within
+from qlm.sim.batching import (
+    PREFILL_MODES,
+    decode_segment_s,
+    decode_steps_within,
+    mixed_step_s,
+    output_latency_s,
+    plan_chunks,
+)
 from qlm.sim.cluster import DEFAULT_KV_BYTES_PER_TOKEN, SimConfig
 
 #: Prompt tokens one prefill step admits at most (the simulator's default).
@@ -72,6 +90,10 @@ class _Seq:
     restore: bool = False  # its KV state comes back from CPU memory instead of a prefill
     aborted: bool = False
     base_token: int = 0
+    added_at: float = 0.0  # on the clock: when it joined the waiting list
+    prefill_need: int = 0  # chunked: tokens its prefill computes (0: a KV restore)
+    prefill_done: int = 0  # chunked: of which done
+    delivery: asyncio.Task[None] | None = None  # the latest delayed chunk (chunked)
 
     @property
     def context_tokens(self) -> int:
@@ -157,6 +179,7 @@ class SimulatedEngine:
         max_segment_s: float = DEFAULT_MAX_SEGMENT_S,
         max_lag_s: float = DEFAULT_MAX_LAG_S,
         pcie_gb_s: float = SimConfig().pcie_gb_s,
+        prefill_mode: str = SimConfig().prefill_mode,
     ) -> None:
         by_model = {p.model: p for p in profiles}
         if not by_model:
@@ -170,6 +193,9 @@ class SimulatedEngine:
             raise InvalidInput("max_prefill_tokens", f"must be > 0, got {max_prefill_tokens}")
         if not max_segment_s > 0:
             raise InvalidInput("max_segment_s", f"must be > 0, got {max_segment_s}")
+        if prefill_mode not in PREFILL_MODES:
+            raise InvalidInput("prefill_mode", f"must be one of {PREFILL_MODES}, "
+                               f"got {prefill_mode!r}")
         first = next(iter(by_model))
         active = first if active_model is None else active_model
         if active not in by_model:
@@ -183,6 +209,10 @@ class SimulatedEngine:
         self.max_segment_s = max_segment_s
         self.max_lag_s = max_lag_s
         self.pcie_gb_s = pcie_gb_s
+        self.prefill_mode = prefill_mode
+        self._chunked = prefill_mode == "chunked"
+        self._last_step_at = 0.0  # on the clock: when the latest step began
+        self._deliveries: set[asyncio.Task[None]] = set()
         self._stall_s = 0.0
         self._kv_on_cpu: dict[str, int] = {}
         self._busy_until: float | None = None
@@ -241,6 +271,8 @@ class SimulatedEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._deliveries:  # chunks still on their way (at most one output latency)
+            await asyncio.gather(*self._deliveries, return_exceptions=True)
 
     # ---------------------------------------------------------------- requests
     def add(self, request: EngineRequest) -> AsyncIterator[OutputChunk]:
@@ -264,6 +296,7 @@ class SimulatedEngine:
             num_generated=request.num_generated,
             token_ids=list(request.generated_token_ids),
             base_token=zlib.crc32(request.request_id.encode()),
+            added_at=self._clock.now(),
         )
         kept = self._kv_on_cpu.pop(request.request_id, None)
         seq.restore = request.num_generated > 0 and kept == request.context_tokens
@@ -352,6 +385,13 @@ class SimulatedEngine:
                 await self._stall()
                 continue
             self._preempt_overflow(profile)
+            if self._chunked:
+                if not await self._chunked_step(profile):  # nothing fits: wait for a change
+                    self._busy_until = None
+                    self._idle.set()
+                    self._changed.clear()
+                    await self._changed.wait()
+                continue
             plan = plan_prefill(
                 (s.context_tokens for s in self._waiting),
                 len(self._running),
@@ -376,6 +416,8 @@ class SimulatedEngine:
         ):
             seq = self._running.pop()
             seq.prefilled = False
+            seq.prefill_done = 0
+            seq.added_at = self._clock.now()
             self._waiting.insert(0, seq)
 
     async def _prefill(self, profile: PerfProfile, plan: PrefillPlan) -> None:
@@ -395,6 +437,79 @@ class SimulatedEngine:
             else:  # a prefill emits the next token
                 self._emit(seq, 1)
 
+    async def _chunked_step(self, profile: PerfProfile) -> bool:
+        """One chunked step (or a decode segment when nothing is to prefill); False if
+        there is nothing to run."""
+        decoding = [s for s in self._running if s.prefilled]
+        prefilling = [s for s in self._running if not s.prefilled]
+        # asynchronous scheduling: a busy engine planned this step when the last one began
+        visible_until = self._last_step_at if self._running else math.inf
+        visible = []
+        for seq in self._waiting:
+            if seq.added_at > visible_until:
+                break
+            visible.append(seq)
+        deferred = len(visible) < len(self._waiting)
+        fits = plan_prefill(
+            (s.context_tokens for s in visible),
+            len(self._running),
+            sum(s.context_tokens for s in self._running),
+            profile,
+            sys.maxsize,
+        )
+        candidates = visible[: len(fits.positions)]
+        plan = plan_chunks(
+            self.max_prefill_tokens,
+            len(decoding),
+            [s.prefill_need - s.prefill_done for s in prefilling],
+            (0 if s.restore else s.context_tokens for s in candidates),
+        )
+        admitted = candidates[: len(plan.admitted)]
+        del self._waiting[: len(admitted)]
+        for seq in admitted:
+            seq.prefill_need = 0 if seq.restore else seq.context_tokens
+            seq.prefill_done = 0
+            self._running.append(seq)
+        chunks = [*zip(prefilling, plan.continuing, strict=True),
+                  *zip(admitted, plan.admitted, strict=True)]
+        if chunks:
+            restore_s = sum(
+                self.kv_copy_s(profile.model, s.context_tokens) for s in admitted if s.restore
+            )
+            await self._mixed_step(profile, decoding, chunks, restore_s)
+            return True
+        if decoding:
+            await self._decode(profile, max_steps=1 if deferred else None)
+            return True
+        return False
+
+    async def _mixed_step(
+        self,
+        profile: PerfProfile,
+        decoding: list[_Seq],
+        chunks: list[tuple[_Seq, int]],
+        restore_s: float,
+    ) -> None:
+        context = sum(s.context_tokens for s in decoding)
+        prefill_tokens = sum(take for _, take in chunks)
+        predicted = mixed_step_s(profile, len(decoding), context, prefill_tokens) + restore_s
+        started_at = self._step_start()
+        self._last_step_at = started_at
+        await self._clock.sleep_until(started_at + predicted / self.time_scale)
+        self._account(1, predicted, started_at)
+        for seq in decoding:
+            if not seq.aborted:
+                self._emit(seq, 1)
+        for seq, take in chunks:
+            seq.prefill_done += take
+            if seq.aborted or seq.prefill_done < seq.prefill_need:
+                continue
+            seq.prefilled = True
+            if seq.restore:  # back from CPU memory: it rejoins the batch, no token yet
+                seq.restore = False
+            else:  # the last chunk emits the next token
+                self._emit(seq, 1)
+
     async def _stall(self) -> None:
         stall_s, self._stall_s = self._stall_s, 0.0
         started_at = self._step_start()
@@ -402,7 +517,7 @@ class SimulatedEngine:
         self._busy_until = started_at + stall_s / self.time_scale
         self._last_end_at = self._clock.now()
 
-    async def _decode(self, profile: PerfProfile) -> None:
+    async def _decode(self, profile: PerfProfile, max_steps: int | None = None) -> None:
         batch = list(self._running)
         ctx0 = sum(s.context_tokens for s in batch)
         steps = plan_decode_steps(
@@ -412,6 +527,8 @@ class SimulatedEngine:
             min(s.remaining_tokens for s in batch),
             self.max_segment_s * self.time_scale,
         )
+        if max_steps is not None:
+            steps = min(steps, max_steps)
         started_at = self._step_start()
         segment_s = decode_segment_s(profile, len(batch), ctx0, steps)
         self._changed.clear()
@@ -421,6 +538,8 @@ class SimulatedEngine:
             segment_s = decode_segment_s(profile, len(batch), ctx0, steps)
             await self._clock.sleep_until(started_at + segment_s / self.time_scale)
         self._account(steps, segment_s, started_at)
+        last_step_s = decode_segment_s(profile, len(batch), ctx0, steps - 1)
+        self._last_step_at = started_at + last_step_s / self.time_scale
         for seq in batch:
             if not seq.aborted:
                 self._emit(seq, steps)
@@ -470,17 +589,37 @@ class SimulatedEngine:
         seq.num_generated += count
         self._num_output_tokens += count
         done = seq.num_generated >= seq.request.max_tokens
-        seq.outbox.put_nowait(
-            OutputChunk(seq.request.request_id, new, seq.num_generated,
-                        finish_reason="length" if done else None)
-        )
+        chunk = OutputChunk(seq.request.request_id, new, seq.num_generated,
+                            finish_reason="length" if done else None)
+        latency = output_latency_s(self._profiles[seq.request.model]) if self._chunked else 0.0
+        self._deliver(seq, chunk, latency)
         if done:
             self._forget(seq)
 
     def _end(self, seq: _Seq, reason: FinishReason) -> None:
-        seq.outbox.put_nowait(OutputChunk(seq.request.request_id, (), seq.num_generated,
-                                          finish_reason=reason))
+        self._deliver(seq, OutputChunk(seq.request.request_id, (), seq.num_generated,
+                                       finish_reason=reason), 0.0)
         self._forget(seq)
+
+    def _deliver(self, seq: _Seq, chunk: OutputChunk, delay_s: float) -> None:
+        """Put ``chunk`` on the request's stream ``delay_s`` engine seconds from now,
+        after every chunk sent before it."""
+        previous = seq.delivery
+        if delay_s <= 0 and (previous is None or previous.done()):
+            seq.outbox.put_nowait(chunk)
+            return
+        at = self._clock.now() + delay_s / self.time_scale
+
+        async def later() -> None:
+            await self._clock.sleep_until(at)
+            if previous is not None:
+                await previous
+            seq.outbox.put_nowait(chunk)
+
+        task = asyncio.create_task(later())
+        seq.delivery = task
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
 
     def _forget(self, seq: _Seq) -> None:
         seq.aborted = True

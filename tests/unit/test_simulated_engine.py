@@ -267,21 +267,29 @@ def test_rejects_bad_requests_and_settings() -> None:
         EngineRequest("r", "m", prompt_tokens=1, max_tokens=2, num_generated=2)
 
 
-async def test_agrees_with_the_discrete_event_simulator(clock: VirtualClock) -> None:
-    """The same arrivals on one worker: first-token and finish times match the simulator."""
+@pytest.mark.parametrize(
+    ("prefill_mode", "budget"), [("whole", 8192), ("chunked", 8192), ("chunked", 700)]
+)
+async def test_agrees_with_the_discrete_event_simulator(
+    clock: VirtualClock, prefill_mode: str, budget: int
+) -> None:
+    """The same arrivals on one worker: first-token and finish times match the simulator
+    (chunked with a small budget: long prompts take several steps)."""
     p = profile(gpu="G")
-    arrivals = [(0.0, 300, 40), (0.05, 800, 25), (0.31, 120, 60), (0.9, 2000, 10), (1.0, 50, 5)]
+    arrivals = [(0.0, 300, 40), (0.05, 800, 25), (0.31, 120, 60), (0.9, 2000, 10), (1.0, 50, 5),
+                (1.0, 1500, 30), (1.013, 10, 3), (1.2, 4000, 12), (1.2005, 64, 50)]
     jobs = [
         Job(Request(f"r{i}", "m", prompt, out, SLOClass.INTERACTIVE, SLO(20.0), at), out)
         for i, (at, prompt, out) in enumerate(arrivals)
     ]
     sim = simulate(
         jobs, [WorkerSpec("w", "G", "m", ("m",))], ProfileBook.of([p]), make_policy("fcfs"),
-        SimConfig(tick_s=0.01, group_window_s=0.01, min_decision_interval_s=0.0),
+        SimConfig(tick_s=0.01, group_window_s=0.01, min_decision_interval_s=0.0,
+                  max_prefill_tokens=budget, prefill_mode=prefill_mode),
     )
     expected = {r.id: (r.first_token_at, r.finished_at) for r in sim.records}
 
-    engine = await started(clock, p)
+    engine = await started(clock, p, max_prefill_tokens=budget, prefill_mode=prefill_mode)
 
     async def one(i: int, at: float, prompt: int, out: int) -> tuple[float, float]:
         await clock.sleep_until(at)
