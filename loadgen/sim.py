@@ -50,6 +50,7 @@ from qlm.core.perf import ProfileBook
 from qlm.core.policies import make_policy, policy_names
 from qlm.core.types import Decision, QueueSnapshot
 from qlm.sim import RunResult, SimConfig, simulate
+from qlm.sim.batching import PREFILL_MODES
 from qlm.sim.cluster import Job, WorkerSpec
 from qlm.sim.engine import Predictor
 from qlm.sim.metrics import wait_prediction_r2
@@ -103,6 +104,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="decisions closer than this are coalesced (virtual s)")
     p.add_argument("--group-window-s", type=float, default=SimConfig().group_window_s,
                    help="arrival window of a request group (s)")
+    p.add_argument("--prefill-mode", choices=PREFILL_MODES, default=SimConfig().prefill_mode,
+                   help="engine model: vLLM's chunked prefill or whole prefill first")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -338,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if models and (args.workload != "WA" or args.trace is None):
             raise InvalidInput("models", "needs --workload WA (the demo's class mix) and --trace")
         config = SimConfig(tick_s=args.tick_s, group_window_s=args.group_window_s,
-                           min_decision_interval_s=args.decision_interval_s)
+                           min_decision_interval_s=args.decision_interval_s,
+                           prefill_mode=args.prefill_mode)
         tasks = [
             Task(args.workload, name, rate, args.seed, num_requests, args.cluster,
                  args.trace, args.bursty_cv, args.workers_file, models, config)
@@ -358,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workers": [f"{w.id}:{w.gpu}x{w.num_gpus}:{w.active_model}" for w in workers],
         "num_requests": num_requests,
         "seed": args.seed,
+        "prefill_mode": args.prefill_mode,
         "quick": args.quick,
         "trace": str(args.trace) if args.trace else None,
         "wall_s": round(time.perf_counter() - started, 2),

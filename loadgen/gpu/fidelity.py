@@ -118,7 +118,11 @@ def fidelity(replay_file: Mapping[str, Any], profiles: ProfileBook) -> dict[str,
     return {
         "model": model, "gpu": gpu, "device": replay_file["device"],
         "vllm_version": replay_file["vllm_version"], "profile_source": profile.source,
-        "policy": "fcfs", "target_rel_error": TARGET_REL_ERROR, "runs": runs,
+        "policy": "fcfs", "target_rel_error": TARGET_REL_ERROR,
+        "sides": {"simulator": "qlm.sim.simulate, prefill_mode=chunked",
+                  "simulator_whole": "qlm.sim.simulate, prefill_mode=whole",
+                  "step_model": "loadgen.gpu.step_model.StepModel"},
+        "runs": runs,
     }
 
 

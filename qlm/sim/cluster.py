@@ -81,7 +81,7 @@ class SimConfig:
     pcie_gb_s: float = 25.0
     horizon_s: float = 6 * 3600.0
     expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS
-    prefill_mode: str = "whole"
+    prefill_mode: str = "chunked"
 
     def __post_init__(self) -> None:
         for name in ("tick_s", "group_window_s", "pcie_gb_s", "horizon_s"):
