@@ -4,7 +4,8 @@ It runs the model of :mod:`qlm.sim.engine` (the discrete-event simulator) on a c
 instead of an event queue, with the same profile maths and the same helpers
 (:func:`qlm.sim.batching.decode_segment_s` / :func:`~qlm.sim.batching.decode_steps_within`):
 
-* **prefill-first, whole prefill**: at a step boundary, requests waiting in the engine
+* **prefill** by ``prefill_mode``: ``chunked`` (the default, vLLM's; see below) or
+  ``whole``, prefill-first: at a step boundary, requests waiting in the engine
   are prefilled together in one step (FIFO, at least one, at most
   ``max_prefill_tokens`` context tokens, within free batch slots and the KV cache)
   while the running batch waits; the step takes ``prefill_s(sum of context tokens)``

@@ -4,17 +4,25 @@ Model (every time is virtual seconds):
 
 * **Worker** = one model instance on ``num_gpus`` GPUs of one type. It holds a set of
   resident models (awake or asleep) and has at most one active model. It is always
-  in one *phase*: idle, prefill, decode, swap or stall (KV copy to CPU).
+  in one *phase*: idle, prefill, mixed (chunked), decode, swap or stall (KV copy to CPU).
 * **Continuous batching.** A decode phase is a segment of whole decode steps of a
   fixed batch, each step advancing every running request by one token
   (:mod:`qlm.sim.batching`); it ends at the next completion, when the KV cache
   would overflow, or earlier at the next step boundary when something must change
   (admission, eviction, swap).
-* **Prefill is whole and prefill-first** (vLLM's scheduler without chunked
-  prefill): at a step boundary the worker admits requests (backpressure pull,
-  :func:`qlm.core.pulls.plan_pulls`, at most ``max_prefill_tokens`` prompt tokens)
-  and prefills them in one step while its running batch waits; the prefill emits
-  each admitted request's first token, so **TTFT = end of its admission prefill**.
+* **Prefill** (``SimConfig.prefill_mode``; step maths in :mod:`qlm.sim.batching`):
+  ``chunked`` (default, vLLM's): each step has a budget of ``max_prefill_tokens``
+  tokens, one per decoding request, then prompt chunks of the requests being
+  prefilled (``admitting``), then newly admitted ones (backpressure pull,
+  :func:`qlm.core.pulls.plan_pulls`); such a *mixed* step takes
+  :func:`~qlm.sim.batching.mixed_step_s`; a busy worker only admits requests queued
+  before its previous step began (asynchronous scheduling), and first-token and finish
+  times are the step's end plus the profile's output latency. Steps without prompt
+  chunks run as decode segments.
+  ``whole`` (vLLM without chunked prefill): at a step boundary the worker admits
+  requests (at most ``max_prefill_tokens`` prompt tokens) and prefills them in one step
+  while its running batch waits; the prefill emits each admitted request's first token,
+  so **TTFT = end of its admission prefill**.
 * **Eviction keeps progress.** An evicted request returns to the queue with its
   generated tokens. Re-admission recomputes its KV state by a prefill of
   prompt + generated tokens, unless it was evicted with ``state_swap`` and comes
