@@ -124,6 +124,7 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {
     "pcie_gb_per_s": 25.0,
     "reject_late": False,
     "reject_unservable": False,
+    "spare_versatile": True,
     "class_weights": {},
     "output_stats": {},
 }
@@ -257,6 +258,10 @@ def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool 
                 s for s, rep in enumerate(shape_reps) if cost.service(gi, rep) is not None]
         return found
 
+    # How many of the queued models each shape can serve: with ``spare_versatile``, a group
+    # that can go equally well on a less versatile shape goes there, keeping the workers that
+    # alone serve some other queued model (e.g. the only ones that fit llama-70b) for it.
+    reach = _shape_reach(pc) if options["spare_versatile"] else None
     hopeless_p = float(options["hopeless_p"])
     displace_below = float(options["displace_below_p"])
     deferred: list[int] = []
@@ -268,7 +273,8 @@ def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool 
         if stats[gi].latest_deadline_at < pc.now:
             deferred.append(gi)  # every deadline has passed: no position can help it
             continue
-        lane, slot = _best_slot(gi, heaps.candidates(stats[gi].model, shapes, lanes), cost)
+        lane, slot = _best_slot(gi, heaps.candidates(stats[gi].model, shapes, lanes), cost,
+                                reach)
         if lane is None or slot is None:
             continue
         if slot.p_meet < displace_below and lane.order:
@@ -283,7 +289,11 @@ def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool 
         lane.append(gi, slot, cost)
         heaps.push(lane)
     for gi in sorted(deferred, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
-        target = heaps.earliest_end(gi, shapes_for(gi), lanes)
+        shapes = shapes_for(gi)
+        if reach is not None and shapes:
+            least = min(reach[s] for s in shapes)
+            shapes = [s for s in shapes if reach[s] == least]
+        target = heaps.earliest_end(gi, shapes, lanes)
         if target is not None:
             slot = target.slot_for(gi, cost, with_p=False)
             assert slot is not None
@@ -301,14 +311,30 @@ def _shape_representatives(cost: CostModel) -> list[int]:
     return [reps[s] for s in sorted(reps)]
 
 
-def _best_slot(gi: int, candidates: Sequence[Lane], cost: CostModel
-               ) -> tuple[Lane | None, Slot | None]:
+def _shape_reach(pc: PlanningContext) -> list[int]:
+    """Per worker shape: how many of the queued models it can serve."""
+    cost = pc.cost
+    reps = _shape_representatives(cost)
+    first_of_model: dict[str, int] = {}
+    for gi, g in enumerate(pc.stats):
+        first_of_model.setdefault(g.model, gi)
+    return [sum(1 for gi in first_of_model.values() if cost.service(gi, rep) is not None)
+            for rep in reps]
+
+
+def _best_slot(gi: int, candidates: Sequence[Lane], cost: CostModel,
+               reach: Sequence[int] | None = None) -> tuple[Lane | None, Slot | None]:
+    """Among the candidates within 0.02 of the best p_meet: the least versatile shape
+    (with ``reach``), then the earliest drain."""
     options = [(lane, lane.slot_for(gi, cost)) for lane in candidates]
     valid = [(lane, s) for lane, s in options if s is not None]
     if not valid:
         return None, None
     best_p = max(s.p_meet for _, s in valid)
     good = [(lane, s) for lane, s in valid if s.p_meet >= best_p - 0.02]
+    if reach is not None:
+        return min(good, key=lambda ls: (reach[cost.shape_of[ls[0].index]], ls[1].end_at,
+                                         ls[0].index))
     return min(good, key=lambda ls: (ls[1].end_at, ls[0].index))
 
 
