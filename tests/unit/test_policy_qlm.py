@@ -11,6 +11,7 @@ from qlm.core.policies import PolicyContext, make_policy
 from qlm.core.policies.qlm import QlmPolicy
 from qlm.core.types import (
     SLO,
+    Decision,
     QueueSnapshot,
     Request,
     RequestGroup,
@@ -288,3 +289,26 @@ def test_incremental_group_summaries_equal_fresh_ones() -> None:
         assert got.out_mean_total == pytest.approx(want.out_mean_total, rel=1e-12)
         assert got.out_var_total == pytest.approx(want.out_var_total, rel=1e-12)
         assert got.mean_prompt == pytest.approx(want.mean_prompt, rel=1e-12)
+
+
+def test_spare_versatile_keeps_the_only_worker_of_a_model_for_it() -> None:
+    """Model A fits both GPUs, L only "big". With time to spare, A goes to the A-only worker
+    even though "big" is idle now; without the option it takes the earliest-draining one."""
+    book = ProfileBook.of([profile("A", "small"), profile("A", "big"), profile("L", "big")])
+    busy = tuple(RunningRequest(request(f"run{i}", "A", -5.0, 1e4), -5.0, -4.0)
+                 for i in range(4))
+    small = WorkerView("w-small", "small", ("A",), "A", 1_000_000, 16, busy)
+    big = WorkerView("w-big", "big", ("A", "L"), "A", 1_000_000, 16, ())
+    reqs = [request(f"a{i}", "A", 0.0, 3600.0) for i in range(4)]
+    reqs += [request(f"l{i}", "L", 0.5, 3600.0) for i in range(4)]
+    snap = QueueSnapshot(1.0, group_requests(reqs, 10.0), (small, big))
+    ctx = PolicyContext(book, {"milp_max_cells": 0})
+
+    def models_on(decision: Decision, worker_id: str) -> list[str]:
+        place = next(p for p in decision.placements if p.worker_id == worker_id)
+        return [k.model for k in place.order]
+
+    spared = QlmPolicy().decide(snap, ctx)
+    assert models_on(spared, "w-small") == ["A"] and models_on(spared, "w-big") == ["L"]
+    plain = QlmPolicy(spare_versatile=False).decide(snap, ctx)
+    assert "A" in models_on(plain, "w-big")

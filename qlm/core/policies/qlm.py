@@ -42,11 +42,14 @@ or finds nothing within its budget falls back to the heuristic.
    lane already ending with its model (no swap), least drained lane where the model
    sleeps resident (wake), least drained lane overall (cold load) — picked from heaps;
    among candidates within 0.02 of the best p_meet, the one that drains earliest
-   (load balancing over heterogeneous workers by estimated wait);
+   (load balancing over heterogeneous workers by estimated wait); with
+   ``spare_versatile`` (default) first the one whose GPU shape can serve the fewest of
+   the queued models, so work that fits anywhere leaves the only workers that fit some
+   other queued model (llama-70b needs 4×A100) to that model;
 3. a group that would likely miss (p < 0.5) may displace one earlier group on that
    lane when that raises the lane's value (weighted Moore–Hodgson); displaced groups,
    and groups still hopeless (p < 0.02 on every candidate), are appended last, where
-   they cost nobody;
+   they cost nobody (with ``spare_versatile``: on the least versatile shape serving them);
 4. local improvement: adjacent swaps inside each lane that raise its value, within an
    evaluation budget (``improve_budget``), so the pass is deterministic.
 
