@@ -308,7 +308,7 @@ def test_spare_versatile_keeps_the_only_worker_of_a_model_for_it() -> None:
         place = next(p for p in decision.placements if p.worker_id == worker_id)
         return [k.model for k in place.order]
 
-    spared = QlmPolicy().decide(snap, ctx)
+    spared = QlmPolicy(spare_versatile=True).decide(snap, ctx)
     assert models_on(spared, "w-small") == ["A"] and models_on(spared, "w-big") == ["L"]
-    plain = QlmPolicy(spare_versatile=False).decide(snap, ctx)
+    plain = QlmPolicy().decide(snap, ctx)  # off by default
     assert "A" in models_on(plain, "w-big")
