@@ -312,3 +312,19 @@ def test_spare_versatile_keeps_the_only_worker_of_a_model_for_it() -> None:
     assert models_on(spared, "w-small") == ["A"] and models_on(spared, "w-big") == ["L"]
     plain = QlmPolicy().decide(snap, ctx)  # off by default
     assert "A" in models_on(plain, "w-big")
+
+
+def test_eviction_is_sized_by_the_kv_room_a_pull_would_find() -> None:
+    """Free batch slots but no KV headroom (the reservations fill it): the interactive
+    group can start only if batch work leaves, as plan_pulls would admit none of it."""
+    running = tuple(
+        RunningRequest(request(f"batch{i}", "A", -100.0, 3600.0, SLOClass.BATCH_2,
+                               max_tokens=2000, num_generated=10 + i),
+                       started_at=-50.0, first_token_at=-49.0)
+        for i in range(3))
+    reserved = 3 * (100 + 338)  # prompt + the expected-output reservation of each
+    full_kv = WorkerView("w0", "g", ("A",), "A", reserved + 150, 16, running)
+    book = ProfileBook.of([profile("A", "g", decode_base_s=0.1, max_batch=16)])
+    snap = QueueSnapshot(0.0, interactive_group(20.0), (full_kv,))
+    decision = make_policy("qlm").decide(snap, PolicyContext(book))
+    assert [e.request_id for e in decision.evictions] == ["batch0", "batch1"]

@@ -620,7 +620,8 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
     """Make room for a worker's head group whose earliest requests would miss waiting for
     free slots.
 
-    Slots the head group needs now: min(size, steady batch) less the free ones, less the
+    Slots the head group needs now: min(size, steady batch) less the requests a pull would
+    admit now (free slots and KV headroom, as :func:`qlm.core.pulls.plan_pulls`), less the
     running requests expected to finish within the slack of its earliest deadlines. That
     many running requests of a looser class than the head group are evicted, in
     :attr:`WorkerLoad.eviction_order` (past their first token first: their TTFT SLO is
@@ -643,7 +644,7 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
         slack_s = head.deadline_points[0] - now - svc.prefill_s
         if head.latest_deadline_at - now - svc.prefill_s < 0 or math.isinf(slack_s):
             continue  # all late already, or nothing left to meet: evicting cannot help
-        need = min(head.size, svc.batch) - max(0, svc.batch - w.batch_size)
+        need = min(head.size, svc.batch) - _admissible_now(pc, wi, order[0])
         if need <= 0:
             continue
         per_slot_rate = float(options["evict_rate_credit"]) * svc.tokens_per_s / svc.batch
@@ -664,6 +665,27 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
                                        and _state_swap_pays(pc, wi, rr, options)))
                 taken += 1
     return tuple(evictions)
+
+
+def _admissible_now(pc: PlanningContext, wi: int, gi: int) -> int:
+    """How many of group ``gi``'s requests worker ``wi`` would admit right now.
+
+    The same walk as :func:`qlm.core.pulls.plan_pulls` (free batch slots, then the KV
+    reservation of each request against the headroom), so that evictions are sized by
+    the room a pull would really find, not by the estimator's steady batch.
+    """
+    w, load = pc.snapshot.workers[wi], pc.loads[wi]
+    p = pc.cost.profiles.get(pc.stats[gi].model, w.gpu)
+    free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
+    headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
+    admitted = 0
+    for r in pc.snapshot.groups[pc.stats[gi].index].requests:
+        need = kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
+        if admitted >= free_slots or need > headroom:
+            break
+        admitted += 1
+        headroom -= need
+    return admitted
 
 
 def _count_at_most(sorted_values: Sequence[float], limit: float) -> int:
