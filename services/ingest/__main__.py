@@ -13,8 +13,8 @@ import multiprocessing as mp
 import signal
 import sys
 
-from qlm.config import IngestSettings, load_settings
-from qlm.core.errors import InvalidInput
+from qlm.config import IngestSettings
+from services.entrypoint import parse_settings
 from services.ingest.app import run_child, run_one
 
 
@@ -49,10 +49,8 @@ def _nth(settings: IngestSettings, index: int) -> IngestSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = load_settings(IngestSettings, sys.argv[1:] if argv is None else argv)
-    except InvalidInput as error:
-        print(f"error: {error}", file=sys.stderr)
+    settings = parse_settings(IngestSettings, argv)
+    if settings is None:
         return 2
     return run_many(settings) if settings.processes > 1 else run_one(settings)
 

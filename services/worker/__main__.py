@@ -5,28 +5,15 @@ workers in one process). Every flag also reads ``QLM_<NAME>``; see
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from qlm.config import WorkerSettings, load_settings
-from qlm.core.errors import QlmError
-from qlm.log import configure
+from qlm.config import WorkerSettings
+from services.entrypoint import run_service
 from services.worker.app import serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = load_settings(WorkerSettings, sys.argv[1:] if argv is None else argv)
-    except QlmError as error:
-        print(f"qlm worker: {error}", file=sys.stderr)
-        return 2
-    configure(settings.log_level, settings.log_json, service="worker")
-    try:
-        asyncio.run(serve(settings))
-    except QlmError as error:
-        print(f"qlm worker: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service("worker", WorkerSettings, serve, argv)
 
 
 if __name__ == "__main__":
