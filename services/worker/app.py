@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from aiokafka import ConsumerRecord
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
 
+from qlm import roster
 from qlm.bus.consumer import BusConsumer
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand
@@ -77,31 +77,9 @@ def worker_specs(settings: WorkerSettings) -> tuple[WorkerSpec, ...]:
 
 
 def read_workers_file(path: Path) -> tuple[WorkerSpec, ...]:
-    """``{"workers": [{"id": str, "gpu": str, "models": [str, ...]}, ...]}`` (YAML)."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise InvalidInput("workers_file", f"cannot read {path}: {error}") from None
-    entries = data.get("workers") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise InvalidInput(f"{path.name}.workers", "must be a non-empty list")
-    specs = []
-    for i, entry in enumerate(entries):
-        where = f"{path.name}.workers[{i}]"
-        if not isinstance(entry, dict):
-            raise InvalidInput(where, "must be a mapping with id, gpu and models")
-        for name in ("id", "gpu"):
-            if not isinstance(entry.get(name), str) or not entry[name]:
-                raise InvalidInput(f"{where}.{name}", "must be a non-empty string")
-        models = entry.get("models")
-        if not isinstance(models, list) or not models or not all(
-            isinstance(m, str) and m for m in models
-        ):
-            raise InvalidInput(f"{where}.models", "must be a non-empty list of model names")
-        specs.append(WorkerSpec(entry["id"], entry["gpu"], tuple(models)))
-    if len({s.id for s in specs}) != len(specs):
-        raise InvalidInput(f"{path.name}.workers", "worker ids must be unique")
-    return tuple(specs)
+    """``{"workers": [{"id": str, "gpu": str, "models": [str, ...]}, ...]}`` (YAML), read by
+    the one parser the scheduler and estimator use too (:func:`qlm.roster.read_workers_file`)."""
+    return tuple(WorkerSpec(w.id, w.gpu, w.models) for w in roster.read_workers_file(path))
 
 
 def build_engine(spec: WorkerSpec, settings: WorkerSettings, profiles: ProfileBook) -> Engine:
