@@ -7,15 +7,19 @@ Exit status 2 for bad settings (the message names the setting), 1 when a depende
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic_settings import BaseSettings
 
 from qlm.config import CommonSettings, load_settings
 from qlm.core.errors import QlmError
-from qlm.log import configure
+from qlm.log import configure, get_logger
+
+log = get_logger("services")
 
 S = TypeVar("S", bound=CommonSettings)
 
@@ -45,3 +49,27 @@ def parse_settings(settings_cls: type[B], argv: Sequence[str] | None = None) -> 
     except QlmError as error:
         print(f"error: {error}", file=sys.stderr)
         return None
+
+
+class Lifecycle(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def stop_on_signals(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> asyncio.Event:
+    """An event the running loop sets when one of ``signals`` arrives."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_until_signal(app: Lifecycle) -> None:
+    """Start ``app``, wait for SIGTERM or SIGINT, then stop it gracefully."""
+    await app.start()
+    await stop_on_signals().wait()
+    log.info("signal_received")
+    with contextlib.suppress(asyncio.CancelledError):
+        await app.stop()

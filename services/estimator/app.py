@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -38,6 +37,7 @@ from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.store import RedisQueueStore
+from services.entrypoint import run_until_signal
 from services.estimator.metrics import EstimatorMetrics
 from services.estimator.plane import EstimatorPlane
 from services.estimator.servicer import EstimatorServicer
@@ -157,13 +157,4 @@ async def _safe(probe: Probe) -> bool:
 
 async def serve(settings: EstimatorSettings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
-    app = EstimatorApp(settings)
-    await app.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal_received")
-    with contextlib.suppress(asyncio.CancelledError):
-        await app.stop()
+    await run_until_signal(EstimatorApp(settings))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +37,7 @@ from qlm.log import configure, get_logger
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
+from services.entrypoint import stop_on_signals
 from services.ingest.batch import BatchIngest
 from services.ingest.metrics import IngestMetrics
 from services.ingest.predictors import close_predictor, make_predictor
@@ -211,10 +211,7 @@ async def serve(settings: IngestSettings) -> None:
     await app.start()
     if settings.serve_metrics:
         serve_metrics(app, settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait(), name="ingest-signal")]
     if app.consumer is not None:
         waiters.append(asyncio.create_task(app.consumer.wait_stopped(), name="ingest-batch"))

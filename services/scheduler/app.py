@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from qlm.core.types import QueueSnapshot
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.store import RedisQueueStore
+from services.entrypoint import run_until_signal
 from services.scheduler.corrections import CorrectedProfiles
 from services.scheduler.lease import LeaderLease, LeaseKeys
 from services.scheduler.loop import SchedulingLoop, StepReport
@@ -214,13 +214,4 @@ class SchedulerApp:
 
 async def serve(settings: SchedulerSettings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
-    app = SchedulerApp(settings)
-    await app.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal_received")
-    with contextlib.suppress(asyncio.CancelledError):
-        await app.stop()
+    await run_until_signal(SchedulerApp(settings))

@@ -46,6 +46,7 @@ from qlm.engine.base import Engine
 from qlm.engine.factory import make_engine
 from qlm.log import get_logger
 from qlm.store.store import RedisQueueStore
+from services.entrypoint import stop_on_signals
 from services.worker.metrics import WorkerMetrics
 from services.worker.wakeup import QueueWatcher
 from services.worker.worker import Worker, WorkerOptions
@@ -276,10 +277,7 @@ async def serve(settings: WorkerSettings, stop_signals: Sequence[int] = (signal.
                                                                           signal.SIGINT)) -> None:
     """Run the worker process until one of ``stop_signals``; then shut down gracefully."""
     process = WorkerProcess(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in stop_signals:
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop_signals)
     try:
         await process.start()
         await stop.wait()
