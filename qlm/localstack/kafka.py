@@ -20,7 +20,12 @@ import uuid
 from pathlib import Path
 
 from qlm.core.errors import Unavailable
-from qlm.localstack.process import ServerProcess, ensure_port_free, free_loopback_port
+from qlm.localstack.process import (
+    ServerProcess,
+    ensure_port_free,
+    free_loopback_port,
+    start_on_free_ports,
+)
 
 DEFAULT_KAFKA_VERSION = "4.1.1"
 DEFAULT_KAFKA_PORT = 9092
@@ -284,18 +289,10 @@ class KafkaServer:
 
         Raises the last Unavailable when every attempt fails.
         """
-        for attempt in range(1, num_attempts + 1):
-            server = cls(
-                data_dir, free_loopback_port(), free_loopback_port(),
-                die_with_parent=die_with_parent, quick_start=quick_start,
-            )  # fmt: skip
-            try:
-                server.start()
-                return server
-            except Unavailable:
-                if attempt == num_attempts:
-                    raise
-        raise AssertionError("unreachable")
+        return start_on_free_ports(lambda: cls(
+            data_dir, free_loopback_port(), free_loopback_port(),
+            die_with_parent=die_with_parent, quick_start=quick_start,
+        ), num_attempts)  # fmt: skip
 
     def stop(self, kill: bool = False) -> bool:
         """Controlled shutdown on SIGTERM (or SIGKILL with ``kill``); False when none ran."""

@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from qlm.core.errors import Unavailable
 
@@ -27,6 +28,27 @@ def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class Startable(Protocol):
+    def start(self) -> object: ...
+
+
+T = TypeVar("T", bound=Startable)
+
+
+def start_on_free_ports(make: Callable[[], T], num_attempts: int = 3) -> T:
+    """``make()`` a server on freshly chosen free ports and start it; when a port was
+    taken between choosing and binding, try again. Raises the last Unavailable."""
+    for attempt in range(1, num_attempts + 1):
+        server = make()
+        try:
+            server.start()
+            return server
+        except Unavailable:
+            if attempt == num_attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def port_is_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

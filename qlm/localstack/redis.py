@@ -13,7 +13,12 @@ import socket
 from pathlib import Path
 
 from qlm.core.errors import Unavailable
-from qlm.localstack.process import ServerProcess, ensure_port_free, free_loopback_port
+from qlm.localstack.process import (
+    ServerProcess,
+    ensure_port_free,
+    free_loopback_port,
+    start_on_free_ports,
+)
 
 DEFAULT_REDIS_PORT = 6379
 START_TIMEOUT_S = 20.0
@@ -95,15 +100,10 @@ class RedisServer:
 
         Raises the last Unavailable when every attempt fails.
         """
-        for attempt in range(1, num_attempts + 1):
-            server = cls(data_dir, free_loopback_port(), die_with_parent=die_with_parent)
-            try:
-                server.start()
-                return server
-            except Unavailable:
-                if attempt == num_attempts:
-                    raise
-        raise AssertionError("unreachable")
+        return start_on_free_ports(
+            lambda: cls(data_dir, free_loopback_port(), die_with_parent=die_with_parent),
+            num_attempts,
+        )
 
     def stop(self, kill: bool = False) -> bool:
         """SIGTERM (Redis flushes the AOF and exits) or, with ``kill``, SIGKILL.
