@@ -26,11 +26,11 @@ from typing import Any, Generic, TypeVar
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from qlm.bus.producer import BusProducer
+from qlm.bus.producer import BusProducer, connect
 from qlm.bus.records import DeadLetter
-from qlm.core.errors import InvalidInput, QlmError, Unavailable
+from qlm.core.errors import InvalidInput, QlmError
 
 T = TypeVar("T")
 Decode = Callable[[bytes | None], T]
@@ -136,11 +136,7 @@ class BusConsumer(Generic[T]):
 
     async def start(self) -> None:
         """Connect and join the group; raises Unavailable when no broker answers."""
-        try:
-            await self._consumer.start()
-        except KafkaError as error:
-            await self._consumer.stop()
-            raise Unavailable(f"Kafka consumer could not connect: {error}") from error
+        await connect(self._consumer, "consumer")
 
     async def run(self) -> None:
         """Consume until stop() or a HandlerFailed; leaves the group when it returns."""

@@ -11,12 +11,21 @@ import asyncio
 from types import TracebackType
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
 from qlm.bus.records import BusRecord
 from qlm.core.errors import Unavailable
+
+
+async def connect(client: AIOKafkaProducer | AIOKafkaConsumer, what: str) -> None:
+    """Start an aiokafka client; when no broker answers, close it and raise Unavailable."""
+    try:
+        await client.start()
+    except KafkaError as error:
+        await client.stop()
+        raise Unavailable(f"Kafka {what} could not connect: {error}") from error
 
 #: Largest record qlm writes (the broker's default message.max.bytes is ~1 MiB).
 MAX_RECORD_BYTES = 1024 * 1024
@@ -44,11 +53,7 @@ class BusProducer:
 
     async def start(self) -> None:
         """Connect; raises Unavailable when no broker answers."""
-        try:
-            await self._producer.start()
-        except KafkaError as error:
-            await self._producer.stop()
-            raise Unavailable(f"Kafka producer could not connect: {error}") from error
+        await connect(self._producer, "producer")
 
     async def stop(self) -> None:
         """Send what is queued, then disconnect."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from qlm.core.errors import Unavailable
+from qlm.bus.producer import connect
 from qlm.log import get_logger
 
 log = get_logger("qlm.bus.tail")
@@ -39,11 +39,7 @@ class TopicTail:
 
     async def start(self) -> None:
         """Connect; raises Unavailable when no broker answers."""
-        try:
-            await self._consumer.start()
-        except KafkaError as error:
-            await self._consumer.stop()
-            raise Unavailable(f"Kafka consumer could not connect: {error}") from error
+        await connect(self._consumer, "consumer")
 
     async def run(self) -> None:
         """Follow until :meth:`stop`; a broker error is logged and the tail carries on."""
