@@ -2,7 +2,7 @@
 PYTHON ?= python3
 OUT ?= out
 
-.PHONY: help setup install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean
+.PHONY: help setup install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean docs
 
 help:
 	@echo "make setup     install what a clean Debian machine lacks (apt, pip, Kafka jars); test and demo run it"

@@ -210,6 +210,10 @@ class WorkerSettings(CommonSettings):
     )
     telemetry_interval_s: float = Field(1.0, gt=0, description="qlm.telemetry period")
     expected_output_tokens: int = Field(338, gt=0, description="KV reservation per request")
+    prefill_cap_tokens: int = Field(
+        16384, ge=0,
+        description="pull no more while this many prompt tokens wait for prefill (0 = no cap)",
+    )
     max_prefill_tokens: int = Field(8192, gt=0, description="simulated engine prefill budget")
     shutdown_grace_s: float = Field(10.0, ge=0, description="finish in-flight work on SIGTERM")
     lso_group: str | None = Field(None, description="Kafka group of the qlm.lso reader")

@@ -24,6 +24,16 @@ allows. The true output length is unknown to the scheduler and is never read.
 Headroom is ``kv_capacity_tokens`` minus the reservations of the running requests.
 A request longer than expected may still outgrow the cache; the engine then
 preempts (the simulator models that as an eviction that keeps progress).
+
+**Prefill cap** (``prefill_cap_tokens``, 0 = none). A pull also stops once the context
+admitted but not yet prefilled (running requests without a first token) would exceed
+the cap; one request is always admitted when nothing is waiting for its prefill. The
+engine prefills what it holds in its own FCFS order, so a burst pulled all at once
+queues *inside* it, where no later decision can put a tighter request that arrives
+a moment later ahead of it. With a cap of a couple of engine steps of prefill
+(:data:`DEFAULT_PREFILL_CAP_TOKENS`, twice vLLM's default ``max_num_batched_tokens``)
+the engine never runs dry of prompt work, and the rest waits in the queue, where the
+scheduler can still reorder it. The worker pulls again as each first token arrives.
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ from qlm.core.types import (
 
 #: Output tokens reserved per request when admitting (ShareGPT-like mean output).
 DEFAULT_EXPECTED_OUTPUT_TOKENS: Final[int] = 338
+#: Context tokens a worker keeps admitted but not yet prefilled, at most (two engine
+#: steps of vLLM's default ``max_num_batched_tokens`` = 8,192).
+DEFAULT_PREFILL_CAP_TOKENS: Final[int] = 16_384
 
 
 def kv_reservation(
@@ -62,6 +75,11 @@ def kv_reserved_tokens(
     return sum(kv_reservation(r.request, expected_output_tokens) for r in worker.running)
 
 
+def pending_prefill_tokens(worker: WorkerView) -> int:
+    """Context tokens of the running requests that have no first token yet."""
+    return sum(r.request.context_tokens for r in worker.running if r.first_token_at is None)
+
+
 def can_serve(worker: WorkerView, model: str, profiles: ProfileBook) -> bool:
     """True if ``worker`` could run ``model``: a profile exists for its GPU and fits its GPUs."""
     if not profiles.has(model, worker.gpu):
@@ -76,6 +94,7 @@ def plan_pulls(
     expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS,
     exclude: frozenset[str] = frozenset(),
     reserved_tokens: int | None = None,
+    prefill_cap_tokens: int = 0,
 ) -> tuple[str, ...]:
     """Ids of the requests ``worker`` admits now from the head of its ordered ``queue``.
 
@@ -83,7 +102,9 @@ def plan_pulls(
     of its limits and the worker's own (``max_batch_size``, ``kv_capacity_tokens``)
     applies. Requests in ``exclude`` are skipped (e.g. already pulled elsewhere).
     ``reserved_tokens``, when given, must equal ``kv_reserved_tokens(worker, …)``
-    (a caller that keeps it up to date saves the sum). Pure: same inputs, same answer.
+    (a caller that keeps it up to date saves the sum). ``prefill_cap_tokens`` > 0 caps
+    the context admitted but not yet prefilled (module docstring). Pure: same inputs,
+    same answer.
     """
     if worker.active_model is None or worker.swapping_until is not None:
         return ()
@@ -93,6 +114,7 @@ def plan_pulls(
     if reserved_tokens is None:
         reserved_tokens = kv_reserved_tokens(worker, expected_output_tokens)
     headroom = min(worker.kv_capacity_tokens, profile.kv_capacity_tokens) - reserved_tokens
+    pending = pending_prefill_tokens(worker) if prefill_cap_tokens > 0 else 0
     pulled: list[str] = []
     for group in queue:
         if group.model != worker.active_model:
@@ -103,6 +125,11 @@ def plan_pulls(
             need = kv_reservation(request, expected_output_tokens)
             if free_slots <= 0 or need > headroom:
                 return tuple(pulled)
+            if prefill_cap_tokens > 0:
+                prompt_work = request.context_tokens
+                if pending > 0 and pending + prompt_work > prefill_cap_tokens:
+                    return tuple(pulled)
+                pending += prompt_work
             pulled.append(request.id)
             free_slots -= 1
             headroom -= need

@@ -158,6 +158,7 @@ class WorkerProcess:
             pull_interval_s=s.pull_interval_s,
             telemetry_interval_s=s.telemetry_interval_s,
             expected_output_tokens=s.expected_output_tokens,
+            prefill_cap_tokens=s.prefill_cap_tokens,
         )
         for spec in self.specs:
             engine = build_engine(spec, s, self.profiles)

@@ -4,11 +4,11 @@ Loops of a running :class:`Worker` (asyncio tasks):
 
 * **pull**: while it is not draining or swapping, read the head of its virtual queue
   (the store's ``queue_head``, one atomic read), decide how many requests fit with
-  :func:`qlm.core.pulls.plan_pulls` (the simulator's backpressure: free batch slots and
-  KV reservations), take that many with the store's pull (under a lease) and add
-  them to the engine. When nothing fits or is queued it waits for :attr:`Worker.wake`
-  (a request left; requests were queued, see :mod:`services.worker.wakeup`) or at
-  most ``poll_interval_s``.
+  :func:`qlm.core.pulls.plan_pulls` (the simulator's backpressure: free batch slots,
+  KV reservations and the prefill cap), take that many with the store's pull (under a
+  lease) and add them to the engine. When nothing fits or is queued it waits for
+  :attr:`Worker.wake` (a request left or got its first token; requests were queued,
+  see :mod:`services.worker.wakeup`) or at most ``poll_interval_s``.
 * **serve** (one task per request): tokens from the engine are appended to the
   request's Redis stream (chunks that pile up while a write is in flight go in one
   write, and the writes of all requests share round trips, see
@@ -51,7 +51,7 @@ from qlm.bus.records import BatchResult, BusRecord, Event, LsoCommand, Telemetry
 from qlm.bus.topics import TopicNames
 from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable
 from qlm.core.perf import PerfProfile
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, plan_pulls
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, DEFAULT_PREFILL_CAP_TOKENS, plan_pulls
 from qlm.core.types import RequestState, RunningRequest, SLOClass, WorkerView
 from qlm.engine.base import Engine, EngineRequest, EngineStats, OutputChunk
 from qlm.log import get_logger, request_context
@@ -82,6 +82,8 @@ class WorkerOptions:
     pull_interval_s: float = 0.005
     telemetry_interval_s: float = 1.0
     expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS
+    #: Context admitted but not yet prefilled, at most (0: none; see plan_pulls).
+    prefill_cap_tokens: int = DEFAULT_PREFILL_CAP_TOKENS
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "renew_interval_s", "pull_interval_s", "telemetry_interval_s"):
@@ -266,7 +268,8 @@ class Worker:
         model = view.active_model
         assert model is not None
         head = await self.store.queue_head(self.id, model, view.max_batch_size - view.batch_size)
-        planned = plan_pulls(view, head, self.profiles[model], self.options.expected_output_tokens)
+        planned = plan_pulls(view, head, self.profiles[model], self.options.expected_output_tokens,
+                             prefill_cap_tokens=self.options.prefill_cap_tokens)
         if not planned:
             return 0
         records = await self.store.pull(
@@ -436,6 +439,8 @@ class Worker:
             self._count_first_token(run.record, run.first_token_at)
             self._publish(self._event(run.record, "first_token", at=run.first_token_at,
                                       num_output_tokens=run.num_generated))
+            if self.options.prefill_cap_tokens > 0:
+                self.wake.set()  # its prefill is done: the cap has room for the next
         return True
 
     def _count_first_token(self, record: RequestRecord, at: float) -> None:
