@@ -18,9 +18,12 @@ counts; prompt token ids are drawn per variant so no variant hits another's pref
 * **bare**: every request goes to its model's engine at its arrival time; vLLM's own
   scheduler (FCFS waiting queue, preemption on KV shortage) does the rest.
 * **<policy>+opts** (e.g. ``qlm+opts``): the policy with ``--qlm-options`` as its
-  options, and a worker that keeps at most ``--opts-prefill-cap`` context tokens
-  admitted but not yet prefilled (so a burst is not queued inside vLLM, where no
-  later decision can reorder it, ahead of tighter requests that arrive after it).
+  options.
+
+Managed workers (qlm, fcfs) pull with the worker service's prefill cap
+(``--prefill-cap``, see :func:`qlm.core.pulls.plan_pulls`): at most that many context
+tokens admitted but not yet prefilled, so a burst is not queued inside vLLM, where no
+later decision can reorder it, ahead of tighter requests that arrive after it.
 
 The engines are :class:`qlm.engine.vllm_engine.VllmEngine` (vLLM ``AsyncLLM``
 in-process, one per model, both awake, each with a share of the GPU and sleep mode
@@ -71,7 +74,12 @@ from loadgen.gpu.common import (
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PROFILE_DIR, PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
-from qlm.core.pulls import ordered_groups, plan_pulls
+from qlm.core.pulls import (
+    DEFAULT_PREFILL_CAP_TOKENS,
+    ordered_groups,
+    pending_prefill_tokens,
+    plan_pulls,
+)
 from qlm.core.types import (
     SLO,
     Decision,
@@ -319,8 +327,8 @@ class Managed:
         base, _, tag = policy_name.partition("+")
         self.policy = make_policy(base)
         options = json.loads(args.qlm_options) if tag == "opts" else {}
-        #: Context tokens admitted to an engine and not yet prefilled, at most (0: no cap).
-        self.prefill_cap = int(args.opts_prefill_cap) if tag == "opts" else 0
+        #: The worker's prefill cap (:func:`qlm.core.pulls.plan_pulls`; 0: none).
+        self.prefill_cap = int(args.prefill_cap)
         self.ctx = PolicyContext(profiles, options)
         self.window_s = float(getattr(self.policy, "group_window_s", args.group_window_s))
         self.workload = workload
@@ -479,19 +487,16 @@ class Managed:
         groups = {k: self._group(k) for k in w.order if k in self.queued}
         if not groups:
             return
-        for rid in plan_pulls(self._view(w), ordered_groups(w.order, groups), w.profile):
-            if not self._within_prefill_cap(w, rid):
-                break
+        for rid in plan_pulls(self._view(w), ordered_groups(w.order, groups), w.profile,
+                              prefill_cap_tokens=self.prefill_cap):
             self._start(w, rid)
 
     def _within_prefill_cap(self, w: _Worker, request_id: str) -> bool:
-        """With a cap: admit while the engine's not-yet-prefilled context stays under it
-        (always one when nothing is waiting), so that later, tighter requests do not queue
-        inside the engine behind a burst pulled all at once."""
+        """The worker's prefill cap (as :func:`plan_pulls` applies it) for a decision's
+        explicit pull."""
         if self.prefill_cap <= 0:
             return True
-        pending = sum(run.request.context_tokens for run in w.running.values()
-                      if not run.prefilled)
+        pending = pending_prefill_tokens(self._view(w))
         need = self.outcomes[request_id].request.prompt_tokens + \
             self.outcomes[request_id].num_generated
         return pending == 0 or pending + need <= self.prefill_cap
@@ -869,9 +874,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="bare, or a policy name; <policy>+opts runs it with --qlm-options")
     p.add_argument("--qlm-options", default='{"hopeless_p": 0.0}',
                    help="policy options (JSON) of the <policy>+opts variants")
-    p.add_argument("--opts-prefill-cap", type=int, default=16384,
-                   help="<policy>+opts variants: cap on admitted, not yet prefilled context "
-                        "tokens per engine (0: none)")
+    p.add_argument("--prefill-cap", type=int, default=DEFAULT_PREFILL_CAP_TOKENS,
+                   help="managed variants: the worker's cap on admitted, not yet prefilled "
+                        "context tokens per engine (0: none, the behaviour before)")
     p.add_argument("--no-side", dest="side", action="store_false",
                    help="skip the evict / swap / cold restart measurements")
     p.add_argument("--code-version", default="", help="recorded as given (e.g. a git commit)")
