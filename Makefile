@@ -75,8 +75,19 @@ clean:
 bench-store:
 	$(PYTHON) -m loadgen.bench_store --out docs/results/bench_store.json
 
-bench-submit:
-	$(PYTHON) -m loadgen.bench_submit --out docs/results/bench_submit.json
+# ghz (gRPC load tool, Go) drives bench-submit without taking the server's cores
+GHZ_VERSION ?= v0.120.0
+GHZ ?= $(HOME)/.cache/qlm/bin/ghz
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+
+.PHONY: ghz
+ghz: $(GHZ)
+
+$(GHZ):
+	GOBIN=$(dir $(GHZ)) $(GO) install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+bench-submit: $(GHZ)
+	$(PYTHON) -m loadgen.bench_submit --load ghz --ghz $(GHZ) --out docs/results/bench_submit.json
 
 bench-worker:
 	$(PYTHON) -m loadgen.bench_worker --requests 200 --warmup 20 --out docs/results/bench_worker.json

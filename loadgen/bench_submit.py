@@ -3,16 +3,26 @@
 Starts a local ``redis-server`` (AOF on) and Apache Kafka (KRaft) on free loopback ports
 (or uses ``--redis-url`` / ``--kafka-bootstrap``), runs the ingest service as its own
 process (``python -m services.ingest``, exactly as deployed), waits until its health
-check says SERVING, then drives it with ``--concurrency`` asyncio clients (default 64)
-over ``--channels`` gRPC channels from ``--client-procs`` load processes for
-``--duration`` seconds after a ``--warmup``. Every Submit is a new request (unique id),
-so each one is one Redis script (record + group entry) and one ``admitted`` event.
+check says SERVING, then drives it with ``--concurrency`` concurrent calls (default
+64) for ``--duration`` seconds after a ``--warmup``. Every Submit is a new request
+(unique id), so each one is one Redis script (record + group entry) and one
+``admitted`` event.
 
-Afterwards it checks that Redis holds exactly the requests that were acknowledged and
-counts the ``admitted`` events on Kafka. Writes submits/s, latency percentiles, and CPU
-seconds used by each process as JSON (``--out``), with the exact command line::
+The load comes from ``--load``:
 
-    python -m loadgen.bench_submit --out docs/results/bench_submit.json
+* ``python``: grpc.aio clients over ``--channels`` channels from ``--client-procs``
+  load processes;
+* ``ghz``: the ``ghz`` gRPC load tool (Go; ``make ghz`` installs it), over
+  ``--channels`` connections with ``--ghz-cpus`` cores, request ids from its
+  ``{{.RequestNumber}}`` template. It costs the shared cores less per call.
+
+Afterwards it checks that Redis holds exactly the requests that were acknowledged
+(with ghz: its count of OK statuses) and counts the ``admitted`` events on Kafka. The
+same invocation measures the floor: an empty Submit handler driven by the same load.
+Writes submits/s, latency percentiles, and CPU seconds used by each process as JSON
+(``--out``), with the exact command line::
+
+    python -m loadgen.bench_submit --load ghz --out docs/results/bench_submit_ghz.json
 """
 
 from __future__ import annotations
@@ -24,12 +34,13 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +50,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-7b"
 PROMPT = "Summarise the following support ticket in two sentences. " * 4
+#: Where ``make ghz`` installs the ghz binary.
+GHZ_DEFAULT = Path.home() / ".cache" / "qlm" / "bin" / "ghz"
 
 
 # ------------------------------------------------------------------ load process
@@ -110,6 +123,66 @@ async def _drive(target: str, concurrency: int, channels: int, warmup_s: float,
     return LoadResult(latencies, num_ok, len(errors), errors[0] if errors else "", cpu)
 
 
+# ------------------------------------------------------------------ ghz load
+def ghz_binary(given: str | None) -> str:
+    """The ghz executable: ``given``, else ``ghz`` on PATH, else :data:`GHZ_DEFAULT`."""
+    found = given or shutil.which("ghz") or (str(GHZ_DEFAULT) if GHZ_DEFAULT.exists() else None)
+    if found is None:
+        raise SystemExit("ghz not found: run `make ghz` (go install github.com/bojand/ghz) "
+                         "or pass --ghz PATH")
+    return found
+
+
+@dataclass(frozen=True)
+class GhzRun:
+    """One ghz invocation: OK latencies, error count, CPU of ghz and how long it ran."""
+
+    latencies_s: list[float]
+    num_ok: int
+    num_errors: int
+    first_error: str
+    cpu_s: float
+    elapsed_s: float
+
+
+def run_ghz(ghz: str, target: str, concurrency: int, connections: int, cpus: int,
+            duration_s: float, tag: str, work: Path) -> GhzRun:
+    """Submit for ``duration_s`` with ids ``<tag>-<n>``; calls in flight at the end are
+    waited for (``--duration-stop wait``), so every call is either OK or an error."""
+    data = {
+        "request_id": f"{tag}-{{{{.RequestNumber}}}}", "tenant": "bench", "model": MODEL,
+        "prompt_text": PROMPT, "max_tokens": 128, "slo_class": "SLO_CLASS_BATCH_1",
+    }
+    report = work / f"ghz-{tag}.json"
+    command = [
+        ghz, "--insecure", "--import-paths", str(ROOT / "proto"),
+        "--proto", str(ROOT / "proto" / "qlm" / "v1" / "qlm.proto"),
+        "--call", "qlm.v1.QueueManager.Submit", "--data", json.dumps(data),
+        "--concurrency", str(concurrency), "--connections", str(connections),
+        "--cpus", str(cpus), "--duration", f"{duration_s:g}s", "--duration-stop", "wait",
+        "--timeout", "10s", "--format", "json", "--output", str(report), target,
+    ]
+    before = os.times()
+    completed = subprocess.run(command, capture_output=True, text=True)
+    after = os.times()
+    if completed.returncode != 0 or not report.exists():
+        raise SystemExit(f"ghz failed ({completed.returncode}): {completed.stderr.strip()}")
+    summary = json.loads(report.read_text())
+    statuses: dict[str, int] = summary.get("statusCodeDistribution") or {}
+    errors: dict[str, int] = summary.get("errorDistribution") or {}
+    latencies = [d["latency"] / 1e9 for d in summary.get("details") or ()
+                 if d.get("status") == "OK"]
+    return GhzRun(
+        latencies_s=latencies,
+        num_ok=statuses.get("OK", 0),
+        num_errors=sum(n for status, n in statuses.items() if status != "OK"),
+        first_error=next(iter(errors), ""),
+        cpu_s=(after.children_user - before.children_user)
+        + (after.children_system - before.children_system),
+        elapsed_s=summary["total"] / 1e9,
+    )
+
+
 # ------------------------------------------------------------------ gRPC floor
 def _trivial_server(port: int) -> None:
     """A QueueManager whose Submit does nothing: what gRPC alone costs per call."""
@@ -138,28 +211,45 @@ def _trivial_server(port: int) -> None:
     asyncio.run(serve())
 
 
-def measure_grpc_floor(concurrency: int, channels: int, duration_s: float) -> dict[str, Any]:
-    """Submits/s and CPU per call of client + server with an empty Submit handler."""
+def measure_grpc_floor(args: argparse.Namespace, work: Path,
+                       duration_s: float) -> dict[str, Any]:
+    """Submits/s and CPU per call of load + server with an empty Submit handler, driven
+    by the same ``--load`` as the real measurement."""
     from qlm.localstack import free_loopback_port
 
     port = free_loopback_port()
+    target = f"127.0.0.1:{port}"
     server = mp.get_context("spawn").Process(target=_trivial_server, args=(port,), daemon=True)
     server.start()
     try:
-        _wait_ready(f"127.0.0.1:{port}")
-        cpu_before = _cpu_seconds(server.pid or 0)
-        result = asyncio.run(_drive(f"127.0.0.1:{port}", concurrency, channels, 1.0,
-                                    duration_s, time.time() + 0.2, "floor"))
+        _wait_ready(target)
+        if args.load == "ghz":
+            ghz = ghz_binary(args.ghz)
+            run_ghz(ghz, target, args.concurrency, args.channels, args.ghz_cpus, 1.0,
+                    "floor-warmup", work)
+            cpu_before = _cpu_seconds(server.pid or 0)
+            measured = run_ghz(ghz, target, args.concurrency, args.channels, args.ghz_cpus,
+                               duration_s, "floor", work)
+            latencies, num_calls = measured.latencies_s, measured.num_ok
+            load_cpu, window_s = measured.cpu_s, measured.elapsed_s
+        else:
+            cpu_before = _cpu_seconds(server.pid or 0)
+            result = asyncio.run(_drive(target, args.concurrency, args.channels, 1.0,
+                                        duration_s, time.time() + 0.2, "floor"))
+            # the Python clients count CPU over the measured window only; the server's
+            # count includes the 1 s warmup, as it always has in these results
+            latencies, num_calls = result.latencies_s, result.num_ok
+            load_cpu, window_s = result.cpu_s, duration_s
         server_cpu = _cpu_seconds(server.pid or 0) - cpu_before
     finally:
         server.terminate()
         server.join(10)
     return {
-        "submits_per_s": round(len(result.latencies_s) / duration_s, 1),
-        "latency_ms": _percentiles_ms(result.latencies_s),
+        "submits_per_s": round(len(latencies) / window_s, 1),
+        "latency_ms": _percentiles_ms(latencies),
         "cpu_ms_per_call": {
-            "server": round(server_cpu * 1000 / max(1, result.num_ok), 4),
-            "load_clients": round(result.cpu_s * 1000 / max(1, result.num_ok), 4),
+            "server": round(server_cpu * 1000 / max(1, num_calls), 4),
+            "load_clients": round(load_cpu * 1000 / max(1, len(latencies)), 4),
         },
     }
 
@@ -275,6 +365,87 @@ def _percentiles_ms(latencies: Sequence[float]) -> dict[str, float]:
     } | {"max": round(float(values.max()), 3), "mean": round(float(values.mean()), 3)}
 
 
+# ------------------------------------------------------------------ the two loads
+CpuReader = Callable[[], dict[str, float]]
+Driven = tuple[list[LoadResult], float, dict[str, float], dict[str, float]]
+
+
+def _drive_python(args: argparse.Namespace, work: Path, target: str,
+                  read_cpu: CpuReader) -> Driven:
+    """grpc.aio clients in ``--client-procs`` processes; CPU of the servers is read over
+    the measured window (after the warmup: JIT, caches)."""
+    start_at = time.time() + 1.0
+    pipes, procs = [], []
+    per_proc = [args.concurrency // args.client_procs] * args.client_procs
+    per_proc[0] += args.concurrency - sum(per_proc)
+    channels = max(args.channels, 4 * args.ingest_processes)
+    for i, concurrency in enumerate(per_proc):
+        receive, send = mp.Pipe(duplex=False)
+        proc = mp.get_context("spawn").Process(
+            target=_load_process,
+            args=(target, concurrency, max(1, channels // args.client_procs),
+                  args.warmup, args.duration, start_at, f"c{i}", send),
+        )
+        proc.start()
+        pipes.append(receive)
+        procs.append(proc)
+    time.sleep(max(0.0, start_at + args.warmup - time.time()))
+    cpu_before = read_cpu()
+    results: list[LoadResult] = [p.recv() for p in pipes]
+    for proc in procs:
+        proc.join()
+    return results, args.duration, cpu_before, read_cpu()
+
+
+def _drive_ghz(args: argparse.Namespace, work: Path, target: str,
+               read_cpu: CpuReader) -> Driven:
+    """ghz for ``--warmup`` seconds, then again for ``--duration`` (the measured window;
+    its length is what ghz reports, the in-flight calls at the end included)."""
+    ghz = ghz_binary(args.ghz)
+    connections = max(args.channels, 4 * args.ingest_processes)
+    warmup = run_ghz(ghz, target, args.concurrency, connections, args.ghz_cpus,
+                     args.warmup, "w", work)
+    cpu_before = read_cpu()
+    measured = run_ghz(ghz, target, args.concurrency, connections, args.ghz_cpus,
+                       args.duration, "m", work)
+    cpu_after = read_cpu()
+    result = LoadResult(
+        latencies_s=measured.latencies_s,
+        num_ok=warmup.num_ok + measured.num_ok,
+        num_errors=warmup.num_errors + measured.num_errors,
+        first_error=warmup.first_error or measured.first_error,
+        cpu_s=measured.cpu_s,
+    )
+    return [result], measured.elapsed_s, cpu_before, cpu_after
+
+
+def _load_detail(args: argparse.Namespace) -> str:
+    if args.load == "ghz":
+        return (f"ghz {_ghz_version(ghz_binary(args.ghz))}, --cpus {args.ghz_cpus}, "
+                f"{max(args.channels, 4 * args.ingest_processes)} connections")
+    return f"grpc.aio {_grpc_version()} clients in {args.client_procs} process(es)"
+
+
+def _ghz_version(ghz: str) -> str:
+    """ghz's own version, or the module version Go recorded at ``go install``."""
+    completed = subprocess.run([ghz, "--version"], capture_output=True, text=True)
+    version = (completed.stdout or completed.stderr).strip()
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if version in ("", "dev") and Path(go).exists():
+        info = subprocess.run([go, "version", "-m", ghz], capture_output=True, text=True)
+        for line in info.stdout.splitlines():
+            parts = line.split()
+            if parts[:2] == ["mod", "github.com/bojand/ghz"] and len(parts) > 2:
+                return parts[2]
+    return version
+
+
+def _grpc_version() -> str:
+    import grpc
+
+    return str(grpc.__version__)
+
+
 # ------------------------------------------------------------------ main
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
@@ -303,6 +474,7 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
              servers: list[Any]) -> dict[str, Any]:
     from qlm.localstack import free_loopback_port
 
+    load_at_start = round(os.getloadavg()[0], 2)
     prefix = f"bench{uuid.uuid4().hex[:6]}:"
     topic_prefix = f"bench{uuid.uuid4().hex[:6]}."
     models = work / "models.yaml"
@@ -323,28 +495,10 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
     try:
         _wait_serving(target)
         _wait_listening(log_path, args.ingest_processes)
-        start_at = time.time() + 1.0
-        pipes, procs = [], []
-        per_proc = [args.concurrency // args.client_procs] * args.client_procs
-        per_proc[0] += args.concurrency - sum(per_proc)
-        channels = max(args.channels, 4 * args.ingest_processes)
-        for i, concurrency in enumerate(per_proc):
-            receive, send = mp.Pipe(duplex=False)
-            proc = mp.get_context("spawn").Process(
-                target=_load_process,
-                args=(target, concurrency, max(1, channels // args.client_procs),
-                      args.warmup, args.duration, start_at, f"c{i}", send),
-            )
-            proc.start()
-            pipes.append(receive)
-            procs.append(proc)
-        # CPU is counted over the measured window only (after the warmup: JIT, caches)
-        time.sleep(max(0.0, start_at + args.warmup - time.time()))
-        cpu_before = _cpu_of(ingest.pid, servers)
-        results: list[LoadResult] = [p.recv() for p in pipes]
-        for proc in procs:
-            proc.join()
-        cpu_after = _cpu_of(ingest.pid, servers)
+        drive = _drive_ghz if args.load == "ghz" else _drive_python
+        results, measured_window, cpu_before, cpu_after = drive(
+            args, work, target, lambda: _cpu_of(ingest.pid, servers)
+        )
     finally:
         ingest.terminate()
         ingest.wait(30)
@@ -355,7 +509,6 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
     num_events = asyncio.run(
         _count_events(kafka, f"{topic_prefix}qlm.events", num_ok_total, timeout_s=30)
     )
-    measured_window = args.duration
     cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
     cpu["load_clients"] = sum(r.cpu_s for r in results)
     # CPU milliseconds per submit, every process over the measured window
@@ -368,16 +521,19 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
-            "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+            "load_average_1m_at_start": load_at_start,
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             "python": platform.python_version(),
             "note": "ingest, redis-server, Kafka and the load processes share these cores",
         },
+        "load": args.load,
+        "load_detail": _load_detail(args),
         "concurrency": args.concurrency,
         "ingest_processes": args.ingest_processes,
-        "client_procs": args.client_procs,
+        "client_procs": args.client_procs if args.load == "python" else None,
         "channels": args.channels,
         "warmup_s": args.warmup,
-        "duration_s": measured_window,
+        "duration_s": round(measured_window, 3),
         "submits_measured": len(latencies),
         "submits_per_s": round(len(latencies) / measured_window, 1),
         "latency_ms": _percentiles_ms(latencies),
@@ -393,15 +549,22 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
             cpu_per_submit, include_clients=False
         ),
         "target_submits_per_s": 3000,
-        "grpc_floor_empty_handler": measure_grpc_floor(args.concurrency, args.channels, 8.0),
+        "grpc_floor_empty_handler": measure_grpc_floor(args, work, 8.0),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
-    parser.add_argument("--client-procs", type=int, default=1, help="load processes")
-    parser.add_argument("--channels", type=int, default=4, help="gRPC channels in all")
+    parser.add_argument("--load", choices=("python", "ghz"), default="python",
+                        help="load generator: grpc.aio clients or the ghz tool")
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent calls")
+    parser.add_argument("--client-procs", type=int, default=1,
+                        help="load processes (--load python)")
+    parser.add_argument("--channels", type=int, default=4,
+                        help="gRPC channels (python) or connections (ghz) in all; at least "
+                        "4 per ingest process")
+    parser.add_argument("--ghz", help="ghz executable (default: PATH, then ~/.cache/qlm/bin)")
+    parser.add_argument("--ghz-cpus", type=int, default=1, help="cores ghz may use")
     parser.add_argument("--duration", type=float, default=15.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     parser.add_argument("--ingest-processes", type=int, default=1,
