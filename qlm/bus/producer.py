@@ -2,7 +2,8 @@
 
 ``publish`` returns once the broker has the record on every in-sync replica.
 ``publish_soon`` only queues it (the returned future resolves the same way), for
-callers that write many records and await them together.
+callers that write many records and await them together; ``publish_raw_soon`` does the
+same for bytes the caller encoded.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ class BusProducer:
         future: asyncio.Future[RecordMetadata] = await self._producer.send(
             topic, record.to_json(), key=record.key()
         )
+        return future
+
+    async def publish_raw_soon(
+        self, topic: str, value: bytes, key: bytes | None = None
+    ) -> asyncio.Future[RecordMetadata]:
+        """Queue bytes encoded by the caller (e.g. :func:`qlm.bus.records.admitted_event_json`);
+        the returned future resolves when the broker acknowledges them."""
+        future: asyncio.Future[RecordMetadata] = await self._producer.send(topic, value, key=key)
         return future
 
     async def publish_raw(

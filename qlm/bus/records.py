@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, to_json
 
 from qlm.core.errors import InvalidInput
 from qlm.submission import ModelLimits, Submission, SubmissionLimits, parse_submission
@@ -159,6 +159,29 @@ class Event(BusRecord):
 
     def key(self) -> bytes:
         return (self.request_id or self.worker or "").encode()
+
+
+def admitted_event_json(
+    *, request_id: str, model: str, slo_class: str, at: float, arrival_at: float,
+    tenant: str | None, num_prompt_tokens: int, predicted_wait_s: float | None,
+) -> bytes:
+    """``Event(type="admitted", ...).to_json()``, byte for byte, without building the model.
+
+    For the submit path, which announces every new request: the values come from a
+    request the ingest plane has validated (non-empty names, non-negative times and
+    counts), so :class:`Event`'s checks hold and are not repeated. The encoder is
+    pydantic's own (same field order as Event, same number and string formatting).
+    """
+    fields: dict[str, Any] = {
+        "v": SCHEMA_VERSION, "type": "admitted", "request_id": request_id, "model": model,
+        "slo_class": slo_class, "at": float(at), "arrival_at": float(arrival_at),
+    }
+    if tenant is not None:
+        fields["tenant"] = tenant
+    fields["num_prompt_tokens"] = int(num_prompt_tokens)
+    if predicted_wait_s is not None:
+        fields["predicted_wait_s"] = float(predicted_wait_s)
+    return to_json(fields)
 
 
 LsoType = Literal["evict", "swap", "migrate"]

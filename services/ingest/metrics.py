@@ -42,13 +42,32 @@ class IngestMetrics:
             "qlm_ingest_queue_depth", "Queued requests by class and model (from Redis, "
             "refreshed periodically)", ["slo_class", "model"], registry=r)
         self._depth_labels: set[tuple[str, str]] = set()
+        self._series: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._wait_series: dict[str, Histogram] = {}
 
     def on_submit(self, source: SubmitSource, result: SubmitResult, slo_class: str,
                   model: str, seconds: float, prediction: Prediction | None) -> None:
-        self.submits.labels(result, slo_class, model, source).inc()
-        self.submit_seconds.labels(source, result).observe(seconds)
+        submits, submit_seconds = self._submit_series(source, result, slo_class, model)
+        submits.inc()
+        submit_seconds.observe(seconds)
         if prediction is not None and prediction.known:
-            self.predicted_wait.labels(slo_class).observe(prediction.wait_mean_s)
+            wait = self._wait_series.get(slo_class)
+            if wait is None:
+                wait = self._wait_series[slo_class] = self.predicted_wait.labels(slo_class)
+            wait.observe(prediction.wait_mean_s)
+
+    def _submit_series(self, source: SubmitSource, result: SubmitResult, slo_class: str,
+                       model: str) -> tuple[Counter, Histogram]:
+        """The labelled series a submit updates, looked up once per label set (``labels()``
+        takes a lock and builds a key on every call)."""
+        key = (source, result, slo_class, model)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (
+                self.submits.labels(result, slo_class, model, source),
+                self.submit_seconds.labels(source, result),
+            )
+        return series
 
     def refresh_queue_depth(self, depths: Mapping[tuple[str, SLOClass], int]) -> None:
         """Set the gauge to ``depths`` ((model, class) → queued); pairs no longer queued
