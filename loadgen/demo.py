@@ -162,6 +162,10 @@ class Tracked:
     predicted_wait_s: float | None = None
     rejected: bool = False
     terminal: str | None = None
+    #: The prompt to send (None: the fixed pattern of :func:`submission`).
+    prompt_token_ids: tuple[int, ...] | None = None
+    #: Output tokens the ``finished`` event reports.
+    num_output_tokens: int | None = None
 
 
 @dataclass
@@ -262,6 +266,8 @@ class EventWatch:
             t.num_evictions += 1
         elif event.type in TERMINAL_EVENTS:
             t.num_finished_events += event.type == "finished"
+            if event.type == "finished" and event.num_output_tokens is not None:
+                t.num_output_tokens = event.num_output_tokens
             t.terminal = t.terminal or event.type
             if t.job.request.slo_class is not SLOClass.INTERACTIVE or t.finished_at is None:
                 t.finished_at = t.finished_at or event.at
@@ -284,11 +290,13 @@ class EventWatch:
 
 
 def submission(t: Tracked, time_scale: float) -> dict[str, Any]:
-    """The submission record of a request: token-id prompt, SLO divided by the time scale."""
+    """The submission record of a request: token-id prompt (``t.prompt_token_ids``, else a
+    fixed pattern shared by every request), SLO divided by the time scale."""
     r = t.job.request
+    prompt = (list(t.prompt_token_ids) if t.prompt_token_ids is not None
+              else [1 + (i * 7919) % 30000 for i in range(r.prompt_tokens)])
     return {
-        "request_id": t.request_id, "model": r.model,
-        "prompt_token_ids": [1 + (i * 7919) % 30000 for i in range(r.prompt_tokens)],
+        "request_id": t.request_id, "model": r.model, "prompt_token_ids": prompt,
         "max_tokens": r.max_tokens, "slo_class": r.slo_class.value,
         "ttft_slo_s": r.slo.ttft_s / time_scale,
         "sampling": {"ignore_eos": True},
@@ -486,12 +494,16 @@ def services_alive(services: Any) -> Any:
 
 
 async def run_one_policy(plan: DemoPlan, policy: str, ingest_addr: str, bootstrap: str,
-                         time_scale: float, timeout_s: float, check_alive: Any = None
-                         ) -> StackRun:
+                         time_scale: float, timeout_s: float, check_alive: Any = None,
+                         prompts: Mapping[str, tuple[int, ...]] | None = None) -> StackRun:
+    """Replay ``plan`` on running services (see :func:`replay`). ``prompts``: the prompt
+    token ids per plan request id (default: one fixed pattern for every request)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     run_tag = f"{policy}-{int(time.time()) % 100000:05d}"
-    tracked = {f"{run_tag}-{j.request.id}": Tracked(j, f"{run_tag}-{j.request.id}")
+    prompts = prompts or {}
+    tracked = {f"{run_tag}-{j.request.id}": Tracked(j, f"{run_tag}-{j.request.id}",
+                                                    prompt_token_ids=prompts.get(j.request.id))
                for j in plan.jobs}
     run = StackRun(policy, tracked, t0=0.0, time_scale=time_scale)
     watch = EventWatch(bootstrap, run)

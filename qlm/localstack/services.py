@@ -149,6 +149,8 @@ class ServiceStack:
     ports: ServicePorts = field(default_factory=ServicePorts)
     python: str = sys.executable
     prefer_standard_ports: bool = False
+    #: Where the profiles the services read (scaled by the time scale) are copied from.
+    profiles_source: Path = PROFILE_DIR
 
     def __post_init__(self) -> None:
         self.stack_dir = self.stack_dir.resolve()
@@ -183,7 +185,7 @@ class ServiceStack:
     def _write_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.options.workers_file, self.workers_copy)
-        write_scaled_profiles(PROFILE_DIR, self.profiles_dir, self.options.time_scale)
+        write_scaled_profiles(self.profiles_source, self.profiles_dir, self.options.time_scale)
         record = {"options": self.options.to_json(), "ports": asdict(self.ports),
                   "ingest_addr": self.ingest_addr}
         (self.run_dir / SERVICES_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -242,8 +244,10 @@ class ServiceStack:
         return grpc_serving(f"127.0.0.1:{port}")
 
     # ---------------------------------------------------------------- lifecycle
-    def up(self) -> list[str]:
-        """Start every service that is not running, in order, each ready before the next.
+    def up(self, names: tuple[str, ...] = SERVICE_NAMES) -> list[str]:
+        """Start every service of ``names`` that is not running, in the order of
+        :data:`SERVICE_NAMES`, each ready before the next (leave ``"worker"`` out to run
+        workers of another kind, e.g. one vLLM worker per GPU).
 
         A service that does not become ready is stopped, with its log's tail in the
         Unavailable raised; the ones started before it keep running (``down`` stops them).
@@ -253,7 +257,8 @@ class ServiceStack:
             self._write_files()
         lines = []
         for name in SERVICE_NAMES:
-            lines.append(self.start_one(name))
+            if name in names:
+                lines.append(self.start_one(name))
         return lines
 
     def start_one(self, name: str, timeout_s: float = START_TIMEOUT_S) -> str:
