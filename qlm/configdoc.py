@@ -48,6 +48,25 @@ def settings_table(cls: type[BaseSettings], skip: frozenset[str] = frozenset()) 
     return rows
 
 
+#: Environment variables of the local servers (``python -m qlm.localstack``, the test
+#: fixtures, the demo and benchmarks): which binaries and jars they run.
+LOCAL_SERVERS: tuple[tuple[str, str, str], ...] = (
+    ("QLM_REDIS_SERVER", "`redis-server` on PATH", "the redis-server binary (or a wrapper)"),
+    ("JAVA_HOME", "`java` on PATH", "the Java 17 runtime Kafka runs on (`$JAVA_HOME/bin/java`)"),
+    ("QLM_KAFKA_LIBS", "`~/.cache/qlm/kafka-<version>/libs`",
+     "directory of the Kafka jars (fetched there with Maven when the broker jar is missing)"),
+    ("QLM_KAFKA_VERSION", "`4.1.1`", "Kafka version to fetch and run"),
+    ("QLM_KAFKA_QUICK_START", "—", "`1`: JIT tier 1 only (faster start, lower peak throughput)"),
+)
+
+
+def local_servers_section() -> list[str]:
+    rows = ["| environment | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{name}` | {default} | {meaning} |" for name, default, meaning in LOCAL_SERVERS]
+    return ["", "## local servers (`python -m qlm.localstack`, tests)", "",
+            "Redis and Kafka started on this machine (qlm.localstack) read these.", "", *rows]
+
+
 def render() -> str:
     common = frozenset(CommonSettings.model_fields)
     lines = [
@@ -62,6 +81,7 @@ def render() -> str:
         doc = inspect.cleandoc(cls.__doc__ or "")
         lines += ["", f"## {title}", "", doc, ""]
         lines += settings_table(cls, skip=frozenset() if cls is CommonSettings else common)
+    lines += local_servers_section()
     return "\n".join(lines) + "\n"
 
 
