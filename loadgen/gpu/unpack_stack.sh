@@ -5,7 +5,8 @@
 #   bash loadgen/gpu/unpack_stack.sh [ARCHIVE] [DEST]    # defaults .stack/stack.tar.xz /tmp/stack
 #   . /tmp/stack/env.sh                                   # the exports it prints
 #
-# Installs the wheels into DEST/site (pip --no-index --no-deps --target), checks that
+# Installs the wheels into DEST/site (pip --no-index --no-deps --target; unzipped where
+# the interpreter has no pip), checks that
 # java, redis-server and the packages load, writes DEST/env.sh and prints it.
 # Environment: PYTHON (default python3: the interpreter the services will run on).
 set -euo pipefail
@@ -17,8 +18,18 @@ PYTHON="${PYTHON:-python3}"
 rm -rf "$DEST"
 mkdir -p "$DEST"
 tar -C "$DEST" -xJf "$ARCHIVE"
-"$PYTHON" -m pip install --quiet --no-index --no-deps --disable-pip-version-check \
-  --target "$DEST/site" "$DEST"/wheels/*.whl
+if "$PYTHON" -m pip --version >/dev/null 2>&1; then
+  "$PYTHON" -m pip install --quiet --no-index --no-deps --disable-pip-version-check \
+    --target "$DEST/site" "$DEST"/wheels/*.whl
+else  # an interpreter without pip: these wheels have no .data/ part, so unzipping is installing
+  "$PYTHON" - "$DEST/site" "$DEST"/wheels/*.whl <<'EOF'
+import sys
+import zipfile
+
+for wheel in sys.argv[2:]:
+    zipfile.ZipFile(wheel).extractall(sys.argv[1])
+EOF
+fi
 
 cat > "$DEST/env.sh" <<EOF
 export PYTHONPATH="$DEST/site\${PYTHONPATH:+:\$PYTHONPATH}"
