@@ -19,6 +19,10 @@ counts; prompt token ids are drawn per variant so no variant hits another's pref
   scheduler (FCFS waiting queue, preemption on KV shortage) does the rest.
 * **<policy>+opts** (e.g. ``qlm+opts``): the policy with ``--qlm-options`` as its
   options.
+* **<policy>+corr** (e.g. ``qlm+corr``, ``qlm+opts+corr``): the policy plans with
+  profiles corrected online from the engines' observed step times (every second, the
+  scheduler service's ``--online-correction``), e.g. when two engines share one GPU and
+  each runs slower than its profile.
 
 Managed workers (qlm, fcfs) pull with the worker service's prefill cap
 (``--prefill-cap``, see :func:`qlm.core.pulls.plan_pulls`): at most that many context
@@ -92,10 +96,13 @@ from qlm.core.types import (
     group_key_for,
 )
 from qlm.engine.base import Engine, EngineRequest, OutputChunk
+from services.scheduler.corrections import CorrectedProfiles
 
 VARIANTS = ("bare", "fcfs", "qlm")
 #: Longest wait for an aborted request's stream to end.
 EVICT_STREAM_END_S = 5.0
+#: How often ``+corr`` variants fold engine step times in (the workers' telemetry period).
+CORRECTION_WINDOW_S = 1.0
 
 
 # ------------------------------------------------------------------ workload
@@ -324,9 +331,15 @@ class Managed:
     def __init__(self, policy_name: str, engines: Mapping[str, Engine], gpu: str,
                  profiles: ProfileBook, workload: Workload,
                  prompts: Mapping[str, tuple[int, ...]], args: argparse.Namespace) -> None:
-        base, _, tag = policy_name.partition("+")
+        base, *tags = policy_name.split("+")
         self.policy = make_policy(base)
-        options = json.loads(args.qlm_options) if tag == "opts" else {}
+        options = json.loads(args.qlm_options) if "opts" in tags else {}
+        #: ``+corr``: plan with profiles corrected online from the engines' step times,
+        #: as the scheduler service does with ``--online-correction``.
+        self.corrections = CorrectedProfiles(profiles) if "corr" in tags else None
+        self.corrected_at = 0.0
+        self.last_steps: dict[str, tuple[int, float, float]] = {}
+        self.options = options
         #: The worker's prefill cap (:func:`qlm.core.pulls.plan_pulls`; 0: none).
         self.prefill_cap = int(args.prefill_cap)
         self.ctx = PolicyContext(profiles, options)
@@ -348,6 +361,7 @@ class Managed:
         self.num_evictions = 0
         self.num_swaps = 0
         self.num_invalid = 0
+        self.num_corrections = 0
         self.num_stuck_streams = 0
         self.evict_tasks: set[asyncio.Task[None]] = set()
         self.decide_s: list[float] = []
@@ -402,6 +416,10 @@ class Managed:
             "evictions": self.num_evictions, "swaps": self.num_swaps,
             "invalid_actions": self.num_invalid, "stuck_streams": self.num_stuck_streams,
             "num_decisions": len(self.decide_s),
+            "corrections": (None if self.corrections is None else
+                            {"|".join(k): round(f, 3) for k, f in
+                             self.corrections.estimator.corrections.items()}),
+            "num_profile_rebuilds": self.num_corrections,
             "decide_s_p50": round(percentile(self.decide_s, 50), 5),
             "decide_s_p99": round(percentile(self.decide_s, 99), 5),
             "decide_s_max": round(max(self.decide_s, default=0.0), 5),
@@ -417,7 +435,30 @@ class Managed:
     async def _ticks(self) -> None:
         while True:
             await asyncio.sleep(self.args.tick_s)
+            self._correct()
             self.trigger.set()
+
+    def _correct(self) -> None:
+        """Once per :data:`CORRECTION_WINDOW_S`: fold each engine's mean step time over the
+        window (observed, and predicted by its profile) into the corrected profiles."""
+        now = self.clock.now()
+        if self.corrections is None or now - self.corrected_at < CORRECTION_WINDOW_S:
+            return
+        self.corrected_at = now
+        for w in self.workers.values():
+            stats = w.engine.stats()
+            steps, predicted, observed = (stats.num_steps, stats.step_time_predicted_s,
+                                          stats.step_time_observed_s)
+            last = self.last_steps.get(w.id, (0, 0.0, 0.0))
+            self.last_steps[w.id] = (steps, predicted, observed)
+            num = steps - last[0]
+            if num > 0:
+                self.corrections.observe(w.model, w.profile.gpu, (predicted - last[1]) / num,
+                                         (observed - last[2]) / num)
+        book = self.corrections.book()
+        if book is not self.ctx.profiles:
+            self.ctx = PolicyContext(book, self.options)
+            self.num_corrections += 1
 
     async def _decisions(self) -> None:
         while True:
@@ -600,7 +641,7 @@ async def make_engines(args: argparse.Namespace, models: Sequence[str], profiles
         from qlm.engine.simulated import SimulatedEngine
 
         for m in models:
-            sim = SimulatedEngine([profiles.get(m, args.gpu)], time_scale=1.0)
+            sim = SimulatedEngine([profiles.get(m, args.gpu)], time_scale=args.sim_time_scale)
             await sim.start()
             engines[m] = sim
         return engines
@@ -886,6 +927,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.42)
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--sim-time-scale", type=float, default=1.0,
+                   help="--engine sim: x times faster than the profile (below 1: slower, "
+                        "like two engines sharing one GPU)")
     p.add_argument("--sim-kv-tokens", type=int, default=120_000)
     p.add_argument("--variant-timeout-s", type=float, default=90.0)
     p.add_argument("--budget-s", type=float, default=540.0)

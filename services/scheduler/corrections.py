@@ -42,14 +42,19 @@ class CorrectedProfiles:
 
     def on_telemetry(self, record: Telemetry) -> bool:
         """Fold in one telemetry window (windows without steps are heartbeats: skipped)."""
-        if (record.model is None or record.step_time_predicted_s <= 0
-                or record.step_time_observed_s <= 0
-                or not self.base.has(record.model, record.gpu)):
+        if record.model is None:
             return False
-        before = self.estimator.correction(record.model, record.gpu)
+        return self.observe(record.model, record.gpu, record.step_time_predicted_s,
+                            record.step_time_observed_s)
+
+    def observe(self, model: str, gpu: str, predicted_s: float, observed_s: float) -> bool:
+        """Fold in one window's mean step time: ``predicted_s`` by the *uncorrected*
+        profile (what workers report), ``observed_s`` measured. False if skipped."""
+        if predicted_s <= 0 or observed_s <= 0 or not self.base.has(model, gpu):
+            return False
+        before = self.estimator.correction(model, gpu)
         self.estimator = self.estimator.with_observation(
-            record.model, record.gpu, record.step_time_predicted_s * before,
-            record.step_time_observed_s)
+            model, gpu, predicted_s * before, observed_s)
         return True
 
     def book(self) -> ProfileBook:
