@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -236,10 +237,19 @@ def gpu_label(device_name: str) -> str:
     return device_name.replace(" ", "-")
 
 
+def compact_json(data: Any) -> str:
+    """JSON with one line per list of scalars (per-request rows stay one line each)."""
+    text = json.dumps(data, indent=1, default=str)
+    return _SCALAR_LIST.sub(lambda m: re.sub(r"\s+", "", m.group(0)), text)
+
+
+_SCALAR_LIST = re.compile(r"\[[^\[\]{}\"]*(?:\"[^\"]*\"[^\[\]{}\"]*)*\]")
+
+
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    tmp.write_text(compact_json(data) + "\n")
     os.replace(tmp, path)
 
 
