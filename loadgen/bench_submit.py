@@ -189,6 +189,7 @@ def _trivial_server(port: int) -> None:
     import grpc
 
     from qlm.api.v1 import qlm_pb2 as pb
+    from services.ingest.app import run_on_fastest_loop
 
     async def submit(request: Any, context: Any) -> Any:
         return pb.SubmitResponse(request_id=request.request_id, state=pb.REQUEST_STATE_QUEUED)
@@ -208,7 +209,7 @@ def _trivial_server(port: int) -> None:
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(serve())
+    run_on_fastest_loop(serve())  # the event loop ingest runs on
 
 
 def measure_grpc_floor(args: argparse.Namespace, work: Path,

@@ -58,7 +58,7 @@ class RemotePredictor:
         try:
             answer = await self._stub.PredictWait(query, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as error:
-            log.warning("estimator_unavailable", address=self.address,
+            log.warning("estimator_unavailable", request_id=request.id, address=self.address,
                         code=error.code().name, details=error.details())
             return Prediction(known=False)
         return prediction_of(answer)
