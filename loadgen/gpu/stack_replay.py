@@ -6,12 +6,14 @@ compares with its ``bare`` (vLLM alone) variant. What runs instead of its in-pro
 stand-ins:
 
 * Redis + Kafka by :mod:`qlm.localstack` on free loopback ports under ``--dir``;
-* the estimator, ingest and scheduler services (``--policy``) as processes
-  (:class:`qlm.localstack.services.ServiceStack`, ingest admission ``interactive=queue``);
-* one worker service per model (``--engine vllm``: both on the one GPU, each with
-  ``--gpu-memory-utilization`` of it, started one after the other so that the second
+* one worker service per model, started first (``--engine vllm``: both on the one GPU,
+  each with ``--gpu-memory-utilization`` of it, one after the other so that the second
   one's memory profiling sees the first one's memory taken; ``--engine sim``: the
   simulated engine in real time, KV capacity ``--sim-kv-tokens``, for any machine);
+* then the estimator, ingest and scheduler services (``--policy``) as processes
+  (:class:`qlm.localstack.services.ServiceStack`, ingest admission ``interactive=queue``),
+  reading profiles whose KV capacity is the one each engine has (vLLM's logged ``GPU KV
+  cache size``), as qlm_vs_fcfs's policies see their engines';
 * the replay of :mod:`loadgen.demo`: interactive requests by gRPC ``Submit`` +
   ``StreamTokens`` (TTFT at the client), batch requests as records on
   ``qlm.batch.requests`` (TTFT from the worker's ``first_token`` event); evictions and
@@ -34,12 +36,13 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +52,13 @@ from loadgen.gpu.common import device_facts, percentile, write_json
 from loadgen.gpu.qlm_vs_fcfs import Outcome, Workload, build_workload, draw_prompts, summarise
 from qlm.core.errors import Unavailable
 from qlm.core.perf import PROFILE_DIR
+from qlm.core.types import SLO, Request, SLOClass
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: qlm_vs_fcfs's defaults: the workload flags here default to the same values.
 HARNESS_DEFAULTS = qlm_vs_fcfs.parse_args([])
+#: Longest wait for the warm-up requests.
+WARMUP_TIMEOUT_S = 60.0
 #: Time kept back from the budget for stopping everything.
 STOP_RESERVE_S = 45.0
 #: Ingest admits every request to the queue: the replay compares with vLLM, which rejects none.
@@ -97,18 +103,28 @@ def workers_yaml(models: Sequence[str], gpu: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_profiles(target: Path, models: Sequence[str], gpu: str,
-                   kv_capacity_tokens: int | None) -> Path:
-    """A copy of the shipped profiles; with ``kv_capacity_tokens`` (simulated engine), the
-    (model, gpu) profiles of ``models`` hold that many KV tokens, as qlm_vs_fcfs's
-    ``--sim-kv-tokens`` sets them."""
+def write_profiles(target: Path, gpu: str, kv_capacity_tokens: Mapping[str, int]) -> Path:
+    """A copy of the shipped profiles in which the (model, ``gpu``) profile of each model of
+    ``kv_capacity_tokens`` holds that many KV tokens: the simulated engine's capacity
+    (qlm_vs_fcfs's ``--sim-kv-tokens``), or the one vLLM found on the GPU, which the
+    scheduler must plan with as qlm_vs_fcfs's policies do."""
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(PROFILE_DIR.glob("*.json")):
         data = json.loads(path.read_text())
-        if kv_capacity_tokens is not None and data["model"] in models and data["gpu"] == gpu:
-            data["kv_capacity_tokens"] = kv_capacity_tokens
+        if data["gpu"] == gpu and data["model"] in kv_capacity_tokens:
+            data["kv_capacity_tokens"] = int(kv_capacity_tokens[data["model"]])
         (target / path.name).write_text(json.dumps(data, indent=1) + "\n")
     return target
+
+
+#: What vLLM logs once its KV cache is sized (vllm/v1/core/kv_cache_utils.py).
+KV_CACHE_LINE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+
+
+def logged_kv_tokens(log_text: str) -> int | None:
+    """The KV capacity (tokens) in the last ``GPU KV cache size`` line of a log, or None."""
+    found = KV_CACHE_LINE.findall(log_text)
+    return int(found[-1].replace(",", "")) if found else None
 
 
 # ------------------------------------------------------------------ workers
@@ -141,20 +157,38 @@ class WorkerFleet:
     next), stopped together."""
 
     run_dir: Path
+    #: A string in every worker's command line (its profiles directory): a pid file is
+    #: believed only for a process whose command line has it.
+    marker: str
     processes: dict[str, Any] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
+    def process(self, model: str) -> Any:
+        from qlm.localstack.process import ServerProcess
+
+        return ServerProcess(f"worker-{model}", self.run_dir, marker=self.marker)
+
+    def leftovers(self, models: Sequence[str]) -> list[str]:
+        """Workers of an earlier run in this directory that still run."""
+        return [f"worker-{m}" for m in models if self.process(m).running_pid() is not None]
+
     def start(self, model: str, argv: Sequence[str], health_port: int, timeout_s: float
               ) -> float:
-        from qlm.localstack.process import ServerProcess
+        """Start the worker of ``model``; returns the seconds until its health is SERVING."""
         from qlm.localstack.services import grpc_serving
 
-        process = ServerProcess(f"worker-{model}", self.run_dir, marker=str(self.run_dir))
+        process = self.process(model)
         self.processes[model] = process
         self.pids[model] = process.start(argv, env=service_env())
-        # The run directory is in no worker argv: the pid file is believed for our Popen.
         return process.wait_until(lambda: grpc_serving(f"127.0.0.1:{health_port}"),
                                   timeout_s, "health SERVING", poll_s=0.5)
+
+    def logged_kv_tokens(self) -> dict[str, int]:
+        """Each worker's KV capacity as its engine logged it (models that logged none left
+        out: the scheduler then plans with the profile's)."""
+        found = {m: logged_kv_tokens(p.log_path.read_text(errors="replace"))
+                 for m, p in self.processes.items()}
+        return {m: n for m, n in found.items() if n is not None}
 
     def check_alive(self) -> None:
         from qlm.localstack.process import tail
@@ -226,6 +260,18 @@ def outcomes_of(run: Any) -> list[Outcome]:
     return out
 
 
+def warmup_workload(models: Sequence[str], slos: Mapping[str, float]) -> Workload:
+    """What runs before the measured replay, as qlm_vs_fcfs's ``warm_up`` (8 short requests
+    per model, prompts of 64 to 1,856 tokens), half by gRPC and half through Kafka."""
+    requests = []
+    for model in models:
+        for i in range(8):
+            cls = SLOClass.INTERACTIVE if i % 2 == 0 else SLOClass.BATCH_2
+            requests.append(Request(f"warm-{model}-{i}", model, 64 + 256 * i, 16, cls,
+                                    SLO(60.0), round(0.05 * i, 3)))
+    return Workload(tuple(requests), slos, {"num_requests": len(requests)})
+
+
 def replay_plan(workload: Workload, trace: str, seed: int) -> Any:
     """The workload as a :class:`loadgen.demo.DemoPlan` (every request at its own length)."""
     from loadgen.demo import DemoPlan
@@ -265,9 +311,12 @@ def run_stack(args: argparse.Namespace, workload: Workload, result: dict[str, An
     from qlm.localstack.services import ServiceOptions, ServiceStack
 
     models = args.models.split(",")
-    stack = fresh_stack(args.dir)
     run_dir = args.dir.resolve() / "services"
-    fleet = WorkerFleet(run_dir)
+    worker_profiles = args.dir.resolve() / "profiles"
+    fleet = WorkerFleet(run_dir, marker=str(worker_profiles))
+    if leftovers := fleet.leftovers(models):
+        raise Unavailable(f"{', '.join(leftovers)} of an earlier run still run in {run_dir}")
+    stack = fresh_stack(args.dir)
     services: ServiceStack | None = None
     startup: dict[str, Any] = {}
     result["startup_s"] = startup
@@ -280,28 +329,38 @@ def run_stack(args: argparse.Namespace, workload: Workload, result: dict[str, An
         redis_url, bootstrap = env["QLM_REDIS_URL"], env["QLM_KAFKA_BOOTSTRAP"]
         workers_file = args.dir.resolve() / "workers.yaml"
         workers_file.write_text(workers_yaml(models, args.gpu))
-        sim_kv = args.sim_kv_tokens if args.engine == "sim" else None
-        profiles = write_profiles(args.dir.resolve() / "profiles", models, args.gpu, sim_kv)
-        options = ServiceOptions(
-            policy=args.policy, workers_file=workers_file, admission=ADMISSION,
-            group_window_s=args.group_window_s, tick_s=args.tick_s, shutdown_grace_s=2.0)
-        services = ServiceStack(args.dir, redis_url, bootstrap, options,
-                                profiles_source=profiles)
-        started = time.monotonic()
-        for line in services.up(names=SERVICES):
-            print(line, flush=True)
-        startup["services"] = round(time.monotonic() - started, 1)
-        for model in models:
+        sim_kv = {m: args.sim_kv_tokens for m in models} if args.engine == "sim" else {}
+        write_profiles(worker_profiles, args.gpu, sim_kv)
+        for model in models:  # first, so that the scheduler can plan with their KV capacity
             ports = WorkerPorts(free_loopback_port(), free_loopback_port())
-            argv = worker_argv(args, model, ports, redis_url, bootstrap, services.profiles_dir)
+            argv = worker_argv(args, model, ports, redis_url, bootstrap, worker_profiles)
             seconds = fleet.start(model, argv, ports.health, budget.within(
                 args.worker_start_timeout_s, f"starting the worker of {model}"))
             startup[f"worker {model}"] = round(seconds, 1)
             print(f"worker-{model} ready in {seconds:.1f} s ({args.engine})", flush=True)
+        kv = dict(sim_kv) if args.engine == "sim" else fleet.logged_kv_tokens()
+        result["kv_capacity_tokens"] = kv
+        options = ServiceOptions(
+            policy=args.policy, workers_file=workers_file, admission=ADMISSION,
+            group_window_s=args.group_window_s, tick_s=args.tick_s, shutdown_grace_s=2.0)
+        services = ServiceStack(args.dir, redis_url, bootstrap, options, profiles_source=(
+            write_profiles(args.dir.resolve() / "profiles-planned", args.gpu, kv)))
+        started = time.monotonic()
+        for line in services.up(names=SERVICES):
+            print(line, flush=True)
+        startup["services"] = round(time.monotonic() - started, 1)
+
         def check_alive() -> None:
             services_alive(services, SERVICES)
             fleet.check_alive()
 
+        started = time.monotonic()
+        warm = warmup_workload(models, workload.slos)
+        asyncio.run(run_one_policy(
+            replay_plan(warm, "warm-up", args.seed), "warmup", services.ingest_addr, bootstrap,
+            1.0, budget.within(WARMUP_TIMEOUT_S, "the warm-up"), check_alive,
+            draw_prompts(warm.requests, args.seed + 7)))
+        startup["warmup"] = round(time.monotonic() - started, 1)
         plan = replay_plan(workload, str(args.slice), args.seed)
         span_s = plan.span_s
         wait_s = budget.within(args.replay_timeout_s, "the replay") - span_s

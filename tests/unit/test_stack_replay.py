@@ -14,6 +14,7 @@ from loadgen.gpu.stack_replay import (
     STOP_RESERVE_S,
     Budget,
     WorkerPorts,
+    logged_kv_tokens,
     outcomes_of,
     parse_args,
     worker_argv,
@@ -67,16 +68,23 @@ def test_worker_argv_is_what_the_worker_service_accepts(engine: str) -> None:
         assert settings.vllm_gpu_memory_utilization is None
 
 
-def test_simulated_kv_capacity_is_set_for_the_replayed_models_only(tmp_path: Path) -> None:
-    book = ProfileBook.load(write_profiles(tmp_path, ["mistral-7b"], "H100-80GB", 1234))
+def test_kv_capacity_is_set_for_the_named_models_on_the_gpu_only(tmp_path: Path) -> None:
+    book = ProfileBook.load(write_profiles(tmp_path, "H100-80GB", {"mistral-7b": 1234}))
     assert book.get("mistral-7b", "H100-80GB").kv_capacity_tokens == 1234
     shipped = ProfileBook.load()
     for model, gpu in (("mistral-7b", "A100-80GB"), ("qwen2.5-1.5b", "H100-80GB")):
         assert book.get(model, gpu).kv_capacity_tokens == \
             shipped.get(model, gpu).kv_capacity_tokens
-    unchanged = ProfileBook.load(write_profiles(tmp_path / "b", ["mistral-7b"], "H100-80GB", None))
+    unchanged = ProfileBook.load(write_profiles(tmp_path / "b", "H100-80GB", {}))
     assert unchanged.get("mistral-7b", "H100-80GB").kv_capacity_tokens == \
         shipped.get("mistral-7b", "H100-80GB").kv_capacity_tokens
+
+
+def test_kv_capacity_is_read_from_the_last_line_vllm_logs() -> None:
+    log = ("(EngineCore pid=7) INFO [kv_cache_utils.py:2146] GPU KV cache size: 1,234 tokens\n"
+           "noise\nINFO GPU KV cache size: 155,248 tokens\nINFO Maximum concurrency ...\n")
+    assert logged_kv_tokens(log) == 155_248
+    assert logged_kv_tokens("INFO starting\n") is None
 
 
 def _tracked(rid: str, cls: SLOClass, arrival: float, max_tokens: int, **seen: object) -> Tracked:
