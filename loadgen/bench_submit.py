@@ -516,6 +516,7 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
     cpu_per_submit = {
         name: round(seconds * 1000 / len(latencies), 4) for name, seconds in cpu.items()
     } if latencies else {}
+    floor = measure_grpc_floor(args, work, 8.0)
     return {
         "benchmark": "Submit: gRPC → ingest → Redis (one Lua script) → Kafka (admitted event)",
         "command": "python -m loadgen.bench_submit " + shlex.join(sys.argv[1:]),
@@ -550,8 +551,19 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
             cpu_per_submit, include_clients=False
         ),
         "target_submits_per_s": 3000,
-        "grpc_floor_empty_handler": measure_grpc_floor(args, work, 8.0),
+        "grpc_floor_empty_handler": floor,
+        "ingest_cpu_ms_per_submit_split": _ingest_split(cpu_per_submit, floor),
     }
+
+
+def _ingest_split(cpu_per_submit: dict[str, float], floor: dict[str, Any]) -> dict[str, float]:
+    """Ingest's CPU per submit as the gRPC server's own cost (the empty handler's, same
+    load and loop) and the rest: validation, Redis and Kafka clients, the plane."""
+    if "ingest" not in cpu_per_submit:
+        return {}
+    grpc_ms = floor["cpu_ms_per_call"]["server"]
+    return {"grpc_server_floor": grpc_ms,
+            "beyond_grpc": round(cpu_per_submit["ingest"] - grpc_ms, 4)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,13 +11,15 @@ anything else                     INTERNAL (logged)
 ================================  =================
 
 The status message is the error's text, e.g. ``"max_tokens: must be > 0, got 0"``.
+Ingest applies the mapping when it registers its servicer
+(:func:`add_with_error_mapping`); other services use :class:`ErrorInterceptor`.
 A request whose bytes do not parse as the method's message also gets INVALID_ARGUMENT
 (the interceptor wraps the deserializer; gRPC's own answer would be INTERNAL).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -100,6 +102,53 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(handler_call_details)
             if handler is None:
                 return handler
+            wrapped = self._wrapped[method] = _wrap(handler)
+        return wrapped
+
+
+def add_with_error_mapping(
+    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+) -> None:
+    """Register ``servicer`` through its generated ``add_*_to_server`` with every handler
+    wrapped as :class:`ErrorInterceptor` wraps it (same status codes, same tolerant
+    parsing), at registration instead of per call: grpc.aio awaits a server interceptor
+    on every call, which cost ingest about 0.025 ms of CPU per Submit."""
+    add_to_server(servicer, _WrappingRegistrar(server))
+
+
+class _WrappingRegistrar:
+    """Stands in for the server while a generated ``add_*_to_server`` registers handlers."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.server.add_registered_method_handlers(
+            service, {name: _wrap(handler) for name, handler in handlers.items()}
+        )
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped (each built once)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self.inner = inner
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = self.inner.service(handler_call_details)
+            if handler is None:
+                return None
             wrapped = self._wrapped[method] = _wrap(handler)
         return wrapped
 

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from qlm.api.v1 import qlm_pb2, qlm_pb2_grpc
 from qlm.ingest import IngestPlane
 from qlm.log import get_logger
-from services.ingest.errors import ErrorInterceptor
+from services.ingest.errors import add_with_error_mapping
 from services.ingest.servicer import QueueManagerServicer
 
 log = get_logger("services.ingest.server")
@@ -51,14 +51,14 @@ class IngestServer:
         self.health_interval_s = health_interval_s
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", int(reuse_port)),
             ],
         )
-        qlm_pb2_grpc.add_QueueManagerServicer_to_server(QueueManagerServicer(plane), self.server)
+        add_with_error_mapping(qlm_pb2_grpc.add_QueueManagerServicer_to_server,
+                               QueueManagerServicer(plane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -1,7 +1,7 @@
 """The QueueManager servicer: wire messages in, :class:`qlm.ingest.IngestPlane` calls, wire out.
 
 No validation and no error handling here: the plane validates, and
-:class:`services.ingest.errors.ErrorInterceptor` maps its exceptions to status codes.
+:func:`services.ingest.errors.add_with_error_mapping` maps its exceptions to status codes.
 """
 
 from __future__ import annotations
