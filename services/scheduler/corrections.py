@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from qlm.bus.records import Telemetry
 from qlm.core.errors import InvalidInput
 from qlm.core.estimator import RWTEstimator
 from qlm.core.perf import PerfProfile, ProfileBook
+
+if TYPE_CHECKING:  # the bus (aiokafka, structlog) is not needed to correct profiles
+    from qlm.bus.records import Telemetry
 
 
 def corrected(profile: PerfProfile, factor: float) -> PerfProfile:
