@@ -112,3 +112,10 @@ bench-decide:
 
 docs:  ## regenerate the generated docs (configuration reference)
 	$(PYTHON) -m qlm.configdoc > docs/config.md
+
+# Redis + Kafka + the missing wheels for a GPU host without network, Java or redis-server
+# (needs openjdk-17-jdk-headless for jlink/jmods): .stack/stack.tar.xz, unpacked there by
+# loadgen/gpu/unpack_stack.sh; then python3 -m loadgen.gpu.stack_replay.
+.PHONY: stack-archive
+stack-archive:
+	PYTHON=$(PYTHON) bash loadgen/gpu/stage_stack.sh
