@@ -341,7 +341,8 @@ def run_stack(args: argparse.Namespace, workload: Workload, result: dict[str, An
         kv = dict(sim_kv) if args.engine == "sim" else fleet.logged_kv_tokens()
         result["kv_capacity_tokens"] = kv
         options = ServiceOptions(
-            policy=args.policy, workers_file=workers_file, admission=ADMISSION,
+            policy=args.policy, policy_options=json.loads(args.policy_options),
+            workers_file=workers_file, admission=ADMISSION,
             group_window_s=args.group_window_s, tick_s=args.tick_s, shutdown_grace_s=2.0)
         services = ServiceStack(args.dir, redis_url, bootstrap, options, profiles_source=(
             write_profiles(args.dir.resolve() / "profiles-planned", args.gpu, kv)))
@@ -438,6 +439,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--engine", choices=("vllm", "sim"), default="vllm")
     p.add_argument("--policy", default="qlm", help="the scheduler service's policy")
+    p.add_argument("--policy-options", default="{}",
+                   help="the scheduler's policy options (JSON object), e.g. "
+                        "'{\"evict_rate_credit\": 0.5}'")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="vllm: each worker's share of the GPU")
     p.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs")

@@ -60,7 +60,7 @@ POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority")
 class ServiceOptions:
     """How the services run. Validated on construction (InvalidInput names the field).
 
-    * ``policy``: the scheduler's policy;
+    * ``policy``: the scheduler's policy; ``policy_options``: its options (JSON object);
     * ``workers_file``: YAML ``{"workers": [{id, gpu, models}, ...]}`` of simulated workers;
     * ``time_scale``: the workers run this many times faster than their GPUs (see module);
     * ``admission``: ingest's per-class admission rules (``interactive=reject`` ...);
@@ -70,6 +70,7 @@ class ServiceOptions:
     """
 
     policy: str = "qlm"
+    policy_options: Mapping[str, Any] = field(default_factory=dict)
     workers_file: Path = DEFAULT_WORKERS_FILE
     time_scale: float = 1.0
     admission: str = "interactive=reject"
@@ -89,11 +90,14 @@ class ServiceOptions:
                 raise InvalidInput(name, f"must be a finite number > 0, got {value!r}")
         if not self.shutdown_grace_s >= 0:
             raise InvalidInput("shutdown_grace_s", "must be >= 0")
+        if not isinstance(self.policy_options, Mapping):
+            raise InvalidInput("policy_options", "must be a JSON object")
         read_workers_file(self.workers_file)  # InvalidInput names the bad entry
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["workers_file"] = str(self.workers_file)
+        d["policy_options"] = dict(self.policy_options)
         return d
 
     @classmethod
@@ -218,7 +222,9 @@ class ServiceStack:
                     "--metrics-port", str(p.scheduler_metrics),
                     "--profiles-dir", str(self.profiles_dir),
                     "--workers-file", str(self.workers_copy),
-                    "--tick-s", str(o.tick_s)]
+                    "--tick-s", str(o.tick_s),
+                    *(["--policy-options", json.dumps(dict(o.policy_options))]
+                      if o.policy_options else [])]
         if name == "worker":
             return [*module, *self._common(), "--engine", "sim",
                     "--workers-file", str(self.workers_copy),
