@@ -238,12 +238,14 @@ def gpu_label(device_name: str) -> str:
 
 
 def compact_json(data: Any) -> str:
-    """JSON with one line per list of scalars (per-request rows stay one line each)."""
+    """JSON with every array or object that holds no array or object on one line (so
+    per-request rows stay one line each)."""
     text = json.dumps(data, indent=1, default=str)
-    return _SCALAR_LIST.sub(lambda m: re.sub(r"\s+", "", m.group(0)), text)
+    return _FLAT.sub(lambda m: _LINE_BREAK.sub("", m.group(0)), text)
 
 
-_SCALAR_LIST = re.compile(r"\[[^\[\]{}\"]*(?:\"[^\"]*\"[^\[\]{}\"]*)*\]")
+_FLAT = re.compile(r'[\[{][^\[\]{}"]*(?:"(?:[^"\\]|\\.)*"[^\[\]{}"]*)*[\]}]')
+_LINE_BREAK = re.compile(r"\s*\n\s*")
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
