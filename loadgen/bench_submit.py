@@ -14,7 +14,8 @@ The load comes from ``--load``:
   load processes;
 * ``ghz``: the ``ghz`` gRPC load tool (Go; ``make ghz`` installs it), over
   ``--channels`` connections with ``--ghz-cpus`` cores, request ids from its
-  ``{{.RequestNumber}}`` template. It costs the shared cores less per call.
+  ``{{.RequestNumber}}`` template: a standard load tool on a client stack other
+  than the server's.
 
 Afterwards it checks that Redis holds exactly the requests that were acknowledged
 (with ghz: its count of OK statuses) and counts the ``admitted`` events on Kafka. The
