@@ -470,6 +470,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for server in reversed(servers):
             server.stop()
+        if args.keep_work:
+            print(f"servers' data, ingest log and ghz reports kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
@@ -586,6 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redis-url")
     parser.add_argument("--kafka-bootstrap")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep the working directory (Redis/Kafka data, ingest log, "
+                        "ghz reports); default: removed")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.client_procs < 1 or args.duration <= 0:
         parser.error("--concurrency, --client-procs must be >= 1 and --duration > 0")
