@@ -99,7 +99,9 @@ def java_binary() -> str:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: a random UUID in URL-safe base64 without padding (22 characters)."""
+    """A KRaft cluster id: a random UUID in URL-safe base64 without padding (22 characters).
+
+    It may start with ``-``, so pass it as ``--cluster-id=ID`` (``-t ID`` reads it as a flag)."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
 
 
@@ -239,7 +241,7 @@ class KafkaServer:
         if self.is_formatted():
             return
         argv = self._java_argv(
-            libs, STORAGE_TOOL_MAIN, "format", "-t", new_cluster_id(),
+            libs, STORAGE_TOOL_MAIN, "format", f"--cluster-id={new_cluster_id()}",
             "-c", str(self.config_path), quick=True,
         )  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, check=False)

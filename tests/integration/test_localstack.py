@@ -126,3 +126,17 @@ def test_up_then_down_leaves_no_process(tmp_path: Path) -> None:
     assert not port_is_open("127.0.0.1", ports.kafka)
     assert not list(stack_dir.glob("*/*.pid"))
     assert _localstack("status", stack_dir).returncode == 3
+
+
+def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """About one random id in 64 starts with '-'; the storage tool must not read it as a flag."""
+    from qlm.localstack import kafka
+
+    monkeypatch.setattr(kafka, "new_cluster_id", lambda: "-" + "A" * 21)
+    server = KafkaServer(tmp_path / "kafka", port=0, controller_port=0)
+    server.data_dir.mkdir(parents=True)
+    server.config_path.write_text(server.server_properties())
+    server.format_storage(kafka.fetch_kafka_jars(server.version))
+    assert "cluster.id=-AAAA" in (server.log_dirs / "meta.properties").read_text()
