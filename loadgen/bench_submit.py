@@ -147,9 +147,11 @@ class GhzRun:
 
 
 def run_ghz(ghz: str, target: str, concurrency: int, connections: int, cpus: int,
-            duration_s: float, tag: str, work: Path) -> GhzRun:
+            duration_s: float, tag: str, work: Path,
+            affinity: frozenset[int] | None = None) -> GhzRun:
     """Submit for ``duration_s`` with ids ``<tag>-<n>``; calls in flight at the end are
-    waited for (``--duration-stop wait``), so every call is either OK or an error."""
+    waited for (``--duration-stop wait``), so every call is either OK or an error.
+    ``affinity``: the cores ghz runs on (default: this process's)."""
     data = {
         "request_id": f"{tag}-{{{{.RequestNumber}}}}", "tenant": "bench", "model": MODEL,
         "prompt_text": PROMPT, "max_tokens": 128, "slo_class": "SLO_CLASS_BATCH_1",
@@ -164,7 +166,9 @@ def run_ghz(ghz: str, target: str, concurrency: int, connections: int, cpus: int
         "--timeout", "10s", "--format", "json", "--output", str(report), target,
     ]
     before = os.times()
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(
+        command, capture_output=True, text=True,
+        preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
     after = os.times()
     if completed.returncode != 0 or not report.exists():
         raise SystemExit(f"ghz failed ({completed.returncode}): {completed.stderr.strip()}")
@@ -228,10 +232,10 @@ def measure_grpc_floor(args: argparse.Namespace, work: Path,
         if args.load == "ghz":
             ghz = ghz_binary(args.ghz)
             run_ghz(ghz, target, args.concurrency, args.channels, args.ghz_cpus, 1.0,
-                    "floor-warmup", work)
+                    "floor-warmup", work, args.load_cpus)
             cpu_before = _cpu_seconds(server.pid or 0)
             measured = run_ghz(ghz, target, args.concurrency, args.channels, args.ghz_cpus,
-                               duration_s, "floor", work)
+                               duration_s, "floor", work, args.load_cpus)
             latencies, num_calls = measured.latencies_s, measured.num_ok
             load_cpu, window_s = measured.cpu_s, measured.elapsed_s
         else:
@@ -406,10 +410,10 @@ def _drive_ghz(args: argparse.Namespace, work: Path, target: str,
     ghz = ghz_binary(args.ghz)
     connections = max(args.channels, 4 * args.ingest_processes)
     warmup = run_ghz(ghz, target, args.concurrency, connections, args.ghz_cpus,
-                     args.warmup, "w", work)
+                     args.warmup, "w", work, args.load_cpus)
     cpu_before = read_cpu()
     measured = run_ghz(ghz, target, args.concurrency, connections, args.ghz_cpus,
-                       args.duration, "m", work)
+                       args.duration, "m", work, args.load_cpus)
     cpu_after = read_cpu()
     result = LoadResult(
         latencies_s=measured.latencies_s,
@@ -571,6 +575,20 @@ def _ingest_split(cpu_per_submit: dict[str, float], floor: dict[str, Any]) -> di
             "beyond_grpc": round(cpu_per_submit["ingest"] - grpc_ms, 4)}
 
 
+def _cpu_list(text: str) -> frozenset[int]:
+    """``0,1`` or ``2-5`` or a mix: the cores named (argparse type)."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a core list like 0,1 or 2-5: {text!r}") from None
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"not a core list like 0,1 or 2-5: {text!r}")
+    return frozenset(cpus)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", choices=("python", "ghz"), default="python",
@@ -583,6 +601,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "4 per ingest process")
     parser.add_argument("--ghz", help="ghz executable (default: PATH, then ~/.cache/qlm/bin)")
     parser.add_argument("--ghz-cpus", type=int, default=1, help="cores ghz may use")
+    parser.add_argument("--server-cpus", type=_cpu_list,
+                        help="cores for Redis, Kafka and ingest, e.g. 0,1 (default: all); "
+                        "with --load-cpus the load runs beside, not on, the measured cores")
+    parser.add_argument("--load-cpus", type=_cpu_list,
+                        help="cores for ghz (--load ghz), e.g. 2-5 (default: all)")
     parser.add_argument("--duration", type=float, default=15.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     parser.add_argument("--ingest-processes", type=int, default=1,
@@ -596,7 +619,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.client_procs < 1 or args.duration <= 0:
         parser.error("--concurrency, --client-procs must be >= 1 and --duration > 0")
+    if args.load_cpus and args.load != "ghz":
+        parser.error("--load-cpus needs --load ghz")
+    if args.server_cpus:  # the servers and ingest are started from here: they inherit it
+        os.sched_setaffinity(0, args.server_cpus)
     result = run(args)
+    result["cpus"] = {"server": sorted(args.server_cpus or os.sched_getaffinity(0)),
+                      "load": sorted(args.load_cpus) if args.load_cpus else "same",
+                      "host": os.cpu_count()}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
