@@ -499,8 +499,11 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
     }
     log_path = work / "ingest.log"
     with log_path.open("wb") as log_file:
+        cpus = args.ingest_cpus
         ingest = subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env,
-                                  stdout=log_file, stderr=subprocess.STDOUT)
+                                  stdout=log_file, stderr=subprocess.STDOUT,
+                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus))
+                                  if cpus else None)
     target = f"127.0.0.1:{port}"
     try:
         _wait_serving(target)
@@ -604,6 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-cpus", type=_cpu_list,
                         help="cores for Redis, Kafka and ingest, e.g. 0,1 (default: all); "
                         "with --load-cpus the load runs beside, not on, the measured cores")
+    parser.add_argument("--ingest-cpus", type=_cpu_list,
+                        help="cores for ingest alone (default: --server-cpus)")
     parser.add_argument("--load-cpus", type=_cpu_list,
                         help="cores for ghz (--load ghz), e.g. 2-5 (default: all)")
     parser.add_argument("--duration", type=float, default=15.0, help="measured seconds")
@@ -625,6 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, args.server_cpus)
     result = run(args)
     result["cpus"] = {"server": sorted(args.server_cpus or os.sched_getaffinity(0)),
+                      "ingest": sorted(args.ingest_cpus) if args.ingest_cpus else "server",
                       "load": sorted(args.load_cpus) if args.load_cpus else "same",
                       "host": os.cpu_count()}
     text = json.dumps(result, indent=2)
