@@ -80,6 +80,7 @@ from qlm.core.perf import PROFILE_DIR, PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
 from qlm.core.pulls import (
     DEFAULT_PREFILL_CAP_TOKENS,
+    fits_prefill_cap,
     ordered_groups,
     pending_prefill_tokens,
     plan_pulls,
@@ -537,10 +538,10 @@ class Managed:
         explicit pull."""
         if self.prefill_cap <= 0:
             return True
-        pending = pending_prefill_tokens(self._view(w))
-        need = self.outcomes[request_id].request.prompt_tokens + \
-            self.outcomes[request_id].num_generated
-        return pending == 0 or pending + need <= self.prefill_cap
+        outcome = self.outcomes[request_id]
+        request = replace(outcome.request, num_generated=outcome.num_generated)
+        return fits_prefill_cap(pending_prefill_tokens(self._view(w)), request,
+                                self.prefill_cap)
 
     def _start(self, w: _Worker, request_id: str) -> bool:
         request = self._dequeue(request_id)

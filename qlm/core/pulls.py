@@ -80,6 +80,13 @@ def pending_prefill_tokens(worker: WorkerView) -> int:
     return sum(r.request.context_tokens for r in worker.running if r.first_token_at is None)
 
 
+def fits_prefill_cap(pending_tokens: int, request: Request, prefill_cap_tokens: int) -> bool:
+    """Whether admitting ``request`` keeps the context waiting for prefill within the cap
+    (always when there is no cap or nothing waits)."""
+    return (prefill_cap_tokens <= 0 or pending_tokens == 0
+            or pending_tokens + request.context_tokens <= prefill_cap_tokens)
+
+
 def can_serve(worker: WorkerView, model: str, profiles: ProfileBook) -> bool:
     """True if ``worker`` could run ``model``: a profile exists for its GPU and fits its GPUs."""
     if not profiles.has(model, worker.gpu):
@@ -125,11 +132,9 @@ def plan_pulls(
             need = kv_reservation(request, expected_output_tokens)
             if free_slots <= 0 or need > headroom:
                 return tuple(pulled)
-            if prefill_cap_tokens > 0:
-                prompt_work = request.context_tokens
-                if pending > 0 and pending + prompt_work > prefill_cap_tokens:
-                    return tuple(pulled)
-                pending += prompt_work
+            if not fits_prefill_cap(pending, request, prefill_cap_tokens):
+                return tuple(pulled)
+            pending += request.context_tokens
             pulled.append(request.id)
             free_slots -= 1
             headroom -= need
