@@ -413,6 +413,17 @@ def stop_signals_deferred() -> Any:
         raise KeyboardInterrupt(f"signal {received[0]} while stopping")
 
 
+def save_logs(stack_dir: Path, archive: Path) -> Path:
+    """Every ``*.log`` under ``stack_dir`` (brokers, services, workers) in one tar.gz, for
+    timing a run's decisions, commands and pulls afterwards."""
+    import tarfile
+
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(stack_dir.rglob("*.log")):
+            tar.add(path, arcname=str(path.relative_to(stack_dir)))
+    return archive
+
+
 def log_tails(run_dir: Path, num_lines: int = 15) -> dict[str, str]:
     from qlm.localstack.process import tail
 
@@ -439,6 +450,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--engine", choices=("vllm", "sim"), default="vllm")
     p.add_argument("--policy", default="qlm", help="the scheduler service's policy")
+    p.add_argument("--save-logs", action="store_true",
+                   help="also write OUT/<name>-logs.tar.gz with every log of the stack")
     p.add_argument("--policy-options", default="{}",
                    help="the scheduler's policy options (JSON object), e.g. "
                         "'{\"evict_rate_credit\": 0.5}'")
@@ -508,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.alarm(0)
     result["total_s"] = round(time.time() - started, 1)
     write_json(out / f"{args.name}.json", result)
+    if args.save_logs:
+        print("logs:", save_logs(args.dir.resolve(), out / f"{args.name}-logs.tar.gz"))
     for name, variant in result["variants"].items():
         s = variant["summary"]
         for cls, c in s["classes"].items():
