@@ -89,7 +89,7 @@ $(GHZ):
 # the configuration of docs/results/bench_submit_ghz.json (1 ingest process: as many
 # submits/s as 2 on these cores, less CPU per submit, lower p99)
 bench-submit: $(GHZ)
-	PATH="$(dir $(GHZ)):$$PATH" $(PYTHON) -m loadgen.bench_submit --load ghz --server-cpus 0 --load-cpus 1 --out docs/results/bench_submit_ghz_server1core.json
+	PATH="$(dir $(GHZ)):$$PATH" $(PYTHON) -m loadgen.bench_submit --load ghz --server-cpus 0 --kafka-cpus 1 --load-cpus 1 --out docs/results/bench_submit_ghz_pinned.json
 
 bench-worker:
 	$(PYTHON) -m loadgen.bench_worker --requests 200 --warmup 20 --out docs/results/bench_worker.json

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -467,7 +468,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             redis_url = redis_server.url
         if kafka is None:
             kafka_server = KafkaServer(work / "kafka", free_loopback_port(), free_loopback_port())
-            kafka_server.start()
+            with _affinity(args.kafka_cpus):  # the broker's threads inherit it
+                kafka_server.start()
             servers.append(kafka_server)
             kafka = kafka_server.bootstrap_servers
         return _measure(args, work, redis_url, kafka, servers)
@@ -478,6 +480,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"servers' data, ingest log and ghz reports kept in {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _affinity(cpus: frozenset[int] | None) -> Iterator[None]:
+    """This process (and what it starts meanwhile) on ``cpus``; the old set afterwards."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
@@ -607,6 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-cpus", type=_cpu_list,
                         help="cores for Redis, Kafka and ingest, e.g. 0,1 (default: all); "
                         "with --load-cpus the load runs beside, not on, the measured cores")
+    parser.add_argument("--kafka-cpus", type=_cpu_list,
+                        help="cores for the Kafka broker alone (default: --server-cpus)")
     parser.add_argument("--ingest-cpus", type=_cpu_list,
                         help="cores for ingest alone (default: --server-cpus)")
     parser.add_argument("--load-cpus", type=_cpu_list,
@@ -631,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(args)
     result["cpus"] = {"server": sorted(args.server_cpus or os.sched_getaffinity(0)),
                       "ingest": sorted(args.ingest_cpus) if args.ingest_cpus else "server",
+                      "kafka": sorted(args.kafka_cpus) if args.kafka_cpus else "server",
                       "load": sorted(args.load_cpus) if args.load_cpus else "same",
                       "host": os.cpu_count()}
     text = json.dumps(result, indent=2)
