@@ -596,15 +596,16 @@ def _ingest_split(cpu_per_submit: dict[str, float], floor: dict[str, Any]) -> di
 
 def _cpu_list(text: str) -> frozenset[int]:
     """``0,1`` or ``2-5`` or a mix: the cores named (argparse type)."""
+    bad = argparse.ArgumentTypeError(f"not a core list like 0,1 or 2-5: {text!r}")
     cpus: set[int] = set()
-    try:
-        for part in text.split(","):
-            first, _, last = part.partition("-")
-            cpus.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a core list like 0,1 or 2-5: {text!r}") from None
-    if not cpus or min(cpus) < 0:
-        raise argparse.ArgumentTypeError(f"not a core list like 0,1 or 2-5: {text!r}")
+    for part in text.split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise bad
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise bad
+        cpus.update(range(low, high + 1))
     return frozenset(cpus)
 
 
