@@ -33,6 +33,9 @@ WHEELS=(
   grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
   redis==8.1.0 hiredis==3.5.0 aiokafka==0.14.0 async-timeout==5.0.1
   structlog==26.1.0 pydantic-settings==2.14.1 python-dotenv==1.2.2
+  # pydantic as the vLLM archive carries it (same versions), so the stack also runs
+  # without that archive on the path (e.g. the submit benchmark on the GPU host)
+  pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
 )
 
 log() { printf '== %s\n' "$*" >&2; }
