@@ -65,6 +65,7 @@ class ServiceOptions:
     * ``time_scale``: the workers run this many times faster than their GPUs (see module);
     * ``admission``: ingest's per-class admission rules (``interactive=reject`` ...);
     * ``group_window_s``, ``tick_s``: ingest's group window, the scheduler's tick (wall s);
+    * ``debounce_s``: how long the scheduler gathers events before deciding (wall s);
     * ``shutdown_grace_s``: how long a stopping service may finish in-flight work;
     * ``topic_prefix``: prefix of every Kafka topic (tests: unique per test).
     """
@@ -76,6 +77,7 @@ class ServiceOptions:
     admission: str = "interactive=reject"
     group_window_s: float = 1.0
     tick_s: float = 1.0
+    debounce_s: float = 0.1
     shutdown_grace_s: float = 2.0
     log_level: str = "info"
     topic_prefix: str = ""
@@ -90,6 +92,9 @@ class ServiceOptions:
                 raise InvalidInput(name, f"must be a finite number > 0, got {value!r}")
         if not self.shutdown_grace_s >= 0:
             raise InvalidInput("shutdown_grace_s", "must be >= 0")
+        if not (math.isfinite(self.debounce_s) and self.debounce_s >= 0):
+            raise InvalidInput("debounce_s",
+                               f"must be a finite number >= 0, got {self.debounce_s!r}")
         if not isinstance(self.policy_options, Mapping):
             raise InvalidInput("policy_options", "must be a JSON object")
         read_workers_file(self.workers_file)  # InvalidInput names the bad entry
@@ -222,7 +227,7 @@ class ServiceStack:
                     "--metrics-port", str(p.scheduler_metrics),
                     "--profiles-dir", str(self.profiles_dir),
                     "--workers-file", str(self.workers_copy),
-                    "--tick-s", str(o.tick_s),
+                    "--tick-s", str(o.tick_s), "--debounce-s", str(o.debounce_s),
                     *(["--policy-options", json.dumps(dict(o.policy_options))]
                       if o.policy_options else [])]
         if name == "worker":
