@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
+from event_log import EventLog
 
 from qlm.api.v1 import qlm_pb2 as pb
 from qlm.bus.topics import TopicNames
@@ -53,33 +53,6 @@ def services(tmp_path: Path, redis_url: str, kafka_bootstrap: str,
     finally:
         stack.down()
     assert all(p.running_pid() is None for p in stack.processes.values())
-
-
-class EventLog:
-    """Every record of ``qlm.events`` (read from the start of the test's own topic)."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                         auto_offset_reset="earliest")
-        self.events: list[dict[str, Any]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self.consumer.start()
-        self._task = asyncio.create_task(self._follow())
-
-    async def _follow(self) -> None:
-        async for record in self.consumer:
-            self.events.append(json.loads(record.value))
-
-    def of_type(self, kind: str) -> Counter[str]:
-        return Counter(e["request_id"] for e in self.events if e["type"] == kind)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.consumer.stop()
 
 
 @pytest.fixture
@@ -146,16 +119,16 @@ async def test_mixed_traffic_finishes_exactly_once_and_cancel_stops(
             if chunk.token_ids:
                 break
         await client.cancel("long")
-        assert await wait_for(lambda: event_log.of_type("cancelled")["long"] == 1, 15)
+        assert await wait_for(lambda: event_log.count("cancelled")["long"] == 1, 15)
         info = await client.get("long")
 
         everything = set(interactive) | set(batch)
-        assert await wait_for(lambda: set(event_log.of_type("finished")) >= everything,
-                              WAIT_S), sorted(everything - set(event_log.of_type("finished")))
+        assert await wait_for(lambda: set(event_log.count("finished")) >= everything,
+                              WAIT_S), sorted(everything - set(event_log.count("finished")))
         await asyncio.sleep(1.0)  # a duplicate would show up by now
         long_after = await client.get("long")
 
-    finished = event_log.of_type("finished")
+    finished = event_log.count("finished")
     assert {rid: n for rid, n in finished.items() if n != 1} == {}
     assert set(finished) == everything  # "long" never finished
     for rid, r in interactive.items():
