@@ -169,7 +169,7 @@ def run_ghz(ghz: str, target: str, concurrency: int, connections: int, cpus: int
     before = os.times()
     completed = subprocess.run(
         command, capture_output=True, text=True,
-        preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
+        preexec_fn=_pinned(affinity))
     after = os.times()
     if completed.returncode != 0 or not report.exists():
         raise SystemExit(f"ghz failed ({completed.returncode}): {completed.stderr.strip()}")
@@ -299,21 +299,13 @@ def _cpu_of(ingest_pid: int, servers: Sequence[Any]) -> dict[str, float]:
 
 
 def _wait_serving(target: str, timeout_s: float = 60.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from qlm.localstack.services import grpc_serving
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise SystemExit(f"ingest at {target} did not become SERVING in {timeout_s} s")
+    while not grpc_serving(target):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ingest at {target} did not become SERVING in {timeout_s} s")
+        time.sleep(0.2)
 
 
 def _wait_listening(log_path: Path, num_processes: int, timeout_s: float = 60.0) -> None:
@@ -482,6 +474,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _pinned(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that puts a child process on ``cpus`` (None: where this one runs)."""
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
 @contextlib.contextmanager
 def _affinity(cpus: frozenset[int] | None) -> Iterator[None]:
     """This process (and what it starts meanwhile) on ``cpus``; the old set afterwards."""
@@ -515,11 +512,9 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
     }
     log_path = work / "ingest.log"
     with log_path.open("wb") as log_file:
-        cpus = args.ingest_cpus
         ingest = subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env,
                                   stdout=log_file, stderr=subprocess.STDOUT,
-                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus))
-                                  if cpus else None)
+                                  preexec_fn=_pinned(args.ingest_cpus))
     target = f"127.0.0.1:{port}"
     try:
         _wait_serving(target)

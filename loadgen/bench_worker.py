@@ -26,40 +26,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+import numpy as np
 
 from qlm.core.perf import ProfileBook
 from qlm.core.types import SLO, Request, SLOClass
 from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
+from qlm.localstack.services import grpc_serving
 from qlm.store import RedisQueueStore
 
 MODEL, GPU = "mistral-7b", "A100-80GB"
 
 
-def percentile(values: list[float], q: float) -> float:
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def wait_serving(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """Until the worker's health check answers SERVING (SystemExit if it exits or times out)."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"worker exited with {process.returncode}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service="qlm.worker"), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise SystemExit("worker did not become ready")
+    while not grpc_serving(f"127.0.0.1:{port}"):
+        if process.poll() is not None:
+            raise SystemExit(f"worker exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise SystemExit("worker did not become ready")
+        time.sleep(0.2)
 
 
 async def measure(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -102,16 +88,17 @@ async def measure(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "num_requests": len(ms),
         "enqueue_to_first_token_ms": {
-            "p50": round(percentile(ms, 50), 3),
-            "p90": round(percentile(ms, 90), 3),
-            "p99": round(percentile(ms, 99), 3),
+            "p50": round(float(np.percentile(ms, 50)), 3),
+            "p90": round(float(np.percentile(ms, 90)), 3),
+            "p99": round(float(np.percentile(ms, 99)), 3),
             "mean": round(sum(ms) / len(ms), 3),
         },
         "phases_p50_ms (store clock)": {
-            name: round(1000 * percentile(values, 50), 3) for name, values in phases.items()
+            name: round(1000 * float(np.percentile(values, 50)), 3)
+            for name, values in phases.items()
         },
         "engine_prefill_ms": round(1000 * engine_s, 4),
-        "worker_overhead_p50_ms": round(percentile(ms, 50) - 1000 * engine_s, 3),
+        "worker_overhead_p50_ms": round(float(np.percentile(ms, 50)) - 1000 * engine_s, 3),
     }
 
 
