@@ -311,7 +311,6 @@ class _Run:
     started_at: float
     task: asyncio.Task[None] | None = None
     evicting: bool = False
-    prefilled: bool = False
 
 
 @dataclass(eq=False)
@@ -565,8 +564,7 @@ class Managed:
     async def _serve(self, w: _Worker, run: _Run, stream: Any) -> None:
         outcome = self.outcomes[run.request.id]
 
-        def on_prefilled() -> None:
-            run.prefilled = True
+        def on_prefilled() -> None:  # the cap has room again
             if self.prefill_cap > 0:
                 self._pull(w)
 

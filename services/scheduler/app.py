@@ -111,12 +111,7 @@ class SchedulerApp:
 
     async def stop(self) -> None:
         """Stop deciding, release the lease (hand over now), flush and close."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await self.halt()
         was_leader = self.lease.fence > 0
         await self.lease.release()
         self.metrics.is_leader.set(0)
