@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shlex
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 from aiokafka import ConsumerRecord
 
+from loadgen.results import emit
 from qlm.bus import BusConsumer, BusProducer, ConsumerOptions, Event, TopicNames
 from qlm.bus.topics import ensure_topics, topic_specs
 from qlm.localstack import KafkaServer, free_loopback_port
@@ -151,10 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clients": args.clients,
         **results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

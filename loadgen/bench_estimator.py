@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shlex
@@ -31,6 +30,7 @@ import numpy as np
 import redis
 
 from loadgen.bench_scheduler import ENQUEUE_CHUNK, cluster, make_requests, percentiles
+from loadgen.results import emit
 from qlm.core.estimator import RWTEstimator
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
@@ -125,11 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "shared": "2 cores shared with other work; see the load average"},
         "workers": args.workers, **results,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shlex
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from loadgen.results import emit
 from qlm.bus.producer import BusProducer
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.perf import ProfileBook
@@ -231,11 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "steps": args.steps, "churn_per_step": args.churn,
         "policies": results,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from loadgen.results import emit
 from qlm.core.types import SLO, GroupKey, Request, SLOClass
 from qlm.localstack import RedisServer, free_loopback_port
 from qlm.store import RedisQueueStore
@@ -311,11 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "median": median_summary(runs),
         "runs": runs,
     }
-    text = json.dumps(result, indent=2)
-    print(json.dumps(result["median"], indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out, shown=result["median"])
 
 
 if __name__ == "__main__":

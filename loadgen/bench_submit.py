@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.results import emit
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-7b"
 PROMPT = "Summarise the following support ticket in two sentences. " * 4
@@ -648,11 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "kafka": sorted(args.kafka_cpus) if args.kafka_cpus else "server",
                       "load": sorted(args.load_cpus) if args.load_cpus else "same",
                       "host": os.cpu_count()}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import signal
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.results import emit
 from qlm.core.perf import ProfileBook
 from qlm.core.types import SLO, Request, SLOClass
 from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
@@ -146,10 +146,7 @@ def main() -> int:
                     "load_avg_1m": round(os.getloadavg()[0], 2)},
         **result,
     }
-    print(json.dumps(result, indent=1))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, args.out)
     return 0
 
 
