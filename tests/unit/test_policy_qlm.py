@@ -197,6 +197,46 @@ def test_evicts_batch_work_when_an_interactive_group_would_miss() -> None:
     assert all(e.worker_id == "w0" and not e.state_swap for e in decision.evictions)
 
 
+def test_evicts_for_the_groups_behind_the_head_of_a_burst() -> None:
+    """A burst of two interactive groups on a full worker: the slot that the finishing
+    interactive request frees covers one group, not both. Evictions sized by the head
+    group alone would wait until the other one is the head, by when its slack is spent;
+    the lookahead evicts for both now."""
+    running = list(busy_worker(interactive_running=False).running[:3])
+    running.append(RunningRequest(request("inter-run", "A", -1.0, 20.0, SLOClass.INTERACTIVE,
+                                          max_tokens=12, num_generated=10),
+                                  started_at=-0.5, first_token_at=-0.4))
+    full = worker("w0", ("A",), "A", running=tuple(running), max_batch=4)
+    reqs = [request("i0", "A", 0.0, 20.0, SLOClass.INTERACTIVE)]
+    reqs += [request(f"j{k}", "A", 1.5, 20.0, SLOClass.INTERACTIVE) for k in range(2)]
+    snap = QueueSnapshot(0.0, group_requests(reqs, 1.0), (full,))
+    decision = make_policy("qlm").decide(snap, PolicyContext(slow_book()))
+    assert [e.request_id for e in decision.evictions] == ["batch0", "batch1"]
+    assert {e.reason for e in decision.evictions} <= {f"slo:{g.key}" for g in snap.groups}
+    head_only = QueueSnapshot(0.0, group_requests(reqs[:1], 1.0), (full,))
+    assert make_policy("qlm").decide(head_only, PolicyContext(slow_book())).evictions == ()
+
+
+def test_a_late_group_goes_ahead_of_groups_with_slack_not_of_tight_ones() -> None:
+    """A group whose deadlines have all passed counts 0 wherever it goes; placed last it
+    would wait for the whole batch backlog. It goes ahead of the batch job, which can
+    absorb the delay, and behind (or, given slack, ahead of) the in-time interactive
+    group."""
+    book = ProfileBook.of([profile("A", "g")])
+
+    def order_with(interactive_ttft_s: float) -> list[str]:
+        reqs = [request(f"late{k}", "A", -5.0, 2.0, SLOClass.INTERACTIVE) for k in range(2)]
+        reqs += [request(f"i{k}", "A", 0.0, interactive_ttft_s, SLOClass.INTERACTIVE)
+                 for k in range(2)]
+        reqs += [request(f"b{k}", "A", -2.0, 3600.0, SLOClass.BATCH_1) for k in range(40)]
+        snap = QueueSnapshot(0.0, group_requests(reqs, 1.0), (worker("w0", ("A",), "A"),))
+        decision = make_policy("qlm").decide(snap, PolicyContext(book))
+        return [f"{k.slo_class.value}@{k.window:g}" for k in decision.placements[0].order]
+
+    assert order_with(1.0) == ["interactive@0", "interactive@-5", "batch-1@-2"]
+    assert order_with(30.0) == ["interactive@-5", "interactive@0", "batch-1@-2"]
+
+
 def test_no_eviction_when_nothing_is_at_risk() -> None:
     ctx = PolicyContext(slow_book())
     relaxed = QueueSnapshot(0.0, interactive_group(300.0), (busy_worker(),))

@@ -55,14 +55,20 @@ or finds nothing within its budget falls back to the heuristic.
    and groups still hopeless (p < 0.02 on every candidate), are appended last, where
    they cost nobody (with ``spare_versatile``: on the least versatile shape serving them);
 4. local improvement: adjacent swaps inside each lane that raise its value, within an
-   evaluation budget (``improve_budget``), so the pass is deterministic.
+   evaluation budget (``improve_budget``), so the pass is deterministic;
+5. groups whose deadlines have all passed, in deadline order, each on the lane that would
+   finish it first, at the earliest position where no group after it loses expected
+   attainment (ahead of batch work with slack, behind groups it would make miss), within
+   ``late_insert_budget`` placements (then last): they count for nothing, but a user
+   still waits for them, and placed last they would wait for the whole backlog.
 
 **LSOs**: *pull* via :func:`qlm.core.pulls.plan_pulls` (backpressure); *model swap* when
 a worker's head group needs another model and the worker has drained; *eviction* when
-too few slots of a worker free up within the slack of its head group: just enough
-running requests of looser classes are evicted (largest remaining slack first: those
-past their first token have met their TTFT SLO already); they keep their progress (see
-:func:`plan_evictions`). With ``kv_state_swap`` an eviction
+too few slots of a worker free up within the slack of the groups at the head of its
+lane (each counted with the groups ahead of it, so a burst of several groups is
+provided for at once): just enough running requests of looser classes are evicted
+(largest remaining slack first: those past their first token have met their TTFT SLO
+already); they keep their progress (see :func:`plan_evictions`). With ``kv_state_swap`` an eviction
 sets ``Evict.state_swap`` when moving the KV state over PCIe is cheaper than recomputing
 it. *Rejections* only with ``reject_late=True`` (requests whose
 deadline has passed) and ``reject_unservable=True`` (requests of a group that no worker of
@@ -78,7 +84,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -99,6 +105,7 @@ from qlm.core.policies.planning import (
     lane_value,
     output_stats_from,
     p_meet,
+    place_after,
     walk,
 )
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
@@ -121,6 +128,7 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {
     "milp_time_limit_s": 2.0,  # wall-clock backstop only (never binds in practice)
     "milp_node_limit": 100,  # the deterministic budget
     "improve_budget": 400,  # lane walks the local search may spend
+    "late_insert_budget": 4000,  # group placements the insertion of late groups may spend
     "hopeless_p": 0.02,
     "displace_below_p": 0.5,
     "evict": True,
@@ -276,13 +284,14 @@ def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool 
     hopeless_p = float(options["hopeless_p"])
     displace_below = float(options["displace_below_p"])
     deferred: list[int] = []
+    late: list[int] = []
     order = sorted(range(len(stats)), key=lambda i: (stats[i].deadline_points[0], stats[i].key))
     for gi in order:
         shapes = shapes_for(gi)
         if not shapes:
             continue  # no worker can ever serve it: left out of every queue
         if stats[gi].latest_deadline_at < pc.now:
-            deferred.append(gi)  # every deadline has passed: no position can help it
+            late.append(gi)  # every deadline has passed: placed last of all, below
             continue
         lane, slot = _best_slot(gi, heaps.candidates(stats[gi].model, shapes, lanes), cost,
                                 reach)
@@ -299,20 +308,95 @@ def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool 
             continue
         lane.append(gi, slot, cost)
         heaps.push(lane)
-    for gi in sorted(deferred, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
+
+    def shapes_behind(gi: int) -> list[int]:
+        """Where a deferred or late group may go: with ``spare_versatile``, only on the
+        least versatile shapes that serve it."""
         shapes = shapes_for(gi)
         if reach is not None and shapes:
             least = min(reach[s] for s in shapes)
             shapes = [s for s in shapes if reach[s] == least]
-        target = heaps.earliest_end(gi, shapes, lanes)
+        return shapes
+
+    for gi in sorted(deferred, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
+        target = heaps.earliest_end(gi, shapes_behind(gi), lanes)
         if target is not None:
             slot = target.slot_for(gi, cost, with_p=False)
             assert slot is not None
             target.append(gi, slot, cost)
             heaps.push(target)
     _improve(pc, lanes, int(options["improve_budget"]))
+    _insert_late(pc, lanes, late, shapes_behind, int(options["late_insert_budget"]))
     orders = tuple(tuple(lane.order) for lane in lanes)
     return Plan(orders, pc.score(orders) if score else math.nan, "heuristic")
+
+
+def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int],
+                 shapes_for: Callable[[int], list[int]], budget: int) -> None:
+    """Place each group whose deadlines have all passed as early as it costs nobody.
+
+    No position changes such a group's own value (it counts 0 anywhere), so the search
+    alone would leave it anywhere, and a group placed last waits for every other queued
+    group, a whole batch backlog included: an interactive request that missed its SLO by
+    a little would then wait minutes. Instead, in deadline order, each goes to the lane
+    that would finish it first and there ahead of every group that can absorb the delay,
+    the earliest position at which no group after it loses expected attainment (ahead of
+    a batch job with slack, behind interactive groups that would then miss). Later late
+    groups go after earlier ones. Positions are tried from the back, each costing one
+    placement per group after it; once ``budget`` placements are spent, late groups go
+    last. Runs after the local search, which would otherwise move them back for gains
+    of float noise.
+    """
+    if not late:
+        return
+    cost, stats = pc.cost, pc.stats
+    heaps = _Heaps(lanes, cost)  # the local search reset lanes: fresh heaps
+    floor: dict[int, int] = {}  # per lane: the position after its last late group
+    for gi in sorted(late, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
+        target = heaps.earliest_end(gi, shapes_for(gi), lanes)
+        if target is None:
+            continue
+        pos, budget = _harmless_position(pc, target, gi, floor.get(target.index, 0), budget)
+        target.reset([*target.order[:pos], gi, *target.order[pos:]], cost)
+        floor[target.index] = pos + 1
+        heaps.push(target)
+
+
+def _harmless_position(pc: PlanningContext, lane: Lane, gi: int, floor: int, budget: int
+                       ) -> tuple[int, int]:
+    """The earliest position ≥ ``floor`` in ``lane`` where inserting ``gi`` lowers no
+    later group's value (scanning from the back, stopping at the first that does), and
+    the budget left."""
+    cost, order = pc.cost, lane.order
+    slots = walk(cost, lane, order)
+    values = [pc.weight(g) * cost.stats[g].size * s.p_meet
+              for g, s in zip(order, slots, strict=True)]
+    best, suffix = len(order), 0.0
+    for k in range(len(order) - 1, floor - 1, -1):
+        steps = len(order) - k + 1
+        if steps > budget:
+            break
+        budget -= steps
+        suffix += values[k]
+        if k == 0:
+            tail, seg, end, var = lane.initial
+        else:
+            before = slots[k - 1]
+            tail, seg, end, var = (cost.stats[order[k - 1]].model, before.seg_start_at,
+                                   before.end_at, before.end_var)
+        delayed = 0.0
+        for g in (gi, *order[k:]):
+            svc = cost.service(g, lane.index)
+            assert svc is not None  # the lane serves every group placed on it
+            slot = place_after(cost, lane.index, cost.stats[g], svc, tail, seg, end, var,
+                               with_p=g != gi)
+            if g != gi:
+                delayed += pc.weight(g) * cost.stats[g].size * slot.p_meet
+            tail, seg, end, var = cost.stats[g].model, slot.seg_start_at, slot.end_at, slot.end_var
+        if delayed < suffix - 1e-9 * (1.0 + suffix):
+            break
+        best = k
+    return best, budget
 
 
 def _shape_representatives(cost: CostModel) -> list[int]:
@@ -615,77 +699,97 @@ def plan_swaps(pc: PlanningContext, plan: Plan) -> tuple[Swap, ...]:
     return tuple(swaps)
 
 
+#: How many groups at the head of a lane :func:`plan_evictions` looks at.
+EVICTION_LOOKAHEAD_GROUPS = 32
+
+
 def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
                    ) -> tuple[Evict, ...]:
-    """Make room for a worker's head group whose earliest requests would miss waiting for
-    free slots.
+    """Make room for the groups at the head of a worker's lane whose earliest requests
+    would miss waiting for free slots.
 
-    Slots the head group needs now: min(size, steady batch) less the requests a pull would
-    admit now (free slots and KV headroom, as :func:`qlm.core.pulls.plan_pulls`), less the
-    running requests expected to finish within the slack of its earliest deadlines. That
-    many running requests of a looser class than the head group are evicted, in
-    :attr:`WorkerLoad.eviction_order` (past their first token first: their TTFT SLO is
-    settled). They keep their progress. Requests of the head group's own class are never
-    taken: they would return to a group of the same deadlines and be pulled right back.
+    For each in-time group k of the lane's head (the groups of the worker's active model
+    before any swap, at most :data:`EVICTION_LOOKAHEAD_GROUPS`): the slots groups 1..k
+    need, min(their total size, steady batch), less the requests of groups 1..k a pull
+    would admit now (free slots and KV headroom, walked as :func:`qlm.core.pulls.plan_pulls`
+    walks them), less the running requests expected to finish within the slack of group
+    k's earliest deadlines. The largest shortfall is evicted, each request only for a
+    group of a tighter class than its own, in :attr:`WorkerLoad.eviction_order` (past
+    their first token first: their TTFT SLO is settled). They keep their progress.
+
+    Looking past the head group matters in bursts: several groups of one class arrive
+    within a few seconds, and the slots that free up within the first one's slack serve
+    the first one only; sized by the head alone, evictions for the next group start
+    only once it is the head, by when its slack is gone. A group whose deadlines have all
+    passed is never evicted for, but its requests count: a pull admits them first.
+    Requests of a group's own class are never taken for it: they would return to a
+    group of the same deadlines and be pulled right back.
     """
     if not options["evict"]:
         return ()
-    now, cost = pc.now, pc.cost
+    credit = float(options["evict_rate_credit"])
+    state_swaps = bool(options["kv_state_swap"])
     evictions: list[Evict] = []
     for wi, (w, order) in enumerate(zip(pc.snapshot.workers, plan.orders, strict=True)):
         if not order or w.swapping_until is not None or not w.running:
             continue
-        head = pc.stats[order[0]]
-        if head.model != w.active_model:
+        if pc.stats[order[0]].model != w.active_model:
             continue
-        svc = cost.service(order[0], wi)
-        if svc is None:
-            continue
-        slack_s = head.deadline_points[0] - now - svc.prefill_s
-        if head.latest_deadline_at - now - svc.prefill_s < 0 or math.isinf(slack_s):
-            continue  # all late already, or nothing left to meet: evicting cannot help
-        need = min(head.size, svc.batch) - _admissible_now(pc, wi, order[0])
-        if need <= 0:
-            continue
-        per_slot_rate = float(options["evict_rate_credit"]) * svc.tokens_per_s / svc.batch
-        remaining = pc.loads[wi].remaining_sorted
-        short = need - _count_at_most(remaining, max(0.0, slack_s) * per_slot_rate)
-        if short <= 0:
-            continue
-        reason = f"slo:{head.key}"
-        state_swaps = bool(options["kv_state_swap"])
-        taken = 0
         load = pc.loads[wi]
-        started = load.eviction_order[:load.num_started]
-        for part in (started, load.eviction_order[load.num_started:]):
-            for rr in part:  # descending TTFT SLO: past the looser ones, none qualifies
-                if taken >= short or rr.request.slo.ttft_s <= head.ttft_s:
-                    break
-                evictions.append(Evict(w.id, rr.request.id, reason, state_swaps
-                                       and _state_swap_pays(pc, wi, rr, options)))
-                taken += 1
+        # Two queues, each in descending TTFT SLO: past their first token, then the rest.
+        parts = (load.eviction_order[:load.num_started], load.eviction_order[load.num_started:])
+        cursors = [0, 0]
+        taken = 0
+        for gi, short in _shortfalls(pc, wi, order, credit):
+            head = pc.stats[gi]
+            for p, part in enumerate(parts):
+                while taken < short and cursors[p] < len(part):
+                    rr = part[cursors[p]]
+                    if rr.request.slo.ttft_s <= head.ttft_s:
+                        break  # past the looser ones, none qualifies for this group
+                    evictions.append(Evict(w.id, rr.request.id, f"slo:{head.key}", state_swaps
+                                           and _state_swap_pays(pc, wi, rr, options)))
+                    cursors[p] += 1
+                    taken += 1
     return tuple(evictions)
 
 
-def _admissible_now(pc: PlanningContext, wi: int, gi: int) -> int:
-    """How many of group ``gi``'s requests worker ``wi`` would admit right now.
-
-    The same walk as :func:`qlm.core.pulls.plan_pulls` (free batch slots, then the KV
-    reservation of each request against the headroom), so that evictions are sized by
-    the room a pull would really find, not by the estimator's steady batch.
-    """
+def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: float
+                ) -> list[tuple[int, int]]:
+    """(group, slots short) for the in-time groups at the head of ``order`` that are short,
+    in lane order (see :func:`plan_evictions`)."""
+    now, cost = pc.now, pc.cost
     w, load = pc.snapshot.workers[wi], pc.loads[wi]
-    p = pc.cost.profiles.get(pc.stats[gi].model, w.gpu)
+    model = w.active_model
+    p = cost.profiles.get(pc.stats[order[0]].model, w.gpu)
     free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
     headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
-    admitted = 0
-    for r in pc.snapshot.groups[pc.stats[gi].index].requests:
-        need = kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
-        if admitted >= free_slots or need > headroom:
-            break
-        admitted += 1
-        headroom -= need
-    return admitted
+    remaining = load.remaining_sorted
+    admitted = total = 0
+    out: list[tuple[int, int]] = []
+    for gi in order[:EVICTION_LOOKAHEAD_GROUPS]:
+        g = pc.stats[gi]
+        svc = cost.service(gi, wi)
+        if g.model != model or svc is None:
+            break  # a swap comes first: nothing after it starts on this model's slots
+        for r in pc.snapshot.groups[g.index].requests:
+            need = kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
+            if free_slots <= 0 or need > headroom:
+                free_slots = 0
+                break
+            admitted += 1
+            free_slots -= 1
+            headroom -= need
+        total += g.size
+        slack_s = g.deadline_points[0] - now - svc.prefill_s
+        if g.latest_deadline_at - now - svc.prefill_s < 0 or math.isinf(slack_s):
+            continue  # all late already, or nothing left to meet: evicting cannot help it
+        per_slot_rate = credit * svc.tokens_per_s / svc.batch
+        freed = _count_at_most(remaining, max(0.0, slack_s) * per_slot_rate)
+        short = min(total, svc.batch) - admitted - freed
+        if short > 0:
+            out.append((gi, short))
+    return out
 
 
 def _count_at_most(sorted_values: Sequence[float], limit: float) -> int:
