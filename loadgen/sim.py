@@ -88,6 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workload", required=True, choices=WORKLOADS)
     p.add_argument("--trace", type=Path, help="CSV with TIMESTAMP, ContextTokens, GeneratedTokens")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+    p.add_argument("--policy-options", default="{}",
+                   help="JSON object of options for every policy named, e.g. "
+                        "'{\"evict_rate_credit\": 0.5}' (qlm's: qlm/core/policies/qlm.py)")
     p.add_argument("--rates", help="comma-separated req/s (default: the workload's sweep)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="two rates of the sweep (< 2 min)")
@@ -132,6 +135,16 @@ def check_policies(text: str) -> tuple[str, ...]:
             f"not registered: {', '.join(missing)} (registered: {', '.join(known)})",
         )
     return names
+
+
+def parse_policy_options(text: str) -> dict[str, Any]:
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput("policy-options", f"not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise InvalidInput("policy-options", "must be a JSON object")
+    return options
 
 
 def cluster_scale(workload: str, cluster: str) -> float:
@@ -196,6 +209,7 @@ class Task:
     workers_file: Path | None = None
     models: tuple[str, ...] = ()
     config: SimConfig = field(default_factory=SimConfig)
+    policy_options: Mapping[str, Any] = field(default_factory=dict)
 
     def workers(self) -> tuple[WorkerSpec, ...]:
         if self.workers_file is not None:
@@ -226,7 +240,8 @@ def run_one(task: Task) -> Run:
     started = time.perf_counter()
     result = simulate(
         jobs, task.workers(), profiles,
-        make_policy(task.policy), task.config, seed=task.seed, timer=time.perf_counter,
+        make_policy(task.policy, **task.policy_options), task.config, seed=task.seed,
+        timer=time.perf_counter,
         predictor=estimator_predictor(profiles),
     )
     r2, _ = wait_prediction_r2(result.records)
@@ -323,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         policies = check_policies(args.policies)
+        policy_options = parse_policy_options(args.policy_options)
+        for name in policies:
+            make_policy(name, **policy_options)  # fail early on an unknown option
         scale = cluster_scale(args.workload, args.cluster)
         if args.rates:
             rates = parse_rates(args.rates)
@@ -345,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            prefill_mode=args.prefill_mode)
         tasks = [
             Task(args.workload, name, rate, args.seed, num_requests, args.cluster,
-                 args.trace, args.bursty_cv, args.workers_file, models, config)
+                 args.trace, args.bursty_cv, args.workers_file, models, config, policy_options)
             for rate in rates
             for name in policies
         ]
@@ -363,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_requests": num_requests,
         "seed": args.seed,
         "prefill_mode": args.prefill_mode,
+        "policy_options": policy_options or None,
         "quick": args.quick,
         "trace": str(args.trace) if args.trace else None,
         "wall_s": round(time.perf_counter() - started, 2),

@@ -159,3 +159,66 @@ def test_chunked_simulator_agrees_with_the_step_model_per_request(budget: int) -
     for w, g in zip(sorted(want, key=lambda t: t.arrival_s), got, strict=True):
         assert g.first_token_s == pytest.approx(w.first_token_s, abs=1e-9)
         assert g.finish_s == pytest.approx(w.finish_s, abs=1e-9)
+
+
+def _segment(payloads: list[dict[str, object]], at_ms: int) -> bytes:
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    out = b""
+    for i, payload in enumerate(payloads):  # one batch per record, as a linger of 0 writes
+        builder = DefaultRecordBatchBuilder(
+            magic=2, compression_type=0, is_transactional=False, producer_id=-1,
+            producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+        builder.append(0, timestamp=at_ms + i, key=None, value=json.dumps(payload).encode(),
+                       headers=[])
+        out += bytes(builder.build())
+    return out
+
+
+def test_stack_timeline_reads_kafka_segments_and_times_an_eviction(tmp_path: Path) -> None:
+    """Events and an evict command as a stack run's saved Kafka segments: the report
+    times the command (issued → aborted → the group's next start → its first token) and
+    lists the interactive request that missed its SLO with its group."""
+    import io
+    import tarfile
+
+    from loadgen.gpu.stack_timeline import analyse, topic_payloads
+
+    t0 = 1000.0
+    group = "m|interactive|1001"
+
+    def event(kind: str, rid: str, at: float, arrival: float, cls: str = "interactive"
+              ) -> dict[str, object]:
+        return {"type": kind, "request_id": f"qlm-1-{rid}", "model": "m", "slo_class": cls,
+                "at": t0 + at, "arrival_at": t0 + arrival}
+
+    events = [event("admitted", "b0", 0.1, 0.1, "batch-1"), event("started", "b0", 0.2, 0.1,
+                                                                  "batch-1"),
+              event("admitted", "i0", 1.2, 1.2), event("evicted", "b0", 1.35, 0.1, "batch-1"),
+              event("started", "i0", 1.4, 1.2), event("first_token", "i0", 3.5, 1.2)]
+    command = {"type": "evict", "issued_at": t0 + 1.3, "request_ids": ["qlm-1-b0"],
+               "reason": f"slo:{group}"}
+    archive = tmp_path / "logs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in (("kafka/data/qlm.events-0/00000000000000000000.log",
+                            _segment(events, 1_000_000)),
+                           ("kafka/data/qlm.lso-1/00000000000000000000.log",
+                            _segment([command], int((t0 + 1.3) * 1000)))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = {"slos_s": {"interactive": 2.0, "batch-1": 60.0}, "args": {"group_window_s": 1.0},
+              "variants": {"stack-qlm": {"requests": [["b0", 0.1, 0.3, 9.0, 10, 1],
+                                                      ["i0", 1.2, 3.5, 4.0, 10, 0]]}}}
+    found = [p for _, p in topic_payloads(archive, "qlm.events")]
+    assert [e["type"] for e in found] == [e["type"] for e in events]
+    report = analyse(result, sorted(found, key=lambda e: e["at"]),
+                     topic_payloads(archive, "qlm.lso"))
+    (evict,) = report["evictions"]
+    assert evict["group"] == group and evict["num_requests"] == 1
+    assert evict["last_aborted_ms"] == pytest.approx(50.0, abs=0.2)
+    assert evict["group_started_ms"] == pytest.approx(100.0, abs=0.2)
+    assert evict["its_first_token_ms"] == pytest.approx(2200.0, abs=0.2)
+    (miss,) = report["interactive_misses"]
+    assert miss["id"] == "i0" and miss["group"] == group and miss["ttft_s"] == pytest.approx(2.3)
+    assert miss["group_first_evict_s"] == pytest.approx(1.3)

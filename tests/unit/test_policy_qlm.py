@@ -200,8 +200,8 @@ def test_evicts_batch_work_when_an_interactive_group_would_miss() -> None:
 def test_evicts_for_the_groups_behind_the_head_of_a_burst() -> None:
     """A burst of two interactive groups on a full worker: the slot that the finishing
     interactive request frees covers one group, not both. Evictions sized by the head
-    group alone would wait until the other one is the head, by when its slack is spent;
-    the lookahead evicts for both now."""
+    group alone (the default) wait until the other one is the head, by when its slack is
+    spent; with ``evict_lookahead_groups`` they provide for both now."""
     running = list(busy_worker(interactive_running=False).running[:3])
     running.append(RunningRequest(request("inter-run", "A", -1.0, 20.0, SLOClass.INTERACTIVE,
                                           max_tokens=12, num_generated=10),
@@ -210,11 +210,30 @@ def test_evicts_for_the_groups_behind_the_head_of_a_burst() -> None:
     reqs = [request("i0", "A", 0.0, 20.0, SLOClass.INTERACTIVE)]
     reqs += [request(f"j{k}", "A", 1.5, 20.0, SLOClass.INTERACTIVE) for k in range(2)]
     snap = QueueSnapshot(0.0, group_requests(reqs, 1.0), (full,))
-    decision = make_policy("qlm").decide(snap, PolicyContext(slow_book()))
+    lookahead = QlmPolicy(evict_lookahead_groups=8)
+    decision = lookahead.decide(snap, PolicyContext(slow_book()))
     assert [e.request_id for e in decision.evictions] == ["batch0", "batch1"]
     assert {e.reason for e in decision.evictions} <= {f"slo:{g.key}" for g in snap.groups}
     head_only = QueueSnapshot(0.0, group_requests(reqs[:1], 1.0), (full,))
-    assert make_policy("qlm").decide(head_only, PolicyContext(slow_book())).evictions == ()
+    assert lookahead.decide(head_only, PolicyContext(slow_book())).evictions == ()
+    # the default provides for the head group only
+    assert len(make_policy("qlm").decide(snap, PolicyContext(slow_book())).evictions) == 1
+
+
+def test_evictions_count_the_decode_time_that_prompts_ahead_take() -> None:
+    """Two 40k-token prompts take ~7.8 s to prefill, all of their 7.5 s SLO: the running
+    interactive request two tokens from its end frees no slot in time, because vLLM mixes
+    those prompt chunks into its decode steps. Both slots come from batch work."""
+    running = list(busy_worker(interactive_running=False).running[:3])
+    running.append(RunningRequest(request("inter-run", "A", -1.0, 20.0, SLOClass.INTERACTIVE,
+                                          max_tokens=12, num_generated=10),
+                                  started_at=-0.5, first_token_at=-0.4))
+    full = worker("w0", ("A",), "A", running=tuple(running), max_batch=4)
+    long_prompts = [Request(f"i{k}", "A", 40_000, 100, SLOClass.INTERACTIVE, SLO(7.5), 0.0)
+                    for k in range(2)]
+    snap = QueueSnapshot(0.0, group_requests(long_prompts, 1.0), (full,))
+    decision = make_policy("qlm").decide(snap, PolicyContext(slow_book()))
+    assert [e.request_id for e in decision.evictions] == ["batch0", "batch1"]
 
 
 def test_a_late_group_goes_ahead_of_groups_with_slack_not_of_tight_ones() -> None:

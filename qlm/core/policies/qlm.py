@@ -108,7 +108,11 @@ from qlm.core.policies.planning import (
     place_after,
     walk,
 )
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
+from qlm.core.pulls import (
+    DEFAULT_EXPECTED_OUTPUT_TOKENS,
+    kv_reservation,
+    pending_prefill_tokens,
+)
 from qlm.core.types import (
     Decision,
     Evict,
@@ -132,6 +136,8 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {
     "hopeless_p": 0.02,
     "displace_below_p": 0.5,
     "evict": True,
+    # How many groups at the head of a lane evictions provide for (1: the head group only).
+    "evict_lookahead_groups": 1,
     # Fraction of the modelled per-slot decode rate trusted when counting running requests
     # that finish within a head group's slack (fewer counted: more evictions).
     "evict_rate_credit": 1.0,
@@ -699,31 +705,31 @@ def plan_swaps(pc: PlanningContext, plan: Plan) -> tuple[Swap, ...]:
     return tuple(swaps)
 
 
-#: How many groups at the head of a lane :func:`plan_evictions` looks at.
-EVICTION_LOOKAHEAD_GROUPS = 32
-
-
 def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
                    ) -> tuple[Evict, ...]:
     """Make room for the groups at the head of a worker's lane whose earliest requests
     would miss waiting for free slots.
 
-    For each in-time group k of the lane's head (the groups of the worker's active model
-    before any swap, at most :data:`EVICTION_LOOKAHEAD_GROUPS`): the slots groups 1..k
-    need, min(their total size, steady batch), less the requests of groups 1..k a pull
-    would admit now (free slots and KV headroom, walked as :func:`qlm.core.pulls.plan_pulls`
-    walks them), less the running requests expected to finish within the slack of group
-    k's earliest deadlines. The largest shortfall is evicted, each request only for a
-    group of a tighter class than its own, in :attr:`WorkerLoad.eviction_order` (past
-    their first token first: their TTFT SLO is settled). They keep their progress.
+    For each in-time group k among the first ``evict_lookahead_groups`` of the lane (of
+    the worker's active model, before any swap): the slots groups 1..k need, min(their
+    total size, steady batch), less the requests of groups 1..k a pull would admit now
+    (free slots and KV headroom, walked as :func:`qlm.core.pulls.plan_pulls` walks them),
+    less the running requests expected to finish before group k's earliest deadlines.
+    Those decode at ``evict_rate_credit`` of the modelled per-slot rate, and only in the
+    time that prefilling the prompts ahead leaves (those of running requests without a
+    first token and of groups 1..k): vLLM mixes prompt chunks into its decode steps. The
+    largest shortfall is evicted, each request only for a group of a tighter class than
+    its own, in :attr:`WorkerLoad.eviction_order` (past their first token first: their
+    TTFT SLO is settled). They keep their progress. Requests of a group's own class are
+    never taken for it: they would return to a group of the same deadlines and be
+    pulled right back. A group whose deadlines have all passed is never evicted for,
+    but its requests count: a pull admits them first.
 
-    Looking past the head group matters in bursts: several groups of one class arrive
-    within a few seconds, and the slots that free up within the first one's slack serve
-    the first one only; sized by the head alone, evictions for the next group start
-    only once it is the head, by when its slack is gone. A group whose deadlines have all
-    passed is never evicted for, but its requests count: a pull admits them first.
-    Requests of a group's own class are never taken for it: they would return to a
-    group of the same deadlines and be pulled right back.
+    Looking past the head group (``evict_lookahead_groups`` > 1) helps bursts: several
+    groups of one class arrive within a few seconds, the slots that free up serve the
+    first, and evictions for the next start only once it is the head, its slack gone.
+    Under sustained overload it evicts batch work for groups that miss anyway (see
+    docs/results/gpu/README.md), hence the default of 1.
     """
     if not options["evict"]:
         return ()
@@ -740,7 +746,8 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
         parts = (load.eviction_order[:load.num_started], load.eviction_order[load.num_started:])
         cursors = [0, 0]
         taken = 0
-        for gi, short in _shortfalls(pc, wi, order, credit):
+        lookahead = order[:max(1, int(options["evict_lookahead_groups"]))]
+        for gi, short in _shortfalls(pc, wi, lookahead, credit):
             head = pc.stats[gi]
             for p, part in enumerate(parts):
                 while taken < short and cursors[p] < len(part):
@@ -765,9 +772,10 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
     free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
     headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
     remaining = load.remaining_sorted
+    prompt_tokens = float(pending_prefill_tokens(w))  # to prefill before group k's first token
     admitted = total = 0
     out: list[tuple[int, int]] = []
-    for gi in order[:EVICTION_LOOKAHEAD_GROUPS]:
+    for gi in order:
         g = pc.stats[gi]
         svc = cost.service(gi, wi)
         if g.model != model or svc is None:
@@ -781,11 +789,15 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
             free_slots -= 1
             headroom -= need
         total += g.size
+        prompt_tokens += g.size * g.mean_prompt
         slack_s = g.deadline_points[0] - now - svc.prefill_s
         if g.latest_deadline_at - now - svc.prefill_s < 0 or math.isinf(slack_s):
             continue  # all late already, or nothing left to meet: evicting cannot help it
+        # Running requests decode only in the time the prompts ahead leave: vLLM mixes
+        # prompt chunks into its decode steps, which then take that much longer.
+        decode_s = g.deadline_points[0] - now - p.prefill_s(round(prompt_tokens))
         per_slot_rate = credit * svc.tokens_per_s / svc.batch
-        freed = _count_at_most(remaining, max(0.0, slack_s) * per_slot_rate)
+        freed = _count_at_most(remaining, max(0.0, decode_s) * per_slot_rate)
         short = min(total, svc.batch) - admitted - freed
         if short > 0:
             out.append((gi, short))
