@@ -144,10 +144,10 @@ def analyse(result: dict[str, Any], events: Sequence[dict[str, Any]],
     for rid, row in rows.items():
         if not rid.startswith("i") or row[2] is None or row[2] - row[1] <= slo_s["interactive"]:
             continue
-        group = group_of.get(rid)
-        first_evict = first_eviction_for.get(group) if group else None
+        in_group = group_of.get(rid)
+        first_evict = first_eviction_for.get(in_group) if in_group else None
         misses.append({
-            "id": rid, "group": group, "arrival_s": round(row[1], 3),
+            "id": rid, "group": in_group, "arrival_s": round(row[1], 3),
             "started_s": [round(s, 3) for s in started.get(rid, [])],
             "first_token_s": round(row[2], 3), "ttft_s": round(row[2] - row[1], 3),
             "group_first_evict_s": round(first_evict, 3) if first_evict is not None else None,
