@@ -97,7 +97,7 @@ def analyse(result: dict[str, Any], events: Sequence[dict[str, Any]],
     window_s = float(result.get("args", {}).get("group_window_s", 1.0))
     started: dict[str, list[float]] = defaultdict(list)
     first_token_at: dict[str, float] = {}
-    evicted_at: dict[str, float] = {}
+    evicted_at: dict[str, list[float]] = defaultdict(list)  # a request can be evicted again
     members: dict[str, set[str]] = defaultdict(set)  # group key -> replay ids
     for e in events:
         rid = short_id(e["request_id"])
@@ -110,7 +110,7 @@ def analyse(result: dict[str, Any], events: Sequence[dict[str, Any]],
         elif e["type"] == "first_token":
             first_token_at.setdefault(rid, e["at"] - t0)
         elif e["type"] == "evicted":
-            evicted_at[rid] = e["at"] - t0
+            evicted_at[rid].append(e["at"] - t0)
 
     evictions = []
     first_eviction_for: dict[str, float] = {}
@@ -118,7 +118,9 @@ def analyse(result: dict[str, Any], events: Sequence[dict[str, Any]],
         if c.get("type") != "evict":
             continue
         issued = c["issued_at"] - t0
-        done = [evicted_at[short_id(r)] for r in c["request_ids"] if short_id(r) in evicted_at]
+        done = [min(t for t in evicted_at[short_id(r)] if t >= issued - 1e-3)
+                for r in c["request_ids"]
+                if any(t >= issued - 1e-3 for t in evicted_at.get(short_id(r), ()))]
         reason = str(c.get("reason", ""))
         group = reason.removeprefix("slo:")
         first_eviction_for.setdefault(group, issued)
