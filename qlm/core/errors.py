@@ -21,6 +21,10 @@ class InvalidInput(QlmError, ValueError):
         self.field = field
         self.problem = problem
 
+    def __reduce__(self) -> tuple[type[InvalidInput], tuple[str, str]]:
+        # crosses process pools as itself, not as a TypeError about missing arguments
+        return (type(self), (self.field, self.problem))
+
 
 class NotFound(QlmError, KeyError):
     """A named thing (request, model, profile) does not exist: gRPC NOT_FOUND."""
@@ -29,6 +33,9 @@ class NotFound(QlmError, KeyError):
         super().__init__(f"{what} {name!r} not found")
         self.what = what
         self.name = name
+
+    def __reduce__(self) -> tuple[type[NotFound], tuple[str, str]]:
+        return (type(self), (self.what, self.name))
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return str(self.args[0])
@@ -47,3 +54,6 @@ class Overloaded(QlmError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.details = dict(details or {})
+
+    def __reduce__(self) -> tuple[type[Overloaded], tuple[str, float, dict[str, str]]]:
+        return (type(self), (str(self.args[0]), self.retry_after_s, self.details))

@@ -33,6 +33,28 @@ def test_unknown_policy_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "nosuch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("text", "named"), [
+    ("[1]", "policy-options"), ("{nope", "policy-options"),
+    ('{"no_such_option": 1}', "no_such_option")])
+def test_bad_policy_options_exit_2_naming_the_problem(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, named: str) -> None:
+    rc = main(["--workload", "WA", "--policies", "qlm", "--policy-options", text,
+               "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_policy_options_reach_the_policy_and_the_summary(tmp_path: Path) -> None:
+    rc = main(["--workload", "WB", "--policies", "qlm", "--rates", "8",
+               "--num-requests", "60", "--jobs", "1", "--no-records",
+               "--policy-options", '{"evict": false}', "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["policy_options"] == {"evict": False}
+    assert summary["policies"]["qlm"]["evictions"] == [0.0]
+
+
 def test_tiny_run_writes_the_summary_schema(tmp_path: Path) -> None:
     rc = main(["--workload", "WB", "--policies", "fcfs,edf", "--rates", "2,8",
                "--num-requests", "80", "--jobs", "1", "--out", str(tmp_path)])

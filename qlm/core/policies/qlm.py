@@ -853,9 +853,13 @@ def plan_rejections(pc: PlanningContext, options: Mapping[str, Any]) -> tuple[Re
 
 # ------------------------------------------------------------------ policy
 def merged_options(base: Mapping[str, Any], ctx: PolicyContext) -> dict[str, Any]:
+    """The defaults, overridden by the policy's own options, then by the context's."""
+    return checked_options({**base, **ctx.options})
+
+
+def checked_options(given: Mapping[str, Any]) -> dict[str, Any]:
     options = dict(DEFAULT_OPTIONS)
-    options.update(base)
-    options.update(ctx.options)
+    options.update(given)
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if unknown:
         raise InvalidInput("options", f"unknown qlm option(s): {', '.join(sorted(unknown))}")
@@ -886,6 +890,7 @@ class QlmPolicy:
 
     def __init__(self, **options: Any) -> None:
         self.options = options
+        class_weights(checked_options(options))  # a bad option fails here, not mid-run
         self._groups = GroupStatsCache()
         self._workers = WorkerLoadCache()
 
