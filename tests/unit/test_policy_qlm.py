@@ -223,7 +223,8 @@ def test_evicts_for_the_groups_behind_the_head_of_a_burst() -> None:
 def test_evictions_count_the_decode_time_that_prompts_ahead_take() -> None:
     """Two 40k-token prompts take ~7.8 s to prefill, all of their 7.5 s SLO: the running
     interactive request two tokens from its end frees no slot in time, because vLLM mixes
-    those prompt chunks into its decode steps. Both slots come from batch work."""
+    those prompt chunks into its decode steps. With ``evict_prefill_aware`` both slots
+    come from batch work."""
     running = list(busy_worker(interactive_running=False).running[:3])
     running.append(RunningRequest(request("inter-run", "A", -1.0, 20.0, SLOClass.INTERACTIVE,
                                           max_tokens=12, num_generated=10),
@@ -232,8 +233,10 @@ def test_evictions_count_the_decode_time_that_prompts_ahead_take() -> None:
     long_prompts = [Request(f"i{k}", "A", 40_000, 100, SLOClass.INTERACTIVE, SLO(7.5), 0.0)
                     for k in range(2)]
     snap = QueueSnapshot(0.0, group_requests(long_prompts, 1.0), (full,))
-    decision = make_policy("qlm").decide(snap, PolicyContext(slow_book()))
-    assert [e.request_id for e in decision.evictions] == ["batch0", "batch1"]
+    aware = QlmPolicy(evict_prefill_aware=True).decide(snap, PolicyContext(slow_book()))
+    assert [e.request_id for e in aware.evictions] == ["batch0", "batch1"]
+    plain = make_policy("qlm").decide(snap, PolicyContext(slow_book()))  # the default
+    assert [e.request_id for e in plain.evictions] == ["batch0"]
 
 
 def test_a_late_group_goes_ahead_of_groups_with_slack_not_of_tight_ones() -> None:
@@ -249,11 +252,14 @@ def test_a_late_group_goes_ahead_of_groups_with_slack_not_of_tight_ones() -> Non
                  for k in range(2)]
         reqs += [request(f"b{k}", "A", -2.0, 3600.0, SLOClass.BATCH_1) for k in range(40)]
         snap = QueueSnapshot(0.0, group_requests(reqs, 1.0), (worker("w0", ("A",), "A"),))
-        decision = make_policy("qlm").decide(snap, PolicyContext(book))
+        decision = QlmPolicy(**options).decide(snap, PolicyContext(book))
         return [f"{k.slo_class.value}@{k.window:g}" for k in decision.placements[0].order]
 
+    options: dict[str, object] = {"late_insert_budget": 300}
     assert order_with(1.0) == ["interactive@0", "interactive@-5", "batch-1@-2"]
     assert order_with(30.0) == ["interactive@-5", "interactive@0", "batch-1@-2"]
+    options = {}  # the default: last
+    assert order_with(1.0) == ["interactive@0", "batch-1@-2", "interactive@-5"]
 
 
 def test_no_eviction_when_nothing_is_at_risk() -> None:

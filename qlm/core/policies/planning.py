@@ -256,6 +256,8 @@ class WorkerLoad:
     #: How many of ``eviction_order`` (its head) are past their first token; each of the
     #: two parts is in descending TTFT SLO order.
     num_started: int = 0
+    #: Context tokens of the running requests without a first token (still prefilling).
+    pending_prefill_tokens: int = 0
 
 
 def summarise_running(running: Sequence[RunningRequest],
@@ -281,9 +283,10 @@ def summarise_running(running: Sequence[RunningRequest],
         rr.request.id,
     )))
     num_started = sum(1 for rr in running if rr.first_token_at is not None)
+    pending = sum(rr.request.context_tokens for rr in running if rr.first_token_at is None)
     return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
                       int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running), order,
-                      num_started)
+                      num_started, pending)
 
 
 class WorkerLoadCache:

@@ -57,10 +57,10 @@ or finds nothing within its budget falls back to the heuristic.
 4. local improvement: adjacent swaps inside each lane that raise its value, within an
    evaluation budget (``improve_budget``), so the pass is deterministic;
 5. groups whose deadlines have all passed, in deadline order, each on the lane that would
-   finish it first, at the earliest position where no group after it loses expected
-   attainment (ahead of batch work with slack, behind groups it would make miss), within
-   ``late_insert_budget`` placements (then last): they count for nothing, but a user
-   still waits for them, and placed last they would wait for the whole backlog.
+   finish it first: last (the default), or, within ``late_insert_budget`` placements,
+   at the earliest position where no group after it loses expected attainment (ahead of
+   batch work with slack, behind groups it would make miss). They count for nothing,
+   but a user still waits for them, and placed last they wait for the whole backlog.
 
 **LSOs**: *pull* via :func:`qlm.core.pulls.plan_pulls` (backpressure); *model swap* when
 a worker's head group needs another model and the worker has drained; *eviction* when
@@ -108,11 +108,7 @@ from qlm.core.policies.planning import (
     place_after,
     walk,
 )
-from qlm.core.pulls import (
-    DEFAULT_EXPECTED_OUTPUT_TOKENS,
-    kv_reservation,
-    pending_prefill_tokens,
-)
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
 from qlm.core.types import (
     Decision,
     Evict,
@@ -132,7 +128,9 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {
     "milp_time_limit_s": 2.0,  # wall-clock backstop only (never binds in practice)
     "milp_node_limit": 100,  # the deterministic budget
     "improve_budget": 400,  # lane walks the local search may spend
-    "late_insert_budget": 4000,  # group placements the insertion of late groups may spend
+    # Group placements the early placement of late groups may spend per decision
+    # (0: late groups go last; see heuristic step 5).
+    "late_insert_budget": 0,
     "hopeless_p": 0.02,
     "displace_below_p": 0.5,
     "evict": True,
@@ -141,6 +139,8 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {
     # Fraction of the modelled per-slot decode rate trusted when counting running requests
     # that finish within a head group's slack (fewer counted: more evictions).
     "evict_rate_credit": 1.0,
+    # Count that decode time only after the prompts ahead are prefilled (more evictions).
+    "evict_prefill_aware": False,
     "kv_state_swap": False,
     # Multiplies every modelled service time: how much slower than the profile's steady
     # batch a worker really serves (prefill stalls, batches that never fill).
@@ -358,32 +358,41 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
     cost, stats = pc.cost, pc.stats
     heaps = _Heaps(lanes, cost)  # the local search reset lanes: fresh heaps
     floor: dict[int, int] = {}  # per lane: the position after its last late group
+    lane_slots: dict[int, list[Slot]] = {}  # per lane: the walk of its current order
     for gi in sorted(late, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
         target = heaps.earliest_end(gi, shapes_for(gi), lanes)
         if target is None:
             continue
-        pos, budget = _harmless_position(pc, target, gi, floor.get(target.index, 0), budget)
-        target.reset([*target.order[:pos], gi, *target.order[pos:]], cost)
-        floor[target.index] = pos + 1
+        if budget <= 0:  # out of budget: last, as a group nobody waits for
+            slot = target.slot_for(gi, cost, with_p=False)
+            assert slot is not None
+            target.append(gi, slot, cost)
+            lane_slots.pop(target.index, None)
+        else:
+            slots = lane_slots.get(target.index)
+            if slots is None:
+                slots = walk(cost, target, target.order)
+            pos, budget = _harmless_position(pc, target, slots, gi,
+                                             floor.get(target.index, 0), budget)
+            lane_slots[target.index] = target.reset(
+                [*target.order[:pos], gi, *target.order[pos:]], cost)
+            floor[target.index] = pos + 1
         heaps.push(target)
 
 
-def _harmless_position(pc: PlanningContext, lane: Lane, gi: int, floor: int, budget: int
-                       ) -> tuple[int, int]:
-    """The earliest position ≥ ``floor`` in ``lane`` where inserting ``gi`` lowers no
-    later group's value (scanning from the back, stopping at the first that does), and
-    the budget left."""
+def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], gi: int,
+                       floor: int, budget: int) -> tuple[int, int]:
+    """The earliest position ≥ ``floor`` in ``lane`` (whose walk is ``slots``) where
+    inserting ``gi`` lowers no later group's value (scanning from the back, stopping at
+    the first that does), and the budget left."""
     cost, order = pc.cost, lane.order
-    slots = walk(cost, lane, order)
-    values = [pc.weight(g) * cost.stats[g].size * s.p_meet
-              for g, s in zip(order, slots, strict=True)]
     best, suffix = len(order), 0.0
     for k in range(len(order) - 1, floor - 1, -1):
         steps = len(order) - k + 1
         if steps > budget:
             break
         budget -= steps
-        suffix += values[k]
+        suffix += pc.weight(order[k]) * cost.stats[order[k]].size * slots[k].p_meet
         if k == 0:
             tail, seg, end, var = lane.initial
         else:
@@ -715,9 +724,10 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
     total size, steady batch), less the requests of groups 1..k a pull would admit now
     (free slots and KV headroom, walked as :func:`qlm.core.pulls.plan_pulls` walks them),
     less the running requests expected to finish before group k's earliest deadlines.
-    Those decode at ``evict_rate_credit`` of the modelled per-slot rate, and only in the
-    time that prefilling the prompts ahead leaves (those of running requests without a
-    first token and of groups 1..k): vLLM mixes prompt chunks into its decode steps. The
+    Those decode at ``evict_rate_credit`` of the modelled per-slot rate during the
+    group's slack or, with ``evict_prefill_aware``, only in the time before its deadline
+    that prefilling the prompts ahead leaves (those of running requests without a first
+    token and of groups 1..k): vLLM mixes prompt chunks into its decode steps. The
     largest shortfall is evicted, each request only for a group of a tighter class than
     its own, in :attr:`WorkerLoad.eviction_order` (past their first token first: their
     TTFT SLO is settled). They keep their progress. Requests of a group's own class are
@@ -729,7 +739,8 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
     groups of one class arrive within a few seconds, the slots that free up serve the
     first, and evictions for the next start only once it is the head, its slack gone.
     Under sustained overload it evicts batch work for groups that miss anyway (see
-    docs/results/gpu/README.md), hence the default of 1.
+    docs/results/gpu/README.md), hence the default of 1; ``evict_prefill_aware`` is off
+    by default for the same reason.
     """
     if not options["evict"]:
         return ()
@@ -747,22 +758,24 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: Mapping[str, Any]
         cursors = [0, 0]
         taken = 0
         lookahead = order[:max(1, int(options["evict_lookahead_groups"]))]
-        for gi, short in _shortfalls(pc, wi, lookahead, credit):
+        for gi, short in _shortfalls(pc, wi, lookahead, credit,
+                                     bool(options["evict_prefill_aware"])):
             head = pc.stats[gi]
+            reason = f"slo:{head.key}"
             for p, part in enumerate(parts):
                 while taken < short and cursors[p] < len(part):
                     rr = part[cursors[p]]
                     if rr.request.slo.ttft_s <= head.ttft_s:
                         break  # past the looser ones, none qualifies for this group
-                    evictions.append(Evict(w.id, rr.request.id, f"slo:{head.key}", state_swaps
+                    evictions.append(Evict(w.id, rr.request.id, reason, state_swaps
                                            and _state_swap_pays(pc, wi, rr, options)))
                     cursors[p] += 1
                     taken += 1
     return tuple(evictions)
 
 
-def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: float
-                ) -> list[tuple[int, int]]:
+def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: float,
+                prefill_aware: bool) -> list[tuple[int, int]]:
     """(group, slots short) for the in-time groups at the head of ``order`` that are short,
     in lane order (see :func:`plan_evictions`)."""
     now, cost = pc.now, pc.cost
@@ -772,7 +785,7 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
     free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
     headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
     remaining = load.remaining_sorted
-    prompt_tokens = float(pending_prefill_tokens(w))  # to prefill before group k's first token
+    prompt_tokens = float(load.pending_prefill_tokens)  # to prefill before group k's first token
     admitted = total = 0
     out: list[tuple[int, int]] = []
     for gi in order:
@@ -795,7 +808,8 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
             continue  # all late already, or nothing left to meet: evicting cannot help it
         # Running requests decode only in the time the prompts ahead leave: vLLM mixes
         # prompt chunks into its decode steps, which then take that much longer.
-        decode_s = g.deadline_points[0] - now - p.prefill_s(round(prompt_tokens))
+        decode_s = (g.deadline_points[0] - now - p.prefill_s(round(prompt_tokens))
+                    if prefill_aware else slack_s)
         per_slot_rate = credit * svc.tokens_per_s / svc.batch
         freed = _count_at_most(remaining, max(0.0, decode_s) * per_slot_rate)
         short = min(total, svc.batch) - admitted - freed
