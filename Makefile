@@ -101,7 +101,7 @@ estimator-check:
 	$(PYTHON) -m loadgen.estimator_check --seeds 5
 
 gpu-fidelity:
-	$(PYTHON) -m loadgen.gpu.fidelity docs/results/gpu/h100_replay_mistral-7b.json docs/results/gpu/h100_replay_mistral-7b_high_load.json --out docs/results/gpu/fidelity.json
+	$(PYTHON) -m loadgen.gpu.fidelity docs/results/gpu/h100_replay_mistral-7b.json.gz docs/results/gpu/h100_replay_mistral-7b_high_load.json.gz --out docs/results/gpu/fidelity.json
 
 bench-scheduler:
 	$(PYTHON) -m loadgen.bench_scheduler --queued 100000 --workers 80 --steps 20 --policies qlm,fcfs --out docs/results/bench_scheduler.json

@@ -7,6 +7,7 @@ harness and the unit tests can use it on any machine.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import os
@@ -246,6 +247,15 @@ def compact_json(data: Any) -> str:
 
 _FLAT = re.compile(r'[\[{][^\[\]{}"]*(?:"(?:[^"\\]|\\.)*"[^\[\]{}"]*)*[\]}]')
 _LINE_BREAK = re.compile(r"\s*\n\s*")
+
+
+def read_json(path: Path) -> Any:
+    """A result file, gzipped (``.gz``: how results are kept, so the repository and the
+    vLLM archive fit one device call) or not."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

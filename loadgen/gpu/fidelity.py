@@ -17,7 +17,7 @@ reported against a 10 % target.
 
 Usage (from the repository root)::
 
-    python3 -m loadgen.gpu.fidelity docs/results/gpu/h100_replay_mistral-7b.json \
+    python3 -m loadgen.gpu.fidelity docs/results/gpu/h100_replay_mistral-7b.json.gz \
         --out docs/results/gpu/fidelity.json
 """
 
@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from loadgen.gpu.common import read_json
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.core.policies import make_policy
@@ -154,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {}
     for path in args.replay:
         try:
-            one = fidelity(json.loads(path.read_text()), book)
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            one = fidelity(read_json(path), book)
+        except (OSError, EOFError, json.JSONDecodeError, KeyError) as exc:
             raise InvalidInput("replay", f"{path}: {exc!r}") from None
         for run in one["runs"]:
             run["replay_file"] = path.name

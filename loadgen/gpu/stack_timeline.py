@@ -19,7 +19,6 @@ Times are seconds since the replay's start (the result's arrival times), latenci
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import struct
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 from aiokafka.record.default_records import DefaultRecordBatch
 
+from loadgen.gpu.common import read_json
 from loadgen.results import emit
 from qlm.core.types import GroupKey, SLOClass
 
@@ -68,12 +68,6 @@ def topic_payloads(archive: Path, topic: str) -> list[tuple[float, dict[str, Any
                         out.append((ts / 1000.0, json.loads(value)))
     out.sort(key=lambda tp: tp[0])
     return out
-
-
-def load_result(path: Path) -> dict[str, Any]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        return dict(json.load(f))
 
 
 def short_id(request_id: str) -> str:
@@ -176,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("logs", type=Path, help="its --save-logs archive (<name>-logs.tar.gz)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    result = load_result(args.result)
+    result = dict(read_json(args.result))
     events = [payload for _, payload in topic_payloads(args.logs, "qlm.events")]
     events.sort(key=lambda e: e["at"])
     report = analyse(result, events, topic_payloads(args.logs, "qlm.lso"))
