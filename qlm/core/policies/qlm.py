@@ -64,11 +64,11 @@ or finds nothing within its budget falls back to the heuristic.
 
 **LSOs**: *pull* via :func:`qlm.core.pulls.plan_pulls` (backpressure); *model swap* when
 a worker's head group needs another model and the worker has drained; *eviction* when
-too few slots of a worker free up within the slack of the groups at the head of its
-lane (each counted with the groups ahead of it, so a burst of several groups is
-provided for at once): just enough running requests of looser classes are evicted
-(largest remaining slack first: those past their first token have met their TTFT SLO
-already); they keep their progress (see :func:`plan_evictions`). With ``kv_state_swap`` an eviction
+too few slots of a worker free up within the slack of its head group (with
+``evict_lookahead_groups``, of each of the first groups of its lane, counted with those
+ahead of it): just enough running requests of looser classes are evicted (largest
+remaining slack first: those past their first token have met their TTFT SLO already);
+they keep their progress (see :func:`plan_evictions`). With ``kv_state_swap`` an eviction
 sets ``Evict.state_swap`` when moving the KV state over PCIe is cheaper than recomputing
 it. *Rejections* only with ``reject_late=True`` (requests whose
 deadline has passed) and ``reject_unservable=True`` (requests of a group that no worker of
@@ -297,7 +297,7 @@ def heuristic_plan(pc: PlanningContext, options: Mapping[str, Any], score: bool 
         if not shapes:
             continue  # no worker can ever serve it: left out of every queue
         if stats[gi].latest_deadline_at < pc.now:
-            late.append(gi)  # every deadline has passed: placed last of all, below
+            late.append(gi)  # every deadline has passed: placed after the rest (step 5)
             continue
         lane, slot = _best_slot(gi, heaps.candidates(stats[gi].model, shapes, lanes), cost,
                                 reach)
