@@ -48,6 +48,7 @@ from loadgen.report import markdown_table, policy_entry, print_table
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import make_policy, policy_names
+from qlm.core.policies.base import options_from_json
 from qlm.core.types import Decision, QueueSnapshot
 from qlm.sim import RunResult, SimConfig, simulate
 from qlm.sim.batching import PREFILL_MODES
@@ -135,16 +136,6 @@ def check_policies(text: str) -> tuple[str, ...]:
             f"not registered: {', '.join(missing)} (registered: {', '.join(known)})",
         )
     return names
-
-
-def parse_policy_options(text: str) -> dict[str, Any]:
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput("policy-options", f"not JSON: {exc}") from None
-    if not isinstance(options, dict):
-        raise InvalidInput("policy-options", "must be a JSON object")
-    return options
 
 
 def cluster_scale(workload: str, cluster: str) -> float:
@@ -338,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         policies = check_policies(args.policies)
-        policy_options = parse_policy_options(args.policy_options)
+        policy_options = options_from_json(args.policy_options)
         for name in policies:
             make_policy(name, **policy_options)  # fail early on an unknown option
         scale = cluster_scale(args.workload, args.cluster)

@@ -78,6 +78,7 @@ from loadgen.gpu.common import (
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PROFILE_DIR, PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
+from qlm.core.policies.base import options_from_json
 from qlm.core.pulls import (
     DEFAULT_PREFILL_CAP_TOKENS,
     fits_prefill_cap,
@@ -333,7 +334,7 @@ class Managed:
                  prompts: Mapping[str, tuple[int, ...]], args: argparse.Namespace) -> None:
         base, *tags = policy_name.split("+")
         self.policy = make_policy(base)
-        options = json.loads(args.qlm_options) if "opts" in tags else {}
+        options = options_from_json(args.qlm_options, "qlm-options") if "opts" in tags else {}
         #: ``+corr``: plan with profiles corrected online from the engines' step times,
         #: as the scheduler service does with ``--online-correction``.
         self.corrections = CorrectedProfiles(profiles) if "corr" in tags else None

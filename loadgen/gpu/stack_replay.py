@@ -52,6 +52,7 @@ from loadgen.gpu.common import device_facts, percentile, write_json
 from loadgen.gpu.qlm_vs_fcfs import Outcome, Workload, build_workload, draw_prompts, summarise
 from qlm.core.errors import Unavailable
 from qlm.core.perf import PROFILE_DIR
+from qlm.core.policies.base import options_from_json
 from qlm.core.types import SLO, Request, SLOClass
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -341,7 +342,7 @@ def run_stack(args: argparse.Namespace, workload: Workload, result: dict[str, An
         kv = dict(sim_kv) if args.engine == "sim" else fleet.logged_kv_tokens()
         result["kv_capacity_tokens"] = kv
         options = ServiceOptions(
-            policy=args.policy, policy_options=json.loads(args.policy_options),
+            policy=args.policy, policy_options=options_from_json(args.policy_options),
             workers_file=workers_file, admission=ADMISSION,
             group_window_s=args.group_window_s, tick_s=args.tick_s, debounce_s=args.debounce_s,
             shutdown_grace_s=2.0)

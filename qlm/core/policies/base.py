@@ -14,6 +14,7 @@ Contract (checked for every policy by ``tests/unit/test_policy_contract.py``):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -69,3 +70,15 @@ def _load_builtins() -> None:
     import qlm.core.policies as pkg
 
     pkg.load_builtin_policies()
+
+
+def options_from_json(text: str, field_name: str = "policy-options") -> dict[str, Any]:
+    """Policy options given as a JSON object on a command line (``field_name`` names the
+    flag in the error). Which options a policy knows, its constructor checks."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(field_name, f"not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise InvalidInput(field_name, "must be a JSON object")
+    return options
