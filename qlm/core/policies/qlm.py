@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -779,28 +779,18 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
     """(group, slots short) for the in-time groups at the head of ``order`` that are short,
     in lane order (see :func:`plan_evictions`)."""
     now, cost = pc.now, pc.cost
-    w, load = pc.snapshot.workers[wi], pc.loads[wi]
-    model = w.active_model
-    p = cost.profiles.get(pc.stats[order[0]].model, w.gpu)
-    free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
-    headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
+    load = pc.loads[wi]
+    p = cost.profiles.get(pc.stats[order[0]].model, pc.snapshot.workers[wi].gpu)
     remaining = load.remaining_sorted
     prompt_tokens = float(load.pending_prefill_tokens)  # to prefill before group k's first token
     admitted = total = 0
     out: list[tuple[int, int]] = []
-    for gi in order:
+    for gi, num_admitted in _pull_walk(pc, wi, order):
         g = pc.stats[gi]
         svc = cost.service(gi, wi)
-        if g.model != model or svc is None:
-            break  # a swap comes first: nothing after it starts on this model's slots
-        for r in pc.snapshot.groups[g.index].requests:
-            need = kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
-            if free_slots <= 0 or need > headroom:
-                free_slots = 0
-                break
-            admitted += 1
-            free_slots -= 1
-            headroom -= need
+        if svc is None:
+            break  # no profile for it here: nothing to size evictions by
+        admitted += num_admitted
         total += g.size
         prompt_tokens += g.size * g.mean_prompt
         slack_s = g.deadline_points[0] - now - svc.prefill_s
@@ -816,6 +806,39 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
         if short > 0:
             out.append((gi, short))
     return out
+
+
+def _pull_walk(pc: PlanningContext, wi: int, order: Iterable[int]
+               ) -> Iterator[tuple[int, int]]:
+    """(group, how many of its requests a pull would admit now) for the groups of
+    ``order`` until one of another model than worker ``wi``'s active one (a swap comes
+    first: nothing after it starts on this model's slots).
+
+    The walk of :func:`qlm.core.pulls.plan_pulls`: free batch slots, then each request's
+    KV reservation against the headroom, in order, until one does not fit; the running
+    requests' reservations come from the memoised worker summary.
+    """
+    w, load = pc.snapshot.workers[wi], pc.loads[wi]
+    model = w.active_model
+    if model is None:
+        return
+    p = pc.cost.profiles.get(model, w.gpu)
+    free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
+    headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
+    for gi in order:
+        g = pc.stats[gi]
+        if g.model != model:
+            return
+        admitted = 0
+        for r in pc.snapshot.groups[g.index].requests:
+            need = kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
+            if free_slots <= 0 or need > headroom:
+                free_slots = 0
+                break
+            admitted += 1
+            free_slots -= 1
+            headroom -= need
+        yield gi, admitted
 
 
 def _count_at_most(sorted_values: Sequence[float], limit: float) -> int:
@@ -950,35 +973,24 @@ def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
     computes them (a test holds the two equal).
 
     Workers that evict or swap in this decision pull nothing (as in ``with_pulls``). The
-    walk is :func:`qlm.core.pulls.plan_pulls`'s, with the running requests' reservation
-    sum taken from the memoised worker summary instead of re-read per decision. No
-    request is excluded: a group sits on one worker only.
+    walk is :func:`_pull_walk`'s. No request is excluded: a group sits on one worker only.
     """
     profiles = pc.cost.profiles
     busy = {e.worker_id for e in decision.evictions} | {s.worker_id for s in decision.swaps}
     groups, by_key = pc.snapshot.groups, pc.stats_by_key
     pulls = []
-    for place, w, load in zip(decision.placements, pc.snapshot.workers, pc.loads, strict=True):
+    for wi, (place, w) in enumerate(zip(decision.placements, pc.snapshot.workers, strict=True)):
         model = w.active_model
         if not place.order or model is None or w.swapping_until is not None or w.id in busy:
             continue
         if place.order[0].model != model or not profiles.has(model, w.gpu):
             continue
-        p = profiles.get(model, w.gpu)
-        free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
-        headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
         ids: list[str] = []
-        for key in place.order:
-            if key.model != model or free_slots <= 0:
-                break
-            for r in groups[by_key[key].index].requests:
-                need = kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
-                if free_slots <= 0 or need > headroom:
-                    free_slots = 0
-                    break
-                ids.append(r.id)
-                free_slots -= 1
-                headroom -= need
+        for gi, n in _pull_walk(pc, wi, (by_key[key].index for key in place.order)):
+            requests = groups[pc.stats[gi].index].requests
+            ids.extend(r.id for r in requests[:n])
+            if n < len(requests):
+                break  # no room left for the groups after it
         if ids:
             pulls.append(Pull(w.id, tuple(ids)))
     return tuple(pulls)
