@@ -63,7 +63,7 @@ from qlm.sim.metrics import RequestRecord, RunMetrics, summarise, wait_predictio
 from qlm.workloads import WA_CLASSES, load_trace_csv, pick, slice_trace, unit_rate_times
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
+DEFAULT_TRACE = REPO_ROOT / "loadgen" / "traces" / "azure_llm_2023_conv.csv"
 DEFAULT_WORKERS = REPO_ROOT / "docker" / "workers.demo.yaml"
 TERMINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
 

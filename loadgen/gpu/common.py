@@ -135,6 +135,7 @@ def load_trace_slice(path: Path, start: int, count: int, speedup: float,
 
 def write_slice_csv(requests: Sequence[TraceRequest], path: Path) -> None:
     """Write a replay as ``arrival_s,prompt_tokens,output_tokens`` rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["arrival_s", "prompt_tokens", "output_tokens"])
@@ -271,7 +272,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--trace", type=Path,
-                        default=Path("../shared/traces/azure_llm_2023_conv.csv"))
+                        default=Path("loadgen/traces/azure_llm_2023_conv.csv"))
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--max-model-len", type=int, default=16384)

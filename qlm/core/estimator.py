@@ -184,7 +184,7 @@ def _residual_quantile(stats: LengthStats, q: float, max_tokens: float) -> float
 #: no ShareGPT copy is available here, so the spread is the usual heavy-tailed chat shape,
 #: between the Azure conversation trace's 0.77 and an exponential's 1.0). See docs/profiles.md.
 DEFAULT_OUTPUT_STATS: Final = LengthStats(mean=338.0, std=300.0)
-#: Fitted to GeneratedTokens of ../shared/traces/azure_llm_2023_conv.csv (19,366 rows).
+#: Fitted to GeneratedTokens of loadgen/traces/azure_llm_2023_conv.csv (19,366 rows).
 AZURE_CONV_OUTPUT_STATS: Final = LengthStats(mean=211.1, std=162.9)
 
 
