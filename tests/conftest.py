@@ -11,6 +11,9 @@ Each server starts once per test session, and only when a test asks for it
 - ``kafka_server``: the session's :class:`~qlm.localstack.KafkaServer` (KRaft, one node,
   topics are not auto-created).
 - ``kafka_bootstrap``: its ``bootstrap_servers`` string.
+- ``kafka_cluster``: a :class:`~qlm.localstack.KafkaCluster` of three KRaft nodes (each
+  broker and controller), started for the tests that ask for it; a test may SIGKILL a
+  node (``kafka_cluster.kill(node)``), so every test gets a fresh cluster.
 - ``unique_topic``: ``unique_topic("events")`` returns a topic name no other test uses.
 - ``topic_prefix``: a prefix unique to the test, for :class:`qlm.bus.topics.TopicNames`.
 - ``kafka_topics``: the six qlm topics under ``topic_prefix``, created.
@@ -31,7 +34,7 @@ import redis
 
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import Unavailable
-from qlm.localstack import KafkaServer, RedisServer
+from qlm.localstack import KafkaCluster, KafkaServer, RedisServer
 
 
 def in_ci() -> bool:
@@ -80,6 +83,19 @@ def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServ
         server_unavailable(f"Kafka did not start: {error}")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    try:
+        cluster = KafkaCluster.start_on_free_ports(
+            tmp_path_factory.mktemp("kafka-cluster"), num_nodes=3, die_with_parent=True,
+            quick_start=True,
+        )
+    except Unavailable as error:
+        server_unavailable(f"the three-node Kafka cluster did not start: {error}")
+    yield cluster
+    cluster.stop(kill=True)
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,7 @@ class EstimatorApp:
 
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
         await self.tail.start()
         await self.server.start()
         if s.serve_metrics:

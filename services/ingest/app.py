@@ -154,7 +154,7 @@ class IngestApp:
 
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
         await self.producer.start()
         if s.serve_grpc:
             self.server = IngestServer(

@@ -96,7 +96,7 @@ class SchedulerApp:
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
         await self.producer.start()
         await self.tail.start()
         if s.serve_metrics:
