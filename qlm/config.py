@@ -27,8 +27,15 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="QLM_", extra="forbid")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis server URL")
-    key_prefix: str = Field("qlm:", min_length=1, description="prefix of every Redis key")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL: redis://host:port/db, or redis+cluster://host:port (any node "
+        "of a Redis Cluster)",
+    )
+    key_prefix: str = Field(
+        "qlm:", min_length=1,
+        description="prefix of every Redis key, and their hash tag: {qlm:}req:<id>",
+    )
     kafka_bootstrap: str = Field("127.0.0.1:9092", min_length=1, description="Kafka brokers")
     topic_prefix: str = Field("", description="prefix of every Kafka topic (empty in production)")
     kafka_replication_factor: int = Field(

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Final
 
 import redis.exceptions
-from redis.asyncio import Redis
 
 from qlm.core.errors import InvalidInput, Unavailable
+from qlm.store.client import RedisClient
 from qlm.store.keys import Keys
 
 ACQUIRE_LUA: Final = """
@@ -79,8 +79,9 @@ class LeaseKeys:
 class LeaderLease:
     """One replica's side of the lease. ``token`` names the replica (unique per process)."""
 
-    def __init__(self, redis_client: Redis, keys: LeaseKeys, token: str, *, ttl_s: float = 3.0,
-                 margin_s: float = 0.5, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, redis_client: RedisClient, keys: LeaseKeys, token: str, *,
+                 ttl_s: float = 3.0, margin_s: float = 0.5,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if not token:
             raise InvalidInput("instance_id", "must not be empty")
         if not 0 <= margin_s < ttl_s:

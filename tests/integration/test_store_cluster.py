@@ -6,11 +6,13 @@ the store's contract and every script (enqueue, pull with a lease, claim, renewa
 tokens, eviction, expiry, finish, cancel, snapshot) on the cluster, check that a
 queue's keys all sit in one slot of one master, that two queues spread over the
 masters, that primaries with an empty script cache still run pipelined scripts, and
-that the cluster indeed refuses a script that strays into another slot.
+that the scheduler's leader lease and the workers' wake-up on enqueue work there,
+and that the cluster indeed refuses a script that strays into another slot.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,6 +28,8 @@ from qlm.localstack import LocalRedisCluster
 from qlm.store import LeaseLost, RedisQueueStore, TokenAppend
 from qlm.store.client import redis_client
 from qlm.store.keys import Keys
+from services.scheduler.lease import LeaderLease, LeaseKeys
+from services.worker.wakeup import QueueWatcher
 
 pytestmark = pytest.mark.redis
 
@@ -173,6 +177,29 @@ async def test_primaries_without_the_scripts_still_run_pipelined_ones(
     flush_scripts(redis_cluster)
     appended = await store.append_tokens_many("w", [TokenAppend(r.id, (7,)) for r in pulled])
     assert appended == [1, 1, 1]
+
+
+async def test_scheduler_lease_and_worker_wake_up_work_on_a_cluster(
+    store: RedisQueueStore, redis_cluster_url: str
+) -> None:
+    clients = [redis_client(redis_cluster_url, decode_responses=True) for _ in range(2)]
+    leases = [LeaderLease(c, LeaseKeys.under("qlm:"), f"replica-{n}", ttl_s=30.0)
+              for n, c in enumerate(clients)]  # fmt: skip
+    watcher = QueueWatcher(redis_cluster_url, Keys())
+    woken = asyncio.Event()
+    watcher.register(woken)
+    try:
+        assert await leases[0].try_acquire() and leases[0].fence == 1
+        assert not await leases[1].try_acquire()  # one leader (the acquire script: 2 keys)
+        assert await leases[1].owner() == "replica-0"
+
+        assert await watcher.start(), "keyspace notifications on the queue's master"
+        await store.enqueue(make_request("wake"))
+        await asyncio.wait_for(woken.wait(), timeout=10.0)
+    finally:
+        await watcher.stop()
+        for client in clients:
+            await client.aclose()
 
 
 async def test_the_cluster_refuses_a_script_that_strays_into_another_slot(
