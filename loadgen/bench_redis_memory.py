@@ -134,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "hash-max-listpack-value", args.hash_max_listpack_value
                 )
             rows = [measure(url, args.requests, args.arrival_rate, n, PROMPTS[n]) for n in names]
-            info = redis.Redis.from_url(url, decode_responses=True).info("server")
+            info_client = redis.Redis.from_url(url, decode_responses=True)
+            info = {**info_client.info("server"), **info_client.info("memory")}
+            info_client.close()
         finally:
             if server is not None:
                 server.stop()
