@@ -22,11 +22,11 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
-from qlm.config import IngestSettings
 from qlm.localstack import KafkaCluster
 from qlm.store.keys import Keys
 from qlm.submission import ModelLimits
 from services.ingest.app import IngestApp
+from services.ingest.settings import IngestSettings
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 

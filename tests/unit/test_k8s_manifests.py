@@ -20,14 +20,12 @@ import pytest
 import yaml
 
 from qlm.bus.topics import TopicLayout
-from qlm.config import (
-    EstimatorSettings,
-    IngestSettings,
-    SchedulerSettings,
-    WorkerSettings,
-    load_settings,
-)
 from qlm.roster import workers_from
+from services.common.settings import load_settings
+from services.estimator.settings import EstimatorSettings
+from services.ingest.settings import IngestSettings
+from services.scheduler.settings import SchedulerSettings
+from services.worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
