@@ -45,6 +45,11 @@ class Unavailable(QlmError):
     """A dependency (Redis, Kafka, estimator) does not answer: gRPC UNAVAILABLE."""
 
 
+class Unauthenticated(QlmError):
+    """The caller did not prove who it is (no API key, or an unknown or revoked one):
+    gRPC UNAUTHENTICATED, HTTP 401. The message never says which tenants exist."""
+
+
 class Overloaded(QlmError):
     """Admission control refused work now (gRPC RESOURCE_EXHAUSTED); it may be retried
     after ``retry_after_s``. ``details`` (string values) travel as trailing metadata."""

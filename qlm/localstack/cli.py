@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ingest's admission rules per class")
     parser.add_argument("--brokers-only", action="store_true",
                         help="up: start Redis and Kafka only")
+    parser.add_argument("--insecure", action="store_true",
+                        help="up: no TLS and no API keys (default: TLS on every gRPC listener "
+                        "with a local CA under <dir>/tls, and a development tenant's key)")
     return parser
 
 
@@ -83,7 +86,7 @@ def service_stack(args: argparse.Namespace, stack: LocalStack) -> ServiceStack:
     if args.command == "up" and all(s.pid is None for s in recorded.status()):
         recorded.options = ServiceOptions(
             policy=args.policy, workers_file=args.workers_file, time_scale=args.time_scale,
-            admission=args.admission)
+            admission=args.admission, secure=not args.insecure)
     return recorded
 
 
@@ -104,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.brokers_only:
             for line in services.up():
                 print(line, flush=True)
+            client_env = {"QLM_INGEST_ADDR": services.ingest_addr,
+                          "QLM_TARGET": services.ingest_addr, **services.client_environment()}
             with (stack.stack_dir / "stack.env").open("a") as env:
-                env.write(f"QLM_INGEST_ADDR={services.ingest_addr}\n")
+                env.writelines(f"{key}={value}\n" for key, value in client_env.items())
         print(f"environment: {stack.stack_dir / 'stack.env'}")
         return 0
     if args.command == "down":

@@ -45,6 +45,7 @@ from qlm.localstack.process import (
     port_is_open,
 )
 from qlm.roster import read_workers_file
+from qlm.tls import LocalPki, ensure_local_pki
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 DEFAULT_WORKERS_FILE: Final = REPO_ROOT / "docker" / "workers.cpu.yaml"
@@ -54,6 +55,7 @@ SERVICE_NAMES: Final = ("estimator", "ingest", "scheduler", "worker")
 PREFERRED_INGEST_PORT: Final = 50051
 START_TIMEOUT_S: Final = 90.0
 POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority")
+DEV_TENANT: Final = "dev"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,11 @@ class ServiceOptions:
     * ``group_window_s``, ``tick_s``: ingest's group window, the scheduler's tick (wall s);
     * ``debounce_s``: how long the scheduler gathers events before deciding (wall s);
     * ``shutdown_grace_s``: how long a stopping service may finish in-flight work;
-    * ``topic_prefix``: prefix of every Kafka topic (tests: unique per test).
+    * ``topic_prefix``: prefix of every Kafka topic (tests: unique per test);
+    * ``secure``: TLS on every gRPC listener (a local CA and certificates under
+      ``<dir>/tls``, :func:`qlm.tls.ensure_local_pki`) and API keys required by ingest,
+      with a development tenant whose key is in ``<dir>/services/dev.key``
+      (``make up`` turns it on).
     """
 
     policy: str = "qlm"
@@ -81,6 +87,7 @@ class ServiceOptions:
     shutdown_grace_s: float = 2.0
     log_level: str = "info"
     topic_prefix: str = ""
+    secure: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -200,9 +207,34 @@ class ServiceStack:
         (self.run_dir / SERVICES_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     # ---------------------------------------------------------------- argv
+    @property
+    def pki(self) -> LocalPki:
+        return LocalPki(self.stack_dir / "tls")
+
+    @property
+    def dev_key_file(self) -> Path:
+        return self.run_dir / "dev.key"
+
+    def client_environment(self) -> dict[str, str]:
+        """What a client of these services needs (``QLM_API_KEY``, ``QLM_TLS_CA``)."""
+        if not self.options.secure:
+            return {}
+        return {"QLM_API_KEY": self.dev_key_file.read_text().strip(),
+                "QLM_TLS_CA": str(self.pki.ca), "QLM_TENANT": DEV_TENANT}
+
     def _common(self) -> list[str]:
+        tls = (["--tls-cert-file", str(self.pki.server_cert),
+                "--tls-key-file", str(self.pki.server_key), "--tls-ca-file", str(self.pki.ca)]
+               if self.options.secure else [])
         return ["--redis-url", self.redis_url, "--kafka-bootstrap", self.kafka_bootstrap,
-                "--log-level", self.options.log_level, "--topic-prefix", self.options.topic_prefix]
+                "--log-level", self.options.log_level, "--topic-prefix", self.options.topic_prefix,
+                *tls]
+
+    def _secure_files(self) -> None:
+        """The local CA and certificates, and the development tenant's key."""
+        ensure_local_pki(self.pki.directory)
+        self.dev_key_file.write_text(ensure_dev_tenant(self.redis_url, self.dev_key_file) + "\n")
+        self.dev_key_file.chmod(0o600)
 
     def argv(self, name: str) -> list[str]:
         """The command line of one service (the run directory appears in each: pid marker)."""
@@ -220,6 +252,7 @@ class ServiceStack:
                     "--metrics-port", str(p.ingest_metrics),
                     "--estimator-addr", f"127.0.0.1:{p.estimator}",
                     "--admission", o.admission,
+                    "--auth", "required" if o.secure else "off",
                     "--group-window-s", str(o.group_window_s),
                     "--shutdown-grace-s", str(o.shutdown_grace_s)]
         if name == "scheduler":
@@ -252,7 +285,8 @@ class ServiceStack:
         if name == "scheduler":
             return scheduler_is_leader(p.scheduler_metrics)
         port = {"estimator": p.estimator, "ingest": p.ingest, "worker": p.worker_health}[name]
-        return grpc_serving(f"127.0.0.1:{port}")
+        return grpc_serving(f"127.0.0.1:{port}",
+                            ca=self.pki.ca if self.options.secure else None)
 
     # ---------------------------------------------------------------- lifecycle
     def up(self, names: tuple[str, ...] = SERVICE_NAMES) -> list[str]:
@@ -266,6 +300,8 @@ class ServiceStack:
         if all(self.processes[n].running_pid() is None for n in SERVICE_NAMES):
             self.ports = self.ports.resolved(self.prefer_standard_ports)
             self._write_files()
+            if self.options.secure:
+                self._secure_files()
         lines = []
         for name in SERVICE_NAMES:
             if name in names:
@@ -336,10 +372,12 @@ class ServiceStack:
 
 
 # -------------------------------------------------------------------- checks
-def grpc_serving(target: str, timeout_s: float = 1.0) -> bool:
-    """Whether ``grpc.health.v1.Health/Check`` (service "") answers SERVING."""
+def grpc_serving(target: str, timeout_s: float = 1.0, ca: Path | None = None) -> bool:
+    """Whether ``grpc.health.v1.Health/Check`` (service "") answers SERVING (over TLS
+    trusting ``ca`` when given)."""
     try:
-        with grpc.insecure_channel(target) as channel:
+        with (grpc.secure_channel(target, grpc.ssl_channel_credentials(ca.read_bytes()))
+              if ca is not None else grpc.insecure_channel(target)) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
     except grpc.RpcError:
@@ -419,3 +457,30 @@ __all__ = [
     "write_scaled_profiles",
 ]
 
+
+
+def ensure_dev_tenant(redis_url: str, key_file: Path, prefix: str = "qlm:") -> str:
+    """The API key of the development tenant: the one in ``key_file`` while it still
+    authenticates, else a new tenant ``dev`` (``dev-2``, ... when the name is taken: names
+    are never reused)."""
+    import asyncio
+
+    from qlm.store.client import redis_client
+    from qlm.tenants import TenantRegistry
+
+    async def ensure() -> str:
+        client = redis_client(redis_url, decode_responses=True)
+        try:
+            tenants = TenantRegistry(client, prefix)
+            if key_file.exists():
+                key = key_file.read_text().strip()
+                if await tenants.authenticate(key) is not None:
+                    return key
+            taken = {t.name for t in await tenants.list()}
+            name = next(n for n in (DEV_TENANT, *(f"{DEV_TENANT}-{i}" for i in range(2, 10**6)))
+                        if n not in taken)
+            return await tenants.add(name)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(ensure())

@@ -27,6 +27,11 @@ key                         type        contents
 ``P stream:<id>``           stream      the request's output chunks, then one end entry
 ``P scheduler:leader``      string      the scheduler leader's token (PX: the lease)
 ``P scheduler:fence``       integer     the fencing token of the current leader's term
+``P tenants``               set         every tenant name ever added (revoked ones too)
+``P tenant:<name>``         hash        a tenant: ``key_sha256``, ``signing_key``,
+                                        ``created_at``, ``revoked_at`` (qlm.tenants)
+``P apikey:<sha256>``       string      the tenant whose active API key has this
+                                        SHA-256 (hex); deleted on revoke
 ==========================  ==========  ================================================
 
 ``<group>`` is ``str(GroupKey)``: ``model|slo_class|window``.
@@ -116,6 +121,16 @@ class Keys:
     @property
     def scheduler_fence(self) -> str:
         return f"{self.prefix}scheduler:fence"
+
+    @property
+    def tenants(self) -> str:
+        return f"{self.prefix}tenants"
+
+    def tenant(self, name: str) -> str:
+        return f"{self.prefix}tenant:{name}"
+
+    def api_key(self, key_sha256: str) -> str:
+        return f"{self.prefix}apikey:{key_sha256}"
 
 
 def is_tagged(prefix: str) -> bool:

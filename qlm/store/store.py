@@ -257,6 +257,11 @@ class RedisQueueStore:
         #: Queued requests of the previous snapshot: id → (changing fields, Request).
         self._known_queued: dict[str, tuple[tuple[str, ...], Request]] = {}
 
+    @property
+    def client(self) -> RedisClient:
+        """The Redis client (shared with what lives next to the queue, e.g. the tenants)."""
+        return self._redis
+
     @classmethod
     def from_url(
         cls, url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, **options: Any

@@ -13,6 +13,7 @@ message naming the setting. Flags are the field names in kebab case
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Self, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
@@ -52,8 +53,28 @@ class CommonSettings(BaseSettings):
         default_factory=dict, description="partitions per topic, overriding the defaults "
         "(JSON object, e.g. {\"qlm.batch.requests\": 12})"
     )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate of this service's gRPC listener (with "
+        "tls_key_file: TLS on; unset: plaintext)"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="mTLS: require client certificates signed by this CA (PEM)"
+    )
+    tls_ca_file: Path | None = Field(
+        None, description="CA (PEM) this service trusts when it calls another qlm service "
+        "over gRPC (set: TLS to it)"
+    )
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
     log_json: bool = Field(True, description="JSON log lines (false: human-readable console)")
+
+    @model_validator(mode="after")
+    def _tls_files_pair(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
 
     @model_validator(mode="after")
     def _topic_layout_is_valid(self) -> Self:

@@ -40,6 +40,7 @@ from qlm.store.store import RedisQueueStore
 from services.common.entrypoint import run_until_signal
 from services.common.errors import ErrorInterceptor
 from services.common.probes import kafka_answers
+from services.common.tls import add_listener
 from services.estimator.metrics import EstimatorMetrics
 from services.estimator.servicer import EstimatorServicer
 from services.estimator.settings import EstimatorSettings
@@ -81,9 +82,7 @@ class EstimatorApp:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        self.port = add_listener(self.server, f"{s.host}:{s.port}", s)
         self.metrics_port: int | None = None
         self._probes: Sequence[Probe] = (self.store.ping,
                                          lambda: kafka_answers(s.kafka_bootstrap))

@@ -34,6 +34,8 @@ from qlm.store.client import RedisClient, redis_client
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
+from qlm.tenants import TenantRegistry
+from services.common.auth import Authenticator
 from services.common.entrypoint import stop_on_signals
 from services.common.probes import kafka_answers
 from services.ingest.batch import BatchIngest
@@ -130,6 +132,9 @@ class IngestApp:
             admission=AdmissionRules.parse(settings.admission),
             observer=self.metrics,
         )
+        self.tenants = TenantRegistry(self.store.client, settings.key_prefix)
+        self.authenticator = (Authenticator(self.tenants, settings.auth_cache_s)
+                              if settings.auth == "required" else None)
         self.server: IngestServer | None = None
         self.consumer: BatchIngest | None = None
         self._depth_task: asyncio.Task[None] | None = None
@@ -151,10 +156,13 @@ class IngestApp:
                 probes=[self.store.ping, lambda: kafka_answers(s.kafka_bootstrap)],
                 max_message_bytes=s.max_message_bytes,
                 reuse_port=s.processes > 1,
+                settings=s,
+                authenticator=self.authenticator,
             )
             await self.server.start()
         if s.batch_consumer:
-            self.consumer = BatchIngest(self.plane, s, self.topics, self.producer, self.clock)
+            self.consumer = BatchIngest(self.plane, s, self.topics, self.producer, self.clock,
+                                        self.tenants if s.auth == "required" else None)
             await self.consumer.start()
         self._depth_task = asyncio.create_task(self._refresh_queue_depth(), name="ingest-depth")
         log.info("ingest_started", models=sorted(self.models), grpc=s.serve_grpc,

@@ -46,6 +46,7 @@ from qlm.engine.factory import make_engine
 from qlm.log import get_logger
 from qlm.store.store import RedisQueueStore
 from services.common.entrypoint import stop_on_signals
+from services.common.tls import add_listener
 from services.worker.metrics import WorkerMetrics
 from services.worker.settings import WorkerSettings
 from services.worker.wakeup import QueueWatcher
@@ -202,9 +203,7 @@ class WorkerProcess:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{self.settings.host}:{self.settings.health_port}"
-        self.health_port = server.add_insecure_port(address)
-        if self.health_port == 0:
-            raise OSError(f"cannot listen on port {self.settings.health_port}")
+        self.health_port = add_listener(server, address, self.settings)
         await server.start()
         self.grpc_server = server
         await self._set_health(True)
