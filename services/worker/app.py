@@ -11,7 +11,9 @@ LSO commands are read by a consumer group of this process (``lso_group``, defaul
 ``<topic prefix>qlm-worker-<worker ids>``) and queued per worker: each worker carries
 out its commands one at a time, in order, so a slow swap never delays another
 worker's commands. Commands issued before the process started (older than
-``STALE_COMMAND_S`` before it) are stale decisions and are ignored.
+``STALE_COMMAND_S`` before it) are stale decisions and are ignored, and so is every
+command whose fencing token (``<fence>-<seq>`` in its ``command_id``) is not the current
+term's in Redis (``scheduler:fence``): a deposed leader's late command or a forged one.
 
 Shutdown on SIGTERM / SIGINT: health NOT_SERVING, stop reading commands, drain every
 worker (``shutdown_grace_s`` to finish, then requeue with progress), close clients.
@@ -231,7 +233,26 @@ class WorkerProcess:
         if command.issued_at < self.started_at - STALE_COMMAND_S:
             log.info("lso_stale_ignored", worker=command.worker, command_id=command.command_id)
             return
+        if not await self._fence_is_current(command):
+            return
         queue.put_nowait(command)
+
+    async def _fence_is_current(self, command: LsoCommand) -> bool:
+        """Whether ``command`` comes from the scheduler term that holds the lease now: its
+        fencing token equals the current one in Redis. An older token (a deposed leader's
+        late command) or any other (forged) is dropped and logged."""
+        try:
+            current = await self.store.scheduler_fence()
+        except Exception as error:  # Redis away: a command is a hint; the scheduler re-decides
+            log.warning("lso_fence_unchecked_dropped", command_id=command.command_id,
+                        error=repr(error))
+            return False
+        if command.fence is None or command.fence != current:
+            log.warning("lso_fence_rejected", worker=command.worker,
+                        command_id=command.command_id, current_fence=current)
+            self.metrics.lso_rejected.labels(command.worker).inc()
+            return False
+        return True
 
     async def _read_commands(self) -> None:
         assert self.consumer is not None
