@@ -72,7 +72,8 @@ class EstimatorApp:
             on_realised=self.metrics.on_realised, on_answer=self._count_answer,
             policy=s.policy)
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.telemetry, self.topics.events],
-                              self._on_record, client_id="qlm-estimator")
+                              self._on_record, client_id="qlm-estimator",
+                              auth=s.kafka_auth())
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor()],
                                       options=[("grpc.so_reuseport", 0)])
@@ -85,13 +86,14 @@ class EstimatorApp:
         self.port = add_listener(self.server, f"{s.host}:{s.port}", s)
         self.metrics_port: int | None = None
         self._probes: Sequence[Probe] = (self.store.ping,
-                                         lambda: kafka_answers(s.kafka_bootstrap))
+                                         lambda: kafka_answers(s.kafka_bootstrap, s.kafka_auth()))
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()),
+                            s.kafka_auth())
         await self.tail.start()
         await self.server.start()
         if s.serve_metrics:

@@ -119,7 +119,8 @@ class IngestApp:
             group_window_s=settings.group_window_s, clock=clock,
         )
         self.producer = BusProducer(
-            settings.kafka_bootstrap, client_id="qlm-ingest", linger_ms=settings.event_linger_ms
+            settings.kafka_bootstrap, client_id="qlm-ingest", linger_ms=settings.event_linger_ms,
+            **settings.kafka_auth().client_options()
         )
         self.metrics = IngestMetrics()
         self.plane = IngestPlane(
@@ -147,13 +148,14 @@ class IngestApp:
 
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()),
+                            s.kafka_auth())
         await self.producer.start()
         if s.serve_grpc:
             self.server = IngestServer(
                 self.plane,
                 f"{s.host}:{s.port}",
-                probes=[self.store.ping, lambda: kafka_answers(s.kafka_bootstrap)],
+                probes=[self.store.ping, lambda: kafka_answers(s.kafka_bootstrap, s.kafka_auth())],
                 max_message_bytes=s.max_message_bytes,
                 reuse_port=s.processes > 1,
                 settings=s,

@@ -55,6 +55,7 @@ class BatchIngest:
             producer=producer,
             clock=clock,
             client_id="qlm-ingest-batch",
+            auth=settings.kafka_auth(),
         )
         self._task: asyncio.Task[None] | None = None
 

@@ -133,7 +133,8 @@ class WorkerProcess:
         self.store = RedisQueueStore.from_url(
             settings.redis_url, prefix=settings.key_prefix, lease_s=settings.lease_s
         )
-        self.producer = BusProducer(settings.kafka_bootstrap, client_id="qlm-worker")
+        self.producer = BusProducer(settings.kafka_bootstrap, client_id="qlm-worker",
+                                    **settings.kafka_auth().client_options())
         self.watcher = QueueWatcher(settings.redis_url, self.store.keys)
         self.workers: dict[str, Worker] = {}
         self.commands: dict[str, asyncio.Queue[LsoCommand]] = {}
@@ -154,7 +155,8 @@ class WorkerProcess:
     async def start(self) -> None:
         s = self.settings
         await self.producer.start()
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()),
+                            s.kafka_auth())
         options = WorkerOptions(
             lease_s=s.lease_s,
             renew_interval_s=s.renew_interval_s,
@@ -183,6 +185,7 @@ class WorkerProcess:
         self.consumer = BusConsumer(
             s.kafka_bootstrap, [self.topics.lso], self.lso_group, decode_command,
             self._on_command, self.topics.dlq, self.producer, client_id="qlm-worker",
+            auth=s.kafka_auth(),
         )  # fmt: skip
         await self.consumer.start()
         self._spawn(self._read_commands(), "lso-reader")

@@ -26,8 +26,9 @@ async def store(redis_url: str) -> AsyncIterator[RedisQueueStore]:
 async def test_a_deposed_leader_cannot_overwrite_the_virtual_queues(
     store: RedisQueueStore,
 ) -> None:
-    old = LeaderLease(store.client, LeaseKeys.under(store.keys.name), "old", ttl_s=0.2, margin_s=0.05)
-    new = LeaderLease(store.client, LeaseKeys.under(store.keys.name), "new", ttl_s=30)
+    keys = LeaseKeys.under(store.keys.name)
+    old = LeaderLease(store.client, keys, "old", ttl_s=0.2, margin_s=0.05)
+    new = LeaderLease(store.client, keys, "new", ttl_s=30)
     assert await old.try_acquire()
     stale_fence = old.fence
     mine, theirs = GroupKey("m", SLOClass.BATCH_1, 1), GroupKey("m", SLOClass.BATCH_1, 2)
