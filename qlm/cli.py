@@ -95,9 +95,22 @@ def read_batch_file(path: Path, id_prefix: str | None = None,
     return lines
 
 
+def kafka_auth_from_env() -> Any:
+    """The client's Kafka credentials from ``QLM_KAFKA_SECURITY_PROTOCOL``,
+    ``QLM_KAFKA_SASL_MECHANISM``, ``QLM_KAFKA_SASL_USERNAME``, ``QLM_KAFKA_SASL_PASSWORD``
+    (``make up`` writes them to .qlm/stack.env)."""
+    from qlm.bus.security import KafkaAuth
+
+    env = os.environ
+    return KafkaAuth(env.get("QLM_KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT",  # type: ignore[arg-type]
+                     env.get("QLM_KAFKA_SASL_MECHANISM") or None,
+                     env.get("QLM_KAFKA_SASL_USERNAME") or None,
+                     env.get("QLM_KAFKA_SASL_PASSWORD") or None)
+
+
 async def send_batch(
     lines: Sequence[BatchLine], bootstrap: str, topic_prefix: str = "", chunk: int = 500,
-    api_key: str | None = None,
+    api_key: str | None = None, kafka_auth: Any = None,
 ) -> int:
     """Produce every line to ``qlm.batch.requests`` (keyed by request id, acks=all).
 
@@ -114,7 +127,8 @@ async def send_batch(
     def headers(value: bytes) -> list[tuple[str, bytes]] | None:
         return [(SIGNATURE_HEADER, sign_record(value, key).encode())] if key else None
 
-    async with BusProducer(bootstrap, client_id="qlm-cli") as producer:
+    options = kafka_auth.client_options() if kafka_auth is not None else {}
+    async with BusProducer(bootstrap, client_id="qlm-cli", **options) as producer:
         for start in range(0, len(lines), chunk):
             values = [encode_batch_request(line.submission) for line in lines[start:start + chunk]]
             await asyncio.gather(*(
@@ -186,7 +200,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_batch_submit(args: argparse.Namespace) -> int:
     lines = read_batch_file(args.file, args.id_prefix, tenant=args.tenant)
     sent = asyncio.run(send_batch(lines, args.kafka_bootstrap, args.topic_prefix,
-                                  api_key=args.api_key or None))
+                                  api_key=args.api_key or None,
+                                  kafka_auth=kafka_auth_from_env()))
     first = lines[0].submission.request_id if lines else ""
     last = lines[-1].submission.request_id if lines else ""
     summary = {"file": str(args.file), "num_sent": sent, "first_id": first, "last_id": last}

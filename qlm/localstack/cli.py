@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--brokers-only", action="store_true",
                         help="up: start Redis and Kafka only")
     parser.add_argument("--insecure", action="store_true",
-                        help="up: no TLS and no API keys (default: TLS on every gRPC listener "
-                        "with a local CA under <dir>/tls, and a development tenant's key)")
+                        help="no TLS, no API keys, no broker users (default: TLS on every gRPC "
+                        "listener with a local CA under <dir>/tls, a development tenant's key, "
+                        "Redis ACL users and Kafka SASL/SCRAM with ACLs)")
     return parser
 
 
@@ -83,6 +84,7 @@ def service_stack(args: argparse.Namespace, stack: LocalStack) -> ServiceStack:
     env = stack.environment()
     recorded = ServiceStack.recorded(args.dir, env["QLM_REDIS_URL"], env["QLM_KAFKA_BOOTSTRAP"])
     recorded.prefer_standard_ports = True  # ingest on 50051 when free: the client's default
+    recorded.redis_users, recorded.kafka_users = stack.redis_users, stack.kafka_users
     if args.command == "up" and all(s.pid is None for s in recorded.status()):
         recorded.options = ServiceOptions(
             policy=args.policy, workers_file=args.workers_file, time_scale=args.time_scale,
@@ -98,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"kafka {kafka_version()} jars in {libs} ({time.monotonic() - started_at:.1f} s)")
         return 0
     stack = LocalStack.open(
-        args.dir, StackPorts(args.redis_port, args.kafka_port, args.controller_port)
+        args.dir, StackPorts(args.redis_port, args.kafka_port, args.controller_port),
+        # down/status: secure when an earlier up made broker users
+        secure=(not args.insecure if args.command == "up"
+                else (args.dir / "kafka" / "users.json").exists()),
     )
     services = service_stack(args, stack)
     if args.command == "up":

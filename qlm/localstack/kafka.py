@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -240,12 +241,16 @@ def _num_live_brokers_sasl(bootstrap_servers: str, auth: KafkaAuth) -> int:
     async def count() -> int:
         client = AIOKafkaClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=2000,
                                 **auth.client_options())
+        quiet = logging.getLogger("aiokafka")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # "Unable connect" on every poll until it is up
         try:
             await client.bootstrap()
             return len(client.cluster.brokers())
         except Exception:
             return 0
         finally:
+            quiet.setLevel(level)
             await client.close()
 
     return asyncio.run(count())

@@ -5,8 +5,8 @@ what the AOF kept. RDB snapshots are off: whatever survives a restart survived
 through the AOF alone.
 
 With ``users`` (:class:`RedisUsers`) the server runs with ACLs from an ``aclfile`` it is
-started with: the ``default`` user needs a password and may do everything (the admin), and each service
-user only its own keys (passwords stored as SHA-256 in the ACL file, in clear in
+started with: the ``default`` user needs a password and may do everything (the admin),
+and each service user only its own keys (passwords stored as SHA-256 in the ACL file, in clear in
 ``users.json``, mode 0600, for the URLs the services get).
 """
 

@@ -32,18 +32,21 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qlm.core.errors import InvalidInput, Unavailable
 from qlm.core.perf import PROFILE_DIR
+from qlm.localstack.kafka import KafkaUsers
 from qlm.localstack.process import (
     ServerProcess,
     ensure_port_free,
     free_loopback_port,
     port_is_open,
 )
+from qlm.localstack.redis import RedisUsers
 from qlm.roster import read_workers_file
 from qlm.tls import LocalPki, ensure_local_pki
 
@@ -167,6 +170,10 @@ class ServiceStack:
     prefer_standard_ports: bool = False
     #: Where the profiles the services read (scaled by the time scale) are copied from.
     profiles_source: Path = PROFILE_DIR
+    #: Broker users (``make up``): each service connects as ``qlm-<name>`` with its own
+    #: password, passed in its environment (not on its command line).
+    redis_users: RedisUsers | None = None
+    kafka_users: KafkaUsers | None = None
 
     def __post_init__(self) -> None:
         self.stack_dir = self.stack_dir.resolve()
@@ -226,7 +233,8 @@ class ServiceStack:
         tls = (["--tls-cert-file", str(self.pki.server_cert),
                 "--tls-key-file", str(self.pki.server_key), "--tls-ca-file", str(self.pki.ca)]
                if self.options.secure else [])
-        return ["--redis-url", self.redis_url, "--kafka-bootstrap", self.kafka_bootstrap,
+        redis = [] if self.redis_users is not None else ["--redis-url", self.redis_url]
+        return [*redis, "--kafka-bootstrap", self.kafka_bootstrap,
                 "--log-level", self.options.log_level, "--topic-prefix", self.options.topic_prefix,
                 *tls]
 
@@ -272,10 +280,28 @@ class ServiceStack:
                     "--shutdown-grace-s", str(o.shutdown_grace_s)]
         raise InvalidInput("service", f"unknown {name!r}; expected one of {SERVICE_NAMES}")
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, name: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
         path = env.get("PYTHONPATH", "")
         env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
+        for key in [k for k in env if k.startswith(("QLM_KAFKA_S", "QLM_REDIS_URL"))]:
+            del env[key]  # a client's credentials must not leak into a service
+        if name is not None:
+            env.update(self.broker_environment(f"qlm-{name}"))
+        return env
+
+    def broker_environment(self, user: str) -> dict[str, str]:
+        """``QLM_REDIS_URL`` and ``QLM_KAFKA_*`` of one broker user (empty without users)."""
+        env: dict[str, str] = {}
+        if self.redis_users is not None and user in self.redis_users.passwords:
+            where = urlsplit(self.redis_url)
+            env["QLM_REDIS_URL"] = self.redis_users.url(user, where.hostname or "127.0.0.1",
+                                                        where.port or 6379)
+        if self.kafka_users is not None and user in self.kafka_users.passwords:
+            auth = self.kafka_users.auth(user)
+            env.update(QLM_KAFKA_SECURITY_PROTOCOL=auth.security_protocol,
+                       QLM_KAFKA_SASL_MECHANISM=str(auth.sasl_mechanism),
+                       QLM_KAFKA_SASL_USERNAME=user, QLM_KAFKA_SASL_PASSWORD=str(auth.password))
         return env
 
     # ---------------------------------------------------------------- readiness
@@ -315,7 +341,7 @@ class ServiceStack:
             return f"{name:9} already running (pid {process.running_pid()})"
         for port in self.ports_of(name):  # else a health check could reach another process
             ensure_port_free("127.0.0.1", port, name)
-        pid = process.start(self.argv(name), env=self._env())
+        pid = process.start(self.argv(name), env=self._env(name))
         try:
             seconds = process.wait_until(
                 lambda: process.running_pid() is not None and self.is_ready(name),
