@@ -20,6 +20,8 @@ from qlm.core.types import (
 )
 
 BASELINES = ("fcfs", "edf", "priority")
+#: The deployments people run (qlm/core/policies/static.py, vllm_swap.py).
+DEPLOYED = ("static", "vllm-swap")
 MODELS = ("small", "mid", "big")
 GPUS = ("gA", "gB")
 
@@ -91,7 +93,7 @@ def policy_name(request: pytest.FixtureRequest) -> str:
 
 
 def test_baselines_are_registered() -> None:
-    assert set(BASELINES) <= set(policy_names())
+    assert set(BASELINES) | set(DEPLOYED) <= set(policy_names())
 
 
 def decide(name: str, snapshot: QueueSnapshot) -> Decision:
@@ -142,7 +144,7 @@ def test_contract(policy_name: str, index: int) -> None:
         assert reject.request_id in queued
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", (*BASELINES, "static"))
 def test_baselines_keep_work_on_workers_that_serve_its_model(name: str) -> None:
     for snapshot in SNAPSHOTS:
         decision = decide(name, snapshot)
