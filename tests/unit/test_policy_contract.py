@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy, policy_names
 from qlm.core.types import (
@@ -198,3 +199,11 @@ def test_contract_with_unservable_groups(policy_name: str, index: int) -> None:
     assert all(s.to_model == "small" for s in decision.swaps)
     if index == 1:
         assert "small" in placed, "the servable groups are still planned"
+
+
+@pytest.mark.parametrize("name", (*BASELINES, *DEPLOYED))
+def test_an_option_a_baseline_does_not_take_is_named(name: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        make_policy(name, no_such_option=1)
+    assert err.value.field == "policy-options"
+    assert "no_such_option" in err.value.problem

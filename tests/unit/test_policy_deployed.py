@@ -151,9 +151,16 @@ def test_vllm_swap_idle_worker_swaps_to_the_fcfs_head_even_with_its_model_queued
     assert make_policy("fcfs").decide(snap, CTX).swaps == ()
 
 
-def test_vllm_swap_busy_worker_drains_before_swapping() -> None:
+def test_vllm_swap_busy_worker_swaps_at_once() -> None:
     snap = snapshot([worker("w0", "a", running=3)], [("b", 30), ("a", 20)])
     decision = make_policy("vllm-swap").decide(snap, CTX)
+    assert [(s.worker_id, s.to_model) for s in decision.swaps] == [("w0", "b")]
+    assert decision.pulls == ()
+
+
+def test_vllm_swap_drain_first_lets_the_batch_finish() -> None:
+    snap = snapshot([worker("w0", "a", running=3)], [("b", 30), ("a", 20)])
+    decision = make_policy("vllm-swap", drain_first=True).decide(snap, CTX)
     assert decision.swaps == (), "running requests finish first"
     assert decision.pulls == (), "nothing is admitted past the head of the queue"
     order = {p.worker_id: p.order for p in decision.placements}["w0"]

@@ -17,12 +17,15 @@ the next group of the old model behind it needs a swap back: FCFS across models 
 a swap at every change of model in a worker's queue, even when work of the model it
 serves is queued further back.
 
-A worker swaps when the head of its queue needs another model and its running batch
-has drained (like an engine that serves its queue in order: it admits nothing past
-the head, the requests it runs finish, then it sleeps one model and wakes the
-other). A worker whose head group is of its model pulls as usual
-(:func:`qlm.core.pulls.with_pulls`). No preemption, no SLO awareness. Pure and
-stateless like the other baselines: the plan is made again at every decision.
+A worker swaps as soon as the head of its queue needs another model, busy or not: the
+requests it is running go back to the queue with their progress (the swap's eviction,
+as in the simulator and the services) and are served again in FCFS order, often by
+another swap. With the option ``drain_first`` a busy worker instead admits nothing past
+the head and swaps once its running batch has finished (an engine that never preempts);
+on WB this rarely swaps at all, because each re-plan puts work of its model back at
+the head before the batch drains. A worker whose head group is of its model pulls as
+usual (:func:`qlm.core.pulls.with_pulls`). No other preemption, no SLO awareness. Pure
+and stateless like the other baselines: the plan is made again at every decision.
 """
 
 from __future__ import annotations
@@ -47,9 +50,11 @@ from qlm.core.types import QueueSnapshot, RequestGroup, Swap
 @register("vllm-swap")
 @dataclass(frozen=True)
 class VLLMSwapPolicy(OrderedDispatchPolicy):
-    """See the module docstring. No options beyond ``expected_output_tokens``."""
+    """See the module docstring. Options: ``drain_first`` (swap only once the running
+    batch has finished; default False: swap at once) and ``expected_output_tokens``."""
 
     name: ClassVar[str] = "vllm-swap"
+    drain_first: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sort_key", fcfs_key)
@@ -97,7 +102,7 @@ class VLLMSwapPolicy(OrderedDispatchPolicy):
         swaps = []
         for w in workers:
             queue = state.queues.get(w.id)
-            if not queue or w.running or w.swapping_until is not None:
+            if not queue or w.swapping_until is not None or (self.drain_first and w.running):
                 continue
             head_model = by_key[queue[0]].model
             if head_model != now_serving[w.id]:
