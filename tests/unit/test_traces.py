@@ -5,7 +5,9 @@ are small ones written by the tests in each format's exact layout."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -241,3 +243,21 @@ def test_simulator_replays_each_format(tmp_path: Path, capsys: pytest.CaptureFix
                    "--policies", "fcfs", "--rates", "1", "--out", str(tmp_path / "bad")])
     assert rc == 2
     assert "unrecognised trace format" in capsys.readouterr().err
+
+
+TRACES = Path(__file__).resolve().parents[2] / "loadgen" / "traces"
+
+
+@pytest.mark.parametrize("name, num_rows", [
+    ("azure_llm_2023_conv.csv", 19_366), ("azure_llm_2023_code.csv", 8_819),
+])
+def test_shipped_traces_are_as_documented(name: str, num_rows: int) -> None:
+    """Each shipped trace loads and is byte for byte the file its README names by checksum."""
+    readme = (TRACES / "README.md").read_text()
+    section = readme[readme.index(f"`{name}`"):]
+    checksum = re.search(r"`([0-9a-f]{64})`", section)
+    assert checksum is not None
+    assert hashlib.sha256((TRACES / name).read_bytes()).hexdigest() == checksum.group(1)
+    trace = read_trace(TRACES / name)
+    assert trace.trace_format == "azure"
+    assert len(trace.rows) == num_rows
