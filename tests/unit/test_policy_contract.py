@@ -207,3 +207,20 @@ def test_an_option_a_baseline_does_not_take_is_named(name: str) -> None:
         make_policy(name, no_such_option=1)
     assert err.value.field == "policy-options"
     assert "no_such_option" in err.value.problem
+
+
+def test_every_registered_policy_is_selectable_everywhere() -> None:
+    """The services' settings, the estimator's queue order and the local stack name the
+    same policies as the registry."""
+    from typing import get_args
+
+    from qlm.estimator_plane import ORDER_KEYS
+    from qlm.localstack.services import POLICIES
+    from services.estimator.settings import EstimatorSettings
+    from services.scheduler.settings import SchedulerSettings
+
+    names = set(policy_names())
+    for settings in (SchedulerSettings, EstimatorSettings):
+        assert set(get_args(settings.model_fields["policy"].annotation)) == names
+    assert set(ORDER_KEYS) == names
+    assert set(POLICIES) == names
