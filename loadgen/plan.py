@@ -65,7 +65,8 @@ def build_plan(
         if not lens:
             raise InvalidInput("models", f"no performance profile for {model!r}")
         limits[model] = min(lens)
-    rows = slice_trace(load_trace(trace_path, trace_format), num_requests, start)
+    rows = slice_trace(load_trace(trace_path, trace_format, limit=start + num_requests),
+                       num_requests, start)
     rng = np.random.default_rng(seed)
     classes = pick(rng, len(rows), WA_CLASSES)
     chosen = pick(rng, len(rows), {m: 1.0 for m in models})

@@ -187,7 +187,8 @@ class Task:
                 raise InvalidInput("models", "needs --trace")
             return build_plan(self.trace_path, self.num_requests, self.rate, self.models,
                               self.seed, trace_format=self.trace_format).jobs
-        trace = load_trace(self.trace_path, self.trace_format) if self.trace_path else None
+        trace = (load_trace(self.trace_path, self.trace_format, limit=self.num_requests)
+                 if self.trace_path else None)
         plan = plan_requests(self.workload, self.num_requests, np.random.default_rng(self.seed),
                              trace=trace, bursty_cv=self.bursty_cv)
         return plan.jobs_at(self.rate)
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         workers = tasks[0].workers()  # fail early on a bad workers file
         if args.trace:
-            load_trace(args.trace, trace_format)  # fail early, in this process, on a bad trace
+            load_trace(args.trace, trace_format, limit=num_requests)  # fail early on a bad trace
         runs = run_all(tasks, args.jobs, on_run=progress)
     except InvalidInput as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -261,3 +261,17 @@ def test_shipped_traces_are_as_documented(name: str, num_rows: int) -> None:
     trace = read_trace(TRACES / name)
     assert trace.trace_format == "azure"
     assert len(trace.rows) == num_rows
+
+
+def test_limit_reads_only_the_first_requests(tmp_path: Path) -> None:
+    """A week-long trace needs only its head: ``limit`` stops reading (a bad row after the
+    limit is never reached); failed BurstGPT rows do not count."""
+    azure = write(tmp_path, "a.csv", AZURE_2023 + "garbage,x,y\n")
+    assert table(load_trace(azure, limit=2)) == [(0.0, 374, 44), (4.314579, 396, 109)]
+    burst = write(tmp_path, "b.csv", BURSTGPT + "soon,x,1,1,2,API log\n")
+    assert table(load_trace(burst, limit=2)) == [(0.0, 472, 18), (113.0, 417, 30)]
+    moon = write(tmp_path, "m.jsonl", jsonl(MOONCAKE) + "{not json\n")
+    assert len(load_trace(moon, limit=3)) == 3
+    with pytest.raises(InvalidInput) as err:
+        load_trace(azure, limit=0)
+    assert err.value.field == "limit"
