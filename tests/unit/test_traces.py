@@ -248,10 +248,11 @@ def test_simulator_replays_each_format(tmp_path: Path, capsys: pytest.CaptureFix
 TRACES = Path(__file__).resolve().parents[2] / "loadgen" / "traces"
 
 
-@pytest.mark.parametrize("name, num_rows", [
-    ("azure_llm_2023_conv.csv", 19_366), ("azure_llm_2023_code.csv", 8_819),
+@pytest.mark.parametrize("name, trace_format, num_rows", [
+    ("azure_llm_2023_conv.csv", "azure", 19_366), ("azure_llm_2023_code.csv", "azure", 8_819),
+    ("mooncake_conversation_trace.jsonl.gz", "mooncake", 12_031),
 ])
-def test_shipped_traces_are_as_documented(name: str, num_rows: int) -> None:
+def test_shipped_traces_are_as_documented(name: str, trace_format: str, num_rows: int) -> None:
     """Each shipped trace loads and is byte for byte the file its README names by checksum."""
     readme = (TRACES / "README.md").read_text()
     section = readme[readme.index(f"`{name}`"):]
@@ -259,7 +260,7 @@ def test_shipped_traces_are_as_documented(name: str, num_rows: int) -> None:
     assert checksum is not None
     assert hashlib.sha256((TRACES / name).read_bytes()).hexdigest() == checksum.group(1)
     trace = read_trace(TRACES / name)
-    assert trace.trace_format == "azure"
+    assert trace.trace_format == trace_format
     assert len(trace.rows) == num_rows
 
 
