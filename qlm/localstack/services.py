@@ -53,7 +53,7 @@ SERVICE_NAMES: Final = ("estimator", "ingest", "scheduler", "worker")
 #: The ingest port a client tries first; another free port when it is taken.
 PREFERRED_INGEST_PORT: Final = 50051
 START_TIMEOUT_S: Final = 90.0
-POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority")
+POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority", "static", "vllm-swap")
 
 
 @dataclass(frozen=True, slots=True)
