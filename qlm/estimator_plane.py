@@ -15,8 +15,9 @@ lives in the library and neither service imports the other.
   group stays ahead when its key is not larger; for qlm, edf and shepherd those whose
   earliest deadline is not later than its own — the earliest place a deadline-ordered
   queue gives it; for fcfs, static and vllm-swap every group that arrived before it; for
-  priority the interactive groups, then earlier arrivals); its wait there is :meth:`RWTEstimator.queue_waits` — running
-  work, model swaps, the groups ahead, its own prefill. The best worker is the one with
+  priority the interactive groups, then earlier arrivals); its wait there is
+  :meth:`RWTEstimator.queue_waits` — running work, model swaps, the groups ahead, its
+  own prefill. The best worker is the one with
   the highest P(meet SLO), then the shortest mean wait.
 * **admission**: admit when P(meet SLO) at the best place >= ``admission_min_p``; batch
   classes are always admitted. ``retry_after_s`` of a refused request: the time t after

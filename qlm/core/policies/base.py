@@ -142,7 +142,8 @@ def parse_options(options_type: type[OptionsT], given: Mapping[str, Any] | Optio
 
 def options_doc(options_type: type[Any]) -> dict[str, str]:
     """Option name → its one-line doc (for help texts and docs)."""
-    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(options_type)}
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(options_type)
+            if f.init}
 
 
 @cache

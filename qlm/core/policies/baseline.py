@@ -91,7 +91,6 @@ def group_order(group: RequestGroup) -> GroupOrder:
 class BaselineOptions:
     """Options of every baseline (fcfs, edf, priority; static and vllm-swap add theirs)."""
 
-    #: expected output tokens of a request without a better estimate (never the true length)
     expected_output_tokens: int = option(DEFAULT_EXPECTED_OUTPUT_TOKENS,
                                          "output tokens assumed per request", gt=0)
 

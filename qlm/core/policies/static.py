@@ -77,7 +77,6 @@ def check_shares(shares: Any) -> tuple[tuple[str, float], ...]:
 class StaticOptions(BaselineOptions):
     """Options of ``static``."""
 
-    #: the operator's capacity plan, model → weight (None: the deployment as it starts)
     shares: Mapping[str, float] | None = option(
         None, "capacity plan {model: weight} (default: the deployment as it starts)", ge=0)
 

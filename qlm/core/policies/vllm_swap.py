@@ -51,7 +51,6 @@ from qlm.core.types import QueueSnapshot, RequestGroup, Swap
 class VLLMSwapOptions(BaselineOptions):
     """Options of ``vllm-swap``."""
 
-    #: swap only once the running batch has finished (False: swap at once, evicting it)
     drain_first: bool = option(False, "swap only once the running batch has finished")
 
 
