@@ -172,7 +172,9 @@ class OutputText:
         self.stop = tuple(dict.fromkeys(stop))
         self.ignore_eos = ignore_eos
         self._longest = max((len(s) for s in self.stop), default=0)
-        self._stream = DecodeStream(ids=list(kept_ids), skip_special_tokens=True)
+        self._stream = DecodeStream(skip_special_tokens=True)
+        for token in kept_ids:  # one by one: a kept output may end inside a character
+            self._stream.step(model.backend, int(token))
         self._tail = kept_text[-self._longest + 1:] if self._longest > 1 else ""
         self._held = ""
         self.finished = False
