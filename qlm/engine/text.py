@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from qlm.core.errors import InvalidInput
+from qlm.engine.base import EngineRequest
 
 #: Files whose presence makes a directory a checkpoint with a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -238,6 +239,21 @@ class OutputText:
             if any(s.startswith(suffix) for s in self.stop):
                 return k
         return 0
+
+
+def tokenized(request: EngineRequest, text: TextModel | None) -> EngineRequest:
+    """``request`` with its prompt as token ids of ``text`` (the model's tokenizer and chat
+    template); InvalidInput when it needs a tokenizer the model does not have."""
+    if request.prompt_token_ids is not None:
+        if request.stop and text is None:
+            raise InvalidInput("stop", f"model {request.model!r} has no tokenizer to match "
+                               "stop strings with")
+        return request
+    if text is None:
+        raise InvalidInput("prompt", f"model {request.model!r} has no tokenizer (dummy weights "
+                           "of a shape): send prompt_token_ids")
+    ids = text.encode_prompt(request.prompt_text, request.prompt_messages)
+    return replace(request, prompt_token_ids=ids, prompt_tokens=len(ids))
 
 
 def _generation_eos(path: Path) -> list[int]:

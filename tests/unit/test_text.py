@@ -196,7 +196,7 @@ def test_resumed_output_continues_decoding_and_matching(model: TextModel) -> Non
     text = "Grüße aus Köln END rest"
     ids = list(model.encode(text))[1:]
     whole = model.output(stop=["END"])
-    texts, _, used = stream(whole, ids, 1)
+    _, _, used = stream(whole, ids, 1)
     for cut in range(1, used):  # evicted after ``cut`` tokens, resumed with them
         first = model.output(stop=["END"])
         kept = "".join(first.feed(ids[:cut]).text) + first.flush()
