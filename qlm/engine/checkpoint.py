@@ -159,33 +159,41 @@ def write_checkpoint(out: Path, config: Mapping[str, Any] | None = None, *,
     import logging
 
     from safetensors.numpy import save_file
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     out = Path(out)
     if out.exists():
         raise InvalidInput("out", f"{out} exists; give a new directory")
     shape = dict(TINY_LLAMA if config is None else config)
+    kind = str(shape.pop("model_type", ""))
+    if kind not in ARCHITECTURES:
+        raise InvalidInput("model_type", f"must be one of {ARCHITECTURES}, got {kind!r}")
     tokenizer = train_tokenizer(corpus if corpus is not None else corpus_files(), tokenizer_vocab)
-    live_vocab = len(tokenizer)
-    shape.setdefault("vocab_size", live_vocab)
-    if int(shape["vocab_size"]) < live_vocab:
-        raise InvalidInput("config.vocab_size",
-                           f"{shape['vocab_size']} is below the tokenizer's {live_vocab} tokens")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    shape |= {"bos_token_id": ids[BOS], "eos_token_id": ids[EOS]}
-    if dtype is None:
-        dtype = np.float32 if shape.get("torch_dtype") == "float32" else np.float16
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        kind = str(shape.pop("model_type", ""))
-        weights = random_weights({**shape, "model_type": kind}, live_vocab, seed, dtype)
+        tokenizer.save_pretrained(staging)
+        shape.setdefault("vocab_size", len(tokenizer))
+        AutoConfig.for_model(kind, **shape).save_pretrained(staging)
+        # transformers picks the tokenizer class by model_type, which may add tokens (Qwen2's
+        # adds <|endoftext|>): count the vocabulary as it is loaded from the directory
+        loaded = AutoTokenizer.from_pretrained(str(staging), local_files_only=True)
+        live_vocab = len(loaded)
+        if config is None or "vocab_size" not in config:
+            shape["vocab_size"] = live_vocab
+        if int(shape["vocab_size"]) < live_vocab:
+            raise InvalidInput("config.vocab_size", f"{shape['vocab_size']} is below the "
+                               f"tokenizer's {live_vocab} tokens")
+        ids = {t: loaded.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        shape |= {"bos_token_id": ids[BOS], "eos_token_id": ids[EOS]}
         AutoConfig.for_model(kind, **shape).save_pretrained(staging)
         GenerationConfig(bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[IM_END]],
                          pad_token_id=ids[EOS]).save_pretrained(staging)
+        if dtype is None:
+            dtype = np.float32 if shape.get("torch_dtype") == "float32" else np.float16
+        weights = random_weights({**shape, "model_type": kind}, live_vocab, seed, dtype)
         save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(staging)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
