@@ -128,3 +128,10 @@ def test_engine_argument_names_are_checked_against_vllms() -> None:
 )
 def test_notification_flags_are_added_not_replaced(current: str, wanted: str) -> None:
     assert merged_flags(current) == wanted
+
+
+def test_the_gpu_workers_file_reads() -> None:
+    specs = read_workers_file(Path(__file__).resolve().parents[2] / "docker/workers.gpu.yaml")
+    (gpu0,) = specs
+    assert gpu0.models == ("qwen2.5-1.5b", "mistral-7b")
+    assert all(e.path is not None and e.engine_args for e in gpu0.entries)
