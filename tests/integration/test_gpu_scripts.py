@@ -1,5 +1,6 @@
-"""The GPU scripts' paths that run without a GPU: swap_bench through the worker service with
-the simulated engine on real Redis and Kafka; real_checkpoint's and the staging's pure parts."""
+"""The GPU swap benchmark without a GPU: loadgen.gpu.swap_bench through the worker service
+with the simulated engine on real Redis and Kafka (its vLLM run is the same code with
+``--engine vllm``)."""
 
 from __future__ import annotations
 
