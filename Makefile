@@ -114,7 +114,7 @@ bench-decide:
 	taskset -c 0,1 $(PYTHON) -m loadgen.bench_decide --queued 100000 --workers 80 --policies qlm,edf,fcfs,shepherd --iterations 300 --reference-iterations 30 --out docs/results/bench_decide.json
 
 docs:  ## regenerate the generated docs (configuration reference)
-	$(PYTHON) -m qlm.configdoc > docs/config.md
+	$(PYTHON) -m services.configdoc > docs/config.md
 
 # Everything the GPU host needs (docs/results/gpu/README.md), as parcels of one device call
 # each: vLLM 0.25.0 + its wheels (.stage/vsite.tar.xz), Redis + Kafka + the services' wheels

@@ -53,6 +53,7 @@ from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.perf import PerfProfile
 from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
 from qlm.engine.engine_args import check_engine_args, check_known_to_vllm
+from qlm.engine.shapes import MODEL_SHAPES
 from qlm.engine.text import OutputText, TextModel, has_tokenizer, tokenized
 from qlm.roster import ModelEntry
 
@@ -106,21 +107,10 @@ def model_path(model: str, options: VllmOptions, entry: ModelEntry | None = None
     if entry is not None and entry.path is not None:
         return entry.path
     path = options.model_dir / model
-    if not (path / "config.json").exists():
-        shape = _known_shape(model)
-        if shape is not None:
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text(json.dumps(shape, indent=1))
+    if not (path / "config.json").exists() and model in MODEL_SHAPES:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(MODEL_SHAPES[model], indent=1))
     return path
-
-
-def _known_shape(model: str) -> dict[str, Any] | None:
-    """config.json of a measured model's shape (benchmarks with dummy weights), if known."""
-    try:  # the GPU scripts' shapes; absent where loadgen is not installed
-        from loadgen.gpu.common import MODEL_SHAPES
-    except ImportError:
-        return None
-    return MODEL_SHAPES.get(model)
 
 
 def has_weights(path: Path) -> bool:
