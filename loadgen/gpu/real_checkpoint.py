@@ -27,7 +27,9 @@ exact command, every check with what it saw):
 4. engine **dummy**: ``load_format="dummy"``, same shape and settings, the same batch:
    output tok/s (the ratio real / dummy is in the result).
 
-Exit status 0 only if every check passed.
+``--steps`` runs a subset of the engines (e.g. ``real`` in one call and ``eos,dummy`` in the
+next on the same warm host; the checkpoint and step 2's greedy ids stay under
+``--checkpoint-dir``). Exit status 0 only if every check passed.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ from qlm.engine.base import EngineRequest, OutputChunk
 from qlm.roster import ModelEntry
 
 PROMPT = "The queue manager keeps interactive requests within their time to first token."
+#: The engines of steps 2-4, in order.
+STEPS = ("real", "eos", "dummy")
+#: Where step 2 keeps its greedy output ids (beside the checkpoint) for a later step 3.
+GREEDY_FILE = "greedy_ids.json"
 CHAT = [{"role": "system", "content": "You answer in one sentence."},
         {"role": "user", "content": "What does a model swap cost on one GPU?"}]
 
@@ -105,10 +111,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-tokens", type=int, default=64, help="tokens of the text checks")
     p.add_argument("--eos-at", type=int, default=12,
                    help="output position whose token becomes an extra EOS id (step 3)")
+    p.add_argument("--steps", default=",".join(STEPS),
+                   help="which engines to run (steps 2-4), e.g. 'eos,dummy' in a second call "
+                        "on the same host: eos then reads the greedy ids step 2 kept")
     p.add_argument("--code-version", default="", help="default: the checkout's git commit")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
     p.add_argument("--name", default="real_checkpoint")
     args = p.parse_args(argv)
+    args.steps = [s for s in args.steps.split(",") if s]
+    if not args.steps or any(s not in STEPS for s in args.steps):
+        p.error(f"--steps: a comma-separated subset of {','.join(STEPS)}")
     if not 0 < args.eos_at < args.text_tokens:
         p.error("--eos-at must be in (0, --text-tokens)")
     if not 0 < args.gpu_memory_utilization <= 1:
@@ -291,9 +303,16 @@ class Run:
             write_checkpoint(path, MODEL_SHAPES[a.model], tokenizer_vocab=a.tokenizer_vocab)
         self.step("write checkpoint", time.perf_counter() - started, path=str(path),
                   gib=round(sum(f.stat().st_size for f in path.iterdir()) / 2**30, 2))
-        greedy = await self.real(path)
-        await self.eos(path, greedy)
-        await self.dummy(path)
+        kept = path.parent / f"{path.name}-{GREEDY_FILE}"
+        if "real" in a.steps:
+            greedy = await self.real(path)
+            kept.write_text(json.dumps(greedy))
+        if "eos" in a.steps:
+            if not kept.exists():
+                raise FileNotFoundError(f"{kept}: run the step 'real' first")
+            await self.eos(path, json.loads(kept.read_text()))
+        if "dummy" in a.steps:
+            await self.dummy(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,8 +19,10 @@ from qlm.engine.text import TextModel
 def test_arguments_are_checked() -> None:
     args = parse_args(["--model", "qwen2.5-1.5b", "--eos-at", "5", "--out", "/tmp/x"])
     assert args.model == "qwen2.5-1.5b" and args.eos_at == 5 and args.max_tokens == 256
+    assert args.steps == ["real", "eos", "dummy"]
+    assert parse_args(["--steps", "eos,dummy"]).steps == ["eos", "dummy"]
     for bad in (["--eos-at", "0"], ["--eos-at", "64"], ["--model", "gpt-9"],
-                ["--gpu-memory-utilization", "1.5"]):
+                ["--gpu-memory-utilization", "1.5"], ["--steps", "real,fast"], ["--steps", ""]):
         with pytest.raises(SystemExit):
             parse_args(bad)
     assert swap_args([]).swaps >= 20  # the issue asks for at least 20 swaps
