@@ -76,6 +76,10 @@ clean:
 bench-store:
 	$(PYTHON) -m loadgen.bench_store --out docs/results/bench_store.json
 
+# Redis memory per queued request (docs/scaling.md)
+bench-redis-memory:
+	$(PYTHON) -m loadgen.bench_redis_memory --out docs/results/bench_redis_memory.json
+
 # ghz (gRPC load tool, Go) drives bench-submit without taking the server's cores
 GHZ_VERSION ?= v0.120.0
 GHZ ?= $(HOME)/.cache/qlm/bin/ghz

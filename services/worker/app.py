@@ -167,7 +167,7 @@ class WorkerProcess:
     async def start(self) -> None:
         s = self.settings
         await self.producer.start()
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
         options = WorkerOptions(
             lease_s=s.lease_s,
             renew_interval_s=s.renew_interval_s,
