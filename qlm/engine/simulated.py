@@ -55,6 +55,7 @@ import sys
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PerfProfile
@@ -160,6 +161,24 @@ def plan_decode_steps(
 def fake_token_id(base: int, index: int) -> int:
     """The simulated output token at position ``index`` of a request (deterministic)."""
     return (base + index * 7919) % FAKE_VOCAB_SIZE
+
+
+#: Words the simulated engine "generates": a client reading its output sees text, not ids.
+_FAKE_WORDS: Final = (
+    "the", "queue", "serves", "every", "request", "before", "its", "deadline", "and",
+    "a", "GPU", "runs", "tokens", "in", "batches", "while", "interactive", "work",
+    "waits", "less", "than", "batch", "jobs", "of", "many", "models", "share", "one",
+    "scheduler", "that", "orders", "groups", "by", "expected", "attainment", "so",
+    "more", "users", "meet", "their", "SLO", "with", "fewer", "swaps", "evictions",
+    "keep", "progress", "when", "KV", "cache", "fills", "up", "prefill", "decode",
+    "time", "per", "output", "token", "is", "measured", "on", "real", "hardware",
+    "today.",
+)
+
+
+def fake_token_text(token_id: int) -> str:
+    """The text of a simulated output token: a word and the space before it."""
+    return " " + _FAKE_WORDS[token_id % len(_FAKE_WORDS)]
 
 
 class SimulatedEngine:
@@ -591,6 +610,7 @@ class SimulatedEngine:
         self._num_output_tokens += count
         done = seq.num_generated >= seq.request.max_tokens
         chunk = OutputChunk(seq.request.request_id, new, seq.num_generated,
+                            text="".join(map(fake_token_text, new)),
                             finish_reason="length" if done else None)
         latency = output_latency_s(self._profiles[seq.request.model]) if self._chunked else 0.0
         self._deliver(seq, chunk, latency)

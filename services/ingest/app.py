@@ -34,12 +34,16 @@ from qlm.config import IngestSettings
 from qlm.core.errors import Unavailable
 from qlm.ingest import AdmissionRules, IngestPlane, Prediction, load_models
 from qlm.log import configure, get_logger
+from qlm.roster import read_workers_file
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
 from services.entrypoint import stop_on_signals
 from services.ingest.batch import BatchIngest
+from services.ingest.fleet import Fleet
 from services.ingest.metrics import IngestMetrics
+from services.ingest.openai.app import FrontDoor, make_app
+from services.ingest.openai.server import HttpServer
 from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.server import IngestServer
 
@@ -143,6 +147,8 @@ class IngestApp:
             observer=self.metrics,
         )
         self.server: IngestServer | None = None
+        self.http: HttpServer | None = None
+        self.fleet: Fleet | None = None
         self.consumer: BatchIngest | None = None
         self._depth_task: asyncio.Task[None] | None = None
 
@@ -152,10 +158,18 @@ class IngestApp:
             raise RuntimeError("not started")
         return self.server.port
 
+    @property
+    def http_port(self) -> int:
+        if self.http is None:
+            raise RuntimeError("no HTTP front door (http_port unset)")
+        return self.http.port
+
     async def start(self) -> None:
         s = self.settings
         await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
         await self.producer.start()
+        if s.http_port is not None:
+            await self._start_http()
         if s.serve_grpc:
             self.server = IngestServer(
                 self.plane,
@@ -170,7 +184,22 @@ class IngestApp:
             await self.consumer.start()
         self._depth_task = asyncio.create_task(self._refresh_queue_depth(), name="ingest-depth")
         log.info("ingest_started", models=sorted(self.models), grpc=s.serve_grpc,
+                 http=self.http.port if self.http is not None else None,
                  batch_consumer=s.batch_consumer)
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible front door: the fleet view, then the HTTP server."""
+        s = self.settings
+        declared = read_workers_file(s.workers_file) if s.workers_file is not None else ()
+        self.fleet = Fleet(s.kafka_bootstrap, self.topics, self.models, declared=declared,
+                           timeout_s=s.worker_timeout_s, clock=self.clock)
+        await self.fleet.start()
+        door = FrontDoor(self.plane, self.fleet, default_max_tokens=s.http_default_max_tokens,
+                         api_key=s.http_api_key, clock=self.clock)
+        assert s.http_port is not None
+        self.http = HttpServer(make_app(door), s.http_host, s.http_port,
+                               reuse_port=s.processes > 1)
+        await self.http.start()
 
     async def _refresh_queue_depth(self) -> None:
         """Re-read queued requests per class and model every ``queue_depth_interval_s``."""
@@ -189,6 +218,10 @@ class IngestApp:
                 await self._depth_task
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
+        if self.http is not None:
+            await self.http.stop(self.settings.shutdown_grace_s)
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self.consumer is not None:
             await self.consumer.stop()
         await self.producer.stop()

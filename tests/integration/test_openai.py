@@ -1,0 +1,228 @@
+"""The OpenAI-compatible front door, driven by the official ``openai`` package.
+
+One stack for the module: real Redis, real Kafka, the four services as processes (the
+ingest process serves gRPC and HTTP), two simulated workers 20x faster than their GPUs;
+admission control on for interactive requests (a TTFT SLO nobody can meet is refused
+with 429 and Retry-After).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import redis
+
+from qlm.client import SyncQlmClient
+from qlm.localstack import RedisServer
+from qlm.localstack.services import ServiceOptions, ServiceStack
+
+pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
+
+WORKERS = """
+workers:
+  - {id: w-a100, gpu: A100-80GB, models: [mistral-7b, vicuna-13b]}
+  - {id: w-a10, gpu: A10-24GB, models: [mistral-7b]}
+"""
+MODEL = "mistral-7b"
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server: RedisServer, kafka_bootstrap: str,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceStack]:
+    if not redis_server.is_running():
+        redis_server.start()
+    redis.Redis.from_url(redis_server.url).flushall()
+    tmp = tmp_path_factory.mktemp("openai")
+    workers = tmp / "workers.yaml"
+    workers.write_text(WORKERS)
+    options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=20.0,
+                             admission="interactive=reject", group_window_s=0.2, tick_s=0.25,
+                             shutdown_grace_s=0.5, topic_prefix=f"openai.{uuid.uuid4().hex[:8]}.")
+    stack = ServiceStack(tmp / "stack", redis_server.url, kafka_bootstrap, options)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="module")
+def client(stack: ServiceStack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.openai_base_url, api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+def _wait_for_models(client: openai.OpenAI, timeout_s: float = 30.0) -> list[openai.types.Model]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        models = client.models.list().data
+        if {m.id for m in models} >= {"mistral-7b", "vicuna-13b"} or time.monotonic() > deadline:
+            return models
+        time.sleep(0.2)
+
+
+def test_models_lists_what_live_workers_serve_with_state(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in _wait_for_models(client)}
+    # the profiles know llama-70b too, but no worker holds it
+    assert set(models) == {"mistral-7b", "vicuna-13b"}
+    extra = {name: m.model_extra or {} for name, m in models.items()}
+    assert extra["mistral-7b"]["state"] == "awake"
+    assert extra["vicuna-13b"]["state"] == "asleep"
+    assert sorted(extra["mistral-7b"]["workers"]) == ["w-a10", "w-a100"]
+    assert client.models.retrieve("mistral-7b").id == "mistral-7b"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("llama-70b")
+
+
+def test_chat_completion_returns_text_usage_and_headers(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Say hello."}],
+        max_tokens=12, temperature=0.5, top_p=0.9, seed=7, user="alice")
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant"
+    assert len(choice.message.content.split()) == 12  # the simulated engine: one word a token
+    assert choice.finish_reason == "length"
+    assert completion.usage.completion_tokens == 12
+    assert completion.usage.prompt_tokens > 0
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 12
+    request_id = raw.headers["x-request-id"]
+    assert completion.id == f"chatcmpl-{request_id}"
+    assert float(raw.headers["x-qlm-predicted-wait-s"]) >= 0
+    assert raw.headers["x-qlm-slo-class"] == "interactive"
+    # the same queue as gRPC: the request is there, with its tenant
+    with SyncQlmClient(client.base_url.host + f":{_grpc_port(client)}") as grpc_client:
+        info = grpc_client.get(request_id)
+    assert info.tenant == "alice" and info.num_generated == 12
+
+
+def _grpc_port(client: openai.OpenAI) -> int:
+    services = json.loads(Path(STACK_DIR[0]).read_text())
+    return int(services["ports"]["ingest"])
+
+
+STACK_DIR: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remember_stack(stack: ServiceStack) -> None:
+    STACK_DIR[:] = [str(stack.run_dir / "services.json")]
+
+
+def test_completion_streams_and_ends_with_done_and_usage(client: openai.OpenAI,
+                                                         stack: ServiceStack) -> None:
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert len(text.split()) == 20
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    # the wire itself ends with data: [DONE]
+    request = urllib.request.Request(
+        f"{stack.openai_base_url}/chat/completions", method="POST",
+        headers={"content-type": "application/json"},
+        data=json.dumps({"model": MODEL, "max_tokens": 3, "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]}).encode())
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in reply.read().decode().split("\n\n") if line]
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0].removeprefix("data: "))
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_chat_stream_and_slo_class_from_extra_body_and_headers(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "a batch job"}], max_tokens=5,
+        stream=True, extra_body={"slo_class": "batch-1", "ttft_slo_s": 30})
+    assert raw.headers["x-qlm-slo-class"] == "batch-1"
+    assert raw.headers["x-qlm-ttft-slo-s"] == "30"
+    deltas = [c.choices[0].delta.content or "" for c in raw.parse() if c.choices]
+    assert len("".join(deltas).split()) == 5
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+        extra_headers={"x-qlm-slo-class": "batch-2"})
+    assert raw.headers["x-qlm-slo-class"] == "batch-2"
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+        service_tier="flex")
+    assert raw.headers["x-qlm-slo-class"] == "batch-1"
+
+
+def test_invalid_requests_get_400_naming_the_parameter(client: openai.OpenAI) -> None:
+    cases = [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": -1}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"messages": []}, "messages"),
+        ({"extra_body": {"slo_class": "urgent"}}, "slo_class"),
+        ({"extra_body": {"bogus_field": 1}}, "bogus_field"),
+        ({"extra_headers": {"x-qlm-ttft-slo-s": "soon"}}, "x-qlm-ttft-slo-s"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         "messages[0].content[0].type"),
+    ]
+    for change, param in cases:
+        kwargs = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                  "max_tokens": 4, **change}
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**kwargs)
+        error = caught.value.body
+        assert isinstance(error, dict), change
+        assert error["param"] == param, (change, error)
+        assert error["type"] == "invalid_request_error"
+        assert param.split("[")[0] in error["message"], error
+
+
+def test_unknown_model_is_404_and_unmeetable_slo_is_429_with_retry_after(
+        client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-17", max_tokens=4,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model=MODEL, max_tokens=4,
+                                       messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"ttft_slo_s": 1e-6})
+    response = refused.value.response
+    assert int(response.headers["retry-after"]) >= 1
+    assert float(response.headers["x-qlm-p-meet-slo"]) < 0.05  # the admission threshold
+    assert "x-qlm-predicted-wait-s" in response.headers
+    assert refused.value.body["type"] == "rate_limit_error"
+
+
+def test_background_request_answers_when_queued_and_is_fetched_later(
+        client: openai.OpenAI) -> None:
+    queued = client.post("/chat/completions", cast_to=object, body={
+        "model": MODEL, "max_tokens": 6, "background": True,
+        "messages": [{"role": "user", "content": "later"}]})
+    assert isinstance(queued, dict) and queued["status"] in ("queued", "running")
+    deadline = time.monotonic() + 30
+    while True:
+        done = client.get(f"/chat/completions/{queued['id']}", cast_to=object)
+        assert isinstance(done, dict)
+        if done.get("choices") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(done["choices"][0]["message"]["content"].split()) == 6
+    assert done["usage"]["completion_tokens"] == 6
+
+
+def test_openapi_schema_is_served(stack: ServiceStack) -> None:
+    url = stack.openai_base_url.removesuffix("/v1") + "/openapi.json"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        schema = json.loads(reply.read())
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
