@@ -89,6 +89,9 @@ class IngestSettings(CommonSettings):
         256, gt=0, description="max_tokens of an HTTP request that gives neither max_tokens "
         "nor max_completion_tokens"
     )
+    http_max_file_bytes: int = Field(
+        64 * MIB, gt=0, description="largest file POST /v1/files accepts (batch input JSONL)"
+    )
     batch_poll_interval_s: float = Field(
         0.5, gt=0, description="how often the Batch API driver moves batches forward"
     )

@@ -18,6 +18,15 @@ key                       type        contents
 ``P running:{worker}``    set         ids of the requests running on the worker
 ``P leases``              sorted set  ids of every running request
 ``P stream:{id}``         stream      the request's output chunks, then one end entry
+``P file:{id}``           hash        an uploaded / produced file's metadata (Files API)
+``P file:{id}:content``   string      its content (UTF-8 JSONL)
+``P files``               sorted set  every file id, scored by ``created_at``
+``P batch:{id}``          hash        a batch (Batch API): status, times, counts, cursor
+``P batch:{id}:out``      hash        custom_id → its output line (request succeeded)
+``P batch:{id}:err``      hash        custom_id → its error line (refused, failed, cancelled)
+``P batches``             sorted set  every batch id, scored by ``created_at``
+``P batches:active``      set         batches not yet completed, failed, expired or cancelled
+``P batches:driver``      string      lock of the one process that moves batches forward
 ========================  ==========  ==================================================
 
 ``{group}`` is ``str(GroupKey)``: ``model|slo_class|window``.
@@ -86,6 +95,38 @@ class Keys:
 
     def stream(self, request_id: str) -> str:
         return f"{self.prefix}stream:{request_id}"
+
+
+    def file(self, file_id: str) -> str:
+        return f"{self.prefix}file:{file_id}"
+
+    def file_content(self, file_id: str) -> str:
+        return f"{self.prefix}file:{file_id}:content"
+
+    @property
+    def files(self) -> str:
+        return f"{self.prefix}files"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}"
+
+    def batch_output(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}:out"
+
+    def batch_errors(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}:err"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}batches"
+
+    @property
+    def active_batches(self) -> str:
+        return f"{self.prefix}batches:active"
+
+    @property
+    def batch_driver(self) -> str:
+        return f"{self.prefix}batches:driver"
 
 
 def group_member_score(deadline_at: float) -> float:

@@ -43,6 +43,7 @@ from services.ingest.batch import BatchIngest
 from services.ingest.fleet import Fleet
 from services.ingest.metrics import IngestMetrics
 from services.ingest.openai.app import FrontDoor, make_app
+from services.ingest.openai.batches import BatchDriver, BatchStore
 from services.ingest.openai.server import HttpServer
 from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.server import IngestServer
@@ -128,8 +129,9 @@ class IngestApp:
         self.models = dict(models) if models is not None else load_models(
             settings.models_file, settings.profiles_dir
         )
+        self.redis = redis_client(settings.redis_url)
         self.store = RedisQueueStore(
-            redis_client(settings.redis_url), prefix=settings.key_prefix,
+            self.redis, prefix=settings.key_prefix,
             group_window_s=settings.group_window_s, clock=clock,
         )
         self.producer = BusProducer(
@@ -149,6 +151,7 @@ class IngestApp:
         self.server: IngestServer | None = None
         self.http: HttpServer | None = None
         self.fleet: Fleet | None = None
+        self.batch_driver: BatchDriver | None = None
         self.consumer: BatchIngest | None = None
         self._depth_task: asyncio.Task[None] | None = None
 
@@ -194,12 +197,18 @@ class IngestApp:
         self.fleet = Fleet(s.kafka_bootstrap, self.topics, self.models, declared=declared,
                            timeout_s=s.worker_timeout_s, clock=self.clock)
         await self.fleet.start()
+        batches = BatchStore(self.redis, s.key_prefix, self.clock)
         door = FrontDoor(self.plane, self.fleet, default_max_tokens=s.http_default_max_tokens,
-                         api_key=s.http_api_key, clock=self.clock)
+                         api_key=s.http_api_key, clock=self.clock, batches=batches,
+                         max_file_bytes=s.http_max_file_bytes)
         assert s.http_port is not None
         self.http = HttpServer(make_app(door), s.http_host, s.http_port,
                                reuse_port=s.processes > 1)
         await self.http.start()
+        self.batch_driver = BatchDriver(batches, self.plane,
+                                        default_max_tokens=s.http_default_max_tokens,
+                                        poll_interval_s=s.batch_poll_interval_s, clock=self.clock)
+        await self.batch_driver.start()
 
     async def _refresh_queue_depth(self) -> None:
         """Re-read queued requests per class and model every ``queue_depth_interval_s``."""
@@ -218,6 +227,8 @@ class IngestApp:
                 await self._depth_task
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
+        if self.batch_driver is not None:
+            await self.batch_driver.stop()
         if self.http is not None:
             await self.http.stop(self.settings.shutdown_grace_s)
         if self.fleet is not None:

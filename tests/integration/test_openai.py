@@ -226,3 +226,99 @@ def test_openapi_schema_is_served(stack: ServiceStack) -> None:
     with urllib.request.urlopen(url, timeout=10) as reply:
         schema = json.loads(reply.read())
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
+
+
+# ------------------------------------------------------------------ Batch API
+def _batch_file(num_lines: int, max_tokens: int = 4) -> bytes:
+    lines = [{"custom_id": f"job-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": MODEL, "max_tokens": max_tokens + i % 3,
+                       "messages": [{"role": "user", "content": f"question {i}"}]}}
+             for i in range(num_lines)]
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def _wait_batch(client: openai.OpenAI, batch_id: str, statuses: set[str],
+                timeout_s: float = 90.0) -> openai.types.Batch:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses or time.monotonic() > deadline:
+            return batch
+        time.sleep(0.2)
+
+
+def test_a_whole_batch_through_files(client: openai.OpenAI) -> None:
+    bad = {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+           "body": {"model": MODEL, "max_tokens": 0,
+                    "messages": [{"role": "user", "content": "x"}]}}
+    content = _batch_file(20) + (json.dumps(bad) + "\n").encode()
+    uploaded = client.files.create(file=("jobs.jsonl", content), purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes == len(content)
+    assert client.files.content(uploaded.id).content == content
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"job": "test"})
+    assert batch.status == "in_progress" and batch.request_counts.total == 21
+    batch = _wait_batch(client, batch.id, {"completed", "failed"})
+    assert batch.status == "completed", batch
+    assert batch.request_counts.completed == 20 and batch.request_counts.failed == 1
+    assert batch.metadata == {"job": "test"}
+    output = [json.loads(line) for line in
+              client.files.content(batch.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in output] == [f"job-{i}" for i in range(20)]
+    for i, line in enumerate(output):
+        response = line["response"]
+        assert response["status_code"] == 200
+        body = response["body"]
+        assert body["object"] == "chat.completion"
+        assert len(body["choices"][0]["message"]["content"].split()) == 4 + i % 3
+        assert body["usage"]["completion_tokens"] == 4 + i % 3
+    errors = [json.loads(line) for line in
+              client.files.content(batch.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["bad"]
+    assert errors[0]["response"]["status_code"] == 400
+    assert errors[0]["response"]["body"]["error"]["param"] == "max_tokens"
+    assert batch.id in {b.id for b in client.batches.list()}
+    # the same file again is a new batch; a batch whose file cannot run fails with errors
+    broken = client.files.create(file=("broken.jsonl", b'{"custom_id": "a"}\nnot json\n'),
+                                 purpose="batch")
+    failed = client.batches.create(input_file_id=broken.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+    assert failed.status == "failed"
+    assert [e.line for e in failed.errors.data] == [1, 1, 2]
+
+
+def test_batch_cancel_ends_every_line_once(client: openai.OpenAI) -> None:
+    uploaded = client.files.create(file=("long.jsonl", _batch_file(60, max_tokens=3000)),
+                                   purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    time.sleep(1.0)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    batch = _wait_batch(client, batch.id, {"cancelled"})
+    assert batch.status == "cancelled", batch
+    ids: list[str] = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            ids += [json.loads(line)["custom_id"]
+                    for line in client.files.content(file_id).text.splitlines()]
+    assert sorted(ids) == sorted(f"job-{i}" for i in range(60))
+    counts = batch.request_counts
+    assert counts.completed + counts.failed == counts.total == 60
+
+
+def test_batch_api_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    assert caught.value.body["param"] == "input_file_id"
+    uploaded = client.files.create(file=("x.jsonl", _batch_file(1)), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                              completion_window="soon")  # type: ignore[arg-type]
+    assert caught.value.body["param"] == "completion_window"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
+    assert caught.value.body["param"] == "purpose"

@@ -30,14 +30,18 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qlm.core.errors import InvalidInput, NotFound, QlmError, UnknownModel
+from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable, UnknownModel
 from qlm.core.types import RequestState
 from qlm.ingest import IngestPlane, SubmitOutcome, TokenChunk
 from qlm.log import get_logger
 from services.ingest.fleet import Fleet, ServedModel
 from services.ingest.openai import translate
+from services.ingest.openai.batch_routes import add_batch_routes
+from services.ingest.openai.batches import BatchStore
 from services.ingest.openai.errors import Unauthorized, error_response, response_for
 from services.ingest.openai.schemas import FIELD_NAMES, ChatCompletionBody, CompletionBody
 
@@ -53,6 +57,9 @@ class FrontDoor:
     default_max_tokens: int = 256
     api_key: str | None = None
     clock: Callable[[], float] = time.time
+    #: The Files and Batch APIs (None: not served).
+    batches: BatchStore | None = None
+    max_file_bytes: int = 64 * 1024 * 1024
 
 
 # ------------------------------------------------------------------ errors
@@ -98,6 +105,10 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _qlm_error(request: Request, error: Exception) -> JSONResponse:
     return response_for(error)
+
+
+async def _redis_error(request: Request, error: Exception) -> JSONResponse:
+    return response_for(Unavailable(f"redis: {error}"))
 
 
 def _openai_error(error: InvalidInput, chat: bool) -> InvalidInput:
@@ -172,6 +183,8 @@ def make_app(door: FrontDoor) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(QlmError, _qlm_error)
     app.add_exception_handler(Unauthorized, _qlm_error)
+    app.add_exception_handler(RedisConnectionError, _redis_error)
+    app.add_exception_handler(RedisTimeoutError, _redis_error)
     app.state.door = door
 
     @app.get("/health", include_in_schema=False)
@@ -327,6 +340,8 @@ def make_app(door: FrontDoor) -> FastAPI:
     async def get_completion(completion_id: str) -> Response:
         return await retrieve(completion_id, chat=False)
 
+    if door.batches is not None:
+        add_batch_routes(app, door.batches, door.clock, door.max_file_bytes)
     return app
 
 
