@@ -9,15 +9,21 @@ with 429 and Retry-After).
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import hypothesis
 import openai
 import pytest
 import redis
+import schemathesis
+from schemathesis import GenerationMode
+from schemathesis.core.parameters import ParameterLocation
 
 from qlm.client import SyncQlmClient
 from qlm.localstack import RedisServer
@@ -322,3 +328,61 @@ def test_batch_api_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
     assert caught.value.body["param"] == "purpose"
+
+
+# ------------------------------------------------------------------ schema fuzzing
+#: Examples per operation and generation mode (CI runs this small size; raise it locally).
+FUZZ_EXAMPLES = int(os.environ.get("QLM_FUZZ_EXAMPLES", "15"))
+
+
+def test_schema_fuzzing_finds_no_5xx_and_every_invalid_body_is_a_4xx_naming_it(
+        stack: ServiceStack) -> None:
+    """Property-based (schemathesis over /openapi.json): no request gets a 5xx; a body
+    invalid against the schema gets a 4xx; every 4xx is OpenAI's error shape, and one
+    about a JSON object body names the parameter (``param``)."""
+    root = stack.openai_base_url.removesuffix("/v1")
+    schema = schemathesis.openapi.from_url(f"{root}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 14
+    failures: list[str] = []
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                                 suppress_health_check=list(hypothesis.HealthCheck))
+            def run(case: Any) -> None:
+                response = case.call(base_url=root, timeout=60)
+                problem = _fuzz_problem(case, response)
+                if problem:
+                    failures.append(f"{case.method} {case.formatted_path}: {problem}; "
+                                    f"body {case.body!r:.200}")
+
+            try:
+                run()
+            except hypothesis.errors.Unsatisfiable:  # nothing to make invalid (no input)
+                assert mode is GenerationMode.NEGATIVE
+    assert not failures, "\n".join(failures[:20])
+
+
+def _fuzz_problem(case: Any, response: Any) -> str | None:
+    status = response.status_code
+    if status >= 500:
+        return f"server error {status}: {response.text[:200]}"
+    body_mode = case.meta.components.get(ParameterLocation.BODY)
+    body_negative = body_mode is not None and body_mode.mode is GenerationMode.NEGATIVE
+    if body_negative and status < 400:
+        return f"invalid body accepted with {status}"
+    if status < 400:
+        return None
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"{status} without an OpenAI error body: {response.text[:200]}"
+    if not {"message", "type", "param", "code"} <= set(error):
+        return f"{status} error body lacks fields: {error}"
+    if status == 400 and isinstance(case.body, dict) and case.media_type == "application/json":
+        if not error["param"]:
+            return f"400 that names no parameter: {error}"
+        if str(error["param"]).split("[")[0].split(".")[0] not in error["message"]:
+            return f"400 whose message does not name {error['param']}: {error}"
+    return None

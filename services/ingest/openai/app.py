@@ -64,17 +64,22 @@ class FrontDoor:
 
 # ------------------------------------------------------------------ errors
 def _param_of(loc: tuple[Any, ...], unknown: bool = False) -> str | None:
-    """``messages[0].content`` from a validation error's location (type tags dropped;
-    with ``unknown``, the last item is the name of a field the body may not have)."""
-    items = loc[1:] if loc and loc[0] == "body" else loc
+    """``messages[0].content`` from a validation error's location (pydantic's type tags
+    dropped; with ``unknown``, the last item names a field the body may not have)."""
+    where, items = (loc[0], loc[1:]) if loc and loc[0] in _LOCATIONS else ("body", loc)
+    if where != "body":  # a query, path or header parameter
+        return str(items[0]) if items else None
     parts: list[str] = []
     for i, item in enumerate(items):
         if isinstance(item, int):
             if parts:
                 parts[-1] += f"[{item}]"
-        elif item in FIELD_NAMES or (unknown and i == len(items) - 1):
+        elif i == 0 or item in FIELD_NAMES or (unknown and i == len(items) - 1):
             parts.append(str(item))
     return ".".join(parts) or None
+
+
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
