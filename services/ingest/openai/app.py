@@ -180,7 +180,7 @@ def make_app(door: FrontDoor) -> FastAPI:
         description="The OpenAI API (chat, completions, models, files, batches) on qlm's "
         "SLO-aware queue. Extensions: slo_class, ttft_slo_s, background; headers "
         "x-qlm-slo-class, x-qlm-ttft-slo-s.",
-        dependencies=[Depends(authorize)],
+        dependencies=[Depends(authorize)] if door.api_key is not None else [],
         docs_url="/docs",
         redoc_url=None,
     )
