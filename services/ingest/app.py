@@ -47,6 +47,7 @@ from services.ingest.openai.batches import BatchDriver, BatchStore
 from services.ingest.openai.server import HttpServer
 from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.server import IngestServer
+from services.ingest.status import StatusBoard
 
 log = get_logger("services.ingest.app")
 
@@ -152,6 +153,7 @@ class IngestApp:
         self.http: HttpServer | None = None
         self.fleet: Fleet | None = None
         self.batch_driver: BatchDriver | None = None
+        self.status: StatusBoard | None = None
         self.consumer: BatchIngest | None = None
         self._depth_task: asyncio.Task[None] | None = None
 
@@ -198,9 +200,12 @@ class IngestApp:
                            timeout_s=s.worker_timeout_s, clock=self.clock)
         await self.fleet.start()
         batches = BatchStore(self.redis, s.key_prefix, self.clock)
+        self.status = StatusBoard(self.store, self.fleet, clock=self.clock)
+        self.fleet.listen(self.status)
+        await self.status.start()
         door = FrontDoor(self.plane, self.fleet, default_max_tokens=s.http_default_max_tokens,
                          api_key=s.http_api_key, clock=self.clock, batches=batches,
-                         max_file_bytes=s.http_max_file_bytes)
+                         max_file_bytes=s.http_max_file_bytes, status=self.status)
         assert s.http_port is not None
         self.http = HttpServer(make_app(door), s.http_host, s.http_port,
                                reuse_port=s.processes > 1)
@@ -233,6 +238,8 @@ class IngestApp:
             await self.http.stop(self.settings.shutdown_grace_s)
         if self.fleet is not None:
             await self.fleet.stop()
+        if self.status is not None:
+            await self.status.stop()
         if self.consumer is not None:
             await self.consumer.stop()
         await self.producer.stop()

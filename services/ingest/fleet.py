@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from qlm.bus.records import Event, Telemetry
 from qlm.bus.tail import TopicTail
@@ -30,6 +30,12 @@ from qlm.submission import ModelLimits
 log = get_logger("services.ingest.fleet")
 
 ModelState = Literal["awake", "asleep"]
+
+
+class FleetListener(Protocol):
+    def on_telemetry(self, record: Telemetry) -> None: ...
+
+    def on_event(self, event: Event) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +74,25 @@ class Fleet:
         self._tail = TopicTail(bootstrap_servers, [topics.telemetry, topics.events],
                                self._on_record, client_id="qlm-ingest-fleet")
         self._task: asyncio.Task[None] | None = None
+        self._listeners: list[FleetListener] = []
+
+    def listen(self, listener: FleetListener) -> None:
+        """Also hand every telemetry record and event to ``listener`` (the status board)."""
+        self._listeners.append(listener)
 
     def _on_record(self, topic: str, value: bytes | None) -> None:
         if value is None:
             return
         if topic == self.topics.telemetry:
-            self.roster.on_telemetry(Telemetry.model_validate_json(value))
-        elif b'"worker"' in value:  # only worker events say who is alive
-            self.roster.on_event(Event.model_validate_json(value))
+            telemetry = Telemetry.model_validate_json(value)
+            self.roster.on_telemetry(telemetry)
+            for listener in self._listeners:
+                listener.on_telemetry(telemetry)
+        elif self._listeners or b'"worker"' in value:  # worker events say who is alive
+            event = Event.model_validate_json(value)
+            self.roster.on_event(event)
+            for listener in self._listeners:
+                listener.on_event(event)
 
     def models(self) -> list[ServedModel]:
         return served_models(self.roster.live(), self.catalogue)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -386,3 +389,55 @@ def _fuzz_problem(case: Any, response: Any) -> str | None:
         if str(error["param"]).split("[")[0].split(".")[0] not in error["message"]:
             return f"400 whose message does not name {error['param']}: {error}"
     return None
+
+
+# ------------------------------------------------------------------ status page
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        message = "chromium is not installed (apt-get install -y chromium; make setup does)"
+        if os.environ.get("CI", "").lower() in {"true", "1", "yes"}:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def _page_numbers(chromium: str, url: str, screenshot: Path | None = None) -> dict[str, str]:
+    """Load the page in headless chromium, let its script run, return the text of every
+    element with an id (``num-admitted``, ``attainment-interactive``, ...)."""
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--virtual-time-budget=4000", "--window-size=1400,1000"]
+    done = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if screenshot is not None:
+        shot = subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True,
+                              text=True, timeout=120)
+        assert shot.returncode == 0, shot.stderr[-2000:]
+    return {m.group(1): re.sub(r"<[^>]+>", "", m.group(2)).strip()
+            for m in re.finditer(r'<(?:span|td)[^>]* id="([^"]+)"[^>]*>(.*?)</(?:span|td)>',
+                                 done.stdout)}
+
+
+def test_status_page_in_a_real_browser_changes_as_requests_flow(
+        client: openai.OpenAI, stack: ServiceStack, tmp_path: Path) -> None:
+    chromium = _chromium()
+    root = stack.openai_base_url.removesuffix("/v1")
+    _wait_for_models(client)
+    before = _page_numbers(chromium, f"{root}/status")
+    assert before["updated"] not in ("", "–") and "unreachable" not in before["updated"]
+    assert before["kv-w-a100"] and before["batch-w-a10"]  # both workers, from telemetry
+    for i in range(6):
+        client.chat.completions.create(model=MODEL, max_tokens=4,
+                                       messages=[{"role": "user", "content": f"q{i}"}])
+    client.completions.create(model=MODEL, prompt="b", max_tokens=3,
+                              extra_body={"slo_class": "batch-2"})
+    time.sleep(2.0)  # first tokens are judged at the board's next refresh (1 s)
+    after = _page_numbers(chromium, f"{root}/status", screenshot=tmp_path / "status.png")
+    assert int(after["num-admitted"]) >= int(before["num-admitted"]) + 7
+    assert int(after["num-finished"]) >= int(before["num-finished"]) + 7
+    assert int(after["met-interactive"]) + int(after["missed-interactive"]) >= 6
+    assert after["attainment-interactive"].endswith("%")
+    assert "met-batch-2" in after
+    assert after["realised-interactive"].endswith(" s")
+    assert (tmp_path / "status.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

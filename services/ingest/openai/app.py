@@ -8,7 +8,8 @@ values or touches Redis. Errors become OpenAI error bodies in one place
 Routes: ``GET /v1/models``, ``GET /v1/models/{model}``, ``POST /v1/chat/completions``,
 ``POST /v1/completions`` (streaming or not; ``background`` answers 202 once queued),
 ``GET /v1/chat/completions/{id}``, ``GET /v1/completions/{id}``, the Batch API routes
-(:mod:`services.ingest.openai.batch_routes`), ``GET /health``, ``/openapi.json``.
+(:mod:`services.ingest.openai.batch_routes`), ``GET /health``, ``/openapi.json``, and the
+live status page ``GET /status`` (data: ``GET /status.json``, :mod:`services.ingest.status`).
 
 Every completion response carries ``x-request-id`` (the qlm request id) and the
 prediction of admission control: ``x-qlm-predicted-wait-s``,
@@ -29,7 +30,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,6 +45,8 @@ from services.ingest.openai.batch_routes import add_batch_routes
 from services.ingest.openai.batches import BatchStore
 from services.ingest.openai.errors import Unauthorized, error_response, response_for
 from services.ingest.openai.schemas import FIELD_NAMES, ChatCompletionBody, CompletionBody
+from services.ingest.status import StatusBoard
+from services.ingest.status_page import STATUS_HTML
 
 log = get_logger("services.ingest.openai")
 
@@ -60,6 +63,8 @@ class FrontDoor:
     #: The Files and Batch APIs (None: not served).
     batches: BatchStore | None = None
     max_file_bytes: int = 64 * 1024 * 1024
+    #: The live status page (None: not served).
+    status: StatusBoard | None = None
 
 
 # ------------------------------------------------------------------ errors
@@ -347,6 +352,17 @@ def make_app(door: FrontDoor) -> FastAPI:
 
     if door.batches is not None:
         add_batch_routes(app, door.batches, door.clock, door.max_file_bytes)
+    if door.status is not None:
+        board = door.status
+
+        @app.get("/status", include_in_schema=False, response_class=HTMLResponse)
+        async def status_page() -> HTMLResponse:
+            return HTMLResponse(STATUS_HTML)
+
+        @app.get("/status.json", summary="Live status: queues, SLO attainment, workers, swaps")
+        async def status_json() -> dict[str, Any]:
+            return board.snapshot()
+
     return app
 
 
