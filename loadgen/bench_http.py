@@ -182,7 +182,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps(rounds[-1]), file=sys.stderr)
         grpc_rate = statistics.median(r["grpc"]["admissions_per_s"] for r in rounds)
         http_rate = statistics.median(r["http"]["admissions_per_s"] for r in rounds)
+        grpc_cpu = statistics.median(r["grpc"]["ingest_cpu_ms_per_admission"] for r in rounds)
+        http_cpu = statistics.median(r["http"]["ingest_cpu_ms_per_admission"] for r in rounds)
         stored = _count_redis(redis_server.url, prefix)
+        # wrk does not count the calls in flight when it stops; the server still queues them
+        in_flight_max = (args.rounds + 1) * args.concurrency
+        if not acknowledged <= stored <= acknowledged + in_flight_max:
+            raise SystemExit(f"Redis holds {stored} requests, {acknowledged} acknowledged")
         return {
             "benchmark": "admissions: OpenAI HTTP (POST /v1/chat/completions, background) vs "
                          "gRPC Submit, one ingest process → Redis → Kafka",
@@ -200,9 +206,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "grpc_admissions_per_s_median": grpc_rate,
             "http_admissions_per_s_median": http_rate,
             "http_over_grpc": round(http_rate / grpc_rate, 3) if grpc_rate else None,
+            "http_over_grpc_per_round": [
+                round(r["http"]["admissions_per_s"] / r["grpc"]["admissions_per_s"], 3)
+                for r in rounds],
+            "ingest_cpu_ms_per_admission_median": {"grpc": grpc_cpu, "http": http_cpu},
+            "http_over_grpc_by_ingest_cpu": round(grpc_cpu / http_cpu, 3),
             "target_http_over_grpc": 0.8,
             "acknowledged_incl_warmup": acknowledged,
             "requests_in_redis": stored,
+            "note_in_redis": "at most (rounds + 1) x concurrency more than acknowledged: the "
+                             "calls wrk had in flight when it stopped",
             "cpus": {"ingest": sorted(args.ingest_cpus or ()), "kafka_and_redis": sorted(
                 args.kafka_cpus or ()), "load": sorted(args.load_cpus or ()),
                 "host": os.cpu_count()},

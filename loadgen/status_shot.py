@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         }) + "\n" for i in range(args.batch_lines))
         uploaded = client.files.create(file=("docs.jsonl", rows.encode()), purpose="batch")
         client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                              completion_window="1h")
+                              completion_window="24h")
         threads = [threading.Thread(target=_traffic, args=(base, stop)) for _ in range(12)]
         for thread in threads:
             thread.start()

@@ -26,11 +26,13 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -94,7 +96,8 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     kind = first.get("type", "")
     param = _param_of(loc, unknown=kind == "extra_forbidden")
     if kind == "json_invalid" or (param is None and kind in ("model_attributes_type",
-                                                             "dict_type", "missing")):
+                                                             "model_type", "dict_type",
+                                                             "missing")):
         problem = "the body must be a JSON object" if kind != "json_invalid" else \
             f"the body is not valid JSON: {first.get('msg', '')}"
         return error_response(400, problem, "invalid_request_error", None, "invalid_value")
@@ -119,6 +122,46 @@ async def _qlm_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _redis_error(request: Request, error: Exception) -> JSONResponse:
     return response_for(Unavailable(f"redis: {error}"))
+
+
+_SCHEMA_REF: Final = "#/components/schemas/{model}"
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a route that parses ``model`` itself
+    (:func:`parse_body`); the model's schema joins the components (:func:`make_app`)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": _SCHEMA_REF.format(model=model.__name__)}}}}}
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[B]) -> B:
+    """The body as ``model``, parsed and checked in one pass by pydantic-core (the hot
+    path: FastAPI's own body handling parses JSON, then validates, then builds the
+    model); a problem is the same 400 as FastAPI's validation errors."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False)) from None
+
+
+def _openapi_with(app: FastAPI,
+                  models: tuple[type[BaseModel], ...]) -> Callable[[], dict[str, Any]]:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                found = model.model_json_schema(ref_template=_SCHEMA_REF)
+                components.update(found.pop("$defs", {}))
+                components[model.__name__] = found
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
 
 
 def _openai_error(error: InvalidInput, chat: bool) -> InvalidInput:
@@ -308,12 +351,16 @@ def make_app(door: FrontDoor) -> FastAPI:
             if not ended:  # the client went away: stop spending a GPU on it
                 _cancel_soon(door.plane, rid)
 
-    @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI)")
-    async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
+    @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI)",
+              openapi_extra=json_body(ChatCompletionBody))
+    async def chat_completions(request: Request) -> Response:
+        body = await parse_body(request, ChatCompletionBody)
         return await create(body.model_dump(exclude_unset=True), request, chat=True)
 
-    @app.post("/v1/completions", summary="Create a completion (OpenAI, legacy)")
-    async def completions(body: CompletionBody, request: Request) -> Response:
+    @app.post("/v1/completions", summary="Create a completion (OpenAI, legacy)",
+              openapi_extra=json_body(CompletionBody))
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, CompletionBody)
         return await create(body.model_dump(exclude_unset=True), request, chat=False)
 
     async def retrieve(completion_id: str, chat: bool) -> Response:
@@ -350,6 +397,7 @@ def make_app(door: FrontDoor) -> FastAPI:
     async def get_completion(completion_id: str) -> Response:
         return await retrieve(completion_id, chat=False)
 
+    app.openapi = _openapi_with(app, (ChatCompletionBody, CompletionBody))  # type: ignore[method-assign]
     if door.batches is not None:
         add_batch_routes(app, door.batches, door.clock, door.max_file_bytes)
     if door.status is not None:
