@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP routes (FastAPI): translate, call the ingest plane, translate back.
 
-Every request goes through :class:`qlm.ingest.IngestPlane` exactly as a gRPC ``Submit``
+Every request goes through :class:`services.ingest.plane.IngestPlane` exactly as a gRPC ``Submit``
 does (same validation, same admission control, same queue); nothing here validates
 values or touches Redis. Errors become OpenAI error bodies in one place
 (:mod:`services.ingest.openai.errors`).
@@ -39,7 +39,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable, UnknownModel
 from qlm.core.types import RequestState
-from qlm.ingest import IngestPlane, SubmitOutcome, TokenChunk
 from qlm.log import get_logger
 from services.ingest.fleet import Fleet, ServedModel
 from services.ingest.openai import translate
@@ -47,6 +46,7 @@ from services.ingest.openai.batch_routes import add_batch_routes
 from services.ingest.openai.batches import BatchStore
 from services.ingest.openai.errors import Unauthorized, error_response, response_for
 from services.ingest.openai.schemas import FIELD_NAMES, ChatCompletionBody, CompletionBody
+from services.ingest.plane import IngestPlane, SubmitOutcome, TokenChunk
 from services.ingest.status import StatusBoard
 from services.ingest.status_page import STATUS_HTML
 

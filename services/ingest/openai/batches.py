@@ -28,7 +28,7 @@ after ``LOCK_TTL_S``) and, every ``poll_interval_s``, for each active batch:
 4. once every line has a result, writes the output and error files (input order) and
    the final status (``completed``, ``cancelled`` or ``expired``) together.
 
-Lines go to the queue through :meth:`qlm.ingest.IngestPlane.enqueue`, as the Kafka
+Lines go to the queue through :meth:`services.ingest.plane.IngestPlane.enqueue`, as the Kafka
 ``qlm.batch.requests`` records do (batch classes are never refused by admission control).
 The SLO of every line comes from the batch's ``completion_window``
 (:func:`slo_of_window`).
@@ -53,10 +53,10 @@ from redis.exceptions import LockError
 
 from qlm.core.errors import InvalidInput, NotFound, QlmError, UnknownModel
 from qlm.core.types import RequestState, SLOClass
-from qlm.ingest import IngestPlane
 from qlm.log import get_logger
 from qlm.store.keys import Keys
 from services.ingest.openai import translate
+from services.ingest.plane import IngestPlane
 
 log = get_logger("services.ingest.openai.batches")
 

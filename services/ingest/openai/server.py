@@ -1,8 +1,8 @@
 """The HTTP server of the front door: uvicorn on the ingest process's own event loop.
 
 uvicorn serves the FastAPI app next to the gRPC server, so both transports share one
-:class:`qlm.ingest.IngestPlane` (one Redis pool, one producer, one batcher). Signals
-stay with the ingest process (:func:`services.entrypoint.stop_on_signals`): this server
+:class:`services.ingest.plane.IngestPlane` (one Redis pool, one producer, one batcher). Signals
+stay with the ingest process (:func:`services.common.entrypoint.stop_on_signals`): this server
 installs no handlers. The socket is bound here (``SO_REUSEPORT`` with ``--processes``)
 so that a taken port fails the start with a clear error.
 
