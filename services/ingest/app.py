@@ -47,7 +47,7 @@ from services.ingest.plane import AdmissionRules, IngestPlane, Prediction, load_
 from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.server import IngestServer
 from services.ingest.settings import IngestSettings
-from services.ingest.status import StatusBoard
+from services.ingest.status import Observers, StatusBoard
 
 log = get_logger("services.ingest.app")
 
@@ -190,6 +190,7 @@ class IngestApp:
         batches = BatchStore(self.redis, s.key_prefix, self.clock)
         self.status = StatusBoard(self.store, self.fleet, clock=self.clock)
         self.fleet.listen(self.status)
+        self.plane.observer = Observers(self.metrics, self.status)
         await self.status.start()
         door = FrontDoor(self.plane, self.fleet, default_max_tokens=s.http_default_max_tokens,
                          api_key=s.http_api_key, clock=self.clock, batches=batches,

@@ -88,7 +88,7 @@ class Fleet:
             self.roster.on_telemetry(telemetry)
             for listener in self._listeners:
                 listener.on_telemetry(telemetry)
-        elif self._listeners or b'"worker"' in value:  # worker events say who is alive
+        elif b'"worker"' in value:  # worker events (liveness, swaps, evictions, first tokens)
             event = Event.model_validate_json(value)
             self.roster.on_event(event)
             for listener in self._listeners:

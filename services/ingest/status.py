@@ -7,13 +7,17 @@ what it reads from Redis every ``refresh_s``:
 * queue depth per (model, class): the store's group index (:meth:`queue_depths`);
 * SLO attainment per class: every ``first_token`` event, met when it came before the
   request's ``deadline_at`` (read from its record, pipelined, at the next refresh);
-* predicted vs realised wait per class: the ``predicted_wait_s`` of ``admitted`` events
-  against ``started.at - arrival_at`` (the wait until a worker took the request);
+* predicted vs realised wait per class: the mean predicted wait of the requests this
+  process admitted (it sees each submit, :meth:`on_submit`) against the mean of
+  ``started.at - arrival_at`` (the wait until a worker took a request) of ``started``
+  events, over the latest 1,000 of each;
 * each worker: GPU, models (awake / asleep), batch size, waiting, KV use (its latest
   telemetry), liveness;
 * the latest swaps (``swapped`` events) and evictions (``evicted`` events).
 
-Counts are since this process started (each ingest process shows what it has seen).
+Counts are since this process started (each ingest process shows what it has seen;
+admissions are this process's own). ``admitted`` events are not read back from Kafka:
+parsing every one would cost ingest more than the submit itself.
 The aggregation is pure (records in, a JSON-able dict out); only :meth:`refresh` reads
 Redis.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -32,11 +36,10 @@ from qlm.bus.records import Event, Telemetry
 from qlm.log import get_logger
 from qlm.store.store import RedisQueueStore
 from services.ingest.fleet import Fleet
+from services.ingest.plane import Prediction, SubmitObserver, SubmitResult, SubmitSource
 
 log = get_logger("services.ingest.status")
 
-#: How many requests the board remembers between admission and their first token.
-MAX_TRACKED: Final = 200_000
 RECENT: Final = 12
 
 
@@ -77,7 +80,6 @@ class StatusBoard:
         self.num_admitted = 0
         self.num_finished = 0
         self.queue_depth: dict[str, dict[str, int]] = {}
-        self._predicted: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._first_tokens: list[tuple[str, str, float]] = []  # (id, class, at)
         self._task: asyncio.Task[None] | None = None
         self.updated_at = 0.0
@@ -86,20 +88,21 @@ class StatusBoard:
     def on_telemetry(self, record: Telemetry) -> None:
         self.telemetry[record.worker] = record
 
+    def on_submit(self, source: SubmitSource, result: SubmitResult, slo_class: str,
+                  model: str, seconds: float, prediction: Prediction | None) -> None:
+        """A submit this process handled (the plane's observer)."""
+        if result != "admitted":
+            return
+        self.num_admitted += 1
+        if prediction is not None and prediction.known:
+            self._stats(slo_class).predicted.append(prediction.wait_mean_s)
+
     def on_event(self, event: Event) -> None:
         cls = event.slo_class or "unknown"
-        if event.type == "admitted" and event.request_id:
-            self.num_admitted += 1
-            if event.predicted_wait_s is not None:
-                self._predicted[event.request_id] = (cls, event.predicted_wait_s)
-                if len(self._predicted) > MAX_TRACKED:
-                    self._predicted.popitem(last=False)
-        elif event.type == "started" and event.request_id and event.arrival_at is not None:
-            predicted = self._predicted.pop(event.request_id, None)
-            if predicted is not None:
-                stats = self._stats(predicted[0])
-                stats.predicted.append(predicted[1])
-                stats.realised.append(max(0.0, event.at - event.arrival_at))
+        if event.type == "started" and event.request_id and event.arrival_at is not None:
+            if event.num_output_tokens:  # resumed after an eviction: not a first wait
+                return
+            self._stats(cls).realised.append(max(0.0, event.at - event.arrival_at))
         elif event.type == "first_token" and event.request_id:
             self._first_tokens.append((event.request_id, cls, event.at))
         elif event.type == "finished":
@@ -185,3 +188,15 @@ class StatusBoard:
             "classes": {name: stats.summary() for name, stats in sorted(self.classes.items())},
             "workers": workers, "swaps": list(self.swaps), "evictions": list(self.evictions),
         }
+
+
+class Observers:
+    """Hands every submit to each of ``observers`` (metrics and the status board)."""
+
+    def __init__(self, *observers: SubmitObserver) -> None:
+        self.observers = observers
+
+    def on_submit(self, source: SubmitSource, result: SubmitResult, slo_class: str,
+                  model: str, seconds: float, prediction: Prediction | None) -> None:
+        for observer in self.observers:
+            observer.on_submit(source, result, slo_class, model, seconds, prediction)

@@ -155,3 +155,29 @@ def test_completion_window_maps_to_a_batch_slo_and_ids_are_deterministic() -> No
     assert rid != request_id_for("batch_abc", "row/2")
     assert parse_submission({"request_id": rid, "model": "m", "prompt": "x",
                              "max_tokens": 1}, MODELS).request_id == rid
+
+
+# ------------------------------------------------------------------ status board
+def test_status_board_counts_attainment_waits_swaps_and_evictions() -> None:
+    from qlm.bus.records import Event
+    from services.ingest.plane import Prediction
+    from services.ingest.status import StatusBoard
+
+    board = StatusBoard(store=None, fleet=None, clock=lambda: 100.0)  # type: ignore[arg-type]
+    board.on_submit("http", "admitted", "interactive", "m", 0.001, Prediction(wait_mean_s=2.0))
+    board.on_submit("grpc", "rejected-capacity", "interactive", "m", 0.001, Prediction())
+    base = {"model": "m", "slo_class": "interactive", "arrival_at": 10.0, "worker": "w"}
+    board.on_event(Event(type="started", request_id="a", at=13.0, **base))
+    board.on_event(Event(type="first_token", request_id="a", at=14.0, **base))
+    board.on_event(Event(type="first_token", request_id="b", at=40.0, **base))
+    board.on_event(Event(type="evicted", request_id="b", at=41.0, reason="evict",
+                         num_output_tokens=3, **base))
+    board.on_event(Event(type="swapped", model="m2", from_model="m", worker="w", at=42.0,
+                         duration_s=0.5))
+    board.judge({"a": 30.0, "b": 30.0})
+    snap = board.snapshot()
+    interactive = snap["classes"]["interactive"]
+    assert (interactive["met"], interactive["missed"], interactive["attainment"]) == (1, 1, 0.5)
+    assert (interactive["predicted_wait_s"], interactive["realised_wait_s"]) == (2.0, 3.0)
+    assert snap["num_admitted"] == 1
+    assert snap["swaps"][0]["model"] == "m2" and snap["evictions"][0]["request_id"] == "b"
