@@ -421,10 +421,16 @@ def _queued_object(outcome: SubmitOutcome, model: str, created: int,
             "status": outcome.state.value, "model": model, "created": created, "choices": []}
 
 
+#: Cancellations under way (the loop keeps only weak references to tasks).
+_CANCELLING: set[asyncio.Task[None]] = set()
+
+
 def _cancel_soon(plane: IngestPlane, request_id: str) -> None:
     async def cancel() -> None:
         with contextlib.suppress(Exception):
             await plane.cancel(request_id)
             log.info("stream_abandoned_cancelled", request_id=request_id)
 
-    asyncio.get_running_loop().create_task(cancel())
+    task = asyncio.get_running_loop().create_task(cancel())
+    _CANCELLING.add(task)
+    task.add_done_callback(_CANCELLING.discard)

@@ -286,6 +286,17 @@ class BatchStore:
         await self.redis.hset(self.keys.batch(batch_id),
                               mapping={k: json.dumps(v) for k, v in fields.items()})
 
+    async def fail(self, batch_id: str, code: str, message: str) -> None:
+        """End a batch as ``failed`` with one error (and stop driving it)."""
+        errors = {"object": "list",
+                  "data": [{"code": code, "message": message, "line": None, "param": None}]}
+        tx = self.redis.pipeline(transaction=True)
+        tx.hset(self.keys.batch(batch_id), mapping={
+            "status": json.dumps("failed"), "failed_at": json.dumps(int(self.clock())),
+            "errors": json.dumps(errors)})
+        tx.srem(self.keys.active_batches, batch_id)
+        await tx.execute()
+
     async def request_cancel(self, batch_id: str) -> None:
         """Mark the batch for cancelling (the driver does it); a no-op when ended."""
         await self.batch_fields(batch_id)  # NotFound
@@ -473,7 +484,12 @@ class BatchDriver:
             return
         progress = self._progress.get(batch_id)
         if progress is None:
-            content = await self.store.file_content(fields["input_file_id"])
+            try:
+                content = await self.store.file_content(fields["input_file_id"])
+            except NotFound:  # deleted while the batch ran: nothing left to run it from
+                await self.store.fail(batch_id, "input_file_deleted",
+                                      f"input file {fields['input_file_id']} was deleted")
+                return
             lines = parse_batch_file(content, fields["endpoint"])
             progress = _Progress(lines, await self.store.result_ids(batch_id),
                                  ENDPOINTS[fields["endpoint"]])
