@@ -110,6 +110,17 @@ def _wait_http(url: str, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def cpu_pressure() -> float | None:
+    """The host's CPU pressure now (``/proc/pressure/cpu``, "some", avg10, %): the share of
+    time some runnable task waited for a core; None where the kernel does not say."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(item.split("=") for item in first.split()[1:])
+    return float(fields["avg10"])
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -156,10 +167,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         acknowledged += run_wrk(url, args.concurrency, args.warmup, work,
                                 args.load_cpus)["requests"]
         for number in range(args.rounds):
+            pressure_grpc = cpu_pressure()
             cpu_before = _cpu_seconds(ingest.pid)
             grpc = run_ghz(ghz, target, args.concurrency, args.connections, 1, args.duration,
                            f"r{number}", work, args.load_cpus)
             cpu_mid = _cpu_seconds(ingest.pid)
+            pressure_http = cpu_pressure()
             http = run_wrk(url, args.concurrency, args.duration, work, args.load_cpus)
             cpu_after = _cpu_seconds(ingest.pid)
             acknowledged += grpc.num_ok + http["requests"] - http["status_errors"]
@@ -169,7 +182,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "errors": grpc.num_errors, "latency_ms": _percentiles_ms(
                              grpc.latencies_s),
                          "ingest_cpu_ms_per_admission": round(
-                             (cpu_mid - cpu_before) * 1000 / max(1, grpc.num_ok), 4)},
+                             (cpu_mid - cpu_before) * 1000 / max(1, grpc.num_ok), 4),
+                         "host_cpu_pressure_pct_before": pressure_grpc},
                 "http": {"admissions_per_s": round(num_http / (http["duration_us"] / 1e6), 1),
                          "errors": http["status_errors"] + http["socket_errors"],
                          "latency_ms": {"p50": http["p50_us"] / 1000,
@@ -177,7 +191,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         "p99": http["p99_us"] / 1000,
                                         "max": http["max_us"] / 1000},
                          "ingest_cpu_ms_per_admission": round(
-                             (cpu_after - cpu_mid) * 1000 / max(1, num_http), 4)},
+                             (cpu_after - cpu_mid) * 1000 / max(1, num_http), 4),
+                         "host_cpu_pressure_pct_before": pressure_http},
             })
             print(json.dumps(rounds[-1]), file=sys.stderr)
         grpc_rate = statistics.median(r["grpc"]["admissions_per_s"] for r in rounds)
