@@ -12,6 +12,7 @@ help:
 	@echo "make up/down   start/stop Redis + Kafka + the services under .qlm/ (POLICY=fcfs WORKERS=f.yaml TIME_SCALE=x)"
 	@echo "make kafka-jars  fetch the Kafka broker jars from Maven Central (cached)"
 	@echo "make bench     the benchmarks (results under docs/results/)"
+	@echo "make gpu-stage vLLM + Redis/Kafka for the GPU host, as parcels of one device call each"
 
 # Everything a clean Debian machine lacks: redis-server, Maven + Java 17 (for the Kafka
 # jars), the Python packages, the Kafka jars from Maven Central. Redone when
@@ -76,6 +77,10 @@ clean:
 bench-store:
 	$(PYTHON) -m loadgen.bench_store --out docs/results/bench_store.json
 
+# Redis memory per queued request (docs/scaling.md)
+bench-redis-memory:
+	$(PYTHON) -m loadgen.bench_redis_memory --out docs/results/bench_redis_memory.json
+
 # ghz (gRPC load tool, Go) drives bench-submit without taking the server's cores
 GHZ_VERSION ?= v0.120.0
 GHZ ?= $(HOME)/.cache/qlm/bin/ghz
@@ -120,6 +125,21 @@ bench-decide:
 
 docs:  ## regenerate the generated docs (configuration reference)
 	$(PYTHON) -m services.configdoc > docs/config.md
+
+# Everything the GPU host needs (docs/results/gpu/README.md), as parcels of one device call
+# each: vLLM 0.25.0 + its wheels (.stage/vsite.tar.xz), Redis + Kafka + the services' wheels
+# (.stack/stack.tar.xz), cut into .stage/parcel-1..N, each small enough to travel with the
+# repository. On the host: python3 -m loadgen.gpu.stage unpack .stage/parcel-K, in order.
+.PHONY: gpu-stage
+gpu-stage: .stage/vsite.tar.xz .stack/stack.tar.xz
+	$(PYTHON) -m loadgen.gpu.stage parcels
+
+.stage/vsite.tar.xz: loadgen/gpu/stage.py
+	$(PYTHON) -m loadgen.gpu.stage fetch
+	$(PYTHON) -m loadgen.gpu.stage vllm
+
+.stack/stack.tar.xz: loadgen/gpu/stage_stack.sh loadgen/gpu/unpack_stack.sh
+	PYTHON=$(PYTHON) bash loadgen/gpu/stage_stack.sh
 
 # Redis + Kafka + the missing wheels for a GPU host without network, Java or redis-server
 # (needs openjdk-17-jdk-headless for jlink/jmods): .stack/stack.tar.xz, unpacked there by

@@ -55,7 +55,7 @@ PREFERRED_INGEST_PORT: Final = 50051
 #: The HTTP (OpenAI-compatible) port a client tries first, likewise.
 PREFERRED_HTTP_PORT: Final = 8000
 START_TIMEOUT_S: Final = 90.0
-POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority")
+POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority", "static", "vllm-swap")
 
 
 @dataclass(frozen=True, slots=True)

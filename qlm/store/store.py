@@ -45,6 +45,7 @@ from qlm.core.types import (
     WorkerView,
     group_key_for,
 )
+from qlm.store.client import RedisClient, is_cluster_url, redis_client
 from qlm.store.errors import IdempotencyConflict, LeaseLost
 from qlm.store.keys import DEFAULT_PREFIX, Keys, group_member_score
 from qlm.store.records import (
@@ -232,7 +233,7 @@ class RedisQueueStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         prefix: str = DEFAULT_PREFIX,
         group_window_s: float = DEFAULT_GROUP_WINDOW_S,
@@ -260,14 +261,21 @@ class RedisQueueStore:
     def from_url(
         cls, url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, **options: Any
     ) -> RedisQueueStore:
-        """A store on a new client for ``url`` (``redis://host:port/db``).
+        """A store on a new client for ``url`` (``redis://host:port/db``, or
+        ``redis+cluster://host:port`` for a Redis Cluster: :mod:`qlm.store.client`).
 
         Callers beyond ``max_connections`` concurrent commands wait for a free
-        connection (up to 20 s) instead of failing. Each :meth:`read_tokens` reader
-        holds one connection while it waits for output, so size this to the number
-        of concurrent token streams plus the other concurrent callers.
+        connection (up to 20 s) instead of failing (on a cluster: per node, and they
+        fail). Each :meth:`read_tokens` reader holds one connection while it waits for
+        output, so size this to the number of concurrent token streams plus the other
+        concurrent callers.
         """
         _require_count(max_connections, "max_connections", minimum=1)
+        if is_cluster_url(url):
+            return cls(
+                redis_client(url, decode_responses=True, max_connections=max_connections),
+                **options,
+            )
         pool = BlockingConnectionPool.from_url(
             url, decode_responses=True, max_connections=max_connections, timeout=20
         )

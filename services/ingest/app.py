@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,6 +31,7 @@ from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import Unavailable
 from qlm.log import configure, get_logger
 from qlm.roster import read_workers_file
+from qlm.store.client import RedisClient, redis_client
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
@@ -90,10 +90,10 @@ def _log_if_lost(acknowledged: asyncio.Future[Any]) -> None:
 REDIS_MAX_CONNECTIONS = 4096
 
 
-def redis_client(url: str) -> Redis:
+def ingest_redis_client(url: str) -> RedisClient:
     """A client that reconnects by itself: a command that finds its connection closed
     (Redis restarted) is retried with backoff for about six seconds before it fails."""
-    return Redis.from_url(
+    return redis_client(
         url,
         decode_responses=True,
         max_connections=REDIS_MAX_CONNECTIONS,
@@ -118,7 +118,7 @@ class IngestApp:
         self.models = dict(models) if models is not None else load_models(
             settings.models_file, settings.profiles_dir
         )
-        self.redis = redis_client(settings.redis_url)
+        self.redis = ingest_redis_client(settings.redis_url)
         self.store = RedisQueueStore(
             self.redis, prefix=settings.key_prefix,
             group_window_s=settings.group_window_s, clock=clock,
@@ -159,7 +159,7 @@ class IngestApp:
 
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
         await self.producer.start()
         if s.http_port is not None:
             await self._start_http()

@@ -368,11 +368,7 @@ class IngestPlane:
         # logging context for every submit cost more than all the lines logged on the way.
         now = self.clock()
         request = submission.to_request(arrival_at=now)
-        prompt: Any = (
-            submission.prompt_text
-            if submission.prompt_text is not None
-            else list(submission.prompt_token_ids or ())
-        )
+        prompt = submission.stored_prompt()
         prediction = await self.predictor.predict(request, now)
         seen.append(prediction)
         if admission and not prediction.admit and self.admission.rejects(request.slo_class):

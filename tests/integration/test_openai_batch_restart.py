@@ -25,6 +25,7 @@ from event_log import EventLog
 
 from qlm.bus.topics import TopicNames
 from qlm.localstack.services import ServiceOptions, ServiceStack
+from qlm.store.keys import Keys
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
@@ -108,8 +109,9 @@ async def test_batch_of_1000_lines_completes_exactly_once_across_kill_9(
         # nothing ran twice: Redis holds 1,000 requests of the batch, each finished once
         # on Kafka
         r = redis.Redis.from_url(redis_url, decode_responses=True)
-        stored = {k.removeprefix("qlm:req:") for k in r.scan_iter(f"qlm:req:{batch.id}:*",
-                                                                   count=1000)}
+        keys = Keys()  # the stack's default prefix
+        stored = {k.removeprefix(keys.request("")) for k in r.scan_iter(
+            keys.request(f"{batch.id}:*"), count=1000)}
         assert stored == request_ids
         deadline = time.monotonic() + 20
         while len(events.count("finished")) < NUM_LINES and time.monotonic() < deadline:

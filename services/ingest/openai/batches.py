@@ -47,13 +47,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from qlm.core.errors import InvalidInput, NotFound, QlmError, UnknownModel
 from qlm.core.types import RequestState, SLOClass
 from qlm.log import get_logger
+from qlm.store.client import RedisClient
 from qlm.store.keys import Keys
 from services.ingest.openai import translate
 from services.ingest.plane import IngestPlane
@@ -193,7 +193,8 @@ _BATCH_TIMES: Final = ("created_at", "in_progress_at", "expires_at", "finalizing
 class BatchStore:
     """Files and batches in Redis (key names: :class:`qlm.store.keys.Keys`)."""
 
-    def __init__(self, redis: Redis, prefix: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, redis: RedisClient, prefix: str,
+                 clock: Callable[[], float] = time.time) -> None:
         self.redis: Any = redis  # decode_responses=True: strings in, strings out
         self.keys = Keys(prefix)
         self.clock = clock
