@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
 from redis.asyncio.retry import Retry
@@ -40,14 +40,15 @@ from services.common.probes import kafka_answers
 from services.ingest.batch import BatchIngest
 from services.ingest.fleet import Fleet
 from services.ingest.metrics import IngestMetrics
-from services.ingest.openai.app import FrontDoor, make_app
-from services.ingest.openai.batches import BatchDriver, BatchStore
-from services.ingest.openai.server import HttpServer
 from services.ingest.plane import AdmissionRules, IngestPlane, Prediction, load_models
 from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.server import IngestServer
 from services.ingest.settings import IngestSettings
 from services.ingest.status import Observers, StatusBoard
+
+if TYPE_CHECKING:  # the HTTP stack (FastAPI, uvicorn) loads only when --http-port is set
+    from services.ingest.openai.batches import BatchDriver
+    from services.ingest.openai.server import HttpServer
 
 log = get_logger("services.ingest.app")
 
@@ -181,7 +182,15 @@ class IngestApp:
                  batch_consumer=s.batch_consumer)
 
     async def _start_http(self) -> None:
-        """The OpenAI-compatible front door: the fleet view, then the HTTP server."""
+        """The OpenAI-compatible front door: the fleet view, then the HTTP server.
+
+        Imported here, not at the top: a gRPC-only ingest (the GPU host's stack, a
+        batch-consumer replica) runs without FastAPI and uvicorn installed.
+        """
+        from services.ingest.openai.app import FrontDoor, make_app
+        from services.ingest.openai.batches import BatchDriver, BatchStore
+        from services.ingest.openai.server import HttpServer
+
         s = self.settings
         declared = read_workers_file(s.workers_file) if s.workers_file is not None else ()
         self.fleet = Fleet(s.kafka_bootstrap, self.topics, self.models, declared=declared,
