@@ -2,7 +2,7 @@
 PYTHON ?= python3
 OUT ?= out
 
-.PHONY: help setup install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean docs
+.PHONY: help setup install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean docs bench-http
 
 help:
 	@echo "make setup     install what a clean Debian machine lacks (apt, pip, Kafka jars); test and demo run it"
@@ -23,10 +23,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(SETUP_STAMP)
 
 $(SETUP_STAMP): pyproject.toml qlm/localstack/kafka-pom.xml
-	@if ! command -v redis-server >/dev/null || ! command -v mvn >/dev/null || ! command -v java >/dev/null; then \
-	  echo "installing redis-server, maven, openjdk-17 (apt)"; \
+	@if ! command -v redis-server >/dev/null || ! command -v mvn >/dev/null || ! command -v java >/dev/null \
+	    || ! command -v chromium >/dev/null || ! command -v wrk >/dev/null; then \
+	  echo "installing redis-server, maven, openjdk-17, chromium (status page test), wrk (bench-http) (apt)"; \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server maven openjdk-17-jre-headless >/dev/null; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server maven openjdk-17-jre-headless chromium wrk >/dev/null; \
 	fi
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	$(PYTHON) -m qlm.localstack fetch-jars
@@ -95,6 +96,11 @@ $(GHZ):
 # submits/s as 2 on these cores, less CPU per submit, lower p99)
 bench-submit: $(GHZ)
 	PATH="$(dir $(GHZ)):$$PATH" $(PYTHON) -m loadgen.bench_submit --load ghz --server-cpus 0 --kafka-cpus 1 --load-cpus 1 --out docs/results/bench_submit_ghz_pinned.json
+
+# HTTP admissions (OpenAI API, wrk) against gRPC Submit (ghz) on one ingest process: ingest
+# on core 0, Redis + Kafka and the load tools on core 1
+bench-http: $(GHZ)
+	PATH="$(dir $(GHZ)):$$PATH" $(PYTHON) -m loadgen.bench_http --ingest-cpus 0 --kafka-cpus 1 --load-cpus 1 --out docs/results/bench_http.json
 
 bench-worker:
 	$(PYTHON) -m loadgen.bench_worker --requests 200 --warmup 20 --out docs/results/bench_worker.json

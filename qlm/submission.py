@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from qlm.core.errors import InvalidInput
+from qlm.core.errors import InvalidInput, UnknownModel
 from qlm.core.types import DEFAULT_TTFT_SLO_S, SLO, Request, SLOClass
 from qlm.engine.text import chat_messages
 
@@ -174,7 +174,7 @@ def _model(record: Mapping[str, Any], models: Mapping[str, ModelLimits] | None) 
         raise InvalidInput("model", "is required")
     if models is not None and model not in models:
         known = ", ".join(sorted(models)) or "none"
-        raise InvalidInput("model", f"unknown model {model!r}; served models: {known}")
+        raise UnknownModel("model", f"unknown model {model!r}; served models: {known}", model)
     return model
 
 

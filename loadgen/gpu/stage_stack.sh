@@ -36,6 +36,8 @@ WHEELS=(
   # pydantic as the vLLM archive carries it (same versions), so the stack also runs
   # without that archive on the path (e.g. the submit benchmark on the GPU host)
   pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+  # the HTTP front door (ingest --http-port); FastAPI and starlette come with vLLM
+  uvicorn==0.55.0 h11==0.16.0 httptools==0.9.0 python-multipart==0.0.34
 )
 
 log() { printf '== %s\n' "$*" >&2; }

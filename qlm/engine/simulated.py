@@ -63,6 +63,7 @@ import sys
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PerfProfile
@@ -179,6 +180,24 @@ def echo_script(text: TextModel, prompt_ids: tuple[int, ...], ignore_eos: bool) 
 def fake_token_id(base: int, index: int) -> int:
     """The simulated output token at position ``index`` of a request (deterministic)."""
     return (base + index * 7919) % FAKE_VOCAB_SIZE
+
+
+#: Words the simulated engine "generates": a client reading its output sees text, not ids.
+_FAKE_WORDS: Final = (
+    "the", "queue", "serves", "every", "request", "before", "its", "deadline", "and",
+    "a", "GPU", "runs", "tokens", "in", "batches", "while", "interactive", "work",
+    "waits", "less", "than", "batch", "jobs", "of", "many", "models", "share", "one",
+    "scheduler", "that", "orders", "groups", "by", "expected", "attainment", "so",
+    "more", "users", "meet", "their", "SLO", "with", "fewer", "swaps", "evictions",
+    "keep", "progress", "when", "KV", "cache", "fills", "up", "prefill", "decode",
+    "time", "per", "output", "token", "is", "measured", "on", "real", "hardware",
+    "today.",
+)
+
+
+def fake_token_text(token_id: int) -> str:
+    """The text of a simulated output token: a word and the space before it."""
+    return " " + _FAKE_WORDS[token_id % len(_FAKE_WORDS)]
 
 
 class SimulatedEngine:
@@ -621,8 +640,9 @@ class SimulatedEngine:
         start = seq.num_generated
         text = ""
         reason: FinishReason | None = None
-        if seq.output is None:
+        if seq.output is None:  # no tokenizer: a word per simulated token, for readers
             new = tuple(fake_token_id(seq.base_token, i) for i in range(start, start + count))
+            text = "".join(map(fake_token_text, new))
         else:
             script = seq.script
             delta = seq.output.feed([script[i % len(script)] for i in range(start, start + count)])
