@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qlm.core.errors import InvalidInput, Unavailable
 from qlm.core.perf import PROFILE_DIR
+from qlm.core.policies.base import check_policy_options
 from qlm.localstack.process import (
     ServerProcess,
     ensure_port_free,
@@ -99,6 +100,7 @@ class ServiceOptions:
                                f"must be a finite number >= 0, got {self.debounce_s!r}")
         if not isinstance(self.policy_options, Mapping):
             raise InvalidInput("policy_options", "must be a JSON object")
+        check_policy_options(self.policy, self.policy_options)  # names the bad option
         read_workers_file(self.workers_file)  # InvalidInput names the bad entry
 
     def to_json(self) -> dict[str, Any]:
