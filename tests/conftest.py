@@ -22,6 +22,9 @@ Each server starts once per test session, and only when a test asks for it
 - ``unique_topic``: ``unique_topic("events")`` returns a topic name no other test uses.
 - ``topic_prefix``: a prefix unique to the test, for :class:`qlm.bus.topics.TopicNames`.
 - ``kafka_topics``: the six qlm topics under ``topic_prefix``, created.
+- ``tiny_checkpoint``: a directory with a tiny real checkpoint (random Llama weights as
+  safetensors, a BPE tokenizer trained on docs/*.md, a chat template), written once per
+  session by :func:`qlm.engine.checkpoint.write_checkpoint`.
 
 Servers started here get SIGTERM if the test process dies, so none outlives a run.
 """
@@ -32,6 +35,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -158,3 +162,10 @@ async def kafka_topics(kafka_bootstrap: str, topic_prefix: str) -> TopicNames:
     names = TopicNames(topic_prefix)
     await ensure_topics(kafka_bootstrap, topic_specs(names))
     return names
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qlm.engine.checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny-llama")

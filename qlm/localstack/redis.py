@@ -134,15 +134,18 @@ class RedisServer:
         die_with_parent: bool = False,
         cluster: bool = False,
         users: RedisUsers | None = None,
+        cluster_bus_port: int | None = None,
     ) -> None:
         """``die_with_parent``: stop the server when the starting thread exits (tests).
         ``cluster``: a Redis Cluster node (``--cluster-enabled yes``; see
-        :class:`LocalRedisCluster`)."""
+        :class:`LocalRedisCluster`), its node-to-node bus on ``cluster_bus_port``
+        (default: Redis's own, ``port`` + 10000, which does not exist above 55535)."""
         self.data_dir = data_dir.resolve()
         self.port = port
         self.die_with_parent = die_with_parent
         self.cluster = cluster
         self.users = users
+        self.cluster_bus_port = cluster_bus_port
         self.host = "127.0.0.1"
         self.process = ServerProcess("redis", self.data_dir, marker=f"{self.host}:{port}")
 
@@ -185,6 +188,8 @@ class RedisServer:
             # with ACLs workers may not CONFIG SET the notifications they wake on
             *(("--aclfile", str(self.acl_path), "--notify-keyspace-events", "Kz")
               if self.users else ()),
+            *(("--cluster-port", str(self.cluster_bus_port))
+              if self.cluster and self.cluster_bus_port is not None else ()),
         ]  # fmt: skip
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
@@ -254,6 +259,10 @@ def cluster_state_ok(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def _defaults(n: int) -> list[int | None]:
+    return [None] * n
+
+
 class LocalRedisCluster:
     """A Redis Cluster of ``num_masters`` masters (no replicas) on ``127.0.0.1``.
 
@@ -263,14 +272,19 @@ class LocalRedisCluster:
     """
 
     def __init__(
-        self, data_dir: Path, ports: list[int], die_with_parent: bool = False
+        self, data_dir: Path, ports: list[int], die_with_parent: bool = False,
+        bus_ports: list[int] | None = None,
     ) -> None:
+        """``bus_ports``: each node's cluster bus port (default: its port + 10000)."""
         if len(ports) < 3:
             raise InvalidInput("ports", f"a Redis Cluster needs 3 masters or more, got {ports}")
+        if bus_ports is not None and len(bus_ports) != len(ports):
+            raise InvalidInput("bus_ports", f"one per node: {len(ports)} ports, {bus_ports}")
         self.data_dir = data_dir.resolve()
         self.nodes = [
-            RedisServer(self.data_dir / f"node-{port}", port, die_with_parent, cluster=True)
-            for port in ports
+            RedisServer(self.data_dir / f"node-{port}", port, die_with_parent, cluster=True,
+                        cluster_bus_port=bus_port)
+            for port, bus_port in zip(ports, bus_ports or _defaults(len(ports)), strict=True)
         ]
 
     @property
@@ -309,12 +323,16 @@ class LocalRedisCluster:
         cls, data_dir: Path, num_masters: int = 3, die_with_parent: bool = False,
         num_attempts: int = 3,
     ) -> LocalRedisCluster:
-        """A started cluster on free loopback ports (new ports and directory per try)."""
+        """A started cluster on free loopback ports (new ports and directory per try).
+
+        The bus ports are chosen free too: the OS hands out ports up to 60999 here, and
+        Redis's default bus port (port + 10000) does not exist above 55535."""
         attempts = iter(range(1, num_attempts + 1))
         return start_on_free_ports(lambda: cls(
             data_dir / f"try-{next(attempts)}",
             [free_loopback_port() for _ in range(num_masters)],
             die_with_parent=die_with_parent,
+            bus_ports=[free_loopback_port() for _ in range(num_masters)],
         ), num_attempts)  # fmt: skip
 
     def stop(self, kill: bool = False) -> None:

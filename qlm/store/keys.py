@@ -11,6 +11,28 @@ expired, the groups named by a virtual queue), touches that slot only. A cluster
 runs each queue on one shard; several queues (prefixes) spread over the shards. Why
 the queue is not split further (by model or tenant) is in docs/redis.md.
 
+key                       type        contents
+========================  ==========  ==================================================
+``P req:{id}``            hash        the request record (schema in docs/redis.md);
+                                      its existence is the idempotency check
+``P group:{group}``       sorted set  ids of the *queued* requests of one group
+``P groups``              sorted set  every group that has at least one queued request
+``P vq:{worker}``         list        the worker's virtual queue: group keys, head first
+``P workers``             set         every worker that has a virtual queue or has pulled
+``P running:{worker}``    set         ids of the requests running on the worker
+``P leases``              sorted set  ids of every running request
+``P stream:{id}``         stream      the request's output chunks, then one end entry
+``P file:{id}``           hash        an uploaded / produced file's metadata (Files API)
+``P file:{id}:content``   string      its content (UTF-8 JSONL)
+``P files``               sorted set  every file id, scored by ``created_at``
+``P batch:{id}``          hash        a batch (Batch API): status, times, counts, cursor
+``P batch:{id}:out``      hash        custom_id → its output line (request succeeded)
+``P batch:{id}:err``      hash        custom_id → its error line (refused, failed, cancelled)
+``P batches``             sorted set  every batch id, scored by ``created_at``
+``P batches:active``      set         batches not yet completed, failed, expired or cancelled
+``P batches:driver``      string      lock of the one process that moves batches forward
+========================  ==========  ==================================================
+=======
 Keys (``P`` is ``{prefix}``; ``<id>``, ``<group>``, ``<worker>`` are values):
 
 ==========================  ==========  ================================================
@@ -32,6 +54,17 @@ key                         type        contents
                                         ``created_at``, ``revoked_at`` (qlm.tenants)
 ``P apikey:<sha256>``       string      the tenant whose active API key has this
                                         SHA-256 (hex); deleted on revoke
+``P file:<id>``             hash        an uploaded / produced file's metadata (Files API)
+``P file:<id>:content``     string      its content (UTF-8 JSONL)
+``P files``                 sorted set  every file id, scored by ``created_at``
+``P batch:<id>``            hash        a batch (Batch API): status, times, counts, cursor
+``P batch:<id>:out``        hash        custom_id → its output line (request succeeded)
+``P batch:<id>:err``        hash        custom_id → its error line (refused, failed,
+                                        cancelled, expired)
+``P batches``               sorted set  every batch id, scored by ``created_at``
+``P batches:active``        set         batches not yet completed, failed, expired or
+                                        cancelled
+``P batches:driver``        string      lock of the one process that moves batches forward
 ==========================  ==========  ================================================
 
 ``<group>`` is ``str(GroupKey)``: ``model|slo_class|window``.
@@ -131,6 +164,36 @@ class Keys:
 
     def api_key(self, key_sha256: str) -> str:
         return f"{self.prefix}apikey:{key_sha256}"
+    def file(self, file_id: str) -> str:
+        return f"{self.prefix}file:{file_id}"
+
+    def file_content(self, file_id: str) -> str:
+        return f"{self.prefix}file:{file_id}:content"
+
+    @property
+    def files(self) -> str:
+        return f"{self.prefix}files"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}"
+
+    def batch_output(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}:out"
+
+    def batch_errors(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}:err"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}batches"
+
+    @property
+    def active_batches(self) -> str:
+        return f"{self.prefix}batches:active"
+
+    @property
+    def batch_driver(self) -> str:
+        return f"{self.prefix}batches:driver"
 
 
 def is_tagged(prefix: str) -> bool:
@@ -140,6 +203,7 @@ def is_tagged(prefix: str) -> bool:
         len(prefix) > 2 and prefix[0] == "{" and prefix[-1] == "}"
         and "{" not in inner and "}" not in inner
     )
+
 
 
 def group_member_score(deadline_at: float) -> float:

@@ -419,6 +419,26 @@ class RedisQueueStore:
             raise NotFound("request", request_id)
         return record_from_fields(fields)
 
+    async def states(self, request_ids: Sequence[str]) -> dict[str, RequestState | None]:
+        """The state of each of ``request_ids`` (None: unknown or expired), in one pipeline."""
+        replies = await self._field_of_each(request_ids, "state")
+        return {rid: RequestState(state) if state else None for rid, state in replies.items()}
+
+    async def deadlines(self, request_ids: Sequence[str]) -> dict[str, float | None]:
+        """The ``deadline_at`` of each of ``request_ids`` (None: unknown), in one pipeline."""
+        replies = await self._field_of_each(request_ids, "deadline_at")
+        return {rid: float(value) if value else None for rid, value in replies.items()}
+
+    async def _field_of_each(self, request_ids: Sequence[str], name: str) -> dict[str, Any]:
+        if not request_ids:
+            return {}
+        with _redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for request_id in request_ids:
+                pipe.hget(self.keys.request(request_id), name)
+            replies = await pipe.execute()
+        return dict(zip(request_ids, replies, strict=True))
+
     async def cancel(self, request_id: str, reason: str = "cancelled by client") -> RequestState:
         """Cancel a request. Queued → ``cancelled`` now (returned). Running → stays
         ``running`` with ``cancel_requested`` set; its worker stops it (returns
