@@ -3,7 +3,9 @@
 =================  =====================================  ==============================
 principal          writes                                 reads
 =================  =====================================  ==============================
-``qlm-ingest``     ``qlm.events``, ``qlm.dlq``            ``qlm.batch.requests``
+``qlm-ingest``     ``qlm.events``, ``qlm.dlq``            ``qlm.batch.requests``,
+                                                          ``qlm.telemetry``, ``qlm.events``
+                                                          (the live workers)
 ``qlm-scheduler``  ``qlm.lso``                            ``qlm.events``, ``qlm.telemetry``
 ``qlm-worker``     ``qlm.events``, ``qlm.telemetry``,     ``qlm.lso``
                    ``qlm.batch.results``, ``qlm.dlq``
@@ -47,7 +49,7 @@ class AclEntry:
 def _access(topics: TopicNames) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     t = topics
     return {
-        "qlm-ingest": ((t.events, t.dlq), (t.batch_requests,)),
+        "qlm-ingest": ((t.events, t.dlq), (t.batch_requests, t.telemetry, t.events)),
         "qlm-scheduler": ((t.lso,), (t.events, t.telemetry)),
         "qlm-worker": ((t.events, t.telemetry, t.batch_results, t.dlq), (t.lso,)),
         "qlm-estimator": ((), (t.telemetry, t.events)),

@@ -39,6 +39,11 @@ def caller_tenant() -> str | None:
     return _CALLER.get()
 
 
+def set_caller_tenant(tenant: str | None) -> None:
+    """Make ``tenant`` the caller of the request being served (the HTTP front door)."""
+    _CALLER.set(tenant)
+
+
 def bearer_key(authorization: str | None) -> str | None:
     """The key of an ``authorization: Bearer <key>`` value, or None."""
     if not authorization:

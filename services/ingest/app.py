@@ -204,7 +204,8 @@ class IngestApp:
         s = self.settings
         declared = read_workers_file(s.workers_file) if s.workers_file is not None else ()
         self.fleet = Fleet(s.kafka_bootstrap, self.topics, self.models, declared=declared,
-                           timeout_s=s.worker_timeout_s, clock=self.clock)
+                           timeout_s=s.worker_timeout_s, clock=self.clock,
+                           auth=s.kafka_auth())
         await self.fleet.start()
         batches = BatchStore(self.redis, s.key_prefix, self.clock)
         self.status = StatusBoard(self.store, self.fleet, clock=self.clock)
@@ -212,7 +213,8 @@ class IngestApp:
         self.plane.observer = Observers(self.metrics, self.status)
         await self.status.start()
         door = FrontDoor(self.plane, self.fleet, default_max_tokens=s.http_default_max_tokens,
-                         api_key=s.http_api_key, clock=self.clock, batches=batches,
+                         api_key=s.http_api_key, authenticator=self.authenticator,
+                         clock=self.clock, batches=batches,
                          max_file_bytes=s.http_max_file_bytes, status=self.status)
         assert s.http_port is not None
         self.http = HttpServer(make_app(door), s.http_host, s.http_port,

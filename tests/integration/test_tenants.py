@@ -229,3 +229,82 @@ def test_cli_tenants_add_list_revoke(redis_url: str,
     assert cli_main(["--redis-url", redis_url, "tenants", "list"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(t["tenant"], t["active"]) for t in listed] == [("ops", False)]
+
+
+# ------------------------------------------------------------------ HTTP (OpenAI API)
+@pytest.fixture
+async def http_ingest(redis_url: str, kafka_bootstrap: str, topic_prefix: str,
+                      pki: LocalPki) -> AsyncIterator[IngestApp]:
+    from qlm.localstack import free_loopback_port
+
+    settings = IngestSettings(
+        redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix,
+        host="127.0.0.1", port=0, batch_consumer=False, shutdown_grace_s=0.5, log_json=False,
+        auth="required", auth_cache_s=0.0, http_host="127.0.0.1",
+        http_port=free_loopback_port(),
+    )  # fmt: skip
+    app = IngestApp(settings, models=MODELS)
+    await app.start()
+    yield app
+    await app.stop()
+
+
+def openai_client(app: IngestApp, api_key: str) -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{app.settings.http_port}/v1",
+                              api_key=api_key, max_retries=0, timeout=20)
+
+
+async def test_http_tenants_see_only_their_own_completions_files_and_batches(
+    http_ingest: IngestApp, tenants: TenantRegistry
+) -> None:
+    import openai
+
+    key_a, key_b = await tenants.add("team-a"), await tenants.add("team-b")
+    a, b = openai_client(http_ingest, key_a), openai_client(http_ingest, key_b)
+    nobody = openai_client(http_ingest, "qlm_not-a-key")
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await nobody.models.list()
+    assert caught.value.status_code == 401
+    assert caught.value.body["type"] == "invalid_request_error"  # OpenAI's error shape
+    assert "API key" in caught.value.body["message"]
+
+    raw = await a.chat.completions.with_raw_response.create(
+        model="m7b", max_tokens=8, messages=[{"role": "user", "content": "hi"}],
+        extra_body={"background": True, "slo_class": "batch-1"})
+    completion_id = raw.parse().id
+    ours = await a.get(f"/chat/completions/{completion_id}", cast_to=object)
+    assert ours["id"] == completion_id  # type: ignore[index]
+    for who in (b, nobody):
+        with pytest.raises((openai.NotFoundError, openai.AuthenticationError)):
+            await who.get(f"/chat/completions/{completion_id}", cast_to=object)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await b.get("/chat/completions/chatcmpl-never-used", cast_to=object)
+    with pytest.raises(openai.NotFoundError) as other:
+        await b.get(f"/chat/completions/{completion_id}", cast_to=object)
+    from services.ingest.openai.translate import request_id_of
+
+    assert other.value.body == {**unknown.value.body, "message": unknown.value.body[
+        "message"].replace(request_id_of("chatcmpl-never-used"), request_id_of(completion_id))}
+
+    line = {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m7b", "max_tokens": 4,
+                     "messages": [{"role": "user", "content": "hi"}]}}
+    uploaded = await a.files.create(file=("in.jsonl", json.dumps(line).encode()),
+                                    purpose="batch")
+    batch = await a.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+    assert (await a.batches.retrieve(batch.id)).id == batch.id
+    assert [x.id for x in (await a.batches.list()).data] == [batch.id]
+    assert (await b.batches.list()).data == []
+    assert (await b.files.list()).data == []
+    for call in (b.batches.retrieve(batch.id), b.batches.cancel(batch.id),
+                 b.files.retrieve(uploaded.id), b.files.content(uploaded.id),
+                 b.files.delete(uploaded.id)):
+        with pytest.raises(openai.NotFoundError):
+            await call
+    with pytest.raises(openai.BadRequestError):  # B cannot run a batch over A's file
+        await b.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    assert (await a.files.retrieve(uploaded.id)).id == uploaded.id
