@@ -581,9 +581,10 @@ async def test_evicted_text_request_resumes_where_its_text_stopped(
             return record.state is RequestState.RUNNING and record.request.num_generated >= 30
 
         await wait_for(progressed, 30, "tokens streamed")
+        await store.client.set(store.keys.scheduler_fence, 1)  # the scheduler's current term
         async with BusProducer(kafka_bootstrap) as producer:
             await producer.publish(topics.lso, LsoCommand(
-                type="evict", command_id="c1", worker="wt", issued_at=time.time(),
+                type="evict", command_id="1-1", worker="wt", issued_at=time.time(),
                 request_ids=(request.id,), reason="test",
             ))
         await events.wait(lambda evs: any(e.type == "evicted" for e in evs), "evicted")
