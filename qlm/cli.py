@@ -4,6 +4,7 @@
     qlm status ID          qlm cancel ID          qlm models
     qlm batch submit FILE.jsonl [--id-prefix P]     (through Kafka qlm.batch.requests)
     qlm tenants add NAME | list | revoke NAME      (API keys, kept hashed in Redis)
+    qlm tenants limit NAME --max-queued N --tokens-per-minute M    (quotas; 0 = none)
     qlm up | down | stack-status                    (the local Redis + Kafka, qlm.localstack)
 
 Answers are printed as JSON. The gRPC target is ``--target`` or ``QLM_TARGET``
@@ -234,6 +235,16 @@ def cmd_tenants_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tenants_limit(args: argparse.Namespace) -> int:
+    from qlm.tenants import TenantLimits
+
+    limits = TenantLimits(args.max_queued, args.tokens_per_minute)
+    asyncio.run(_with_tenants(args, lambda tenants: tenants.set_limits(args.name, limits)))
+    print(json.dumps({"tenant": args.name, "max_queued": limits.max_queued,
+                      "tokens_per_minute": limits.tokens_per_minute}))
+    return EXIT_OK
+
+
 def cmd_tenants_list(args: argparse.Namespace) -> int:
     infos = asyncio.run(_with_tenants(args, lambda tenants: tenants.list()))
     print(json.dumps([{"tenant": i.name, "created_at": i.created_at, "active": i.active}
@@ -311,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     revoke.set_defaults(run=cmd_tenants_revoke)
     tenant_commands.add_parser("list", help="every tenant").set_defaults(run=cmd_tenants_list)
+    limit = tenant_commands.add_parser("limit", help="set a tenant's quotas (0: none)")
+    limit.add_argument("name")
+    limit.add_argument("--max-queued", type=int, default=0,
+                       help="requests queued or running at once")
+    limit.add_argument("--tokens-per-minute", type=int, default=0,
+                       help="prompt + max_tokens of the requests admitted per minute")
+    limit.set_defaults(run=cmd_tenants_limit)
 
     for name in ("up", "down", "stack-status"):
         stack = commands.add_parser(name, help=f"local Redis + Kafka: {name}")

@@ -95,6 +95,20 @@ def client_id(tenant: str | None, stored_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """A tenant's quotas (0: none): requests queued or running, tokens per minute."""
+
+    max_queued: int = 0
+    tokens_per_minute: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued", "tokens_per_minute"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInput(name, f"must be an integer >= 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class TenantInfo:
     name: str
     created_at: float
@@ -168,6 +182,19 @@ class TenantRegistry:
         if stored is None or not hmac.compare_digest(str(stored), digest):
             return None
         return str(name)
+
+    async def set_limits(self, name: str, limits: TenantLimits) -> None:
+        """Set ``name``'s quotas (ingest applies them within its cache time, 5 s)."""
+        if not await self.redis.exists(self.keys.tenant(check_tenant_name(name))):
+            raise NotFound("tenant", name)
+        await self.redis.hset(self.keys.tenant(name), mapping={
+            "max_queued": limits.max_queued, "tokens_per_minute": limits.tokens_per_minute})
+
+    async def limits_of(self, name: str) -> TenantLimits:
+        """``name``'s quotas (none set: no limits)."""
+        queued, tpm = await self.redis.hmget(self.keys.tenant(name),
+                                             ["max_queued", "tokens_per_minute"])
+        return TenantLimits(int(queued or 0), int(tpm or 0))
 
     async def signing_key_of(self, name: str) -> bytes | None:
         """The signing key of an active tenant, or None (unknown or revoked)."""

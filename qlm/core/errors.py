@@ -74,3 +74,8 @@ class Overloaded(QlmError):
 
     def __reduce__(self) -> tuple[type[Overloaded], tuple[str, float, dict[str, str]]]:
         return (type(self), (str(self.args[0]), self.retry_after_s, self.details))
+
+
+class QuotaExceeded(Overloaded):
+    """A tenant is over one of its quotas (queued requests, tokens per minute): gRPC
+    RESOURCE_EXHAUSTED, HTTP 429, with the seconds after which to retry."""

@@ -44,6 +44,7 @@ from services.ingest.fleet import Fleet
 from services.ingest.metrics import IngestMetrics
 from services.ingest.plane import AdmissionRules, IngestPlane, Prediction, load_models
 from services.ingest.predictors import close_predictor, make_predictor
+from services.ingest.quotas import QuotaGate
 from services.ingest.server import IngestServer
 from services.ingest.settings import IngestSettings
 from services.ingest.status import Observers, StatusBoard
@@ -144,6 +145,9 @@ class IngestApp:
         self.tenants = TenantRegistry(self.store.client, settings.key_prefix)
         self.authenticator = (Authenticator(self.tenants, settings.auth_cache_s)
                               if settings.auth == "required" else None)
+        if settings.auth == "required":
+            self.plane.quotas = QuotaGate(self.store.client, self.tenants, settings.key_prefix,
+                                          clock, cache_s=settings.auth_cache_s)
         self.server: IngestServer | None = None
         self.http: HttpServer | None = None
         self.fleet: Fleet | None = None

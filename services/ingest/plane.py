@@ -136,6 +136,12 @@ class NoObserver:
         return None
 
 
+class QuotaCheck(Protocol):
+    """Books a tenant's submission against its quotas, or raises Overloaded."""
+
+    async def admit(self, tenant: str, stored_id: str, tokens: int) -> None: ...
+
+
 class WaitPredictor(Protocol):
     """Predicts the wait of a new request (the RWT estimator, in process or remote)."""
 
@@ -301,6 +307,8 @@ class IngestPlane:
         self.admission = admission
         self.enqueuer = EnqueueBatcher(store)
         self.observer = observer or NoObserver()
+        #: Per-tenant quotas of authenticated submits (services.ingest.quotas), or None.
+        self.quotas: QuotaCheck | None = None
 
     def validate(self, record: Any) -> Submission:
         """The submission in ``record``, or InvalidInput naming the field."""
@@ -324,6 +332,14 @@ class IngestPlane:
             raise
         submission = submission.with_id(
             scoped_id(tenant, submission.request_id or self.id_factory()))
+        if tenant is not None and self.quotas is not None:
+            try:
+                await self.quotas.admit(tenant, submission.request_id,
+                                        submission.num_prompt_tokens + submission.max_tokens)
+            except Overloaded:
+                self.observer.on_submit(source, "rejected-capacity", submission.slo_class.value,
+                                        submission.model, time.perf_counter() - started, None)
+                raise
         outcome = await self.enqueue(submission, admission=True, source=source, started=started)
         return replace(outcome, request_id=client_id(tenant, outcome.request_id))
 
