@@ -30,6 +30,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from qlm.bus.producer import BusProducer, connect
 from qlm.bus.records import DeadLetter
+from qlm.bus.security import PLAINTEXT, KafkaAuth
 from qlm.core.errors import InvalidInput, QlmError
 
 T = TypeVar("T")
@@ -106,6 +107,7 @@ class BusConsumer(Generic[T]):
         options: ConsumerOptions | None = None,
         clock: Callable[[], float] = time.time,
         client_id: str = "qlm",
+        auth: KafkaAuth = PLAINTEXT,
     ) -> None:
         if not topics:
             raise InvalidInput("topics", "must name at least one topic")
@@ -131,6 +133,7 @@ class BusConsumer(Generic[T]):
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             session_timeout_ms=self.options.session_timeout_ms,
+            **auth.client_options(),
         )
         self._consumer.subscribe(list(topics), listener=_CommitOnRevoke(self))
 

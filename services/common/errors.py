@@ -7,6 +7,7 @@ InvalidInput (and subclasses)     INVALID_ARGUMENT
 NotFound                          NOT_FOUND
 Unavailable                       UNAVAILABLE
 Overloaded                        RESOURCE_EXHAUSTED (trailing metadata: retry-after-s, …)
+Unauthenticated                   UNAUTHENTICATED
 anything else                     INTERNAL (logged)
 ================================  =================
 
@@ -26,7 +27,7 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from qlm.core.errors import InvalidInput, NotFound, Overloaded, Unavailable
+from qlm.core.errors import InvalidInput, NotFound, Overloaded, Unauthenticated, Unavailable
 from qlm.log import get_logger
 
 log = get_logger("services.common.errors")
@@ -36,6 +37,7 @@ STATUS_OF: Final[tuple[tuple[type[Exception], grpc.StatusCode], ...]] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 
 

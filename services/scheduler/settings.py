@@ -51,7 +51,7 @@ class SchedulerSettings(CommonSettings):
     worker_timeout_s: float = Field(
         10.0, ge=0, description="a worker silent this long gets no work (0 = never)"
     )
-    host: str = Field("0.0.0.0", description="listen address of metrics")
+    host: str = Field("127.0.0.1", description="listen address of metrics")
     metrics_port: int = Field(9462, ge=0, le=65535, description="Prometheus (0 = any)")
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
 

@@ -96,3 +96,10 @@ def test_ingest_asks_the_estimator_and_both_follow_one_policy(cpu: dict[str, Any
     assert ingest[ingest.index("--estimator-addr") + 1] == "estimator:50052"
     policy = {name: cpu["services"][name]["command"] for name in ("estimator", "scheduler")}
     assert {cmd[cmd.index("--policy") + 1] for cmd in policy.values()} == {"qlm"}
+
+
+def test_only_the_front_door_is_published(cpu: dict[str, Any]) -> None:
+    published = {name for name, service in cpu["services"].items() if service.get("ports")}
+    assert published == {"ingest"}
+    for name in ("ingest", "estimator", "scheduler", "worker-sim"):  # reachable in the network
+        assert cpu["services"][name]["environment"]["QLM_HOST"] == "0.0.0.0", name
