@@ -37,11 +37,11 @@ Model (every time is virtual seconds):
 * **Scheduler** invoked at the arrival of a request of a new group, at every
   completion or eviction, and on a periodic tick; invocations at one instant are
   coalesced. Each ``decide()`` call's wall time is measured by the injected
-  ``timer``. A decision's placements become the workers' virtual queues; its
-  evictions, swaps and explicit pulls take effect at each worker's next step
-  boundary; between decisions workers keep pulling from their virtual queues.
-  Invalid actions (evicting a request not running there, swapping to a model the
-  worker cannot serve, pulling a request not queued) are ignored and counted.
+  ``timer``. A decision means what :func:`qlm.runtime.apply.apply` says (shared with
+  the scheduler service and the GPU harness): its placements become the workers'
+  virtual queues; its evictions and swaps take effect at each worker's next step
+  boundary; workers pull from the head of their virtual queues at every step boundary
+  (a decision's pulls forecast those). Invalid actions are ignored and counted.
 * Running requests in a worker's view show progress as of the worker's last step
   boundary, refreshed once it moved ``VIEW_LAG_TOKENS`` tokens (views are cheap to
   keep, costly to rebuild for every request at every step).
@@ -60,7 +60,7 @@ import numpy as np
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext
-from qlm.core.pulls import can_serve, kv_reservation, plan_pulls
+from qlm.core.pulls import kv_reservation, plan_pulls
 from qlm.core.types import (
     Decision,
     GroupKey,
@@ -71,6 +71,7 @@ from qlm.core.types import (
     WorkerView,
     group_key_for,
 )
+from qlm.runtime.apply import apply
 from qlm.sim.batching import (
     decode_segment_s,
     decode_steps_within,
@@ -140,7 +141,6 @@ class _Worker:
     stall_s: float = 0.0
     pending_evictions: dict[str, bool] = field(default_factory=dict)
     pending_swap: str | None = None
-    pending_pulls: list[str] = field(default_factory=list)
     restored: set[str] = field(default_factory=set)  # admitted by KV restore, not prefill
     order: tuple[GroupKey, ...] = ()
     busy_s: float = 0.0
@@ -159,7 +159,7 @@ class _Worker:
 
     @property
     def has_pending(self) -> bool:
-        return bool(self.pending_evictions or self.pending_swap or self.pending_pulls)
+        return bool(self.pending_evictions or self.pending_swap)
 
 
 class Simulation:
@@ -282,7 +282,7 @@ class Simulation:
             self.decision_s.append(self.timer() - started)
         if self.predictor is not None:
             self._record_predictions(self.predictor(snapshot, decision))
-        return self.apply(decision)
+        return self.apply(decision, snapshot)
 
     def on_boundary(self, event: Boundary) -> Scheduled:
         worker = self.workers[event.worker_id]
@@ -363,58 +363,12 @@ class Simulation:
         return self.profiles.get(model, w.spec.gpu)
 
     # ============================================================ decision
-    def apply(self, decision: Decision) -> Scheduled:
-        """Apply a decision: rejections and placements now, the rest at step boundaries."""
-        for rejection in decision.rejections:
-            self._reject(rejection.request_id)
-        self._apply_placements(decision)
-        for evict in decision.evictions:
-            w = self.workers.get(evict.worker_id)
-            if w is None or evict.request_id not in (*w.running, *w.admitting):
-                self.num_invalid += 1
-                continue
-            w.pending_evictions[evict.request_id] = evict.state_swap
-        for swap in decision.swaps:
-            w = self.workers.get(swap.worker_id)
-            if w is None or not can_serve(self._view(w), swap.to_model, self.profiles):
-                self.num_invalid += 1
-                continue
-            if w.phase is not Phase.SWAP and swap.to_model == w.active_model:
-                w.pending_swap = None
-                continue
-            w.pending_swap = swap.to_model
-        for pull in decision.pulls:
-            w = self.workers.get(pull.worker_id)
-            for rid in pull.request_ids:
-                live = self.live.get(rid)
-                if w is None or live is None or rid not in self.queued.get(live.key, {}):
-                    self.num_invalid += 1
-                    continue
-                w.pending_pulls.append(rid)
-        out: Scheduled = []
-        for w in self.workers.values():
-            out += self._nudge(w)
-        return out
-
-    def _apply_placements(self, decision: Decision) -> None:
-        named: dict[str, tuple[GroupKey, ...]] = {}
-        for place in decision.placements:
-            if place.worker_id not in self.workers:
-                self.num_invalid += 1
-                continue
-            named[place.worker_id] = place.order
-        if not named:
-            return
-        placed = {k for order in named.values() for k in order}
-        for w in self.workers.values():
-            if w.id in named:
-                w.order = named[w.id]
-            else:
-                w.order = tuple(k for k in w.order if k not in placed)
-        self.owner = {}
-        for w in self.workers.values():
-            for k in w.order:
-                self.owner.setdefault(k, w.id)
+    def apply(self, decision: Decision, snapshot: QueueSnapshot) -> Scheduled:
+        """Apply a decision made on ``snapshot`` (:func:`qlm.runtime.apply.apply`):
+        rejections and placements now, evictions and swaps at step boundaries."""
+        effects = _SimEffects(self)
+        self.num_invalid += apply(decision, snapshot, self.profiles, effects)
+        return effects.scheduled
 
     def _record_predictions(self, predicted: Mapping[str, float]) -> None:
         for rid, first_token_at in predicted.items():
@@ -595,7 +549,6 @@ class Simulation:
                 return self._start_phase(w, Phase.PREFILL, self._prefill_s(w, admitted))
         if w.running:
             return self._start_decode(w)
-        w.pending_pulls.clear()
         return []
 
     def _start_phase(self, w: _Worker, phase: Phase, duration: float) -> Scheduled:
@@ -613,7 +566,6 @@ class Simulation:
         w.active_model = None
         w.swap_target = target
         w.view = None
-        w.pending_pulls.clear()
         self.num_swaps += 1
         duration, w.stall_s = duration + w.stall_s, 0.0
         return self._start_phase(w, Phase.SWAP, duration)
@@ -640,26 +592,15 @@ class Simulation:
         return total
 
     # ============================================================ admission
-    def _candidates(self, w: _Worker) -> list[str]:
-        """Pending explicit pulls, then the head of the virtual queue (no duplicates)."""
-        model = self._active(w)
-        explicit = [
-            rid
-            for rid in dict.fromkeys(w.pending_pulls)
-            if rid in self.queued.get(self.live[rid].key, {}) and self.live[rid].key.model == model
-        ]
-        w.pending_pulls.clear()
-        return list(dict.fromkeys([*explicit, *self._planned_pulls(w)]))
-
     def _admit(self, w: _Worker) -> list[str]:
-        """Admit pending explicit pulls, then the head of the virtual queue, within limits."""
+        """Admit the head of the virtual queue, within limits."""
         profile = self._profile(w, self._active(w))
         view = self._view(w)
         free_slots = profile.max_batch_size - view.batch_size
         headroom = profile.kv_capacity_tokens - w.reserved_tokens
         budget = self.config.max_prefill_tokens
         admitted: list[str] = []
-        for rid in self._candidates(w):
+        for rid in self._planned_pulls(w):
             live = self.live[rid]
             need = kv_reservation(live.request, self.config.expected_output_tokens)
             tokens = live.request.context_tokens
@@ -688,7 +629,7 @@ class Simulation:
         visible_until = w.last_step_at if (w.running or w.admitting) else self.now
         w.deferred = False
         eligible: list[str] = []
-        for rid in self._candidates(w):
+        for rid in self._planned_pulls(w):
             live = self.live[rid]
             if live.queued_at > visible_until:
                 w.deferred = True
@@ -802,10 +743,7 @@ class Simulation:
         self.num_open -= 1
 
     def _reject(self, rid: str) -> None:
-        live = self.live.get(rid)
-        if live is None or rid not in self.queued.get(live.key, {}):
-            self.num_invalid += 1
-            return
+        live = self.live[rid]
         self._dequeue(live)
         live.rejected = True
         self.num_open -= 1
@@ -862,6 +800,39 @@ def _with_generated(request: Request, num_generated: int) -> Request:
         object.__setattr__(clone, name, getattr(request, name))
     object.__setattr__(clone, "num_generated", num_generated)
     return clone
+
+
+class _SimEffects:
+    """The simulator's :class:`qlm.runtime.apply.Effects`: a decision changes its
+    in-memory state; what happens at step boundaries is left pending on the worker."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.scheduled: Scheduled = []
+
+    def set_virtual_queues(self, orders: Mapping[str, tuple[GroupKey, ...]]) -> None:
+        workers = self.sim.workers
+        for worker_id, order in orders.items():
+            workers[worker_id].order = order
+        self.sim.owner = {}
+        for w in workers.values():
+            for k in w.order:
+                self.sim.owner.setdefault(k, w.id)
+
+    def reject(self, request_id: str, reason: str) -> None:
+        self.sim._reject(request_id)
+
+    def evict(self, worker_id: str, request_id: str, state_swap: bool, reason: str) -> None:
+        self.sim.workers[worker_id].pending_evictions[request_id] = state_swap
+
+    def swap(self, worker_id: str, to_model: str) -> None:
+        self.sim.workers[worker_id].pending_swap = to_model
+
+    def keep_model(self, worker_id: str) -> None:
+        self.sim.workers[worker_id].pending_swap = None
+
+    def pull(self, worker_id: str) -> None:
+        self.scheduled += self.sim._nudge(self.sim.workers[worker_id])
 
 
 def simulate(
