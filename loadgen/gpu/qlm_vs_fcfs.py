@@ -79,6 +79,7 @@ from loadgen.gpu.common import (
     read_slice_csv,
     write_json,
 )
+from qlm.core.corrections import CorrectedProfiles
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PROFILE_DIR, PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
@@ -97,7 +98,6 @@ from qlm.core.types import (
 )
 from qlm.engine.base import Engine, EngineRequest, OutputChunk
 from qlm.runtime.apply import apply
-from services.scheduler.corrections import CorrectedProfiles
 
 VARIANTS = ("bare", "fcfs", "qlm")
 #: Longest wait for an aborted request's stream to end.
