@@ -73,13 +73,17 @@ from qlm.core.types import (
 )
 from qlm.runtime.apply import apply
 from qlm.sim.batching import (
+    admit_prefix,
     decode_segment_s,
+    decode_steps,
     decode_steps_within,
+    kv_copy_s,
     mixed_step_s,
     output_latency_s,
     plan_chunks,
+    prefill_step_s,
 )
-from qlm.sim.cluster import DEFAULT_KV_BYTES_PER_TOKEN, Job, SimConfig, WorkerSpec
+from qlm.sim.cluster import Job, SimConfig, WorkerSpec
 from qlm.sim.events import Arrival, Boundary, Decide, Event, EventQueue, Tick
 from qlm.sim.metrics import RequestRecord, RunResult, summarise
 
@@ -577,9 +581,8 @@ class Simulation:
         to_completion = min(
             self.live[rid].job.output_tokens - self.live[rid].generated for rid in w.running
         )
-        to_kv_full = (profile.kv_capacity_tokens - ctx0) // batch
         w.seg_batch, w.seg_ctx0 = batch, ctx0
-        w.seg_steps = 1 if w.deferred else max(1, min(to_completion, to_kv_full))
+        w.seg_steps = 1 if w.deferred else decode_steps(profile, batch, ctx0, to_completion)
         return self._start_phase(
             w, Phase.DECODE, decode_segment_s(profile, batch, ctx0, w.seg_steps)
         )
@@ -596,20 +599,16 @@ class Simulation:
         """Admit the head of the virtual queue, within limits."""
         profile = self._profile(w, self._active(w))
         view = self._view(w)
-        free_slots = profile.max_batch_size - view.batch_size
-        headroom = profile.kv_capacity_tokens - w.reserved_tokens
-        budget = self.config.max_prefill_tokens
-        admitted: list[str] = []
-        for rid in self._planned_pulls(w):
-            live = self.live[rid]
-            need = kv_reservation(live.request, self.config.expected_output_tokens)
-            tokens = live.request.context_tokens
-            if free_slots <= 0 or need > headroom or (admitted and tokens > budget):
-                break
-            admitted.append(rid)
-            free_slots -= 1
-            headroom -= need
-            budget -= tokens
+        candidates = self._planned_pulls(w)
+        expected = self.config.expected_output_tokens
+        count = admit_prefix(
+            ((kv_reservation(self.live[rid].request, expected),
+              self.live[rid].request.context_tokens) for rid in candidates),
+            profile.max_batch_size - view.batch_size,
+            profile.kv_capacity_tokens - w.reserved_tokens,
+            self.config.max_prefill_tokens,
+        )
+        admitted = list(candidates[:count])
         self._mark_admitted(w, admitted)
         w.admitting = admitted
         if admitted:
@@ -624,22 +623,22 @@ class Simulation:
         step begins: requests queued after that are not visible yet (``w.deferred``)."""
         profile = self._profile(w, self._active(w))
         view = self._view(w)
-        free_slots = profile.max_batch_size - view.batch_size
-        headroom = profile.kv_capacity_tokens - w.reserved_tokens
+        candidates = self._planned_pulls(w)
         visible_until = w.last_step_at if (w.running or w.admitting) else self.now
-        w.deferred = False
-        eligible: list[str] = []
-        for rid in self._planned_pulls(w):
-            live = self.live[rid]
-            if live.queued_at > visible_until:
-                w.deferred = True
-                break
-            need = kv_reservation(live.request, self.config.expected_output_tokens)
-            if free_slots <= 0 or need > headroom:
-                break
-            eligible.append(rid)
-            free_slots -= 1
-            headroom -= need
+        num_visible = 0
+        while (num_visible < len(candidates)
+               and self.live[candidates[num_visible]].queued_at <= visible_until):
+            num_visible += 1
+        expected = self.config.expected_output_tokens
+        count = admit_prefix(
+            ((kv_reservation(self.live[rid].request, expected), 0)
+             for rid in candidates[:num_visible]),
+            profile.max_batch_size - view.batch_size,
+            profile.kv_capacity_tokens - w.reserved_tokens,
+        )
+        # the first request not visible yet stops the pull (if all before it fit)
+        w.deferred = count == num_visible < len(candidates)
+        eligible = list(candidates[:count])
         restore = {rid for rid in eligible if self._restores(w, self.live[rid])}
         plan = plan_chunks(
             self.config.max_prefill_tokens,
@@ -698,13 +697,11 @@ class Simulation:
             else:
                 recompute_tokens += live.request.context_tokens
             live.kv_on_worker = None
-        return profile.prefill_s(recompute_tokens) + restore_s
+        return prefill_step_s(profile, recompute_tokens, restore_s)
 
     def _kv_copy_s(self, w: _Worker, live: _Live) -> float:
-        profile = self._profile(w, live.key.model)
-        bytes_per_token = int(profile.notes.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN))
         tokens = live.job.request.prompt_tokens + live.generated
-        return tokens * bytes_per_token / (self.config.pcie_gb_s * 1e9)
+        return kv_copy_s(self._profile(w, live.key.model), tokens, self.config.pcie_gb_s)
 
     # ============================================================== queue
     def _enqueue(self, live: _Live) -> None:
