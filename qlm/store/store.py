@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -36,15 +36,14 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable
 from qlm.core.types import (
     GroupKey,
-    QueueSnapshot,
     Request,
     RequestGroup,
     RequestState,
     RunningRequest,
     SLOClass,
-    WorkerView,
     group_key_for,
 )
+from qlm.store.base import EnqueueResult, LeaseRenewal, StoreSnapshot
 from qlm.store.errors import IdempotencyConflict, LeaseLost
 from qlm.store.keys import DEFAULT_PREFIX, Keys, group_member_score
 from qlm.store.records import (
@@ -73,24 +72,6 @@ _EXPIRED_BATCH = 500
 
 
 @dataclass(frozen=True, slots=True)
-class EnqueueResult:
-    """``created`` is False when the id already existed with the same payload; ``record``
-    is then the stored record (its state may be anything, e.g. finished)."""
-
-    record: RequestRecord
-    created: bool
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseRenewal:
-    """Result of a heartbeat: ``lost`` ids are no longer this worker's (stop them and
-    do not report them); ``cancel_requested`` ids must be stopped and acked cancelled."""
-
-    lost: tuple[str, ...]
-    cancel_requested: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class TokenAppend:
     """One output chunk for :meth:`RedisQueueStore.append_tokens_many` (same meaning as
     the arguments of :meth:`RedisQueueStore.append_tokens`)."""
@@ -116,39 +97,6 @@ class TokenChunk:
     num_generated: int = 0
     final_state: RequestState | None = None
     error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreSnapshot:
-    """The queue as read by :meth:`RedisQueueStore.snapshot`.
-
-    Membership (which ids are queued in which group, which run where, every virtual
-    queue) is read atomically, so no request appears twice. ``groups`` are in index
-    order (earliest deadline first), each group's requests in pull order (deadline,
-    then id). Record fields are read right after, so progress may be slightly newer.
-    """
-
-    groups: tuple[RequestGroup, ...]
-    running: Mapping[str, tuple[RunningRequest, ...]]
-    virtual_queues: Mapping[str, tuple[GroupKey, ...]]
-
-    def group(self, key: GroupKey) -> RequestGroup:
-        """The queued group ``key``; KeyError when it has no queued request."""
-        for group in self.groups:
-            if group.key == key:
-                return group
-        raise KeyError(str(key))
-
-    @property
-    def worker_ids(self) -> tuple[str, ...]:
-        return tuple(sorted(set(self.running) | set(self.virtual_queues)))
-
-    def to_queue_snapshot(self, now: float, workers: Iterable[WorkerView]) -> QueueSnapshot:
-        """A policy input: ``workers`` (their static view) with their running requests."""
-        views = tuple(replace(w, running=self.running.get(w.id, ())) for w in workers)
-        return QueueSnapshot(
-            now=now, groups=self.groups, workers=views, virtual_queues=self.virtual_queues
-        )
 
 
 @contextmanager
