@@ -61,12 +61,12 @@ from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext
 from qlm.core.pulls import kv_reservation, plan_pulls
+from qlm.core.queue import QueueIndex
 from qlm.core.types import (
     Decision,
     GroupKey,
     QueueSnapshot,
     Request,
-    RequestGroup,
     RunningRequest,
     WorkerView,
     group_key_for,
@@ -196,8 +196,7 @@ class Simulation:
         self.events = EventQueue()
         self.now = 0.0
         self.live: dict[str, _Live] = {}
-        self.queued: dict[GroupKey, dict[str, None]] = {}
-        self.group_cache: dict[GroupKey, RequestGroup] = {}
+        self.queued = QueueIndex()
         self.owner: dict[GroupKey, str] = {}
         self.running_views: dict[str, RunningRequest] = {}
         self.workers = {
@@ -310,21 +309,10 @@ class Simulation:
     def snapshot(self) -> QueueSnapshot:
         return QueueSnapshot(
             now=self.now,
-            groups=tuple(self._group(k) for k in sorted(self.queued)),
+            groups=self.queued.groups(),
             workers=tuple(self._view(w) for w in self.workers.values()),
             virtual_queues={w.id: w.order for w in self.workers.values()},
         )
-
-    def _group(self, key: GroupKey) -> RequestGroup:
-        group = self.group_cache.get(key)
-        if group is None:
-            requests = sorted(
-                (self.live[rid].request for rid in self.queued[key]),
-                key=lambda r: (r.arrival_at, r.id),
-            )
-            group = RequestGroup(key, tuple(requests))
-            self.group_cache[key] = group
-        return group
 
     def _view(self, w: _Worker) -> WorkerView:
         if w.view is None:
@@ -401,7 +389,7 @@ class Simulation:
         groups = []
         for k in w.order:
             if k in self.queued:
-                groups.append(self._group(k))
+                groups.append(self.queued.group(k))
                 if limit_one:
                     break
         if not groups:
@@ -706,15 +694,10 @@ class Simulation:
     # ============================================================== queue
     def _enqueue(self, live: _Live) -> None:
         live.queued_at = self.now
-        self.queued.setdefault(live.key, {})[live.request.id] = None
-        self.group_cache.pop(live.key, None)
+        self.queued.add(live.key, live.request)
 
     def _dequeue(self, live: _Live) -> None:
-        members = self.queued[live.key]
-        del members[live.request.id]
-        if not members:
-            del self.queued[live.key]
-        self.group_cache.pop(live.key, None)
+        self.queued.remove(live.key, live.request.id)
 
     def _evict(self, w: _Worker, rid: str, state_swap: bool) -> None:
         if rid in w.admitting:  # chunked: its prefill under way is lost

@@ -7,9 +7,10 @@ queued requests in). One contract suite runs over both
 (``tests/integration/test_queue_contract.py``).
 
 Order (the same in both; how every score is computed is said once, in
-:mod:`qlm.store.keys`): a group's requests are in pull order, by their score
-``deadline_at`` then id; groups are in index order, by their head's score (the
-earliest deadline among their queued requests) then group key text. An evicted or
+:mod:`qlm.store.keys`, and the order they make is :mod:`qlm.core.queue`'s
+:func:`request_order_key` / :func:`group_order_key`): a group's requests are in pull
+order, by their score ``deadline_at`` then id; groups are in index order, by their
+head's score (the earliest deadline among their queued requests) then group key text. An evicted or
 expired request keeps its deadline, so it returns ahead of later arrivals.
 
 Lifecycle of a request::
@@ -28,10 +29,12 @@ when a worker reports on a request it does not hold,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from qlm.core.errors import InvalidInput
 from qlm.core.types import (
     GroupKey,
     QueueSnapshot,
@@ -41,8 +44,10 @@ from qlm.core.types import (
     RunningRequest,
     WorkerView,
 )
-from qlm.store.keys import group_member_score
 from qlm.store.records import RequestRecord
+
+DEFAULT_GROUP_WINDOW_S = 10.0
+DEFAULT_LEASE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +184,24 @@ class QueueStore(Protocol):
         ...
 
 
-def request_order_key(request: Request) -> tuple[float, str]:
-    """Where a queued request stands in its group (its sorted-set score, then id)."""
-    return group_member_score(request.deadline_at), request.id
+# ---------------------------------------------------------------- argument checks
+def require_id(value: str, field_name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(field_name, f"must be a non-empty string, got {value!r}")
+    return value
 
 
-def group_order_key(group: RequestGroup) -> tuple[float, str]:
-    """Where a group stands in the index: its head's score (``requests`` in pull
-    order), then its key text."""
-    return request_order_key(group.requests[0])[0], str(group.key)
+def require_positive(value: float, field_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInput(field_name, f"must be a finite number, got {value!r}")
+    if value <= 0:
+        raise InvalidInput(field_name, f"must be > 0, got {value}")
+    return value
+
+
+def require_count(value: int, field_name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(field_name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidInput(field_name, f"must be >= {minimum}, got {value}")
+    return value

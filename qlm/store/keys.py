@@ -28,6 +28,8 @@ Scores (the sorted-set score is the policy's sort key):
   request (seconds, same clock as ``arrival_at``). Ties are broken by Redis itself
   in lexicographic order of the request id. An evicted request keeps its deadline,
   so it returns ahead of later arrivals of its group.
+  (:func:`qlm.core.queue.group_member_score`; the in-memory store and the simulator
+  order their queue by the same scores, :mod:`qlm.core.queue`.)
 * ``groups`` member ``{group}``: the earliest deadline among the group's queued
   requests, i.e. the score of the head of ``group:{group}``. A group with no queued
   request is not in the index.
@@ -45,7 +47,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlm.core.errors import InvalidInput
+from qlm.core.queue import group_member_score
 from qlm.core.types import GroupKey
+
+__all__ = ["DEFAULT_PREFIX", "Keys", "group_member_score", "lease_score"]
 
 DEFAULT_PREFIX = "qlm:"
 
@@ -86,11 +91,6 @@ class Keys:
 
     def stream(self, request_id: str) -> str:
         return f"{self.prefix}stream:{request_id}"
-
-
-def group_member_score(deadline_at: float) -> float:
-    """Score of a request in its group sorted set (see the module docstring)."""
-    return deadline_at
 
 
 def lease_score(lease_expires_at: float) -> float:

@@ -2,9 +2,8 @@
 
 Two parts:
 
-* :class:`QueueIndex` — the queued requests by group, in the contract's order
-  (:func:`~qlm.store.base.request_order_key`, :func:`~qlm.store.base.group_order_key`).
-  Synchronous and pure; the simulator keeps its queue in one.
+* :class:`~qlm.core.queue.QueueIndex` — the queued requests by group, in the
+  contract's order. Synchronous and pure; the simulator keeps its queue in one.
 * :class:`MemoryQueueStore` — the whole contract (records, leases, virtual queues)
   over a :class:`QueueIndex`, with the same errors as the Redis store; for tests and
   for running the services' logic without a server. Nothing is durable; token streams
@@ -18,12 +17,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
 from qlm.core.errors import InvalidInput, NotFound
+from qlm.core.queue import QueueIndex
 from qlm.core.types import (
     GroupKey,
     Request,
@@ -33,66 +33,17 @@ from qlm.core.types import (
     group_key_for,
 )
 from qlm.store.base import (
+    DEFAULT_GROUP_WINDOW_S,
+    DEFAULT_LEASE_S,
     EnqueueResult,
     LeaseRenewal,
     StoreSnapshot,
-    group_order_key,
-    request_order_key,
+    require_count,
+    require_id,
+    require_positive,
 )
 from qlm.store.errors import IdempotencyConflict, LeaseLost
 from qlm.store.records import RequestRecord, encode_json, identity_pairs
-from qlm.store.store import (
-    DEFAULT_GROUP_WINDOW_S,
-    DEFAULT_LEASE_S,
-    _require_count,
-    _require_id,
-    _require_positive,
-)
-
-
-class QueueIndex:
-    """Queued requests by group, read in the contract's order. Pure, synchronous.
-
-    Each group's :class:`RequestGroup` is built once and kept until the group changes.
-    """
-
-    def __init__(self) -> None:
-        self._members: dict[GroupKey, dict[str, Request]] = {}
-        self._groups: dict[GroupKey, RequestGroup] = {}
-
-    def add(self, key: GroupKey, request: Request) -> None:
-        self._members.setdefault(key, {})[request.id] = request
-        self._groups.pop(key, None)
-
-    def remove(self, key: GroupKey, request_id: str) -> None:
-        """Take ``request_id`` out of group ``key`` (KeyError if it is not there)."""
-        members = self._members[key]
-        del members[request_id]
-        if not members:
-            del self._members[key]
-        self._groups.pop(key, None)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._members
-
-    def __iter__(self) -> Iterator[GroupKey]:
-        return iter(self._members)
-
-    def holds(self, key: GroupKey, request_id: str) -> bool:
-        return request_id in self._members.get(key, ())
-
-    def group(self, key: GroupKey) -> RequestGroup:
-        """The queued group ``key``, requests in pull order (KeyError when empty)."""
-        group = self._groups.get(key)
-        if group is None:
-            requests = sorted(self._members[key].values(), key=request_order_key)
-            group = RequestGroup(key, tuple(requests))
-            self._groups[key] = group
-        return group
-
-    def groups(self) -> tuple[RequestGroup, ...]:
-        """Every queued group, in index order."""
-        return tuple(sorted((self.group(k) for k in self._members), key=group_order_key))
 
 
 class MemoryQueueStore:
@@ -102,8 +53,8 @@ class MemoryQueueStore:
     def __init__(self, *, group_window_s: float = DEFAULT_GROUP_WINDOW_S,
                  lease_s: float = DEFAULT_LEASE_S,
                  clock: Callable[[], float] = time.time) -> None:
-        self.group_window_s = _require_positive(group_window_s, "group_window_s")
-        self.lease_s = _require_positive(lease_s, "lease_s")
+        self.group_window_s = require_positive(group_window_s, "group_window_s")
+        self.lease_s = require_positive(lease_s, "lease_s")
         self._clock = clock
         self.index = QueueIndex()
         self._records: dict[str, RequestRecord] = {}
@@ -119,18 +70,18 @@ class MemoryQueueStore:
         return float(self._clock())
 
     def _lease_until(self, lease_s: float | None) -> float:
-        lease = self.lease_s if lease_s is None else _require_positive(lease_s, "lease_s")
+        lease = self.lease_s if lease_s is None else require_positive(lease_s, "lease_s")
         return self._now() + lease
 
     def _record(self, request_id: str) -> RequestRecord:
-        _require_id(request_id, "request_id")
+        require_id(request_id, "request_id")
         record = self._records.get(request_id)
         if record is None:
             raise NotFound("request", request_id)
         return record
 
     def _held(self, worker_id: str, request_id: str) -> RequestRecord:
-        _require_id(worker_id, "worker_id")
+        require_id(worker_id, "worker_id")
         record = self._record(request_id)
         if record.state is not RequestState.RUNNING or record.worker_id != worker_id:
             raise LeaseLost(request_id, worker_id, record.state.value, record.worker_id or "")
@@ -139,7 +90,7 @@ class MemoryQueueStore:
     def _progress(self, record: RequestRecord, num_generated: int | None) -> Request:
         if num_generated is None:
             return record.request
-        _require_count(num_generated, "num_generated", minimum=0)
+        require_count(num_generated, "num_generated", minimum=0)
         if num_generated > record.request.max_tokens:
             raise InvalidInput("num_generated", f"must be <= max_tokens="
                                f"{record.request.max_tokens}, got {num_generated}")
@@ -233,7 +184,7 @@ class MemoryQueueStore:
     async def set_virtual_queues(self, orders: Mapping[str, Sequence[GroupKey]]) -> None:
         checked: dict[str, tuple[GroupKey, ...]] = {}
         for worker in orders:
-            _require_id(worker, "worker_id")
+            require_id(worker, "worker_id")
             order = tuple(orders[worker])
             if not all(isinstance(g, GroupKey) for g in order):
                 raise InvalidInput("order", f"worker {worker!r}: not a GroupKey in {order!r}")
@@ -292,9 +243,9 @@ class MemoryQueueStore:
         return groups
 
     def _check_pull(self, worker_id: str, model: str, max_requests: int) -> None:
-        _require_id(worker_id, "worker_id")
-        _require_id(model, "model")
-        _require_count(max_requests, "max_requests", minimum=1)
+        require_id(worker_id, "worker_id")
+        require_id(model, "model")
+        require_count(max_requests, "max_requests", minimum=1)
 
     async def queue_head(self, worker_id: str, model: str, max_requests: int
                          ) -> tuple[RequestGroup, ...]:
@@ -313,8 +264,8 @@ class MemoryQueueStore:
 
     async def claim(self, worker_id: str, request_ids: Sequence[str], *,
                     lease_s: float | None = None) -> tuple[RequestRecord, ...]:
-        _require_id(worker_id, "worker_id")
-        ids = [_require_id(i, "request_ids") for i in request_ids]
+        require_id(worker_id, "worker_id")
+        ids = [require_id(i, "request_ids") for i in request_ids]
         if len(set(ids)) != len(ids):
             raise InvalidInput("request_ids", "an id appears twice")
         if not ids:
@@ -327,8 +278,8 @@ class MemoryQueueStore:
 
     async def renew_leases(self, worker_id: str, request_ids: Iterable[str], *,
                            lease_s: float | None = None) -> LeaseRenewal:
-        _require_id(worker_id, "worker_id")
-        ids = [_require_id(i, "request_ids") for i in request_ids]
+        require_id(worker_id, "worker_id")
+        ids = [require_id(i, "request_ids") for i in request_ids]
         if not ids:
             return LeaseRenewal((), ())
         lease_until = self._lease_until(lease_s)
@@ -347,8 +298,8 @@ class MemoryQueueStore:
     async def ack(self, worker_id: str, request_id: str,
                   state: RequestState = RequestState.FINISHED, *,
                   num_generated: int | None = None, error: str = "") -> None:
-        _require_id(worker_id, "worker_id")
-        _require_id(request_id, "request_id")
+        require_id(worker_id, "worker_id")
+        require_id(request_id, "request_id")
         if not isinstance(state, RequestState) or not state.is_terminal:
             raise InvalidInput("state", f"must be finished, failed or cancelled, got {state!r}")
         record = self._held(worker_id, request_id)
@@ -356,7 +307,7 @@ class MemoryQueueStore:
 
     async def requeue(self, worker_id: str, request_id: str, *,
                       num_generated: int | None = None) -> RequestState:
-        _require_id(request_id, "request_id")
+        require_id(request_id, "request_id")
         record = self._held(worker_id, request_id)
         request = self._progress(record, num_generated)
         if record.cancel_requested:
