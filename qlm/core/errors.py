@@ -26,6 +26,18 @@ class InvalidInput(QlmError, ValueError):
         return (type(self), (self.field, self.problem))
 
 
+class UnknownModel(InvalidInput):
+    """A request names a model the deployment does not serve (HTTP 404 ``model_not_found``;
+    gRPC INVALID_ARGUMENT like any other invalid field)."""
+
+    def __init__(self, field: str, problem: str, model: str = "") -> None:
+        super().__init__(field, problem)
+        self.model = model
+
+    def __reduce__(self) -> tuple[type[UnknownModel], tuple[str, str, str]]:  # type: ignore[override]
+        return (type(self), (self.field, self.problem, self.model))
+
+
 class NotFound(QlmError, KeyError):
     """A named thing (request, model, profile) does not exist: gRPC NOT_FOUND."""
 

@@ -7,12 +7,15 @@ through the AOF alone.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
+import subprocess
+import time
 from pathlib import Path
 
-from qlm.core.errors import Unavailable
+from qlm.core.errors import InvalidInput, Unavailable
 from qlm.localstack.process import (
     ServerProcess,
     ensure_port_free,
@@ -49,12 +52,22 @@ class RedisServer:
     """``redis-server`` on ``127.0.0.1:port`` with its data, log and pid file under ``data_dir``."""
 
     def __init__(
-        self, data_dir: Path, port: int = DEFAULT_REDIS_PORT, die_with_parent: bool = False
+        self,
+        data_dir: Path,
+        port: int = DEFAULT_REDIS_PORT,
+        die_with_parent: bool = False,
+        cluster: bool = False,
+        cluster_bus_port: int | None = None,
     ) -> None:
-        """``die_with_parent``: stop the server when the starting thread exits (tests)."""
+        """``die_with_parent``: stop the server when the starting thread exits (tests).
+        ``cluster``: a Redis Cluster node (``--cluster-enabled yes``; see
+        :class:`LocalRedisCluster`), its node-to-node bus on ``cluster_bus_port``
+        (default: Redis's own, ``port`` + 10000, which does not exist above 55535)."""
         self.data_dir = data_dir.resolve()
         self.port = port
         self.die_with_parent = die_with_parent
+        self.cluster = cluster
+        self.cluster_bus_port = cluster_bus_port
         self.host = "127.0.0.1"
         self.process = ServerProcess("redis", self.data_dir, marker=f"{self.host}:{port}")
 
@@ -77,6 +90,10 @@ class RedisServer:
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--logfile", "",
+            *(("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+               "--cluster-node-timeout", "5000") if self.cluster else ()),
+            *(("--cluster-port", str(self.cluster_bus_port))
+              if self.cluster and self.cluster_bus_port is not None else ()),
         ]  # fmt: skip
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
@@ -120,3 +137,103 @@ class RedisServer:
     def is_running(self) -> bool:
         """Whether the server this object (or its pid file) names is alive."""
         return self.process.running_pid() is not None
+
+
+def redis_cli_binary() -> str:
+    """Path of ``redis-cli`` (``QLM_REDIS_CLI`` overrides); Unavailable when absent."""
+    binary = os.environ.get("QLM_REDIS_CLI") or shutil.which("redis-cli")
+    if not binary or not Path(binary).exists():
+        raise Unavailable("redis-cli not found: apt-get install redis-tools")
+    return binary
+
+
+def cluster_state_ok(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """Whether the node on ``host:port`` reports ``cluster_state:ok`` (all slots served)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(b"CLUSTER INFO\r\n")
+            return b"cluster_state:ok" in sock.recv(4096)
+    except OSError:
+        return False
+
+
+def _defaults(n: int) -> list[int | None]:
+    return [None] * n
+
+
+class LocalRedisCluster:
+    """A Redis Cluster of ``num_masters`` masters (no replicas) on ``127.0.0.1``.
+
+    Each node is a :class:`RedisServer` with ``--cluster-enabled yes`` (AOF on) under
+    ``data_dir/node-<port>``; ``redis-cli --cluster create`` spreads the 16,384 slots
+    over them. :attr:`url` is the ``redis+cluster://`` URL qlm's clients take.
+    """
+
+    def __init__(
+        self, data_dir: Path, ports: list[int], die_with_parent: bool = False,
+        bus_ports: list[int] | None = None,
+    ) -> None:
+        """``bus_ports``: each node's cluster bus port (default: its port + 10000)."""
+        if len(ports) < 3:
+            raise InvalidInput("ports", f"a Redis Cluster needs 3 masters or more, got {ports}")
+        if bus_ports is not None and len(bus_ports) != len(ports):
+            raise InvalidInput("bus_ports", f"one per node: {len(ports)} ports, {bus_ports}")
+        self.data_dir = data_dir.resolve()
+        self.nodes = [
+            RedisServer(self.data_dir / f"node-{port}", port, die_with_parent, cluster=True,
+                        cluster_bus_port=bus_port)
+            for port, bus_port in zip(ports, bus_ports or _defaults(len(ports)), strict=True)
+        ]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://127.0.0.1:<first node's port>`` (the client finds the others)."""
+        first = self.nodes[0]
+        return f"redis+cluster://{first.host}:{first.port}"
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
+        """Start every node, create the cluster, wait until every node reports it ok;
+        returns the seconds it took. On failure every node is stopped."""
+        started_at = time.monotonic()
+        try:
+            for node in self.nodes:
+                node.start(timeout_s)
+            argv = [redis_cli_binary(), "--cluster", "create",
+                    *(f"{n.host}:{n.port}" for n in self.nodes),
+                    "--cluster-replicas", "0", "--cluster-yes"]  # fmt: skip
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout_s, check=False
+            )
+            if done.returncode != 0:
+                raise Unavailable(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+            for node in self.nodes:
+                node.process.wait_until(
+                    functools.partial(cluster_state_ok, node.host, node.port),
+                    timeout_s, f"cluster_state:ok on port {node.port}",
+                )  # fmt: skip
+        except (Unavailable, subprocess.TimeoutExpired):
+            self.stop(kill=True)
+            raise
+        return time.monotonic() - started_at
+
+    @classmethod
+    def start_on_free_ports(
+        cls, data_dir: Path, num_masters: int = 3, die_with_parent: bool = False,
+        num_attempts: int = 3,
+    ) -> LocalRedisCluster:
+        """A started cluster on free loopback ports (new ports and directory per try).
+
+        The bus ports are chosen free too: the OS hands out ports up to 60999 here, and
+        Redis's default bus port (port + 10000) does not exist above 55535."""
+        attempts = iter(range(1, num_attempts + 1))
+        return start_on_free_ports(lambda: cls(
+            data_dir / f"try-{next(attempts)}",
+            [free_loopback_port() for _ in range(num_masters)],
+            die_with_parent=die_with_parent,
+            bus_ports=[free_loopback_port() for _ in range(num_masters)],
+        ), num_attempts)  # fmt: skip
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop every node (SIGTERM; SIGKILL with ``kill``)."""
+        for node in self.nodes:
+            node.stop(kill=kill)

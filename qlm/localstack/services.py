@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qlm.core.errors import InvalidInput, Unavailable
 from qlm.core.perf import PROFILE_DIR
+from qlm.core.policies.base import check_policy_options
 from qlm.localstack.process import (
     ServerProcess,
     ensure_port_free,
@@ -52,8 +53,10 @@ SERVICES_FILE: Final = "services.json"
 SERVICE_NAMES: Final = ("estimator", "ingest", "scheduler", "worker")
 #: The ingest port a client tries first; another free port when it is taken.
 PREFERRED_INGEST_PORT: Final = 50051
+#: The HTTP (OpenAI-compatible) port a client tries first, likewise.
+PREFERRED_HTTP_PORT: Final = 8000
 START_TIMEOUT_S: Final = 90.0
-POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority")
+POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority", "static", "vllm-swap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,7 @@ class ServiceOptions:
                                f"must be a finite number >= 0, got {self.debounce_s!r}")
         if not isinstance(self.policy_options, Mapping):
             raise InvalidInput("policy_options", "must be a JSON object")
+        check_policy_options(self.policy, self.policy_options)  # names the bad option
         read_workers_file(self.workers_file)  # InvalidInput names the bad entry
 
     def to_json(self) -> dict[str, Any]:
@@ -121,6 +125,8 @@ class ServicePorts:
     scheduler_metrics: int = 0
     worker_metrics: int = 0
     ingest_metrics: int = 0
+    #: The OpenAI-compatible HTTP front door (served by the ingest process).
+    http: int = 0
 
     def resolved(self, prefer_standard: bool = False) -> ServicePorts:
         """Every 0 replaced by a free port; with ``prefer_standard``, ingest gets 50051
@@ -132,6 +138,9 @@ class ServicePorts:
             elif (prefer_standard and name == "ingest"
                   and not port_is_open("127.0.0.1", PREFERRED_INGEST_PORT)):
                 chosen[name] = PREFERRED_INGEST_PORT
+            elif (prefer_standard and name == "http"
+                  and not port_is_open("127.0.0.1", PREFERRED_HTTP_PORT)):
+                chosen[name] = PREFERRED_HTTP_PORT
             else:
                 chosen[name] = free_loopback_port()
         return ServicePorts(**chosen)
@@ -180,6 +189,11 @@ class ServiceStack:
     def ingest_addr(self) -> str:
         return f"127.0.0.1:{self.ports.ingest}"
 
+    @property
+    def openai_base_url(self) -> str:
+        """Base URL of the OpenAI-compatible front door (what ``openai.OpenAI`` takes)."""
+        return f"http://127.0.0.1:{self.ports.http}/v1"
+
     @classmethod
     def recorded(cls, stack_dir: Path, redis_url: str, kafka_bootstrap: str) -> ServiceStack:
         """The services an earlier ``up`` recorded in ``stack_dir`` (defaults when none)."""
@@ -196,7 +210,7 @@ class ServiceStack:
         shutil.copyfile(self.options.workers_file, self.workers_copy)
         write_scaled_profiles(self.profiles_source, self.profiles_dir, self.options.time_scale)
         record = {"options": self.options.to_json(), "ports": asdict(self.ports),
-                  "ingest_addr": self.ingest_addr}
+                  "ingest_addr": self.ingest_addr, "openai_base_url": self.openai_base_url}
         (self.run_dir / SERVICES_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     # ---------------------------------------------------------------- argv
@@ -218,6 +232,7 @@ class ServiceStack:
             return [*module, *self._common(), "--host", "127.0.0.1", "--port", str(p.ingest),
                     "--profiles-dir", str(self.profiles_dir),
                     "--metrics-port", str(p.ingest_metrics),
+                    "--http-host", "127.0.0.1", "--http-port", str(p.http),
                     "--estimator-addr", f"127.0.0.1:{p.estimator}",
                     "--admission", o.admission,
                     "--group-window-s", str(o.group_window_s),
@@ -293,7 +308,7 @@ class ServiceStack:
         """The ports one service listens on."""
         p = self.ports
         return {"estimator": (p.estimator, p.estimator_metrics),
-                "ingest": (p.ingest, p.ingest_metrics),
+                "ingest": (p.ingest, p.ingest_metrics, p.http),
                 "scheduler": (p.scheduler_metrics,),
                 "worker": (p.worker_health, p.worker_metrics)}[name]
 
@@ -301,7 +316,7 @@ class ServiceStack:
         p, o = self.ports, self.options
         return {
             "estimator": f"grpc 127.0.0.1:{p.estimator}",
-            "ingest": f"grpc {self.ingest_addr}",
+            "ingest": f"grpc {self.ingest_addr}, OpenAI HTTP {self.openai_base_url}",
             "scheduler": f"policy {o.policy}, metrics :{p.scheduler_metrics}",
             "worker": f"{len(read_workers_file(self.workers_copy))} simulated, "
                       f"time scale {o.time_scale:g}",

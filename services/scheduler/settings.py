@@ -10,13 +10,14 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
+from qlm.core.policies.base import check_policy_options
 from services.common.settings import CommonSettings
 
 
 class SchedulerSettings(CommonSettings):
     """The scheduler service: one leader (Redis lease) runs the policy; standbys wait."""
 
-    policy: Literal["qlm", "fcfs", "edf", "shepherd", "priority"] = Field(
+    policy: Literal["qlm", "fcfs", "edf", "shepherd", "priority", "static", "vllm-swap"] = Field(
         "qlm", description="scheduling policy"
     )
     policy_options: dict[str, Any] = Field(
@@ -53,6 +54,11 @@ class SchedulerSettings(CommonSettings):
     host: str = Field("0.0.0.0", description="listen address of metrics")
     metrics_port: int = Field(9462, ge=0, le=65535, description="Prometheus (0 = any)")
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
+
+    @model_validator(mode="after")
+    def _options_of_the_policy(self) -> Self:
+        check_policy_options(self.policy, self.policy_options)  # names the bad option
+        return self
 
     @model_validator(mode="after")
     def _renew_within_lease(self) -> Self:
