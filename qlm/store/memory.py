@@ -32,16 +32,8 @@ from qlm.core.types import (
     RunningRequest,
     group_key_for,
 )
-from qlm.store.base import (
-    DEFAULT_GROUP_WINDOW_S,
-    DEFAULT_LEASE_S,
-    EnqueueResult,
-    LeaseRenewal,
-    StoreSnapshot,
-    require_count,
-    require_id,
-    require_positive,
-)
+from qlm.store import base
+from qlm.store.base import EnqueueResult, LeaseRenewal, StoreSnapshot
 from qlm.store.errors import IdempotencyConflict, LeaseLost
 from qlm.store.records import RequestRecord, encode_json, identity_pairs
 
@@ -50,11 +42,11 @@ class MemoryQueueStore:
     """The queue in process memory (see the module docstring). Same options and
     errors as :class:`~qlm.store.store.RedisQueueStore` where they apply."""
 
-    def __init__(self, *, group_window_s: float = DEFAULT_GROUP_WINDOW_S,
-                 lease_s: float = DEFAULT_LEASE_S,
+    def __init__(self, *, group_window_s: float = base.DEFAULT_GROUP_WINDOW_S,
+                 lease_s: float = base.DEFAULT_LEASE_S,
                  clock: Callable[[], float] = time.time) -> None:
-        self.group_window_s = require_positive(group_window_s, "group_window_s")
-        self.lease_s = require_positive(lease_s, "lease_s")
+        self.group_window_s = base.require_positive(group_window_s, "group_window_s")
+        self.lease_s = base.require_positive(lease_s, "lease_s")
         self._clock = clock
         self.index = QueueIndex()
         self._records: dict[str, RequestRecord] = {}
@@ -70,18 +62,18 @@ class MemoryQueueStore:
         return float(self._clock())
 
     def _lease_until(self, lease_s: float | None) -> float:
-        lease = self.lease_s if lease_s is None else require_positive(lease_s, "lease_s")
+        lease = self.lease_s if lease_s is None else base.require_positive(lease_s, "lease_s")
         return self._now() + lease
 
     def _record(self, request_id: str) -> RequestRecord:
-        require_id(request_id, "request_id")
+        base.require_id(request_id, "request_id")
         record = self._records.get(request_id)
         if record is None:
             raise NotFound("request", request_id)
         return record
 
     def _held(self, worker_id: str, request_id: str) -> RequestRecord:
-        require_id(worker_id, "worker_id")
+        base.require_id(worker_id, "worker_id")
         record = self._record(request_id)
         if record.state is not RequestState.RUNNING or record.worker_id != worker_id:
             raise LeaseLost(request_id, worker_id, record.state.value, record.worker_id or "")
@@ -90,7 +82,7 @@ class MemoryQueueStore:
     def _progress(self, record: RequestRecord, num_generated: int | None) -> Request:
         if num_generated is None:
             return record.request
-        require_count(num_generated, "num_generated", minimum=0)
+        base.require_count(num_generated, "num_generated", minimum=0)
         if num_generated > record.request.max_tokens:
             raise InvalidInput("num_generated", f"must be <= max_tokens="
                                f"{record.request.max_tokens}, got {num_generated}")
@@ -184,7 +176,7 @@ class MemoryQueueStore:
     async def set_virtual_queues(self, orders: Mapping[str, Sequence[GroupKey]]) -> None:
         checked: dict[str, tuple[GroupKey, ...]] = {}
         for worker in orders:
-            require_id(worker, "worker_id")
+            base.require_id(worker, "worker_id")
             order = tuple(orders[worker])
             if not all(isinstance(g, GroupKey) for g in order):
                 raise InvalidInput("order", f"worker {worker!r}: not a GroupKey in {order!r}")
@@ -243,9 +235,9 @@ class MemoryQueueStore:
         return groups
 
     def _check_pull(self, worker_id: str, model: str, max_requests: int) -> None:
-        require_id(worker_id, "worker_id")
-        require_id(model, "model")
-        require_count(max_requests, "max_requests", minimum=1)
+        base.require_id(worker_id, "worker_id")
+        base.require_id(model, "model")
+        base.require_count(max_requests, "max_requests", minimum=1)
 
     async def queue_head(self, worker_id: str, model: str, max_requests: int
                          ) -> tuple[RequestGroup, ...]:
@@ -264,8 +256,8 @@ class MemoryQueueStore:
 
     async def claim(self, worker_id: str, request_ids: Sequence[str], *,
                     lease_s: float | None = None) -> tuple[RequestRecord, ...]:
-        require_id(worker_id, "worker_id")
-        ids = [require_id(i, "request_ids") for i in request_ids]
+        base.require_id(worker_id, "worker_id")
+        ids = [base.require_id(i, "request_ids") for i in request_ids]
         if len(set(ids)) != len(ids):
             raise InvalidInput("request_ids", "an id appears twice")
         if not ids:
@@ -278,8 +270,8 @@ class MemoryQueueStore:
 
     async def renew_leases(self, worker_id: str, request_ids: Iterable[str], *,
                            lease_s: float | None = None) -> LeaseRenewal:
-        require_id(worker_id, "worker_id")
-        ids = [require_id(i, "request_ids") for i in request_ids]
+        base.require_id(worker_id, "worker_id")
+        ids = [base.require_id(i, "request_ids") for i in request_ids]
         if not ids:
             return LeaseRenewal((), ())
         lease_until = self._lease_until(lease_s)
@@ -298,8 +290,8 @@ class MemoryQueueStore:
     async def ack(self, worker_id: str, request_id: str,
                   state: RequestState = RequestState.FINISHED, *,
                   num_generated: int | None = None, error: str = "") -> None:
-        require_id(worker_id, "worker_id")
-        require_id(request_id, "request_id")
+        base.require_id(worker_id, "worker_id")
+        base.require_id(request_id, "request_id")
         if not isinstance(state, RequestState) or not state.is_terminal:
             raise InvalidInput("state", f"must be finished, failed or cancelled, got {state!r}")
         record = self._held(worker_id, request_id)
@@ -307,7 +299,7 @@ class MemoryQueueStore:
 
     async def requeue(self, worker_id: str, request_id: str, *,
                       num_generated: int | None = None) -> RequestState:
-        require_id(request_id, "request_id")
+        base.require_id(request_id, "request_id")
         record = self._held(worker_id, request_id)
         request = self._progress(record, num_generated)
         if record.cancel_requested:
