@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if chromium is None:
         parser.error("chromium not found (apt-get install -y chromium)")
     work = Path(tempfile.mkdtemp(prefix="qlm-status-"))
-    brokers = LocalStack.open(work, StackPorts(0, 0, 0))
+    brokers = LocalStack.open(work, StackPorts(0, 0, 0), secure=False)  # as the demo
     brokers.up()
     env = brokers.environment()
     services = ServiceStack(work, env["QLM_REDIS_URL"], env["QLM_KAFKA_BOOTSTRAP"],
