@@ -200,9 +200,10 @@ class IngestApp:
 async def serve(settings: IngestSettings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully.
 
-    Raises Unavailable when the batch consumer gave up (its handler kept failing, e.g.
-    Redis stayed down): the process then exits non-zero after a graceful stop, so that
-    its supervisor restarts it; the records it did not commit are read again.
+    The batch consumer outlives outages and poisoned records (:mod:`qlm.bus.consumer`);
+    should its loop still end by itself (a bug), this raises Unavailable after a graceful
+    stop: the process exits non-zero, its supervisor restarts it, and the records it did
+    not commit are read again.
     """
     app = IngestApp(settings)
     await app.start()
@@ -220,7 +221,7 @@ async def serve(settings: IngestSettings) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await app.stop()
     if consumer_failed:
-        raise Unavailable("the batch consumer gave up; restart the ingest service")
+        raise Unavailable("the batch consumer stopped; restart the ingest service")
 
 
 def serve_metrics(app: IngestApp, settings: IngestSettings) -> None:
