@@ -113,7 +113,7 @@ bench-decide:
 	taskset -c 0,1 $(PYTHON) -m loadgen.bench_decide --queued 100000 --workers 80 --policies qlm,edf,fcfs,shepherd --iterations 300 --reference-iterations 30 --out docs/results/bench_decide.json
 
 docs:  ## regenerate the generated docs (configuration reference)
-	$(PYTHON) -m qlm.configdoc > docs/config.md
+	$(PYTHON) -m services.configdoc > docs/config.md
 
 # Redis + Kafka + the missing wheels for a GPU host without network, Java or redis-server
 # (needs openjdk-17-jdk-headless for jlink/jmods): .stack/stack.tar.xz, unpacked there by

@@ -35,10 +35,10 @@ from qlm.core.estimator import RWTEstimator
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
 from qlm.core.types import SLOClass
+from qlm.estimator_plane import EstimatorPlane, WaitQuery
 from qlm.localstack import RedisServer, free_loopback_port
 from qlm.roster import WorkerRoster
 from qlm.store.store import RedisQueueStore
-from services.estimator.plane import EstimatorPlane, WaitQuery
 
 WINDOW_S = 10.0
 

@@ -6,7 +6,7 @@
 
 What it does (``make demo``):
 
-1. **The requests** (:func:`build_plan`): ``--num-requests`` consecutive rows of the
+1. **The requests** (:func:`loadgen.plan.build_plan`): ``--num-requests`` consecutive rows of the
    Azure LLM 2023 conversation trace (prompt and output tokens; arrival times rescaled
    to a mean of ``--rate`` req/s), each given a class (50% interactive, 25% batch-1,
    25% batch-2, SLOs 20 s / 60 s / 1 h) and a model (``--models``, equal shares) by a
@@ -53,14 +53,13 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.plan import DemoPlan, build_plan, estimator_predictor, sim_workers
 from loadgen.report import markdown_table, policy_entry, print_table
 from qlm.core.errors import InvalidInput, QlmError
 from qlm.core.perf import ProfileBook
-from qlm.core.types import SLO, Request, SLOClass
-from qlm.roster import read_workers_file
+from qlm.core.types import SLO, SLOClass
 from qlm.sim.cluster import Job, SimConfig, WorkerSpec
 from qlm.sim.metrics import RequestRecord, RunMetrics, summarise, wait_prediction_r2
-from qlm.workloads import WA_CLASSES, load_trace_csv, pick, slice_trace, unit_rate_times
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = REPO_ROOT / "loadgen" / "traces" / "azure_llm_2023_conv.csv"
@@ -68,70 +67,10 @@ DEFAULT_WORKERS = REPO_ROOT / "docker" / "workers.demo.yaml"
 TERMINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
 
 
-# ===================================================================== plan
-@dataclass(frozen=True)
-class DemoPlan:
-    """The demo's requests (paper seconds) and how they were chosen."""
-
-    jobs: tuple[Job, ...]
-    trace: str
-    start: int
-    rate: float
-    seed: int
-
-    @property
-    def span_s(self) -> float:
-        return max((j.request.arrival_at for j in self.jobs), default=0.0)
-
-
-def build_plan(
-    trace_path: Path, num_requests: int, rate: float, models: Sequence[str], seed: int = 0,
-    start: int = 0, profiles: ProfileBook | None = None,
-) -> DemoPlan:
-    """``num_requests`` trace rows from ``start`` at mean ``rate`` req/s, with classes
-    (WA mix) and models (equal shares) drawn by ``seed``. Prompts are cut so that prompt
-    + output fits the model's ``max_model_len`` (the smallest over the GPUs profiled)."""
-    if not (math.isfinite(rate) and rate > 0):
-        raise InvalidInput("rate", f"must be a finite number > 0, got {rate}")
-    if not models:
-        raise InvalidInput("models", "need at least one model")
-    profiles = profiles or ProfileBook.load()
-    limits = {}
-    for model in models:
-        lens = [profiles.get(model, gpu).max_model_len for gpu in profiles.gpus
-                if profiles.has(model, gpu)]
-        if not lens:
-            raise InvalidInput("models", f"no performance profile for {model!r}")
-        limits[model] = min(lens)
-    rows = slice_trace(load_trace_csv(trace_path), num_requests, start)
-    rng = np.random.default_rng(seed)
-    classes = pick(rng, len(rows), WA_CLASSES)
-    chosen = pick(rng, len(rows), {m: 1.0 for m in models})
-    times = unit_rate_times(np.array([r.arrival_s for r in rows])) / rate
-    jobs = []
-    for i, row in enumerate(rows):
-        slo_class, model = SLOClass(classes[i]), chosen[i]
-        output = max(1, min(row.generated_tokens, limits[model] // 2))
-        prompt = max(1, min(row.context_tokens, limits[model] - output))
-        request = Request(
-            id=f"d{i:05d}", model=model, prompt_tokens=prompt, max_tokens=output,
-            slo_class=slo_class, slo=SLO.for_class(slo_class), arrival_at=float(times[i]),
-        )
-        jobs.append(Job(request, output))
-    return DemoPlan(tuple(jobs), str(trace_path), start, rate, seed)
-
-
-def sim_workers(workers_file: Path) -> tuple[WorkerSpec, ...]:
-    """The workers of a workers file as the simulator's specs (first model awake)."""
-    return tuple(WorkerSpec(w.id, w.gpu, w.models[0], w.models)
-                 for w in read_workers_file(workers_file))
-
-
 # ===================================================================== simulator
 def simulate_policy(plan: DemoPlan, workers: Sequence[WorkerSpec], policy: str
                     ) -> tuple[RunMetrics, float, float, tuple[RequestRecord, ...]]:
     """The discrete-event simulator on the plan: (metrics, wait R², wall s, records)."""
-    from loadgen.sim import estimator_predictor
     from qlm.core.policies import make_policy
     from qlm.sim import simulate
 

@@ -6,7 +6,7 @@
 
 ``--workers-file`` takes the cluster from a workers file (``docker/workers.*.yaml``, first
 model awake) instead of ``--cluster``; ``--models`` (with ``--trace``) builds the requests
-as ``make demo`` does (:func:`loadgen.demo.build_plan`: the workload's class mix drawn
+as ``make demo`` does (:func:`loadgen.plan.build_plan`: the workload's class mix drawn
 first, then the models in equal shares, prompts cut to the model's length limit,
 ``max_tokens`` = the trace's output), so that the simulator runs exactly the demo's
 requests on the demo's workers.
@@ -44,16 +44,15 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.plan import build_plan, estimator_predictor, sim_workers
 from loadgen.report import markdown_table, policy_entry, print_table
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import make_policy, policy_names
 from qlm.core.policies.base import options_from_json
-from qlm.core.types import Decision, QueueSnapshot
 from qlm.sim import RunResult, SimConfig, simulate
 from qlm.sim.batching import PREFILL_MODES
 from qlm.sim.cluster import Job, WorkerSpec
-from qlm.sim.engine import Predictor
 from qlm.sim.metrics import wait_prediction_r2
 from qlm.workloads import (
     CLUSTERS,
@@ -146,37 +145,6 @@ def cluster_scale(workload: str, cluster: str) -> float:
     return (a10 + a100) / (base_a10 + base_a100)
 
 
-# ============================================================== predictor
-def estimator_predictor(profiles: ProfileBook) -> Predictor | None:
-    """Predicted first-token time of every placed request, by the RWT estimator."""
-    try:
-        from qlm.core.estimator import RWTEstimator
-    except ImportError:
-        return None
-    estimator = RWTEstimator(profiles)
-
-    def predict(snapshot: QueueSnapshot, decision: Decision) -> dict[str, float]:
-        by_key = {g.key: g for g in snapshot.groups}
-        out: dict[str, float] = {}
-        for place in decision.placements:
-            order = [by_key[k] for k in place.order if k in by_key]
-            if not order:
-                continue
-            worker = snapshot.worker(place.worker_id)
-            try:
-                waits = estimator.queue_waits(worker, order, snapshot.now)
-            except Exception:  # a model this worker cannot serve: no prediction
-                continue
-            for group, wait in zip(order, waits, strict=True):
-                n = group.size
-                for j, r in enumerate(group.requests):
-                    spread = getattr(wait, "spread_s", 0.0) * j / (n - 1) if n > 1 else 0.0
-                    out[r.id] = snapshot.now + wait.mean_s + spread
-        return out
-
-    return predict
-
-
 # ================================================================== runs
 @dataclass(frozen=True)
 class Run:
@@ -204,16 +172,12 @@ class Task:
 
     def workers(self) -> tuple[WorkerSpec, ...]:
         if self.workers_file is not None:
-            from loadgen.demo import sim_workers
-
             return sim_workers(self.workers_file)
         return cluster_for(self.workload, self.cluster)
 
     def jobs(self) -> tuple[Job, ...]:
         """The requests at ``rate`` (rebuilt from the seed: identical in every process)."""
         if self.models:
-            from loadgen.demo import build_plan
-
             if self.trace_path is None:
                 raise InvalidInput("models", "needs --trace")
             return build_plan(self.trace_path, self.num_requests, self.rate, self.models,

@@ -75,6 +75,7 @@ from loadgen.gpu.common import (
     read_slice_csv,
     write_json,
 )
+from qlm.core.corrections import CorrectedProfiles
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PROFILE_DIR, PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
@@ -98,7 +99,6 @@ from qlm.core.types import (
     group_key_for,
 )
 from qlm.engine.base import Engine, EngineRequest, OutputChunk
-from services.scheduler.corrections import CorrectedProfiles
 
 VARIANTS = ("bare", "fcfs", "qlm")
 #: Longest wait for an aborted request's stream to end.

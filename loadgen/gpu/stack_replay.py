@@ -274,8 +274,8 @@ def warmup_workload(models: Sequence[str], slos: Mapping[str, float]) -> Workloa
 
 
 def replay_plan(workload: Workload, trace: str, seed: int) -> Any:
-    """The workload as a :class:`loadgen.demo.DemoPlan` (every request at its own length)."""
-    from loadgen.demo import DemoPlan
+    """The workload as a :class:`loadgen.plan.DemoPlan` (every request at its own length)."""
+    from loadgen.plan import DemoPlan
     from qlm.sim.cluster import Job
 
     return DemoPlan(tuple(Job(r, r.max_tokens) for r in workload.requests), trace, 0,

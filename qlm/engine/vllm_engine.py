@@ -36,6 +36,7 @@ from typing import Any
 from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.perf import PerfProfile
 from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
+from qlm.engine.shapes import MODEL_SHAPES
 
 #: A longer gap between two engine steps means the engine was idle, not stepping.
 IDLE_GAP_S = 1.0
@@ -84,10 +85,6 @@ def model_path(model: str, options: VllmOptions) -> str:
     path = options.model_dir / model
     if (path / "config.json").exists():
         return str(path)
-    try:
-        from loadgen.gpu.common import MODEL_SHAPES
-    except ImportError:
-        return model
     if model in MODEL_SHAPES:
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(MODEL_SHAPES[model], indent=1))

@@ -31,18 +31,18 @@ from qlm.api.v1 import estimator_pb2, estimator_pb2_grpc
 from qlm.bus.records import Event, Telemetry
 from qlm.bus.tail import TopicTail
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
-from qlm.config import EstimatorSettings
 from qlm.core.estimator import RWTEstimator
 from qlm.core.perf import PROFILE_DIR, ProfileBook
+from qlm.estimator_plane import EstimatorPlane
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.store import RedisQueueStore
-from services.entrypoint import run_until_signal
+from services.common.entrypoint import run_until_signal
+from services.common.errors import ErrorInterceptor
+from services.common.probes import kafka_answers
 from services.estimator.metrics import EstimatorMetrics
-from services.estimator.plane import EstimatorPlane
 from services.estimator.servicer import EstimatorServicer
-from services.ingest.app import kafka_answers
-from services.ingest.errors import ErrorInterceptor
+from services.estimator.settings import EstimatorSettings
 
 log = get_logger("services.estimator")
 

@@ -1,30 +1,18 @@
 """The Estimator servicer: wire messages in, :class:`EstimatorPlane` calls, wire out.
 
-No error handling here: :class:`services.ingest.errors.ErrorInterceptor` (the one
+No error handling here: :class:`services.common.errors.ErrorInterceptor` (the one
 interceptor of every qlm gRPC server) maps the plane's exceptions to status codes.
 """
 
 from __future__ import annotations
 
-from typing import Final
-
 import grpc
 
 from qlm.api.v1 import estimator_pb2 as epb
 from qlm.api.v1 import estimator_pb2_grpc
-from qlm.api.v1 import qlm_pb2 as pb
 from qlm.core.errors import InvalidInput
-from qlm.core.types import SLOClass
-from services.estimator.plane import EstimatorPlane, GroupSummary, WaitQuery, WorkerSummary
-
-SLO_CLASS_FROM_PB: Final = {
-    pb.SLO_CLASS_UNSPECIFIED: SLOClass.INTERACTIVE,
-    pb.SLO_CLASS_INTERACTIVE: SLOClass.INTERACTIVE,
-    pb.SLO_CLASS_BATCH_1: SLOClass.BATCH_1,
-    pb.SLO_CLASS_BATCH_2: SLOClass.BATCH_2,
-    pb.SLO_CLASS_CUSTOM: SLOClass.CUSTOM,
-}
-SLO_CLASS_TO_PB: Final = {c: p for p, c in SLO_CLASS_FROM_PB.items() if p}
+from qlm.estimator_plane import EstimatorPlane, GroupSummary, WaitQuery, WorkerSummary
+from services.common.messages import SLO_CLASS_FROM_PB
 
 
 def wait_query(request: epb.PredictWaitRequest) -> WaitQuery:

@@ -1,6 +1,6 @@
 """``python -m services.ingest [--port 50051] [--redis-url ...] [--kafka-bootstrap ...]``.
 
-Flags override ``QLM_*`` environment variables (qlm.config.IngestSettings); ``--help``
+Flags override ``QLM_*`` environment variables (services.ingest.settings.IngestSettings); ``--help``
 lists them all. ``--processes N`` runs N ingest processes on one port (the kernel spreads
 connections over them, SO_REUSEPORT): one event loop tops out near one core. SIGTERM to
 the first process stops it gracefully, then the others. Process ``i`` serves its
@@ -13,9 +13,9 @@ import multiprocessing as mp
 import signal
 import sys
 
-from qlm.config import IngestSettings
-from services.entrypoint import parse_settings
+from services.common.entrypoint import parse_settings
 from services.ingest.app import run_child, run_one
+from services.ingest.settings import IngestSettings
 
 
 def run_many(settings: IngestSettings) -> int:

@@ -19,7 +19,6 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaClient
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -30,18 +29,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import admitted_event_json
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
-from qlm.config import IngestSettings
 from qlm.core.errors import Unavailable
-from qlm.ingest import AdmissionRules, IngestPlane, Prediction, load_models
 from qlm.log import configure, get_logger
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
-from services.entrypoint import stop_on_signals
+from services.common.entrypoint import stop_on_signals
+from services.common.probes import kafka_answers
 from services.ingest.batch import BatchIngest
 from services.ingest.metrics import IngestMetrics
+from services.ingest.plane import AdmissionRules, IngestPlane, Prediction, load_models
 from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.server import IngestServer
+from services.ingest.settings import IngestSettings
 
 log = get_logger("services.ingest.app")
 
@@ -95,18 +95,6 @@ def redis_client(url: str) -> Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=10,
     )
-
-
-async def kafka_answers(bootstrap_servers: str) -> bool:
-    """Whether a broker answers a metadata request (health probe)."""
-    client = AIOKafkaClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=2000)
-    try:
-        await client.bootstrap()
-        return True
-    except Exception:
-        return False
-    finally:
-        await client.close()
 
 
 class IngestApp:

@@ -21,10 +21,10 @@ from aiokafka import ConsumerRecord
 from qlm.bus.consumer import BusConsumer
 from qlm.bus.producer import BusProducer
 from qlm.bus.topics import TopicNames
-from qlm.config import IngestSettings
-from qlm.ingest import IngestPlane
 from qlm.log import get_logger
 from qlm.submission import Submission
+from services.ingest.plane import IngestPlane
+from services.ingest.settings import IngestSettings
 
 log = get_logger("services.ingest.batch")
 

@@ -15,9 +15,9 @@ from google.protobuf.message import Message
 from qlm.api.v1 import qlm_pb2 as pb
 from qlm.core.errors import InvalidInput
 from qlm.core.types import RequestState, SLOClass
-from qlm.ingest import CancelOutcome, SubmitOutcome, TokenChunk
 from qlm.store.records import RequestRecord
 from qlm.submission import ModelLimits
+from services.ingest.plane import CancelOutcome, SubmitOutcome, TokenChunk
 
 SLO_CLASS_FROM_PB: Final = {
     pb.SLO_CLASS_UNSPECIFIED: "",

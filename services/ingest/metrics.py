@@ -1,6 +1,6 @@
 """Prometheus metrics of the ingest service (one registry per process).
 
-``qlm_ingest_*``: submits by result (:data:`qlm.ingest.SubmitResult`), class, model and
+``qlm_ingest_*``: submits by result (:data:`services.ingest.plane.SubmitResult`), class, model and
 source; the time the plane took per submit; the predicted wait of each submit the
 estimator answered for; queued requests per class and model, refreshed from Redis
 every few seconds (:meth:`IngestMetrics.refresh_queue_depth`).
@@ -13,14 +13,15 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from qlm.core.types import SLOClass
-from qlm.ingest import Prediction, SubmitResult, SubmitSource
+from services.ingest.plane import Prediction, SubmitResult, SubmitSource
 
 SUBMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class IngestMetrics:
-    """The ingest plane's :class:`qlm.ingest.SubmitObserver`, and the queue-depth gauge."""
+    """The ingest plane's :class:`~services.ingest.plane.SubmitObserver`, and the queue-depth
+    gauge."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()

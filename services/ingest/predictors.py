@@ -6,10 +6,10 @@
   turn an estimator outage into an ingest outage; ``Prediction.known`` is False and the
   ``admitted`` event carries no predicted wait); the failure is logged.
 * :class:`LocalPredictor` (no address, ``--workers-file`` given): the same plane the
-  estimator service runs (:class:`services.estimator.plane.EstimatorPlane`) in this
+  estimator service runs (:class:`qlm.estimator_plane.EstimatorPlane`) in this
   process, over this ingest's store and the declared workers (no telemetry, so no online
   correction).
-* neither: :class:`qlm.ingest.NoQueueModel` (wait 0, always admitted).
+* neither: :class:`services.ingest.plane.NoQueueModel` (wait 0, always admitted).
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ import grpc
 
 from qlm.api.v1 import estimator_pb2 as epb
 from qlm.api.v1 import estimator_pb2_grpc
-from qlm.config import IngestSettings
 from qlm.core.estimator import RWTEstimator
 from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.core.types import Request
-from qlm.ingest import NoQueueModel, Prediction, WaitPredictor
+from qlm.estimator_plane import EstimatorPlane, WaitAnswer, WaitQuery
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.store import RedisQueueStore
-from services.estimator.plane import EstimatorPlane, WaitAnswer, WaitQuery
-from services.estimator.servicer import SLO_CLASS_TO_PB
+from services.common.messages import SLO_CLASS_TO_PB
+from services.ingest.plane import NoQueueModel, Prediction, WaitPredictor
+from services.ingest.settings import IngestSettings
 
 log = get_logger("services.ingest.predictors")
 

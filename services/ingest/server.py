@@ -22,9 +22,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from qlm.api.v1 import qlm_pb2, qlm_pb2_grpc
-from qlm.ingest import IngestPlane
 from qlm.log import get_logger
-from services.ingest.errors import add_with_error_mapping
+from services.common.errors import add_with_error_mapping
+from services.ingest.plane import IngestPlane
 from services.ingest.servicer import QueueManagerServicer
 
 log = get_logger("services.ingest.server")

@@ -1,7 +1,8 @@
-"""The QueueManager servicer: wire messages in, :class:`qlm.ingest.IngestPlane` calls, wire out.
+"""The QueueManager servicer: wire messages in, :class:`~services.ingest.plane.IngestPlane`
+calls, wire out.
 
 No validation and no error handling here: the plane validates, and
-:func:`services.ingest.errors.add_with_error_mapping` maps its exceptions to status codes.
+:func:`services.common.errors.add_with_error_mapping` maps its exceptions to status codes.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import grpc
 
 from qlm.api.v1 import qlm_pb2 as pb
 from qlm.api.v1 import qlm_pb2_grpc
-from qlm.ingest import IngestPlane
 from services.ingest import messages
+from services.ingest.plane import IngestPlane
 
 
 class QueueManagerServicer(qlm_pb2_grpc.QueueManagerServicer):

@@ -33,7 +33,7 @@ from qlm.bus.producer import BusProducer
 from qlm.bus.records import Event, Telemetry
 from qlm.bus.tail import TopicTail
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
-from qlm.config import SchedulerSettings
+from qlm.core.corrections import CorrectedProfiles
 from qlm.core.errors import InvalidInput, QlmError, Unavailable
 from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext, make_policy
@@ -41,11 +41,11 @@ from qlm.core.types import QueueSnapshot
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.store import RedisQueueStore
-from services.entrypoint import run_until_signal
-from services.scheduler.corrections import CorrectedProfiles
+from services.common.entrypoint import run_until_signal
 from services.scheduler.lease import LeaderLease, LeaseKeys
 from services.scheduler.loop import SchedulingLoop, StepReport
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.settings import SchedulerSettings
 
 log = get_logger("services.scheduler.app")
 

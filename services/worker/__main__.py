@@ -1,15 +1,15 @@
 """``python -m services.worker --engine sim|vllm --worker-id ID --gpu GPU --models m1,m2
 [--time-scale X]`` or ``--workers-file docker/workers.cpu.yaml`` (several simulated
 workers in one process). Every flag also reads ``QLM_<NAME>``; see
-:class:`qlm.config.WorkerSettings`."""
+:class:`services.worker.settings.WorkerSettings`."""
 
 from __future__ import annotations
 
 import sys
 
-from qlm.config import WorkerSettings
-from services.entrypoint import run_service
+from services.common.entrypoint import run_service
 from services.worker.app import serve
+from services.worker.settings import WorkerSettings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,15 +39,15 @@ from qlm.bus.consumer import BusConsumer
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
-from qlm.config import WorkerSettings
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.engine.base import Engine
 from qlm.engine.factory import make_engine
 from qlm.log import get_logger
 from qlm.store.store import RedisQueueStore
-from services.entrypoint import stop_on_signals
+from services.common.entrypoint import stop_on_signals
 from services.worker.metrics import WorkerMetrics
+from services.worker.settings import WorkerSettings
 from services.worker.wakeup import QueueWatcher
 from services.worker.worker import Worker, WorkerOptions
 

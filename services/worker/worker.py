@@ -75,7 +75,8 @@ StopReason = Literal["evict", "cancel", "lost", "shutdown"]
 
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
-    """Timing and admission knobs of a worker (see :class:`qlm.config.WorkerSettings`)."""
+    """Timing and admission knobs of a worker (see
+    :class:`services.worker.settings.WorkerSettings`)."""
 
     lease_s: float = 15.0
     renew_interval_s: float = 1.0

@@ -27,7 +27,6 @@ from qlm.bus.producer import BusProducer
 from qlm.bus.records import Telemetry
 from qlm.bus.topics import TopicNames
 from qlm.client import QlmClient
-from qlm.config import EstimatorSettings, IngestSettings
 from qlm.core.errors import Overloaded
 from qlm.core.estimator import RWTEstimator
 from qlm.core.perf import ProfileBook
@@ -43,7 +42,9 @@ from qlm.roster import WorkerInfo, view_of
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits
 from services.estimator.app import EstimatorApp
+from services.estimator.settings import EstimatorSettings
 from services.ingest.app import IngestApp
+from services.ingest.settings import IngestSettings
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka]
 

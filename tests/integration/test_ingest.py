@@ -34,12 +34,12 @@ from qlm.bus.producer import BusProducer
 from qlm.bus.records import DeadLetter, Event
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.client import QlmClient
-from qlm.config import IngestSettings
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.localstack import RedisServer
 from qlm.store.keys import Keys
 from qlm.submission import ModelLimits
 from services.ingest.app import IngestApp
+from services.ingest.settings import IngestSettings
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka]
 

@@ -23,7 +23,6 @@ from aiokafka import AIOKafkaConsumer
 
 from qlm.bus.records import LsoCommand
 from qlm.bus.topics import TopicNames
-from qlm.config import SchedulerSettings
 from qlm.core.policies.base import PolicyContext
 from qlm.core.types import (
     SLO,
@@ -39,6 +38,7 @@ from qlm.core.types import (
 )
 from qlm.store.store import RedisQueueStore
 from services.scheduler.app import SchedulerApp
+from services.scheduler.settings import SchedulerSettings
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka]
 

@@ -1,13 +1,13 @@
 from pathlib import Path
 
-from qlm.configdoc import render
+from services.configdoc import render
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_config_reference_matches_the_code() -> None:
     committed = (ROOT / "docs" / "config.md").read_text()
-    assert committed == render(), "stale: run python -m qlm.configdoc > docs/config.md"
+    assert committed == render(), "stale: run python -m services.configdoc > docs/config.md"
 
 
 def test_every_setting_is_documented_with_its_env_name() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loadgen.demo import build_plan, sim_workers
+from loadgen.plan import build_plan, sim_workers
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PROFILE_DIR, PerfProfile
 from qlm.localstack.services import (

@@ -26,15 +26,15 @@ from qlm.core.types import (
     SLOClass,
     Swap,
 )
-from qlm.ingest import AdmissionRules
-from qlm.roster import WorkerInfo, WorkerRoster, view_of, workers_from
-from services.estimator.plane import (
+from qlm.estimator_plane import (
     GroupSummary,
     WaitQuery,
     WorkerSummary,
     estimate_batch,
     predict_wait,
 )
+from qlm.roster import WorkerInfo, WorkerRoster, view_of, workers_from
+from services.ingest.plane import AdmissionRules
 from services.scheduler.loop import CommandMemory, lso_commands, queue_orders
 
 PROFILES = ProfileBook.load()
@@ -213,7 +213,7 @@ def test_admission_rules_parse() -> None:
 
 # ------------------------------------------------------------------ scheduler corrections
 def test_online_correction_rebuilds_the_profiles_only_when_a_factor_moved() -> None:
-    from services.scheduler.corrections import CorrectedProfiles
+    from qlm.core.corrections import CorrectedProfiles
 
     book = CorrectedProfiles(PROFILES, min_change=0.1)
     assert book.book() is PROFILES

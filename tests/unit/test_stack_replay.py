@@ -21,12 +21,13 @@ from loadgen.gpu.stack_replay import (
     workers_yaml,
     write_profiles,
 )
-from qlm.config import WorkerSettings, load_settings
 from qlm.core.errors import Unavailable
 from qlm.core.perf import ProfileBook
 from qlm.core.types import SLO, Request, SLOClass
 from qlm.roster import read_workers_file
 from qlm.sim.cluster import Job
+from services.common.settings import load_settings
+from services.worker.settings import WorkerSettings
 
 
 def test_workload_flags_default_to_the_harness_defaults() -> None:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from qlm.config import WorkerSettings, load_settings
 from qlm.core.errors import InvalidInput
+from services.common.settings import load_settings
 from services.worker.app import WorkerSpec, read_workers_file, worker_specs
+from services.worker.settings import WorkerSettings
 from services.worker.wakeup import merged_flags
 
 

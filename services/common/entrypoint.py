@@ -15,9 +15,9 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic_settings import BaseSettings
 
-from qlm.config import CommonSettings, load_settings
 from qlm.core.errors import QlmError
 from qlm.log import configure, get_logger
+from services.common.settings import CommonSettings, load_settings
 
 log = get_logger("services")
 

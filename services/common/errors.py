@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from qlm.core.errors import InvalidInput, NotFound, Overloaded, Unavailable
 from qlm.log import get_logger
 
-log = get_logger("services.ingest.errors")
+log = get_logger("services.common.errors")
 
 STATUS_OF: Final[tuple[tuple[type[Exception], grpc.StatusCode], ...]] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),

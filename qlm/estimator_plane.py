@@ -1,7 +1,9 @@
 """The estimator's data plane: the core RWT estimator over a cached view of the queue.
 
-Transport-free: the gRPC servicer only translates messages; the ingest service may run
-this plane in process instead of calling the service.
+Transport-free: the estimator service's gRPC servicer (``services/estimator``) only
+translates messages; the ingest service may run this plane in process instead of calling
+the service (``--workers-file`` without ``--estimator-addr``). Two services run it, so it
+lives in the library and neither service imports the other.
 
 * **View**: a :class:`~qlm.core.types.QueueSnapshot` rebuilt from the Redis store (queued
   groups, running requests, virtual queues) and the :class:`~qlm.roster.WorkerRoster`

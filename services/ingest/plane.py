@@ -48,7 +48,7 @@ from qlm.store.records import RequestRecord
 from qlm.store.store import EnqueueResult, RedisQueueStore
 from qlm.submission import ModelLimits, Submission, SubmissionLimits, parse_submission
 
-log = get_logger("qlm.ingest")
+log = get_logger("services.ingest.plane")
 
 #: z-score of the 90th percentile of a Normal distribution.
 Z_P90 = 1.2815515655446004

@@ -1,0 +1,89 @@
+"""The ingest service's settings: flags over ``QLM_*`` environment variables over defaults.
+
+Shared settings and the loader: :mod:`services.common.settings`; reference: docs/config.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+
+from qlm.core.errors import InvalidInput
+from services.common.settings import MIB, CommonSettings
+
+
+class IngestSettings(CommonSettings):
+    """The ingest service: gRPC front door and Kafka batch consumer."""
+
+    host: str = Field("0.0.0.0", description="gRPC listen address")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    models_file: Path | None = Field(
+        None, description="YAML/JSON list of served models and their max_model_len; "
+        "default: the models of the performance profiles"
+    )
+    profiles_dir: Path | None = Field(None, description="performance profiles directory")
+    max_message_bytes: int = Field(
+        8 * MIB, gt=0, description="largest gRPC message accepted (transport limit)"
+    )
+    max_prompt_bytes: int = Field(
+        1 * MIB, gt=0, description="largest prompt text, UTF-8 bytes (larger: INVALID_ARGUMENT)"
+    )
+    group_window_s: float = Field(5.0, gt=0, description="request-group window (seconds)")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM")
+    batch_consumer: bool = Field(True, description="run the qlm.batch.requests consumer")
+    consumer_group: str = Field("qlm-ingest", min_length=1)
+    serve_grpc: bool = Field(True, description="serve the gRPC API")
+    processes: int = Field(
+        1, ge=1, le=64,
+        description="ingest processes sharing --port (SO_REUSEPORT; needs a fixed port); each "
+        "is also a member of the batch consumer group",
+    )
+    event_linger_ms: int = Field(
+        50, ge=0, le=1000,
+        description="how long the producer gathers admitted events into one batch "
+        "(submits do not wait for it)",
+    )
+    metrics_port: int = Field(
+        9460, ge=0, le=65535, description="Prometheus (0 = any); with --processes N, "
+        "process i serves on metrics_port + i"
+    )
+    serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
+    queue_depth_interval_s: float = Field(
+        5.0, gt=0, description="how often the queue-depth gauge is re-read from Redis"
+    )
+
+    estimator_addr: str | None = Field(
+        None, description="estimator service host:port for predicted waits and admission; "
+        "unset: the estimator in process over workers_file (or no prediction without it)"
+    )
+    estimator_timeout_s: float = Field(
+        0.25, gt=0, description="PredictWait deadline; past it the request is admitted"
+    )
+    admission: str = Field(
+        "interactive=reject", description="per class: reject (when the estimator says the "
+        "SLO cannot be met) or queue, e.g. 'interactive=reject,custom=queue'"
+    )
+    admission_min_p: float = Field(
+        0.05, ge=0, le=1, description="in-process estimator: admit when P(meet SLO) >= this"
+    )
+    workers_file: Path | None = Field(
+        None, description="in-process estimator: YAML list of workers {id, gpu, models}"
+    )
+
+    @model_validator(mode="after")
+    def _admission_rules_parse(self) -> Self:
+        from services.ingest.plane import AdmissionRules  # late: the plane is heavier
+
+        try:
+            AdmissionRules.parse(self.admission)
+        except InvalidInput as error:
+            raise ValueError(str(error)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_fits_in_a_message(self) -> Self:
+        if self.max_prompt_bytes >= self.max_message_bytes:
+            raise ValueError("max_prompt_bytes must be smaller than max_message_bytes")
+        return self
