@@ -21,10 +21,10 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from qlm.bus.records import DeadLetter
-from qlm.config import IngestSettings
 from qlm.store.keys import Keys
 from qlm.submission import ModelLimits
 from services.ingest.app import IngestApp
+from services.ingest.settings import IngestSettings
 from tests.integration.test_ingest import read_topic
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka]
