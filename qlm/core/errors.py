@@ -26,6 +26,11 @@ class InvalidInput(QlmError, ValueError):
         return (type(self), (self.field, self.problem))
 
 
+class NotServed(InvalidInput):
+    """A known model that no worker serves now: gRPC FAILED_PRECONDITION (it may be served
+    later), a DLQ record on Kafka."""
+
+
 class NotFound(QlmError, KeyError):
     """A named thing (request, model, profile) does not exist: gRPC NOT_FOUND."""
 

@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import admitted_event_json
+from qlm.bus.tail import TopicTail
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import Unavailable
 from qlm.log import configure, get_logger
@@ -40,6 +41,7 @@ from services.ingest.batch import BatchIngest
 from services.ingest.metrics import IngestMetrics
 from services.ingest.plane import AdmissionRules, IngestPlane, Prediction, load_models
 from services.ingest.predictors import close_predictor, make_predictor
+from services.ingest.served import ServedModels
 from services.ingest.server import IngestServer
 from services.ingest.settings import IngestSettings
 
@@ -120,6 +122,12 @@ class IngestApp:
             settings.kafka_bootstrap, client_id="qlm-ingest", linger_ms=settings.event_linger_ms
         )
         self.metrics = IngestMetrics()
+        self.served = ServedModels(self.models, settings.served_models_timeout_s, clock)
+        self._telemetry = TopicTail(
+            settings.kafka_bootstrap, [self.topics.telemetry], self.served.on_record,
+            client_id="qlm-ingest-served",
+        ) if self.served.checking else None
+        self._telemetry_task: asyncio.Task[None] | None = None
         self.plane = IngestPlane(
             self.store,
             BusEvents(self.producer, self.topics.events, clock),
@@ -129,6 +137,7 @@ class IngestApp:
             predictor=make_predictor(settings, self.store, clock),
             admission=AdmissionRules.parse(settings.admission),
             observer=self.metrics,
+            served=self.served if self.served.checking else None,
         )
         self.server: IngestServer | None = None
         self.consumer: BatchIngest | None = None
@@ -144,6 +153,10 @@ class IngestApp:
         s = self.settings
         await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
         await self.producer.start()
+        if self._telemetry is not None:
+            await self._telemetry.start()
+            self._telemetry_task = asyncio.create_task(self._telemetry.run(),
+                                                       name="ingest-telemetry")
         if s.serve_grpc:
             self.server = IngestServer(
                 self.plane,
@@ -179,6 +192,11 @@ class IngestApp:
             await self.server.stop(self.settings.shutdown_grace_s)
         if self.consumer is not None:
             await self.consumer.stop()
+        if self._telemetry is not None:
+            await self._telemetry.stop()
+        if self._telemetry_task is not None:
+            with contextlib.suppress(Exception):
+                await self._telemetry_task
         await self.producer.stop()
         await close_predictor(self.plane.predictor)
         await self.store.aclose()

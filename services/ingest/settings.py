@@ -50,6 +50,11 @@ class IngestSettings(CommonSettings):
         "process i serves on metrics_port + i"
     )
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
+    served_models_timeout_s: float = Field(
+        10.0, ge=0, description="a model counts as served while a worker holding it reported "
+        "on qlm.telemetry within this many seconds; a submit for a model nobody serves is "
+        "refused (FAILED_PRECONDITION / DLQ) and ListModels leaves it out (0 = no check)"
+    )
     queue_depth_interval_s: float = Field(
         5.0, gt=0, description="how often the queue-depth gauge is re-read from Redis"
     )

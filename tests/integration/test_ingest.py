@@ -56,7 +56,7 @@ def _settings(redis_url: str, kafka: str, topic_prefix: str, **changes: Any) -> 
         "host": "127.0.0.1", "port": 0, "batch_consumer": False,
         "consumer_group": f"{topic_prefix}ingest", "shutdown_grace_s": 1.0,
         "max_prompt_bytes": MAX_PROMPT_BYTES, "max_message_bytes": MAX_MESSAGE_BYTES,
-        "log_json": False,
+        "log_json": False, "served_models_timeout_s": 0.0,  # no workers here
     }
     values.update(changes)
     return IngestSettings(**values)
@@ -716,3 +716,56 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+# ------------------------------------------------------------------ models nobody serves
+async def test_a_model_no_worker_serves_is_refused_and_not_listed(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    from qlm.bus.records import Telemetry
+
+    catalogue = {**MODELS, "m13b": ModelLimits("m13b", max_model_len=2048)}
+    app = IngestApp(_settings(redis_url, kafka_bootstrap, topic_prefix, batch_consumer=True,
+                              served_models_timeout_s=5.0), models=catalogue)
+    await app.start()
+    try:
+        async with BusProducer(kafka_bootstrap) as producer:
+            async def heartbeat() -> None:  # one worker holding m7b only, as a worker reports
+                while True:
+                    await producer.publish(app.topics.telemetry, Telemetry(
+                        worker="w-0", gpu="H100-80GB", at=time.time(), model="m7b",
+                        models=("m7b",), batch_size=0, kv_used_fraction=0.0,
+                        step_time_predicted_s=0.0, step_time_observed_s=0.0, num_steps=0))
+                    await asyncio.sleep(0.5)
+
+            beating = asyncio.create_task(heartbeat())
+            try:
+                deadline = time.monotonic() + 30
+                while not app.served.known():
+                    assert time.monotonic() < deadline, "no telemetry heard"
+                    await asyncio.sleep(0.1)
+                async with QlmClient(f"127.0.0.1:{app.port}", timeout_s=10) as client:
+                    assert [m.name for m in await client.list_models()] == ["m7b"]
+                    assert (await client.submit(good(request_id="served-1"))).request_id
+                    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                        stub = qlm_pb2_grpc.QueueManagerStub(channel)
+                        with pytest.raises(grpc.aio.AioRpcError) as refused:
+                            await stub.Submit(pb.SubmitRequest(
+                                request_id="unserved-1", model="m13b", prompt_text="hi",
+                                max_tokens=4))
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert (refused.value.details() or "").startswith(
+                    "model: no worker serves 'm13b' now; served models: m7b")
+                await producer.publish_raw(app.topics.batch_requests, json.dumps(
+                    {"request_id": "unserved-2", **good(model="m13b")}).encode(), b"u")
+                letters = await read_topic(kafka_bootstrap, app.topics.dlq,
+                                           lambda rs: len(rs) >= 1, 30.0)
+            finally:
+                beating.cancel()
+        letter = DeadLetter.from_json(letters[0].value)
+        assert letter.field == "model" and "no worker serves 'm13b'" in letter.reason
+        assert await raw_redis.exists(KEYS.request("served-1"))
+        assert not await raw_redis.exists(KEYS.request("unserved-1"))
+        assert not await raw_redis.exists(KEYS.request("unserved-2"))
+    finally:
+        await app.stop()

@@ -10,7 +10,8 @@ Conventions:
 * Invalid input is answered with INVALID_ARGUMENT and a message of the form
   "<field>: <problem>" (e.g. "max_tokens: must be > 0, got 0"); nothing is written.
   Unknown request ids are NOT_FOUND; a dependency that does not answer (Redis, Kafka)
-  is UNAVAILABLE.
+  is UNAVAILABLE. A model of the catalogue that no worker serves now is
+  FAILED_PRECONDITION ("model: no worker serves 'x' now; served models: ...").
 """
 
 from collections import abc as _abc
