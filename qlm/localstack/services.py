@@ -239,7 +239,7 @@ class ServiceStack:
                     "--shutdown-grace-s", str(o.shutdown_grace_s)]
         raise InvalidInput("service", f"unknown {name!r}; expected one of {SERVICE_NAMES}")
 
-    def _env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
         env = dict(os.environ)
         path = env.get("PYTHONPATH", "")
         env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
@@ -263,14 +263,19 @@ class ServiceStack:
         A service that does not become ready is stopped, with its log's tail in the
         Unavailable raised; the ones started before it keep running (``down`` stops them).
         """
-        if all(self.processes[n].running_pid() is None for n in SERVICE_NAMES):
-            self.ports = self.ports.resolved(self.prefer_standard_ports)
-            self._write_files()
+        self.prepare()
         lines = []
         for name in SERVICE_NAMES:
             if name in names:
                 lines.append(self.start_one(name))
         return lines
+
+    def prepare(self) -> None:
+        """When no service runs: choose the ports and write the run directory's files
+        (``services.json``, the workers and profiles the services read)."""
+        if all(self.processes[n].running_pid() is None for n in SERVICE_NAMES):
+            self.ports = self.ports.resolved(self.prefer_standard_ports)
+            self._write_files()
 
     def start_one(self, name: str, timeout_s: float = START_TIMEOUT_S) -> str:
         """Start one service (unless running) and wait until it is ready."""
@@ -279,7 +284,7 @@ class ServiceStack:
             return f"{name:9} already running (pid {process.running_pid()})"
         for port in self.ports_of(name):  # else a health check could reach another process
             ensure_port_free("127.0.0.1", port, name)
-        pid = process.start(self.argv(name), env=self._env())
+        pid = process.start(self.argv(name), env=self.env())
         try:
             seconds = process.wait_until(
                 lambda: process.running_pid() is not None and self.is_ready(name),
