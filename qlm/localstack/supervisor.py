@@ -5,7 +5,8 @@
 services of ``D`` (:meth:`ServiceStack.up`, so they are its children and it learns how
 each one exits), then checks them every ``poll_s``:
 
-* a service whose process is gone is started again after a backoff of
+* a service whose process is gone (each worker is a process of its own, one per GPU) is
+  started again after a backoff of
   ``base_s · 2^(n-1)`` seconds (n = deaths in a row, at most ``max_s``); a service that
   stayed up ``stable_s`` seconds starts again from n = 1;
 * every death and restart is written to ``D/services/supervisor.json`` (restarts, last
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from qlm.core.errors import QlmError, Unavailable
-from qlm.localstack.services import SERVICE_NAMES, ServiceStack
+from qlm.localstack.services import ServiceStack
 
 STATE_FILE: Final = "supervisor.json"
 
@@ -71,7 +72,9 @@ class Supervisor:
     poll_s: float = 0.5
 
     def __post_init__(self) -> None:
-        self.records: dict[str, ServiceRecord] = {name: ServiceRecord() for name in SERVICE_NAMES}
+        #: By process name (one per service, one per worker).
+        self.records: dict[str, ServiceRecord] = {
+            name: ServiceRecord() for name in self.stack.process_names()}
         self._stopping = False
 
     @property
@@ -91,8 +94,8 @@ class Supervisor:
     def check_once(self) -> None:
         """Note the services that died; start again those whose backoff has passed."""
         now = self.clock()
-        for name in SERVICE_NAMES:
-            record = self.records[name]
+        for name in self.stack.process_names():
+            record = self.records.setdefault(name, ServiceRecord())
             process = self.stack.processes[name]
             if process.running_pid() is not None:
                 if record.started_at is not None and now - record.started_at >= (

@@ -125,8 +125,8 @@ async def test_ingest_rides_out_a_redis_outage_and_serves_again_without_a_restar
         result_path = os.environ.get("QLM_OUTAGE_RESULT")
         if result_path:
             Path(result_path).write_text(json.dumps({
-                "command": "QLM_TEST_OUTAGE_S=%g QLM_OUTAGE_RESULT=%s python -m pytest -q -m "
-                           "slow tests/integration/test_outage.py" % (OUTAGE_S, result_path),
+                "command": f"QLM_TEST_OUTAGE_S={OUTAGE_S:g} QLM_OUTAGE_RESULT={result_path} "
+                           "python -m pytest -q -m slow tests/integration/test_outage.py",
                 "redis_down_s": round(outage_ended - outage_started, 1),
                 "submits_answered_unavailable": num_unavailable,
                 "submits_accepted_while_down": num_submitted_during,
