@@ -123,12 +123,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{status.name:6} {status.address:28} {state:14} {answers}")
         num_down += status.pid is None
     supervisor_pid = supervisor_process(services).running_pid()
-    print(f"{'supervisor':10} {f'pid {supervisor_pid}' if supervisor_pid else 'not running'}")
+    print(f"{'supervisor':18} {f'pid {supervisor_pid}' if supervisor_pid else 'not running'}")
     supervised = (read_state(services.run_dir) or {}).get("services", {})
     for service in services.status():
         state = f"pid {service.pid}" if service.pid is not None else "not running"
         ready = "ready" if service.ready else "not ready"
-        print(f"{service.name:10} {state:14} {ready:9} {service.detail:40} "
+        print(f"{service.name:18} {state:14} {ready:9} {service.detail:40} "
               f"{describe(supervised.get(service.name)) if supervisor_pid else ''}".rstrip())
     return 0 if num_down == 0 else 3
 
