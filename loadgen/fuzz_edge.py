@@ -64,8 +64,28 @@ _fields = {
     "v": st.sampled_from([1, 2, "1", None]),
     "unknown": json_values,
 }
-#: A submission record with any subset of its fields, each valid or not.
-records = st.fixed_dictionaries({}, optional=_fields)
+_ids = st.from_regex(r"[A-Za-z0-9._:-]{1,40}", fullmatch=True)
+_valid_records = st.fixed_dictionaries({
+    "request_id": _ids, "model": st.just(MODEL), "prompt": st.text(min_size=1, max_size=200),
+    "max_tokens": st.integers(1, 1500)}, optional={
+    "slo_class": st.sampled_from(["interactive", "batch-1", "batch-2"]),
+    "tenant": st.text(min_size=1, max_size=20), "ttft_slo_s": st.floats(0.1, 1e6)})
+
+
+@st.composite
+def _records(draw: st.DrawFn) -> dict[str, Any]:
+    """Half the time a valid record with at most two fields replaced by anything;
+    otherwise any subset of the fields, each valid or not."""
+    if draw(st.booleans()):
+        return draw(st.fixed_dictionaries({}, optional=_fields))
+    record = dict(draw(_valid_records))
+    for name in draw(st.lists(st.sampled_from(sorted(_fields)), max_size=2, unique=True)):
+        record[name] = draw(_fields[name])
+    return record
+
+
+#: A submission record: valid, nearly valid, or anything shaped like one.
+records = _records()
 
 
 def _nested(depth: int) -> bytes:
@@ -94,19 +114,24 @@ def submit_messages(draw: st.DrawFn) -> bytes:
     """A serialised SubmitRequest (fields valid or not, int64 extremes), or any bytes."""
     if draw(st.integers(0, 9)) == 0:
         return draw(st.binary(max_size=200))
+    valid = draw(st.booleans())  # mostly valid fields: the accepting path is fuzzed too
     message = pb.SubmitRequest(
-        request_id=draw(st.text(max_size=140)), tenant=draw(st.text(max_size=20)),
-        model=draw(st.sampled_from([MODEL, "nope", ""]) | st.text(max_size=10)),
-        max_tokens=draw(INT64), slo_class=pb.SLOClass.ValueType(draw(st.integers(0, 6))))
-    if draw(st.booleans()):
-        message.prompt_text = draw(st.text(max_size=200))
+        request_id=draw(_ids | st.just("") if valid else st.text(max_size=140)),
+        tenant=draw(st.text(max_size=20)),
+        model=MODEL if valid else draw(st.sampled_from([MODEL, "nope", ""])
+                                       | st.text(max_size=10)),
+        max_tokens=draw(st.integers(1, 1500) if valid else INT64),
+        slo_class=pb.SLOClass.ValueType(draw(st.integers(0, 3) if valid else st.integers(0, 6))))
+    if valid or draw(st.booleans()):
+        message.prompt_text = draw(st.text(min_size=1 if valid else 0, max_size=200))
     else:
         message.prompt_token_ids.ids.extend(draw(st.lists(INT64, max_size=8)))
     if draw(st.booleans()):
-        message.ttft_slo_s = draw(st.floats(allow_nan=True, allow_infinity=True))
-    if draw(st.booleans()):
+        message.ttft_slo_s = draw(st.floats(0.1, 1e6) if valid
+                                  else st.floats(allow_nan=True, allow_infinity=True))
+    if not valid and draw(st.booleans()):
         message.tpot_slo_s = draw(st.floats(allow_nan=True, allow_infinity=True))
-    if draw(st.booleans()):
+    if not valid and draw(st.booleans()):
         sampling = message.sampling
         sampling.top_k = draw(INT64)
         if draw(st.booleans()):
@@ -117,7 +142,7 @@ def submit_messages(draw: st.DrawFn) -> bytes:
             sampling.seed = draw(INT64)
         sampling.stop.extend(draw(st.lists(st.text(max_size=5), max_size=3)))
     data = message.SerializeToString()
-    if draw(st.integers(0, 4)) == 0:  # a wrong wire type or a truncated message
+    if not valid and draw(st.integers(0, 4)) == 0:  # a wrong wire type or a truncated message
         data = draw(st.sampled_from([data[: len(data) // 2], data + b"\x32\x03ten"]))
     return data
 

@@ -305,8 +305,9 @@ def _sampling(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _reject_unknown(record: Mapping[str, Any], known: frozenset[str], prefix: str = "") -> None:
     for name in record:
-        if name not in known:
-            raise InvalidInput(f"{prefix}{name}", "unknown field")
+        if name not in known:  # an empty, unprintable or huge name is shown quoted and cut
+            shown = name if name and str(name).isprintable() else repr(name)
+            raise InvalidInput(f"{prefix}{str(shown)[:100]}", "unknown field")
 
 
 # ------------------------------------------------------------------ entry point

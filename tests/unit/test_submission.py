@@ -87,3 +87,12 @@ def test_token_ids_count_as_prompt_tokens() -> None:
 
 def test_without_a_catalogue_any_model_passes() -> None:
     assert parse_submission(_record(model="anything", max_tokens=10**6), None).model == "anything"
+
+
+def test_an_unknown_field_with_an_empty_or_unprintable_name_is_named_quoted() -> None:
+    with pytest.raises(InvalidInput) as empty:
+        parse_submission({**_record(), "": 1}, MODELS, LIMITS)
+    assert (empty.value.field, empty.value.problem) == ("''", "unknown field")
+    with pytest.raises(InvalidInput) as control:
+        parse_submission({**_record(), "a\nb": 1}, MODELS, LIMITS)
+    assert control.value.field == "'a\\nb'"
