@@ -6,7 +6,7 @@ letter on ``qlm.dlq`` (and the consumer carries on); a Submit is answered OK or 
 clean INVALID_ARGUMENT / FAILED_PRECONDITION naming a field (never INTERNAL, UNKNOWN or a
 dropped connection), and ingest keeps serving.
 
-The strategies below are shared by the tests (``tests/unit/test_fuzz_edge.py``: the pure
+The strategies below are shared by the tests (``tests/unit/test_fuzz_decoding.py``: the pure
 decoding, hundreds of inputs; ``tests/integration/test_fuzz_edge.py``: real Redis, Kafka
 and gRPC, a few dozen) and by this benchmark, which sends ``--num`` of each (default
 10,000) to an in-process ingest on a real ``redis-server`` and Apache Kafka and writes

@@ -14,18 +14,19 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from qlm.bus.records import DeadLetter
 from qlm.store.keys import Keys
 from qlm.submission import ModelLimits
 from services.ingest.app import IngestApp
 from services.ingest.settings import IngestSettings
-from tests.integration.test_ingest import read_topic
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka]
 
@@ -49,6 +50,24 @@ POISON: dict[str, tuple[bytes, str | None]] = {
                                   "prompt": "x" * 800_000, "max_tokens": 8}).encode(), "prompt"),
     "invalid-900kb": (b'{"request_id":"p-900k",' + b" " * 900_000 + b"oops", "record"),
 }
+
+
+async def read_topic(bootstrap: str, topic: str, until: Callable[[list[Any]], bool],
+                     timeout_s: float = 20.0) -> list[Any]:
+    """Records of ``topic`` from the beginning until ``until(records)`` or the timeout."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=f"reader-{uuid.uuid4().hex}",
+        auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not until(records):
+            for batch in (await consumer.getmany(timeout_ms=300)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
 
 
 @pytest.fixture
