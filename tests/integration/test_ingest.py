@@ -382,7 +382,7 @@ async def test_batch_lands_exactly_once_across_a_killed_consumer(
         **os.environ, "QLM_REDIS_URL": redis_url, "QLM_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "QLM_TOPIC_PREFIX": topic_prefix, "QLM_MODELS_FILE": str(models_file),
         "QLM_CONSUMER_GROUP": f"{topic_prefix}ingest", "QLM_LOG_LEVEL": "warning",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(ROOT), "QLM_SERVED_MODELS_TIMEOUT_S": "0",  # no workers here
     }
     await ensure_topics(kafka_bootstrap, topic_specs(TopicNames(topic_prefix)))
     sent = _cli(["batch", "submit", str(batch)], env)
@@ -552,7 +552,8 @@ async def test_ingest_process_serves_then_stops_gracefully_on_sigterm(
             [sys.executable, "-m", "services.ingest", "--host", "127.0.0.1", "--port", str(port),
              "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
              "--topic-prefix", topic_prefix, "--models-file", str(models_file),
-             "--batch-consumer", "false", "--shutdown-grace-s", "2"],
+             "--batch-consumer", "false", "--shutdown-grace-s", "2",
+             "--served-models-timeout-s", "0"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log_file, stderr=subprocess.STDOUT,
         )
@@ -660,7 +661,8 @@ async def test_two_ingest_processes_share_a_port_and_stop_together(
             [sys.executable, "-m", "services.ingest", "--processes", "2", "--host", "127.0.0.1",
              "--port", str(port), "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
              "--topic-prefix", topic_prefix, "--models-file", str(models_file),
-             "--batch-consumer", "false", "--shutdown-grace-s", "1"],
+             "--batch-consumer", "false", "--shutdown-grace-s", "1",
+             "--served-models-timeout-s", "0"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log_file, stderr=subprocess.STDOUT,
         )
