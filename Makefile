@@ -2,7 +2,7 @@
 PYTHON ?= python3
 OUT ?= out
 
-.PHONY: help setup install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean docs
+.PHONY: help setup install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean docs bench-http
 
 help:
 	@echo "make setup     install what a clean Debian machine lacks (apt, pip, Kafka jars); test and demo run it"
@@ -12,6 +12,7 @@ help:
 	@echo "make up/down   start/stop Redis + Kafka + the services under .qlm/ (POLICY=fcfs WORKERS=f.yaml TIME_SCALE=x)"
 	@echo "make kafka-jars  fetch the Kafka broker jars from Maven Central (cached)"
 	@echo "make bench     the benchmarks (results under docs/results/)"
+	@echo "make gpu-stage vLLM + Redis/Kafka for the GPU host, as parcels of one device call each"
 
 # Everything a clean Debian machine lacks: redis-server, Maven + Java 17 (for the Kafka
 # jars), the Python packages, the Kafka jars from Maven Central. Redone when
@@ -22,10 +23,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(SETUP_STAMP)
 
 $(SETUP_STAMP): pyproject.toml qlm/localstack/kafka-pom.xml
-	@if ! command -v redis-server >/dev/null || ! command -v mvn >/dev/null || ! command -v java >/dev/null; then \
-	  echo "installing redis-server, maven, openjdk-17 (apt)"; \
+	@if ! command -v redis-server >/dev/null || ! command -v mvn >/dev/null || ! command -v java >/dev/null \
+	    || ! command -v chromium >/dev/null || ! command -v wrk >/dev/null; then \
+	  echo "installing redis-server, maven, openjdk-17, chromium (status page test), wrk (bench-http) (apt)"; \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server maven openjdk-17-jre-headless >/dev/null; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server maven openjdk-17-jre-headless chromium wrk >/dev/null; \
 	fi
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	$(PYTHON) -m qlm.localstack fetch-jars
@@ -75,6 +77,10 @@ clean:
 bench-store:
 	$(PYTHON) -m loadgen.bench_store --out docs/results/bench_store.json
 
+# Redis memory per queued request (docs/scaling.md)
+bench-redis-memory:
+	$(PYTHON) -m loadgen.bench_redis_memory --out docs/results/bench_redis_memory.json
+
 # ghz (gRPC load tool, Go) drives bench-submit without taking the server's cores
 GHZ_VERSION ?= v0.120.0
 GHZ ?= $(HOME)/.cache/qlm/bin/ghz
@@ -90,6 +96,11 @@ $(GHZ):
 # submits/s as 2 on these cores, less CPU per submit, lower p99)
 bench-submit: $(GHZ)
 	PATH="$(dir $(GHZ)):$$PATH" $(PYTHON) -m loadgen.bench_submit --load ghz --server-cpus 0 --kafka-cpus 1 --load-cpus 1 --out docs/results/bench_submit_ghz_pinned.json
+
+# HTTP admissions (OpenAI API, wrk) against gRPC Submit (ghz) on one ingest process: ingest
+# on core 0, Redis + Kafka and the load tools on core 1
+bench-http: $(GHZ)
+	PATH="$(dir $(GHZ)):$$PATH" $(PYTHON) -m loadgen.bench_http --ingest-cpus 0 --kafka-cpus 1 --load-cpus 1 --out docs/results/bench_http.json
 
 bench-worker:
 	$(PYTHON) -m loadgen.bench_worker --requests 200 --warmup 20 --out docs/results/bench_worker.json
@@ -114,6 +125,21 @@ bench-decide:
 
 docs:  ## regenerate the generated docs (configuration reference)
 	$(PYTHON) -m services.configdoc > docs/config.md
+
+# Everything the GPU host needs (docs/results/gpu/README.md), as parcels of one device call
+# each: vLLM 0.25.0 + its wheels (.stage/vsite.tar.xz), Redis + Kafka + the services' wheels
+# (.stack/stack.tar.xz), cut into .stage/parcel-1..N, each small enough to travel with the
+# repository. On the host: python3 -m loadgen.gpu.stage unpack .stage/parcel-K, in order.
+.PHONY: gpu-stage
+gpu-stage: .stage/vsite.tar.xz .stack/stack.tar.xz
+	$(PYTHON) -m loadgen.gpu.stage parcels
+
+.stage/vsite.tar.xz: loadgen/gpu/stage.py
+	$(PYTHON) -m loadgen.gpu.stage fetch
+	$(PYTHON) -m loadgen.gpu.stage vllm
+
+.stack/stack.tar.xz: loadgen/gpu/stage_stack.sh loadgen/gpu/unpack_stack.sh
+	PYTHON=$(PYTHON) bash loadgen/gpu/stage_stack.sh
 
 # Redis + Kafka + the missing wheels for a GPU host without network, Java or redis-server
 # (needs openjdk-17-jdk-headless for jlink/jmods): .stack/stack.tar.xz, unpacked there by

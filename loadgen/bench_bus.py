@@ -1,7 +1,10 @@
 """Micro-benchmark of the Kafka bus: acknowledged publishes/s and committed consumes/s.
 
 Starts its own Kafka broker (KRaft, one node, as ``make up``) on free loopback ports,
-or uses ``--bootstrap``. Phases, on topics under a fresh prefix:
+or uses ``--bootstrap``. ``--brokers 1,3`` runs the phases once per cluster size, one
+after the other in this process: with 3 nodes (:class:`qlm.localstack.KafkaCluster`)
+the topics get 3 replicas and ``min.insync.replicas`` 2, so every acknowledged publish
+waits for a second broker. Phases, on topics under a fresh prefix:
 
 1. publish: ``--clients`` asyncio tasks (default 64) share one :class:`BusProducer`
    (acks=all, idempotent) and each awaits the acknowledgement of every ``Event`` it
@@ -35,8 +38,9 @@ from aiokafka import ConsumerRecord
 
 from loadgen.results import emit
 from qlm.bus import BusConsumer, BusProducer, ConsumerOptions, Event, TopicNames
-from qlm.bus.topics import ensure_topics, topic_specs
-from qlm.localstack import KafkaServer, free_loopback_port
+from qlm.bus.topics import TopicLayout, ensure_topics, topic_specs
+from qlm.localstack import KafkaCluster, KafkaServer, free_loopback_port
+from qlm.localstack.kafka import kafka_version
 
 
 def make_event(index: int) -> Event:
@@ -108,9 +112,11 @@ async def consume_phase(bootstrap: str, names: TopicNames, num_records: int) -> 
     }
 
 
-async def run(bootstrap: str, num_records: int, num_clients: int) -> dict[str, Any]:
+async def run(
+    bootstrap: str, num_records: int, num_clients: int, layout: TopicLayout
+) -> dict[str, Any]:
     names = TopicNames(f"bench-{uuid.uuid4().hex[:8]}.")
-    await ensure_topics(bootstrap, topic_specs(names))
+    await ensure_topics(bootstrap, topic_specs(names, layout))
     published = await publish_phase(bootstrap, names.events, num_records, num_clients)
     return {
         "publish": published,
@@ -118,28 +124,56 @@ async def run(bootstrap: str, num_records: int, num_clients: int) -> dict[str, A
     }
 
 
+def run_on_own_brokers(num_brokers: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Start ``num_brokers`` nodes, run both phases on topics replicated on up to three of
+    them, stop the nodes."""
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
+    servers: KafkaServer | KafkaCluster
+    if num_brokers == 1:
+        servers = KafkaServer(data_dir, free_loopback_port(), free_loopback_port(),
+                              die_with_parent=True)  # fmt: skip
+    else:
+        ports = [(free_loopback_port(), free_loopback_port()) for _ in range(num_brokers)]
+        servers = KafkaCluster(data_dir, ports, die_with_parent=True)
+    layout = TopicLayout(replication_factor=min(3, num_brokers))
+    servers.start()
+    try:
+        results = asyncio.run(
+            run(servers.bootstrap_servers, args.records, args.clients, layout)
+        )
+    finally:
+        servers.stop()
+    return {
+        "brokers": num_brokers,
+        "replication_factor": layout.replication_factor,
+        "min_insync_replicas": layout.min_isr,
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        **results,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument(
+        "--brokers", default="1",
+        help="comma-separated cluster sizes to start and measure in turn, e.g. 1,3",
+    )
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    load_at_start = os.getloadavg()[0]
-    server: KafkaServer | None = None
-    bootstrap = args.bootstrap
-    if bootstrap is None:
-        server = KafkaServer(
-            Path(tempfile.mkdtemp(prefix="bench-kafka-")), free_loopback_port(),
-            free_loopback_port(), die_with_parent=True,
-        )  # fmt: skip
-        server.start()
-        bootstrap = server.bootstrap_servers
     try:
-        results = asyncio.run(run(bootstrap, args.records, args.clients))
-    finally:
-        if server is not None:
-            server.stop()
+        sizes = [int(n) for n in args.brokers.split(",")]
+    except ValueError:
+        parser.error(f"--brokers: comma-separated integers, got {args.brokers!r}")
+    if any(n < 1 for n in sizes):
+        parser.error(f"--brokers: sizes must be >= 1, got {args.brokers!r}")
+    load_at_start = os.getloadavg()[0]
+    if args.bootstrap is not None:
+        runs = [asyncio.run(run(args.bootstrap, args.records, args.clients, TopicLayout()))]
+    else:
+        runs = [run_on_own_brokers(n, args) for n in sizes]
     report = {
         "command": "python -m loadgen.bench_bus " + shlex.join(argv or sys.argv[1:]),
         "machine": {
@@ -147,9 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "python": platform.python_version(),
             "load_avg_1m_at_start": round(load_at_start, 2),
         },
-        "kafka": server.version if server is not None else "external",
+        "kafka": kafka_version() if args.bootstrap is None else "external",
         "clients": args.clients,
-        **results,
+        **(runs[0] if len(runs) == 1 else {"runs": runs}),
     }
     emit(report, args.out)
     return 0

@@ -121,11 +121,14 @@ def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContex
     policy.decide(snapshots[0], ctx)
     cold_ms = (time.perf_counter() - t0) * 1e3
     times = []
+    cpu_times = []  # CPU time of this thread: steadier than wall time on a shared machine
     for snap in snapshots[1:]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         policy.decide(snap, ctx)
         times.append((time.perf_counter() - t0) * 1e3)
+        cpu_times.append((time.thread_time() - c0) * 1e3)
     times.sort()
+    cpu_times.sort()
     return {
         "iterations": len(times),
         "cold_ms": round(cold_ms, 3),
@@ -133,6 +136,8 @@ def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContex
         "p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 3),
         "max_ms": round(times[-1], 3),
         "mean_ms": round(statistics.fmean(times), 3),
+        "cpu_p50_ms": round(statistics.median(cpu_times), 3),
+        "cpu_p99_ms": round(cpu_times[min(len(cpu_times) - 1, int(0.99 * len(cpu_times)))], 3),
     }
 
 

@@ -9,7 +9,10 @@ against ``--url``. Phases run one after the other on the same data:
 2. snapshot: three full snapshots of the queue, one after the other;
 3. pull: each client is a worker with every group of its model in its virtual
    queue and pulls ``--pull-batch`` requests per call until the queue is empty;
-4. ack every pulled request as finished.
+4. append: ``--token-steps`` engine steps per worker, each one ``append_tokens_many``
+   call adding a chunk of ``TOKENS_PER_CHUNK`` tokens to every request it holds (as a
+   worker streams output); "requests" counts the chunks;
+5. ack every pulled request as finished.
 
 Writes throughput and per-call latency percentiles as JSON (``--out``), with the
 exact command line. Example::
@@ -39,12 +42,13 @@ import redis
 from loadgen.results import emit
 from qlm.core.types import SLO, GroupKey, Request, SLOClass
 from qlm.localstack import RedisServer, free_loopback_port
-from qlm.store import RedisQueueStore
+from qlm.store import RedisQueueStore, TokenAppend
 
 MODELS = ("llama-8b", "qwen-7b", "mistral-7b")
 CLASSES = (SLOClass.INTERACTIVE, SLOClass.BATCH_1, SLOClass.BATCH_2)
 WINDOW_S = 10.0
 T0 = 1_700_000_000.0
+TOKENS_PER_CHUNK = 4
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class PhaseResult:
             "redis_server_cpu_s": round(self.redis_cpu_s, 3),
             "client_cpu_us_per_call": round(self.client_cpu_s / self.num_calls * 1e6, 1),
             "redis_cpu_us_per_call": round(self.redis_cpu_s / self.num_calls * 1e6, 1),
+            "redis_cpu_us_per_request": round(self.redis_cpu_s / self.num_requests * 1e6, 1),
             "latency_ms": {
                 "p50": round(float(np.percentile(lat_ms, 50)), 3),
                 "p99": round(float(np.percentile(lat_ms, 99)), 3),
@@ -161,6 +166,32 @@ async def bench_pull(
     return PhaseResult(f"pull(batch={batch})", calls, moved, elapsed, lat), held
 
 
+async def bench_append(
+    store: RedisQueueStore, held: dict[str, list[str]], num_steps: int
+) -> PhaseResult:
+    """Every worker streams ``num_steps`` chunks to each request it holds, one
+    ``append_tokens_many`` call per step (what a worker does per engine step)."""
+    workers = sorted(held)
+
+    async def client(index: int, latencies: list[float]) -> int:
+        worker = workers[index]
+        tokens = tuple(range(TOKENS_PER_CHUNK))
+        appended = 0
+        for _ in range(num_steps):
+            appends = [TokenAppend(request_id, tokens, "abcd") for request_id in held[worker]]
+            t = time.perf_counter()
+            results = await store.append_tokens_many(worker, appends)
+            latencies.append(time.perf_counter() - t)
+            errors = [r for r in results if isinstance(r, Exception)]
+            if errors:
+                raise SystemExit(f"append failed: {errors[0]}")
+            appended += len(appends)
+        return appended
+
+    calls, moved, elapsed, lat = await run_clients(len(workers), client)
+    return PhaseResult("append", calls, moved, elapsed, lat)
+
+
 async def bench_ack(
     store: RedisQueueStore, held: dict[str, list[str]], num_clients: int
 ) -> PhaseResult:
@@ -217,11 +248,15 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         if pulled != len(requests) or len({i for v in held.values() for i in v}) != pulled:
             raise SystemExit(f"pull handed out {pulled} requests for {len(requests)} queued")
         before = cpu.read()
+        append = cpu.measure(await bench_append(store, held, args.token_steps), before)
+        before = cpu.read()
         ack = cpu.measure(await bench_ack(store, held, args.clients), before)
     finally:
         await store.aclose()
         cpu.close()
-    return {p.name: p.as_json() for p in (enqueue, snapshot, pull, ack)}
+    phases = (enqueue, snapshot, pull, append, ack) if args.token_steps else (
+        enqueue, snapshot, pull, ack)  # fmt: skip
+    return {p.name: p.as_json() for p in phases}
 
 
 def redis_version(url: str) -> str:
@@ -251,6 +286,7 @@ def median_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "latency_ms_p99": median(phase, "latency_ms", "p99"),
             "client_cpu_us_per_call": median(phase, "client_cpu_us_per_call"),
             "redis_cpu_us_per_call": median(phase, "redis_cpu_us_per_call"),
+            "redis_cpu_us_per_request": median(phase, "redis_cpu_us_per_request"),
         }
         for phase in runs[0]["phases"]
     }
@@ -280,6 +316,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--pull-batch", type=int, default=1, help="requests per pull call")
     parser.add_argument("--arrival-rate", type=float, default=100.0, help="arrivals/s (groups)")
+    parser.add_argument(
+        "--token-steps", type=int, default=8,
+        help="append phase: chunks streamed to each pulled request (0: no append phase)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="full runs; the median is reported")
     parser.add_argument("--url", help="an existing Redis (flushed!); default: start one")
     parser.add_argument("--out", type=Path, help="write the result JSON here")

@@ -24,7 +24,8 @@ from qlm.core.types import SLO, Decision, QueueSnapshot, Request, SLOClass
 from qlm.roster import read_workers_file
 from qlm.sim.cluster import Job, WorkerSpec
 from qlm.sim.engine import Predictor
-from qlm.workloads import WA_CLASSES, load_trace_csv, pick, slice_trace, unit_rate_times
+from qlm.traces import load_trace, slice_trace
+from qlm.workloads import WA_CLASSES, pick, unit_rate_times
 
 
 # ===================================================================== plan
@@ -45,11 +46,13 @@ class DemoPlan:
 
 def build_plan(
     trace_path: Path, num_requests: int, rate: float, models: Sequence[str], seed: int = 0,
-    start: int = 0, profiles: ProfileBook | None = None,
+    start: int = 0, profiles: ProfileBook | None = None, trace_format: str | None = None,
 ) -> DemoPlan:
     """``num_requests`` trace rows from ``start`` at mean ``rate`` req/s, with classes
     (WA mix) and models (equal shares) drawn by ``seed``. Prompts are cut so that prompt
-    + output fits the model's ``max_model_len`` (the smallest over the GPUs profiled)."""
+    + output fits the model's ``max_model_len`` (the smallest over the GPUs profiled).
+    The trace may be in any format :mod:`qlm.traces` reads (``trace_format``, else
+    detected)."""
     if not (math.isfinite(rate) and rate > 0):
         raise InvalidInput("rate", f"must be a finite number > 0, got {rate}")
     if not models:
@@ -62,7 +65,8 @@ def build_plan(
         if not lens:
             raise InvalidInput("models", f"no performance profile for {model!r}")
         limits[model] = min(lens)
-    rows = slice_trace(load_trace_csv(trace_path), num_requests, start)
+    rows = slice_trace(load_trace(trace_path, trace_format, limit=start + num_requests),
+                       num_requests, start)
     rng = np.random.default_rng(seed)
     classes = pick(rng, len(rows), WA_CLASSES)
     chosen = pick(rng, len(rows), {m: 1.0 for m in models})

@@ -1,6 +1,7 @@
 """Experiment runner: every policy on the same requests, over a sweep of rates.
 
-    python -m loadgen.sim --workload {WA,WB,WC} [--trace CSV] [--policies qlm,fcfs,...]
+    python -m loadgen.sim --workload {WA,WB,WC} [--trace FILE [--trace-format F]]
+        [--policies qlm,fcfs,...]
         [--rates r1,r2,...] [--seed N] [--quick] [--cluster mini|small|paper]
         [--workers-file F] [--models m1,m2] [--num-requests N] --out DIR
 
@@ -54,12 +55,12 @@ from qlm.sim import RunResult, SimConfig, simulate
 from qlm.sim.batching import PREFILL_MODES
 from qlm.sim.cluster import Job, WorkerSpec
 from qlm.sim.metrics import wait_prediction_r2
+from qlm.traces import TRACE_FORMATS, check_format, load_trace
 from qlm.workloads import (
     CLUSTERS,
     WB_CLUSTERS,
     WORKLOADS,
     cluster_for,
-    load_trace_csv,
     plan_requests,
 )
 
@@ -86,7 +87,10 @@ NUM_REQUESTS: Mapping[str, int] = {"WA": 7000, "WB": 3500, "WC": 3500}
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadgen.sim", description=__doc__.split("\n")[0])
     p.add_argument("--workload", required=True, choices=WORKLOADS)
-    p.add_argument("--trace", type=Path, help="CSV with TIMESTAMP, ContextTokens, GeneratedTokens")
+    p.add_argument("--trace", type=Path,
+                   help="trace file (Azure 2023/2024 or BurstGPT CSV, Mooncake JSONL; .gz too)")
+    p.add_argument("--trace-format", choices=("auto", *TRACE_FORMATS), default="auto",
+                   help="the trace's format (default: detected from its header / first record)")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
     p.add_argument("--policy-options", default="{}",
                    help="JSON object of options for every policy named, e.g. "
@@ -169,6 +173,7 @@ class Task:
     models: tuple[str, ...] = ()
     config: SimConfig = field(default_factory=SimConfig)
     policy_options: Mapping[str, Any] = field(default_factory=dict)
+    trace_format: str | None = None
 
     def workers(self) -> tuple[WorkerSpec, ...]:
         if self.workers_file is not None:
@@ -181,8 +186,9 @@ class Task:
             if self.trace_path is None:
                 raise InvalidInput("models", "needs --trace")
             return build_plan(self.trace_path, self.num_requests, self.rate, self.models,
-                              self.seed).jobs
-        trace = load_trace_csv(self.trace_path) if self.trace_path else None
+                              self.seed, trace_format=self.trace_format).jobs
+        trace = (load_trace(self.trace_path, self.trace_format, limit=self.num_requests)
+                 if self.trace_path else None)
         plan = plan_requests(self.workload, self.num_requests, np.random.default_rng(self.seed),
                              trace=trace, bursty_cv=self.bursty_cv)
         return plan.jobs_at(self.rate)
@@ -310,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {args.workload} rate={run.rate:g} {run.policy:<9} "
                   f"SLO={m.slo_attainment:.3f} ({run.wall_s:.1f}s)", file=sys.stderr, flush=True)
 
+        trace_format = check_format(args.trace_format)
         models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
         if models and (args.workload != "WA" or args.trace is None):
             raise InvalidInput("models", "needs --workload WA (the demo's class mix) and --trace")
@@ -318,13 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            prefill_mode=args.prefill_mode)
         tasks = [
             Task(args.workload, name, rate, args.seed, num_requests, args.cluster,
-                 args.trace, args.bursty_cv, args.workers_file, models, config, policy_options)
+                 args.trace, args.bursty_cv, args.workers_file, models, config, policy_options,
+                 trace_format)
             for rate in rates
             for name in policies
         ]
         workers = tasks[0].workers()  # fail early on a bad workers file
         if args.trace:
-            load_trace_csv(args.trace)  # fail early, in this process, on a bad trace
+            load_trace(args.trace, trace_format, limit=num_requests)  # fail early on a bad trace
         runs = run_all(tasks, args.jobs, on_run=progress)
     except InvalidInput as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -339,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "policy_options": policy_options or None,
         "quick": args.quick,
         "trace": str(args.trace) if args.trace else None,
+        "trace_format": args.trace_format if args.trace else None,
         "wall_s": round(time.perf_counter() - started, 2),
         "command": "python -m loadgen.sim " + " ".join(sys.argv[1:] if argv is None else argv),
     })

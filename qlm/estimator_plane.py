@@ -129,12 +129,15 @@ class GroupOrder:
 
 #: Per policy, the key under which a queued group stays ahead of a new request's group
 #: (key of the queued group <= key of the new one): deadline order for the deadline-aware
-#: policies, arrival order for fcfs, interactive first then arrival for priority.
+#: policies, arrival order for fcfs, static and vllm-swap, interactive first then arrival
+#: for priority.
 ORDER_KEYS: Final[Mapping[str, Callable[[GroupOrder], tuple[float, ...]]]] = MappingProxyType({
     "qlm": lambda o: (o.earliest_deadline_at,),
     "edf": lambda o: (o.earliest_deadline_at,),
     "shepherd": lambda o: (o.earliest_deadline_at,),
     "fcfs": lambda o: (o.first_arrival_at,),
+    "static": lambda o: (o.first_arrival_at,),
+    "vllm-swap": lambda o: (o.first_arrival_at,),
     "priority": lambda o: (o.level, o.first_arrival_at),
 })
 

@@ -6,7 +6,10 @@ comes from two sources, merged here:
 
 * a **workers file** (the YAML the worker service reads,
   ``{"workers": [{id, gpu, models: [...]}, ...]}``, first model awake at start): workers
-  known before they say anything;
+  known before they say anything. A model is a name, or a mapping ``{name, path,
+  engine_args}``: ``path`` a Hugging Face-format checkpoint directory on the worker's
+  host (weights, config, tokenizer, chat template), ``engine_args`` vLLM engine
+  arguments (:mod:`qlm.engine.engine_args`); profiles stay keyed by (name, GPU);
 * **telemetry** (``qlm.telemetry``, one record per worker per interval) and worker events
   (``started`` / ``first_token`` / ``finished`` / ``evicted`` on ``qlm.events``): a worker
   that reports is alive; telemetry also names its GPU and awake model (and its resident
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +44,31 @@ from qlm.bus.records import Event, Telemetry
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
 from qlm.core.types import WorkerView
+from qlm.engine.engine_args import check_engine_args
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """A model as the workers file names it: where its checkpoint is on the worker's host
+    (None: a name only, e.g. a shape for dummy weights or a simulated model) and the vLLM
+    engine arguments it is served with."""
+
+    name: str
+    path: Path | None = None
+    engine_args: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
-    """What the roster knows of one worker. ``heard_at`` is None until it reports."""
+    """What the roster knows of one worker. ``heard_at`` is None until it reports;
+    ``model_entries``: its models as the workers file describes them (empty otherwise)."""
 
     id: str
     gpu: str
     models: tuple[str, ...]
     active_model: str | None
     heard_at: float | None = None
+    model_entries: tuple[ModelEntry, ...] = ()
 
 
 def read_workers_file(path: Path) -> tuple[WorkerInfo, ...]:
@@ -76,15 +93,39 @@ def workers_from(data: Any, where: str = "workers_file") -> tuple[WorkerInfo, ..
         for name in ("id", "gpu"):
             if not isinstance(entry.get(name), str) or not entry[name]:
                 raise InvalidInput(f"{at}.{name}", "must be a non-empty string")
+        unknown = set(entry) - {"id", "gpu", "models"}
+        if unknown:
+            raise InvalidInput(f"{at}.{sorted(unknown)[0]}", "unknown field")
         models = entry.get("models")
-        if not isinstance(models, list) or not models or not all(
-            isinstance(m, str) and m for m in models
-        ):
-            raise InvalidInput(f"{at}.models", "must be a non-empty list of model names")
-        infos.append(WorkerInfo(entry["id"], entry["gpu"], tuple(models), models[0]))
+        if not isinstance(models, list) or not models:
+            raise InvalidInput(f"{at}.models", "must be a non-empty list of models")
+        found = tuple(model_entry(m, f"{at}.models[{j}]") for j, m in enumerate(models))
+        names = tuple(m.name for m in found)
+        if len(set(names)) != len(names):
+            raise InvalidInput(f"{at}.models", "a model appears twice")
+        infos.append(WorkerInfo(entry["id"], entry["gpu"], names, names[0],
+                                model_entries=found))
     if len({w.id for w in infos}) != len(infos):
         raise InvalidInput(f"{where}.workers", "worker ids must be unique")
     return tuple(infos)
+
+
+def model_entry(value: Any, where: str) -> ModelEntry:
+    """One model of a workers file: a name or ``{name, path, engine_args}``."""
+    if isinstance(value, str) and value:
+        return ModelEntry(value)
+    if not isinstance(value, dict):
+        raise InvalidInput(where, "must be a model name or a mapping with name, path, engine_args")
+    unknown = set(value) - {"name", "path", "engine_args"}
+    if unknown:
+        raise InvalidInput(f"{where}.{sorted(unknown)[0]}", "unknown field")
+    name, path = value.get("name"), value.get("path")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"{where}.name", "must be a non-empty string")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise InvalidInput(f"{where}.path", "must be a checkpoint directory (a string)")
+    args = check_engine_args(value.get("engine_args"), f"{where}.engine_args")
+    return ModelEntry(name, Path(path) if path else None, args)
 
 
 class WorkerRoster:

@@ -9,14 +9,17 @@ A submission arrives as a plain mapping with the field names of ``SubmitRequest`
 Record schema (JSON object; only ``model``, one prompt field and ``max_tokens`` required)::
 
     {"request_id": str, "tenant": str, "model": str,
-     "prompt": str | "prompt_token_ids": [int, ...],
+     "prompt": str | "prompt_token_ids": [int, ...]
+        | "messages": [{"role": str, "content": str}, ...],
      "max_tokens": int, "slo_class": "interactive" | "batch-1" | "batch-2" | "custom",
      "ttft_slo_s": number, "tpot_slo_s": number,
      "sampling": {"temperature": number, "top_p": number, "top_k": int, "seed": int,
                   "stop": [str, ...], "ignore_eos": bool}}
 
-``prompt_text`` is accepted as a synonym of ``prompt`` (the proto's name). Unknown
-fields are rejected so that a misspelt field never passes silently.
+``prompt_text`` is accepted as a synonym of ``prompt`` (the proto's name). ``messages``
+is a chat prompt: the worker renders it with the model's chat template and tokenizer
+(:mod:`qlm.engine.text`); until then it is sized like text, by the bytes of its contents.
+Unknown fields are rejected so that a misspelt field never passes silently.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from qlm.core.errors import InvalidInput
+from qlm.core.errors import InvalidInput, UnknownModel
 from qlm.core.types import DEFAULT_TTFT_SLO_S, SLO, Request, SLOClass
+from qlm.engine.text import chat_messages
 
 MAX_REQUEST_ID_LEN: Final = 128
 MAX_TENANT_LEN: Final = 128
@@ -45,7 +49,7 @@ INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
 
 _TOP_LEVEL_FIELDS: Final = frozenset({
-    "request_id", "tenant", "model", "prompt", "prompt_text", "prompt_token_ids",
+    "request_id", "tenant", "model", "prompt", "prompt_text", "prompt_token_ids", "messages",
     "max_tokens", "slo_class", "ttft_slo_s", "tpot_slo_s", "sampling",
 })
 _SAMPLING_FIELDS: Final = frozenset({"temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"})
@@ -81,12 +85,19 @@ class Submission:
     slo_class: SLOClass
     slo: SLO
     sampling: Mapping[str, Any] = field(default_factory=dict)
+    prompt_messages: tuple[Mapping[str, str], ...] | None = None
 
     def with_id(self, request_id: str) -> Submission:
-        return Submission(
-            request_id, self.tenant, self.model, self.prompt_text, self.prompt_token_ids,
-            self.num_prompt_tokens, self.max_tokens, self.slo_class, self.slo, self.sampling,
-        )
+        return replace(self, request_id=request_id)
+
+    def stored_prompt(self) -> Any:
+        """The prompt as the request record keeps it for the worker: text, a list of token
+        ids, or ``{"messages": [...]}``."""
+        if self.prompt_text is not None:
+            return self.prompt_text
+        if self.prompt_messages is not None:
+            return {"messages": [dict(m) for m in self.prompt_messages]}
+        return list(self.prompt_token_ids or ())
 
     def to_request(self, arrival_at: float) -> Request:
         """The scheduler's view of this submission, arriving at ``arrival_at``."""
@@ -105,6 +116,8 @@ class Submission:
         }
         if self.prompt_text is not None:
             record["prompt"] = self.prompt_text
+        elif self.prompt_messages is not None:
+            record["messages"] = [dict(m) for m in self.prompt_messages]
         else:
             record["prompt_token_ids"] = list(self.prompt_token_ids or ())
         if self.slo.tpot_s is not None:
@@ -181,21 +194,31 @@ def _model(record: Mapping[str, Any], models: Mapping[str, ModelLimits] | None) 
         raise InvalidInput("model", "is required")
     if models is not None and model not in models:
         known = ", ".join(sorted(models)) or "none"
-        raise InvalidInput("model", f"unknown model {model!r}; served models: {known}")
+        raise UnknownModel("model", f"unknown model {model!r}; served models: {known}", model)
     return model
 
 
 def _prompt(
     record: Mapping[str, Any], limits: SubmissionLimits
-) -> tuple[str | None, tuple[int, ...] | None, int]:
-    """(text, token ids, number of prompt tokens): exactly one of text / ids is set."""
+) -> tuple[str | None, tuple[int, ...] | None, tuple[dict[str, str], ...] | None, int]:
+    """(text, token ids, chat messages, number of prompt tokens): exactly one is set."""
     text_field = "prompt" if "prompt" in record else "prompt_text"
     has_text = record.get(text_field) is not None
     has_ids = record.get("prompt_token_ids") is not None
+    has_messages = record.get("messages") is not None
     if "prompt" in record and "prompt_text" in record:
         raise InvalidInput("prompt_text", "give either 'prompt' or 'prompt_text', not both")
-    if has_text and has_ids:
-        raise InvalidInput("prompt", "give either prompt text or prompt_token_ids, not both")
+    if has_text + has_ids + has_messages > 1:
+        raise InvalidInput("prompt", "give one of prompt text, prompt_token_ids or messages, "
+                           "not both")
+    if has_messages:
+        messages = chat_messages(record["messages"])
+        num_bytes = sum(len(m["content"].encode("utf-8", errors="surrogatepass"))
+                        for m in messages)
+        if num_bytes > limits.max_prompt_bytes:
+            raise InvalidInput("messages", f"hold {num_bytes} bytes, over the limit of "
+                               f"{limits.max_prompt_bytes} bytes")
+        return None, None, messages, max(1, math.ceil(num_bytes / BYTES_PER_TOKEN_ESTIMATE))
     if has_ids:
         ids = record["prompt_token_ids"]
         if not isinstance(ids, list | tuple):
@@ -206,7 +229,7 @@ def _prompt(
             raise InvalidInput("prompt_token_ids", "must not be empty")
         for i, token in enumerate(ids):
             _int(token, f"prompt_token_ids[{i}]", 0, INT32_MAX)
-        return None, tuple(ids), len(ids)
+        return None, tuple(ids), None, len(ids)
     text = _str(record, text_field)
     if not text:
         raise InvalidInput("prompt", "must not be empty (give prompt text or prompt_token_ids)")
@@ -215,7 +238,7 @@ def _prompt(
         raise InvalidInput(
             "prompt", f"is {num_bytes} bytes, over the limit of {limits.max_prompt_bytes} bytes"
         )
-    return text, None, max(1, math.ceil(num_bytes / BYTES_PER_TOKEN_ESTIMATE))
+    return text, None, None, max(1, math.ceil(num_bytes / BYTES_PER_TOKEN_ESTIMATE))
 
 
 def _max_tokens(
@@ -327,7 +350,7 @@ def parse_submission(
     request_id = _request_id(record)
     tenant = _tenant(record)
     model = _model(record, models)
-    prompt_text, prompt_ids, num_prompt_tokens = _prompt(record, limits)
+    prompt_text, prompt_ids, messages, num_prompt_tokens = _prompt(record, limits)
     model_limits = models.get(model) if models is not None else None
     if model_limits is not None and num_prompt_tokens >= model_limits.max_model_len:
         raise InvalidInput(
@@ -340,4 +363,5 @@ def parse_submission(
         request_id=request_id, tenant=tenant, model=model, prompt_text=prompt_text,
         prompt_token_ids=prompt_ids, num_prompt_tokens=num_prompt_tokens, max_tokens=max_tokens,
         slo_class=slo_class, slo=_slo(record, slo_class), sampling=_sampling(record),
+        prompt_messages=messages,
     )

@@ -1,8 +1,7 @@
 """Workloads for the simulator: arrivals, lengths, class and model mixes, clusters.
 
-Generators are pure functions of a ``numpy.random.Generator``; reading a trace CSV
-(:func:`load_trace_csv`) is the only I/O and stays at the edge — parsing and
-validation (:func:`parse_trace`) are pure.
+Generators are pure functions of a ``numpy.random.Generator``; traces (every public
+format the loader knows, :mod:`qlm.traces`) are read at the edge and passed in as rows.
 
 **Lengths (ShareGPT-like).** Prompt and output tokens are log-normal::
 
@@ -44,12 +43,9 @@ wakes in about a second.
 
 from __future__ import annotations
 
-import csv
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -57,6 +53,7 @@ import numpy as np
 from qlm.core.errors import InvalidInput
 from qlm.core.types import SLO, Request, SLOClass
 from qlm.sim.cluster import Job, WorkerSpec
+from qlm.traces import TraceRow, slice_trace
 
 MISTRAL: Final = "mistral-7b"
 VICUNA: Final = "vicuna-13b"
@@ -65,7 +62,6 @@ A10: Final = "A10-24GB"
 A100: Final = "A100-80GB"
 #: max_tokens of generated requests: the client's cap, not the true length.
 DEFAULT_MAX_TOKENS: Final = 2048
-TRACE_COLUMNS: Final = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 
 # ================================================================ lengths
@@ -126,98 +122,6 @@ def pick(rng: np.random.Generator, n: int, weights: Mapping[str, float]) -> list
     if len(labels) == 0 or (p < 0).any() or p.sum() <= 0:
         raise InvalidInput("weights", "need at least one label and non-negative weights")
     return [labels[i] for i in rng.choice(len(labels), size=n, p=p / p.sum())]
-
-
-# ================================================================== trace
-@dataclass(frozen=True, slots=True)
-class TraceRow:
-    arrival_s: float  # seconds since the first row
-    context_tokens: int
-    generated_tokens: int
-
-
-def parse_trace(
-    rows: Iterable[Mapping[str, str | None]], source: str = "trace"
-) -> tuple[TraceRow, ...]:
-    """Validate and convert CSV rows (dicts) to :class:`TraceRow`, sorted by time.
-
-    Raises :class:`InvalidInput` naming the column (and row) of the first problem:
-    a missing column, a timestamp that does not parse, token counts that are not
-    integers or not > 0 (context) / >= 1 (generated).
-    """
-    parsed: list[tuple[datetime, int, int]] = []
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
-        if line == 2:
-            missing = [c for c in TRACE_COLUMNS if c not in row]
-            if missing:
-                raise InvalidInput(f"{source}.{missing[0]}", "missing column")
-        at = _parse_timestamp(row.get("TIMESTAMP"), f"{source}.TIMESTAMP (line {line})")
-        ctx = _parse_tokens(row.get("ContextTokens"), f"{source}.ContextTokens (line {line})")
-        gen = _parse_tokens(row.get("GeneratedTokens"), f"{source}.GeneratedTokens (line {line})")
-        parsed.append((at, ctx, gen))
-    if not parsed:
-        raise InvalidInput(source, "no rows")
-    parsed.sort(key=lambda r: r[0])
-    first = parsed[0][0]
-    return tuple(TraceRow((at - first).total_seconds(), c, g) for at, c, g in parsed)
-
-
-def _parse_timestamp(text: str | None, where: str) -> datetime:
-    if text is None or not text.strip():
-        raise InvalidInput(where, "empty timestamp")
-    value = text.strip()
-    head, dot, frac = value.partition(".")
-    try:
-        base = datetime.fromisoformat(head)
-        if dot:
-            if not frac.isdigit():
-                raise ValueError(frac)
-            return base.replace(microsecond=int(frac[:6].ljust(6, "0")))
-        return base
-    except ValueError:
-        raise InvalidInput(where, f"unparsable timestamp {value!r}") from None
-
-
-def _parse_tokens(text: str | None, where: str) -> int:
-    if text is None or not text.strip():
-        raise InvalidInput(where, "empty token count")
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise InvalidInput(where, f"not an integer: {text.strip()!r}") from None
-    if value < 0:
-        raise InvalidInput(where, f"negative token count {value}")
-    if value == 0:
-        raise InvalidInput(where, "token count must be >= 1")
-    return value
-
-
-def load_trace_csv(path: Path) -> tuple[TraceRow, ...]:
-    """Read and validate a trace CSV (columns TIMESTAMP, ContextTokens, GeneratedTokens)."""
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
-                raise InvalidInput(str(path), "empty file")
-            missing = [c for c in TRACE_COLUMNS if c not in reader.fieldnames]
-            if missing:
-                raise InvalidInput(f"{path.name}.{missing[0]}", "missing column")
-            return parse_trace(reader, source=path.name)
-    except OSError as exc:
-        raise InvalidInput(str(path), f"cannot read: {exc.strerror}") from None
-
-
-def slice_trace(
-    rows: Sequence[TraceRow], num_requests: int | None, start: int = 0
-) -> tuple[TraceRow, ...]:
-    """``num_requests`` consecutive rows from ``start``, times re-based to 0."""
-    if start < 0 or (num_requests is not None and num_requests <= 0):
-        raise InvalidInput("num_requests", "must be > 0 (and start >= 0)")
-    chosen = rows[start : None if num_requests is None else start + num_requests]
-    if not chosen:
-        raise InvalidInput("num_requests", f"trace has only {len(rows)} rows")
-    t0 = chosen[0].arrival_s
-    return tuple(TraceRow(r.arrival_s - t0, r.context_tokens, r.generated_tokens) for r in chosen)
 
 
 def unit_rate_times(times: np.ndarray) -> np.ndarray:

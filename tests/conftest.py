@@ -8,12 +8,21 @@ Each server starts once per test session, and only when a test asks for it
   ``redis_server.restart()`` stops it (SIGTERM; ``kill=True`` for SIGKILL) and
   starts it again on the same port and data directory, to show what the AOF kept.
 - ``redis_url``: the server's URL, with every database flushed before the test.
+- ``redis_cluster``: a :class:`~qlm.localstack.LocalRedisCluster` of three masters
+  (``redis-server --cluster-enabled yes``, slots spread by ``redis-cli --cluster create``);
+  ``redis_cluster_url``: its ``redis+cluster://`` URL, every master flushed before the test.
 - ``kafka_server``: the session's :class:`~qlm.localstack.KafkaServer` (KRaft, one node,
   topics are not auto-created).
 - ``kafka_bootstrap``: its ``bootstrap_servers`` string.
+- ``kafka_cluster``: a :class:`~qlm.localstack.KafkaCluster` of three KRaft nodes (each
+  broker and controller), started for the tests that ask for it; a test may SIGKILL a
+  node (``kafka_cluster.kill(node)``), so every test gets a fresh cluster.
 - ``unique_topic``: ``unique_topic("events")`` returns a topic name no other test uses.
 - ``topic_prefix``: a prefix unique to the test, for :class:`qlm.bus.topics.TopicNames`.
 - ``kafka_topics``: the six qlm topics under ``topic_prefix``, created.
+- ``tiny_checkpoint``: a directory with a tiny real checkpoint (random Llama weights as
+  safetensors, a BPE tokenizer trained on docs/*.md, a chat template), written once per
+  session by :func:`qlm.engine.checkpoint.write_checkpoint`.
 
 Servers started here get SIGTERM if the test process dies, so none outlives a run.
 """
@@ -24,6 +33,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -31,7 +41,7 @@ import redis
 
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import Unavailable
-from qlm.localstack import KafkaServer, RedisServer
+from qlm.localstack import KafkaCluster, KafkaServer, LocalRedisCluster, RedisServer
 
 
 def in_ci() -> bool:
@@ -71,6 +81,29 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    try:
+        cluster = LocalRedisCluster.start_on_free_ports(
+            tmp_path_factory.mktemp("redis-cluster"), num_masters=3, die_with_parent=True
+        )
+    except Unavailable as error:
+        server_unavailable(f"the Redis Cluster did not start: {error}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
+    for node in redis_cluster.nodes:
+        client = redis.Redis(host=node.host, port=node.port)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+    return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
 def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
     try:
         server = KafkaServer.start_on_free_ports(
@@ -80,6 +113,19 @@ def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServ
         server_unavailable(f"Kafka did not start: {error}")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    try:
+        cluster = KafkaCluster.start_on_free_ports(
+            tmp_path_factory.mktemp("kafka-cluster"), num_nodes=3, die_with_parent=True,
+            quick_start=True,
+        )
+    except Unavailable as error:
+        server_unavailable(f"the three-node Kafka cluster did not start: {error}")
+    yield cluster
+    cluster.stop(kill=True)
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +157,10 @@ async def kafka_topics(kafka_bootstrap: str, topic_prefix: str) -> TopicNames:
     names = TopicNames(topic_prefix)
     await ensure_topics(kafka_bootstrap, topic_specs(names))
     return names
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qlm.engine.checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny-llama")

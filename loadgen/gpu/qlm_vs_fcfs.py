@@ -648,7 +648,8 @@ async def make_engines(args: argparse.Namespace, models: Sequence[str], profiles
     from qlm.engine.vllm_engine import VllmEngine, VllmOptions
 
     options = VllmOptions(gpu_memory_utilization=args.gpu_memory_utilization,
-                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
+                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                          load_format="dummy")
     for i, m in enumerate(models):
         if i > 0:  # start the next one while the others sleep (the tested co-resident path)
             for prev in models[:i]:
@@ -681,7 +682,7 @@ async def warm_up(engines: Mapping[str, Engine], seed: int) -> None:
             ids = tuple(rng.integers(100, vocab - 100, size=n).tolist())
             outcome = Outcome(Request(f"warm-{m}-{i}", m, n, 16, SLOClass.BATCH_2,
                                       SLO(60.0), 0.0))
-            req = EngineRequest(f"warm-{m}-{i}", m, n, 16, prompt_token_ids=ids)
+            req = EngineRequest(f"warm-{m}-{i}", m, n, 16, prompt_token_ids=ids, ignore_eos=True)
             tasks.append(consume(engine.add(req), outcome, ReplayClock()))
     await asyncio.gather(*tasks)
 
@@ -709,7 +710,8 @@ async def measure_evict(engine: Engine, model: str, prompt_tokens: int, keep_tok
     for k in range(repeats):
         ids = tuple(rng.integers(100, vocab - 100, size=prompt_tokens).tolist())
         max_tokens = keep_tokens * 2
-        req = EngineRequest(f"ev{k}", model, prompt_tokens, max_tokens, prompt_token_ids=ids)
+        req = EngineRequest(f"ev{k}", model, prompt_tokens, max_tokens, prompt_token_ids=ids,
+                            ignore_eos=True)
         stream = engine.add(req)
         got: list[int] = []
         async for chunk in stream:
@@ -727,7 +729,7 @@ async def measure_evict(engine: Engine, model: str, prompt_tokens: int, keep_tok
         ctx = prompt_tokens + kept
         fresh_ids = tuple(rng.integers(100, vocab - 100, size=ctx).tolist())
         fresh_ctx = await time_stream(engine, EngineRequest(
-            f"evfresh{k}", model, ctx, 8, prompt_token_ids=fresh_ids))
+            f"evfresh{k}", model, ctx, 8, prompt_token_ids=fresh_ids, ignore_eos=True))
         rows.append({
             "abort_s": round(abort_s, 5), "kept_tokens": kept,
             "resumed_ttft_s": resumed["ttft_s"],
@@ -768,7 +770,7 @@ async def measure_swaps(engines: Mapping[str, Engine], models: Sequence[str], ro
             vocab = int(MODEL_SHAPES[dst]["vocab_size"]) if dst in MODEL_SHAPES else 32000
             ids = tuple(rng.integers(100, vocab - 100, size=512).tolist())
             out = await time_stream(engines[dst], EngineRequest(
-                f"sw{r}{dst}", dst, 512, 32, prompt_token_ids=ids))
+                f"sw{r}{dst}", dst, 512, 32, prompt_token_ids=ids, ignore_eos=True))
             rows.append({"step": f"swap {src} -> {dst} (round {r})",
                          "sleep_s": round(t1 - t0, 4), "wake_s": round(t2 - t1, 4),
                          "swap_s": round(t2 - t0, 4), "first_request_ttft_s": out["ttft_s"],
@@ -791,14 +793,16 @@ async def measure_cold_restart(engines: dict[str, Engine], model: str, args: arg
 
         await asyncio.sleep(2.0)  # let the engine process release its GPU memory
         options = VllmOptions(gpu_memory_utilization=args.gpu_memory_utilization,
-                              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
+                              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                              load_format="dummy")
         engine = VllmEngine(args.gpu, [model], options, {model: profiles.get(model, args.gpu)})
     started = time.perf_counter()
     await engine.start()
     start_s = time.perf_counter() - started
     vocab = int(MODEL_SHAPES[model]["vocab_size"]) if model in MODEL_SHAPES else 32000
     ids = tuple(np.random.default_rng(1).integers(100, vocab - 100, size=512).tolist())
-    out = await time_stream(engine, EngineRequest("cold0", model, 512, 32, prompt_token_ids=ids))
+    out = await time_stream(engine, EngineRequest("cold0", model, 512, 32, prompt_token_ids=ids,
+                                                  ignore_eos=True))
     engines[model] = engine
     return {"model": model, "shutdown_s": round(close_s, 3), "start_s": round(start_s, 3),
             "first_request_ttft_s": out["ttft_s"],

@@ -146,7 +146,8 @@ def worker_argv(args: argparse.Namespace, model: str, ports: WorkerPorts, redis_
             "--shutdown-grace-s", "2"]
     if args.engine == "vllm":
         argv += ["--vllm-gpu-memory-utilization", str(args.gpu_memory_utilization),
-                 "--vllm-max-model-len", str(args.max_model_len)]
+                 "--vllm-max-model-len", str(args.max_model_len),
+                 "--vllm-load-format", "dummy"]  # random weights of the shapes: a benchmark
         if args.enforce_eager:
             argv += ["--vllm-enforce-eager", "true"]
     return argv

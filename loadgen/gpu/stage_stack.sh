@@ -36,6 +36,8 @@ WHEELS=(
   # pydantic as the vLLM archive carries it (same versions), so the stack also runs
   # without that archive on the path (e.g. the submit benchmark on the GPU host)
   pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+  # the HTTP front door (ingest --http-port); FastAPI and starlette come with vLLM
+  uvicorn==0.55.0 h11==0.16.0 httptools==0.9.0 python-multipart==0.0.34
 )
 
 log() { printf '== %s\n' "$*" >&2; }
@@ -96,9 +98,11 @@ trim_jars() {
   zip -q -d lz4-java-*.jar 'net/jpountz/util/darwin/*' 'net/jpountz/util/win32/*' \
     'net/jpountz/util/linux/aarch64/*' 'net/jpountz/util/linux/i386/*' \
     'net/jpountz/util/linux/ppc64le/*' 'net/jpountz/util/linux/s390x/*' || true
-  unzip -l zstd-jni-*.jar | grep -q 'linux/amd64/libzstd-jni' \
+  # grep reads the whole listing (no -q): with pipefail, grep -q leaving early makes unzip
+  # die of SIGPIPE and the check fail although the library is there
+  unzip -l zstd-jni-*.jar | grep 'linux/amd64/libzstd-jni' >/dev/null \
     || { echo "zstd-jni lost its linux/amd64 library" >&2; exit 1; }
-  unzip -l snappy-java-*.jar | grep -q 'native/Linux/x86_64/libsnappyjava.so' \
+  unzip -l snappy-java-*.jar | grep 'native/Linux/x86_64/libsnappyjava.so' >/dev/null \
     || { echo "snappy-java lost its Linux/x86_64 library" >&2; exit 1; }
   local jar
   for jar in *.jar; do store_jar "$jar"; done

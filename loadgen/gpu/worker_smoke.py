@@ -101,7 +101,7 @@ class Smoke:
         profiles = {m: book.get(m, a.gpu) for m in self.models if book.has(m, a.gpu)}
         options = VllmOptions(
             gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len,
-            enforce_eager=a.enforce_eager,
+            enforce_eager=a.enforce_eager, load_format="dummy",
         )
         engine = VllmEngine(a.gpu, self.models, options, profiles)
         started = time.perf_counter()

@@ -16,7 +16,7 @@ from qlm.bus.records import (
     decode_batch_request,
     encode_batch_request,
 )
-from qlm.bus.topics import TopicNames, TopicSpec, ensure_topics, topic_specs
+from qlm.bus.topics import TopicLayout, TopicNames, TopicSpec, ensure_topics, topic_specs
 
 __all__ = [
     "BatchResult",
@@ -28,6 +28,7 @@ __all__ = [
     "Event",
     "LsoCommand",
     "Telemetry",
+    "TopicLayout",
     "TopicNames",
     "TopicSpec",
     "decode_batch_request",

@@ -4,7 +4,9 @@ Topic names are ``<prefix>qlm.<name>``; the prefix is empty in a deployment and
 unique per test, so that tests on one broker never see each other's records.
 Record keys (see :mod:`qlm.bus.records`) decide partitions: request id for
 requests, events and results (one request's records stay in order), worker id for
-LSO commands and telemetry.
+LSO commands and telemetry. Partition counts and replication come from the
+deployment's :class:`TopicLayout` (settings ``kafka_partitions``,
+``kafka_replication_factor``, ``kafka_min_insync_replicas``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ TELEMETRY: Final = "qlm.telemetry"
 DLQ: Final = "qlm.dlq"
 
 DAY_MS: Final = 24 * 3600 * 1000
-#: Name -> (partitions, retention in ms). Partitions bound consumer parallelism per group.
+#: Name -> (default partitions, retention in ms). Partitions bound consumer parallelism per
+#: group; :class:`TopicLayout` changes them per deployment.
 _LAYOUT: Final[Mapping[str, tuple[int, int]]] = MappingProxyType(
     {
         BATCH_REQUESTS: (4, 7 * DAY_MS),
@@ -90,23 +93,78 @@ class TopicSpec:
     configs: Mapping[str, str] = field(default_factory=dict)
 
 
-def topic_specs(names: TopicNames | None = None, replication_factor: int = 1) -> list[TopicSpec]:
-    """The specs of all six topics; ``min.insync.replicas`` is 2 when there are ≥ 3 replicas.
+def default_min_insync_replicas(replication_factor: int) -> int:
+    """A majority of the replicas from three replicas on (3 → 2, 5 → 3); 1 below three.
 
-    With acks=all, a write is acknowledged once every in-sync replica has it.
+    With acks=all a write is acknowledged once every in-sync replica has it, and refused
+    while fewer than ``min.insync.replicas`` are in sync: with 3 replicas and 2, one
+    broker may die without losing an acknowledged record or stopping writes. With 2
+    replicas, 2 would stop writes whenever either broker is down, so 1 is kept there.
     """
-    if replication_factor < 1:
-        raise InvalidInput("replication_factor", f"must be >= 1, got {replication_factor}")
+    return replication_factor // 2 + 1 if replication_factor >= 3 else 1
+
+
+@dataclass(frozen=True, slots=True)
+class TopicLayout:
+    """How many partitions and replicas qlm's topics get (the deployment's choice).
+
+    ``partitions`` overrides the default partition count of the named topics (names
+    without prefix, e.g. ``{"qlm.batch.requests": 12}``); partitions bound how many
+    members of one consumer group work in parallel. ``min_insync_replicas`` None means
+    :func:`default_min_insync_replicas`.
+    """
+
+    replication_factor: int = 1
+    partitions: Mapping[str, int] = field(default_factory=dict)
+    min_insync_replicas: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.replication_factor < 1:
+            raise InvalidInput(
+                "replication_factor", f"must be >= 1, got {self.replication_factor}"
+            )
+        for name, num_partitions in self.partitions.items():
+            if name not in _LAYOUT:
+                raise InvalidInput(
+                    "partitions", f"unknown topic {name!r}; known: {', '.join(_LAYOUT)}"
+                )
+            if not isinstance(num_partitions, int) or num_partitions < 1:
+                raise InvalidInput("partitions", f"{name}: must be an integer >= 1, "
+                                   f"got {num_partitions!r}")
+        min_isr = self.min_insync_replicas
+        if min_isr is not None and not 1 <= min_isr <= self.replication_factor:
+            raise InvalidInput(
+                "min_insync_replicas",
+                f"must be between 1 and replication_factor={self.replication_factor}, "
+                f"got {min_isr}",
+            )
+
+    @property
+    def min_isr(self) -> int:
+        """The ``min.insync.replicas`` every topic gets."""
+        if self.min_insync_replicas is not None:
+            return self.min_insync_replicas
+        return default_min_insync_replicas(self.replication_factor)
+
+    def num_partitions(self, name: str) -> int:
+        """Partitions of topic ``name`` (without prefix)."""
+        return self.partitions.get(name, _LAYOUT[name][0])
+
+
+def topic_specs(
+    names: TopicNames | None = None, layout: TopicLayout | None = None
+) -> list[TopicSpec]:
+    """The specs of all six topics under ``names``' prefix, laid out as ``layout`` says."""
     names = names or TopicNames()
-    min_isr = 2 if replication_factor >= 3 else 1
+    layout = layout or TopicLayout()
     return [
         TopicSpec(
             names.prefix + name,
-            num_partitions,
-            replication_factor,
-            {"retention.ms": str(retention_ms), "min.insync.replicas": str(min_isr)},
+            layout.num_partitions(name),
+            layout.replication_factor,
+            {"retention.ms": str(retention_ms), "min.insync.replicas": str(layout.min_isr)},
         )
-        for name, (num_partitions, retention_ms) in _LAYOUT.items()
+        for name, (_, retention_ms) in _LAYOUT.items()
     ]
 
 

@@ -26,9 +26,22 @@ class InvalidInput(QlmError, ValueError):
         return (type(self), (self.field, self.problem))
 
 
-class NotServed(InvalidInput):
-    """A known model that no worker serves now: gRPC FAILED_PRECONDITION (it may be served
-    later), a DLQ record on Kafka."""
+class UnknownModel(InvalidInput):
+    """A request names a model the deployment does not serve (HTTP 404 ``model_not_found``;
+    gRPC INVALID_ARGUMENT like any other invalid field)."""
+
+    def __init__(self, field: str, problem: str, model: str = "") -> None:
+        super().__init__(field, problem)
+        self.model = model
+
+    def __reduce__(self) -> tuple[type[UnknownModel], tuple[str, str, str]]:  # type: ignore[override]
+        return (type(self), (self.field, self.problem, self.model))
+
+
+class NotServed(UnknownModel):
+    """A model of the catalogue that no worker serves now: gRPC FAILED_PRECONDITION (it
+    may be served later), a DLQ record on Kafka; an HTTP front door answers it as it
+    answers an unknown model."""
 
 
 class NotFound(QlmError, KeyError):

@@ -38,7 +38,7 @@ Contract (every implementation):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, runtime_checkable
 
@@ -51,12 +51,16 @@ FinishReason = Literal["length", "stop", "abort"]
 class EngineRequest:
     """One request as an engine runs it.
 
-    The prompt is token ids (``prompt_token_ids``) or text (``prompt_text``);
-    ``prompt_tokens`` is its length in tokens (the simulated engine only needs that).
+    The prompt is token ids (``prompt_token_ids``), text (``prompt_text``) or chat
+    messages (``prompt_messages``: ``{"role", "content"}`` mappings, rendered by the
+    model's chat template); ``prompt_tokens`` is its length in tokens (an estimate for
+    text and chat until an engine with the model's tokenizer encodes it:
+    :func:`qlm.engine.text.tokenized`).
     ``num_generated`` / ``generated_token_ids`` are progress kept from an earlier run
     (eviction): the engine re-prefills prompt + those tokens and generates the rest,
     up to ``max_tokens`` output tokens in total. ``ignore_eos`` makes the output
-    exactly ``max_tokens`` long (trace replay).
+    exactly ``max_tokens`` long (trace replay; off by default: a model's end of sequence
+    ends its output). ``stop``: strings that end the output (not included in its text).
     """
 
     request_id: str
@@ -65,10 +69,11 @@ class EngineRequest:
     max_tokens: int
     prompt_token_ids: tuple[int, ...] | None = None
     prompt_text: str | None = None
+    prompt_messages: tuple[Mapping[str, str], ...] | None = None
     num_generated: int = 0
     generated_token_ids: tuple[int, ...] = ()
     generated_text: str = ""
-    ignore_eos: bool = True
+    ignore_eos: bool = False
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None

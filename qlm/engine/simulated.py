@@ -40,8 +40,16 @@ While the engine is busy, each step starts where the previous one was due to end
 when the event loop got round to it: the modelled GPU keeps its pace (tokens are only
 emitted late) as long as the loop lags by less than ``max_lag_s``.
 
-Output stops at ``max_tokens`` (no end-of-sequence is modelled; ``ignore_eos`` is
-implied). Token ids are fake but deterministic. ``time_scale`` > 1 runs faster than
+Output of a model without a checkpoint stops at ``max_tokens`` (no end-of-sequence is
+modelled; ``ignore_eos`` is implied) and its token ids are fake but deterministic. A model
+given a :class:`~qlm.engine.text.TextModel` (its workers-file entry names a checkpoint
+directory) serves real text with :mod:`qlm.engine.text`, as the vLLM engine does: text
+and chat prompts are encoded with its tokenizer and chat template (the prompt's real
+token count then drives the timing), and the "model" repeats its prompt: output token
+``i`` is the ``i``-th of the prompt's non-special tokens followed by an EOS id, over and
+over (:func:`echo_script`; without the EOS under ``ignore_eos``), detokenized
+incrementally, ended by the EOS (``"stop"``), a stop string (``"stop"``) or
+``max_tokens`` (``"length"``). ``time_scale`` > 1 runs faster than
 the real GPU (10: ten times faster); all reported times (stats) are engine seconds,
 i.e. what the real GPU would take. The clock is injected (the loop's by default).
 """
@@ -55,11 +63,13 @@ import sys
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PerfProfile
 from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
 from qlm.engine.clock import Clock, LoopClock
+from qlm.engine.text import OutputText, TextModel, tokenized
 from qlm.sim.batching import (
     PREFILL_MODES,
     decode_segment_s,
@@ -95,6 +105,8 @@ class _Seq:
     prefill_need: int = 0  # chunked: tokens its prefill computes (0: a KV restore)
     prefill_done: int = 0  # chunked: of which done
     delivery: asyncio.Task[None] | None = None  # the latest delayed chunk (chunked)
+    output: OutputText | None = None  # a model with a tokenizer: its text and stops
+    script: tuple[int, ...] = ()  # ... and the token ids it repeats (echo_script)
 
     @property
     def context_tokens(self) -> int:
@@ -157,9 +169,35 @@ def plan_decode_steps(
     return max(1, min(min_remaining_tokens, to_kv_full, within))
 
 
+def echo_script(text: TextModel, prompt_ids: tuple[int, ...], ignore_eos: bool) -> tuple[int, ...]:
+    """The ids a simulated model with a tokenizer repeats: the prompt's non-special ids,
+    then its lowest EOS id (left out under ``ignore_eos`` unless nothing else is left)."""
+    body = tuple(t for t in prompt_ids if t not in text.special_ids)
+    eos = (min(text.eos_token_ids),)
+    return body if body and ignore_eos else body + eos
+
+
 def fake_token_id(base: int, index: int) -> int:
     """The simulated output token at position ``index`` of a request (deterministic)."""
     return (base + index * 7919) % FAKE_VOCAB_SIZE
+
+
+#: Words the simulated engine "generates": a client reading its output sees text, not ids.
+_FAKE_WORDS: Final = (
+    "the", "queue", "serves", "every", "request", "before", "its", "deadline", "and",
+    "a", "GPU", "runs", "tokens", "in", "batches", "while", "interactive", "work",
+    "waits", "less", "than", "batch", "jobs", "of", "many", "models", "share", "one",
+    "scheduler", "that", "orders", "groups", "by", "expected", "attainment", "so",
+    "more", "users", "meet", "their", "SLO", "with", "fewer", "swaps", "evictions",
+    "keep", "progress", "when", "KV", "cache", "fills", "up", "prefill", "decode",
+    "time", "per", "output", "token", "is", "measured", "on", "real", "hardware",
+    "today.",
+)
+
+
+def fake_token_text(token_id: int) -> str:
+    """The text of a simulated output token: a word and the space before it."""
+    return " " + _FAKE_WORDS[token_id % len(_FAKE_WORDS)]
 
 
 class SimulatedEngine:
@@ -181,6 +219,7 @@ class SimulatedEngine:
         max_lag_s: float = DEFAULT_MAX_LAG_S,
         pcie_gb_s: float = SimConfig().pcie_gb_s,
         prefill_mode: str = SimConfig().prefill_mode,
+        text_models: Mapping[str, TextModel] | None = None,
     ) -> None:
         by_model = {p.model: p for p in profiles}
         if not by_model:
@@ -202,6 +241,10 @@ class SimulatedEngine:
         if active not in by_model:
             raise InvalidInput("active_model", f"{active!r} is not one of {sorted(by_model)}")
         self._profiles: Mapping[str, PerfProfile] = by_model
+        self._texts = dict(text_models or {})
+        for model in self._texts:
+            if model not in by_model:
+                raise InvalidInput("text_models", f"{model!r} is not one of {sorted(by_model)}")
         self._gpu = gpus.pop()
         self._active: str | None = active
         self._clock: Clock = clock or LoopClock()
@@ -285,6 +328,13 @@ class SimulatedEngine:
             )
         if request.request_id in self._seqs:
             raise InvalidInput("request_id", f"{request.request_id!r} is already running")
+        text = self._texts.get(request.model)
+        output = None
+        if text is not None:
+            request = tokenized(request, text)
+            output = text.output(stop=request.stop, ignore_eos=request.ignore_eos,
+                                 kept_ids=request.generated_token_ids,
+                                 kept_text=request.generated_text)
         capacity = self.profile(request.model).kv_capacity_tokens
         if request.prompt_tokens + request.max_tokens > capacity:
             raise InvalidInput(
@@ -298,7 +348,10 @@ class SimulatedEngine:
             token_ids=list(request.generated_token_ids),
             base_token=zlib.crc32(request.request_id.encode()),
             added_at=self._clock.now(),
+            output=output,
         )
+        if text is not None:
+            seq.script = echo_script(text, request.prompt_token_ids or (), request.ignore_eos)
         kept = self._kv_on_cpu.pop(request.request_id, None)
         seq.restore = request.num_generated > 0 and kept == request.context_tokens
         self._seqs[request.request_id] = seq
@@ -585,20 +638,32 @@ class SimulatedEngine:
             return
         count = min(num_tokens, seq.remaining_tokens)
         start = seq.num_generated
-        new = tuple(fake_token_id(seq.base_token, i) for i in range(start, start + count))
+        text = ""
+        reason: FinishReason | None = None
+        if seq.output is None:  # no tokenizer: a word per simulated token, for readers
+            new = tuple(fake_token_id(seq.base_token, i) for i in range(start, start + count))
+            text = "".join(map(fake_token_text, new))
+        else:
+            script = seq.script
+            delta = seq.output.feed([script[i % len(script)] for i in range(start, start + count)])
+            new, text, reason = delta.token_ids, delta.text, delta.finish_reason
         seq.token_ids.extend(new)
-        seq.num_generated += count
-        self._num_output_tokens += count
-        done = seq.num_generated >= seq.request.max_tokens
-        chunk = OutputChunk(seq.request.request_id, new, seq.num_generated,
-                            finish_reason="length" if done else None)
+        seq.num_generated += len(new)
+        self._num_output_tokens += len(new)
+        if reason is None and seq.num_generated >= seq.request.max_tokens:
+            reason = "length"
+            text += seq.output.flush() if seq.output is not None else ""
+        done = reason is not None
+        chunk = OutputChunk(seq.request.request_id, new, seq.num_generated, text,
+                            finish_reason=reason)
         latency = output_latency_s(self._profiles[seq.request.model]) if self._chunked else 0.0
         self._deliver(seq, chunk, latency)
         if done:
             self._forget(seq)
 
     def _end(self, seq: _Seq, reason: FinishReason) -> None:
-        self._deliver(seq, OutputChunk(seq.request.request_id, (), seq.num_generated,
+        held = seq.output.flush() if seq.output is not None else ""
+        self._deliver(seq, OutputChunk(seq.request.request_id, (), seq.num_generated, held,
                                        finish_reason=reason), 0.0)
         self._forget(seq)
 

@@ -10,10 +10,25 @@ merely imports qlm needs vLLM (use :func:`qlm.engine.factory.make_engine`).
   ``sleep(model)`` = ``AsyncLLM.sleep(level)`` (level 1: weights to CPU memory, KV
   dropped), ``wake(model)`` = ``wake_up()``; a swap is about 0.5 s on an H100 once warm
   (../shared/gpu/README.md).
-* **Requests**: prompts go as token ids (``{"prompt_token_ids": [...]}``; with dummy
-  weights there is no tokenizer); a resumed request is re-prefilled with prompt + kept
-  output ids (prefix caching makes that cheap) and asks for the remaining tokens.
-  ``ignore_eos`` (default on) makes outputs exactly ``max_tokens`` long for replays.
+* **Models and checkpoints**: a model's checkpoint is the ``path`` its workers-file
+  entry names (:class:`qlm.roster.ModelEntry`), else ``<model_dir>/<model>`` (for a known
+  shape without a checkpoint, its config.json is written there: dummy weights only).
+  vLLM loads the weights with its normal loader unless ``load_format`` says otherwise
+  (``dummy``: random weights of the shape, a benchmark option, never the default; a
+  checkpoint without weight files is refused unless dummy). Engine arguments: the
+  options below, then the entry's ``engine_args`` (any ``AsyncEngineArgs`` field, names
+  checked against vLLM at start, :mod:`qlm.engine.engine_args`).
+* **Text**: qlm tokenizes and detokenizes itself with :mod:`qlm.engine.text` (the one
+  implementation the simulated engine uses too), so vLLM runs with
+  ``skip_tokenizer_init``: text and chat prompts are encoded with the checkpoint's
+  tokenizer and chat template and sent as token ids; output ids are detokenized
+  incrementally; EOS ids go to vLLM as ``stop_token_ids`` (unless ``ignore_eos``) and a
+  stop string found in the text aborts the vLLM request and ends the output with
+  ``"stop"``. A model without a tokenizer (dummy shapes) takes token-id prompts only.
+* **Requests**: a resumed request is re-prefilled with prompt + kept output ids (prefix
+  caching makes that cheap) and asks for the remaining tokens; its decoder and stop
+  matcher continue from the kept output. ``ignore_eos`` (off unless the request asks:
+  trace replays do) makes outputs exactly ``max_tokens`` long.
   Outputs stream as deltas (``RequestOutputKind.DELTA``).
 * **abort** calls ``AsyncLLM.abort`` and returns the output streamed so far.
 * **stats** come from vLLM's own per-step statistics (a stat logger registered with
@@ -27,6 +42,7 @@ merely imports qlm needs vLLM (use :func:`qlm.engine.factory.make_engine`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +52,10 @@ from typing import Any
 from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.perf import PerfProfile
 from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
+from qlm.engine.engine_args import check_engine_args, check_known_to_vllm
 from qlm.engine.shapes import MODEL_SHAPES
+from qlm.engine.text import OutputText, TextModel, has_tokenizer, tokenized
+from qlm.roster import ModelEntry
 
 #: A longer gap between two engine steps means the engine was idle, not stepping.
 IDLE_GAP_S = 1.0
@@ -50,7 +69,7 @@ class VllmOptions:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     enforce_eager: bool = False
-    load_format: str = "dummy"
+    load_format: str | None = None
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -73,23 +92,64 @@ class _Live:
     num_generated: int
     token_ids: list[int]
     text: list[str]
+    output: OutputText | None = None
     aborted: bool = False
+    abort_text: str = ""
 
 
-def model_path(model: str, options: VllmOptions) -> str:
-    """Where ``model``'s weights (or, for dummy weights, its config.json) are.
+#: Weight files vLLM's default loader reads.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 
-    ``<model_dir>/<model>`` when it exists or when ``model`` is a known shape (its
-    config.json is then written there); otherwise ``model`` itself (a path or a
-    Hugging Face name)."""
+
+def model_path(model: str, options: VllmOptions, entry: ModelEntry | None = None) -> Path:
+    """Where ``model``'s checkpoint is (see the module docstring). A known shape without a
+    checkpoint gets its config.json written to ``<model_dir>/<model>`` (dummy weights)."""
+    if entry is not None and entry.path is not None:
+        return entry.path
     path = options.model_dir / model
-    if (path / "config.json").exists():
-        return str(path)
-    if model in MODEL_SHAPES:
+    if not (path / "config.json").exists() and model in MODEL_SHAPES:
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(MODEL_SHAPES[model], indent=1))
-        return str(path)
-    return model
+    return path
+
+
+def has_weights(path: Path) -> bool:
+    return any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+
+
+def checkpoint_problem(model: str, path: Path, load_format: str | None) -> str | None:
+    """Why ``path`` cannot serve ``model`` with ``load_format``, or None."""
+    if not (path / "config.json").is_file():
+        return f"{path} has no config.json (name the checkpoint directory as path)"
+    if load_format != "dummy" and not has_weights(path):
+        return (f"{path} has no weights ({', '.join(WEIGHT_PATTERNS)}); name a checkpoint "
+                "(path) or ask for random weights of its shape with load_format: dummy")
+    return None
+
+
+def engine_arguments(model: str, path: Path, options: VllmOptions, num_models: int,
+                     entry: ModelEntry | None = None) -> dict[str, Any]:
+    """The ``AsyncEngineArgs`` of ``model`` (module docstring): options, then the entry's
+    ``engine_args``. Pure; checked against vLLM's fields in :meth:`VllmEngine.start`."""
+    o = options
+    args: dict[str, Any] = {
+        "model": str(path),
+        "skip_tokenizer_init": True,
+        "enable_sleep_mode": True,
+        "gpu_memory_utilization": o.gpu_memory_utilization or round(0.85 / num_models, 3),
+        "max_model_len": o.max_model_len,
+        "enforce_eager": o.enforce_eager,
+        "enable_prefix_caching": o.enable_prefix_caching,
+        "max_num_seqs": o.max_num_seqs,
+        "max_num_batched_tokens": o.max_num_batched_tokens,
+        "seed": o.seed,
+        **check_engine_args(dict(o.extra_engine_args), "extra_engine_args"),
+    }
+    if o.load_format is not None:
+        args["load_format"] = o.load_format
+    if entry is not None:
+        args |= dict(entry.engine_args)
+    return args
 
 
 class VllmEngine:
@@ -101,6 +161,7 @@ class VllmEngine:
         models: Sequence[str],
         options: VllmOptions | None = None,
         profiles: Mapping[str, PerfProfile] | None = None,
+        entries: Mapping[str, ModelEntry] | None = None,
     ) -> None:
         if not models or len(set(models)) != len(models):
             raise InvalidInput("models", "must be a non-empty list of distinct models")
@@ -108,7 +169,9 @@ class VllmEngine:
         self._models = tuple(models)
         self.options = options or VllmOptions()
         self._profiles = dict(profiles or {})
+        self._entries = dict(entries or {})
         self._llms: dict[str, Any] = {}
+        self._texts: dict[str, TextModel | None] = {}
         self._active: str | None = None
         self._live: dict[str, _Live] = {}
         self._num_swaps = 0
@@ -136,24 +199,24 @@ class VllmEngine:
 
     # ---------------------------------------------------------------- lifecycle
     def _engine_args(self, model: str) -> Any:
+        """vLLM's ``AsyncEngineArgs`` of ``model``; InvalidInput names a bad argument."""
+        import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        o = self.options
-        share = o.gpu_memory_utilization or round(0.85 / len(self._models), 3)
-        return AsyncEngineArgs(
-            model=model_path(model, o),
-            load_format=o.load_format,
-            skip_tokenizer_init=o.load_format == "dummy",
-            enable_sleep_mode=True,
-            gpu_memory_utilization=share,
-            max_model_len=o.max_model_len,
-            enforce_eager=o.enforce_eager,
-            enable_prefix_caching=o.enable_prefix_caching,
-            max_num_seqs=o.max_num_seqs,
-            max_num_batched_tokens=o.max_num_batched_tokens,
-            seed=o.seed,
-            **dict(o.extra_engine_args),
-        )
+        entry = self._entries.get(model)
+        path = model_path(model, self.options, entry)
+        args = engine_arguments(model, path, self.options, len(self._models), entry)
+        problem = checkpoint_problem(model, path, args.get("load_format"))
+        if problem is not None:
+            raise InvalidInput(f"models.{model}.path", problem)
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        check_known_to_vllm(args, known, f"models.{model}.engine_args", vllm.__version__)
+        self._texts[model] = TextModel.load(path) if has_tokenizer(path) else None
+        return AsyncEngineArgs(**args)
+
+    def text_model(self, model: str) -> TextModel | None:
+        """The tokenizer side of ``model``'s checkpoint (None: token-id prompts only)."""
+        return self._texts.get(model)
 
     async def start(self) -> None:
         """Start every model; all but the first go to sleep right after starting."""
@@ -208,11 +271,15 @@ class VllmEngine:
             )
         if request.request_id in self._live:
             raise InvalidInput("request_id", f"{request.request_id!r} is already running")
-        ids = request.resume_prompt_ids()
-        if ids is None and request.prompt_text is None:
-            raise InvalidInput("prompt", "needs token ids or text")
+        text = self._texts.get(request.model)
+        request = tokenized(request, text)
+        output = None
+        if text is not None:
+            output = text.output(stop=request.stop, ignore_eos=request.ignore_eos,
+                                 kept_ids=request.generated_token_ids,
+                                 kept_text=request.generated_text)
         live = _Live(request, request.model, request.num_generated,
-                     list(request.generated_token_ids), [request.generated_text])
+                     list(request.generated_token_ids), [request.generated_text], output)
         self._live[request.request_id] = live
         return self._stream(live, self._llms[request.model])
 
@@ -220,7 +287,7 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        optional = {
+        optional: dict[str, Any] = {
             name: value
             for name, value in (
                 ("temperature", request.temperature),
@@ -230,36 +297,44 @@ class VllmEngine:
             )
             if value is not None
         }
+        text = self._texts.get(request.model)
+        if text is not None and not request.ignore_eos:
+            optional["stop_token_ids"] = sorted(text.eos_token_ids)
         return SamplingParams(
             max_tokens=request.remaining_tokens,
             ignore_eos=request.ignore_eos,
-            detokenize=request.prompt_token_ids is None,
-            stop=list(request.stop) or None,
+            detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             **optional,
         )
 
     async def _stream(self, live: _Live, llm: Any) -> AsyncIterator[OutputChunk]:
         request = live.request
-        ids = request.resume_prompt_ids()
-        prompt: dict[str, Any] = (
-            {"prompt_token_ids": ids}
-            if ids is not None
-            else {"prompt": (request.prompt_text or "") + request.generated_text}
-        )
+        prompt = {"prompt_token_ids": request.resume_prompt_ids()}
         finish: FinishReason | None = None
         try:
             async for out in llm.generate(prompt, self._sampling_params(request),
                                           request_id=request.request_id):
                 completion = out.outputs[0]
                 new = tuple(int(t) for t in completion.token_ids)
+                text = ""
+                if live.output is not None:
+                    delta = live.output.feed(new)
+                    new, text = delta.token_ids, delta.text
+                    if delta.finish_reason is not None:
+                        finish = "stop"
+                if out.finished and finish is None:
+                    finish = _finish_reason(completion.finish_reason, live.aborted)
+                    if live.output is not None and finish != "abort":
+                        text += live.output.flush()
                 self._num_output_tokens += len(new)
                 live.num_generated += len(new)
                 live.token_ids.extend(new)
-                text = completion.text or ""
                 live.text.append(text)
-                if out.finished:
-                    finish = _finish_reason(completion.finish_reason, live.aborted)
+                if finish is not None and finish != "abort" and not out.finished:
+                    await llm.abort(request.request_id)  # a stop string, found by qlm
+                if finish == "abort":
+                    text += live.abort_text
                 yield OutputChunk(request.request_id, new, live.num_generated, text, finish)
                 if finish is not None:
                     return
@@ -269,7 +344,8 @@ class VllmEngine:
         finally:
             self._live.pop(request.request_id, None)
         if finish is None:
-            yield OutputChunk(request.request_id, (), live.num_generated, finish_reason="abort")
+            yield OutputChunk(request.request_id, (), live.num_generated, live.abort_text,
+                              finish_reason="abort")
 
     async def abort(self, request_id: str, keep_kv: bool = False) -> Progress:
         """Abort; ``keep_kv`` is not supported (vLLM frees the KV cache; prefix caching
@@ -278,6 +354,9 @@ class VllmEngine:
         if live is None:
             raise NotFound("request", request_id)
         live.aborted = True
+        if live.output is not None:  # text held back for a stop string goes with the progress
+            live.abort_text = live.output.flush()
+            live.text.append(live.abort_text)
         await self._llms[live.model].abort(request_id)
         self._live.pop(request_id, None)
         return Progress(request_id, live.num_generated, tuple(live.token_ids), "".join(live.text))

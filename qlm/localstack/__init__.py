@@ -5,13 +5,15 @@ fixtures. This package does process management and I/O; nothing in ``qlm.core``
 depends on it.
 """
 
-from qlm.localstack.kafka import KafkaServer, fetch_kafka_jars, kafka_libs_dir
+from qlm.localstack.kafka import KafkaCluster, KafkaServer, fetch_kafka_jars, kafka_libs_dir
 from qlm.localstack.process import free_loopback_port
-from qlm.localstack.redis import RedisServer
+from qlm.localstack.redis import LocalRedisCluster, RedisServer
 from qlm.localstack.stack import LocalStack, StackPorts
 
 __all__ = [
+    "KafkaCluster",
     "KafkaServer",
+    "LocalRedisCluster",
     "LocalStack",
     "RedisServer",
     "StackPorts",

@@ -1,7 +1,9 @@
 """Command line of the local stack (``make up`` / ``make down`` / ``make kafka-jars``).
 
 ``up`` starts Redis and Kafka, then the four services (estimator, ingest, scheduler with
-``--policy``, simulated workers from ``--workers-file``) unless ``--brokers-only``;
+``--policy``, simulated workers from ``--workers-file``) unless ``--brokers-only``, and
+writes how to reach them to ``<dir>/stack.env`` (``QLM_INGEST_ADDR`` for gRPC,
+``QLM_OPENAI_BASE_URL`` for the OpenAI-compatible front door, ending in ``/v1``);
 ``down`` stops the services first, then the brokers; ``status`` lists all of them.
 """
 
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
                 print(line, flush=True)
             with (stack.stack_dir / "stack.env").open("a") as env:
                 env.write(f"QLM_INGEST_ADDR={services.ingest_addr}\n")
+                env.write(f"QLM_OPENAI_BASE_URL={services.openai_base_url}\n")
         print(f"environment: {stack.stack_dir / 'stack.env'}")
         return 0
     if args.command == "down":

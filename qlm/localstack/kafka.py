@@ -1,4 +1,5 @@
-"""A local Apache Kafka broker in KRaft mode (one node: broker + controller) on the machine's Java.
+"""Local Apache Kafka in KRaft mode on the machine's Java: one node (broker + controller), or
+a cluster of several such nodes that form one controller quorum (:class:`KafkaCluster`).
 
 The jars come from Maven Central through Maven and a small pom
 (``qlm/localstack/kafka-pom.xml``) and are cached in
@@ -17,9 +18,10 @@ import struct
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
-from qlm.core.errors import Unavailable
+from qlm.core.errors import InvalidInput, Unavailable
 from qlm.localstack.process import (
     ServerProcess,
     ensure_port_free,
@@ -32,6 +34,8 @@ DEFAULT_KAFKA_PORT = 9092
 DEFAULT_CONTROLLER_PORT = 9093
 START_TIMEOUT_S = 90.0
 HEAP_OPTS = ("-Xms256m", "-Xmx512m")
+#: Each node of a test cluster: three JVMs must share two busy cores and little memory.
+CLUSTER_HEAP_OPTS = ("-Xms96m", "-Xmx256m")
 #: JIT tier 1 only: a third to a half faster start on 2 busy cores, lower peak throughput.
 QUICK_START_OPTS = ("-XX:TieredStopAtLevel=1",)
 POM_PATH = Path(__file__).with_name("kafka-pom.xml")
@@ -142,7 +146,13 @@ def num_live_brokers(host: str, port: int, timeout_s: float = 1.0) -> int:
 
 
 class KafkaServer:
-    """One KRaft node on ``127.0.0.1``; data, config, log and pid file live under ``data_dir``."""
+    """One KRaft node on ``127.0.0.1``; data, config, log and pid file live under ``data_dir``.
+
+    Alone it is its own quorum; as a member of a :class:`KafkaCluster` it gets its
+    ``node_id``, the ``voters`` of the quorum (``id@host:port,...``), the cluster's
+    ``cluster_id`` and the replication of Kafka's internal topics (consumer offsets,
+    transactions) from the cluster.
+    """
 
     def __init__(
         self,
@@ -152,6 +162,12 @@ class KafkaServer:
         version: str | None = None,
         die_with_parent: bool = False,
         quick_start: bool = False,
+        *,
+        node_id: int = 1,
+        voters: str | None = None,
+        cluster_id: str | None = None,
+        internal_replication: int = 1,
+        heap_opts: tuple[str, ...] = HEAP_OPTS,
     ) -> None:
         """``die_with_parent``: stop the broker when the starting thread exits (tests).
 
@@ -165,6 +181,11 @@ class KafkaServer:
         self.controller_port = controller_port
         self.version = version or kafka_version()
         self.host = "127.0.0.1"
+        self.node_id = node_id
+        self.voters = voters or f"{node_id}@{self.host}:{controller_port}"
+        self.cluster_id = cluster_id
+        self.internal_replication = internal_replication
+        self.heap_opts = heap_opts
         self.config_path = self.data_dir / "server.properties"
         self.log_dirs = self.data_dir / "data"
         self.process = ServerProcess("kafka", self.data_dir, marker=str(self.config_path))
@@ -175,12 +196,15 @@ class KafkaServer:
         return f"{self.host}:{self.port}"
 
     def server_properties(self) -> str:
-        """Single-node combined broker+controller config; internal topics have one partition."""
+        """Combined broker+controller config; internal topics have one partition, replicated
+        ``internal_replication`` times (their min ISR is a majority of that)."""
         host, port, cport = self.host, self.port, self.controller_port
+        replicas = str(self.internal_replication)
+        min_isr = str(self.internal_replication // 2 + 1)
         settings = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{host}:{cport}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters,
             "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
             "advertised.listeners": f"PLAINTEXT://{host}:{port}",
             "controller.listener.names": "CONTROLLER",
@@ -189,15 +213,18 @@ class KafkaServer:
             "log.dirs": str(self.log_dirs),
             "num.partitions": "1",
             "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": replicas,
             "offsets.topic.num.partitions": "1",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
             "transaction.state.log.num.partitions": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
             "share.coordinator.state.topic.num.partitions": "1",
             "group.initial.rebalance.delay.ms": "0",
+            # A crashed node is fenced (its partitions get new leaders) after 4 s, not 9 s.
+            "broker.session.timeout.ms": "4000",
+            "broker.heartbeat.interval.ms": "1000",
             "num.network.threads": "2",
             "num.io.threads": "2",
             "background.threads": "2",
@@ -226,7 +253,7 @@ class KafkaServer:
 
     def _java_argv(self, libs: Path, main: str, *args: str, quick: bool = False) -> list[str]:
         return [
-            java_binary(), *HEAP_OPTS, *(QUICK_START_OPTS if quick else ()),
+            java_binary(), *self.heap_opts, *(QUICK_START_OPTS if quick else ()),
             "-XX:+UseSerialGC", "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self._log4j2_config()}",
             "-cp", f"{libs}/*", main, *args,
@@ -237,11 +264,13 @@ class KafkaServer:
         return (self.log_dirs / "meta.properties").is_file()
 
     def format_storage(self, libs: Path) -> None:
-        """Format KRaft storage once (a new cluster id); a formatted directory is left alone."""
+        """Format KRaft storage once (``cluster_id``, else a new one); a formatted directory
+        is left alone."""
         if self.is_formatted():
             return
+        cluster_id = self.cluster_id or new_cluster_id()
         argv = self._java_argv(
-            libs, STORAGE_TOOL_MAIN, "format", f"--cluster-id={new_cluster_id()}",
+            libs, STORAGE_TOOL_MAIN, "format", f"--cluster-id={cluster_id}",
             "-c", str(self.config_path), quick=True,
         )  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -256,6 +285,13 @@ class KafkaServer:
 
         Returns the seconds from process start to ready.
         """
+        started_at = self.launch()
+        self.wait_ready(1, timeout_s)
+        return time.monotonic() - started_at
+
+    def launch(self) -> float:
+        """Fetch jars if needed, format once and start the process without waiting for it;
+        returns the ``time.monotonic()`` of the start."""
         libs = fetch_kafka_jars(self.version)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.server_properties())
@@ -267,17 +303,21 @@ class KafkaServer:
             self._java_argv(libs, BROKER_MAIN, str(self.config_path), quick=self.quick_start),
             die_with_parent=self.die_with_parent,
         )
+        return started_at
+
+    def wait_ready(self, num_brokers: int, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Wait until this node reports ``num_brokers`` live brokers; on failure stop it
+        (SIGKILL) and raise Unavailable with its log's tail."""
         try:
             self.process.wait_until(
-                lambda: num_live_brokers(self.host, self.port) > 0,
+                lambda: num_live_brokers(self.host, self.port) >= num_brokers,
                 timeout_s,
-                f"broker answering on port {self.port}",
+                f"{num_brokers} broker(s) answering on port {self.port}",
                 poll_s=0.2,
             )
         except Unavailable:
             self.process.stop(timeout_s=2.0, kill=True)
             raise
-        return time.monotonic() - started_at
 
     @classmethod
     def start_on_free_ports(
@@ -303,3 +343,93 @@ class KafkaServer:
     def is_running(self) -> bool:
         """Whether the broker this object (or its pid file) names is alive."""
         return self.process.running_pid() is not None
+
+
+class KafkaCluster:
+    """``num_nodes`` KRaft nodes on ``127.0.0.1``, each broker and controller, one quorum.
+
+    Node ``i`` (1-based) lives under ``data_dir/node-i``. Kafka's internal topics are
+    replicated on every node (at most three), so the cluster keeps serving consumer
+    groups when one node dies. Topics qlm creates get the replication its settings ask for
+    (:class:`qlm.bus.topics.TopicLayout`).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        ports: Sequence[tuple[int, int]],
+        die_with_parent: bool = False,
+        quick_start: bool = False,
+        heap_opts: tuple[str, ...] = CLUSTER_HEAP_OPTS,
+    ) -> None:
+        """``ports``: (broker port, controller port) per node."""
+        if not ports:
+            raise InvalidInput("ports", "a cluster needs at least one node")
+        self.data_dir = data_dir.resolve()
+        host = "127.0.0.1"
+        voters = ",".join(f"{i}@{host}:{cport}" for i, (_, cport) in enumerate(ports, start=1))
+        cluster_id = new_cluster_id()
+        self.nodes = [
+            KafkaServer(
+                self.data_dir / f"node-{i}", port, cport, die_with_parent=die_with_parent,
+                quick_start=quick_start, node_id=i, voters=voters, cluster_id=cluster_id,
+                internal_replication=min(3, len(ports)), heap_opts=heap_opts,
+            )
+            for i, (port, cport) in enumerate(ports, start=1)
+        ]  # fmt: skip
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Every node's ``127.0.0.1:<port>``, comma-separated (aiokafka's ``bootstrap_servers``)."""
+        return ",".join(node.bootstrap_servers for node in self.nodes)
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
+        """Start every node, then wait until each reports all of them live; returns seconds.
+
+        The nodes are started together: none is ready before a majority of the quorum runs.
+        On failure every node is stopped and Unavailable raised.
+        """
+        started_at = time.monotonic()
+        try:
+            for node in self.nodes:
+                node.launch()
+            for node in self.nodes:
+                remaining_s = max(1.0, timeout_s - (time.monotonic() - started_at))
+                node.wait_ready(len(self.nodes), remaining_s)
+        except Unavailable:
+            self.stop(kill=True)
+            raise
+        return time.monotonic() - started_at
+
+    @classmethod
+    def start_on_free_ports(
+        cls,
+        data_dir: Path,
+        num_nodes: int = 3,
+        die_with_parent: bool = False,
+        quick_start: bool = False,
+        num_attempts: int = 3,
+    ) -> KafkaCluster:
+        """A started cluster on free loopback ports (new ports and a new directory per try)."""
+        attempts = iter(range(1, num_attempts + 1))
+        return start_on_free_ports(lambda: cls(
+            data_dir / f"try-{next(attempts)}",
+            [(free_loopback_port(), free_loopback_port()) for _ in range(num_nodes)],
+            die_with_parent=die_with_parent, quick_start=quick_start,
+        ), num_attempts)  # fmt: skip
+
+    def node_of_port(self, port: int) -> KafkaServer:
+        """The node whose broker listens on ``port``."""
+        for node in self.nodes:
+            if node.port == port:
+                return node
+        raise InvalidInput("port", f"no node of this cluster listens on {port}")
+
+    def kill(self, node: KafkaServer) -> None:
+        """SIGKILL one node (a crash: no controlled shutdown, no leadership hand-over)."""
+        node.stop(kill=True)
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop every node (controlled shutdown; SIGKILL with ``kill``)."""
+        for node in self.nodes:
+            node.stop(kill=kill)

@@ -61,8 +61,10 @@ def kind_of(process_name: str) -> str:
     return "worker" if process_name.startswith(WORKER_PREFIX) else process_name
 #: The ingest port a client tries first; another free port when it is taken.
 PREFERRED_INGEST_PORT: Final = 50051
+#: The HTTP (OpenAI-compatible) port a client tries first, likewise.
+PREFERRED_HTTP_PORT: Final = 8000
 START_TIMEOUT_S: Final = 90.0
-POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority")
+POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority", "static", "vllm-swap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,8 @@ class ServicePorts:
     estimator_metrics: int = 0
     scheduler_metrics: int = 0
     ingest_metrics: int = 0
+    #: The OpenAI-compatible HTTP front door (served by the ingest process).
+    http: int = 0
     workers: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
@@ -147,17 +151,20 @@ class ServicePorts:
     def resolved(self, prefer_standard: bool = False,
                  worker_ids: tuple[str, ...] = ()) -> ServicePorts:
         """Every 0 replaced by a free port, and ports for every worker of ``worker_ids``;
-        with ``prefer_standard``, ingest gets 50051 (what clients try first) when that is
-        free."""
+        with ``prefer_standard``, ingest gets 50051 and the HTTP front door 8000 (what
+        clients try first) when those are free."""
         chosen: dict[str, Any] = {}
         for name in ("ingest", "estimator", "estimator_metrics", "scheduler_metrics",
-                     "ingest_metrics"):
+                     "ingest_metrics", "http"):
             port = getattr(self, name)
             if port:
                 chosen[name] = port
             elif (prefer_standard and name == "ingest"
                   and not port_is_open("127.0.0.1", PREFERRED_INGEST_PORT)):
                 chosen[name] = PREFERRED_INGEST_PORT
+            elif (prefer_standard and name == "http"
+                  and not port_is_open("127.0.0.1", PREFERRED_HTTP_PORT)):
+                chosen[name] = PREFERRED_HTTP_PORT
             else:
                 chosen[name] = free_loopback_port()
         workers = []
@@ -234,6 +241,11 @@ class ServiceStack:
     def ingest_addr(self) -> str:
         return f"127.0.0.1:{self.ports.ingest}"
 
+    @property
+    def openai_base_url(self) -> str:
+        """Base URL of the OpenAI-compatible front door (what ``openai.OpenAI`` takes)."""
+        return f"http://127.0.0.1:{self.ports.http}/v1"
+
     @classmethod
     def recorded(cls, stack_dir: Path, redis_url: str, kafka_bootstrap: str) -> ServiceStack:
         """The services an earlier ``up`` recorded in ``stack_dir`` (defaults when none)."""
@@ -255,7 +267,7 @@ class ServiceStack:
                               "models": list(worker.models)}]}))
         write_scaled_profiles(self.profiles_source, self.profiles_dir, self.options.time_scale)
         record = {"options": self.options.to_json(), "ports": asdict(self.ports),
-                  "ingest_addr": self.ingest_addr}
+                  "ingest_addr": self.ingest_addr, "openai_base_url": self.openai_base_url}
         (self.run_dir / SERVICES_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     # ---------------------------------------------------------------- argv
@@ -277,6 +289,7 @@ class ServiceStack:
             return [*module, *self._common(), "--host", "127.0.0.1", "--port", str(p.ingest),
                     "--profiles-dir", str(self.profiles_dir),
                     "--metrics-port", str(p.ingest_metrics),
+                    "--http-host", "127.0.0.1", "--http-port", str(p.http),
                     "--estimator-addr", f"127.0.0.1:{p.estimator}",
                     "--admission", o.admission,
                     "--group-window-s", str(o.group_window_s),
@@ -363,7 +376,7 @@ class ServiceStack:
         if kind_of(name) == "worker":
             return p.of_worker(name.removeprefix(WORKER_PREFIX))
         return {"estimator": (p.estimator, p.estimator_metrics),
-                "ingest": (p.ingest, p.ingest_metrics),
+                "ingest": (p.ingest, p.ingest_metrics, p.http),
                 "scheduler": (p.scheduler_metrics,)}[name]
 
     def describe(self, name: str) -> str:
@@ -376,7 +389,7 @@ class ServiceStack:
                     f":{p.of_worker(worker_id)[1]}")
         return {
             "estimator": f"grpc 127.0.0.1:{p.estimator}",
-            "ingest": f"grpc {self.ingest_addr}",
+            "ingest": f"grpc {self.ingest_addr}, OpenAI HTTP {self.openai_base_url}",
             "scheduler": f"policy {o.policy}, metrics :{p.scheduler_metrics}",
         }[name]
 

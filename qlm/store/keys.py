@@ -1,12 +1,16 @@
 """Every Redis key qlm uses, named once, and how every sorted-set score is computed.
 
-All keys share one prefix (default ``qlm:``) so that several deployments can share
-a server and so that nothing ever needs ``KEYS *``: every key is reachable from
-one of the index keys below.
+All keys of one queue share one prefix (default ``qlm:``) so that several deployments
+can share a server and so that nothing ever needs ``KEYS *``: every key is reachable
+from one of the index keys below.
 
-Keys (``P`` is the prefix):
+The prefix is a Redis Cluster **hash tag**: every key starts with ``{prefix}``
+(``{qlm:}req:r1``), so all keys of one queue hash to one slot and every Lua script,
+including the keys it derives from data it reads (the group of a request whose lease
+expired, the groups named by a virtual queue), touches that slot only. A cluster thus
+runs each queue on one shard; several queues (prefixes) spread over the shards. Why
+the queue is not split further (by model or tenant) is in docs/redis.md.
 
-========================  ==========  ==================================================
 key                       type        contents
 ========================  ==========  ==================================================
 ``P req:{id}``            hash        the request record (schema in docs/redis.md);
@@ -18,26 +22,63 @@ key                       type        contents
 ``P running:{worker}``    set         ids of the requests running on the worker
 ``P leases``              sorted set  ids of every running request
 ``P stream:{id}``         stream      the request's output chunks, then one end entry
+``P file:{id}``           hash        an uploaded / produced file's metadata (Files API)
+``P file:{id}:content``   string      its content (UTF-8 JSONL)
+``P files``               sorted set  every file id, scored by ``created_at``
+``P batch:{id}``          hash        a batch (Batch API): status, times, counts, cursor
+``P batch:{id}:out``      hash        custom_id → its output line (request succeeded)
+``P batch:{id}:err``      hash        custom_id → its error line (refused, failed, cancelled)
+``P batches``             sorted set  every batch id, scored by ``created_at``
+``P batches:active``      set         batches not yet completed, failed, expired or cancelled
+``P batches:driver``      string      lock of the one process that moves batches forward
 ========================  ==========  ==================================================
+=======
+Keys (``P`` is ``{prefix}``; ``<id>``, ``<group>``, ``<worker>`` are values):
 
-``{group}`` is ``str(GroupKey)``: ``model|slo_class|window``.
+==========================  ==========  ================================================
+key                         type        contents
+==========================  ==========  ================================================
+``P req:<id>``              hash        the request record (schema in docs/redis.md);
+                                        its existence is the idempotency check
+``P group:<group>``         sorted set  ids of the *queued* requests of one group
+``P groups``                sorted set  every group that has at least one queued request
+``P vq:<worker>``           list        the worker's virtual queue: group keys, head first
+``P workers``               set         every worker that has a virtual queue or has pulled
+``P running:<worker>``      set         ids of the requests running on the worker
+``P leases``                sorted set  ids of every running request
+``P stream:<id>``           stream      the request's output chunks, then one end entry
+``P scheduler:leader``      string      the scheduler leader's token (PX: the lease)
+``P scheduler:fence``       integer     the fencing token of the current leader's term
+``P file:<id>``             hash        an uploaded / produced file's metadata (Files API)
+``P file:<id>:content``     string      its content (UTF-8 JSONL)
+``P files``                 sorted set  every file id, scored by ``created_at``
+``P batch:<id>``            hash        a batch (Batch API): status, times, counts, cursor
+``P batch:<id>:out``        hash        custom_id → its output line (request succeeded)
+``P batch:<id>:err``        hash        custom_id → its error line (refused, failed,
+                                        cancelled, expired)
+``P batches``               sorted set  every batch id, scored by ``created_at``
+``P batches:active``        set         batches not yet completed, failed, expired or
+                                        cancelled
+``P batches:driver``        string      lock of the one process that moves batches forward
+==========================  ==========  ================================================
+
+``<group>`` is ``str(GroupKey)``: ``model|slo_class|window``.
 
 Scores (the sorted-set score is the policy's sort key):
 
-* ``group:{group}`` member ``id``: ``deadline_at = arrival_at + slo.ttft_s`` of the
+* ``group:<group>`` member ``id``: ``deadline_at = arrival_at + slo.ttft_s`` of the
   request (seconds, same clock as ``arrival_at``). Ties are broken by Redis itself
   in lexicographic order of the request id. An evicted request keeps its deadline,
   so it returns ahead of later arrivals of its group.
-* ``groups`` member ``{group}``: the earliest deadline among the group's queued
-  requests, i.e. the score of the head of ``group:{group}``. A group with no queued
+* ``groups`` member ``<group>``: the earliest deadline among the group's queued
+  requests, i.e. the score of the head of ``group:<group>``. A group with no queued
   request is not in the index.
 * ``leases`` member ``id``: ``lease_expires_at``, the time (store clock) after
   which ``requeue_expired`` returns the request to its group unless renewed.
 
-Scripts that touch keys which depend on data read inside the script (the group of
-a request whose lease expired, the groups named by a virtual queue) build those
-names from the prefix passed in ARGV, with the same layout as this module. That is
-fine on a single Redis server (qlm's deployment) and is not Redis-Cluster safe.
+Scripts that touch keys which depend on data read inside the script build those
+names from :attr:`Keys.prefix` passed in ARGV (the tagged ``{prefix}``), with the
+same layout as this module, so they stay in the slot of the keys they declare.
 """
 
 from __future__ import annotations
@@ -52,13 +93,27 @@ DEFAULT_PREFIX = "qlm:"
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key names under one prefix. Pure string building, no I/O."""
+    """Key names under one prefix. Pure string building, no I/O.
+
+    ``Keys("qlm:").prefix`` is the hash-tagged ``"{qlm:}"`` that starts every key (a
+    prefix given already tagged is kept as it is); :attr:`name` is the prefix given.
+    """
 
     prefix: str = DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
-        if not self.prefix or any(c.isspace() for c in self.prefix):
-            raise InvalidInput("prefix", f"must be non-empty without spaces, got {self.prefix!r}")
+        prefix = self.prefix
+        if not prefix or any(c.isspace() for c in prefix):
+            raise InvalidInput("prefix", f"must be non-empty without spaces, got {prefix!r}")
+        if not is_tagged(prefix):
+            if "{" in prefix or "}" in prefix:
+                raise InvalidInput("prefix", f"must not contain '{{' or '}}', got {prefix!r}")
+            object.__setattr__(self, "prefix", f"{{{prefix}}}")
+
+    @property
+    def name(self) -> str:
+        """The prefix without its hash-tag braces (``qlm:``)."""
+        return self.prefix[1:-1]
 
     def request(self, request_id: str) -> str:
         return f"{self.prefix}req:{request_id}"
@@ -86,6 +141,55 @@ class Keys:
 
     def stream(self, request_id: str) -> str:
         return f"{self.prefix}stream:{request_id}"
+
+    @property
+    def scheduler_leader(self) -> str:
+        return f"{self.prefix}scheduler:leader"
+
+    @property
+    def scheduler_fence(self) -> str:
+        return f"{self.prefix}scheduler:fence"
+
+    def file(self, file_id: str) -> str:
+        return f"{self.prefix}file:{file_id}"
+
+    def file_content(self, file_id: str) -> str:
+        return f"{self.prefix}file:{file_id}:content"
+
+    @property
+    def files(self) -> str:
+        return f"{self.prefix}files"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}"
+
+    def batch_output(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}:out"
+
+    def batch_errors(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}:err"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}batches"
+
+    @property
+    def active_batches(self) -> str:
+        return f"{self.prefix}batches:active"
+
+    @property
+    def batch_driver(self) -> str:
+        return f"{self.prefix}batches:driver"
+
+
+def is_tagged(prefix: str) -> bool:
+    """Whether ``prefix`` is already a whole hash tag, ``{...}``, with no other braces."""
+    inner = prefix[1:-1]
+    return (
+        len(prefix) > 2 and prefix[0] == "{" and prefix[-1] == "}"
+        and "{" not in inner and "}" not in inner
+    )
+
 
 
 def group_member_score(deadline_at: float) -> float:

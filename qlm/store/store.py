@@ -45,6 +45,7 @@ from qlm.core.types import (
     WorkerView,
     group_key_for,
 )
+from qlm.store.client import RedisClient, is_cluster_url, redis_client
 from qlm.store.errors import IdempotencyConflict, LeaseLost
 from qlm.store.keys import DEFAULT_PREFIX, Keys, group_member_score
 from qlm.store.records import (
@@ -232,7 +233,7 @@ class RedisQueueStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         prefix: str = DEFAULT_PREFIX,
         group_window_s: float = DEFAULT_GROUP_WINDOW_S,
@@ -260,14 +261,21 @@ class RedisQueueStore:
     def from_url(
         cls, url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, **options: Any
     ) -> RedisQueueStore:
-        """A store on a new client for ``url`` (``redis://host:port/db``).
+        """A store on a new client for ``url`` (``redis://host:port/db``, or
+        ``redis+cluster://host:port`` for a Redis Cluster: :mod:`qlm.store.client`).
 
         Callers beyond ``max_connections`` concurrent commands wait for a free
-        connection (up to 20 s) instead of failing. Each :meth:`read_tokens` reader
-        holds one connection while it waits for output, so size this to the number
-        of concurrent token streams plus the other concurrent callers.
+        connection (up to 20 s) instead of failing (on a cluster: per node, and they
+        fail). Each :meth:`read_tokens` reader holds one connection while it waits for
+        output, so size this to the number of concurrent token streams plus the other
+        concurrent callers.
         """
         _require_count(max_connections, "max_connections", minimum=1)
+        if is_cluster_url(url):
+            return cls(
+                redis_client(url, decode_responses=True, max_connections=max_connections),
+                **options,
+            )
         pool = BlockingConnectionPool.from_url(
             url, decode_responses=True, max_connections=max_connections, timeout=20
         )
@@ -405,6 +413,26 @@ class RedisQueueStore:
         if not fields:
             raise NotFound("request", request_id)
         return record_from_fields(fields)
+
+    async def states(self, request_ids: Sequence[str]) -> dict[str, RequestState | None]:
+        """The state of each of ``request_ids`` (None: unknown or expired), in one pipeline."""
+        replies = await self._field_of_each(request_ids, "state")
+        return {rid: RequestState(state) if state else None for rid, state in replies.items()}
+
+    async def deadlines(self, request_ids: Sequence[str]) -> dict[str, float | None]:
+        """The ``deadline_at`` of each of ``request_ids`` (None: unknown), in one pipeline."""
+        replies = await self._field_of_each(request_ids, "deadline_at")
+        return {rid: float(value) if value else None for rid, value in replies.items()}
+
+    async def _field_of_each(self, request_ids: Sequence[str], name: str) -> dict[str, Any]:
+        if not request_ids:
+            return {}
+        with _redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for request_id in request_ids:
+                pipe.hget(self.keys.request(request_id), name)
+            replies = await pipe.execute()
+        return dict(zip(request_ids, replies, strict=True))
 
     async def cancel(self, request_id: str, reason: str = "cancelled by client") -> RequestState:
         """Cancel a request. Queued → ``cancelled`` now (returned). Running → stays

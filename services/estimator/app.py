@@ -25,7 +25,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 
 from qlm.api.v1 import estimator_pb2, estimator_pb2_grpc
 from qlm.bus.records import Event, Telemetry
@@ -36,6 +35,7 @@ from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.estimator_plane import EstimatorPlane
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
+from qlm.store.client import redis_client
 from qlm.store.store import RedisQueueStore
 from services.common.entrypoint import run_until_signal
 from services.common.errors import ErrorInterceptor
@@ -62,7 +62,7 @@ class EstimatorApp:
         self.profiles = profiles or ProfileBook.load(s.profiles_dir or PROFILE_DIR)
         declared = read_workers_file(s.workers_file) if s.workers_file else ()
         self.roster = WorkerRoster(declared, timeout_s=s.worker_timeout_s, started_at=clock())
-        self.redis = Redis.from_url(s.redis_url, decode_responses=True)
+        self.redis = redis_client(s.redis_url, decode_responses=True)
         self.store = RedisQueueStore(self.redis, prefix=s.key_prefix, clock=clock)
         self.plane = EstimatorPlane(
             RWTEstimator(self.profiles), self.roster, self.store,
@@ -92,7 +92,7 @@ class EstimatorApp:
 
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
         await self.tail.start()
         await self.server.start()
         if s.serve_metrics:

@@ -33,7 +33,7 @@ class EstimatorSettings(CommonSettings):
     admission_min_p: float = Field(
         0.05, ge=0, le=1, description="admit when P(meet SLO) at the best place >= this"
     )
-    policy: Literal["qlm", "fcfs", "edf", "shepherd", "priority"] = Field(
+    policy: Literal["qlm", "fcfs", "edf", "shepherd", "priority", "static", "vllm-swap"] = Field(
         "qlm", description="the scheduler's policy: which queued groups stay ahead of a new one"
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="drain time on SIGTERM")

@@ -17,10 +17,9 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,22 +27,29 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import admitted_event_json
-from qlm.bus.tail import TopicTail
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import Unavailable
 from qlm.log import configure, get_logger
+from qlm.roster import read_workers_file
+from qlm.store.client import RedisClient, redis_client
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
 from services.common.entrypoint import stop_on_signals
 from services.common.probes import kafka_answers
 from services.ingest.batch import BatchIngest
+from services.ingest.fleet import Fleet
 from services.ingest.metrics import IngestMetrics
 from services.ingest.plane import AdmissionRules, IngestPlane, Prediction, load_models
 from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.served import ServedModels
 from services.ingest.server import IngestServer
 from services.ingest.settings import IngestSettings
+from services.ingest.status import Observers, StatusBoard
+
+if TYPE_CHECKING:  # the HTTP stack (FastAPI, uvicorn) loads only when --http-port is set
+    from services.ingest.openai.batches import BatchDriver
+    from services.ingest.openai.server import HttpServer
 
 log = get_logger("services.ingest.app")
 
@@ -86,10 +92,10 @@ def _log_if_lost(acknowledged: asyncio.Future[Any]) -> None:
 REDIS_MAX_CONNECTIONS = 4096
 
 
-def redis_client(url: str) -> Redis:
+def ingest_redis_client(url: str) -> RedisClient:
     """A client that reconnects by itself: a command that finds its connection closed
     (Redis restarted) is retried with backoff for about six seconds before it fails."""
-    return Redis.from_url(
+    return redis_client(
         url,
         decode_responses=True,
         max_connections=REDIS_MAX_CONNECTIONS,
@@ -114,20 +120,25 @@ class IngestApp:
         self.models = dict(models) if models is not None else load_models(
             settings.models_file, settings.profiles_dir
         )
+        self.redis = ingest_redis_client(settings.redis_url)
         self.store = RedisQueueStore(
-            redis_client(settings.redis_url), prefix=settings.key_prefix,
+            self.redis, prefix=settings.key_prefix,
             group_window_s=settings.group_window_s, clock=clock,
         )
         self.producer = BusProducer(
             settings.kafka_bootstrap, client_id="qlm-ingest", linger_ms=settings.event_linger_ms
         )
         self.metrics = IngestMetrics()
-        self.served = ServedModels(self.models, settings.served_models_timeout_s, clock)
-        self._telemetry = TopicTail(
-            settings.kafka_bootstrap, [self.topics.telemetry], self.served.on_record,
-            client_id="qlm-ingest-served",
-        ) if self.served.checking else None
-        self._telemetry_task: asyncio.Task[None] | None = None
+        #: The live workers and the models they hold (worker telemetry): what the served
+        #: check, ListModels and the HTTP front door's /v1/models read.
+        self.fleet: Fleet | None = None
+        if settings.served_models_timeout_s > 0 or settings.http_port is not None:
+            declared = (read_workers_file(settings.workers_file)
+                        if settings.workers_file is not None else ())
+            self.fleet = Fleet(settings.kafka_bootstrap, self.topics, self.models,
+                               declared=declared, timeout_s=settings.worker_timeout_s,
+                               clock=clock)
+        self.served = ServedModels(self.fleet, settings.served_models_timeout_s, clock)
         self.plane = IngestPlane(
             self.store,
             BusEvents(self.producer, self.topics.events, clock),
@@ -140,6 +151,9 @@ class IngestApp:
             served=self.served if self.served.checking else None,
         )
         self.server: IngestServer | None = None
+        self.http: HttpServer | None = None
+        self.batch_driver: BatchDriver | None = None
+        self.status: StatusBoard | None = None
         self.consumer: BatchIngest | None = None
         self._depth_task: asyncio.Task[None] | None = None
 
@@ -149,14 +163,20 @@ class IngestApp:
             raise RuntimeError("not started")
         return self.server.port
 
+    @property
+    def http_port(self) -> int:
+        if self.http is None:
+            raise RuntimeError("no HTTP front door (http_port unset)")
+        return self.http.port
+
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
         await self.producer.start()
-        if self._telemetry is not None:
-            await self._telemetry.start()
-            self._telemetry_task = asyncio.create_task(self._telemetry.run(),
-                                                       name="ingest-telemetry")
+        if self.fleet is not None:
+            await self.fleet.start()
+        if s.http_port is not None:
+            await self._start_http()
         if s.serve_grpc:
             self.server = IngestServer(
                 self.plane,
@@ -171,7 +191,37 @@ class IngestApp:
             await self.consumer.start()
         self._depth_task = asyncio.create_task(self._refresh_queue_depth(), name="ingest-depth")
         log.info("ingest_started", models=sorted(self.models), grpc=s.serve_grpc,
+                 http=self.http.port if self.http is not None else None,
                  batch_consumer=s.batch_consumer)
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible front door: the fleet view, then the HTTP server.
+
+        Imported here, not at the top: a gRPC-only ingest (the GPU host's stack, a
+        batch-consumer replica) runs without FastAPI and uvicorn installed.
+        """
+        from services.ingest.openai.app import FrontDoor, make_app
+        from services.ingest.openai.batches import BatchDriver, BatchStore
+        from services.ingest.openai.server import HttpServer
+
+        s = self.settings
+        assert self.fleet is not None  # created with the app when http_port is set
+        batches = BatchStore(self.redis, s.key_prefix, self.clock)
+        self.status = StatusBoard(self.store, self.fleet, clock=self.clock)
+        self.fleet.listen(self.status)
+        self.plane.observer = Observers(self.metrics, self.status)
+        await self.status.start()
+        door = FrontDoor(self.plane, self.fleet, default_max_tokens=s.http_default_max_tokens,
+                         api_key=s.http_api_key, clock=self.clock, batches=batches,
+                         max_file_bytes=s.http_max_file_bytes, status=self.status)
+        assert s.http_port is not None
+        self.http = HttpServer(make_app(door), s.http_host, s.http_port,
+                               reuse_port=s.processes > 1)
+        await self.http.start()
+        self.batch_driver = BatchDriver(batches, self.plane,
+                                        default_max_tokens=s.http_default_max_tokens,
+                                        poll_interval_s=s.batch_poll_interval_s, clock=self.clock)
+        await self.batch_driver.start()
 
     async def _refresh_queue_depth(self) -> None:
         """Re-read queued requests per class and model every ``queue_depth_interval_s``."""
@@ -190,13 +240,16 @@ class IngestApp:
                 await self._depth_task
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
+        if self.batch_driver is not None:
+            await self.batch_driver.stop()
+        if self.http is not None:
+            await self.http.stop(self.settings.shutdown_grace_s)
+        if self.fleet is not None:
+            await self.fleet.stop()
+        if self.status is not None:
+            await self.status.stop()
         if self.consumer is not None:
             await self.consumer.stop()
-        if self._telemetry is not None:
-            await self._telemetry.stop()
-        if self._telemetry_task is not None:
-            with contextlib.suppress(Exception):
-                await self._telemetry_task
         await self.producer.stop()
         await close_predictor(self.plane.predictor)
         await self.store.aclose()

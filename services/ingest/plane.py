@@ -14,7 +14,7 @@ Contracts:
 * The event is published after the enqueue is durable in Redis. Events are hints (the
   scheduler also ticks), so a failed publish is logged and does not fail the submit.
 * Time comes from the injected ``clock`` (Unix seconds in the services).
-* Admission control (:class:`AdmissionRules`, gRPC submits only): when the predictor says
+* Admission control (:class:`AdmissionRules`, gRPC and HTTP submits only): when the predictor says
   a new request cannot meet its SLO even at the best place (``Prediction.admit`` is
   False) and the rules say ``reject`` for its class, :meth:`IngestPlane.submit` raises
   :class:`~qlm.core.errors.Overloaded` (gRPC RESOURCE_EXHAUSTED with the predicted wait
@@ -81,6 +81,8 @@ class SubmitOutcome:
     deadline_at: float
     duplicate: bool
     prediction: Prediction
+    #: What was queued (validated): its prompt size, class and SLO for a transport's reply.
+    submission: Submission | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +117,7 @@ class EventPublisher(Protocol):
 #: refused because its SLO cannot be met (admission control); failed (Redis away).
 SubmitResult = Literal["admitted", "duplicate", "rejected-invalid", "rejected-capacity",
                        "failed"]
-SubmitSource = Literal["grpc", "kafka"]
+SubmitSource = Literal["grpc", "kafka", "http"]
 #: Class / model label of a submission refused before its class or model was known.
 UNKNOWN: Final = "unknown"
 
@@ -310,18 +312,19 @@ class IngestPlane:
             self.served.check(submission.model)
         return submission
 
-    async def submit(self, record: Any) -> SubmitOutcome:
-        """Validate and queue one submission (contract in the module docstring)."""
+    async def submit(self, record: Any, source: SubmitSource = "grpc") -> SubmitOutcome:
+        """Validate and queue one submission (contract in the module docstring); ``source``
+        names the transport (gRPC or the OpenAI-compatible HTTP front door)."""
         started = time.perf_counter()
         try:
             submission = self.validate(record)
         except InvalidInput:
-            self.observer.on_submit("grpc", "rejected-invalid", UNKNOWN, UNKNOWN,
+            self.observer.on_submit(source, "rejected-invalid", UNKNOWN, UNKNOWN,
                                     time.perf_counter() - started, None)
             raise
         if not submission.request_id:
             submission = submission.with_id(self.id_factory())
-        return await self.enqueue(submission, admission=True, source="grpc", started=started)
+        return await self.enqueue(submission, admission=True, source=source, started=started)
 
     def decode_batch_record(self, raw: bytes | None) -> Submission:
         """Validate one ``qlm.batch.requests`` record (JSON; qlm.bus.records).
@@ -375,11 +378,7 @@ class IngestPlane:
         # logging context for every submit cost more than all the lines logged on the way.
         now = self.clock()
         request = submission.to_request(arrival_at=now)
-        prompt: Any = (
-            submission.prompt_text
-            if submission.prompt_text is not None
-            else list(submission.prompt_token_ids or ())
-        )
+        prompt = submission.stored_prompt()
         prediction = await self.predictor.predict(request, now)
         seen.append(prediction)
         if admission and not prediction.admit and self.admission.rejects(request.slo_class):
@@ -396,6 +395,7 @@ class IngestPlane:
             deadline_at=stored.request.deadline_at,
             duplicate=not result.created,
             prediction=prediction,
+            submission=submission,
         )
 
     async def _refuse(self, request: Request, prediction: Prediction) -> None:

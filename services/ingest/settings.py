@@ -15,7 +15,7 @@ from services.common.settings import MIB, CommonSettings
 
 
 class IngestSettings(CommonSettings):
-    """The ingest service: gRPC front door and Kafka batch consumer."""
+    """The ingest service: gRPC and OpenAI-compatible HTTP front doors, Kafka batch consumer."""
 
     host: str = Field("0.0.0.0", description="gRPC listen address")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
@@ -51,12 +51,39 @@ class IngestSettings(CommonSettings):
     )
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
     served_models_timeout_s: float = Field(
-        10.0, ge=0, description="a model counts as served while a worker holding it reported "
-        "on qlm.telemetry within this many seconds; a submit for a model nobody serves is "
-        "refused (FAILED_PRECONDITION / DLQ) and ListModels leaves it out (0 = no check)"
+        10.0, ge=0, description="a submit for a model no live worker holds (worker telemetry; "
+        "liveness: worker_timeout_s) is refused (FAILED_PRECONDITION / DLQ) and ListModels "
+        "leaves it out; until the first worker report, for at most this many seconds after "
+        "the start, nothing is refused (0 = no check)"
     )
     queue_depth_interval_s: float = Field(
         5.0, gt=0, description="how often the queue-depth gauge is re-read from Redis"
+    )
+
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="port of the OpenAI-compatible HTTP front door "
+        "(/v1/chat/completions, /v1/batches, ...); unset: not served; 0 = pick a free one"
+    )
+    http_host: str = Field(
+        "127.0.0.1", description="listen address of the HTTP front door (0.0.0.0 to publish)"
+    )
+    http_api_key: str | None = Field(
+        None, min_length=1, description="when set, HTTP calls need 'Authorization: Bearer "
+        "<key>' (else 401)"
+    )
+    http_default_max_tokens: int = Field(
+        256, gt=0, description="max_tokens of an HTTP request that gives neither max_tokens "
+        "nor max_completion_tokens"
+    )
+    http_max_file_bytes: int = Field(
+        64 * MIB, gt=0, description="largest file POST /v1/files accepts (batch input JSONL)"
+    )
+    batch_poll_interval_s: float = Field(
+        0.5, gt=0, description="how often the Batch API driver moves batches forward"
+    )
+    worker_timeout_s: float = Field(
+        10.0, ge=0, description="GET /v1/models: a worker silent this long serves nothing "
+        "(0 = never)"
     )
 
     estimator_addr: str | None = Field(

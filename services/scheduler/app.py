@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 from aiokafka.errors import KafkaError
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import Event, Telemetry
@@ -40,6 +39,7 @@ from qlm.core.policies.base import Policy, PolicyContext, make_policy
 from qlm.core.types import QueueSnapshot
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
+from qlm.store.client import redis_client
 from qlm.store.store import RedisQueueStore
 from services.common.entrypoint import run_until_signal
 from services.scheduler.lease import LeaderLease, LeaseKeys
@@ -73,7 +73,7 @@ class SchedulerApp:
         self.policy.decide(QueueSnapshot(clock(), (), ()), context)  # bad options fail now
         declared = read_workers_file(s.workers_file) if s.workers_file else ()
         self.roster = WorkerRoster(declared, timeout_s=s.worker_timeout_s, started_at=clock())
-        self.redis = Redis.from_url(s.redis_url, decode_responses=True)
+        self.redis = redis_client(s.redis_url, decode_responses=True)
         self.store = RedisQueueStore(self.redis, prefix=s.key_prefix, clock=clock)
         self.lease = LeaderLease(self.redis, LeaseKeys.under(s.key_prefix), self.instance_id,
                                  ttl_s=s.lease_ttl_s, margin_s=s.lease_margin_s)
@@ -96,7 +96,7 @@ class SchedulerApp:
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
         await self.producer.start()
         await self.tail.start()
         if s.serve_metrics:

@@ -1,8 +1,9 @@
 """Leader election with a Redis lease: one scheduler applies decisions, the others wait.
 
-Keys (under the store's prefix ``P``): ``P scheduler:leader`` (string: the owner's
-token, with a PX time to live) and ``P scheduler:fence`` (integer: incremented on every
-new acquisition; the *fencing token* of the current term).
+Keys (:mod:`qlm.store.keys`, under the store's prefix ``P``): ``P scheduler:leader``
+(string: the owner's token, with a PX time to live) and ``P scheduler:fence``
+(integer: incremented on every new acquisition; the *fencing token* of the current
+term). Both carry the queue's hash tag, so the acquire script runs on one cluster slot.
 
 * **acquire**: ``SET leader token NX PX ttl``; on success ``INCR fence`` (one Lua script,
   so a term and its token are one step). A replica that already holds the lease extends
@@ -28,9 +29,10 @@ from dataclasses import dataclass
 from typing import Final
 
 import redis.exceptions
-from redis.asyncio import Redis
 
 from qlm.core.errors import InvalidInput, Unavailable
+from qlm.store.client import RedisClient
+from qlm.store.keys import Keys
 
 ACQUIRE_LUA: Final = """
 -- KEYS[1] leader key, KEYS[2] fence key; ARGV[1] token, ARGV[2] ttl (ms)
@@ -69,14 +71,17 @@ class LeaseKeys:
 
     @classmethod
     def under(cls, prefix: str) -> LeaseKeys:
-        return cls(f"{prefix}scheduler:leader", f"{prefix}scheduler:fence")
+        """The two keys of the queue under ``prefix`` (one hash tag: one cluster slot)."""
+        keys = Keys(prefix)
+        return cls(keys.scheduler_leader, keys.scheduler_fence)
 
 
 class LeaderLease:
     """One replica's side of the lease. ``token`` names the replica (unique per process)."""
 
-    def __init__(self, redis_client: Redis, keys: LeaseKeys, token: str, *, ttl_s: float = 3.0,
-                 margin_s: float = 0.5, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, redis_client: RedisClient, keys: LeaseKeys, token: str, *,
+                 ttl_s: float = 3.0, margin_s: float = 0.5,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if not token:
             raise InvalidInput("instance_id", "must not be empty")
         if not 0 <= margin_s < ttl_s:

@@ -16,7 +16,7 @@ from services.common.settings import CommonSettings
 class SchedulerSettings(CommonSettings):
     """The scheduler service: one leader (Redis lease) runs the policy; standbys wait."""
 
-    policy: Literal["qlm", "fcfs", "edf", "shepherd", "priority"] = Field(
+    policy: Literal["qlm", "fcfs", "edf", "shepherd", "priority", "static", "vllm-swap"] = Field(
         "qlm", description="scheduling policy"
     )
     policy_options: dict[str, Any] = Field(

@@ -62,29 +62,44 @@ WATCHED_POLL_S = 0.05
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """Who a worker is: its id, GPU type and the models it holds (first awake)."""
+    """Who a worker is: its id, GPU type and the models it holds (first awake), with
+    their checkpoints and engine arguments where the workers file names them."""
 
     id: str
     gpu: str
     models: tuple[str, ...]
+    entries: tuple[roster.ModelEntry, ...] = ()
 
 
 def worker_specs(settings: WorkerSettings) -> tuple[WorkerSpec, ...]:
-    """The workers named by the flags, or by ``workers_file``."""
+    """The workers named by the flags, or by ``workers_file`` (only ``worker_id``'s when
+    given; the vLLM engine runs one worker per process)."""
     if settings.workers_file is None:
         assert settings.worker_id and settings.gpu
         return (WorkerSpec(settings.worker_id, settings.gpu, tuple(settings.models)),)
-    return read_workers_file(settings.workers_file)
+    specs = read_workers_file(settings.workers_file)
+    ids = [s.id for s in specs]
+    if settings.worker_id is not None:
+        specs = tuple(s for s in specs if s.id == settings.worker_id)
+        if not specs:
+            raise InvalidInput("worker_id", f"{settings.worker_id!r} is not in "
+                               f"{settings.workers_file.name} (workers {ids})")
+    if settings.engine == "vllm" and len(specs) != 1:
+        raise InvalidInput("worker_id", f"the vLLM engine runs one worker per process: pick "
+                           f"one of {ids} of {settings.workers_file.name}")
+    return specs
 
 
 def read_workers_file(path: Path) -> tuple[WorkerSpec, ...]:
-    """``{"workers": [{"id": str, "gpu": str, "models": [str, ...]}, ...]}`` (YAML), read by
+    """``{"workers": [{"id": str, "gpu": str, "models": [...]}, ...]}`` (YAML), read by
     the one parser the scheduler and estimator use too (:func:`qlm.roster.read_workers_file`)."""
-    return tuple(WorkerSpec(w.id, w.gpu, w.models) for w in roster.read_workers_file(path))
+    return tuple(WorkerSpec(w.id, w.gpu, w.models, w.model_entries)
+                 for w in roster.read_workers_file(path))
 
 
 def build_engine(spec: WorkerSpec, settings: WorkerSettings, profiles: ProfileBook) -> Engine:
     vllm_options = None
+    entries = {e.name: e for e in spec.entries}
     if settings.engine == "vllm":
         from qlm.engine.vllm_engine import VllmOptions
 
@@ -103,6 +118,7 @@ def build_engine(spec: WorkerSpec, settings: WorkerSettings, profiles: ProfileBo
         time_scale=settings.time_scale,
         max_prefill_tokens=settings.max_prefill_tokens,
         vllm_options=vllm_options,
+        entries=entries,
     )
 
 
@@ -151,7 +167,7 @@ class WorkerProcess:
     async def start(self) -> None:
         s = self.settings
         await self.producer.start()
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
         options = WorkerOptions(
             lease_s=s.lease_s,
             renew_interval_s=s.renew_interval_s,

@@ -54,6 +54,7 @@ from qlm.core.perf import PerfProfile
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, DEFAULT_PREFILL_CAP_TOKENS, plan_pulls
 from qlm.core.types import RequestState, RunningRequest, SLOClass, WorkerView
 from qlm.engine.base import Engine, EngineRequest, EngineStats, OutputChunk
+from qlm.engine.text import chat_messages
 from qlm.log import get_logger, request_context
 from qlm.store.errors import LeaseLost
 from qlm.store.records import RequestRecord
@@ -325,10 +326,13 @@ class Worker:
         prompt = record.prompt
         token_ids: tuple[int, ...] | None = None
         text: str | None = None
+        messages: tuple[dict[str, str], ...] | None = None
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             token_ids = tuple(prompt) if len(prompt) == request.prompt_tokens else None
         elif isinstance(prompt, str):
             text = prompt
+        elif isinstance(prompt, dict) and "messages" in prompt:
+            messages = chat_messages(prompt["messages"], "prompt.messages")
         params = dict(record.params)
         kept_ids: tuple[int, ...] = ()
         kept_text = ""
@@ -342,10 +346,11 @@ class Worker:
             max_tokens=request.max_tokens,
             prompt_token_ids=token_ids,
             prompt_text=text,
+            prompt_messages=messages,
             num_generated=request.num_generated,
             generated_token_ids=kept_ids,
             generated_text=kept_text,
-            ignore_eos=bool(params.get("ignore_eos", True)),
+            ignore_eos=bool(params.get("ignore_eos", False)),
             temperature=params.get("temperature"),
             top_p=params.get("top_p"),
             top_k=params.get("top_k"),

@@ -361,9 +361,9 @@ def _consumer_process(env: dict[str, str], log_path: Path) -> subprocess.Popen[b
         )
 
 
-async def _num_queued(client: aioredis.Redis, group_prefix: bytes = b"qlm:group:") -> int:
+async def _num_queued(client: aioredis.Redis) -> int:
     total = 0
-    async for key in client.scan_iter(match=group_prefix + b"*", count=1000):
+    async for key in client.scan_iter(match=KEYS.group("*"), count=1000):
         total += await client.zcard(key)
     return total
 
@@ -419,8 +419,8 @@ async def test_batch_lands_exactly_once_across_a_killed_consumer(
 
     assert await _num_queued(raw_redis) == num_lines
     ids = {f"jobs-{n}" for n in range(1, num_lines + 1)}
-    records = [key async for key in raw_redis.scan_iter(match=b"qlm:req:*", count=1000)]
-    assert {key.decode().removeprefix("qlm:req:") for key in records} == ids
+    records = [key async for key in raw_redis.scan_iter(match=KEYS.request("*"), count=1000)]
+    assert {key.decode().removeprefix(KEYS.request("")) for key in records} == ids
     events = await read_topic(
         kafka_bootstrap, TopicNames(topic_prefix).events, lambda rs: len(rs) >= at_kill, 20.0
     )
@@ -492,7 +492,8 @@ async def test_malformed_batch_records_go_to_the_dlq_and_the_consumer_carries_on
             await asyncio.sleep(0.05)
         after = await redis_dump(raw_redis)
         assert set(after) - set(before) == {
-            KEYS.request("ok-1").encode(), *[k for k in after if k.startswith(b"qlm:group")],
+            KEYS.request("ok-1").encode(),
+            *[k for k in after if k.startswith(KEYS.group("").encode())],
             KEYS.groups.encode(),
         }
         assert await _num_queued(raw_redis) == 1

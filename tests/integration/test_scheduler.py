@@ -36,6 +36,7 @@ from qlm.core.types import (
     SLOClass,
     Swap,
 )
+from qlm.store.keys import Keys
 from qlm.store.store import RedisQueueStore
 from services.scheduler.app import SchedulerApp
 from services.scheduler.settings import SchedulerSettings
@@ -318,7 +319,7 @@ async def test_killing_the_leader_process_hands_over_to_the_standby_process(
                  for name in ("proc-a", "proc-b")}
     try:
         async def owner() -> str | None:
-            value = await client.get("qlm:scheduler:leader")
+            value = await client.get(Keys().scheduler_leader)
             return None if value is None else str(value)
 
         await eventually(lambda: _is_in(owner(), processes), 60.0, "a leader process")

@@ -44,6 +44,7 @@ from qlm.core.errors import InvalidInput
 from qlm.localstack.process import free_loopback_port
 from qlm.localstack.services import REPO_ROOT, ServiceOptions, ServiceStack
 from qlm.localstack.supervisor import Backoff, Supervisor, read_state
+from qlm.store.keys import Keys
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
@@ -59,7 +60,7 @@ FAST_FAILOVER = {
     "QLM_LEASE_MARGIN_S": "0.3",
     "QLM_QUEUE_DEPTH_INTERVAL_S": "0.5",  # ingest: queue-depth gauge refresh
 }
-LEADER_KEY = "qlm:scheduler:leader"
+LEADER_KEY = Keys().scheduler_leader
 Spawn = Callable[[str, list[str]], "subprocess.Popen[bytes]"]
 MakeStack = Callable[..., ServiceStack]
 

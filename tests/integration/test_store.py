@@ -85,7 +85,7 @@ async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 async def all_keys(raw: aioredis.Redis) -> set[str]:
-    return {key async for key in raw.scan_iter(match="qlm:*", count=1000)}
+    return {key async for key in raw.scan_iter(match=f"{Keys().prefix}*", count=1000)}
 
 
 async def dump(raw: aioredis.Redis) -> dict[str, object]:

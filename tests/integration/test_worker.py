@@ -461,3 +461,131 @@ async def _tokens_so_far(store: RedisQueueStore, rid: str) -> tuple[list[int], i
     finally:
         await reader.aclose()  # type: ignore[attr-defined]
     return tokens, count
+
+
+# ---------------------------------------------------------------------------- real text
+async def stream_text(store: RedisQueueStore,
+                      rid: str) -> tuple[list[int], str, RequestState | None]:
+    tokens: list[int] = []
+    texts: list[str] = []
+    final = None
+    async for chunk in store.read_tokens(rid, block_ms=200):
+        tokens.extend(chunk.token_ids)
+        texts.append(chunk.text)
+        final = chunk.final_state
+    return tokens, "".join(texts), final
+
+
+async def test_worker_serves_real_text_from_a_checkpoint(
+    start_worker: Callable[..., WorkerProc], store: RedisQueueStore, kafka_bootstrap: str,
+    topic_prefix: str, tmp_path: Path, tiny_checkpoint: Path,
+) -> None:
+    """A workers-file model that names a checkpoint: the simulated engine encodes text and
+    chat prompts with its tokenizer and chat template and "answers" with the prompt's own
+    tokens then EOS (qlm.engine.simulated), so every expected text is known exactly."""
+    from qlm.engine.text import TextModel
+
+    text_model = TextModel.load(tiny_checkpoint)
+    workers_file = tmp_path / "workers.yaml"
+    workers_file.write_text(
+        "workers:\n"
+        f"  - {{id: wt, gpu: {GPU}, models: [{{name: {MODEL}, path: '{tiny_checkpoint}'}}]}}\n")
+    start_worker("--workers-file", str(workers_file), "--time-scale", "20", worker_ids=("wt",))
+    greeting = "Grüße aus Köln — 日本語 🙂 qlm keeps the SLO."
+    chat = [{"role": "system", "content": "Antworte kurz."},
+            {"role": "user", "content": "Wie spät ist es? ⏰"}]
+    cases: dict[str, tuple[Any, dict[str, Any], int]] = {
+        "eos": (greeting, {}, 500),  # ends at EOS: the echo, then stop
+        "chat": ({"messages": chat}, {"temperature": 0.7, "seed": 3}, 500),
+        "stop": ("alpha beta gamma STOP delta", {"stop": ["STOP", "never"]}, 500),
+        "len": (greeting, {}, 4),  # ends at max_tokens
+        "ignore": ("ab", {"ignore_eos": True}, 9),  # EOS ignored: the echo repeats
+    }
+    topics = TopicNames(topic_prefix)
+    async with EventLog(kafka_bootstrap, topics.batch_results) as results:
+        requests = [make_request(rid, max_tokens, SLOClass.BATCH_1, prompt_tokens=8)
+                    for rid, (_, _, max_tokens) in cases.items()]
+        for request in requests:
+            prompt, params, _ = cases[request.id]
+            await store.enqueue(request, prompt=prompt, params=params)
+        await store.set_virtual_queue("wt", sorted({store.group_of(r) for r in requests}))
+
+        async def all_finished() -> bool:
+            return finished(await records_of(store, list(cases)))
+
+        await wait_for(all_finished, 60, "every text request finished")
+        await wait_for(lambda: _count(results, len(cases)), 20, "batch results")
+    reasons = {r.request_id: r for r in (BatchResult.from_json(raw) for raw in results.records)}
+    streamed = {rid: await stream_text(store, rid) for rid in cases}
+    eos = min(text_model.eos_token_ids)
+
+    body = [t for t in text_model.encode(greeting) if t not in text_model.special_ids]
+    tokens, text, final = streamed["eos"]
+    assert final is RequestState.FINISHED
+    assert text == greeting and tokens == [*body, eos]  # EOS counted, its text not shown
+    assert reasons["eos"].finish_reason == "stop" and reasons["eos"].output_text == greeting
+
+    chat_ids = text_model.encode_chat(chat)
+    tokens, text, _ = streamed["chat"]
+    assert text == text_model.decode(chat_ids)
+    assert text == "system\nAntworte kurz.\nuser\nWie spät ist es? ⏰\nassistant\n"
+    assert reasons["chat"].finish_reason == "stop"
+
+    tokens, text, _ = streamed["stop"]
+    assert text == "alpha beta gamma "  # the stop string and what follows are cut
+    assert "STOP" in text_model.decode(tokens) and reasons["stop"].finish_reason == "stop"
+    assert "STOP" not in text_model.decode(tokens[:-1])  # the last token completed it
+
+    tokens, text, _ = streamed["len"]
+    assert tokens == body[:4] and text == text_model.decode(body[:4])
+    assert reasons["len"].finish_reason == "length"
+
+    ab = [t for t in text_model.encode("ab") if t not in text_model.special_ids]
+    tokens, text, _ = streamed["ignore"]
+    assert len(tokens) == 9 and eos not in tokens
+    assert text == text_model.decode((ab * 9)[:9])
+    assert reasons["ignore"].finish_reason == "length"
+
+
+async def _count(log: EventLog, n: int) -> bool:
+    return len(log.records) >= n
+
+
+async def test_evicted_text_request_resumes_where_its_text_stopped(
+    start_worker: Callable[..., WorkerProc], store: RedisQueueStore, kafka_bootstrap: str,
+    topic_prefix: str, tmp_path: Path, tiny_checkpoint: Path,
+) -> None:
+    workers_file = tmp_path / "workers.yaml"
+    workers_file.write_text(
+        "workers:\n"
+        f"  - {{id: wt, gpu: {GPU}, models: [{{name: {MODEL}, path: '{tiny_checkpoint}'}}]}}\n")
+    start_worker("--workers-file", str(workers_file), "--time-scale", "2", worker_ids=("wt",))
+    prompt = " ".join(f"Satz {i}: Grüße 🙂 aus Köln." for i in range(40))
+    request = make_request("long-text", 2000, SLOClass.BATCH_1, prompt_tokens=100)
+    topics = TopicNames(topic_prefix)
+    async with EventLog(kafka_bootstrap, topics.events) as events:
+        await store.enqueue(request, prompt=prompt, params={"stop": ["never there"]})
+        await store.set_virtual_queue("wt", [store.group_of(request)])
+
+        async def progressed() -> bool:
+            record = await store.get(request.id)
+            return record.state is RequestState.RUNNING and record.request.num_generated >= 30
+
+        await wait_for(progressed, 30, "tokens streamed")
+        async with BusProducer(kafka_bootstrap) as producer:
+            await producer.publish(topics.lso, LsoCommand(
+                type="evict", command_id="c1", worker="wt", issued_at=time.time(),
+                request_ids=(request.id,), reason="test",
+            ))
+        await events.wait(lambda evs: any(e.type == "evicted" for e in evs), "evicted")
+
+        async def done() -> RequestRecord | None:
+            record = await store.get(request.id)
+            return record if record.state is RequestState.FINISHED else None
+
+        record = await wait_for(done, 60, "resumed request finished")
+    assert record.num_evictions == 1
+    tokens, text, final = await stream_text(store, request.id)
+    assert final is RequestState.FINISHED
+    assert text == prompt  # nothing lost or repeated across the eviction
+    assert len(tokens) == record.request.num_generated

@@ -19,7 +19,7 @@ from qlm.bus.records import (
     decode_batch_request,
     encode_batch_request,
 )
-from qlm.bus.topics import TopicNames, topic_specs
+from qlm.bus.topics import TopicLayout, TopicNames, topic_specs
 from qlm.core.errors import InvalidInput
 from qlm.submission import ModelLimits, parse_submission
 
@@ -53,6 +53,40 @@ def test_every_record_round_trips_through_json_with_its_version(record: BusRecor
 def test_every_topic_but_batch_requests_has_a_record_type() -> None:
     names = {spec.name for spec in topic_specs(TopicNames())}
     assert set(RECORD_TYPES) == names - {"qlm.batch.requests"}
+
+
+@pytest.mark.parametrize(("replicas", "min_isr"), [(1, 1), (2, 1), (3, 2), (4, 3), (5, 3)])
+def test_min_insync_replicas_defaults_to_a_majority_from_three_replicas(
+    replicas: int, min_isr: int
+) -> None:
+    specs = topic_specs(TopicNames(), TopicLayout(replication_factor=replicas))
+    assert {spec.replication_factor for spec in specs} == {replicas}
+    assert {spec.configs["min.insync.replicas"] for spec in specs} == {str(min_isr)}
+
+
+def test_topic_layout_overrides_partitions_of_the_named_topics_only() -> None:
+    default = {s.name: s.num_partitions for s in topic_specs(TopicNames("p."))}
+    layout = TopicLayout(partitions={"qlm.batch.requests": 12}, min_insync_replicas=1,
+                         replication_factor=3)  # fmt: skip
+    changed = {s.name: s.num_partitions for s in topic_specs(TopicNames("p."), layout)}
+    assert changed == {**default, "p.qlm.batch.requests": 12}
+    assert {s.configs["min.insync.replicas"] for s in topic_specs(None, layout)} == {"1"}
+
+
+@pytest.mark.parametrize(
+    ("layout", "field"),
+    [
+        ({"replication_factor": 0}, "replication_factor"),
+        ({"partitions": {"qlm.nope": 2}}, "partitions"),
+        ({"partitions": {"qlm.events": 0}}, "partitions"),
+        ({"replication_factor": 2, "min_insync_replicas": 3}, "min_insync_replicas"),
+        ({"min_insync_replicas": 0}, "min_insync_replicas"),
+    ],
+)
+def test_a_bad_topic_layout_names_the_field(layout: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidInput) as error:
+        TopicLayout(**layout)
+    assert error.value.field == field
 
 
 def _event(**changes: Any) -> bytes:

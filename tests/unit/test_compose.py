@@ -82,6 +82,15 @@ def test_gpu_profile_reserves_one_gpu_per_vllm_worker() -> None:
         assert "vllm" in service["command"]
 
 
+def test_ingest_publishes_the_openai_front_door(cpu: dict[str, Any]) -> None:
+    ingest = cpu["services"]["ingest"]
+    command = ingest["command"]
+    port = command[command.index("--http-port") + 1]
+    assert command[command.index("--http-host") + 1] == "0.0.0.0"  # reachable from the host
+    published = {(str(p["published"]), str(p["target"])) for p in ingest["ports"]}
+    assert (port, port) in published
+
+
 def test_ingest_asks_the_estimator_and_both_follow_one_policy(cpu: dict[str, Any]) -> None:
     ingest = cpu["services"]["ingest"]["command"]
     assert ingest[ingest.index("--estimator-addr") + 1] == "estimator:50052"

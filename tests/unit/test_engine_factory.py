@@ -13,7 +13,14 @@ from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import ProfileBook
 from qlm.engine.factory import make_engine
 from qlm.engine.simulated import SimulatedEngine
-from qlm.engine.vllm_engine import VllmEngine, VllmOptions, model_path
+from qlm.engine.vllm_engine import (
+    VllmEngine,
+    VllmOptions,
+    checkpoint_problem,
+    engine_arguments,
+    model_path,
+)
+from qlm.roster import ModelEntry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +63,42 @@ def test_vllm_options_and_model_paths(tmp_path: Path) -> None:
     options = VllmOptions(model_dir=tmp_path)
     path = Path(model_path("mistral-7b", options))  # a known shape: its config.json is written
     assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 32
-    assert model_path("org/some-model", options) == "org/some-model"  # a name is left as is
+    entry = ModelEntry("org-model", tmp_path / "ckpt")
+    assert model_path("org-model", options, entry) == tmp_path / "ckpt"  # the file's path wins
+    assert model_path("unknown", options) == tmp_path / "unknown"
     with pytest.raises(InvalidInput, match="distinct"):
         VllmEngine("H100-80GB", ["a", "a"])
+
+
+def test_engine_arguments_come_from_the_options_then_the_workers_file(tmp_path: Path) -> None:
+    entry = ModelEntry("m", tmp_path, {"tensor_parallel_size": 2, "max_model_len": 4096,
+                                       "quantization": "fp8", "kv_cache_dtype": "fp8"})
+    args = engine_arguments("m", tmp_path, VllmOptions(max_model_len=8192), 2, entry)
+    assert args["model"] == str(tmp_path) and args["skip_tokenizer_init"] is True
+    assert args["enable_sleep_mode"] is True and args["gpu_memory_utilization"] == 0.425
+    assert args["max_model_len"] == 4096 and args["tensor_parallel_size"] == 2
+    assert args["quantization"] == "fp8" and args["kv_cache_dtype"] == "fp8"
+    assert "load_format" not in args  # vLLM's own default: the checkpoint's weights
+    dummy = engine_arguments("m", tmp_path, VllmOptions(load_format="dummy"), 1)
+    assert dummy["load_format"] == "dummy"
+
+
+def test_a_checkpoint_needs_weights_unless_dummy_is_asked_for(tmp_path: Path,
+                                                              tiny_checkpoint: Path) -> None:
+    assert checkpoint_problem("t", tiny_checkpoint, None) is None
+    shape = Path(model_path("mistral-7b", VllmOptions(model_dir=tmp_path)))
+    problem = checkpoint_problem("mistral-7b", shape, None)
+    assert problem is not None and "no weights" in problem and "load_format: dummy" in problem
+    assert checkpoint_problem("mistral-7b", shape, "dummy") is None
+    problem = checkpoint_problem("x", tmp_path / "nothing", "dummy")
+    assert problem is not None and "no config.json" in problem
+
+
+def test_sim_engine_gets_the_tokenizer_of_a_named_checkpoint(tmp_path: Path,
+                                                             tiny_checkpoint: Path) -> None:
+    entries = {"mistral-7b": ModelEntry("mistral-7b", tiny_checkpoint)}
+    engine = make_engine("sim", "A100-80GB", ["mistral-7b"], ProfileBook.load(), entries=entries)
+    assert isinstance(engine, SimulatedEngine)
+    with pytest.raises(InvalidInput, match=r"models\.mistral-7b\.path.*no tokenizer"):
+        make_engine("sim", "A100-80GB", ["mistral-7b"], ProfileBook.load(),
+                    entries={"mistral-7b": ModelEntry("mistral-7b", tmp_path)})

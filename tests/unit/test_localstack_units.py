@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qlm.core.errors import InvalidInput, Unavailable
-from qlm.localstack.kafka import KafkaServer, _metadata_request, new_cluster_id
+from qlm.localstack.kafka import KafkaCluster, KafkaServer, _metadata_request, new_cluster_id
 from qlm.localstack.process import ServerProcess, ensure_port_free, free_loopback_port
 from qlm.localstack.stack import LocalStack, StackPorts, read_ports
 
@@ -80,6 +80,26 @@ def test_kafka_config_is_a_single_kraft_node_on_loopback(tmp_path: Path) -> None
     assert settings["controller.quorum.voters"] == "1@127.0.0.1:19093"
     assert settings["advertised.listeners"] == "PLAINTEXT://127.0.0.1:19092"
     assert settings["auto.create.topics.enable"] == "false"
+
+
+def test_kafka_cluster_nodes_share_one_quorum_and_replicate_internal_topics(
+    tmp_path: Path,
+) -> None:
+    cluster = KafkaCluster(tmp_path, [(19092, 19093), (19094, 19095), (19096, 19097)])
+    configs = [
+        dict(line.split("=", 1) for line in node.server_properties().splitlines())
+        for node in cluster.nodes
+    ]
+    voters = "1@127.0.0.1:19093,2@127.0.0.1:19095,3@127.0.0.1:19097"
+    assert [c["node.id"] for c in configs] == ["1", "2", "3"]
+    assert {c["controller.quorum.voters"] for c in configs} == {voters}
+    assert {c["offsets.topic.replication.factor"] for c in configs} == {"3"}
+    assert {c["transaction.state.log.min.isr"] for c in configs} == {"2"}
+    assert len({node.cluster_id for node in cluster.nodes}) == 1
+    assert len({node.data_dir for node in cluster.nodes}) == 3
+    assert cluster.bootstrap_servers == "127.0.0.1:19092,127.0.0.1:19094,127.0.0.1:19096"
+    with pytest.raises(InvalidInput, match="ports"):
+        KafkaCluster(tmp_path, [])
 
 
 def test_stack_ports_are_validated_and_recorded(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy, policy_names
 from qlm.core.types import (
@@ -20,6 +21,8 @@ from qlm.core.types import (
 )
 
 BASELINES = ("fcfs", "edf", "priority")
+#: The deployments people run (qlm/core/policies/static.py, vllm_swap.py).
+DEPLOYED = ("static", "vllm-swap")
 MODELS = ("small", "mid", "big")
 GPUS = ("gA", "gB")
 
@@ -91,7 +94,7 @@ def policy_name(request: pytest.FixtureRequest) -> str:
 
 
 def test_baselines_are_registered() -> None:
-    assert set(BASELINES) <= set(policy_names())
+    assert set(BASELINES) | set(DEPLOYED) <= set(policy_names())
 
 
 def decide(name: str, snapshot: QueueSnapshot) -> Decision:
@@ -142,7 +145,7 @@ def test_contract(policy_name: str, index: int) -> None:
         assert reject.request_id in queued
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", (*BASELINES, "static"))
 def test_baselines_keep_work_on_workers_that_serve_its_model(name: str) -> None:
     for snapshot in SNAPSHOTS:
         decision = decide(name, snapshot)
@@ -196,3 +199,28 @@ def test_contract_with_unservable_groups(policy_name: str, index: int) -> None:
     assert all(s.to_model == "small" for s in decision.swaps)
     if index == 1:
         assert "small" in placed, "the servable groups are still planned"
+
+
+@pytest.mark.parametrize("name", (*BASELINES, *DEPLOYED))
+def test_an_option_a_baseline_does_not_take_is_named(name: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        make_policy(name, no_such_option=1)
+    assert err.value.field == "policy-options"
+    assert "no_such_option" in err.value.problem
+
+
+def test_every_registered_policy_is_selectable_everywhere() -> None:
+    """The services' settings, the estimator's queue order and the local stack name the
+    same policies as the registry."""
+    from typing import get_args
+
+    from qlm.estimator_plane import ORDER_KEYS
+    from qlm.localstack.services import POLICIES
+    from services.estimator.settings import EstimatorSettings
+    from services.scheduler.settings import SchedulerSettings
+
+    names = set(policy_names())
+    for settings in (SchedulerSettings, EstimatorSettings):
+        assert set(get_args(settings.model_fields["policy"].annotation)) == names
+    assert set(ORDER_KEYS) == names
+    assert set(POLICIES) == names

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -303,3 +304,36 @@ async def test_agrees_with_the_discrete_event_simulator(
         assert want_first is not None and want_finish is not None
         assert math.isclose(first_at, want_first, abs_tol=1e-9), f"r{i} first token"
         assert math.isclose(finish_at, want_finish, abs_tol=1e-9), f"r{i} finish"
+
+
+async def test_a_model_with_a_checkpoint_serves_text_timed_by_its_real_prompt(
+    clock: VirtualClock, tiny_checkpoint: Path,
+) -> None:
+    from qlm.engine.text import TextModel
+
+    text = TextModel.load(tiny_checkpoint)
+    p = profile()
+    engine = await started(clock, p, text_models={"m": text})
+    prompt = "Köln 🙂 and the queue. STOP here"
+    ids = text.encode(prompt)
+    chunks = await collect(clock, engine.add(EngineRequest(
+        "t", "m", prompt_tokens=3, max_tokens=200, prompt_text=prompt, stop=("STOP",))))
+    first_at, _ = chunks[0]
+    assert first_at == pytest.approx(p.prefill_s(len(ids)))  # the real count, not the 3 given
+    assert "".join(c.text for _, c in chunks) == "Köln 🙂 and the queue. "
+    assert chunks[-1][1].finish_reason == "stop"
+    # aborted: the text held back for a possible stop string comes with the abort
+    stream = engine.add(EngineRequest("u", "m", prompt_tokens=3, max_tokens=500,
+                                      prompt_text="abc ab", stop=("ab!",), ignore_eos=True))
+    got = [await anext(stream)]
+    while sum(len(c.token_ids) for c in got) < 7:
+        got.append(await anext(stream))
+    await engine.abort("u")
+    got += [c async for c in stream]
+    assert got[-1].finish_reason == "abort"
+    ids = [t for c in got for t in c.token_ids]
+    assert "".join(c.text for c in got) == text.decode(ids)  # nothing held back is lost
+    assert text.decode(ids).startswith("abc ababc")
+    with pytest.raises(InvalidInput, match="text_models"):
+        SimulatedEngine([p], clock=clock, text_models={"x": text})
+    await engine.close()

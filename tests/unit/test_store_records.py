@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from redis.crc import key_slot
 
 from qlm.core.errors import InvalidInput
 from qlm.core.types import SLO, GroupKey, Request, RequestState, SLOClass
@@ -64,7 +65,7 @@ def test_json_fields_are_canonical_and_validated() -> None:
         encode_json({"x": float("nan")}, "params")
 
 
-def test_key_names_share_one_prefix() -> None:
+def test_key_names_share_one_hash_tagged_prefix_and_so_one_cluster_slot() -> None:
     keys = Keys("app:")
     group = GroupKey("m", SLOClass.BATCH_1, 7)
     names = [
@@ -76,11 +77,19 @@ def test_key_names_share_one_prefix() -> None:
         keys.running("w"),
         keys.leases,
         keys.stream("r"),
+        keys.scheduler_leader,
+        keys.scheduler_fence,
+        keys.request("id-{with}-braces"),
+        keys.group(GroupKey("{m}", SLOClass.BATCH_1, 7)),
     ]
-    assert all(name.startswith("app:") for name in names)
-    assert keys.group(group) == "app:group:m|batch-1|7"
-    with pytest.raises(InvalidInput, match="prefix"):
-        Keys("has space")
+    assert all(name.startswith("{app:}") for name in names)
+    assert keys.group(group) == "{app:}group:m|batch-1|7"
+    assert {key_slot(name.encode()) for name in names} == {key_slot(b"app:")}
+    assert key_slot(Keys("other:").groups.encode()) != key_slot(keys.groups.encode())
+    assert Keys("{app:}") == keys and keys.name == "app:"
+    for bad in ("has space", "", "a{b", "x}", "{a}b"):
+        with pytest.raises(InvalidInput, match="prefix"):
+            Keys(bad)
 
 
 @pytest.mark.parametrize("name", SCRIPT_NAMES)

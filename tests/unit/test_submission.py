@@ -30,6 +30,11 @@ BAD = [
     (_record(prompt=..., prompt_token_ids=[1, "a"]), "prompt_token_ids[1]", "must be an integer"),
     (_record(prompt=..., prompt_token_ids=[1, -2]), "prompt_token_ids[1]", "must be >= 0"),
     (_record(prompt_token_ids=[1]), "prompt", "not both"),
+    (_record(messages=[{"role": "user", "content": "hi"}]), "prompt", "not both"),
+    (_record(prompt=..., messages=[]), "messages", "must be a non-empty list"),
+    (_record(prompt=..., messages=[{"role": "user"}]), "messages[0].content", "must be a string"),
+    (_record(prompt=..., messages=[{"role": "user", "content": "x" * 65}]), "messages",
+     "over the limit of 64 bytes"),
     (_record(prompt="x" * 65), "prompt", "over the limit of 64 bytes"),
     (_record(max_tokens=0), "max_tokens", "must be > 0, got 0"),
     (_record(max_tokens=-3), "max_tokens", "must be > 0, got -3"),
@@ -76,6 +81,16 @@ def test_defaults_and_round_trip() -> None:
     sub = parse_submission(full, MODELS, LIMITS)
     assert parse_submission(sub.to_record(), MODELS, LIMITS) == sub
     assert sub.to_request(arrival_at=5.0).deadline_at == 8.0
+
+
+def test_chat_messages_are_kept_for_the_worker_and_round_trip() -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    sub = parse_submission(_record(prompt=..., messages=messages), MODELS, LIMITS)
+    assert sub.prompt_text is None and sub.prompt_token_ids is None
+    assert sub.num_prompt_tokens == 3  # 11 bytes of content, ~4 per token until tokenized
+    assert sub.stored_prompt() == {"messages": messages}
+    assert parse_submission(sub.to_record(), MODELS, LIMITS) == sub
+    assert parse_submission(_record(), MODELS, LIMITS).stored_prompt() == "hello"
 
 
 def test_token_ids_count_as_prompt_tokens() -> None:

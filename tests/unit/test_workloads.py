@@ -10,14 +10,13 @@ import pytest
 
 from qlm.core.errors import InvalidInput
 from qlm.core.types import SLOClass
+from qlm.traces import load_trace, parse_trace
 from qlm.workloads import (
     CLUSTERS,
     LLAMA,
     SHAREGPT,
     cluster_for,
     gamma_arrivals,
-    load_trace_csv,
-    parse_trace,
     plan_requests,
     poisson_arrivals,
     sample_lengths,
@@ -45,7 +44,7 @@ def test_missing_column_in_csv_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     path.write_text("TIMESTAMP,ContextTokens\n2023-11-16 18:15:46,10\n")
     with pytest.raises(InvalidInput) as err:
-        load_trace_csv(path)
+        load_trace(path)
     assert "GeneratedTokens" in err.value.field
 
 
@@ -70,7 +69,7 @@ def test_bad_values_name_column_and_line(bad: tuple[str, str, str], column: str)
 
 def test_unreadable_file_is_invalid_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput):
-        load_trace_csv(tmp_path / "absent.csv")
+        load_trace(tmp_path / "absent.csv")
 
 
 def test_bad_rate_and_workload() -> None:
@@ -162,7 +161,7 @@ def test_trace_replay_length_order_and_rate() -> None:
 
 
 def test_the_azure_trace_loads() -> None:
-    trace = load_trace_csv(TRACE)
+    trace = load_trace(TRACE)
     assert len(trace) == 19_366
     assert all(a.arrival_s <= b.arrival_s for a, b in itertools.pairwise(trace))
     plan = plan_requests("WA", 500, np.random.default_rng(0), trace=trace)

@@ -1,4 +1,4 @@
-"""Scheduling policies chosen by name: qlm, fcfs, edf, shepherd, priority."""
+"""Scheduling policies chosen by name: qlm, fcfs, edf, shepherd, priority, static, vllm-swap."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 
 from qlm.core.policies.base import Policy, PolicyContext, make_policy, policy_names, register
 
-BUILTIN_MODULES = ("fcfs", "edf", "priority", "shepherd", "qlm")
+BUILTIN_MODULES = ("fcfs", "edf", "priority", "static", "vllm_swap", "shepherd", "qlm")
 
 
 def load_builtin_policies() -> None:

@@ -62,7 +62,13 @@ def make_policy(name: str, **options: Any) -> Policy:
     except KeyError:
         raise InvalidInput("policy", f"unknown policy {name!r}; expected one of "
                            f"{', '.join(sorted(_REGISTRY))}") from None
-    return factory(**options)
+    try:
+        return factory(**options)
+    except TypeError as exc:  # an option the policy's constructor does not take
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        unknown = str(exc).rsplit("argument", 1)[-1].strip()
+        raise InvalidInput("policy-options", f"policy {name!r} has no option {unknown}") from None
 
 
 def _load_builtins() -> None:

@@ -1,4 +1,5 @@
-"""What the baseline policies (fcfs, edf, priority) share: one global order, least-loaded dispatch.
+"""What the baseline policies (fcfs, edf, priority, static, vllm-swap) share: one global order,
+least-loaded dispatch.
 
 A baseline differs from the others only in its *sort key* over request groups
 (and ``priority`` adds preemption). Every decision:
@@ -20,6 +21,10 @@ A baseline differs from the others only in its *sort key* over request groups
    global queue with least-loaded dispatch: work moves to a worker that frees up).
 4. **Pull**: each worker's virtual queue is its groups in the global order;
    :func:`qlm.core.pulls.with_pulls` fills the backpressure pulls.
+
+``static`` replaces step 2 (a fixed split of the workers over the models) and
+``vllm-swap`` steps 2 and 3 (dispatch to whichever worker can start the group first,
+swapping its model on demand); see their modules.
 
 Expected output length per request is ``min(max_tokens, expected_output_tokens)``;
 the true output length is never read. Pure and stateless: a decision depends only
@@ -157,8 +162,8 @@ class OrderedDispatchPolicy:
             snapshot.groups, key=lambda g: (*self.sort_key(g), first_arrival_at(g), g.key)
         )
         state = self._initial_state(snapshot, ctx.profiles)
-        swaps = self._idle_swaps(snapshot, order, state, ctx.profiles)
-        self._dispatch(snapshot, order, state, ctx.profiles)
+        swaps = self.plan_swaps(snapshot, order, state, ctx.profiles)
+        swaps += self.dispatch(snapshot, order, state, ctx.profiles)
         evictions = self.preemptions(snapshot, order, state, ctx.profiles)
         placements = tuple(Place(w.id, tuple(state.queues.get(w.id, ()))) for w in snapshot.workers)
         decision = Decision(placements=placements, evictions=evictions, swaps=swaps)
@@ -180,13 +185,15 @@ class OrderedDispatchPolicy:
             )
         return _Dispatch(load_s=load, serving=serving)
 
-    def _idle_swaps(
+    def plan_swaps(
         self,
         snapshot: QueueSnapshot,
         order: Sequence[RequestGroup],
         state: _Dispatch,
         profiles: ProfileBook,
     ) -> tuple[Swap, ...]:
+        """Swaps decided before dispatch (step 2 of the module docstring); each one sets
+        ``state.serving`` and ``state.load_s`` of its worker."""
         queued_models = {g.model for g in order}
         work_by_model: dict[str, float] = {}
         swaps: list[Swap] = []
@@ -230,13 +237,15 @@ class OrderedDispatchPolicy:
         total = work_by_model[model] + sum(state.load_s[w.id] for w in servers)
         return total / len(servers) > swap_cost
 
-    def _dispatch(
+    def dispatch(
         self,
         snapshot: QueueSnapshot,
         order: Sequence[RequestGroup],
         state: _Dispatch,
         profiles: ProfileBook,
-    ) -> None:
+    ) -> tuple[Swap, ...]:
+        """Fill ``state.queues`` (step 3); returns the swaps the dispatch itself makes
+        (none here: groups go only to workers that serve their model)."""
         by_model: dict[str, list[WorkerView]] = {}
         for w in snapshot.workers:
             model = state.serving[w.id]
@@ -250,6 +259,7 @@ class OrderedDispatchPolicy:
             profile = profiles.get(group.model, target.gpu)
             state.load_s[target.id] += group_work_s(group, profile, self.expected_output_tokens)
             state.queues.setdefault(target.id, []).append(group.key)
+        return ()
 
     def preemptions(
         self,

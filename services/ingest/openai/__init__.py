@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front door of ingest: chat, completions, models, files, batches."""
