@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
 def supervisor_process(services: ServiceStack) -> ServerProcess:
     """The supervisor of ``services`` (:mod:`qlm.localstack.supervisor`)."""
-    return ServerProcess("supervisor", services.run_dir, str(services.run_dir))
+    # its command line names the stack directory (--dir), the marker of its pid file
+    return ServerProcess("supervisor", services.run_dir, str(services.stack_dir))
 
 
 def supervised_up(services: ServiceStack, timeout_s: float = 300.0) -> list[str]:
