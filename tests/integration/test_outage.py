@@ -118,7 +118,7 @@ async def test_ingest_rides_out_a_redis_outage_and_serves_again_without_a_restar
         assert process.poll() is None, "ingest restarted or exited"
         assert num_unavailable > 0 and num_submitted_during == 0
         num_queued = 0
-        async for key in raw.scan_iter(match=b"qlm:group:*", count=1000):
+        async for key in raw.scan_iter(match=KEYS.group("*"), count=1000):
             num_queued += await raw.zcard(key)
         # every record once: "before", "after" and the batch records, nothing twice
         assert num_queued == len(batch_ids) + 2
