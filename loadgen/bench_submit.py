@@ -24,6 +24,14 @@ Writes submits/s, latency percentiles, and CPU seconds used by each process as J
 (``--out``), with the exact command line::
 
     python -m loadgen.bench_submit --load ghz --out docs/results/bench_submit_ghz.json
+
+``--secure on`` runs ingest as ``make up`` does: TLS on its listener (a local CA made for
+the run) and API keys required (one tenant; ghz sends ``authorization: Bearer`` and
+trusts the CA). ``--secure both`` measures off, on, off, on in one run, on the same
+servers, and reports the ratio of the medians (ghz only)::
+
+    python -m loadgen.bench_submit --load ghz --secure both \
+        --out docs/results/bench_submit_secure.json
 """
 
 from __future__ import annotations
@@ -149,19 +157,32 @@ class GhzRun:
     elapsed_s: float
 
 
+@dataclass(frozen=True)
+class Secure:
+    """What a secured ingest needs from the load: the CA to trust and the API key."""
+
+    ca: Path
+    api_key: str
+    tenant: str
+
+
 def run_ghz(ghz: str, target: str, concurrency: int, connections: int, cpus: int,
             duration_s: float, tag: str, work: Path,
-            affinity: frozenset[int] | None = None) -> GhzRun:
+            affinity: frozenset[int] | None = None, secure: Secure | None = None) -> GhzRun:
     """Submit for ``duration_s`` with ids ``<tag>-<n>``; calls in flight at the end are
     waited for (``--duration-stop wait``), so every call is either OK or an error.
     ``affinity``: the cores ghz runs on (default: this process's)."""
     data = {
-        "request_id": f"{tag}-{{{{.RequestNumber}}}}", "tenant": "bench", "model": MODEL,
+        "request_id": f"{tag}-{{{{.RequestNumber}}}}",
+        "tenant": secure.tenant if secure is not None else "bench", "model": MODEL,
         "prompt_text": PROMPT, "max_tokens": 128, "slo_class": "SLO_CLASS_BATCH_1",
     }
     report = work / f"ghz-{tag}.json"
+    transport = (["--cacert", str(secure.ca), "--cname", "localhost",
+                  "--metadata", json.dumps({"authorization": f"Bearer {secure.api_key}"})]
+                 if secure is not None else ["--insecure"])
     command = [
-        ghz, "--insecure", "--import-paths", str(ROOT / "proto"),
+        ghz, *transport, "--import-paths", str(ROOT / "proto"),
         "--proto", str(ROOT / "proto" / "qlm" / "v1" / "qlm.proto"),
         "--call", "qlm.v1.QueueManager.Submit", "--data", json.dumps(data),
         "--concurrency", str(concurrency), "--connections", str(connections),
@@ -300,11 +321,11 @@ def _cpu_of(ingest_pid: int, servers: Sequence[Any]) -> dict[str, float]:
     return cpu
 
 
-def _wait_serving(target: str, timeout_s: float = 60.0) -> None:
+def _wait_serving(target: str, ca: Path | None = None, timeout_s: float = 60.0) -> None:
     from qlm.localstack.services import grpc_serving
 
     deadline = time.monotonic() + timeout_s
-    while not grpc_serving(target):
+    while not grpc_serving(target, ca=ca):
         if time.monotonic() > deadline:
             raise SystemExit(f"ingest at {target} did not become SERVING in {timeout_s} s")
         time.sleep(0.2)
@@ -399,16 +420,17 @@ def _drive_python(args: argparse.Namespace, work: Path, target: str,
 
 
 def _drive_ghz(args: argparse.Namespace, work: Path, target: str,
-               read_cpu: CpuReader) -> Driven:
+               read_cpu: CpuReader, secure: Secure | None = None) -> Driven:
     """ghz for ``--warmup`` seconds, then again for ``--duration`` (the measured window;
     its length is what ghz reports, the in-flight calls at the end included)."""
     ghz = ghz_binary(args.ghz)
     connections = max(args.channels, 4 * args.ingest_processes)
+    tag = uuid.uuid4().hex[:6]
     warmup = run_ghz(ghz, target, args.concurrency, connections, args.ghz_cpus,
-                     args.warmup, "w", work, args.load_cpus)
+                     args.warmup, f"w{tag}", work, args.load_cpus, secure)
     cpu_before = read_cpu()
     measured = run_ghz(ghz, target, args.concurrency, connections, args.ghz_cpus,
-                       args.duration, "m", work, args.load_cpus)
+                       args.duration, f"m{tag}", work, args.load_cpus, secure)
     cpu_after = read_cpu()
     result = LoadResult(
         latencies_s=measured.latencies_s,
@@ -466,7 +488,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 kafka_server.start()
             servers.append(kafka_server)
             kafka = kafka_server.bootstrap_servers
-        return _measure(args, work, redis_url, kafka, servers)
+        if args.secure == "both":
+            return _compare_secure(args, work, redis_url, kafka, servers)
+        return _measure(args, work, redis_url, kafka, servers, args.secure == "on")
     finally:
         for server in reversed(servers):
             server.stop()
@@ -495,8 +519,61 @@ def _affinity(cpus: frozenset[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def _compare_secure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
+                    servers: list[Any]) -> dict[str, Any]:
+    """Off, on, off, on (same servers, same load); the ratio of the medians."""
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for _ in range(args.rounds):
+        for mode in ("off", "on"):
+            result = _measure(args, work, redis_url, kafka, servers, mode == "on",
+                              with_floor=False)
+            runs[mode].append(result)
+            print(f"{mode}: {result['submits_per_s']} submits/s, errors {result['errors']}",
+                  file=sys.stderr)
+    medians = {mode: float(np.median([r["submits_per_s"] for r in rs]))
+               for mode, rs in runs.items()}
+    return {
+        "benchmark": "Submit throughput with authentication (API key) and TLS on vs off",
+        "command": "python -m loadgen.bench_submit " + shlex.join(sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "secure_on": "ingest --auth required (Bearer API key, tenant cached 5 s) + TLS "
+                     "(ECDSA P-256 server certificate); brokers the same in both modes",
+        "order": "off, on, repeated --rounds times on the same Redis and Kafka",
+        "submits_per_s_off": [r["submits_per_s"] for r in runs["off"]],
+        "submits_per_s_on": [r["submits_per_s"] for r in runs["on"]],
+        "median_off": medians["off"],
+        "median_on": medians["on"],
+        "ratio_on_over_off": round(medians["on"] / medians["off"], 3),
+        "target_ratio": 0.85,
+        "runs": runs,
+    }
+
+
+def _secure_ingest(work: Path, redis_url: str, prefix: str) -> tuple[dict[str, str], Secure]:
+    """Certificates, a tenant and its key; the environment that turns ingest's TLS on."""
+    from qlm.store.client import redis_client
+    from qlm.tenants import TenantRegistry
+    from qlm.tls import ensure_local_pki
+
+    pki = ensure_local_pki(work / "tls")
+
+    tenant = f"bench-{uuid.uuid4().hex[:6]}"
+
+    async def add_tenant() -> str:
+        client = redis_client(redis_url, decode_responses=True)
+        try:
+            return await TenantRegistry(client, prefix).add(tenant)
+        finally:
+            await client.aclose()
+
+    env = {"QLM_AUTH": "required", "QLM_TLS_CERT_FILE": str(pki.server_cert),
+           "QLM_TLS_KEY_FILE": str(pki.server_key)}
+    return env, Secure(pki.ca, asyncio.run(add_tenant()), tenant)
+
+
 def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
-             servers: list[Any]) -> dict[str, Any]:
+             servers: list[Any], secure: bool = False,
+             with_floor: bool = True) -> dict[str, Any]:
     from qlm.localstack import free_loopback_port
 
     load_at_start = round(os.getloadavg()[0], 2)
@@ -511,8 +588,12 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
         "QLM_MODELS_FILE": str(models), "QLM_HOST": "127.0.0.1", "QLM_PORT": str(port),
         "QLM_BATCH_CONSUMER": "false", "QLM_LOG_LEVEL": "info",
         "QLM_SERVED_MODELS_TIMEOUT_S": "0",  # no workers: every catalogue model counts
-        "QLM_PROCESSES": str(args.ingest_processes),
+        "QLM_PROCESSES": str(args.ingest_processes), "QLM_AUTH": "off",
     }
+    credentials: Secure | None = None
+    if secure:
+        secure_env, credentials = _secure_ingest(work, redis_url, prefix)
+        env.update(secure_env)
     log_path = work / "ingest.log"
     with log_path.open("wb") as log_file:
         ingest = subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env,
@@ -520,12 +601,14 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
                                   preexec_fn=_pinned(args.ingest_cpus))
     target = f"127.0.0.1:{port}"
     try:
-        _wait_serving(target)
+        _wait_serving(target, credentials.ca if credentials else None)
         _wait_listening(log_path, args.ingest_processes)
-        drive = _drive_ghz if args.load == "ghz" else _drive_python
-        results, measured_window, cpu_before, cpu_after = drive(
-            args, work, target, lambda: _cpu_of(ingest.pid, servers)
-        )
+        if args.load == "ghz":
+            results, measured_window, cpu_before, cpu_after = _drive_ghz(
+                args, work, target, lambda: _cpu_of(ingest.pid, servers), credentials)
+        else:
+            results, measured_window, cpu_before, cpu_after = _drive_python(
+                args, work, target, lambda: _cpu_of(ingest.pid, servers))
     finally:
         ingest.terminate()
         ingest.wait(30)
@@ -542,7 +625,7 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
     cpu_per_submit = {
         name: round(seconds * 1000 / len(latencies), 4) for name, seconds in cpu.items()
     } if latencies else {}
-    floor = measure_grpc_floor(args, work, 8.0)
+    floor = measure_grpc_floor(args, work, 8.0) if with_floor else {}
     return {
         "benchmark": "Submit: gRPC → ingest → Redis (one Lua script) → Kafka (admitted event)",
         "command": "python -m loadgen.bench_submit " + shlex.join(sys.argv[1:]),
@@ -578,7 +661,8 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
         ),
         "target_submits_per_s": 3000,
         "grpc_floor_empty_handler": floor,
-        "ingest_cpu_ms_per_submit_split": _ingest_split(cpu_per_submit, floor),
+        "ingest_cpu_ms_per_submit_split": _ingest_split(cpu_per_submit, floor) if floor else {},
+        "secure": secure,
     }
 
 
@@ -634,6 +718,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="ingest processes on the port (python -m services.ingest --processes)")
     parser.add_argument("--redis-url")
     parser.add_argument("--kafka-bootstrap")
+    parser.add_argument("--secure", choices=("off", "on", "both"), default="off",
+                        help="ingest with TLS + API keys (on), without (off), or both in "
+                        "one run (ghz)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="--secure both: off/on pairs measured")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep-work", action="store_true",
                         help="keep the working directory (Redis/Kafka data, ingest log, "
@@ -641,6 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.client_procs < 1 or args.duration <= 0:
         parser.error("--concurrency, --client-procs must be >= 1 and --duration > 0")
+    if args.secure != "off" and args.load != "ghz":
+        parser.error("--secure on/both needs --load ghz")
     if args.load_cpus and args.load != "ghz":
         parser.error("--load-cpus needs --load ghz")
     if args.server_cpus:  # the servers and ingest are started from here: they inherit it

@@ -228,7 +228,7 @@ async def _run(num: int, work: Path) -> dict[str, Any]:
         settings = IngestSettings.model_validate(dict(
             redis_url=redis_server.url, kafka_bootstrap=kafka_server.bootstrap_servers,
             topic_prefix="fuzz.", host="127.0.0.1", port=0, consumer_group="fuzz-ingest",
-            served_models_timeout_s=0.0, serve_metrics=False, log_json=True,
+            served_models_timeout_s=0.0, auth="off", serve_metrics=False, log_json=True,
             log_level="warning", max_prompt_bytes=4096, shutdown_grace_s=1.0))
         app = IngestApp(settings, models={MODEL: ModelLimits(MODEL, 2048)})
         await app.start()

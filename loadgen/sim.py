@@ -94,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
     p.add_argument("--policy-options", default="{}",
                    help="JSON object of options for every policy named, e.g. "
-                        "'{\"evict_rate_credit\": 0.5}' (qlm's: qlm/core/policies/qlm.py)")
+                        "'{\"evict_rate_credit\": 0.5}' (each policy's: docs/scheduler.md)")
     p.add_argument("--rates", help="comma-separated req/s (default: the workload's sweep)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="two rates of the sweep (< 2 min)")

@@ -10,12 +10,18 @@ a JSONL batch file). Server errors come back as qlm's own exceptions: INVALID_AR
 → :class:`InvalidInput` (with ``field`` and ``problem``), NOT_FOUND → :class:`NotFound`,
 UNAVAILABLE / DEADLINE_EXCEEDED → :class:`Unavailable`, RESOURCE_EXHAUSTED (admission
 control) → :class:`Overloaded` (``retry_after_s`` and the predicted wait from the trailing
-metadata); anything else stays a ``grpc.RpcError``.
+metadata), UNAUTHENTICATED → :class:`Unauthenticated`; anything else stays a ``grpc.RpcError``.
+
+``api_key`` is sent as ``authorization: Bearer <key>`` on every call (``qlm tenants add``
+prints one); ``tls_ca`` (a PEM file: ``.qlm/tls/ca.pem`` of ``make up``, ``QLM_TLS_CA``)
+makes the channel TLS, trusting that CA; ``tls_client_cert`` / ``tls_client_key`` add a
+client certificate where the server asks for one (mTLS).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NoReturn, Self
 
@@ -23,7 +29,14 @@ import grpc
 
 from qlm.api.v1 import qlm_pb2 as pb
 from qlm.api.v1 import qlm_pb2_grpc
-from qlm.core.errors import InvalidInput, NotFound, NotServed, Overloaded, Unavailable
+from qlm.core.errors import (
+    InvalidInput,
+    NotFound,
+    NotServed,
+    Overloaded,
+    Unauthenticated,
+    Unavailable,
+)
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 SLO_CLASS_TO_PB: Final = {
@@ -93,6 +106,8 @@ def raise_from_rpc_error(error: grpc.RpcError) -> NoReturn:
         raise NotFound("request", details.split("'")[1] if details.count("'") >= 2 else details)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         raise Unavailable(f"qlm at the target does not answer: {details}")
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        raise Unauthenticated(details)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
         metadata = {str(k): str(v) for k, v in (trailing or ())}
@@ -101,13 +116,40 @@ def raise_from_rpc_error(error: grpc.RpcError) -> NoReturn:
     raise error
 
 
+def channel_credentials(tls_ca: str | Path | None, tls_client_cert: str | Path | None = None,
+                        tls_client_key: str | Path | None = None
+                        ) -> grpc.ChannelCredentials | None:
+    """TLS credentials trusting the CA in ``tls_ca`` (None: plaintext)."""
+    if tls_ca is None:
+        return None
+    from qlm.tls import read_pem
+
+    chain = key = None
+    if tls_client_cert is not None and tls_client_key is not None:
+        chain = read_pem(Path(tls_client_cert), "tls_client_cert")
+        key = read_pem(Path(tls_client_key), "tls_client_key")
+    return grpc.ssl_channel_credentials(read_pem(Path(tls_ca), "tls_ca"), key, chain)
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 class QlmClient:
     """Async client on one channel; use as ``async with`` or call :meth:`close`."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0, *,
+                 api_key: str | None = None, tls_ca: str | Path | None = None,
+                 tls_client_cert: str | Path | None = None,
+                 tls_client_key: str | Path | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._metadata = auth_metadata(api_key)
+        credentials = channel_credentials(tls_ca, tls_client_cert, tls_client_key)
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS))
         self._stub = qlm_pb2_grpc.QueueManagerStub(self._channel)
 
     async def __aenter__(self) -> Self:
@@ -128,14 +170,16 @@ class QlmClient:
         """Queue one request (record schema of :mod:`qlm.submission`)."""
         message = record if isinstance(record, pb.SubmitRequest) else submit_request(record)
         try:
-            return await self._stub.Submit(message, timeout=self.timeout_s)
+            return await self._stub.Submit(message, timeout=self.timeout_s,
+                                           metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise_from_rpc_error(error)
 
     async def get(self, request_id: str) -> pb.RequestInfo:
         try:
             return await self._stub.GetRequest(
-                pb.GetRequestRequest(request_id=request_id), timeout=self.timeout_s
+                pb.GetRequestRequest(request_id=request_id), timeout=self.timeout_s,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             raise_from_rpc_error(error)
@@ -143,14 +187,16 @@ class QlmClient:
     async def cancel(self, request_id: str) -> pb.CancelResponse:
         try:
             return await self._stub.Cancel(
-                pb.CancelRequest(request_id=request_id), timeout=self.timeout_s
+                pb.CancelRequest(request_id=request_id), timeout=self.timeout_s,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             raise_from_rpc_error(error)
 
     async def list_models(self) -> list[pb.ModelInfo]:
         try:
-            reply = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
+            reply = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s,
+                                                metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise_from_rpc_error(error)
         return list(reply.models)
@@ -160,7 +206,8 @@ class QlmClient:
     ) -> AsyncIterator[pb.TokenChunk]:
         """Token chunks as they are produced; the last one has ``final`` set."""
         call = self._stub.StreamTokens(
-            pb.StreamTokensRequest(request_id=request_id, from_index=from_index)
+            pb.StreamTokensRequest(request_id=request_id, from_index=from_index),
+            metadata=self._metadata,
         )
         try:
             async for chunk in call:
@@ -170,12 +217,20 @@ class QlmClient:
 
 
 class SyncQlmClient:
-    """The same calls, blocking (for scripts and the CLI)."""
+    """The same calls, blocking (for scripts and the CLI); same arguments as QlmClient."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float = 30.0, *,
+                 api_key: str | None = None, tls_ca: str | Path | None = None,
+                 tls_client_cert: str | Path | None = None,
+                 tls_client_key: str | Path | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._metadata = auth_metadata(api_key)
+        credentials = channel_credentials(tls_ca, tls_client_cert, tls_client_key)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=_CHANNEL_OPTIONS))
         self._stub = qlm_pb2_grpc.QueueManagerStub(self._channel)
 
     def __enter__(self) -> Self:
@@ -194,7 +249,7 @@ class SyncQlmClient:
 
     def _call(self, method: Any, message: Any) -> Any:
         try:
-            return method(message, timeout=self.timeout_s)
+            return method(message, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise_from_rpc_error(error)
 
@@ -218,7 +273,8 @@ class SyncQlmClient:
     def stream_tokens(self, request_id: str, from_index: int = 0) -> Iterator[pb.TokenChunk]:
         try:
             yield from self._stub.StreamTokens(
-                pb.StreamTokensRequest(request_id=request_id, from_index=from_index)
+                pb.StreamTokensRequest(request_id=request_id, from_index=from_index),
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise_from_rpc_error(error)

@@ -11,11 +11,13 @@ lives in the library and neither service imports the other.
 * **predict_wait** (ingest's question): the new request as a group of one, placed on each
   worker that can serve its model (:func:`qlm.core.pulls.can_serve`) right after the
   groups of that worker's virtual queue that the scheduler's policy keeps ahead of it
-  (:data:`ORDER_KEYS`: for qlm, edf and shepherd those whose earliest deadline is not
-  later than its own — the earliest place a deadline-ordered queue gives it; for fcfs
-  every group that arrived before it; for priority the interactive groups, then earlier
-  arrivals); its wait there is :meth:`RWTEstimator.queue_waits` — running
-  work, model swaps, the groups ahead, its own prefill. The best worker is the one with
+  (the policy's own ``queue_order``, :func:`qlm.core.policies.base.order_key`: a queued
+  group stays ahead when its key is not larger; for qlm, edf and shepherd those whose
+  earliest deadline is not later than its own — the earliest place a deadline-ordered
+  queue gives it; for fcfs, static and vllm-swap every group that arrived before it; for
+  priority the interactive groups, then earlier arrivals); its wait there is
+  :meth:`RWTEstimator.queue_waits` — running work, model swaps, the groups ahead, its
+  own prefill. The best worker is the one with
   the highest P(meet SLO), then the shortest mean wait.
 * **admission**: admit when P(meet SLO) at the best place >= ``admission_min_p``; batch
   classes are always admitted. ``retry_after_s`` of a refused request: the time t after
@@ -48,6 +50,7 @@ from qlm.bus.records import Event, Telemetry
 from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.estimator import PREFILL_TOKENS_PER_STEP, RWTEstimator, WaitEstimate
 from qlm.core.perf import PerfProfile
+from qlm.core.policies.base import GroupOrder, order_key
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, can_serve
 from qlm.core.types import (
     SLO,
@@ -113,44 +116,6 @@ class WaitAnswer:
 
 
 @dataclass(frozen=True, slots=True)
-class GroupOrder:
-    """What the policies order groups by: earliest deadline, first arrival, class level."""
-
-    earliest_deadline_at: float
-    first_arrival_at: float
-    level: int
-
-    @classmethod
-    def of(cls, group: RequestGroup) -> GroupOrder:
-        return cls(min(r.deadline_at for r in group.requests),
-                   min(r.arrival_at for r in group.requests),
-                   0 if group.slo_class is SLOClass.INTERACTIVE else 1)
-
-
-#: Per policy, the key under which a queued group stays ahead of a new request's group
-#: (key of the queued group <= key of the new one): deadline order for the deadline-aware
-#: policies, arrival order for fcfs, static and vllm-swap, interactive first then arrival
-#: for priority.
-ORDER_KEYS: Final[Mapping[str, Callable[[GroupOrder], tuple[float, ...]]]] = MappingProxyType({
-    "qlm": lambda o: (o.earliest_deadline_at,),
-    "edf": lambda o: (o.earliest_deadline_at,),
-    "shepherd": lambda o: (o.earliest_deadline_at,),
-    "fcfs": lambda o: (o.first_arrival_at,),
-    "static": lambda o: (o.first_arrival_at,),
-    "vllm-swap": lambda o: (o.first_arrival_at,),
-    "priority": lambda o: (o.level, o.first_arrival_at),
-})
-
-
-def order_key(policy: str) -> Callable[[GroupOrder], tuple[float, ...]]:
-    try:
-        return ORDER_KEYS[policy]
-    except KeyError:
-        raise InvalidInput("policy", f"unknown policy {policy!r}; expected one of "
-                           f"{', '.join(sorted(ORDER_KEYS))}") from None
-
-
-@dataclass(frozen=True, slots=True)
 class QueueIndex:
     """Per worker, its queued groups in virtual-queue order with their ordering facts:
     built once per queue view, so a prediction never walks the requests."""
@@ -175,7 +140,7 @@ class QueueIndex:
 def place_after_urgent(index: QueueIndex, worker: WorkerView, group: RequestGroup,
                        policy: str = "qlm") -> list[RequestGroup]:
     """``worker``'s queued groups that stay ahead of ``group`` under ``policy``'s order
-    (:data:`ORDER_KEYS`), in queue order, followed by ``group``."""
+    (the policy's ``queue_order``), in queue order, followed by ``group``."""
     key = order_key(policy)
     mine = key(GroupOrder.of(group))
     ahead = [g for o, g in index.queues.get(worker.id, ()) if key(o) <= mine]

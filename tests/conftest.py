@@ -4,7 +4,9 @@ Each server starts once per test session, and only when a test asks for it
 (Kafka takes seconds). When a server cannot start, the asking test fails under
 ``CI=true`` and is skipped elsewhere, with the reason.
 
-- ``redis_server``: the session's :class:`~qlm.localstack.RedisServer` (AOF on).
+- ``redis_server``: the session's :class:`~qlm.localstack.RedisServer` (AOF on), with ACL
+  users as ``make up`` runs it (``redis_server.url`` is the admin's, with its password;
+  ``redis_server.url_for("qlm-worker")`` a service's).
   ``redis_server.restart()`` stops it (SIGTERM; ``kill=True`` for SIGKILL) and
   starts it again on the same port and data directory, to show what the AOF kept.
 - ``redis_url``: the server's URL, with every database flushed before the test.
@@ -42,6 +44,7 @@ import redis
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import Unavailable
 from qlm.localstack import KafkaCluster, KafkaServer, LocalRedisCluster, RedisServer
+from qlm.localstack.redis import RedisUsers
 
 
 def in_ci() -> bool:
@@ -59,8 +62,10 @@ def server_unavailable(reason: str) -> NoReturn:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     try:
+        data_dir = tmp_path_factory.mktemp("redis")
         server = RedisServer.start_on_free_port(
-            tmp_path_factory.mktemp("redis"), die_with_parent=True
+            data_dir, die_with_parent=True,
+            users=RedisUsers.load_or_create(data_dir / "users.json"),
         )
     except Unavailable as error:
         server_unavailable(f"redis-server did not start: {error}")

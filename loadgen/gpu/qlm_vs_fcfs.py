@@ -79,7 +79,7 @@ from qlm.core.corrections import CorrectedProfiles
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PROFILE_DIR, PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
-from qlm.core.policies.base import options_from_json
+from qlm.core.policies.base import check_policy_options, options_from_json
 from qlm.core.pulls import (
     DEFAULT_PREFILL_CAP_TOKENS,
     fits_prefill_cap,
@@ -335,6 +335,7 @@ class Managed:
         base, *tags = policy_name.split("+")
         self.policy = make_policy(base)
         options = options_from_json(args.qlm_options, "qlm-options") if "opts" in tags else {}
+        check_policy_options(base, options)  # a bad option fails before any engine starts
         #: ``+corr``: plan with profiles corrected online from the engines' step times,
         #: as the scheduler service does with ``--online-correction``.
         self.corrections = CorrectedProfiles(profiles) if "corr" in tags else None

@@ -184,7 +184,7 @@ class Bench:
 
     async def swaps(self, result: dict[str, Any]) -> None:
         from qlm.bus.producer import BusProducer
-        from qlm.bus.records import Event, LsoCommand
+        from qlm.bus.records import Event, LsoCommand, lso_command_id
         from qlm.bus.topics import TopicNames
         from qlm.store import RedisQueueStore
 
@@ -194,6 +194,10 @@ class Bench:
         events = asyncio.create_task(self._read_swapped(topics.events, swapped))
         rows: list[dict[str, Any]] = result["swaps"]
         try:
+            # the bench stands in for the scheduler: its commands carry the current term's
+            # fencing token (a new term when no scheduler ever led), or the worker drops them
+            fence = await store.scheduler_fence() or int(
+                await store.client.incr(store.keys.scheduler_fence))
             async with BusProducer(self.bootstrap) as producer:
                 await self.serve_one(store, self.models[0])  # the awake model serves first
                 total = self.args.warmup_swaps + self.args.swaps
@@ -202,7 +206,7 @@ class Bench:
 
                     async def command(i: int = i, target: str = target) -> None:
                         await producer.publish(topics.lso, LsoCommand(
-                            type="swap", command_id=f"swap-{i}", worker=WORKER_ID,
+                            type="swap", command_id=lso_command_id(fence, i), worker=WORKER_ID,
                             issued_at=time.time(), to_model=target, reason="swap_bench"))
 
                     began, first = await self.serve_one(store, target, command)

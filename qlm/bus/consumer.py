@@ -40,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from qlm.bus.producer import BusProducer, connect
 from qlm.bus.records import DeadLetter
+from qlm.bus.security import PLAINTEXT, KafkaAuth
 from qlm.core.errors import InvalidInput, Unavailable
 
 T = TypeVar("T")
@@ -131,6 +132,7 @@ class BusConsumer(Generic[T]):
         options: ConsumerOptions | None = None,
         clock: Callable[[], float] = time.time,
         client_id: str = "qlm",
+        auth: KafkaAuth = PLAINTEXT,
     ) -> None:
         if not topics:
             raise InvalidInput("topics", "must name at least one topic")
@@ -156,6 +158,7 @@ class BusConsumer(Generic[T]):
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             session_timeout_ms=self.options.session_timeout_ms,
+            **auth.client_options(),
         )
         self._consumer.subscribe(list(topics), listener=_CommitOnRevoke(self))
 

@@ -9,6 +9,7 @@ same for bytes the caller encoded.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -92,8 +93,10 @@ class BusProducer:
         return future
 
     async def publish_raw(
-        self, topic: str, value: bytes, key: bytes | None = None
+        self, topic: str, value: bytes, key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> RecordMetadata:
         """Write bytes as they are (batch request records, tests); waits for the acknowledgement."""
-        metadata: RecordMetadata = await self._producer.send_and_wait(topic, value, key=key)
+        metadata: RecordMetadata = await self._producer.send_and_wait(
+            topic, value, key=key, headers=list(headers) if headers else None)
         return metadata

@@ -188,6 +188,12 @@ def admitted_event_json(
 LsoType = Literal["evict", "swap", "migrate"]
 
 
+def lso_command_id(fence: int, seq: int) -> str:
+    """The ``command_id`` of an LSO command: the issuing term's fencing token, then a
+    sequence number (:attr:`LsoCommand.fence` reads it back)."""
+    return f"{fence}-{seq}"
+
+
 class LsoCommand(BusRecord):
     """A serving operation a worker must carry out, on ``qlm.lso``; keyed by the worker.
 
@@ -207,6 +213,15 @@ class LsoCommand(BusRecord):
     to_worker: Name | None = None
     keep_kv: bool = False
     reason: Annotated[str, Field(max_length=1024)] | None = None
+
+    @property
+    def fence(self) -> int | None:
+        """The fencing token of the scheduler term that issued this command (the
+        ``<fence>-<seq>`` of its ``command_id``), or None when the id has no such form."""
+        head, sep, seq = self.command_id.partition("-")
+        if not sep or not head.isdigit() or not seq.isdigit() or len(head) > 18:
+            return None
+        return int(head)
 
     @model_validator(mode="after")
     def _fields_of_its_type(self) -> Self:

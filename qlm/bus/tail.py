@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from qlm.bus.producer import connect
+from qlm.bus.security import PLAINTEXT, KafkaAuth
 from qlm.log import get_logger
 
 log = get_logger("qlm.bus.tail")
@@ -29,11 +30,12 @@ class TopicTail:
     ``stop()``. ``on_record`` must not block (it runs on the event loop)."""
 
     def __init__(self, bootstrap_servers: str, topics: Sequence[str],
-                 on_record: Callable[[str, bytes | None], None], client_id: str = "qlm") -> None:
+                 on_record: Callable[[str, bytes | None], None], client_id: str = "qlm",
+                 auth: KafkaAuth = PLAINTEXT) -> None:
         self._consumer = AIOKafkaConsumer(
             *topics, bootstrap_servers=bootstrap_servers, group_id=None, client_id=client_id,
             enable_auto_commit=False, auto_offset_reset="latest",
-            metadata_max_age_ms=METADATA_MAX_AGE_MS)
+            metadata_max_age_ms=METADATA_MAX_AGE_MS, **auth.client_options())
         self._on_record = on_record
         self._stopping = False
 

@@ -19,6 +19,7 @@ from typing import Final
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from qlm.bus.security import PLAINTEXT, KafkaAuth
 from qlm.core.errors import InvalidInput, Unavailable
 
 BATCH_REQUESTS: Final = "qlm.batch.requests"
@@ -168,12 +169,14 @@ def topic_specs(
     ]
 
 
-async def ensure_topics(bootstrap_servers: str, specs: Sequence[TopicSpec]) -> list[str]:
+async def ensure_topics(bootstrap_servers: str, specs: Sequence[TopicSpec],
+                        auth: KafkaAuth = PLAINTEXT) -> list[str]:
     """Create the topics that do not exist yet; returns the names it created.
 
     Existing topics are left as they are (their partitions are not changed).
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="qlm-admin")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="qlm-admin",
+                                **auth.client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -63,6 +63,11 @@ class Unavailable(QlmError):
     """A dependency (Redis, Kafka, estimator) does not answer: gRPC UNAVAILABLE."""
 
 
+class Unauthenticated(QlmError):
+    """The caller did not prove who it is (no API key, or an unknown or revoked one):
+    gRPC UNAUTHENTICATED, HTTP 401. The message never says which tenants exist."""
+
+
 class Overloaded(QlmError):
     """Admission control refused work now (gRPC RESOURCE_EXHAUSTED); it may be retried
     after ``retry_after_s``. ``details`` (string values) travel as trailing metadata."""
@@ -75,3 +80,8 @@ class Overloaded(QlmError):
 
     def __reduce__(self) -> tuple[type[Overloaded], tuple[str, float, dict[str, str]]]:
         return (type(self), (str(self.args[0]), self.retry_after_s, self.details))
+
+
+class QuotaExceeded(Overloaded):
+    """A tenant is over one of its quotas (queued requests, tokens per minute): gRPC
+    RESOURCE_EXHAUSTED, HTTP 429, with the seconds after which to retry."""

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ingest's admission rules per class")
     parser.add_argument("--brokers-only", action="store_true",
                         help="up: start Redis and Kafka only")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS, no API keys, no broker users (default: TLS on every gRPC "
+                        "listener with a local CA under <dir>/tls, a development tenant's key, "
+                        "Redis ACL users and Kafka SASL/SCRAM with ACLs)")
     return parser
 
 
@@ -84,10 +88,11 @@ def service_stack(args: argparse.Namespace, stack: LocalStack) -> ServiceStack:
     env = stack.environment()
     recorded = ServiceStack.recorded(args.dir, env["QLM_REDIS_URL"], env["QLM_KAFKA_BOOTSTRAP"])
     recorded.prefer_standard_ports = True  # ingest on 50051 when free: the client's default
+    recorded.redis_users, recorded.kafka_users = stack.redis_users, stack.kafka_users
     if args.command == "up" and all(s.pid is None for s in recorded.status()):
         recorded.options = ServiceOptions(
             policy=args.policy, workers_file=args.workers_file, time_scale=args.time_scale,
-            admission=args.admission)
+            admission=args.admission, secure=not args.insecure)
     return recorded
 
 
@@ -99,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"kafka {kafka_version()} jars in {libs} ({time.monotonic() - started_at:.1f} s)")
         return 0
     stack = LocalStack.open(
-        args.dir, StackPorts(args.redis_port, args.kafka_port, args.controller_port)
+        args.dir, StackPorts(args.redis_port, args.kafka_port, args.controller_port),
+        # down/status: secure when an earlier up made broker users
+        secure=(not args.insecure if args.command == "up"
+                else (args.dir / "kafka" / "users.json").exists()),
     )
     services = service_stack(args, stack)
     if args.command == "up":
@@ -108,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.brokers_only:
             for line in supervised_up(services):
                 print(line, flush=True)
+            client_env = {"QLM_INGEST_ADDR": services.ingest_addr,
+                          "QLM_OPENAI_BASE_URL": services.openai_base_url,
+                          "QLM_TARGET": services.ingest_addr, **services.client_environment()}
             with (stack.stack_dir / "stack.env").open("a") as env:
-                env.write(f"QLM_INGEST_ADDR={services.ingest_addr}\n")
-                env.write(f"QLM_OPENAI_BASE_URL={services.openai_base_url}\n")
+                env.writelines(f"{key}={value}\n" for key, value in client_env.items())
         print(f"environment: {stack.stack_dir / 'stack.env'}")
         return 0
     if args.command == "down":

@@ -6,21 +6,37 @@ The jars come from Maven Central through Maven and a small pom
 ``~/.cache/qlm/kafka-<version>/libs`` (``QLM_KAFKA_LIBS`` overrides the directory,
 ``QLM_KAFKA_VERSION`` the version). Storage is formatted once per data directory;
 later starts reuse it.
+
+**Security** (``users``: :class:`KafkaUsers`): clients connect with SASL/SCRAM-SHA-512
+over ``SASL_PLAINTEXT`` (the broker listens on loopback only; TLS on the Kafka listener is
+left to deployments that leave the machine), the controller listener with SASL/PLAIN as
+the admin, and ``StandardAuthorizer`` denies what no ACL allows. Every user's SCRAM
+credentials are written into the storage when it is formatted; the passwords live in
+``<data_dir>/users.json`` (mode 0600). :func:`apply_acls` creates the topics and the
+ACLs of :mod:`qlm.bus.access` as the admin.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import os
+import secrets
 import shutil
 import socket
 import struct
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from qlm.bus.access import ADMIN, SERVICE_PRINCIPALS, acl_bindings
+from qlm.bus.security import KafkaAuth
+from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import InvalidInput, Unavailable
 from qlm.localstack.process import (
     ServerProcess,
@@ -145,6 +161,101 @@ def num_live_brokers(host: str, port: int, timeout_s: float = 1.0) -> int:
     return num_brokers if correlation_id == 1 else 0
 
 
+@dataclass(frozen=True, slots=True)
+class KafkaUsers:
+    """SASL users of a secured broker and their passwords (the admin among them)."""
+
+    passwords: Mapping[str, str]
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> KafkaUsers:
+        """The users recorded in ``path``, else new random passwords for the admin and every
+        service principal (written to ``path``, mode 0600)."""
+        try:
+            return cls(dict(json.loads(path.read_text())))
+        except (OSError, ValueError):
+            pass
+        users = cls({name: secrets.token_urlsafe(24) for name in (ADMIN, *SERVICE_PRINCIPALS)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(dict(users.passwords), handle)
+        return users
+
+    def auth(self, user: str) -> KafkaAuth:
+        """How ``user`` connects (SASL_PLAINTEXT, SCRAM-SHA-512)."""
+        return KafkaAuth("SASL_PLAINTEXT", "SCRAM-SHA-512", user, self.passwords[user])
+
+
+def apply_acls(bootstrap_servers: str, users: KafkaUsers, topics: TopicNames,
+               timeout_s: float = 30.0) -> int:
+    """Create the topics under ``topics.prefix`` and the ACLs of :mod:`qlm.bus.access` as
+    the admin (idempotent); returns the number of ACL bindings."""
+    import asyncio
+
+    from confluent_kafka.admin import (
+        AclBinding,
+        AclBindingFilter,
+        AclOperation,
+        AclPermissionType,
+        AdminClient,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    asyncio.run(ensure_topics(bootstrap_servers, topic_specs(topics), users.auth(ADMIN)))
+    admin = AdminClient({
+        "bootstrap.servers": bootstrap_servers, "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": ADMIN,
+        "sasl.password": users.passwords[ADMIN],
+    })
+    bindings = [
+        AclBinding({"topic": ResourceType.TOPIC, "group": ResourceType.GROUP,
+                    "cluster": ResourceType.BROKER}[e.resource],  # BROKER: Kafka's CLUSTER
+                   e.name, ResourcePatternType.LITERAL, f"User:{e.principal}", "*",
+                   getattr(AclOperation, e.operation), AclPermissionType.ALLOW)
+        for e in acl_bindings(topics)
+    ]
+    for binding, future in admin.create_acls(bindings, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+        except Exception as error:
+            raise Unavailable(f"creating Kafka ACL {binding} failed: {error}") from None
+    # The broker applies new ACLs from the metadata log a moment after they are created.
+    anything: Any = None  # a filter's None matches every value (the stubs say str)
+    every = AclBindingFilter(ResourceType.ANY, anything, ResourcePatternType.ANY, anything,
+                             anything, AclOperation.ANY, AclPermissionType.ANY)
+    deadline = time.monotonic() + timeout_s
+    while len(admin.describe_acls(every).result(timeout=timeout_s)) < len(bindings):
+        if time.monotonic() > deadline:
+            raise Unavailable("the broker did not apply the new ACLs in time")
+        time.sleep(0.1)
+    return len(bindings)
+
+
+def _num_live_brokers_sasl(bootstrap_servers: str, auth: KafkaAuth) -> int:
+    import asyncio
+
+    from aiokafka import AIOKafkaClient
+
+    async def count() -> int:
+        client = AIOKafkaClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=2000,
+                                **auth.client_options())
+        quiet = logging.getLogger("aiokafka")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # "Unable connect" on every poll until it is up
+        try:
+            await client.bootstrap()
+            return len(client.cluster.brokers())
+        except Exception:
+            return 0
+        finally:
+            quiet.setLevel(level)
+            await client.close()
+
+    return asyncio.run(count())
+
+
 class KafkaServer:
     """One KRaft node on ``127.0.0.1``; data, config, log and pid file live under ``data_dir``.
 
@@ -168,6 +279,7 @@ class KafkaServer:
         cluster_id: str | None = None,
         internal_replication: int = 1,
         heap_opts: tuple[str, ...] = HEAP_OPTS,
+        users: KafkaUsers | None = None,
     ) -> None:
         """``die_with_parent``: stop the broker when the starting thread exits (tests).
 
@@ -186,6 +298,7 @@ class KafkaServer:
         self.cluster_id = cluster_id
         self.internal_replication = internal_replication
         self.heap_opts = heap_opts
+        self.users = users
         self.config_path = self.data_dir / "server.properties"
         self.log_dirs = self.data_dir / "data"
         self.process = ServerProcess("kafka", self.data_dir, marker=str(self.config_path))
@@ -230,7 +343,35 @@ class KafkaServer:
             "background.threads": "2",
             "log.retention.hours": "168",
         }
+        if self.users is not None:
+            settings.update(self._security_properties())
         return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+    def _security_properties(self) -> dict[str, str]:
+        """SASL listeners and the authorizer (module docstring)."""
+        assert self.users is not None
+        host, port, cport = self.host, self.port, self.controller_port
+        password = self.users.passwords[ADMIN]
+        plain = ("org.apache.kafka.common.security.plain.PlainLoginModule required "
+                 f'username="{ADMIN}" password="{password}" user_{ADMIN}="{password}";')
+        scram = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
+                 f'username="{ADMIN}" password="{password}";')
+        return {
+            "listeners": f"SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+            "advertised.listeners": f"SASL_PLAINTEXT://{host}:{port}",
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:SASL_PLAINTEXT,"
+                                              "SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": plain,
+            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": scram,
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{ADMIN}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
 
     def _log4j2_config(self) -> Path:
         path = self.data_dir / "log4j2.properties"
@@ -271,7 +412,7 @@ class KafkaServer:
         cluster_id = self.cluster_id or new_cluster_id()
         argv = self._java_argv(
             libs, STORAGE_TOOL_MAIN, "format", f"--cluster-id={cluster_id}",
-            "-c", str(self.config_path), quick=True,
+            "-c", str(self.config_path), *self._scram_args(), quick=True,
         )  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not self.is_formatted():
@@ -279,6 +420,12 @@ class KafkaServer:
                 f"formatting Kafka storage in {self.log_dirs} failed:\n"
                 f"{(done.stdout + done.stderr)[-3000:]}"
             )
+
+    def _scram_args(self) -> list[str]:
+        if self.users is None:
+            return []
+        return [arg for user, password in self.users.passwords.items()
+                for arg in ("--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]")]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> float:
         """Fetch jars if needed, format once, start the broker and wait until it serves metadata.
@@ -310,7 +457,7 @@ class KafkaServer:
         (SIGKILL) and raise Unavailable with its log's tail."""
         try:
             self.process.wait_until(
-                lambda: num_live_brokers(self.host, self.port) >= num_brokers,
+                lambda: self.num_live_brokers() >= num_brokers,
                 timeout_s,
                 f"{num_brokers} broker(s) answering on port {self.port}",
                 poll_s=0.2,
@@ -319,6 +466,13 @@ class KafkaServer:
             self.process.stop(timeout_s=2.0, kill=True)
             raise
 
+    def num_live_brokers(self) -> int:
+        """Live brokers this node reports (0 when it does not answer); as the admin over
+        SASL when secured."""
+        if self.users is None:
+            return num_live_brokers(self.host, self.port)
+        return _num_live_brokers_sasl(self.bootstrap_servers, self.users.auth(ADMIN))
+
     @classmethod
     def start_on_free_ports(
         cls,
@@ -326,6 +480,7 @@ class KafkaServer:
         die_with_parent: bool = False,
         quick_start: bool = False,
         num_attempts: int = 3,
+        users: KafkaUsers | None = None,
     ) -> KafkaServer:
         """A started broker on free loopback ports; tries new ports when one is taken first.
 
@@ -333,7 +488,7 @@ class KafkaServer:
         """
         return start_on_free_ports(lambda: cls(
             data_dir, free_loopback_port(), free_loopback_port(),
-            die_with_parent=die_with_parent, quick_start=quick_start,
+            die_with_parent=die_with_parent, quick_start=quick_start, users=users,
         ), num_attempts)  # fmt: skip
 
     def stop(self, kill: bool = False) -> bool:

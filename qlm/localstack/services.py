@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import grpc
 import yaml
@@ -40,13 +41,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qlm.core.errors import InvalidInput, Unavailable
 from qlm.core.perf import PROFILE_DIR
+from qlm.core.policies.base import check_policy_options
+from qlm.localstack.kafka import KafkaUsers
 from qlm.localstack.process import (
     ServerProcess,
     ensure_port_free,
     free_loopback_port,
     port_is_open,
 )
+from qlm.localstack.redis import RedisUsers
 from qlm.roster import read_workers_file
+from qlm.tls import LocalPki, ensure_local_pki
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 DEFAULT_WORKERS_FILE: Final = REPO_ROOT / "docker" / "workers.cpu.yaml"
@@ -64,6 +69,7 @@ PREFERRED_INGEST_PORT: Final = 50051
 #: The HTTP (OpenAI-compatible) port a client tries first, likewise.
 PREFERRED_HTTP_PORT: Final = 8000
 START_TIMEOUT_S: Final = 90.0
+DEV_TENANT: Final = "dev"
 POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority", "static", "vllm-swap")
 
 
@@ -78,7 +84,11 @@ class ServiceOptions:
     * ``group_window_s``, ``tick_s``: ingest's group window, the scheduler's tick (wall s);
     * ``debounce_s``: how long the scheduler gathers events before deciding (wall s);
     * ``shutdown_grace_s``: how long a stopping service may finish in-flight work;
-    * ``topic_prefix``: prefix of every Kafka topic (tests: unique per test).
+    * ``topic_prefix``: prefix of every Kafka topic (tests: unique per test);
+    * ``secure``: TLS on every gRPC listener (a local CA and certificates under
+      ``<dir>/tls``, :func:`qlm.tls.ensure_local_pki`) and API keys required by ingest,
+      with a development tenant whose key is in ``<dir>/services/dev.key``
+      (``make up`` turns it on).
     """
 
     policy: str = "qlm"
@@ -92,6 +102,7 @@ class ServiceOptions:
     shutdown_grace_s: float = 2.0
     log_level: str = "info"
     topic_prefix: str = ""
+    secure: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -108,6 +119,7 @@ class ServiceOptions:
                                f"must be a finite number >= 0, got {self.debounce_s!r}")
         if not isinstance(self.policy_options, Mapping):
             raise InvalidInput("policy_options", "must be a JSON object")
+        check_policy_options(self.policy, self.policy_options)  # names the bad option
         read_workers_file(self.workers_file)  # InvalidInput names the bad entry
 
     def to_json(self) -> dict[str, Any]:
@@ -199,6 +211,10 @@ class ServiceStack:
     prefer_standard_ports: bool = False
     #: Where the profiles the services read (scaled by the time scale) are copied from.
     profiles_source: Path = PROFILE_DIR
+    #: Broker users (``make up``): each service connects as ``qlm-<name>`` with its own
+    #: password, passed in its environment (not on its command line).
+    redis_users: RedisUsers | None = None
+    kafka_users: KafkaUsers | None = None
 
     def __post_init__(self) -> None:
         self.stack_dir = self.stack_dir.resolve()
@@ -271,9 +287,35 @@ class ServiceStack:
         (self.run_dir / SERVICES_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     # ---------------------------------------------------------------- argv
+    @property
+    def pki(self) -> LocalPki:
+        return LocalPki(self.stack_dir / "tls")
+
+    @property
+    def dev_key_file(self) -> Path:
+        return self.run_dir / "dev.key"
+
+    def client_environment(self) -> dict[str, str]:
+        """What a client of these services needs (``QLM_API_KEY``, ``QLM_TLS_CA``)."""
+        if not self.options.secure:
+            return {}
+        return {"QLM_API_KEY": self.dev_key_file.read_text().strip(),
+                "QLM_TLS_CA": str(self.pki.ca), "QLM_TENANT": DEV_TENANT}
+
     def _common(self) -> list[str]:
-        return ["--redis-url", self.redis_url, "--kafka-bootstrap", self.kafka_bootstrap,
-                "--log-level", self.options.log_level, "--topic-prefix", self.options.topic_prefix]
+        tls = (["--tls-cert-file", str(self.pki.server_cert),
+                "--tls-key-file", str(self.pki.server_key), "--tls-ca-file", str(self.pki.ca)]
+               if self.options.secure else [])
+        redis = [] if self.redis_users is not None else ["--redis-url", self.redis_url]
+        return [*redis, "--kafka-bootstrap", self.kafka_bootstrap,
+                "--log-level", self.options.log_level, "--topic-prefix", self.options.topic_prefix,
+                *tls]
+
+    def _secure_files(self) -> None:
+        """The local CA and certificates, and the development tenant's key."""
+        ensure_local_pki(self.pki.directory)
+        self.dev_key_file.write_text(ensure_dev_tenant(self.redis_url, self.dev_key_file) + "\n")
+        self.dev_key_file.chmod(0o600)
 
     def argv(self, name: str) -> list[str]:
         """The command line of one service (the run directory appears in each: pid marker)."""
@@ -292,6 +334,7 @@ class ServiceStack:
                     "--http-host", "127.0.0.1", "--http-port", str(p.http),
                     "--estimator-addr", f"127.0.0.1:{p.estimator}",
                     "--admission", o.admission,
+                    "--auth", "required" if o.secure else "off",
                     "--group-window-s", str(o.group_window_s),
                     "--shutdown-grace-s", str(o.shutdown_grace_s)]
         if name == "scheduler":
@@ -312,10 +355,31 @@ class ServiceStack:
                     "--shutdown-grace-s", str(o.shutdown_grace_s)]
         raise InvalidInput("service", f"unknown {name!r}; expected one of {SERVICE_NAMES}")
 
-    def env(self) -> dict[str, str]:
+    def env(self, name: str | None = None) -> dict[str, str]:
+        """The environment of process ``name`` (None: a process of the stack that is no
+        service, the supervisor): the repository on PYTHONPATH, the service's broker
+        credentials and no client's."""
         env = dict(os.environ)
         path = env.get("PYTHONPATH", "")
         env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
+        for key in [k for k in env if k.startswith(("QLM_KAFKA_S", "QLM_REDIS_URL"))]:
+            del env[key]  # a client's credentials must not leak into a service
+        if name is not None:
+            env.update(self.broker_environment(f"qlm-{kind_of(name)}"))
+        return env
+
+    def broker_environment(self, user: str) -> dict[str, str]:
+        """``QLM_REDIS_URL`` and ``QLM_KAFKA_*`` of one broker user (empty without users)."""
+        env: dict[str, str] = {}
+        if self.redis_users is not None and user in self.redis_users.passwords:
+            where = urlsplit(self.redis_url)
+            env["QLM_REDIS_URL"] = self.redis_users.url(user, where.hostname or "127.0.0.1",
+                                                        where.port or 6379)
+        if self.kafka_users is not None and user in self.kafka_users.passwords:
+            auth = self.kafka_users.auth(user)
+            env.update(QLM_KAFKA_SECURITY_PROTOCOL=auth.security_protocol,
+                       QLM_KAFKA_SASL_MECHANISM=str(auth.sasl_mechanism),
+                       QLM_KAFKA_SASL_USERNAME=user, QLM_KAFKA_SASL_PASSWORD=str(auth.password))
         return env
 
     # ---------------------------------------------------------------- readiness
@@ -328,7 +392,8 @@ class ServiceStack:
             port = p.of_worker(name.removeprefix(WORKER_PREFIX))[0]
         else:
             port = {"estimator": p.estimator, "ingest": p.ingest}[name]
-        return grpc_serving(f"127.0.0.1:{port}")
+        return grpc_serving(f"127.0.0.1:{port}",
+                            ca=self.pki.ca if self.options.secure else None)
 
     # ---------------------------------------------------------------- lifecycle
     def up(self, names: tuple[str, ...] = SERVICE_NAMES) -> list[str]:
@@ -352,6 +417,8 @@ class ServiceStack:
         if all(p.running_pid() is None for p in self.processes.values()):
             self.ports = self.ports.resolved(self.prefer_standard_ports, self.worker_ids)
             self._write_files()
+            if self.options.secure:
+                self._secure_files()
 
     def start_one(self, name: str, timeout_s: float = START_TIMEOUT_S) -> str:
         """Start one service (unless running) and wait until it is ready."""
@@ -360,7 +427,7 @@ class ServiceStack:
             return f"{name:9} already running (pid {process.running_pid()})"
         for port in self.ports_of(name):  # else a health check could reach another process
             ensure_port_free("127.0.0.1", port, name)
-        pid = process.start(self.argv(name), env=self.env())
+        pid = process.start(self.argv(name), env=self.env(name))
         try:
             seconds = process.wait_until(
                 lambda: process.running_pid() is not None and self.is_ready(name),
@@ -422,10 +489,12 @@ class ServiceStack:
 
 
 # -------------------------------------------------------------------- checks
-def grpc_serving(target: str, timeout_s: float = 1.0) -> bool:
-    """Whether ``grpc.health.v1.Health/Check`` (service "") answers SERVING."""
+def grpc_serving(target: str, timeout_s: float = 1.0, ca: Path | None = None) -> bool:
+    """Whether ``grpc.health.v1.Health/Check`` (service "") answers SERVING (over TLS
+    trusting ``ca`` when given)."""
     try:
-        with grpc.insecure_channel(target) as channel:
+        with (grpc.secure_channel(target, grpc.ssl_channel_credentials(ca.read_bytes()))
+              if ca is not None else grpc.insecure_channel(target)) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
     except grpc.RpcError:
@@ -505,3 +574,30 @@ __all__ = [
     "write_scaled_profiles",
 ]
 
+
+
+def ensure_dev_tenant(redis_url: str, key_file: Path, prefix: str = "qlm:") -> str:
+    """The API key of the development tenant: the one in ``key_file`` while it still
+    authenticates, else a new tenant ``dev`` (``dev-2``, ... when the name is taken: names
+    are never reused)."""
+    import asyncio
+
+    from qlm.store.client import redis_client
+    from qlm.tenants import TenantRegistry
+
+    async def ensure() -> str:
+        client = redis_client(redis_url, decode_responses=True)
+        try:
+            tenants = TenantRegistry(client, prefix)
+            if key_file.exists():
+                key = key_file.read_text().strip()
+                if await tenants.authenticate(key) is not None:
+                    return key
+            taken = {t.name for t in await tenants.list()}
+            name = next(n for n in (DEV_TENANT, *(f"{DEV_TENANT}-{i}" for i in range(2, 10**6)))
+                        if n not in taken)
+            return await tenants.add(name)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(ensure())

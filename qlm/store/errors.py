@@ -36,3 +36,12 @@ class LeaseLost(QlmError):
         self.worker_id = worker_id
         self.state = state
         self.holder = holder
+
+
+class FenceLost(QlmError):
+    """A scheduler wrote with a fencing token that is no longer the current one (another
+    replica took the lease): nothing was written, and it must stop acting as leader."""
+
+    def __init__(self, fence: int) -> None:
+        super().__init__(f"fencing token {fence} is no longer current; nothing was written")
+        self.fence = fence

@@ -49,6 +49,15 @@ key                         type        contents
 ``P stream:<id>``           stream      the request's output chunks, then one end entry
 ``P scheduler:leader``      string      the scheduler leader's token (PX: the lease)
 ``P scheduler:fence``       integer     the fencing token of the current leader's term
+``P tenants``               set         every tenant name ever added (revoked ones too)
+``P tenant:<name>``         hash        a tenant: ``key_sha256``, ``signing_key``,
+                                        ``created_at``, ``revoked_at`` (qlm.tenants)
+``P apikey:<sha256>``       string      the tenant whose active API key has this
+                                        SHA-256 (hex); deleted on revoke
+``P tenant:<name>:live``    sorted set  ids of the tenant's requests not known to have
+                                        ended, by arrival (quota ``max_queued``)
+``P tenant:<name>:tpm:<m>`` integer     tokens asked for in minute ``m`` (quota
+                                        ``tokens_per_minute``; expires after 2 min)
 ``P file:<id>``             hash        an uploaded / produced file's metadata (Files API)
 ``P file:<id>:content``     string      its content (UTF-8 JSONL)
 ``P files``                 sorted set  every file id, scored by ``created_at``
@@ -150,6 +159,23 @@ class Keys:
     def scheduler_fence(self) -> str:
         return f"{self.prefix}scheduler:fence"
 
+    @property
+    def tenants(self) -> str:
+        return f"{self.prefix}tenants"
+
+    def tenant(self, name: str) -> str:
+        return f"{self.prefix}tenant:{name}"
+
+    def api_key(self, key_sha256: str) -> str:
+        return f"{self.prefix}apikey:{key_sha256}"
+
+    def tenant_live(self, name: str) -> str:
+        """Ids of the tenant's requests not known to have ended (quota max_queued)."""
+        return f"{self.prefix}tenant:{name}:live"
+
+    def tenant_tokens(self, name: str, minute: int) -> str:
+        """Tokens the tenant's requests asked for in one minute (quota tokens_per_minute)."""
+        return f"{self.prefix}tenant:{name}:tpm:{minute}"
     def file(self, file_id: str) -> str:
         return f"{self.prefix}file:{file_id}"
 

@@ -46,7 +46,7 @@ from qlm.core.types import (
     group_key_for,
 )
 from qlm.store.client import RedisClient, is_cluster_url, redis_client
-from qlm.store.errors import IdempotencyConflict, LeaseLost
+from qlm.store.errors import FenceLost, IdempotencyConflict, LeaseLost
 from qlm.store.keys import DEFAULT_PREFIX, Keys, group_member_score
 from qlm.store.records import (
     SCHEDULING_FIELDS,
@@ -257,6 +257,11 @@ class RedisQueueStore:
         #: Queued requests of the previous snapshot: id → (changing fields, Request).
         self._known_queued: dict[str, tuple[tuple[str, ...], Request]] = {}
 
+    @property
+    def client(self) -> RedisClient:
+        """The Redis client (shared with what lives next to the queue, e.g. the tenants)."""
+        return self._redis
+
     @classmethod
     def from_url(
         cls, url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, **options: Any
@@ -461,8 +466,12 @@ class RedisQueueStore:
         """Replace ``worker_id``'s virtual queue by ``order`` (head first), atomically."""
         await self.set_virtual_queues({worker_id: order})
 
-    async def set_virtual_queues(self, orders: Mapping[str, Sequence[GroupKey]]) -> None:
-        """Replace the virtual queues of all workers in ``orders`` in one atomic step."""
+    async def set_virtual_queues(self, orders: Mapping[str, Sequence[GroupKey]],
+                                 fence: int = 0) -> None:
+        """Replace the virtual queues of all workers in ``orders`` in one atomic step.
+
+        With ``fence`` (> 0), only while it is the current fencing token of the scheduler
+        lease (checked inside the script), else FenceLost and nothing is written."""
         workers = [_require_id(w, "worker_id") for w in orders]
         flat: list[str] = []
         for worker in workers:
@@ -475,10 +484,20 @@ class RedisQueueStore:
             flat.extend(str(g) for g in order)
         if not workers:
             return
-        keys = [*(self.keys.virtual_queue(w) for w in workers), self.keys.workers]
-        args = [str(len(workers)), *workers, *(str(len(orders[w])) for w in workers), *flat]
+        keys = [*(self.keys.virtual_queue(w) for w in workers), self.keys.workers,
+                self.keys.scheduler_fence]
+        args = [str(len(workers)), *workers, *(str(len(orders[w])) for w in workers), *flat,
+                str(fence)]
         with _redis_errors():
-            await self._scripts.set_virtual_queues(keys=keys, args=args)
+            written = await self._scripts.set_virtual_queues(keys=keys, args=args)
+        if int(written) < 0:
+            raise FenceLost(fence)
+
+    async def scheduler_fence(self) -> int:
+        """The fencing token of the current scheduler term (0 before any leader)."""
+        with _redis_errors():
+            value = await self._redis.get(self.keys.scheduler_fence)
+        return int(value or 0)
 
     async def queue_depths(self) -> dict[tuple[str, SLOClass], int]:
         """Queued requests per (model, SLO class): the group index, then one pipelined

@@ -8,6 +8,7 @@ InvalidInput (and other subclasses) INVALID_ARGUMENT
 NotFound                            NOT_FOUND
 Unavailable                         UNAVAILABLE
 Overloaded                          RESOURCE_EXHAUSTED (trailing metadata: retry-after-s, …)
+Unauthenticated                     UNAUTHENTICATED
 anything else                       INTERNAL (logged)
 ==================================  ===================
 
@@ -27,7 +28,14 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from qlm.core.errors import InvalidInput, NotFound, NotServed, Overloaded, Unavailable
+from qlm.core.errors import (
+    InvalidInput,
+    NotFound,
+    NotServed,
+    Overloaded,
+    Unauthenticated,
+    Unavailable,
+)
 from qlm.log import get_logger
 
 log = get_logger("services.common.errors")
@@ -38,6 +46,7 @@ STATUS_OF: Final[tuple[tuple[type[Exception], grpc.StatusCode], ...]] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 
 

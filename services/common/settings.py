@@ -13,11 +13,13 @@ message naming the setting. Flags are the field names in kebab case
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Self, TypeVar
+from pathlib import Path
+from typing import Literal, Self, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from qlm.bus.security import KafkaAuth
 from qlm.bus.topics import TopicLayout
 from qlm.core.errors import InvalidInput
 
@@ -48,12 +50,42 @@ class CommonSettings(BaseSettings):
         None, ge=1, description="min.insync.replicas of each topic (acks=all waits for "
         "them); default: a majority from 3 replicas on, else 1"
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how this service connects to Kafka (SASL_*: with "
+        "kafka_sasl_mechanism, kafka_sasl_username, kafka_sasl_password)"
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism"
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user (Kafka principal)")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password")
+    kafka_ssl_cafile: Path | None = Field(None, description="SASL_SSL: CA (PEM) of the brokers")
     kafka_partitions: dict[str, int] = Field(
         default_factory=dict, description="partitions per topic, overriding the defaults "
         "(JSON object, e.g. {\"qlm.batch.requests\": 12})"
     )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate of this service's gRPC listener (with "
+        "tls_key_file: TLS on; unset: plaintext)"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="mTLS: require client certificates signed by this CA (PEM)"
+    )
+    tls_ca_file: Path | None = Field(
+        None, description="CA (PEM) this service trusts when it calls another qlm service "
+        "over gRPC (set: TLS to it)"
+    )
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
     log_json: bool = Field(True, description="JSON log lines (false: human-readable console)")
+
+    @model_validator(mode="after")
+    def _tls_files_pair(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
 
     @model_validator(mode="after")
     def _topic_layout_is_valid(self) -> Self:
@@ -62,6 +94,23 @@ class CommonSettings(BaseSettings):
         except InvalidInput as error:
             raise ValueError(f"kafka_{error.field}: {error.problem}") from None
         return self
+
+    @model_validator(mode="after")
+    def _kafka_auth_is_complete(self) -> Self:
+        try:
+            self.kafka_auth()
+        except InvalidInput as error:
+            raise ValueError(str(error)) from None
+        return self
+
+    def kafka_auth(self) -> KafkaAuth:
+        """How this service's Kafka clients authenticate (qlm.bus.security)."""
+        password = self.kafka_sasl_password
+        return KafkaAuth(
+            self.kafka_security_protocol, self.kafka_sasl_mechanism, self.kafka_sasl_username,
+            password.get_secret_value() if password is not None else None,
+            str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile is not None else None,
+        )
 
     def topic_layout(self) -> TopicLayout:
         """Partitions and replication of the topics this deployment creates."""

@@ -40,6 +40,7 @@ from qlm.store.store import RedisQueueStore
 from services.common.entrypoint import run_until_signal
 from services.common.errors import ErrorInterceptor
 from services.common.probes import kafka_answers
+from services.common.tls import add_listener
 from services.estimator.metrics import EstimatorMetrics
 from services.estimator.servicer import EstimatorServicer
 from services.estimator.settings import EstimatorSettings
@@ -71,7 +72,8 @@ class EstimatorApp:
             on_realised=self.metrics.on_realised, on_answer=self._count_answer,
             policy=s.policy)
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.telemetry, self.topics.events],
-                              self._on_record, client_id="qlm-estimator")
+                              self._on_record, client_id="qlm-estimator",
+                              auth=s.kafka_auth())
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor()],
                                       options=[("grpc.so_reuseport", 0)])
@@ -81,18 +83,17 @@ class EstimatorApp:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        self.port = add_listener(self.server, f"{s.host}:{s.port}", s)
         self.metrics_port: int | None = None
         self._probes: Sequence[Probe] = (self.store.ping,
-                                         lambda: kafka_answers(s.kafka_bootstrap))
+                                         lambda: kafka_answers(s.kafka_bootstrap, s.kafka_auth()))
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()),
+                            s.kafka_auth())
         await self.tail.start()
         await self.server.start()
         if s.serve_metrics:

@@ -16,7 +16,7 @@ from services.common.settings import CommonSettings
 class EstimatorSettings(CommonSettings):
     """The estimator service: RWT estimator behind gRPC, corrected online from telemetry."""
 
-    host: str = Field("0.0.0.0", description="gRPC listen address")
+    host: str = Field("127.0.0.1", description="gRPC listen address (0.0.0.0: every interface)")
     port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
     metrics_port: int = Field(9463, ge=0, le=65535, description="Prometheus (0 = any)")
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")

@@ -35,6 +35,8 @@ from qlm.store.client import RedisClient, redis_client
 from qlm.store.records import RequestRecord
 from qlm.store.store import RedisQueueStore
 from qlm.submission import ModelLimits, SubmissionLimits
+from qlm.tenants import TenantRegistry
+from services.common.auth import Authenticator
 from services.common.entrypoint import stop_on_signals
 from services.common.probes import kafka_answers
 from services.ingest.batch import BatchIngest
@@ -42,6 +44,7 @@ from services.ingest.fleet import Fleet
 from services.ingest.metrics import IngestMetrics
 from services.ingest.plane import AdmissionRules, IngestPlane, Prediction, load_models
 from services.ingest.predictors import close_predictor, make_predictor
+from services.ingest.quotas import QuotaGate
 from services.ingest.served import ServedModels
 from services.ingest.server import IngestServer
 from services.ingest.settings import IngestSettings
@@ -126,7 +129,8 @@ class IngestApp:
             group_window_s=settings.group_window_s, clock=clock,
         )
         self.producer = BusProducer(
-            settings.kafka_bootstrap, client_id="qlm-ingest", linger_ms=settings.event_linger_ms
+            settings.kafka_bootstrap, client_id="qlm-ingest", linger_ms=settings.event_linger_ms,
+            **settings.kafka_auth().client_options()
         )
         self.metrics = IngestMetrics()
         #: The live workers and the models they hold (worker telemetry): what the served
@@ -137,7 +141,7 @@ class IngestApp:
                         if settings.workers_file is not None else ())
             self.fleet = Fleet(settings.kafka_bootstrap, self.topics, self.models,
                                declared=declared, timeout_s=settings.worker_timeout_s,
-                               clock=clock)
+                               clock=clock, auth=settings.kafka_auth())
         self.served = ServedModels(self.fleet, settings.served_models_timeout_s, clock)
         self.plane = IngestPlane(
             self.store,
@@ -150,6 +154,12 @@ class IngestApp:
             observer=self.metrics,
             served=self.served if self.served.checking else None,
         )
+        self.tenants = TenantRegistry(self.store.client, settings.key_prefix)
+        self.authenticator = (Authenticator(self.tenants, settings.auth_cache_s)
+                              if settings.auth == "required" else None)
+        if settings.auth == "required":
+            self.plane.quotas = QuotaGate(self.store.client, self.tenants, settings.key_prefix,
+                                          clock, cache_s=settings.auth_cache_s)
         self.server: IngestServer | None = None
         self.http: HttpServer | None = None
         self.batch_driver: BatchDriver | None = None
@@ -171,7 +181,8 @@ class IngestApp:
 
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()),
+                            s.kafka_auth())
         await self.producer.start()
         if self.fleet is not None:
             await self.fleet.start()
@@ -181,13 +192,16 @@ class IngestApp:
             self.server = IngestServer(
                 self.plane,
                 f"{s.host}:{s.port}",
-                probes=[self.store.ping, lambda: kafka_answers(s.kafka_bootstrap)],
+                probes=[self.store.ping, lambda: kafka_answers(s.kafka_bootstrap, s.kafka_auth())],
                 max_message_bytes=s.max_message_bytes,
                 reuse_port=s.processes > 1,
+                settings=s,
+                authenticator=self.authenticator,
             )
             await self.server.start()
         if s.batch_consumer:
-            self.consumer = BatchIngest(self.plane, s, self.topics, self.producer, self.clock)
+            self.consumer = BatchIngest(self.plane, s, self.topics, self.producer, self.clock,
+                                        self.tenants if s.auth == "required" else None)
             await self.consumer.start()
         self._depth_task = asyncio.create_task(self._refresh_queue_depth(), name="ingest-depth")
         log.info("ingest_started", models=sorted(self.models), grpc=s.serve_grpc,
@@ -212,7 +226,8 @@ class IngestApp:
         self.plane.observer = Observers(self.metrics, self.status)
         await self.status.start()
         door = FrontDoor(self.plane, self.fleet, default_max_tokens=s.http_default_max_tokens,
-                         api_key=s.http_api_key, clock=self.clock, batches=batches,
+                         api_key=s.http_api_key, authenticator=self.authenticator,
+                         clock=self.clock, batches=batches,
                          max_file_bytes=s.http_max_file_bytes, status=self.status)
         assert s.http_port is not None
         self.http = HttpServer(make_app(door), s.http_host, s.http_port,

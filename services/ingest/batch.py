@@ -3,7 +3,10 @@
 Records are validated exactly like ``Submit`` (:meth:`IngestPlane.decode_batch_record`);
 an invalid one, or any record that fails in any other way, goes to ``qlm.dlq`` with the
 reason naming the field, and the consumer carries on; while Redis or Kafka is away the
-record in hand is retried until they are back (:mod:`qlm.bus.consumer`). A valid one is
+record in hand is retried until they are back (:mod:`qlm.bus.consumer`). With
+authentication on, a record must carry a ``qlm-signature`` header made with its tenant's
+signing key (:mod:`qlm.tenants`), else it goes to the DLQ; its id is then scoped to that
+tenant. A valid one is
 enqueued (idempotent by its request id) and its offset is committed only after that
 (:class:`qlm.bus.consumer.BusConsumer`), so a consumer killed mid-batch re-reads at
 most the uncommitted records on restart, and re-enqueuing them is a no-op.
@@ -21,8 +24,10 @@ from aiokafka import ConsumerRecord
 from qlm.bus.consumer import BusConsumer
 from qlm.bus.producer import BusProducer
 from qlm.bus.topics import TopicNames
+from qlm.core.errors import InvalidInput
 from qlm.log import get_logger
 from qlm.submission import Submission
+from qlm.tenants import SIGNATURE_HEADER, TenantRegistry, scoped_id, signature_matches
 from services.ingest.plane import IngestPlane
 from services.ingest.settings import IngestSettings
 
@@ -39,8 +44,10 @@ class BatchIngest:
         topics: TopicNames,
         producer: BusProducer,
         clock: Callable[[], float],
+        tenants: TenantRegistry | None = None,
     ) -> None:
         self.plane = plane
+        self.tenants = tenants
         self.consumer: BusConsumer[Submission] = BusConsumer(
             settings.kafka_bootstrap,
             [topics.batch_requests],
@@ -51,12 +58,31 @@ class BatchIngest:
             producer=producer,
             clock=clock,
             client_id="qlm-ingest-batch",
+            auth=settings.kafka_auth(),
         )
         self._task: asyncio.Task[None] | None = None
 
     async def on_record(self, submission: Submission, record: ConsumerRecord[Any, Any]) -> None:
-        """Enqueue; returns once the record is durable in Redis (then it is committed)."""
+        """Check the signature (authentication on), then enqueue under the id scoped to the
+        record's tenant; returns once the record is durable in Redis (then committed)."""
+        if self.tenants is not None:
+            await self.check_signature(submission, record)
+            submission = submission.with_id(scoped_id(submission.tenant,
+                                                      submission.request_id))
         await self.plane.enqueue(submission)
+
+    async def check_signature(self, submission: Submission,
+                              record: ConsumerRecord[Any, Any]) -> None:
+        """InvalidInput (→ DLQ) unless the ``qlm-signature`` header is the HMAC of the
+        value with the signing key of the record's (active) tenant (qlm.tenants)."""
+        signature = next((bytes(v).decode("ascii", "replace") for k, v in record.headers or ()
+                          if k == SIGNATURE_HEADER), None)
+        if signature is None:
+            raise InvalidInput(SIGNATURE_HEADER, "header is required (records are signed "
+                               "with the tenant's signing key)")
+        key = await self.tenants.signing_key_of(submission.tenant) if self.tenants else None
+        if key is None or not signature_matches(bytes(record.value or b""), key, signature):
+            raise InvalidInput(SIGNATURE_HEADER, "does not match the record and its tenant")
 
     async def start(self) -> None:
         await self.consumer.start()

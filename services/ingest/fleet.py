@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from qlm.bus.records import Event, Telemetry
+from qlm.bus.security import PLAINTEXT, KafkaAuth
 from qlm.bus.tail import TopicTail
 from qlm.bus.topics import TopicNames
 from qlm.log import get_logger
@@ -67,12 +68,12 @@ class Fleet:
     def __init__(self, bootstrap_servers: str, topics: TopicNames,
                  catalogue: Mapping[str, ModelLimits], *,
                  declared: tuple[WorkerInfo, ...] = (), timeout_s: float = 10.0,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], auth: KafkaAuth = PLAINTEXT) -> None:
         self.catalogue = dict(catalogue)
         self.topics = topics
         self.roster = WorkerRoster(declared, timeout_s=timeout_s, started_at=clock())
         self._tail = TopicTail(bootstrap_servers, [topics.telemetry, topics.events],
-                               self._on_record, client_id="qlm-ingest-fleet")
+                               self._on_record, client_id="qlm-ingest-fleet", auth=auth)
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[FleetListener] = []
         #: Telemetry records heard since the start (0: nothing known of the fleet yet).

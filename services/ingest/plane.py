@@ -32,8 +32,9 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
@@ -47,6 +48,7 @@ from qlm.log import get_logger, request_context
 from qlm.store.records import RequestRecord
 from qlm.store.store import EnqueueResult, RedisQueueStore
 from qlm.submission import ModelLimits, Submission, SubmissionLimits, parse_submission
+from qlm.tenants import client_id, scoped_id
 from services.ingest.served import ServedModels
 
 log = get_logger("services.ingest.plane")
@@ -133,6 +135,12 @@ class NoObserver:
     def on_submit(self, source: SubmitSource, result: SubmitResult, slo_class: str,
                   model: str, seconds: float, prediction: Prediction | None) -> None:
         return None
+
+
+class QuotaCheck(Protocol):
+    """Books a tenant's submission against its quotas, or raises Overloaded."""
+
+    async def admit(self, tenant: str, stored_id: str, tokens: int) -> None: ...
 
 
 class WaitPredictor(Protocol):
@@ -303,6 +311,8 @@ class IngestPlane:
         self.observer = observer or NoObserver()
         #: Which catalogue models a worker serves now; None: all of them (no check).
         self.served = served
+        #: Per-tenant quotas of authenticated submits (services.ingest.quotas), or None.
+        self.quotas: QuotaCheck | None = None
 
     def validate(self, record: Any) -> Submission:
         """The submission in ``record``, or InvalidInput naming the field (NotServed for a
@@ -312,19 +322,34 @@ class IngestPlane:
             self.served.check(submission.model)
         return submission
 
-    async def submit(self, record: Any, source: SubmitSource = "grpc") -> SubmitOutcome:
+    async def submit(self, record: Any, tenant: str | None = None,
+                     source: SubmitSource = "grpc") -> SubmitOutcome:
         """Validate and queue one submission (contract in the module docstring); ``source``
-        names the transport (gRPC or the OpenAI-compatible HTTP front door)."""
+        names the transport (gRPC or the OpenAI-compatible HTTP front door).
+
+        ``tenant`` is the authenticated caller (None: authentication off): the record's
+        ``tenant`` must then be empty or the same, and the request is stored under the
+        id scoped to it (:func:`qlm.tenants.scoped_id`); the outcome shows the client's id.
+        """
         started = time.perf_counter()
         try:
-            submission = self.validate(record)
+            submission = self.validate(_with_tenant(record, tenant))
         except InvalidInput:
             self.observer.on_submit(source, "rejected-invalid", UNKNOWN, UNKNOWN,
                                     time.perf_counter() - started, None)
             raise
-        if not submission.request_id:
-            submission = submission.with_id(self.id_factory())
-        return await self.enqueue(submission, admission=True, source=source, started=started)
+        submission = submission.with_id(
+            scoped_id(tenant, submission.request_id or self.id_factory()))
+        if tenant is not None and self.quotas is not None:
+            try:
+                await self.quotas.admit(tenant, submission.request_id,
+                                        submission.num_prompt_tokens + submission.max_tokens)
+            except Overloaded:
+                self.observer.on_submit(source, "rejected-capacity", submission.slo_class.value,
+                                        submission.model, time.perf_counter() - started, None)
+                raise
+        outcome = await self.enqueue(submission, admission=True, source=source, started=started)
+        return replace(outcome, request_id=client_id(tenant, outcome.request_id))
 
     def decode_batch_record(self, raw: bytes | None) -> Submission:
         """Validate one ``qlm.batch.requests`` record (JSON; qlm.bus.records).
@@ -424,15 +449,23 @@ class IngestPlane:
         except Exception as exc:  # an event is a hint; the request is already queued
             log.warning("admitted_event_failed", request_id=record.id, error=repr(exc))
 
-    async def get(self, request_id: str) -> RequestRecord:
+    async def get(self, request_id: str, tenant: str | None = None) -> RequestRecord:
+        """The record of ``request_id`` as ``tenant`` names it (its ``request.id`` is the
+        client's id). NotFound, with the same message, for an unknown id and for another
+        tenant's id."""
         _check_id(request_id)
-        return await self.store.get(request_id)
+        with _not_found_as(request_id):
+            record = await self.store.get(scoped_id(tenant, request_id))
+        if tenant is None:
+            return record
+        return replace(record, request=replace(record.request, id=request_id))
 
-    async def cancel(self, request_id: str) -> CancelOutcome:
+    async def cancel(self, request_id: str, tenant: str | None = None) -> CancelOutcome:
         _check_id(request_id)
-        with request_context(request_id=request_id):
-            before = await self.store.get(request_id)  # NotFound for an unknown id
-            state = await self.store.cancel(request_id)
+        stored_id = scoped_id(tenant, request_id)
+        with request_context(request_id=stored_id), _not_found_as(request_id):
+            before = await self.store.get(stored_id)  # NotFound for an unknown id
+            state = await self.store.cancel(stored_id)
             cancelled = not before.state.is_terminal and state in (
                 RequestState.CANCELLED, RequestState.RUNNING
             )
@@ -446,7 +479,8 @@ class IngestPlane:
         return sorted(self.models.values(), key=lambda m: m.name)
 
     async def stream_tokens(
-        self, request_id: str, from_index: int = 0, block_ms: int = 1000
+        self, request_id: str, from_index: int = 0, block_ms: int = 1000,
+        tenant: str | None = None,
     ) -> AsyncIterator[TokenChunk]:
         """Output chunks of ``request_id`` from token ``from_index`` on, then a final chunk.
 
@@ -457,13 +491,15 @@ class IngestPlane:
         _check_id(request_id)
         if from_index < 0:
             raise InvalidInput("from_index", f"must be >= 0, got {from_index}")
-        async for entry in self.store.read_tokens(request_id, block_ms=block_ms):
-            if entry.final_state is not None:
-                break
-            chunk = _clip(entry.token_ids, entry.text, entry.num_generated, from_index)
-            if chunk is not None:
-                yield chunk
-        yield _final_chunk(await self.store.get(request_id))
+        stored_id = scoped_id(tenant, request_id)
+        with _not_found_as(request_id):
+            async for entry in self.store.read_tokens(stored_id, block_ms=block_ms):
+                if entry.final_state is not None:
+                    break
+                chunk = _clip(entry.token_ids, entry.text, entry.num_generated, from_index)
+                if chunk is not None:
+                    yield chunk
+            yield _final_chunk(await self.store.get(stored_id))
 
     async def health(self) -> bool:
         """Whether the store answers."""
@@ -471,6 +507,26 @@ class IngestPlane:
             return await asyncio.wait_for(self.store.ping(), timeout=2.0)
         except Exception:
             return False
+
+
+def _with_tenant(record: Any, tenant: str | None) -> Any:
+    """``record`` with the authenticated ``tenant`` filled in (InvalidInput when it names
+    another one); as is when authentication is off."""
+    if tenant is None or not isinstance(record, Mapping):
+        return record
+    claimed = record.get("tenant")
+    if claimed and claimed != tenant:
+        raise InvalidInput("tenant", "must be empty or the API key's tenant")
+    return {**record, "tenant": tenant}
+
+
+@contextmanager
+def _not_found_as(request_id: str) -> Iterator[None]:
+    """NotFound names the id the client gave, never the stored (scoped) one."""
+    try:
+        yield
+    except NotFound:
+        raise NotFound("request", request_id) from None
 
 
 def _check_id(request_id: str) -> None:

@@ -30,6 +30,8 @@ from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.store import RedisQueueStore
 from services.common.messages import SLO_CLASS_TO_PB
+from services.common.settings import CommonSettings
+from services.common.tls import channel
 from services.ingest.plane import NoQueueModel, Prediction, WaitPredictor
 from services.ingest.settings import IngestSettings
 
@@ -44,10 +46,12 @@ def prediction_of(answer: WaitAnswer | epb.PredictWaitResponse) -> Prediction:
 class RemotePredictor:
     """PredictWait over gRPC (module docstring). ``await close()`` when done."""
 
-    def __init__(self, address: str, timeout_s: float = 0.25) -> None:
+    def __init__(self, address: str, timeout_s: float = 0.25,
+                 settings: CommonSettings | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = (channel(address, settings) if settings is not None
+                         else grpc.aio.insecure_channel(address))
         self._stub = estimator_pb2_grpc.EstimatorStub(self._channel)
 
     async def predict(self, request: Request, now: float) -> Prediction:
@@ -86,7 +90,7 @@ def make_predictor(settings: IngestSettings, store: RedisQueueStore,
                    clock: Callable[[], float] = time.time) -> WaitPredictor:
     """The predictor the settings ask for (module docstring)."""
     if settings.estimator_addr:
-        return RemotePredictor(settings.estimator_addr, settings.estimator_timeout_s)
+        return RemotePredictor(settings.estimator_addr, settings.estimator_timeout_s, settings)
     if settings.workers_file is not None:
         profiles = ProfileBook.load(settings.profiles_dir or PROFILE_DIR)
         roster = WorkerRoster(read_workers_file(settings.workers_file), timeout_s=0)

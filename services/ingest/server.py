@@ -1,5 +1,9 @@
 """The ingest gRPC server: QueueManager + grpc.health.v1 + reflection, and its lifecycle.
 
+With an ``authenticator`` every QueueManager call needs an API key
+(:mod:`services.common.auth`); TLS comes from the ``tls_*`` settings
+(:mod:`services.common.tls`).
+
 Health: the overall status ("") and ``qlm.v1.QueueManager`` are SERVING while every
 probe (Redis answers, Kafka answers) succeeds, NOT_SERVING otherwise; they are checked
 every ``health_interval_s``.
@@ -23,7 +27,10 @@ from grpc_reflection.v1alpha import reflection
 
 from qlm.api.v1 import qlm_pb2, qlm_pb2_grpc
 from qlm.log import get_logger
+from services.common.auth import Authenticator, AuthInterceptor
 from services.common.errors import add_with_error_mapping
+from services.common.settings import CommonSettings
+from services.common.tls import add_listener
 from services.ingest.plane import IngestPlane
 from services.ingest.servicer import QueueManagerServicer
 
@@ -45,12 +52,15 @@ class IngestServer:
         max_message_bytes: int = 8 * 1024 * 1024,
         health_interval_s: float = 2.0,
         reuse_port: bool = False,
+        settings: CommonSettings | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.plane = plane
         self.probes = tuple(probes)
         self.health_interval_s = health_interval_s
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(authenticator)] if authenticator else None,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
@@ -65,9 +75,7 @@ class IngestServer:
              reflection.SERVICE_NAME),
             self.server,
         )
-        self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+        self.port = add_listener(self.server, address, settings)
         self._health_task: asyncio.Task[None] | None = None
         self._stopping = False
 

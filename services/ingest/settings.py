@@ -6,7 +6,7 @@ Shared settings and the loader: :mod:`services.common.settings`; reference: docs
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -17,7 +17,19 @@ from services.common.settings import MIB, CommonSettings
 class IngestSettings(CommonSettings):
     """The ingest service: gRPC and OpenAI-compatible HTTP front doors, Kafka batch consumer."""
 
-    host: str = Field("0.0.0.0", description="gRPC listen address")
+    host: str = Field(
+        "127.0.0.1", description="gRPC listen address (0.0.0.0: every interface, e.g. in a "
+        "container)"
+    )
+    auth: Literal["required", "off"] = Field(
+        "required", description="required: every QueueManager call needs "
+        "'authorization: Bearer <API key>' (qlm tenants add) and sees only its tenant's "
+        "requests, and batch records must be signed; off: one trust domain, no keys"
+    )
+    auth_cache_s: float = Field(
+        5.0, ge=0, description="how long an API key's tenant is cached (a revoked key "
+        "works at most this long)"
+    )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
     models_file: Path | None = Field(
         None, description="YAML/JSON list of served models and their max_model_len; "

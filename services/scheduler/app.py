@@ -77,7 +77,8 @@ class SchedulerApp:
         self.store = RedisQueueStore(self.redis, prefix=s.key_prefix, clock=clock)
         self.lease = LeaderLease(self.redis, LeaseKeys.under(s.key_prefix), self.instance_id,
                                  ttl_s=s.lease_ttl_s, margin_s=s.lease_margin_s)
-        self.producer = BusProducer(s.kafka_bootstrap, client_id="qlm-scheduler")
+        self.producer = BusProducer(s.kafka_bootstrap, client_id="qlm-scheduler",
+                                    **s.kafka_auth().client_options())
         self.metrics = SchedulerMetrics()
         self.corrections = (CorrectedProfiles(self.profiles, s.correction_min_change)
                             if s.online_correction else None)
@@ -86,7 +87,8 @@ class SchedulerApp:
             self.lease, self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock,
             profiles_source=self.corrections.book if self.corrections else None)
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.events, self.topics.telemetry],
-                              self._on_record, client_id=f"qlm-scheduler-{self.instance_id}")
+                              self._on_record, client_id=f"qlm-scheduler-{self.instance_id}",
+                              auth=s.kafka_auth())
         self.metrics_port: int | None = None
         self.last_report: StepReport | None = None
         self.num_steps = 0
@@ -96,7 +98,8 @@ class SchedulerApp:
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.settings
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()),
+                            s.kafka_auth())
         await self.producer.start()
         await self.tail.start()
         if s.serve_metrics:

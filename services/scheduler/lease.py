@@ -138,6 +138,11 @@ class LeaderLease:
         self._valid_until = 0.0
         return False
 
+    def forfeit(self) -> None:
+        """Stop acting as leader now: a write found our fencing token superseded."""
+        self.fence = 0
+        self._valid_until = 0.0
+
     async def release(self) -> None:
         """Give the lease up now (graceful shutdown), if it is still ours."""
         self._valid_until = 0.0

@@ -36,12 +36,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from qlm.bus.producer import BusProducer
-from qlm.bus.records import LsoCommand
+from qlm.bus.records import LsoCommand, lso_command_id
 from qlm.core.perf import ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext
 from qlm.core.types import Decision, GroupKey, QueueSnapshot, RequestState, WorkerView
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster
+from qlm.store.errors import FenceLost
 from qlm.store.store import RedisQueueStore, StoreSnapshot
 from services.scheduler.lease import LeaderLease
 from services.scheduler.metrics import SchedulerMetrics
@@ -84,13 +85,13 @@ def lso_commands(decision: Decision, fence: int, numbers: Iterable[int], issued_
         keep_kv[evict.worker_id] = keep_kv.get(evict.worker_id, False) or evict.state_swap
         reasons.setdefault(evict.worker_id, evict.reason)
     commands = [
-        LsoCommand(type="evict", command_id=f"{fence}-{next(seq)}", worker=worker,
+        LsoCommand(type="evict", command_id=lso_command_id(fence, next(seq)), worker=worker,
                    issued_at=issued_at, request_ids=tuple(ids), keep_kv=keep_kv[worker],
                    reason=reasons[worker] or None)
         for worker, ids in by_worker.items()
     ]
     commands += [
-        LsoCommand(type="swap", command_id=f"{fence}-{next(seq)}", worker=swap.worker_id,
+        LsoCommand(type="swap", command_id=lso_command_id(fence, next(seq)), worker=swap.worker_id,
                    issued_at=issued_at, to_model=swap.to_model)
         for swap in decision.swaps
     ]
@@ -218,7 +219,13 @@ class SchedulingLoop:
     async def apply(self, decision: Decision, snapshot: QueueSnapshot,
                     known_workers: Iterable[str]) -> int:
         """Write the decision (table in the module docstring); returns the commands sent."""
-        await self.store.set_virtual_queues(queue_orders(decision, snapshot, known_workers))
+        try:
+            await self.store.set_virtual_queues(queue_orders(decision, snapshot, known_workers),
+                                                fence=self.lease.fence)
+        except FenceLost:  # a newer term began: write nothing more, send no command
+            log.warning("fence_lost", fence=self.lease.fence)
+            self.lease.forfeit()
+            return 0
         fresh = self.memory.fresh(decision, snapshot.now)
         commands = lso_commands(fresh, self.lease.fence, self._numbers, self.clock())
         acknowledged = [await self.producer.publish_soon(self.lso_topic, c) for c in commands]

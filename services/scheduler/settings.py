@@ -10,6 +10,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
+from qlm.core.policies.base import check_policy_options
 from services.common.settings import CommonSettings
 
 
@@ -50,9 +51,14 @@ class SchedulerSettings(CommonSettings):
     worker_timeout_s: float = Field(
         10.0, ge=0, description="a worker silent this long gets no work (0 = never)"
     )
-    host: str = Field("0.0.0.0", description="listen address of metrics")
+    host: str = Field("127.0.0.1", description="listen address of metrics")
     metrics_port: int = Field(9462, ge=0, le=65535, description="Prometheus (0 = any)")
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
+
+    @model_validator(mode="after")
+    def _options_of_the_policy(self) -> Self:
+        check_policy_options(self.policy, self.policy_options)  # names the bad option
+        return self
 
     @model_validator(mode="after")
     def _renew_within_lease(self) -> Self:

@@ -11,7 +11,9 @@ LSO commands are read by a consumer group of this process (``lso_group``, defaul
 ``<topic prefix>qlm-worker-<worker ids>``) and queued per worker: each worker carries
 out its commands one at a time, in order, so a slow swap never delays another
 worker's commands. Commands issued before the process started (older than
-``STALE_COMMAND_S`` before it) are stale decisions and are ignored.
+``STALE_COMMAND_S`` before it) are stale decisions and are ignored, and so is every
+command whose fencing token (``<fence>-<seq>`` in its ``command_id``) is not the current
+term's in Redis (``scheduler:fence``): a deposed leader's late command or a forged one.
 
 Shutdown on SIGTERM / SIGINT: health NOT_SERVING, stop reading commands, drain every
 worker (``shutdown_grace_s`` to finish, then requeue with progress), close clients.
@@ -46,6 +48,7 @@ from qlm.engine.factory import make_engine
 from qlm.log import get_logger
 from qlm.store.store import RedisQueueStore
 from services.common.entrypoint import stop_on_signals
+from services.common.tls import add_listener
 from services.worker.metrics import WorkerMetrics
 from services.worker.settings import WorkerSettings
 from services.worker.wakeup import QueueWatcher
@@ -146,7 +149,8 @@ class WorkerProcess:
         self.store = RedisQueueStore.from_url(
             settings.redis_url, prefix=settings.key_prefix, lease_s=settings.lease_s
         )
-        self.producer = BusProducer(settings.kafka_bootstrap, client_id="qlm-worker")
+        self.producer = BusProducer(settings.kafka_bootstrap, client_id="qlm-worker",
+                                    **settings.kafka_auth().client_options())
         self.watcher = QueueWatcher(settings.redis_url, self.store.keys)
         self.workers: dict[str, Worker] = {}
         self.commands: dict[str, asyncio.Queue[LsoCommand]] = {}
@@ -167,7 +171,8 @@ class WorkerProcess:
     async def start(self) -> None:
         s = self.settings
         await self.producer.start()
-        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()))
+        await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()),
+                            s.kafka_auth())
         options = WorkerOptions(
             lease_s=s.lease_s,
             renew_interval_s=s.renew_interval_s,
@@ -196,6 +201,7 @@ class WorkerProcess:
         self.consumer = BusConsumer(
             s.kafka_bootstrap, [self.topics.lso], self.lso_group, decode_command,
             self._on_command, self.topics.dlq, self.producer, client_id="qlm-worker",
+            auth=s.kafka_auth(),
         )  # fmt: skip
         await self.consumer.start()
         self._spawn(self._read_commands(), "lso-reader")
@@ -218,9 +224,7 @@ class WorkerProcess:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{self.settings.host}:{self.settings.health_port}"
-        self.health_port = server.add_insecure_port(address)
-        if self.health_port == 0:
-            raise OSError(f"cannot listen on port {self.settings.health_port}")
+        self.health_port = add_listener(server, address, self.settings)
         await server.start()
         self.grpc_server = server
         await self._set_health(True)
@@ -248,7 +252,26 @@ class WorkerProcess:
         if command.issued_at < self.started_at - STALE_COMMAND_S:
             log.info("lso_stale_ignored", worker=command.worker, command_id=command.command_id)
             return
+        if not await self._fence_is_current(command):
+            return
         queue.put_nowait(command)
+
+    async def _fence_is_current(self, command: LsoCommand) -> bool:
+        """Whether ``command`` comes from the scheduler term that holds the lease now: its
+        fencing token equals the current one in Redis. An older token (a deposed leader's
+        late command) or any other (forged) is dropped and logged."""
+        try:
+            current = await self.store.scheduler_fence()
+        except Exception as error:  # Redis away: a command is a hint; the scheduler re-decides
+            log.warning("lso_fence_unchecked_dropped", command_id=command.command_id,
+                        error=repr(error))
+            return False
+        if command.fence is None or command.fence != current:
+            log.warning("lso_fence_rejected", worker=command.worker,
+                        command_id=command.command_id, current_fence=current)
+            self.metrics.lso_rejected.labels(command.worker).inc()
+            return False
+        return True
 
     async def _read_commands(self) -> None:
         assert self.consumer is not None

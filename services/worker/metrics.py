@@ -40,6 +40,9 @@ class WorkerMetrics:
         self.pulled = Counter("qlm_worker_pulled_requests", "Requests pulled", ["worker"],
                               registry=r)
         self.swaps = Counter("qlm_worker_model_swaps", "Model swaps", ["worker"], registry=r)
+        self.lso_rejected = Counter(
+            "qlm_worker_lso_rejected", "LSO commands dropped: fencing token not the current "
+            "scheduler term's", ["worker"], registry=r)
         self.swap_seconds = Histogram(
             "qlm_worker_model_swap_seconds", "Wall time of a model swap", ["worker"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r,

@@ -32,7 +32,7 @@ class WorkerSettings(CommonSettings):
     )
     profiles_dir: Path | None = Field(None, description="performance profiles directory")
     time_scale: float = Field(1.0, gt=0, description="simulated engine: x times faster")
-    host: str = Field("0.0.0.0", description="listen address of health and metrics")
+    host: str = Field("127.0.0.1", description="listen address of health and metrics")
     health_port: int = Field(50061, ge=0, le=65535, description="grpc.health.v1 (0 = any)")
     metrics_port: int = Field(9461, ge=0, le=65535, description="Prometheus (0 = any)")
     lease_s: float = Field(15.0, gt=0, description="lease of a pulled request")

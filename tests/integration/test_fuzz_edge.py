@@ -23,7 +23,7 @@ async def test_fuzzed_submits_and_batch_records_never_crash_ingest(
     settings = IngestSettings.model_validate(dict(
         redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix,
         host="127.0.0.1", port=0, consumer_group=f"{topic_prefix}ingest",
-        served_models_timeout_s=0.0, serve_metrics=False, log_json=False,
+        served_models_timeout_s=0.0, auth="off", serve_metrics=False, log_json=False,
         max_prompt_bytes=4096, shutdown_grace_s=1.0))
     app = IngestApp(settings, models={MODEL: ModelLimits(MODEL, 2048)})
     await app.start()

@@ -56,7 +56,8 @@ def _settings(redis_url: str, kafka: str, topic_prefix: str, **changes: Any) -> 
         "host": "127.0.0.1", "port": 0, "batch_consumer": False,
         "consumer_group": f"{topic_prefix}ingest", "shutdown_grace_s": 1.0,
         "max_prompt_bytes": MAX_PROMPT_BYTES, "max_message_bytes": MAX_MESSAGE_BYTES,
-        "log_json": False, "served_models_timeout_s": 0.0,  # no workers here
+        "log_json": False, "auth": "off",  # tenants and keys: test_tenants.py
+        "served_models_timeout_s": 0.0,  # no workers here
     }
     values.update(changes)
     return IngestSettings(**values)
@@ -356,7 +357,7 @@ def _cli(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProces
 def _consumer_process(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.ingest", "--serve-grpc", "false"],
+            [sys.executable, "-m", "services.ingest", "--serve-grpc", "false", "--auth", "off"],
             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
 
@@ -553,7 +554,7 @@ async def test_ingest_process_serves_then_stops_gracefully_on_sigterm(
             [sys.executable, "-m", "services.ingest", "--host", "127.0.0.1", "--port", str(port),
              "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
              "--topic-prefix", topic_prefix, "--models-file", str(models_file),
-             "--batch-consumer", "false", "--shutdown-grace-s", "2",
+             "--batch-consumer", "false", "--shutdown-grace-s", "2", "--auth", "off",
              "--served-models-timeout-s", "0"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log_file, stderr=subprocess.STDOUT,
@@ -662,7 +663,7 @@ async def test_two_ingest_processes_share_a_port_and_stop_together(
             [sys.executable, "-m", "services.ingest", "--processes", "2", "--host", "127.0.0.1",
              "--port", str(port), "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
              "--topic-prefix", topic_prefix, "--models-file", str(models_file),
-             "--batch-consumer", "false", "--shutdown-grace-s", "1",
+             "--batch-consumer", "false", "--shutdown-grace-s", "1", "--auth", "off",
              "--served-models-timeout-s", "0"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log_file, stderr=subprocess.STDOUT,

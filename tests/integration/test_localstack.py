@@ -3,6 +3,7 @@ Kafka answers clients, and ``up``/``down`` leave no process behind."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from qlm.bus.security import KafkaAuth
 from qlm.localstack import KafkaServer, RedisServer
 from qlm.localstack.kafka import num_live_brokers
 from qlm.localstack.process import port_is_open
 from qlm.localstack.stack import read_ports
+from services.common.probes import kafka_answers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,6 +136,17 @@ def test_up_then_down_leaves_no_process(tmp_path: Path) -> None:
     assert ports is not None
     assert f"redis://127.0.0.1:{ports.redis}/0" in up.stdout
     assert f"127.0.0.1:{ports.kafka}" in up.stdout
+    # secured by default: the brokers answer the client credentials of stack.env only
+    env = dict(line.split("=", 1) for line in (stack_dir / "stack.env").read_text().split())
+    assert env["QLM_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+    assert env["QLM_REDIS_URL"].startswith("redis://default:")
+    client = KafkaAuth("SASL_PLAINTEXT", env["QLM_KAFKA_SASL_MECHANISM"],
+                       env["QLM_KAFKA_SASL_USERNAME"], env["QLM_KAFKA_SASL_PASSWORD"])
+    assert asyncio.run(kafka_answers(env["QLM_KAFKA_BOOTSTRAP"], client))
+    assert not asyncio.run(kafka_answers(env["QLM_KAFKA_BOOTSTRAP"]))
+    assert redis.Redis.from_url(env["QLM_REDIS_URL"]).ping()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=ports.redis).ping()
     pids = [int((stack_dir / name).read_text()) for name in ("redis/redis.pid", "kafka/kafka.pid")]
     assert all(_alive(pid) for pid in pids)
     assert _localstack("status", stack_dir).returncode == 0

@@ -60,7 +60,7 @@ async def test_ingest_rides_out_a_redis_outage_and_serves_again_without_a_restar
             [sys.executable, "-m", "services.ingest", "--host", "127.0.0.1", "--port", str(port),
              "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
              "--topic-prefix", topic_prefix, "--consumer-group", f"{topic_prefix}ingest",
-             "--models-file", str(models_file), "--served-models-timeout-s", "0",
+             "--models-file", str(models_file), "--served-models-timeout-s", "0", "--auth", "off",
              "--metrics-port", "0", "--shutdown-grace-s", "2"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log_file, stderr=subprocess.STDOUT,

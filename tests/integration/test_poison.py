@@ -97,7 +97,7 @@ async def test_poison_record_goes_to_the_dlq_and_the_consumer_carries_on(
         redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix,
         host="127.0.0.1", port=0, consumer_group=f"{topic_prefix}ingest", batch_consumer=True,
         serve_grpc=False, max_prompt_bytes=4096, shutdown_grace_s=1.0, log_json=False,
-        served_models_timeout_s=0.0,
+        served_models_timeout_s=0.0, auth="off",
     )
     app = IngestApp(settings, models=MODELS)
     await app.start()

@@ -24,6 +24,7 @@ from qlm.api.v1 import qlm_pb2 as pb
 from qlm.bus.topics import TopicNames
 from qlm.client import QlmClient
 from qlm.localstack.services import ServiceOptions, ServiceStack
+from qlm.tenants import SIGNATURE_HEADER, scoped_id, sign_record, signing_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
@@ -45,7 +46,7 @@ def services(tmp_path: Path, redis_url: str, kafka_bootstrap: str,
     )
     options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=TIME_SCALE,
                              admission="interactive=queue", group_window_s=0.2, tick_s=0.25,
-                             topic_prefix=topic_prefix)
+                             topic_prefix=topic_prefix, secure=True)
     stack = ServiceStack(tmp_path / "stack", redis_url, kafka_bootstrap, options)
     try:
         stack.up()
@@ -96,17 +97,26 @@ async def test_mixed_traffic_finishes_exactly_once_and_cancel_stops(
                    for i in range(NUM_INTERACTIVE)}
     batch = {f"b{i:03d}": record(f"b{i:03d}", i, "batch-1" if i % 2 else "batch-2", 30 + 3 * i)
              for i in range(NUM_BATCH)}
+    env = services.client_environment()  # TLS, and the development tenant's API key
+    tenant, api_key = env["QLM_TENANT"], env["QLM_API_KEY"]
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
     try:
+        values = {rid: json.dumps({**r, "tenant": tenant}).encode() for rid, r in batch.items()}
         await asyncio.gather(*(
-            producer.send_and_wait(TopicNames(topic_prefix).batch_requests,
-                                   json.dumps(r).encode(), key=rid.encode())
-            for rid, r in batch.items()))
+            producer.send_and_wait(TopicNames(topic_prefix).batch_requests, value,
+                                   key=rid.encode(), headers=[(
+                                       SIGNATURE_HEADER,
+                                       sign_record(value, signing_key(api_key)).encode())])
+            for rid, value in values.items()))
     finally:
         await producer.stop()
 
-    async with QlmClient(services.ingest_addr) as client:
+    def stored(request_id: str) -> str:  # events name requests by their stored id
+        return scoped_id(tenant, request_id)
+
+    async with QlmClient(services.ingest_addr, api_key=api_key,
+                         tls_ca=env["QLM_TLS_CA"]) as client:
         for r in interactive.values():
             await client.submit(r)
         streamed = dict(zip(interactive, await asyncio.gather(
@@ -119,10 +129,10 @@ async def test_mixed_traffic_finishes_exactly_once_and_cancel_stops(
             if chunk.token_ids:
                 break
         await client.cancel("long")
-        assert await wait_for(lambda: event_log.count("cancelled")["long"] == 1, 15)
+        assert await wait_for(lambda: event_log.count("cancelled")[stored("long")] == 1, 15)
         info = await client.get("long")
 
-        everything = set(interactive) | set(batch)
+        everything = {stored(rid) for rid in (*interactive, *batch)}
         assert await wait_for(lambda: set(event_log.count("finished")) >= everything,
                               WAIT_S), sorted(everything - set(event_log.count("finished")))
         await asyncio.sleep(1.0)  # a duplicate would show up by now

@@ -282,9 +282,17 @@ async def test_evict_command_requeues_with_progress_and_the_request_resumes(
             return record.state is RequestState.RUNNING and record.request.num_generated >= 30
 
         await wait_for(progressed, 30, "tokens streamed")
+        await store.client.set(store.keys.scheduler_fence, 3)  # the current term is 3
         async with BusProducer(kafka_bootstrap) as producer:
+            # a deposed leader's late command (term 2), a forged one (term 4, or no term):
+            # dropped; the current term's command is obeyed (same partition: in order)
+            for command_id in ("2-9", "4-1", "c1"):
+                await producer.publish(topics.lso, LsoCommand(
+                    type="evict", command_id=command_id, worker="w1", issued_at=time.time(),
+                    request_ids=("long",), reason=f"fenced {command_id}",
+                ))
             await producer.publish(topics.lso, LsoCommand(
-                type="evict", command_id="c1", worker="w1", issued_at=time.time(),
+                type="evict", command_id="3-1", worker="w1", issued_at=time.time(),
                 request_ids=("long",), reason="test",
             ))
         got = await events.wait(lambda evs: any(e.type == "evicted" for e in evs), "evicted")
@@ -429,8 +437,9 @@ async def test_workers_file_runs_several_workers_and_a_swap_command_changes_mode
     # wa holds vicuna-13b asleep: swap to it, then it serves vicuna requests.
     topics = TopicNames(topic_prefix)
     async with BusProducer(kafka_bootstrap) as producer:
+        await store.client.set(store.keys.scheduler_fence, 1)
         await producer.publish(topics.lso, LsoCommand(
-            type="swap", command_id="s1", worker="wa", issued_at=time.time(),
+            type="swap", command_id="1-1", worker="wa", issued_at=time.time(),
             to_model="vicuna-13b",
         ))
     c = [make_request(f"c{i}", 20, SLOClass.BATCH_1, model="vicuna-13b") for i in range(2)]
@@ -572,9 +581,10 @@ async def test_evicted_text_request_resumes_where_its_text_stopped(
             return record.state is RequestState.RUNNING and record.request.num_generated >= 30
 
         await wait_for(progressed, 30, "tokens streamed")
+        await store.client.set(store.keys.scheduler_fence, 1)  # the scheduler's current term
         async with BusProducer(kafka_bootstrap) as producer:
             await producer.publish(topics.lso, LsoCommand(
-                type="evict", command_id="c1", worker="wt", issued_at=time.time(),
+                type="evict", command_id="1-1", worker="wt", issued_at=time.time(),
                 request_ids=(request.id,), reason="test",
             ))
         await events.wait(lambda evs: any(e.type == "evicted" for e in evs), "evicted")

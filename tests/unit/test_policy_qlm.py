@@ -46,15 +46,9 @@ def worker(wid: str, models: tuple[str, ...], active: str | None, *, gpu: str = 
 
 def attainment(policy: QlmPolicy, snapshot: QueueSnapshot, ctx: PolicyContext,
                orders: list[list[int]]) -> float:
-    pc = policy.planning_context(snapshot, ctx, {**_defaults(), **ctx.options})
+    pc = policy.planning_context(snapshot, ctx, policy.options_for(ctx))
     total = sum(g.size for g in pc.stats)
     return pc.score(orders) / total
-
-
-def _defaults() -> dict[str, object]:
-    from qlm.core.policies.qlm import DEFAULT_OPTIONS
-
-    return dict(DEFAULT_OPTIONS)
 
 
 #: Short outputs (mean 100 tokens): a drain before a swap takes ~2.4 s more.
@@ -122,11 +116,11 @@ def test_heuristic_is_close_to_the_milp_on_small_instances(seed: int) -> None:
     ctx = PolicyContext(book, {"milp_time_limit_s": 10.0})
     policy = QlmPolicy()
     pc, best = policy.plan(snap, ctx)
-    from qlm.core.policies.qlm import heuristic_plan, merged_options, milp_plan
+    from qlm.core.policies.qlm import heuristic_plan, milp_plan
 
     exact = milp_plan(pc, 10.0)
     assert not isinstance(exact, str)
-    heuristic = heuristic_plan(pc, merged_options({}, ctx))
+    heuristic = heuristic_plan(pc, QlmPolicy().options_for(ctx))
     total = sum(g.size for g in pc.stats)
     assert heuristic.value / total >= exact.value / total - 0.1
     assert best.value >= max(exact.value, heuristic.value) - 1e-3

@@ -4,7 +4,8 @@ least-loaded dispatch.
 A baseline differs from the others only in its *sort key* over request groups
 (and ``priority`` adds preemption). Every decision:
 
-1. **Order** the queued groups by the policy's key (ties: first arrival, then group key).
+1. **Order** the queued groups by the policy's ``queue_order`` (ties: first arrival,
+   then group key).
 2. **Swap** (only a worker that idles): a worker with nothing running, not swapping,
    and no queued group of its active model, switches to the model of the first group
    in the order that it can serve and that *needs* capacity — no worker serves that
@@ -34,11 +35,18 @@ on ``snapshot`` and ``ctx``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 from qlm.core.perf import PerfProfile, ProfileBook
-from qlm.core.policies.base import PolicyContext
+from qlm.core.policies.base import (
+    ContextOptions,
+    GroupOrder,
+    PolicyContext,
+    QueueOrder,
+    by_arrival,
+    option,
+)
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, can_serve, with_pulls
 from qlm.core.types import (
     Decision,
@@ -50,8 +58,6 @@ from qlm.core.types import (
     Swap,
     WorkerView,
 )
-
-GroupSortKey = Callable[[RequestGroup], tuple[Any, ...]]
 
 #: Prompt tokens assumed for a typical request when sizing a worker's steady batch.
 TYPICAL_PROMPT_TOKENS = 512
@@ -75,16 +81,18 @@ def _memoised(group: RequestGroup, what: str, compute: Callable[[], Any]) -> Any
     return value
 
 
-def first_arrival_at(group: RequestGroup) -> float:
-    return float(_memoised(group, "first_arrival_at", lambda: group.first_arrival_at))
+def group_order(group: RequestGroup) -> GroupOrder:
+    """The group's ordering facts (memoised per group object)."""
+    order: GroupOrder = _memoised(group, "order", lambda: GroupOrder.of(group))
+    return order
 
 
-def earliest_deadline_at(group: RequestGroup) -> float:
-    return float(_memoised(group, "earliest_deadline_at", lambda: group.earliest_deadline_at))
+@dataclass(frozen=True, slots=True)
+class BaselineOptions:
+    """Options of every baseline (fcfs, edf, priority; static and vllm-swap add theirs)."""
 
-
-def fcfs_key(group: RequestGroup) -> tuple[Any, ...]:
-    return (first_arrival_at(group), group.key)
+    expected_output_tokens: int = option(DEFAULT_EXPECTED_OUTPUT_TOKENS,
+                                         "output tokens assumed per request", gt=0)
 
 
 def expected_output(max_tokens: int, num_generated: int, expected_output_tokens: int) -> int:
@@ -152,15 +160,39 @@ class _Dispatch:
 
 @dataclass(frozen=True)
 class OrderedDispatchPolicy:
-    """A baseline: a global group order plus least-loaded dispatch (see the module docstring)."""
+    """A baseline: a global group order plus least-loaded dispatch (see the module docstring).
 
-    sort_key: GroupSortKey = fcfs_key
-    expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS
+    ``options`` are the ones it was made with; ``PolicyContext.options`` override them
+    per decision. The steps read the options of the decision in progress as
+    ``self.options``: :meth:`decide` runs them on a copy holding those.
+    """
+
+    name: ClassVar[str] = "baseline"
+    options_type: ClassVar[type[Any]] = BaselineOptions
+    queue_order: ClassVar[QueueOrder] = staticmethod(by_arrival)
+
+    options: Any = field(default_factory=BaselineOptions)
+    _context: ContextOptions = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_context",
+                           ContextOptions(self.options_type, self.options, self.name))
+
+    @property
+    def expected_output_tokens(self) -> int:
+        return int(self.options.expected_output_tokens)
 
     def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
-        order = sorted(
-            snapshot.groups, key=lambda g: (*self.sort_key(g), first_arrival_at(g), g.key)
-        )
+        options = self._context.of(ctx)
+        if options is not self.options:  # context options: this decision runs with them
+            return replace(self, options=options).decide(snapshot, replace(ctx, options={}))
+        key = type(self).queue_order
+
+        def sort_key(g: RequestGroup) -> tuple[Any, ...]:
+            o = group_order(g)
+            return (*key(o), o.first_arrival_at, g.key)
+
+        order = sorted(snapshot.groups, key=sort_key)
         state = self._initial_state(snapshot, ctx.profiles)
         swaps = self.plan_swaps(snapshot, order, state, ctx.profiles)
         swaps += self.dispatch(snapshot, order, state, ctx.profiles)

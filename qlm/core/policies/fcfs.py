@@ -11,14 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from qlm.core.policies.base import register
-from qlm.core.policies.baseline import OrderedDispatchPolicy, fcfs_key
+from qlm.core.policies.base import QueueOrder, by_arrival, register
+from qlm.core.policies.baseline import OrderedDispatchPolicy
 
 
 @register("fcfs")
 @dataclass(frozen=True)
 class FCFSPolicy(OrderedDispatchPolicy):
     name: ClassVar[str] = "fcfs"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sort_key", fcfs_key)
+    queue_order: ClassVar[QueueOrder] = staticmethod(by_arrival)

@@ -56,13 +56,13 @@ MIN_STD_S = 0.25
 #: Beyond this many standard deviations a deadline counts as surely met or missed.
 SURE_Z = 5.0
 
-def output_stats_from(options: Mapping[str, Any]) -> dict[str, LengthStats]:
-    """Per-model output-length statistics from ``options['output_stats']``.
+def output_stats_from(raw: Mapping[str, Any] | None) -> dict[str, LengthStats]:
+    """Per-model output-length statistics from the ``output_stats`` option.
 
     Accepts ``{model: LengthStats}`` or ``{model: (mean, std)}``; key "*" (default
     :data:`qlm.core.estimator.DEFAULT_OUTPUT_STATS`) covers every other model.
     """
-    raw = options.get("output_stats") or {}
+    raw = raw or {}
     stats: dict[str, LengthStats] = {"*": DEFAULT_OUTPUT_STATS}
     for model, value in raw.items():
         if isinstance(value, LengthStats):

@@ -15,27 +15,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from qlm.core.perf import ProfileBook
-from qlm.core.policies.base import register
-from qlm.core.policies.baseline import OrderedDispatchPolicy, _Dispatch, first_arrival_at
+from qlm.core.policies.base import QueueOrder, by_level_then_arrival, register
+from qlm.core.policies.baseline import OrderedDispatchPolicy, _Dispatch
 from qlm.core.pulls import kv_reservation, kv_reserved_tokens
 from qlm.core.types import Evict, QueueSnapshot, RequestGroup, SLOClass, WorkerView
-
-
-def priority_level(slo_class: SLOClass) -> int:
-    return 0 if slo_class is SLOClass.INTERACTIVE else 1
-
-
-def priority_key(group: RequestGroup) -> tuple[Any, ...]:
-    return (priority_level(group.slo_class), first_arrival_at(group))
 
 
 @register("priority")
 @dataclass(frozen=True)
 class PriorityPolicy(OrderedDispatchPolicy):
     name: ClassVar[str] = "priority"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sort_key", priority_key)
+    queue_order: ClassVar[QueueOrder] = staticmethod(by_level_then_arrival)
 
     def preemptions(
         self,

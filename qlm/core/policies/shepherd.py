@@ -26,10 +26,19 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from qlm.core.errors import InvalidInput
-from qlm.core.policies.base import PolicyContext, register
+from qlm.core.estimator import LengthStats
+from qlm.core.policies.base import (
+    ContextOptions,
+    PolicyContext,
+    QueueOrder,
+    by_deadline,
+    option,
+    parse_options,
+    register,
+)
 from qlm.core.policies.planning import (
     CostModel,
     GroupStatsCache,
@@ -42,48 +51,49 @@ from qlm.core.policies.planning import (
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, with_pulls
 from qlm.core.types import Decision, Evict, Place, QueueSnapshot, Swap
 
-DEFAULT_OPTIONS: Mapping[str, Any] = {
-    "window": 32,  # earliest-deadline groups a free worker chooses from
-    "preempt_factor": 2.0,  # λ: goodput of the new group / requests preempted
-    "min_goodput_p": 0.02,
-    "output_stats": {},
-}
+
+@dataclass(frozen=True, slots=True)
+class ShepherdOptions:
+    """Options of ``shepherd``."""
+
+    window: int = option(32, "earliest-deadline groups a free worker chooses from", ge=1)
+    preempt_factor: float = option(
+        2.0, "λ: preempt when the new group's goodput ≥ λ × requests preempted", ge=0)
+    min_goodput_p: float = option(
+        0.02, "a group expected to meet less than this fraction is planned last", ge=0)
+    output_stats: Mapping[str, Any] = option(
+        {}, "per-model output length {model: [mean, std]}; '*' covers the others")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_stats", output_stats_from(self.output_stats))
 
 
 @register("shepherd")
 class ShepherdPolicy:
-    """See the module docstring. Options: :data:`DEFAULT_OPTIONS`."""
+    """See the module docstring. Options: :class:`ShepherdOptions`."""
 
     name: ClassVar[str] = "shepherd"
+    options_type: ClassVar[type[Any]] = ShepherdOptions
+    queue_order: ClassVar[QueueOrder] = staticmethod(by_deadline)
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
+    def __init__(self, options: ShepherdOptions | None = None, **given: Any) -> None:
+        self.options = parse_options(ShepherdOptions, given, policy=self.name,
+                                     base=options or ShepherdOptions())
+        self._context = ContextOptions(ShepherdOptions, self.options, self.name)
         self._groups = GroupStatsCache()
         self._workers = WorkerLoadCache()
 
-    def _options(self, ctx: PolicyContext) -> dict[str, Any]:
-        options = {**DEFAULT_OPTIONS, **self.options, **ctx.options}
-        unknown = set(options) - set(DEFAULT_OPTIONS)
-        # Options meant for other policies (shared configs) are ignored, not errors.
-        for name in unknown:
-            options.pop(name)
-        if int(options["window"]) < 1:
-            raise InvalidInput("options.window", "must be >= 1")
-        if float(options["preempt_factor"]) < 0:
-            raise InvalidInput("options.preempt_factor", "must be >= 0")
-        return options
-
     def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
-        options = self._options(ctx)
-        output_stats = output_stats_from(options)
+        options: ShepherdOptions = self._context.of(ctx)
+        output_stats: dict[str, LengthStats] = dict(options.output_stats)
         stats = self._groups.refresh(snapshot.groups, output_stats, ctx.profiles)
         loads = self._workers.refresh(snapshot.workers, output_stats)
         cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats, charge_swaps=False,
                          memos=self._groups.memos)
         now = snapshot.now
         lanes = [Lane(i, w, loads[i], cost, now) for i, w in enumerate(snapshot.workers)]
-        window = int(options["window"])
-        min_p = float(options["min_goodput_p"])
+        window = options.window
+        min_p = options.min_goodput_p
 
         pending = sorted(range(len(stats)), key=lambda i: (stats[i].deadline_points[0],
                                                            stats[i].key))
@@ -138,10 +148,10 @@ class ShepherdPolicy:
         return with_pulls(decision, snapshot, ctx.profiles, DEFAULT_EXPECTED_OUTPUT_TOKENS)
 
     def _preempt_and_swap(self, snapshot: QueueSnapshot, cost: CostModel, lanes: list[Lane],
-                          loads: list[Any], options: Mapping[str, Any]
+                          loads: list[Any], options: ShepherdOptions
                           ) -> tuple[tuple[Evict, ...], tuple[Swap, ...]]:
         now = snapshot.now
-        factor = float(options["preempt_factor"])
+        factor = options.preempt_factor
         evictions: list[Evict] = []
         swaps: list[Swap] = []
         for lane in lanes:

@@ -36,16 +36,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
-from qlm.core.policies.base import register
+from qlm.core.policies.base import QueueOrder, by_arrival, option, register
 from qlm.core.policies.baseline import (
+    BaselineOptions,
     OrderedDispatchPolicy,
     _Dispatch,
-    fcfs_key,
     group_work_s,
     running_work_s,
     swap_cost_s,
@@ -70,6 +71,18 @@ def check_shares(shares: Any) -> tuple[tuple[str, float], ...]:
     if not any(w > 0 for _, w in pairs):
         raise InvalidInput("options.shares", "at least one weight must be > 0")
     return tuple(sorted(pairs))
+
+
+@dataclass(frozen=True, slots=True)
+class StaticOptions(BaselineOptions):
+    """Options of ``static``."""
+
+    shares: Mapping[str, float] | None = option(
+        None, "capacity plan {model: weight} (default: the deployment as it starts)", ge=0)
+
+    def __post_init__(self) -> None:
+        if self.shares is not None:  # sorted by model: the plan's one order
+            object.__setattr__(self, "shares", MappingProxyType(dict(check_shares(self.shares))))
 
 
 def apportion(num_workers: int, weights: Mapping[str, float]) -> dict[str, int]:
@@ -103,12 +116,15 @@ class StaticPolicy(OrderedDispatchPolicy):
     """See the module docstring. Option: ``shares`` (model → weight), else the deployment."""
 
     name: ClassVar[str] = "static"
-    shares: Any = None
+    options_type: ClassVar[type[Any]] = StaticOptions
+    queue_order: ClassVar[QueueOrder] = staticmethod(by_arrival)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sort_key", fcfs_key)
-        if self.shares is not None:
-            object.__setattr__(self, "shares", check_shares(self.shares))
+    options: Any = field(default_factory=StaticOptions)
+
+    @property
+    def shares(self) -> Mapping[str, float] | None:
+        shares: Mapping[str, float] | None = self.options.shares
+        return shares
 
     def plan_swaps(
         self,

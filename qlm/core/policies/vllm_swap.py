@@ -31,20 +31,27 @@ and stateless like the other baselines: the plan is made again at every decision
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from qlm.core.perf import ProfileBook
-from qlm.core.policies.base import register
+from qlm.core.policies.base import QueueOrder, by_arrival, option, register
 from qlm.core.policies.baseline import (
+    BaselineOptions,
     OrderedDispatchPolicy,
     _Dispatch,
-    fcfs_key,
     group_work_s,
     swap_cost_s,
 )
 from qlm.core.pulls import can_serve
 from qlm.core.types import QueueSnapshot, RequestGroup, Swap
+
+
+@dataclass(frozen=True, slots=True)
+class VLLMSwapOptions(BaselineOptions):
+    """Options of ``vllm-swap``."""
+
+    drain_first: bool = option(False, "swap only once the running batch has finished")
 
 
 @register("vllm-swap")
@@ -54,10 +61,14 @@ class VLLMSwapPolicy(OrderedDispatchPolicy):
     batch has finished; default False: swap at once) and ``expected_output_tokens``."""
 
     name: ClassVar[str] = "vllm-swap"
-    drain_first: bool = False
+    options_type: ClassVar[type[Any]] = VLLMSwapOptions
+    queue_order: ClassVar[QueueOrder] = staticmethod(by_arrival)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sort_key", fcfs_key)
+    options: Any = field(default_factory=VLLMSwapOptions)
+
+    @property
+    def drain_first(self) -> bool:
+        return bool(self.options.drain_first)
 
     def plan_swaps(
         self,

@@ -37,9 +37,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable, UnknownModel
+from qlm.core.errors import (
+    InvalidInput,
+    NotFound,
+    QlmError,
+    Unauthenticated,
+    Unavailable,
+    UnknownModel,
+)
 from qlm.core.types import RequestState
 from qlm.log import get_logger
+from services.common.auth import Authenticator, caller_tenant, set_caller_tenant
 from services.ingest.fleet import Fleet, ServedModel
 from services.ingest.openai import translate
 from services.ingest.openai.batch_routes import add_batch_routes
@@ -61,6 +69,9 @@ class FrontDoor:
     fleet: Fleet | None
     default_max_tokens: int = 256
     api_key: str | None = None
+    #: Tenants' API keys (ingest --auth required): each request is its tenant's, and sees
+    #: only its tenant's completions, files and batches. Takes precedence over api_key.
+    authenticator: Authenticator | None = None
     clock: Callable[[], float] = time.time
     #: The Files and Batch APIs (None: not served).
     batches: BatchStore | None = None
@@ -214,6 +225,14 @@ def make_app(door: FrontDoor) -> FastAPI:
     """The FastAPI application of one front door."""
 
     async def authorize(request: Request) -> None:
+        if door.authenticator is not None:
+            try:
+                tenant = await door.authenticator.tenant_of(request.headers.get("authorization"))
+            except Unauthenticated:
+                raise Unauthorized("Incorrect API key provided: give your tenant's key as "
+                                   "'Authorization: Bearer <key>'") from None
+            set_caller_tenant(tenant)
+            return
         if door.api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -228,7 +247,8 @@ def make_app(door: FrontDoor) -> FastAPI:
         description="The OpenAI API (chat, completions, models, files, batches) on qlm's "
         "SLO-aware queue. Extensions: slo_class, ttft_slo_s, background; headers "
         "x-qlm-slo-class, x-qlm-ttft-slo-s.",
-        dependencies=[Depends(authorize)] if door.api_key is not None else [],
+        dependencies=([Depends(authorize)]
+                      if door.api_key is not None or door.authenticator is not None else []),
         docs_url="/docs",
         redoc_url=None,
     )
@@ -271,7 +291,7 @@ def make_app(door: FrontDoor) -> FastAPI:
         try:
             record = translate.submission_record(
                 body, request.headers, chat=chat, default_max_tokens=door.default_max_tokens)
-            return await door.plane.submit(record, source="http")
+            return await door.plane.submit(record, caller_tenant(), source="http")
         except InvalidInput as error:
             raise _openai_error(error, chat) from None
 
@@ -296,7 +316,8 @@ def make_app(door: FrontDoor) -> FastAPI:
 
     async def collect(request_id: str, from_index: int = 0) -> tuple[str, TokenChunk]:
         parts: list[str] = []
-        async for chunk in door.plane.stream_tokens(request_id, from_index):
+        async for chunk in door.plane.stream_tokens(request_id, from_index,
+                                                    tenant=caller_tenant()):
             if chunk.final_state is not None:
                 return "".join(parts), chunk
             parts.append(chunk.text)
@@ -321,7 +342,7 @@ def make_app(door: FrontDoor) -> FastAPI:
         first = True
         ended = False
         try:
-            async for chunk in door.plane.stream_tokens(rid):
+            async for chunk in door.plane.stream_tokens(rid, tenant=caller_tenant()):
                 if chunk.final_state is None:
                     if chunk.text or chunk.token_ids:
                         yield _sse(translate.chunk_object(
@@ -349,7 +370,7 @@ def make_app(door: FrontDoor) -> FastAPI:
                 yield _sse("[DONE]")
         finally:
             if not ended:  # the client went away: stop spending a GPU on it
-                _cancel_soon(door.plane, rid)
+                _cancel_soon(door.plane, rid, caller_tenant())
 
     @app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI)",
               openapi_extra=json_body(ChatCompletionBody))
@@ -366,7 +387,7 @@ def make_app(door: FrontDoor) -> FastAPI:
     async def retrieve(completion_id: str, chat: bool) -> Response:
         request_id = translate.request_id_of(completion_id)
         try:
-            record = await door.plane.get(request_id)
+            record = await door.plane.get(request_id, caller_tenant())
         except InvalidInput as error:
             raise NotFound("completion", completion_id) from error
         request = record.request
@@ -425,10 +446,10 @@ def _queued_object(outcome: SubmitOutcome, model: str, created: int,
 _CANCELLING: set[asyncio.Task[None]] = set()
 
 
-def _cancel_soon(plane: IngestPlane, request_id: str) -> None:
+def _cancel_soon(plane: IngestPlane, request_id: str, tenant: str | None = None) -> None:
     async def cancel() -> None:
         with contextlib.suppress(Exception):
-            await plane.cancel(request_id)
+            await plane.cancel(request_id, tenant)
             log.info("stream_abandoned_cancelled", request_id=request_id)
 
     task = asyncio.get_running_loop().create_task(cancel())

@@ -190,6 +190,18 @@ _BATCH_TIMES: Final = ("created_at", "in_progress_at", "expires_at", "finalizing
                        "cancelled_at")
 
 
+#: Where a file or batch records the tenant that owns it (authentication on).
+TENANT_FIELD = "tenant"
+
+
+def _owned_by(fields: Mapping[str, Any], tenant: str | None) -> bool:
+    """Whether stored ``fields`` may be shown to ``tenant`` (None: authentication off)."""
+    if tenant is None:
+        return True
+    owner = fields.get(TENANT_FIELD)
+    return owner is not None and json.loads(owner) == tenant
+
+
 class BatchStore:
     """Files and batches in Redis (key names: :class:`qlm.store.keys.Keys`)."""
 
@@ -201,48 +213,55 @@ class BatchStore:
 
     # -------------------------------------------------------------- files
     async def create_file(self, content: str, filename: str, purpose: str,
-                          file_id: str | None = None) -> dict[str, Any]:
+                          file_id: str | None = None,
+                          tenant: str | None = None) -> dict[str, Any]:
+        """A new file; with ``tenant`` (authentication on) only that tenant sees it."""
         file_id = file_id or new_file_id()
         meta: dict[str, Any] = {
                 "id": file_id, "object": "file", "bytes": len(content.encode()),
                 "created_at": int(self.clock()), "filename": filename, "purpose": purpose,
                 "status": "processed"}
+        owned = {**meta, TENANT_FIELD: tenant} if tenant is not None else meta
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.keys.file_content(file_id), content)
-        pipe.hset(self.keys.file(file_id), mapping={k: json.dumps(v) for k, v in meta.items()})
+        pipe.hset(self.keys.file(file_id), mapping={k: json.dumps(v) for k, v in owned.items()})
         pipe.zadd(self.keys.files, {file_id: meta["created_at"]})
         await pipe.execute()
         return meta
 
-    async def get_file(self, file_id: str) -> dict[str, Any]:
+    async def get_file(self, file_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """The file's metadata; NotFound also when it is another tenant's (the same answer
+        as for an unknown id)."""
         fields = await self.redis.hgetall(self.keys.file(file_id))
-        if not fields:
+        if not fields or not _owned_by(fields, tenant):
             raise NotFound("file", file_id)
-        return {k: json.loads(v) for k, v in fields.items()}
+        return {k: json.loads(v) for k, v in fields.items() if k != TENANT_FIELD}
 
-    async def file_content(self, file_id: str) -> str:
+    async def file_content(self, file_id: str, tenant: str | None = None) -> str:
+        if tenant is not None:
+            await self.get_file(file_id, tenant)  # NotFound for another tenant's
         content = await self.redis.get(self.keys.file_content(file_id))
         if content is None:
             raise NotFound("file", file_id)
         return str(content)
 
     async def list_files(self, purpose: str | None, limit: int,
-                         after: str | None) -> list[dict[str, Any]]:
+                         after: str | None, tenant: str | None = None) -> list[dict[str, Any]]:
         ids = [str(i) for i in await self.redis.zrevrange(self.keys.files, 0, -1)]
         if after is not None and after in ids:
             ids = ids[ids.index(after) + 1:]
         out = []
         for file_id in ids:
             with contextlib.suppress(NotFound):
-                meta = await self.get_file(file_id)
+                meta = await self.get_file(file_id, tenant)
                 if purpose is None or meta["purpose"] == purpose:
                     out.append(meta)
             if len(out) >= limit:
                 break
         return out
 
-    async def delete_file(self, file_id: str) -> None:
-        await self.get_file(file_id)  # NotFound
+    async def delete_file(self, file_id: str, tenant: str | None = None) -> None:
+        await self.get_file(file_id, tenant)  # NotFound
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(self.keys.file(file_id), self.keys.file_content(file_id))
         pipe.zrem(self.keys.files, file_id)
@@ -258,29 +277,33 @@ class BatchStore:
             pipe.sadd(self.keys.active_batches, batch_id)
         await pipe.execute()
 
-    async def batch_fields(self, batch_id: str) -> dict[str, Any]:
+    async def batch_fields(self, batch_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """The batch's fields; NotFound also when it is another tenant's."""
         fields = await self.redis.hgetall(self.keys.batch(batch_id))
-        if not fields:
+        if not fields or not _owned_by(fields, tenant):
             raise NotFound("batch", batch_id)
         return {k: json.loads(v) for k, v in fields.items()}
 
-    async def get_batch(self, batch_id: str) -> dict[str, Any]:
+    async def get_batch(self, batch_id: str, tenant: str | None = None) -> dict[str, Any]:
         """The batch as OpenAI's ``batch`` object."""
-        fields = await self.batch_fields(batch_id)
+        fields = await self.batch_fields(batch_id, tenant)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hlen(self.keys.batch_output(batch_id))
         pipe.hlen(self.keys.batch_errors(batch_id))
         completed, failed = await pipe.execute()
         return batch_object(fields, int(completed), int(failed))
 
-    async def list_batches(self, limit: int, after: str | None) -> list[dict[str, Any]]:
+    async def list_batches(self, limit: int, after: str | None,
+                           tenant: str | None = None) -> list[dict[str, Any]]:
         ids = [str(i) for i in await self.redis.zrevrange(self.keys.batches, 0, -1)]
         if after is not None and after in ids:
             ids = ids[ids.index(after) + 1:]
-        out = []
-        for batch_id in ids[:limit]:
+        out: list[dict[str, Any]] = []
+        for batch_id in ids:
             with contextlib.suppress(NotFound):
-                out.append(await self.get_batch(batch_id))
+                out.append(await self.get_batch(batch_id, tenant))
+            if len(out) >= limit:
+                break
         return out
 
     async def update(self, batch_id: str, **fields: Any) -> None:
@@ -298,9 +321,9 @@ class BatchStore:
         tx.srem(self.keys.active_batches, batch_id)
         await tx.execute()
 
-    async def request_cancel(self, batch_id: str) -> None:
+    async def request_cancel(self, batch_id: str, tenant: str | None = None) -> None:
         """Mark the batch for cancelling (the driver does it); a no-op when ended."""
-        await self.batch_fields(batch_id)  # NotFound
+        await self.batch_fields(batch_id, tenant)  # NotFound
         await self.redis.hsetnx(self.keys.batch(batch_id), "cancelling_at",
                                 json.dumps(int(self.clock())))
 
@@ -332,7 +355,8 @@ class BatchStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.batch_output(batch_id))
         pipe.hgetall(self.keys.batch_errors(batch_id))
-        out, err = await pipe.execute()
+        pipe.hgetall(self.keys.batch(batch_id))
+        out, err, batch_fields = await pipe.execute()
         now = int(self.clock())
         fields: dict[str, Any] = {"status": status, "finalizing_at": now, f"{status}_at": now}
         tx = self.redis.pipeline(transaction=True)
@@ -347,6 +371,9 @@ class BatchStore:
                     "created_at": now, "filename": f"{batch_id}_{kind}.jsonl",
                     "purpose": "batch_output", "status": "processed"}
             tx.set(self.keys.file_content(file_id), content)
+            owner = batch_fields.get(TENANT_FIELD)  # the batch's tenant owns its results
+            if owner is not None:
+                meta[TENANT_FIELD] = json.loads(owner)
             tx.hset(self.keys.file(file_id), mapping={k: json.dumps(v) for k, v in meta.items()})
             tx.zadd(self.keys.files, {file_id: now})
             fields[key] = file_id
@@ -377,14 +404,14 @@ def batch_object(fields: Mapping[str, Any], completed: int, failed: int) -> dict
 # ------------------------------------------------------------------ create
 async def create_batch(store: BatchStore, input_file_id: str, endpoint: str,
                        completion_window: str, metadata: Mapping[str, str] | None,
-                       clock: Callable[[], float]) -> dict[str, Any]:
+                       clock: Callable[[], float], tenant: str | None = None) -> dict[str, Any]:
     """Validate the input file and record the batch (``in_progress``, or ``failed`` with
     ``errors`` when the file cannot run). InvalidInput / NotFound name the parameter."""
     if endpoint not in ENDPOINTS:
         raise InvalidInput("endpoint", f"must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
     seconds = window_seconds(completion_window)
     try:
-        meta = await store.get_file(input_file_id)
+        meta = await store.get_file(input_file_id, tenant)
     except NotFound:
         raise InvalidInput("input_file_id", f"no file {input_file_id!r}") from None
     if meta.get("purpose") != "batch":
@@ -398,6 +425,8 @@ async def create_batch(store: BatchStore, input_file_id: str, endpoint: str,
         "expires_at": now + int(seconds), "metadata": dict(metadata) if metadata else None,
         "slo_class": slo_class.value, "ttft_slo_s": ttft, "enqueued": 0, "errors": None,
     }
+    if tenant is not None:
+        fields[TENANT_FIELD] = tenant
     try:
         lines = parse_batch_file(await store.file_content(input_file_id), endpoint)
     except BatchFileInvalid as invalid:
@@ -524,6 +553,8 @@ class BatchDriver:
                     line.body, {}, chat=progress.chat, default_max_tokens=self.default_max_tokens)
                 record.update(request_id=request_id, slo_class=fields["slo_class"],
                               ttft_slo_s=fields["ttft_slo_s"])
+                if fields.get(TENANT_FIELD):  # the batch's tenant submits its lines
+                    record["tenant"] = fields[TENANT_FIELD]
                 await self.plane.enqueue(self.plane.validate(record), source="http")
             except InvalidInput as error:
                 param = translate.openai_param(error, progress.chat)

@@ -28,7 +28,14 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from qlm.core.errors import InvalidInput, NotFound, Overloaded, Unavailable, UnknownModel
+from qlm.core.errors import (
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    QuotaExceeded,
+    Unavailable,
+    UnknownModel,
+)
 from qlm.log import get_logger
 
 log = get_logger("services.ingest.openai.errors")
@@ -69,7 +76,8 @@ def response_for(error: Exception, param: str | None = None) -> JSONResponse:
     if isinstance(error, Overloaded):
         headers = {"Retry-After": str(max(1, math.ceil(error.retry_after_s))),
                    **{f"x-qlm-{k}": v for k, v in error.details.items()}}
-        return error_response(429, str(error), "rate_limit_error", None, "slo_unattainable",
+        code = "rate_limit_exceeded" if isinstance(error, QuotaExceeded) else "slo_unattainable"
+        return error_response(429, str(error), "rate_limit_error", None, code,
                               headers)
     if isinstance(error, Unavailable):
         return error_response(503, f"service unavailable: {error}", "service_unavailable_error",

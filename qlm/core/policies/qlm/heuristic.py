@@ -1,0 +1,311 @@
+"""The ``qlm`` heuristic planner (steps 1–5 of the package docstring): deadline order,
+candidate lanes from heaps, weighted Moore–Hodgson displacement, adjacent-swap local
+search, and the placement of groups whose deadlines have all passed."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+
+from qlm.core.policies.planning import (
+    CostModel,
+    Lane,
+    Slot,
+    lane_value,
+    place_after,
+    walk,
+)
+from qlm.core.policies.qlm.context import (
+    Plan,
+    PlanningContext,
+    shape_reach,
+    shape_representatives,
+)
+from qlm.core.policies.qlm.options import QlmOptions
+
+#: p_meet at which ``spare_versatile`` may move a group to a less versatile shape.
+SURE_P = 0.999
+
+
+class _Heaps:
+    """Least-drained lanes per (shape, tail model), (shape, resident model) and shape."""
+
+    def __init__(self, lanes: Sequence[Lane], cost: CostModel) -> None:
+        self.cost = cost
+        self.tail: dict[tuple[int, str | None], list[tuple[float, int, int]]] = {}
+        self.resident: dict[tuple[int, str], list[tuple[float, int, int]]] = {}
+        self.any: dict[int, list[tuple[float, int, int]]] = {}
+        for lane in lanes:
+            self.push(lane)
+
+    def push(self, lane: Lane) -> None:
+        shape = self.cost.shape_of[lane.index]
+        entry = (lane.end_at, lane.index, lane.version)
+        heapq.heappush(self.tail.setdefault((shape, lane.tail), []), entry)
+        for m in lane.worker.models:
+            if m != lane.tail:  # ending with m already: the tail heap has it, no swap
+                heapq.heappush(self.resident.setdefault((shape, m), []), entry)
+        heapq.heappush(self.any.setdefault(shape, []), entry)
+
+    @staticmethod
+    def top(heap: list[tuple[float, int, int]] | None, lanes: Sequence[Lane]) -> Lane | None:
+        while heap:
+            _, index, version = heap[0]
+            if lanes[index].version == version:
+                return lanes[index]
+            heapq.heappop(heap)
+        return None
+
+    def candidates(self, model: str, shapes: Sequence[int], lanes: Sequence[Lane]) -> list[Lane]:
+        """Per shape: the least-drained lane ending with ``model`` (no swap), then the
+        least-drained one where it sleeps (wake) and the least-drained overall (load),
+        each only if it drains earlier than the ones before — otherwise it is dominated
+        (starts no earlier and pays at least as much swap)."""
+        found: dict[int, Lane] = {}
+        for shape in shapes:
+            bound = math.inf
+            for heap in (self.tail.get((shape, model)), self.resident.get((shape, model)),
+                         self.any.get(shape)):
+                lane = self.top(heap, lanes)
+                if lane is not None and lane.end_at < bound:
+                    found[lane.index] = lane
+                    bound = lane.end_at
+        return [found[i] for i in sorted(found)]
+
+    def earliest_end(self, gi: int, shapes: Sequence[int], lanes: Sequence[Lane]
+                     ) -> Lane | None:
+        """The lane that would finish group ``gi`` first, among each shape's least-drained
+        lane ending with its model and least-drained lane overall (late groups only need
+        to be served soon, not at the best position)."""
+        cost = self.cost
+        model = cost.stats[gi].model
+        best: tuple[float, int] | None = None
+        for shape in shapes:
+            svc = None
+            for heap in (self.tail.get((shape, model)), self.any.get(shape)):
+                lane = self.top(heap, lanes)
+                if lane is None:
+                    continue
+                if svc is None:  # the same for every lane of the shape
+                    svc = cost.service(gi, lane.index)
+                    assert svc is not None
+                end = lane.end_at + svc.mean_s
+                if lane.tail != model:
+                    end += cost.swap_s(lane.index, model, lane.tail)
+                    if lane.tail is not None and lane.end_at > lane.seg_start_at:
+                        end += cost.drain_tail_s(lane.index, lane.tail)
+                if best is None or (end, lane.index) < best:
+                    best = (end, lane.index)
+        return None if best is None else lanes[best[1]]
+
+
+def heuristic_plan(pc: PlanningContext, options: QlmOptions, score: bool = True) -> Plan:
+    """The heuristic of the package docstring; ``score=False`` skips the final scoring walk."""
+    cost, stats = pc.cost, pc.stats
+    lanes = pc.fresh_lanes()
+    heaps = _Heaps(lanes, cost)
+    shape_reps = shape_representatives(cost)
+    shapes_of_model: dict[str, list[int]] = {}
+
+    def shapes_for(gi: int) -> list[int]:
+        model = stats[gi].model
+        found = shapes_of_model.get(model)
+        if found is None:
+            found = shapes_of_model[model] = [
+                s for s, rep in enumerate(shape_reps) if cost.service(gi, rep) is not None]
+        return found
+
+    # How many of the queued models each shape can serve: with ``spare_versatile``, a group
+    # that can go equally well on a less versatile shape goes there, keeping the workers that
+    # alone serve some other queued model (e.g. the only ones that fit llama-70b) for it.
+    reach = shape_reach(pc) if options.spare_versatile else None
+    hopeless_p = options.hopeless_p
+    displace_below = options.displace_below_p
+    deferred: list[int] = []
+    late: list[int] = []
+    order = sorted(range(len(stats)), key=lambda i: (stats[i].deadline_points[0], stats[i].key))
+    for gi in order:
+        shapes = shapes_for(gi)
+        if not shapes:
+            continue  # no worker can ever serve it: left out of every queue
+        if stats[gi].latest_deadline_at < pc.now:
+            late.append(gi)  # every deadline has passed: placed after the rest (step 5)
+            continue
+        lane, slot = _best_slot(gi, heaps.candidates(stats[gi].model, shapes, lanes), cost,
+                                reach)
+        if lane is None or slot is None:
+            continue
+        if slot.p_meet < displace_below and lane.order:
+            displaced = _displace_one(pc, lane, gi)
+            if displaced is not None:
+                deferred.append(displaced)
+                heaps.push(lane)
+                continue
+        if slot.p_meet < hopeless_p:
+            deferred.append(gi)
+            continue
+        lane.append(gi, slot, cost)
+        heaps.push(lane)
+
+    def shapes_behind(gi: int) -> list[int]:
+        """Where a deferred or late group may go: with ``spare_versatile``, only on the
+        least versatile shapes that serve it."""
+        shapes = shapes_for(gi)
+        if reach is not None and shapes:
+            least = min(reach[s] for s in shapes)
+            shapes = [s for s in shapes if reach[s] == least]
+        return shapes
+
+    for gi in sorted(deferred, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
+        target = heaps.earliest_end(gi, shapes_behind(gi), lanes)
+        if target is not None:
+            slot = target.slot_for(gi, cost, with_p=False)
+            assert slot is not None
+            target.append(gi, slot, cost)
+            heaps.push(target)
+    _improve(pc, lanes, options.improve_budget)
+    _insert_late(pc, lanes, late, shapes_behind, options.late_insert_budget)
+    orders = tuple(tuple(lane.order) for lane in lanes)
+    return Plan(orders, pc.score(orders) if score else math.nan, "heuristic")
+
+
+def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int],
+                 shapes_for: Callable[[int], list[int]], budget: int) -> None:
+    """Place each group whose deadlines have all passed as early as it costs nobody.
+
+    No position changes such a group's own value (it counts 0 anywhere), so the search
+    alone would leave it anywhere, and a group placed last waits for every other queued
+    group, a whole batch backlog included: an interactive request that missed its SLO by
+    a little would then wait minutes. Instead, in deadline order, each goes to the lane
+    that would finish it first and there ahead of every group that can absorb the delay,
+    the earliest position at which no group after it loses expected attainment (ahead of
+    a batch job with slack, behind interactive groups that would then miss). Later late
+    groups go after earlier ones. Positions are tried from the back, each costing one
+    placement per group after it; once ``budget`` placements are spent, late groups go
+    last. Runs after the local search, which would otherwise move them back for gains
+    of float noise.
+    """
+    if not late:
+        return
+    cost, stats = pc.cost, pc.stats
+    heaps = _Heaps(lanes, cost)  # the local search reset lanes: fresh heaps
+    floor: dict[int, int] = {}  # per lane: the position after its last late group
+    lane_slots: dict[int, list[Slot]] = {}  # per lane: the walk of its current order
+    for gi in sorted(late, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
+        target = heaps.earliest_end(gi, shapes_for(gi), lanes)
+        if target is None:
+            continue
+        if budget <= 0:  # out of budget: last, as a group nobody waits for
+            slot = target.slot_for(gi, cost, with_p=False)
+            assert slot is not None
+            target.append(gi, slot, cost)
+            lane_slots.pop(target.index, None)
+        else:
+            slots = lane_slots.get(target.index)
+            if slots is None:
+                slots = walk(cost, target, target.order)
+            pos, budget = _harmless_position(pc, target, slots, gi,
+                                             floor.get(target.index, 0), budget)
+            lane_slots[target.index] = target.reset(
+                [*target.order[:pos], gi, *target.order[pos:]], cost)
+            floor[target.index] = pos + 1
+        heaps.push(target)
+
+
+def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], gi: int,
+                       floor: int, budget: int) -> tuple[int, int]:
+    """The earliest position ≥ ``floor`` in ``lane`` (whose walk is ``slots``) where
+    inserting ``gi`` lowers no later group's value (scanning from the back, stopping at
+    the first that does), and the budget left."""
+    cost, order = pc.cost, lane.order
+    best, suffix = len(order), 0.0
+    for k in range(len(order) - 1, floor - 1, -1):
+        steps = len(order) - k + 1
+        if steps > budget:
+            break
+        budget -= steps
+        suffix += pc.weight(order[k]) * cost.stats[order[k]].size * slots[k].p_meet
+        if k == 0:
+            tail, seg, end, var = lane.initial
+        else:
+            before = slots[k - 1]
+            tail, seg, end, var = (cost.stats[order[k - 1]].model, before.seg_start_at,
+                                   before.end_at, before.end_var)
+        delayed = 0.0
+        for g in (gi, *order[k:]):
+            svc = cost.service(g, lane.index)
+            assert svc is not None  # the lane serves every group placed on it
+            slot = place_after(cost, lane.index, cost.stats[g], svc, tail, seg, end, var,
+                               with_p=g != gi)
+            if g != gi:
+                delayed += pc.weight(g) * cost.stats[g].size * slot.p_meet
+            tail, seg, end, var = cost.stats[g].model, slot.seg_start_at, slot.end_at, slot.end_var
+        if delayed < suffix - 1e-9 * (1.0 + suffix):
+            break
+        best = k
+    return best, budget
+
+
+def _best_slot(gi: int, candidates: Sequence[Lane], cost: CostModel,
+               reach: Sequence[int] | None = None) -> tuple[Lane | None, Slot | None]:
+    """Among the candidates within 0.02 of the best p_meet: the least versatile shape
+    (with ``reach``), then the earliest drain."""
+    options = [(lane, lane.slot_for(gi, cost)) for lane in candidates]
+    valid = [(lane, s) for lane, s in options if s is not None]
+    if not valid:
+        return None, None
+    best_p = max(s.p_meet for _, s in valid)
+    good = [(lane, s) for lane, s in valid if s.p_meet >= best_p - 0.02]
+    earliest = min(good, key=lambda ls: (ls[1].end_at, ls[0].index))
+    if reach is not None:
+        sure = [(lane, s) for lane, s in good if s.p_meet >= SURE_P]
+        if sure:  # only work that is surely met there moves to a less versatile shape
+            return min(sure, key=lambda ls: (reach[cost.shape_of[ls[0].index]],
+                                             ls[1].end_at, ls[0].index))
+    return earliest
+
+
+def _displace_one(pc: PlanningContext, lane: Lane, gi: int) -> int | None:
+    """Drop the earlier group whose removal most raises the lane's value with ``gi`` added."""
+    cost = pc.cost
+    base = lane_value(cost, lane, [*lane.order, gi], pc.weights)
+    best_gain, best_pos = 1e-9, -1
+    for pos in range(len(lane.order)):
+        trial = [*lane.order[:pos], *lane.order[pos + 1:], gi]
+        gain = lane_value(cost, lane, trial, pc.weights) - base
+        if gain > best_gain:
+            best_gain, best_pos = gain, pos
+    if best_pos < 0:
+        return None
+    removed = lane.order[best_pos]
+    lane.reset([*lane.order[:best_pos], *lane.order[best_pos + 1:], gi], cost)
+    return removed
+
+
+def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
+    """Adjacent swaps inside each lane that raise its value, until no gain or no budget."""
+    cost = pc.cost
+    for lane in lanes:
+        if len(lane.order) < 2 or budget <= 0:
+            continue
+        slots = walk(cost, lane, lane.order)
+        if all(s.p_meet > 0.99 or s.p_meet < 0.01 for s in slots):
+            continue  # every group surely met or surely missed: no adjacent swap helps
+        current = lane.order
+        value = sum(pc.weight(gi) * cost.stats[gi].size * s.p_meet  # = lane_value
+                    for gi, s in zip(current, slots, strict=True))
+        improved = True
+        while improved and budget > 0:
+            improved = False
+            for i in range(len(current) - 1):
+                if budget <= 0:
+                    break
+                trial = [*current[:i], current[i + 1], current[i], *current[i + 2:]]
+                budget -= 1
+                v = lane_value(cost, lane, trial, pc.weights)
+                if v > value + 1e-9:
+                    current, value, improved = trial, v, True
+        if current is not lane.order:
+            lane.reset(current, cost)
+

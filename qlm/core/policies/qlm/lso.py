@@ -1,0 +1,219 @@
+"""The ``qlm`` policy's low-level operations from a plan: model swaps, evictions,
+rejections and the backpressure pulls."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from qlm.core.policies.qlm.context import Plan, PlanningContext, unservable_groups
+from qlm.core.policies.qlm.options import QlmOptions
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
+from qlm.core.types import Decision, Evict, Pull, Reject, Swap
+
+
+def plan_swaps(pc: PlanningContext, plan: Plan) -> tuple[Swap, ...]:
+    """A drained worker whose head group needs another model switches to it."""
+    swaps = []
+    for w, order in zip(pc.snapshot.workers, plan.orders, strict=True):
+        if not order or w.swapping_until is not None or w.running:
+            continue
+        head = pc.stats[order[0]].model
+        if head != w.active_model:
+            swaps.append(Swap(w.id, head))
+    return tuple(swaps)
+
+
+def plan_evictions(pc: PlanningContext, plan: Plan, options: QlmOptions) -> tuple[Evict, ...]:
+    """Make room for the groups at the head of a worker's lane whose earliest requests
+    would miss waiting for free slots.
+
+    For each in-time group k among the first ``evict_lookahead_groups`` of the lane (of
+    the worker's active model, before any swap): the slots groups 1..k need, min(their
+    total size, steady batch), less the requests of groups 1..k a pull would admit now
+    (free slots and KV headroom, walked as :func:`qlm.core.pulls.plan_pulls` walks them),
+    less the running requests expected to finish before group k's earliest deadlines.
+    Those decode at ``evict_rate_credit`` of the modelled per-slot rate during the
+    group's slack or, with ``evict_prefill_aware``, only in the time before its deadline
+    that prefilling the prompts ahead leaves (those of running requests without a first
+    token and of groups 1..k): vLLM mixes prompt chunks into its decode steps. The
+    largest shortfall is evicted, each request only for a group of a tighter class than
+    its own, in :attr:`WorkerLoad.eviction_order` (past their first token first: their
+    TTFT SLO is settled). They keep their progress. Requests of a group's own class are
+    never taken for it: they would return to a group of the same deadlines and be
+    pulled right back. A group whose deadlines have all passed is never evicted for,
+    but its requests count: a pull admits them first.
+
+    Looking past the head group (``evict_lookahead_groups`` > 1) helps bursts: several
+    groups of one class arrive within a few seconds, the slots that free up serve the
+    first, and evictions for the next start only once it is the head, its slack gone.
+    Under sustained overload it evicts batch work for groups that miss anyway (see
+    docs/results/gpu/README.md), hence the default of 1; ``evict_prefill_aware`` is off
+    by default for the same reason.
+    """
+    if not options.evict:
+        return ()
+    credit = options.evict_rate_credit
+    state_swaps = options.kv_state_swap
+    evictions: list[Evict] = []
+    for wi, (w, order) in enumerate(zip(pc.snapshot.workers, plan.orders, strict=True)):
+        if not order or w.swapping_until is not None or not w.running:
+            continue
+        if pc.stats[order[0]].model != w.active_model:
+            continue
+        load = pc.loads[wi]
+        # Two queues, each in descending TTFT SLO: past their first token, then the rest.
+        parts = (load.eviction_order[:load.num_started], load.eviction_order[load.num_started:])
+        cursors = [0, 0]
+        taken = 0
+        lookahead = order[:max(1, options.evict_lookahead_groups)]
+        for gi, short in _shortfalls(pc, wi, lookahead, credit, options.evict_prefill_aware):
+            head = pc.stats[gi]
+            reason = f"slo:{head.key}"
+            for p, part in enumerate(parts):
+                while taken < short and cursors[p] < len(part):
+                    rr = part[cursors[p]]
+                    if rr.request.slo.ttft_s <= head.ttft_s:
+                        break  # past the looser ones, none qualifies for this group
+                    evictions.append(Evict(w.id, rr.request.id, reason, state_swaps
+                                           and _state_swap_pays(pc, wi, rr, options)))
+                    cursors[p] += 1
+                    taken += 1
+    return tuple(evictions)
+
+
+def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: float,
+                prefill_aware: bool) -> list[tuple[int, int]]:
+    """(group, slots short) for the in-time groups at the head of ``order`` that are short,
+    in lane order (see :func:`plan_evictions`)."""
+    now, cost = pc.now, pc.cost
+    load = pc.loads[wi]
+    p = cost.profiles.get(pc.stats[order[0]].model, pc.snapshot.workers[wi].gpu)
+    remaining = load.remaining_sorted
+    prompt_tokens = float(load.pending_prefill_tokens)  # to prefill before group k's first token
+    admitted = total = 0
+    out: list[tuple[int, int]] = []
+    for gi, num_admitted in _pull_walk(pc, wi, order):
+        g = pc.stats[gi]
+        svc = cost.service(gi, wi)
+        if svc is None:
+            break  # no profile for it here: nothing to size evictions by
+        admitted += num_admitted
+        total += g.size
+        prompt_tokens += g.size * g.mean_prompt
+        slack_s = g.deadline_points[0] - now - svc.prefill_s
+        if g.latest_deadline_at - now - svc.prefill_s < 0 or math.isinf(slack_s):
+            continue  # all late already, or nothing left to meet: evicting cannot help it
+        # Running requests decode only in the time the prompts ahead leave: vLLM mixes
+        # prompt chunks into its decode steps, which then take that much longer.
+        decode_s = (g.deadline_points[0] - now - p.prefill_s(round(prompt_tokens))
+                    if prefill_aware else slack_s)
+        per_slot_rate = credit * svc.tokens_per_s / svc.batch
+        freed = _count_at_most(remaining, max(0.0, decode_s) * per_slot_rate)
+        short = min(total, svc.batch) - admitted - freed
+        if short > 0:
+            out.append((gi, short))
+    return out
+
+
+def _pull_walk(pc: PlanningContext, wi: int, order: Iterable[int]
+               ) -> Iterator[tuple[int, int]]:
+    """(group, how many of its requests a pull would admit now) for the groups of
+    ``order`` until one of another model than worker ``wi``'s active one (a swap comes
+    first: nothing after it starts on this model's slots).
+
+    The walk of :func:`qlm.core.pulls.plan_pulls`: free batch slots, then each request's
+    KV reservation against the headroom, in order, until one does not fit; the running
+    requests' reservations come from the memoised worker summary.
+    """
+    w, load = pc.snapshot.workers[wi], pc.loads[wi]
+    model = w.active_model
+    if model is None:
+        return
+    p = pc.cost.profiles.get(model, w.gpu)
+    free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
+    headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
+    for gi in order:
+        g = pc.stats[gi]
+        if g.model != model:
+            return
+        admitted = 0
+        for r in pc.snapshot.groups[g.index].requests:
+            need = kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
+            if free_slots <= 0 or need > headroom:
+                free_slots = 0
+                break
+            admitted += 1
+            free_slots -= 1
+            headroom -= need
+        yield gi, admitted
+
+
+def _count_at_most(sorted_values: Sequence[float], limit: float) -> int:
+    import bisect
+
+    return bisect.bisect_right(sorted_values, limit)
+
+
+def _state_swap_pays(pc: PlanningContext, wi: int, rr: Any, options: QlmOptions) -> bool:
+    """True when copying the KV state to CPU and back beats recomputing it by prefill.
+
+    Copy time: 2 · context tokens · ``notes.kv_bytes_per_token`` / ``pcie_gb_per_s``
+    (per GPU of a tensor-parallel instance the bytes and the links both divide).
+    """
+    if not options.kv_state_swap:
+        return False
+    w = pc.snapshot.workers[wi]
+    profile = pc.cost.profiles.get(rr.request.model, w.gpu)
+    bytes_per_token = float(profile.notes.get("kv_bytes_per_token", 0.0) or 0.0)
+    if bytes_per_token <= 0:
+        return False
+    tokens = rr.request.context_tokens
+    copy_s = 2.0 * tokens * bytes_per_token / (options.pcie_gb_per_s * 1e9 * profile.num_gpus)
+    return copy_s < profile.prefill_s(tokens)
+
+
+def plan_rejections(pc: PlanningContext, options: QlmOptions) -> tuple[Reject, ...]:
+    """With ``reject_unservable``, every request of a group no worker can serve; with
+    ``reject_late``, every request whose deadline has passed."""
+    rejected: list[Reject] = []
+    seen: set[str] = set()
+    if options.reject_unservable:
+        for gi in unservable_groups(pc):
+            model = pc.stats[gi].model
+            for r in pc.snapshot.groups[gi].requests:
+                rejected.append(Reject(r.id, f"no worker can serve model {model}"))
+                seen.add(r.id)
+    if options.reject_late:
+        rejected.extend(Reject(r.id, "deadline passed") for g in pc.snapshot.groups
+                        for r in g.requests if r.deadline_at < pc.now and r.id not in seen)
+    return tuple(rejected)
+
+
+def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
+    """The shared backpressure pulls of ``decision``, as :func:`qlm.core.pulls.with_pulls`
+    computes them (a test holds the two equal).
+
+    Workers that evict or swap in this decision pull nothing (as in ``with_pulls``). The
+    walk is :func:`_pull_walk`'s. No request is excluded: a group sits on one worker only.
+    """
+    profiles = pc.cost.profiles
+    busy = {e.worker_id for e in decision.evictions} | {s.worker_id for s in decision.swaps}
+    groups, by_key = pc.snapshot.groups, pc.stats_by_key
+    pulls = []
+    for wi, (place, w) in enumerate(zip(decision.placements, pc.snapshot.workers, strict=True)):
+        model = w.active_model
+        if not place.order or model is None or w.swapping_until is not None or w.id in busy:
+            continue
+        if place.order[0].model != model or not profiles.has(model, w.gpu):
+            continue
+        ids: list[str] = []
+        for gi, n in _pull_walk(pc, wi, (by_key[key].index for key in place.order)):
+            requests = groups[pc.stats[gi].index].requests
+            ids.extend(r.id for r in requests[:n])
+            if n < len(requests):
+                break  # no room left for the groups after it
+        if ids:
+            pulls.append(Pull(w.id, tuple(ids)))
+    return tuple(pulls)
