@@ -125,5 +125,5 @@ def test_one_worker_process_per_gpu_as_the_workers_file_lists_them(cpu: dict[str
 def test_only_the_front_door_is_published(cpu: dict[str, Any]) -> None:
     published = {name for name, service in cpu["services"].items() if service.get("ports")}
     assert published == {"ingest"}
-    for name in ("ingest", "estimator", "scheduler", "worker-sim"):  # reachable in the network
+    for name in ("ingest", "estimator", "scheduler", "worker-sim-0"):  # reachable in the network
         assert cpu["services"][name]["environment"]["QLM_HOST"] == "0.0.0.0", name
