@@ -188,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backoff-max-s", type=float, default=30.0)
     args = parser.parse_args(argv)
     stack = ServiceStack.recorded(args.dir, args.redis_url, args.kafka_bootstrap)
+    # the broker users an earlier up made: each service it starts gets its own credentials
+    from qlm.localstack.stack import LocalStack, StackPorts
+
+    brokers = LocalStack.open(args.dir, StackPorts(0, 0, 0),
+                              secure=(args.dir / "kafka" / "users.json").exists())
+    stack.redis_users, stack.kafka_users = brokers.redis_users, brokers.kafka_users
     supervisor = Supervisor(stack, Backoff(args.backoff_base_s, args.backoff_max_s))
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.stop())
