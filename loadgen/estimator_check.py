@@ -2,9 +2,10 @@
 
 A worker serves a queue of groups in order, as the simulator does: at each step
 boundary it admits the queue head while batch slots, KV reservations
-(prompt + expected output) and the prefill budget allow, prefills the admitted prompts
-in one prefill-first step (which emits their first tokens), then runs one decode step
-for every running sequence; between models it drains, sleeps and wakes.
+(prompt + expected output) and the prefill budget allow (the shared step model's
+:func:`qlm.sim.batching.admit_prefix`), prefills the admitted prompts in one
+prefill-first step (which emits their first tokens), then runs one decode step for
+every running sequence; between models it drains, sleeps and wakes.
 True output lengths are drawn from the same log-normal the estimator assumes; the
 estimator never sees them. Reported: R² and mean error of predicted vs realised wait
 (time to first token) per request, for one-model and two-model queues.
@@ -17,6 +18,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,8 +31,9 @@ from qlm.core.estimator import (
     RWTEstimator,
 )
 from qlm.core.perf import PerfProfile, ProfileBook
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
+from qlm.core.pulls import kv_reservation
 from qlm.core.types import SLO, GroupKey, Request, RequestGroup, SLOClass, WorkerView
+from qlm.sim.batching import admit_prefix, prefill_step_s
 
 
 @dataclass
@@ -55,12 +58,11 @@ def replay(book: ProfileBook, gpu: str, order: Sequence[RequestGroup],
             active, profile = queue[head].model, nxt
         admitted = _admit(profile, queue, head, running, active)
         if admitted:  # one prefill-first step; it emits every admitted request's first token
-            now += profile.prefill_s(sum(r.prompt_tokens for r in admitted))
+            now += prefill_step_s(profile, sum(r.prompt_tokens for r in admitted))
             for r in admitted:
                 started[r.id] = now
                 length = min(true_lengths[r.id], r.max_tokens)
-                reservation = r.prompt_tokens + min(r.max_tokens, DEFAULT_EXPECTED_OUTPUT_TOKENS)
-                running.append(_Seq(length - 1, r.prompt_tokens + 1, reservation))
+                running.append(_Seq(length - 1, r.prompt_tokens + 1, kv_reservation(r)))
             head += len(admitted)
         running = [s for s in running if s.remaining > 0]
         if not running:
@@ -74,20 +76,15 @@ def replay(book: ProfileBook, gpu: str, order: Sequence[RequestGroup],
 
 def _admit(profile: PerfProfile, queue: Sequence[Request], head: int, running: list[_Seq],
            active: str) -> list[Request]:
-    reserved = sum(s.reservation for s in running)
-    budget = PREFILL_TOKENS_PER_STEP
-    admitted: list[Request] = []
-    while head + len(admitted) < len(queue):
-        r = queue[head + len(admitted)]
-        need = r.prompt_tokens + min(r.max_tokens, DEFAULT_EXPECTED_OUTPUT_TOKENS)
-        if (r.model != active or len(running) + len(admitted) >= profile.max_batch_size
-                or reserved + need > profile.kv_capacity_tokens
-                or (admitted and r.prompt_tokens > budget)):
-            break
-        admitted.append(r)
-        reserved += need
-        budget -= r.prompt_tokens
-    return admitted
+    same_model = itertools.takewhile(lambda r: r.model == active, queue[head:])
+    candidates = list(same_model)
+    count = admit_prefix(
+        ((kv_reservation(r), r.prompt_tokens) for r in candidates),
+        profile.max_batch_size - len(running),
+        profile.kv_capacity_tokens - sum(s.reservation for s in running),
+        PREFILL_TOKENS_PER_STEP,
+    )
+    return candidates[:count]
 
 
 def scenario(rng: np.random.Generator, models: Sequence[str], num_groups: int,

@@ -8,11 +8,15 @@ counts; prompt token ids are drawn per variant so no variant hits another's pref
   engine, and the ``qlm`` policy's ``decide()`` (the same code the scheduler service
   runs) on every new group, every completion or eviction, and every ``tick_s``
   (coalesced to at most one decision per ``min_decision_interval_s``; ``decide`` runs
-  in a thread so streaming continues). A decision's placements become the workers'
-  virtual queues, its evictions abort the running request keeping its progress and
-  requeue it (re-admission re-prefills prompt + kept tokens, prefix caching on), its
-  pulls start requests; between decisions a worker pulls from the head of its virtual
-  queue with :func:`qlm.core.pulls.plan_pulls` (the worker service's backpressure).
+  in a thread so streaming continues). The decision is carried out by the applier the
+  simulator and the scheduler service use (:func:`qlm.runtime.apply.apply`; this
+  harness's :class:`InProcessStack` implements its effects): placements become the
+  workers' virtual queues, evictions abort the running request keeping its progress
+  and requeue it (re-admission re-prefills prompt + kept tokens, prefix caching on),
+  rejections end queued requests, swaps are invalid (each engine holds one model); a
+  worker pulls from the head of its virtual queue with
+  :func:`qlm.core.pulls.plan_pulls` (the worker service's backpressure) after every
+  decision and whenever a request ends or gets its first token.
 * **fcfs**: the same machinery with the ``fcfs`` policy (groups in arrival order,
   least-loaded dispatch, no preemption beyond the engine's own).
 * **bare**: every request goes to its model's engine at its arrival time; vLLM's own
@@ -24,7 +28,7 @@ counts; prompt token ids are drawn per variant so no variant hits another's pref
   scheduler service's ``--online-correction``), e.g. when two engines share one GPU and
   each runs slower than its profile.
 
-Managed workers (qlm, fcfs) pull with the worker service's prefill cap
+In-process workers (qlm, fcfs) pull with the worker service's prefill cap
 (``--prefill-cap``, see :func:`qlm.core.pulls.plan_pulls`): at most that many context
 tokens admitted but not yet prefilled, so a burst is not queued inside vLLM, where no
 later decision can reorder it, ahead of tighter requests that arrive after it.
@@ -80,17 +84,11 @@ from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PROFILE_DIR, PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
 from qlm.core.policies.base import check_policy_options, options_from_json
-from qlm.core.pulls import (
-    DEFAULT_PREFILL_CAP_TOKENS,
-    fits_prefill_cap,
-    ordered_groups,
-    pending_prefill_tokens,
-    plan_pulls,
-)
+from qlm.core.pulls import DEFAULT_PREFILL_CAP_TOKENS, ordered_groups, plan_pulls
 from qlm.core.types import (
     SLO,
-    Decision,
     GroupKey,
+    QueueSnapshot,
     Request,
     RequestGroup,
     RunningRequest,
@@ -99,6 +97,7 @@ from qlm.core.types import (
     group_key_for,
 )
 from qlm.engine.base import Engine, EngineRequest, OutputChunk
+from qlm.runtime.apply import apply
 
 VARIANTS = ("bare", "fcfs", "qlm")
 #: Longest wait for an aborted request's stream to end.
@@ -305,7 +304,7 @@ async def _abort_all(engines: Mapping[str, Engine]) -> None:
                 await engine.abort(rid)
 
 
-# ------------------------------------------------------------------ managed (qlm / fcfs)
+# ------------------------------------------------------------------ in-process (qlm / fcfs)
 @dataclass(eq=False)
 class _Run:
     request: Request
@@ -326,8 +325,9 @@ class _Worker:
     running: dict[str, _Run] = field(default_factory=dict)
 
 
-class Managed:
-    """The in-process scheduler + workers (see the module docstring)."""
+class InProcessStack:
+    """The in-process scheduler + workers (see the module docstring); its effect methods
+    (``set_virtual_queues`` … ``pull``) are :class:`qlm.runtime.apply.Effects`."""
 
     def __init__(self, policy_name: str, engines: Mapping[str, Engine], gpu: str,
                  profiles: ProfileBook, workload: Workload,
@@ -473,8 +473,6 @@ class Managed:
                 continue
             now = self.clock.now()
             self.last_decide_at = now
-            from qlm.core.types import QueueSnapshot
-
             snapshot = QueueSnapshot(
                 now=now, groups=tuple(self._group(k) for k in sorted(self.queued)),
                 workers=tuple(self._view(w) for w in self.workers.values()),
@@ -482,41 +480,41 @@ class Managed:
             started = time.perf_counter()
             decision = await asyncio.to_thread(self.policy.decide, snapshot, self.ctx)
             self.decide_s.append(time.perf_counter() - started)
-            self._apply(decision)
+            self.num_invalid += apply(decision, snapshot, self.ctx.profiles, self)
 
-    def _apply(self, decision: Decision) -> None:
-        named = {p.worker_id: p.order for p in decision.placements}
-        for wid, order in named.items():
-            if wid in self.workers:
-                self.workers[wid].order = order
-            else:
-                self.num_invalid += 1
-        for evict in decision.evictions:
-            w = self.workers.get(evict.worker_id)
-            run = w.running.get(evict.request_id) if w else None
-            if w is None or run is None:
-                self.num_invalid += 1
-                continue
-            if not run.evicting:
-                run.evicting = True
-                task = asyncio.create_task(self._evict(w, evict.request_id))
-                self.evict_tasks.add(task)
-                task.add_done_callback(self.evict_tasks.discard)
-        for swap in decision.swaps:
-            w = self.workers.get(swap.worker_id)
-            if w is None or swap.to_model != w.model:
-                self.num_invalid += 1  # each worker holds one model: nothing to swap to
-        busy = {e.worker_id for e in decision.evictions}
-        for pull in decision.pulls:
-            w = self.workers.get(pull.worker_id)
-            for rid in pull.request_ids:
-                if w is not None and not self._within_prefill_cap(w, rid):
-                    break
-                if w is None or not self._start(w, rid):
-                    self.num_invalid += 1
-        for w in self.workers.values():
-            if w.id not in busy:
-                self._pull(w)
+    # ---------------------------------------------------------------- effects
+    # Decided on a snapshot while requests ran on: an action found stale is counted.
+    def set_virtual_queues(self, orders: Mapping[str, tuple[GroupKey, ...]]) -> None:
+        for worker_id, order in orders.items():
+            self.workers[worker_id].order = order
+
+    def reject(self, request_id: str, reason: str) -> None:
+        if self._dequeue(request_id) is None:
+            self.num_invalid += 1  # started since the snapshot
+            return
+        self.outcomes[request_id].error = f"rejected: {reason}"[:300]
+        self._closed()
+
+    def evict(self, worker_id: str, request_id: str, state_swap: bool, reason: str) -> None:
+        w = self.workers[worker_id]
+        run = w.running.get(request_id)
+        if run is None:
+            self.num_invalid += 1  # ended since the snapshot
+            return
+        if not run.evicting:
+            run.evicting = True
+            task = asyncio.create_task(self._evict(w, request_id))
+            self.evict_tasks.add(task)
+            task.add_done_callback(self.evict_tasks.discard)
+
+    def swap(self, worker_id: str, to_model: str) -> None:
+        self.num_invalid += 1  # each worker holds one model: nothing to swap to
+
+    def keep_model(self, worker_id: str) -> None:
+        """Nothing pending to withdraw: this harness never swaps."""
+
+    def pull(self, worker_id: str) -> None:
+        self._pull(self.workers[worker_id])
 
     # ---------------------------------------------------------------- worker side
     def _pull_all(self) -> None:
@@ -533,16 +531,6 @@ class Managed:
         for rid in plan_pulls(self._view(w), ordered_groups(w.order, groups), w.profile,
                               prefill_cap_tokens=self.prefill_cap):
             self._start(w, rid)
-
-    def _within_prefill_cap(self, w: _Worker, request_id: str) -> bool:
-        """The worker's prefill cap (as :func:`plan_pulls` applies it) for a decision's
-        explicit pull."""
-        if self.prefill_cap <= 0:
-            return True
-        outcome = self.outcomes[request_id]
-        request = replace(outcome.request, num_generated=outcome.num_generated)
-        return fits_prefill_cap(pending_prefill_tokens(self._view(w)), request,
-                                self.prefill_cap)
 
     def _start(self, w: _Worker, request_id: str) -> bool:
         request = self._dequeue(request_id)
@@ -856,8 +844,8 @@ async def _main(args: argparse.Namespace, result: dict[str, Any], save: Any) -> 
         if name == "bare":
             raw = await run_bare(engines, workload, prompts, args.variant_timeout_s)
         else:
-            managed = Managed(name, engines, args.gpu, profiles, workload, prompts, args)
-            raw = await managed.run(args.variant_timeout_s)
+            stack = InProcessStack(name, engines, args.gpu, profiles, workload, prompts, args)
+            raw = await stack.run(args.variant_timeout_s)
         outcomes = raw.pop("outcomes")
         result["variants"][name] = {
             "summary": summarise(outcomes, workload.slos), **raw,
@@ -921,7 +909,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qlm-options", default='{"hopeless_p": 0.0}',
                    help="policy options (JSON) of the <policy>+opts variants")
     p.add_argument("--prefill-cap", type=int, default=DEFAULT_PREFILL_CAP_TOKENS,
-                   help="managed variants: the worker's cap on admitted, not yet prefilled "
+                   help="in-process variants: the worker's cap on admitted, not yet prefilled "
                         "context tokens per engine (0: none, the behaviour before)")
     p.add_argument("--no-side", dest="side", action="store_false",
                    help="skip the evict / swap / cold restart measurements")

@@ -15,10 +15,14 @@ scheduling**, and a first token reaches the client a fixed latency after its ste
   Every token reaches the client ``L`` after its step ends.
 * Asynchronous scheduling: while the engine is busy, step ``k+1`` is scheduled when step
   ``k`` starts, so a request that arrives during step ``k`` joins step ``k+2`` at the earliest.
-* Admission is FCFS while running requests < ``max_batch_size`` and their KV tokens fit
-  ``kv_capacity_tokens`` (no preemption: the replays here stay far below capacity).
+* Admission is FCFS while running requests < ``max_batch_size``, their KV tokens fit
+  ``kv_capacity_tokens`` (no preemption: the replays here stay far below capacity) and
+  the step's token budget has room for a chunk.
 
-Pure: no I/O, no clock.
+Every step is planned by the step model the simulator and the simulated engine share
+(:mod:`qlm.sim.batching`: :func:`~qlm.sim.batching.admit_prefix`,
+:func:`~qlm.sim.batching.plan_chunks`, :func:`~qlm.sim.batching.mixed_step_s`); this
+module only drives it one step per event. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile
-from qlm.sim.batching import mixed_step_s, output_latency_s
+from qlm.sim.batching import admit_prefix, mixed_step_s, output_latency_s, plan_chunks
 
 from .common import RequestTiming, TraceRequest
 
@@ -96,15 +100,8 @@ class StepModel:
             if not waiting and not running:
                 now = scheduled_at = max(now, requests[arrivals[0]].arrival_s)
                 continue
-            self._admit(waiting, running)
+            chunks = self._plan_step(waiting, running)
             decoding = [r for r in running if r.decoding]
-            budget = self.max_num_batched_tokens - len(decoding)
-            chunks: list[tuple[_Live, int]] = []
-            for r in running:
-                if not r.decoding and budget > 0:
-                    take = min(r.prompt_tokens - r.prefilled, budget)
-                    chunks.append((r, take))
-                    budget -= take
             duration = self.step_s(len(decoding), sum(r.kv_tokens for r in decoding),
                                    sum(take for _, take in chunks))
             scheduled_at, now = now, now + duration
@@ -121,11 +118,20 @@ class StepModel:
         return [RequestTiming(requests[i].arrival_s, first_at[i], finish_at[i],
                               requests[i].output_tokens) for i in range(len(requests))]
 
-    def _admit(self, waiting: deque[_Live], running: list[_Live]) -> None:
-        kv_used = sum(r.prompt_tokens + r.generated for r in running)
-        while waiting and len(running) < self.profile.max_batch_size:
-            head = waiting[0]
-            if running and kv_used + head.prompt_tokens > self.profile.kv_capacity_tokens:
-                break
-            running.append(waiting.popleft())
-            kv_used += head.prompt_tokens
+    def _plan_step(self, waiting: deque[_Live], running: list[_Live]) -> list[tuple[_Live, int]]:
+        """Admit from ``waiting`` into ``running`` and return the step's prompt chunks:
+        requests already prefilling first, then the admitted ones (shared step model)."""
+        decoding = [r for r in running if r.decoding]
+        prefilling = [r for r in running if not r.decoding]
+        num_fit = admit_prefix(
+            ((r.prompt_tokens, r.prompt_tokens) for r in waiting),
+            self.profile.max_batch_size - len(running),
+            self.profile.kv_capacity_tokens - sum(r.prompt_tokens + r.generated for r in running),
+        )
+        plan = plan_chunks(self.max_num_batched_tokens, len(decoding),
+                           [r.prompt_tokens - r.prefilled for r in prefilling],
+                           (waiting[i].prompt_tokens for i in range(num_fit)))
+        admitted = [waiting.popleft() for _ in plan.admitted]
+        running.extend(admitted)
+        return [(r, take) for r, take in zip(prefilling, plan.continuing, strict=True) if take
+                ] + list(zip(admitted, plan.admitted, strict=True))

@@ -1,8 +1,8 @@
 """The simulated engine: continuous batching that follows a performance profile in real time.
 
 It runs the model of :mod:`qlm.sim.engine` (the discrete-event simulator) on a clock
-instead of an event queue, with the same profile maths and the same helpers
-(:func:`qlm.sim.batching.decode_segment_s` / :func:`~qlm.sim.batching.decode_steps_within`):
+instead of an event queue, with the same step model (:mod:`qlm.sim.batching`: admission,
+chunk plan, step times, decode segments, KV copies):
 
 * **prefill** by ``prefill_mode``: ``chunked`` (the default, vLLM's; see below) or
   ``whole``, prefill-first: at a step boundary, requests waiting in the engine
@@ -59,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sys
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -72,13 +71,19 @@ from qlm.engine.clock import Clock, LoopClock
 from qlm.engine.text import OutputText, TextModel, tokenized
 from qlm.sim.batching import (
     PREFILL_MODES,
+    PrefillPlan,
+    admit_prefix,
     decode_segment_s,
+    decode_steps,
     decode_steps_within,
+    kv_copy_s,
     mixed_step_s,
     output_latency_s,
     plan_chunks,
+    plan_prefill,
+    prefill_step_s,
 )
-from qlm.sim.cluster import DEFAULT_KV_BYTES_PER_TOKEN, SimConfig
+from qlm.sim.cluster import SimConfig
 
 #: Prompt tokens one prefill step admits at most (the simulator's default).
 DEFAULT_MAX_PREFILL_TOKENS = SimConfig().max_prefill_tokens
@@ -115,58 +120,6 @@ class _Seq:
     @property
     def remaining_tokens(self) -> int:
         return self.request.max_tokens - self.num_generated
-
-
-@dataclass(frozen=True, slots=True)
-class PrefillPlan:
-    """Which waiting requests one prefill step admits (by position) and its context tokens."""
-
-    positions: tuple[int, ...]
-    context_tokens: int
-
-
-def plan_prefill(
-    waiting_context: Iterable[int],
-    num_running: int,
-    running_context: int,
-    profile: PerfProfile,
-    max_prefill_tokens: int,
-) -> PrefillPlan:
-    """The FIFO prefix of waiting requests (their context tokens) one prefill admits.
-
-    At least one request when it fits the batch and the KV cache; then more while the
-    prefill budget, free batch slots and KV capacity (context + one new token each) last.
-    Pure.
-    """
-    free_slots = profile.max_batch_size - num_running
-    kv_free = profile.kv_capacity_tokens - running_context - num_running
-    budget = max_prefill_tokens
-    chosen: list[int] = []
-    total = 0
-    for position, tokens in enumerate(waiting_context):
-        need_kv = tokens + 1
-        if free_slots <= 0 or need_kv > kv_free or (chosen and tokens > budget):
-            break
-        chosen.append(position)
-        total += tokens
-        free_slots -= 1
-        kv_free -= need_kv
-        budget -= tokens
-    return PrefillPlan(tuple(chosen), total)
-
-
-def plan_decode_steps(
-    profile: PerfProfile,
-    batch: int,
-    context_tokens: int,
-    min_remaining_tokens: int,
-    max_segment_engine_s: float,
-) -> int:
-    """Steps of the next decode segment: to the next completion, before the KV cache
-    overflows (as the simulator), and within ``max_segment_engine_s``; at least one."""
-    to_kv_full = (profile.kv_capacity_tokens - context_tokens) // batch
-    within = decode_steps_within(profile, batch, context_tokens, max_segment_engine_s)
-    return max(1, min(min_remaining_tokens, to_kv_full, within))
 
 
 def echo_script(text: TextModel, prompt_ids: tuple[int, ...], ignore_eos: bool) -> tuple[int, ...]:
@@ -298,9 +251,7 @@ class SimulatedEngine:
 
     def kv_copy_s(self, model: str, tokens: int) -> float:
         """Seconds to copy ``tokens`` of KV state between GPU and CPU (as the simulator)."""
-        notes = self.profile(model).notes
-        bytes_per_token = int(notes.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN))
-        return tokens * bytes_per_token / (self.pcie_gb_s * 1e9)
+        return kv_copy_s(self.profile(model), tokens, self.pcie_gb_s)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -480,7 +431,7 @@ class SimulatedEngine:
         self._running.extend(batch)
         recompute = sum(s.context_tokens for s in batch if not s.restore)
         restore_s = sum(self.kv_copy_s(profile.model, s.context_tokens) for s in batch if s.restore)
-        predicted = profile.prefill_s(recompute) + restore_s
+        predicted = prefill_step_s(profile, recompute, restore_s)
         started_at = self._step_start()
         await self._clock.sleep_until(started_at + predicted / self.time_scale)
         self._account(1, predicted, started_at)
@@ -504,14 +455,13 @@ class SimulatedEngine:
                 break
             visible.append(seq)
         deferred = len(visible) < len(self._waiting)
-        fits = plan_prefill(
-            (s.context_tokens for s in visible),
-            len(self._running),
-            sum(s.context_tokens for s in self._running),
-            profile,
-            sys.maxsize,
+        num_fit = admit_prefix(
+            ((s.context_tokens + 1, s.context_tokens) for s in visible),
+            profile.max_batch_size - len(self._running),
+            profile.kv_capacity_tokens - sum(s.context_tokens for s in self._running)
+            - len(self._running),
         )
-        candidates = visible[: len(fits.positions)]
+        candidates = visible[:num_fit]
         plan = plan_chunks(
             self.max_prefill_tokens,
             len(decoding),
@@ -574,7 +524,7 @@ class SimulatedEngine:
     async def _decode(self, profile: PerfProfile, max_steps: int | None = None) -> None:
         batch = list(self._running)
         ctx0 = sum(s.context_tokens for s in batch)
-        steps = plan_decode_steps(
+        steps = decode_steps(
             profile,
             len(batch),
             ctx0,

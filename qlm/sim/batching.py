@@ -1,4 +1,21 @@
-"""Closed-form continuous batching: the time of k decode steps of a fixed batch.
+"""The one continuous-batching step model: pure step maths shared by every engine model.
+
+Used by the discrete-event simulator (:mod:`qlm.sim.engine`, in segments of steps), the
+worker's simulated engine (:mod:`qlm.engine.simulated`, on a clock) and the GPU
+fidelity harness's step-level reference (``loadgen/gpu/step_model.py``, one step per
+event), so that all three mean the same by a step:
+
+* **admission** (:func:`admit_prefix`): a FIFO prefix of the waiting requests, while a
+  batch slot is free and each one's KV need fits (what a KV need is, each caller says:
+  the scheduler's reservation in the simulator, the context held in an engine), and, for
+  a whole prefill, while its prompt fits the step's token budget (the first always may);
+* **chunked prefill** (:func:`plan_chunks`, :func:`mixed_step_s`,
+  :func:`output_latency_s`): vLLM's token budget per step, decode first;
+* **whole prefill** (:func:`plan_prefill`, :func:`prefill_step_s`): admitted requests
+  prefill in one step while the running batch waits;
+* **decode segments** (:func:`decode_segment_s`, :func:`decode_steps_within`,
+  :func:`decode_steps`): k steps of a fixed batch in closed form (below);
+* **KV state swap** (:func:`kv_copy_s`): a copy over PCIe instead of a recompute.
 
 A decode step advances every running request by one token and takes
 ``decode_step_s(B, ctx) = base + per_seq·B + per_ctx·ctx`` where ``ctx`` is the
@@ -16,8 +33,81 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from qlm.core.perf import PerfProfile
+
+#: Bytes of KV state per token when a profile does not say (Mistral-7B: 32 layers ×
+#: 8 KV heads × 128 dims × K and V × 2 bytes fp16).
+DEFAULT_KV_BYTES_PER_TOKEN: Final[int] = 32 * 8 * 128 * 2 * 2
+
+
+# ---------------------------------------------------------------- admission
+def admit_prefix(
+    candidates: Iterable[tuple[int, int]], free_slots: int, kv_free: int,
+    budget: int | None = None,
+) -> int:
+    """How many of ``candidates`` (each ``(kv_need, prefill_tokens)``, in queue order) one
+    step admits: a FIFO prefix while a batch slot is free and the KV need fits what is
+    left of ``kv_free``; with a ``budget``, every admission after the first must also
+    fit its prefill tokens in what is left of it (the first always may). Pure."""
+    count = 0
+    for kv_need, tokens in candidates:
+        if free_slots <= 0 or kv_need > kv_free or (
+            budget is not None and count and tokens > budget
+        ):
+            break
+        count += 1
+        free_slots -= 1
+        kv_free -= kv_need
+        if budget is not None:
+            budget -= tokens
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillPlan:
+    """Which waiting requests one prefill step admits (by position) and its context tokens."""
+
+    positions: tuple[int, ...]
+    context_tokens: int
+
+
+def plan_prefill(
+    waiting_context: Iterable[int],
+    num_running: int,
+    running_context: int,
+    profile: PerfProfile,
+    max_prefill_tokens: int,
+) -> PrefillPlan:
+    """An engine's whole-prefill admission: the FIFO prefix of waiting requests (their
+    context tokens) one prefill admits (:func:`admit_prefix`; a request needs its
+    context plus one new token of KV cache). At least one request when it fits the batch
+    and the KV cache; then more while the prefill budget, free batch slots and KV
+    capacity last. Pure."""
+    waiting = list(waiting_context)
+    count = admit_prefix(
+        ((tokens + 1, tokens) for tokens in waiting),
+        profile.max_batch_size - num_running,
+        profile.kv_capacity_tokens - running_context - num_running,
+        max_prefill_tokens,
+    )
+    return PrefillPlan(tuple(range(count)), sum(waiting[:count]))
+
+
+def prefill_step_s(profile: PerfProfile, recompute_tokens: int, restore_s: float = 0.0) -> float:
+    """Seconds of one whole-prefill step: the recomputed context's prefill plus the KV
+    restores (:func:`kv_copy_s`) of requests whose state comes back from CPU memory."""
+    return profile.prefill_s(recompute_tokens) + restore_s
+
+
+def kv_copy_s(profile: PerfProfile, tokens: int, pcie_gb_s: float) -> float:
+    """Seconds to copy ``tokens`` of KV state between GPU and CPU memory (one way)."""
+    bytes_per_token = int(profile.notes.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN))
+    return tokens * bytes_per_token / (pcie_gb_s * 1e9)
+
+
+# ---------------------------------------------------------------- decode segments
 
 
 def decode_segment_s(profile: PerfProfile, batch: int, ctx0: int, steps: int) -> float:
@@ -40,6 +130,21 @@ def decode_steps_within(profile: PerfProfile, batch: int, ctx0: int, elapsed_s: 
     while decode_segment_s(profile, batch, ctx0, k + 1) <= elapsed_s:
         k += 1
     return k
+
+
+def decode_steps(
+    profile: PerfProfile,
+    batch: int,
+    context_tokens: int,
+    min_remaining_tokens: int,
+    max_segment_s: float = math.inf,
+) -> int:
+    """Steps of the next decode segment: to the next completion, before the KV cache
+    overflows (context + one token each step), and within ``max_segment_s``; at least one."""
+    steps = min(min_remaining_tokens, (profile.kv_capacity_tokens - context_tokens) // batch)
+    if max_segment_s < math.inf:
+        steps = min(steps, decode_steps_within(profile, batch, context_tokens, max_segment_s))
+    return max(1, steps)
 
 
 # ---------------------------------------------------------------- chunked prefill

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
 
 from qlm.core.errors import InvalidInput
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
 from qlm.core.types import Request
 from qlm.sim.batching import PREFILL_MODES
-
-#: Bytes of KV state per token when a profile does not say (Mistral-7B: 32 layers ×
-#: 8 KV heads × 128 dims × K and V × 2 bytes fp16).
-DEFAULT_KV_BYTES_PER_TOKEN: Final[int] = 32 * 8 * 128 * 2 * 2
 
 
 @dataclass(frozen=True, slots=True)

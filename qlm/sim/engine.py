@@ -37,11 +37,11 @@ Model (every time is virtual seconds):
 * **Scheduler** invoked at the arrival of a request of a new group, at every
   completion or eviction, and on a periodic tick; invocations at one instant are
   coalesced. Each ``decide()`` call's wall time is measured by the injected
-  ``timer``. A decision's placements become the workers' virtual queues; its
-  evictions, swaps and explicit pulls take effect at each worker's next step
-  boundary; between decisions workers keep pulling from their virtual queues.
-  Invalid actions (evicting a request not running there, swapping to a model the
-  worker cannot serve, pulling a request not queued) are ignored and counted.
+  ``timer``. A decision means what :func:`qlm.runtime.apply.apply` says (shared with
+  the scheduler service and the GPU harness): its placements become the workers'
+  virtual queues; its evictions and swaps take effect at each worker's next step
+  boundary; workers pull from the head of their virtual queues at every step boundary
+  (a decision's pulls forecast those). Invalid actions are ignored and counted.
 * Running requests in a worker's view show progress as of the worker's last step
   boundary, refreshed once it moved ``VIEW_LAG_TOKENS`` tokens (views are cheap to
   keep, costly to rebuild for every request at every step).
@@ -60,25 +60,30 @@ import numpy as np
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext
-from qlm.core.pulls import can_serve, kv_reservation, plan_pulls
+from qlm.core.pulls import kv_reservation, plan_pulls
+from qlm.core.queue import QueueIndex
 from qlm.core.types import (
     Decision,
     GroupKey,
     QueueSnapshot,
     Request,
-    RequestGroup,
     RunningRequest,
     WorkerView,
     group_key_for,
 )
+from qlm.runtime.apply import apply
 from qlm.sim.batching import (
+    admit_prefix,
     decode_segment_s,
+    decode_steps,
     decode_steps_within,
+    kv_copy_s,
     mixed_step_s,
     output_latency_s,
     plan_chunks,
+    prefill_step_s,
 )
-from qlm.sim.cluster import DEFAULT_KV_BYTES_PER_TOKEN, Job, SimConfig, WorkerSpec
+from qlm.sim.cluster import Job, SimConfig, WorkerSpec
 from qlm.sim.events import Arrival, Boundary, Decide, Event, EventQueue, Tick
 from qlm.sim.metrics import RequestRecord, RunResult, summarise
 
@@ -140,7 +145,6 @@ class _Worker:
     stall_s: float = 0.0
     pending_evictions: dict[str, bool] = field(default_factory=dict)
     pending_swap: str | None = None
-    pending_pulls: list[str] = field(default_factory=list)
     restored: set[str] = field(default_factory=set)  # admitted by KV restore, not prefill
     order: tuple[GroupKey, ...] = ()
     busy_s: float = 0.0
@@ -159,7 +163,7 @@ class _Worker:
 
     @property
     def has_pending(self) -> bool:
-        return bool(self.pending_evictions or self.pending_swap or self.pending_pulls)
+        return bool(self.pending_evictions or self.pending_swap)
 
 
 class Simulation:
@@ -192,8 +196,7 @@ class Simulation:
         self.events = EventQueue()
         self.now = 0.0
         self.live: dict[str, _Live] = {}
-        self.queued: dict[GroupKey, dict[str, None]] = {}
-        self.group_cache: dict[GroupKey, RequestGroup] = {}
+        self.queued = QueueIndex()
         self.owner: dict[GroupKey, str] = {}
         self.running_views: dict[str, RunningRequest] = {}
         self.workers = {
@@ -282,7 +285,7 @@ class Simulation:
             self.decision_s.append(self.timer() - started)
         if self.predictor is not None:
             self._record_predictions(self.predictor(snapshot, decision))
-        return self.apply(decision)
+        return self.apply(decision, snapshot)
 
     def on_boundary(self, event: Boundary) -> Scheduled:
         worker = self.workers[event.worker_id]
@@ -306,21 +309,10 @@ class Simulation:
     def snapshot(self) -> QueueSnapshot:
         return QueueSnapshot(
             now=self.now,
-            groups=tuple(self._group(k) for k in sorted(self.queued)),
+            groups=self.queued.groups(),
             workers=tuple(self._view(w) for w in self.workers.values()),
             virtual_queues={w.id: w.order for w in self.workers.values()},
         )
-
-    def _group(self, key: GroupKey) -> RequestGroup:
-        group = self.group_cache.get(key)
-        if group is None:
-            requests = sorted(
-                (self.live[rid].request for rid in self.queued[key]),
-                key=lambda r: (r.arrival_at, r.id),
-            )
-            group = RequestGroup(key, tuple(requests))
-            self.group_cache[key] = group
-        return group
 
     def _view(self, w: _Worker) -> WorkerView:
         if w.view is None:
@@ -363,58 +355,12 @@ class Simulation:
         return self.profiles.get(model, w.spec.gpu)
 
     # ============================================================ decision
-    def apply(self, decision: Decision) -> Scheduled:
-        """Apply a decision: rejections and placements now, the rest at step boundaries."""
-        for rejection in decision.rejections:
-            self._reject(rejection.request_id)
-        self._apply_placements(decision)
-        for evict in decision.evictions:
-            w = self.workers.get(evict.worker_id)
-            if w is None or evict.request_id not in (*w.running, *w.admitting):
-                self.num_invalid += 1
-                continue
-            w.pending_evictions[evict.request_id] = evict.state_swap
-        for swap in decision.swaps:
-            w = self.workers.get(swap.worker_id)
-            if w is None or not can_serve(self._view(w), swap.to_model, self.profiles):
-                self.num_invalid += 1
-                continue
-            if w.phase is not Phase.SWAP and swap.to_model == w.active_model:
-                w.pending_swap = None
-                continue
-            w.pending_swap = swap.to_model
-        for pull in decision.pulls:
-            w = self.workers.get(pull.worker_id)
-            for rid in pull.request_ids:
-                live = self.live.get(rid)
-                if w is None or live is None or rid not in self.queued.get(live.key, {}):
-                    self.num_invalid += 1
-                    continue
-                w.pending_pulls.append(rid)
-        out: Scheduled = []
-        for w in self.workers.values():
-            out += self._nudge(w)
-        return out
-
-    def _apply_placements(self, decision: Decision) -> None:
-        named: dict[str, tuple[GroupKey, ...]] = {}
-        for place in decision.placements:
-            if place.worker_id not in self.workers:
-                self.num_invalid += 1
-                continue
-            named[place.worker_id] = place.order
-        if not named:
-            return
-        placed = {k for order in named.values() for k in order}
-        for w in self.workers.values():
-            if w.id in named:
-                w.order = named[w.id]
-            else:
-                w.order = tuple(k for k in w.order if k not in placed)
-        self.owner = {}
-        for w in self.workers.values():
-            for k in w.order:
-                self.owner.setdefault(k, w.id)
+    def apply(self, decision: Decision, snapshot: QueueSnapshot) -> Scheduled:
+        """Apply a decision made on ``snapshot`` (:func:`qlm.runtime.apply.apply`):
+        rejections and placements now, evictions and swaps at step boundaries."""
+        effects = _SimEffects(self)
+        self.num_invalid += apply(decision, snapshot, self.profiles, effects)
+        return effects.scheduled
 
     def _record_predictions(self, predicted: Mapping[str, float]) -> None:
         for rid, first_token_at in predicted.items():
@@ -443,7 +389,7 @@ class Simulation:
         groups = []
         for k in w.order:
             if k in self.queued:
-                groups.append(self._group(k))
+                groups.append(self.queued.group(k))
                 if limit_one:
                     break
         if not groups:
@@ -595,7 +541,6 @@ class Simulation:
                 return self._start_phase(w, Phase.PREFILL, self._prefill_s(w, admitted))
         if w.running:
             return self._start_decode(w)
-        w.pending_pulls.clear()
         return []
 
     def _start_phase(self, w: _Worker, phase: Phase, duration: float) -> Scheduled:
@@ -613,7 +558,6 @@ class Simulation:
         w.active_model = None
         w.swap_target = target
         w.view = None
-        w.pending_pulls.clear()
         self.num_swaps += 1
         duration, w.stall_s = duration + w.stall_s, 0.0
         return self._start_phase(w, Phase.SWAP, duration)
@@ -625,9 +569,8 @@ class Simulation:
         to_completion = min(
             self.live[rid].job.output_tokens - self.live[rid].generated for rid in w.running
         )
-        to_kv_full = (profile.kv_capacity_tokens - ctx0) // batch
         w.seg_batch, w.seg_ctx0 = batch, ctx0
-        w.seg_steps = 1 if w.deferred else max(1, min(to_completion, to_kv_full))
+        w.seg_steps = 1 if w.deferred else decode_steps(profile, batch, ctx0, to_completion)
         return self._start_phase(
             w, Phase.DECODE, decode_segment_s(profile, batch, ctx0, w.seg_steps)
         )
@@ -640,35 +583,20 @@ class Simulation:
         return total
 
     # ============================================================ admission
-    def _candidates(self, w: _Worker) -> list[str]:
-        """Pending explicit pulls, then the head of the virtual queue (no duplicates)."""
-        model = self._active(w)
-        explicit = [
-            rid
-            for rid in dict.fromkeys(w.pending_pulls)
-            if rid in self.queued.get(self.live[rid].key, {}) and self.live[rid].key.model == model
-        ]
-        w.pending_pulls.clear()
-        return list(dict.fromkeys([*explicit, *self._planned_pulls(w)]))
-
     def _admit(self, w: _Worker) -> list[str]:
-        """Admit pending explicit pulls, then the head of the virtual queue, within limits."""
+        """Admit the head of the virtual queue, within limits."""
         profile = self._profile(w, self._active(w))
         view = self._view(w)
-        free_slots = profile.max_batch_size - view.batch_size
-        headroom = profile.kv_capacity_tokens - w.reserved_tokens
-        budget = self.config.max_prefill_tokens
-        admitted: list[str] = []
-        for rid in self._candidates(w):
-            live = self.live[rid]
-            need = kv_reservation(live.request, self.config.expected_output_tokens)
-            tokens = live.request.context_tokens
-            if free_slots <= 0 or need > headroom or (admitted and tokens > budget):
-                break
-            admitted.append(rid)
-            free_slots -= 1
-            headroom -= need
-            budget -= tokens
+        candidates = self._planned_pulls(w)
+        expected = self.config.expected_output_tokens
+        count = admit_prefix(
+            ((kv_reservation(self.live[rid].request, expected),
+              self.live[rid].request.context_tokens) for rid in candidates),
+            profile.max_batch_size - view.batch_size,
+            profile.kv_capacity_tokens - w.reserved_tokens,
+            self.config.max_prefill_tokens,
+        )
+        admitted = list(candidates[:count])
         self._mark_admitted(w, admitted)
         w.admitting = admitted
         if admitted:
@@ -683,22 +611,22 @@ class Simulation:
         step begins: requests queued after that are not visible yet (``w.deferred``)."""
         profile = self._profile(w, self._active(w))
         view = self._view(w)
-        free_slots = profile.max_batch_size - view.batch_size
-        headroom = profile.kv_capacity_tokens - w.reserved_tokens
+        candidates = self._planned_pulls(w)
         visible_until = w.last_step_at if (w.running or w.admitting) else self.now
-        w.deferred = False
-        eligible: list[str] = []
-        for rid in self._candidates(w):
-            live = self.live[rid]
-            if live.queued_at > visible_until:
-                w.deferred = True
-                break
-            need = kv_reservation(live.request, self.config.expected_output_tokens)
-            if free_slots <= 0 or need > headroom:
-                break
-            eligible.append(rid)
-            free_slots -= 1
-            headroom -= need
+        num_visible = 0
+        while (num_visible < len(candidates)
+               and self.live[candidates[num_visible]].queued_at <= visible_until):
+            num_visible += 1
+        expected = self.config.expected_output_tokens
+        count = admit_prefix(
+            ((kv_reservation(self.live[rid].request, expected), 0)
+             for rid in candidates[:num_visible]),
+            profile.max_batch_size - view.batch_size,
+            profile.kv_capacity_tokens - w.reserved_tokens,
+        )
+        # the first request not visible yet stops the pull (if all before it fit)
+        w.deferred = count == num_visible < len(candidates)
+        eligible = list(candidates[:count])
         restore = {rid for rid in eligible if self._restores(w, self.live[rid])}
         plan = plan_chunks(
             self.config.max_prefill_tokens,
@@ -757,26 +685,19 @@ class Simulation:
             else:
                 recompute_tokens += live.request.context_tokens
             live.kv_on_worker = None
-        return profile.prefill_s(recompute_tokens) + restore_s
+        return prefill_step_s(profile, recompute_tokens, restore_s)
 
     def _kv_copy_s(self, w: _Worker, live: _Live) -> float:
-        profile = self._profile(w, live.key.model)
-        bytes_per_token = int(profile.notes.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN))
         tokens = live.job.request.prompt_tokens + live.generated
-        return tokens * bytes_per_token / (self.config.pcie_gb_s * 1e9)
+        return kv_copy_s(self._profile(w, live.key.model), tokens, self.config.pcie_gb_s)
 
     # ============================================================== queue
     def _enqueue(self, live: _Live) -> None:
         live.queued_at = self.now
-        self.queued.setdefault(live.key, {})[live.request.id] = None
-        self.group_cache.pop(live.key, None)
+        self.queued.add(live.key, live.request)
 
     def _dequeue(self, live: _Live) -> None:
-        members = self.queued[live.key]
-        del members[live.request.id]
-        if not members:
-            del self.queued[live.key]
-        self.group_cache.pop(live.key, None)
+        self.queued.remove(live.key, live.request.id)
 
     def _evict(self, w: _Worker, rid: str, state_swap: bool) -> None:
         if rid in w.admitting:  # chunked: its prefill under way is lost
@@ -802,10 +723,7 @@ class Simulation:
         self.num_open -= 1
 
     def _reject(self, rid: str) -> None:
-        live = self.live.get(rid)
-        if live is None or rid not in self.queued.get(live.key, {}):
-            self.num_invalid += 1
-            return
+        live = self.live[rid]
         self._dequeue(live)
         live.rejected = True
         self.num_open -= 1
@@ -862,6 +780,39 @@ def _with_generated(request: Request, num_generated: int) -> Request:
         object.__setattr__(clone, name, getattr(request, name))
     object.__setattr__(clone, "num_generated", num_generated)
     return clone
+
+
+class _SimEffects:
+    """The simulator's :class:`qlm.runtime.apply.Effects`: a decision changes its
+    in-memory state; what happens at step boundaries is left pending on the worker."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.scheduled: Scheduled = []
+
+    def set_virtual_queues(self, orders: Mapping[str, tuple[GroupKey, ...]]) -> None:
+        workers = self.sim.workers
+        for worker_id, order in orders.items():
+            workers[worker_id].order = order
+        self.sim.owner = {}
+        for w in workers.values():
+            for k in w.order:
+                self.sim.owner.setdefault(k, w.id)
+
+    def reject(self, request_id: str, reason: str) -> None:
+        self.sim._reject(request_id)
+
+    def evict(self, worker_id: str, request_id: str, state_swap: bool, reason: str) -> None:
+        self.sim.workers[worker_id].pending_evictions[request_id] = state_swap
+
+    def swap(self, worker_id: str, to_model: str) -> None:
+        self.sim.workers[worker_id].pending_swap = to_model
+
+    def keep_model(self, worker_id: str) -> None:
+        self.sim.workers[worker_id].pending_swap = None
+
+    def pull(self, worker_id: str) -> None:
+        self.scheduled += self.sim._nudge(self.sim.workers[worker_id])
 
 
 def simulate(

@@ -11,28 +11,6 @@ expired, the groups named by a virtual queue), touches that slot only. A cluster
 runs each queue on one shard; several queues (prefixes) spread over the shards. Why
 the queue is not split further (by model or tenant) is in docs/redis.md.
 
-key                       type        contents
-========================  ==========  ==================================================
-``P req:{id}``            hash        the request record (schema in docs/redis.md);
-                                      its existence is the idempotency check
-``P group:{group}``       sorted set  ids of the *queued* requests of one group
-``P groups``              sorted set  every group that has at least one queued request
-``P vq:{worker}``         list        the worker's virtual queue: group keys, head first
-``P workers``             set         every worker that has a virtual queue or has pulled
-``P running:{worker}``    set         ids of the requests running on the worker
-``P leases``              sorted set  ids of every running request
-``P stream:{id}``         stream      the request's output chunks, then one end entry
-``P file:{id}``           hash        an uploaded / produced file's metadata (Files API)
-``P file:{id}:content``   string      its content (UTF-8 JSONL)
-``P files``               sorted set  every file id, scored by ``created_at``
-``P batch:{id}``          hash        a batch (Batch API): status, times, counts, cursor
-``P batch:{id}:out``      hash        custom_id → its output line (request succeeded)
-``P batch:{id}:err``      hash        custom_id → its error line (refused, failed, cancelled)
-``P batches``             sorted set  every batch id, scored by ``created_at``
-``P batches:active``      set         batches not yet completed, failed, expired or cancelled
-``P batches:driver``      string      lock of the one process that moves batches forward
-========================  ==========  ==================================================
-=======
 Keys (``P`` is ``{prefix}``; ``<id>``, ``<group>``, ``<worker>`` are values):
 
 ==========================  ==========  ================================================
@@ -79,6 +57,8 @@ Scores (the sorted-set score is the policy's sort key):
   request (seconds, same clock as ``arrival_at``). Ties are broken by Redis itself
   in lexicographic order of the request id. An evicted request keeps its deadline,
   so it returns ahead of later arrivals of its group.
+  (:func:`qlm.core.queue.group_member_score`; the in-memory store and the simulator
+  order their queue by the same scores, :mod:`qlm.core.queue`.)
 * ``groups`` member ``<group>``: the earliest deadline among the group's queued
   requests, i.e. the score of the head of ``group:<group>``. A group with no queued
   request is not in the index.
@@ -95,7 +75,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlm.core.errors import InvalidInput
+from qlm.core.queue import group_member_score
 from qlm.core.types import GroupKey
+
+__all__ = ["DEFAULT_PREFIX", "Keys", "group_member_score", "lease_score"]
 
 DEFAULT_PREFIX = "qlm:"
 
@@ -216,11 +199,6 @@ def is_tagged(prefix: str) -> bool:
         and "{" not in inner and "}" not in inner
     )
 
-
-
-def group_member_score(deadline_at: float) -> float:
-    """Score of a request in its group sorted set (see the module docstring)."""
-    return deadline_at
 
 
 def lease_score(lease_expires_at: float) -> float:

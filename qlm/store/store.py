@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -36,14 +36,22 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable
 from qlm.core.types import (
     GroupKey,
-    QueueSnapshot,
     Request,
     RequestGroup,
     RequestState,
     RunningRequest,
     SLOClass,
-    WorkerView,
     group_key_for,
+)
+from qlm.store.base import (
+    DEFAULT_GROUP_WINDOW_S,
+    DEFAULT_LEASE_S,
+    EnqueueResult,
+    LeaseRenewal,
+    StoreSnapshot,
+    require_count,
+    require_id,
+    require_positive,
 )
 from qlm.store.client import RedisClient, is_cluster_url, redis_client
 from qlm.store.errors import FenceLost, IdempotencyConflict, LeaseLost
@@ -60,8 +68,6 @@ from qlm.store.records import (
 )
 from qlm.store.scripts import Scripts
 
-DEFAULT_GROUP_WINDOW_S = 10.0
-DEFAULT_LEASE_S = 30.0
 DEFAULT_RECORD_TTL_S = 24 * 3600.0
 DEFAULT_STREAM_TTL_S = 3600.0
 DEFAULT_STREAM_MAXLEN = 10_000
@@ -71,24 +77,6 @@ _SNAPSHOT_CHUNK = 1000
 #: ``arrival_at`` guards against an id reused after its record expired.
 _CHANGING_FIELDS = ("num_generated", "arrival_at")
 _EXPIRED_BATCH = 500
-
-
-@dataclass(frozen=True, slots=True)
-class EnqueueResult:
-    """``created`` is False when the id already existed with the same payload; ``record``
-    is then the stored record (its state may be anything, e.g. finished)."""
-
-    record: RequestRecord
-    created: bool
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseRenewal:
-    """Result of a heartbeat: ``lost`` ids are no longer this worker's (stop them and
-    do not report them); ``cancel_requested`` ids must be stopped and acked cancelled."""
-
-    lost: tuple[str, ...]
-    cancel_requested: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,39 +107,6 @@ class TokenChunk:
     error: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class StoreSnapshot:
-    """The queue as read by :meth:`RedisQueueStore.snapshot`.
-
-    Membership (which ids are queued in which group, which run where, every virtual
-    queue) is read atomically, so no request appears twice. ``groups`` are in index
-    order (earliest deadline first), each group's requests in pull order (deadline,
-    then id). Record fields are read right after, so progress may be slightly newer.
-    """
-
-    groups: tuple[RequestGroup, ...]
-    running: Mapping[str, tuple[RunningRequest, ...]]
-    virtual_queues: Mapping[str, tuple[GroupKey, ...]]
-
-    def group(self, key: GroupKey) -> RequestGroup:
-        """The queued group ``key``; KeyError when it has no queued request."""
-        for group in self.groups:
-            if group.key == key:
-                return group
-        raise KeyError(str(key))
-
-    @property
-    def worker_ids(self) -> tuple[str, ...]:
-        return tuple(sorted(set(self.running) | set(self.virtual_queues)))
-
-    def to_queue_snapshot(self, now: float, workers: Iterable[WorkerView]) -> QueueSnapshot:
-        """A policy input: ``workers`` (their static view) with their running requests."""
-        views = tuple(replace(w, running=self.running.get(w.id, ())) for w in workers)
-        return QueueSnapshot(
-            now=now, groups=self.groups, workers=views, virtual_queues=self.virtual_queues
-        )
-
-
 @contextmanager
 def _redis_errors() -> Iterator[None]:
     try:
@@ -160,32 +115,10 @@ def _redis_errors() -> Iterator[None]:
         raise Unavailable(f"redis: {exc}") from exc
 
 
-def _require_id(value: str, field_name: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidInput(field_name, f"must be a non-empty string, got {value!r}")
-    return value
-
-
-def _require_positive(value: float, field_name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidInput(field_name, f"must be a finite number, got {value!r}")
-    if value <= 0:
-        raise InvalidInput(field_name, f"must be > 0, got {value}")
-    return value
-
-
-def _require_count(value: int, field_name: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(field_name, f"must be an integer, got {value!r}")
-    if value < minimum:
-        raise InvalidInput(field_name, f"must be >= {minimum}, got {value}")
-    return value
-
-
 def _ttl_arg(value: float, field_name: str) -> str:
     """Whole seconds for EXPIRE (0 = no expiry)."""
     if value != 0:
-        _require_positive(value, field_name)
+        require_positive(value, field_name)
     return str(math.ceil(value))
 
 
@@ -247,11 +180,11 @@ class RedisQueueStore:
             raise InvalidInput("client", "must be created with decode_responses=True")
         self._redis = client
         self.keys = Keys(prefix)
-        self.group_window_s = _require_positive(group_window_s, "group_window_s")
-        self.lease_s = _require_positive(lease_s, "lease_s")
+        self.group_window_s = require_positive(group_window_s, "group_window_s")
+        self.lease_s = require_positive(lease_s, "lease_s")
         self._record_ttl = _ttl_arg(record_ttl_s, "record_ttl_s")
         self._stream_ttl = _ttl_arg(stream_ttl_s, "stream_ttl_s")
-        self._stream_maxlen = str(_require_count(stream_maxlen, "stream_maxlen", minimum=1))
+        self._stream_maxlen = str(require_count(stream_maxlen, "stream_maxlen", minimum=1))
         self._clock = clock
         self._scripts = Scripts.register(client)
         #: Queued requests of the previous snapshot: id → (changing fields, Request).
@@ -275,7 +208,7 @@ class RedisQueueStore:
         output, so size this to the number of concurrent token streams plus the other
         concurrent callers.
         """
-        _require_count(max_connections, "max_connections", minimum=1)
+        require_count(max_connections, "max_connections", minimum=1)
         if is_cluster_url(url):
             return cls(
                 redis_client(url, decode_responses=True, max_connections=max_connections),
@@ -306,7 +239,7 @@ class RedisQueueStore:
 
     def _now_and_lease_until(self, lease_s: float | None) -> tuple[str, str]:
         """The time now and when a lease of ``lease_s`` (default: the store's) taken now ends."""
-        lease = self.lease_s if lease_s is None else _require_positive(lease_s, "lease_s")
+        lease = self.lease_s if lease_s is None else require_positive(lease_s, "lease_s")
         now = float(self._clock())
         return repr(now), repr(now + lease)
 
@@ -410,7 +343,7 @@ class RedisQueueStore:
 
     async def get(self, request_id: str) -> RequestRecord:
         """The record of ``request_id``; :class:`NotFound` if unknown (or expired)."""
-        _require_id(request_id, "request_id")
+        require_id(request_id, "request_id")
         with _redis_errors():
             fields: dict[str, str] = await self._redis.hgetall(  # type: ignore[assignment]
                 self.keys.request(request_id)
@@ -453,7 +386,7 @@ class RedisQueueStore:
         return await self._end_queued(request_id, "reject", reason)
 
     async def _end_queued(self, request_id: str, mode: str, reason: str) -> RequestState:
-        _require_id(request_id, "request_id")
+        require_id(request_id, "request_id")
         args = [self.keys.prefix, request_id, mode, reason, self._now(), *self._ttl_args()]
         with _redis_errors():
             reply = await self._scripts.cancel(keys=[self.keys.request(request_id)], args=args)
@@ -472,7 +405,7 @@ class RedisQueueStore:
 
         With ``fence`` (> 0), only while it is the current fencing token of the scheduler
         lease (checked inside the script), else FenceLost and nothing is written."""
-        workers = [_require_id(w, "worker_id") for w in orders]
+        workers = [require_id(w, "worker_id") for w in orders]
         flat: list[str] = []
         for worker in workers:
             order = orders[worker]
@@ -643,9 +576,9 @@ class RedisQueueStore:
         request are skipped; the pull stops at the first group of a model other than
         ``model`` (the worker's active one), as :func:`qlm.core.pulls.plan_pulls` does.
         Returns the records now ``running`` (maybe none)."""
-        _require_id(worker_id, "worker_id")
-        _require_id(model, "model")
-        _require_count(max_requests, "max_requests", minimum=1)
+        require_id(worker_id, "worker_id")
+        require_id(model, "model")
+        require_count(max_requests, "max_requests", minimum=1)
         now, lease_until = self._now_and_lease_until(lease_s)
         keys = [
             self.keys.virtual_queue(worker_id),
@@ -666,9 +599,9 @@ class RedisQueueStore:
         queued group of another model, with at most ``max_requests`` requests in all,
         in pull order. One atomic read; for planning a backpressure pull with
         :func:`qlm.core.pulls.plan_pulls` (the pull itself may then find less)."""
-        _require_id(worker_id, "worker_id")
-        _require_id(model, "model")
-        _require_count(max_requests, "max_requests", minimum=1)
+        require_id(worker_id, "worker_id")
+        require_id(model, "model")
+        require_count(max_requests, "max_requests", minimum=1)
         args = [self.keys.prefix, model, str(max_requests), *SCHEDULING_FIELDS]
         with _redis_errors():
             reply = await self._scripts.queue_head(
@@ -690,8 +623,8 @@ class RedisQueueStore:
     ) -> tuple[RequestRecord, ...]:
         """Hold these named requests on ``worker_id`` under a lease (a scheduler
         ``Pull`` decision). Ids that are not queued are skipped; returns the claimed."""
-        _require_id(worker_id, "worker_id")
-        ids = [_require_id(i, "request_ids") for i in request_ids]
+        require_id(worker_id, "worker_id")
+        ids = [require_id(i, "request_ids") for i in request_ids]
         if len(set(ids)) != len(ids):
             raise InvalidInput("request_ids", "an id appears twice")
         if not ids:
@@ -707,8 +640,8 @@ class RedisQueueStore:
         self, worker_id: str, request_ids: Iterable[str], *, lease_s: float | None = None
     ) -> LeaseRenewal:
         """Heartbeat: extend the leases of the requests ``worker_id`` still holds."""
-        _require_id(worker_id, "worker_id")
-        ids = [_require_id(i, "request_ids") for i in request_ids]
+        require_id(worker_id, "worker_id")
+        ids = [require_id(i, "request_ids") for i in request_ids]
         if not ids:
             return LeaseRenewal((), ())
         _, lease_until = self._now_and_lease_until(lease_s)
@@ -729,8 +662,8 @@ class RedisQueueStore:
         """Record the final ``state`` of a request ``worker_id`` holds, drop its lease,
         close its token stream and start the record/stream TTLs. Raises
         :class:`LeaseLost` (nothing written) if the worker no longer holds it."""
-        _require_id(worker_id, "worker_id")
-        _require_id(request_id, "request_id")
+        require_id(worker_id, "worker_id")
+        require_id(request_id, "request_id")
         if not isinstance(state, RequestState) or not state.is_terminal:
             raise InvalidInput("state", f"must be finished, failed or cancelled, got {state!r}")
         progress = self._progress_arg(num_generated)
@@ -755,8 +688,8 @@ class RedisQueueStore:
         (``num_generated``, default: the progress stored by :meth:`append_tokens`).
         Returns ``queued``, or ``cancelled`` when its cancellation was requested.
         Raises :class:`LeaseLost` if the worker no longer holds it."""
-        _require_id(worker_id, "worker_id")
-        _require_id(request_id, "request_id")
+        require_id(worker_id, "worker_id")
+        require_id(request_id, "request_id")
         args = [
             self.keys.prefix,
             request_id,
@@ -774,7 +707,7 @@ class RedisQueueStore:
     def _progress_arg(num_generated: int | None) -> str:
         if num_generated is None:
             return ""
-        return str(_require_count(num_generated, "num_generated", minimum=0))
+        return str(require_count(num_generated, "num_generated", minimum=0))
 
     @staticmethod
     def _check_worker_reply(reply: list[Any], worker_id: str, request_id: str) -> None:
@@ -800,12 +733,12 @@ class RedisQueueStore:
         (default ``len(token_ids)``) to its progress; the first chunk sets
         ``first_token_at``. Returns the new ``num_generated``. Raises
         :class:`LeaseLost` if ``worker_id`` no longer holds the request."""
-        _require_id(worker_id, "worker_id")
-        _require_id(request_id, "request_id")
+        require_id(worker_id, "worker_id")
+        require_id(request_id, "request_id")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
             raise InvalidInput("token_ids", "must be integers")
         count = len(token_ids) if num_tokens is None else num_tokens
-        _require_count(count, "num_tokens", minimum=0)
+        require_count(count, "num_tokens", minimum=0)
         keys = [self.keys.request(request_id), self.keys.stream(request_id)]
         args = [
             worker_id,
@@ -829,14 +762,14 @@ class RedisQueueStore:
         :meth:`append_tokens` would have raised for it (:class:`LeaseLost`,
         :class:`NotFound`, :class:`InvalidInput`); bad arguments raise before anything
         is sent."""
-        _require_id(worker_id, "worker_id")
+        require_id(worker_id, "worker_id")
         calls = []
         for append in appends:
-            _require_id(append.request_id, "request_id")
+            require_id(append.request_id, "request_id")
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in append.token_ids):
                 raise InvalidInput("token_ids", "must be integers")
             count = len(append.token_ids) if append.num_tokens is None else append.num_tokens
-            _require_count(count, "num_tokens", minimum=0)
+            require_count(count, "num_tokens", minimum=0)
             keys = [self.keys.request(append.request_id), self.keys.stream(append.request_id)]
             args = [
                 worker_id,
@@ -870,8 +803,8 @@ class RedisQueueStore:
         (XREAD BLOCK), ending after the entry that carries ``final_state``. Raises
         :class:`NotFound` if the request is unknown. A request that ended and whose
         stream has expired yields nothing more."""
-        _require_id(request_id, "request_id")
-        _require_count(block_ms, "block_ms", minimum=1)
+        require_id(request_id, "request_id")
+        require_count(block_ms, "block_ms", minimum=1)
         stream = self.keys.stream(request_id)
         await self.get(request_id)  # NotFound before waiting
         last = after
@@ -893,7 +826,7 @@ class RedisQueueStore:
         """Every entry of the request's token stream now (XRANGE; no waiting), e.g.
         the output an evicted request already produced. Empty when nothing was written
         yet or the stream expired; NotFound if the request is unknown."""
-        _require_id(request_id, "request_id")
+        require_id(request_id, "request_id")
         with _redis_errors():
             pipe = self._redis.pipeline(transaction=False)
             pipe.exists(self.keys.request(request_id))

@@ -3,21 +3,26 @@
 The decision is the policy's pure ``decide(QueueSnapshot, PolicyContext)`` — the same
 code the simulator runs, with the RWT/planning estimator in process (no gRPC on the
 decision path: the policy needs per-request sizes that a remote call would have to
-ship every step, and a round trip per step buys nothing). This module only translates
-between the store and the policy and applies the result:
+ship every step, and a round trip per step buys nothing). What a decision means is
+:func:`qlm.runtime.apply.apply`, shared with the simulator; this module only translates
+between the store and the policy and carries out the applier's primitive effects
+(:class:`StoreEffects`):
 
-==============  ==========================================================================
-decision        effect
-==============  ==========================================================================
-``Place``       ``set_virtual_queues`` (one atomic script for every worker); workers the
-                store knows that are no longer live get an empty queue
-``Evict``       one ``evict`` LSO command per worker on ``qlm.lso`` (``keep_kv`` =
-                ``state_swap``)
-``Swap``        one ``swap`` LSO command on ``qlm.lso``
-``Reject``      ``store.reject`` (queued → failed with the reason)
-``Pull``        nothing: workers pull the head of their virtual queue themselves under
-                backpressure (the same ``plan_pulls``), with a lease
-==============  ==========================================================================
+========================  ================================================================
+effect                    here
+========================  ================================================================
+``set_virtual_queues``    ``store.set_virtual_queues`` (one atomic script for every
+                          worker); workers the store knows that are no longer live get
+                          an empty queue
+``evict``                 one ``evict`` LSO command per worker on ``qlm.lso``
+                          (``keep_kv`` = ``state_swap``)
+``swap``                  one ``swap`` LSO command on ``qlm.lso``
+``keep_model``            nothing (a swap not yet sent is not sent)
+``reject``                ``store.reject`` (queued → failed with the reason)
+``pull``                  nothing: workers pull the head of their virtual queue
+                          themselves under backpressure (the same ``plan_pulls``), with a
+                          lease, woken when requests are queued
+========================  ================================================================
 
 The same evict/swap command is not repeated within ``command_cooldown_s`` (the worker
 needs a moment to carry it out and report; until then the snapshot still shows the old
@@ -39,9 +44,19 @@ from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand, lso_command_id
 from qlm.core.perf import ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext
-from qlm.core.types import Decision, GroupKey, QueueSnapshot, RequestState, WorkerView
+from qlm.core.types import (
+    Decision,
+    Evict,
+    GroupKey,
+    QueueSnapshot,
+    Reject,
+    RequestState,
+    Swap,
+    WorkerView,
+)
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster
+from qlm.runtime.apply import apply
 from qlm.store.errors import FenceLost
 from qlm.store.store import RedisQueueStore, StoreSnapshot
 from services.scheduler.lease import LeaderLease
@@ -60,16 +75,6 @@ def queue_snapshot(store_snapshot: StoreSnapshot, workers: Iterable[WorkerView],
 def decide(policy: Policy, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
     """The decision step (pure: the policy's ``decide``)."""
     return policy.decide(snapshot, ctx)
-
-
-def queue_orders(decision: Decision, snapshot: QueueSnapshot,
-                 known_workers: Iterable[str]) -> dict[str, tuple[GroupKey, ...]]:
-    """Virtual queue per worker: the decision's order for live workers, empty for the
-    workers the store knows that are not live (their groups go elsewhere)."""
-    orders = {w.id: decision.order_for(w.id) for w in snapshot.workers}
-    for worker_id in known_workers:
-        orders.setdefault(worker_id, ())
-    return orders
 
 
 def lso_commands(decision: Decision, fence: int, numbers: Iterable[int], issued_at: float
@@ -96,6 +101,40 @@ def lso_commands(decision: Decision, fence: int, numbers: Iterable[int], issued_
         for swap in decision.swaps
     ]
     return commands
+
+
+@dataclass
+class StoreEffects:
+    """The scheduler service's :class:`qlm.runtime.apply.Effects`: collects what the
+    applier asks for; :meth:`SchedulingLoop.apply` then writes it to Redis and Kafka."""
+
+    orders: dict[str, tuple[GroupKey, ...]] | None = None
+    rejections: list[Reject] = field(default_factory=list)
+    evictions: list[Evict] = field(default_factory=list)
+    swaps: list[Swap] = field(default_factory=list)
+
+    def set_virtual_queues(self, orders: Mapping[str, tuple[GroupKey, ...]]) -> None:
+        self.orders = dict(orders)
+
+    def reject(self, request_id: str, reason: str) -> None:
+        self.rejections.append(Reject(request_id, reason))
+
+    def evict(self, worker_id: str, request_id: str, state_swap: bool, reason: str) -> None:
+        self.evictions.append(Evict(worker_id, request_id, reason, state_swap))
+
+    def swap(self, worker_id: str, to_model: str) -> None:
+        self.swaps.append(Swap(worker_id, to_model))
+
+    def keep_model(self, worker_id: str) -> None:
+        """Nothing to send: a swap command already sent cannot be withdrawn."""
+
+    def pull(self, worker_id: str) -> None:
+        """Nothing to send: the worker pulls its queue head itself."""
+
+    @property
+    def commands(self) -> Decision:
+        """The evictions and swaps to send, as a decision (for :class:`CommandMemory`)."""
+        return Decision(evictions=tuple(self.evictions), swaps=tuple(self.swaps))
 
 
 @dataclass
@@ -218,19 +257,25 @@ class SchedulingLoop:
 
     async def apply(self, decision: Decision, snapshot: QueueSnapshot,
                     known_workers: Iterable[str]) -> int:
-        """Write the decision (table in the module docstring); returns the commands sent."""
-        try:
-            await self.store.set_virtual_queues(queue_orders(decision, snapshot, known_workers),
-                                                fence=self.lease.fence)
-        except FenceLost:  # a newer term began: write nothing more, send no command
-            log.warning("fence_lost", fence=self.lease.fence)
-            self.lease.forfeit()
-            return 0
-        fresh = self.memory.fresh(decision, snapshot.now)
+        """Carry the decision out (:func:`qlm.runtime.apply.apply`, effects in the module
+        docstring); returns the commands sent. The virtual queues are written only while
+        this scheduler's fencing token is current (checked inside Redis)."""
+        effects = StoreEffects()
+        num_invalid = apply(decision, snapshot, self.profiles, effects, known_workers)
+        if num_invalid:
+            log.warning("invalid_actions", num_invalid=num_invalid)
+        if effects.orders is not None:
+            try:
+                await self.store.set_virtual_queues(effects.orders, fence=self.lease.fence)
+            except FenceLost:  # a newer term began: write nothing more, send no command
+                log.warning("fence_lost", fence=self.lease.fence)
+                self.lease.forfeit()
+                return 0
+        fresh = self.memory.fresh(effects.commands, snapshot.now)
         commands = lso_commands(fresh, self.lease.fence, self._numbers, self.clock())
         acknowledged = [await self.producer.publish_soon(self.lso_topic, c) for c in commands]
-        for reject in decision.rejections:
-            await self.store.reject(reject.request_id, reject.reason or "rejected by scheduler")
+        for reject in effects.rejections:
+            await self.store.reject(reject.request_id, reject.reason)
         if acknowledged:
             await asyncio.gather(*acknowledged)
         for command in commands:
@@ -241,7 +286,7 @@ class SchedulingLoop:
             log.info("lso_sent", type=command.type, worker=command.worker,
                      command_id=command.command_id, request_ids=list(command.request_ids),
                      to_model=command.to_model)
-        self.metrics.rejections.inc(len(decision.rejections))
+        self.metrics.rejections.inc(len(effects.rejections))
         return len(commands)
 
     def _observe(self, report: StepReport, snapshot: QueueSnapshot) -> None:

@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 import redis.asyncio as aioredis
-import test_store as single
+import test_queue_contract as contract
+from queue_helpers import T0, WINDOW_S, FakeClock, group_of, make_request
 from redis.crc import key_slot
-from test_store import T0, WINDOW_S, FakeClock, group_of, make_request
 
 from qlm.core.errors import NotFound
 from qlm.core.types import RequestState, SLOClass
@@ -74,7 +74,10 @@ def flush_scripts(cluster: LocalRedisCluster) -> None:
 
 
 async def test_the_queue_contract_holds_on_a_cluster(redis_cluster_url: str) -> None:
-    await single.test_queue_contract(redis_cluster_url, single._redis_store)
+    async def on_cluster(clock: FakeClock) -> RedisQueueStore:
+        return open_store(redis_cluster_url, clock)
+
+    await contract.test_queue_contract(on_cluster)
 
 
 async def test_every_script_runs_on_a_cluster_and_a_queue_stays_in_one_slot(

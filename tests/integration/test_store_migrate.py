@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from test_store import WINDOW_S, FakeClock, group_of, make_request
+from queue_helpers import WINDOW_S, FakeClock, group_of, make_request
 
 from qlm.core.types import RequestState
 from qlm.store import RedisQueueStore

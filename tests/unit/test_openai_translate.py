@@ -109,6 +109,18 @@ def test_validation_error_locations_become_parameter_names() -> None:
     assert _param_of(("body", "max_tokens")) == "max_tokens"
     assert _param_of(("body", "bogus"), unknown=True) == "bogus"
     assert _param_of(("query", "limit")) == "limit"
+    assert _param_of(("body", ""), unknown=True) == '""'
+
+
+def test_a_field_named_by_the_empty_string_is_refused_by_name() -> None:
+    app = make_app(FrontDoor(plane=None, fleet=None))  # type: ignore[arg-type]
+    body = {"": 1, "model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(app) as client:
+        refused = client.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == '""' and '""' in error["message"]
+    assert error["code"] == "unknown_parameter"
 
 
 def test_api_key_when_set_is_required_as_a_bearer_token() -> None:

@@ -1,8 +1,8 @@
 """The pure parts of the estimator, scheduler and admission: no servers.
 
 Worker roster liveness, LSO command building and the repeat cooldown, virtual queue
-orders for gone workers, PredictWait's best worker and admission, EstimateBatch's
-monotonicity, and the admission rules' parser.
+orders for gone workers (through the shared applier), PredictWait's best worker and
+admission, EstimateBatch's monotonicity, and the admission rules' parser.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from qlm.estimator_plane import (
     predict_wait,
 )
 from qlm.roster import WorkerInfo, WorkerRoster, view_of, workers_from
+from qlm.runtime.apply import apply
 from services.ingest.plane import AdmissionRules
-from services.scheduler.loop import CommandMemory, lso_commands, queue_orders
+from services.scheduler.loop import CommandMemory, StoreEffects, lso_commands
 
 PROFILES = ProfileBook.load()
 MODEL, GPU = "mistral-7b", "A100-80GB"
@@ -118,8 +119,10 @@ def test_workers_that_are_gone_get_an_empty_queue() -> None:
     view = view_of(WorkerInfo("live", GPU, (MODEL,), MODEL), PROFILES)
     assert view is not None
     snapshot = QueueSnapshot(0.0, (), (view,))
-    orders = queue_orders(Decision(placements=(Place("live", (key,)),)), snapshot,
-                          ["live", "gone"])
+    effects = StoreEffects()
+    apply(Decision(placements=(Place("live", (key,)),)), snapshot, PROFILES, effects,
+          ["live", "gone"])
+    orders = effects.orders
     assert orders == {"live": (key,), "gone": ()}
 
 

@@ -225,3 +225,23 @@ def test_unservable_swap_is_counted_not_applied() -> None:
     assert result.metrics.swaps == 0
     assert result.metrics.invalid_actions > 0
     assert result.metrics.slo_attainment == 0.0  # never placed, never served
+
+
+def test_the_snapshot_reads_the_queue_in_the_store_order() -> None:
+    """Groups by earliest deadline then key text, requests by deadline then id: the
+    order of the Redis store's sorted sets (qlm.core.queue), whatever the arrival order."""
+    from qlm.core.queue import group_order_key, request_order_key
+    from qlm.sim import Simulation
+
+    jobs = [job("late-batch", at=0.0, slo_class=SLOClass.BATCH_2),
+            job("b", at=0.2, slo_class=SLOClass.INTERACTIVE),
+            job("a", at=0.2, slo_class=SLOClass.INTERACTIVE),
+            job("early", at=0.1, slo_class=SLOClass.BATCH_1)]
+    sim = Simulation(jobs, [WorkerSpec("w", "g", "m1", ("m1",))], ProfileBook.of([profile()]),
+                     make_policy("fcfs"), EXACT)
+    for index in range(len(jobs)):
+        sim.on_arrival(Arrival(index))
+    groups = sim.snapshot().groups
+    assert [r.id for g in groups for r in g.requests] == ["a", "b", "early", "late-batch"]
+    assert list(groups) == sorted(groups, key=group_order_key)
+    assert all(list(g.requests) == sorted(g.requests, key=request_order_key) for g in groups)

@@ -15,9 +15,9 @@ from qlm.core.policies.base import make_policy
 from qlm.core.types import SLO, Request, SLOClass
 from qlm.engine.base import EngineRequest, OutputChunk, swap
 from qlm.engine.clock import VirtualClock
-from qlm.engine.simulated import SimulatedEngine, plan_prefill
+from qlm.engine.simulated import SimulatedEngine
 from qlm.sim import Job, SimConfig, WorkerSpec, simulate
-from qlm.sim.batching import decode_segment_s
+from qlm.sim.batching import decode_segment_s, plan_prefill
 
 
 def profile(model: str = "m", **overrides: object) -> PerfProfile:

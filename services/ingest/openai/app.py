@@ -93,7 +93,7 @@ def _param_of(loc: tuple[Any, ...], unknown: bool = False) -> str | None:
             if parts:
                 parts[-1] += f"[{item}]"
         elif i == 0 or item in FIELD_NAMES or (unknown and i == len(items) - 1):
-            parts.append(str(item))
+            parts.append(str(item) or '""')  # a body may name a field "" too
     return ".".join(parts) or None
 
 
