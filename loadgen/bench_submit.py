@@ -587,6 +587,7 @@ def _measure(args: argparse.Namespace, work: Path, redis_url: str, kafka: str,
         "QLM_KAFKA_BOOTSTRAP": kafka, "QLM_KEY_PREFIX": prefix, "QLM_TOPIC_PREFIX": topic_prefix,
         "QLM_MODELS_FILE": str(models), "QLM_HOST": "127.0.0.1", "QLM_PORT": str(port),
         "QLM_BATCH_CONSUMER": "false", "QLM_LOG_LEVEL": "info",
+        "QLM_SERVED_MODELS_TIMEOUT_S": "0",  # no workers: every catalogue model counts
         "QLM_PROCESSES": str(args.ingest_processes), "QLM_AUTH": "off",
     }
     credentials: Secure | None = None

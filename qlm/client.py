@@ -29,7 +29,14 @@ import grpc
 
 from qlm.api.v1 import qlm_pb2 as pb
 from qlm.api.v1 import qlm_pb2_grpc
-from qlm.core.errors import InvalidInput, NotFound, Overloaded, Unauthenticated, Unavailable
+from qlm.core.errors import (
+    InvalidInput,
+    NotFound,
+    NotServed,
+    Overloaded,
+    Unauthenticated,
+    Unavailable,
+)
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 SLO_CLASS_TO_PB: Final = {
@@ -91,9 +98,10 @@ def raise_from_rpc_error(error: grpc.RpcError) -> NoReturn:
     """Re-raise a gRPC error as qlm's exception for its status code."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or str(error)
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+        family = InvalidInput if code is grpc.StatusCode.INVALID_ARGUMENT else NotServed
         field, _, problem = details.partition(": ")
-        raise InvalidInput(field, problem) if problem else InvalidInput("request", details)
+        raise family(field, problem) if problem else family("request", details)
     if code is grpc.StatusCode.NOT_FOUND:
         raise NotFound("request", details.split("'")[1] if details.count("'") >= 2 else details)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

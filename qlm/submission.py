@@ -41,6 +41,12 @@ REQUEST_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 #: Prompt text is sized as ~4 UTF-8 bytes per token until a tokenizer is consulted.
 BYTES_PER_TOKEN_ESTIMATE: Final = 4
 DEFAULT_TENANT: Final = "default"
+#: Range of every count and token id: what the proto's int32 fields (and the engines)
+#: hold. Checked here, before anything narrows a number; the wire carries int64 so that
+#: a larger value arrives whole and is refused naming its field.
+INT32_MAX: Final = 2**31 - 1
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
 
 _TOP_LEVEL_FIELDS: Final = frozenset({
     "request_id", "tenant", "model", "prompt", "prompt_text", "prompt_token_ids", "messages",
@@ -135,10 +141,24 @@ def _str(record: Mapping[str, Any], name: str, default: str = "") -> str:
     return value
 
 
-def _int(value: Any, name: str) -> int:
+def _int(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int in ``low..high`` (inclusive, when given), or InvalidInput
+    naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(name, f"must be an integer, got {_type_name(value)}")
+    if low is not None and value < low:
+        raise InvalidInput(name, f"must be >= {low}, got {_short(value)}")
+    if high is not None and value > high:
+        raise InvalidInput(name, f"must be <= {high}, got {_short(value)}")
     return value
+
+
+def _short(value: int) -> str:
+    """An integer for an error message: its digits, or their count when there are many."""
+    if -(10**30) < value < 10**30:
+        return str(value)
+    sign = "-" if value < 0 else ""
+    return f"{sign}an integer of about {int(abs(value).bit_length() * 0.30103) + 1} digits"
 
 
 def _number(value: Any, name: str) -> float:
@@ -208,8 +228,7 @@ def _prompt(
         if not ids:
             raise InvalidInput("prompt_token_ids", "must not be empty")
         for i, token in enumerate(ids):
-            if _int(token, f"prompt_token_ids[{i}]") < 0:
-                raise InvalidInput(f"prompt_token_ids[{i}]", f"must be >= 0, got {token}")
+            _int(token, f"prompt_token_ids[{i}]", 0, INT32_MAX)
         return None, tuple(ids), None, len(ids)
     text = _str(record, text_field)
     if not text:
@@ -227,9 +246,9 @@ def _max_tokens(
 ) -> int:
     if record.get("max_tokens") is None:
         raise InvalidInput("max_tokens", "is required")
-    max_tokens = _int(record["max_tokens"], "max_tokens")
+    max_tokens = _int(record["max_tokens"], "max_tokens", high=INT32_MAX)
     if max_tokens <= 0:
-        raise InvalidInput("max_tokens", f"must be > 0, got {max_tokens}")
+        raise InvalidInput("max_tokens", f"must be > 0, got {_short(max_tokens)}")
     if limits is not None and num_prompt_tokens + max_tokens > limits.max_model_len:
         raise InvalidInput(
             "max_tokens",
@@ -291,11 +310,9 @@ def _sampling(record: Mapping[str, Any]) -> dict[str, Any]:
         if not 0 < out["top_p"] <= 1:
             raise InvalidInput("sampling.top_p", f"must be in (0, 1], got {out['top_p']}")
     if raw.get("top_k"):
-        out["top_k"] = _int(raw["top_k"], "sampling.top_k")
-        if out["top_k"] < 0:
-            raise InvalidInput("sampling.top_k", f"must be >= 0, got {out['top_k']}")
+        out["top_k"] = _int(raw["top_k"], "sampling.top_k", 0, INT32_MAX)
     if raw.get("seed") is not None:
-        out["seed"] = _int(raw["seed"], "sampling.seed")
+        out["seed"] = _int(raw["seed"], "sampling.seed", INT64_MIN, INT64_MAX)
     if raw.get("stop"):
         stop = raw["stop"]
         if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
@@ -311,8 +328,9 @@ def _sampling(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _reject_unknown(record: Mapping[str, Any], known: frozenset[str], prefix: str = "") -> None:
     for name in record:
-        if name not in known:
-            raise InvalidInput(f"{prefix}{name}", "unknown field")
+        if name not in known:  # an empty, unprintable or huge name is shown quoted and cut
+            shown = name if name and str(name).isprintable() else repr(name)
+            raise InvalidInput(f"{prefix}{str(shown)[:100]}", "unknown field")
 
 
 # ------------------------------------------------------------------ entry point

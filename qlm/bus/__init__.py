@@ -4,7 +4,7 @@ that commits only after a record's effect is durable (malformed records go to th
 Schemas are documented in docs/kafka.md.
 """
 
-from qlm.bus.consumer import BusConsumer, ConsumerOptions, HandlerFailed
+from qlm.bus.consumer import BusConsumer, ConsumerOptions, is_outage
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import (
     BatchResult,
@@ -26,7 +26,6 @@ __all__ = [
     "ConsumerOptions",
     "DeadLetter",
     "Event",
-    "HandlerFailed",
     "LsoCommand",
     "Telemetry",
     "TopicLayout",
@@ -35,5 +34,6 @@ __all__ = [
     "decode_batch_request",
     "encode_batch_request",
     "ensure_topics",
+    "is_outage",
     "topic_specs",
 ]

@@ -12,12 +12,13 @@ Times (``*_at``) are seconds since the Unix epoch on the writer's clock.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError, to_json
+from pydantic_core import PydanticCustomError, from_json, to_json
 
 from qlm.core.errors import InvalidInput
 from qlm.submission import ModelLimits, Submission, SubmissionLimits, parse_submission
@@ -297,15 +298,29 @@ class BatchResult(BusRecord):
         return self.request_id.encode()
 
 
+#: Most bytes of a poisoned record's value a dead letter carries: its base64 (4/3 larger)
+#: plus the other fields stays far below the ~1 MiB a Kafka record may have by default.
+DEAD_LETTER_MAX_VALUE_BYTES: Final = 384 * 1024
+#: Most bytes of a poisoned record's key a dead letter carries.
+DEAD_LETTER_MAX_KEY_BYTES: Final = 1024
+MAX_FIELD_NAME_LEN: Final = 256
+
+
 class DeadLetter(BusRecord):
     """A record a consumer could not use, on ``qlm.dlq``; keyed by its origin.
 
-    ``value_b64`` / ``key_b64`` hold the original bytes exactly (standard base64).
+    ``value_b64`` / ``key_b64`` hold the original bytes (standard base64), exactly when
+    ``truncated`` is absent; a record larger than :data:`DEAD_LETTER_MAX_VALUE_BYTES`
+    (key: :data:`DEAD_LETTER_MAX_KEY_BYTES`) keeps only its first bytes, and
+    ``value_size`` / ``value_sha256`` (always present) identify the whole of it, next to
+    its origin ``topic`` / ``partition`` / ``offset``. ``field`` names the bad field when
+    the record was invalid; a record that failed otherwise has ``reason`` starting with
+    the exception's type.
     """
 
     topic_name: ClassVar[str] = "qlm.dlq"
     reason: Annotated[str, Field(min_length=1, max_length=4096)]
-    field: str | None = None
+    field: Annotated[str, Field(max_length=MAX_FIELD_NAME_LEN)] | None = None
     topic: Name
     partition: Count
     offset: Count
@@ -313,11 +328,14 @@ class DeadLetter(BusRecord):
     failed_at: Timestamp
     key_b64: str | None = None
     value_b64: str
+    value_size: Count | None = None
+    value_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    truncated: bool | None = None
 
     @classmethod
     def of(
         cls,
-        error: InvalidInput,
+        error: BaseException,
         topic: str,
         partition: int,
         offset: int,
@@ -325,26 +343,49 @@ class DeadLetter(BusRecord):
         value: bytes | None,
         consumer_group: str,
         failed_at: float,
+        max_value_bytes: int = DEAD_LETTER_MAX_VALUE_BYTES,
     ) -> DeadLetter:
-        """The dead letter for a record that failed with ``error``."""
+        """The dead letter for a record that failed with ``error`` (any exception:
+        InvalidInput gives its field; others their type and message)."""
+        value = value or b""
+        kept_key = None if key is None else key[:DEAD_LETTER_MAX_KEY_BYTES]
+        kept_value = value[:max(0, max_value_bytes)]
+        truncated = len(kept_value) < len(value) or (key is not None and len(kept_key or b"")
+                                                    < len(key))
+        if isinstance(error, InvalidInput):
+            reason, field = str(error), error.field[:MAX_FIELD_NAME_LEN]
+        else:
+            reason, field = f"{type(error).__name__}: {_message_of(error)}", None
         return cls(
-            reason=str(error)[:4096],
-            field=error.field,
+            reason=reason[:4096] or type(error).__name__,
+            field=field,
             topic=topic,
             partition=partition,
             offset=offset,
             consumer_group=consumer_group,
             failed_at=failed_at,
-            key_b64=None if key is None else base64.b64encode(key).decode(),
-            value_b64=base64.b64encode(value or b"").decode(),
+            key_b64=None if kept_key is None else base64.b64encode(kept_key).decode(),
+            value_b64=base64.b64encode(kept_value).decode(),
+            value_size=len(value),
+            value_sha256=hashlib.sha256(value).hexdigest(),
+            truncated=True if truncated else None,
         )
 
     def original_value(self) -> bytes:
-        """The bytes of the record as it was on its topic."""
+        """The bytes of the record as it was on its topic (its first bytes when
+        ``truncated``)."""
         return base64.b64decode(self.value_b64)
 
     def key(self) -> bytes:
         return f"{self.topic}:{self.partition}:{self.offset}".encode()
+
+
+def _message_of(error: BaseException) -> str:
+    """``str(error)``, or a placeholder when even that fails (a poisoned __str__)."""
+    try:
+        return str(error)[:4000]
+    except Exception:
+        return "(message unavailable)"
 
 
 # ------------------------------------------------------------ batch requests
@@ -370,13 +411,24 @@ def decode_batch_request(
     return parse_submission(record, models, limits or SubmissionLimits())
 
 
+def loads_bounded(raw: bytes | str) -> Any:
+    """Parse JSON from an untrusted source, bounded before anything else looks at it.
+
+    pydantic-core's parser (the one every :class:`BusRecord` uses too) stops at a nesting
+    depth of 200 and at integers beyond Python's digit limit with a ValueError, and it
+    refuses NaN / Infinity here; ``json.loads`` would recurse until RecursionError on
+    deep input. Any failure is InvalidInput naming ``record``.
+    """
+    try:
+        return from_json(raw, allow_inf_nan=False)
+    except ValueError as error:
+        raise InvalidInput("record", f"not valid JSON ({_message_of(error)[:200]})") from None
+
+
 def _json_object(raw: bytes | None) -> dict[str, Any]:
     if raw is None:
         raise InvalidInput("record", "has no value")
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidInput("record", f"not valid JSON ({error})") from None
+    value = loads_bounded(raw)
     if not isinstance(value, dict):
         raise InvalidInput("record", "must be a JSON object")
     return value

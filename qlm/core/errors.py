@@ -38,6 +38,12 @@ class UnknownModel(InvalidInput):
         return (type(self), (self.field, self.problem, self.model))
 
 
+class NotServed(UnknownModel):
+    """A model of the catalogue that no worker serves now: gRPC FAILED_PRECONDITION (it
+    may be served later), a DLQ record on Kafka; an HTTP front door answers it as it
+    answers an unknown model."""
+
+
 class NotFound(QlmError, KeyError):
     """A named thing (request, model, profile) does not exist: gRPC NOT_FOUND."""
 

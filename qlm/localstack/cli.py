@@ -16,13 +16,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qlm.core.errors import QlmError
+from qlm.core.errors import QlmError, Unavailable
 from qlm.localstack.kafka import (
     DEFAULT_CONTROLLER_PORT,
     DEFAULT_KAFKA_PORT,
     fetch_kafka_jars,
     kafka_version,
 )
+from qlm.localstack.process import ServerProcess
 from qlm.localstack.redis import DEFAULT_REDIS_PORT
 from qlm.localstack.services import (
     DEFAULT_WORKERS_FILE,
@@ -31,6 +32,7 @@ from qlm.localstack.services import (
     ServiceStack,
 )
 from qlm.localstack.stack import LocalStack, StackPorts
+from qlm.localstack.supervisor import STATE_FILE, describe, read_state
 
 
 def _port_from_env(name: str, default: int) -> int:
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         for line in stack.up():
             print(line, flush=True)
         if not args.brokers_only:
-            for line in services.up():
+            for line in supervised_up(services):
                 print(line, flush=True)
             client_env = {"QLM_INGEST_ADDR": services.ingest_addr,
                           "QLM_OPENAI_BASE_URL": services.openai_base_url,
@@ -122,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"environment: {stack.stack_dir / 'stack.env'}")
         return 0
     if args.command == "down":
+        stopped = supervisor_process(services).stop(timeout_s=10)
+        print(f"{'supervisor':10} {'stopped' if stopped else 'was not running'}")
         for line in [*services.down(), *stack.down()]:
             print(line)
         return 0
@@ -131,11 +135,45 @@ def run(args: argparse.Namespace) -> int:
         answers = "answers" if status.answers else "no answer"
         print(f"{status.name:6} {status.address:28} {state:14} {answers}")
         num_down += status.pid is None
+    supervisor_pid = supervisor_process(services).running_pid()
+    print(f"{'supervisor':18} {f'pid {supervisor_pid}' if supervisor_pid else 'not running'}")
+    supervised = (read_state(services.run_dir) or {}).get("services", {})
     for service in services.status():
         state = f"pid {service.pid}" if service.pid is not None else "not running"
         ready = "ready" if service.ready else "not ready"
-        print(f"{service.name:9} {state:14} {ready:9} {service.detail}")
+        print(f"{service.name:18} {state:14} {ready:9} {service.detail:40} "
+              f"{describe(supervised.get(service.name)) if supervisor_pid else ''}".rstrip())
     return 0 if num_down == 0 else 3
+
+
+def supervisor_process(services: ServiceStack) -> ServerProcess:
+    """The supervisor of ``services`` (:mod:`qlm.localstack.supervisor`)."""
+    # its command line names the stack directory (--dir), the marker of its pid file
+    return ServerProcess("supervisor", services.run_dir, str(services.stack_dir))
+
+
+def supervised_up(services: ServiceStack, timeout_s: float = 300.0) -> list[str]:
+    """Start the supervisor, which starts the services; returns once every one is ready
+    (Unavailable with the supervisor's log when one is not)."""
+    process = supervisor_process(services)
+    if process.running_pid() is not None:
+        return [*services.up(), f"supervisor already running (pid {process.running_pid()})"]
+    services.prepare()
+    (services.run_dir / STATE_FILE).unlink(missing_ok=True)
+    process.start([sys.executable, "-m", "qlm.localstack.supervisor", "--dir",
+                   str(services.stack_dir), "--redis-url", services.redis_url,
+                   "--kafka-bootstrap", services.kafka_bootstrap], env=services.env())
+
+    def started() -> bool:
+        phase = str((read_state(services.run_dir) or {}).get("phase", ""))
+        if phase.startswith("failed"):
+            raise Unavailable(f"the supervisor could not start the services: {phase}")
+        return phase == "running"
+
+    process.wait_until(started, timeout_s, "services ready")
+    lines = [f"{s.name:9} pid {s.pid} {'ready' if s.ready else 'not ready'} ({s.detail})"
+             for s in services.status()]
+    return [*lines, f"supervisor pid {process.running_pid()} restarts a service that dies"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

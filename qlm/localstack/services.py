@@ -1,8 +1,9 @@
 """The four qlm services as local processes: estimator, ingest, scheduler, simulated workers.
 
 :class:`ServiceStack` starts them under ``<dir>/services`` (one pid file and one log per
-service, ``services.json`` with their ports) against an already running Redis + Kafka,
-and waits until each is ready:
+process, ``services.json`` with their ports) against an already running Redis + Kafka,
+and waits until each is ready. Each worker of the workers file runs in a process of its
+own, ``worker-<id>`` (one per GPU, as on a GPU host: one crash takes one GPU).
 
 * ingest, estimator, worker: the standard ``grpc.health.v1`` check answers SERVING;
 * scheduler (no gRPC server): its Prometheus endpoint says ``qlm_scheduler_is_leader 1``.
@@ -35,6 +36,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qlm.core.errors import InvalidInput, Unavailable
@@ -55,6 +57,13 @@ REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 DEFAULT_WORKERS_FILE: Final = REPO_ROOT / "docker" / "workers.cpu.yaml"
 SERVICES_FILE: Final = "services.json"
 SERVICE_NAMES: Final = ("estimator", "ingest", "scheduler", "worker")
+#: Process name of one worker: ``worker-<worker id>`` (one process per GPU).
+WORKER_PREFIX: Final = "worker-"
+
+
+def kind_of(process_name: str) -> str:
+    """The service a process belongs to: ``worker`` for every ``worker-<id>``."""
+    return "worker" if process_name.startswith(WORKER_PREFIX) else process_name
 #: The ingest port a client tries first; another free port when it is taken.
 PREFERRED_INGEST_PORT: Final = 50051
 #: The HTTP (OpenAI-compatible) port a client tries first, likewise.
@@ -126,23 +135,40 @@ class ServiceOptions:
 
 @dataclass(frozen=True, slots=True)
 class ServicePorts:
-    """Loopback ports of one service set (0 = not chosen yet)."""
+    """Loopback ports of one service set (0 = not chosen yet). ``workers`` holds
+    ``(worker id, health port, metrics port)`` of each worker process."""
 
     ingest: int = 0
     estimator: int = 0
-    worker_health: int = 0
     estimator_metrics: int = 0
     scheduler_metrics: int = 0
-    worker_metrics: int = 0
     ingest_metrics: int = 0
     #: The OpenAI-compatible HTTP front door (served by the ingest process).
     http: int = 0
+    workers: tuple[tuple[str, int, int], ...] = ()
 
-    def resolved(self, prefer_standard: bool = False) -> ServicePorts:
-        """Every 0 replaced by a free port; with ``prefer_standard``, ingest gets 50051
-        (what clients try first) when that is free."""
-        chosen: dict[str, int] = {}
-        for name, port in asdict(self).items():
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ServicePorts:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["workers"] = tuple((str(w), int(h), int(m)) for w, h, m in data.get("workers", ()))
+        return cls(**known)
+
+    def of_worker(self, worker_id: str) -> tuple[int, int]:
+        """(health port, metrics port) of one worker process (0, 0 when not chosen)."""
+        for found, health, metrics in self.workers:
+            if found == worker_id:
+                return health, metrics
+        return 0, 0
+
+    def resolved(self, prefer_standard: bool = False,
+                 worker_ids: tuple[str, ...] = ()) -> ServicePorts:
+        """Every 0 replaced by a free port, and ports for every worker of ``worker_ids``;
+        with ``prefer_standard``, ingest gets 50051 and the HTTP front door 8000 (what
+        clients try first) when those are free."""
+        chosen: dict[str, Any] = {}
+        for name in ("ingest", "estimator", "estimator_metrics", "scheduler_metrics",
+                     "ingest_metrics", "http"):
+            port = getattr(self, name)
             if port:
                 chosen[name] = port
             elif (prefer_standard and name == "ingest"
@@ -153,6 +179,12 @@ class ServicePorts:
                 chosen[name] = PREFERRED_HTTP_PORT
             else:
                 chosen[name] = free_loopback_port()
+        workers = []
+        for worker_id in worker_ids:
+            health, metrics = self.of_worker(worker_id)
+            workers.append((worker_id, health or free_loopback_port(),
+                            metrics or free_loopback_port()))
+        chosen["workers"] = tuple(workers)
         return ServicePorts(**chosen)
 
 
@@ -187,8 +219,26 @@ class ServiceStack:
     def __post_init__(self) -> None:
         self.stack_dir = self.stack_dir.resolve()
         self.run_dir = self.stack_dir / "services"
-        marker = str(self.run_dir)
-        self.processes = {name: ServerProcess(name, self.run_dir, marker) for name in SERVICE_NAMES}
+        self._processes: dict[str, ServerProcess] = {}
+
+    # ---------------------------------------------------------------- processes
+    @property
+    def worker_ids(self) -> tuple[str, ...]:
+        return tuple(w.id for w in read_workers_file(self.options.workers_file))
+
+    def process_names(self) -> tuple[str, ...]:
+        """One process per service, and one per worker (per GPU): ``worker-<id>``."""
+        return (*(n for n in SERVICE_NAMES if n != "worker"),
+                *(f"{WORKER_PREFIX}{w}" for w in self.worker_ids))
+
+    @property
+    def processes(self) -> dict[str, ServerProcess]:
+        """The processes of :meth:`process_names`, by name (each object kept across calls:
+        it remembers the exit status of what it started)."""
+        for name in self.process_names():
+            if name not in self._processes:
+                self._processes[name] = ServerProcess(name, self.run_dir, str(self.run_dir))
+        return {name: self._processes[name] for name in self.process_names()}
 
     # ---------------------------------------------------------------- files
     @property
@@ -198,6 +248,10 @@ class ServiceStack:
     @property
     def workers_copy(self) -> Path:
         return self.run_dir / "workers.yaml"
+
+    @property
+    def workers_dir(self) -> Path:
+        return self.run_dir / "workers"
 
     @property
     def ingest_addr(self) -> str:
@@ -217,11 +271,16 @@ class ServiceStack:
         except (OSError, ValueError):
             return cls(stack_dir, redis_url, kafka_bootstrap)
         return cls(stack_dir, redis_url, kafka_bootstrap,
-                   ServiceOptions.from_json(data["options"]), ServicePorts(**data["ports"]))
+                   ServiceOptions.from_json(data["options"]), ServicePorts.from_json(data["ports"]))
 
     def _write_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.options.workers_file, self.workers_copy)
+        self.workers_dir.mkdir(exist_ok=True)
+        for worker in read_workers_file(self.workers_copy):  # one file per worker process
+            (self.workers_dir / f"{worker.id}.yaml").write_text(yaml.safe_dump(
+                {"workers": [{"id": worker.id, "gpu": worker.gpu,
+                              "models": list(worker.models)}]}))
         write_scaled_profiles(self.profiles_source, self.profiles_dir, self.options.time_scale)
         record = {"options": self.options.to_json(), "ports": asdict(self.ports),
                   "ingest_addr": self.ingest_addr, "openai_base_url": self.openai_base_url}
@@ -286,23 +345,27 @@ class ServiceStack:
                     "--tick-s", str(o.tick_s), "--debounce-s", str(o.debounce_s),
                     *(["--policy-options", json.dumps(dict(o.policy_options))]
                       if o.policy_options else [])]
-        if name == "worker":
-            return [*module, *self._common(), "--engine", "sim",
-                    "--workers-file", str(self.workers_copy),
+        if kind_of(name) == "worker":
+            worker_id = name.removeprefix(WORKER_PREFIX)
+            health, metrics = p.of_worker(worker_id)
+            return [self.python, "-m", "services.worker", *self._common(), "--engine", "sim",
+                    "--workers-file", str(self.workers_dir / f"{worker_id}.yaml"),
                     "--time-scale", str(o.time_scale), "--host", "127.0.0.1",
-                    "--health-port", str(p.worker_health),
-                    "--metrics-port", str(p.worker_metrics),
+                    "--health-port", str(health), "--metrics-port", str(metrics),
                     "--shutdown-grace-s", str(o.shutdown_grace_s)]
         raise InvalidInput("service", f"unknown {name!r}; expected one of {SERVICE_NAMES}")
 
-    def _env(self, name: str | None = None) -> dict[str, str]:
+    def env(self, name: str | None = None) -> dict[str, str]:
+        """The environment of process ``name`` (None: a process of the stack that is no
+        service, the supervisor): the repository on PYTHONPATH, the service's broker
+        credentials and no client's."""
         env = dict(os.environ)
         path = env.get("PYTHONPATH", "")
         env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
         for key in [k for k in env if k.startswith(("QLM_KAFKA_S", "QLM_REDIS_URL"))]:
             del env[key]  # a client's credentials must not leak into a service
         if name is not None:
-            env.update(self.broker_environment(f"qlm-{name}"))
+            env.update(self.broker_environment(f"qlm-{kind_of(name)}"))
         return env
 
     def broker_environment(self, user: str) -> dict[str, str]:
@@ -325,7 +388,10 @@ class ServiceStack:
         p = self.ports
         if name == "scheduler":
             return scheduler_is_leader(p.scheduler_metrics)
-        port = {"estimator": p.estimator, "ingest": p.ingest, "worker": p.worker_health}[name]
+        if kind_of(name) == "worker":
+            port = p.of_worker(name.removeprefix(WORKER_PREFIX))[0]
+        else:
+            port = {"estimator": p.estimator, "ingest": p.ingest}[name]
         return grpc_serving(f"127.0.0.1:{port}",
                             ca=self.pki.ca if self.options.secure else None)
 
@@ -338,16 +404,21 @@ class ServiceStack:
         A service that does not become ready is stopped, with its log's tail in the
         Unavailable raised; the ones started before it keep running (``down`` stops them).
         """
-        if all(self.processes[n].running_pid() is None for n in SERVICE_NAMES):
-            self.ports = self.ports.resolved(self.prefer_standard_ports)
+        self.prepare()
+        lines = []
+        for name in self.process_names():
+            if kind_of(name) in names:
+                lines.append(self.start_one(name))
+        return lines
+
+    def prepare(self) -> None:
+        """When no service runs: choose the ports and write the run directory's files
+        (``services.json``, the workers and profiles the services read)."""
+        if all(p.running_pid() is None for p in self.processes.values()):
+            self.ports = self.ports.resolved(self.prefer_standard_ports, self.worker_ids)
             self._write_files()
             if self.options.secure:
                 self._secure_files()
-        lines = []
-        for name in SERVICE_NAMES:
-            if name in names:
-                lines.append(self.start_one(name))
-        return lines
 
     def start_one(self, name: str, timeout_s: float = START_TIMEOUT_S) -> str:
         """Start one service (unless running) and wait until it is ready."""
@@ -356,7 +427,7 @@ class ServiceStack:
             return f"{name:9} already running (pid {process.running_pid()})"
         for port in self.ports_of(name):  # else a health check could reach another process
             ensure_port_free("127.0.0.1", port, name)
-        pid = process.start(self.argv(name), env=self._env(name))
+        pid = process.start(self.argv(name), env=self.env(name))
         try:
             seconds = process.wait_until(
                 lambda: process.running_pid() is not None and self.is_ready(name),
@@ -369,19 +440,24 @@ class ServiceStack:
     def ports_of(self, name: str) -> tuple[int, ...]:
         """The ports one service listens on."""
         p = self.ports
+        if kind_of(name) == "worker":
+            return p.of_worker(name.removeprefix(WORKER_PREFIX))
         return {"estimator": (p.estimator, p.estimator_metrics),
                 "ingest": (p.ingest, p.ingest_metrics, p.http),
-                "scheduler": (p.scheduler_metrics,),
-                "worker": (p.worker_health, p.worker_metrics)}[name]
+                "scheduler": (p.scheduler_metrics,)}[name]
 
     def describe(self, name: str) -> str:
         p, o = self.ports, self.options
+        if kind_of(name) == "worker":
+            worker_id = name.removeprefix(WORKER_PREFIX)
+            gpu = next((w.gpu for w in read_workers_file(o.workers_file) if w.id == worker_id),
+                       "?")
+            return (f"simulated {gpu}, time scale {o.time_scale:g}, metrics "
+                    f":{p.of_worker(worker_id)[1]}")
         return {
             "estimator": f"grpc 127.0.0.1:{p.estimator}",
             "ingest": f"grpc {self.ingest_addr}, OpenAI HTTP {self.openai_base_url}",
             "scheduler": f"policy {o.policy}, metrics :{p.scheduler_metrics}",
-            "worker": f"{len(read_workers_file(self.workers_copy))} simulated, "
-                      f"time scale {o.time_scale:g}",
         }[name]
 
     def restart_one(self, name: str, options: ServiceOptions | None = None) -> str:
@@ -395,14 +471,14 @@ class ServiceStack:
     def down(self) -> list[str]:
         """Stop workers, scheduler, ingest, estimator (SIGTERM, SIGKILL after the grace)."""
         lines = []
-        for name in reversed(SERVICE_NAMES):
+        for name in reversed(self.process_names()):
             stopped = self.processes[name].stop(timeout_s=self.options.shutdown_grace_s + 10)
             lines.append(f"{name:9} {'stopped' if stopped else 'was not running'}")
         return lines
 
     def status(self) -> list[ServiceStatus]:
         out = []
-        for name in SERVICE_NAMES:
+        for name in self.process_names():
             pid = self.processes[name].running_pid()
             ready = pid is not None and self.ports.ingest != 0 and self.is_ready(name)
             out.append(ServiceStatus(name, pid, ready, self.describe(name) if pid else ""))

@@ -1,15 +1,16 @@
 """The one place where qlm's error families become gRPC status codes.
 
-================================  =================
-raised                            status
-================================  =================
-InvalidInput (and subclasses)     INVALID_ARGUMENT
-NotFound                          NOT_FOUND
-Unavailable                       UNAVAILABLE
-Overloaded                        RESOURCE_EXHAUSTED (trailing metadata: retry-after-s, …)
-Unauthenticated                   UNAUTHENTICATED
-anything else                     INTERNAL (logged)
-================================  =================
+==================================  ===================
+raised                              status
+==================================  ===================
+NotServed (a model no worker has)   FAILED_PRECONDITION
+InvalidInput (and other subclasses) INVALID_ARGUMENT
+NotFound                            NOT_FOUND
+Unavailable                         UNAVAILABLE
+Overloaded                          RESOURCE_EXHAUSTED (trailing metadata: retry-after-s, …)
+Unauthenticated                     UNAUTHENTICATED
+anything else                       INTERNAL (logged)
+==================================  ===================
 
 The status message is the error's text, e.g. ``"max_tokens: must be > 0, got 0"``.
 Ingest applies the mapping when it registers its servicer
@@ -27,12 +28,20 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from qlm.core.errors import InvalidInput, NotFound, Overloaded, Unauthenticated, Unavailable
+from qlm.core.errors import (
+    InvalidInput,
+    NotFound,
+    NotServed,
+    Overloaded,
+    Unauthenticated,
+    Unavailable,
+)
 from qlm.log import get_logger
 
 log = get_logger("services.common.errors")
 
 STATUS_OF: Final[tuple[tuple[type[Exception], grpc.StatusCode], ...]] = (
+    (NotServed, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),

@@ -45,6 +45,7 @@ from services.ingest.metrics import IngestMetrics
 from services.ingest.plane import AdmissionRules, IngestPlane, Prediction, load_models
 from services.ingest.predictors import close_predictor, make_predictor
 from services.ingest.quotas import QuotaGate
+from services.ingest.served import ServedModels
 from services.ingest.server import IngestServer
 from services.ingest.settings import IngestSettings
 from services.ingest.status import Observers, StatusBoard
@@ -132,6 +133,16 @@ class IngestApp:
             **settings.kafka_auth().client_options()
         )
         self.metrics = IngestMetrics()
+        #: The live workers and the models they hold (worker telemetry): what the served
+        #: check, ListModels and the HTTP front door's /v1/models read.
+        self.fleet: Fleet | None = None
+        if settings.served_models_timeout_s > 0 or settings.http_port is not None:
+            declared = (read_workers_file(settings.workers_file)
+                        if settings.workers_file is not None else ())
+            self.fleet = Fleet(settings.kafka_bootstrap, self.topics, self.models,
+                               declared=declared, timeout_s=settings.worker_timeout_s,
+                               clock=clock, auth=settings.kafka_auth())
+        self.served = ServedModels(self.fleet, settings.served_models_timeout_s, clock)
         self.plane = IngestPlane(
             self.store,
             BusEvents(self.producer, self.topics.events, clock),
@@ -141,6 +152,7 @@ class IngestApp:
             predictor=make_predictor(settings, self.store, clock),
             admission=AdmissionRules.parse(settings.admission),
             observer=self.metrics,
+            served=self.served if self.served.checking else None,
         )
         self.tenants = TenantRegistry(self.store.client, settings.key_prefix)
         self.authenticator = (Authenticator(self.tenants, settings.auth_cache_s)
@@ -150,7 +162,6 @@ class IngestApp:
                                           clock, cache_s=settings.auth_cache_s)
         self.server: IngestServer | None = None
         self.http: HttpServer | None = None
-        self.fleet: Fleet | None = None
         self.batch_driver: BatchDriver | None = None
         self.status: StatusBoard | None = None
         self.consumer: BatchIngest | None = None
@@ -173,6 +184,8 @@ class IngestApp:
         await ensure_topics(s.kafka_bootstrap, topic_specs(self.topics, s.topic_layout()),
                             s.kafka_auth())
         await self.producer.start()
+        if self.fleet is not None:
+            await self.fleet.start()
         if s.http_port is not None:
             await self._start_http()
         if s.serve_grpc:
@@ -206,11 +219,7 @@ class IngestApp:
         from services.ingest.openai.server import HttpServer
 
         s = self.settings
-        declared = read_workers_file(s.workers_file) if s.workers_file is not None else ()
-        self.fleet = Fleet(s.kafka_bootstrap, self.topics, self.models, declared=declared,
-                           timeout_s=s.worker_timeout_s, clock=self.clock,
-                           auth=s.kafka_auth())
-        await self.fleet.start()
+        assert self.fleet is not None  # created with the app when http_port is set
         batches = BatchStore(self.redis, s.key_prefix, self.clock)
         self.status = StatusBoard(self.store, self.fleet, clock=self.clock)
         self.fleet.listen(self.status)
@@ -265,9 +274,10 @@ class IngestApp:
 async def serve(settings: IngestSettings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully.
 
-    Raises Unavailable when the batch consumer gave up (its handler kept failing, e.g.
-    Redis stayed down): the process then exits non-zero after a graceful stop, so that
-    its supervisor restarts it; the records it did not commit are read again.
+    The batch consumer outlives outages and poisoned records (:mod:`qlm.bus.consumer`);
+    should its loop still end by itself (a bug), this raises Unavailable after a graceful
+    stop: the process exits non-zero, its supervisor restarts it, and the records it did
+    not commit are read again.
     """
     app = IngestApp(settings)
     await app.start()
@@ -285,7 +295,7 @@ async def serve(settings: IngestSettings) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await app.stop()
     if consumer_failed:
-        raise Unavailable("the batch consumer gave up; restart the ingest service")
+        raise Unavailable("the batch consumer stopped; restart the ingest service")
 
 
 def serve_metrics(app: IngestApp, settings: IngestSettings) -> None:

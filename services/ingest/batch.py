@@ -1,9 +1,12 @@
 """The ``qlm.batch.requests`` consumer of ingest: each record is a submission.
 
 Records are validated exactly like ``Submit`` (:meth:`IngestPlane.decode_batch_record`);
-an invalid one goes to ``qlm.dlq`` with the reason naming the field. With authentication
-on, a record must carry a ``qlm-signature`` header made with its tenant's signing key
-(:mod:`qlm.tenants`), else it goes to the DLQ; its id is then scoped to that tenant. A valid one is
+an invalid one, or any record that fails in any other way, goes to ``qlm.dlq`` with the
+reason naming the field, and the consumer carries on; while Redis or Kafka is away the
+record in hand is retried until they are back (:mod:`qlm.bus.consumer`). With
+authentication on, a record must carry a ``qlm-signature`` header made with its tenant's
+signing key (:mod:`qlm.tenants`), else it goes to the DLQ; its id is then scoped to that
+tenant. A valid one is
 enqueued (idempotent by its request id) and its offset is committed only after that
 (:class:`qlm.bus.consumer.BusConsumer`), so a consumer killed mid-batch re-reads at
 most the uncommitted records on restart, and re-enqueuing them is a no-op.
@@ -88,9 +91,14 @@ class BatchIngest:
     async def _run(self) -> None:
         try:
             await self.consumer.run()
-        except Exception as error:  # HandlerFailed: Redis kept failing; records not committed
-            log.error("batch_consumer_stopped", error=str(error))
+        except Exception as error:  # a bug in the loop itself: exit, the supervisor restarts
+            log.error("batch_consumer_stopped", error=repr(error))
             raise
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the consumer loop is running."""
+        return self._task is not None and not self._task.done()
 
     async def wait_stopped(self) -> None:
         """Returns when the consumer loop has ended (stop(), or it gave up)."""

@@ -76,6 +76,8 @@ class Fleet:
                                self._on_record, client_id="qlm-ingest-fleet", auth=auth)
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[FleetListener] = []
+        #: Telemetry records heard since the start (0: nothing known of the fleet yet).
+        self.num_reports = 0
 
     def listen(self, listener: FleetListener) -> None:
         """Also hand every telemetry record and event to ``listener`` (the status board)."""
@@ -87,6 +89,7 @@ class Fleet:
         if topic == self.topics.telemetry:
             telemetry = Telemetry.model_validate_json(value)
             self.roster.on_telemetry(telemetry)
+            self.num_reports += 1
             for listener in self._listeners:
                 listener.on_telemetry(telemetry)
         elif b'"worker"' in value:  # worker events (liveness, swaps, evictions, first tokens)

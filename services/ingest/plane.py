@@ -49,6 +49,7 @@ from qlm.store.records import RequestRecord
 from qlm.store.store import EnqueueResult, RedisQueueStore
 from qlm.submission import ModelLimits, Submission, SubmissionLimits, parse_submission
 from qlm.tenants import client_id, scoped_id
+from services.ingest.served import ServedModels
 
 log = get_logger("services.ingest.plane")
 
@@ -296,6 +297,7 @@ class IngestPlane:
         id_factory: Callable[[], str] = new_request_id,
         admission: AdmissionRules = AdmissionRules(),
         observer: SubmitObserver | None = None,
+        served: ServedModels | None = None,
     ) -> None:
         self.store = store
         self.events = events
@@ -307,12 +309,18 @@ class IngestPlane:
         self.admission = admission
         self.enqueuer = EnqueueBatcher(store)
         self.observer = observer or NoObserver()
+        #: Which catalogue models a worker serves now; None: all of them (no check).
+        self.served = served
         #: Per-tenant quotas of authenticated submits (services.ingest.quotas), or None.
         self.quotas: QuotaCheck | None = None
 
     def validate(self, record: Any) -> Submission:
-        """The submission in ``record``, or InvalidInput naming the field."""
-        return parse_submission(record, self.models, self.limits)
+        """The submission in ``record``, or InvalidInput naming the field (NotServed for a
+        catalogue model that no worker serves now)."""
+        submission = parse_submission(record, self.models, self.limits)
+        if self.served is not None:
+            self.served.check(submission.model)
+        return submission
 
     async def submit(self, record: Any, tenant: str | None = None,
                      source: SubmitSource = "grpc") -> SubmitOutcome:
@@ -352,6 +360,8 @@ class IngestPlane:
         started = time.perf_counter()
         try:
             submission = decode_batch_request(raw, self.models, self.limits)
+            if self.served is not None:
+                self.served.check(submission.model)
             if not submission.request_id:
                 raise InvalidInput(
                     "request_id", "is required in batch records (it makes redelivery idempotent)"
@@ -463,6 +473,9 @@ class IngestPlane:
             return CancelOutcome(request_id, state, cancelled)
 
     def list_models(self) -> list[ModelLimits]:
+        """The catalogue models that a worker serves now (all of them without a check)."""
+        if self.served is not None:
+            return self.served.list()
         return sorted(self.models.values(), key=lambda m: m.name)
 
     async def stream_tokens(

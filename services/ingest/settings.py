@@ -62,6 +62,12 @@ class IngestSettings(CommonSettings):
         "process i serves on metrics_port + i"
     )
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
+    served_models_timeout_s: float = Field(
+        10.0, ge=0, description="a submit for a model no live worker holds (worker telemetry; "
+        "liveness: worker_timeout_s) is refused (FAILED_PRECONDITION / DLQ) and ListModels "
+        "leaves it out; until the first worker report, for at most this many seconds after "
+        "the start, nothing is refused (0 = no check)"
+    )
     queue_depth_interval_s: float = Field(
         5.0, gt=0, description="how often the queue-depth gauge is re-read from Redis"
     )

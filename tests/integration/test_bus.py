@@ -16,12 +16,11 @@ from qlm.bus import (
     ConsumerOptions,
     DeadLetter,
     Event,
-    HandlerFailed,
     TopicNames,
     ensure_topics,
     topic_specs,
 )
-from qlm.core.errors import InvalidInput
+from qlm.core.errors import InvalidInput, Unavailable
 
 pytestmark = pytest.mark.kafka
 
@@ -130,40 +129,110 @@ async def test_published_record_round_trips(
     )
 
 
-async def test_failed_handler_is_not_committed_and_the_record_comes_back(
+async def test_an_outage_is_retried_without_committing_until_it_ends(
     kafka_bootstrap: str, topics: TopicNames, producer: BusProducer
 ) -> None:
     for request_id in ("a", "b", "c"):  # one key: one partition, in this order
+        await producer.publish_raw(topics.events, event(request_id).to_json(), key=b"same")
+    handled: list[str] = []
+    attempts_on_b = 0
+    redis_is_down = True
+
+    async def fails_on_b_while_down(value: Event, record: ConsumerRecord[Any, Any]) -> None:
+        nonlocal attempts_on_b
+        if value.request_id == "b" and redis_is_down:
+            attempts_on_b += 1
+            raise ConnectionError("redis is down")
+        handled.append(value.request_id)
+
+    consumer = consumer_of(kafka_bootstrap, topics, producer, fails_on_b_while_down, "retry")
+    await consumer.start()
+    running = asyncio.create_task(consumer.run())
+    # far more attempts than max_attempts (2): an outage never makes a dead letter
+    await until(lambda: attempts_on_b >= 10, "b retried while the outage lasts")
+    assert handled == ["a"]
+    assert not running.done()
+    assert await committed_offset(kafka_bootstrap, "retry", topics.events) == 1
+
+    redis_is_down = False
+    await until(lambda: handled == ["a", "b", "c"], "b and c once the outage ended")
+    await consumer.stop()
+    await running
+    assert consumer.num_dead_letters == 0
+    assert await committed_offset(kafka_bootstrap, "retry", topics.events) == 3
+
+
+async def test_stop_during_an_outage_leaves_the_record_uncommitted_for_the_next_consumer(
+    kafka_bootstrap: str, topics: TopicNames, producer: BusProducer
+) -> None:
+    for request_id in ("a", "b"):
         await producer.publish_raw(topics.events, event(request_id).to_json(), key=b"same")
     first_run: list[str] = []
 
     async def fails_on_b(value: Event, record: ConsumerRecord[Any, Any]) -> None:
         if value.request_id == "b":
-            raise ConnectionError("redis is down")
+            raise Unavailable("redis: connection refused")
         first_run.append(value.request_id)
 
-    consumer = consumer_of(kafka_bootstrap, topics, producer, fails_on_b, "retry")
+    consumer = consumer_of(kafka_bootstrap, topics, producer, fails_on_b, "handover")
     await consumer.start()
-    with pytest.raises(HandlerFailed) as failure:
-        await consumer.run()
-    assert first_run == ["a"]
-    assert failure.value.offset == 1
-    assert await committed_offset(kafka_bootstrap, "retry", topics.events) == 1
+    running = asyncio.create_task(consumer.run())
+    await until(lambda: first_run == ["a"], "a")
+    await asyncio.sleep(0.5)
+    await consumer.stop()
+    await running
+    assert await committed_offset(kafka_bootstrap, "handover", topics.events) == 1
 
     second_run: list[str] = []
 
     async def works(value: Event, record: ConsumerRecord[Any, Any]) -> None:
         second_run.append(value.request_id)
 
-    restarted = consumer_of(kafka_bootstrap, topics, producer, works, "retry")
+    restarted = consumer_of(kafka_bootstrap, topics, producer, works, "handover")
     await restarted.start()
     running = asyncio.create_task(restarted.run())
-    await until(lambda: len(second_run) == 2, "b and c redelivered")
+    await until(lambda: second_run == ["b"], "b redelivered")
     await restarted.stop()
     await running
+    assert await committed_offset(kafka_bootstrap, "handover", topics.events) == 2
 
-    assert second_run == ["b", "c"]
-    assert await committed_offset(kafka_bootstrap, "retry", topics.events) == 3
+
+async def test_any_failure_of_decode_or_handler_is_a_dead_letter_and_the_consumer_goes_on(
+    kafka_bootstrap: str, topics: TopicNames, producer: BusProducer
+) -> None:
+    for request_id in ("recursion", "bug", "good"):  # one key: one partition, in order
+        await producer.publish_raw(topics.events, event(request_id).to_json(), key=b"k")
+    handled: list[str] = []
+    calls: list[str] = []
+
+    def decode(raw: bytes | None) -> Event:
+        value = Event.from_json(raw)
+        if value.request_id == "recursion":
+            raise RecursionError("maximum recursion depth exceeded")
+        return value
+
+    async def handle(value: Event, record: ConsumerRecord[Any, Any]) -> None:
+        calls.append(value.request_id or "")
+        if value.request_id == "bug":
+            raise KeyError("a bug that fails every time")
+        handled.append(value.request_id or "")
+
+    consumer = BusConsumer(
+        kafka_bootstrap, [topics.events], "any-failure", decode, handle, topics.dlq, producer,
+        FAST,
+    )  # fmt: skip
+    await consumer.start()
+    running = asyncio.create_task(consumer.run())
+    await until(lambda: handled == ["good"], "the good record after the failing ones")
+    await consumer.stop()
+    await running
+
+    letters = [DeadLetter.from_json(raw) for raw in await read_all(kafka_bootstrap, topics.dlq, 2)]
+    assert [(letter.offset, letter.field) for letter in letters] == [(0, None), (1, None)]
+    assert letters[0].reason.startswith("RecursionError: ")
+    assert letters[1].reason.startswith("KeyError: ")
+    assert calls.count("bug") == FAST.max_attempts
+    assert await committed_offset(kafka_bootstrap, "any-failure", topics.events) == 3
 
 
 async def test_malformed_records_go_to_the_dlq_and_the_consumer_carries_on(

@@ -232,7 +232,7 @@ async def ingest(redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNames,
         "topic_prefix": kafka_topics.prefix, "host": "127.0.0.1", "port": 0,
         "batch_consumer": False, "log_json": False, "shutdown_grace_s": 0.5, "auth": "off",
         "estimator_addr": f"127.0.0.1:{estimator.port}", "estimator_timeout_s": 5.0,
-        "group_window_s": 5.0}
+        "group_window_s": 5.0, "served_models_timeout_s": 0.0}
     settings = IngestSettings(**values)
     app = IngestApp(settings, models={MODEL: ModelLimits(MODEL, 32768, (GPU,))})
     await app.start()
@@ -306,7 +306,8 @@ async def test_ingest_admits_when_the_estimator_does_not_answer(
         "redis_url": redis_url, "kafka_bootstrap": kafka_bootstrap,
         "topic_prefix": kafka_topics.prefix, "host": "127.0.0.1", "port": 0,
         "batch_consumer": False, "log_json": False, "shutdown_grace_s": 0.5, "auth": "off",
-        "estimator_addr": f"127.0.0.1:{free_loopback_port()}", "estimator_timeout_s": 0.2}
+        "estimator_addr": f"127.0.0.1:{free_loopback_port()}", "estimator_timeout_s": 0.2,
+        "served_models_timeout_s": 0.0}
     app = IngestApp(IngestSettings(**values), models={MODEL: ModelLimits(MODEL, 32768, (GPU,))})
     await app.start()
     try:

@@ -57,6 +57,7 @@ def _settings(redis_url: str, kafka: str, topic_prefix: str, **changes: Any) -> 
         "consumer_group": f"{topic_prefix}ingest", "shutdown_grace_s": 1.0,
         "max_prompt_bytes": MAX_PROMPT_BYTES, "max_message_bytes": MAX_MESSAGE_BYTES,
         "log_json": False, "auth": "off",  # tenants and keys: test_tenants.py
+        "served_models_timeout_s": 0.0,  # no workers here
     }
     values.update(changes)
     return IngestSettings(**values)
@@ -170,6 +171,14 @@ def _bad_messages() -> list[tuple[str, pb.SubmitRequest, str]]:
          "prompt_token_ids[1]: must be >= 0"),
         ("max_tokens zero", msg(max_tokens=0), "max_tokens: must be > 0, got 0"),
         ("max_tokens negative", msg(max_tokens=-7), "max_tokens: must be > 0, got -7"),
+        # an int64 on the wire: once truncated to int32 (2**32 + 5 read as 5), now refused
+        ("max_tokens over int32", msg(max_tokens=2**32 + 5),
+         "max_tokens: must be <= 2147483647, got 4294967301"),
+        ("token id over int32", msg(prompt_text=None,
+                                    prompt_token_ids=pb.TokenIds(ids=[5, 2**31])),
+         "prompt_token_ids[1]: must be <= 2147483647"),
+        ("top_k over int32", msg(sampling=pb.SamplingParams(top_k=2**40)),
+         "sampling.top_k: must be <= 2147483647"),
         ("max_tokens over the model limit", msg(max_tokens=5000),
          "max_tokens: 5000 + 2 prompt tokens exceeds the model's max_model_len of 2048"),
         ("prompt ids over the model limit",
@@ -374,7 +383,7 @@ async def test_batch_lands_exactly_once_across_a_killed_consumer(
         **os.environ, "QLM_REDIS_URL": redis_url, "QLM_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "QLM_TOPIC_PREFIX": topic_prefix, "QLM_MODELS_FILE": str(models_file),
         "QLM_CONSUMER_GROUP": f"{topic_prefix}ingest", "QLM_LOG_LEVEL": "warning",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(ROOT), "QLM_SERVED_MODELS_TIMEOUT_S": "0",  # no workers here
     }
     await ensure_topics(kafka_bootstrap, topic_specs(TopicNames(topic_prefix)))
     sent = _cli(["batch", "submit", str(batch)], env)
@@ -545,7 +554,8 @@ async def test_ingest_process_serves_then_stops_gracefully_on_sigterm(
             [sys.executable, "-m", "services.ingest", "--host", "127.0.0.1", "--port", str(port),
              "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
              "--topic-prefix", topic_prefix, "--models-file", str(models_file),
-             "--batch-consumer", "false", "--shutdown-grace-s", "2", "--auth", "off"],
+             "--batch-consumer", "false", "--shutdown-grace-s", "2", "--auth", "off",
+             "--served-models-timeout-s", "0"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log_file, stderr=subprocess.STDOUT,
         )
@@ -653,7 +663,8 @@ async def test_two_ingest_processes_share_a_port_and_stop_together(
             [sys.executable, "-m", "services.ingest", "--processes", "2", "--host", "127.0.0.1",
              "--port", str(port), "--redis-url", redis_url, "--kafka-bootstrap", kafka_bootstrap,
              "--topic-prefix", topic_prefix, "--models-file", str(models_file),
-             "--batch-consumer", "false", "--shutdown-grace-s", "1", "--auth", "off"],
+             "--batch-consumer", "false", "--shutdown-grace-s", "1", "--auth", "off",
+             "--served-models-timeout-s", "0"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log_file, stderr=subprocess.STDOUT,
         )
@@ -709,3 +720,56 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+# ------------------------------------------------------------------ models nobody serves
+async def test_a_model_no_worker_serves_is_refused_and_not_listed(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    from qlm.bus.records import Telemetry
+
+    catalogue = {**MODELS, "m13b": ModelLimits("m13b", max_model_len=2048)}
+    app = IngestApp(_settings(redis_url, kafka_bootstrap, topic_prefix, batch_consumer=True,
+                              served_models_timeout_s=5.0), models=catalogue)
+    await app.start()
+    try:
+        async with BusProducer(kafka_bootstrap) as producer:
+            async def heartbeat() -> None:  # one worker holding m7b only, as a worker reports
+                while True:
+                    await producer.publish(app.topics.telemetry, Telemetry(
+                        worker="w-0", gpu="H100-80GB", at=time.time(), model="m7b",
+                        models=("m7b",), batch_size=0, kv_used_fraction=0.0,
+                        step_time_predicted_s=0.0, step_time_observed_s=0.0, num_steps=0))
+                    await asyncio.sleep(0.5)
+
+            beating = asyncio.create_task(heartbeat())
+            try:
+                deadline = time.monotonic() + 30
+                while not app.served.known():
+                    assert time.monotonic() < deadline, "no telemetry heard"
+                    await asyncio.sleep(0.1)
+                async with QlmClient(f"127.0.0.1:{app.port}", timeout_s=10) as client:
+                    assert [m.name for m in await client.list_models()] == ["m7b"]
+                    assert (await client.submit(good(request_id="served-1"))).request_id
+                    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                        stub = qlm_pb2_grpc.QueueManagerStub(channel)
+                        with pytest.raises(grpc.aio.AioRpcError) as refused:
+                            await stub.Submit(pb.SubmitRequest(
+                                request_id="unserved-1", model="m13b", prompt_text="hi",
+                                max_tokens=4))
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert (refused.value.details() or "").startswith(
+                    "model: no worker serves 'm13b' now; served models: m7b")
+                await producer.publish_raw(app.topics.batch_requests, json.dumps(
+                    {"request_id": "unserved-2", **good(model="m13b")}).encode(), b"u")
+                letters = await read_topic(kafka_bootstrap, app.topics.dlq,
+                                           lambda rs: len(rs) >= 1, 30.0)
+            finally:
+                beating.cancel()
+        letter = DeadLetter.from_json(letters[0].value)
+        assert letter.field == "model" and "no worker serves 'm13b'" in letter.reason
+        assert await raw_redis.exists(KEYS.request("served-1"))
+        assert not await raw_redis.exists(KEYS.request("unserved-1"))
+        assert not await raw_redis.exists(KEYS.request("unserved-2"))
+    finally:
+        await app.stop()

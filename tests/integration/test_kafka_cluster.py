@@ -121,6 +121,7 @@ async def test_broker_killed_mid_batch_loses_and_duplicates_nothing(
         kafka_replication_factor=3, kafka_partitions={"qlm.batch.requests": 6},
         batch_consumer=True, serve_grpc=False,
         consumer_group=f"{topic_prefix}ingest", log_json=False, log_level="warning",
+        served_models_timeout_s=0.0,  # no workers here: every catalogue model counts
         auth="off",
     )  # fmt: skip
     await ensure_topics(bootstrap, topic_specs(names, settings.topic_layout()))

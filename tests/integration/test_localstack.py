@@ -161,6 +161,40 @@ def test_up_then_down_leaves_no_process(tmp_path: Path) -> None:
     assert _localstack("status", stack_dir).returncode == 3
 
 
+@pytest.mark.redis
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_up_supervises_the_services_and_status_shows_a_restart(tmp_path: Path) -> None:
+    workers = tmp_path / "workers.yaml"
+    workers.write_text("workers:\n  - {id: one, gpu: A10-24GB, models: [mistral-7b]}\n")
+    stack_dir = tmp_path / "stack"
+    try:
+        up = _localstack("up", stack_dir, "--redis-port", "0", "--kafka-port", "0",
+                         "--controller-port", "0", "--workers-file", str(workers),
+                         "--time-scale", "20")
+        assert up.returncode == 0, up.stderr + up.stdout
+        assert "supervisor pid" in up.stdout
+        run_dir = stack_dir / "services"
+        ingest_pid = int((run_dir / "ingest.pid").read_text())
+        assert (run_dir / "worker-one.pid").is_file()  # one process per worker
+        os.kill(ingest_pid, 9)
+        deadline = time.monotonic() + 120
+        while True:
+            status = _localstack("status", stack_dir)
+            line = next((x for x in status.stdout.splitlines() if x.startswith("ingest ")), "")
+            if "restarts 1, last exit -9" in line and "pid" in line and " ready" in line:
+                break
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(1.0)
+        assert int((run_dir / "ingest.pid").read_text()) != ingest_pid
+        assert "supervisor         pid" in status.stdout
+    finally:
+        down = _localstack("down", stack_dir)
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.splitlines()[0].split() == ["supervisor", "stopped"]
+    assert not list(stack_dir.glob("*/*.pid"))
+
+
 def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -78,7 +78,14 @@ def _wait_for_models(client: openai.OpenAI, timeout_s: float = 30.0) -> list[ope
 
 
 def test_models_lists_what_live_workers_serve_with_state(client: openai.OpenAI) -> None:
-    models = {m.id: m for m in _wait_for_models(client)}
+    deadline = time.monotonic() + 30  # each worker is a process of its own: wait for both
+    while True:
+        models = {m.id: m for m in _wait_for_models(client)}
+        holders = (models["mistral-7b"].model_extra or {}).get("workers", []) if (
+            "mistral-7b" in models) else []
+        if len(holders) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     # the profiles know llama-70b too, but no worker holds it
     assert set(models) == {"mistral-7b", "vicuna-13b"}
     extra = {name: m.model_extra or {} for name, m in models.items()}

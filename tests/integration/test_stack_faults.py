@@ -7,7 +7,9 @@ simulated workers of two models, 20× faster than their GPUs.
 * a worker killed with SIGKILL loses its leases: the scheduler returns its requests to
   the queue and another worker finishes them;
 * a scheduler leader killed with SIGKILL hands over to a standby replica, which keeps
-  giving new requests virtual queues.
+  giving new requests virtual queues;
+* each service killed with SIGKILL under load is started again by the supervisor
+  (:mod:`qlm.localstack.supervisor`), and every request still finishes exactly once.
 
 Short leases and ticks (``QLM_*`` variables the service processes inherit) keep each
 test within seconds. Cancelling a running request through gRPC is shown by
@@ -22,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -40,6 +43,7 @@ from qlm.client import QlmClient
 from qlm.core.errors import InvalidInput
 from qlm.localstack.process import free_loopback_port
 from qlm.localstack.services import REPO_ROOT, ServiceOptions, ServiceStack
+from qlm.localstack.supervisor import Backoff, Supervisor, read_state
 from qlm.store.keys import Keys
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
@@ -277,7 +281,11 @@ def assert_metrics_show_the_run(stack: ServiceStack, log: EventLog,
     SLO attainment, decisions and their time, evictions, swaps, batch size and KV use."""
     p = stack.ports
     ingest, estimator = samples(p.ingest_metrics), samples(p.estimator_metrics)
-    scheduler, worker = samples(p.scheduler_metrics), samples(p.worker_metrics)
+    scheduler = samples(p.scheduler_metrics)
+    worker: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for _, _, metrics_port in p.workers:  # one process per worker
+        for name, found in samples(metrics_port).items():
+            worker.setdefault(name, []).extend(found)
 
     submits = "qlm_ingest_submits_total"
     assert total(ingest, submits, result="admitted", source="grpc",
@@ -405,3 +413,56 @@ def _try_scrape(port: int) -> str:
         return scrape(port)
     except OSError:
         return ""
+
+
+async def test_each_killed_service_is_restarted_by_the_supervisor_and_nothing_is_lost(
+    tmp_path: Path, redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNames,
+    event_log: EventLog, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in FAST_FAILOVER.items():
+        monkeypatch.setenv(name, value)
+    workers = tmp_path / "workers.yaml"
+    workers.write_text("workers:\n  - {id: s-0, gpu: A10-24GB, models: [mistral-7b]}\n"
+                       "  - {id: s-1, gpu: A10-24GB, models: [mistral-7b]}\n")
+    options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=TIME_SCALE,
+                             admission="interactive=queue", group_window_s=0.2, tick_s=0.25,
+                             shutdown_grace_s=0.5, topic_prefix=kafka_topics.prefix)
+    stack = ServiceStack(tmp_path / "stack", redis_url, kafka_bootstrap, options)
+    supervisor = Supervisor(stack, Backoff(base_s=0.5, max_s=2.0), poll_s=0.2)
+    await asyncio.to_thread(supervisor.start)
+    watching = threading.Thread(target=supervisor.run, name="supervisor", daemon=True)
+    watching.start()
+    ids: set[str] = set()
+    try:
+        victims = stack.process_names()  # each service and the worker of one GPU
+        assert victims == ("estimator", "ingest", "scheduler", "worker-s-0", "worker-s-1")
+        for wave, victim in enumerate(victims[:4]):  # each service killed under load
+            requests = [record(f"v{wave}-{i}", "mistral-7b", "batch-1", 300, 300,
+                               ttft_slo_s=120.0) for i in range(8)]
+            await send_batch(kafka_bootstrap, kafka_topics, requests)
+            ids |= {r["request_id"] for r in requests}
+            await asyncio.sleep(1.0)
+            old_pid = stack.processes[victim].running_pid()
+            assert old_pid is not None
+            os.kill(old_pid, signal.SIGKILL)
+
+            def restarted(victim: str = victim, old_pid: int = old_pid) -> bool:
+                pid = stack.processes[victim].running_pid()
+                return supervisor.records[victim].restarts == 1 and pid not in (None, old_pid)
+
+            await eventually(restarted, 120, f"{victim} restarted by the supervisor",
+                             lambda: str(supervisor.records))
+            assert supervisor.records[victim].last_exit == -signal.SIGKILL
+        await eventually(lambda: set(event_log.count("finished")) >= ids, 180,
+                         "every request finished", lambda: summary(event_log, ids))
+        await asyncio.sleep(1.0)
+        assert_finished_exactly_once(event_log, ids)  # 0 lost, 0 finished twice
+        state = read_state(stack.run_dir)
+        assert state is not None
+        restarts = {n: r["restarts"] for n, r in state["services"].items()}
+        assert restarts == {**{n: 1 for n in victims[:4]}, "worker-s-1": 0}
+        assert supervisor.records["worker-s-1"].last_exit is None  # the other GPU went on
+    finally:
+        supervisor.stop()
+        await asyncio.to_thread(watching.join, 10)
+        stack.down()

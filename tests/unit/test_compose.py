@@ -36,7 +36,7 @@ def cpu() -> dict[str, Any]:
 
 def test_cpu_profile_has_the_stack_and_simulated_workers(cpu: dict[str, Any]) -> None:
     assert set(cpu["services"]) == {"redis", "kafka", "ingest", "estimator", "scheduler",
-                                    "worker-sim"}
+                                    "worker-sim-0", "worker-sim-1", "worker-sim-2"}
 
 
 def test_redis_keeps_the_queue_with_aof(cpu: dict[str, Any]) -> None:
@@ -52,7 +52,7 @@ def test_kafka_runs_in_kraft_mode(cpu: dict[str, Any]) -> None:
 
 
 def test_services_wait_for_healthy_brokers(cpu: dict[str, Any]) -> None:
-    for name in ("ingest", "estimator", "scheduler", "worker-sim"):
+    for name in ("ingest", "estimator", "scheduler", "worker-sim-0"):
         depends = cpu["services"][name]["depends_on"]
         assert depends["redis"]["condition"] == "service_healthy", name
         assert depends["kafka"]["condition"] == "service_healthy", name
@@ -98,8 +98,32 @@ def test_ingest_asks_the_estimator_and_both_follow_one_policy(cpu: dict[str, Any
     assert {cmd[cmd.index("--policy") + 1] for cmd in policy.values()} == {"qlm"}
 
 
+def test_every_service_restarts_when_it_dies_and_has_a_health_check() -> None:
+    for profile in ("cpu", "gpu"):
+        services = compose_config(profile)["services"]
+        for name, service in services.items():
+            assert service.get("restart") == "unless-stopped", (profile, name)
+            test = service.get("healthcheck", {}).get("test")
+            assert test, (profile, name)
+            if name not in ("redis", "kafka"):  # qlm's own probe, a module of the project
+                assert test[:4] == ["CMD", "python", "-m", "qlm.localstack.probe"], test
+                assert (ROOT / "qlm" / "localstack" / "probe.py").is_file()
+
+
+def test_one_worker_process_per_gpu_as_the_workers_file_lists_them(cpu: dict[str, Any]) -> None:
+    import yaml
+
+    declared = yaml.safe_load((ROOT / "docker" / "workers.cpu.yaml").read_text())["workers"]
+    commands = [cpu["services"][f"worker-sim-{i}"]["command"] for i in range(len(declared))]
+    for worker, command in zip(declared, commands, strict=True):
+        assert command[command.index("--worker-id") + 1] == worker["id"]
+        assert command[command.index("--gpu") + 1] == worker["gpu"]
+        assert [command[i + 1] for i, a in enumerate(command) if a == "--models"] == (
+            worker["models"])
+
+
 def test_only_the_front_door_is_published(cpu: dict[str, Any]) -> None:
     published = {name for name, service in cpu["services"].items() if service.get("ports")}
     assert published == {"ingest"}
-    for name in ("ingest", "estimator", "scheduler", "worker-sim"):  # reachable in the network
+    for name in ("ingest", "estimator", "scheduler", "worker-sim-0"):  # reachable in the network
         assert cpu["services"][name]["environment"]["QLM_HOST"] == "0.0.0.0", name

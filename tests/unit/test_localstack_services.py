@@ -63,13 +63,25 @@ def test_service_options_name_the_bad_field(field: str, value: object) -> None:
     assert caught.value.field == field
 
 
+def stack_worker_ids() -> tuple[str, ...]:
+    from qlm.roster import read_workers_file
+
+    return tuple(w.id for w in read_workers_file(DEMO_WORKERS))
+
+
 def test_every_command_line_names_the_run_directory_and_its_settings(tmp_path: Path) -> None:
     options = ServiceOptions(policy="fcfs", workers_file=DEMO_WORKERS, time_scale=3.0,
                              topic_prefix="t.")
     stack = ServiceStack(tmp_path, "redis://127.0.0.1:1/0", "127.0.0.1:2", options,
-                         ServicePorts(50051, 50052, 50061, 1, 2, 3))
+                         ServicePorts(50051, 50052, 1, 2, 3).resolved(
+                             worker_ids=stack_worker_ids()))
     argvs = {name: stack.argv(name) for name in stack.processes}
+    workers = [name for name in argvs if name.startswith("worker-")]
+    assert len(workers) == len(stack_worker_ids()) > 1  # one process per worker (per GPU)
+    argvs["worker"] = argvs[workers[0]]
 
+    health_ports = {a[a.index("--health-port") + 1] for n, a in argvs.items() if n in workers}
+    assert len(health_ports) == len(workers)
     for argv in argvs.values():
         assert any(str(stack.run_dir) in arg for arg in argv)  # the pid-file marker
         assert argv[argv.index("--topic-prefix") + 1] == "t."

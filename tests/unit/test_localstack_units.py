@@ -112,3 +112,13 @@ def test_stack_ports_are_validated_and_recorded(tmp_path: Path) -> None:
     (tmp_path / "stack.json").write_text('{"redis": 1, "kafka": 2, "kafka_controller": 3}')
     assert read_ports(tmp_path) == StackPorts(1, 2, 3)
     assert LocalStack.open(tmp_path, StackPorts(0, 0, 0)).ports == StackPorts(1, 2, 3)
+
+
+def test_supervisor_backoff_doubles_up_to_its_cap() -> None:
+    from qlm.localstack.supervisor import Backoff, describe
+
+    assert [Backoff(1.0, 30.0).delay_s(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    assert Backoff(0.5, 2.0).delay_s(100) == 2.0
+    assert describe({"restarts": 2, "last_exit": -9, "last_exit_at": 0.0}).startswith(
+        "restarts 2, last exit -9 at ")
+    assert describe(None) == "not supervised"

@@ -40,6 +40,12 @@ BAD = [
     (_record(max_tokens=-3), "max_tokens", "must be > 0, got -3"),
     (_record(max_tokens=99), "max_tokens", "exceeds the model's max_model_len of 100"),
     (_record(max_tokens="10"), "max_tokens", "must be an integer, got str"),
+    (_record(max_tokens=2**31), "max_tokens", "must be <= 2147483647, got 2147483648"),
+    (_record(max_tokens=10**4000), "max_tokens", "got an integer of about 4001 digits"),
+    (_record(prompt=..., prompt_token_ids=[1, 2**31]), "prompt_token_ids[1]",
+     "must be <= 2147483647"),
+    (_record(sampling={"top_k": 2**31}), "sampling.top_k", "must be <= 2147483647"),
+    (_record(sampling={"seed": 2**63}), "sampling.seed", "must be <= 9223372036854775807"),
     (_record(max_tokens=True), "max_tokens", "must be an integer, got bool"),
     (_record(max_tokens=...), "max_tokens", "is required"),
     (_record(slo_class="gold"), "slo_class", "must be one of"),
@@ -96,3 +102,12 @@ def test_token_ids_count_as_prompt_tokens() -> None:
 
 def test_without_a_catalogue_any_model_passes() -> None:
     assert parse_submission(_record(model="anything", max_tokens=10**6), None).model == "anything"
+
+
+def test_an_unknown_field_with_an_empty_or_unprintable_name_is_named_quoted() -> None:
+    with pytest.raises(InvalidInput) as empty:
+        parse_submission({**_record(), "": 1}, MODELS, LIMITS)
+    assert (empty.value.field, empty.value.problem) == ("''", "unknown field")
+    with pytest.raises(InvalidInput) as control:
+        parse_submission({**_record(), "a\nb": 1}, MODELS, LIMITS)
+    assert control.value.field == "'a\\nb'"

@@ -10,7 +10,8 @@ Conventions:
 * Invalid input is answered with INVALID_ARGUMENT and a message of the form
   "<field>: <problem>" (e.g. "max_tokens: must be > 0, got 0"); nothing is written.
   Unknown request ids are NOT_FOUND; a dependency that does not answer (Redis, Kafka)
-  is UNAVAILABLE.
+  is UNAVAILABLE. A model of the catalogue that no worker serves now is
+  FAILED_PRECONDITION ("model: no worker serves 'x' now; served models: ...").
 """
 
 from collections import abc as _abc
@@ -106,7 +107,10 @@ class TokenIds(_message.Message):
     IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Token ids, each >= 0. Must not be empty; at most the model's `max_model_len` entries."""
+        """Token ids, each in 0..2^31-1. Must not be empty; at most the model's `max_model_len`
+        entries. int64 on the wire (varint, like int32) so that a larger id is refused with
+        INVALID_ARGUMENT rather than truncated by the parser.
+        """
 
     def __init__(
         self,
@@ -138,7 +142,9 @@ class SamplingParams(_message.Message):
     top_p: _builtins.float
     """Nucleus sampling mass in (0, 1]."""
     top_k: _builtins.int
-    """Sample among the k most likely tokens; 0 or unset = no limit; must be >= 0."""
+    """Sample among the k most likely tokens; 0 or unset = no limit; must be in 0..2^31-1
+    (int64 on the wire, so that a larger value is refused, not truncated).
+    """
     seed: _builtins.int
     """Random seed for reproducible sampling; unset = engine chooses."""
     ignore_eos: _builtins.bool
@@ -201,7 +207,10 @@ class SubmitRequest(_message.Message):
     prompt_text: _builtins.str
     """Prompt text, non-empty, at most the server's prompt size cap (bytes of UTF-8)."""
     max_tokens: _builtins.int
-    """Most output tokens to generate: > 0, and prompt tokens + max_tokens <= max_model_len."""
+    """Most output tokens to generate: 1..2^31-1, and prompt tokens + max_tokens <=
+    max_model_len. int64 on the wire (varint, like int32): a larger value sent by a client
+    that uses int64 is refused with INVALID_ARGUMENT naming `max_tokens`, never truncated.
+    """
     slo_class: Global___SLOClass.ValueType
     """Service class; decides the default TTFT SLO and the request's group."""
     ttft_slo_s: _builtins.float

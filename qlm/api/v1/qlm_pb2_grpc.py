@@ -5,7 +5,7 @@ import warnings
 
 from qlm.api.v1 import qlm_pb2 as qlm_dot_v1_dot_qlm__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -98,7 +98,7 @@ class QueueManagerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The models this deployment serves and their limits.
+        """The models that a live worker serves now (from worker telemetry) and their limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

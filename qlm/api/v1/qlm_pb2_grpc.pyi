@@ -10,7 +10,8 @@ Conventions:
 * Invalid input is answered with INVALID_ARGUMENT and a message of the form
   "<field>: <problem>" (e.g. "max_tokens: must be > 0, got 0"); nothing is written.
   Unknown request ids are NOT_FOUND; a dependency that does not answer (Redis, Kafka)
-  is UNAVAILABLE.
+  is UNAVAILABLE. A model of the catalogue that no worker serves now is
+  FAILED_PRECONDITION ("model: no worker serves 'x' now; served models: ...").
 """
 
 from collections import abc as _abc
@@ -58,7 +59,7 @@ class QueueManagerStub:
     error: the answer says the state it ended in.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_qlm_pb2.ListModelsRequest, _qlm_pb2.ListModelsResponse]
-    """The models this deployment serves and their limits."""
+    """The models that a live worker serves now (from worker telemetry) and their limits."""
 
 @_typing.type_check_only
 class QueueManagerAsyncStub(QueueManagerStub):
@@ -80,7 +81,7 @@ class QueueManagerAsyncStub(QueueManagerStub):
     error: the answer says the state it ended in.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_qlm_pb2.ListModelsRequest, _qlm_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """The models this deployment serves and their limits."""
+    """The models that a live worker serves now (from worker telemetry) and their limits."""
 
 class QueueManagerServicer(metaclass=_abc_1.ABCMeta):
     """The queue manager: submit requests, stream their tokens, inspect and cancel them."""
@@ -129,6 +130,6 @@ class QueueManagerServicer(metaclass=_abc_1.ABCMeta):
         request: _qlm_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_qlm_pb2.ListModelsResponse, _abc.Awaitable[_qlm_pb2.ListModelsResponse]]:
-        """The models this deployment serves and their limits."""
+        """The models that a live worker serves now (from worker telemetry) and their limits."""
 
 def add_QueueManagerServicer_to_server(servicer: QueueManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
