@@ -149,7 +149,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "QLM_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}.",
                "QLM_MODELS_FILE": str(models), "QLM_HOST": "127.0.0.1",
                "QLM_PORT": str(grpc_port), "QLM_HTTP_PORT": str(http_port),
-               "QLM_BATCH_CONSUMER": "false", "QLM_SERVE_METRICS": "false"}
+               "QLM_BATCH_CONSUMER": "false", "QLM_SERVE_METRICS": "false",
+               # both transports alike: no API keys, and no workers (every catalogue
+               # model counts as served), as in bench_submit
+               "QLM_AUTH": "off", "QLM_SERVED_MODELS_TIMEOUT_S": "0"}
         with (work / "ingest.log").open("wb") as log_file:
             ingest = subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT,
                                       env=env, stdout=log_file, stderr=subprocess.STDOUT,

@@ -344,9 +344,11 @@ def _wait_listening(log_path: Path, num_processes: int, timeout_s: float = 60.0)
 def _count_redis(url: str, prefix: str) -> int:
     import redis
 
+    from qlm.store.keys import Keys
+
     client = redis.Redis.from_url(url)
-    try:
-        return sum(1 for _ in client.scan_iter(match=f"{prefix}req:*", count=5000))
+    try:  # the record keys as the store names them (hash-tagged prefix)
+        return sum(1 for _ in client.scan_iter(match=Keys(prefix).request("*"), count=5000))
     finally:
         client.close()
 
