@@ -140,7 +140,7 @@ class LocalStack:
         return [
             ServerStatus(
                 "redis",
-                self.redis.url,
+                f"redis://{self.redis.host}:{self.redis.port}/0",  # no password in a status
                 self.redis.process.running_pid(),
                 port_is_open(self.redis.host, self.redis.port),
             ),
