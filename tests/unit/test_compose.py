@@ -127,3 +127,163 @@ def test_only_the_front_door_is_published(cpu: dict[str, Any]) -> None:
     assert published == {"ingest"}
     for name in ("ingest", "estimator", "scheduler", "worker-sim-0"):  # reachable in the network
         assert cpu["services"][name]["environment"]["QLM_HOST"] == "0.0.0.0", name
+
+
+# --- the observability profile: Prometheus and Grafana over the services' metrics ---
+
+METRICS_PORT_DEFAULT = {"ingest": 9460, "worker": 9461, "scheduler": 9462, "estimator": 9463}
+
+
+@pytest.fixture(scope="module")
+def observed() -> dict[str, Any]:
+    return compose_config("cpu", "observability")
+
+
+def metrics_port(service: dict[str, Any]) -> int:
+    """The port a qlm service of compose serves its metrics on: --metrics-port, else
+    QLM_METRICS_PORT, else its settings' default."""
+    command = service["command"]
+    if "--metrics-port" in command:
+        return int(command[command.index("--metrics-port") + 1])
+    if "QLM_METRICS_PORT" in service.get("environment", {}):
+        return int(service["environment"]["QLM_METRICS_PORT"])
+    from services.estimator.settings import EstimatorSettings
+    from services.ingest.settings import IngestSettings
+    from services.scheduler.settings import SchedulerSettings
+    from services.worker.settings import WorkerSettings
+
+    settings = {"services.ingest": IngestSettings, "services.estimator": EstimatorSettings,
+                "services.scheduler": SchedulerSettings, "services.worker": WorkerSettings}
+    field = settings[command[2]].model_fields["metrics_port"]
+    return int(field.default)
+
+
+def scrape_targets() -> dict[str, set[int]]:
+    """Compose service name -> the ports docker/prometheus.yml scrapes it on."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    targets: dict[str, set[int]] = {}
+    for job in config["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            assert sd.get("type") == "A", job
+            for name in sd["names"]:
+                targets.setdefault(name, set()).add(int(sd["port"]))
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                targets.setdefault(host, set()).add(int(port))
+    return targets
+
+
+def test_observability_profile_adds_prometheus_and_grafana(observed: dict[str, Any]) -> None:
+    services = observed["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    assert "prometheus" not in compose_config("cpu")["services"]  # only with the profile
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["image"].startswith("prom/prometheus")
+    assert grafana["image"].startswith("grafana/grafana")
+    mounts = {v["target"]: v for v in prometheus["volumes"]}
+    assert mounts["/etc/prometheus/prometheus.yml"]["read_only"] is True
+    assert Path(mounts["/etc/prometheus/prometheus.yml"]["source"]) == (
+        ROOT / "docker" / "prometheus.yml")
+    for volume in grafana["volumes"]:
+        if volume["target"].startswith("/etc/grafana/provisioning"):
+            assert volume["read_only"] is True
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    ports = grafana["ports"]
+    assert [(p["host_ip"], str(p["published"]), p["target"]) for p in ports] == [
+        ("127.0.0.1", "3000", 3000)]
+    assert not prometheus.get("ports")  # reachable through Grafana only
+
+
+def test_grafana_provisions_prometheus_and_the_dashboard(observed: dict[str, Any]) -> None:
+    import yaml
+
+    grafana = observed["services"]["grafana"]
+    mounts = {v["target"]: Path(v["source"]) for v in grafana["volumes"] if v["type"] == "bind"}
+    provisioning = mounts["/etc/grafana/provisioning"]
+    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())
+    [source] = sources["datasources"]
+    assert (source["type"], source["url"]) == ("prometheus", "http://prometheus:9090")
+    providers = yaml.safe_load((provisioning / "dashboards" / "qlm.yaml").read_text())
+    [provider] = providers["providers"]
+    folder = provider["options"]["path"]
+    assert (mounts[folder] / "qlm.json").is_file()
+    dashboard = json.loads((mounts[folder] / "qlm.json").read_text())
+    assert dashboard["uid"] == "qlm" and dashboard["schemaVersion"] >= 36
+    datasource_uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert datasource_uids == {source["uid"]}
+
+
+def test_prometheus_scrapes_every_qlm_service_on_its_metrics_port(
+        observed: dict[str, Any]) -> None:
+    targets = scrape_targets()
+    gpu = compose_config("gpu")["services"]
+    qlm = {name: s for name, s in {**observed["services"], **gpu}.items()
+           if (s.get("command") or [])[:2] == ["python", "-m"]
+           and s["command"][2].startswith("services.")}
+    assert {"ingest", "estimator", "scheduler", "worker-sim-0", "worker-gpu0"} <= set(qlm)
+    for name, service in qlm.items():
+        assert targets.get(name) == {metrics_port(service)}, (name, targets.get(name))
+    assert set(targets) <= set(qlm), "scrapes a name compose does not run"
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the services' metrics classes expose (``_total``, ``_bucket``, …)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from services.estimator.metrics import EstimatorMetrics
+    from services.ingest.metrics import IngestMetrics
+    from services.scheduler.metrics import SchedulerMetrics
+    from services.worker.metrics import WorkerMetrics
+
+    registry = CollectorRegistry()
+    for cls in (EstimatorMetrics, IngestMetrics, SchedulerMetrics, WorkerMetrics):
+        metrics = cls(registry=registry)
+        for metric in vars(metrics).values():
+            # a labelled metric has no samples until a child exists: make one of each
+            if isinstance(metric, MetricWrapperBase) and metric._labelnames:
+                metric.labels(*["x"] * len(metric._labelnames))
+    return {s.name for family in registry.collect() for s in family.samples}
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((ROOT / "docker" / "grafana" / "dashboards" / "qlm.json").read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+
+
+def metric_names_in(expr: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\bqlm_[A-Za-z0-9_:]*", expr))
+
+
+def test_metric_names_are_read_from_promql() -> None:
+    assert metric_names_in(
+        'sum by (le) (rate(qlm_a_bucket{slo="met"}[5m])) / qlm_b_total') == {
+        "qlm_a_bucket", "qlm_b_total"}
+
+
+def test_every_dashboard_query_names_only_metrics_the_services_export() -> None:
+    exported = exported_metric_names()
+    assert {"qlm_ingest_submits_total", "qlm_estimator_wait_seconds_bucket",
+            "qlm_worker_first_tokens_total"} <= exported
+    queries = dashboard_queries()
+    assert queries
+    for expr in queries:
+        names = metric_names_in(expr)
+        assert names, f"query names no qlm metric: {expr}"
+        assert names <= exported, f"nobody exports {sorted(names - exported)}: {expr}"
+
+
+def test_the_dashboard_covers_what_operators_watch() -> None:
+    named = set().union(*(metric_names_in(e) for e in dashboard_queries()))
+    for metric in ("qlm_scheduler_queue_depth", "qlm_worker_first_tokens_total",
+                   "qlm_estimator_wait_seconds_bucket", "qlm_scheduler_decisions_total",
+                   "qlm_scheduler_decision_seconds_bucket", "qlm_scheduler_evictions_total",
+                   "qlm_scheduler_swaps_total", "qlm_worker_batch_size",
+                   "qlm_worker_kv_used_fraction", "qlm_ingest_submits_total"):
+        assert metric in named, metric
