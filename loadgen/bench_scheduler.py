@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_1m_at_start": load_at_start,
-                    "shared": "2 cores shared with other work; see the load average"},
+                    "host_note": "2 cores used by other work too; see the load average"},
         "queued": args.queued, "workers": args.workers, "running_per_worker": args.running,
         "steps": args.steps, "churn_per_step": args.churn,
         "policies": results,

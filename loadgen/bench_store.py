@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
-            "shared": "other processes ran meanwhile: see each run's load average",
+            "host_note": "other processes ran meanwhile: see each run's load average",
             "python": platform.python_version(),
             "redis_server": version,
             "redis_config": "appendonly yes, appendfsync everysec, no RDB"
