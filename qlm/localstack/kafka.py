@@ -19,10 +19,8 @@ ACLs of :mod:`qlm.bus.access` as the admin.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
-import secrets
 import shutil
 import socket
 import struct
@@ -42,6 +40,7 @@ from qlm.localstack.process import (
     ServerProcess,
     ensure_port_free,
     free_loopback_port,
+    load_or_create_passwords,
     start_on_free_ports,
 )
 
@@ -171,16 +170,7 @@ class KafkaUsers:
     def load_or_create(cls, path: Path) -> KafkaUsers:
         """The users recorded in ``path``, else new random passwords for the admin and every
         service principal (written to ``path``, mode 0600)."""
-        try:
-            return cls(dict(json.loads(path.read_text())))
-        except (OSError, ValueError):
-            pass
-        users = cls({name: secrets.token_urlsafe(24) for name in (ADMIN, *SERVICE_PRINCIPALS)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(dict(users.passwords), handle)
-        return users
+        return cls(load_or_create_passwords(path, (ADMIN, *SERVICE_PRINCIPALS)))
 
     def auth(self, user: str) -> KafkaAuth:
         """How ``user`` connects (SASL_PLAINTEXT, SCRAM-SHA-512)."""

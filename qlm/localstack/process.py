@@ -11,12 +11,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -238,3 +240,18 @@ class ServerProcess:
     def _forget(self) -> None:
         self.pid_path.unlink(missing_ok=True)
         self._popen = None
+
+
+def load_or_create_passwords(path: Path, users: Iterable[str]) -> dict[str, str]:
+    """The passwords recorded in ``path`` (JSON ``{user: password}``), else a new random
+    one per user, written there readable by its owner only (0600)."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        pass
+    passwords = {name: secrets.token_urlsafe(24) for name in users}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(passwords, handle)
+    return passwords

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
-import secrets
 import shutil
 import socket
 import subprocess
@@ -31,6 +29,7 @@ from qlm.localstack.process import (
     ServerProcess,
     ensure_port_free,
     free_loopback_port,
+    load_or_create_passwords,
     start_on_free_ports,
 )
 
@@ -95,16 +94,7 @@ class RedisUsers:
     @classmethod
     def load_or_create(cls, path: Path) -> RedisUsers:
         """The users in ``path`` (JSON), else new random passwords written there (0600)."""
-        try:
-            return cls(dict(json.loads(path.read_text())))
-        except (OSError, ValueError):
-            pass
-        users = cls({name: secrets.token_urlsafe(24) for name in (REDIS_ADMIN, *_SERVICE_KEYS)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(dict(users.passwords), handle)
-        return users
+        return cls(load_or_create_passwords(path, (REDIS_ADMIN, *_SERVICE_KEYS)))
 
     def acl_file(self, prefix: str = "qlm:") -> str:
         """The ``aclfile`` of the server (one ``user`` line per user)."""
