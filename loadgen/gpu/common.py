@@ -253,3 +253,30 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class StepLog:
+    """A GPU script's result, written whole after every step and check (a call cut short
+    by its time limit still leaves what it measured). Subclasses set :attr:`result` (with
+    ``steps`` and ``checks``) and :attr:`out`, and name the file in :meth:`result_file`."""
+
+    result: dict[str, Any]
+    out: Path
+
+    def result_file(self) -> Path:
+        raise NotImplementedError
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.result_file(), self.result)
+
+    def step(self, name: str, seconds: float, **facts: Any) -> None:
+        row = {"step": name, "s": round(seconds, 4), **facts}
+        self.result["steps"].append(row)
+        print("STEP", row, flush=True)
+        self.save()
+
+    def check(self, name: str, ok: bool, **facts: Any) -> None:
+        self.result["checks"][name] = {"ok": bool(ok), **facts}
+        print("CHECK", name, "ok" if ok else "FAILED", facts, flush=True)
+        self.save()

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.gpu.common import MODEL_SHAPES, device_facts, write_json
+from loadgen.gpu.common import MODEL_SHAPES, StepLog, device_facts
 from loadgen.gpu.stack_replay import code_version
 from qlm.engine.base import EngineRequest, OutputChunk
 from qlm.roster import ModelEntry
@@ -149,7 +149,7 @@ async def close(engine: Any) -> None:
     await asyncio.sleep(2.0)  # let the engine process release its GPU memory
 
 
-class Run:
+class Run(StepLog):
     def __init__(self, args: argparse.Namespace, argv: Sequence[str]) -> None:
         self.args = args
         self.out = Path(args.out)
@@ -160,20 +160,8 @@ class Run:
             "steps": [], "checks": {}, "error": None,
         }
 
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / f"{self.args.name}.json", self.result)
-
-    def step(self, name: str, seconds: float, **facts: Any) -> None:
-        row = {"step": name, "s": round(seconds, 3), **facts}
-        self.result["steps"].append(row)
-        print("STEP", row, flush=True)
-        self.save()
-
-    def check(self, name: str, ok: bool, **facts: Any) -> None:
-        self.result["checks"][name] = {"ok": bool(ok), **facts}
-        print("CHECK", name, "ok" if ok else "FAILED", facts, flush=True)
-        self.save()
+    def result_file(self) -> Path:
+        return self.out / f"{self.args.name}.json"
 
     async def engine(self, path: Path, load_format: str | None) -> Any:
         from qlm.core.perf import PROFILE_DIR, ProfileBook

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.gpu.common import MODEL_SHAPES, device_facts, write_json
+from loadgen.gpu.common import MODEL_SHAPES, StepLog, device_facts
 from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.engine.base import EngineRequest, OutputChunk, swap
 from qlm.engine.vllm_engine import VllmEngine, VllmOptions
@@ -57,7 +57,7 @@ async def run_one(engine: VllmEngine, request: EngineRequest) -> dict[str, Any]:
     }
 
 
-class Smoke:
+class Smoke(StepLog):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.models: list[str] = args.models.split(",")
@@ -72,20 +72,8 @@ class Smoke:
             "error": None,
         }
 
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "worker_smoke.json", self.result)
-
-    def step(self, name: str, seconds: float, **facts: Any) -> None:
-        row = {"step": name, "s": round(seconds, 4), **facts}
-        self.result["steps"].append(row)
-        print("STEP", row, flush=True)
-        self.save()
-
-    def check(self, name: str, ok: bool, **facts: Any) -> None:
-        self.result["checks"][name] = {"ok": bool(ok), **facts}
-        print("CHECK", name, "ok" if ok else "FAILED", facts, flush=True)
-        self.save()
+    def result_file(self) -> Path:
+        return self.out / "worker_smoke.json"
 
     def request(self, rid: str, model: str, prompt: int, max_tokens: int) -> EngineRequest:
         ids = prompt_ids(self.rng, model, prompt)
