@@ -14,6 +14,7 @@ import math
 import os
 import re
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -280,3 +281,16 @@ class StepLog:
         self.result["checks"][name] = {"ok": bool(ok), **facts}
         print("CHECK", name, "ok" if ok else "FAILED", facts, flush=True)
         self.save()
+
+
+async def stream_to_end(engine: Any, request: Any) -> tuple[list[Any], float | None, float]:
+    """Stream ``request`` through ``engine`` (a :class:`qlm.engine.base.Engine`) to its
+    end: its output chunks, seconds to the first token (None without one) and in all."""
+    started = time.perf_counter()
+    first: float | None = None
+    chunks: list[Any] = []
+    async for chunk in engine.add(request):
+        if first is None and chunk.token_ids:
+            first = time.perf_counter() - started
+        chunks.append(chunk)
+    return chunks, first, time.perf_counter() - started

@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.gpu.common import MODEL_SHAPES, StepLog, device_facts
+from loadgen.gpu.common import MODEL_SHAPES, StepLog, device_facts, stream_to_end
 from loadgen.gpu.stack_replay import code_version
-from qlm.engine.base import EngineRequest, OutputChunk
+from qlm.engine.base import EngineRequest
 from qlm.roster import ModelEntry
 
 PROMPT = "The queue manager keeps interactive requests within their time to first token."
@@ -131,17 +131,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------ on the GPU
 async def run_one(engine: Any, request: EngineRequest) -> dict[str, Any]:
     """Stream ``request`` to its end: ids, text, finish reason, seconds."""
-    started = time.perf_counter()
-    first: float | None = None
-    chunks: list[OutputChunk] = []
-    async for chunk in engine.add(request):
-        if first is None and chunk.token_ids:
-            first = time.perf_counter() - started
-        chunks.append(chunk)
+    chunks, first, total = await stream_to_end(engine, request)
     return {"token_ids": [t for c in chunks for t in c.token_ids],
             "text": "".join(c.text for c in chunks),
             "finish_reason": chunks[-1].finish_reason if chunks else None,
-            "ttft_s": first, "total_s": time.perf_counter() - started}
+            "ttft_s": first, "total_s": total}
 
 
 async def close(engine: Any) -> None:

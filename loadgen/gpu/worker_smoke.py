@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.gpu.common import MODEL_SHAPES, StepLog, device_facts
+from loadgen.gpu.common import MODEL_SHAPES, StepLog, device_facts, stream_to_end
 from qlm.core.perf import PROFILE_DIR, ProfileBook
-from qlm.engine.base import EngineRequest, OutputChunk, swap
+from qlm.engine.base import EngineRequest, swap
 from qlm.engine.vllm_engine import VllmEngine, VllmOptions
 
 
@@ -40,20 +40,14 @@ def prompt_ids(rng: np.random.Generator, model: str, n: int) -> tuple[int, ...]:
 
 async def run_one(engine: VllmEngine, request: EngineRequest) -> dict[str, Any]:
     """Stream ``request`` to its end: token count, TTFT and total seconds."""
-    started = time.perf_counter()
-    first: float | None = None
-    chunks: list[OutputChunk] = []
-    async for chunk in engine.add(request):
-        if first is None and chunk.token_ids:
-            first = time.perf_counter() - started
-        chunks.append(chunk)
+    chunks, first, total = await stream_to_end(engine, request)
     return {
         "request_id": request.request_id,
         "num_new_tokens": sum(len(c.token_ids) for c in chunks),
         "num_generated": chunks[-1].num_generated if chunks else request.num_generated,
         "finish_reason": chunks[-1].finish_reason if chunks else None,
         "ttft_s": round(first, 5) if first is not None else None,
-        "total_s": round(time.perf_counter() - started, 5),
+        "total_s": round(total, 5),
     }
 
 
