@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.plan import DemoPlan, build_plan, estimator_predictor, sim_workers
+from loadgen.plan import DemoPlan, build_plan, estimator_forecaster, sim_workers
 from loadgen.report import markdown_table, policy_entry, print_table
 from qlm.core.errors import InvalidInput, QlmError
 from qlm.core.perf import ProfileBook
@@ -78,7 +78,7 @@ def simulate_policy(plan: DemoPlan, workers: Sequence[WorkerSpec], policy: str
     started = time.perf_counter()
     result = simulate(plan.jobs, workers, profiles, make_policy(policy), SimConfig(),
                       seed=plan.seed, timer=time.perf_counter,
-                      predictor=estimator_predictor(profiles))
+                      forecaster=estimator_forecaster(profiles))
     r2, _ = wait_prediction_r2(result.records)
     return (result.metrics, r2, time.perf_counter() - started, result.records)
 

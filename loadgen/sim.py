@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.plan import build_plan, estimator_predictor, sim_workers
+from loadgen.plan import build_plan, estimator_forecaster, sim_workers
 from loadgen.report import markdown_table, policy_entry, print_table
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
@@ -203,7 +203,7 @@ def run_one(task: Task) -> Run:
         jobs, task.workers(), profiles,
         make_policy(task.policy, **task.policy_options), task.config, seed=task.seed,
         timer=time.perf_counter,
-        predictor=estimator_predictor(profiles),
+        forecaster=estimator_forecaster(profiles),
     )
     r2, _ = wait_prediction_r2(result.records)
     return Run(task.policy, task.rate, result, time.perf_counter() - started, r2)

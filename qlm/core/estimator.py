@@ -64,7 +64,7 @@ from scipy.special import ndtr
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.pulls import kv_reservation
-from qlm.core.types import Request, RequestGroup, WorkerView
+from qlm.core.types import Request, RequestGroup, SLOClass, WorkerView
 
 _STANDARD_NORMAL: Final = NormalDist()
 
@@ -76,6 +76,9 @@ CORRECTION_MAX: Final = 4.0
 #: Prompt tokens one admission (prefill step) takes at most: vLLM's default
 #: max_num_batched_tokens, and the simulator's max_prefill_tokens.
 PREFILL_TOKENS_PER_STEP: Final = 8192
+#: The engine's prefill models (:data:`qlm.sim.batching.PREFILL_MODES`, named here too:
+#: qlm.sim imports the policies, which import this module).
+PREFILL_MODES: Final = ("whole", "chunked")
 #: Memoised groups kept before the memo starts afresh.
 _MEMO_LIMIT: Final = 50_000
 
@@ -344,8 +347,49 @@ def steady_batch(worker: WorkerView, profile: PerfProfile, reservation_tokens: f
     return max(1, min(worker.max_batch_size, profile.max_batch_size, by_kv))
 
 
+def chunked_work_s(profile: PerfProfile, tokens: np.ndarray, num_decoding: int,
+                   max_batched_tokens: int = PREFILL_TOKENS_PER_STEP) -> float:
+    """Σ over prompts of :func:`qlm.sim.batching.chunked_prefill_work_s` (vectorised): the
+    time the prompts' chunks add to the steps of a batch of ``num_decoding`` decoding."""
+    if tokens.size == 0:
+        return 0.0
+    from qlm.sim.batching import output_latency_s  # qlm.sim imports the policies: not at load
+
+    per_step = max(1, max_batched_tokens - num_decoding)
+    paid_by_decode = output_latency_s(profile) + (profile.decode_base_s if num_decoding else 0.0)
+    full, rest = np.divmod(tokens.astype(np.int64), per_step)
+
+    def marginal(x: np.ndarray) -> np.ndarray:
+        return np.where(x > 0, np.clip(_prefill_many(profile, x) - paid_by_decode, 0.0, None), 0.0)
+
+    whole_chunk = float(marginal(np.array([per_step]))[0])
+    return float((full * whole_chunk).sum() + marginal(rest).sum())
+
+
+def _prefill_timing(work: GroupWork, profile: PerfProfile, batch: int, mean_output: float,
+                    prefill_mode: str, max_batched_tokens: int) -> tuple[float, float, float]:
+    """(all prefills, first token of the head admitted alone, first token of the head
+    admitted into free slots) of a group at steady batch ``batch``, in the engine's
+    prefill mode: ``whole`` prefills admitted prompts in steps of their own; ``chunked``
+    (vLLM's default) mixes them into decode steps (:mod:`qlm.sim.batching`'s step model)."""
+    first_tokens = first_admission_tokens(work.prompt_tokens, batch)
+    if prefill_mode == "whole":
+        return (admission_prefill_s(profile, work.prompt_tokens, batch, mean_output),
+                profile.prefill_s(work.head_prompt_tokens), profile.prefill_s(first_tokens))
+    from qlm.sim.batching import chunked_first_token_s  # see chunked_work_s
+
+    decoding = batch - 1
+    context = int(decoding * work.mean_context)
+    head = chunked_first_token_s(profile, work.head_prompt_tokens, decoding, context,
+                                 max_batched_tokens)
+    bulk = chunked_first_token_s(profile, work.head_prompt_tokens, 0, 0, max_batched_tokens,
+                                 shared_tokens=first_tokens - work.head_prompt_tokens)
+    return chunked_work_s(profile, work.prompt_tokens, decoding, max_batched_tokens), head, bulk
+
+
 def _timing(work: GroupWork, worker: WorkerView, profile: PerfProfile,
-            stats: LengthStats) -> _Timing:
+            stats: LengthStats, prefill_mode: str = "chunked",
+            max_batched_tokens: int = PREFILL_TOKENS_PER_STEP) -> _Timing:
     batch = steady_batch(worker, profile, work.mean_reservation)
     step = profile.decode_step_s(batch, int(batch * work.mean_context))
     per_token = step / batch
@@ -356,14 +400,16 @@ def _timing(work: GroupWork, worker: WorkerView, profile: PerfProfile,
                                                  work.tail_cap_tokens)
     half = max(1, in_flight // 2)
     mean_output = work.out_mean_tokens / work.size
+    prefill, head, bulk = _prefill_timing(work, profile, batch, mean_output, prefill_mode,
+                                          max_batched_tokens)
     return _Timing(
         decode_s=work.decode_tokens * per_token,
         decode_var_s2=work.out_var_tokens * per_token * per_token,
         credit_s=(batch - 1) * work.residual_tokens * per_token,
         tail_s=tail_tokens * profile.decode_step_s(half, int(half * work.mean_context)),
-        prefill_s=admission_prefill_s(profile, work.prompt_tokens, batch, mean_output),
-        head_prefill_s=profile.prefill_s(work.head_prompt_tokens),
-        bulk_prefill_s=profile.prefill_s(first_admission_tokens(work.prompt_tokens, batch)),
+        prefill_s=prefill,
+        head_prefill_s=head,
+        bulk_prefill_s=bulk,
     )
 
 
@@ -416,9 +462,21 @@ class RWTEstimator:
     def __init__(self, profiles: ProfileBook,
                  output_stats: Mapping[str, LengthStats] | None = None,
                  corrections: Mapping[tuple[str, str], float] | None = None,
-                 default_output_stats: LengthStats = DEFAULT_OUTPUT_STATS) -> None:
+                 default_output_stats: LengthStats = DEFAULT_OUTPUT_STATS, *,
+                 class_stats: Mapping[tuple[str, SLOClass], LengthStats] | None = None,
+                 prefill_mode: str = "chunked",
+                 max_batched_tokens: int = PREFILL_TOKENS_PER_STEP) -> None:
+        if prefill_mode not in PREFILL_MODES:
+            raise InvalidInput("prefill_mode", f"must be one of {', '.join(PREFILL_MODES)}, "
+                               f"got {prefill_mode!r}")
+        if max_batched_tokens <= 0:
+            raise InvalidInput("max_batched_tokens", f"must be > 0, got {max_batched_tokens}")
+        self.prefill_mode = prefill_mode
+        self.max_batched_tokens = max_batched_tokens
         self._profiles = profiles
         self._stats: Mapping[str, LengthStats] = MappingProxyType(dict(output_stats or {}))
+        self._class_stats: Mapping[tuple[str, SLOClass], LengthStats] = MappingProxyType(
+            dict(class_stats or {}))
         for key, factor in (corrections or {}).items():
             if not (math.isfinite(factor) and factor > 0):
                 raise InvalidInput(f"corrections.{key[0]}@{key[1]}", f"must be > 0, got {factor}")
@@ -441,15 +499,30 @@ class RWTEstimator:
     def correction(self, model: str, gpu: str) -> float:
         return self._corrections.get((model, gpu), 1.0)
 
-    def output_stats(self, model: str) -> LengthStats:
+    def output_stats(self, model: str, slo_class: SLOClass | None = None) -> LengthStats:
+        """The output lengths of ``model``'s requests (of ``slo_class`` when known for it)."""
+        if slo_class is not None:
+            known = self._class_stats.get((model, slo_class))
+            if known is not None:
+                return known
         return self._stats.get(model, self._default_stats)
+
+    def _clone(self, *, stats: Mapping[str, LengthStats] | None = None,
+               class_stats: Mapping[tuple[str, SLOClass], LengthStats] | None = None,
+               corrections: Mapping[tuple[str, str], float] | None = None) -> RWTEstimator:
+        return RWTEstimator(
+            self._profiles, self._stats if stats is None else stats,
+            self._corrections if corrections is None else corrections, self._default_stats,
+            class_stats=self._class_stats if class_stats is None else class_stats,
+            prefill_mode=self.prefill_mode, max_batched_tokens=self.max_batched_tokens)
 
     def group_work(self, group: RequestGroup) -> GroupWork:
         """The group's GPU-independent sums (memoised by identity)."""
         hit = self._memo.works.get(id(group))
         if hit is not None and hit[0] is group:
             return hit[1]
-        work = _work_of(group.requests, group.model, self.output_stats(group.model))
+        work = _work_of(group.requests, group.model,
+                        self.output_stats(group.model, group.slo_class))
         self._memo.trim()
         self._memo.works[id(group)] = (group, work)
         return work
@@ -461,7 +534,9 @@ class RWTEstimator:
         if hit is not None and hit[0] is group:
             return hit[1]
         profile = self._profiles.get(group.model, worker.gpu)
-        timing = _timing(self.group_work(group), worker, profile, self.output_stats(group.model))
+        timing = _timing(self.group_work(group), worker, profile,
+                         self.output_stats(group.model, group.slo_class), self.prefill_mode,
+                         self.max_batched_tokens)
         self._memo.timings[key] = (group, timing)
         return timing
 
@@ -549,7 +624,7 @@ class RWTEstimator:
         factor = self.correction(model, gpu) * (1.0 + CORRECTION_ALPHA * (ratio - 1.0))
         corrections = dict(self._corrections)
         corrections[(model, gpu)] = min(CORRECTION_MAX, max(CORRECTION_MIN, factor))
-        clone = RWTEstimator(self._profiles, self._stats, corrections, self._default_stats)
+        clone = self._clone(corrections=corrections)
         clone._memo = self._memo  # timings are stored uncorrected: safe to share
         return clone
 
@@ -557,7 +632,16 @@ class RWTEstimator:
         """A new estimator that uses ``stats`` for ``model``'s output lengths."""
         merged = dict(self._stats)
         merged[model] = stats
-        return RWTEstimator(self._profiles, merged, self._corrections, self._default_stats)
+        return self._clone(stats=merged)
+
+    def with_learned_stats(self, model_stats: Mapping[str, LengthStats],
+                           class_stats: Mapping[tuple[str, SLOClass], LengthStats]
+                           ) -> RWTEstimator:
+        """A new estimator with these output lengths per model and per (model, class)
+        (learned from finished requests, :class:`qlm.core.forecast.LengthLearner`) on top
+        of the ones it has."""
+        return self._clone(stats={**self._stats, **model_stats},
+                           class_stats={**self._class_stats, **class_stats})
 
     # ------------------------------------------------------------ internals
     def _swap_s(self, worker: WorkerView, from_model: str | None, to_model: str,
