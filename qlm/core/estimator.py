@@ -566,6 +566,8 @@ class RWTEstimator:
         if segment.model is not None:
             resident.add(segment.model)
         swapping_in = worker.active_model is None and worker.swapping_until is not None
+        running_model = segment.model if worker.running else None
+        admit_delay = self._admission_delay_s(worker) if worker.running else 0.0
         waits: list[WaitEstimate] = []
         for index, group in enumerate(order):
             if group.model != segment.model:
@@ -582,6 +584,8 @@ class RWTEstimator:
             # Its first token: its own prefill once it starts, or, when it finds free slots,
             # the prefill of the first admission it shares with its group-mates.
             first_token_s = max(first_s + timing.head_prefill_s, timing.bulk_prefill_s)
+            if first_s <= 0.0 and group.model == running_model:
+                first_token_s += admit_delay  # it joins the running batch when it may
             waits.append(WaitEstimate(segment.start_s + first_token_s,
                                       math.sqrt(var), last_s - first_s))
             segment = _Segment(
@@ -680,6 +684,20 @@ class RWTEstimator:
             drain_s=tail_tokens * tail_step * self.correction(model, worker.gpu),
         )
         return segment
+
+    def _admission_delay_s(self, worker: WorkerView) -> float:
+        """How long a request queued now waits for admission into the worker's running
+        batch under chunked prefill: ASYNC_ADMISSION_STEPS of its current decode step."""
+        if self.prefill_mode != "chunked" or not worker.running:
+            return 0.0
+        from qlm.sim.batching import ASYNC_ADMISSION_STEPS  # see chunked_work_s
+
+        model = worker.active_model or worker.running[0].request.model
+        if not self._profiles.has(model, worker.gpu):
+            return 0.0
+        context = sum(r.request.context_tokens for r in worker.running)
+        step = self._profiles.get(model, worker.gpu).decode_step_s(len(worker.running), context)
+        return ASYNC_ADMISSION_STEPS * step * self.correction(model, worker.gpu)
 
     @staticmethod
     def _starts_in(segment: _Segment, timing: _Timing, factor: float, size: int

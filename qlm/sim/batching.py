@@ -218,6 +218,12 @@ def plan_chunks(
     return ChunkPlan(tuple(continuing), tuple(admitted))
 
 
+#: Steps a request queued while a chunked engine is busy waits before its first chunk,
+#: on average: asynchronous scheduling plans a step when the previous one begins, so it
+#: waits the rest of the current step (half of one) and the whole next one.
+ASYNC_ADMISSION_STEPS: Final = 1.5
+
+
 def chunk_sizes(prompt_tokens: int, max_batched_tokens: int, num_decoding: int) -> list[int]:
     """The chunks a prompt is prefilled in when it is the only prompt of its steps and
     ``num_decoding`` requests decode alongside (each takes one token of the budget)."""
