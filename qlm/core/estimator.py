@@ -507,11 +507,17 @@ class RWTEstimator:
                 return known
         return self._stats.get(model, self._default_stats)
 
+    def with_profiles(self, profiles: ProfileBook) -> RWTEstimator:
+        """The same estimator over other performance profiles."""
+        return self._clone(profiles=profiles)
+
     def _clone(self, *, stats: Mapping[str, LengthStats] | None = None,
                class_stats: Mapping[tuple[str, SLOClass], LengthStats] | None = None,
-               corrections: Mapping[tuple[str, str], float] | None = None) -> RWTEstimator:
+               corrections: Mapping[tuple[str, str], float] | None = None,
+               profiles: ProfileBook | None = None) -> RWTEstimator:
         return RWTEstimator(
-            self._profiles, self._stats if stats is None else stats,
+            self._profiles if profiles is None else profiles,
+            self._stats if stats is None else stats,
             self._corrections if corrections is None else corrections, self._default_stats,
             class_stats=self._class_stats if class_stats is None else class_stats,
             prefill_mode=self.prefill_mode, max_batched_tokens=self.max_batched_tokens)

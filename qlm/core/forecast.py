@@ -26,6 +26,7 @@ from typing import Final, TypeVar
 
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.estimator import LengthStats, RWTEstimator
+from qlm.core.perf import ProfileBook
 from qlm.core.types import GroupKey, QueueSnapshot, RequestGroup, SLOClass
 
 K = TypeVar("K")
@@ -151,21 +152,24 @@ class LengthLearner:
         self._by_model.setdefault(model, _Moments()).add(float(num_output_tokens))
         self._by_class.setdefault((model, slo_class), _Moments()).add(float(num_output_tokens))
 
-    def refit(self, estimator: RWTEstimator) -> RWTEstimator:
+    def refit(self, estimator: RWTEstimator, everything: bool = False) -> RWTEstimator:
         """``estimator`` with every statistic that has ``min_samples`` and grew by
-        REFIT_GROWTH since its last fit replaced (the same estimator when none did)."""
-        model_stats = _grown(self._by_model, self.min_samples)
-        class_stats = _grown(self._by_class, self.min_samples)
+        REFIT_GROWTH since its last fit (``everything``: every one that has
+        ``min_samples``) replaced; the same estimator when none did."""
+        model_stats = _grown(self._by_model, self.min_samples, everything)
+        class_stats = _grown(self._by_class, self.min_samples, everything)
         if not model_stats and not class_stats:
             return estimator
         return estimator.with_learned_stats(model_stats, class_stats)
 
 
-def _grown(table: Mapping[K, _Moments], min_samples: int) -> dict[K, LengthStats]:
+def _grown(table: Mapping[K, _Moments], min_samples: int, everything: bool
+           ) -> dict[K, LengthStats]:
     """The statistics of ``table`` due for a (re)fit; marks them fitted."""
     out: dict[K, LengthStats] = {}
     for key, moments in table.items():
-        if moments.count < min_samples or moments.count < moments.fitted_count * (1 + REFIT_GROWTH):
+        grown = moments.count >= moments.fitted_count * (1 + REFIT_GROWTH)
+        if moments.count < min_samples or not (grown or everything):
             continue
         moments.fitted_count = moments.count
         out[key] = moments.stats()
@@ -181,6 +185,14 @@ class Forecaster:
 
     def on_finished(self, model: str, slo_class: SLOClass, num_output_tokens: int) -> None:
         self.learner.observe(model, slo_class, num_output_tokens)
+
+    def use_profiles(self, profiles: ProfileBook) -> None:
+        """Forecast from ``profiles`` (e.g. the online-corrected ones) from now on,
+        keeping the estimator's settings and every learned length."""
+        if profiles is self.estimator.profiles:
+            return
+        self.estimator = self.learner.refit(self.estimator.with_profiles(profiles),
+                                            everything=True)
 
     def forecast(self, snapshot: QueueSnapshot, orders: Mapping[str, Sequence[GroupKey]]
                  ) -> dict[GroupKey, GroupForecast]:

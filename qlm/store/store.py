@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -34,6 +34,7 @@ import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable
+from qlm.core.forecast import GroupForecast
 from qlm.core.types import (
     GroupKey,
     Request,
@@ -426,6 +427,31 @@ class RedisQueueStore:
         if int(written) < 0:
             raise FenceLost(fence)
 
+    async def set_forecasts(self, forecasts: Mapping[GroupKey, GroupForecast]) -> None:
+        """Replace every group's forecast (the scheduler, after each decision) in one
+        script: one hash field per group, however many requests are queued."""
+        args = [x for k, f in forecasts.items() for x in (str(k), f.to_json())]
+        with _redis_errors():
+            await self._scripts.set_forecasts(keys=[self.keys.forecast], args=args)
+
+    async def forecast_for(self, record: RequestRecord) -> RequestRecord:
+        """``record`` with its predicted first token: a queued request's from its group's
+        forecast at its current place in the group (one pipelined round trip); any other
+        request keeps the one its pull recorded (the last made before it started)."""
+        if record.state is not RequestState.QUEUED:
+            return record
+        group = self.keys.group(record.group)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.forecast, str(record.group))
+            pipe.zrank(group, record.id)
+            pipe.zcard(group)
+            with _redis_errors():
+                text, rank, size = await pipe.execute()
+        if text is None or rank is None:
+            return replace(record, forecast=None)
+        return replace(record, forecast=GroupForecast.from_json(text),
+                       forecast_rank=int(rank), forecast_size=int(size))
+
     async def scheduler_fence(self) -> int:
         """The fencing token of the current scheduler term (0 before any leader)."""
         with _redis_errors():
@@ -585,6 +611,7 @@ class RedisQueueStore:
             self.keys.running(worker_id),
             self.keys.leases,
             self.keys.workers,
+            self.keys.forecast,
         ]
         args = [self.keys.prefix, worker_id, model, str(max_requests), now, lease_until]
         with _redis_errors():
