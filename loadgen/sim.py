@@ -25,9 +25,11 @@ class); prints a table. ``summary.json``::
         num_decisions, invalid_actions, wait_r2, wall_s}},
      "cluster": .., "workers": [..], "num_requests": .., "seed": .., "quick": .., "command": ..}
 
-``wait_r2`` is the R² of the RWT estimator's predicted wait (made at the first
-decision after a request arrived, from the policy's own placement) against the
-realised wait to first token.
+``wait_r2`` is the R² of the last predicted wait a request had before its first token
+against the realised one, both from arrival (:func:`qlm.sim.metrics.wait_prediction_r2`):
+the forecasts the scheduler service makes, refreshed at every decision from the virtual
+queues it wrote (:class:`qlm.core.forecast.Forecaster`, learning output lengths from
+finished requests).
 """
 
 from __future__ import annotations
@@ -250,6 +252,7 @@ def write_records(path: Path, runs: Sequence[Run]) -> None:
         "policy", "rate", "id", "model", "slo_class", "arrival_at", "deadline_at",
         "prompt_tokens", "output_tokens", "started_at", "first_token_at", "finished_at",
         "worker_id", "num_evictions", "rejected", "predicted_at", "predicted_first_token_at",
+        "last_predicted_at", "last_predicted_first_token_at",
     )
     with gzip.open(path, "wt", newline="") as f:
         w = csv.writer(f)

@@ -589,7 +589,11 @@ class RWTEstimator:
             var = past_var + (segment.ahead_var_s2 if first_s > 0 else 0.0)
             # Its first token: its own prefill once it starts, or, when it finds free slots,
             # the prefill of the first admission it shares with its group-mates.
-            first_token_s = max(first_s + timing.head_prefill_s, timing.bulk_prefill_s)
+            # On an idle worker (nothing ahead in its segment) it is in the first
+            # admission; else its own prefill joins a running batch once it starts.
+            joins_batch = first_s > 0.0 or segment.ahead_s > 0.0
+            first_token_s = (max(first_s + timing.head_prefill_s, timing.bulk_prefill_s)
+                             if joins_batch else timing.bulk_prefill_s)
             if first_s <= 0.0 and group.model == running_model:
                 first_token_s += admit_delay  # it joins the running batch when it may
             waits.append(WaitEstimate(segment.start_s + first_token_s,

@@ -33,7 +33,7 @@ K = TypeVar("K")
 
 #: Finished requests of a model (or model and class) before their lengths replace the
 #: default statistics.
-MIN_LENGTH_SAMPLES: Final = 20
+MIN_LENGTH_SAMPLES: Final = 10
 #: The learned statistics are refitted when the samples grew by this fraction (the
 #: estimator's memo of group sums starts afresh on every refit).
 REFIT_GROWTH: Final = 0.1
