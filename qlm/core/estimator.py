@@ -26,9 +26,16 @@ Queue model of a worker (``queue_waits``), in seconds from ``now``:
   ``credit = (B−1)·ρ·τ`` is the work still in flight in the other B−1 slots when a
   slot frees (ρ is also the renewal-equilibrium residual; τ = step/B, seconds per
   token);
-* a group's prefill costs one fixed cost per admission step (λ = B/E[R] completions
-  per step, so about n·(1 − e^−λ)/λ admissions, at least Σ tokens / 8192) plus every
-  prompt's marginal prefill (:func:`admission_prefill_s`);
+* a group's prefill, in the engine's ``prefill_mode`` (:func:`_prefill_timing`):
+  ``chunked`` (the default, vLLM's, the simulator's and the simulated engine's) uses the
+  one step model :mod:`qlm.sim.batching` — each prompt's chunks of at most the step
+  budget less the B−1 decoding tokens add ``mixed_step_s − decode_step_s`` to their
+  steps (:func:`chunked_work_s`), and a request's first token comes after its chunks'
+  mixed steps plus the output latency (:func:`qlm.sim.batching.chunked_first_token_s`),
+  after ASYNC_ADMISSION_STEPS of the current decode step when it is queued while the
+  worker is busy; ``whole`` costs one fixed cost per admission step (λ = B/E[R]
+  completions per step, so about n·(1 − e^−λ)/λ admissions, at least Σ tokens / 8192)
+  plus every prompt's marginal prefill (:func:`admission_prefill_s`);
 * between segments of different models the worker drains: the segment ends at
   ``max(T, latest (last start of a group + longest in-flight residual · step at half
   the batch))``, the longest residual being the m/(m+1) quantile of the equilibrium
@@ -36,13 +43,15 @@ Queue model of a worker (``queue_waits``), in seconds from ``now``:
   + ``wake_s`` of the incoming one if it is resident on the worker
   (``worker.models``), else its ``cold_load_s``;
 * the wait of group k also includes the prefill of its own first request (its first
-  token; the shared first admission of up to 8,192 tokens when it finds free slots);
+  token; on an idle worker, the shared first admission of up to 8,192 tokens);
   ``spread_s`` says how much later the group's last request starts.
 
 The variance of a wait is the sum of the decode variances ahead (swap and prefill
 times are taken as exact). Online correction: one factor per (model, gpu) multiplies
 decode step times; :meth:`RWTEstimator.with_observation` moves it by an EWMA of
-observed/predicted.
+observed/predicted. Output lengths: per model, or per (model, class) when known
+(:meth:`RWTEstimator.with_learned_stats`, learned from finished requests by
+:class:`qlm.core.forecast.LengthLearner`).
 
 Pure: no I/O, no clock. Per-group sums are memoised by group identity (groups are
 frozen), so evaluating a whole order costs O(number of groups) after the first call.
@@ -53,7 +62,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from types import MappingProxyType
 from typing import Final
@@ -63,7 +72,7 @@ from scipy.special import ndtr
 
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import PerfProfile, ProfileBook
-from qlm.core.pulls import kv_reservation
+from qlm.core.pulls import kv_reservations
 from qlm.core.types import Request, RequestGroup, SLOClass, WorkerView
 
 _STANDARD_NORMAL: Final = NormalDist()
@@ -245,10 +254,15 @@ class GroupWork:
     deadlines_at: np.ndarray   # every request's deadline, in group order
 
 
+def _request_fields(requests: Sequence[Request]) -> np.ndarray:
+    """(prompt tokens, max tokens, generated) of each request, one row each."""
+    return np.array([(r.prompt_tokens, r.max_tokens, r.num_generated) for r in requests],
+                    dtype=float).reshape(-1, 3)
+
+
 def _work_of(requests: Sequence[Request], model: str, stats: LengthStats) -> GroupWork:
-    cap = np.fromiter((r.max_tokens for r in requests), float, len(requests))
-    done = np.fromiter((r.num_generated for r in requests), float, len(requests))
-    prompt = np.fromiter((r.prompt_tokens for r in requests), np.int64, len(requests))
+    fields = _request_fields(requests)
+    prompt, cap, done = fields[:, 0].astype(np.int64), fields[:, 1], fields[:, 2]
     deadlines = np.fromiter((r.deadline_at for r in requests), float, len(requests))
     mean, var = stats.remaining_moments(cap, done)
     total = float(mean.sum())
@@ -266,7 +280,7 @@ def _work_of(requests: Sequence[Request], model: str, stats: LengthStats) -> Gro
         # In a running batch long requests stay longer: the mean output generated so far
         # by a request caught in the batch is the equilibrium age ρ, not E[R]/2.
         mean_context=float(held.mean()) + residual,
-        mean_reservation=float(np.mean([kv_reservation(r) for r in requests])),
+        mean_reservation=float(kv_reservations(fields[:, 0], cap, done).mean()),
         tail_cap_tokens=float((cap - done).max()),
         head_prompt_tokens=int(held[0]),
         prompt_tokens=held.astype(np.int64),
@@ -416,17 +430,20 @@ def _timing(work: GroupWork, worker: WorkerView, profile: PerfProfile,
 class _Memo:
     """Group sums by group identity (the group is kept alive, so its id stays its own)."""
 
-    __slots__ = ("timings", "works")
+    __slots__ = ("running", "timings", "works")
 
     def __init__(self) -> None:
         self.works: dict[int, tuple[RequestGroup, GroupWork]] = {}
         self.timings: dict[tuple[int, str, int, int, bool], tuple[RequestGroup, _Timing]] = {}
+        self.running: dict[tuple[object, ...], tuple[object, tuple[_Segment, float]]] = {}
 
     def trim(self) -> None:
         if len(self.works) > _MEMO_LIMIT:
             self.works.clear()
         if len(self.timings) > _MEMO_LIMIT:
             self.timings.clear()
+        if len(self.running) > _MEMO_LIMIT:
+            self.running.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -667,47 +684,55 @@ class RWTEstimator:
 
     def _running_segment(self, worker: WorkerView, start_s: float) -> _Segment:
         """The segment of the requests running now (their remaining decode only)."""
-        model = worker.active_model
         if not worker.running:
-            return _Segment(model, start_s)
-        requests = [r.request for r in worker.running]
-        model = model or requests[0].model
-        profile = self._profiles.get(model, worker.gpu)
-        stats = self.output_stats(model)
-        cap = np.fromiter((r.max_tokens for r in requests), float, len(requests))
-        done = np.fromiter((r.num_generated for r in requests), float, len(requests))
-        held = np.fromiter((r.context_tokens for r in requests), float, len(requests))
-        mean, var = stats.remaining_moments(cap, done)
-        batch = steady_batch(worker, profile, float(np.mean([kv_reservation(r) for r in requests])))
-        context = float((held + mean / 2.0).mean())
-        per_token = profile.decode_step_s(batch, int(batch * context)) / batch
-        per_token *= self.correction(model, worker.gpu)
-        tail_tokens = float(np.max(np.minimum(mean + np.sqrt(var), cap - done)))
-        size = len(requests)
-        tail_step = profile.decode_step_s(max(1, size // 2), int(max(1, size // 2) * context))
-        segment = _Segment(
-            model=model,
-            start_s=start_s,
-            ahead_s=float(mean.sum()) * per_token,
-            ahead_var_s2=float(var.sum()) * per_token * per_token,
-            credit_s=(batch - 1) * float(mean.mean()) * per_token,
-            drain_s=tail_tokens * tail_step * self.correction(model, worker.gpu),
-        )
-        return segment
+            return _Segment(worker.active_model, start_s)
+        return replace(self._running_work(worker)[0], start_s=start_s)
 
     def _admission_delay_s(self, worker: WorkerView) -> float:
         """How long a request queued now waits for admission into the worker's running
         batch under chunked prefill: ASYNC_ADMISSION_STEPS of its current decode step."""
         if self.prefill_mode != "chunked" or not worker.running:
             return 0.0
+        return self._running_work(worker)[1]
+
+    def _running_work(self, worker: WorkerView) -> tuple[_Segment, float]:
+        """The running requests' segment (from 0) and the admission delay they cause,
+        memoised by the identity of ``worker.running`` (views are reused while nothing
+        runs differently). Arrays of the requests' fields, one pass over them."""
+        model = worker.active_model or worker.running[0].request.model
+        factor = self.correction(model, worker.gpu)  # the memo is shared with clones
+        key = (id(worker.running), model, worker.gpu, worker.max_batch_size,
+               worker.kv_capacity_tokens, factor)
+        hit = self._memo.running.get(key)
+        if hit is not None and hit[0] is worker.running:
+            return hit[1]
+        requests = [r.request for r in worker.running]
+        profile = self._profiles.get(model, worker.gpu)
+        stats = self.output_stats(model)
+        fields = _request_fields(requests)
+        prompt, cap, done = fields[:, 0], fields[:, 1], fields[:, 2]
+        held = prompt + done
+        mean, var = stats.remaining_moments(cap, done)
+        batch = steady_batch(worker, profile, float(kv_reservations(prompt, cap, done).mean()))
+        context = float((held + mean / 2.0).mean())
+        per_token = profile.decode_step_s(batch, int(batch * context)) / batch * factor
+        tail_tokens = float(np.max(np.minimum(mean + np.sqrt(var), cap - done)))
+        size = len(requests)
+        tail_step = profile.decode_step_s(max(1, size // 2), int(max(1, size // 2) * context))
+        segment = _Segment(
+            model=model,
+            start_s=0.0,
+            ahead_s=float(mean.sum()) * per_token,
+            ahead_var_s2=float(var.sum()) * per_token * per_token,
+            credit_s=(batch - 1) * float(mean.mean()) * per_token,
+            drain_s=tail_tokens * tail_step * factor,
+        )
         from qlm.sim.batching import ASYNC_ADMISSION_STEPS  # see chunked_work_s
 
-        model = worker.active_model or worker.running[0].request.model
-        if not self._profiles.has(model, worker.gpu):
-            return 0.0
-        context = sum(r.request.context_tokens for r in worker.running)
-        step = self._profiles.get(model, worker.gpu).decode_step_s(len(worker.running), context)
-        return ASYNC_ADMISSION_STEPS * step * self.correction(model, worker.gpu)
+        delay = ASYNC_ADMISSION_STEPS * profile.decode_step_s(size, int(held.sum())) * factor
+        self._memo.trim()
+        self._memo.running[key] = (worker.running, (segment, delay))
+        return segment, delay
 
     @staticmethod
     def _starts_in(segment: _Segment, timing: _Timing, factor: float, size: int

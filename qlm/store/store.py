@@ -363,6 +363,29 @@ class RedisQueueStore:
         replies = await self._field_of_each(request_ids, "deadline_at")
         return {rid: float(value) if value else None for rid, value in replies.items()}
 
+    async def start_facts(self, request_ids: Sequence[str]
+                          ) -> dict[str, tuple[float | None, float | None]]:
+        """``(deadline_at, predicted first token)`` of each of ``request_ids`` in one
+        pipeline: the prediction is the last forecast before it started (None: none, or
+        the request is unknown)."""
+        if not request_ids:
+            return {}
+        names = ("deadline_at", "forecast", "forecast_rank", "forecast_size")
+        with _redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for request_id in request_ids:
+                pipe.hmget(self.keys.request(request_id), names)
+            replies = await pipe.execute()
+        out: dict[str, tuple[float | None, float | None]] = {}
+        for request_id, (deadline, forecast, rank, size) in zip(request_ids, replies,
+                                                                strict=True):
+            predicted = None
+            if forecast:
+                predicted = GroupForecast.from_json(forecast).first_token_at_for(
+                    int(rank or 0), int(size or 0) or None)
+            out[request_id] = (float(deadline) if deadline else None, predicted)
+        return out
+
     async def _field_of_each(self, request_ids: Sequence[str], name: str) -> dict[str, Any]:
         if not request_ids:
             return {}
