@@ -29,6 +29,8 @@ lives in the library and neither service imports the other.
   vectorised over the groups of each model (:func:`estimate_batch`).
 * **Online correction**: telemetry's per-step predicted (raw profile) and observed decode
   step times move the (model, GPU) factor with :meth:`RWTEstimator.with_observation`.
+* **Output lengths**: learned from ``finished`` events, per model and (model, class), as
+  the scheduler's forecaster does (:class:`qlm.core.forecast.LengthLearner`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from qlm.core.estimator import (
     WaitEstimate,
     chunked_work_s,
 )
+from qlm.core.forecast import LengthLearner
 from qlm.core.perf import PerfProfile
 from qlm.core.policies.base import GroupOrder, order_key
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, can_serve
@@ -434,6 +437,7 @@ class EstimatorPlane:
         self._groups: dict[GroupKey, RequestGroup] = {}
         self._orders: dict[GroupKey, tuple[RequestGroup, GroupOrder]] = {}
         self._predicted: OrderedDict[str, float] = OrderedDict()
+        self.learner = LengthLearner()
 
     async def view(self) -> QueueSnapshot:
         """The latest queue view, at the current time. Without a running
@@ -539,10 +543,14 @@ class EstimatorPlane:
         return True
 
     def on_event(self, event: Event) -> None:
-        """Pairs ``admitted`` predictions with the realised wait of ``first_token``."""
+        """Pairs ``admitted`` predictions with the realised wait of ``first_token``;
+        learns output lengths from ``finished`` events (:class:`LengthLearner`)."""
         self.roster.on_event(event)
         if event.request_id is None or event.slo_class is None or event.arrival_at is None:
             return  # a worker event (swapped): no request to pair
+        if event.type == "finished" and event.num_output_tokens:
+            self.learner.observe(event.model, SLOClass(event.slo_class), event.num_output_tokens)
+            self.estimator = self.learner.refit(self.estimator)
         if event.type == "admitted" and event.predicted_wait_s is not None:
             self._predicted[event.request_id] = event.predicted_wait_s
             while len(self._predicted) > _PENDING_LIMIT:
