@@ -21,6 +21,8 @@ rates. Per run it reports, over requests that got a first token:
 * ``mae_s``: mean absolute error of ``r2_last``'s pairs (seconds).
 
 Writes one JSON (``--out``) with every run and the command that made it.
+``--compare BEFORE AFTER`` prints the markdown table of two such files side by side
+(``docs/results/README.md``).
 """
 
 from __future__ import annotations
@@ -103,9 +105,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def compare(before_path: Path, after_path: Path) -> str:
+    """A markdown table: R² of the last prediction (and of the first) before and after."""
+    def index(path: Path) -> dict[tuple[str, str, str, float], dict[str, Any]]:
+        return {(r["workload"], r["trace"], r["policy"], r["rate"]): r
+                for r in json.loads(path.read_text())["runs"]}
+
+    before, after = index(before_path), index(after_path)
+    lines = ["| workload | trace | policy | rate | n | R² before | R² after | R² first after "
+             "| MAE s before | MAE s after |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, a in after.items():
+        b = before.get(key, {})
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | {a['n']} "
+                     f"| {b.get('r2_last')} | **{a['r2_last']}** | {a['r2_first']} "
+                     f"| {b.get('mae_s')} | {a['mae_s']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from loadgen.sim import run_all
 
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--compare":
+        if len(argv) != 3:
+            print("error: --compare needs BEFORE AFTER", file=sys.stderr)
+            return 2
+        print(compare(Path(argv[1]), Path(argv[2])), end="")
+        return 0
     args = parse_args(argv)
     names = [t.strip() for t in args.traces.split(",") if t.strip()]
     unknown = [t for t in names if t not in TRACES]
@@ -143,8 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_requests": args.num_requests,
         "seed": args.seed,
         "wall_s": round(time.perf_counter() - started, 1),
-        "command": "python -m loadgen.predict_check " + " ".join(
-            sys.argv[1:] if argv is None else argv),
+        "command": "python -m loadgen.predict_check " + " ".join(argv),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

@@ -3,9 +3,10 @@ four services as processes, one simulated worker).
 
 The worker's profile is mistral-7b@A100 with a batch of 4, so that a few requests queue.
 A batch-2 group is queued first; its last request X gets a predicted first token from the
-scheduler's forecasts. Interactive requests sent next are ordered ahead of the batch-2
-group (earlier deadlines): X's prediction must move later by about their work. Once X
-has run, its last prediction before it started must be close to its realised wait.
+scheduler's forecasts (GetRequest, and the OpenAI front door's retrieve headers).
+Interactive requests sent next are ordered ahead of the batch-2 group (earlier
+deadlines): X's prediction must move later by about their work. Once X has run, its
+last prediction before it started must be close to its realised wait.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from qlm.api.v1 import qlm_pb2 as pb
@@ -91,6 +93,8 @@ async def submit(client: QlmClient, record: dict[str, Any], timeout_s: float = 6
 async def test_get_request_prediction_moves_on_a_reorder_and_tracks_the_realised_wait(
     services: ServiceStack,
 ) -> None:
+    front_door = openai.OpenAI(base_url=services.openai_base_url, api_key="unused",
+                               max_retries=0, timeout=30)
     async with QlmClient(services.ingest_addr) as client:
         for i in range(NUM_BATCH):
             await submit(client, request(f"b{i:02d}", "batch-2"))
@@ -101,6 +105,9 @@ async def test_get_request_prediction_moves_on_a_reorder_and_tracks_the_realised
         assert before.predicted_wait_s == pytest.approx(
             before.predicted_first_token_at - before.arrival_at)
         assert before.predicted_at >= before.arrival_at
+        queued = front_door.chat.completions.with_raw_response.retrieve(f"chatcmpl-{last}")
+        assert float(queued.headers["x-qlm-predicted-wait-s"]) > 0
+        assert float(queued.headers["x-qlm-predicted-first-token-at"]) > before.arrival_at
 
         # one wave of BATCH requests at the profile's step time, in wall seconds
         for i in range(NUM_INTERACTIVE):
@@ -118,6 +125,11 @@ async def test_get_request_prediction_moves_on_a_reorder_and_tracks_the_realised
             assert time.monotonic() < deadline, "the last batch request never started"
             await asyncio.sleep(0.2)
         first_i = await client.get("i00")
+        info = await client.get(last)
+    done = front_door.chat.completions.with_raw_response.retrieve(f"chatcmpl-{last}")
+    assert float(done.headers["x-qlm-predicted-first-token-at"]) == pytest.approx(
+        info.predicted_first_token_at, abs=1e-3)  # the last forecast before it started
+    assert "x-qlm-predicted-wait-s" not in done.headers
     realised = info.first_token_at - info.arrival_at
     predicted_wait = info.predicted_first_token_at - info.arrival_at
     assert info.predicted_at < info.first_token_at
