@@ -105,6 +105,8 @@ class Tracked:
     num_evictions: int = 0
     num_streamed_tokens: int = 0
     predicted_wait_s: float | None = None
+    #: When ingest admitted it (the ``admitted`` event; its prediction counts from then).
+    admitted_at: float | None = None
     #: GetRequest's predicted first token (wall s; the last forecast before it started).
     forecast_first_token_at: float | None = None
     forecast_at: float | None = None
@@ -141,9 +143,13 @@ class StackRun:
             r = t.job.request
             arrival = self.paper(t.sent_at)
             arrival = r.arrival_at if arrival is None else arrival
+            # admission's prediction counts from admission (a Kafka record is admitted
+            # when ingest consumes it, which can be seconds after it was sent)
+            admitted = self.paper(t.admitted_at)
+            admitted = arrival if admitted is None else admitted
             predicted = None if t.predicted_wait_s is None else (
-                arrival + t.predicted_wait_s * self.time_scale)
-            last_at, last = arrival if predicted is not None else None, predicted
+                admitted + t.predicted_wait_s * self.time_scale)
+            last_at, last = admitted if predicted is not None else None, predicted
             if t.forecast_first_token_at is not None:
                 last_at, last = self.paper(t.forecast_at), self.paper(t.forecast_first_token_at)
             elif forecasts_only:
@@ -155,7 +161,7 @@ class StackRun:
                 started_at=self.paper(t.started_at), first_token_at=self.paper(t.first_token_at),
                 finished_at=self.paper(t.finished_at), worker_id=t.worker,
                 num_evictions=t.num_evictions, rejected=t.rejected,
-                predicted_at=arrival if predicted is not None else None,
+                predicted_at=admitted if predicted is not None else None,
                 predicted_first_token_at=predicted,
                 last_predicted_at=last_at, last_predicted_first_token_at=last,
             ))
@@ -212,6 +218,7 @@ class EventWatch:
             return
         if event.type == "admitted":
             t.predicted_wait_s = event.predicted_wait_s
+            t.admitted_at = event.at
         elif event.type == "started":
             t.started_at = t.started_at or event.at
             t.worker = event.worker

@@ -279,7 +279,6 @@ class SchedulingLoop:
                 log.warning("fence_lost", fence=self.lease.fence)
                 self.lease.forfeit()
                 return 0
-            await self._forecast(snapshot, effects.orders)
         fresh = self.memory.fresh(effects.commands, snapshot.now)
         commands = lso_commands(fresh, self.lease.fence, self._numbers, self.clock())
         acknowledged = [await self.producer.publish_soon(self.lso_topic, c) for c in commands]
@@ -296,6 +295,8 @@ class SchedulingLoop:
                      command_id=command.command_id, request_ids=list(command.request_ids),
                      to_model=command.to_model)
         self.metrics.rejections.inc(len(effects.rejections))
+        if effects.orders is not None:  # after the commands: they are not held up by it
+            await self._forecast(snapshot, effects.orders)
         return len(commands)
 
     async def _forecast(self, snapshot: QueueSnapshot,
