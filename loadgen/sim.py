@@ -22,8 +22,14 @@ class); prints a table. ``summary.json``::
         "throughput_rps": [..], "throughput_tok_s": [..], "ttft_p99_s": [..],
         "gpu_util": [..], "swaps": [..], "evictions": [..], "decision_ms_p99": [..],
         ... extra per-rate lists: ttft_p50_s, tpot_p50_s, tpot_p99_s, decision_ms_p50,
-        num_decisions, invalid_actions, wait_r2, wall_s}},
+        num_decisions, invalid_actions, num_refused, num_refused_by_class {cls: [..]},
+        wait_r2, wall_s}},
      "cluster": .., "workers": [..], "num_requests": .., "seed": .., "quick": .., "command": ..}
+
+``num_refused`` counts the requests refused at admission because they fit no worker of
+the cluster (prompt + ``max_tokens`` beyond every ``max_model_len`` / KV cache of the
+workers able to serve the model: :mod:`qlm.core.fit`, the services' check); they are
+not SLO misses, and ``slo_attainment`` is over the other requests.
 
 ``wait_r2`` is the R² of the RWT estimator's predicted wait (made at the first
 decision after a request arrived, from the policy's own placement) against the
@@ -249,7 +255,8 @@ def write_records(path: Path, runs: Sequence[Run]) -> None:
     fields = (
         "policy", "rate", "id", "model", "slo_class", "arrival_at", "deadline_at",
         "prompt_tokens", "output_tokens", "started_at", "first_token_at", "finished_at",
-        "worker_id", "num_evictions", "rejected", "predicted_at", "predicted_first_token_at",
+        "worker_id", "num_evictions", "rejected", "refused", "predicted_at",
+        "predicted_first_token_at",
     )
     with gzip.open(path, "wt", newline="") as f:
         w = csv.writer(f)
