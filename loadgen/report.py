@@ -33,6 +33,11 @@ PER_RATE_KEYS = (
 )
 
 
+#: The keys of one policy's entry in ``summary.json``.
+ENTRY_KEYS = frozenset({*PER_RATE_KEYS, "slo_attainment_by_class", "num_refused_by_class",
+                        "wait_r2", "wall_s"})
+
+
 def num(x: float | None) -> float | None:
     """A JSON number: None for NaN (not measured), else rounded to 6 decimals."""
     if x is None:

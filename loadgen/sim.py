@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -53,6 +52,7 @@ import numpy as np
 
 from loadgen.plan import build_plan, estimator_predictor, sim_workers
 from loadgen.report import markdown_table, policy_entry, print_table
+from loadgen.results import write_json
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import make_policy, policy_names
@@ -71,6 +71,12 @@ from qlm.workloads import (
 )
 
 DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
+#: The top-level keys of ``summary.json`` (loadgen.results; each policy's entry has
+#: loadgen.report.ENTRY_KEYS).
+RESULT_KEYS = frozenset({
+    "workload", "rates", "policies", "cluster", "models", "workers", "num_requests", "seed",
+    "prefill_mode", "policy_options", "quick", "trace", "trace_format", "wall_s", "command",
+})
 #: Rate sweeps (req/s) on the ``mini`` cluster, chosen so that fcfs goes from ~1.0
 #: attainment to well below 0.7; other clusters scale them by their GPU count.
 RATES: Mapping[str, tuple[float, ...]] = {
@@ -359,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m loadgen.sim " + " ".join(sys.argv[1:] if argv is None else argv),
     })
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(args.out / "summary.json", summary, RESULT_KEYS, indent=1)
     (args.out / "summary.md").write_text(markdown_table(summary))
     if not args.no_records:
         write_records(args.out / "records.csv.gz", runs)
