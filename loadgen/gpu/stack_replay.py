@@ -64,6 +64,7 @@ from qlm.core.types import SLO, Request, SLOClass
 RESULT_KEYS: Final = frozenset({
     "args", "code_version", "command", "device", "engine", "error", "kv_capacity_tokens",
     "skipped", "slos_s", "startup_s", "total_s", "variants", "vllm_version", "workload",
+    "workloads", "logs",
 })
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
