@@ -6,7 +6,7 @@ Each step runs the program that measured the result, with the command recorded i
 result, and writes where the result lives; then :mod:`loadgen.headline` rebuilds the
 headline table of docs/results/README.md from the simulator summaries. ``--quick`` is
 for checking that every step still runs: each step at a small size (two rates of each
-sweep, few iterations), written under ``out/results-quick/`` instead of docs/results/
+sweep of 300 requests, few iterations), written under ``out/results-quick/`` instead of docs/results/
 (the headline goes to ``out/results-quick/headline.md``). ``--only`` runs the named
 steps (``--list`` shows them, with the results this does not regenerate and why).
 
@@ -48,7 +48,8 @@ class Step:
 
 def _sim(name: str, args: str, out: str, cost: str) -> Step:
     full = f"{PY} loadgen.sim {args} --jobs {{jobs}} --no-records --out {{out}}/{out}"
-    quick = f"{PY} loadgen.sim {args} --quick --jobs {{jobs}} --no-records --out {{out}}/{out}"
+    quick = (f"{PY} loadgen.sim {args} --quick --num-requests 300 --jobs {{jobs}} --no-records "
+             f"--out {{out}}/{out}")
     return Step(name, cost, full, quick)
 
 
