@@ -44,7 +44,8 @@ from qlm.localstack.kafka import kafka_version
 
 #: The top-level keys this program writes into its JSON (loadgen.results).
 RESULT_KEYS: Final = frozenset({
-    "clients", "command", "consume", "kafka", "machine", "publish", "runs",
+    "clients", "command", "consume", "kafka", "machine", "publish", "runs", "brokers",
+    "replication_factor", "min_insync_replicas", "load_avg_1m_after",
 })
 
 

@@ -6,8 +6,8 @@ Each step runs the program that measured the result, with the command recorded i
 result, and writes where the result lives; then :mod:`loadgen.headline` rebuilds the
 headline table of docs/results/README.md from the simulator summaries. ``--quick`` is
 for checking that every step still runs: each step at a small size (two rates of each
-sweep of 300 requests, few iterations), written under ``out/results-quick/`` instead of docs/results/
-(the headline goes to ``out/results-quick/headline.md``). ``--only`` runs the named
+sweep, 300 requests, few iterations), written under ``out/results-quick/`` instead of
+docs/results/ (the headline goes to ``out/results-quick/headline.md``). ``--only`` runs the named
 steps (``--list`` shows them, with the results this does not regenerate and why).
 
 Steps run one after the other (each already uses ``--jobs`` processes where it can).
