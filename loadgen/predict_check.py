@@ -6,7 +6,7 @@ simulator, per workload, request source (synthetic or a shipped trace), policy a
         --out docs/results/predict/after.json
 
 Each run is :func:`loadgen.sim.run_one` (the simulator with the RWT estimator's
-predictions, :func:`loadgen.plan.estimator_predictor`) at the workload's two ``--quick``
+forecasts, :func:`loadgen.plan.estimator_forecaster`) at the workload's two ``--quick``
 rates. Per run it reports, over requests that got a first token:
 
 * ``r2_last``: the **last prediction made before the request started** (the one a user
@@ -37,9 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.results import write_json
 from loadgen.sim import QUICK_RATES, Task
 from qlm.sim.cluster import SimConfig
 from qlm.sim.metrics import RequestRecord
+
+#: The top-level keys of the JSON this writes (loadgen.results).
+RESULT_KEYS = frozenset({"runs", "num_requests", "seed", "wall_s", "command"})
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRACES = {
@@ -172,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - started, 1),
         "command": "python -m loadgen.predict_check " + " ".join(argv),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.out, out, RESULT_KEYS, indent=1)
     print(f"{'workload':<8} {'trace':<10} {'policy':<6} {'rate':>6} {'n':>5} "
           f"{'R² last':>8} {'R² first':>8} {'R² rem':>8} {'MAE s':>8}")
     for r in rows:
