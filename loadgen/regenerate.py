@@ -139,7 +139,8 @@ NOT_REGENERATED: tuple[tuple[str, str], ...] = (
                        "for every dead letter (CI runs it small)"),
     ("outage_redis_120s.json", "a slow test with Redis stopped for 120 s (make it with "
                                "QLM_TEST_OUTAGE_S=120 QLM_OUTAGE_RESULT=...)"),
-    ("predict/before.json, predict/bench_decide_main.json, predict/demo/*",
+    ("predict/before.json, predict/demo_before/*, predict/bench_decide_main.json, "
+     "predict/demo/*",
      "the predicted-wait comparison: the code before refreshed forecasts, main's "
      "bench_decide beside the new one, and the make demo run after (the demo step "
      "regenerates demo/)"),
