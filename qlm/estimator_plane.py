@@ -322,7 +322,12 @@ def _block(estimator: RWTEstimator, groups: Sequence[GroupSummary], model: str,
     service_std = np.sqrt(n * var_r) * per_token * factor
     # Head of the queue: the group's first token after the running work (and a swap).
     running_s, running_std = _running_work(estimator, worker, model, limits, context, factor)
-    head_mean = np.maximum(running_s + head_prefill, running_s + bulk_prefill) + swap
+    # behind a running batch of its model its prefill joins that batch; after a swap or on
+    # an idle worker it is in the first admission (as RWTEstimator.queue_waits)
+    joins = (model == worker.active_model and worker.running_batch_size > 0
+             and worker.running_remaining_tokens > 0)
+    first_token = np.maximum(head_prefill, bulk_prefill) if joins else bulk_prefill
+    head_mean = running_s + first_token + swap
     return service_mean, service_std, head_mean, np.broadcast_to(running_std, n.shape)
 
 
