@@ -43,6 +43,7 @@ from qlm.core.types import (
     SLOClass,
     group_key_for,
 )
+from qlm.log import get_logger
 from qlm.store.base import (
     DEFAULT_GROUP_WINDOW_S,
     DEFAULT_LEASE_S,
@@ -56,6 +57,7 @@ from qlm.store.base import (
 from qlm.store.client import RedisClient, is_cluster_url, redis_client
 from qlm.store.errors import FenceLost, IdempotencyConflict, LeaseLost
 from qlm.store.keys import DEFAULT_PREFIX, Keys, group_member_score
+from qlm.store.mirror import QueueMirror
 from qlm.store.records import (
     SCHEDULING_FIELDS,
     RequestRecord,
@@ -68,14 +70,13 @@ from qlm.store.records import (
 )
 from qlm.store.scripts import Scripts
 
+log = get_logger("qlm.store")
+
 DEFAULT_RECORD_TTL_S = 24 * 3600.0
 DEFAULT_STREAM_TTL_S = 3600.0
 DEFAULT_STREAM_MAXLEN = 10_000
 DEFAULT_MAX_CONNECTIONS = 256
 _SNAPSHOT_CHUNK = 1000
-#: The fields of a queued request's record that may change (requeue with progress);
-#: ``arrival_at`` guards against an id reused after its record expired.
-_CHANGING_FIELDS = ("num_generated", "arrival_at")
 _EXPIRED_BATCH = 500
 
 
@@ -187,8 +188,8 @@ class RedisQueueStore:
         self._stream_maxlen = str(require_count(stream_maxlen, "stream_maxlen", minimum=1))
         self._clock = clock
         self._scripts = Scripts.register(client)
-        #: Queued requests of the previous snapshot: id → (changing fields, Request).
-        self._known_queued: dict[str, tuple[tuple[str, ...], Request]] = {}
+        #: The queue's membership and queued requests as of the previous snapshot.
+        self._mirror = QueueMirror()
 
     @property
     def client(self) -> RedisClient:
@@ -338,7 +339,8 @@ class RedisQueueStore:
             json.dumps(identity_pairs(request, prompt_json, params_json)),
             json.dumps(initial_pairs(request, group, enqueued_at)),
         ]
-        keys = [self.keys.request(request.id), self.keys.group(group), self.keys.groups]
+        keys = [self.keys.request(request.id), self.keys.group(group), self.keys.groups,
+                self.keys.queue_log]
         return _EnqueueCall(request, group, enqueued_at, prompt_json, params_json, keys, args)
 
     async def get(self, request_id: str) -> RequestRecord:
@@ -458,25 +460,40 @@ class RedisQueueStore:
         virtual queue: one atomic script for membership, then one pipelined round trip
         of record reads (1,000 records per script call).
 
-        Queued requests seen by this store's previous snapshot are not rebuilt: only
-        their ``num_generated`` and ``arrival_at`` are read again and compared (the
-        other fields of a record never change), which keeps a snapshot of a large
-        queue cheap when taken every scheduling tick."""
+        The membership is kept between snapshots (:mod:`qlm.store.mirror`): the script
+        returns only what the queue log says changed since this store's previous
+        snapshot, and only the records of ids that entered a group since are read (and
+        those of the running requests, whose progress moves). A group that did not
+        change is the same :class:`RequestGroup` object as in the previous snapshot.
+        The first snapshot, and one after the log was trimmed past the previous one or
+        disagrees with the groups' sizes, reads the membership whole."""
+        mirror = self._mirror
         with _redis_errors():
-            reply = await self._scripts.snapshot(
-                keys=[self.keys.groups, self.keys.workers], args=[self.keys.prefix]
+            after = "" if mirror.position is None else str(mirror.position)
+            position, changes, groups_raw, workers_raw = await self._membership(after)
+            if changes is not False:
+                mirror.apply(position, changes)
+                if not mirror.agrees(groups_raw):
+                    log.warning("queue_log_disagrees", position=position,
+                                num_members=mirror.num_members)
+                    position, changes, groups_raw, workers_raw = await self._membership("")
+            if changes is False:
+                mirror.reset(position, groups_raw)
+            unread = mirror.unread()
+            running_ids = [i for _, _, ids in workers_raw for i in ids]
+            queued_rows, running_rows = await self._read_rows(
+                [(unread, SCHEDULING_FIELDS), (running_ids, SCHEDULING_FIELDS)]
             )
-            groups_raw, workers_raw = (_json_list(part) for part in json.loads(reply))
-            workers_raw = [(w, _json_list(vq), _json_list(run)) for w, vq, run in workers_raw]
-            queued = await self._queued_requests([i for _, ids in groups_raw for i in ids])
-            running_fields = await self._read_fields(
-                [i for _, _, ids in workers_raw for i in ids], SCHEDULING_FIELDS
-            )
-        groups = tuple(
-            RequestGroup(GroupKey.parse(group), tuple(queued[i] for i in ids if i in queued))
-            for group, ids in groups_raw
-            if any(i in queued for i in ids)
-        )
+        mirror.fill({
+            request_id: request_from_fields(dict(zip(SCHEDULING_FIELDS, row, strict=True)))
+            if row[0] is not False else None
+            for request_id, row in zip(unread, queued_rows, strict=True)
+        })
+        running_fields = {
+            request_id: dict(zip(SCHEDULING_FIELDS, row, strict=True))
+            for request_id, row in zip(running_ids, running_rows, strict=True)
+            if row[0] is not False
+        }
         running = {
             worker: tuple(
                 _running_from_fields(running_fields[i]) for i in sorted(ids) if i in running_fields
@@ -487,49 +504,26 @@ class RedisQueueStore:
             worker: tuple(GroupKey.parse(g) for g in order) for worker, order, _ in workers_raw
         }
         return StoreSnapshot(
-            groups=groups,
+            groups=mirror.groups(group for group, _ in groups_raw),
             running=MappingProxyType(running),
             virtual_queues=MappingProxyType(virtual_queues),
         )
 
-    async def _queued_requests(self, ids: Sequence[str]) -> dict[str, Request]:
-        """``id → Request`` for queued ids, reusing the previous snapshot's requests
-        whose changing fields are the same (records that vanished are left out)."""
-        known = self._known_queued
-        new_ids = [i for i in ids if i not in known]
-        known_ids = [i for i in ids if i in known]
-        rows = await self._read_rows([(new_ids, SCHEDULING_FIELDS), (known_ids, _CHANGING_FIELDS)])
-        fresh: dict[str, tuple[tuple[str, ...], Request]] = {}
-        for request_id, row in zip(new_ids, rows[0], strict=True):
-            if row[0] is not False:
-                fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
-                version = tuple(fields[f] for f in _CHANGING_FIELDS)
-                fresh[request_id] = (version, request_from_fields(fields))
-        changed = []
-        for request_id, row in zip(known_ids, rows[1], strict=True):
-            if row[0] is False:
-                continue
-            if tuple(row) == known[request_id][0]:
-                fresh[request_id] = known[request_id]
-            else:
-                changed.append(request_id)
-        if changed:  # requeued with new progress since the last snapshot: read in full
-            for request_id, fields in (await self._read_fields(changed, SCHEDULING_FIELDS)).items():
-                version = tuple(fields[f] for f in _CHANGING_FIELDS)
-                fresh[request_id] = (version, request_from_fields(fields))
-        self._known_queued = fresh
-        return {request_id: entry[1] for request_id, entry in fresh.items()}
-
-    async def _read_fields(
-        self, ids: Sequence[str], fields: Sequence[str]
-    ) -> dict[str, dict[str, str]]:
-        """``id → {field: value}`` (records that vanished are left out)."""
-        (rows,) = await self._read_rows([(ids, fields)])
-        return {
-            request_id: dict(zip(fields, row, strict=True))
-            for request_id, row in zip(ids, rows, strict=True)
-            if row[0] is not False
-        }
+    async def _membership(self, after: str) -> tuple[int, Any, list[Any], list[Any]]:
+        """The snapshot script's reply (``qlm/store/lua/snapshot.lua``): the log position,
+        the changes after ``after`` (False: ``groups`` holds the ids), the groups in
+        index order, the workers with their virtual queue and running ids."""
+        reply = await self._scripts.snapshot(
+            keys=[self.keys.groups, self.keys.workers, self.keys.queue_log],
+            args=[self.keys.prefix, after],
+        )
+        position, changes, groups_raw, workers_raw = json.loads(reply)
+        if changes is not False:
+            changes = _json_list(changes)
+        else:
+            groups_raw = [(group, _json_list(ids)) for group, ids in _json_list(groups_raw)]
+        workers = [(w, _json_list(vq), _json_list(run)) for w, vq, run in _json_list(workers_raw)]
+        return int(position), changes, _json_list(groups_raw), workers
 
     async def _read_rows(
         self, reads: Sequence[tuple[Sequence[str], Sequence[str]]]
