@@ -45,6 +45,8 @@ class QueueMirror:
     def __init__(self) -> None:
         #: The last log entry folded in; None until the first :meth:`reset`.
         self.position: int | None = None
+        #: How many times the membership was read whole (:meth:`reset`).
+        self.num_resets = 0
         self.index = QueueIndex()
         self._group_of: dict[str, GroupKey] = {}
         self._sizes: dict[GroupKey, int] = {}
@@ -66,6 +68,7 @@ class QueueMirror:
         """Forget everything; the membership is ``groups`` (name, ids) as of ``position``;
         every id is unread."""
         self.position = position
+        self.num_resets += 1
         self.index = QueueIndex()
         self._group_of, self._sizes, self._unread = {}, {}, {}
         for text, ids in groups:

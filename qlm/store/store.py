@@ -192,6 +192,13 @@ class RedisQueueStore:
         self._mirror = QueueMirror()
 
     @property
+    def num_whole_snapshots(self) -> int:
+        """How many of this store's snapshots read the queue's membership whole (the
+        first; then only after the queue log was trimmed past the previous one or
+        disagreed with the groups): the others read only what changed."""
+        return self._mirror.num_resets
+
+    @property
     def client(self) -> RedisClient:
         """The Redis client (shared with what lives next to the queue, e.g. the tenants)."""
         return self._redis

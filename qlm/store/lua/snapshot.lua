@@ -19,17 +19,25 @@
 --   workers   [[worker, [vq group, ...], [running id, ...]], ...].
 -- An empty list may be encoded as {} (cjson).
 
+local function entry_number(id) return tonumber(string.match(id, '^0%-(%d+)$')) end
 local prefix, after = ARGV[1], tonumber(ARGV[2])
 local position = 0
 local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-if #last > 0 then position = tonumber(string.match(last[1][1], '^0%-(%d+)$')) end
+if #last > 0 then
+  position = entry_number(last[1][1])
+elseif redis.call('EXISTS', KEYS[3]) == 1 then  -- trimmed empty: its last id stays
+  local info = redis.call('XINFO', 'STREAM', KEYS[3])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then position = entry_number(info[i + 1]) end
+  end
+end
 
 local changes = false
 if after and after <= position then
   changes = {}
   if after < position then
     local entries = redis.call('XRANGE', KEYS[3], '(0-' .. after, '+')
-    if tonumber(string.match(entries[1][1], '^0%-(%d+)$')) == after + 1 then
+    if #entries > 0 and entry_number(entries[1][1]) == after + 1 then
       for _, entry in ipairs(entries) do
         local f = entry[2]  -- o, op, g, group, i, id
         changes[#changes + 1] = f[2]; changes[#changes + 1] = f[4]; changes[#changes + 1] = f[6]
