@@ -1,27 +1,32 @@
-"""Scheduler step time with 100k queued requests in Redis: snapshot + decide + apply.
+"""Scheduler step time with 100k (or 1M) queued requests in Redis: snapshot + decide + apply.
 
     python -m loadgen.bench_scheduler --queued 100000 --workers 80 --policies qlm,fcfs \\
         --out docs/results/bench_scheduler.json
 
 Starts a local ``redis-server`` (AOF on, as deployed) and a one-node Apache Kafka (KRaft)
 on free loopback ports (or uses ``--redis-url`` / ``--kafka-bootstrap``), queues
-``--queued`` requests (2 models × 3 classes over ``--span-s`` seconds of arrivals, 10 s
-group windows: a few hundred groups), claims ``--running`` requests per worker (their
-running batches) and then runs the scheduler's own step
-(:meth:`services.scheduler.loop.SchedulingLoop.step`, as the leader) ``--steps`` times
-per policy:
+``--queued`` requests once (2 models × 3 classes over ``--span-s`` seconds of arrivals,
+10 s group windows: a few hundred groups; ``enqueue_many`` pipelines, ``--fill-pipelines``
+of them in flight), claims ``--running`` requests per worker (their running batches)
+and then, per policy, on a new store (so its first step reads the whole queue) runs the
+scheduler's own step (:meth:`services.scheduler.loop.SchedulingLoop.step`, as the
+leader) ``--steps`` times:
 
-1. ``requeue_expired`` + the store snapshot (one Lua script for membership, the records
-   in chunks) → ``QueueSnapshot`` (*snapshot*);
-2. the policy's ``decide`` (*decide*), in a worker thread as in the service;
+1. ``requeue_expired`` + the store snapshot (one Lua script for what changed since the
+   previous step, the records of requests that entered a group) → ``QueueSnapshot``
+   (*snapshot*);
+2. the policy's pure ``decide`` (*decide*), in a worker thread as in the service;
 3. ``set_virtual_queues`` for every worker + LSO commands on ``qlm.lso`` + rejections
    (*apply*).
 
-Between steps ``--churn`` new requests arrive (so group summaries change as in a live
-queue). The cluster is the paper's mix: 3/8 of the workers A10-24GB, 5/8 A100-80GB,
-models round robin. Reports p50/p99/max per phase and policy, with the command line, and
-the CPU seconds each step cost this process (all threads) and the Redis server: on a
-shared machine wall times grow with the load average, CPU seconds much less.
+Between steps ``--churn`` new requests arrive and ``--pulls`` requests are pulled from
+the head of the workers' virtual queues (so groups change at both ends, as in a live
+queue). The first step is reported as cold (it reads the whole queue); ``ratio`` is
+step (*total*) over *decide*, p50 and p99, measured in the same steps. The cluster is
+the paper's mix: 3/8 of the workers A10-24GB, 5/8 A100-80GB, models round robin.
+Reports p50/p99/max per phase and policy, with the command line, and the CPU seconds
+each step cost this process (all threads) and the Redis server: on a shared machine
+wall times grow with the load average, CPU seconds much less.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +64,7 @@ from services.scheduler.metrics import SchedulerMetrics
 MODELS = ("mistral-7b", "vicuna-13b")
 CLASSES = (SLOClass.INTERACTIVE, SLOClass.BATCH_1, SLOClass.BATCH_2)
 WINDOW_S = 10.0
-ENQUEUE_CHUNK = 2000
+ENQUEUE_CHUNK = 5000
 
 
 def cluster(num_workers: int) -> tuple[WorkerInfo, ...]:
@@ -82,13 +88,21 @@ def make_requests(count: int, start_at: float, span_s: float, rng: np.random.Gen
     return out
 
 
-async def enqueue_all(store: RedisQueueStore, requests: Sequence[Request]) -> None:
-    for i in range(0, len(requests), ENQUEUE_CHUNK):
-        results = await store.enqueue_many([(r, "x", None) for r in
-                                            requests[i:i + ENQUEUE_CHUNK]])
+async def enqueue_all(store: RedisQueueStore, requests: Sequence[Request],
+                      pipelines: int = 1) -> None:
+    """Queue ``requests`` through ``enqueue_many`` (one pipeline per chunk), with up to
+    ``pipelines`` chunks in flight (Redis runs one while this process encodes the next)."""
+    chunks = [requests[i:i + ENQUEUE_CHUNK] for i in range(0, len(requests), ENQUEUE_CHUNK)]
+    gate = asyncio.Semaphore(pipelines)
+
+    async def one(chunk: Sequence[Request]) -> None:
+        async with gate:
+            results = await store.enqueue_many([(r, "x", None) for r in chunk])
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             raise SystemExit(f"enqueue failed: {errors[0]}")
+
+    await asyncio.gather(*(one(chunk) for chunk in chunks))
 
 
 async def fill_running(store: RedisQueueStore, workers: Sequence[WorkerInfo],
@@ -116,12 +130,50 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
             "max": round(float(ms.max()), 1)}
 
 
-async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: str,
-                       kafka: str, profiles: ProfileBook) -> dict[str, Any]:
+@dataclass
+class Queue:
+    """The queue every policy starts from (filled once)."""
+
+    workers: tuple[WorkerInfo, ...]
+    enqueue_s: float
+    running: int
+
+
+async def fill(args: argparse.Namespace, redis_url: str) -> Queue:
     redis.Redis.from_url(redis_url).flushall()
     rng = np.random.default_rng(args.seed)
-    now = time.time()
     workers = cluster(args.workers)
+    store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S)
+    try:
+        queued = make_requests(args.queued, time.time() - args.span_s, args.span_s, rng, "q")
+        t = time.perf_counter()
+        await enqueue_all(store, queued, args.fill_pipelines)
+        enqueue_s = time.perf_counter() - t
+        num_running = await fill_running(store, workers, queued, args.running)
+    finally:
+        await store.aclose()
+    return Queue(workers, round(enqueue_s, 1), num_running)
+
+
+async def pull_some(store: RedisQueueStore, workers: Sequence[WorkerInfo], count: int,
+                    turn: int) -> int:
+    """Pull ``count`` requests in all from the heads of a few workers' virtual queues (the
+    scheduler just wrote them), held for an hour: the running batches stay as they are."""
+    pulled = 0
+    for k in range(max(1, count // 16)):
+        worker = workers[(turn * 7 + k) % len(workers)]
+        assert worker.active_model is not None
+        pulled += len(await store.pull(worker.id, worker.active_model, min(16, count - pulled),
+                                       lease_s=3600))
+        if pulled >= count:
+            break
+    return pulled
+
+
+async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: str,
+                       kafka: str, profiles: ProfileBook, queue: Queue) -> dict[str, Any]:
+    rng = np.random.default_rng(args.seed + 1)
+    workers = queue.workers
     store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S)
     topics = TopicNames(f"bench-{uuid.uuid4().hex[:8]}.")
     await ensure_topics(kafka, topic_specs(topics))
@@ -129,13 +181,9 @@ async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: st
     await producer.start()
     lease_client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     try:
-        queued = make_requests(args.queued, now - args.span_s, args.span_s, rng, "q")
-        t = time.perf_counter()
-        await enqueue_all(store, queued)
-        enqueue_s = time.perf_counter() - t
-        num_running = await fill_running(store, workers, queued, args.running)
-        lease = LeaderLease(lease_client, LeaseKeys.under("qlm:"), "bench", ttl_s=3600,
-                            margin_s=1)
+        lease = LeaderLease(lease_client, LeaseKeys.under("qlm:"), f"bench-{policy_name}",
+                            ttl_s=3600, margin_s=1)
+        await lease_client.delete(LeaseKeys.under("qlm:").leader)
         await lease.try_acquire()
         loop = SchedulingLoop(store, producer, topics.lso, make_policy(policy_name),
                               PolicyContext(profiles), WorkerRoster(workers, timeout_s=0),
@@ -143,30 +191,35 @@ async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: st
         reports: list[StepReport] = []
         client_cpu: list[float] = []
         redis_cpu: list[float] = []
+        num_pulled = 0
         meter = redis.Redis.from_url(redis_url, decode_responses=True)
         for step in range(args.steps + 1):
             before = (time.process_time(), redis_cpu_s(meter))
             report = await loop.step()
-            if step > 0:  # the first step fills the memos: reported as cold
+            if step > 0:  # the first step reads the whole queue: reported as cold
                 reports.append(report)
                 client_cpu.append(time.process_time() - before[0])
                 redis_cpu.append(redis_cpu_s(meter) - before[1])
             else:
                 cold = report
-            arrivals = make_requests(args.churn, time.time(), 1.0, rng, f"s{step}")
+            arrivals = make_requests(args.churn, time.time(), 1.0, rng, f"{policy_name}{step}")
             await enqueue_all(store, arrivals)
+            num_pulled += await pull_some(store, workers, args.pulls, step)
         meter.close()
+        ms = {phase: percentiles([getattr(r, f"{phase}_s") for r in reports])
+              for phase in ("snapshot", "decide", "apply", "total")}
         return {
-            "enqueue_s": round(enqueue_s, 2),
-            "running": num_running,
             "groups": reports[-1].num_groups,
             "queued_at_last_step": reports[-1].num_queued,
+            "pulled_between_steps": round(num_pulled / (args.steps + 1), 1),
             "commands_per_step": round(float(np.mean([r.num_commands for r in reports])), 2),
+            "whole_snapshots": store.num_whole_snapshots,
             "cold_ms": {"snapshot": round(cold.snapshot_s * 1e3, 1),
                         "decide": round(cold.decide_s * 1e3, 1),
                         "apply": round(cold.apply_s * 1e3, 1)},
-            "ms": {phase: percentiles([getattr(r, f"{phase}_s") for r in reports])
-                   for phase in ("snapshot", "decide", "apply", "total")},
+            "ms": ms,
+            "ratio_step_to_decide": {q: round(ms["total"][q] / ms["decide"][q], 2)
+                                     for q in ("p50", "p99")},
             "cpu_ms_per_step": {"scheduler_process": percentiles(client_cpu),
                                 "redis_server": percentiles(redis_cpu)},
         }
@@ -178,8 +231,15 @@ async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: st
 
 async def run(args: argparse.Namespace, redis_url: str, kafka: str) -> dict[str, Any]:
     profiles = ProfileBook.load()
-    return {name: await bench_policy(name, args, redis_url, kafka, profiles)
-            for name in args.policies.split(",")}
+    queue = await fill(args, redis_url)
+    meter = redis.Redis.from_url(redis_url)
+    memory: Any = meter.info("memory")
+    meter.close()
+    policies = {name: await bench_policy(name, args, redis_url, kafka, profiles, queue)
+                for name in args.policies.split(",")}
+    return {"enqueue_s": queue.enqueue_s, "running": queue.running,
+            "redis_used_memory_after_fill_bytes": int(memory["used_memory"]),
+            "policies": policies}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -189,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--running", type=int, default=16, help="running requests per worker")
     parser.add_argument("--span-s", type=float, default=600.0, help="arrival span of the queue")
     parser.add_argument("--churn", type=int, default=200, help="new arrivals between steps")
+    parser.add_argument("--pulls", type=int, default=64,
+                        help="requests pulled from virtual queue heads between steps")
+    parser.add_argument("--fill-pipelines", type=int, default=3,
+                        help="enqueue pipelines in flight while filling the queue")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--policies", default="qlm,fcfs")
     parser.add_argument("--seed", type=int, default=1)
@@ -228,8 +292,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "load_average_1m_at_start": load_at_start,
                     "host_note": "2 cores used by other work too; see the load average"},
         "queued": args.queued, "workers": args.workers, "running_per_worker": args.running,
-        "steps": args.steps, "churn_per_step": args.churn,
-        "policies": results,
+        "steps": args.steps, "churn_per_step": args.churn, "pulls_per_step": args.pulls,
+        "targets": {"step_p99_ms_at_100k": 50, "step_p99_ms_at_1m": 500,
+                    "step_over_decide_at_100k": 3},
+        **results,
     }
     emit(result, args.out)
 

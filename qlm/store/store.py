@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -68,7 +68,7 @@ from qlm.store.records import (
     record_from_json,
     request_from_fields,
 )
-from qlm.store.scripts import Scripts
+from qlm.store.scripts import Scripts, StoreScript
 
 log = get_logger("qlm.store")
 
@@ -190,6 +190,8 @@ class RedisQueueStore:
         self._scripts = Scripts.register(client)
         #: The queue's membership and queued requests as of the previous snapshot.
         self._mirror = QueueMirror()
+        #: The running requests as of the previous snapshot.
+        self._running = _RunningRequests()
 
     @property
     def num_whole_snapshots(self) -> int:
@@ -302,17 +304,22 @@ class RedisQueueStore:
         return results
 
     async def _run_enqueues(self, calls: Sequence[_EnqueueCall]) -> list[Any]:
-        """The enqueue script's replies for ``calls``: EVALSHA in one pipeline, one round
-        trip (redis-py's pipelined Script would add a SCRIPT EXISTS round trip each time).
-        The script is loaded and the batch sent again only if Redis lost it (NOSCRIPT:
-        then no EVALSHA of the batch ran)."""
+        """The enqueue script's replies for ``calls``, in one round trip."""
+        return await self._run_pipelined(self._scripts.enqueue,
+                                         [(call.keys, call.args) for call in calls])
+
+    async def _run_pipelined(self, script: StoreScript,
+                             calls: Sequence[tuple[Sequence[str], Sequence[str]]]) -> list[Any]:
+        """``script``'s replies for each ``(keys, args)``: EVALSHA in one pipeline, one
+        round trip (redis-py's pipelined Script would add a SCRIPT EXISTS round trip each
+        time). The script is loaded and the batch sent again only if Redis lost it
+        (NOSCRIPT: then no EVALSHA of the batch ran)."""
         if not calls:
             return []
-        script = self._scripts.enqueue
         for _ in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            for call in calls:
-                pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
             with _redis_errors():
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
             if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
@@ -487,32 +494,27 @@ class RedisQueueStore:
             if changes is False:
                 mirror.reset(position, groups_raw)
             unread = mirror.unread()
-            running_ids = [i for _, _, ids in workers_raw for i in ids]
-            queued_rows, running_rows = await self._read_rows(
-                [(unread, SCHEDULING_FIELDS), (running_ids, SCHEDULING_FIELDS)]
-            )
+            running = self._running
+            new_ids, known_ids = running.split([i for _, _, ids in workers_raw for i in ids])
+            queued_rows, new_rows, known_rows = await self._read_rows([
+                (unread, SCHEDULING_FIELDS), (new_ids, SCHEDULING_FIELDS),
+                (known_ids, RUNNING_CHANGING_FIELDS),
+            ])
+            reused = running.update(new_ids, new_rows, known_ids, known_rows)
+            if reused:  # ids reused after their records expired: read them whole
+                (rows,) = await self._read_rows([(reused, SCHEDULING_FIELDS)])
+                running.update(reused, rows, [], [])
         mirror.fill({
             request_id: request_from_fields(dict(zip(SCHEDULING_FIELDS, row, strict=True)))
             if row[0] is not False else None
             for request_id, row in zip(unread, queued_rows, strict=True)
         })
-        running_fields = {
-            request_id: dict(zip(SCHEDULING_FIELDS, row, strict=True))
-            for request_id, row in zip(running_ids, running_rows, strict=True)
-            if row[0] is not False
-        }
-        running = {
-            worker: tuple(
-                _running_from_fields(running_fields[i]) for i in sorted(ids) if i in running_fields
-            )
-            for worker, _, ids in workers_raw
-        }
         virtual_queues = {
             worker: tuple(GroupKey.parse(g) for g in order) for worker, order, _ in workers_raw
         }
         return StoreSnapshot(
             groups=mirror.groups(group for group, _ in groups_raw),
-            running=MappingProxyType(running),
+            running=MappingProxyType(running.by_worker(workers_raw)),
             virtual_queues=MappingProxyType(virtual_queues),
         )
 
@@ -543,12 +545,9 @@ class RedisQueueStore:
         ]
         if not any(chunked):
             return [[] for _ in reads]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for chunks, (_, fields) in zip(chunked, reads, strict=True):
-                for chunk in chunks:
-                    keys = [self.keys.request(i) for i in chunk]
-                    await self._scripts.read_records(keys=keys, args=fields, client=pipe)
-            replies = iter(await pipe.execute())
+        calls = [([self.keys.request(i) for i in chunk], fields)
+                 for chunks, (_, fields) in zip(chunked, reads, strict=True) for chunk in chunks]
+        replies = iter(await self._run_pipelined(self._scripts.read_records, calls))
         return [[row for _ in chunks for row in json.loads(next(replies))] for chunks in chunked]
 
     async def requeue_expired(self) -> dict[str, RequestState]:
@@ -844,6 +843,78 @@ class RedisQueueStore:
             pipe.exists(stream)
             state, exists = await pipe.execute()
         return state is None or (RequestState(state).is_terminal and not exists)
+
+
+#: The fields of a running request's record that move while it runs (progress, the
+#: start of a new pull, the first token); ``arrival_at`` tells an id reused after its
+#: record expired. The other scheduling fields of an id never change.
+RUNNING_CHANGING_FIELDS = ("arrival_at", "num_generated", "started_at", "first_token_at")
+
+
+class _RunningRequests:
+    """The running requests of the previous snapshot, so that the next one reads only
+    the fields that move (:data:`RUNNING_CHANGING_FIELDS`) of the ids it already knows,
+    rebuilds only the requests whose fields moved, and keeps a worker's tuple of running
+    requests (the same object: the policies memoise by it) while none of them changed."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[Any, ...], RunningRequest]] = {}
+        self._by_worker: dict[str, tuple[RunningRequest, ...]] = {}
+
+    def split(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """``ids`` as (not known: read whole, known: read what moves)."""
+        known = self._known
+        return [i for i in ids if i not in known], [i for i in ids if i in known]
+
+    def update(self, new_ids: Sequence[str], new_rows: Sequence[Sequence[Any]],
+               known_ids: Sequence[str], known_rows: Sequence[Sequence[Any]]) -> list[str]:
+        """Take the rows read (records that vanished are dropped); returns the known ids
+        whose ``arrival_at`` changed (to read whole)."""
+        known: dict[str, tuple[tuple[Any, ...], RunningRequest]] = self._known
+        fresh = {}
+        reused = []
+        for request_id, row in zip(new_ids, new_rows, strict=True):
+            if row[0] is not False:
+                fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
+                moving = tuple(fields[f] for f in RUNNING_CHANGING_FIELDS)
+                fresh[request_id] = (moving, _running_from_fields(fields))
+        for request_id, row in zip(known_ids, known_rows, strict=True):
+            if row[0] is False:
+                continue
+            moving, before = known[request_id]
+            if tuple(row) == moving:
+                fresh[request_id] = known[request_id]
+            elif row[0] != moving[0]:
+                reused.append(request_id)
+            else:
+                request = before.request
+                if row[1] != moving[1]:
+                    request = replace(request, num_generated=int(row[1]))
+                fresh[request_id] = (tuple(row), RunningRequest(
+                    request, float(row[2]), float(row[3]) if row[3] else None))
+        for request_id in known_ids:  # vanished or reused: not known any more
+            if request_id not in fresh:
+                known.pop(request_id, None)
+        known.update(fresh)
+        return reused
+
+    def by_worker(self, workers_raw: Sequence[tuple[str, Any, Sequence[str]]]
+                  ) -> dict[str, tuple[RunningRequest, ...]]:
+        """Each worker's running requests by id (the previous tuple when the same);
+        forgets the requests no longer running."""
+        known, before = self._known, self._by_worker
+        out = {}
+        for worker, _, ids in workers_raw:
+            running = tuple(known[i][1] for i in sorted(ids) if i in known)
+            previous = before.get(worker)
+            if previous is not None and len(previous) == len(running) and all(
+                    a is b for a, b in zip(previous, running, strict=True)):
+                running = previous
+            out[worker] = running
+        self._by_worker = out
+        running_now = {i for _, _, ids in workers_raw for i in ids}
+        self._known = {i: e for i, e in known.items() if i in running_now}
+        return out
 
 
 def _running_from_fields(fields: Mapping[str, str]) -> RunningRequest:
