@@ -19,14 +19,16 @@ leader) ``--steps`` times:
 3. ``set_virtual_queues`` for every worker + LSO commands on ``qlm.lso`` + rejections
    (*apply*).
 
-Between steps ``--churn`` new requests arrive and ``--pulls`` requests are pulled from
-the head of the workers' virtual queues (so groups change at both ends, as in a live
-queue). The first step is reported as cold (it reads the whole queue); ``ratio`` is
-step (*total*) over *decide*, p50 and p99, measured in the same steps. The cluster is
-the paper's mix: 3/8 of the workers A10-24GB, 5/8 A100-80GB, models round robin.
-Reports p50/p99/max per phase and policy, with the command line, and the CPU seconds
-each step cost this process (all threads) and the Redis server: on a shared machine
-wall times grow with the load average, CPU seconds much less.
+Between steps ``--churn`` new requests arrive, ``--pulls`` requests are pulled from the
+head of the workers' virtual queues and finished (so groups change at both ends, as in
+a live queue), and every running request generates ``--progress`` tokens (so, as in
+service, every running record moved since the previous step). The first step is
+reported as cold (it reads the whole queue); ``ratio_step_to_decide`` is step (*total*)
+over *decide*, p50 and p99, measured in the same steps. The cluster is the paper's
+mix: 3/8 of the workers A10-24GB, 5/8 A100-80GB, models round robin. Reports
+p50/p99/max per phase and policy, with the command line, and the CPU seconds each step
+cost this process (all threads) and the Redis server: on a shared machine wall times
+grow with the load average, CPU seconds much less.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from qlm.core.policies import PolicyContext, make_policy
 from qlm.core.types import SLO, Request, SLOClass
 from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
 from qlm.roster import WorkerInfo, WorkerRoster
-from qlm.store.store import RedisQueueStore
+from qlm.store.store import RedisQueueStore, TokenAppend
 from services.scheduler.lease import LeaderLease, LeaseKeys
 from services.scheduler.loop import SchedulingLoop, StepReport
 from services.scheduler.metrics import SchedulerMetrics
@@ -106,16 +108,25 @@ async def enqueue_all(store: RedisQueueStore, requests: Sequence[Request],
 
 
 async def fill_running(store: RedisQueueStore, workers: Sequence[WorkerInfo],
-                       requests: Sequence[Request], per_worker: int) -> int:
-    """Claim ``per_worker`` queued requests of each worker's awake model onto it."""
+                       requests: Sequence[Request], per_worker: int) -> dict[str, list[str]]:
+    """Claim ``per_worker`` queued requests of each worker's awake model onto it; returns
+    the ids claimed per worker."""
     pools = {m: [r.id for r in requests if r.model == m] for m in MODELS}
-    claimed = 0
+    claimed = {}
     for worker in workers:
         assert worker.active_model is not None
         ids, pools[worker.active_model] = (pools[worker.active_model][:per_worker],
                                            pools[worker.active_model][per_worker:])
-        claimed += len(await store.claim(worker.id, ids, lease_s=3600))
+        claimed[worker.id] = [r.id for r in await store.claim(worker.id, ids, lease_s=3600)]
     return claimed
+
+
+async def progress(store: RedisQueueStore, running: dict[str, list[str]], tokens: int) -> None:
+    """Every running request generates ``tokens`` more (as workers report between steps)."""
+    if tokens:
+        await asyncio.gather(*(
+            store.append_tokens_many(worker, [TokenAppend(i, (1,) * tokens) for i in ids])
+            for worker, ids in running.items()))
 
 
 def redis_cpu_s(client: redis.Redis) -> float:
@@ -136,7 +147,7 @@ class Queue:
 
     workers: tuple[WorkerInfo, ...]
     enqueue_s: float
-    running: int
+    running: dict[str, list[str]]
 
 
 async def fill(args: argparse.Namespace, redis_url: str) -> Queue:
@@ -149,25 +160,26 @@ async def fill(args: argparse.Namespace, redis_url: str) -> Queue:
         t = time.perf_counter()
         await enqueue_all(store, queued, args.fill_pipelines)
         enqueue_s = time.perf_counter() - t
-        num_running = await fill_running(store, workers, queued, args.running)
+        running = await fill_running(store, workers, queued, args.running)
     finally:
         await store.aclose()
-    return Queue(workers, round(enqueue_s, 1), num_running)
+    return Queue(workers, round(enqueue_s, 1), running)
 
 
-async def pull_some(store: RedisQueueStore, workers: Sequence[WorkerInfo], count: int,
-                    turn: int) -> int:
+async def serve_some(store: RedisQueueStore, workers: Sequence[WorkerInfo], count: int,
+                     turn: int) -> int:
     """Pull ``count`` requests in all from the heads of a few workers' virtual queues (the
-    scheduler just wrote them), held for an hour: the running batches stay as they are."""
-    pulled = 0
-    for k in range(max(1, count // 16)):
+    scheduler just wrote them) and finish them: groups lose requests at their head."""
+    served = 0
+    for k in range(len(workers)):
+        if served >= count:
+            break
         worker = workers[(turn * 7 + k) % len(workers)]
         assert worker.active_model is not None
-        pulled += len(await store.pull(worker.id, worker.active_model, min(16, count - pulled),
-                                       lease_s=3600))
-        if pulled >= count:
-            break
-    return pulled
+        for record in await store.pull(worker.id, worker.active_model, min(16, count - served)):
+            await store.ack(worker.id, record.id, num_generated=1)
+            served += 1
+    return served
 
 
 async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: str,
@@ -204,14 +216,15 @@ async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: st
                 cold = report
             arrivals = make_requests(args.churn, time.time(), 1.0, rng, f"{policy_name}{step}")
             await enqueue_all(store, arrivals)
-            num_pulled += await pull_some(store, workers, args.pulls, step)
+            num_pulled += await serve_some(store, workers, args.pulls, step)
+            await progress(store, queue.running, args.progress)
         meter.close()
         ms = {phase: percentiles([getattr(r, f"{phase}_s") for r in reports])
               for phase in ("snapshot", "decide", "apply", "total")}
         return {
             "groups": reports[-1].num_groups,
             "queued_at_last_step": reports[-1].num_queued,
-            "pulled_between_steps": round(num_pulled / (args.steps + 1), 1),
+            "served_between_steps": round(num_pulled / (args.steps + 1), 1),
             "commands_per_step": round(float(np.mean([r.num_commands for r in reports])), 2),
             "whole_snapshots": store.num_whole_snapshots,
             "cold_ms": {"snapshot": round(cold.snapshot_s * 1e3, 1),
@@ -237,7 +250,8 @@ async def run(args: argparse.Namespace, redis_url: str, kafka: str) -> dict[str,
     meter.close()
     policies = {name: await bench_policy(name, args, redis_url, kafka, profiles, queue)
                 for name in args.policies.split(",")}
-    return {"enqueue_s": queue.enqueue_s, "running": queue.running,
+    return {"enqueue_s": queue.enqueue_s,
+            "running": sum(len(ids) for ids in queue.running.values()),
             "redis_used_memory_after_fill_bytes": int(memory["used_memory"]),
             "policies": policies}
 
@@ -250,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--span-s", type=float, default=600.0, help="arrival span of the queue")
     parser.add_argument("--churn", type=int, default=200, help="new arrivals between steps")
     parser.add_argument("--pulls", type=int, default=64,
-                        help="requests pulled from virtual queue heads between steps")
+                        help="requests pulled from virtual queue heads and finished between steps")
+    parser.add_argument("--progress", type=int, default=1,
+                        help="tokens each running request generates between steps")
     parser.add_argument("--fill-pipelines", type=int, default=3,
                         help="enqueue pipelines in flight while filling the queue")
     parser.add_argument("--steps", type=int, default=20)
@@ -292,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "load_average_1m_at_start": load_at_start,
                     "host_note": "2 cores used by other work too; see the load average"},
         "queued": args.queued, "workers": args.workers, "running_per_worker": args.running,
-        "steps": args.steps, "churn_per_step": args.churn, "pulls_per_step": args.pulls,
+        "steps": args.steps, "churn_per_step": args.churn, "served_per_step": args.pulls,
+        "tokens_per_running_request_per_step": args.progress,
         "targets": {"step_p99_ms_at_100k": 50, "step_p99_ms_at_1m": 500,
                     "step_over_decide_at_100k": 3},
         **results,

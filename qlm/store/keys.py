@@ -92,7 +92,8 @@ __all__ = ["DEFAULT_PREFIX", "QUEUE_LOG_MAXLEN", "Keys", "group_member_score", "
 
 DEFAULT_PREFIX = "qlm:"
 #: About how many entries the queue log keeps (``XADD MAXLEN ~``): a reader more
-#: changes than this behind reads the membership whole again. ~70 bytes an entry.
+#: changes than this behind reads the membership whole again. About 57 bytes an entry
+#: with 9-character ids (5.7 MB at the bound).
 QUEUE_LOG_MAXLEN = 100_000
 
 
