@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -888,8 +888,12 @@ class _RunningRequests:
                 reused.append(request_id)
             else:
                 request = before.request
-                if row[1] != moving[1]:
-                    request = replace(request, num_generated=int(row[1]))
+                if row[1] != moving[1]:  # progress: the same request, further on
+                    request = Request(
+                        id=request.id, model=request.model, prompt_tokens=request.prompt_tokens,
+                        max_tokens=request.max_tokens, slo_class=request.slo_class,
+                        slo=request.slo, arrival_at=request.arrival_at, tenant=request.tenant,
+                        num_generated=int(row[1]))
                 fresh[request_id] = (tuple(row), RunningRequest(
                     request, float(row[2]), float(row[3]) if row[3] else None))
         for request_id in known_ids:  # vanished or reused: not known any more
