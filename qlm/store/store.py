@@ -420,7 +420,8 @@ class RedisQueueStore:
         """Replace the virtual queues of all workers in ``orders`` in one atomic step.
 
         With ``fence`` (> 0), only while it is the current fencing token of the scheduler
-        lease (checked inside the script), else FenceLost and nothing is written."""
+        lease (checked inside the script), else FenceLost and nothing is written; with a
+        fence and no worker, only the check."""
         workers = [require_id(w, "worker_id") for w in orders]
         flat: list[str] = []
         for worker in workers:
@@ -431,7 +432,7 @@ class RedisQueueStore:
             if len(set(order)) != len(order):
                 raise InvalidInput("order", f"worker {worker!r}: a group appears twice")
             flat.extend(str(g) for g in order)
-        if not workers:
+        if not workers and not fence:
             return
         keys = [*(self.keys.virtual_queue(w) for w in workers), self.keys.workers,
                 self.keys.scheduler_fence]
