@@ -47,7 +47,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import redis
@@ -65,6 +65,13 @@ from qlm.store.store import RedisQueueStore, TokenAppend
 from services.scheduler.lease import LeaderLease, LeaseKeys
 from services.scheduler.loop import SchedulingLoop, StepReport
 from services.scheduler.metrics import SchedulerMetrics
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "benchmark", "churn_per_step", "command", "date_utc", "machine", "policies", "queued",
+    "running_per_worker", "steps", "workers",
+})
+
 
 MODELS = ("mistral-7b", "vicuna-13b")
 CLASSES = (SLOClass.INTERACTIVE, SLOClass.BATCH_1, SLOClass.BATCH_2)
@@ -339,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "step_over_decide_at_100k": 3},
         **results,
     }
-    emit(result, args.out)
+    emit(result, args.out, keys=RESULT_KEYS)
 
 
 if __name__ == "__main__":
