@@ -68,8 +68,9 @@ from services.scheduler.metrics import SchedulerMetrics
 
 #: The top-level keys this program writes into its JSON (loadgen.results).
 RESULT_KEYS: Final = frozenset({
-    "benchmark", "churn_per_step", "command", "date_utc", "machine", "policies", "queued",
-    "running_per_worker", "steps", "workers",
+    "benchmark", "churn_per_step", "command", "date_utc", "enqueue_s", "machine", "policies",
+    "queued", "redis_used_memory_after_fill_bytes", "running", "running_per_worker",
+    "served_per_step", "steps", "targets", "tokens_per_running_request_per_step", "workers",
 })
 
 
