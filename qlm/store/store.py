@@ -21,6 +21,7 @@ holds, :class:`~qlm.core.errors.Unavailable` when Redis does not answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -192,6 +193,7 @@ class RedisQueueStore:
         self._mirror = QueueMirror()
         #: The running requests as of the previous snapshot.
         self._running = _RunningRequests()
+        self._snapshot_lock = asyncio.Lock()
 
     @property
     def num_whole_snapshots(self) -> int:
@@ -482,6 +484,10 @@ class RedisQueueStore:
         change is the same :class:`RequestGroup` object as in the previous snapshot.
         The first snapshot, and one after the log was trimmed past the previous one or
         disagrees with the groups' sizes, reads the membership whole."""
+        async with self._snapshot_lock:  # one fold of the log at a time
+            return await self._snapshot()
+
+    async def _snapshot(self) -> StoreSnapshot:
         mirror = self._mirror
         with _redis_errors():
             after = "" if mirror.position is None else str(mirror.position)

@@ -11,6 +11,7 @@ made from each must be equal too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import uuid
@@ -261,6 +262,32 @@ async def test_a_trimmed_or_reset_log_falls_back_to_a_whole_read(redis_url: str)
         assert sorted(r.id for g in snap.groups for r in g.requests) == sorted(program.ids[-9:])
         assert store.num_whole_snapshots == 3
         assert (await store.get(program.ids[-1])).state is RequestState.QUEUED
+    finally:
+        await store.aclose()
+        await raw.aclose()
+
+
+async def test_concurrent_snapshots_of_one_store_fold_the_log_once(redis_url: str) -> None:
+    clock = FakeClock(T0 + 1000)
+    store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    program = Program(store, raw, clock)
+    try:
+        await program.enqueue(40, 0, SLOClass.BATCH_1, 5)
+        await program.place(0)
+
+        async def churn() -> None:
+            for n in range(20):
+                await program.enqueue(2, n, SLOClass.INTERACTIVE, n % 3)
+                await program.pull(0, 3)
+
+        await asyncio.gather(churn(), *(store.snapshot() for _ in range(20)))
+        fresh = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
+        try:
+            assert await store.snapshot() == await fresh.snapshot()
+        finally:
+            await fresh.aclose()
+        assert store.num_whole_snapshots == 1
     finally:
         await store.aclose()
         await raw.aclose()
