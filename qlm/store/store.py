@@ -78,6 +78,8 @@ DEFAULT_STREAM_TTL_S = 3600.0
 DEFAULT_STREAM_MAXLEN = 10_000
 DEFAULT_MAX_CONNECTIONS = 256
 _SNAPSHOT_CHUNK = 1000
+#: Record-read script calls per pipelined round trip (20,000 records).
+_READ_CALLS_PER_TRIP = 20
 _EXPIRED_BATCH = 500
 
 
@@ -545,7 +547,9 @@ class RedisQueueStore:
         self, reads: Sequence[tuple[Sequence[str], Sequence[str]]]
     ) -> list[list[list[Any]]]:
         """For each ``(ids, fields)``, the field values of each id (``False`` when the
-        record or field is missing); all reads in one pipelined round trip."""
+        record or field is missing); one pipelined round trip per
+        :data:`_READ_CALLS_PER_TRIP` script calls (a whole read of a million records is
+        fifty round trips, none of them holding the connection long enough to time out)."""
         chunked = [
             [ids[i : i + _SNAPSHOT_CHUNK] for i in range(0, len(ids), _SNAPSHOT_CHUNK)]
             for ids, _ in reads
@@ -554,8 +558,12 @@ class RedisQueueStore:
             return [[] for _ in reads]
         calls = [([self.keys.request(i) for i in chunk], fields)
                  for chunks, (_, fields) in zip(chunked, reads, strict=True) for chunk in chunks]
-        replies = iter(await self._run_pipelined(self._scripts.read_records, calls))
-        return [[row for _ in chunks for row in json.loads(next(replies))] for chunks in chunked]
+        replies: list[Any] = []
+        for start in range(0, len(calls), _READ_CALLS_PER_TRIP):
+            replies += await self._run_pipelined(
+                self._scripts.read_records, calls[start : start + _READ_CALLS_PER_TRIP])
+        rows = iter(replies)
+        return [[row for _ in chunks for row in json.loads(next(rows))] for chunks in chunked]
 
     async def requeue_expired(self) -> dict[str, RequestState]:
         """Return every request whose lease expired before now to its group (progress
