@@ -47,6 +47,12 @@ def policy_entry(runs: Sequence[tuple[RunMetrics, float, float]]) -> dict[str, A
         c: [num(m.slo_attainment_by_class.get(c, float("nan"))) for m in metrics]
         for c in classes
     }
+    tenants = sorted({t for m in metrics for t in m.slo_attainment_by_tenant})
+    if tenants:
+        entry["slo_attainment_by_tenant"] = {
+            t: [num(m.slo_attainment_by_tenant.get(t, float("nan"))) for m in metrics]
+            for t in tenants
+        }
     entry["wait_r2"] = [num(r2) for _, r2, _ in runs]
     entry["wall_s"] = [round(wall, 3) for _, _, wall in runs]
     return entry

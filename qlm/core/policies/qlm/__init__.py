@@ -69,6 +69,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, ClassVar
 
+from qlm.core.fairness import TokenWeights, VirtualTokenCounters
 from qlm.core.policies.base import (
     ContextOptions,
     PolicyContext,
@@ -89,6 +90,11 @@ from qlm.core.policies.qlm.lso import (
 from qlm.core.policies.qlm.milp import milp_plan
 from qlm.core.policies.qlm.options import QlmOptions
 from qlm.core.types import Decision, Place, QueueSnapshot
+
+
+def token_weights(options: QlmOptions) -> TokenWeights:
+    """Fair share's token weights from the options."""
+    return TokenWeights(options.fair_input_weight, options.fair_output_weight)
 
 
 @register("qlm")
@@ -116,6 +122,8 @@ class QlmPolicy:
         self._context = ContextOptions(QlmOptions, self.options, self.name)
         self._groups = GroupStatsCache()
         self._workers = WorkerLoadCache()
+        #: Fair share's counters, fed by every snapshot decided on (:meth:`observe`).
+        self.counters = VirtualTokenCounters(token_weights(self.options))
 
     def options_for(self, ctx: PolicyContext) -> QlmOptions:
         """This policy's options with ``ctx.options`` applied."""
@@ -136,6 +144,9 @@ class QlmPolicy:
     def _plan(self, snapshot: QueueSnapshot, ctx: PolicyContext, options: QlmOptions
               ) -> tuple[PlanningContext, Plan]:
         pc = self.planning_context(snapshot, ctx, options)
+        if options.fair_share:
+            self.observe(snapshot, options)
+            pc.set_fair_order(self.counters)
         cells = len(pc.stats) * len(snapshot.workers)
         use_milp = bool(pc.stats) and cells <= options.milp_max_cells
         heuristic = heuristic_plan(pc, options, score=use_milp or self.always_score)
@@ -144,7 +155,17 @@ class QlmPolicy:
         exact = milp_plan(pc, options.milp_time_limit_s, options.milp_node_limit)
         if isinstance(exact, str):
             return pc, Plan(heuristic.orders, heuristic.value, f"heuristic (milp: {exact})")
+        if not pc.respects_fair_order(exact.orders):
+            return pc, Plan(heuristic.orders, heuristic.value, "heuristic (milp: unfair)")
         return pc, exact if exact.value >= heuristic.value - 1e-3 else heuristic
+
+    def observe(self, snapshot: QueueSnapshot, options: QlmOptions | None = None) -> None:
+        """Feed fair share's counters with what ``snapshot`` shows was served (the same
+        snapshot twice charges nothing twice)."""
+        weights = token_weights(options or self.options)
+        if weights != self.counters.weights:
+            self.counters.weights = weights
+        self.counters.observe(snapshot)
 
     def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
         options = self.options_for(ctx)
