@@ -191,21 +191,28 @@ def _finite(value: Any, field_name: str) -> float:
 def fair_order(items: Sequence[tuple[K, float]], counters: Mapping[K, float]) -> list[int]:
     """VTC's admission order projected over a queue: ``items`` are (flow, expected cost)
     of queued units (groups) of one class, in each flow's own order (deadline order);
-    returns their indices in the order VTC would serve them: repeatedly the next unit of
-    the flow whose counter, with the cost of its units already ordered added, is least
-    (ties: the unit that comes first in ``items``). ``counters``: each flow's counter now
-    (0 for a flow absent)."""
+    returns their indices in the order fair share serves them: repeatedly the next unit
+    of the flow whose counter would be least *after* that unit (its counter now plus the
+    cost of its units already ordered and of this one; ties: the unit first in
+    ``items``). ``counters``: each flow's counter now (0 for a flow absent).
+
+    VTC admits one request at a time, so it can compare counters before serving; a group
+    is many requests, and a heavy tenant's group of a window can hold hundreds, which a
+    light tenant whose counter is a little ahead would otherwise wait behind whole. The
+    counter after the unit is fair queuing's virtual finish time (WFQ): a unit goes first
+    when it ends the least far ahead of its fair share."""
     queues: dict[K, list[int]] = {}
     for index, (flow, _) in enumerate(items):
         queues.setdefault(flow, []).append(index)
-    heap = [(counters.get(flow, 0.0), indices[0], flow, 0) for flow, indices in queues.items()]
+    heap = [(counters.get(flow, 0.0) + items[indices[0]][1], indices[0], flow, 0)
+            for flow, indices in queues.items()]
     heapq.heapify(heap)
     order: list[int] = []
     while heap:
-        value, index, flow, k = heapq.heappop(heap)
+        finish, index, flow, k = heapq.heappop(heap)
         order.append(index)
         nxt = k + 1
         indices = queues[flow]
         if nxt < len(indices):
-            heapq.heappush(heap, (value + items[index][1], indices[nxt], flow, nxt))
+            heapq.heappush(heap, (finish + items[indices[nxt]][1], indices[nxt], flow, nxt))
     return order

@@ -42,6 +42,15 @@ or finds nothing within its budget falls back to the heuristic.
    batch work with slack, behind groups it would make miss). They count for nothing,
    but a user still waits for them, and placed last they wait for the whole backlog.
 
+**Fair share** (``fair_share``, :mod:`qlm.core.fairness`): within an SLO class, tenants
+share the GPUs as under VTC. The policy keeps a virtual token counter per (class, tenant),
+fed by the snapshots it decides on (:meth:`QlmPolicy.observe`); step 1 gives the places a
+class holds in deadline order to its groups in fair order (least counter after the group
+first); step 3 displaces only groups of the displacing group's own tenant; step 4 does not
+swap two groups of one class and different tenants out of fair order; an MILP plan that
+breaks the fair order is not used. Deciding twice on one snapshot gives one decision; the
+counters are what the instance has seen (docs/scheduler.md: across a restart).
+
 **LSOs** (:mod:`.lso`): *pull* via :func:`qlm.core.pulls.plan_pulls` (backpressure);
 *model swap* when a worker's head group needs another model and the worker has drained;
 *eviction* when too few slots of a worker free up within the slack of its head group (with
@@ -104,8 +113,9 @@ class QlmPolicy:
     :func:`qlm.core.policies.base.parse_options`); ``PolicyContext.options`` override them
     per decision.
 
-    The instance memoises per-group and per-worker summaries between decisions; the
-    decision itself depends only on ``snapshot`` and ``ctx``.
+    The instance memoises per-group and per-worker summaries between decisions, and keeps
+    fair share's counters (:attr:`counters`), fed by every snapshot it decides on; apart
+    from them the decision depends only on ``snapshot`` and ``ctx``.
     """
 
     name: ClassVar[str] = "qlm"

@@ -83,6 +83,15 @@ class PlanningContext:
         ka, kb = self.stats[a].key, self.stats[b].key
         return ka.slo_class is kb.slo_class and ka.tenant != kb.tenant and rank[a] < rank[b]
 
+    def may_displace(self, victim: int, by: int) -> bool:
+        """Whether group ``by`` may displace group ``victim`` from a lane (step 3 of the
+        heuristic: the victim goes last, where it likely misses). With fair share only
+        within a tenant: displacement weighs groups by size, and a light tenant's groups
+        are small, so across tenants it would drop the light tenant's work first."""
+        if self.fair_rank is None:
+            return True
+        return self.stats[victim].key.tenant == self.stats[by].key.tenant
+
     def urgency_order(self) -> list[int]:
         """Group indices in the order the heuristic places them: deadline order, in which,
         with fair share, the places a class holds go to its groups in fair order (classes

@@ -271,8 +271,8 @@ def _displace_one(pc: PlanningContext, lane: Lane, gi: int) -> int | None:
     base = lane_value(cost, lane, [*lane.order, gi], pc.weights)
     best_gain, best_pos = 1e-9, -1
     for pos in range(len(lane.order)):
-        if pc.fair_before(lane.order[pos], gi):
-            continue  # fair share keeps that group ahead of gi
+        if not pc.may_displace(lane.order[pos], gi):
+            continue  # fair share: another tenant's group is not dropped for gi
         trial = [*lane.order[:pos], *lane.order[pos + 1:], gi]
         gain = lane_value(cost, lane, trial, pc.weights) - base
         if gain > best_gain:
