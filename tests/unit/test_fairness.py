@@ -172,7 +172,8 @@ def test_parse_tenants_names_the_field() -> None:
 def test_simulator_light_tenant_keeps_its_attainment_beside_a_heavy_one() -> None:
     """One A10 worker overloaded by a tenant sending 10x another's requests (WA's class
     mix): without fair share the light tenant misses with the crowd; with it, it stays
-    within 5 points of its attainment alone."""
+    within 5 points of its attainment alone. The heuristic plans alone (the MILP's
+    wall-clock backstop would make the runs depend on the machine's load)."""
     plan = with_tenants(plan_requests("WA", 1000, np.random.default_rng(0)),
                         {"light": 1, "heavy": 10}, seed=0)
     jobs = plan.jobs_at(400.0)
@@ -180,7 +181,8 @@ def test_simulator_light_tenant_keeps_its_attainment_beside_a_heavy_one() -> Non
     book = profiles()
 
     def light(jobs_run: tuple[Job, ...], fair: bool) -> float:
-        result = simulate(jobs_run, workers, book, make_policy("qlm", fair_share=fair), seed=0)
+        policy = make_policy("qlm", fair_share=fair, milp_max_cells=0)
+        result = simulate(jobs_run, workers, book, policy, seed=0)
         return result.metrics.slo_attainment_by_tenant["light"]
 
     alone = light(only_tenants(jobs, ["light"]), True)

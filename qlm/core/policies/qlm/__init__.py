@@ -47,9 +47,11 @@ share the GPUs as under VTC. The policy keeps a virtual token counter per (class
 fed by the snapshots it decides on (:meth:`QlmPolicy.observe`); step 1 gives the places a
 class holds in deadline order to its groups in fair order (least counter after the group
 first); step 3 displaces only groups of the displacing group's own tenant; step 4 does not
-swap two groups of one class and different tenants out of fair order; an MILP plan that
-breaks the fair order is not used. Deciding twice on one snapshot gives one decision; the
-counters are what the instance has seen (docs/scheduler.md: across a restart).
+swap two groups of one class and different tenants out of fair order; the MILP, which
+knows no fair order, runs only while no class has queued groups of two tenants (and a plan
+of it that breaks the fair order would not be used). Deciding twice on one snapshot gives
+one decision; the counters are what the instance has seen (docs/scheduler.md: across a
+restart).
 
 **LSOs** (:mod:`.lso`): *pull* via :func:`qlm.core.pulls.plan_pulls` (backpressure);
 *model swap* when a worker's head group needs another model and the worker has drained;
@@ -158,7 +160,8 @@ class QlmPolicy:
             self.observe(snapshot, options)
             pc.set_fair_order(self.counters)
         cells = len(pc.stats) * len(snapshot.workers)
-        use_milp = bool(pc.stats) and cells <= options.milp_max_cells
+        use_milp = (bool(pc.stats) and cells <= options.milp_max_cells
+                    and not pc.fair_order_binds())
         heuristic = heuristic_plan(pc, options, score=use_milp or self.always_score)
         if not use_milp or heuristic.value >= attainment_bound(pc) - 1e-3 * len(pc.stats):
             return pc, heuristic  # nothing for the MILP to win

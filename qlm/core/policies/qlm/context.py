@@ -106,6 +106,18 @@ class PlanningContext:
         fair = {c: iter(sorted(members, key=rank.__getitem__)) for c, members in by_class.items()}
         return [next(fair[self.stats[gi].key.slo_class]) for gi in order]
 
+    def fair_order_binds(self) -> bool:
+        """Whether fair share constrains the plan: some class has queued groups of two
+        tenants or more (the MILP, which knows no fair order, is then not run)."""
+        if self.fair_rank is None:
+            return False
+        tenants: dict[SLOClass, str] = {}
+        for g in self.stats:
+            first = tenants.setdefault(g.key.slo_class, g.key.tenant)
+            if first != g.key.tenant:
+                return True
+        return False
+
     def respects_fair_order(self, orders: Sequence[Sequence[int]]) -> bool:
         """Whether no lane of ``orders`` puts a group behind one it should precede."""
         if self.fair_rank is None:
