@@ -23,9 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadgen.results import write_json
 from loadgen.sim import NUM_REQUESTS, Task, parse_rates, run_all
 from qlm.sim import SimConfig
 
+#: The top-level keys of the JSON this program writes (loadgen.results).
+RESULT_KEYS = frozenset({"what", "tenants", "rates", "seeds", "num_requests", "cluster",
+                         "summary", "runs", "wall_s", "command"})
 TENANTS = {"light": 1.0, "heavy": 10.0}
 MODES = ("alone", "off", "on")
 
@@ -95,9 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m loadgen.bench_fair " + " ".join(
             sys.argv[1:] if argv is None else argv),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
+    write_json(args.out, out, RESULT_KEYS, indent=1)
     print(f"wrote {args.out}")
     return 0
 

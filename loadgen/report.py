@@ -35,7 +35,7 @@ PER_RATE_KEYS = (
 
 #: The keys of one policy's entry in ``summary.json``.
 ENTRY_KEYS = frozenset({*PER_RATE_KEYS, "slo_attainment_by_class", "num_refused_by_class",
-                        "wait_r2", "wall_s"})
+                        "slo_attainment_by_tenant", "wait_r2", "wall_s"})
 
 
 def num(x: float | None) -> float | None:
