@@ -2,8 +2,9 @@
 
 :meth:`RedisQueueStore.snapshot` keeps the queue's membership between calls and reads
 only what the queue log says changed (:mod:`qlm.store.mirror`). Over random programs of
-admissions, pulls, claims, finishes, evictions (with progress), cancellations,
-rejections, expired leases and a trimmed queue log, on a real redis-server, each
+admissions (of two tenants, whose groups are their own), pulls, claims, finishes,
+evictions (with progress), cancellations, rejections, expired leases and a trimmed
+queue log, on a real redis-server, each
 snapshot of one long-lived store must equal the snapshot a new store takes (which reads
 the whole membership and every record), and the decisions of the scheduler's policies
 made from each must be equal too.
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import hypothesis
 import hypothesis.strategies as st
@@ -91,6 +92,8 @@ class Program:
                 arrival_at=self.clock.now - age_s - len(items) * 0.1,
                 ttft_s=30.0 + age_s if slo_class is SLOClass.CUSTOM else None,
                 max_tokens=32 + 7 * (len(self.ids) % 9))
+            if age_s % 3 == 1:  # another tenant: groups of its own
+                request = replace(request, tenant="team|b")
             items.append((request, "p", None))
         assert all(not isinstance(r, Exception) for r in await self.store.enqueue_many(items))
 
