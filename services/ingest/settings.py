@@ -79,6 +79,11 @@ class IngestSettings(CommonSettings):
     http_host: str = Field(
         "127.0.0.1", description="listen address of the HTTP front door (0.0.0.0 to publish)"
     )
+    http_tls: bool = Field(
+        True, description="serve the HTTP front door over TLS with the gRPC listener's "
+        "tls_cert_file / tls_key_file (and mTLS with tls_client_ca_file) when they are set; "
+        "false: plain HTTP (only behind a TLS-terminating proxy on a private network)"
+    )
     http_api_key: str | None = Field(
         None, min_length=1, description="when set, HTTP calls need 'Authorization: Bearer "
         "<key>' (else 401)"
