@@ -6,10 +6,13 @@ reason naming the field, and the consumer carries on; while Redis or Kafka is aw
 record in hand is retried until they are back (:mod:`qlm.bus.consumer`). With
 authentication on, a record must carry a ``qlm-signature`` header made with its tenant's
 signing key (:mod:`qlm.tenants`), else it goes to the DLQ; its id is then scoped to that
-tenant. A valid one is
-enqueued (idempotent by its request id) and its offset is committed only after that
-(:class:`qlm.bus.consumer.BusConsumer`), so a consumer killed mid-batch re-reads at
-most the uncommitted records on restart, and re-enqueuing them is a no-op.
+tenant and it counts against that tenant's quotas like a submit
+(:meth:`IngestPlane.book_quota`): a record over quota is not lost and is no dead letter,
+it waits — its partition is paused and the record read again after the retry-after
+(:class:`qlm.bus.consumer.BusConsumer`, at most its ``max_backoff_s``, 5 s) until it fits.
+A valid one is enqueued (idempotent by its request id) and its offset is committed only
+after that, so a consumer killed mid-batch re-reads at most the uncommitted records on
+restart, and re-enqueuing them is a no-op (and books no quota again).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class BatchIngest:
             await self.check_signature(submission, record)
             submission = submission.with_id(scoped_id(submission.tenant,
                                                       submission.request_id))
+            await self.plane.book_quota(submission.tenant, submission, "kafka")
         await self.plane.enqueue(submission)
 
     async def check_signature(self, submission: Submission,

@@ -1,19 +1,35 @@
-"""Per-tenant quotas over gRPC and HTTP on real Redis and Kafka (services/ingest/quotas.py):
-over a limit → RESOURCE_EXHAUSTED / 429 with a retry-after, nothing queued; another
-tenant is not affected."""
+"""Per-tenant quotas on every admission line, on real Redis and Kafka
+(services/ingest/quotas.py): gRPC and HTTP over a limit → RESOURCE_EXHAUSTED / 429 with a
+retry-after, nothing queued; ``qlm.batch.requests`` records and Batch API lines over a
+limit wait (no dead letter, no error line, nothing lost) and are queued when they fit;
+another tenant is not affected."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from qlm.bus.producer import BusProducer
 from qlm.core.errors import Overloaded
 from qlm.localstack import free_loopback_port
-from qlm.tenants import TenantLimits, TenantRegistry
+from qlm.tenants import (
+    SIGNATURE_HEADER,
+    TenantLimits,
+    TenantRegistry,
+    scoped_id,
+    sign_record,
+    signing_key,
+)
 from services.ingest.app import IngestApp
+from services.ingest.openai.batches import request_id_for
 from services.ingest.settings import IngestSettings
+from tests.integration.test_ingest import read_topic
 from tests.integration.test_tenants import (  # noqa: F401
     MODELS,
     good,
@@ -65,6 +81,20 @@ async def test_max_queued_refuses_until_a_request_ends(
         await small.submit(good(request_id="q3"))  # one ended: room again
 
 
+async def test_concurrent_submits_cannot_overrun_max_queued(
+    ingest: IngestApp, tenants: TenantRegistry  # noqa: F811
+) -> None:
+    """Bookings whose enqueue is still in flight count: 20 submits at once, 3 admitted."""
+    key = await tenants.add("burst")
+    await tenants.set_limits("burst", TenantLimits(max_queued=3))
+    async with grpc_client(ingest, key) as client:
+        results = await asyncio.gather(*(client.submit(good(request_id=f"b{i}"))
+                                         for i in range(20)), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(results) - len(refused) == 3
+    assert all(isinstance(r, Overloaded) for r in refused), refused
+
+
 async def test_tokens_per_minute_refuses_with_the_seconds_to_the_next_minute(
     ingest: IngestApp, tenants: TenantRegistry  # noqa: F811
 ) -> None:
@@ -87,3 +117,142 @@ async def test_tokens_per_minute_refuses_with_the_seconds_to_the_next_minute(
     assert limited.value.status_code == 429
     assert limited.value.body["code"] == "rate_limit_exceeded"
     assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
+
+
+# ------------------------------------------------------------------ batch lines
+@pytest.fixture
+async def batch_ingest(redis_url: str, kafka_bootstrap: str,
+                       topic_prefix: str) -> AsyncIterator[IngestApp]:
+    """Ingest with the qlm.batch.requests consumer and a fast Batch API driver."""
+    settings = IngestSettings(
+        redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix,
+        host="127.0.0.1", port=0, batch_consumer=True, consumer_group=f"{topic_prefix}ingest",
+        shutdown_grace_s=0.5, log_json=False, auth="required", auth_cache_s=0.0,
+        http_host="127.0.0.1", http_port=free_loopback_port(), batch_poll_interval_s=0.1,
+        served_models_timeout_s=0,
+    )  # fmt: skip
+    app = IngestApp(settings, models=MODELS)
+    await app.start()
+    yield app
+    await app.stop()
+
+
+async def _produce_signed(app: IngestApp, api_key: str, tenant: str,
+                          records: list[dict[str, Any]]) -> None:
+    s = app.settings
+    async with BusProducer(s.kafka_bootstrap, client_id=f"t-{uuid.uuid4().hex[:6]}") as producer:
+        for record in records:
+            value = json.dumps({**record, "tenant": tenant}).encode()
+            await producer.publish_raw(
+                app.topics.batch_requests, value, record["request_id"].encode(),
+                [(SIGNATURE_HEADER, sign_record(value, signing_key(api_key)).encode())])
+
+
+async def _stored(app: IngestApp, stored_ids: list[str]) -> set[str]:
+    states = await app.store.states(stored_ids)
+    return {i for i, state in states.items() if state is not None}
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await condition():
+            return True
+        await asyncio.sleep(0.1)
+    return await condition()
+
+
+async def test_kafka_batch_records_over_quota_wait_and_are_queued_when_there_is_room(
+    batch_ingest: IngestApp, tenants: TenantRegistry  # noqa: F811
+) -> None:
+    """Over max_queued: the record waits on its partition (no dead letter, nothing lost)
+    and is queued once a request of the tenant ends; over tokens per minute likewise,
+    once the limit is raised. Another tenant's records are never refused."""
+    app = batch_ingest
+    key = await tenants.add("kq")
+    other = await tenants.add("kfree")
+    await tenants.set_limits("kq", TenantLimits(max_queued=2))
+    ids = [f"k{i}" for i in range(4)]
+    await _produce_signed(app, key, "kq", [good(request_id=i) for i in ids])
+    await _produce_signed(app, other, "kfree", [good(request_id=f"f{i}") for i in range(3)])
+    stored = [scoped_id("kq", i) for i in ids]
+    free = [scoped_id("kfree", f"f{i}") for i in range(3)]
+    assert await _until(lambda: _has(app, stored, 2))
+    assert await _until(lambda: _deferred(app))
+    await asyncio.sleep(1.5)
+    assert len(await _stored(app, stored)) == 2  # still two: the limit holds
+    assert app.consumer is not None and app.consumer.num_dead_letters == 0
+    for request_id in sorted(await _stored(app, stored)):  # two end: room for two more
+        await app.plane.cancel(request_id)
+    assert await _until(lambda: _has(app, stored, 4)), await _stored(app, stored)
+    assert await _until(lambda: _has(app, free, 3))  # behind them on their partitions
+
+    await tenants.set_limits("kq", TenantLimits(tokens_per_minute=300))
+    await _produce_signed(app, key, "kq", [good(request_id="t1", max_tokens=200),
+                                           good(request_id="t2", max_tokens=200)])
+    tokens = [scoped_id("kq", "t1"), scoped_id("kq", "t2")]
+    assert await _until(lambda: _has(app, tokens, 1))
+    await asyncio.sleep(1.5)
+    assert await _stored(app, tokens) == {tokens[0]}  # t2 waits for the next minute ...
+    await tenants.set_limits("kq", TenantLimits(tokens_per_minute=10_000))
+    assert await _until(lambda: _has(app, tokens, 2), timeout_s=15)  # ... or a higher limit
+    assert app.consumer.num_dead_letters == 0
+    letters = await read_topic(app.settings.kafka_bootstrap, app.topics.dlq,
+                               lambda r: len(r) > 0, timeout_s=2.0)
+    assert letters == []
+
+
+async def _has(app: IngestApp, stored_ids: list[str], count: int) -> bool:
+    return len(await _stored(app, stored_ids)) >= count
+
+
+async def _deferred(app: IngestApp) -> bool:
+    return app.consumer is not None and app.consumer.consumer.num_deferred > 0
+
+
+async def test_batch_api_lines_over_quota_wait_and_every_line_runs_once(
+    batch_ingest: IngestApp, tenants: TenantRegistry  # noqa: F811
+) -> None:
+    """A Batch API batch of a tenant limited to 2 queued requests: never more than 2 of
+    its lines queued at once, the others wait (no error line for them), and every line
+    gets in as earlier ones end; the batch completes with one result per line."""
+    app = batch_ingest
+    key = await tenants.add("bq")
+    await tenants.set_limits("bq", TenantLimits(max_queued=2))
+    client = openai_client(app, key)
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "m7b", "max_tokens": 4,
+                       "messages": [{"role": "user", "content": f"hi {i}"}]}}
+             for i in range(5)]
+    uploaded = await client.files.create(
+        file=("in.jsonl", "\n".join(json.dumps(line) for line in lines).encode()),
+        purpose="batch")
+    batch = await client.batches.create(input_file_id=uploaded.id,
+                                        endpoint="/v1/chat/completions", completion_window="24h")
+    ids = [request_id_for(batch.id, f"c{i}") for i in range(5)]
+    seen: set[str] = set()
+    most_live = 0
+    deadline = time.monotonic() + 40
+    while len(seen) < 5 and time.monotonic() < deadline:
+        states = await app.store.states(ids)
+        live = [i for i, state in states.items() if state is not None and not state.is_terminal]
+        most_live = max(most_live, len(live))
+        seen |= {i for i, state in states.items() if state is not None}
+        for request_id in live[:1]:  # as a worker would: one ends, room for the next
+            await asyncio.sleep(0.3)
+            await app.plane.cancel(request_id)
+        await asyncio.sleep(0.1)
+    assert seen == set(ids)
+    assert most_live == 2
+    for _ in range(100):
+        done = await client.batches.retrieve(batch.id)
+        if done.status == "completed":
+            break
+        await asyncio.sleep(0.2)
+    assert done.status == "completed" and done.request_counts is not None
+    assert done.request_counts.total == 5
+    assert done.error_file_id is not None
+    errors = [json.loads(line) for line in
+              (await client.files.content(done.error_file_id)).text.splitlines()]
+    assert sorted(e["custom_id"] for e in errors) == [f"c{i}" for i in range(5)]
+    assert not any("quota" in json.dumps(e) or "rate_limit" in json.dumps(e) for e in errors)
