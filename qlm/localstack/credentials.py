@@ -34,10 +34,10 @@ script); run as root, each directory is handed to the user of the image that rea
 (:data:`OWNERS`).
 
 ``python -m qlm.localstack.credentials grant --dir DIR`` runs once the brokers answer,
-with the settings of :class:`services.common.settings.CommonSettings` from the
-environment (``QLM_KAFKA_BOOTSTRAP``, ``QLM_KAFKA_REPLICATION_FACTOR``,
-``QLM_TOPIC_PREFIX``, ...): it creates the topics and the ACLs of :mod:`qlm.bus.access`
-as the Kafka admin, and the development tenant, whose API key it writes to
+with the admin's settings of ``DIR/admin`` and the topic layout of its flags (defaults:
+``QLM_TOPIC_PREFIX``, ``QLM_KAFKA_REPLICATION_FACTOR``, ``QLM_KAFKA_PARTITIONS``): it
+creates the topics and the ACLs of :mod:`qlm.bus.access` as the Kafka admin, and (unless
+``--no-dev-tenant``) the development tenant, whose API key it writes to
 ``DIR/client/QLM_API_KEY``.
 """
 
@@ -204,19 +204,27 @@ def hand_over(directory: Path) -> None:
 
 
 def grant(directory: Path, layout: TopicLayout, topic_prefix: str = "",
-          key_prefix: str = "qlm:") -> str:
-    """Topics (``layout``), ACLs and the development tenant (module docstring), as the
-    brokers' admins of ``directory``; returns the tenant's API key."""
+          key_prefix: str = "qlm:", dev_tenant: bool = True) -> str | None:
+    """Topics (``layout``) and ACLs as the Kafka admin of ``directory/admin``, and with
+    ``dev_tenant`` the development tenant as the Redis admin (module docstring); returns
+    the tenant's API key (None without it)."""
     from qlm.localstack.kafka import apply_acls
     from qlm.localstack.services import ensure_dev_tenant
 
-    kafka = KafkaUsers.load_or_create(directory / "kafka-users.json")
     admin = directory / "admin"
-    bootstrap = (admin / "QLM_KAFKA_BOOTSTRAP").read_text().strip()
-    apply_acls(bootstrap, kafka, TopicNames(topic_prefix), layout=layout)
+
+    def setting(name: str) -> str:
+        try:
+            return (admin / name).read_text().strip()
+        except OSError as error:
+            raise InvalidInput(name, f"cannot read {admin / name}: {error.strerror}") from None
+
+    kafka = KafkaUsers({KAFKA_ADMIN: setting("QLM_KAFKA_SASL_PASSWORD")})
+    apply_acls(setting("QLM_KAFKA_BOOTSTRAP"), kafka, TopicNames(topic_prefix), layout=layout)
+    if not dev_tenant:
+        return None
     key_file = directory / "client" / "QLM_API_KEY"
-    key = ensure_dev_tenant((admin / "QLM_REDIS_URL").read_text().strip(), key_file,
-                            key_prefix)
+    key = ensure_dev_tenant(setting("QLM_REDIS_URL"), key_file, key_prefix)
     _write(key_file, key)
     if os.geteuid() == 0:
         os.chown(key_file, OWNERS["client"], OWNERS["client"])
@@ -253,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="grant: replicas of each topic (env QLM_KAFKA_REPLICATION_FACTOR)")
     parser.add_argument("--partitions", default=env("QLM_KAFKA_PARTITIONS", "{}"),
                         help="grant: partitions per topic, JSON (env QLM_KAFKA_PARTITIONS)")
+    parser.add_argument("--no-dev-tenant", action="store_true",
+                        help="grant: make no development tenant (Kubernetes: tenants are "
+                        "added with qlm tenants add)")
     args = parser.parse_args(argv)
     try:
         if args.command == "write":
@@ -269,11 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (ValueError, AttributeError, TypeError):
                 raise InvalidInput("partitions", "must be a JSON object of topic: count, got "
                                    f"{args.partitions!r}") from None
-            grant(args.dir, TopicLayout(replication_factor=args.replication_factor,
-                                        partitions=partitions),
-                  args.topic_prefix, args.key_prefix)
-            print(f"granted: topics, Kafka ACLs and the development tenant "
-                  f"({args.dir / 'client' / 'QLM_API_KEY'})")
+            key = grant(args.dir, TopicLayout(replication_factor=args.replication_factor,
+                                              partitions=partitions),
+                        args.topic_prefix, args.key_prefix, dev_tenant=not args.no_dev_tenant)
+            print("granted: topics, Kafka ACLs" + (
+                f" and the development tenant ({args.dir / 'client' / 'QLM_API_KEY'})"
+                if key is not None else ""))
     except (QlmError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
