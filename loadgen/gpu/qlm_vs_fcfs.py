@@ -138,8 +138,9 @@ def build_workload(args: argparse.Namespace) -> Workload:
                 SLO(slo_s), round(args.warmup_s + args.batch_at_s + j * 1e-4, 6)))
     requests.sort(key=lambda r: (r.arrival_at, r.id))
     description = {
-        "interactive": f"slice rows 0..{len(rows) - 1} at {args.speedup}x; every "
-                       f"{args.second_model_every}th to {second}, the rest to {first}",
+        "interactive": f"{Path(args.slice).name} rows 0..{len(rows) - 1} at "
+                       f"{args.speedup}x; every {args.second_model_every}th to {second}, "
+                       f"the rest to {first}",
         "batch": f"{args.num_batch} per model at t={args.batch_at_s}s (slice token counts, "
                  f"shuffled): batch-1 on {first}, batch-2 on {second}",
         "num_requests": len(requests),
