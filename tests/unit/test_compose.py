@@ -290,6 +290,13 @@ def test_kafka_runs_with_sasl_scram_and_acls(cpu: dict[str, Any], credentials: P
     assert grant[:4] == ["python", "-m", "qlm.localstack.credentials", "grant"]
 
 
+def test_every_service_of_the_qlm_image_can_build_it(cpu: dict[str, Any]) -> None:
+    """A service naming qlm:dev without a build section would be pulled (and fail)."""
+    for name, service in cpu["services"].items():
+        if service.get("image") == "qlm:dev":
+            assert service["build"]["dockerfile"] == "docker/Dockerfile", name
+
+
 def test_only_the_front_door_is_published(cpu: dict[str, Any]) -> None:
     published = {name for name, service in cpu["services"].items() if service.get("ports")}
     assert published == {"ingest"}
