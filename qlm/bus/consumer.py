@@ -249,8 +249,11 @@ class BusConsumer(Generic[T]):
         docstring); the records fetched behind it are dropped by the seek."""
         wait_s = min(max(retry_after_s, MIN_BACKOFF_S), self.options.max_backoff_s)
         self.num_deferred += 1
-        self._consumer.seek(partition, record.offset)
-        self._consumer.pause(partition)
+        try:
+            self._consumer.seek(partition, record.offset)
+            self._consumer.pause(partition)
+        except IllegalStateError:  # revoked meanwhile: its new owner reads from the commit
+            return
         self._deferred[partition] = time.monotonic() + wait_s
         log.info("kafka_record_deferred", topic=record.topic, partition=record.partition,
                  offset=record.offset, wait_s=round(wait_s, 3))
