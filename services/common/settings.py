@@ -68,8 +68,8 @@ class CommonSettings(BaseSettings):
         "(JSON object, e.g. {\"qlm.batch.requests\": 12})"
     )
     tls_cert_file: Path | None = Field(
-        None, description="PEM certificate of this service's gRPC listener (with "
-        "tls_key_file: TLS on; unset: plaintext)"
+        None, description="PEM certificate of this service's listeners: gRPC, and ingest's "
+        "HTTP front door (with tls_key_file: TLS on; unset: plaintext)"
     )
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
     tls_client_ca_file: Path | None = Field(
