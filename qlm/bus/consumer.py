@@ -16,14 +16,6 @@ carries the raw bytes in base64, truncated with their size and sha256 when they 
 not fit a Kafka record (:class:`qlm.bus.records.DeadLetter`). The consumer commits past
 the record only after the dead letter is acknowledged by the broker.
 
-A record that is fine but may not be taken *now* is neither: a handler raising
-:class:`~qlm.core.errors.Overloaded` (a tenant over its quota) defers it. The consumer
-commits what came before it, seeks its partition back to it and pauses that partition
-for the error's ``retry_after_s`` (at most ``max_backoff_s``, so a raised limit applies
-soon), then reads it again; other partitions go on meanwhile. A deferred record is never
-a dead letter and never counts as a failed attempt; the records behind it on its
-partition wait with it (partition order is kept).
-
 An outage is not a poisoned record: a handler (or the dead-letter write) failing with
 :func:`is_outage` (Unavailable, a connection or timeout error, a retriable Kafka error)
 is retried with capped exponential backoff for as long as the outage lasts, without
@@ -49,7 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from qlm.bus.producer import BusProducer, connect
 from qlm.bus.records import DeadLetter
 from qlm.bus.security import PLAINTEXT, KafkaAuth
-from qlm.core.errors import InvalidInput, Overloaded, Unavailable
+from qlm.core.errors import InvalidInput, Unavailable
 
 T = TypeVar("T")
 Decode = Callable[[bytes | None], T]
@@ -94,14 +86,6 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
 
 class _StopRequested(Exception):
     """Raised inside the loop when stop() interrupts a retry."""
-
-
-class _Deferred(Exception):
-    """Raised inside the loop when a handler said "not now" (Overloaded) for a record."""
-
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(retry_after_s)
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +141,6 @@ class BusConsumer(Generic[T]):
         self.options = options or ConsumerOptions()
         self.num_handled = 0
         self.num_dead_letters = 0
-        self.num_deferred = 0
         self._decode = decode
         self._handler = handler
         self._producer = producer
@@ -167,8 +150,6 @@ class BusConsumer(Generic[T]):
         self._closed = False
         #: Next offset to commit per partition: records handled but not committed yet.
         self._handled: dict[TopicPartition, int] = {}
-        #: Paused partitions (a deferred record) and the monotonic time to resume them.
-        self._deferred: dict[TopicPartition, float] = {}
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             group_id=group_id,
@@ -190,7 +171,6 @@ class BusConsumer(Generic[T]):
         self._running = asyncio.get_running_loop().create_future()
         try:
             while not self._stopping.is_set():
-                self._resume_due()
                 try:
                     batches = await self._consumer.getmany(
                         timeout_ms=self.options.poll_timeout_ms,
@@ -234,41 +214,10 @@ class BusConsumer(Generic[T]):
             for record in records:
                 if self._stopping.is_set() or partition not in self._consumer.assignment():
                     break
-                try:
-                    await self._consume_one(record)
-                except _Deferred as deferred:
-                    self._defer(partition, record, deferred.retry_after_s)
-                    break
+                await self._consume_one(record)
                 self._handled[partition] = record.offset + 1
         finally:
             await self._commit_handled({partition})
-
-    def _defer(self, partition: TopicPartition, record: ConsumerRecord[Any, Any],
-               retry_after_s: float) -> None:
-        """Pause ``partition`` and read it again from ``record`` after the wait (module
-        docstring); the records fetched behind it are dropped by the seek."""
-        wait_s = min(max(retry_after_s, MIN_BACKOFF_S), self.options.max_backoff_s)
-        self.num_deferred += 1
-        try:
-            self._consumer.seek(partition, record.offset)
-            self._consumer.pause(partition)
-        except IllegalStateError:  # revoked meanwhile: its new owner reads from the commit
-            return
-        self._deferred[partition] = time.monotonic() + wait_s
-        log.info("kafka_record_deferred", topic=record.topic, partition=record.partition,
-                 offset=record.offset, wait_s=round(wait_s, 3))
-
-    def _resume_due(self) -> None:
-        """Resume the deferred partitions whose wait is over (and forget revoked ones)."""
-        if not self._deferred:
-            return
-        now, assigned = time.monotonic(), self._consumer.assignment()
-        for partition, resume_at in list(self._deferred.items()):
-            if partition not in assigned:
-                del self._deferred[partition]
-            elif resume_at <= now:
-                del self._deferred[partition]
-                self._consumer.resume(partition)
 
     async def _consume_one(self, record: ConsumerRecord[Any, Any]) -> None:
         """Handle one record, or dead-letter it; returns when it may be committed."""
@@ -285,8 +234,6 @@ class BusConsumer(Generic[T]):
                 await self._handler(value, record)
             except BaseException as error:
                 _reraise_if_not_a_record_failure(error)
-                if isinstance(error, Overloaded):  # fine, but not now: read it again later
-                    raise _Deferred(error.retry_after_s) from error
                 if isinstance(error, InvalidInput):
                     await self._dead_letter(record, error)
                     return

@@ -22,9 +22,9 @@ enqueued again after a restart) is admitted without booking anything.
 
 Every admission line books here (:meth:`services.ingest.plane.IngestPlane.book_quota`):
 gRPC and HTTP submits answer the refusal; a ``qlm.batch.requests`` record over quota
-waits on its partition and is read again (:mod:`services.ingest.batch`); a Batch API line
-over quota stays unqueued and its batch's cursor waits on it
-(:mod:`services.ingest.openai.batches`).
+is parked in Redis until it fits (:mod:`services.ingest.parking`,
+:mod:`services.ingest.batch`); a Batch API line over quota stays unqueued and its
+batch's cursor waits on it (:mod:`services.ingest.openai.batches`).
 """
 
 from __future__ import annotations

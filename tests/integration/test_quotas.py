@@ -1,8 +1,8 @@
 """Per-tenant quotas on every admission line, on real Redis and Kafka
 (services/ingest/quotas.py): gRPC and HTTP over a limit → RESOURCE_EXHAUSTED / 429 with a
 retry-after, nothing queued; ``qlm.batch.requests`` records and Batch API lines over a
-limit wait (no dead letter, no error line, nothing lost) and are queued when they fit;
-another tenant is not affected."""
+limit wait (parked in Redis / the batch's cursor held: no dead letter, no error line,
+nothing lost) and are queued when they fit; another tenant is not held up."""
 
 from __future__ import annotations
 
@@ -162,30 +162,41 @@ async def _until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 20
     return await condition()
 
 
-async def test_kafka_batch_records_over_quota_wait_and_are_queued_when_there_is_room(
+async def test_kafka_batch_records_over_quota_wait_parked_and_hold_up_no_one(
     batch_ingest: IngestApp, tenants: TenantRegistry  # noqa: F811
 ) -> None:
-    """Over max_queued: the record waits on its partition (no dead letter, nothing lost)
-    and is queued once a request of the tenant ends; over tokens per minute likewise,
-    once the limit is raised. Another tenant's records are never refused."""
+    """Over max_queued: the records wait, parked in Redis (no dead letter, nothing lost),
+    while another tenant's records behind them on the same partitions are queued at once;
+    they are queued in order as the tenant's requests end. Over tokens per minute
+    likewise, once the limit is raised."""
     app = batch_ingest
+    assert app.consumer is not None and app.consumer.parking is not None
     key = await tenants.add("kq")
     other = await tenants.add("kfree")
     await tenants.set_limits("kq", TenantLimits(max_queued=2))
-    ids = [f"k{i}" for i in range(4)]
+    ids = [f"k{i}" for i in range(6)]
     await _produce_signed(app, key, "kq", [good(request_id=i) for i in ids])
-    await _produce_signed(app, other, "kfree", [good(request_id=f"f{i}") for i in range(3)])
+    await _produce_signed(app, other, "kfree", [good(request_id=f"f{i}") for i in range(4)])
     stored = [scoped_id("kq", i) for i in ids]
-    free = [scoped_id("kfree", f"f{i}") for i in range(3)]
+    free = [scoped_id("kfree", f"f{i}") for i in range(4)]
+    assert await _until(lambda: _has(app, free, 4))  # not held up by kq's waiting records
     assert await _until(lambda: _has(app, stored, 2))
-    assert await _until(lambda: _deferred(app))
+    assert await app.consumer.parking.count("kq") == 4
     await asyncio.sleep(1.5)
     assert len(await _stored(app, stored)) == 2  # still two: the limit holds
-    assert app.consumer is not None and app.consumer.num_dead_letters == 0
-    for request_id in sorted(await _stored(app, stored)):  # two end: room for two more
+    assert app.consumer.num_dead_letters == 0
+    for admitted in (3, 4):  # one ends: the oldest parked one gets in, in order
+        (oldest,) = await app.consumer.parking.oldest("kq", 1)
+        before = await _stored(app, stored)
+        await app.plane.cancel(min(await _live(app, stored)))
+        assert await _until(lambda n=admitted: _has(app, stored, n))
+        assert await _stored(app, stored) == before | {oldest.stored_id}
+    assert await app.consumer.parking.count("kq") == 2
+    for request_id in await _live(app, stored):
         await app.plane.cancel(request_id)
-    assert await _until(lambda: _has(app, stored, 4)), await _stored(app, stored)
-    assert await _until(lambda: _has(app, free, 3))  # behind them on their partitions
+    assert await _until(lambda: _has(app, stored, 6)), await _stored(app, stored)
+    assert await app.consumer.parking.count("kq") == 0
+    assert "kq" not in await app.consumer.parking.tenants()
 
     await tenants.set_limits("kq", TenantLimits(tokens_per_minute=300))
     await _produce_signed(app, key, "kq", [good(request_id="t1", max_tokens=200),
@@ -202,12 +213,30 @@ async def test_kafka_batch_records_over_quota_wait_and_are_queued_when_there_is_
     assert letters == []
 
 
+async def test_a_record_parked_twice_is_parked_once_and_its_tenant_leaves_with_the_last(
+    batch_ingest: IngestApp,
+) -> None:
+    from services.ingest.parking import ParkedRecord
+
+    assert batch_ingest.consumer is not None and batch_ingest.consumer.parking is not None
+    parking = batch_ingest.consumer.parking
+    record = ParkedRecord("p/r1", b'{"x": 1}', b"r1", "topic", 3, 42)
+    assert await parking.park("p", record)
+    assert not await parking.park("p", record)  # delivered again after a restart
+    assert await parking.count("p") == 1 and await parking.holds("p")
+    assert await parking.oldest("p", 10) == [record]
+    await parking.remove("p", "p/r1")
+    assert not await parking.holds("p") and "p" not in await parking.tenants()
+
+
+async def _live(app: IngestApp, stored_ids: list[str]) -> set[str]:
+    """The ids queued or running (stored and not ended)."""
+    states = await app.store.states(stored_ids)
+    return {i for i, state in states.items() if state is not None and not state.is_terminal}
+
+
 async def _has(app: IngestApp, stored_ids: list[str], count: int) -> bool:
     return len(await _stored(app, stored_ids)) >= count
-
-
-async def _deferred(app: IngestApp) -> bool:
-    return app.consumer is not None and app.consumer.consumer.num_deferred > 0
 
 
 async def test_batch_api_lines_over_quota_wait_and_every_line_runs_once(
