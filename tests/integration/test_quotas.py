@@ -285,3 +285,22 @@ async def test_batch_api_lines_over_quota_wait_and_every_line_runs_once(
               (await client.files.content(done.error_file_id)).text.splitlines()]
     assert sorted(e["custom_id"] for e in errors) == [f"c{i}" for i in range(5)]
     assert not any("quota" in json.dumps(e) or "rate_limit" in json.dumps(e) for e in errors)
+
+
+async def test_a_parked_record_no_longer_valid_goes_to_the_dlq_with_its_origin(
+    batch_ingest: IngestApp,
+) -> None:
+    from qlm.bus.records import DeadLetter
+    from services.ingest.parking import ParkedRecord
+
+    assert batch_ingest.consumer is not None and batch_ingest.consumer.parking is not None
+    parking = batch_ingest.consumer.parking
+    value = json.dumps(good(request_id="gone", model="no-such-model", tenant="z")).encode()
+    await parking.park("z", ParkedRecord("z/gone", value, b"gone", "the-topic", 2, 17))
+    await batch_ingest.consumer.drain()
+    assert not await parking.holds("z")
+    letters = await read_topic(batch_ingest.settings.kafka_bootstrap, batch_ingest.topics.dlq,
+                               lambda r: len(r) > 0)
+    (letter,) = [DeadLetter.from_json(r.value) for r in letters]
+    assert (letter.topic, letter.partition, letter.offset) == ("the-topic", 2, 17)
+    assert letter.field == "model" and letter.original_value() == value
