@@ -67,7 +67,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -98,6 +98,14 @@ from qlm.core.types import (
 )
 from qlm.engine.base import Engine, EngineRequest, OutputChunk
 from qlm.runtime.apply import apply
+
+#: The top-level keys this program writes into its JSON (checked against the committed
+#: results by tests/unit/test_results_keys.py).
+RESULT_KEYS: Final = frozenset({
+    "args", "command", "device", "engine", "engine_start", "error", "kv_capacity_tokens",
+    "side_measurements", "skipped", "slos_s", "total_s", "variants", "vllm_version",
+    "workload",
+})
 
 VARIANTS = ("bare", "fcfs", "qlm")
 #: Longest wait for an aborted request's stream to end.

@@ -49,7 +49,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from loadgen.gpu import qlm_vs_fcfs
 from loadgen.gpu.common import device_facts, percentile, write_json
@@ -58,6 +58,14 @@ from qlm.core.errors import Unavailable
 from qlm.core.perf import PROFILE_DIR
 from qlm.core.policies.base import options_from_json
 from qlm.core.types import SLO, Request, SLOClass
+
+#: The top-level keys this program writes into its JSON (checked against the committed
+#: results by tests/unit/test_results_keys.py).
+RESULT_KEYS: Final = frozenset({
+    "args", "code_version", "command", "device", "engine", "error", "kv_capacity_tokens",
+    "skipped", "slos_s", "startup_s", "total_s", "variants", "vllm_version", "workload",
+    "workloads", "logs",
+})
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: qlm_vs_fcfs's defaults: the workload flags here default to the same values.
