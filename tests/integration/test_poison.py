@@ -25,6 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from loadgen.results import write_json
 from qlm.bus.records import DeadLetter
 from qlm.store.keys import Keys
 from qlm.submission import ModelLimits
@@ -90,6 +91,10 @@ async def wait_for_keys(client: aioredis.Redis, request_ids: list[str], timeout_
         await asyncio.sleep(0.1)
 
 
+#: The top-level keys this test writes into its result JSON (loadgen.results).
+RESULT_KEYS = frozenset({"command", "records"})
+
+
 def record_result(name: str, outcome: dict[str, Any]) -> None:
     """With ``QLM_POISON_RESULT=<path>``, add this record's outcome to that JSON file
     (docs/results/poison_records.json is made this way, by the command it holds)."""
@@ -97,13 +102,13 @@ def record_result(name: str, outcome: dict[str, Any]) -> None:
     if not path:
         return
     try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        result = {}
-    result["command"] = (f"QLM_POISON_RESULT={path} python -m pytest -q "
-                         "tests/integration/test_poison.py")
-    result.setdefault("records", {})[name] = outcome
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        records = json.loads(Path(path).read_text())["records"]
+    except (OSError, ValueError, KeyError):
+        records = {}
+    write_json(Path(path), {
+        "command": f"QLM_POISON_RESULT={path} python -m pytest -q "
+                   "tests/integration/test_poison.py",
+        "records": {**records, name: outcome}}, RESULT_KEYS)
 
 
 @pytest.mark.parametrize("name", list(POISON))

@@ -35,9 +35,9 @@ from typing import Any
 import pytest
 import redis
 from aiokafka import AIOKafkaProducer
-from event_log import EventLog
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadgen.results import write_json
 from qlm.bus.topics import TopicNames
 from qlm.client import QlmClient
 from qlm.core.errors import InvalidInput
@@ -45,10 +45,16 @@ from qlm.localstack.process import free_loopback_port
 from qlm.localstack.services import REPO_ROOT, ServiceOptions, ServiceStack
 from qlm.localstack.supervisor import Backoff, Supervisor, read_state
 from qlm.store.keys import Keys
+from tests.integration.event_log import EventLog
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
 TIME_SCALE = 20.0
+#: The top-level keys the kill test writes into its result JSON (loadgen.results).
+RESULT_KEYS = frozenset({
+    "command", "killed_with_sigkill_under_load", "restarts", "last_exit",
+    "restarted_within_s", "requests", "finished_once", "lost", "finished_twice",
+})
 #: Short leases and liveness (seconds) for every service process of these tests.
 FAST_FAILOVER = {
     "QLM_LEASE_S": "2",              # worker: a pulled request's lease
@@ -468,7 +474,7 @@ async def test_each_killed_service_is_restarted_by_the_supervisor_and_nothing_is
         result_path = os.environ.get("QLM_KILL_RESULT")
         if result_path:
             finished = event_log.count("finished")
-            Path(result_path).write_text(json.dumps({
+            write_json(Path(result_path), {
                 "command": f"QLM_KILL_RESULT={result_path} python -m pytest -q tests/"
                            "integration/test_stack_faults.py::test_each_killed_service_is_"
                            "restarted_by_the_supervisor_and_nothing_is_lost",
@@ -479,7 +485,7 @@ async def test_each_killed_service_is_restarted_by_the_supervisor_and_nothing_is
                 "requests": len(ids), "finished_once": sum(finished[i] == 1 for i in ids),
                 "lost": len(ids - set(finished)), "finished_twice": sum(
                     finished[i] > 1 for i in ids),
-            }, indent=2) + "\n")
+            }, RESULT_KEYS)
     finally:
         supervisor.stop()
         await asyncio.to_thread(watching.join, 10)
