@@ -10,7 +10,7 @@ tenant and it counts against that tenant's quotas like a submit
 (:meth:`IngestPlane.book_quota`): a record over quota is not lost and is no dead letter,
 it waits, parked in Redis behind the tenant's other waiting records
 (:mod:`services.ingest.parking`), so that it holds up nothing on its partition; every
-``drain_interval_s`` the parked records of each tenant are validated again and queued,
+``parked_retry_s`` the parked records of each tenant are validated again and queued,
 oldest first, while the quota lets them in (one that is no longer valid, e.g. its model
 is no longer served, goes to the DLQ with its Kafka origin). A valid record is enqueued
 (or parked) before its offset is committed, so a consumer killed mid-batch re-reads at
@@ -56,20 +56,20 @@ class BatchIngest:
         producer: BusProducer,
         clock: Callable[[], float],
         tenants: TenantRegistry | None = None,
-        drain_interval_s: float = 1.0,
     ) -> None:
         self.plane = plane
         self.tenants = tenants
         self.producer = producer
         self.clock = clock
         self.dlq_topic = topics.dlq
-        self.drain_interval_s = drain_interval_s
+        self.drain_interval_s = settings.parked_retry_s
         #: Where records over quota wait (authentication and quotas on), else None.
         self.parking = (Parking(plane.store.client, settings.key_prefix, clock)
                         if tenants is not None and plane.quotas is not None else None)
         self.num_parked = 0
         self.num_unparked = 0
         self._drainer: asyncio.Task[None] | None = None
+        self._draining = asyncio.Lock()
         self.consumer: BusConsumer[Submission] = BusConsumer(
             settings.kafka_bootstrap,
             [topics.batch_requests],
@@ -120,11 +120,13 @@ class BatchIngest:
 
     async def drain(self) -> None:
         """Queue every tenant's parked records that its quota lets in now (module
-        docstring); a tenant another process drains is left to it."""
+        docstring); a tenant another process drains is left to it, and one drain runs
+        at a time in this process."""
         assert self.parking is not None
-        for tenant in await self.parking.tenants():
-            if await self.parking.lock(tenant):
-                await self._drain_tenant(tenant)
+        async with self._draining:
+            for tenant in await self.parking.tenants():
+                if await self.parking.lock(tenant):
+                    await self._drain_tenant(tenant)
 
     async def _drain_tenant(self, tenant: str) -> None:
         assert self.parking is not None

@@ -46,6 +46,10 @@ class IngestSettings(CommonSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM")
     batch_consumer: bool = Field(True, description="run the qlm.batch.requests consumer")
     consumer_group: str = Field("qlm-ingest", min_length=1)
+    parked_retry_s: float = Field(
+        1.0, gt=0, description="how often batch records parked over their tenant's quota "
+        "are tried again (docs/security.md#quotas)"
+    )
     serve_grpc: bool = Field(True, description="serve the gRPC API")
     processes: int = Field(
         1, ge=1, le=64,

@@ -120,18 +120,33 @@ async def test_tokens_per_minute_refuses_with_the_seconds_to_the_next_minute(
 
 
 # ------------------------------------------------------------------ batch lines
+def _batch_settings(redis_url: str, kafka_bootstrap: str, topic_prefix: str,
+                    **changes: Any) -> IngestSettings:
+    return IngestSettings(**{
+        "redis_url": redis_url, "kafka_bootstrap": kafka_bootstrap,
+        "topic_prefix": topic_prefix, "host": "127.0.0.1", "port": 0, "batch_consumer": True,
+        "consumer_group": f"{topic_prefix}ingest", "shutdown_grace_s": 0.5, "log_json": False,
+        "auth": "required", "auth_cache_s": 0.0, "http_host": "127.0.0.1",
+        "http_port": free_loopback_port(), "batch_poll_interval_s": 0.1,
+        "served_models_timeout_s": 0, **changes})
+
+
 @pytest.fixture
 async def batch_ingest(redis_url: str, kafka_bootstrap: str,
                        topic_prefix: str) -> AsyncIterator[IngestApp]:
     """Ingest with the qlm.batch.requests consumer and a fast Batch API driver."""
-    settings = IngestSettings(
-        redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix,
-        host="127.0.0.1", port=0, batch_consumer=True, consumer_group=f"{topic_prefix}ingest",
-        shutdown_grace_s=0.5, log_json=False, auth="required", auth_cache_s=0.0,
-        http_host="127.0.0.1", http_port=free_loopback_port(), batch_poll_interval_s=0.1,
-        served_models_timeout_s=0,
-    )  # fmt: skip
-    app = IngestApp(settings, models=MODELS)
+    app = IngestApp(_batch_settings(redis_url, kafka_bootstrap, topic_prefix), models=MODELS)
+    await app.start()
+    yield app
+    await app.stop()
+
+
+@pytest.fixture
+async def still_ingest(redis_url: str, kafka_bootstrap: str,
+                       topic_prefix: str) -> AsyncIterator[IngestApp]:
+    """As batch_ingest, but its parked records move only when a test calls drain()."""
+    app = IngestApp(_batch_settings(redis_url, kafka_bootstrap, topic_prefix,
+                                    parked_retry_s=3600.0), models=MODELS)
     await app.start()
     yield app
     await app.stop()
@@ -214,12 +229,12 @@ async def test_kafka_batch_records_over_quota_wait_parked_and_hold_up_no_one(
 
 
 async def test_a_record_parked_twice_is_parked_once_and_its_tenant_leaves_with_the_last(
-    batch_ingest: IngestApp,
+    still_ingest: IngestApp,
 ) -> None:
     from services.ingest.parking import ParkedRecord
 
-    assert batch_ingest.consumer is not None and batch_ingest.consumer.parking is not None
-    parking = batch_ingest.consumer.parking
+    assert still_ingest.consumer is not None and still_ingest.consumer.parking is not None
+    parking = still_ingest.consumer.parking
     record = ParkedRecord("p/r1", b'{"x": 1}', b"r1", "topic", 3, 42)
     assert await parking.park("p", record)
     assert not await parking.park("p", record)  # delivered again after a restart
@@ -288,18 +303,18 @@ async def test_batch_api_lines_over_quota_wait_and_every_line_runs_once(
 
 
 async def test_a_parked_record_no_longer_valid_goes_to_the_dlq_with_its_origin(
-    batch_ingest: IngestApp,
+    still_ingest: IngestApp,
 ) -> None:
     from qlm.bus.records import DeadLetter
     from services.ingest.parking import ParkedRecord
 
-    assert batch_ingest.consumer is not None and batch_ingest.consumer.parking is not None
-    parking = batch_ingest.consumer.parking
+    assert still_ingest.consumer is not None and still_ingest.consumer.parking is not None
+    parking = still_ingest.consumer.parking
     value = json.dumps(good(request_id="gone", model="no-such-model", tenant="z")).encode()
     await parking.park("z", ParkedRecord("z/gone", value, b"gone", "the-topic", 2, 17))
-    await batch_ingest.consumer.drain()
+    await still_ingest.consumer.drain()
     assert not await parking.holds("z")
-    letters = await read_topic(batch_ingest.settings.kafka_bootstrap, batch_ingest.topics.dlq,
+    letters = await read_topic(still_ingest.settings.kafka_bootstrap, still_ingest.topics.dlq,
                                lambda r: len(r) > 0)
     (letter,) = [DeadLetter.from_json(r.value) for r in letters]
     assert (letter.topic, letter.partition, letter.offset) == ("the-topic", 2, 17)
