@@ -145,6 +145,9 @@ NOT_REGENERATED: tuple[tuple[str, str], ...] = (
                        "for every dead letter (CI runs it small)"),
     ("outage_redis_120s.json", "a slow test with Redis stopped for 120 s (make it with "
                                "QLM_TEST_OUTAGE_S=120 QLM_OUTAGE_RESULT=...)"),
+    ("poison_records.json, kill_under_load.json", "written by their tests on real servers "
+                                                  "(QLM_POISON_RESULT=..., QLM_KILL_RESULT=...; "
+                                                  "the commands are in the files)"),
     ("demo.md, */README.md", "commentary, written by people from the results"),
 )
 

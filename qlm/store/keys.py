@@ -178,6 +178,23 @@ class Keys:
     def tenant_tokens(self, name: str, minute: int) -> str:
         """Tokens the tenant's requests asked for in one minute (quota tokens_per_minute)."""
         return f"{self.prefix}tenant:{name}:tpm:{minute}"
+
+    def tenant_parked(self, name: str) -> str:
+        """The tenant's batch records waiting for its quota, in arrival order (sorted set)."""
+        return f"{self.prefix}tenant:{name}:parked"
+
+    def tenant_parked_records(self, name: str) -> str:
+        """The records of :meth:`tenant_parked` by stored id (hash)."""
+        return f"{self.prefix}tenant:{name}:parked:records"
+
+    def tenant_parked_lock(self, name: str) -> str:
+        """Held by the ingest process moving the tenant's parked records (string, PX)."""
+        return f"{self.prefix}tenant:{name}:parked:lock"
+
+    @property
+    def parked_tenants(self) -> str:
+        """Tenants with parked batch records (set)."""
+        return f"{self.prefix}tenants:parked"
     def file(self, file_id: str) -> str:
         return f"{self.prefix}file:{file_id}"
 
