@@ -792,7 +792,7 @@ class Simulation:
         if live is None:
             return RequestRecord(
                 r.id, r.model, r.slo_class.value, r.arrival_at, r.deadline_at, r.prompt_tokens,
-                job.output_tokens, None, None, None, None, 0, False,
+                job.output_tokens, None, None, None, None, 0, False, tenant=r.tenant,
             )
         return RequestRecord(
             id=r.id,
@@ -813,6 +813,7 @@ class Simulation:
             predicted_first_token_at=live.predicted_first_token_at,
             last_predicted_at=live.last_predicted_at,
             last_predicted_first_token_at=live.last_predicted_first_token_at,
+            tenant=r.tenant,
         )
 
 

@@ -343,16 +343,30 @@ class IngestPlane:
             raise
         submission = submission.with_id(
             scoped_id(tenant, submission.request_id or self.id_factory()))
-        if tenant is not None and self.quotas is not None:
-            try:
-                await self.quotas.admit(tenant, submission.request_id,
-                                        submission.num_prompt_tokens + submission.max_tokens)
-            except Overloaded:
-                self.observer.on_submit(source, "rejected-capacity", submission.slo_class.value,
-                                        submission.model, time.perf_counter() - started, None)
-                raise
+        await self.book_quota(tenant, submission, source, started)
         outcome = await self.enqueue(submission, admission=True, source=source, started=started)
         return replace(outcome, request_id=client_id(tenant, outcome.request_id))
+
+    async def book_quota(self, tenant: str | None, submission: Submission,
+                         source: SubmitSource, started: float | None = None,
+                         report: bool = True) -> None:
+        """Book ``submission`` (its stored id) against ``tenant``'s quotas, or raise
+        QuotaExceeded (an Overloaded, nothing booked; with ``report``, counted by the
+        observer as ``rejected-capacity``). Every admission line calls it before
+        :meth:`enqueue`: gRPC and HTTP submits, ``qlm.batch.requests`` records, Batch API
+        lines. No-op without a tenant (authentication off) or without quotas."""
+        if tenant is None or self.quotas is None:
+            return
+        started = time.perf_counter() if started is None else started
+        try:
+            await self.quotas.admit(tenant, submission.request_id,
+                                    submission.num_prompt_tokens + submission.max_tokens)
+        except Overloaded:
+            if report:
+                self.observer.on_submit(source, "rejected-capacity",
+                                        submission.slo_class.value, submission.model,
+                                        time.perf_counter() - started, None)
+            raise
 
     def decode_batch_record(self, raw: bytes | None) -> Submission:
         """Validate one ``qlm.batch.requests`` record (JSON; qlm.bus.records).
