@@ -352,8 +352,10 @@ class ServiceStack:
         if kind_of(name) == "worker":
             worker_id = name.removeprefix(WORKER_PREFIX)
             health, metrics = p.of_worker(worker_id)
+            # the unscaled profiles: a simulated worker divides its times by the time scale
             return [self.python, "-m", "services.worker", *self._common(), "--engine", "sim",
                     "--workers-file", str(self.workers_dir / f"{worker_id}.yaml"),
+                    "--profiles-dir", str(self.profiles_source),
                     "--time-scale", str(o.time_scale), "--host", "127.0.0.1",
                     "--health-port", str(health), "--metrics-port", str(metrics),
                     "--shutdown-grace-s", str(o.shutdown_grace_s)]

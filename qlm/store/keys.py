@@ -21,6 +21,9 @@ key                         type        contents
 ``P group:<group>``         sorted set  ids of the *queued* requests of one group
 ``P groups``                sorted set  every group that has at least one queued request
 ``P vq:<worker>``           list        the worker's virtual queue: group keys, head first
+``P forecast``              hash        group key → the group's predicted first tokens as
+                                        of the scheduler's last decision (JSON of
+                                        :class:`qlm.core.forecast.GroupForecast`)
 ``P workers``               set         every worker that has a virtual queue or has pulled
 ``P running:<worker>``      set         ids of the requests running on the worker
 ``P leases``                sorted set  ids of every running request
@@ -134,6 +137,10 @@ class Keys:
 
     def virtual_queue(self, worker_id: str) -> str:
         return f"{self.prefix}vq:{worker_id}"
+
+    @property
+    def forecast(self) -> str:
+        return f"{self.prefix}forecast"
 
     @property
     def workers(self) -> str:

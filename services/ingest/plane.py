@@ -468,11 +468,12 @@ class IngestPlane:
 
     async def get(self, request_id: str, tenant: str | None = None) -> RequestRecord:
         """The record of ``request_id`` as ``tenant`` names it (its ``request.id`` is the
-        client's id). NotFound, with the same message, for an unknown id and for another
-        tenant's id."""
+        client's id), with its predicted first token (:meth:`RedisQueueStore.forecast_for`).
+        NotFound, with the same message, for an unknown id and for another tenant's id."""
         _check_id(request_id)
         with _not_found_as(request_id):
             record = await self.store.get(scoped_id(tenant, request_id))
+        record = await self.store.forecast_for(record)
         if tenant is None:
             return record
         return replace(record, request=replace(record.request, id=request_id))
