@@ -249,7 +249,8 @@ class WorkerLoad:
     remaining_sorted: tuple[float, ...]
     kv_reserved_tokens: int
     loosest_ttft_s: float  # the largest TTFT SLO among running requests (0 if none)
-    #: Running requests in the order they should be evicted: largest remaining slack
+    #: Running requests that may be evicted (not :func:`resumed` ones), in the order they
+    #: should be evicted: largest remaining slack
     #: first — past their first token (TTFT SLO settled: infinite slack) before the
     #: others — then loosest class, latest deadline, least progress to recompute, id.
     eviction_order: tuple[RunningRequest, ...] = ()
@@ -258,6 +259,11 @@ class WorkerLoad:
     num_started: int = 0
     #: Context tokens of the running requests without a first token (still prefilling).
     pending_prefill_tokens: int = 0
+
+
+def resumed(rr: RunningRequest) -> bool:
+    """True when ``rr`` runs again after an eviction: its first token predates this start."""
+    return rr.first_token_at is not None and rr.first_token_at < rr.started_at
 
 
 def summarise_running(running: Sequence[RunningRequest],
@@ -275,14 +281,17 @@ def summarise_running(running: Sequence[RunningRequest],
     expected = DEFAULT_EXPECTED_OUTPUT_TOKENS
     reserved = prompt + np.minimum(cap.astype(np.int64),
                                    np.maximum(done.astype(np.int64) + 1, expected))
-    order = tuple(sorted(running, key=lambda rr: (
+    # A request resumed after an eviction (its first token came before this start) is
+    # not evicted again: each eviction pays a re-prefill of prompt + progress, and a
+    # request taken again and again loses throughput for nobody's gain (anti-churn).
+    order = tuple(sorted((rr for rr in running if not resumed(rr)), key=lambda rr: (
         rr.first_token_at is None,
         -rr.request.slo.ttft_s,
         -rr.request.deadline_at if rr.first_token_at is None else 0.0,
         rr.request.num_generated,
         rr.request.id,
     )))
-    num_started = sum(1 for rr in running if rr.first_token_at is not None)
+    num_started = sum(1 for rr in order if rr.first_token_at is not None)
     pending = sum(rr.request.context_tokens for rr in running if rr.first_token_at is None)
     return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
                       int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running), order,

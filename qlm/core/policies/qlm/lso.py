@@ -94,7 +94,7 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
     prompt_tokens = float(load.pending_prefill_tokens)  # to prefill before group k's first token
     admitted = total = 0
     out: list[tuple[int, int]] = []
-    for gi, num_admitted in _pull_walk(pc, wi, order):
+    for k, (gi, num_admitted) in enumerate(_pull_walk(pc, wi, order)):
         g = pc.stats[gi]
         svc = cost.service(gi, wi)
         if svc is None:
@@ -102,6 +102,15 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
         admitted += num_admitted
         total += g.size
         prompt_tokens += g.size * g.mean_prompt
+        if k > 0 and (total > svc.batch
+                      or now + p.prefill_s(round(prompt_tokens)) > g.latest_deadline_at):
+            # Past the head, evictions provide only for groups they can still bring in
+            # on time: all of groups 1..k fit the steady batch at once (beyond it they
+            # wait for each other's completions whatever is evicted), and the prompts
+            # ahead of group k and its own can be prefilled before its last deadline.
+            # Under sustained overload the lookahead stops here instead of evicting
+            # for groups that miss anyway (each evicted request pays a re-prefill).
+            break
         slack_s = g.deadline_points[0] - now - svc.prefill_s
         if g.latest_deadline_at - now - svc.prefill_s < 0 or math.isinf(slack_s):
             continue  # all late already, or nothing left to meet: evicting cannot help it
