@@ -45,12 +45,14 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: QlmOptions) -> tupl
     pulled right back. A group whose deadlines have all passed is never evicted for,
     but its requests count: a pull admits them first.
 
-    Looking past the head group (``evict_lookahead_groups`` > 1) helps bursts: several
-    groups of one class arrive within a few seconds, the slots that free up serve the
-    first, and evictions for the next start only once it is the head, its slack gone.
-    Under sustained overload it evicts batch work for groups that miss anyway (see
-    docs/results/gpu/README.md), hence the default of 1; ``evict_prefill_aware`` is off
-    by default for the same reason.
+    Looking past the head group (``evict_lookahead_groups`` > 1, the default) helps
+    bursts: several groups of one class arrive within a few seconds, the slots that free
+    up serve the first, and evictions for the next start only once it is the head, its
+    slack gone. Under sustained overload an unbounded lookahead evicts batch work for
+    groups that miss anyway, so past the head it stops at the first group that does not
+    fit the steady batch with those ahead, or whose prompts (with those ahead) cannot be
+    prefilled before its last deadline. Requests resumed after an eviction are not
+    candidates (:func:`qlm.core.policies.planning.resumed`): no request is evicted twice.
     """
     if not options.evict:
         return ()
