@@ -6,8 +6,8 @@ at least as good as every baseline everywhere?
         [--out docs/results/robust]
     python -m loadgen.robust table [--out docs/results/robust]
 
-A *cell* is ``WORKLOAD:TRACE:RATE`` (``all``: :func:`grid`; ``TRACE``: ``none`` for the workload's synthetic
-lengths and Poisson arrivals, or one of :data:`TRACES`, the traces shipped in
+A *cell* is ``WORKLOAD:TRACE:RATE`` (``all``: :func:`grid`; ``TRACE``: ``none`` for the
+workload's synthetic lengths and Poisson arrivals, or one of :data:`TRACES`, the traces shipped in
 ``loadgen/traces/``: arrivals and lengths from the trace, see
 :func:`qlm.workloads.plan_requests`). Each (cell, seed, policy) is one simulation
 (:func:`loadgen.sim.run_one`: the ``mini`` cluster, chunked engine model, the policy's
