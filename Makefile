@@ -2,7 +2,7 @@
 PYTHON ?= python3
 OUT ?= out
 
-.PHONY: help setup install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean docs bench-http
+.PHONY: help setup install test lint typecheck unit proto up down status kafka-jars demo bench sim-quick clean docs bench-http results results-quick
 
 help:
 	@echo "make setup     install what a clean Debian machine lacks (apt, pip, Kafka jars); test and demo run it"
@@ -12,6 +12,8 @@ help:
 	@echo "make up/down   start/stop Redis + Kafka + the services under .qlm/ (POLICY=fcfs WORKERS=f.yaml TIME_SCALE=x)"
 	@echo "make kafka-jars  fetch the Kafka broker jars from Maven Central (cached)"
 	@echo "make bench     the benchmarks (results under docs/results/)"
+	@echo "make results   regenerate at HEAD every CPU result in docs/results/ + its headline table (hours on 2 cores)"
+	@echo "make results-quick  the same steps at a small size into out/results-quick/ (a check that each runs)"
 	@echo "make gpu-stage vLLM + Redis/Kafka for the GPU host, as parcels of one device call each"
 
 # Everything a clean Debian machine lacks: redis-server, Maven + Java 17 (for the Kafka
@@ -68,6 +70,15 @@ status:
 demo: setup
 	$(PYTHON) -m loadgen.demo --dir .qlm/demo --out $(OUT)/demo
 
+# Every result in docs/results/ the CPU can make, regenerated at HEAD, then the headline
+# table of docs/results/README.md from the summaries (python -m loadgen.regenerate --list)
+JOBS ?= 2
+results: setup
+	$(PYTHON) -m loadgen.regenerate --jobs $(JOBS)
+
+results-quick: setup
+	$(PYTHON) -m loadgen.regenerate --quick --jobs $(JOBS)
+
 sim-quick:
 	$(PYTHON) -m loadgen.sim --workload WA --quick --out $(OUT)/sim-WA
 
@@ -109,7 +120,7 @@ profiles:
 	$(PYTHON) -m loadgen.profiles
 
 estimator-check:
-	$(PYTHON) -m loadgen.estimator_check --seeds 5
+	$(PYTHON) -m loadgen.regenerate --only estimator-check-A100-80GB,estimator-check-A10-24GB,estimator-check-H100-80GB
 
 gpu-fidelity:
 	$(PYTHON) -m loadgen.gpu.fidelity docs/results/gpu/h100_replay_mistral-7b.json.gz docs/results/gpu/h100_replay_mistral-7b_high_load.json.gz --out docs/results/gpu/fidelity.json

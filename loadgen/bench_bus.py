@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 from aiokafka import ConsumerRecord
@@ -41,6 +41,12 @@ from qlm.bus import BusConsumer, BusProducer, ConsumerOptions, Event, TopicNames
 from qlm.bus.topics import TopicLayout, ensure_topics, topic_specs
 from qlm.localstack import KafkaCluster, KafkaServer, free_loopback_port
 from qlm.localstack.kafka import kafka_version
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "clients", "command", "consume", "kafka", "machine", "publish", "runs", "brokers",
+    "replication_factor", "min_insync_replicas", "load_avg_1m_after",
+})
 
 
 def make_event(index: int) -> Event:
@@ -185,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clients": args.clients,
         **(runs[0] if len(runs) == 1 else {"runs": runs}),
     }
-    emit(report, args.out)
+    emit(report, args.out, keys=RESULT_KEYS)
     return 0
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
+import os
 import platform
 import statistics
 import sys
@@ -29,10 +29,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
+from loadgen.results import write_json
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
@@ -46,6 +47,12 @@ from qlm.core.types import (
     WorkerView,
     group_requests,
 )
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "churn_groups_per_decision", "command", "free_slots_per_worker", "gc_freeze", "groups",
+    "machine", "policies", "queued", "ratio_to", "running", "target_p99_ms", "workers",
+})
 
 MODELS = ("mistral-7b", "vicuna-13b", "llama-70b")
 CLASSES = (SLOClass.INTERACTIVE, SLOClass.BATCH_1, SLOClass.BATCH_2)
@@ -203,13 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gc_freeze": args.gc_freeze,
         "churn_groups_per_decision": args.churn,
         "machine": {"python": platform.python_version(), "cpu": platform.processor()
-                    or platform.machine()},
+                    or platform.machine(), "cpus_allowed": sorted(os.sched_getaffinity(0)),
+                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
         "target_p99_ms": 10.0,
         "policies": results,
         "ratio_to": ratios,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, RESULT_KEYS)
     print(f"wrote {args.out}")
     return 0
 

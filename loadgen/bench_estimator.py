@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import redis
@@ -39,6 +39,13 @@ from qlm.estimator_plane import EstimatorPlane, WaitQuery
 from qlm.localstack import RedisServer, free_loopback_port
 from qlm.roster import WorkerRoster
 from qlm.store.store import RedisQueueStore
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "admitted", "answers", "benchmark", "command", "date_utc", "groups", "machine", "ms",
+    "queued", "workers",
+})
+
 
 WINDOW_S = 10.0
 
@@ -125,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "host_note": "2 cores used by other work too; see the load average"},
         "workers": args.workers, **results,
     }
-    emit(result, args.out)
+    emit(result, args.out, keys=RESULT_KEYS)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from loadgen.bench_submit import (
     MODEL,
@@ -55,6 +55,16 @@ from loadgen.bench_submit import (
     run_ghz,
 )
 from loadgen.results import emit
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "acknowledged_incl_warmup", "benchmark", "command", "concurrency", "cpus", "date_utc",
+    "duration_s_per_round", "grpc_admissions_per_s_median", "http_admissions_per_s_median",
+    "http_over_grpc", "http_over_grpc_by_ingest_cpu", "http_over_grpc_per_round",
+    "ingest_cpu_ms_per_admission_median", "load", "machine", "niceness", "note_in_redis",
+    "requests_in_redis", "rounds", "target_http_over_grpc",
+})
+
 
 #: wrk script: POST the body, report the summary as one JSON line (latencies in µs).
 WRK_SCRIPT = """
@@ -275,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # the servers and tools inherit it
     if shutil.which("wrk") is None:
         parser.error("wrk not found: apt-get install -y wrk")
-    emit(run(args), args.out)
+    emit(run(args), args.out, keys=RESULT_KEYS)
     return 0
 
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import redis
 
@@ -30,6 +30,13 @@ from loadgen.bench_store import make_requests
 from loadgen.results import emit
 from qlm.localstack import RedisServer, free_loopback_port
 from qlm.store import RedisQueueStore
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "arrival_rate_per_s", "benchmark", "command", "date_utc", "hash_max_listpack_value",
+    "machine", "results",
+})
+
 
 BATCH = 500
 #: Prompt shapes: (name, prompt). Redis keeps a hash compact (listpack) only while every
@@ -155,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "arrival_rate_per_s": args.arrival_rate,
         "results": rows,
     }
-    emit(result, args.out)
+    emit(result, args.out, keys=RESULT_KEYS)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import redis
@@ -54,6 +54,13 @@ from qlm.store.store import RedisQueueStore
 from services.scheduler.lease import LeaderLease, LeaseKeys
 from services.scheduler.loop import SchedulingLoop, StepReport
 from services.scheduler.metrics import SchedulerMetrics
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "benchmark", "churn_per_step", "command", "date_utc", "machine", "policies", "queued",
+    "running_per_worker", "steps", "workers",
+})
+
 
 MODELS = ("mistral-7b", "vicuna-13b")
 CLASSES = (SLOClass.INTERACTIVE, SLOClass.BATCH_1, SLOClass.BATCH_2)
@@ -231,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "steps": args.steps, "churn_per_step": args.churn,
         "policies": results,
     }
-    emit(result, args.out)
+    emit(result, args.out, keys=RESULT_KEYS)
 
 
 if __name__ == "__main__":

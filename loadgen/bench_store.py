@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import redis
@@ -43,6 +43,13 @@ from loadgen.results import emit
 from qlm.core.types import SLO, GroupKey, Request, SLOClass
 from qlm.localstack import RedisServer, free_loopback_port
 from qlm.store import RedisQueueStore, TokenAppend
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "benchmark", "clients", "command", "date_utc", "machine", "median", "pull_batch",
+    "requests", "runs",
+})
+
 
 MODELS = ("llama-8b", "qwen-7b", "mistral-7b")
 CLASSES = (SLOClass.INTERACTIVE, SLOClass.BATCH_1, SLOClass.BATCH_2)
@@ -352,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "median": median_summary(runs),
         "runs": runs,
     }
-    emit(result, args.out, shown=result["median"])
+    emit(result, args.out, shown=result["median"], keys=RESULT_KEYS)
 
 
 if __name__ == "__main__":

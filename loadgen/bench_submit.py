@@ -53,11 +53,25 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from loadgen.results import emit
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "admitted_events_in_kafka", "benchmark", "channels", "client_procs", "command",
+    "concurrency", "cpu_ms_per_submit", "cpu_s", "cpus", "date_utc", "duration_s", "errors",
+    "first_error", "grpc_floor_empty_handler", "ingest_cpu_ms_per_submit_split",
+    "ingest_processes", "latency_ms", "load", "load_detail", "machine", "median_off",
+    "median_on", "order", "ratio_on_over_off", "requests_in_redis", "runs", "secure",
+    "secure_on", "submits_acknowledged_incl_warmup", "submits_measured", "submits_per_s",
+    "submits_per_s_if_2_cores_ran_only_ingest_redis_kafka",
+    "submits_per_s_if_2_cores_were_ours", "submits_per_s_off", "submits_per_s_on",
+    "target_ratio", "target_submits_per_s", "warmup_s",
+})
+
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-7b"
@@ -744,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "kafka": sorted(args.kafka_cpus) if args.kafka_cpus else "server",
                       "load": sorted(args.load_cpus) if args.load_cpus else "same",
                       "host": os.cpu_count()}
-    emit(result, args.out)
+    emit(result, args.out, keys=RESULT_KEYS)
     return 0
 
 

@@ -9,6 +9,10 @@ queue poll + pull + engine hand-off + stream write + the reader's wake-up.
 
     python -m loadgen.bench_worker --requests 300 --pull-interval-s 0.005 \\
         --out docs/results/bench_worker.json
+
+``--ab-rounds N`` runs N interleaved rounds of a worker that only polls its queue and of
+one woken by keyspace notifications on enqueue (``runs``, one entry each, and the median
+p50 of each mode): ``docs/results/bench_worker_ab.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -33,6 +37,14 @@ from qlm.core.types import SLO, Request, SLOClass
 from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
 from qlm.localstack.services import grpc_serving
 from qlm.store import RedisQueueStore
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "runs", "enqueue_to_first_token_p50_ms_median",
+    "benchmark", "command", "engine_prefill_ms", "enqueue_to_first_token_ms", "machine",
+    "num_requests", "phases_p50_ms (store clock)", "settings", "worker_overhead_p50_ms",
+})
+
 
 MODEL, GPU = "mistral-7b", "A100-80GB"
 
@@ -48,7 +60,7 @@ def wait_serving(port: int, process: subprocess.Popen[bytes], timeout_s: float =
         time.sleep(0.2)
 
 
-async def measure(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(redis_url: str, args: argparse.Namespace, prefix: str = "q") -> dict[str, Any]:
     store = RedisQueueStore.from_url(redis_url, group_window_s=1e6)
     prompt = list(range(1, args.prompt_tokens + 1))
     overheads: list[float] = []
@@ -56,7 +68,7 @@ async def measure(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
                                       "first_token_written_to_read": []}
     try:
         for i in range(args.warmup + args.requests):
-            request = Request(f"q{i}", MODEL, args.prompt_tokens, args.max_tokens,
+            request = Request(f"{prefix}{i}", MODEL, args.prompt_tokens, args.max_tokens,
                               SLOClass.INTERACTIVE, SLO(20.0), arrival_at=time.time())
             if i == 0:
                 await store.set_virtual_queue("w1", [store.group_of(request)])
@@ -102,6 +114,32 @@ async def measure(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def start_worker(redis: RedisServer, kafka: KafkaServer, args: argparse.Namespace,
+                 poll_only: bool) -> subprocess.Popen[bytes]:
+    """One worker process with the simulated engine, serving once its health answers."""
+    health_port = free_loopback_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "services.worker", "--engine", "sim", "--worker-id", "w1",
+         "--gpu", GPU, "--models", MODEL, "--time-scale", str(args.time_scale),
+         "--pull-interval-s", str(args.pull_interval_s), "--redis-url", redis.url,
+         "--kafka-bootstrap", kafka.bootstrap_servers, "--host", "127.0.0.1",
+         "--health-port", str(health_port), "--metrics-port", str(free_loopback_port()),
+         "--log-level", "warning", "--wake-on-enqueue", str(not poll_only).lower()],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    try:
+        wait_serving(health_port, worker)
+    except BaseException:
+        stop_worker(worker)
+        raise
+    return worker
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
@@ -113,40 +151,51 @@ def main() -> int:
     parser.add_argument("--gap-s", type=float, default=0.01)
     parser.add_argument("--poll-only", action="store_true",
                         help="no queue notifications: the worker only polls")
+    parser.add_argument("--ab-rounds", type=int, default=0,
+                        help="instead: this many interleaved rounds of polling only and of "
+                             "waking on enqueue, each with a fresh worker (same servers)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.ab_rounds < 0:
+        parser.error("--ab-rounds must be >= 0")
     root = Path(tempfile.mkdtemp(prefix="qlm-bench-worker-"))
     redis = RedisServer(root / "redis", free_loopback_port())
     kafka = KafkaServer(root / "kafka", free_loopback_port(), free_loopback_port())
     redis.start()
     kafka.start()
-    health_port = free_loopback_port()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "services.worker", "--engine", "sim", "--worker-id", "w1",
-         "--gpu", GPU, "--models", MODEL, "--time-scale", str(args.time_scale),
-         "--pull-interval-s", str(args.pull_interval_s), "--redis-url", redis.url,
-         "--kafka-bootstrap", kafka.bootstrap_servers, "--host", "127.0.0.1",
-         "--health-port", str(health_port), "--metrics-port", str(free_loopback_port()),
-         "--log-level", "warning", "--wake-on-enqueue", str(not args.poll_only).lower()],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )  # fmt: skip
+    modes = ([("poll-only", True), ("wake-on-enqueue", False)] * args.ab_rounds
+             or [("poll-only" if args.poll_only else "wake-on-enqueue", args.poll_only)])
+    runs: list[dict[str, Any]] = []
     try:
-        wait_serving(health_port, worker)
-        result = asyncio.run(measure(redis.url, args))
+        for index, (mode, poll_only) in enumerate(modes):
+            worker = start_worker(redis, kafka, args, poll_only)
+            try:
+                measured = asyncio.run(measure(redis.url, args, prefix=f"r{index}-"))
+            finally:
+                stop_worker(worker)
+            runs.append({"mode": mode, "load_avg_1m": round(os.getloadavg()[0], 2),
+                         **measured})
+            print(f"{mode}: p50 {measured['enqueue_to_first_token_ms']['p50']} ms",
+                  file=sys.stderr)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(30)
         kafka.stop()
         redis.stop()
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "worker enqueue -> first token in the Redis stream, light load",
         "command": " ".join(["python -m loadgen.bench_worker", *sys.argv[1:]]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "load_avg_1m": round(os.getloadavg()[0], 2)},
-        **result,
     }
-    emit(result, args.out)
+    if args.ab_rounds:
+        result["runs"] = runs
+        result["enqueue_to_first_token_p50_ms_median"] = {
+            mode: float(np.median([r["enqueue_to_first_token_ms"]["p50"] for r in runs
+                                   if r["mode"] == mode]))
+            for mode in ("poll-only", "wake-on-enqueue")}
+    else:
+        result.update({k: v for k, v in runs[0].items() if k not in ("mode", "load_avg_1m")})
+    emit(result, args.out, keys=RESULT_KEYS)
     return 0
 
 

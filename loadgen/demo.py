@@ -54,12 +54,21 @@ from typing import Any
 import numpy as np
 
 from loadgen.plan import DemoPlan, build_plan, estimator_predictor, sim_workers
+from loadgen.report import ENTRY_KEYS as report_entry_keys
 from loadgen.report import markdown_table, policy_entry, print_table
+from loadgen.results import write_json
 from qlm.core.errors import InvalidInput, QlmError
 from qlm.core.perf import ProfileBook
 from qlm.core.types import SLO, SLOClass
 from qlm.sim.cluster import Job, SimConfig, WorkerSpec
 from qlm.sim.metrics import RequestRecord, RunMetrics, summarise, wait_prediction_r2
+
+#: The top-level keys of the demo's ``summary.json`` (loadgen.results): the stack's and the
+#: simulator's summaries (each like loadgen.sim's) and the wall time.
+RESULT_KEYS = frozenset({"stack", "sim", "wall_s"})
+#: The keys of one policy's entry in those summaries: the report's, and on the stack the
+#: requests finished twice and never finished.
+ENTRY_KEYS = frozenset({*report_entry_keys, "num_duplicate_finished", "num_unfinished"})
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = REPO_ROOT / "loadgen" / "traces" / "azure_llm_2023_conv.csv"
@@ -637,8 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     wall = round(time.perf_counter() - started, 1)
-    (args.out / "summary.json").write_text(json.dumps({**summaries, "wall_s": wall}, indent=1)
-                                           + "\n")
+    write_json(args.out / "summary.json", {**summaries, "wall_s": wall}, RESULT_KEYS, indent=1)
     write_records(args.out / "records.csv", records)
     plot(args.out, summaries, records)
     titles = {"stack": "local stack (times in paper seconds)", "sim": "simulator"}

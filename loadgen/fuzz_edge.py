@@ -25,12 +25,19 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from loadgen.results import write_json
 from qlm.api.v1 import qlm_pb2 as pb
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "command", "grpc", "ingest_serving_after", "kafka",
+})
+
 
 MODEL = "m7b"
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -253,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(_run(args.num, Path(work)))
     result = {"command": "python -m loadgen.fuzz_edge " + " ".join(argv or sys.argv[1:]),
               **result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, RESULT_KEYS)
     print(json.dumps(result, indent=2))
     crashed = result["grpc"]["crashes"] or result["kafka"]["unaccounted"]
     return 1 if crashed or not result["ingest_serving_after"] else 0

@@ -8,10 +8,13 @@ One format for every runner (the simulator's ``loadgen.sim`` and the stack's
         "throughput_rps": [..], "throughput_tok_s": [..], "ttft_p50_s": [..], "ttft_p99_s": [..],
         "tpot_p50_s": [..], "tpot_p99_s": [..], "gpu_util": [..], "swaps": [..],
         "evictions": [..], "decision_ms_p50": [..], "decision_ms_p99": [..],
-        "num_decisions": [..], "invalid_actions": [..], "wait_r2": [..], "wall_s": [..]}},
+        "num_decisions": [..], "invalid_actions": [..], "num_refused": [..],
+        "num_refused_by_class": {cls: [..]}, "wait_r2": [..], "wall_s": [..]}},
      ... extra keys of the runner}
 
-A value that was not measured is ``null`` (shown as ``—``).
+A value that was not measured is ``null`` (shown as ``—``). ``num_refused``: requests
+refused at admission because they fit no worker (:mod:`qlm.core.fit`); SLO attainment
+is over the other requests (``refused`` column of the table, per class in brackets).
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ from qlm.sim.metrics import RunMetrics
 PER_RATE_KEYS = (
     "slo_attainment", "throughput_rps", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s",
     "tpot_p50_s", "tpot_p99_s", "gpu_util", "swaps", "evictions", "decision_ms_p50",
-    "decision_ms_p99", "num_decisions", "invalid_actions",
+    "decision_ms_p99", "num_decisions", "invalid_actions", "num_refused",
 )
+
+
+#: The keys of one policy's entry in ``summary.json``.
+ENTRY_KEYS = frozenset({*PER_RATE_KEYS, "slo_attainment_by_class", "num_refused_by_class",
+                        "wait_r2", "wall_s"})
 
 
 def num(x: float | None) -> float | None:
@@ -47,6 +55,10 @@ def policy_entry(runs: Sequence[tuple[RunMetrics, float, float]]) -> dict[str, A
         c: [num(m.slo_attainment_by_class.get(c, float("nan"))) for m in metrics]
         for c in classes
     }
+    refused_classes = sorted({c for m in metrics for c in m.num_refused_by_class})
+    entry["num_refused_by_class"] = {
+        c: [m.num_refused_by_class.get(c, 0) for m in metrics] for c in refused_classes
+    }
     entry["wait_r2"] = [num(r2) for _, r2, _ in runs]
     entry["wall_s"] = [round(wall, 3) for _, _, wall in runs]
     return entry
@@ -60,29 +72,57 @@ def _count(x: float | None) -> str:
     return "—" if x is None else str(int(x))
 
 
+def refused_cell(p: Mapping[str, Any], i: int) -> str:
+    """Requests refused at admission at rate index ``i``, per class in brackets when any
+    (``—`` in a summary written before refusals were counted)."""
+    counts = p.get("num_refused")
+    if counts is None:
+        return "—"
+    by_class = {c: v[i] for c, v in p.get("num_refused_by_class", {}).items() if v[i]}
+    if not counts[i] or not by_class:
+        return _count(counts[i])
+    return f"{int(counts[i])} ({', '.join(f'{c} {n}' for c, n in by_class.items())})"
+
+
+HEADER = ("rate", "policy", "SLO", "refused", "req/s", "tok/s", "TTFT p99", "util", "swaps",
+          "evict", "dec p99 ms", "R²")
+
+
+def _classes(summary: Mapping[str, Any]) -> list[str]:
+    return sorted({c for p in summary["policies"].values() for c in p["slo_attainment_by_class"]})
+
+
+def _head(classes: Sequence[str]) -> list[str]:
+    """The columns: HEADER with one attainment column per class after ``SLO``."""
+    return [*HEADER[:3], *classes, *HEADER[3:]]
+
+
+def _row(rate: float, name: str, p: Mapping[str, Any], i: int, classes: Sequence[str]) -> list[str]:
+    """One row of the table (policy ``name`` at rate index ``i``)."""
+    return [
+        f"{rate:g}", name, fmt(p["slo_attainment"][i]),
+        *(fmt(p["slo_attainment_by_class"].get(c, [None] * (i + 1))[i]) for c in classes),
+        refused_cell(p, i), fmt(p["throughput_rps"][i], 1), fmt(p["throughput_tok_s"][i], 0),
+        fmt(p["ttft_p99_s"][i], 1), fmt(p["gpu_util"][i], 2),
+        _count(p["swaps"][i]), _count(p["evictions"][i]),
+        fmt(p["decision_ms_p99"][i], 2), fmt(p["wait_r2"][i], 2),
+    ]
+
+
 def print_table(summary: Mapping[str, Any], title: str | None = None) -> None:
-    """The report table: one row per rate and policy, SLO attainment overall and per class."""
+    """The report table: one row per rate and policy, SLO attainment overall and per
+    class, requests refused at admission."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title or f"{summary['workload']} on {summary['cluster']} "
                                  f"({summary['num_requests']} requests, seed {summary['seed']})")
-    classes = sorted(
-        {c for p in summary["policies"].values() for c in p["slo_attainment_by_class"]}
-    )
-    for col in ("rate", "policy", "SLO", *classes, "req/s", "tok/s", "TTFT p99",
-                "util", "swaps", "evict", "dec p99 ms", "R²"):
+    classes = _classes(summary)
+    for col in _head(classes):
         table.add_column(col, justify="right")
     for i, rate in enumerate(summary["rates"]):
         for name, p in summary["policies"].items():
-            table.add_row(
-                f"{rate:g}", name, fmt(p["slo_attainment"][i]),
-                *(fmt(p["slo_attainment_by_class"].get(c, [None] * (i + 1))[i]) for c in classes),
-                fmt(p["throughput_rps"][i], 1), fmt(p["throughput_tok_s"][i], 0),
-                fmt(p["ttft_p99_s"][i], 1), fmt(p["gpu_util"][i], 2),
-                _count(p["swaps"][i]), _count(p["evictions"][i]),
-                fmt(p["decision_ms_p99"][i], 2), fmt(p["wait_r2"][i], 2),
-            )
+            table.add_row(*_row(rate, name, p, i, classes))
         if i < len(summary["rates"]) - 1:
             table.add_section()
     Console(width=200).print(table)
@@ -90,20 +130,10 @@ def print_table(summary: Mapping[str, Any], title: str | None = None) -> None:
 
 def markdown_table(summary: Mapping[str, Any]) -> str:
     """The same table as Markdown (for docs/results)."""
-    classes = sorted(
-        {c for p in summary["policies"].values() for c in p["slo_attainment_by_class"]}
-    )
-    head = ["rate", "policy", "SLO", *classes, "req/s", "tok/s", "TTFT p99", "util", "swaps",
-            "evict", "dec p99 ms", "R²"]
+    classes = _classes(summary)
+    head = _head(classes)
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for i, rate in enumerate(summary["rates"]):
         for name, p in summary["policies"].items():
-            row = [f"{rate:g}", name, fmt(p["slo_attainment"][i]),
-                   *(fmt(p["slo_attainment_by_class"].get(c, [None] * (i + 1))[i])
-                     for c in classes),
-                   fmt(p["throughput_rps"][i], 1), fmt(p["throughput_tok_s"][i], 0),
-                   fmt(p["ttft_p99_s"][i], 1), fmt(p["gpu_util"][i], 2),
-                   _count(p["swaps"][i]), _count(p["evictions"][i]),
-                   fmt(p["decision_ms_p99"][i], 2), fmt(p["wait_r2"][i], 2)]
-            lines.append("| " + " | ".join(row) + " |")
+            lines.append("| " + " | ".join(_row(rate, name, p, i, classes)) + " |")
     return "\n".join(lines) + "\n"

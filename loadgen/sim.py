@@ -22,8 +22,14 @@ class); prints a table. ``summary.json``::
         "throughput_rps": [..], "throughput_tok_s": [..], "ttft_p99_s": [..],
         "gpu_util": [..], "swaps": [..], "evictions": [..], "decision_ms_p99": [..],
         ... extra per-rate lists: ttft_p50_s, tpot_p50_s, tpot_p99_s, decision_ms_p50,
-        num_decisions, invalid_actions, wait_r2, wall_s}},
+        num_decisions, invalid_actions, num_refused, num_refused_by_class {cls: [..]},
+        wait_r2, wall_s}},
      "cluster": .., "workers": [..], "num_requests": .., "seed": .., "quick": .., "command": ..}
+
+``num_refused`` counts the requests refused at admission because they fit no worker of
+the cluster (prompt + ``max_tokens`` beyond every ``max_model_len`` / KV cache of the
+workers able to serve the model: :mod:`qlm.core.fit`, the services' check); they are
+not SLO misses, and ``slo_attainment`` is over the other requests.
 
 ``wait_r2`` is the R² of the RWT estimator's predicted wait (made at the first
 decision after a request arrived, from the policy's own placement) against the
@@ -35,7 +41,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -47,6 +52,7 @@ import numpy as np
 
 from loadgen.plan import build_plan, estimator_predictor, sim_workers
 from loadgen.report import markdown_table, policy_entry, print_table
+from loadgen.results import write_json
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import make_policy, policy_names
@@ -65,6 +71,12 @@ from qlm.workloads import (
 )
 
 DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
+#: The top-level keys of ``summary.json`` (loadgen.results; each policy's entry has
+#: loadgen.report.ENTRY_KEYS).
+RESULT_KEYS = frozenset({
+    "workload", "rates", "policies", "cluster", "models", "workers", "num_requests", "seed",
+    "prefill_mode", "policy_options", "quick", "trace", "trace_format", "wall_s", "command",
+})
 #: Rate sweeps (req/s) on the ``mini`` cluster, chosen so that fcfs goes from ~1.0
 #: attainment to well below 0.7; other clusters scale them by their GPU count.
 RATES: Mapping[str, tuple[float, ...]] = {
@@ -249,7 +261,8 @@ def write_records(path: Path, runs: Sequence[Run]) -> None:
     fields = (
         "policy", "rate", "id", "model", "slo_class", "arrival_at", "deadline_at",
         "prompt_tokens", "output_tokens", "started_at", "first_token_at", "finished_at",
-        "worker_id", "num_evictions", "rejected", "predicted_at", "predicted_first_token_at",
+        "worker_id", "num_evictions", "rejected", "refused", "predicted_at",
+        "predicted_first_token_at",
     )
     with gzip.open(path, "wt", newline="") as f:
         w = csv.writer(f)
@@ -352,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m loadgen.sim " + " ".join(sys.argv[1:] if argv is None else argv),
     })
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(args.out / "summary.json", summary, RESULT_KEYS, indent=1)
     (args.out / "summary.md").write_text(markdown_table(summary))
     if not args.no_records:
         write_records(args.out / "records.csv.gz", runs)

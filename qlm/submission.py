@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from qlm.core.errors import InvalidInput, UnknownModel
+from qlm.core.fit import SequenceLimit, check_fits
 from qlm.core.types import DEFAULT_TTFT_SLO_S, SLO, Request, SLOClass
 from qlm.engine.text import chat_messages
 
@@ -57,11 +58,33 @@ _SAMPLING_FIELDS: Final = frozenset({"temperature", "top_p", "top_k", "seed", "s
 
 @dataclass(frozen=True, slots=True)
 class ModelLimits:
-    """A served model and the longest prompt + output it accepts (tokens)."""
+    """A served model and the longest prompt + output it accepts (tokens).
+
+    ``max_model_len`` is the deployment's: the largest a worker of the model takes.
+    ``gpu_limits``, when known (from the profiles), holds one
+    :class:`~qlm.core.fit.SequenceLimit` per GPU type of ``gpus`` (its ``max_model_len``
+    and KV cache): a request is refused when it fits no worker serving the model
+    (:func:`qlm.core.fit.refusal`, the check the simulator applies too)."""
 
     name: str
     max_model_len: int
     gpus: tuple[str, ...] = ()
+    gpu_limits: tuple[SequenceLimit, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.gpu_limits and len(self.gpu_limits) != len(self.gpus):
+            raise InvalidInput(f"models.{self.name}.gpu_limits", "needs one limit per GPU type")
+
+    def sequence_limits(self, gpus: Iterable[str] | None = None) -> tuple[SequenceLimit, ...]:
+        """The limits of workers of ``gpus`` (default: every GPU type of the model)
+        serving this model, under ``max_model_len``; without per-GPU limits (a models file),
+        ``max_model_len`` alone."""
+        if not self.gpu_limits:
+            return (SequenceLimit(self.max_model_len),)
+        wanted = set(self.gpus if gpus is None else gpus)
+        return tuple(limit.capped(self.max_model_len)
+                     for gpu, limit in zip(self.gpus, self.gpu_limits, strict=True)
+                     if gpu in wanted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,20 +264,12 @@ def _prompt(
     return text, None, None, max(1, math.ceil(num_bytes / BYTES_PER_TOKEN_ESTIMATE))
 
 
-def _max_tokens(
-    record: Mapping[str, Any], num_prompt_tokens: int, limits: ModelLimits | None
-) -> int:
+def _max_tokens(record: Mapping[str, Any]) -> int:
     if record.get("max_tokens") is None:
         raise InvalidInput("max_tokens", "is required")
     max_tokens = _int(record["max_tokens"], "max_tokens", high=INT32_MAX)
     if max_tokens <= 0:
         raise InvalidInput("max_tokens", f"must be > 0, got {_short(max_tokens)}")
-    if limits is not None and num_prompt_tokens + max_tokens > limits.max_model_len:
-        raise InvalidInput(
-            "max_tokens",
-            f"{max_tokens} + {num_prompt_tokens} prompt tokens exceeds the model's "
-            f"max_model_len of {limits.max_model_len} for {limits.name!r}",
-        )
     return max_tokens
 
 
@@ -352,12 +367,9 @@ def parse_submission(
     model = _model(record, models)
     prompt_text, prompt_ids, messages, num_prompt_tokens = _prompt(record, limits)
     model_limits = models.get(model) if models is not None else None
-    if model_limits is not None and num_prompt_tokens >= model_limits.max_model_len:
-        raise InvalidInput(
-            "prompt", f"{num_prompt_tokens} tokens leave no room for output under the model's "
-            f"max_model_len of {model_limits.max_model_len}"
-        )
-    max_tokens = _max_tokens(record, num_prompt_tokens, model_limits)
+    max_tokens = _max_tokens(record)
+    if model_limits is not None:
+        check_fits(model, num_prompt_tokens, max_tokens, model_limits.sequence_limits())
     slo_class = _slo_class(record)
     return Submission(
         request_id=request_id, tenant=tenant, model=model, prompt_text=prompt_text,

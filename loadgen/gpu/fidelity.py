@@ -29,7 +29,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from loadgen.gpu.common import read_json
 from qlm.core.errors import InvalidInput
@@ -40,6 +40,13 @@ from qlm.sim import Job, SimConfig, WorkerSpec, simulate
 
 from .common import RequestTiming, TraceRequest, gpu_label, latency_summary, write_json
 from .step_model import StepModel
+
+#: The top-level keys this program writes into its JSON (checked against the committed
+#: results by tests/unit/test_results_keys.py).
+RESULT_KEYS: Final = frozenset({
+    "command", "device", "gpu", "model", "policy", "profile_source", "runs", "sides",
+    "target_rel_error", "vllm_version",
+})
 
 COMPARED = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "output_tok_per_s")
 TARGET_REL_ERROR = 0.10

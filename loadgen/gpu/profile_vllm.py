@@ -32,7 +32,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -47,6 +47,15 @@ from .common import (
     write_model_dir,
 )
 from .replay_vllm import replay, replay_result, scaled
+
+#: The top-level keys this program writes into its JSON (checked against the committed
+#: results by tests/unit/test_results_keys.py).
+RESULT_KEYS: Final = frozenset({
+    "command", "decode", "device", "engine_settings", "engine_start_s", "env", "errors",
+    "import_s", "kv", "max_model_len", "model", "model_config", "phase_s", "prefill", "python",
+    "replay_summaries", "replays", "restart", "skipped", "sleep", "stop", "torch_version",
+    "vllm_version",
+})
 
 PREFILL_TOKENS = (16, 128, 256, 512, 1024, 2048, 4096, 8192)
 DECODE_PROMPTS = (512, 2048, 128)

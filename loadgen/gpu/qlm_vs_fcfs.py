@@ -67,7 +67,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -99,6 +99,14 @@ from qlm.core.types import (
 )
 from qlm.engine.base import Engine, EngineRequest, OutputChunk
 from qlm.runtime.apply import apply
+
+#: The top-level keys this program writes into its JSON (checked against the committed
+#: results by tests/unit/test_results_keys.py).
+RESULT_KEYS: Final = frozenset({
+    "args", "command", "device", "engine", "engine_start", "error", "kv_capacity_tokens",
+    "side_measurements", "skipped", "slos_s", "total_s", "variants", "vllm_version",
+    "workload",
+})
 
 VARIANTS = ("bare", "fcfs", "qlm")
 #: Longest wait for an aborted request's stream to end.
@@ -141,8 +149,9 @@ def build_workload(args: argparse.Namespace,
                 SLO(slo_s), round(args.warmup_s + args.batch_at_s + j * 1e-4, 6)))
     requests.sort(key=lambda r: (r.arrival_at, r.id))
     description = {
-        "interactive": f"slice rows 0..{len(rows) - 1} at {args.speedup}x; every "
-                       f"{args.second_model_every}th to {second}, the rest to {first}",
+        "interactive": f"{Path(args.slice).name} rows 0..{len(rows) - 1} at "
+                       f"{args.speedup}x; every {args.second_model_every}th to {second}, "
+                       f"the rest to {first}",
         "batch": f"{args.num_batch} per model at t={args.batch_at_s}s (slice token counts, "
                  f"shuffled): batch-1 on {first}, batch-2 on {second}",
         "num_requests": len(requests),

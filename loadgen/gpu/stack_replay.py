@@ -26,6 +26,10 @@ with the device, the command and the code version. Everything stops within
 GPU host (after ``loadgen/gpu/unpack_stack.sh`` and ``. /tmp/stack/env.sh``)::
 
     python3 -m loadgen.gpu.stack_replay --slice .stage/azure_conv_0_400.csv --out $OUT
+
+``--slice a.csv,b.csv --repeat 3`` replays each slice three times on one running stack
+(the engines start once; each run's requests carry their own ids, its evictions, swaps
+and decision times are its own), as variants ``stack-<policy> <slice> run <k>``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from loadgen.gpu import qlm_vs_fcfs
 from loadgen.gpu.common import device_facts, percentile, write_json
@@ -54,6 +58,14 @@ from qlm.core.errors import Unavailable
 from qlm.core.perf import PROFILE_DIR
 from qlm.core.policies.base import options_from_json
 from qlm.core.types import SLO, Request, SLOClass
+
+#: The top-level keys this program writes into its JSON (checked against the committed
+#: results by tests/unit/test_results_keys.py).
+RESULT_KEYS: Final = frozenset({
+    "args", "code_version", "command", "device", "engine", "error", "kv_capacity_tokens",
+    "skipped", "slos_s", "startup_s", "total_s", "variants", "vllm_version", "workload",
+    "workloads", "logs",
+})
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: qlm_vs_fcfs's defaults: the workload flags here default to the same values.
@@ -304,10 +316,34 @@ def variant_result(run: Any, workload: Workload, decide_s: Sequence[float],
     }
 
 
+def replays(workloads: Mapping[str, Workload], repeat: int
+            ) -> list[tuple[str, Workload, int]]:
+    """(slice, workload, run number from 1) in the order they are replayed: each slice's
+    runs back to back."""
+    return [(label, w, k) for label, w in workloads.items() for k in range(1, repeat + 1)]
+
+
+def variant_name(policy: str, label: str, k: int, num_slices: int, repeat: int) -> str:
+    """``stack-<policy>`` for one run of one slice (the schema of single runs), else
+    ``stack-<policy> <slice file stem> run <k>``."""
+    if num_slices == 1 and repeat == 1:
+        return f"stack-{policy}"
+    return f"stack-{policy} {Path(label).stem} run {k}"
+
+
+def samples_since(before: Sequence[float], after: Sequence[float]) -> list[float]:
+    """The decision-time samples of ``after`` (a cumulative histogram read now) that
+    ``before`` (read earlier) did not have: one run's decisions on a running scheduler."""
+    from collections import Counter
+
+    return sorted((Counter(after) - Counter(before)).elements())
+
+
 # ------------------------------------------------------------------ run
-def run_stack(args: argparse.Namespace, workload: Workload, result: dict[str, Any],
-              budget: Budget) -> None:
-    """Brokers, services, workers up; the replay; everything down (on any exit)."""
+def run_stack(args: argparse.Namespace, workloads: Mapping[str, Workload],
+              result: dict[str, Any], budget: Budget) -> None:
+    """Brokers, services, workers up; each workload replayed ``--repeat`` times, one after
+    the other on the same running stack; everything down (on any exit)."""
     from loadgen.demo import decision_seconds, fresh_stack, run_one_policy
     from qlm.localstack.process import free_loopback_port
     from qlm.localstack.services import ServiceOptions, ServiceStack
@@ -359,25 +395,30 @@ def run_stack(args: argparse.Namespace, workload: Workload, result: dict[str, An
             fleet.check_alive()
 
         started = time.monotonic()
-        warm = warmup_workload(models, workload.slos)
+        slos = next(iter(workloads.values())).slos
+        warm = warmup_workload(models, slos)
         asyncio.run(run_one_policy(
             replay_plan(warm, "warm-up", args.seed), "warmup", services.ingest_addr, bootstrap,
             1.0, budget.within(WARMUP_TIMEOUT_S, "the warm-up"), check_alive,
             draw_prompts(warm.requests, args.seed + 7)))
         startup["warmup"] = round(time.monotonic() - started, 1)
-        plan = replay_plan(workload, str(args.slice), args.seed)
-        span_s = plan.span_s
-        wait_s = budget.within(args.replay_timeout_s, "the replay") - span_s
-        if wait_s <= 0:
-            raise Unavailable(f"the arrivals take {span_s:.0f} s; only "
-                              f"{budget.left_s():.0f} s of --budget-s are left")
-        prompts = draw_prompts(workload.requests, args.seed + 1000)
-        run = asyncio.run(run_one_policy(plan, args.policy, services.ingest_addr, bootstrap,
-                                         1.0, wait_s, check_alive, prompts))
-        timed_out = run.num_done() < len(run.tracked)
-        decide_s = decision_seconds(services.ports.scheduler_metrics)
-        result["variants"][f"stack-{args.policy}"] = variant_result(
-            run, workload, decide_s, timed_out)
+        for label, workload, k in replays(workloads, args.repeat):
+            plan = replay_plan(workload, label, args.seed)
+            span_s = plan.span_s
+            wait_s = budget.within(args.replay_timeout_s, "the replay") - span_s
+            if wait_s <= 0:
+                raise Unavailable(f"the arrivals take {span_s:.0f} s; only "
+                                  f"{budget.left_s():.0f} s of --budget-s are left")
+            prompts = draw_prompts(workload.requests, args.seed + 1000)
+            decided_before = decision_seconds(services.ports.scheduler_metrics)
+            run = asyncio.run(run_one_policy(plan, args.policy, services.ingest_addr,
+                                             bootstrap, 1.0, wait_s, check_alive, prompts))
+            timed_out = run.num_done() < len(run.tracked)
+            decide_s = samples_since(decided_before,
+                                     decision_seconds(services.ports.scheduler_metrics))
+            name = variant_name(args.policy, label, k, len(workloads), args.repeat)
+            result["variants"][name] = variant_result(run, workload, decide_s, timed_out)
+            result["variants"][name]["slice"] = label
     finally:
         with stop_signals_deferred():
             stop_all(fleet, services, stack, run_dir, result)
@@ -482,10 +523,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "batch2_slo_s", "group_window_s", "tick_s", "seed"):
         default = getattr(d, flag)
         p.add_argument("--" + flag.replace("_", "-"), type=type(default), default=default)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="replay each --slice this many times, one after the other, on the "
+                        "same running stack (engines start once)")
     args = p.parse_args(argv)
     if len(args.models.split(",")) != 2:
         p.error("--models: two models, comma-separated")
+    if args.repeat < 1:
+        p.error("--repeat: at least 1")
+    if not all(args.slice.split(",")):
+        p.error("--slice: comma-separated slice files, none empty")
     return args
+
+
+def slice_workloads(args: argparse.Namespace) -> dict[str, Workload]:
+    """The workload of each comma-separated ``--slice``, as qlm_vs_fcfs builds it."""
+    return {label: build_workload(argparse.Namespace(**{**vars(args), "slice": label}))
+            for label in args.slice.split(",")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -512,14 +566,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGALRM, out_of_time)
     signal.alarm(max(1, int(args.budget_s - STOP_RESERVE_S)))
     try:
-        workload = build_workload(args)
-        result["workload"] = dict(workload.description)
-        result["slos_s"] = dict(workload.slos)
+        workloads = slice_workloads(args)
+        first = next(iter(workloads.values()))
+        result["workload"] = dict(first.description)
+        result["workloads"] = {label: dict(w.description) for label, w in workloads.items()}
+        result["slos_s"] = dict(first.slos)
         if args.engine == "vllm":
             import vllm
 
             result["vllm_version"] = vllm.__version__
-        run_stack(args, workload, result, budget)
+        run_stack(args, workloads, result, budget)
     except BaseException as error:  # keep what was measured, say what broke
         result["error"] = "".join(traceback.format_exception(error))[-4000:]
         traceback.print_exc()

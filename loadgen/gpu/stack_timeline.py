@@ -27,7 +27,7 @@ import tarfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 from aiokafka.record.default_records import DefaultRecordBatch
@@ -35,6 +35,12 @@ from aiokafka.record.default_records import DefaultRecordBatch
 from loadgen.gpu.common import read_json
 from loadgen.results import emit
 from qlm.core.types import GroupKey, SLOClass
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({
+    "result", "logs", "command", "evictions", "interactive_misses", "issued_to_aborted_ms",
+    "num_evict_commands", "num_evicted",
+})
 
 #: Record batch header: base offset (int64) and batch length (int32), then the batch.
 _BATCH_HEADER = struct.Struct(">qi")
@@ -187,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{m['started_s']}, TTFT {m['ttft_s']:.3f} s, first eviction for its group at "
               f"{m['group_first_evict_s']}")
     emit(report, args.out, shown={k: report[k] for k in ("num_evict_commands", "num_evicted",
-                                                          "issued_to_aborted_ms")})
+                                                          "issued_to_aborted_ms")},
+         keys=RESULT_KEYS)
     return 0
 
 

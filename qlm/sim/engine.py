@@ -42,6 +42,10 @@ Model (every time is virtual seconds):
   virtual queues; its evictions and swaps take effect at each worker's next step
   boundary; workers pull from the head of their virtual queues at every step boundary
   (a decision's pulls forecast those). Invalid actions are ignored and counted.
+* **Admission** refuses a request that fits no worker of the cluster able to serve its
+  model (prompt + ``max_tokens`` beyond each one's ``max_model_len`` and KV cache:
+  :func:`qlm.core.fit.refusal`, the check ingest applies) at its arrival, as the services
+  do: it never enters the queue and is reported as *refused*, apart from SLO misses.
 * Running requests in a worker's view show progress as of the worker's last step
   boundary, refreshed once it moved ``VIEW_LAG_TOKENS`` tokens (views are cheap to
   keep, costly to rebuild for every request at every step).
@@ -58,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from qlm.core.errors import InvalidInput
+from qlm.core.fit import SequenceLimit, refusal, serving_limits
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext
 from qlm.core.pulls import kv_reservation, plan_pulls
@@ -119,6 +124,7 @@ class _Live:
     worker_id: str | None = None
     num_evictions: int = 0
     rejected: bool = False
+    refused: bool = False
     kv_on_worker: str | None = None
     predicted_at: float | None = None
     predicted_first_token_at: float | None = None
@@ -213,7 +219,8 @@ class Simulation:
         self.num_evictions = 0
         self.num_invalid = 0
         self.num_arrived = 0
-        self.num_open = 0  # arrived, not finished or rejected
+        self.num_open = 0  # arrived, not finished, rejected or refused
+        self._limits: dict[str, tuple[SequenceLimit, ...]] = {}
 
     @staticmethod
     def _validate(
@@ -262,6 +269,9 @@ class Simulation:
         live = _Live(job=job, key=group_key_for(job.request, self.window_s), request=job.request)
         self.live[job.request.id] = live
         self.num_arrived += 1
+        if self._refuses(job.request):
+            live.refused = True
+            return []
         self.num_open += 1
         is_new_group = live.key not in self.queued
         self._enqueue(live)
@@ -270,6 +280,17 @@ class Simulation:
         if owner is not None:
             out += self._nudge(self.workers[owner])
         return out
+
+    def _refuses(self, request: Request) -> bool:
+        """Whether admission refuses ``request``: it fits no worker that can serve its model
+        (:func:`qlm.core.fit.refusal`)."""
+        limits = self._limits.get(request.model)
+        if limits is None:
+            limits = self._limits[request.model] = serving_limits(
+                self.profiles, request.model,
+                ((w.spec.gpu, w.spec.num_gpus) for w in self.workers.values()))
+        return refusal(request.model, request.prompt_tokens, request.max_tokens,
+                       limits) is not None
 
     def on_tick(self) -> Scheduled:
         if self.num_arrived == len(self.jobs) and self.num_open == 0:
@@ -767,6 +788,7 @@ class Simulation:
             worker_id=live.worker_id,
             num_evictions=live.num_evictions,
             rejected=live.rejected,
+            refused=live.refused,
             predicted_at=live.predicted_at,
             predicted_first_token_at=live.predicted_first_token_at,
         )

@@ -15,7 +15,9 @@ from qlm.core.types import SLOClass
 class RequestRecord:
     """What happened to one request. ``None`` times: it never got that far.
 
-    ``predicted_first_token_at`` is the first prediction made for the request after
+    ``rejected``: dropped by the policy after it was queued (an SLO miss); ``refused``:
+    turned away at admission because it fits no worker (never queued; not an SLO miss,
+    counted apart). ``predicted_first_token_at`` is the first prediction made for the request after
     it arrived (``predicted_at`` when), if the run had a predictor.
     """
 
@@ -34,6 +36,7 @@ class RequestRecord:
     rejected: bool
     predicted_at: float | None = None
     predicted_first_token_at: float | None = None
+    refused: bool = False
 
     @property
     def met_slo(self) -> bool:
@@ -62,6 +65,9 @@ class RunMetrics:
     num_requests: int
     num_finished: int
     num_rejected: int
+    #: Requests refused at admission (fit no worker); attainment is over the others.
+    num_refused: int
+    num_refused_by_class: Mapping[str, int]
     slo_attainment: float
     slo_attainment_by_class: Mapping[str, float]
     throughput_rps: float
@@ -82,6 +88,7 @@ class RunMetrics:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["slo_attainment_by_class"] = dict(self.slo_attainment_by_class)
+        d["num_refused_by_class"] = dict(self.num_refused_by_class)
         return d
 
 
@@ -102,28 +109,39 @@ def summarise(
     decision_s: Sequence[float],
     invalid_actions: int = 0,
 ) -> RunMetrics:
-    """Metrics of a run from its records. Unserved and rejected requests miss their SLO.
+    """Metrics of a run from its records. Unserved and rejected requests miss their SLO;
+    requests refused at admission are counted apart (``num_refused``, per class) and left
+    out of the attainment, which is over the admitted requests.
 
     Throughput and utilisation are over the makespan (first arrival → last finish).
     TTFT/TPOT percentiles are over the requests that got a first token / finished.
     """
     n = len(records)
+    admitted = [r for r in records if not r.refused]
     finished = [r for r in records if r.finished_at is not None]
     start = min((r.arrival_at for r in records), default=0.0)
     end = max((r.finished_at for r in finished if r.finished_at is not None), default=start)
     makespan = max(end - start, 1e-9)
+    order = [c.value for c in SLOClass]
     by_class: dict[str, list[bool]] = {}
+    refused_by_class: dict[str, int] = {}
     for r in records:
-        by_class.setdefault(r.slo_class, []).append(r.met_slo)
+        if r.refused:
+            refused_by_class[r.slo_class] = refused_by_class.get(r.slo_class, 0) + 1
+        else:
+            by_class.setdefault(r.slo_class, []).append(r.met_slo)
     ttfts = [t for r in records if (t := r.ttft_s) is not None]
     tpots = [t for r in records if (t := r.tpot_s) is not None]
     ms = [1000 * s for s in decision_s]
-    order = [c.value for c in SLOClass]
     return RunMetrics(
         num_requests=n,
         num_finished=len(finished),
         num_rejected=sum(r.rejected for r in records),
-        slo_attainment=sum(r.met_slo for r in records) / n if n else float("nan"),
+        num_refused=n - len(admitted),
+        num_refused_by_class={c: refused_by_class[c] for c in sorted(
+            refused_by_class, key=order.index)},
+        slo_attainment=(sum(r.met_slo for r in admitted) / len(admitted) if admitted
+                        else float("nan")),
         slo_attainment_by_class={
             c: sum(v) / len(v)
             for c, v in sorted(by_class.items(), key=lambda kv: order.index(kv[0]))

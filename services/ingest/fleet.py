@@ -41,12 +41,14 @@ class FleetListener(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ServedModel:
-    """A model some live worker holds: its limits, state and the workers holding it."""
+    """A model some live worker holds: its limits, state and the workers holding it
+    (``gpus``: their GPU types, once each)."""
 
     limits: ModelLimits
     state: ModelState
     workers: tuple[str, ...]
     awake_on: tuple[str, ...]
+    gpus: tuple[str, ...] = ()
 
 
 def served_models(workers: tuple[WorkerInfo, ...],
@@ -54,11 +56,13 @@ def served_models(workers: tuple[WorkerInfo, ...],
     """The catalogue's models held by ``workers`` (live ones), by name. Pure."""
     out = []
     for name in sorted(catalogue):
-        holders = tuple(w.id for w in workers if name in w.models)
+        holders = tuple(w for w in workers if name in w.models)
         if not holders:
             continue
         awake = tuple(w.id for w in workers if w.active_model == name)
-        out.append(ServedModel(catalogue[name], "awake" if awake else "asleep", holders, awake))
+        gpus = tuple(dict.fromkeys(w.gpu for w in holders))
+        out.append(ServedModel(catalogue[name], "awake" if awake else "asleep",
+                               tuple(w.id for w in holders), awake, gpus))
     return out
 
 

@@ -29,7 +29,6 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -42,6 +41,7 @@ import yaml
 
 from qlm.bus.records import decode_batch_request
 from qlm.core.errors import InvalidInput, NotFound, Overloaded
+from qlm.core.fit import SequenceLimit
 from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.core.types import Request, RequestState, SLOClass
 from qlm.log import get_logger, request_context
@@ -198,18 +198,21 @@ def load_models(models_file: Path | None = None, profiles_dir: Path | None = Non
     str, ModelLimits
 ]:
     """Served models: from ``models_file`` (YAML/JSON ``{"models": [{name, max_model_len}]}``)
-    when given, else every model with a performance profile (max_model_len = the smallest
-    over its GPUs)."""
+    when given, else every model with a performance profile: its GPUs, each with the
+    profile's max_model_len and KV cache (a request is refused when it fits none of the
+    GPUs serving it), and max_model_len = the largest over its GPUs."""
     if models_file is not None:
         return _models_from_file(models_file)
     book = ProfileBook.load(profiles_dir or PROFILE_DIR)
-    models: dict[str, ModelLimits] = {}
+    per_model: dict[str, list[tuple[str, SequenceLimit]]] = {}
     for (model, gpu), profile in sorted(book.profiles.items()):
-        known = models.get(model)
-        max_len = min(profile.max_model_len, known.max_model_len if known else math.inf)
-        gpus = (*(known.gpus if known else ()), gpu)
-        models[model] = ModelLimits(model, int(max_len), gpus)
-    return models
+        per_model.setdefault(model, []).append((gpu, SequenceLimit.of(profile)))
+    return {
+        model: ModelLimits(model, max(limit.max_model_len for _, limit in entries),
+                           tuple(gpu for gpu, _ in entries),
+                           tuple(limit for _, limit in entries))
+        for model, entries in per_model.items()
+    }
 
 
 def _models_from_file(path: Path) -> dict[str, ModelLimits]:
@@ -319,7 +322,7 @@ class IngestPlane:
         catalogue model that no worker serves now)."""
         submission = parse_submission(record, self.models, self.limits)
         if self.served is not None:
-            self.served.check(submission.model)
+            self.served.check(submission)
         return submission
 
     async def submit(self, record: Any, tenant: str | None = None,
@@ -361,7 +364,7 @@ class IngestPlane:
         try:
             submission = decode_batch_request(raw, self.models, self.limits)
             if self.served is not None:
-                self.served.check(submission.model)
+                self.served.check(submission)
             if not submission.request_id:
                 raise InvalidInput(
                     "request_id", "is required in batch records (it makes redelivery idempotent)"

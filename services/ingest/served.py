@@ -2,7 +2,11 @@
 
 Ingest refuses a submit (gRPC FAILED_PRECONDITION naming ``model``; a Kafka record goes
 to ``qlm.dlq``) for a catalogue model that no live worker holds, and ListModels lists
-only served models. The fleet view behind it is :class:`services.ingest.fleet.Fleet`
+only served models. A submission too long for every live worker holding its model (its
+prompt + ``max_tokens`` beyond each one's ``max_model_len`` or KV cache, by the profile
+of the worker's GPU: :func:`qlm.core.fit.refusal`, the simulator's check too) is refused
+as invalid input naming ``prompt`` or ``max_tokens``. The fleet view behind it is
+:class:`services.ingest.fleet.Fleet`
 (worker telemetry and events in a :class:`qlm.roster.WorkerRoster`; a worker is live
 while it reported within ``worker_timeout_s`` of the latest report), the same one the
 HTTP front door's ``/v1/models`` reads.
@@ -19,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from qlm.core.errors import NotServed
-from qlm.submission import ModelLimits
+from qlm.core.fit import check_fits
+from qlm.submission import ModelLimits, Submission
 from services.ingest.fleet import Fleet
 
 
@@ -51,14 +56,20 @@ class ServedModels:
             return sorted(catalogue.values(), key=lambda m: m.name)
         return [m.limits for m in self.fleet.models()]
 
-    def check(self, model: str) -> None:
-        """Raise NotServed (naming ``model``) when no live worker holds ``model``."""
+    def check(self, submission: Submission) -> None:
+        """Raise NotServed (naming ``model``) when no live worker holds the submission's
+        model, or InvalidInput (naming ``prompt`` or ``max_tokens``) when it is too long
+        for every live worker holding it (module docstring)."""
         if not self.known():
             return
-        names = [m.name for m in self.served()]
-        if model not in names:
+        assert self.fleet is not None
+        model = submission.model
+        served = {m.limits.name: m for m in self.fleet.models()}
+        if model not in served:
             raise NotServed("model", f"no worker serves {model!r} now; served models: "
-                            f"{', '.join(names) or 'none'}", model)
+                            f"{', '.join(sorted(served)) or 'none'}", model)
+        limits = served[model].limits.sequence_limits(served[model].gpus)
+        check_fits(model, submission.num_prompt_tokens, submission.max_tokens, limits)
 
     def list(self) -> list[ModelLimits]:
         """The catalogue entries of the served models, by name."""

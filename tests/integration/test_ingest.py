@@ -180,10 +180,15 @@ def _bad_messages() -> list[tuple[str, pb.SubmitRequest, str]]:
         ("top_k over int32", msg(sampling=pb.SamplingParams(top_k=2**40)),
          "sampling.top_k: must be <= 2147483647"),
         ("max_tokens over the model limit", msg(max_tokens=5000),
-         "max_tokens: 5000 + 2 prompt tokens exceeds the model's max_model_len of 2048"),
+         "max_tokens: prompt + max_tokens too long for every worker serving model 'm7b': "
+         "2 + 5000 = 5002 tokens > max_model_len 2048"),
         ("prompt ids over the model limit",
          msg(prompt_text=None, prompt_token_ids=pb.TokenIds(ids=[1] * 2040), max_tokens=16),
-         "max_tokens: 16 + 2040 prompt tokens exceeds"),
+         "max_tokens: prompt + max_tokens too long for every worker serving model 'm7b': "
+         "2040 + 16 = 2056"),
+        ("prompt alone over the model limit",
+         msg(prompt_text=None, prompt_token_ids=pb.TokenIds(ids=[1] * 2048), max_tokens=1),
+         "prompt: prompt too long for every worker serving model 'm7b': 2048 prompt tokens"),
         ("custom class without SLO", msg(slo_class=pb.SLO_CLASS_CUSTOM),
          "ttft_slo_s: is required for slo_class 'custom'"),
         ("negative SLO", msg(slo_class=pb.SLO_CLASS_CUSTOM, ttft_slo_s=-2.0),
@@ -771,5 +776,68 @@ async def test_a_model_no_worker_serves_is_refused_and_not_listed(
         assert await raw_redis.exists(KEYS.request("served-1"))
         assert not await raw_redis.exists(KEYS.request("unserved-1"))
         assert not await raw_redis.exists(KEYS.request("unserved-2"))
+    finally:
+        await app.stop()
+
+
+# ------------------------------------------------------------------ requests no worker fits
+async def test_a_request_too_long_for_every_live_worker_is_refused_naming_the_field(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str, raw_redis: aioredis.Redis
+) -> None:
+    """The catalogue knows m7b on two GPU types; only an A10 worker (KV cache of 3,000
+    tokens) holds it: a 3,050-token request that an H100 could take is refused, on gRPC
+    (INVALID_ARGUMENT naming max_tokens, the model and the limit) and on Kafka (a dead
+    letter), and nothing is written (qlm.core.fit, the simulator's check too)."""
+    from qlm.bus.records import Telemetry
+    from qlm.core.fit import SequenceLimit
+
+    catalogue = {"m7b": ModelLimits("m7b", 32768, ("A10-24GB", "H100-80GB"),
+                                    (SequenceLimit(32768, 3000), SequenceLimit(16384, 400_000)))}
+    app = IngestApp(_settings(redis_url, kafka_bootstrap, topic_prefix, batch_consumer=True,
+                              served_models_timeout_s=5.0), models=catalogue)
+    await app.start()
+    long_ids = [7] * 2950
+    try:
+        async with BusProducer(kafka_bootstrap) as producer:
+            async def heartbeat() -> None:
+                while True:
+                    await producer.publish(app.topics.telemetry, Telemetry(
+                        worker="w-a10", gpu="A10-24GB", at=time.time(), model="m7b",
+                        models=("m7b",), batch_size=0, kv_used_fraction=0.0,
+                        step_time_predicted_s=0.0, step_time_observed_s=0.0, num_steps=0))
+                    await asyncio.sleep(0.5)
+
+            beating = asyncio.create_task(heartbeat())
+            try:
+                deadline = time.monotonic() + 30
+                while not app.served.known():
+                    assert time.monotonic() < deadline, "no telemetry heard"
+                    await asyncio.sleep(0.1)
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                    stub = qlm_pb2_grpc.QueueManagerStub(channel)
+                    fits = await stub.Submit(pb.SubmitRequest(
+                        request_id="fits-1", model="m7b",
+                        prompt_token_ids=pb.TokenIds(ids=[7] * 2900), max_tokens=100))
+                    assert fits.state == pb.REQUEST_STATE_QUEUED
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.Submit(pb.SubmitRequest(
+                            request_id="long-1", model="m7b",
+                            prompt_token_ids=pb.TokenIds(ids=long_ids), max_tokens=100))
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert refused.value.details() == (
+                    "max_tokens: prompt + max_tokens too long for every worker serving model "
+                    "'m7b': 2950 + 100 = 3050 tokens > KV capacity 3000")
+                await producer.publish_raw(app.topics.batch_requests, json.dumps(
+                    {"request_id": "long-2", "model": "m7b", "prompt_token_ids": long_ids,
+                     "max_tokens": 100}).encode(), b"l")
+                letters = await read_topic(kafka_bootstrap, app.topics.dlq,
+                                           lambda rs: len(rs) >= 1, 30.0)
+            finally:
+                beating.cancel()
+        letter = DeadLetter.from_json(letters[0].value)
+        assert letter.field == "max_tokens" and "> KV capacity 3000" in letter.reason
+        assert await raw_redis.exists(KEYS.request("fits-1"))
+        assert not await raw_redis.exists(KEYS.request("long-1"))
+        assert not await raw_redis.exists(KEYS.request("long-2"))
     finally:
         await app.stop()

@@ -29,6 +29,7 @@ from schemathesis import GenerationMode
 from schemathesis.core.parameters import ParameterLocation
 
 from qlm.client import SyncQlmClient
+from qlm.core.errors import InvalidInput, NotFound
 from qlm.localstack import RedisServer
 from qlm.localstack.services import ServiceOptions, ServiceStack
 
@@ -201,6 +202,37 @@ def test_invalid_requests_get_400_naming_the_parameter(client: openai.OpenAI) ->
         assert error["param"] == param, (change, error)
         assert error["type"] == "invalid_request_error"
         assert param.split("[")[0] in error["message"], error
+
+
+def test_a_request_too_long_for_every_worker_is_400_on_http_and_invalid_on_grpc(
+        client: openai.OpenAI) -> None:
+    """vicuna-13b is held only by the A100 worker (max_model_len 4,096 in its profile): a
+    prompt + max_tokens beyond it is refused at admission on both transports, naming the
+    field, the model and the limit (qlm.core.fit, the simulator's check too); nothing is
+    queued."""
+    _wait_for_models(client)
+    prompt = "word " * 2400  # 12,000 bytes, sized as 3,000 tokens before tokenization
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="vicuna-13b", prompt=prompt, max_tokens=2000,
+                                  extra_body={"slo_class": "batch-1"})
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "max_tokens"
+    assert ("prompt + max_tokens too long for every worker serving model 'vicuna-13b': "
+            "3000 + 2000 = 5000 tokens > max_model_len 4096") in error["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="vicuna-13b", max_tokens=16,
+                                       messages=[{"role": "user", "content": prompt * 2}])
+    assert caught.value.body["param"] == "messages"
+    assert "prompt too long for every worker serving model 'vicuna-13b'" in (
+        caught.value.body["message"])
+    with SyncQlmClient(client.base_url.host + f":{_grpc_port(client)}") as grpc_client:
+        with pytest.raises(InvalidInput) as refused:
+            grpc_client.submit({"request_id": "too-long-grpc", "model": "vicuna-13b",
+                                "prompt": prompt, "max_tokens": 2000, "slo_class": "batch-1"})
+        assert refused.value.field == "max_tokens"
+        assert "3000 + 2000 = 5000 tokens > max_model_len 4096" in refused.value.problem
+        with pytest.raises(NotFound):
+            grpc_client.get("too-long-grpc")
 
 
 def test_unknown_model_is_404_and_unmeetable_slo_is_429_with_retry_after(

@@ -28,6 +28,7 @@ import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadgen.results import write_json
 from qlm.bus.producer import BusProducer
 from qlm.client import QlmClient
 from qlm.core.errors import Unavailable
@@ -40,6 +41,12 @@ pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 OUTAGE_S = float(os.environ.get("QLM_TEST_OUTAGE_S", "35"))
 KEYS = Keys()
+#: The top-level keys this test writes into its result JSON (loadgen.results).
+RESULT_KEYS = frozenset({
+    "command", "redis_down_s", "submits_answered_unavailable", "submits_accepted_while_down",
+    "first_submit_ok_after_redis_back_s", "batch_records", "all_batch_records_landed_after_s",
+    "requests_queued", "ingest_pid_unchanged",
+})
 
 
 def record(request_id: str) -> dict[str, object]:
@@ -124,7 +131,7 @@ async def test_ingest_rides_out_a_redis_outage_and_serves_again_without_a_restar
         assert num_queued == len(batch_ids) + 2
         result_path = os.environ.get("QLM_OUTAGE_RESULT")
         if result_path:
-            Path(result_path).write_text(json.dumps({
+            write_json(Path(result_path), {
                 "command": f"QLM_TEST_OUTAGE_S={OUTAGE_S:g} QLM_OUTAGE_RESULT={result_path} "
                            "python -m pytest -q -m slow tests/integration/test_outage.py",
                 "redis_down_s": round(outage_ended - outage_started, 1),
@@ -134,7 +141,7 @@ async def test_ingest_rides_out_a_redis_outage_and_serves_again_without_a_restar
                 "batch_records": len(batch_ids),
                 "all_batch_records_landed_after_s": round(landed_at - outage_ended, 2),
                 "requests_queued": num_queued, "ingest_pid_unchanged": True,
-            }, indent=2) + "\n")
+            }, RESULT_KEYS)
     finally:
         await raw.aclose()
         if not redis_server.is_running():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qlm.core.perf import PerfProfile, ProfileBook
-from qlm.core.policies import PolicyContext, make_policy
+from qlm.core.policies import PolicyContext, make_policy, policy_names
 from qlm.core.types import (
     SLO,
     Decision,
@@ -245,3 +245,60 @@ def test_the_snapshot_reads_the_queue_in_the_store_order() -> None:
     assert [r.id for g in groups for r in g.requests] == ["a", "b", "early", "late-batch"]
     assert list(groups) == sorted(groups, key=group_order_key)
     assert all(list(g.requests) == sorted(g.requests, key=request_order_key) for g in groups)
+
+
+# ------------------------------------------------------------------ admission limits
+@pytest.mark.parametrize("policy_name", policy_names())
+def test_a_request_that_fits_no_worker_is_refused_at_arrival_not_missed(
+        policy_name: str) -> None:
+    """Prompt + max_tokens (1,000 here) beyond every worker's max_model_len or KV cache:
+    refused when it arrives (qlm.core.fit, the services' check), counted apart per class,
+    never queued; the others are served and the run ends with them (no ticking on to the
+    horizon for a request nobody can start)."""
+    short = replace(profile(), max_model_len=1500)
+    small_kv = replace(profile(gpu="h"), kv_capacity_tokens=1800)
+    jobs = [job("fits", prompt=400), job("fits-late", at=0.5, prompt=700),
+            job("too-long", at=0.1, prompt=900),  # 1,900: beyond both workers' 1,500 / 1,800
+            job("no-room", at=0.2, prompt=2000, slo_class=SLOClass.INTERACTIVE)]
+    workers = [WorkerSpec("w", "g", "m1", ("m1",)), WorkerSpec("v", "h", "m1", ("m1",))]
+    result = simulate(jobs, workers, ProfileBook.of([short, small_kv]),
+                      make_policy(policy_name), EXACT)
+    by_id = {r.id: r for r in result.records}
+    assert [rid for rid, r in by_id.items() if r.refused] == ["too-long", "no-room"]
+    # 1,700 tokens fits only v's 1,800-token KV cache: admitted (which worker runs it is the
+    # policy's choice; no policy reads per-worker limits yet)
+    assert not by_id["fits-late"].refused
+    for rid in ("too-long", "no-room"):
+        assert by_id[rid].started_at is None and by_id[rid].worker_id is None
+        assert not by_id[rid].rejected
+    m = result.metrics
+    assert (m.num_refused, dict(m.num_refused_by_class)) == (2, {"interactive": 1, "batch-1": 1})
+    assert m.slo_attainment == 1.0 and dict(m.slo_attainment_by_class) == {"batch-1": 1.0}
+    assert m.num_finished == 2
+    assert m.num_decisions < 50  # a stuck request would tick to the 6 h horizon
+
+
+def test_a_long_context_wb_replay_refuses_what_fits_no_worker_and_ends() -> None:
+    """The Mooncake trace (prompts up to 126k tokens) as WB: requests for vicuna and llama
+    (max_model_len 4,096) beyond it, and mistral's beyond 32,768, are refused; the
+    simulation ends with the last served request instead of at its horizon."""
+    from pathlib import Path
+
+    from qlm.core.fit import refusal, serving_limits
+    from qlm.traces import load_trace
+
+    trace = load_trace(Path(__file__).resolve().parents[2]
+                       / "loadgen/traces/mooncake_conversation_trace.jsonl.gz", limit=150)
+    jobs = plan_requests("WB", 150, np.random.default_rng(0), trace=trace).jobs_at(5.0)
+    workers = cluster_for("WB")
+    book = ProfileBook.load()
+    expected = {j.request.id for j in jobs if refusal(
+        j.request.model, j.request.prompt_tokens, j.request.max_tokens,
+        serving_limits(book, j.request.model, [(w.gpu, w.num_gpus) for w in workers]))}
+    assert 0 < len(expected) < len(jobs)
+    for name in ("qlm", "fcfs"):
+        result = simulate(jobs, workers, book, make_policy(name), SimConfig())
+        assert {r.id for r in result.records if r.refused} == expected
+        assert result.metrics.num_finished == len(jobs) - len(expected)
+        last_arrival = max(j.request.arrival_at for j in jobs)
+        assert result.metrics.makespan_s < last_arrival + 3600  # horizon: 6 h after it

@@ -17,6 +17,10 @@ from loadgen.gpu.stack_replay import (
     logged_kv_tokens,
     outcomes_of,
     parse_args,
+    replays,
+    samples_since,
+    slice_workloads,
+    variant_name,
     worker_argv,
     workers_yaml,
     write_profiles,
@@ -138,3 +142,32 @@ def test_our_flags_are_enough_for_the_harness_workload(tmp_path: Path) -> None:
     workload = qlm_vs_fcfs.build_workload(args)
     classes = [r.slo_class.value for r in workload.requests]
     assert classes.count("interactive") == 3 and classes.count("batch-1") == 2
+
+
+def test_each_slice_is_replayed_repeat_times_back_to_back(tmp_path: Path) -> None:
+    rows = "arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n0.5,20,6\n"
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text(rows)
+    a, b = str(tmp_path / "a.csv"), str(tmp_path / "b.csv")
+    args = parse_args(["--slice", f"{a},{b}", "--repeat", "2", "--num-batch", "1"])
+    workloads = slice_workloads(args)
+    assert list(workloads) == [a, b]
+    assert "a.csv" in workloads[a].description["interactive"]
+    order = [(label, k) for label, _, k in replays(workloads, args.repeat)]
+    assert order == [(a, 1), (a, 2), (b, 1), (b, 2)]
+    names = {variant_name("qlm", label, k, len(workloads), args.repeat) for label, k in order}
+    assert names == {"stack-qlm a run 1", "stack-qlm a run 2", "stack-qlm b run 1",
+                     "stack-qlm b run 2"}
+    assert variant_name("qlm", a, 1, 1, 1) == "stack-qlm"
+
+
+def test_bad_repeat_or_empty_slice_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--repeat", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--slice", "a.csv,,b.csv"])
+
+
+def test_a_runs_decision_samples_are_those_added_since_the_last_read() -> None:
+    assert samples_since([0.01, 0.01, 0.03], [0.01, 0.01, 0.01, 0.03, 0.05]) == [0.01, 0.05]
+    assert samples_since([], [0.02]) == [0.02]

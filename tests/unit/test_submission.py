@@ -38,7 +38,8 @@ BAD = [
     (_record(prompt="x" * 65), "prompt", "over the limit of 64 bytes"),
     (_record(max_tokens=0), "max_tokens", "must be > 0, got 0"),
     (_record(max_tokens=-3), "max_tokens", "must be > 0, got -3"),
-    (_record(max_tokens=99), "max_tokens", "exceeds the model's max_model_len of 100"),
+    (_record(max_tokens=99), "max_tokens", "too long for every worker serving model 'm7b': "
+     "2 + 99 = 101 tokens > max_model_len 100"),
     (_record(max_tokens="10"), "max_tokens", "must be an integer, got str"),
     (_record(max_tokens=2**31), "max_tokens", "must be <= 2147483647, got 2147483648"),
     (_record(max_tokens=10**4000), "max_tokens", "got an integer of about 4001 digits"),

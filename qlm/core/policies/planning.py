@@ -37,6 +37,7 @@ import numpy as np
 
 from qlm.core.errors import InvalidInput
 from qlm.core.estimator import DEFAULT_OUTPUT_STATS, LengthStats
+from qlm.core.fit import can_serve
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
 from qlm.core.types import (
@@ -397,8 +398,7 @@ class CostModel:
     def _compute_service(self, group_index: int, shape: int) -> Service | None:
         g = self.stats[group_index]
         w = self.shape_worker[shape]
-        if not self.profiles.has(g.model, w.gpu) or (
-                self.profiles.get(g.model, w.gpu).num_gpus > w.num_gpus):
+        if not can_serve(self.profiles, g.model, w.gpu, w.num_gpus):
             return None
         p = self.profiles.get(g.model, w.gpu)
         ctx = g.mean_prompt + g.mean_output / 2.0
@@ -457,9 +457,7 @@ class CostModel:
 
     def _compute_swap(self, worker_index: int, model: str, from_model: str | None) -> float:
         w = self.workers[worker_index]
-        if not self.profiles.has(model, w.gpu):
-            return math.inf
-        if self.profiles.get(model, w.gpu).num_gpus > w.num_gpus:
+        if not can_serve(self.profiles, model, w.gpu, w.num_gpus):
             return math.inf
         if not self.charge_swaps:
             return 0.0
