@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.results import write_json
 from loadgen.sim import NUM_REQUESTS, RATES, Task
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
@@ -59,6 +60,12 @@ DEFAULT_POLICIES = ("qlm", *BASELINES)
 DEFAULT_OUT = Path("docs/results/robust")
 #: A cell is loaded where fcfs's attainment is below this.
 LOADED_BELOW = 0.7
+#: Keys of one run's JSON (``OUT/runs/*.json``) and of ``OUT/summary.json``.
+RESULT_KEYS = frozenset({
+    "workload", "trace", "rate", "seed", "policy", "num_requests", "slo_attainment",
+    "slo_attainment_by_class", "throughput_rps", "throughput_tok_s", "evictions",
+    "evicted_requests", "swaps", "num_rejected", "makespan_s", "decision_ms_p99", "wall_s",
+    "command", "cells"})
 
 
 def parse_cell(text: str) -> tuple[str, str, float]:
@@ -185,8 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         record["command"] = command
         cell = cell_name(record["workload"], record["trace"], record["rate"])
         path = run_path(args.out, cell, record["num_requests"], record["seed"], record["policy"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1) + "\n")
+        write_json(path, record, RESULT_KEYS, indent=1)
         print(f"{cell} n={record['num_requests']} seed {record['seed']} "
               f"{record['policy']:<9} SLO {record['slo_attainment']:.3f} "
               f"({record['wall_s']:.0f} s)", flush=True)
@@ -316,9 +322,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
 def cmd_table(args: argparse.Namespace) -> int:
     records = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("*.json"))]
     summary = summarise(records)
-    (args.out / "summary.json").write_text(json.dumps(
-        {"command": "python -m loadgen.robust " + " ".join(sys.argv[1:]), "cells": summary},
-        indent=1) + "\n")
+    write_json(args.out / "summary.json",
+               {"command": "python -m loadgen.robust " + " ".join(sys.argv[1:]),
+                "cells": summary}, RESULT_KEYS, indent=1)
     (args.out / "summary.md").write_text(markdown(summary))
     print(markdown(summary))
     return 0

@@ -17,9 +17,10 @@ measured H100 profiles and the KV pools the engines reported on the H100 (mistra
 sharing one GPU run slower than their profiles: the simulated engines' decode steps are
 ``--slowdown`` times the profile's, while the policy plans with the profiles as measured.
 The default 2.0 makes fcfs match the H100 runs: interactive attainment 0.253 and 5,009
-output tok/s here against 0.248 and 5,328–5,350 measured (runs 8–10); at 1.12 (the online correction's factor for mistral-7b) fcfs meets 0.660
-and qlm needs no eviction. Chunked prefill,
-the harness's decision cadence (tick 0.25 s, at most one decision per 50 ms).
+output tok/s here against 0.248 and 5,328–5,350 measured (runs 8–10); at 1.12 (the
+online correction's factor for mistral-7b) fcfs meets 0.660 and qlm needs no eviction.
+Chunked prefill, the harness's decision cadence (tick 0.25 s, at most one decision per
+50 ms).
 
 Variants: a policy name (its default options), or ``<policy>+burst`` with the *burst*
 options profile of the GPU runs (:data:`BURST_OPTIONS`). Writes one JSON with per-class
@@ -29,7 +30,6 @@ attainment, interactive TTFT p50/p99, throughput and evictions per variant and s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +42,7 @@ import numpy as np
 from loadgen.gpu.common import load_trace_slice
 from loadgen.gpu.qlm_vs_fcfs import build_workload
 from loadgen.gpu.qlm_vs_fcfs import parse_args as harness_args
+from loadgen.results import write_json
 from qlm.core.corrections import corrected
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
@@ -57,6 +58,8 @@ KV_TOKENS: Mapping[str, int] = {"mistral-7b": 152_896, "qwen2.5-1.5b": 1_105_200
 BURST_OPTIONS: Mapping[str, Any] = {
     "hopeless_p": 0, "displace_below_p": 0, "evict_rate_credit": 0.5,
     "evict_lookahead_groups": 32, "evict_prefill_aware": True, "late_insert_budget": 300}
+#: Keys of the JSON this writes.
+RESULT_KEYS = frozenset({"slowdown", "seeds", "starts", "runs", "command"})
 
 
 def scenario(seed: int, slowdown: float, start: int = 0
@@ -128,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = []
     try:
         starts = [int(s) for s in args.starts.split(",") if s.strip()]
+    except ValueError:
+        print(f"error: starts: not a comma-separated list of integers: {args.starts!r}",
+              file=sys.stderr)
+        return 2
+    try:
         for start, seed in ((a, b) for a in starts for b in seeds):
             for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
                 run = run_variant(variant, seed, args.slowdown, start)
@@ -140,12 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InvalidInput, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = {"slowdown": args.slowdown, "seeds": seeds, "runs": runs,
+    out = {"slowdown": args.slowdown, "seeds": seeds, "starts": starts, "runs": runs,
            "command": "python -m loadgen.sim_burst "
                       + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.out, out, RESULT_KEYS, indent=1)
         print(f"wrote {args.out}")
     return 0
 
