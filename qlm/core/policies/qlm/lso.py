@@ -66,21 +66,32 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: QlmOptions) -> tupl
             continue
         load = pc.loads[wi]
         # Two queues, each in descending TTFT SLO: past their first token, then the rest.
-        parts = (load.eviction_order[:load.num_started], load.eviction_order[load.num_started:])
+        k = load.num_started
+        parts = (load.eviction_order[:k], load.eviction_order[k:])
+        remaining = (load.eviction_remaining[:k], load.eviction_remaining[k:])
+        profile = pc.cost.profiles.get(w.active_model, w.gpu)
         cursors = [0, 0]
         taken = 0
         lookahead = order[:max(1, options.evict_lookahead_groups)]
         for gi, short in _shortfalls(pc, wi, lookahead, credit, options.evict_prefill_aware):
             head = pc.stats[gi]
             reason = f"slo:{head.key}"
+            svc = pc.cost.service(gi, wi)
+            slot_rate = svc.tokens_per_s / svc.batch if svc is not None else math.inf
             for p, part in enumerate(parts):
                 while taken < short and cursors[p] < len(part):
                     rr = part[cursors[p]]
                     if rr.request.slo.ttft_s <= head.ttft_s:
                         break  # past the looser ones, none qualifies for this group
+                    cursors[p] += 1
+                    if remaining[p][cursors[p] - 1] / slot_rate \
+                            < profile.prefill_s(rr.request.context_tokens):
+                        # It pays only when the slot it frees is worth more than its
+                        # re-prefill: one that finishes sooner than it would re-prefill
+                        # (a long prompt, a few tokens left) is left to finish.
+                        continue
                     evictions.append(Evict(w.id, rr.request.id, reason, state_swaps
                                            and _state_swap_pays(pc, wi, rr, options)))
-                    cursors[p] += 1
                     taken += 1
     return tuple(evictions)
 
