@@ -235,6 +235,17 @@ def test_a_request_resumed_after_an_eviction_is_not_evicted_again() -> None:
     assert make_policy("qlm").decide(snap, PolicyContext(slow_book())).evictions == ()
 
 
+def test_one_decision_evicts_at_most_its_budget() -> None:
+    """``evict_budget`` caps the evictions of one decision over all workers (the rest wait
+    for the next decision): no cluster-wide thrash, and no decision slowed by thousands."""
+    snap = QueueSnapshot(0.0, interactive_group(20.0), (busy_worker(),))
+    full = make_policy("qlm").decide(snap, PolicyContext(slow_book())).evictions
+    assert len(full) == 2
+    capped = QlmPolicy(evict_budget=1).decide(snap, PolicyContext(slow_book())).evictions
+    assert capped == full[:1]
+    assert QlmPolicy(evict_budget=0).decide(snap, PolicyContext(slow_book())).evictions == ()
+
+
 def test_the_eviction_lookahead_stops_at_a_group_it_cannot_bring_in_on_time() -> None:
     """Behind a head group, evictions provide only for groups that the evicted slots can
     still serve on time: a 3-request group behind a 2-request head needs more than the

@@ -49,8 +49,9 @@ or finds nothing within its budget falls back to the heuristic.
 of each of the next ``evict_lookahead_groups`` groups of its lane that evictions can
 still bring in on time, counted with those ahead of it: just enough running requests of
 looser classes are evicted (largest remaining slack first: those past their first token
-have met their TTFT SLO already), never one evicted before; they keep their progress (see
-:func:`.lso.plan_evictions`). With ``kv_state_swap`` an
+have met their TTFT SLO already), never one evicted before nor one that would finish
+sooner than it would re-prefill, at most ``evict_budget`` per decision; they keep their
+progress (see :func:`.lso.plan_evictions`). With ``kv_state_swap`` an
 eviction sets ``Evict.state_swap`` when moving the KV state over PCIe is cheaper than recomputing
 it. *Rejections* only with ``reject_late=True`` (requests whose
 deadline has passed) and ``reject_unservable=True`` (requests of a group that no worker of

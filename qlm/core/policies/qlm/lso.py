@@ -52,14 +52,20 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: QlmOptions) -> tupl
     groups that miss anyway, so past the head it stops at the first group that does not
     fit the steady batch with those ahead, or whose prompts (with those ahead) cannot be
     prefilled before its last deadline. Requests resumed after an eviction are not
-    candidates (:func:`qlm.core.policies.planning.resumed`): no request is evicted twice.
+    candidates (:func:`qlm.core.policies.planning.resumed`): no request is evicted twice;
+    nor is one whose expected remaining decode takes less than re-prefilling its context
+    would (it pays to let it finish). One decision evicts at most ``evict_budget``
+    requests over all workers.
     """
     if not options.evict:
         return ()
     credit = options.evict_rate_credit
     state_swaps = options.kv_state_swap
     evictions: list[Evict] = []
+    budget = options.evict_budget
     for wi, (w, order) in enumerate(zip(pc.snapshot.workers, plan.orders, strict=True)):
+        if len(evictions) >= budget:
+            break  # the rest wait for the next decision (no cluster-wide thrash at once)
         if not order or w.swapping_until is not None or not w.running:
             continue
         if pc.stats[order[0]].model != w.active_model:
@@ -79,7 +85,7 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: QlmOptions) -> tupl
             svc = pc.cost.service(gi, wi)
             slot_rate = svc.tokens_per_s / svc.batch if svc is not None else math.inf
             for p, part in enumerate(parts):
-                while taken < short and cursors[p] < len(part):
+                while taken < short and cursors[p] < len(part) and len(evictions) < budget:
                     rr = part[cursors[p]]
                     if rr.request.slo.ttft_s <= head.ttft_s:
                         break  # past the looser ones, none qualifies for this group

@@ -35,6 +35,8 @@ class QlmOptions:
     evict: bool = option(True, "evict looser requests to make room for a head group")
     evict_lookahead_groups: int = option(
         32, "groups at the head of a lane that evictions provide for", ge=0)
+    evict_budget: int = option(
+        256, "evictions one decision may issue in all (the rest wait for the next)", ge=0)
     evict_rate_credit: float = option(
         0.5, "fraction of the modelled decode rate trusted when counting freed slots", ge=0)
     evict_prefill_aware: bool = option(
