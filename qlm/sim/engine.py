@@ -772,7 +772,7 @@ class Simulation:
         if live is None:
             return RequestRecord(
                 r.id, r.model, r.slo_class.value, r.arrival_at, r.deadline_at, r.prompt_tokens,
-                job.output_tokens, None, None, None, None, 0, False,
+                job.output_tokens, None, None, None, None, 0, False, tenant=r.tenant,
             )
         return RequestRecord(
             id=r.id,
@@ -791,6 +791,7 @@ class Simulation:
             refused=live.refused,
             predicted_at=live.predicted_at,
             predicted_first_token_at=live.predicted_first_token_at,
+            tenant=r.tenant,
         )
 
 
