@@ -194,6 +194,7 @@ class Simulation:
         timer: Timer | None = None,
         forecaster: Forecaster | None = None,
         policy_options: Mapping[str, Any] | None = None,
+        planning_profiles: ProfileBook | None = None,
     ) -> None:
         self.config = config or SimConfig()
         self.chunked = self.config.prefill_mode == "chunked"
@@ -201,7 +202,9 @@ class Simulation:
         self._validate(self.jobs, workers, profiles)
         self.profiles = profiles
         self.policy = policy
-        self.ctx = PolicyContext(profiles, dict(policy_options or {}))
+        # the policy plans with ``planning_profiles`` when given (workers slower or faster
+        # than their profile, e.g. two engines sharing one GPU); the engine runs ``profiles``
+        self.ctx = PolicyContext(planning_profiles or profiles, dict(policy_options or {}))
         self.rng = np.random.default_rng(seed)
         self.timer = timer
         self.forecaster = forecaster
