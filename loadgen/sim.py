@@ -3,7 +3,7 @@
     python -m loadgen.sim --workload {WA,WB,WC} [--trace FILE [--trace-format F]]
         [--policies qlm,fcfs,...]
         [--rates r1,r2,...] [--seed N] [--quick] [--cluster mini|small|paper]
-        [--workers-file F] [--models m1,m2] [--num-requests N] --out DIR
+        [--workers-file F] [--models m1,m2] [--num-requests N] [--tpot-slo-s S] --out DIR
 
 ``--workers-file`` takes the cluster from a workers file (``docker/workers.*.yaml``, first
 model awake) instead of ``--cluster``; ``--models`` (with ``--trace``) builds the requests
@@ -26,6 +26,12 @@ class); prints a table. ``summary.json``::
         wait_r2, wall_s}},
      "cluster": .., "workers": [..], "num_requests": .., "seed": .., "quick": .., "command": ..}
 
+``--tpot-slo-s S`` gives interactive requests a TPOT target of S seconds per output token
+(the workload variant with TPOT targets); each entry then also has ``tpot_attainment``
+(over the requests with a target: finished with mean time per output token after the
+first ≤ S) and ``combined_attainment`` (TTFT and TPOT both met; TTFT alone for requests
+without a target), overall and per class (``*_by_class``).
+
 ``num_refused`` counts the requests refused at admission because they fit no worker of
 the cluster (prompt + ``max_tokens`` beyond every ``max_model_len`` / KV cache of the
 workers able to serve the model: :mod:`qlm.core.fit`, the services' check); they are
@@ -41,6 +47,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -75,7 +82,7 @@ DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
 #: loadgen.report.ENTRY_KEYS).
 RESULT_KEYS = frozenset({
     "workload", "rates", "policies", "cluster", "models", "workers", "num_requests", "seed",
-    "prefill_mode", "policy_options", "quick", "trace", "trace_format", "wall_s", "command",
+    "prefill_mode", "tpot_slo_s", "policy_options", "quick", "trace", "trace_format", "wall_s", "command",
 })
 #: Rate sweeps (req/s) on the ``mini`` cluster, chosen so that fcfs goes from ~1.0
 #: attainment to well below 0.7; other clusters scale them by their GPU count.
@@ -125,6 +132,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="arrival window of a request group (s)")
     p.add_argument("--prefill-mode", choices=PREFILL_MODES, default=SimConfig().prefill_mode,
                    help="engine model: vLLM's chunked prefill or whole prefill first")
+    p.add_argument("--tpot-slo-s", type=float,
+                   help="TPOT target (s per output token) of the interactive requests: the "
+                        "workload variant with TPOT targets (not with --models)")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -186,6 +196,7 @@ class Task:
     config: SimConfig = field(default_factory=SimConfig)
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     trace_format: str | None = None
+    tpot_slo_s: float | None = None
 
     def workers(self) -> tuple[WorkerSpec, ...]:
         if self.workers_file is not None:
@@ -203,7 +214,7 @@ class Task:
                  if self.trace_path else None)
         plan = plan_requests(self.workload, self.num_requests, np.random.default_rng(self.seed),
                              trace=trace, bursty_cv=self.bursty_cv)
-        return plan.jobs_at(self.rate)
+        return plan.jobs_at(self.rate, tpot_slo_s=self.tpot_slo_s)
 
 
 def run_one(task: Task) -> Run:
@@ -262,7 +273,7 @@ def write_records(path: Path, runs: Sequence[Run]) -> None:
         "policy", "rate", "id", "model", "slo_class", "arrival_at", "deadline_at",
         "prompt_tokens", "output_tokens", "started_at", "first_token_at", "finished_at",
         "worker_id", "num_evictions", "rejected", "refused", "predicted_at",
-        "predicted_first_token_at",
+        "predicted_first_token_at", "tpot_slo_s",
     )
     with gzip.open(path, "wt", newline="") as f:
         w = csv.writer(f)
@@ -333,13 +344,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
         if models and (args.workload != "WA" or args.trace is None):
             raise InvalidInput("models", "needs --workload WA (the demo's class mix) and --trace")
+        if args.tpot_slo_s is not None:
+            if not (math.isfinite(args.tpot_slo_s) and args.tpot_slo_s > 0):
+                raise InvalidInput("tpot-slo-s", f"must be a finite number > 0, got "
+                                                 f"{args.tpot_slo_s}")
+            if models:
+                raise InvalidInput("tpot-slo-s", "not with --models (the demo's requests)")
         config = SimConfig(tick_s=args.tick_s, group_window_s=args.group_window_s,
                            min_decision_interval_s=args.decision_interval_s,
                            prefill_mode=args.prefill_mode)
         tasks = [
             Task(args.workload, name, rate, args.seed, num_requests, args.cluster,
                  args.trace, args.bursty_cv, args.workers_file, models, config, policy_options,
-                 trace_format)
+                 trace_format, args.tpot_slo_s)
             for rate in rates
             for name in policies
         ]
@@ -357,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_requests": num_requests,
         "seed": args.seed,
         "prefill_mode": args.prefill_mode,
+        "tpot_slo_s": args.tpot_slo_s,
         "policy_options": policy_options or None,
         "quick": args.quick,
         "trace": str(args.trace) if args.trace else None,

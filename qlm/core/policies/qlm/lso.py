@@ -132,7 +132,7 @@ def _pull_walk(pc: PlanningContext, wi: int, order: Iterable[int]
     if model is None:
         return
     p = pc.cost.profiles.get(model, w.gpu)
-    free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
+    free_slots = min(w.batch_limit, p.max_batch_size) - w.batch_size
     headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
     for gi in order:
         g = pc.stats[gi]
