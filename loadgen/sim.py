@@ -82,7 +82,8 @@ DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
 #: loadgen.report.ENTRY_KEYS).
 RESULT_KEYS = frozenset({
     "workload", "rates", "policies", "cluster", "models", "workers", "num_requests", "seed",
-    "prefill_mode", "tpot_slo_s", "policy_options", "quick", "trace", "trace_format", "wall_s", "command",
+    "prefill_mode", "tpot_slo_s", "policy_options", "quick", "trace", "trace_format", "wall_s",
+    "command",
 })
 #: Rate sweeps (req/s) on the ``mini`` cluster, chosen so that fcfs goes from ~1.0
 #: attainment to well below 0.7; other clusters scale them by their GPU count.

@@ -357,7 +357,8 @@ class BatchCap:
 
     def __post_init__(self) -> None:
         if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise InvalidInput("max_batch_size", f"must be >= 1 when set, got {self.max_batch_size}")
+            raise InvalidInput("max_batch_size",
+                               f"must be >= 1 when set, got {self.max_batch_size}")
 
 
 @dataclass(frozen=True, slots=True)
