@@ -129,3 +129,17 @@ def test_tpot_and_combined_attainment_are_reported_per_class() -> None:
     assert m.combined_attainment_by_class["interactive"] == pytest.approx(1 / 4)
     assert m.combined_attainment_by_class["batch-2"] == 1.0
     assert m.slo_attainment == pytest.approx(3 / 5)
+
+
+@pytest.mark.parametrize("policy", ["shepherd", "edf", "fcfs"])
+def test_baselines_ignore_tpot_targets(policy: str) -> None:
+    busy = tuple(RunningRequest(_request(f"b{i}", SLOClass.BATCH_2, None), 0.0, 0.0)
+                 for i in range(200))
+    workers = (_worker("a10", A10), _worker("a100", A100, busy))
+
+    def decide(tpot: float | None) -> object:
+        requests = tuple(_request(f"i{i}", SLOClass.INTERACTIVE, tpot, 1.0) for i in range(3))
+        snapshot = QueueSnapshot(2.0, group_requests(requests, 1.0), workers)
+        return make_policy(policy).decide(snapshot, PolicyContext(BOOK)).placements
+
+    assert decide(0.025) == decide(None)

@@ -358,7 +358,9 @@ class CostModel:
     """Per-decision cost tables: service of each group on each worker shape (lazy).
 
     ``charge_swaps=False`` prices every model swap at zero (a planner that is not
-    swap-aware); a model the worker cannot serve stays impossible.
+    swap-aware); a model the worker cannot serve stays impossible. ``tpot_aware``
+    prices groups with a TPOT target at the batch it allows (:meth:`tpot_cap`); a
+    planner that ignores TPOT (shepherd) leaves it off.
     """
 
     def __init__(self, profiles: ProfileBook, workers: Sequence[WorkerView],
@@ -366,9 +368,10 @@ class CostModel:
                  output_stats: Mapping[str, LengthStats],
                  charge_swaps: bool = True,
                  memos: Sequence[dict[Any, Any]] | None = None,
-                 service_scale: float = 1.0) -> None:
+                 service_scale: float = 1.0, tpot_aware: bool = False) -> None:
         self.profiles = profiles
         self.service_scale = service_scale
+        self.tpot_aware = tpot_aware
         self.charge_swaps = charge_swaps
         self.workers = workers
         self.stats = stats
@@ -415,7 +418,7 @@ class CostModel:
         p = self.profiles.get(g.model, w.gpu)
         ctx = g.mean_prompt + g.mean_output / 2.0
         batch = steady_batch(p, w, ctx)
-        if g.tpot_s is not None:
+        if g.tpot_s is not None and self.tpot_aware:
             cap = self.tpot_cap(group_index, shape)
             if cap == 0 and any(self.tpot_cap(group_index, s) > 0
                                 for s in range(len(self.shape_keys))):

@@ -44,7 +44,7 @@ class PlanningContext:
         self.loads = loads
         self.weights = weights
         self.cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats, memos=memos,
-                              service_scale=service_scale)
+                              service_scale=service_scale, tpot_aware=True)
 
     def fresh_lanes(self) -> list[Lane]:
         return [Lane(i, w, self.loads[i], self.cost, self.now)
