@@ -331,10 +331,11 @@ class WorkerLoadCache:
 # --------------------------------------------------------------- cost model
 _MISSING = object()
 #: The share of a TPOT target the modelled mean step may take: the mean hides the steps
-#: that carry a burst of prompt chunks, which a short request may meet several of (on WA
-#: at 320 req/s with a 40 ms target, qlm's TPOT misses on the A100s fell from 48 at 0.75,
-#: where the cap did not bind, to 9 of 1,011 at 0.6).
-TPOT_HEADROOM = 0.6
+#: that carry a burst of prompt chunks, which a short request may meet several of. Chosen
+#: on WA (7,000 requests, 40 ms on interactive, rates 160 and 320; qlm's combined TTFT+TPOT
+#: attainment): 0.6 → 0.860, 0.753; 0.75 → 0.901, 0.774; 0.85 → 0.914, 0.791; 1.0 →
+#: 0.915, 0.776; ignoring TPOT → 0.913, 0.778 (docs/results/sim_tpot/README.md).
+TPOT_HEADROOM = 0.85
 
 @dataclass(frozen=True, slots=True)
 class Service:
