@@ -26,7 +26,7 @@ from qlm.sim.batching import tpot_batch_cap
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
 MODEL, GPU, WORKER = "mistral-7b", "A100-80GB", "tpot-0"
-PROMPT_TOKENS, MAX_TOKENS, TPOT_S = 40, 1500, 0.025
+PROMPT_TOKENS, MAX_TOKENS, TPOT_S = 40, 1500, 0.02
 
 
 @pytest.fixture
