@@ -44,7 +44,7 @@ BY_CLASS_KEYS = ("slo_attainment_by_class", "tpot_attainment_by_class",
 
 #: The keys of one policy's entry in ``summary.json``.
 ENTRY_KEYS = frozenset({*PER_RATE_KEYS, *BY_CLASS_KEYS, "num_refused_by_class",
-                        "wait_r2", "wall_s"})
+                        "slo_attainment_by_tenant", "wait_r2", "wall_s"})
 
 
 def num(x: float | None) -> float | None:
@@ -67,6 +67,12 @@ def policy_entry(runs: Sequence[tuple[RunMetrics, float, float]]) -> dict[str, A
     entry["num_refused_by_class"] = {
         c: [m.num_refused_by_class.get(c, 0) for m in metrics] for c in refused_classes
     }
+    tenants = sorted({t for m in metrics for t in m.slo_attainment_by_tenant})
+    if tenants:
+        entry["slo_attainment_by_tenant"] = {
+            t: [num(m.slo_attainment_by_tenant.get(t, float("nan"))) for m in metrics]
+            for t in tenants
+        }
     entry["wait_r2"] = [num(r2) for _, r2, _ in runs]
     entry["wall_s"] = [round(wall, 3) for _, _, wall in runs]
     return entry

@@ -3,7 +3,8 @@
     python -m loadgen.sim --workload {WA,WB,WC} [--trace FILE [--trace-format F]]
         [--policies qlm,fcfs,...]
         [--rates r1,r2,...] [--seed N] [--quick] [--cluster mini|small|paper]
-        [--workers-file F] [--models m1,m2] [--num-requests N] [--tpot-slo-s S] --out DIR
+        [--workers-file F] [--models m1,m2] [--num-requests N] [--tenants a:1,b:10]
+        [--tpot-slo-s S] --out DIR
 
 ``--workers-file`` takes the cluster from a workers file (``docker/workers.*.yaml``, first
 model awake) instead of ``--cluster``; ``--models`` (with ``--trace``) builds the requests
@@ -21,6 +22,7 @@ class); prints a table. ``summary.json``::
         "slo_attainment": [per rate], "slo_attainment_by_class": {cls: [..]},
         "throughput_rps": [..], "throughput_tok_s": [..], "ttft_p99_s": [..],
         "gpu_util": [..], "swaps": [..], "evictions": [..], "decision_ms_p99": [..],
+        "slo_attainment_by_tenant": {tenant: [..]} (with --tenants),
         ... extra per-rate lists: ttft_p50_s, tpot_p50_s, tpot_p99_s, decision_ms_p50,
         num_decisions, invalid_actions, num_refused, num_refused_by_class {cls: [..]},
         wait_r2, wall_s}},
@@ -74,7 +76,10 @@ from qlm.workloads import (
     WB_CLUSTERS,
     WORKLOADS,
     cluster_for,
+    only_tenants,
+    parse_tenants,
     plan_requests,
+    with_tenants,
 )
 
 DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
@@ -82,7 +87,8 @@ DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
 #: loadgen.report.ENTRY_KEYS).
 RESULT_KEYS = frozenset({
     "workload", "rates", "policies", "cluster", "models", "workers", "num_requests", "seed",
-    "prefill_mode", "tpot_slo_s", "policy_options", "quick", "trace", "trace_format", "wall_s",
+    "prefill_mode", "tpot_slo_s", "policy_options", "tenants", "quick", "trace",
+    "trace_format", "wall_s",
     "command",
 })
 #: Rate sweeps (req/s) on the ``mini`` cluster, chosen so that fcfs goes from ~1.0
@@ -123,6 +129,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", help="comma-separated models in equal shares (needs --trace)")
     p.add_argument("--num-requests", type=int)
     p.add_argument("--bursty-cv", type=float, help="gamma arrivals with this CV instead of Poisson")
+    p.add_argument("--tenants", help="tenants and their traffic shares, e.g. light:1,heavy:10 "
+                                     "(attainment per tenant in the summary)")
     p.add_argument("--jobs", type=int, default=2, help="simulations run in parallel processes")
     p.add_argument("--no-records", action="store_true", help="skip records.csv.gz")
     p.add_argument("--tick-s", type=float, default=SimConfig().tick_s,
@@ -197,6 +205,10 @@ class Task:
     config: SimConfig = field(default_factory=SimConfig)
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     trace_format: str | None = None
+    #: Tenants and their traffic shares (empty: every request the default tenant's).
+    tenants: Mapping[str, float] = field(default_factory=dict)
+    #: Run only these tenants' requests (empty: all).
+    only_tenants: tuple[str, ...] = ()
     tpot_slo_s: float | None = None
 
     def workers(self) -> tuple[WorkerSpec, ...]:
@@ -215,7 +227,10 @@ class Task:
                  if self.trace_path else None)
         plan = plan_requests(self.workload, self.num_requests, np.random.default_rng(self.seed),
                              trace=trace, bursty_cv=self.bursty_cv)
-        return plan.jobs_at(self.rate, tpot_slo_s=self.tpot_slo_s)
+        if self.tenants:
+            plan = with_tenants(plan, self.tenants, self.seed)
+        jobs = plan.jobs_at(self.rate, tpot_slo_s=self.tpot_slo_s)
+        return only_tenants(jobs, self.only_tenants) if self.only_tenants else jobs
 
 
 def run_one(task: Task) -> Run:
@@ -274,7 +289,7 @@ def write_records(path: Path, runs: Sequence[Run]) -> None:
         "policy", "rate", "id", "model", "slo_class", "arrival_at", "deadline_at",
         "prompt_tokens", "output_tokens", "started_at", "first_token_at", "finished_at",
         "worker_id", "num_evictions", "rejected", "refused", "predicted_at",
-        "predicted_first_token_at", "tpot_slo_s",
+        "predicted_first_token_at", "tenant", "tpot_slo_s",
     )
     with gzip.open(path, "wt", newline="") as f:
         w = csv.writer(f)
@@ -351,13 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  f"{args.tpot_slo_s}")
             if models:
                 raise InvalidInput("tpot-slo-s", "not with --models (the demo's requests)")
+        tenants = parse_tenants(args.tenants) if args.tenants else {}
+        if tenants and models:
+            raise InvalidInput("tenants", "cannot be combined with --models")
         config = SimConfig(tick_s=args.tick_s, group_window_s=args.group_window_s,
                            min_decision_interval_s=args.decision_interval_s,
                            prefill_mode=args.prefill_mode)
         tasks = [
             Task(args.workload, name, rate, args.seed, num_requests, args.cluster,
                  args.trace, args.bursty_cv, args.workers_file, models, config, policy_options,
-                 trace_format, args.tpot_slo_s)
+                 trace_format, tenants, tpot_slo_s=args.tpot_slo_s)
             for rate in rates
             for name in policies
         ]
@@ -377,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prefill_mode": args.prefill_mode,
         "tpot_slo_s": args.tpot_slo_s,
         "policy_options": policy_options or None,
+        "tenants": tenants or None,
         "quick": args.quick,
         "trace": str(args.trace) if args.trace else None,
         "trace_format": args.trace_format if args.trace else None,

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 from qlm.core.errors import InvalidInput, UnknownModel
 from qlm.core.fit import SequenceLimit, check_fits
-from qlm.core.types import DEFAULT_TTFT_SLO_S, SLO, Request, SLOClass
+from qlm.core.types import DEFAULT_TENANT, DEFAULT_TTFT_SLO_S, SLO, Request, SLOClass
 from qlm.engine.text import chat_messages
 
 MAX_REQUEST_ID_LEN: Final = 128
@@ -41,7 +41,6 @@ MAX_TENANT_LEN: Final = 128
 REQUEST_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 #: Prompt text is sized as ~4 UTF-8 bytes per token until a tokenizer is consulted.
 BYTES_PER_TOKEN_ESTIMATE: Final = 4
-DEFAULT_TENANT: Final = "default"
 #: Range of every count and token id: what the proto's int32 fields (and the engines)
 #: hold. Checked here, before anything narrows a number; the wire carries int64 so that
 #: a larger value arrives whole and is refused naming its field.

@@ -48,13 +48,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import numpy as np
 
 from qlm.core.errors import InvalidInput
-from qlm.core.types import SLO, Request, SLOClass
+from qlm.core.types import DEFAULT_TENANT, SLO, Request, SLOClass
 from qlm.sim.cluster import Job, WorkerSpec
 from qlm.traces import TraceRow, slice_trace
 
@@ -146,19 +146,24 @@ class RequestPlan:
     outputs: np.ndarray
     models: tuple[str, ...]
     classes: tuple[SLOClass, ...]
+    #: Each request's tenant (empty: every request the default tenant's).
+    tenants: tuple[str, ...] = ()
 
     def jobs_at(
         self, rate: float, max_tokens: int = DEFAULT_MAX_TOKENS, prefix: str = "r",
         tpot_slo_s: float | None = None,
     ) -> tuple[Job, ...]:
         """The requests arriving at mean ``rate`` req/s (times divided by ``rate``); with
+        tenants, request ids are ``<tenant>/<id>`` as the services make them; with
         ``tpot_slo_s``, interactive requests carry that TPOT target (:func:`tpot_slo_for`)."""
         _check_rate(rate)
         jobs = []
         for i in range(len(self.unit_times)):
             output = int(self.outputs[i])
+            tenant = self.tenants[i] if self.tenants else DEFAULT_TENANT
             request = Request(
-                id=f"{prefix}{i:06d}",
+                id=f"{tenant}/{prefix}{i:06d}" if self.tenants else f"{prefix}{i:06d}",
+                tenant=tenant,
                 model=self.models[i],
                 prompt_tokens=int(self.prompts[i]),
                 max_tokens=max(max_tokens, output),
@@ -230,6 +235,41 @@ def plan_requests(
         models = [MISTRAL] * n
         classes = pick(rng, n, WA_CLASSES)
     return RequestPlan(times, prompts, outputs, tuple(models), tuple(SLOClass(c) for c in classes))
+
+
+def parse_tenants(text: str) -> dict[str, float]:
+    """Tenants and their shares of the traffic, ``NAME:SHARE,...`` (``light:1,heavy:10``:
+    heavy sends 10× light's requests); InvalidInput naming ``tenants`` otherwise."""
+    shares: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, sep, share = part.partition(":")
+        try:
+            value = float(share)
+        except ValueError:
+            value = math.nan
+        if not sep or not name or "/" in name or not (math.isfinite(value) and value > 0):
+            raise InvalidInput("tenants", f"expected NAME:SHARE (share > 0), got {part!r}")
+        if name in shares:
+            raise InvalidInput("tenants", f"tenant {name!r} named twice")
+        shares[name] = value
+    if not shares:
+        raise InvalidInput("tenants", "name at least one tenant")
+    return shares
+
+
+def with_tenants(plan: RequestPlan, shares: Mapping[str, float], seed: int) -> RequestPlan:
+    """``plan`` with each request's tenant drawn with these shares (independent Poisson
+    streams when the arrivals are Poisson). Drawn from their own generator (``seed``), so
+    the requests themselves are those of the plan without tenants."""
+    rng = np.random.default_rng([seed, 0x7E4A47])
+    tenants = tuple(pick(rng, len(plan.unit_times), shares))
+    return replace(plan, tenants=tenants)
+
+
+def only_tenants(jobs: Sequence[Job], tenants: Sequence[str]) -> tuple[Job, ...]:
+    """The jobs of these tenants (e.g. one tenant's traffic alone, the same requests)."""
+    keep = set(tenants)
+    return tuple(j for j in jobs if j.request.tenant in keep)
 
 
 def _phased_models(rng: np.random.Generator, n: int) -> list[str]:

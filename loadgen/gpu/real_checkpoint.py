@@ -44,7 +44,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -52,6 +52,13 @@ from loadgen.gpu.common import MODEL_SHAPES, StepLog, device_facts, stream_to_en
 from loadgen.gpu.stack_replay import code_version
 from qlm.engine.base import EngineRequest
 from qlm.roster import ModelEntry
+
+#: The top-level keys this program writes into its JSON (checked against the committed
+#: results by tests/unit/test_results_keys.py).
+RESULT_KEYS: Final = frozenset({
+    "args", "checks", "code_version", "command", "device", "error", "steps", "tok_s_dummy",
+    "tok_s_real", "tok_s_real_over_dummy", "total_s", "vllm_version",
+})
 
 PROMPT = "The queue manager keeps interactive requests within their time to first token."
 #: The engines of steps 2-4, in order.

@@ -38,6 +38,8 @@ WHEELS=(
   pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
   # the HTTP front door (ingest --http-port); FastAPI and starlette come with vLLM
   uvicorn==0.55.0 h11==0.16.0 httptools==0.9.0 python-multipart==0.0.34
+  # the local stack's certificates (qlm.tls, imported by qlm.localstack.services)
+  cryptography==51.0.1 cffi==2.1.1 pycparser==3.12
 )
 
 log() { printf '== %s\n' "$*" >&2; }

@@ -35,7 +35,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -51,6 +51,13 @@ from loadgen.gpu.stack_replay import (
 from qlm.core.errors import Unavailable
 from qlm.core.perf import PROFILE_DIR
 from qlm.core.types import SLO, Request, SLOClass
+
+#: The top-level keys this program writes into its JSON (checked against the committed
+#: results by tests/unit/test_results_keys.py).
+RESULT_KEYS: Final = frozenset({
+    "args", "code_version", "command", "cold_restarts", "device", "engine", "error",
+    "summary", "swaps", "total_s", "vllm_version", "worker_start_s",
+})
 
 WORKER_ID = "gpu0"
 #: Seconds kept back from --budget-s for stopping everything.

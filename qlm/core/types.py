@@ -9,11 +9,13 @@ Times are seconds on whatever clock the caller injects (virtual in the simulator
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
+from urllib.parse import quote, unquote
 
 from qlm.core.errors import InvalidInput
 
@@ -67,6 +69,10 @@ class SLO:
         return cls(ttft_s=ttft_s)
 
 
+#: The tenant of a request that names none (and of a group key without one).
+DEFAULT_TENANT: Final = "default"
+
+
 class RequestState(StrEnum):
     """queued → running → finished | failed | cancelled; running → queued on eviction."""
 
@@ -96,7 +102,7 @@ class Request:
     slo_class: SLOClass
     slo: SLO
     arrival_at: float
-    tenant: str = "default"
+    tenant: str = DEFAULT_TENANT
     num_generated: int = 0
 
     def __post_init__(self) -> None:
@@ -138,28 +144,50 @@ class Request:
 
 @dataclass(frozen=True, slots=True, order=True)
 class GroupKey:
-    """Requests of one model and SLO class that arrived in the same window."""
+    """Requests of one model, SLO class and tenant that arrived in the same window.
+
+    Groups are per tenant so that the scheduler can order one tenant's work against
+    another's (fair share, :mod:`qlm.core.fairness`); a worker pulls a group's requests
+    in deadline order, so tenants mixed in one group could not be told apart.
+
+    Text form (``str``; the Redis group name): ``model|slo_class|window`` for the default
+    tenant (as before tenants had groups of their own), ``model|slo_class|window|tenant``
+    otherwise, the tenant percent-encoded (``|`` and ``%`` cannot be mistaken for a
+    separator). The model may contain ``|``: the window, an integer, tells the forms apart.
+    """
 
     model: str
     slo_class: SLOClass
     window: int
+    tenant: str = DEFAULT_TENANT
 
     def __str__(self) -> str:
-        return f"{self.model}|{self.slo_class.value}|{self.window}"
+        text = f"{self.model}|{self.slo_class.value}|{self.window}"
+        if self.tenant == DEFAULT_TENANT:
+            return text
+        return f"{text}|{quote(self.tenant, safe='')}"
 
     @classmethod
     def parse(cls, text: str) -> GroupKey:
+        parts = text.rsplit("|", 3)
         try:
+            if len(parts) == 4 and _INT.fullmatch(parts[2]):
+                model, slo_class, window, tenant = parts
+                return cls(model, SLOClass(slo_class), int(window), unquote(tenant))
             model, slo_class, window = text.rsplit("|", 2)
             return cls(model, SLOClass(slo_class), int(window))
         except ValueError:
             raise InvalidInput("group", f"malformed group key {text!r}") from None
 
 
+_INT: Final = re.compile(r"-?[0-9]+")
+
+
 def group_key_for(request: Request, window_s: float) -> GroupKey:
     if window_s <= 0:
         raise InvalidInput("window_s", f"must be > 0, got {window_s}")
-    return GroupKey(request.model, request.slo_class, math.floor(request.arrival_at / window_s))
+    return GroupKey(request.model, request.slo_class, math.floor(request.arrival_at / window_s),
+                    request.tenant)
 
 
 @dataclass(frozen=True, slots=True)

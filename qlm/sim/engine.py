@@ -773,7 +773,8 @@ class Simulation:
         if live is None:
             return RequestRecord(
                 r.id, r.model, r.slo_class.value, r.arrival_at, r.deadline_at, r.prompt_tokens,
-                job.output_tokens, None, None, None, None, 0, False, tpot_slo_s=r.slo.tpot_s,
+                job.output_tokens, None, None, None, None, 0, False, tenant=r.tenant,
+                tpot_slo_s=r.slo.tpot_s,
             )
         return RequestRecord(
             id=r.id,
@@ -792,6 +793,7 @@ class Simulation:
             refused=live.refused,
             predicted_at=live.predicted_at,
             predicted_first_token_at=live.predicted_first_token_at,
+            tenant=r.tenant,
             tpot_slo_s=r.slo.tpot_s,
         )
 

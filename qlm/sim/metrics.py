@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from qlm.core.types import SLOClass
+from qlm.core.types import DEFAULT_TENANT, SLOClass
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,7 @@ class RequestRecord:
     predicted_at: float | None = None
     predicted_first_token_at: float | None = None
     refused: bool = False
+    tenant: str = DEFAULT_TENANT
     tpot_slo_s: float | None = None
 
     @property
@@ -110,6 +111,10 @@ class RunMetrics:
     num_decisions: int
     makespan_s: float
     invalid_actions: int = 0
+    #: Per tenant (only when the run had more than the default tenant), then per class.
+    slo_attainment_by_tenant: Mapping[str, float] = field(default_factory=dict)
+    slo_attainment_by_tenant_class: Mapping[str, Mapping[str, float]] = field(
+        default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,6 +122,9 @@ class RunMetrics:
         d["tpot_attainment_by_class"] = dict(self.tpot_attainment_by_class)
         d["combined_attainment_by_class"] = dict(self.combined_attainment_by_class)
         d["num_refused_by_class"] = dict(self.num_refused_by_class)
+        d["slo_attainment_by_tenant"] = dict(self.slo_attainment_by_tenant)
+        d["slo_attainment_by_tenant_class"] = {
+            t: dict(v) for t, v in self.slo_attainment_by_tenant_class.items()}
         return d
 
 
@@ -164,6 +172,12 @@ def summarise(
     ttfts = [t for r in records if (t := r.ttft_s) is not None]
     tpots = [t for r in records if (t := r.tpot_s) is not None]
     ms = [1000 * s for s in decision_s]
+    by_tenant: dict[str, dict[str, list[bool]]] = {}
+    for r in records:
+        if not r.refused:
+            by_tenant.setdefault(r.tenant, {}).setdefault(r.slo_class, []).append(r.met_slo)
+    if set(by_tenant) <= {DEFAULT_TENANT}:
+        by_tenant = {}
     return RunMetrics(
         num_requests=n,
         num_finished=len(finished),
@@ -195,6 +209,15 @@ def summarise(
         num_decisions=len(ms),
         makespan_s=makespan,
         invalid_actions=invalid_actions,
+        slo_attainment_by_tenant={
+            t: sum(sum(v) for v in cls.values()) / sum(len(v) for v in cls.values())
+            for t, cls in sorted(by_tenant.items())
+        },
+        slo_attainment_by_tenant_class={
+            t: {c: sum(v) / len(v)
+                for c, v in sorted(cls.items(), key=lambda kv: order.index(kv[0]))}
+            for t, cls in sorted(by_tenant.items())
+        },
     )
 
 

@@ -49,7 +49,8 @@ key                         type        contents
 ``P batches:driver``        string      lock of the one process that moves batches forward
 ==========================  ==========  ================================================
 
-``<group>`` is ``str(GroupKey)``: ``model|slo_class|window``.
+``<group>`` is ``str(GroupKey)``: ``model|slo_class|window``, with ``|tenant`` (percent-encoded)
+after it for a tenant other than ``default`` (one group per tenant: fair share).
 
 Scores (the sorted-set score is the policy's sort key):
 

@@ -43,4 +43,5 @@ def make_request(
 
 
 def group_of(request: Request) -> GroupKey:
-    return GroupKey(request.model, request.slo_class, int(request.arrival_at // WINDOW_S))
+    return GroupKey(request.model, request.slo_class, int(request.arrival_at // WINDOW_S),
+                    request.tenant)

@@ -7,6 +7,7 @@ concurrency) is in test_store.py."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 from queue_helpers import T0, WINDOW_S, FakeClock, group_of, make_request
@@ -150,6 +151,26 @@ async def test_pull_stops_at_the_first_queued_group_of_another_model(
     assert await store.pull("w1", "llama-8b", 5) == ()  # qwen's group must be served first
     assert [r.id for r in await store.pull("w1", "qwen-7b", 5)] == ["q"]
     assert [r.id for r in await store.pull("w1", "llama-8b", 5)] == ["l"]
+
+
+async def test_each_tenant_has_its_own_group_and_pull_walks_them_by_model(
+    store: QueueStore,
+) -> None:
+    """Group names with a tenant (``model|class|window|tenant``, the model holding '|'):
+    the pull reads their model right, in the store's scripts too."""
+    a = replace(make_request("a/1", model="org|llama"), tenant="a")
+    b = replace(make_request("b/1", model="org|llama"), tenant="b|x")
+    qwen = replace(make_request("a/2", model="qwen-7b"), tenant="a")
+    for request in (a, b, qwen):
+        await store.enqueue(request)
+    assert group_of(a) != group_of(b)
+    assert {g.key for g in (await store.snapshot()).groups} == {
+        group_of(a), group_of(b), group_of(qwen)}
+    await store.set_virtual_queue("w1", [group_of(b), group_of(a), group_of(qwen)])
+
+    assert [r.id for r in await store.pull("w1", "org|llama", 5)] == ["b/1", "a/1"]
+    assert [(r.id, r.request.tenant) for r in await store.pull("w1", "qwen-7b", 5)] == [
+        ("a/2", "a")]
 
 
 async def test_queue_head_shows_what_pull_would_take(store: QueueStore) -> None:

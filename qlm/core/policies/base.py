@@ -5,6 +5,8 @@ Contract (checked for every policy by ``tests/unit/test_policy_contract.py``):
 
 * ``decide(snapshot, ctx)`` is pure: same inputs → same ``Decision``; it never
   mutates its inputs (they are frozen) and never reads a clock (``snapshot.now``).
+  (qlm's fair share keeps counters of the service each tenant received, fed by the
+  snapshots it decided on: a fresh instance, or the same snapshot again, decides alike.)
 * Every queued group appears in at most one worker's ``Place.order``; a group is
   placed only on a worker that has a profile for its model.
 * ``Pull`` names only queued requests, each once, never more than the worker's

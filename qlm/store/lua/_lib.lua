@@ -7,8 +7,13 @@ local function group_key(prefix, group) return prefix .. 'group:' .. group end
 local function running_key(prefix, worker) return prefix .. 'running:' .. worker end
 local function stream_key(prefix, id) return prefix .. 'stream:' .. id end
 
--- The model of a group key "model|slo_class|window" (the model may contain '|').
-local function model_of(group) return string.match(group, '^(.*)|[^|]*|[^|]*$') end
+-- The model of a group key "model|slo_class|window" or "model|slo_class|window|tenant"
+-- (qlm.core.types.GroupKey; the model may contain '|', the tenant is percent-encoded,
+-- the window is an integer where the 3-part form has its class).
+local function model_of(group)
+  return string.match(group, '^(.*)|[^|]*|%-?%d+|[^|]*$')
+      or string.match(group, '^(.*)|[^|]*|[^|]*$')
+end
 
 -- For each group of `groups` (a list), whether it has a queued request (is in the index).
 local function nonempty_groups(prefix, groups)

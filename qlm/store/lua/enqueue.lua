@@ -4,7 +4,7 @@
 -- KEYS[2]  group:{group}   the group's sorted set of queued ids
 -- KEYS[3]  groups          the group index
 -- ARGV[1]  id              the request id
--- ARGV[2]  group           group key text "model|slo_class|window"
+-- ARGV[2]  group           group key text (str(GroupKey): "model|slo_class|window[|tenant]")
 -- ARGV[3]  deadline_at     score of the request in its group
 -- ARGV[4]  identity        JSON array of [field, value] pairs (strings) that a retry
 --                           must repeat exactly, compared in this order

@@ -42,6 +42,17 @@ or finds nothing within its budget falls back to the heuristic.
    batch work with slack, behind groups it would make miss). They count for nothing,
    but a user still waits for them, and placed last they wait for the whole backlog.
 
+**Fair share** (``fair_share``, :mod:`qlm.core.fairness`): within an SLO class, tenants
+share the GPUs as under VTC. The policy keeps a virtual token counter per (class, tenant),
+fed by the snapshots it decides on (:meth:`QlmPolicy.observe`); step 1 gives the places a
+class holds in deadline order to its groups in fair order (least counter after the group
+first); step 3 displaces only groups of the displacing group's own tenant; step 4 does not
+swap two groups of one class and different tenants out of fair order; the MILP, which
+knows no fair order, runs only while no class has queued groups of two tenants (and a plan
+of it that breaks the fair order would not be used). Deciding twice on one snapshot gives
+one decision; the counters are what the instance has seen (docs/scheduler.md: across a
+restart).
+
 **TPOT targets.** A group whose requests have a TPOT target is served, on each worker
 shape, at the largest batch whose mean step (a decode step at the batch's mean context plus
 the amortised prompt chunks of the requests that replace finished ones) meets its tightest
@@ -79,6 +90,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, ClassVar
 
+from qlm.core.fairness import TokenWeights, VirtualTokenCounters
 from qlm.core.policies.base import (
     ContextOptions,
     PolicyContext,
@@ -102,6 +114,11 @@ from qlm.core.policies.qlm.options import QlmOptions
 from qlm.core.types import Decision, Place, QueueSnapshot
 
 
+def token_weights(options: QlmOptions) -> TokenWeights:
+    """Fair share's token weights from the options."""
+    return TokenWeights(options.fair_input_weight, options.fair_output_weight)
+
+
 @register("qlm")
 class QlmPolicy:
     """The qlm global scheduler (see the package docstring). Options: :class:`QlmOptions`,
@@ -109,8 +126,9 @@ class QlmPolicy:
     :func:`qlm.core.policies.base.parse_options`); ``PolicyContext.options`` override them
     per decision.
 
-    The instance memoises per-group and per-worker summaries between decisions; the
-    decision itself depends only on ``snapshot`` and ``ctx``.
+    The instance memoises per-group and per-worker summaries between decisions, and keeps
+    fair share's counters (:attr:`counters`), fed by every snapshot it decides on; apart
+    from them the decision depends only on ``snapshot`` and ``ctx``.
     """
 
     name: ClassVar[str] = "qlm"
@@ -127,6 +145,8 @@ class QlmPolicy:
         self._context = ContextOptions(QlmOptions, self.options, self.name)
         self._groups = GroupStatsCache()
         self._workers = WorkerLoadCache()
+        #: Fair share's counters, fed by every snapshot decided on (:meth:`observe`).
+        self.counters = VirtualTokenCounters(token_weights(self.options))
 
     def options_for(self, ctx: PolicyContext) -> QlmOptions:
         """This policy's options with ``ctx.options`` applied."""
@@ -147,15 +167,29 @@ class QlmPolicy:
     def _plan(self, snapshot: QueueSnapshot, ctx: PolicyContext, options: QlmOptions
               ) -> tuple[PlanningContext, Plan]:
         pc = self.planning_context(snapshot, ctx, options)
+        if options.fair_share:
+            self.observe(snapshot, options)
+            pc.set_fair_order(self.counters)
         cells = len(pc.stats) * len(snapshot.workers)
-        use_milp = bool(pc.stats) and cells <= options.milp_max_cells
+        use_milp = (bool(pc.stats) and cells <= options.milp_max_cells
+                    and not pc.fair_order_binds())
         heuristic = heuristic_plan(pc, options, score=use_milp or self.always_score)
         if not use_milp or heuristic.value >= attainment_bound(pc) - 1e-3 * len(pc.stats):
             return pc, heuristic  # nothing for the MILP to win
         exact = milp_plan(pc, options.milp_time_limit_s, options.milp_node_limit)
         if isinstance(exact, str):
             return pc, Plan(heuristic.orders, heuristic.value, f"heuristic (milp: {exact})")
+        if not pc.respects_fair_order(exact.orders):
+            return pc, Plan(heuristic.orders, heuristic.value, "heuristic (milp: unfair)")
         return pc, exact if exact.value >= heuristic.value - 1e-3 else heuristic
+
+    def observe(self, snapshot: QueueSnapshot, options: QlmOptions | None = None) -> None:
+        """Feed fair share's counters with what ``snapshot`` shows was served (the same
+        snapshot twice charges nothing twice)."""
+        weights = token_weights(options or self.options)
+        if weights != self.counters.weights:
+            self.counters.weights = weights
+        self.counters.observe(snapshot)
 
     def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
         options = self.options_for(ctx)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlm.core.estimator import LengthStats
+from qlm.core.fairness import VirtualTokenCounters, fair_order
 from qlm.core.policies.base import PolicyContext
 from qlm.core.policies.planning import (
     CostModel,
@@ -17,7 +18,7 @@ from qlm.core.policies.planning import (
     lane_value,
     p_meet,
 )
-from qlm.core.types import QueueSnapshot, SLOClass
+from qlm.core.types import GroupKey, QueueSnapshot, SLOClass
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,87 @@ class PlanningContext:
         self.weights = weights
         self.cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats, memos=memos,
                               service_scale=service_scale, tpot_aware=True)
+        #: Per group: its place in its class's fair order (:meth:`set_fair_order`); None:
+        #: no fair share, the planners order groups by urgency alone.
+        self.fair_rank: list[int] | None = None
+
+    def set_fair_order(self, counters: VirtualTokenCounters) -> None:
+        """Rank each class's groups in the order VTC would serve them
+        (:func:`qlm.core.fairness.fair_order`): each tenant's groups in deadline order,
+        each charged its expected tokens (prompts and mean outputs) under the counters'
+        weights."""
+        weights = counters.weights
+        by_class: dict[SLOClass, list[int]] = {}
+        for gi in sorted(range(len(self.stats)), key=self.deadline_key):
+            by_class.setdefault(self.stats[gi].key.slo_class, []).append(gi)
+        rank = [0] * len(self.stats)
+        for slo_class, members in by_class.items():
+            items = [((slo_class, self.stats[gi].key.tenant),
+                      weights.cost(self.stats[gi].mean_prompt * self.stats[gi].size,
+                                   self.stats[gi].out_mean_total)) for gi in members]
+            flows = {flow for flow, _ in items}
+            order = fair_order(items, {f: counters.counter(f) for f in flows})
+            for position, k in enumerate(order):
+                rank[members[k]] = position
+        self.fair_rank = rank
+
+    def deadline_key(self, gi: int) -> tuple[float, GroupKey]:
+        """The planners' urgency order: earliest deadline quantile, then key."""
+        return self.stats[gi].deadline_points[0], self.stats[gi].key
+
+    def fair_before(self, a: int, b: int) -> bool:
+        """Whether fair share keeps group ``a`` ahead of group ``b`` (same class, other
+        tenants, ``a`` first in the fair order); never without fair share."""
+        rank = self.fair_rank
+        if rank is None:
+            return False
+        ka, kb = self.stats[a].key, self.stats[b].key
+        return ka.slo_class is kb.slo_class and ka.tenant != kb.tenant and rank[a] < rank[b]
+
+    def may_displace(self, victim: int, by: int) -> bool:
+        """Whether group ``by`` may displace group ``victim`` from a lane (step 3 of the
+        heuristic: the victim goes last, where it likely misses). With fair share only
+        within a tenant: displacement weighs groups by size, and a light tenant's groups
+        are small, so across tenants it would drop the light tenant's work first."""
+        if self.fair_rank is None:
+            return True
+        return self.stats[victim].key.tenant == self.stats[by].key.tenant
+
+    def urgency_order(self) -> list[int]:
+        """Group indices in the order the heuristic places them: deadline order, in which,
+        with fair share, the places a class holds go to its groups in fair order (classes
+        keep their urgency against each other; a tenant's groups keep theirs)."""
+        order = sorted(range(len(self.stats)), key=self.deadline_key)
+        rank = self.fair_rank
+        if rank is None:
+            return order
+        by_class: dict[SLOClass, list[int]] = {}
+        for gi in order:
+            by_class.setdefault(self.stats[gi].key.slo_class, []).append(gi)
+        fair = {c: iter(sorted(members, key=rank.__getitem__)) for c, members in by_class.items()}
+        return [next(fair[self.stats[gi].key.slo_class]) for gi in order]
+
+    def fair_order_binds(self) -> bool:
+        """Whether fair share constrains the plan: some class has queued groups of two
+        tenants or more (the MILP, which knows no fair order, is then not run)."""
+        if self.fair_rank is None:
+            return False
+        tenants: dict[SLOClass, str] = {}
+        for g in self.stats:
+            first = tenants.setdefault(g.key.slo_class, g.key.tenant)
+            if first != g.key.tenant:
+                return True
+        return False
+
+    def respects_fair_order(self, orders: Sequence[Sequence[int]]) -> bool:
+        """Whether no lane of ``orders`` puts a group behind one it should precede."""
+        if self.fair_rank is None:
+            return True
+        for order in orders:
+            for i, a in enumerate(order):
+                if any(self.fair_before(b, a) for b in order[i + 1:]):
+                    return False
+        return True
 
     def fresh_lanes(self) -> list[Lane]:
         return [Lane(i, w, self.loads[i], self.cost, self.now)

@@ -124,8 +124,7 @@ def heuristic_plan(pc: PlanningContext, options: QlmOptions, score: bool = True)
     displace_below = options.displace_below_p
     deferred: list[int] = []
     late: list[int] = []
-    order = sorted(range(len(stats)), key=lambda i: (stats[i].deadline_points[0], stats[i].key))
-    for gi in order:
+    for gi in pc.urgency_order():
         shapes = shapes_for(gi)
         if not shapes:
             continue  # no worker can ever serve it: left out of every queue
@@ -272,6 +271,8 @@ def _displace_one(pc: PlanningContext, lane: Lane, gi: int) -> int | None:
     base = lane_value(cost, lane, [*lane.order, gi], pc.weights)
     best_gain, best_pos = 1e-9, -1
     for pos in range(len(lane.order)):
+        if not pc.may_displace(lane.order[pos], gi):
+            continue  # fair share: another tenant's group is not dropped for gi
         trial = [*lane.order[:pos], *lane.order[pos + 1:], gi]
         gain = lane_value(cost, lane, trial, pc.weights) - base
         if gain > best_gain:
@@ -301,6 +302,8 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
             for i in range(len(current) - 1):
                 if budget <= 0:
                     break
+                if pc.fair_before(current[i], current[i + 1]):
+                    continue  # fair share keeps this pair in order
                 trial = [*current[:i], current[i + 1], current[i], *current[i + 2:]]
                 budget -= 1
                 v = lane_value(cost, lane, trial, pc.weights)

@@ -49,6 +49,12 @@ class QlmOptions:
         False, "reject requests of a model no worker of the snapshot can serve")
     spare_versatile: bool = option(
         False, "surely met work goes to the least versatile GPU shape (throughput first)")
+    fair_share: bool = option(
+        True, "within an SLO class, serve the tenant with the least virtual token counter first")
+    fair_input_weight: float = option(
+        1.0, "fair share: counter cost of a prompt token admitted", ge=0)
+    fair_output_weight: float = option(
+        2.0, "fair share: counter cost of an output token generated", ge=0)
     class_weights: Mapping[str, float] = option(
         {}, "weight of each SLO class in the objective {class: weight} (default 1)", ge=0)
     output_stats: Mapping[str, Any] = option(

@@ -1,0 +1,218 @@
+"""Fair share between tenants: virtual token counters in the manner of VTC (Sheng et al.,
+"Fairness in Serving Large Language Models", OSDI 2024).
+
+A *flow* is one tenant's traffic in one SLO class (fair share acts within a class;
+classes keep their own urgency). Each flow has a **virtual token counter**: the service
+it received, ``input_weight`` per prompt token admitted plus ``output_weight`` per output
+token generated (VTC's w_p = 1, w_q = 2 by default: a decode token costs more GPU time
+than a prefill token). Among the *backlogged* flows of a class (those with queued
+requests) the one with the least counter is served first. When a flow becomes
+backlogged its counter is lifted to the least counter of the class's backlogged flows,
+or, when none is backlogged, to the counter of the last flow that left the backlog
+(VTC's rule): time spent idle banks no credit, and a flow that asks for less than its
+share is served at once without ever owning the GPU.
+
+:class:`VirtualTokenCounters` keeps the counters and is fed with what the scheduler sees
+anyway: each :class:`~qlm.core.types.QueueSnapshot` (:meth:`VirtualTokenCounters.observe`)
+charges every running request for the prompt it was admitted with (once) and for the
+output tokens it generated since it was last seen, and marks the flows with queued
+requests as backlogged. Tokens generated after a request's last snapshot before it
+finished are not seen (at most one decision interval of its decoding, the same bias for
+every flow). :func:`fair_order` projects VTC onto a queue: it interleaves the queued
+groups of a class the way VTC would admit them, charging each group its expected cost.
+
+Pure: no I/O, no clock. The counters are state: the scheduler service keeps them across a
+restart by :meth:`VirtualTokenCounters.to_state` / :meth:`VirtualTokenCounters.from_state`
+(docs/scheduler.md says where).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from qlm.core.errors import InvalidInput
+from qlm.core.types import QueueSnapshot, SLOClass
+
+#: A flow: (SLO class, tenant).
+Flow = tuple[SLOClass, str]
+#: Requests that left the running set whose charged output is remembered, at most (an
+#: evicted request resumes with its progress; it must not be charged for it twice).
+MAX_DEPARTED: Final = 100_000
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenWeights:
+    """What one token adds to a counter: ``input`` per prompt token, ``output`` per
+    generated token (VTC's w_p and w_q)."""
+
+    input: float = 1.0
+    output: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidInput(f"weights.{name}", f"must be a finite number >= 0, got {value}")
+
+    def cost(self, input_tokens: float, output_tokens: float) -> float:
+        return self.input * input_tokens + self.output * output_tokens
+
+
+class VirtualTokenCounters:
+    """The counter of every flow seen, the backlogged flows, and what was charged per
+    running request (module docstring)."""
+
+    def __init__(self, weights: TokenWeights | None = None) -> None:
+        self.weights = weights or TokenWeights()
+        self._counters: dict[Flow, float] = {}
+        self._backlogged: set[Flow] = set()
+        #: Per class: the counter of the last flow that left its backlog.
+        self._last_left: dict[SLOClass, float] = {}
+        #: Running request id → (flow, output tokens charged so far).
+        self._running: dict[str, tuple[Flow, int]] = {}
+        #: Requests that left the running set (evicted or ended) → (flow, output charged).
+        self._departed: dict[str, tuple[Flow, int]] = {}
+
+    # ------------------------------------------------------------------ reading
+    def counter(self, flow: Flow) -> float:
+        """The flow's counter (0 for a flow never seen)."""
+        return self._counters.get(flow, 0.0)
+
+    @property
+    def backlogged(self) -> frozenset[Flow]:
+        return frozenset(self._backlogged)
+
+    def counters(self) -> dict[Flow, float]:
+        return dict(self._counters)
+
+    # ------------------------------------------------------------------ events
+    def charge(self, flow: Flow, input_tokens: float = 0, output_tokens: float = 0) -> None:
+        """Add the service ``flow`` received: prompt tokens admitted, output tokens made."""
+        if input_tokens < 0 or output_tokens < 0:
+            raise InvalidInput("tokens", f"must be >= 0, got {input_tokens}, {output_tokens}")
+        self._counters[flow] = self.counter(flow) + self.weights.cost(input_tokens, output_tokens)
+
+    def set_backlogged(self, flows: Iterable[Flow]) -> None:
+        """The flows with queued requests now: those newly backlogged are lifted to the
+        least counter of their class's backlogged flows (or to the last one that left it,
+        when none stayed); those no longer backlogged are remembered as having left."""
+        now = set(flows)
+        for flow in sorted(self._backlogged - now, key=lambda f: (self.counter(f), f)):
+            self._last_left[flow[0]] = self.counter(flow)
+        stayed: dict[SLOClass, float] = {}
+        for flow in self._backlogged & now:
+            c = self.counter(flow)
+            stayed[flow[0]] = min(c, stayed.get(flow[0], c))
+        for flow in now - self._backlogged:
+            floor = stayed.get(flow[0], self._last_left.get(flow[0]))
+            if floor is not None and self.counter(flow) < floor:
+                self._counters[flow] = floor
+            else:
+                self._counters.setdefault(flow, self.counter(flow))
+        self._backlogged = now
+
+    def observe(self, snapshot: QueueSnapshot) -> None:
+        """Charge what ``snapshot`` shows was served since the last one, then take its
+        backlogged flows (:meth:`set_backlogged`). Observing the same snapshot again
+        changes nothing."""
+        seen: dict[str, tuple[Flow, int]] = {}
+        for worker in snapshot.workers:
+            for run in worker.running:
+                request = run.request
+                known = self._running.get(request.id) or self._departed.pop(request.id, None)
+                flow: Flow = (request.slo_class, request.tenant)
+                if known is None:  # first seen: charge its prompt, and what it made already
+                    self.charge(flow, request.prompt_tokens, request.num_generated)
+                    charged = request.num_generated
+                else:
+                    flow, charged = known
+                    if request.num_generated > charged:
+                        self.charge(flow, 0, request.num_generated - charged)
+                        charged = request.num_generated
+                seen[request.id] = (flow, charged)
+        for request_id in self._running.keys() - seen.keys():
+            self._departed[request_id] = self._running[request_id]
+        while len(self._departed) > MAX_DEPARTED:  # the oldest first (insertion order)
+            del self._departed[next(iter(self._departed))]
+        self._running = seen
+        self.set_backlogged((g.slo_class, g.key.tenant) for g in snapshot.groups)
+
+    # ------------------------------------------------------------------ state
+    def to_state(self) -> dict[str, Any]:
+        """The counters as JSON-ready data (what a restart needs: per class, each
+        tenant's counter; the backlog and the running requests are seen again)."""
+        by_class: dict[str, dict[str, float]] = {}
+        for (slo_class, tenant), value in sorted(self._counters.items()):
+            by_class.setdefault(slo_class.value, {})[tenant] = value
+        return {"counters": by_class,
+                "last_left": {c.value: v for c, v in sorted(self._last_left.items())}}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], weights: TokenWeights | None = None
+                   ) -> VirtualTokenCounters:
+        """Counters from :meth:`to_state`'s data; InvalidInput names what is wrong."""
+        out = cls(weights)
+        counters = state.get("counters", {})
+        last_left = state.get("last_left", {})
+        if not isinstance(counters, Mapping) or not isinstance(last_left, Mapping):
+            raise InvalidInput("fair_share.state", "counters and last_left must be objects")
+        for class_name, tenants in counters.items():
+            slo_class = _slo_class(class_name)
+            if not isinstance(tenants, Mapping):
+                raise InvalidInput(f"fair_share.counters.{class_name}", "must be an object")
+            for tenant, value in tenants.items():
+                out._counters[(slo_class, str(tenant))] = _finite(
+                    value, f"fair_share.counters.{class_name}.{tenant}")
+        for class_name, value in last_left.items():
+            out._last_left[_slo_class(class_name)] = _finite(
+                value, f"fair_share.last_left.{class_name}")
+        return out
+
+
+def _slo_class(name: Any) -> SLOClass:
+    try:
+        return SLOClass(name)
+    except ValueError:
+        raise InvalidInput("fair_share.state", f"unknown SLO class {name!r}") from None
+
+
+def _finite(value: Any, field_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInput(field_name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def fair_order(items: Sequence[tuple[K, float]], counters: Mapping[K, float]) -> list[int]:
+    """VTC's admission order projected over a queue: ``items`` are (flow, expected cost)
+    of queued units (groups) of one class, in each flow's own order (deadline order);
+    returns their indices in the order fair share serves them: repeatedly the next unit
+    of the flow whose counter would be least *after* that unit (its counter now plus the
+    cost of its units already ordered and of this one; ties: the unit first in
+    ``items``). ``counters``: each flow's counter now (0 for a flow absent).
+
+    VTC admits one request at a time, so it can compare counters before serving; a group
+    is many requests, and a heavy tenant's group of a window can hold hundreds, which a
+    light tenant whose counter is a little ahead would otherwise wait behind whole. The
+    counter after the unit is fair queuing's virtual finish time (WFQ): a unit goes first
+    when it ends the least far ahead of its fair share."""
+    queues: dict[K, list[int]] = {}
+    for index, (flow, _) in enumerate(items):
+        queues.setdefault(flow, []).append(index)
+    heap = [(counters.get(flow, 0.0) + items[indices[0]][1], indices[0], flow, 0)
+            for flow, indices in queues.items()]
+    heapq.heapify(heap)
+    order: list[int] = []
+    while heap:
+        finish, index, flow, k = heapq.heappop(heap)
+        order.append(index)
+        nxt = k + 1
+        indices = queues[flow]
+        if nxt < len(indices):
+            heapq.heappush(heap, (finish + items[indices[nxt]][1], indices[nxt], flow, nxt))
+    return order
