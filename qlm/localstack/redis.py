@@ -68,7 +68,7 @@ def ping(host: str, port: int, timeout_s: float = 0.5,
 #: tenant keys (``tenant:*``, ``apikey:*``, ``tenants``) are ingest's alone, and only the
 #: scheduler writes ``scheduler:*`` (its lease and fencing token).
 _QUEUE_KEYS = ("req:*", "group:*", "groups", "vq:*", "workers", "running:*", "leases",
-               "stream:*")
+               "stream:*", "queue:log")
 _SERVICE_KEYS: Final = {
     "qlm-ingest": (*_QUEUE_KEYS, "tenant:*", "apikey:*", "tenants",
                    "file:*", "files", "batch:*", "batches", "batches:*"),  # Files/Batch API

@@ -115,7 +115,12 @@ def apply(
     number of invalid actions (skipped). ``known_workers``: workers the environment
     knows besides the snapshot's (their queues are emptied by a new assignment)."""
     workers = {w.id: w for w in snapshot.workers}
-    queued = {r.id for g in snapshot.groups for r in g.requests}
+    asked = {r.request_id for r in decision.rejections}
+    asked.update(rid for pull in decision.pulls for rid in pull.request_ids)
+    # which of the ids the decision names are queued (a set of only those: cheaper than
+    # one of every queued id, which a large queue would make the step's biggest cost)
+    queued = ({r.id for g in snapshot.groups for r in g.requests if r.id in asked}
+              if asked else set())
     num_invalid = 0
 
     for reject in decision.rejections:

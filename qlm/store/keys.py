@@ -25,6 +25,11 @@ key                         type        contents
 ``P running:<worker>``      set         ids of the requests running on the worker
 ``P leases``                sorted set  ids of every running request
 ``P stream:<id>``           stream      the request's output chunks, then one end entry
+``P queue:log``             stream      the queue log: one entry per change of a group's
+                                        membership (``o`` ``+`` queued / ``-`` left,
+                                        ``g`` group, ``i`` id); entry ids ``0-1``,
+                                        ``0-2``, ... number every change; trimmed to
+                                        about :data:`QUEUE_LOG_MAXLEN` entries
 ``P scheduler:leader``      string      the scheduler leader's token (PX: the lease)
 ``P scheduler:fence``       integer     the fencing token of the current leader's term
 ``P tenants``               set         every tenant name ever added (revoked ones too)
@@ -66,6 +71,11 @@ Scores (the sorted-set score is the policy's sort key):
 * ``leases`` member ``id``: ``lease_expires_at``, the time (store clock) after
   which ``requeue_expired`` returns the request to its group unless renewed.
 
+The queue log lets a reader that keeps a copy of the membership (the scheduler's
+snapshot, :mod:`qlm.store.mirror`) read only what changed since its last read: every
+script that adds an id to a ``group:<group>`` or takes one out logs it, in the same
+atomic step.
+
 Scripts that touch keys which depend on data read inside the script build those
 names from :attr:`Keys.prefix` passed in ARGV (the tagged ``{prefix}``), with the
 same layout as this module, so they stay in the slot of the keys they declare.
@@ -79,9 +89,13 @@ from qlm.core.errors import InvalidInput
 from qlm.core.queue import group_member_score
 from qlm.core.types import GroupKey
 
-__all__ = ["DEFAULT_PREFIX", "Keys", "group_member_score", "lease_score"]
+__all__ = ["DEFAULT_PREFIX", "QUEUE_LOG_MAXLEN", "Keys", "group_member_score", "lease_score"]
 
 DEFAULT_PREFIX = "qlm:"
+#: About how many entries the queue log keeps (``XADD MAXLEN ~``): a reader more
+#: changes than this behind reads the membership whole again. About 57 bytes an entry
+#: with 9-character ids (5.7 MB at the bound).
+QUEUE_LOG_MAXLEN = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +148,10 @@ class Keys:
 
     def stream(self, request_id: str) -> str:
         return f"{self.prefix}stream:{request_id}"
+
+    @property
+    def queue_log(self) -> str:
+        return f"{self.prefix}queue:log"
 
     @property
     def scheduler_leader(self) -> str:

@@ -1,7 +1,8 @@
 """The store's Lua scripts: read once from ``qlm/store/lua``, registered for EVALSHA.
 
 Each script is ``_lib.lua`` (shared helpers) followed by the script's own file; the
-header of each file lists its KEYS and ARGV. Every script touches the keys of one
+header of each file lists its KEYS and ARGV. One Python constant is set in Lua ahead of
+the helpers: the queue log's bound, ``QUEUE_LOG_MAXLEN``. Every script touches the keys of one
 queue only, which share one hash tag (:mod:`qlm.store.keys`), so each runs on one
 Redis Cluster slot.
 
@@ -25,6 +26,7 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 
 from qlm.store.client import RedisClient
+from qlm.store.keys import QUEUE_LOG_MAXLEN
 
 LUA_DIR = Path(__file__).with_name("lua")
 SCRIPT_NAMES = (
@@ -46,11 +48,13 @@ SCRIPT_NAMES = (
 
 @cache
 def script_source(name: str) -> str:
-    """The full text sent to Redis for script ``name`` (helpers + body)."""
+    """The full text sent to Redis for script ``name``: the queue log's bound
+    (:data:`qlm.store.keys.QUEUE_LOG_MAXLEN`), the helpers, the body."""
     if name not in SCRIPT_NAMES:
         raise KeyError(name)
     lib = (LUA_DIR / "_lib.lua").read_text()
-    return lib + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+    bound = f"local QUEUE_LOG_MAXLEN = '{QUEUE_LOG_MAXLEN}'\n"
+    return bound + lib + "\n" + (LUA_DIR / f"{name}.lua").read_text()
 
 
 class StoreScript(Protocol):

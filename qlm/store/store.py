@@ -21,6 +21,7 @@ holds, :class:`~qlm.core.errors.Unavailable` when Redis does not answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -43,6 +44,7 @@ from qlm.core.types import (
     SLOClass,
     group_key_for,
 )
+from qlm.log import get_logger
 from qlm.store.base import (
     DEFAULT_GROUP_WINDOW_S,
     DEFAULT_LEASE_S,
@@ -56,6 +58,7 @@ from qlm.store.base import (
 from qlm.store.client import RedisClient, is_cluster_url, redis_client
 from qlm.store.errors import FenceLost, IdempotencyConflict, LeaseLost
 from qlm.store.keys import DEFAULT_PREFIX, Keys, group_member_score
+from qlm.store.mirror import QueueMirror
 from qlm.store.records import (
     SCHEDULING_FIELDS,
     RequestRecord,
@@ -66,16 +69,17 @@ from qlm.store.records import (
     record_from_json,
     request_from_fields,
 )
-from qlm.store.scripts import Scripts
+from qlm.store.scripts import Scripts, StoreScript
+
+log = get_logger("qlm.store")
 
 DEFAULT_RECORD_TTL_S = 24 * 3600.0
 DEFAULT_STREAM_TTL_S = 3600.0
 DEFAULT_STREAM_MAXLEN = 10_000
 DEFAULT_MAX_CONNECTIONS = 256
 _SNAPSHOT_CHUNK = 1000
-#: The fields of a queued request's record that may change (requeue with progress);
-#: ``arrival_at`` guards against an id reused after its record expired.
-_CHANGING_FIELDS = ("num_generated", "arrival_at")
+#: Record-read script calls per pipelined round trip (20,000 records).
+_READ_CALLS_PER_TRIP = 20
 _EXPIRED_BATCH = 500
 
 
@@ -187,8 +191,18 @@ class RedisQueueStore:
         self._stream_maxlen = str(require_count(stream_maxlen, "stream_maxlen", minimum=1))
         self._clock = clock
         self._scripts = Scripts.register(client)
-        #: Queued requests of the previous snapshot: id → (changing fields, Request).
-        self._known_queued: dict[str, tuple[tuple[str, ...], Request]] = {}
+        #: The queue's membership and queued requests as of the previous snapshot.
+        self._mirror = QueueMirror()
+        #: The running requests as of the previous snapshot.
+        self._running = _RunningRequests()
+        self._snapshot_lock = asyncio.Lock()
+
+    @property
+    def num_whole_snapshots(self) -> int:
+        """How many of this store's snapshots read the queue's membership whole (the
+        first; then only after the queue log was trimmed past the previous one or
+        disagreed with the groups): the others read only what changed."""
+        return self._mirror.num_resets
 
     @property
     def client(self) -> RedisClient:
@@ -294,17 +308,22 @@ class RedisQueueStore:
         return results
 
     async def _run_enqueues(self, calls: Sequence[_EnqueueCall]) -> list[Any]:
-        """The enqueue script's replies for ``calls``: EVALSHA in one pipeline, one round
-        trip (redis-py's pipelined Script would add a SCRIPT EXISTS round trip each time).
-        The script is loaded and the batch sent again only if Redis lost it (NOSCRIPT:
-        then no EVALSHA of the batch ran)."""
+        """The enqueue script's replies for ``calls``, in one round trip."""
+        return await self._run_pipelined(self._scripts.enqueue,
+                                         [(call.keys, call.args) for call in calls])
+
+    async def _run_pipelined(self, script: StoreScript,
+                             calls: Sequence[tuple[Sequence[str], Sequence[str]]]) -> list[Any]:
+        """``script``'s replies for each ``(keys, args)``: EVALSHA in one pipeline, one
+        round trip (redis-py's pipelined Script would add a SCRIPT EXISTS round trip each
+        time). The script is loaded and the batch sent again only if Redis lost it
+        (NOSCRIPT: then no EVALSHA of the batch ran)."""
         if not calls:
             return []
-        script = self._scripts.enqueue
         for _ in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            for call in calls:
-                pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.args)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
             with _redis_errors():
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
             if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
@@ -338,7 +357,8 @@ class RedisQueueStore:
             json.dumps(identity_pairs(request, prompt_json, params_json)),
             json.dumps(initial_pairs(request, group, enqueued_at)),
         ]
-        keys = [self.keys.request(request.id), self.keys.group(group), self.keys.groups]
+        keys = [self.keys.request(request.id), self.keys.group(group), self.keys.groups,
+                self.keys.queue_log]
         return _EnqueueCall(request, group, enqueued_at, prompt_json, params_json, keys, args)
 
     async def get(self, request_id: str) -> RequestRecord:
@@ -404,7 +424,8 @@ class RedisQueueStore:
         """Replace the virtual queues of all workers in ``orders`` in one atomic step.
 
         With ``fence`` (> 0), only while it is the current fencing token of the scheduler
-        lease (checked inside the script), else FenceLost and nothing is written."""
+        lease (checked inside the script), else FenceLost and nothing is written; with a
+        fence and no worker, only the check."""
         workers = [require_id(w, "worker_id") for w in orders]
         flat: list[str] = []
         for worker in workers:
@@ -415,7 +436,7 @@ class RedisQueueStore:
             if len(set(order)) != len(order):
                 raise InvalidInput("order", f"worker {worker!r}: a group appears twice")
             flat.extend(str(g) for g in order)
-        if not workers:
+        if not workers and not fence:
             return
         keys = [*(self.keys.virtual_queue(w) for w in workers), self.keys.workers,
                 self.keys.scheduler_fence]
@@ -458,97 +479,91 @@ class RedisQueueStore:
         virtual queue: one atomic script for membership, then one pipelined round trip
         of record reads (1,000 records per script call).
 
-        Queued requests seen by this store's previous snapshot are not rebuilt: only
-        their ``num_generated`` and ``arrival_at`` are read again and compared (the
-        other fields of a record never change), which keeps a snapshot of a large
-        queue cheap when taken every scheduling tick."""
+        The membership is kept between snapshots (:mod:`qlm.store.mirror`): the script
+        returns only what the queue log says changed since this store's previous
+        snapshot, and only the records of ids that entered a group since are read (and
+        those of the running requests, whose progress moves). A group that did not
+        change is the same :class:`RequestGroup` object as in the previous snapshot.
+        The first snapshot, and one after the log was trimmed past the previous one or
+        disagrees with the groups' sizes, reads the membership whole."""
+        async with self._snapshot_lock:  # one fold of the log at a time
+            return await self._snapshot()
+
+    async def _snapshot(self) -> StoreSnapshot:
+        mirror = self._mirror
         with _redis_errors():
-            reply = await self._scripts.snapshot(
-                keys=[self.keys.groups, self.keys.workers], args=[self.keys.prefix]
-            )
-            groups_raw, workers_raw = (_json_list(part) for part in json.loads(reply))
-            workers_raw = [(w, _json_list(vq), _json_list(run)) for w, vq, run in workers_raw]
-            queued = await self._queued_requests([i for _, ids in groups_raw for i in ids])
-            running_fields = await self._read_fields(
-                [i for _, _, ids in workers_raw for i in ids], SCHEDULING_FIELDS
-            )
-        groups = tuple(
-            RequestGroup(GroupKey.parse(group), tuple(queued[i] for i in ids if i in queued))
-            for group, ids in groups_raw
-            if any(i in queued for i in ids)
-        )
-        running = {
-            worker: tuple(
-                _running_from_fields(running_fields[i]) for i in sorted(ids) if i in running_fields
-            )
-            for worker, _, ids in workers_raw
-        }
+            after = "" if mirror.position is None else str(mirror.position)
+            position, changes, groups_raw, workers_raw = await self._membership(after)
+            if changes is not False:
+                mirror.apply(position, changes)
+                if not mirror.agrees(groups_raw):
+                    log.warning("queue_log_disagrees", position=position,
+                                num_members=mirror.num_members)
+                    position, changes, groups_raw, workers_raw = await self._membership("")
+            if changes is False:
+                mirror.reset(position, groups_raw)
+            unread = mirror.unread()
+            running = self._running
+            new_ids, known_ids = running.split([i for _, _, ids in workers_raw for i in ids])
+            queued_rows, new_rows, known_rows = await self._read_rows([
+                (unread, SCHEDULING_FIELDS), (new_ids, SCHEDULING_FIELDS),
+                (known_ids, RUNNING_CHANGING_FIELDS),
+            ])
+            reused = running.update(new_ids, new_rows, known_ids, known_rows)
+            if reused:  # ids reused after their records expired: read them whole
+                (rows,) = await self._read_rows([(reused, SCHEDULING_FIELDS)])
+                running.update(reused, rows, [], [])
+        mirror.fill({
+            request_id: request_from_fields(dict(zip(SCHEDULING_FIELDS, row, strict=True)))
+            if row[0] is not False else None
+            for request_id, row in zip(unread, queued_rows, strict=True)
+        })
         virtual_queues = {
             worker: tuple(GroupKey.parse(g) for g in order) for worker, order, _ in workers_raw
         }
         return StoreSnapshot(
-            groups=groups,
-            running=MappingProxyType(running),
+            groups=mirror.groups(group for group, _ in groups_raw),
+            running=MappingProxyType(running.by_worker(workers_raw)),
             virtual_queues=MappingProxyType(virtual_queues),
         )
 
-    async def _queued_requests(self, ids: Sequence[str]) -> dict[str, Request]:
-        """``id → Request`` for queued ids, reusing the previous snapshot's requests
-        whose changing fields are the same (records that vanished are left out)."""
-        known = self._known_queued
-        new_ids = [i for i in ids if i not in known]
-        known_ids = [i for i in ids if i in known]
-        rows = await self._read_rows([(new_ids, SCHEDULING_FIELDS), (known_ids, _CHANGING_FIELDS)])
-        fresh: dict[str, tuple[tuple[str, ...], Request]] = {}
-        for request_id, row in zip(new_ids, rows[0], strict=True):
-            if row[0] is not False:
-                fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
-                version = tuple(fields[f] for f in _CHANGING_FIELDS)
-                fresh[request_id] = (version, request_from_fields(fields))
-        changed = []
-        for request_id, row in zip(known_ids, rows[1], strict=True):
-            if row[0] is False:
-                continue
-            if tuple(row) == known[request_id][0]:
-                fresh[request_id] = known[request_id]
-            else:
-                changed.append(request_id)
-        if changed:  # requeued with new progress since the last snapshot: read in full
-            for request_id, fields in (await self._read_fields(changed, SCHEDULING_FIELDS)).items():
-                version = tuple(fields[f] for f in _CHANGING_FIELDS)
-                fresh[request_id] = (version, request_from_fields(fields))
-        self._known_queued = fresh
-        return {request_id: entry[1] for request_id, entry in fresh.items()}
-
-    async def _read_fields(
-        self, ids: Sequence[str], fields: Sequence[str]
-    ) -> dict[str, dict[str, str]]:
-        """``id → {field: value}`` (records that vanished are left out)."""
-        (rows,) = await self._read_rows([(ids, fields)])
-        return {
-            request_id: dict(zip(fields, row, strict=True))
-            for request_id, row in zip(ids, rows, strict=True)
-            if row[0] is not False
-        }
+    async def _membership(self, after: str) -> tuple[int, Any, list[Any], list[Any]]:
+        """The snapshot script's reply (``qlm/store/lua/snapshot.lua``): the log position,
+        the changes after ``after`` (False: ``groups`` holds the ids), the groups in
+        index order, the workers with their virtual queue and running ids."""
+        reply = await self._scripts.snapshot(
+            keys=[self.keys.groups, self.keys.workers, self.keys.queue_log],
+            args=[self.keys.prefix, after],
+        )
+        position, changes, groups_raw, workers_raw = json.loads(reply)
+        if changes is not False:
+            changes = _json_list(changes)
+        else:
+            groups_raw = [(group, _json_list(ids)) for group, ids in _json_list(groups_raw)]
+        workers = [(w, _json_list(vq), _json_list(run)) for w, vq, run in _json_list(workers_raw)]
+        return int(position), changes, _json_list(groups_raw), workers
 
     async def _read_rows(
         self, reads: Sequence[tuple[Sequence[str], Sequence[str]]]
     ) -> list[list[list[Any]]]:
         """For each ``(ids, fields)``, the field values of each id (``False`` when the
-        record or field is missing); all reads in one pipelined round trip."""
+        record or field is missing); one pipelined round trip per
+        :data:`_READ_CALLS_PER_TRIP` script calls (a whole read of a million records is
+        fifty round trips, none of them holding the connection long enough to time out)."""
         chunked = [
             [ids[i : i + _SNAPSHOT_CHUNK] for i in range(0, len(ids), _SNAPSHOT_CHUNK)]
             for ids, _ in reads
         ]
         if not any(chunked):
             return [[] for _ in reads]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for chunks, (_, fields) in zip(chunked, reads, strict=True):
-                for chunk in chunks:
-                    keys = [self.keys.request(i) for i in chunk]
-                    await self._scripts.read_records(keys=keys, args=fields, client=pipe)
-            replies = iter(await pipe.execute())
-        return [[row for _ in chunks for row in json.loads(next(replies))] for chunks in chunked]
+        calls = [([self.keys.request(i) for i in chunk], fields)
+                 for chunks, (_, fields) in zip(chunked, reads, strict=True) for chunk in chunks]
+        replies: list[Any] = []
+        for start in range(0, len(calls), _READ_CALLS_PER_TRIP):
+            replies += await self._run_pipelined(
+                self._scripts.read_records, calls[start : start + _READ_CALLS_PER_TRIP])
+        rows = iter(replies)
+        return [[row for _ in chunks for row in json.loads(next(rows))] for chunks in chunked]
 
     async def requeue_expired(self) -> dict[str, RequestState]:
         """Return every request whose lease expired before now to its group (progress
@@ -843,6 +858,82 @@ class RedisQueueStore:
             pipe.exists(stream)
             state, exists = await pipe.execute()
         return state is None or (RequestState(state).is_terminal and not exists)
+
+
+#: The fields of a running request's record that move while it runs (progress, the
+#: start of a new pull, the first token); ``arrival_at`` tells an id reused after its
+#: record expired. The other scheduling fields of an id never change.
+RUNNING_CHANGING_FIELDS = ("arrival_at", "num_generated", "started_at", "first_token_at")
+
+
+class _RunningRequests:
+    """The running requests of the previous snapshot, so that the next one reads only
+    the fields that move (:data:`RUNNING_CHANGING_FIELDS`) of the ids it already knows,
+    rebuilds only the requests whose fields moved, and keeps a worker's tuple of running
+    requests (the same object: the policies memoise by it) while none of them changed."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[Any, ...], RunningRequest]] = {}
+        self._by_worker: dict[str, tuple[RunningRequest, ...]] = {}
+
+    def split(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """``ids`` as (not known: read whole, known: read what moves)."""
+        known = self._known
+        return [i for i in ids if i not in known], [i for i in ids if i in known]
+
+    def update(self, new_ids: Sequence[str], new_rows: Sequence[Sequence[Any]],
+               known_ids: Sequence[str], known_rows: Sequence[Sequence[Any]]) -> list[str]:
+        """Take the rows read (records that vanished are dropped); returns the known ids
+        whose ``arrival_at`` changed (to read whole)."""
+        known: dict[str, tuple[tuple[Any, ...], RunningRequest]] = self._known
+        fresh = {}
+        reused = []
+        for request_id, row in zip(new_ids, new_rows, strict=True):
+            if row[0] is not False:
+                fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
+                moving = tuple(fields[f] for f in RUNNING_CHANGING_FIELDS)
+                fresh[request_id] = (moving, _running_from_fields(fields))
+        for request_id, row in zip(known_ids, known_rows, strict=True):
+            if row[0] is False:
+                continue
+            moving, before = known[request_id]
+            if tuple(row) == moving:
+                fresh[request_id] = known[request_id]
+            elif row[0] != moving[0]:
+                reused.append(request_id)
+            else:
+                request = before.request
+                if row[1] != moving[1]:  # progress: the same request, further on
+                    request = Request(
+                        id=request.id, model=request.model, prompt_tokens=request.prompt_tokens,
+                        max_tokens=request.max_tokens, slo_class=request.slo_class,
+                        slo=request.slo, arrival_at=request.arrival_at, tenant=request.tenant,
+                        num_generated=int(row[1]))
+                fresh[request_id] = (tuple(row), RunningRequest(
+                    request, float(row[2]), float(row[3]) if row[3] else None))
+        for request_id in known_ids:  # vanished or reused: not known any more
+            if request_id not in fresh:
+                known.pop(request_id, None)
+        known.update(fresh)
+        return reused
+
+    def by_worker(self, workers_raw: Sequence[tuple[str, Any, Sequence[str]]]
+                  ) -> dict[str, tuple[RunningRequest, ...]]:
+        """Each worker's running requests by id (the previous tuple when the same);
+        forgets the requests no longer running."""
+        known, before = self._known, self._by_worker
+        out = {}
+        for worker, _, ids in workers_raw:
+            running = tuple(known[i][1] for i in sorted(ids) if i in known)
+            previous = before.get(worker)
+            if previous is not None and len(previous) == len(running) and all(
+                    a is b for a, b in zip(previous, running, strict=True)):
+                running = previous
+            out[worker] = running
+        self._by_worker = out
+        running_now = {i for _, _, ids in workers_raw for i in ids}
+        self._known = {i: e for i, e in known.items() if i in running_now}
+        return out
 
 
 def _running_from_fields(fields: Mapping[str, str]) -> RunningRequest:

@@ -12,8 +12,8 @@ between the store and the policy and carries out the applier's primitive effects
 effect                    here
 ========================  ================================================================
 ``set_virtual_queues``    ``store.set_virtual_queues`` (one atomic script for every
-                          worker); workers the store knows that are no longer live get
-                          an empty queue
+                          worker whose queue differs from the snapshot's); workers the
+                          store knows that are no longer live get an empty queue
 ``evict``                 one ``evict`` LSO command per worker on ``qlm.lso``
                           (``keep_kv`` = ``state_swap``)
 ``swap``                  one ``swap`` LSO command on ``qlm.lso``
@@ -280,8 +280,10 @@ class SchedulingLoop:
         if num_invalid:
             log.warning("invalid_actions", num_invalid=num_invalid)
         if effects.orders is not None:
-            try:
-                await self.store.set_virtual_queues(effects.orders, fence=self.lease.fence)
+            changed = {w: order for w, order in effects.orders.items()
+                       if tuple(order) != snapshot.virtual_queues.get(w, ())}
+            try:  # only the queues that changed; the fence is checked all the same
+                await self.store.set_virtual_queues(changed, fence=self.lease.fence)
             except FenceLost:  # a newer term began: write nothing more, send no command
                 log.warning("fence_lost", fence=self.lease.fence)
                 self.lease.forfeit()

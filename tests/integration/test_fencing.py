@@ -39,4 +39,7 @@ async def test_a_deposed_leader_cannot_overwrite_the_virtual_queues(
     await store.set_virtual_queues({"w1": [theirs]}, fence=new.fence)
     with pytest.raises(FenceLost):
         await store.set_virtual_queues({"w1": [mine], "w2": [mine]}, fence=stale_fence)
+    with pytest.raises(FenceLost):  # nothing to write (no queue changed): still checked
+        await store.set_virtual_queues({}, fence=stale_fence)
+    await store.set_virtual_queues({}, fence=new.fence)
     assert (await store.snapshot()).virtual_queues == {"w1": (theirs,)}

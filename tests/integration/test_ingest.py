@@ -501,6 +501,7 @@ async def test_malformed_batch_records_go_to_the_dlq_and_the_consumer_carries_on
             KEYS.request("ok-1").encode(),
             *[k for k in after if k.startswith(KEYS.group("").encode())],
             KEYS.groups.encode(),
+            KEYS.queue_log.encode(),
         }
         assert await _num_queued(raw_redis) == 1
     finally:

@@ -219,6 +219,12 @@ async def _lso_records(kafka: str, topic: str, count: int, timeout_s: float = 15
     return records
 
 
+async def _rpush_calls(store: RedisQueueStore) -> int:
+    """How many RPUSH Redis ran so far (set_virtual_queues writes each queue with them)."""
+    stats = await store.client.info("commandstats")
+    return int(stats.get("cmdstat_rpush", {}).get("calls", 0))
+
+
 async def test_evict_swap_and_reject_decisions_are_applied(
     start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore,
     kafka_bootstrap: str, kafka_topics: TopicNames,
@@ -244,8 +250,10 @@ async def test_evict_swap_and_reject_decisions_are_applied(
     fence = app.lease.fence
     report = await app.loop.step()
     assert report.applied and report.num_commands == 2
+    pushes = await _rpush_calls(store)
     again = await app.loop.step()  # within the cooldown: not sent twice
     assert again.num_commands == 0
+    assert await _rpush_calls(store) == pushes  # the same queues: none written again
 
     commands = await _lso_records(kafka_bootstrap, kafka_topics.lso, 2)
     evicts = [c for c in commands if c.type == "evict"]

@@ -478,10 +478,11 @@ async def test_only_documented_keys_are_used(store: RedisQueueStore, raw: aiored
         keys.running("w1"),
         keys.leases,
         keys.stream("r1"),
+        keys.queue_log,
     }
     await store.ack("w1", "r1")
     assert await all_keys(raw) == {keys.request("r1"), keys.virtual_queue("w1"), keys.workers,
-                                   keys.stream("r1")}
+                                   keys.stream("r1"), keys.queue_log}
     assert 0 < await raw.ttl(keys.stream("r1")) <= 3600
 
 

@@ -35,7 +35,9 @@ def run_migration(redis_url: str, *args: str) -> subprocess.CompletedProcess[str
 
 
 async def untag(raw: aioredis.Redis, keys: Keys) -> None:
-    """Rename the queue's keys to the layout before hash tags (what an old store wrote)."""
+    """Rename the queue's keys to the layout before hash tags (what an old store wrote;
+    it kept no queue log)."""
+    await raw.delete(keys.queue_log)
     async for key in raw.scan_iter(match="{*", count=1000):
         await raw.rename(key, keys.name + key.removeprefix(keys.prefix))
 

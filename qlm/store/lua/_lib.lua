@@ -1,11 +1,20 @@
 -- Shared helpers, prepended to every script of this directory when it is loaded
--- (qlm/store/scripts.py). Key names follow qlm/store/keys.py; `prefix` is the
--- deployment's key prefix, passed to each script in ARGV.
+-- (qlm/store/scripts.py), after the line that sets QUEUE_LOG_MAXLEN. Key names follow
+-- qlm/store/keys.py; `prefix` is the deployment's key prefix, passed to each script in
+-- ARGV.
 
 local function req_key(prefix, id) return prefix .. 'req:' .. id end
 local function group_key(prefix, group) return prefix .. 'group:' .. group end
 local function running_key(prefix, worker) return prefix .. 'running:' .. worker end
 local function stream_key(prefix, id) return prefix .. 'stream:' .. id end
+local function queue_log_key(prefix) return prefix .. 'queue:log' end
+
+-- Log one change of a group's membership on the queue log (qlm/store/keys.py):
+-- op '+' (`id` queued in `group`) or '-' (`id` left it). Entry ids 0-1, 0-2, ... number
+-- every change ever logged; the oldest entries are trimmed beyond QUEUE_LOG_MAXLEN.
+local function log_change(log_key, op, group, id)
+  redis.call('XADD', log_key, 'MAXLEN', '~', QUEUE_LOG_MAXLEN, '0-*', 'o', op, 'g', group, 'i', id)
+end
 
 -- The model of a group key "model|slo_class|window" or "model|slo_class|window|tenant"
 -- (qlm.core.types.GroupKey; the model may contain '|', the tenant is percent-encoded,
@@ -40,6 +49,15 @@ end
 local function add_to_group(prefix, id, group, deadline_at)
   redis.call('ZADD', group_key(prefix, group), deadline_at, id)
   redis.call('ZADD', prefix .. 'groups', 'LT', deadline_at, group)
+  log_change(queue_log_key(prefix), '+', group, id)
+end
+
+-- Take queued `id` out of `group` (claimed, cancelled, rejected) and re-score the index.
+local function remove_from_group(prefix, id, group)
+  if redis.call('ZREM', group_key(prefix, group), id) == 1 then
+    log_change(queue_log_key(prefix), '-', group, id)
+  end
+  refresh_group_index(prefix, group)
 end
 
 -- Forget the lease and the worker's running entry of `id`.

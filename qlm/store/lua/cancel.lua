@@ -2,7 +2,8 @@
 -- worker stops it (cancel) or refuse (reject applies to queued requests only).
 --
 -- KEYS[1]  req:{id}           the request record
--- ARGV[1]  prefix             key prefix (group:{group}, groups, stream:{id} derived)
+-- ARGV[1]  prefix             key prefix (group:{group}, groups, queue:log, stream:{id}
+--                             derived)
 -- ARGV[2]  id                 request id
 -- ARGV[3]  mode               'cancel' (final state cancelled) or 'reject' (failed)
 -- ARGV[4]  reason             error text stored on the record
@@ -20,8 +21,7 @@ local prefix, id, mode = ARGV[1], ARGV[2], ARGV[3]
 local rec = redis.call('HMGET', KEYS[1], 'state', 'group')
 if not rec[1] then return {'not_found'} end
 if rec[1] == 'queued' then
-  redis.call('ZREM', group_key(prefix, rec[2]), id)
-  refresh_group_index(prefix, rec[2])
+  remove_from_group(prefix, id, rec[2])
   local final_state = 'cancelled'
   if mode == 'reject' then final_state = 'failed' end
   finish_record(prefix, id, final_state, ARGV[4],

@@ -4,7 +4,8 @@
 -- KEYS[1]  running:{worker}   ids running on the worker
 -- KEYS[2]  leases             lease sorted set (score = lease_expires_at)
 -- KEYS[3]  workers            set of known workers
--- ARGV[1]  prefix             key prefix (req:{id}, group:{group}, groups are derived)
+-- ARGV[1]  prefix             key prefix (req:{id}, group:{group}, groups, queue:log
+--                             are derived)
 -- ARGV[2]  worker             worker id
 -- ARGV[3]  now                started_at of the claimed requests
 -- ARGV[4]  lease_expires_at   their lease expiry
@@ -20,8 +21,7 @@ for i = 5, #ARGV do
   local rk = req_key(prefix, id)
   local rec = redis.call('HMGET', rk, 'state', 'group')
   if rec[1] == 'queued' then
-    redis.call('ZREM', group_key(prefix, rec[2]), id)
-    refresh_group_index(prefix, rec[2])
+    remove_from_group(prefix, id, rec[2])
     redis.call('HSET', rk, 'state', 'running', 'worker', worker, 'started_at', now,
       'lease_expires_at', lease)
     redis.call('HINCRBY', rk, 'num_pulls', 1)

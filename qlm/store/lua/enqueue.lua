@@ -3,6 +3,7 @@
 -- KEYS[1]  req:{id}        the request record (hash)
 -- KEYS[2]  group:{group}   the group's sorted set of queued ids
 -- KEYS[3]  groups          the group index
+-- KEYS[4]  queue:log       the queue log (one '+' entry when created)
 -- ARGV[1]  id              the request id
 -- ARGV[2]  group           group key text (str(GroupKey): "model|slo_class|window[|tenant]")
 -- ARGV[3]  deadline_at     score of the request in its group
@@ -36,4 +37,5 @@ for i = 1, #flat, 100 do
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], 'LT', ARGV[3], ARGV[2])
+log_change(KEYS[4], '+', ARGV[2], ARGV[1])
 return {'created'}

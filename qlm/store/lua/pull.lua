@@ -5,7 +5,8 @@
 -- KEYS[2]  running:{worker}   ids running on the worker
 -- KEYS[3]  leases             lease sorted set (score = lease_expires_at)
 -- KEYS[4]  workers            set of known workers
--- ARGV[1]  prefix             key prefix (group:{group}, groups and req:{id} are derived)
+-- ARGV[1]  prefix             key prefix (group:{group}, groups, queue:log and req:{id}
+--                             are derived)
 -- ARGV[2]  worker             worker id
 -- ARGV[3]  model              the worker's active model
 -- ARGV[4]  max_requests       N > 0
@@ -35,6 +36,7 @@ for i, group in ipairs(order) do
     if #popped > 0 then
       for j = 1, #popped, 2 do
         local id = popped[j]
+        log_change(queue_log_key(prefix), '-', group, id)
         local rk = req_key(prefix, id)
         redis.call('HSET', rk, 'state', 'running', 'worker', worker, 'started_at', now,
           'lease_expires_at', lease)

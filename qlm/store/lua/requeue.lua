@@ -3,7 +3,7 @@
 --
 -- KEYS[1]  req:{id}           the request record
 -- ARGV[1]  prefix             key prefix (running:{worker}, leases, group:{group},
---                             groups, stream:{id} derived)
+--                             groups, queue:log, stream:{id} derived)
 -- ARGV[2]  id                 request id
 -- ARGV[3]  worker             the worker that must hold the request
 -- ARGV[4]  num_generated      progress to keep, or '' to keep the stored value

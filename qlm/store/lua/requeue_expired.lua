@@ -3,7 +3,7 @@
 --
 -- KEYS[1]  leases             lease sorted set (score = lease_expires_at)
 -- ARGV[1]  prefix             key prefix (req:{id}, running:{worker}, group:{group},
---                             groups, stream:{id} derived)
+--                             groups, queue:log, stream:{id} derived)
 -- ARGV[2]  now                leases with lease_expires_at < now have expired
 -- ARGV[3]  limit              at most this many per call (the caller loops)
 -- ARGV[4]  record_ttl_s       as in finish.lua (used when cancelled)

@@ -1,22 +1,66 @@
--- snapshot: read, atomically, which requests are queued in which group, what each
--- worker runs and every virtual queue. Read-only; records are read afterwards.
+-- snapshot: read, atomically, the queue's membership (all of it, or only what changed
+-- since a position of the queue log), every worker's virtual queue and running ids.
+-- Read-only; records are read afterwards.
 --
 -- KEYS[1]  groups             the group index
 -- KEYS[2]  workers            set of known workers
+-- KEYS[3]  queue:log          the queue log (qlm/store/keys.py)
 -- ARGV[1]  prefix             key prefix (group:{group}, vq:{worker}, running:{worker} derived)
+-- ARGV[2]  after              the log position the caller's copy of the membership
+--                             reflects, or '' (no copy: read it all)
 --
--- Returns one JSON text {groups, workers}: groups = [[group, [id, ...]], ...] in
--- index order (earliest deadline first), ids by score; workers = [[worker, [vq
--- group, ...], [running id, ...]], ...]. An empty list may be encoded as {} (cjson).
+-- Returns one JSON text {position, changes, groups, workers}:
+--   position  the number of the log's last entry (0 when the log is empty);
+--   changes   the log after `after`, flat: [op, group, id, op, group, id, ...] in log
+--             order; false when the membership is read whole instead (`after` is '',
+--             or ahead of the log, or entries after it were trimmed away);
+--   groups    in index order (earliest deadline first): [group, [id, ...]] (ids by
+--             score) when read whole, else [group, number of queued ids];
+--   workers   [[worker, [vq group, ...], [running id, ...]], ...].
+-- An empty list may be encoded as {} (cjson).
 
-local prefix = ARGV[1]
+local function entry_number(id) return tonumber(string.match(id, '^0%-(%d+)$')) end
+local prefix, after = ARGV[1], tonumber(ARGV[2])
+local position = 0
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  position = entry_number(last[1][1])
+elseif redis.call('EXISTS', KEYS[3]) == 1 then  -- trimmed empty: its last id stays
+  local info = redis.call('XINFO', 'STREAM', KEYS[3])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then position = entry_number(info[i + 1]) end
+  end
+end
+
+local changes = false
+if after and after <= position then
+  changes = {}
+  if after < position then
+    local entries = redis.call('XRANGE', KEYS[3], '(0-' .. after, '+')
+    if #entries > 0 and entry_number(entries[1][1]) == after + 1 then
+      for _, entry in ipairs(entries) do
+        local f = entry[2]  -- o, op, g, group, i, id
+        changes[#changes + 1] = f[2]; changes[#changes + 1] = f[4]; changes[#changes + 1] = f[6]
+      end
+    else
+      changes = false  -- trimmed: the caller's copy cannot be brought up to date
+    end
+  end
+end
+
 local groups = {}
 for _, group in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  groups[#groups + 1] = {group, redis.call('ZRANGE', group_key(prefix, group), 0, -1)}
+  local members
+  if changes then
+    members = redis.call('ZCARD', group_key(prefix, group))
+  else
+    members = redis.call('ZRANGE', group_key(prefix, group), 0, -1)
+  end
+  groups[#groups + 1] = {group, members}
 end
 local workers = {}
 for _, worker in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   workers[#workers + 1] = {worker, redis.call('LRANGE', prefix .. 'vq:' .. worker, 0, -1),
     redis.call('SMEMBERS', running_key(prefix, worker))}
 end
-return cjson.encode({groups, workers})
+return cjson.encode({position, changes, groups, workers})
