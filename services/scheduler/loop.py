@@ -289,10 +289,10 @@ class SchedulingLoop:
                 self.lease.forfeit()
                 return 0
         fresh = self.memory.fresh(effects.commands, snapshot.now)
-        changed = tuple(BatchCap(w, cap) for w, cap in effects.caps.items()
-                        if self.caps_sent.get(w) != cap)
-        fresh = replace(fresh, batch_caps=changed)
-        self.caps_sent.update((c.worker_id, c.max_batch_size) for c in changed)
+        new_caps = tuple(BatchCap(w, cap) for w, cap in effects.caps.items()
+                         if self.caps_sent.get(w) != cap)
+        fresh = replace(fresh, batch_caps=new_caps)
+        self.caps_sent.update((c.worker_id, c.max_batch_size) for c in new_caps)
         commands = lso_commands(fresh, self.lease.fence, self._numbers, self.clock())
         acknowledged = [await self.producer.publish_soon(self.lso_topic, c) for c in commands]
         for reject in effects.rejections:
