@@ -15,6 +15,11 @@ new arrivals, so per-group summaries must be brought up to date for those groups
 Workers are full but for ``--free-slots`` of room each. The first
 decision of a fresh policy instance (nothing memoised) is reported separately as
 ``cold_ms``. Every policy sees the same sequence of snapshots, in the same process.
+
+``forecast_*`` (the subject policy): what the scheduler service does after writing the
+virtual queues, outside ``decide()``: every group's forecast on the queue the decision
+gave it (:class:`qlm.core.forecast.Forecaster`), timed after each decision;
+``forecast_cold_ms`` is the first (every group's sums computed afresh).
 """
 
 from __future__ import annotations
@@ -34,11 +39,15 @@ from typing import Any, Final
 import numpy as np
 
 from loadgen.results import write_json
+from qlm.core.estimator import RWTEstimator
+from qlm.core.forecast import Forecaster
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
 from qlm.core.types import (
     SLO,
+    Decision,
+    GroupKey,
     QueueSnapshot,
     Request,
     RequestGroup,
@@ -121,21 +130,39 @@ def churn(snapshot: QueueSnapshot, step: int, num_churn: int, step_s: float,
     return QueueSnapshot(now, tuple(groups), snapshot.workers)
 
 
-def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContext
-                ) -> dict[str, Any]:
+def _pct(values: list[float], q: float) -> float:
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3)
+
+
+def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContext,
+                forecaster: Forecaster | None = None) -> dict[str, Any]:
     policy = make_policy(name)
     t0 = time.perf_counter()
-    policy.decide(snapshots[0], ctx)
+    decision = policy.decide(snapshots[0], ctx)
     cold_ms = (time.perf_counter() - t0) * 1e3
+    extra: dict[str, Any] = {}
+    if forecaster is not None:
+        t0 = time.perf_counter()
+        forecaster.forecast(snapshots[0], orders_of(decision))
+        extra["forecast_cold_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
     times = []
     cpu_times = []  # CPU time of this thread: steadier than wall time on a shared machine
+    forecast_times = []
     for snap in snapshots[1:]:
         t0, c0 = time.perf_counter(), time.thread_time()
-        policy.decide(snap, ctx)
+        decision = policy.decide(snap, ctx)
         times.append((time.perf_counter() - t0) * 1e3)
         cpu_times.append((time.thread_time() - c0) * 1e3)
+        if forecaster is not None:
+            t0 = time.perf_counter()
+            forecaster.forecast(snap, orders_of(decision))
+            forecast_times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     cpu_times.sort()
+    if forecast_times:
+        forecast_times.sort()
+        extra.update(forecast_p50_ms=round(statistics.median(forecast_times), 3),
+                     forecast_p99_ms=_pct(forecast_times, 0.99))
     return {
         "iterations": len(times),
         "cold_ms": round(cold_ms, 3),
@@ -145,7 +172,12 @@ def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContex
         "mean_ms": round(statistics.fmean(times), 3),
         "cpu_p50_ms": round(statistics.median(cpu_times), 3),
         "cpu_p99_ms": round(cpu_times[min(len(cpu_times) - 1, int(0.99 * len(cpu_times)))], 3),
+        **extra,
     }
+
+
+def orders_of(decision: Decision) -> dict[str, tuple[GroupKey, ...]]:
+    return {place.worker_id: place.order for place in decision.placements}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,10 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for i, name in enumerate(names):
         n = args.iterations if i == 0 else args.reference_iterations
-        results[name] = time_policy(name, snapshots[: n + 1], ctx)
+        forecaster = Forecaster(RWTEstimator(profiles)) if i == 0 else None
+        results[name] = time_policy(name, snapshots[: n + 1], ctx, forecaster)
         r = results[name]
         print(f"{name:10s} cold {r['cold_ms']:9.2f} ms  p50 {r['p50_ms']:9.2f} ms  "
               f"p99 {r['p99_ms']:9.2f} ms  ({r['iterations']} decisions)")
+        if forecaster is not None:
+            print(f"{'  forecast':10s} cold {r['forecast_cold_ms']:9.2f} ms  "
+                  f"p50 {r['forecast_p50_ms']:9.2f} ms  p99 {r['forecast_p99_ms']:9.2f} ms")
     subject = names[0]
     ratios = {ref: {"p50": round(results[subject]["p50_ms"] / results[ref]["p50_ms"], 3),
                     "p99": round(results[subject]["p99_ms"] / results[ref]["p99_ms"], 3)}

@@ -24,8 +24,14 @@ What it does (``make demo``):
    so the table (:mod:`loadgen.report`, the simulator's format) compares directly with
    the discrete-event simulator run on the same requests and workers (step 4). Swaps
    and evictions are counted from ``qlm.lso``; decision time from the scheduler's
-   Prometheus histogram; ``R²`` is ingest's predicted wait (``admitted`` events) against
-   the realised wait to first token; GPU utilisation is not measured on the stack (—).
+   Prometheus histogram; ``R²`` is the **last prediction before the request started**
+   against the realised wait to first token, both from arrival: once every request has
+   ended, GetRequest gives each one's predicted first token as the scheduler's forecast
+   last had it before the request started (refreshed at every decision); a request
+   pulled before any forecast keeps ingest's prediction at admission (``admitted``
+   events), the one its client saw last. ``wait_r2_forecast_only`` is the same over the
+   requests that had a forecast (the simulator's population); GPU utilisation is not
+   measured on the stack (—).
 4. **The simulator** (unless ``--no-sim``): :func:`qlm.sim.simulate` on the same
    requests, workers and policies (``--sim-only``: just this).
 
@@ -53,9 +59,9 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.plan import DemoPlan, build_plan, estimator_predictor, sim_workers
+from loadgen.plan import DemoPlan, build_plan, estimator_forecaster, sim_workers
 from loadgen.report import ENTRY_KEYS as report_entry_keys
-from loadgen.report import markdown_table, policy_entry, print_table
+from loadgen.report import markdown_table, num, policy_entry, print_table
 from loadgen.results import write_json
 from qlm.core.errors import InvalidInput, QlmError
 from qlm.core.perf import ProfileBook
@@ -68,7 +74,8 @@ from qlm.sim.metrics import RequestRecord, RunMetrics, summarise, wait_predictio
 RESULT_KEYS = frozenset({"stack", "sim", "wall_s"})
 #: The keys of one policy's entry in those summaries: the report's, and on the stack the
 #: requests finished twice and never finished.
-ENTRY_KEYS = frozenset({*report_entry_keys, "num_duplicate_finished", "num_unfinished"})
+ENTRY_KEYS = frozenset({*report_entry_keys, "num_duplicate_finished", "num_unfinished",
+                        "wait_r2_forecast_only", "num_with_forecast"})
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = REPO_ROOT / "loadgen" / "traces" / "azure_llm_2023_conv.csv"
@@ -87,7 +94,7 @@ def simulate_policy(plan: DemoPlan, workers: Sequence[WorkerSpec], policy: str
     started = time.perf_counter()
     result = simulate(plan.jobs, workers, profiles, make_policy(policy), SimConfig(),
                       seed=plan.seed, timer=time.perf_counter,
-                      predictor=estimator_predictor(profiles))
+                      forecaster=estimator_forecaster(profiles))
     r2, _ = wait_prediction_r2(result.records)
     return (result.metrics, r2, time.perf_counter() - started, result.records)
 
@@ -108,6 +115,11 @@ class Tracked:
     num_evictions: int = 0
     num_streamed_tokens: int = 0
     predicted_wait_s: float | None = None
+    #: When ingest admitted it (the ``admitted`` event; its prediction counts from then).
+    admitted_at: float | None = None
+    #: GetRequest's predicted first token (wall s; the last forecast before it started).
+    forecast_first_token_at: float | None = None
+    forecast_at: float | None = None
     rejected: bool = False
     terminal: str | None = None
     #: The prompt to send (None: the fixed pattern of :func:`submission`).
@@ -132,15 +144,26 @@ class StackRun:
     def paper(self, at: float | None) -> float | None:
         return None if at is None else (at - self.t0) * self.time_scale
 
-    def records(self) -> tuple[RequestRecord, ...]:
-        """Per-request records in paper seconds (the simulator's record type)."""
+    def records(self, forecasts_only: bool = False) -> tuple[RequestRecord, ...]:
+        """Per-request records in paper seconds (the simulator's record type). The last
+        prediction is the forecast GetRequest returned, else (unless ``forecasts_only``)
+        the prediction at admission."""
         out = []
         for t in self.tracked.values():
             r = t.job.request
             arrival = self.paper(t.sent_at)
             arrival = r.arrival_at if arrival is None else arrival
+            # admission's prediction counts from admission (a Kafka record is admitted
+            # when ingest consumes it, which can be seconds after it was sent)
+            admitted = self.paper(t.admitted_at)
+            admitted = arrival if admitted is None else admitted
             predicted = None if t.predicted_wait_s is None else (
-                arrival + t.predicted_wait_s * self.time_scale)
+                admitted + t.predicted_wait_s * self.time_scale)
+            last_at, last = admitted if predicted is not None else None, predicted
+            if t.forecast_first_token_at is not None:
+                last_at, last = self.paper(t.forecast_at), self.paper(t.forecast_first_token_at)
+            elif forecasts_only:
+                last_at, last = None, None
             out.append(RequestRecord(
                 id=t.request_id, model=r.model, slo_class=r.slo_class.value,
                 arrival_at=arrival, deadline_at=arrival + r.slo.ttft_s,
@@ -148,8 +171,9 @@ class StackRun:
                 started_at=self.paper(t.started_at), first_token_at=self.paper(t.first_token_at),
                 finished_at=self.paper(t.finished_at), worker_id=t.worker,
                 num_evictions=t.num_evictions, rejected=t.rejected,
-                predicted_at=arrival if predicted is not None else None,
+                predicted_at=admitted if predicted is not None else None,
                 predicted_first_token_at=predicted,
+                last_predicted_at=last_at, last_predicted_first_token_at=last,
             ))
         return tuple(out)
 
@@ -204,6 +228,7 @@ class EventWatch:
             return
         if event.type == "admitted":
             t.predicted_wait_s = event.predicted_wait_s
+            t.admitted_at = event.at
         elif event.type == "started":
             t.started_at = t.started_at or event.at
             t.worker = event.worker
@@ -316,6 +341,22 @@ async def replay(run: StackRun, ingest_addr: str, bootstrap: str, timeout_s: flo
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await collect_forecasts(client, run)
+
+
+async def collect_forecasts(client: Any, run: StackRun, batch: int = 64) -> None:
+    """GetRequest for every request sent: its predicted first token, which for a request
+    that has started is the scheduler's last forecast before it started."""
+    sent = [t for t in run.tracked.values() if t.sent_at is not None and not t.rejected]
+    for i in range(0, len(sent), batch):
+        chunk = sent[i:i + batch]
+        infos = await asyncio.gather(*(client.get(t.request_id) for t in chunk),
+                                     return_exceptions=True)
+        for t, info in zip(chunk, infos, strict=True):
+            if isinstance(info, BaseException) or info.predicted_first_token_at <= 0:
+                continue
+            t.forecast_first_token_at = info.predicted_first_token_at
+            t.forecast_at = info.predicted_at
 
 
 async def poll_unfinished(client: Any, run: StackRun, limit: int = 64) -> None:
@@ -484,7 +525,8 @@ def write_records(path: Path, by_source: Mapping[str, Mapping[str, Sequence[Requ
                   ) -> None:
     fields = ("source", "policy", "id", "model", "slo_class", "arrival_at", "deadline_at",
               "prompt_tokens", "output_tokens", "started_at", "first_token_at", "finished_at",
-              "worker_id", "num_evictions", "rejected", "predicted_first_token_at")
+              "worker_id", "num_evictions", "rejected", "predicted_first_token_at",
+              "last_predicted_first_token_at")
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
@@ -624,6 +666,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 recs = run.records()
                 r2, _ = wait_prediction_r2(recs)
                 entries[policy] = policy_entry([(run.metrics(len(workers)), r2, run.wall_s)])
+                r2_forecast, num_forecast = wait_prediction_r2(run.records(forecasts_only=True))
+                entries[policy]["wait_r2_forecast_only"] = [num(r2_forecast)]
+                entries[policy]["num_with_forecast"] = [num_forecast]
                 records["stack"][policy] = recs
                 dup = [t.request_id for t in run.tracked.values() if t.num_finished_events > 1]
                 missing = [t.request_id for t in run.tracked.values()

@@ -1,10 +1,10 @@
-"""What the demo and the experiment runner share: the requests, the workers, the predictor.
+"""What the demo and the experiment runner share: the requests, the workers, the forecaster.
 
 * :func:`build_plan` (:class:`DemoPlan`): trace rows at a mean rate, with classes (WA
   mix) and models drawn by a seed, prompts cut to the model's length limit;
 * :func:`sim_workers`: a workers file as the simulator's worker specs;
-* :func:`estimator_predictor`: the RWT estimator's predicted first-token times of a
-  decision's placements (the simulator's ``wait_r2``).
+* :func:`estimator_forecaster`: the predicted first-token times refreshed at every
+  decision, as the scheduler service makes them (the simulator's ``wait_r2``).
 
 ``loadgen.demo`` and ``loadgen.sim`` both import this module and not each other.
 """
@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from qlm.core.errors import InvalidInput
+from qlm.core.estimator import RWTEstimator
+from qlm.core.forecast import Forecaster
 from qlm.core.perf import ProfileBook
-from qlm.core.types import SLO, Decision, QueueSnapshot, Request, SLOClass
+from qlm.core.types import SLO, Request, SLOClass
 from qlm.roster import read_workers_file
 from qlm.sim.cluster import Job, WorkerSpec
-from qlm.sim.engine import Predictor
 from qlm.traces import load_trace, slice_trace
 from qlm.workloads import WA_CLASSES, pick, unit_rate_times
 
@@ -91,32 +92,8 @@ def sim_workers(workers_file: Path) -> tuple[WorkerSpec, ...]:
 
 
 
-# ============================================================== predictor
-def estimator_predictor(profiles: ProfileBook) -> Predictor | None:
-    """Predicted first-token time of every placed request, by the RWT estimator."""
-    try:
-        from qlm.core.estimator import RWTEstimator
-    except ImportError:
-        return None
-    estimator = RWTEstimator(profiles)
-
-    def predict(snapshot: QueueSnapshot, decision: Decision) -> dict[str, float]:
-        by_key = {g.key: g for g in snapshot.groups}
-        out: dict[str, float] = {}
-        for place in decision.placements:
-            order = [by_key[k] for k in place.order if k in by_key]
-            if not order:
-                continue
-            worker = snapshot.worker(place.worker_id)
-            try:
-                waits = estimator.queue_waits(worker, order, snapshot.now)
-            except Exception:  # a model this worker cannot serve: no prediction
-                continue
-            for group, wait in zip(order, waits, strict=True):
-                n = group.size
-                for j, r in enumerate(group.requests):
-                    spread = getattr(wait, "spread_s", 0.0) * j / (n - 1) if n > 1 else 0.0
-                    out[r.id] = snapshot.now + wait.mean_s + spread
-        return out
-
-    return predict
+# ============================================================== forecaster
+def estimator_forecaster(profiles: ProfileBook) -> Forecaster:
+    """The forecaster the scheduler service runs: the RWT estimator (chunked prefill, as
+    the simulator's default engine) learning output lengths from finished requests."""
+    return Forecaster(RWTEstimator(profiles))

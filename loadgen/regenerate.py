@@ -124,6 +124,10 @@ STEPS: tuple[Step, ...] = (
          "--out {out}/bench_worker_ab.json",
          f"{PY} loadgen.bench_worker --ab-rounds 1 --requests 10 --warmup 2 "
          "--out {out}/bench_worker_ab.json"),
+    Step("predict-check", "8 min",
+         f"{PY} loadgen.predict_check --jobs {{jobs}} --out {{out}}/predict/after.json",
+         f"{PY} loadgen.predict_check --workloads WA --traces synthetic,code "
+         "--num-requests 300 --jobs {jobs} --out {out}/predict/after.json"),
     Step("demo", "4 min", f"{PY} loadgen.demo --dir .qlm/demo --out {{out}}/demo",
          f"{PY} loadgen.demo --sim-only --num-requests 100 --dir .qlm/demo "
          "--out {out}/demo"),
@@ -148,6 +152,14 @@ NOT_REGENERATED: tuple[tuple[str, str], ...] = (
                        "for every dead letter (CI runs it small)"),
     ("outage_redis_120s.json", "a slow test with Redis stopped for 120 s (make it with "
                                "QLM_TEST_OUTAGE_S=120 QLM_OUTAGE_RESULT=...)"),
+    ("predict/before.json, predict/demo_before/*, predict/bench_decide_main.json, "
+     "predict/demo/*",
+     "the predicted-wait comparison: the code before refreshed forecasts, main's "
+     "bench_decide beside the new one, and the make demo run after (the demo step "
+     "regenerates demo/)"),
+    ("poison_records.json, kill_under_load.json", "written by their tests on real servers "
+                                                  "(QLM_POISON_RESULT=..., QLM_KILL_RESULT=...; "
+                                                  "the commands are in the files)"),
     ("demo.md, */README.md", "commentary, written by people from the results"),
 )
 

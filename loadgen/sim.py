@@ -39,9 +39,11 @@ the cluster (prompt + ``max_tokens`` beyond every ``max_model_len`` / KV cache o
 workers able to serve the model: :mod:`qlm.core.fit`, the services' check); they are
 not SLO misses, and ``slo_attainment`` is over the other requests.
 
-``wait_r2`` is the R² of the RWT estimator's predicted wait (made at the first
-decision after a request arrived, from the policy's own placement) against the
-realised wait to first token.
+``wait_r2`` is the R² of the last predicted wait a request had before its first token
+against the realised one, both from arrival (:func:`qlm.sim.metrics.wait_prediction_r2`):
+the forecasts the scheduler service makes, refreshed at every decision from the virtual
+queues it wrote (:class:`qlm.core.forecast.Forecaster`, learning output lengths from
+finished requests).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.plan import build_plan, estimator_predictor, sim_workers
+from loadgen.plan import build_plan, estimator_forecaster, sim_workers
 from loadgen.report import markdown_table, policy_entry, print_table
 from loadgen.results import write_json
 from qlm.core.errors import InvalidInput
@@ -242,7 +244,7 @@ def run_one(task: Task) -> Run:
         jobs, task.workers(), profiles,
         make_policy(task.policy, **task.policy_options), task.config, seed=task.seed,
         timer=time.perf_counter,
-        predictor=estimator_predictor(profiles),
+        forecaster=estimator_forecaster(profiles),
     )
     r2, _ = wait_prediction_r2(result.records)
     return Run(task.policy, task.rate, result, time.perf_counter() - started, r2)
@@ -289,7 +291,8 @@ def write_records(path: Path, runs: Sequence[Run]) -> None:
         "policy", "rate", "id", "model", "slo_class", "arrival_at", "deadline_at",
         "prompt_tokens", "output_tokens", "started_at", "first_token_at", "finished_at",
         "worker_id", "num_evictions", "rejected", "refused", "predicted_at",
-        "predicted_first_token_at", "tenant", "tpot_slo_s",
+        "predicted_first_token_at", "last_predicted_at", "last_predicted_first_token_at",
+        "tenant", "tpot_slo_s",
     )
     with gzip.open(path, "wt", newline="") as f:
         w = csv.writer(f)

@@ -29,6 +29,8 @@ lives in the library and neither service imports the other.
   vectorised over the groups of each model (:func:`estimate_batch`).
 * **Online correction**: telemetry's per-step predicted (raw profile) and observed decode
   step times move the (model, GPU) factor with :meth:`RWTEstimator.with_observation`.
+* **Output lengths**: learned from ``finished`` events, per model and (model, class), as
+  the scheduler's forecaster does (:class:`qlm.core.forecast.LengthLearner`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ import numpy as np
 
 from qlm.bus.records import Event, Telemetry
 from qlm.core.errors import InvalidInput, NotFound, Unavailable
-from qlm.core.estimator import PREFILL_TOKENS_PER_STEP, RWTEstimator, WaitEstimate
+from qlm.core.estimator import (
+    PREFILL_TOKENS_PER_STEP,
+    RWTEstimator,
+    WaitEstimate,
+    chunked_work_s,
+)
+from qlm.core.forecast import LengthLearner
 from qlm.core.perf import PerfProfile
 from qlm.core.policies.base import GroupOrder, order_key
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, can_serve
@@ -62,6 +70,7 @@ from qlm.core.types import (
     WorkerView,
 )
 from qlm.roster import WorkerRoster
+from qlm.sim.batching import chunked_first_token_s
 from qlm.store.store import RedisQueueStore
 
 #: Classes admission control never refuses.
@@ -298,17 +307,27 @@ def _block(estimator: RWTEstimator, groups: Sequence[GroupSummary], model: str,
     step = _decode_step(profile, batch, np.floor(batch * context))
     per_token = step / batch
     decode = n * np.clip(mean_r - 1.0, 0.0, None) * per_token * factor
-    prefill = _admission_prefill(profile, n, prompt, batch, mean_r)
+    # Prefills, and the first token of the group's head once it starts.
+    first = np.maximum(1, np.minimum(np.minimum(n, batch),
+                                     np.floor(PREFILL_TOKENS_PER_STEP / np.maximum(prompt, 1))))
+    if estimator.prefill_mode == "whole":
+        prefill = _admission_prefill(profile, n, prompt, batch, mean_r)
+        head_prefill = _prefill(profile, prompt)
+        bulk_prefill = _prefill(profile, first * prompt)
+    else:
+        prefill, head_prefill, bulk_prefill = _chunked_prefill(
+            estimator, profile, n, prompt, batch, context, first)
     swap = _swap_s(estimator, worker, model)
     service_mean = decode + prefill + swap
     service_std = np.sqrt(n * var_r) * per_token * factor
     # Head of the queue: the group's first token after the running work (and a swap).
-    head_prefill = _prefill(profile, prompt)
-    first = np.maximum(1, np.minimum(np.minimum(n, batch),
-                                     np.floor(PREFILL_TOKENS_PER_STEP / np.maximum(prompt, 1))))
-    bulk_prefill = _prefill(profile, first * prompt)
     running_s, running_std = _running_work(estimator, worker, model, limits, context, factor)
-    head_mean = np.maximum(running_s + head_prefill, running_s + bulk_prefill) + swap
+    # behind a running batch of its model its prefill joins that batch; after a swap or on
+    # an idle worker it is in the first admission (as RWTEstimator.queue_waits)
+    joins = (model == worker.active_model and worker.running_batch_size > 0
+             and worker.running_remaining_tokens > 0)
+    first_token = np.maximum(head_prefill, bulk_prefill) if joins else bulk_prefill
+    head_mean = running_s + first_token + swap
     return service_mean, service_std, head_mean, np.broadcast_to(running_std, n.shape)
 
 
@@ -335,6 +354,23 @@ def _running_work(estimator: RWTEstimator, worker: WorkerSummary, model: str,
         return zero, zero  # a free slot: it starts at once
     credit = (size - 1) * (remaining / size) * per_token
     return np.maximum(0.0, remaining * per_token - credit), spread
+
+
+def _chunked_prefill(estimator: RWTEstimator, profile: PerfProfile, n: np.ndarray,
+                     prompt: np.ndarray, batch: np.ndarray, context: np.ndarray,
+                     first: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The estimator's chunked-prefill timing (:func:`qlm.core.estimator.chunked_work_s`,
+    :func:`qlm.sim.batching.chunked_first_token_s`) of n equal prompts, group by group."""
+    budget = estimator.max_batched_tokens
+    work, head, bulk = (np.zeros_like(prompt) for _ in range(3))
+    for i in range(prompt.size):
+        tokens, decoding = int(prompt[i]), int(batch[i]) - 1
+        work[i] = n[i] * chunked_work_s(profile, np.array([tokens]), decoding, budget)
+        head[i] = chunked_first_token_s(profile, tokens, decoding,
+                                        int(decoding * context[i]), budget)
+        bulk[i] = chunked_first_token_s(profile, tokens, 0, 0, budget,
+                                        shared_tokens=int(first[i]) * tokens - tokens)
+    return work, head, bulk
 
 
 def _decode_step(profile: PerfProfile, batch: np.ndarray, context: np.ndarray) -> np.ndarray:
@@ -406,6 +442,7 @@ class EstimatorPlane:
         self._groups: dict[GroupKey, RequestGroup] = {}
         self._orders: dict[GroupKey, tuple[RequestGroup, GroupOrder]] = {}
         self._predicted: OrderedDict[str, float] = OrderedDict()
+        self.learner = LengthLearner()
 
     async def view(self) -> QueueSnapshot:
         """The latest queue view, at the current time. Without a running
@@ -511,10 +548,14 @@ class EstimatorPlane:
         return True
 
     def on_event(self, event: Event) -> None:
-        """Pairs ``admitted`` predictions with the realised wait of ``first_token``."""
+        """Pairs ``admitted`` predictions with the realised wait of ``first_token``;
+        learns output lengths from ``finished`` events (:class:`LengthLearner`)."""
         self.roster.on_event(event)
         if event.request_id is None or event.slo_class is None or event.arrival_at is None:
             return  # a worker event (swapped): no request to pair
+        if event.type == "finished" and event.num_output_tokens:
+            self.learner.observe(event.model, SLOClass(event.slo_class), event.num_output_tokens)
+            self.estimator = self.learner.refit(self.estimator)
         if event.type == "admitted" and event.predicted_wait_s is not None:
             self._predicted[event.request_id] = event.predicted_wait_s
             while len(self._predicted) > _PENDING_LIMIT:

@@ -74,7 +74,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 def _issue(subject: str, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateKey,
            key: ec.EllipticCurvePrivateKey, usage: x509.ObjectIdentifier | None,
-           ca: bool = False) -> x509.Certificate:
+           ca: bool = False, names: tuple[str, ...] = ()) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -88,14 +88,17 @@ def _issue(subject: str, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateK
     if usage is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if usage == ExtendedKeyUsageOID.SERVER_AUTH:
-        alt: list[x509.GeneralName] = [x509.DNSName(n) for n in LOCAL_NAMES]
+        alt: list[x509.GeneralName] = [x509.DNSName(n) for n in (*LOCAL_NAMES, *names)]
         alt += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOCAL_IPS]
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def ensure_local_pki(directory: Path) -> LocalPki:
-    """The local CA and certificates under ``directory``, made if missing (kept if there)."""
+def ensure_local_pki(directory: Path, names: tuple[str, ...] = ()) -> LocalPki:
+    """The local CA and certificates under ``directory``, made if missing (kept if there).
+
+    ``names``: DNS names the server certificate holds besides ``localhost`` and the
+    loopback addresses (the services' names on a compose network or in a cluster)."""
     pki = LocalPki(directory)
     if all(p.exists() for p in (pki.ca, pki.server_cert, pki.server_key, pki.client_cert,
                                 pki.client_key)):
@@ -110,7 +113,7 @@ def ensure_local_pki(directory: Path) -> LocalPki:
         (pki.client_cert, pki.client_key, "qlm client", ExtendedKeyUsageOID.CLIENT_AUTH),
     ):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _issue(subject, ca_cert.subject, ca_key, key, usage)
+        cert = _issue(subject, ca_cert.subject, ca_key, key, usage, names=names)
         _write_key(key_path, key)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return pki

@@ -76,6 +76,12 @@ def render() -> str:
         "Every setting is a command-line flag, or an environment variable with the `QLM_`",
         "prefix; flags win over the environment, which wins over the default. A bad value",
         "stops the service at start with a message naming the setting.",
+        "",
+        "`QLM_SECRETS_DIR` names a directory holding one file per setting, named as its",
+        "environment variable (`QLM_REDIS_URL`, `QLM_KAFKA_SASL_PASSWORD`, ...), its content",
+        "the value; these come after flags and the environment, before the defaults. This is",
+        "how compose's services get their passwords (`python -m qlm.localstack.credentials`,",
+        "[security.md](security.md#compose-and-kubernetes)).",
     ]
     for title, cls in SERVICES:
         doc = inspect.cleandoc(cls.__doc__ or "")

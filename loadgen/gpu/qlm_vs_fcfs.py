@@ -73,6 +73,7 @@ import numpy as np
 
 from loadgen.gpu.common import (
     MODEL_SHAPES,
+    TraceRequest,
     device_facts,
     gpu_used_gib,
     percentile,
@@ -122,9 +123,12 @@ class Workload:
     description: Mapping[str, Any]
 
 
-def build_workload(args: argparse.Namespace) -> Workload:
-    """Interactive requests from the slice's arrivals, plus a batch job per model."""
-    rows = read_slice_csv(Path(args.slice))[: args.num_interactive]
+def build_workload(args: argparse.Namespace,
+                   slice_rows: Sequence[TraceRequest] | None = None) -> Workload:
+    """Interactive requests from the slice's arrivals, plus a batch job per model
+    (``slice_rows``: the slice itself instead of reading ``args.slice``)."""
+    all_rows = list(slice_rows) if slice_rows is not None else read_slice_csv(Path(args.slice))
+    rows = all_rows[: args.num_interactive]
     first, second = args.models.split(",")
     slos = {SLOClass.INTERACTIVE.value: args.interactive_slo_s,
             SLOClass.BATCH_1.value: args.batch1_slo_s, SLOClass.BATCH_2.value: args.batch2_slo_s}
@@ -135,7 +139,6 @@ def build_workload(args: argparse.Namespace) -> Workload:
             f"i{i}", model, row.prompt_tokens, row.output_tokens, SLOClass.INTERACTIVE,
             SLO(args.interactive_slo_s), round(args.warmup_s + row.arrival_s / args.speedup, 6)))
     rng = np.random.default_rng(args.seed)
-    all_rows = read_slice_csv(Path(args.slice))
     for model, cls, slo_s in ((first, SLOClass.BATCH_1, args.batch1_slo_s),
                               (second, SLOClass.BATCH_2, args.batch2_slo_s)):
         picks = rng.permutation(len(all_rows))[: args.num_batch]

@@ -43,6 +43,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Final
 
+import numpy as np
+
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.types import (
     Decision,
@@ -67,6 +69,14 @@ def kv_reservation(
     """KV tokens a request is expected to hold at its end (see the module docstring)."""
     expected_total = max(request.num_generated + 1, expected_output_tokens)
     return request.prompt_tokens + min(request.max_tokens, expected_total)
+
+
+def kv_reservations(prompt_tokens: np.ndarray, max_tokens: np.ndarray,
+                    num_generated: np.ndarray,
+                    expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS) -> np.ndarray:
+    """:func:`kv_reservation` of many requests at once (arrays of their fields)."""
+    expected_total = np.maximum(num_generated + 1, expected_output_tokens)
+    return prompt_tokens + np.minimum(max_tokens, expected_total)
 
 
 def kv_reserved_tokens(

@@ -34,7 +34,7 @@ from typing import Any
 
 from qlm.bus.access import ADMIN, SERVICE_PRINCIPALS, acl_bindings
 from qlm.bus.security import KafkaAuth
-from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
+from qlm.bus.topics import TopicLayout, TopicNames, ensure_topics, topic_specs
 from qlm.core.errors import InvalidInput, Unavailable
 from qlm.localstack.process import (
     ServerProcess,
@@ -178,9 +178,10 @@ class KafkaUsers:
 
 
 def apply_acls(bootstrap_servers: str, users: KafkaUsers, topics: TopicNames,
-               timeout_s: float = 30.0) -> int:
-    """Create the topics under ``topics.prefix`` and the ACLs of :mod:`qlm.bus.access` as
-    the admin (idempotent); returns the number of ACL bindings."""
+               timeout_s: float = 30.0, layout: TopicLayout | None = None) -> int:
+    """Create the topics under ``topics.prefix`` (partitions and replicas: ``layout``) and
+    the ACLs of :mod:`qlm.bus.access` as the admin (idempotent); returns the number of ACL
+    bindings."""
     import asyncio
 
     from confluent_kafka.admin import (
@@ -193,7 +194,7 @@ def apply_acls(bootstrap_servers: str, users: KafkaUsers, topics: TopicNames,
         ResourceType,
     )
 
-    asyncio.run(ensure_topics(bootstrap_servers, topic_specs(topics), users.auth(ADMIN)))
+    asyncio.run(ensure_topics(bootstrap_servers, topic_specs(topics, layout), users.auth(ADMIN)))
     admin = AdminClient({
         "bootstrap.servers": bootstrap_servers, "security.protocol": "SASL_PLAINTEXT",
         "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": ADMIN,
@@ -270,11 +271,17 @@ class KafkaServer:
         internal_replication: int = 1,
         heap_opts: tuple[str, ...] = HEAP_OPTS,
         users: KafkaUsers | None = None,
+        host: str = "127.0.0.1",
+        listen_host: str | None = None,
     ) -> None:
         """``die_with_parent``: stop the broker when the starting thread exits (tests).
 
         ``quick_start``: JIT tier 1 only, for brokers that must start fast more than
         run fast (tests); benchmarks and ``make up`` leave it off.
+
+        ``host``: the name clients and the other nodes reach this node by (advertised);
+        ``listen_host``: the address its listeners bind (default ``host``; ``0.0.0.0`` in
+        a container, :mod:`qlm.localstack.credentials`).
         """
         self.data_dir = data_dir.resolve()
         self.die_with_parent = die_with_parent
@@ -282,7 +289,8 @@ class KafkaServer:
         self.port = port
         self.controller_port = controller_port
         self.version = version or kafka_version()
-        self.host = "127.0.0.1"
+        self.host = host
+        self.listen_host = listen_host or host
         self.node_id = node_id
         self.voters = voters or f"{node_id}@{self.host}:{controller_port}"
         self.cluster_id = cluster_id
@@ -301,14 +309,19 @@ class KafkaServer:
     def server_properties(self) -> str:
         """Combined broker+controller config; internal topics have one partition, replicated
         ``internal_replication`` times (their min ISR is a majority of that)."""
+        return "".join(f"{key}={value}\n" for key, value in self.properties().items())
+
+    def properties(self) -> dict[str, str]:
+        """:meth:`server_properties` as a mapping."""
         host, port, cport = self.host, self.port, self.controller_port
+        bind = self.listen_host
         replicas = str(self.internal_replication)
         min_isr = str(self.internal_replication // 2 + 1)
         settings = {
             "process.roles": "broker,controller",
             "node.id": str(self.node_id),
             "controller.quorum.voters": self.voters,
-            "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+            "listeners": f"PLAINTEXT://{bind}:{port},CONTROLLER://{bind}:{cport}",
             "advertised.listeners": f"PLAINTEXT://{host}:{port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
@@ -335,19 +348,20 @@ class KafkaServer:
         }
         if self.users is not None:
             settings.update(self._security_properties())
-        return "".join(f"{key}={value}\n" for key, value in settings.items())
+        return settings
 
     def _security_properties(self) -> dict[str, str]:
         """SASL listeners and the authorizer (module docstring)."""
         assert self.users is not None
         host, port, cport = self.host, self.port, self.controller_port
+        bind = self.listen_host
         password = self.users.passwords[ADMIN]
         plain = ("org.apache.kafka.common.security.plain.PlainLoginModule required "
                  f'username="{ADMIN}" password="{password}" user_{ADMIN}="{password}";')
         scram = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
                  f'username="{ADMIN}" password="{password}";')
         return {
-            "listeners": f"SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+            "listeners": f"SASL_PLAINTEXT://{bind}:{port},CONTROLLER://{bind}:{cport}",
             "advertised.listeners": f"SASL_PLAINTEXT://{host}:{port}",
             "inter.broker.listener.name": "SASL_PLAINTEXT",
             "listener.security.protocol.map": "CONTROLLER:SASL_PLAINTEXT,"
@@ -402,7 +416,7 @@ class KafkaServer:
         cluster_id = self.cluster_id or new_cluster_id()
         argv = self._java_argv(
             libs, STORAGE_TOOL_MAIN, "format", f"--cluster-id={cluster_id}",
-            "-c", str(self.config_path), *self._scram_args(), quick=True,
+            "-c", str(self.config_path), *self.scram_args(), quick=True,
         )  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not self.is_formatted():
@@ -411,7 +425,8 @@ class KafkaServer:
                 f"{(done.stdout + done.stderr)[-3000:]}"
             )
 
-    def _scram_args(self) -> list[str]:
+    def scram_args(self) -> list[str]:
+        """``kafka-storage format`` arguments that write every user's SCRAM credentials."""
         if self.users is None:
             return []
         return [arg for user, password in self.users.passwords.items()

@@ -1,5 +1,6 @@
 """``python -m qlm.localstack.probe grpc HOST:PORT`` or ``... http URL``: exit 0 when the
-service answers as healthy (gRPC health SERVING; HTTP 200), 1 otherwise.
+service answers as healthy (gRPC health SERVING; HTTP 200), 1 otherwise. Over TLS when
+``QLM_TLS_CA_FILE`` (the CA a service trusts, set with TLS on) names a CA file.
 
 The health check of every qlm container in compose.yaml (the images have no curl or
 grpc_health_probe; they have Python and qlm).
@@ -7,9 +8,11 @@ grpc_health_probe; they have Python and qlm).
 
 from __future__ import annotations
 
+import os
 import sys
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 
 from qlm.localstack.services import grpc_serving
 
@@ -28,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m qlm.localstack.probe grpc HOST:PORT | http URL", file=sys.stderr)
         return 2
     kind, target = args
-    healthy = grpc_serving(target, timeout_s=2.0) if kind == "grpc" else http_ok(target)
+    ca_file = os.environ.get("QLM_TLS_CA_FILE")
+    ca = Path(ca_file) if ca_file else None
+    healthy = (grpc_serving(target, timeout_s=2.0, ca=ca) if kind == "grpc"
+               else http_ok(target))
     return 0 if healthy else 1
 
 

@@ -70,7 +70,7 @@ def ping(host: str, port: int, timeout_s: float = 0.5,
 _QUEUE_KEYS = ("req:*", "group:*", "groups", "vq:*", "workers", "running:*", "leases",
                "stream:*", "queue:log")
 _SERVICE_KEYS: Final = {
-    "qlm-ingest": (*_QUEUE_KEYS, "tenant:*", "apikey:*", "tenants",
+    "qlm-ingest": (*_QUEUE_KEYS, "tenant:*", "apikey:*", "tenants", "tenants:parked",
                    "file:*", "files", "batch:*", "batches", "batches:*"),  # Files/Batch API
     "qlm-scheduler": (*_QUEUE_KEYS, "scheduler:*"),
     "qlm-worker": _QUEUE_KEYS,

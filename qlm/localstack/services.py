@@ -85,8 +85,9 @@ class ServiceOptions:
     * ``debounce_s``: how long the scheduler gathers events before deciding (wall s);
     * ``shutdown_grace_s``: how long a stopping service may finish in-flight work;
     * ``topic_prefix``: prefix of every Kafka topic (tests: unique per test);
-    * ``secure``: TLS on every gRPC listener (a local CA and certificates under
-      ``<dir>/tls``, :func:`qlm.tls.ensure_local_pki`) and API keys required by ingest,
+    * ``secure``: TLS on every gRPC listener and on the HTTP front door (a local CA and
+      certificates under ``<dir>/tls``, :func:`qlm.tls.ensure_local_pki`) and API keys
+      required by ingest,
       with a development tenant whose key is in ``<dir>/services/dev.key``
       (``make up`` turns it on).
     """
@@ -259,8 +260,11 @@ class ServiceStack:
 
     @property
     def openai_base_url(self) -> str:
-        """Base URL of the OpenAI-compatible front door (what ``openai.OpenAI`` takes)."""
-        return f"http://127.0.0.1:{self.ports.http}/v1"
+        """Base URL of the OpenAI-compatible front door (what ``openai.OpenAI`` takes):
+        ``https`` when the stack is secure (the certificate names 127.0.0.1; clients trust
+        ``QLM_TLS_CA``)."""
+        scheme = "https" if self.options.secure else "http"
+        return f"{scheme}://127.0.0.1:{self.ports.http}/v1"
 
     @classmethod
     def recorded(cls, stack_dir: Path, redis_url: str, kafka_bootstrap: str) -> ServiceStack:
@@ -348,8 +352,10 @@ class ServiceStack:
         if kind_of(name) == "worker":
             worker_id = name.removeprefix(WORKER_PREFIX)
             health, metrics = p.of_worker(worker_id)
+            # the unscaled profiles: a simulated worker divides its times by the time scale
             return [self.python, "-m", "services.worker", *self._common(), "--engine", "sim",
                     "--workers-file", str(self.workers_dir / f"{worker_id}.yaml"),
+                    "--profiles-dir", str(self.profiles_source),
                     "--time-scale", str(o.time_scale), "--host", "127.0.0.1",
                     "--health-port", str(health), "--metrics-port", str(metrics),
                     "--shutdown-grace-s", str(o.shutdown_grace_s)]

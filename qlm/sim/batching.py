@@ -10,7 +10,9 @@ event), so that all three mean the same by a step:
   the scheduler's reservation in the simulator, the context held in an engine), and, for
   a whole prefill, while its prompt fits the step's token budget (the first always may);
 * **chunked prefill** (:func:`plan_chunks`, :func:`mixed_step_s`,
-  :func:`output_latency_s`): vLLM's token budget per step, decode first;
+  :func:`output_latency_s`): vLLM's token budget per step, decode first; what the RWT
+  estimator asks of it (:func:`chunked_first_token_s`, :func:`chunked_prefill_work_s`):
+  when a prompt's first token comes and how much time its chunks add to the steps;
 * **whole prefill** (:func:`plan_prefill`, :func:`prefill_step_s`): admitted requests
   prefill in one step while the running batch waits;
 * **decode segments** (:func:`decode_segment_s`, :func:`decode_steps_within`,
@@ -216,6 +218,48 @@ def plan_chunks(
         admitted.append(take)
         budget -= take
     return ChunkPlan(tuple(continuing), tuple(admitted))
+
+
+#: Steps a request queued while a chunked engine is busy waits before its first chunk,
+#: on average: asynchronous scheduling plans a step when the previous one begins, so it
+#: waits the rest of the current step (half of one) and the whole next one.
+ASYNC_ADMISSION_STEPS: Final = 1.5
+
+
+def chunk_sizes(prompt_tokens: int, max_batched_tokens: int, num_decoding: int) -> list[int]:
+    """The chunks a prompt is prefilled in when it is the only prompt of its steps and
+    ``num_decoding`` requests decode alongside (each takes one token of the budget)."""
+    per_step = max(1, max_batched_tokens - num_decoding)
+    full, rest = divmod(max(0, prompt_tokens), per_step)
+    return [per_step] * full + ([rest] if rest else [])
+
+
+def chunked_first_token_s(
+    profile: PerfProfile, prompt_tokens: int, num_decoding: int, decode_context: int,
+    max_batched_tokens: int, shared_tokens: int = 0,
+) -> float:
+    """Seconds from a request's admission to its first token under chunked prefill: the
+    mixed steps (:func:`mixed_step_s`) that prefill its chunks next to ``num_decoding``
+    decoding requests holding ``decode_context`` tokens, then the output latency. Its
+    last step also carries ``shared_tokens`` of other prompts admitted with it (up to the
+    budget), as :func:`plan_chunks` fills a step. Pure."""
+    chunks = chunk_sizes(prompt_tokens, max_batched_tokens, num_decoding) or [0]
+    per_step = max(1, max_batched_tokens - num_decoding)
+    total = 0.0
+    for index, chunk in enumerate(chunks):
+        tokens = chunk if index < len(chunks) - 1 else min(per_step, chunk + shared_tokens)
+        total += mixed_step_s(profile, num_decoding, decode_context, tokens)
+    return total + output_latency_s(profile)
+
+
+def chunked_prefill_work_s(profile: PerfProfile, prompt_tokens: int, num_decoding: int,
+                           max_batched_tokens: int) -> float:
+    """Seconds a prompt's chunks add to the steps of a batch where ``num_decoding``
+    requests decode: Σ over its chunks of ``mixed_step_s − decode_step_s`` (the decode
+    step's own time is the batch's, counted once). Pure."""
+    decode = profile.decode_step_s(num_decoding, 0)
+    return sum(mixed_step_s(profile, num_decoding, 0, chunk) - decode
+               for chunk in chunk_sizes(prompt_tokens, max_batched_tokens, num_decoding))
 
 
 # ---------------------------------------------------------------- TPOT

@@ -44,6 +44,12 @@ Model (every time is virtual seconds):
   (a decision's pulls forecast those); a batch cap (``BatchCap``) limits what a worker
   admits from then on (running requests above it finish). Invalid actions are ignored
   and counted.
+* **Predicted waits** (with a ``forecaster``): after every decision the
+  :class:`~qlm.core.forecast.Forecaster` forecasts each queued group on the virtual
+  queue just written, as the scheduler service does, and every queued request's
+  prediction is its group's at its place (:meth:`GroupForecast.first_token_at_for`);
+  the first one after arrival and the last one before its first token are recorded.
+  Finished requests teach the forecaster their output lengths.
 * **Admission** refuses a request that fits no worker of the cluster able to serve its
   model (prompt + ``max_tokens`` beyond each one's ``max_model_len`` and KV cache:
   :func:`qlm.core.fit.refusal`, the check ingest applies) at its arrival, as the services
@@ -65,6 +71,7 @@ import numpy as np
 
 from qlm.core.errors import InvalidInput
 from qlm.core.fit import SequenceLimit, refusal, serving_limits
+from qlm.core.forecast import Forecaster
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext
 from qlm.core.pulls import kv_reservation, plan_pulls
@@ -97,8 +104,6 @@ from qlm.sim.metrics import RequestRecord, RunResult, summarise
 Timer = Callable[[], float]
 #: A running request's view is refreshed once its progress moved this many tokens.
 VIEW_LAG_TOKENS = 8
-#: Maps a snapshot and the decision made on it to predicted first-token times by request id.
-Predictor = Callable[[QueueSnapshot, Decision], Mapping[str, float]]
 Scheduled = list[tuple[float, Event]]
 
 
@@ -130,6 +135,8 @@ class _Live:
     kv_on_worker: str | None = None
     predicted_at: float | None = None
     predicted_first_token_at: float | None = None
+    last_predicted_at: float | None = None
+    last_predicted_first_token_at: float | None = None
     queued_at: float = 0.0
     prefill_need: int = 0  # chunked: prompt tokens its admission prefills (0: KV restore)
     prefilled: int = 0  # chunked: of which done
@@ -188,8 +195,9 @@ class Simulation:
         *,
         seed: int = 0,
         timer: Timer | None = None,
-        predictor: Predictor | None = None,
+        forecaster: Forecaster | None = None,
         policy_options: Mapping[str, Any] | None = None,
+        planning_profiles: ProfileBook | None = None,
     ) -> None:
         self.config = config or SimConfig()
         self.chunked = self.config.prefill_mode == "chunked"
@@ -197,10 +205,12 @@ class Simulation:
         self._validate(self.jobs, workers, profiles)
         self.profiles = profiles
         self.policy = policy
-        self.ctx = PolicyContext(profiles, dict(policy_options or {}))
+        # the policy plans with ``planning_profiles`` when given (workers slower or faster
+        # than their profile, e.g. two engines sharing one GPU); the engine runs ``profiles``
+        self.ctx = PolicyContext(planning_profiles or profiles, dict(policy_options or {}))
         self.rng = np.random.default_rng(seed)
         self.timer = timer
-        self.predictor = predictor
+        self.forecaster = forecaster
         self.window_s = float(getattr(policy, "group_window_s", self.config.group_window_s))
         self.events = EventQueue()
         self.now = 0.0
@@ -307,9 +317,10 @@ class Simulation:
         decision = self.policy.decide(snapshot, self.ctx)
         if self.timer:
             self.decision_s.append(self.timer() - started)
-        if self.predictor is not None:
-            self._record_predictions(self.predictor(snapshot, decision))
-        return self.apply(decision, snapshot)
+        scheduled = self.apply(decision, snapshot)
+        if self.forecaster is not None:
+            self._record_predictions(snapshot)
+        return scheduled
 
     def on_boundary(self, event: Boundary) -> Scheduled:
         worker = self.workers[event.worker_id]
@@ -387,12 +398,24 @@ class Simulation:
         self.num_invalid += apply(decision, snapshot, self.profiles, effects)
         return effects.scheduled
 
-    def _record_predictions(self, predicted: Mapping[str, float]) -> None:
-        for rid, first_token_at in predicted.items():
-            live = self.live.get(rid)
-            if live is not None and live.predicted_at is None and live.first_token_at is None:
-                live.predicted_at = self.now
-                live.predicted_first_token_at = first_token_at
+    def _record_predictions(self, snapshot: QueueSnapshot) -> None:
+        """Every queued request's prediction from the forecasts of the virtual queues the
+        decision on ``snapshot`` just wrote (first after arrival, last before start)."""
+        assert self.forecaster is not None
+        orders = {w.id: w.order for w in self.workers.values()}
+        forecasts = self.forecaster.forecast(snapshot, orders)
+        for group in snapshot.groups:
+            forecast = forecasts.get(group.key)
+            if forecast is None:
+                continue
+            for rank, request in enumerate(group.requests):
+                live = self.live.get(request.id)
+                if live is None or live.first_token_at is not None or live.rejected:
+                    continue
+                at = forecast.first_token_at_for(rank)
+                if live.predicted_at is None:
+                    live.predicted_at, live.predicted_first_token_at = self.now, at
+                live.last_predicted_at, live.last_predicted_first_token_at = self.now, at
 
     # ============================================================= workers
     def _nudge(self, w: _Worker) -> Scheduled:
@@ -746,6 +769,9 @@ class Simulation:
         self.running_views.pop(live.request.id, None)
         live.finished_at = self.now + self._output_latency_s(w)
         self.num_open -= 1
+        if self.forecaster is not None:
+            request = live.request
+            self.forecaster.on_finished(request.model, request.slo_class, live.job.output_tokens)
 
     def _reject(self, rid: str) -> None:
         live = self.live[rid]
@@ -793,6 +819,8 @@ class Simulation:
             refused=live.refused,
             predicted_at=live.predicted_at,
             predicted_first_token_at=live.predicted_first_token_at,
+            last_predicted_at=live.last_predicted_at,
+            last_predicted_first_token_at=live.last_predicted_first_token_at,
             tenant=r.tenant,
             tpot_slo_s=r.slo.tpot_s,
         )

@@ -17,10 +17,13 @@ class RequestRecord:
 
     ``rejected``: dropped by the policy after it was queued (an SLO miss); ``refused``:
     turned away at admission because it fits no worker (never queued; not an SLO miss,
-    counted apart). ``predicted_first_token_at`` is the first prediction made for the request after
-    it arrived (``predicted_at`` when), if the run had a predictor. ``tpot_slo_s``: the
-    request's time-per-output-token target, if any; it is met when the request finished
-    and its mean time per output token after the first (:attr:`tpot_s`) is within it.
+    counted apart). ``predicted_first_token_at`` is the first prediction made for the
+    request after it arrived (``predicted_at`` when), ``last_predicted_first_token_at``
+    the last one made before its first token (``last_predicted_at`` when), if the run had
+    a forecaster.
+    ``tpot_slo_s``: the request's time-per-output-token target, if any; it is met when the
+    request finished and its mean time per output token after the first (:attr:`tpot_s`)
+    is within it.
     """
 
     id: str
@@ -39,6 +42,8 @@ class RequestRecord:
     predicted_at: float | None = None
     predicted_first_token_at: float | None = None
     refused: bool = False
+    last_predicted_at: float | None = None
+    last_predicted_first_token_at: float | None = None
     tenant: str = DEFAULT_TENANT
     tpot_slo_s: float | None = None
 
@@ -235,13 +240,13 @@ def _by_class(records: Sequence[RequestRecord], met: Callable[[RequestRecord], b
 
 
 def wait_prediction_r2(records: Sequence[RequestRecord]) -> tuple[float, int]:
-    """R² of predicted vs realised wait to first token (from prediction time), and n."""
+    """R² of the last prediction made before a request's first token against the
+    realised wait, both counted from arrival (the wait a user reading the prediction
+    just before the start was told vs the one they had), and n."""
     pairs = [
-        (r.predicted_first_token_at - r.predicted_at, r.first_token_at - r.predicted_at)
+        (r.last_predicted_first_token_at - r.arrival_at, r.first_token_at - r.arrival_at)
         for r in records
-        if r.predicted_at is not None
-        and r.predicted_first_token_at is not None
-        and r.first_token_at is not None
+        if r.last_predicted_first_token_at is not None and r.first_token_at is not None
     ]
     if len(pairs) < 2:
         return float("nan"), len(pairs)

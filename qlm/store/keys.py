@@ -21,6 +21,9 @@ key                         type        contents
 ``P group:<group>``         sorted set  ids of the *queued* requests of one group
 ``P groups``                sorted set  every group that has at least one queued request
 ``P vq:<worker>``           list        the worker's virtual queue: group keys, head first
+``P forecast``              hash        group key → the group's predicted first tokens as
+                                        of the scheduler's last decision (JSON of
+                                        :class:`qlm.core.forecast.GroupForecast`)
 ``P workers``               set         every worker that has a virtual queue or has pulled
 ``P running:<worker>``      set         ids of the requests running on the worker
 ``P leases``                sorted set  ids of every running request
@@ -136,6 +139,10 @@ class Keys:
         return f"{self.prefix}vq:{worker_id}"
 
     @property
+    def forecast(self) -> str:
+        return f"{self.prefix}forecast"
+
+    @property
     def workers(self) -> str:
         return f"{self.prefix}workers"
 
@@ -178,6 +185,23 @@ class Keys:
     def tenant_tokens(self, name: str, minute: int) -> str:
         """Tokens the tenant's requests asked for in one minute (quota tokens_per_minute)."""
         return f"{self.prefix}tenant:{name}:tpm:{minute}"
+
+    def tenant_parked(self, name: str) -> str:
+        """The tenant's batch records waiting for its quota, in arrival order (sorted set)."""
+        return f"{self.prefix}tenant:{name}:parked"
+
+    def tenant_parked_records(self, name: str) -> str:
+        """The records of :meth:`tenant_parked` by stored id (hash)."""
+        return f"{self.prefix}tenant:{name}:parked:records"
+
+    def tenant_parked_lock(self, name: str) -> str:
+        """Held by the ingest process moving the tenant's parked records (string, PX)."""
+        return f"{self.prefix}tenant:{name}:parked:lock"
+
+    @property
+    def parked_tenants(self) -> str:
+        """Tenants with parked batch records (set)."""
+        return f"{self.prefix}tenants:parked"
     def file(self, file_id: str) -> str:
         return f"{self.prefix}file:{file_id}"
 

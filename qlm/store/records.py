@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from qlm.core.errors import InvalidInput
+from qlm.core.forecast import GroupForecast
 from qlm.core.types import SLO, GroupKey, Request, RequestState, SLOClass
 
 #: Fields a retry with the same id must repeat exactly (arrival time may differ).
@@ -71,10 +72,25 @@ class RequestRecord:
     error: str = ""
     num_evictions: int = 0
     num_pulls: int = 0
+    #: Its group's forecast and its place in the group (rank among ``forecast_size``
+    #: queued): live while queued (:meth:`RedisQueueStore.forecast_for`), else as its
+    #: last pull found them. None: no forecast yet.
+    forecast: GroupForecast | None = None
+    forecast_rank: int = 0
+    forecast_size: int = 0
 
     @property
     def id(self) -> str:
         return self.request.id
+
+    @property
+    def predicted_first_token_at(self) -> float | None:
+        """When its first token is predicted (None: no forecast yet): for a queued request
+        the scheduler's last forecast at its current place, once started the last
+        forecast made before it started."""
+        if self.forecast is None:
+            return None
+        return self.forecast.first_token_at_for(self.forecast_rank, self.forecast_size or None)
 
 
 def encode_json(value: Any, field_name: str) -> str:
@@ -170,7 +186,18 @@ def record_from_fields(fields: Mapping[str, str]) -> RequestRecord:
         error=fields.get("error", ""),
         num_evictions=int(fields.get("num_evictions") or 0),
         num_pulls=int(fields.get("num_pulls") or 0),
+        **_forecast_fields(fields),
     )
+
+
+def _forecast_fields(fields: Mapping[str, str]) -> dict[str, Any]:
+    """The forecast a pull recorded (absent before the first pull with a forecast)."""
+    text = fields.get("forecast")
+    if not text:
+        return {}
+    return {"forecast": GroupForecast.from_json(text),
+            "forecast_rank": int(fields.get("forecast_rank") or 0),
+            "forecast_size": int(fields.get("forecast_size") or 0)}
 
 
 def record_from_json(text: str) -> RequestRecord:

@@ -39,6 +39,7 @@ SCRIPT_NAMES = (
     "cancel",
     "renew",
     "set_virtual_queues",
+    "set_forecasts",
     "append_tokens",
     "snapshot",
     "read_records",
@@ -95,6 +96,7 @@ class Scripts:
     cancel: StoreScript
     renew: StoreScript
     set_virtual_queues: StoreScript
+    set_forecasts: StoreScript
     append_tokens: StoreScript
     snapshot: StoreScript
     read_records: StoreScript

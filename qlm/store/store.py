@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -35,6 +35,7 @@ import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from qlm.core.errors import InvalidInput, NotFound, QlmError, Unavailable
+from qlm.core.forecast import GroupForecast
 from qlm.core.types import (
     GroupKey,
     Request,
@@ -382,6 +383,29 @@ class RedisQueueStore:
         replies = await self._field_of_each(request_ids, "deadline_at")
         return {rid: float(value) if value else None for rid, value in replies.items()}
 
+    async def start_facts(self, request_ids: Sequence[str]
+                          ) -> dict[str, tuple[float | None, float | None]]:
+        """``(deadline_at, predicted first token)`` of each of ``request_ids`` in one
+        pipeline: the prediction is the last forecast before it started (None: none, or
+        the request is unknown)."""
+        if not request_ids:
+            return {}
+        names = ("deadline_at", "forecast", "forecast_rank", "forecast_size")
+        with _redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for request_id in request_ids:
+                pipe.hmget(self.keys.request(request_id), names)
+            replies = await pipe.execute()
+        out: dict[str, tuple[float | None, float | None]] = {}
+        for request_id, (deadline, forecast, rank, size) in zip(request_ids, replies,
+                                                                strict=True):
+            predicted = None
+            if forecast:
+                predicted = GroupForecast.from_json(forecast).first_token_at_for(
+                    int(rank or 0), int(size or 0) or None)
+            out[request_id] = (float(deadline) if deadline else None, predicted)
+        return out
+
     async def _field_of_each(self, request_ids: Sequence[str], name: str) -> dict[str, Any]:
         if not request_ids:
             return {}
@@ -446,6 +470,31 @@ class RedisQueueStore:
             written = await self._scripts.set_virtual_queues(keys=keys, args=args)
         if int(written) < 0:
             raise FenceLost(fence)
+
+    async def set_forecasts(self, forecasts: Mapping[GroupKey, GroupForecast]) -> None:
+        """Replace every group's forecast (the scheduler, after each decision) in one
+        script: one hash field per group, however many requests are queued."""
+        args = [x for k, f in forecasts.items() for x in (str(k), f.to_json())]
+        with _redis_errors():
+            await self._scripts.set_forecasts(keys=[self.keys.forecast], args=args)
+
+    async def forecast_for(self, record: RequestRecord) -> RequestRecord:
+        """``record`` with its predicted first token: a queued request's from its group's
+        forecast at its current place in the group (one pipelined round trip); any other
+        request keeps the one its pull recorded (the last made before it started)."""
+        if record.state is not RequestState.QUEUED:
+            return record
+        group = self.keys.group(record.group)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.forecast, str(record.group))
+            pipe.zrank(group, record.id)
+            pipe.zcard(group)
+            with _redis_errors():
+                text, rank, size = await pipe.execute()
+        if text is None or rank is None:
+            return replace(record, forecast=None)
+        return replace(record, forecast=GroupForecast.from_json(text),
+                       forecast_rank=int(rank), forecast_size=int(size))
 
     async def scheduler_fence(self) -> int:
         """The fencing token of the current scheduler term (0 before any leader)."""
@@ -600,6 +649,7 @@ class RedisQueueStore:
             self.keys.running(worker_id),
             self.keys.leases,
             self.keys.workers,
+            self.keys.forecast,
         ]
         args = [self.keys.prefix, worker_id, model, str(max_requests), now, lease_until]
         with _redis_errors():

@@ -7,11 +7,12 @@ The settings every service shares (:class:`CommonSettings`) and the one loader
 Every setting is validated when loaded; a bad value stops the service at start with a
 message naming the setting. Flags are the field names in kebab case
 (``--redis-url``), environment variables the upper-case names with the ``QLM_`` prefix
-(``QLM_REDIS_URL``).
+(``QLM_REDIS_URL``); files of ``QLM_SECRETS_DIR`` come after both (:func:`load_settings`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Self, TypeVar
@@ -24,6 +25,8 @@ from qlm.bus.topics import TopicLayout
 from qlm.core.errors import InvalidInput
 
 MIB = 1024 * 1024
+#: Environment variable naming a directory of settings files (:func:`load_settings`).
+SECRETS_DIR_ENV = "QLM_SECRETS_DIR"
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -65,8 +68,8 @@ class CommonSettings(BaseSettings):
         "(JSON object, e.g. {\"qlm.batch.requests\": 12})"
     )
     tls_cert_file: Path | None = Field(
-        None, description="PEM certificate of this service's gRPC listener (with "
-        "tls_key_file: TLS on; unset: plaintext)"
+        None, description="PEM certificate of this service's listeners: gRPC, and ingest's "
+        "HTTP front door (with tls_key_file: TLS on; unset: plaintext)"
     )
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
     tls_client_ca_file: Path | None = Field(
@@ -122,13 +125,23 @@ class CommonSettings(BaseSettings):
 
 
 def load_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
-    """Settings of ``cls`` from ``argv`` flags (none when None), env and defaults.
+    """Settings of ``cls`` from ``argv`` flags (none when None), env, the files of
+    ``QLM_SECRETS_DIR`` and defaults.
+
+    ``QLM_SECRETS_DIR`` (a directory): one file per setting, named as its environment
+    variable (``QLM_REDIS_URL``, ``QLM_KAFKA_SASL_PASSWORD``), its content the value; how
+    containers get their passwords without putting them in the environment or on a
+    command line (:mod:`qlm.localstack.credentials` writes them). Flags and environment
+    variables win over these files.
 
     Raises InvalidInput naming the first bad setting.
     """
+    secrets_dir = os.environ.get(SECRETS_DIR_ENV) or None
+    if secrets_dir is not None and not Path(secrets_dir).is_dir():
+        raise InvalidInput(SECRETS_DIR_ENV, f"{secrets_dir} is not a directory")
     try:
         return cls(_cli_parse_args=list(argv) if argv is not None else False,
-                   _cli_kebab_case=True, _cli_prog_name="qlm")
+                   _cli_kebab_case=True, _cli_prog_name="qlm", _secrets_dir=secrets_dir)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]) or "settings"

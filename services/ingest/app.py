@@ -39,6 +39,7 @@ from qlm.tenants import TenantRegistry
 from services.common.auth import Authenticator
 from services.common.entrypoint import stop_on_signals
 from services.common.probes import kafka_answers
+from services.common.tls import http_ssl_context
 from services.ingest.batch import BatchIngest
 from services.ingest.fleet import Fleet
 from services.ingest.metrics import IngestMetrics
@@ -219,6 +220,7 @@ class IngestApp:
         from services.ingest.openai.server import HttpServer
 
         s = self.settings
+        ssl_context = http_ssl_context(s) if s.http_tls else None
         assert self.fleet is not None  # created with the app when http_port is set
         batches = BatchStore(self.redis, s.key_prefix, self.clock)
         self.status = StatusBoard(self.store, self.fleet, clock=self.clock)
@@ -231,7 +233,7 @@ class IngestApp:
                          max_file_bytes=s.http_max_file_bytes, status=self.status)
         assert s.http_port is not None
         self.http = HttpServer(make_app(door), s.http_host, s.http_port,
-                               reuse_port=s.processes > 1)
+                               reuse_port=s.processes > 1, ssl_context=ssl_context)
         await self.http.start()
         self.batch_driver = BatchDriver(batches, self.plane,
                                         default_max_tokens=s.http_default_max_tokens,

@@ -125,7 +125,18 @@ def request_info(record: RequestRecord) -> pb.RequestInfo:
         group=str(record.group),
         num_evictions=record.num_evictions,
         error=record.error,
+        **_prediction_fields(record),
     )
+
+
+def _prediction_fields(record: RequestRecord) -> dict[str, float]:
+    """RequestInfo's predicted_* fields (absent: no forecast yet)."""
+    predicted = record.predicted_first_token_at
+    if predicted is None or record.forecast is None:
+        return {}
+    return {"predicted_first_token_at": predicted, "predicted_at": record.forecast.made_at,
+            "predicted_wait_s": max(0.0, predicted - record.request.arrival_at),
+            "predicted_wait_std_s": record.forecast.std_s}
 
 
 def cancel_response(outcome: CancelOutcome) -> pb.CancelResponse:

@@ -343,16 +343,30 @@ class IngestPlane:
             raise
         submission = submission.with_id(
             scoped_id(tenant, submission.request_id or self.id_factory()))
-        if tenant is not None and self.quotas is not None:
-            try:
-                await self.quotas.admit(tenant, submission.request_id,
-                                        submission.num_prompt_tokens + submission.max_tokens)
-            except Overloaded:
-                self.observer.on_submit(source, "rejected-capacity", submission.slo_class.value,
-                                        submission.model, time.perf_counter() - started, None)
-                raise
+        await self.book_quota(tenant, submission, source, started)
         outcome = await self.enqueue(submission, admission=True, source=source, started=started)
         return replace(outcome, request_id=client_id(tenant, outcome.request_id))
+
+    async def book_quota(self, tenant: str | None, submission: Submission,
+                         source: SubmitSource, started: float | None = None,
+                         report: bool = True) -> None:
+        """Book ``submission`` (its stored id) against ``tenant``'s quotas, or raise
+        QuotaExceeded (an Overloaded, nothing booked; with ``report``, counted by the
+        observer as ``rejected-capacity``). Every admission line calls it before
+        :meth:`enqueue`: gRPC and HTTP submits, ``qlm.batch.requests`` records, Batch API
+        lines. No-op without a tenant (authentication off) or without quotas."""
+        if tenant is None or self.quotas is None:
+            return
+        started = time.perf_counter() if started is None else started
+        try:
+            await self.quotas.admit(tenant, submission.request_id,
+                                    submission.num_prompt_tokens + submission.max_tokens)
+        except Overloaded:
+            if report:
+                self.observer.on_submit(source, "rejected-capacity",
+                                        submission.slo_class.value, submission.model,
+                                        time.perf_counter() - started, None)
+            raise
 
     def decode_batch_record(self, raw: bytes | None) -> Submission:
         """Validate one ``qlm.batch.requests`` record (JSON; qlm.bus.records).
@@ -454,11 +468,12 @@ class IngestPlane:
 
     async def get(self, request_id: str, tenant: str | None = None) -> RequestRecord:
         """The record of ``request_id`` as ``tenant`` names it (its ``request.id`` is the
-        client's id). NotFound, with the same message, for an unknown id and for another
-        tenant's id."""
+        client's id), with its predicted first token (:meth:`RedisQueueStore.forecast_for`).
+        NotFound, with the same message, for an unknown id and for another tenant's id."""
         _check_id(request_id)
         with _not_found_as(request_id):
             record = await self.store.get(scoped_id(tenant, request_id))
+        record = await self.store.forecast_for(record)
         if tenant is None:
             return record
         return replace(record, request=replace(record.request, id=request_id))

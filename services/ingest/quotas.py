@@ -4,8 +4,11 @@ Two limits per tenant (``qlm tenants limit NAME --max-queued N --tokens-per-minu
 0 = none), kept in the tenant's record (:mod:`qlm.tenants`):
 
 * ``max_queued``: requests of the tenant not yet ended (queued or running). Ingest keeps
-  the ids it admitted in ``{qlm:}tenant:<name>:live`` (sorted set by arrival); the check
-  first drops the ids whose record ended or expired, then counts.
+  the ids it admitted in ``{qlm:}tenant:<name>:live`` (sorted set by booking time); the
+  check first drops the ids whose record ended, and those without a record booked more
+  than ``ENQUEUE_GRACE_S`` ago (expired, or an enqueue that failed), then counts. An id
+  booked just now whose record is not written yet still counts: concurrent submits
+  cannot overrun the limit between the booking and the enqueue.
 * ``tokens_per_minute``: prompt + ``max_tokens`` of the requests admitted in the current
   minute (a fixed window, ``{qlm:}tenant:<name>:tpm:<minute>``, expiring after two).
 
@@ -14,8 +17,14 @@ overrun a limit. A refusal is :class:`~qlm.core.errors.QuotaExceeded`: gRPC
 RESOURCE_EXHAUSTED with ``retry-after-s``, HTTP 429 with ``Retry-After`` — for the
 token limit the seconds to the next minute, for the queued limit a short retry (requests
 end at the pace of the fleet). Nothing is written for a refused request. A repeat of an
-id already admitted counts its tokens again (quotas are checked before the idempotency
-check of the queue).
+id already stored (a client's retry, a Kafka record delivered again, a Batch API line
+enqueued again after a restart) is admitted without booking anything.
+
+Every admission line books here (:meth:`services.ingest.plane.IngestPlane.book_quota`):
+gRPC and HTTP submits answer the refusal; a ``qlm.batch.requests`` record over quota
+is parked in Redis until it fits (:mod:`services.ingest.parking`,
+:mod:`services.ingest.batch`); a Batch API line over quota stays unqueued and its
+batch's cursor waits on it (:mod:`services.ingest.openai.batches`).
 """
 
 from __future__ import annotations
@@ -32,22 +41,33 @@ from qlm.tenants import TenantLimits, TenantRegistry
 
 #: Seconds a client refused for the queued limit is told to wait.
 QUEUED_RETRY_S: Final = 1.0
+#: A booked id without a stored record counts as queued this long (its enqueue is in
+#: flight; concurrent submits must see it), then as gone (its enqueue failed).
+ENQUEUE_GRACE_S: Final = 30.0
 WINDOW_S: Final = 60
 
 QUOTA_LUA: Final = """
 -- KEYS[1] tenant:<name>:live (sorted set), KEYS[2] tenant:<name>:tpm:<minute> (counter)
 -- ARGV[1] the hash-tagged key prefix, ARGV[2] request id, ARGV[3] now,
 -- ARGV[4] max_queued (0: none), ARGV[5] tokens, ARGV[6] tokens_per_minute (0: none),
--- ARGV[7] window ttl (s)
+-- ARGV[7] window ttl (s), ARGV[8] grace (s): an id booked this recently whose record is
+-- not stored yet is still being enqueued (kept); older ones without a record are dropped
 -- Returns {0} admitted, {1, live} over max_queued, {2, used} over tokens_per_minute.
+-- A request already stored (a retry, a redelivered record) is admitted and books nothing.
+if redis.call('EXISTS', ARGV[1] .. 'req:' .. ARGV[2]) == 1 then
+  return {0}
+end
 local max_queued = tonumber(ARGV[4])
 local tokens = tonumber(ARGV[5])
 local tpm = tonumber(ARGV[6])
 if max_queued > 0 then
-  local ids = redis.call('ZRANGE', KEYS[1], 0, 2 * max_queued + 16)
-  for _, id in ipairs(ids) do
+  local booked = redis.call('ZRANGE', KEYS[1], 0, 2 * max_queued + 16, 'WITHSCORES')
+  local stale_before = tonumber(ARGV[3]) - tonumber(ARGV[8])
+  for i = 1, #booked, 2 do
+    local id = booked[i]
     local state = redis.call('HGET', ARGV[1] .. 'req:' .. id, 'state')
-    if (not state) or state == 'finished' or state == 'failed' or state == 'cancelled' then
+    if state == 'finished' or state == 'failed' or state == 'cancelled'
+        or ((not state) and tonumber(booked[i + 1]) < stale_before) then
       redis.call('ZREM', KEYS[1], id)
     end
   end
@@ -106,7 +126,7 @@ class QuotaGate:
         reply = await self._script(
             keys=[self.keys.tenant_live(tenant), self.keys.tenant_tokens(tenant, minute)],
             args=[self.keys.prefix, stored_id, repr(now), limits.max_queued, tokens,
-                  limits.tokens_per_minute, 2 * WINDOW_S])
+                  limits.tokens_per_minute, 2 * WINDOW_S, ENQUEUE_GRACE_S])
         verdict = int(reply[0])
         if verdict == 1:
             raise QuotaExceeded(

@@ -46,6 +46,10 @@ class IngestSettings(CommonSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM")
     batch_consumer: bool = Field(True, description="run the qlm.batch.requests consumer")
     consumer_group: str = Field("qlm-ingest", min_length=1)
+    parked_retry_s: float = Field(
+        1.0, gt=0, description="how often batch records parked over their tenant's quota "
+        "are tried again (docs/security.md#quotas)"
+    )
     serve_grpc: bool = Field(True, description="serve the gRPC API")
     processes: int = Field(
         1, ge=1, le=64,
@@ -78,6 +82,11 @@ class IngestSettings(CommonSettings):
     )
     http_host: str = Field(
         "127.0.0.1", description="listen address of the HTTP front door (0.0.0.0 to publish)"
+    )
+    http_tls: bool = Field(
+        True, description="serve the HTTP front door over TLS with the gRPC listener's "
+        "tls_cert_file / tls_key_file (and mTLS with tls_client_ca_file) when they are set; "
+        "false: plain HTTP (only behind a TLS-terminating proxy on a private network)"
     )
     http_api_key: str | None = Field(
         None, min_length=1, description="when set, HTTP calls need 'Authorization: Bearer "

@@ -10,7 +10,10 @@ what it reads from Redis every ``refresh_s``:
 * predicted vs realised wait per class: the mean predicted wait of the requests this
   process admitted (it sees each submit, :meth:`on_submit`) against the mean of
   ``started.at - arrival_at`` (the wait until a worker took a request) of ``started``
-  events, over the latest 1,000 of each;
+  events, over the latest 1,000 of each; and for every ``first_token``, the scheduler's
+  last forecast before the request started (read with its deadline at the next
+  refresh, :meth:`RedisQueueStore.start_facts`): the mean forecast wait to the first
+  token and the mean absolute error of that forecast, over the latest 1,000;
 * each worker: GPU, models (awake / asleep), batch size, waiting, KV use (its latest
   telemetry), liveness;
 * the latest swaps (``swapped`` events) and evictions (``evicted`` events).
@@ -49,6 +52,8 @@ class _ClassStats:
     missed: int = 0
     predicted: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     realised: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    forecast: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    forecast_error: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
     def summary(self) -> dict[str, Any]:
         judged = self.met + self.missed
@@ -56,7 +61,10 @@ class _ClassStats:
                 "attainment": round(self.met / judged, 4) if judged else None,
                 "predicted_wait_s": _mean(self.predicted),
                 "realised_wait_s": _mean(self.realised),
-                "samples": len(self.realised)}
+                "samples": len(self.realised),
+                "forecast_wait_s": _mean(self.forecast),
+                "forecast_error_s": _mean(self.forecast_error),
+                "forecast_samples": len(self.forecast)}
 
 
 def _mean(values: deque[float]) -> float | None:
@@ -80,7 +88,7 @@ class StatusBoard:
         self.num_admitted = 0
         self.num_finished = 0
         self.queue_depth: dict[str, dict[str, int]] = {}
-        self._first_tokens: list[tuple[str, str, float]] = []  # (id, class, at)
+        self._first_tokens: list[tuple[str, str, float, float]] = []  # id, class, at, arrival
         self._task: asyncio.Task[None] | None = None
         self.updated_at = 0.0
 
@@ -104,7 +112,8 @@ class StatusBoard:
                 return
             self._stats(cls).realised.append(max(0.0, event.at - event.arrival_at))
         elif event.type == "first_token" and event.request_id:
-            self._first_tokens.append((event.request_id, cls, event.at))
+            arrival = event.arrival_at if event.arrival_at is not None else event.at
+            self._first_tokens.append((event.request_id, cls, event.at, arrival))
         elif event.type == "finished":
             self.num_finished += 1
         elif event.type == "swapped":
@@ -120,11 +129,12 @@ class StatusBoard:
     def _stats(self, slo_class: str) -> _ClassStats:
         return self.classes.setdefault(slo_class, _ClassStats())
 
-    def judge(self, deadlines: dict[str, float | None]) -> None:
-        """Count the first tokens seen so far as met or missed (``deadline_at`` per id)."""
+    def judge(self, facts: dict[str, tuple[float | None, float | None]]) -> None:
+        """Count the first tokens seen so far as met or missed, and score the last
+        forecast before each started (``(deadline_at, predicted first token)`` per id)."""
         seen, self._first_tokens = self._first_tokens, []
-        for request_id, slo_class, at in seen:
-            deadline = deadlines.get(request_id)
+        for request_id, slo_class, at, arrival in seen:
+            deadline, predicted = facts.get(request_id, (None, None))
             if deadline is None:
                 continue
             stats = self._stats(slo_class)
@@ -132,6 +142,9 @@ class StatusBoard:
                 stats.met += 1
             else:
                 stats.missed += 1
+            if predicted is not None:
+                stats.forecast.append(max(0.0, predicted - arrival))
+                stats.forecast_error.append(abs(predicted - at))
 
     # -------------------------------------------------------------- I/O
     async def refresh(self) -> None:
@@ -141,8 +154,8 @@ class StatusBoard:
         for (model, slo_class), n in sorted(depths.items()):
             table.setdefault(model, {})[slo_class.value] = n
         self.queue_depth = table
-        ids = [request_id for request_id, _, _ in self._first_tokens]
-        self.judge(await self.store.deadlines(ids) if ids else {})
+        ids = [request_id for request_id, _, _, _ in self._first_tokens]
+        self.judge(await self.store.start_facts(ids) if ids else {})
         self.updated_at = self.clock()
 
     async def start(self) -> None:

@@ -34,9 +34,11 @@ from qlm.bus.tail import TopicTail
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
 from qlm.core.corrections import CorrectedProfiles
 from qlm.core.errors import InvalidInput, QlmError, Unavailable
+from qlm.core.estimator import RWTEstimator
+from qlm.core.forecast import Forecaster
 from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext, make_policy
-from qlm.core.types import QueueSnapshot
+from qlm.core.types import QueueSnapshot, SLOClass
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.client import redis_client
@@ -85,7 +87,8 @@ class SchedulerApp:
         self.loop = SchedulingLoop(
             self.store, self.producer, self.topics.lso, self.policy, context, self.roster,
             self.lease, self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock,
-            profiles_source=self.corrections.book if self.corrections else None)
+            profiles_source=self.corrections.book if self.corrections else None,
+            forecaster=Forecaster(RWTEstimator(self.profiles)))
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.events, self.topics.telemetry],
                               self._on_record, client_id=f"qlm-scheduler-{self.instance_id}",
                               auth=s.kafka_auth())
@@ -204,6 +207,10 @@ class SchedulerApp:
             elif topic == self.topics.events:
                 event = Event.from_json(value)
                 self.roster.on_event(event)
+                if (event.type == "finished" and event.num_output_tokens
+                        and event.slo_class is not None and self.loop.forecaster is not None):
+                    self.loop.forecaster.on_finished(event.model, SLOClass(event.slo_class),
+                                                     event.num_output_tokens)
                 if event.type in WAKING_EVENTS:
                     self.wake()
         except InvalidInput as error:

@@ -26,6 +26,11 @@ effect                    here
                           lease, woken when requests are queued
 ========================  ================================================================
 
+After the virtual queues are written, the :class:`~qlm.core.forecast.Forecaster` (the RWT
+estimator, the simulator's too) forecasts every queued group on the queue it was just
+given and ``store.set_forecasts`` replaces the groups' forecasts (one hash field per
+group): the predicted wait GetRequest returns is refreshed at every decision.
+
 The same evict/swap command is not repeated within ``command_cooldown_s`` (the worker
 needs a moment to carry it out and report; until then the snapshot still shows the old
 state and the policy asks again). Commands carry the leader's fencing token in
@@ -44,6 +49,7 @@ from dataclasses import dataclass, field, replace
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand, lso_command_id
+from qlm.core.forecast import Forecaster
 from qlm.core.perf import ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext
 from qlm.core.types import (
@@ -206,7 +212,8 @@ class SchedulingLoop:
                  policy: Policy, ctx: PolicyContext, roster: WorkerRoster, lease: LeaderLease,
                  metrics: SchedulerMetrics, *, command_cooldown_s: float = 5.0,
                  clock: Callable[[], float] = time.time, decide_in_thread: bool = True,
-                 profiles_source: Callable[[], ProfileBook] | None = None) -> None:
+                 profiles_source: Callable[[], ProfileBook] | None = None,
+                 forecaster: Forecaster | None = None) -> None:
         self.store = store
         self.producer = producer
         self.lso_topic = lso_topic
@@ -219,6 +226,7 @@ class SchedulingLoop:
         self.decide_in_thread = decide_in_thread
         self.profiles_source = profiles_source
         self.memory = CommandMemory(command_cooldown_s)
+        self.forecaster = forecaster
         #: The batch cap last sent to each worker (absent: none sent, the worker's own).
         self.caps_sent: dict[str, int | None] = {}
         self._numbers = itertools.count(1)
@@ -308,7 +316,22 @@ class SchedulingLoop:
                      command_id=command.command_id, request_ids=list(command.request_ids),
                      to_model=command.to_model, max_batch_size=command.max_batch_size)
         self.metrics.rejections.inc(len(effects.rejections))
+        if effects.orders is not None:  # after the commands: they are not held up by it
+            await self._forecast(snapshot, effects.orders)
         return len(commands)
+
+    async def _forecast(self, snapshot: QueueSnapshot,
+                        orders: Mapping[str, tuple[GroupKey, ...]]) -> None:
+        """Every queued group's forecast on the virtual queue just written, stored."""
+        forecaster = self.forecaster
+        if forecaster is None:
+            return
+        forecaster.use_profiles(self.profiles)
+        if self.decide_in_thread:
+            forecasts = await asyncio.to_thread(forecaster.forecast, snapshot, orders)
+        else:
+            forecasts = forecaster.forecast(snapshot, orders)
+        await self.store.set_forecasts(forecasts)
 
     def _observe(self, report: StepReport, snapshot: QueueSnapshot) -> None:
         m = self.metrics

@@ -6,6 +6,7 @@ The four records are the ones that used to kill ingest: a JSON value nested 100,
 deep (RecursionError in ``json.loads``), ``max_tokens`` with 5,000 digits (ValueError
 from Python's int-digit limit), and invalid records of 800 KB and 900 KB (their dead
 letters, with the value in base64, are larger than a Kafka record may be).
+``QLM_POISON_RESULT=docs/results/poison_records.json`` also writes what each run saw.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from loadgen.results import write_json
 from qlm.bus.records import DeadLetter
 from qlm.store.keys import Keys
 from qlm.submission import ModelLimits
@@ -87,6 +91,26 @@ async def wait_for_keys(client: aioredis.Redis, request_ids: list[str], timeout_
         await asyncio.sleep(0.1)
 
 
+#: The top-level keys this test writes into its result JSON (loadgen.results).
+RESULT_KEYS = frozenset({"command", "records"})
+
+
+def record_result(name: str, outcome: dict[str, Any]) -> None:
+    """With ``QLM_POISON_RESULT=<path>``, add this record's outcome to that JSON file
+    (docs/results/poison_records.json is made this way, by the command it holds)."""
+    path = os.environ.get("QLM_POISON_RESULT")
+    if not path:
+        return
+    try:
+        records = json.loads(Path(path).read_text())["records"]
+    except (OSError, ValueError, KeyError):
+        records = {}
+    write_json(Path(path), {
+        "command": f"QLM_POISON_RESULT={path} python -m pytest -q "
+                   "tests/integration/test_poison.py",
+        "records": {**records, name: outcome}}, RESULT_KEYS)
+
+
 @pytest.mark.parametrize("name", list(POISON))
 async def test_poison_record_goes_to_the_dlq_and_the_consumer_carries_on(
     name: str, redis_url: str, kafka_bootstrap: str, topic_prefix: str,
@@ -130,6 +154,11 @@ async def test_poison_record_goes_to_the_dlq_and_the_consumer_carries_on(
         assert app.consumer is not None and app.consumer.is_running
         for poison_id in ("p-deep", "p-digits", "p-800k", "p-900k"):
             assert not await raw_redis.exists(KEYS.request(poison_id))
+        record_result(name, {
+            "value_bytes": len(value), "dead_letter_field": letter.field,
+            "dead_letter_reason": letter.reason[:120], "dead_letter_bytes": len(letters[0].value),
+            "truncated": bool(letter.truncated), "sha256_matches": True,
+            "good_records_behind_it_enqueued": 4, "consumer_running_after": True})
     finally:
         await producer.stop()
         await app.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -148,3 +149,13 @@ async def test_mixed_traffic_finishes_exactly_once_and_cancel_stops(
     assert long_after.num_generated == info.num_generated  # nothing ran after the cancel
     workers_used = {e.get("worker") for e in event_log.events if e["type"] == "finished"}
     assert workers_used == {"e2e-0", "e2e-1"}
+
+    # The OpenAI front door of the secure stack: HTTPS, trusted through QLM_TLS_CA.
+    import openai
+
+    assert services.openai_base_url.startswith("https://")
+    http = openai.AsyncOpenAI(
+        base_url=services.openai_base_url, api_key=api_key, max_retries=0, timeout=10,
+        http_client=openai.DefaultAsyncHttpxClient(
+            verify=ssl.create_default_context(cafile=env["QLM_TLS_CA"])))
+    assert set(MODELS) <= {m.id for m in (await http.models.list()).data}

@@ -35,9 +35,9 @@ from typing import Any
 import pytest
 import redis
 from aiokafka import AIOKafkaProducer
-from event_log import EventLog
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadgen.results import write_json
 from qlm.bus.topics import TopicNames
 from qlm.client import QlmClient
 from qlm.core.errors import InvalidInput
@@ -45,10 +45,16 @@ from qlm.localstack.process import free_loopback_port
 from qlm.localstack.services import REPO_ROOT, ServiceOptions, ServiceStack
 from qlm.localstack.supervisor import Backoff, Supervisor, read_state
 from qlm.store.keys import Keys
+from tests.integration.event_log import EventLog
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
 TIME_SCALE = 20.0
+#: The top-level keys the kill test writes into its result JSON (loadgen.results).
+RESULT_KEYS = frozenset({
+    "command", "killed_with_sigkill_under_load", "restarts", "last_exit",
+    "restarted_within_s", "requests", "finished_once", "lost", "finished_twice",
+})
 #: Short leases and liveness (seconds) for every service process of these tests.
 FAST_FAILOVER = {
     "QLM_LEASE_S": "2",              # worker: a pulled request's lease
@@ -433,6 +439,7 @@ async def test_each_killed_service_is_restarted_by_the_supervisor_and_nothing_is
     watching = threading.Thread(target=supervisor.run, name="supervisor", daemon=True)
     watching.start()
     ids: set[str] = set()
+    restart_s: dict[str, float] = {}
     try:
         victims = stack.process_names()  # each service and the worker of one GPU
         assert victims == ("estimator", "ingest", "scheduler", "worker-s-0", "worker-s-1")
@@ -450,8 +457,10 @@ async def test_each_killed_service_is_restarted_by_the_supervisor_and_nothing_is
                 pid = stack.processes[victim].running_pid()
                 return supervisor.records[victim].restarts == 1 and pid not in (None, old_pid)
 
+            killed_at = time.monotonic()
             await eventually(restarted, 120, f"{victim} restarted by the supervisor",
                              lambda: str(supervisor.records))
+            restart_s[victim] = time.monotonic() - killed_at
             assert supervisor.records[victim].last_exit == -signal.SIGKILL
         await eventually(lambda: set(event_log.count("finished")) >= ids, 180,
                          "every request finished", lambda: summary(event_log, ids))
@@ -462,6 +471,21 @@ async def test_each_killed_service_is_restarted_by_the_supervisor_and_nothing_is
         restarts = {n: r["restarts"] for n, r in state["services"].items()}
         assert restarts == {**{n: 1 for n in victims[:4]}, "worker-s-1": 0}
         assert supervisor.records["worker-s-1"].last_exit is None  # the other GPU went on
+        result_path = os.environ.get("QLM_KILL_RESULT")
+        if result_path:
+            finished = event_log.count("finished")
+            write_json(Path(result_path), {
+                "command": f"QLM_KILL_RESULT={result_path} python -m pytest -q tests/"
+                           "integration/test_stack_faults.py::test_each_killed_service_is_"
+                           "restarted_by_the_supervisor_and_nothing_is_lost",
+                "killed_with_sigkill_under_load": list(victims[:4]),
+                "restarts": restarts,
+                "last_exit": {n: supervisor.records[n].last_exit for n in victims},
+                "restarted_within_s": {n: round(s, 1) for n, s in restart_s.items()},
+                "requests": len(ids), "finished_once": sum(finished[i] == 1 for i in ids),
+                "lost": len(ids - set(finished)), "finished_twice": sum(
+                    finished[i] > 1 for i in ids),
+            }, RESULT_KEYS)
     finally:
         supervisor.stop()
         await asyncio.to_thread(watching.join, 10)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -232,38 +234,55 @@ def test_cli_tenants_add_list_revoke(redis_url: str,
 
 
 # ------------------------------------------------------------------ HTTP (OpenAI API)
+def http_settings(redis_url: str, kafka_bootstrap: str, topic_prefix: str,
+                  **changes: Any) -> IngestSettings:
+    from qlm.localstack import free_loopback_port
+
+    return IngestSettings(**{
+        "redis_url": redis_url, "kafka_bootstrap": kafka_bootstrap, "topic_prefix": topic_prefix,
+        "host": "127.0.0.1", "port": 0, "batch_consumer": False, "shutdown_grace_s": 0.5,
+        "log_json": False, "auth": "required", "auth_cache_s": 0.0, "http_host": "127.0.0.1",
+        "http_port": free_loopback_port(), **changes})
+
+
 @pytest.fixture
 async def http_ingest(redis_url: str, kafka_bootstrap: str, topic_prefix: str,
                       pki: LocalPki) -> AsyncIterator[IngestApp]:
-    from qlm.localstack import free_loopback_port
-
-    settings = IngestSettings(
-        redis_url=redis_url, kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix,
-        host="127.0.0.1", port=0, batch_consumer=False, shutdown_grace_s=0.5, log_json=False,
-        auth="required", auth_cache_s=0.0, http_host="127.0.0.1",
-        http_port=free_loopback_port(),
-    )  # fmt: skip
-    app = IngestApp(settings, models=MODELS)
+    """Ingest as make up runs it: HTTPS with the gRPC listener's certificate, keys required."""
+    app = IngestApp(http_settings(redis_url, kafka_bootstrap, topic_prefix,
+                                  tls_cert_file=pki.server_cert, tls_key_file=pki.server_key),
+                    models=MODELS)
     await app.start()
     yield app
     await app.stop()
 
 
-def openai_client(app: IngestApp, api_key: str) -> Any:
+def openai_client(app: IngestApp, api_key: str, ca: Path | None = None,
+                  client_cert: tuple[Path, Path] | None = None, scheme: str | None = None,
+                  host: str = "127.0.0.1") -> Any:
+    """The official client on ``app``'s front door: https (trusting ``ca``, presenting
+    ``client_cert`` for mTLS) when the front door serves TLS, else http."""
     import openai
 
-    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{app.settings.http_port}/v1",
-                              api_key=api_key, max_retries=0, timeout=20)
+    assert app.http is not None
+    verify: ssl.SSLContext | bool = True
+    if ca is not None:
+        verify = ssl.create_default_context(cafile=str(ca))
+        if client_cert is not None:
+            verify.load_cert_chain(*client_cert)
+    return openai.AsyncOpenAI(
+        base_url=f"{scheme or app.http.scheme}://{host}:{app.http_port}/v1", api_key=api_key,
+        max_retries=0, timeout=20, http_client=openai.DefaultAsyncHttpxClient(verify=verify))
 
 
 async def test_http_tenants_see_only_their_own_completions_files_and_batches(
-    http_ingest: IngestApp, tenants: TenantRegistry
+    http_ingest: IngestApp, tenants: TenantRegistry, pki: LocalPki
 ) -> None:
     import openai
 
     key_a, key_b = await tenants.add("team-a"), await tenants.add("team-b")
-    a, b = openai_client(http_ingest, key_a), openai_client(http_ingest, key_b)
-    nobody = openai_client(http_ingest, "qlm_not-a-key")
+    a, b = (openai_client(http_ingest, key, pki.ca) for key in (key_a, key_b))
+    nobody = openai_client(http_ingest, "qlm_not-a-key", pki.ca)
     with pytest.raises(openai.AuthenticationError) as caught:
         await nobody.models.list()
     assert caught.value.status_code == 401
@@ -308,3 +327,62 @@ async def test_http_tenants_see_only_their_own_completions_files_and_batches(
         await b.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                completion_window="24h")
     assert (await a.files.retrieve(uploaded.id)).id == uploaded.id
+
+
+async def test_http_front_door_is_https_only_and_trusts_the_stack_ca(
+    http_ingest: IngestApp, tenants: TenantRegistry, pki: LocalPki
+) -> None:
+    """The official openai client over TLS with QLM_TLS_CA as its CA works (by the IP and
+    by localhost); plain http on the same port and a client without the CA fail."""
+    import openai
+
+    key = await tenants.add("team-tls")
+    assert http_ingest.http is not None and http_ingest.http.scheme == "https"
+    for host in ("127.0.0.1", "localhost"):
+        raw = await openai_client(http_ingest, key, pki.ca, host=host
+                                  ).models.with_raw_response.list()
+        assert raw.status_code == 200 and raw.http_request.url.scheme == "https"
+    reply = await openai_client(http_ingest, key, pki.ca).chat.completions.create(
+        model="m7b", max_tokens=8, messages=[{"role": "user", "content": "hi"}],
+        extra_body={"background": True, "slo_class": "batch-1"})
+    assert reply.id.startswith("chatcmpl-")
+    with pytest.raises(openai.APIConnectionError) as no_ca:  # the system CAs do not vouch
+        await openai_client(http_ingest, key).models.list()
+    assert isinstance(no_ca.value.__cause__, ssl.SSLCertVerificationError) or (
+        "CERTIFICATE_VERIFY_FAILED" in repr(no_ca.value.__cause__))
+    with pytest.raises(openai.APIConnectionError):  # plain HTTP is not answered
+        await openai_client(http_ingest, key, scheme="http").models.list()
+    with pytest.raises(openai.AuthenticationError):  # TLS is no key
+        await openai_client(http_ingest, "qlm_not-a-key", pki.ca).models.list()
+
+
+async def test_http_front_door_mtls_requires_a_client_certificate(
+    redis_url: str, kafka_bootstrap: str, topic_prefix: str, pki: LocalPki,
+    tenants: TenantRegistry
+) -> None:
+    import openai
+
+    key = await tenants.add("team-mtls")
+    app = IngestApp(http_settings(redis_url, kafka_bootstrap, topic_prefix,
+                                  tls_cert_file=pki.server_cert, tls_key_file=pki.server_key,
+                                  tls_client_ca_file=pki.ca), models=MODELS)
+    await app.start()
+    try:
+        with pytest.raises(openai.APIConnectionError):  # no client certificate
+            await openai_client(app, key, pki.ca).models.list()
+        with_cert = openai_client(app, key, pki.ca, client_cert=(pki.client_cert,
+                                                                  pki.client_key))
+        assert (await with_cert.models.with_raw_response.list()).status_code == 200
+    finally:
+        await app.stop()
+
+
+def test_http_tls_files_that_do_not_match_are_named(pki: LocalPki, tmp_path: Path) -> None:
+    from services.common.tls import http_ssl_context
+
+    other = ensure_local_pki(tmp_path / "other")
+    settings = IngestSettings(tls_cert_file=pki.server_cert, tls_key_file=other.server_key)
+    with pytest.raises(InvalidInput) as caught:
+        http_ssl_context(settings)
+    assert caught.value.field == "tls_key_file"
+    assert http_ssl_context(IngestSettings()) is None

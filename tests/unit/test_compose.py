@@ -34,9 +34,13 @@ def cpu() -> dict[str, Any]:
     return compose_config("cpu")
 
 
+#: One-shot services: they run to completion before the others start.
+ONE_SHOT = {"credentials", "grant"}
+
+
 def test_cpu_profile_has_the_stack_and_simulated_workers(cpu: dict[str, Any]) -> None:
     assert set(cpu["services"]) == {"redis", "kafka", "ingest", "estimator", "scheduler",
-                                    "worker-sim-0", "worker-sim-1", "worker-sim-2"}
+                                    "worker-sim-0", "worker-sim-1", "worker-sim-2", *ONE_SHOT}
 
 
 def test_redis_keeps_the_queue_with_aof(cpu: dict[str, Any]) -> None:
@@ -45,18 +49,25 @@ def test_redis_keeps_the_queue_with_aof(cpu: dict[str, Any]) -> None:
     assert command[command.index("--appendfsync") + 1] == "everysec"
 
 
-def test_kafka_runs_in_kraft_mode(cpu: dict[str, Any]) -> None:
-    env = cpu["services"]["kafka"]["environment"]
-    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
-    assert "ZOOKEEPER" not in " ".join(env)
+def test_kafka_runs_in_kraft_mode(cpu: dict[str, Any], credentials: Path) -> None:
+    kafka = cpu["services"]["kafka"]
+    start = in_container(kafka["command"][1], mounted(kafka, credentials))
+    config = (start.parent / f"server-{kafka['environment']['QLM_KAFKA_NODE']}.properties")
+    assert "process.roles=broker,controller\n" in config.read_text()
+    assert "zookeeper" not in config.read_text()
 
 
-def test_services_wait_for_healthy_brokers(cpu: dict[str, Any]) -> None:
+def test_services_wait_for_healthy_brokers_and_their_credentials(cpu: dict[str, Any]) -> None:
     for name in ("ingest", "estimator", "scheduler", "worker-sim-0"):
         depends = cpu["services"][name]["depends_on"]
         assert depends["redis"]["condition"] == "service_healthy", name
         assert depends["kafka"]["condition"] == "service_healthy", name
-        assert cpu["services"][name]["environment"]["QLM_REDIS_URL"] == "redis://redis:6379/0"
+        assert depends["grant"]["condition"] == "service_completed_successfully", name
+    for name in ("redis", "kafka"):
+        depends = cpu["services"][name]["depends_on"]
+        assert depends["credentials"]["condition"] == "service_completed_successfully"
+    grant = cpu["services"]["grant"]["depends_on"]
+    assert {grant[b]["condition"] for b in ("redis", "kafka")} == {"service_healthy"}
 
 
 def test_every_service_command_names_a_module_of_the_project(cpu: dict[str, Any]) -> None:
@@ -101,7 +112,11 @@ def test_ingest_asks_the_estimator_and_both_follow_one_policy(cpu: dict[str, Any
 def test_every_service_restarts_when_it_dies_and_has_a_health_check() -> None:
     for profile in ("cpu", "gpu"):
         services = compose_config(profile)["services"]
+        assert services["credentials"]["restart"] == "no"  # one-shot
+        assert services["grant"]["restart"] == "on-failure"  # until the brokers let it in
         for name, service in services.items():
+            if name in ONE_SHOT:
+                continue
             assert service.get("restart") == "unless-stopped", (profile, name)
             test = service.get("healthcheck", {}).get("test")
             assert test, (profile, name)
@@ -120,6 +135,166 @@ def test_one_worker_process_per_gpu_as_the_workers_file_lists_them(cpu: dict[str
         assert command[command.index("--gpu") + 1] == worker["gpu"]
         assert [command[i + 1] for i, a in enumerate(command) if a == "--models"] == (
             worker["models"])
+
+
+# --- secured: TLS, broker users and passwords, API keys (docs/security.md) ---
+
+QLM_SERVICES = ("ingest", "estimator", "scheduler", "worker-sim-0", "worker-sim-1",
+                "worker-sim-2")
+
+
+@pytest.fixture(scope="module")
+def credentials(cpu: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What compose's credentials service writes, written here by its own command."""
+    from qlm.localstack.credentials import main
+
+    command = cpu["services"]["credentials"]["command"]
+    assert command[:4] == ["python", "-m", "qlm.localstack.credentials", "write"]
+    directory = tmp_path_factory.mktemp("compose-credentials")
+    args = command[4:]
+    args[args.index("--dir") + 1] = str(directory)
+    assert main(["write", *args]) == 0
+    return directory
+
+
+def mounted(service: dict[str, Any], credentials: Path) -> dict[str, Path]:
+    """Mount point → the directory of the credentials volume it shows (by subpath)."""
+    found: dict[str, Path] = {}
+    for volume in service.get("volumes", []):
+        if volume["type"] == "volume" and volume["source"] == "credentials":
+            assert volume.get("read_only") is True, volume
+            found[volume["target"]] = credentials / volume["volume"]["subpath"]
+    return found
+
+
+def in_container(path: str, mounts: dict[str, Path]) -> Path:
+    """The file a container path names, in the credentials written here."""
+    for target, source in mounts.items():
+        if path == target:
+            return source
+        if path.startswith(target + "/"):
+            return source / path.removeprefix(target + "/")
+    raise AssertionError(f"{path} is on no credentials mount {sorted(mounts)}")
+
+
+def test_each_qlm_service_mounts_the_certificates_and_only_its_own_credentials(
+    cpu: dict[str, Any], credentials: Path
+) -> None:
+    from qlm.localstack.credentials import PRINCIPALS
+
+    for name in QLM_SERVICES:
+        service = cpu["services"][name]
+        env = service["environment"]
+        mounts = mounted(service, credentials)
+        who = name.split("-")[0]  # worker-sim-0 -> worker
+        assert mounts == {"/run/qlm/tls": credentials / "tls",
+                          "/run/qlm/secrets": credentials / who}, name
+        assert who in PRINCIPALS and who != "admin"
+        for setting in ("QLM_TLS_CERT_FILE", "QLM_TLS_KEY_FILE", "QLM_TLS_CA_FILE"):
+            assert in_container(env[setting], mounts).is_file(), (name, setting)
+        secrets = Path(env["QLM_SECRETS_DIR"])
+        assert mounts[str(secrets)] == credentials / who
+        files = {p.name for p in (credentials / who).iterdir()}
+        assert {"QLM_REDIS_URL", "QLM_KAFKA_SASL_USERNAME", "QLM_KAFKA_SASL_PASSWORD",
+                "QLM_KAFKA_SECURITY_PROTOCOL", "QLM_KAFKA_BOOTSTRAP"} <= files, name
+        # nothing in the environment overrides them with an open setting
+        for setting in ("QLM_REDIS_URL", "QLM_KAFKA_BOOTSTRAP", "QLM_KAFKA_SECURITY_PROTOCOL",
+                        "QLM_KAFKA_SASL_PASSWORD", "QLM_AUTH", "QLM_HTTP_TLS"):
+            assert setting not in env, (name, setting)
+
+
+def test_services_load_secured_settings_from_their_credentials(
+    cpu: dict[str, Any], credentials: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import os
+
+    from services.common.settings import load_settings
+
+    settings_classes = {"services.ingest": "services.ingest.settings.IngestSettings",
+                        "services.estimator": "services.estimator.settings.EstimatorSettings",
+                        "services.scheduler": "services.scheduler.settings.SchedulerSettings",
+                        "services.worker": "services.worker.settings.WorkerSettings"}
+    for name in QLM_SERVICES:
+        service = cpu["services"][name]
+        mounts = mounted(service, credentials)
+        for key in [k for k in os.environ if k.startswith("QLM_")]:
+            monkeypatch.delenv(key)
+        for key, value in service["environment"].items():
+            path_setting = key.endswith("_FILE") or key == "QLM_SECRETS_DIR"
+            monkeypatch.setenv(key, str(in_container(value, mounts)) if path_setting else value)
+        module, cls = settings_classes[service["command"][2]].rsplit(".", 1)
+        settings = load_settings(getattr(importlib.import_module(module), cls),
+                                 service["command"][3:])
+        assert settings.kafka_security_protocol == "SASL_PLAINTEXT", name
+        assert settings.kafka_sasl_username == f"qlm-{name.split('-')[0]}", name
+        assert settings.redis_url.startswith(f"redis://qlm-{name.split('-')[0]}:"), name
+        assert settings.redis_url.split("@")[1] == "redis:6379/0", name
+        assert settings.kafka_bootstrap == "kafka:9092", name
+        assert settings.tls_cert_file is not None and settings.tls_ca_file is not None, name
+        if name == "ingest":
+            assert settings.auth == "required" and settings.http_tls  # type: ignore[attr-defined]
+
+
+def test_the_server_certificate_names_the_services_others_call(
+    cpu: dict[str, Any], credentials: Path
+) -> None:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((credentials / "tls" / "server.pem").read_bytes())
+    names = set(cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+    ingest = cpu["services"]["ingest"]["command"]
+    estimator_host = ingest[ingest.index("--estimator-addr") + 1].split(":")[0]
+    assert {"ingest", estimator_host, "localhost"} <= names
+
+
+def test_redis_runs_with_the_acl_users(cpu: dict[str, Any], credentials: Path) -> None:
+    redis = cpu["services"]["redis"]
+    command = redis["command"]
+    acl = in_container(command[command.index("--aclfile") + 1], mounted(redis, credentials))
+    lines = acl.read_text().splitlines()
+    assert {line.split()[1] for line in lines} == {
+        "default", "qlm-ingest", "qlm-scheduler", "qlm-worker", "qlm-estimator"}
+    assert all(" on #" in line for line in lines)  # every user has a password
+    assert "-@dangerous" in next(line for line in lines if " qlm-worker " in line)
+    health = " ".join(redis["healthcheck"]["test"])
+    assert "/run/qlm/redis/admin-password" in health
+    assert in_container("/run/qlm/redis/admin-password", mounted(redis, credentials)).is_file()
+
+
+def test_kafka_runs_with_sasl_scram_and_acls(cpu: dict[str, Any], credentials: Path) -> None:
+    kafka = cpu["services"]["kafka"]
+    mounts = mounted(kafka, credentials)
+    assert kafka["command"][0] == "sh"
+    start = in_container(kafka["command"][1], mounts)
+    assert start.name == "start.sh" and "--add-scram" not in start.read_text()  # no secret
+    node = kafka["environment"]["QLM_KAFKA_NODE"]
+    properties = dict(
+        line.split("=", 1) for line in (start.parent / f"server-{node}.properties")
+        .read_text().splitlines())
+    assert properties["advertised.listeners"] == "SASL_PLAINTEXT://kafka:9092"
+    assert properties["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert properties["allow.everyone.if.no.acl.found"] == "false"
+    assert properties["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert properties["log.dirs"] == next(
+        v.split(":")[1] for v in [f"{m['source']}:{m['target']}" for m in kafka["volumes"]
+                                  if m["source"] == "kafka-data"])
+    scram = (start.parent / "scram-args").read_text()
+    for user in ("qlm-admin", "qlm-ingest", "qlm-scheduler", "qlm-worker", "qlm-estimator",
+                 "qlm-client"):
+        assert f"name={user}," in scram
+    test = kafka["healthcheck"]["test"]
+    assert in_container(test[test.index("--command-config") + 1], mounts).is_file()
+    grant = cpu["services"]["grant"]["command"]
+    assert grant[:4] == ["python", "-m", "qlm.localstack.credentials", "grant"]
+
+
+def test_every_service_of_the_qlm_image_can_build_it(cpu: dict[str, Any]) -> None:
+    """A service naming qlm:dev without a build section would be pulled (and fail)."""
+    for name, service in cpu["services"].items():
+        if service.get("image") == "qlm:dev":
+            assert service["build"]["dockerfile"] == "docker/Dockerfile", name
 
 
 def test_only_the_front_door_is_published(cpu: dict[str, Any]) -> None:

@@ -136,7 +136,7 @@ def test_length_stats_validation_and_fit() -> None:
 # ------------------------------------------------------------------ closed forms
 def test_group_service_of_identical_requests() -> None:
     """n requests, output μ each, steady batch B: n·(μ−1)·step(B)/B decode + their prefills."""
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     n = 10
     batch = steady_batch(worker(), BOOK.get("a", GPU), PROMPT + MU)
     assert batch == 64  # max_batch_size binds (KV would allow 100,000 / 300 = 333)
@@ -149,7 +149,7 @@ def test_group_service_of_identical_requests() -> None:
 def test_steady_batch_is_limited_by_kv_capacity() -> None:
     """Admission reserves prompt + expected output (qlm.core.pulls): 3,000 // 438 = 6."""
     small = WorkerView("w", GPU, ("a",), "a", 3_000, 64)
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     reservation = PROMPT + DEFAULT_EXPECTED_OUTPUT_TOKENS
     assert steady_batch(small, BOOK.get("a", GPU), reservation) == 6
     service = est.group_service(small, group("a", 20))
@@ -171,7 +171,7 @@ def test_variance_scales_with_n_sigma_squared() -> None:
 
 def test_head_group_on_idle_worker_waits_only_for_its_prefill() -> None:
     """Free slots: the first admission prefills 10 prompts together (<= 8192 tokens)."""
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     (wait,) = est.queue_waits(worker(), [group("a", 10)], now=100.0)
     assert wait.mean_s == pytest.approx(prefill(10 * PROMPT))
     assert wait.std_s == 0.0
@@ -179,7 +179,7 @@ def test_head_group_on_idle_worker_waits_only_for_its_prefill() -> None:
 
 def test_second_group_waits_for_the_first_minus_in_flight_work() -> None:
     """wait₂ = (n·(μ−1)·τ + prefills₁) − (B−1)·ρ·τ + prefill, ρ = μ/2 for fixed lengths."""
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     n = 500
     first, second = est.queue_waits(worker(), [group("a", n, 0), group("a", 5, 1)], now=0.0)
     per_token = closed_form_step(64) / 64
@@ -190,7 +190,7 @@ def test_second_group_waits_for_the_first_minus_in_flight_work() -> None:
 
 
 def test_a_small_group_ahead_leaves_free_slots() -> None:
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     _, second = est.queue_waits(worker(), [group("a", 3, 0), group("a", 5, 1)], now=0.0)
     assert second.mean_s == pytest.approx(prefill(5 * PROMPT))
 
@@ -199,16 +199,17 @@ def test_model_swap_adds_sleep_and_wake() -> None:
     order = [group("a", 200, 0), group("b", 5, 1)]
     no_swap_cost = ProfileBook.of([profile("a", sleep_s=0.0, wake_s=0.0, cold_load_s=0.0),
                                    profile("b", sleep_s=0.0, wake_s=0.0, cold_load_s=0.0)])
-    free = RWTEstimator(no_swap_cost, EXACT).queue_waits(worker(), order, 0.0)[1]
-    paid = RWTEstimator(BOOK, EXACT).queue_waits(worker(), order, 0.0)[1]
+    whole = {"prefill_mode": "whole"}
+    free = RWTEstimator(no_swap_cost, EXACT, **whole).queue_waits(worker(), order, 0.0)[1]
+    paid = RWTEstimator(BOOK, EXACT, prefill_mode="whole").queue_waits(worker(), order, 0.0)[1]
     assert paid.mean_s - free.mean_s == pytest.approx(SLEEP + WAKE)
-    cold = RWTEstimator(BOOK, EXACT).queue_waits(worker(models=("a",)), order, 0.0)[1]
+    cold = RWTEstimator(BOOK, EXACT, **whole).queue_waits(worker(models=("a",)), order, 0.0)[1]
     assert cold.mean_s - free.mean_s == pytest.approx(SLEEP + COLD)
 
 
 def test_swap_waits_for_the_segment_to_drain() -> None:
     """Before a swap the whole segment ahead finishes: no in-flight credit."""
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     n = 500
     per_token = closed_form_step(64) / 64
     ahead = decode_tokens(n) * per_token + group_prefill(n)
@@ -217,20 +218,20 @@ def test_swap_waits_for_the_segment_to_drain() -> None:
 
 
 def test_idle_worker_wakes_the_head_model_without_sleeping_anything() -> None:
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     (wait,) = est.queue_waits(worker(active=None), [group("b", 5)], 0.0)
     assert wait.mean_s == pytest.approx(WAKE + prefill(5 * PROMPT))
 
 
 def test_pending_swap_counts_from_now() -> None:
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     busy = worker(active=None, swapping_until=12.0)
     (wait,) = est.queue_waits(busy, [group("b", 5)], now=10.0)
     assert wait.mean_s == pytest.approx(2.0 + prefill(5 * PROMPT))
 
 
 def test_running_requests_delay_the_queue() -> None:
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     running = tuple(
         RunningRequest(replace(r, num_generated=50), started_at=0.0)
         for r in group("a", 64, 9).requests
@@ -302,7 +303,7 @@ def test_wait_quantiles() -> None:
 
 # ------------------------------------------------------------------ correction
 def test_correction_moves_the_mean_toward_observations() -> None:
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     g = group("a", 100)
     predicted = est.group_service(worker(), g).mean_s
     observed = 2.0 * predicted
@@ -329,7 +330,7 @@ def test_correction_is_clamped_and_validated() -> None:
 
 
 def test_with_output_stats_changes_only_that_model() -> None:
-    est = RWTEstimator(BOOK, EXACT)
+    est = RWTEstimator(BOOK, EXACT, prefill_mode="whole")
     longer = est.with_output_stats("a", LengthStats(2 * MU, 0.0))
     g = group("a", 100)
     assert longer.group_service(worker(), g).mean_s > est.group_service(worker(), g).mean_s

@@ -1,11 +1,15 @@
-"""The Kubernetes manifests in deploy/k8s are valid and wire the stack together.
+"""The Kubernetes manifests in deploy/k8s are valid, wire the stack together and run it
+secured (TLS, Redis ACL users, Kafka SASL/SCRAM with ACLs, API keys).
 
 Every manifest is validated offline against the Kubernetes OpenAPI schemas bundled by
 ``kubernetes-validate`` (strict: unknown fields are errors). Each overlay (``gpu``,
 ``cpu``) is then resolved the way kustomize lists resources (files and directories,
 recursively) and checked as a whole: every ConfigMap and Service selector resolves,
 every container has resource requests and probes, the services' flags and the shared
-ConfigMap load as qlm settings, and the workers file matches the worker pods.
+ConfigMap load as qlm settings, and the workers file matches the worker pods. The
+Secrets come from the files of the ``credentials write`` command that
+base/kustomization.yaml documents: the tests write them with that very command and read
+every Secret's files from there.
 """
 
 from __future__ import annotations
@@ -83,11 +87,69 @@ def qlm_module(container: Doc) -> str | None:
     return command[2] if command[:2] == ["python", "-m"] and len(command) > 2 else None
 
 
-def env_of(container: Doc, config_maps: dict[str, Doc]) -> dict[str, str]:
-    """The container's environment: its ConfigMaps, then its literal values."""
+def generated_secrets(directory: Path) -> dict[str, list[Path]]:
+    """Secret name → its files, of kustomize's ``secretGenerator`` in ``directory``'s
+    kustomization and the kustomizations it includes."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    secrets: dict[str, list[Path]] = {}
+    for entry in kustomization["resources"]:
+        target = (directory / entry).resolve()
+        if target.is_dir():
+            secrets.update(generated_secrets(target))
+    for generator in kustomization.get("secretGenerator", []):
+        secrets[generator["name"]] = [directory / f for f in generator["files"]]
+    return secrets
+
+
+def credentials_command() -> list[str]:
+    """The ``credentials write`` command that base/kustomization.yaml documents."""
+    text = (K8S / "base" / "kustomization.yaml").read_text()
+    lines = [line.removeprefix("#").strip() for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if "qlm.localstack.credentials write" in line)
+    command = ""
+    for line in lines[start:]:
+        command += line.removesuffix("\\").strip() + " "
+        if not line.endswith("\\"):
+            break
+    return command.split()
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files the documented command writes, written here (in place of credentials/)."""
+    from qlm.localstack.credentials import main
+
+    command = credentials_command()
+    assert command[:4] == ["python", "-m", "qlm.localstack.credentials", "write"]
+    args = command[4:]
+    assert args[args.index("--dir") + 1] == "deploy/k8s/base/credentials"
+    directory = tmp_path_factory.mktemp("k8s-credentials")
+    args[args.index("--dir") + 1] = str(directory)
+    assert main(["write", *args]) == 0
+    return directory
+
+
+def written(path: Path, credentials: Path) -> Path:
+    """Where ``credentials`` holds the file a secretGenerator names (``credentials/...``)."""
+    relative = path.relative_to(K8S / "base" / "credentials")
+    return credentials / relative
+
+
+def secret_data(name: str, overlay: str, credentials: Path) -> dict[str, str]:
+    """The keys and values of a generated Secret (its files' names and contents)."""
+    return {path.name: written(path, credentials).read_text()
+            for path in generated_secrets(K8S / overlay)[name]}
+
+
+def env_of(container: Doc, config_maps: dict[str, Doc],
+           secrets: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+    """The container's environment: its ConfigMaps and Secrets, then its literal values."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
-        env.update(config_maps[source["configMapRef"]["name"]]["data"])
+        if "configMapRef" in source:
+            env.update(config_maps[source["configMapRef"]["name"]]["data"])
+        elif secrets is not None:
+            env.update(secrets[source["secretRef"]["name"]])
     for variable in container.get("env", []):
         env[variable["name"]] = variable.get("value", f"from-{variable['name'].lower()}")
     return env
@@ -119,6 +181,7 @@ def test_references_resolve_within_the_overlay(overlay: str) -> None:
     names = [(d["kind"], d["metadata"]["name"]) for d in docs]
     assert len(names) == len(set(names)), "a resource is defined twice"
     config_maps = named(docs, "ConfigMap")
+    secrets = generated_secrets(K8S / overlay)
     labels = [w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs).values()]
     for service in named(docs, "Service").values():
         selector = service["spec"]["selector"].items()
@@ -132,9 +195,19 @@ def test_references_resolve_within_the_overlay(overlay: str) -> None:
         for volume in spec["template"]["spec"].get("volumes", []):
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in config_maps
-    for _, container in containers(docs):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets
+    for job in named(docs, "Job").values():
+        for volume in job["spec"]["template"]["spec"].get("volumes", []):
+            assert volume["secret"]["secretName"] in secrets
+    jobs = [(j, c) for j in named(docs, "Job").values()
+            for c in j["spec"]["template"]["spec"]["containers"]]
+    for _, container in [*containers(docs), *jobs]:
         for source in container.get("envFrom", []):
-            assert source["configMapRef"]["name"] in config_maps
+            if "configMapRef" in source:
+                assert source["configMapRef"]["name"] in config_maps
+            else:
+                assert source["secretRef"]["name"] in secrets
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -148,22 +221,34 @@ def test_every_container_has_requests_and_probes(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_answer_grpc_health_probes_on_their_grpc_port(overlay: str) -> None:
+    """Over TLS: kubelet's own gRPC probe speaks no TLS, so qlm's probe runs in the pod
+    (it trusts QLM_TLS_CA_FILE)."""
     checked = 0
     for workload, container in containers(overlay_docs(overlay)):
         if qlm_module(container) in ("services.ingest", "services.estimator", "services.worker"):
             ports = {p["containerPort"] for p in container["ports"]}
             for probe in ("startupProbe", "readinessProbe"):
-                assert container[probe]["grpc"]["port"] in ports, workload["metadata"]["name"]
+                command = container[probe]["exec"]["command"]
+                assert command[:5] == ["python", "-m", "qlm.localstack.probe", "grpc",
+                                       command[4]], workload["metadata"]["name"]
+                host, port = command[4].rsplit(":", 1)
+                assert host == "127.0.0.1" and int(port) in ports
+                assert container[probe]["timeoutSeconds"] >= 5
             checked += 1
     assert checked == 3
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_service_flags_and_environment_load_as_qlm_settings(
-    overlay: str, monkeypatch: pytest.MonkeyPatch
+def test_service_flags_and_environment_load_as_secured_qlm_settings(
+    overlay: str, monkeypatch: pytest.MonkeyPatch, credentials: Path
 ) -> None:
+    """Each service, with its ConfigMap, its own credentials Secret and its TLS mount,
+    loads as a service that connects as its own Redis and Kafka user over SASL and
+    serves TLS with the certificates of the qlm-tls Secret."""
     docs = overlay_docs(overlay)
     config_maps = named(docs, "ConfigMap")
+    secrets = {name: secret_data(name, overlay, credentials)
+               for name in generated_secrets(K8S / overlay)}
     for key in [k for k in os.environ if k.startswith("QLM_")]:
         monkeypatch.delenv(key)
     loaded = set()
@@ -171,13 +256,84 @@ def test_service_flags_and_environment_load_as_qlm_settings(
         module = qlm_module(container)
         if module is None:
             continue
+        who = module.removeprefix("services.")
+        refs = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+        assert refs == [f"qlm-{who}-credentials"], workload["metadata"]["name"]
         with monkeypatch.context() as env:
-            for key, value in env_of(container, config_maps).items():
+            for key, value in env_of(container, config_maps, secrets).items():
                 env.setenv(key, value)
             settings = load_settings(SETTINGS[module], container.get("args", []))
-        assert settings.kafka_replication_factor == 3, workload["metadata"]["name"]
+        where = workload["metadata"]["name"]
+        assert settings.kafka_replication_factor == 3, where
+        assert settings.kafka_security_protocol == "SASL_PLAINTEXT", where
+        assert settings.kafka_sasl_username == f"qlm-{who}", where
+        assert settings.redis_url.startswith(f"redis://qlm-{who}:"), where
+        assert settings.redis_url.endswith("@qlm-redis:6379/0"), where
+        pod = workload["spec"]["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        tls = next(v for v in pod["volumes"] if v["name"] == mounts["/run/qlm/tls"])
+        keys = set(secrets[tls["secret"]["secretName"]])
+        for path in (settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file):
+            assert path is not None and path.parent == Path("/run/qlm/tls"), where
+            assert path.name in keys, where
+        assert pod["securityContext"]["fsGroup"] == 10001, where  # qlm's image user
+        if module == "services.ingest":
+            assert settings.auth == "required"  # type: ignore[attr-defined]
         loaded.add(module)
     assert loaded == set(SETTINGS)
+
+
+def test_the_documented_credentials_match_the_manifests(credentials: Path) -> None:
+    docs = overlay_docs("gpu")
+    args = credentials_command()
+    kafka = named(docs, "StatefulSet")["qlm-kafka"]
+    pods = [f"qlm-kafka-{i}.{kafka['spec']['serviceName']}"
+            for i in range(kafka["spec"]["replicas"])]
+    assert args[args.index("--kafka-nodes") + 1].split(",") == pods
+    assert args[args.index("--redis-host") + 1] in named(docs, "Service")
+    ingest = named(docs, "Deployment")["qlm-ingest"]["spec"]["template"]["spec"]
+    estimator = ingest["containers"][0]["args"][
+        ingest["containers"][0]["args"].index("--estimator-addr") + 1].split(":")[0]
+    assert {"qlm-ingest", estimator} <= set(args[args.index("--tls-names") + 1].split(","))
+    for overlay in OVERLAYS:
+        for name, files in generated_secrets(K8S / overlay).items():
+            for path in files:
+                assert written(path, credentials).is_file(), (name, path)
+    assert (K8S / "base" / "credentials").relative_to(ROOT).as_posix() + "/" in (
+        ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_redis_runs_with_the_acl_users_of_its_secret(credentials: Path) -> None:
+    redis = named(overlay_docs("cpu"), "StatefulSet")["qlm-redis"]
+    pod = redis["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    acl = Path(args[args.index("--aclfile") + 1])
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[str(acl.parent)])
+    data = secret_data(volume["secret"]["secretName"], "cpu", credentials)
+    users = {line.split()[1] for line in data[acl.name].splitlines()}
+    assert users == {"default", "qlm-ingest", "qlm-scheduler", "qlm-worker", "qlm-estimator"}
+    assert "admin-password" in data and "admin-password" in " ".join(
+        container["readinessProbe"]["exec"]["command"])
+    assert pod["securityContext"]["fsGroup"] == 999
+
+
+def test_grant_job_creates_topics_and_acls_as_the_admin(credentials: Path) -> None:
+    docs = overlay_docs("cpu")
+    job = named(docs, "Job")["qlm-grant"]
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[:4] == ["python", "-m", "qlm.localstack.credentials", "grant"]
+    directory = Path(command[command.index("--dir") + 1])
+    (volume,) = pod["volumes"]
+    assert volume["secret"]["secretName"] == "qlm-admin-credentials"
+    (mount,) = container["volumeMounts"]
+    assert Path(mount["mountPath"]) == directory / "admin"
+    data = secret_data("qlm-admin-credentials", "cpu", credentials)
+    assert data["QLM_KAFKA_SASL_USERNAME"] == "qlm-admin"
+    assert {"configMapRef": {"name": "qlm-env"}} in container["envFrom"]  # the topic layout
 
 
 def test_redis_keeps_the_queue_in_an_append_only_file_on_a_persistent_volume() -> None:
@@ -191,24 +347,43 @@ def test_redis_keeps_the_queue_in_an_append_only_file_on_a_persistent_volume() -
     assert mounts[claim["metadata"]["name"]] == data_dir
 
 
-def test_kafka_is_a_three_node_kraft_quorum_matching_the_topic_replication() -> None:
+def test_kafka_is_a_three_node_kraft_quorum_with_sasl_and_acls(credentials: Path) -> None:
     docs = overlay_docs("gpu")
     kafka = named(docs, "StatefulSet")["qlm-kafka"]
-    (container,) = kafka["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    pod = kafka["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
     replicas = kafka["spec"]["replicas"]
     assert replicas == 3
-    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
-    voters = env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")
-    assert [v.split("@")[0] for v in voters] == [str(i) for i in range(replicas)]
-    assert all(f"qlm-kafka-{i}.qlm-kafka:" in voters[i] for i in range(replicas))
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert container["command"][0] == "sh"
+    start = Path(container["command"][1])
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[str(start.parent)])
+    data = secret_data(volume["secret"]["secretName"], "gpu", credentials)
+    assert start.name in data
+    (claim,) = kafka["spec"]["volumeClaimTemplates"]
     deployment = named(docs, "ConfigMap")["qlm-env"]["data"]
     layout = TopicLayout(replication_factor=int(deployment["QLM_KAFKA_REPLICATION_FACTOR"]))
     assert layout.replication_factor == replicas
-    assert env["KAFKA_MIN_INSYNC_REPLICAS"] == str(layout.min_isr)
-    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == str(replicas)
-    brokers = deployment["QLM_KAFKA_BOOTSTRAP"].split(",")
-    assert brokers == [f"qlm-kafka-{i}.qlm-kafka:9092" for i in range(replicas)]
+    for i in range(replicas):
+        properties = dict(line.split("=", 1)
+                          for line in data[f"server-{i}.properties"].splitlines())
+        assert properties["node.id"] == str(i)
+        assert properties["process.roles"] == "broker,controller"
+        voters = properties["controller.quorum.voters"].split(",")
+        assert voters == [f"{n}@qlm-kafka-{n}.qlm-kafka:9093" for n in range(replicas)]
+        assert properties["advertised.listeners"] == f"SASL_PLAINTEXT://qlm-kafka-{i}.qlm-kafka:9092"
+        assert properties["offsets.topic.replication.factor"] == str(replicas)
+        assert properties["transaction.state.log.min.isr"] == str(layout.min_isr)
+        assert properties["allow.everyone.if.no.acl.found"] == "false"
+        assert properties["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+        assert properties["log.dirs"] == mounts_path(container, claim["metadata"]["name"])
+    assert pod["securityContext"]["fsGroup"] == 1000
+    bootstrap = secret_data("qlm-ingest-credentials", "gpu", credentials)["QLM_KAFKA_BOOTSTRAP"]
+    assert bootstrap.split(",") == [f"qlm-kafka-{i}.qlm-kafka:9092" for i in range(replicas)]
+
+
+def mounts_path(container: Doc, volume: str) -> str:
+    return next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume)
 
 
 def test_two_scheduler_replicas_each_name_their_lease_by_pod() -> None:

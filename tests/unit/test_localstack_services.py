@@ -91,7 +91,9 @@ def test_every_command_line_names_the_run_directory_and_its_settings(tmp_path: P
     assert argvs["ingest"][argvs["ingest"].index("--estimator-addr") + 1] == "127.0.0.1:50052"
     for name in ("scheduler", "estimator", "ingest"):  # predictions in wall-clock seconds
         assert str(stack.profiles_dir) in argvs[name]
-    assert "--profiles-dir" not in argvs["worker"]  # the worker scales by --time-scale
+    # the worker reads the unscaled profiles the others' are scaled from (--time-scale)
+    worker_profiles = argvs["worker"][argvs["worker"].index("--profiles-dir") + 1]
+    assert worker_profiles == str(stack.profiles_source) != str(stack.profiles_dir)
 
 
 def test_demo_plan_is_seeded_fits_the_models_and_keeps_the_rate(tmp_path: Path) -> None:

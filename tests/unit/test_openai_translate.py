@@ -186,10 +186,13 @@ def test_status_board_counts_attainment_waits_swaps_and_evictions() -> None:
                          num_output_tokens=3, **base))
     board.on_event(Event(type="swapped", model="m2", from_model="m", worker="w", at=42.0,
                          duration_s=0.5))
-    board.judge({"a": 30.0, "b": 30.0})
+    board.judge({"a": (30.0, 13.5), "b": (30.0, None)})  # b started before any forecast
     snap = board.snapshot()
     interactive = snap["classes"]["interactive"]
     assert (interactive["met"], interactive["missed"], interactive["attainment"]) == (1, 1, 0.5)
     assert (interactive["predicted_wait_s"], interactive["realised_wait_s"]) == (2.0, 3.0)
+    # a's last forecast before it started: first token 3.5 s after arrival, 0.5 s early
+    assert (interactive["forecast_wait_s"], interactive["forecast_error_s"]) == (3.5, 0.5)
+    assert interactive["forecast_samples"] == 1
     assert snap["num_admitted"] == 1
     assert snap["swaps"][0]["model"] == "m2" and snap["evictions"][0]["request_id"] == "b"

@@ -8,7 +8,7 @@ import pytest
 
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
-from qlm.core.policies.qlm import QlmPolicy
+from qlm.core.policies.qlm import Plan, QlmPolicy, plan_evictions
 from qlm.core.types import (
     SLO,
     Decision,
@@ -194,8 +194,8 @@ def test_evicts_batch_work_when_an_interactive_group_would_miss() -> None:
 def test_evicts_for_the_groups_behind_the_head_of_a_burst() -> None:
     """A burst of two interactive groups on a full worker: the slot that the finishing
     interactive request frees covers one group, not both. Evictions sized by the head
-    group alone (the default) wait until the other one is the head, by when its slack is
-    spent; with ``evict_lookahead_groups`` they provide for both now."""
+    group alone (``evict_lookahead_groups=1``) wait until the other one is the head, by
+    when its slack is spent; with the lookahead (the default) they provide for both now."""
     running = list(busy_worker(interactive_running=False).running[:3])
     running.append(RunningRequest(request("inter-run", "A", -1.0, 20.0, SLOClass.INTERACTIVE,
                                           max_tokens=12, num_generated=10),
@@ -210,15 +210,76 @@ def test_evicts_for_the_groups_behind_the_head_of_a_burst() -> None:
     assert {e.reason for e in decision.evictions} <= {f"slo:{g.key}" for g in snap.groups}
     head_only = QueueSnapshot(0.0, group_requests(reqs[:1], 1.0), (full,))
     assert lookahead.decide(head_only, PolicyContext(slow_book())).evictions == ()
-    # the default provides for the head group only
-    assert len(make_policy("qlm").decide(snap, PolicyContext(slow_book())).evictions) == 1
+    # the default looks ahead; head-only provides for the first group alone
+    assert make_policy("qlm").decide(snap, PolicyContext(slow_book())).evictions == \
+        decision.evictions
+    head_group = QlmPolicy(evict_lookahead_groups=1)
+    assert len(head_group.decide(snap, PolicyContext(slow_book())).evictions) == 1
+
+
+def test_a_request_resumed_after_an_eviction_is_not_evicted_again() -> None:
+    """Anti-churn: batch0 and batch1 were evicted once already (their first token came
+    before their current start); the group's two slots come from the others, and when
+    only resumed requests are left to take, none is taken."""
+    running = [RunningRequest(request(f"batch{i}", "A", -100.0, 3600.0, SLOClass.BATCH_2,
+                                      max_tokens=2000, num_generated=10 + i),
+                              started_at=-5.0 if i < 2 else -50.0, first_token_at=-49.0)
+               for i in range(4)]
+    full = worker("w0", ("A",), "A", running=tuple(running), max_batch=4)
+    snap = QueueSnapshot(0.0, interactive_group(20.0), (full,))
+    decision = make_policy("qlm").decide(snap, PolicyContext(slow_book()))
+    assert [e.request_id for e in decision.evictions] == ["batch2", "batch3"]
+    all_resumed = worker("w0", ("A",), "A", max_batch=4, running=tuple(
+        RunningRequest(rr.request, -5.0, rr.first_token_at) for rr in running))
+    snap = QueueSnapshot(0.0, interactive_group(20.0), (all_resumed,))
+    assert make_policy("qlm").decide(snap, PolicyContext(slow_book())).evictions == ()
+
+
+def test_one_decision_evicts_at_most_its_budget() -> None:
+    """``evict_budget`` caps the evictions of one decision over all workers (the rest wait
+    for the next decision): no cluster-wide thrash, and no decision slowed by thousands."""
+    snap = QueueSnapshot(0.0, interactive_group(20.0), (busy_worker(),))
+    full = make_policy("qlm").decide(snap, PolicyContext(slow_book())).evictions
+    assert len(full) == 2
+    capped = QlmPolicy(evict_budget=1).decide(snap, PolicyContext(slow_book())).evictions
+    assert capped == full[:1]
+    assert QlmPolicy(evict_budget=0).decide(snap, PolicyContext(slow_book())).evictions == ()
+
+
+def test_the_eviction_lookahead_stops_at_a_group_it_cannot_bring_in_on_time() -> None:
+    """Behind a head group, evictions provide only for groups that the evicted slots can
+    still serve on time: a 3-request group behind a 2-request head needs more than the
+    4-slot batch together with it, and a group whose prompts cannot be prefilled before
+    its deadline is not provided for either (the overload case: it misses anyway)."""
+    full = busy_worker(interactive_running=False)
+    head = [request(f"i{k}", "A", 0.0, 20.0, SLOClass.INTERACTIVE) for k in range(2)]
+    policy = QlmPolicy()
+    ctx = PolicyContext(slow_book())
+
+    def evictions(reqs: list[Request]) -> list[str]:
+        """Evictions for the lane: the head group, then the other (in deadline order)."""
+        snap = QueueSnapshot(0.0, group_requests(reqs, 1.0), (full,))
+        pc = policy.planning_context(snap, ctx, policy.options)
+        order = tuple(sorted(range(len(pc.stats)), key=lambda g: pc.stats[g].key.window))
+        plan = Plan((order,), 0.0, "given")
+        return [e.request_id for e in plan_evictions(pc, plan, policy.options)]
+
+    assert evictions(head) == ["batch0", "batch1"]
+    fits = head + [request(f"j{k}", "A", 1.5, 20.0, SLOClass.INTERACTIVE) for k in range(2)]
+    assert len(evictions(fits)) == 4  # both groups fit the batch: provided for together
+    too_many = head + [request(f"j{k}", "A", 1.5, 20.0, SLOClass.INTERACTIVE) for k in range(3)]
+    assert evictions(too_many) == ["batch0", "batch1"]
+    # 2 × 40k-token prompts take ~7.7 s to prefill: due at 7.5 s, they cannot be met
+    unreachable = head + [Request(f"j{k}", "A", 40_000, 100, SLOClass.INTERACTIVE, SLO(6.5), 1.0)
+                          for k in range(2)]
+    assert evictions(unreachable) == ["batch0", "batch1"]
 
 
 def test_evictions_count_the_decode_time_that_prompts_ahead_take() -> None:
     """Two 40k-token prompts take ~7.8 s to prefill, all of their 7.5 s SLO: the running
     interactive request two tokens from its end frees no slot in time, because vLLM mixes
-    those prompt chunks into its decode steps. With ``evict_prefill_aware`` both slots
-    come from batch work."""
+    those prompt chunks into its decode steps. With ``evict_prefill_aware`` (the default)
+    both slots come from batch work."""
     running = list(busy_worker(interactive_running=False).running[:3])
     running.append(RunningRequest(request("inter-run", "A", -1.0, 20.0, SLOClass.INTERACTIVE,
                                           max_tokens=12, num_generated=10),
@@ -227,9 +288,10 @@ def test_evictions_count_the_decode_time_that_prompts_ahead_take() -> None:
     long_prompts = [Request(f"i{k}", "A", 40_000, 100, SLOClass.INTERACTIVE, SLO(7.5), 0.0)
                     for k in range(2)]
     snap = QueueSnapshot(0.0, group_requests(long_prompts, 1.0), (full,))
-    aware = QlmPolicy(evict_prefill_aware=True).decide(snap, PolicyContext(slow_book()))
+    aware = make_policy("qlm").decide(snap, PolicyContext(slow_book()))  # the default
     assert [e.request_id for e in aware.evictions] == ["batch0", "batch1"]
-    plain = make_policy("qlm").decide(snap, PolicyContext(slow_book()))  # the default
+    plain = QlmPolicy(evict_prefill_aware=False, evict_rate_credit=1.0).decide(
+        snap, PolicyContext(slow_book()))
     assert [e.request_id for e in plain.evictions] == ["batch0"]
 
 
@@ -249,10 +311,10 @@ def test_a_late_group_goes_ahead_of_groups_with_slack_not_of_tight_ones() -> Non
         decision = QlmPolicy(**options).decide(snap, PolicyContext(book))
         return [f"{k.slo_class.value}@{k.window:g}" for k in decision.placements[0].order]
 
-    options: dict[str, object] = {"late_insert_budget": 300}
+    options: dict[str, object] = {}  # the default: late_insert_budget 300
     assert order_with(1.0) == ["interactive@0", "interactive@-5", "batch-1@-2"]
     assert order_with(30.0) == ["interactive@-5", "interactive@0", "batch-1@-2"]
-    options = {}  # the default: last
+    options = {"late_insert_budget": 0}  # no budget: last
     assert order_with(1.0) == ["interactive@0", "batch-1@-2", "interactive@-5"]
 
 

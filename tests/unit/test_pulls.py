@@ -73,3 +73,17 @@ def test_kv_headroom_still_binds_under_a_generous_cap() -> None:
     room = 2 * kv_reservation(q[0].requests[0]) + 1
     assert len(plan_pulls(worker(kv_tokens=room), q, profile(kv_tokens=room),
                           prefill_cap_tokens=1_000_000)) == 2
+
+
+def test_kv_reservations_of_many_is_kv_reservation_of_each() -> None:
+    import numpy as np
+
+    from qlm.core.pulls import kv_reservation, kv_reservations
+
+    rows = [(100, 50, 0), (100, 1000, 0), (7, 1000, 600), (3000, 20, 19), (1, 1, 0)]
+    requests = [Request(f"r{i}", "m", p, cap, SLOClass.BATCH_1, SLO(60.0), 0.0,
+                        num_generated=done) for i, (p, cap, done) in enumerate(rows)]
+    fields = np.array(rows, dtype=float)
+    for expected in (338, 10, 2000):
+        many = kv_reservations(fields[:, 0], fields[:, 1], fields[:, 2], expected)
+        assert many.tolist() == [kv_reservation(r, expected) for r in requests]

@@ -24,7 +24,9 @@ from loadgen.results import emit, undeclared, write_json
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
 #: JSONs whose writer records no command line, and their writer.
-WRITTEN_WITHOUT_COMMAND = {"demo/summary.json": "loadgen.demo"}
+WRITTEN_WITHOUT_COMMAND = {"demo/summary.json": "loadgen.demo",
+                           "predict/demo/summary.json": "loadgen.demo",
+                           "predict/demo_before/summary.json": "loadgen.demo"}
 
 
 def _load(path: Path) -> Any:

@@ -269,3 +269,17 @@ def test_which_groups_stay_ahead_follows_the_schedulers_policy() -> None:
     assert wait(interactive, "priority") < 5 < wait(batch, "priority")
     with pytest.raises(InvalidInput, match="policy"):
         predict_wait(estimator, snapshot, interactive, 0.05, policy="lifo")
+
+
+def test_the_estimator_plane_learns_output_lengths_from_finished_events() -> None:
+    from qlm.core.forecast import MIN_LENGTH_SAMPLES
+    from qlm.estimator_plane import EstimatorPlane
+
+    plane = EstimatorPlane(RWTEstimator(PROFILES), WorkerRoster(timeout_s=0), None)
+    before = plane.estimator.output_stats(MODEL, SLOClass.INTERACTIVE)
+    for i in range(MIN_LENGTH_SAMPLES):
+        plane.on_event(Event(type="finished", request_id=f"r{i}", model=MODEL,
+                             slo_class="interactive", at=10.0, arrival_at=1.0, worker="w",
+                             num_output_tokens=28))
+    learned = plane.estimator.output_stats(MODEL, SLOClass.INTERACTIVE)
+    assert before.mean != 28.0 and learned.mean == pytest.approx(28.0)

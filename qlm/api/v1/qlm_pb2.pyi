@@ -451,6 +451,10 @@ class RequestInfo(_message.Message):
     GROUP_FIELD_NUMBER: _builtins.int
     NUM_EVICTIONS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PREDICTED_FIRST_TOKEN_AT_FIELD_NUMBER: _builtins.int
+    PREDICTED_AT_FIELD_NUMBER: _builtins.int
+    PREDICTED_WAIT_S_FIELD_NUMBER: _builtins.int
+    PREDICTED_WAIT_STD_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's id."""
     tenant: _builtins.str
@@ -487,6 +491,20 @@ class RequestInfo(_message.Message):
     """Times it was evicted and requeued."""
     error: _builtins.str
     """The error, for FAILED."""
+    predicted_first_token_at: _builtins.float
+    """When its first token is predicted (Unix seconds), 0 = no prediction yet. For a
+    QUEUED request: the scheduler's forecast of its group after its latest decision
+    (refreshed whenever it reorders the queues), at the request's current place in the
+    group. Once the request has started: the last such forecast made before it started.
+    """
+    predicted_at: _builtins.float
+    """When that forecast was made (Unix seconds), 0 = none."""
+    predicted_wait_s: _builtins.float
+    """The predicted wait to its first token, from arrival: predicted_first_token_at -
+    arrival_at (seconds), 0 = no prediction yet.
+    """
+    predicted_wait_std_s: _builtins.float
+    """Standard deviation of the predicted wait (seconds)."""
     def __init__(
         self,
         *,
@@ -508,10 +526,14 @@ class RequestInfo(_message.Message):
         group: _builtins.str = ...,
         num_evictions: _builtins.int = ...,
         error: _builtins.str = ...,
+        predicted_first_token_at: _builtins.float = ...,
+        predicted_at: _builtins.float = ...,
+        predicted_wait_s: _builtins.float = ...,
+        predicted_wait_std_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival_at", b"arrival_at", "deadline_at", b"deadline_at", "error", b"error", "finished_at", b"finished_at", "first_token_at", b"first_token_at", "group", b"group", "max_tokens", b"max_tokens", "model", b"model", "num_evictions", b"num_evictions", "num_generated", b"num_generated", "num_prompt_tokens", b"num_prompt_tokens", "request_id", b"request_id", "slo_class", b"slo_class", "state", b"state", "tenant", b"tenant", "tpot_slo_s", b"tpot_slo_s", "ttft_slo_s", b"ttft_slo_s", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival_at", b"arrival_at", "deadline_at", b"deadline_at", "error", b"error", "finished_at", b"finished_at", "first_token_at", b"first_token_at", "group", b"group", "max_tokens", b"max_tokens", "model", b"model", "num_evictions", b"num_evictions", "num_generated", b"num_generated", "num_prompt_tokens", b"num_prompt_tokens", "predicted_at", b"predicted_at", "predicted_first_token_at", b"predicted_first_token_at", "predicted_wait_s", b"predicted_wait_s", "predicted_wait_std_s", b"predicted_wait_std_s", "request_id", b"request_id", "slo_class", b"slo_class", "state", b"state", "tenant", b"tenant", "tpot_slo_s", b"tpot_slo_s", "ttft_slo_s", b"ttft_slo_s", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -259,7 +259,8 @@ class WorkerLoad:
     remaining_sorted: tuple[float, ...]
     kv_reserved_tokens: int
     loosest_ttft_s: float  # the largest TTFT SLO among running requests (0 if none)
-    #: Running requests in the order they should be evicted: largest remaining slack
+    #: Running requests that may be evicted (not :func:`resumed` ones), in the order they
+    #: should be evicted: largest remaining slack
     #: first — past their first token (TTFT SLO settled: infinite slack) before the
     #: others — then loosest class, latest deadline, least progress to recompute, id.
     eviction_order: tuple[RunningRequest, ...] = ()
@@ -268,10 +269,17 @@ class WorkerLoad:
     num_started: int = 0
     #: Context tokens of the running requests without a first token (still prefilling).
     pending_prefill_tokens: int = 0
+    #: Expected remaining output tokens of each of ``eviction_order``.
+    eviction_remaining: tuple[float, ...] = ()
     #: The tightest TPOT target of the running requests (None: none has one) and the mean
     #: prompt of those that have one.
     tpot_s: float | None = None
     tpot_mean_prompt: float = 0.0
+
+
+def resumed(rr: RunningRequest) -> bool:
+    """True when ``rr`` runs again after an eviction: its first token predates this start."""
+    return rr.first_token_at is not None and rr.first_token_at < rr.started_at
 
 
 def summarise_running(running: Sequence[RunningRequest],
@@ -289,21 +297,26 @@ def summarise_running(running: Sequence[RunningRequest],
     expected = DEFAULT_EXPECTED_OUTPUT_TOKENS
     reserved = prompt + np.minimum(cap.astype(np.int64),
                                    np.maximum(done.astype(np.int64) + 1, expected))
-    order = tuple(sorted(running, key=lambda rr: (
-        rr.first_token_at is None,
-        -rr.request.slo.ttft_s,
-        -rr.request.deadline_at if rr.first_token_at is None else 0.0,
-        rr.request.num_generated,
-        rr.request.id,
-    )))
-    num_started = sum(1 for rr in running if rr.first_token_at is not None)
+    # A request resumed after an eviction (its first token came before this start) is
+    # not evicted again: each eviction pays a re-prefill of prompt + progress, and a
+    # request taken again and again loses throughput for nobody's gain (anti-churn).
+    left = mean.tolist()
+    ranked = sorted((i for i, rr in enumerate(running) if not resumed(rr)), key=lambda i: (
+        running[i].first_token_at is None,
+        -running[i].request.slo.ttft_s,
+        -running[i].request.deadline_at if running[i].first_token_at is None else 0.0,
+        running[i].request.num_generated,
+        running[i].request.id,
+    ))
+    order = tuple(running[i] for i in ranked)
+    num_started = sum(1 for rr in order if rr.first_token_at is not None)
     pending = sum(rr.request.context_tokens for rr in running if rr.first_token_at is None)
     bound = [rr.request for rr in running if rr.request.slo.tpot_s is not None]
     tpot = min((r.slo.tpot_s for r in bound if r.slo.tpot_s is not None), default=None)
     tpot_prompt = sum(r.prompt_tokens for r in bound) / len(bound) if bound else 0.0
     return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
                       int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running), order,
-                      num_started, pending, tpot, tpot_prompt)
+                      num_started, pending, tuple(left[i] for i in ranked), tpot, tpot_prompt)
 
 
 class WorkerLoadCache:

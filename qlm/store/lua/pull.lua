@@ -5,6 +5,7 @@
 -- KEYS[2]  running:{worker}   ids running on the worker
 -- KEYS[3]  leases             lease sorted set (score = lease_expires_at)
 -- KEYS[4]  workers            set of known workers
+-- KEYS[5]  forecast           group key → the group's forecast (scheduler's last decision)
 -- ARGV[1]  prefix             key prefix (group:{group}, groups, queue:log and req:{id}
 --                             are derived)
 -- ARGV[2]  worker             worker id
@@ -18,7 +19,9 @@
 -- (earliest deadlines) until N requests are taken, and stops at the first group of
 -- another model: a model swap must come first, pulling past it would reorder the
 -- queue (as qlm.core.pulls.plan_pulls). Each pulled record gets state=running,
--- worker, started_at, lease_expires_at, num_pulls+1.
+-- worker, started_at, lease_expires_at, num_pulls+1, and, when its group has a
+-- forecast, that forecast with the request's place in the group at the pull
+-- (forecast, forecast_rank, forecast_size): the last prediction made before it started.
 -- Returns the records now running as JSON objects of strings, in pull order.
 
 local prefix, worker, model = ARGV[1], ARGV[2], ARGV[3]
@@ -32,6 +35,8 @@ for i, group in ipairs(order) do
   if remaining <= 0 then break end
   if queued[i] and model_of(group) ~= model then break end
   if queued[i] then
+    local size = redis.call('ZCARD', group_key(prefix, group))
+    local forecast = redis.call('HGET', KEYS[5], group)
     local popped = redis.call('ZPOPMIN', group_key(prefix, group), remaining)
     if #popped > 0 then
       for j = 1, #popped, 2 do
@@ -40,6 +45,10 @@ for i, group in ipairs(order) do
         local rk = req_key(prefix, id)
         redis.call('HSET', rk, 'state', 'running', 'worker', worker, 'started_at', now,
           'lease_expires_at', lease)
+        if forecast then
+          redis.call('HSET', rk, 'forecast', forecast, 'forecast_rank', (j - 1) / 2,
+            'forecast_size', size)
+        end
         redis.call('HINCRBY', rk, 'num_pulls', 1)
         redis.call('ZADD', KEYS[3], lease, id)
         redis.call('SADD', KEYS[2], id)

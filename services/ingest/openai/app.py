@@ -14,7 +14,10 @@ live status page ``GET /status`` (data: ``GET /status.json``, :mod:`services.ing
 Every completion response carries ``x-request-id`` (the qlm request id) and the
 prediction of admission control: ``x-qlm-predicted-wait-s``,
 ``x-qlm-predicted-wait-p90-s``, ``x-qlm-p-meet-slo``, plus ``x-qlm-slo-class``,
-``x-qlm-ttft-slo-s`` and ``x-qlm-deadline-at``.
+``x-qlm-ttft-slo-s`` and ``x-qlm-deadline-at``. Retrieving a completion by id adds the
+scheduler's refreshed forecast (GetRequest's, :meth:`RedisQueueStore.forecast_for`) once
+there is one: ``x-qlm-predicted-first-token-at`` (Unix s), ``x-qlm-predicted-at`` and,
+while it has not started, ``x-qlm-predicted-wait-s`` (seconds from now).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from qlm.core.errors import (
 )
 from qlm.core.types import RequestState
 from qlm.log import get_logger
+from qlm.store.records import RequestRecord
 from services.common.auth import Authenticator, caller_tenant, set_caller_tenant
 from services.ingest.fleet import Fleet, ServedModel
 from services.ingest.openai import translate
@@ -183,6 +187,18 @@ def _openai_error(error: InvalidInput, chat: bool) -> InvalidInput:
 
 
 # ------------------------------------------------------------------ helpers
+def _forecast_headers(record: RequestRecord, now: float) -> dict[str, str]:
+    """The scheduler's latest forecast of a request (none before its first)."""
+    predicted = record.predicted_first_token_at
+    if predicted is None or record.forecast is None:
+        return {}
+    headers = {"x-qlm-predicted-first-token-at": f"{predicted:.3f}",
+               "x-qlm-predicted-at": f"{record.forecast.made_at:.3f}"}
+    if record.state is RequestState.QUEUED:
+        headers["x-qlm-predicted-wait-s"] = f"{max(0.0, predicted - now):.3f}"
+    return headers
+
+
 def _headers(outcome: SubmitOutcome) -> dict[str, str]:
     p = outcome.prediction
     headers = {"x-request-id": outcome.request_id,
@@ -396,7 +412,8 @@ def make_app(door: FrontDoor) -> FastAPI:
                                  "object": "chat.completion" if chat else "text_completion",
                                  "status": record.state.value, "model": request.model,
                                  "created": int(request.arrival_at), "choices": []},
-                                headers={"x-request-id": request_id})
+                                headers={"x-request-id": request_id,
+                                         **_forecast_headers(record, door.plane.clock())})
         text, final = await collect(request_id)
         if _ended_badly(final) is not None:
             return _failure_response(final)
@@ -406,7 +423,8 @@ def make_app(door: FrontDoor) -> FastAPI:
             finish_reason=translate.finish_reason_of("finished", final.num_generated,
                                                      request.max_tokens),
             usage_=translate.usage(request.prompt_tokens, final.num_generated)),
-            headers={"x-request-id": request_id})
+            headers={"x-request-id": request_id,
+                     **_forecast_headers(record, door.plane.clock())})
 
     @app.get("/v1/chat/completions/{completion_id}",
              summary="A chat completion by id (the result of a background request)")

@@ -30,6 +30,15 @@ after ``LOCK_TTL_S``) and, every ``poll_interval_s``, for each active batch:
 
 Lines go to the queue through :meth:`services.ingest.plane.IngestPlane.enqueue`, as the Kafka
 ``qlm.batch.requests`` records do (batch classes are never refused by admission control).
+**Quotas**: each line is booked against the batch's tenant's quotas first
+(:meth:`~services.ingest.plane.IngestPlane.book_quota`: queued requests, tokens per
+minute). A line over quota is neither lost nor an error line: the cursor stops at the
+first such line (lines are booked in waves of ``QUOTA_WAVE`` in input order) and the
+batch tries again from it after the quota's retry-after (at most ``MAX_QUOTA_WAIT_S``),
+so a tenant's batch is metered at its limits; lines behind it that were queued meanwhile
+are duplicates the next time (no second run, no second booking). A batch that cannot get
+its lines in before ``expires_at`` ends ``expired`` with ``batch_expired`` lines, as
+OpenAI's do.
 The SLO of every line comes from the batch's ``completion_window``
 (:func:`slo_of_window`).
 """
@@ -50,7 +59,7 @@ from typing import Any, Final
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
-from qlm.core.errors import InvalidInput, NotFound, QlmError, UnknownModel
+from qlm.core.errors import InvalidInput, NotFound, QlmError, QuotaExceeded, UnknownModel
 from qlm.core.types import RequestState, SLOClass
 from qlm.log import get_logger
 from qlm.store.client import RedisClient
@@ -66,6 +75,11 @@ LOCK_TTL_S: Final = 5.0
 #: Lines enqueued per driver step and batch (each is one plane.enqueue, gathered).
 ENQUEUE_CHUNK: Final = 500
 MAX_LINES: Final = 50_000
+#: Lines booked against the tenant's quotas together; after a wave with a line over
+#: quota the step stops (the lines behind it are not tried until the wait is over).
+QUOTA_WAVE: Final = 50
+#: Longest wait before lines over quota are tried again (a raised limit applies soon).
+MAX_QUOTA_WAIT_S: Final = 5.0
 _WINDOW: Final = re.compile(r"(\d+)([smh])")
 
 
@@ -450,6 +464,8 @@ class _Progress:
     chat: bool
     cancelled_requests: bool = False
     ids: dict[str, str] = field(default_factory=dict)  # custom_id → request id
+    #: A line was over its tenant's quota: the cursor waits on it until this time.
+    quota_wait_until: float = 0.0
 
 
 class BatchDriver:
@@ -530,7 +546,8 @@ class BatchDriver:
         expired = self.clock() > float(fields["expires_at"])
         stopping = "expired" if expired else (
             "cancelled" if fields.get("cancelling_at") is not None else None)
-        if stopping is None and enqueued < len(progress.lines):
+        if (stopping is None and enqueued < len(progress.lines)
+                and self.clock() >= progress.quota_wait_until):
             enqueued = await self._enqueue(batch_id, fields, progress, enqueued)
         if stopping is not None:
             await self._stop_lines(batch_id, progress, enqueued, stopping)
@@ -545,17 +562,23 @@ class BatchDriver:
                        start: int) -> int:
         chunk = progress.lines[start:start + ENQUEUE_CHUNK]
         refused: dict[str, str] = {}
+        over_quota: dict[int, float] = {}  # position in chunk → retry after (s)
+        tenant = fields.get(TENANT_FIELD) or None  # the batch's tenant submits its lines
 
-        async def one(line: BatchLine) -> None:
+        async def one(position: int, line: BatchLine) -> None:
             request_id = progress.ids[line.custom_id]
             try:
                 record = translate.submission_record(
                     line.body, {}, chat=progress.chat, default_max_tokens=self.default_max_tokens)
                 record.update(request_id=request_id, slo_class=fields["slo_class"],
                               ttft_slo_s=fields["ttft_slo_s"])
-                if fields.get(TENANT_FIELD):  # the batch's tenant submits its lines
-                    record["tenant"] = fields[TENANT_FIELD]
-                await self.plane.enqueue(self.plane.validate(record), source="http")
+                if tenant is not None:
+                    record["tenant"] = tenant
+                submission = self.plane.validate(record)
+                await self.plane.book_quota(tenant, submission, "http")
+                await self.plane.enqueue(submission, source="http")
+            except QuotaExceeded as error:  # not now: the cursor waits on this line
+                over_quota[position] = error.retry_after_s
             except InvalidInput as error:
                 param = translate.openai_param(error, progress.chat)
                 code = "model_not_found" if isinstance(error, UnknownModel) else "invalid_value"
@@ -564,10 +587,20 @@ class BatchDriver:
                     {"error": {"message": f"{param}: {error.problem}",
                                "type": "invalid_request_error", "param": param, "code": code}})
 
-        await asyncio.gather(*(one(line) for line in chunk))
+        for wave in range(0, len(chunk), QUOTA_WAVE):  # over quota: few more lines tried
+            await asyncio.gather(*(one(position, chunk[position]) for position in
+                                   range(wave, min(wave + QUOTA_WAVE, len(chunk)))))
+            if over_quota:
+                break
         await self.store.add_results(batch_id, {}, refused)
         progress.results.update(refused)
         end = start + len(chunk)
+        if over_quota:
+            first = min(over_quota)
+            end = start + first
+            progress.quota_wait_until = self.clock() + min(over_quota[first], MAX_QUOTA_WAIT_S)
+            log.info("batch_lines_over_quota", batch_id=batch_id, tenant=tenant, line=end,
+                     retry_after_s=round(over_quota[first], 3))
         await self.store.update(batch_id, enqueued=end)
         return end
 

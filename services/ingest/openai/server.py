@@ -4,7 +4,9 @@ uvicorn serves the FastAPI app next to the gRPC server, so both transports share
 :class:`services.ingest.plane.IngestPlane` (one Redis pool, one producer, one batcher). Signals
 stay with the ingest process (:func:`services.common.entrypoint.stop_on_signals`): this server
 installs no handlers. The socket is bound here (``SO_REUSEPORT`` with ``--processes``)
-so that a taken port fails the start with a clear error.
+so that a taken port fails the start with a clear error. With an ``ssl`` context
+(:func:`services.common.tls.http_ssl_context`) it serves HTTPS only: a plain-HTTP client
+gets its connection closed during the handshake.
 
 Graceful stop: stop accepting, let responses in flight finish for ``grace_s``, then
 close what is left (open streams).
@@ -15,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -34,11 +37,13 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """One uvicorn server on ``host:port``; ``port`` is the bound one after :meth:`start`."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, *, reuse_port: bool = False) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, *, reuse_port: bool = False,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.reuse_port = reuse_port
+        self.ssl_context = ssl_context
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -63,7 +68,8 @@ class HttpServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
                                 http="httptools", ws="none", timeout_graceful_shutdown=None,
-                                server_header=False, date_header=False)
+                                server_header=False, date_header=False,
+                                ssl_context_factory=_given(self.ssl_context))
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="ingest-http")
         while not self._server.started:
@@ -71,7 +77,15 @@ class HttpServer:
                 await self._task  # raises what stopped it
                 raise OSError("the HTTP server stopped at start")
             await asyncio.sleep(0.01)
-        log.info("http_listening", host=self.host, port=self.port)
+        log.info("http_listening", host=self.host, port=self.port, tls=self.tls)
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_context is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     async def stop(self, grace_s: float) -> None:
         if self._server is None or self._task is None:
@@ -83,3 +97,10 @@ class HttpServer:
             self._server.force_exit = True
             with contextlib.suppress(Exception):
                 await self._task
+
+
+def _given(context: ssl.SSLContext | None) -> Callable[..., ssl.SSLContext] | None:
+    """uvicorn's ``ssl_context_factory`` answering ``context`` (None: plain HTTP)."""
+    if context is None:
+        return None
+    return lambda _config, _default: context

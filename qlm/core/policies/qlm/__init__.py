@@ -32,15 +32,16 @@ or finds nothing within its budget falls back to the heuristic.
    requests are already lost (measured in docs/scheduler.md);
 3. a group that would likely miss (p < 0.5) may displace one earlier group on that
    lane when that raises the lane's value (weighted Moore–Hodgson); displaced groups,
-   and groups still hopeless (p < 0.02 on every candidate), are appended last, where
-   they cost nobody (with ``spare_versatile``: on the least versatile shape serving them);
+   and groups still hopeless (p < 0.02 on every candidate), are placed with the late
+   groups of step 5 (with ``spare_versatile``: on the least versatile shape serving them);
 4. local improvement: adjacent swaps inside each lane that raise its value, within an
    evaluation budget (``improve_budget``), so the pass is deterministic;
-5. groups whose deadlines have all passed, in deadline order, each on the lane that would
-   finish it first: last (the default), or, within ``late_insert_budget`` placements,
-   at the earliest position where no group after it loses expected attainment (ahead of
-   batch work with slack, behind groups it would make miss). They count for nothing,
-   but a user still waits for them, and placed last they wait for the whole backlog.
+5. groups whose deadlines have all passed, and the hopeless and displaced groups of step
+   3, in deadline order, each on the lane that would finish it first: within
+   ``late_insert_budget`` placements at the earliest position where no group after it
+   loses expected attainment (ahead of batch work with slack, behind groups it would
+   make miss), last once the budget is spent. They count for (almost) nothing, but a
+   user still waits for them, and placed last they wait for the whole backlog.
 
 **Fair share** (``fair_share``, :mod:`qlm.core.fairness`): within an SLO class, tenants
 share the GPUs as under VTC. The policy keeps a virtual token counter per (class, tenant),
@@ -65,11 +66,13 @@ while its batch is at the cap, so those requests decode at or below it.
 
 **LSOs** (:mod:`.lso`): *pull* via :func:`qlm.core.pulls.plan_pulls` (backpressure);
 *model swap* when a worker's head group needs another model and the worker has drained;
-*eviction* when too few slots of a worker free up within the slack of its head group (with
-``evict_lookahead_groups``, of each of the first groups of its lane, counted with those
-ahead of it): just enough running requests of looser classes are evicted (largest
-remaining slack first: those past their first token have met their TTFT SLO already);
-they keep their progress (see :func:`.lso.plan_evictions`). With ``kv_state_swap`` an
+*eviction* when too few slots of a worker free up within the slack of its head group or
+of each of the next ``evict_lookahead_groups`` groups of its lane that evictions can
+still bring in on time, counted with those ahead of it: just enough running requests of
+looser classes are evicted (largest remaining slack first: those past their first token
+have met their TTFT SLO already), never one evicted before nor one that would finish
+sooner than it would re-prefill, at most ``evict_budget`` per decision; they keep their
+progress (see :func:`.lso.plan_evictions`). With ``kv_state_swap`` an
 eviction sets ``Evict.state_swap`` when moving the KV state over PCIe is cheaper than recomputing
 it. *Rejections* only with ``reject_late=True`` (requests whose
 deadline has passed) and ``reject_unservable=True`` (requests of a group that no worker of

@@ -156,15 +156,10 @@ def heuristic_plan(pc: PlanningContext, options: QlmOptions, score: bool = True)
             shapes = [s for s in shapes if reach[s] == least]
         return shapes
 
-    for gi in sorted(deferred, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
-        target = heaps.earliest_end(gi, shapes_behind(gi), lanes)
-        if target is not None:
-            slot = target.slot_for(gi, cost, with_p=False)
-            assert slot is not None
-            target.append(gi, slot, cost)
-            heaps.push(target)
     _improve(pc, lanes, options.improve_budget)
-    _insert_late(pc, lanes, late, shapes_behind, options.late_insert_budget)
+    # Hopeless and displaced groups count (almost) nothing wherever they go, like late
+    # ones: each goes as early as it costs nobody, not behind the whole backlog.
+    _insert_late(pc, lanes, [*deferred, *late], shapes_behind, options.late_insert_budget)
     orders = tuple(tuple(lane.order) for lane in lanes)
     return Plan(orders, pc.score(orders) if score else math.nan, "heuristic")
 

@@ -47,40 +47,59 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: QlmOptions) -> tupl
     pulled right back. A group whose deadlines have all passed is never evicted for,
     but its requests count: a pull admits them first.
 
-    Looking past the head group (``evict_lookahead_groups`` > 1) helps bursts: several
-    groups of one class arrive within a few seconds, the slots that free up serve the
-    first, and evictions for the next start only once it is the head, its slack gone.
-    Under sustained overload it evicts batch work for groups that miss anyway (see
-    docs/results/gpu/README.md), hence the default of 1; ``evict_prefill_aware`` is off
-    by default for the same reason.
+    Looking past the head group (``evict_lookahead_groups`` > 1, the default) helps
+    bursts: several groups of one class arrive within a few seconds, the slots that free
+    up serve the first, and evictions for the next start only once it is the head, its
+    slack gone. Under sustained overload an unbounded lookahead evicts batch work for
+    groups that miss anyway, so past the head it stops at the first group that does not
+    fit the steady batch with those ahead, or whose prompts (with those ahead) cannot be
+    prefilled before its last deadline. Requests resumed after an eviction are not
+    candidates (:func:`qlm.core.policies.planning.resumed`): no request is evicted twice;
+    nor is one whose expected remaining decode takes less than re-prefilling its context
+    would (it pays to let it finish). One decision evicts at most ``evict_budget``
+    requests over all workers.
     """
     if not options.evict:
         return ()
     credit = options.evict_rate_credit
     state_swaps = options.kv_state_swap
     evictions: list[Evict] = []
+    budget = options.evict_budget
     for wi, (w, order) in enumerate(zip(pc.snapshot.workers, plan.orders, strict=True)):
+        if len(evictions) >= budget:
+            break  # the rest wait for the next decision (no cluster-wide thrash at once)
         if not order or w.swapping_until is not None or not w.running:
             continue
         if pc.stats[order[0]].model != w.active_model:
             continue
         load = pc.loads[wi]
         # Two queues, each in descending TTFT SLO: past their first token, then the rest.
-        parts = (load.eviction_order[:load.num_started], load.eviction_order[load.num_started:])
+        k = load.num_started
+        parts = (load.eviction_order[:k], load.eviction_order[k:])
+        remaining = (load.eviction_remaining[:k], load.eviction_remaining[k:])
+        profile = pc.cost.profiles.get(w.active_model, w.gpu)
         cursors = [0, 0]
         taken = 0
         lookahead = order[:max(1, options.evict_lookahead_groups)]
         for gi, short in _shortfalls(pc, wi, lookahead, credit, options.evict_prefill_aware):
             head = pc.stats[gi]
             reason = f"slo:{head.key}"
+            svc = pc.cost.service(gi, wi)
+            slot_rate = svc.tokens_per_s / svc.batch if svc is not None else math.inf
             for p, part in enumerate(parts):
-                while taken < short and cursors[p] < len(part):
+                while taken < short and cursors[p] < len(part) and len(evictions) < budget:
                     rr = part[cursors[p]]
                     if rr.request.slo.ttft_s <= head.ttft_s:
                         break  # past the looser ones, none qualifies for this group
+                    cursors[p] += 1
+                    if remaining[p][cursors[p] - 1] / slot_rate \
+                            < profile.prefill_s(rr.request.context_tokens):
+                        # It pays only when the slot it frees is worth more than its
+                        # re-prefill: one that finishes sooner than it would re-prefill
+                        # (a long prompt, a few tokens left) is left to finish.
+                        continue
                     evictions.append(Evict(w.id, rr.request.id, reason, state_swaps
                                            and _state_swap_pays(pc, wi, rr, options)))
-                    cursors[p] += 1
                     taken += 1
     return tuple(evictions)
 
@@ -96,7 +115,7 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
     prompt_tokens = float(load.pending_prefill_tokens)  # to prefill before group k's first token
     admitted = total = 0
     out: list[tuple[int, int]] = []
-    for gi, num_admitted in _pull_walk(pc, wi, order):
+    for k, (gi, num_admitted) in enumerate(_pull_walk(pc, wi, order)):
         g = pc.stats[gi]
         svc = cost.service(gi, wi)
         if svc is None:
@@ -104,6 +123,15 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
         admitted += num_admitted
         total += g.size
         prompt_tokens += g.size * g.mean_prompt
+        if k > 0 and (total > svc.batch
+                      or now + p.prefill_s(round(prompt_tokens)) > g.latest_deadline_at):
+            # Past the head, evictions provide only for groups they can still bring in
+            # on time: all of groups 1..k fit the steady batch at once (beyond it they
+            # wait for each other's completions whatever is evicted), and the prompts
+            # ahead of group k and its own can be prefilled before its last deadline.
+            # Under sustained overload the lookahead stops here instead of evicting
+            # for groups that miss anyway (each evicted request pays a re-prefill).
+            break
         slack_s = g.deadline_points[0] - now - svc.prefill_s
         if g.latest_deadline_at - now - svc.prefill_s < 0 or math.isinf(slack_s):
             continue  # all late already, or nothing left to meet: evicting cannot help it

@@ -25,7 +25,8 @@ class QlmOptions:
         100, "branch-and-bound nodes the MILP may spend (deterministic budget)", ge=0)
     improve_budget: int = option(400, "lane walks the local search may spend", ge=0)
     late_insert_budget: int = option(
-        0, "placements the early placement of late groups may spend (0: late groups last)",
+        300, "placements the early placement of late and hopeless groups may spend "
+        "(0: such groups last)",
         ge=0)
     hopeless_p: float = option(
         0.02, "a group below this p_meet on every candidate goes last", ge=0, le=1)
@@ -33,11 +34,13 @@ class QlmOptions:
         0.5, "a group below this p_meet may displace one earlier group", ge=0, le=1)
     evict: bool = option(True, "evict looser requests to make room for a head group")
     evict_lookahead_groups: int = option(
-        1, "groups at the head of a lane that evictions provide for", ge=0)
+        32, "groups at the head of a lane that evictions provide for", ge=0)
+    evict_budget: int = option(
+        256, "evictions one decision may issue in all (the rest wait for the next)", ge=0)
     evict_rate_credit: float = option(
-        1.0, "fraction of the modelled decode rate trusted when counting freed slots", ge=0)
+        0.5, "fraction of the modelled decode rate trusted when counting freed slots", ge=0)
     evict_prefill_aware: bool = option(
-        False, "count decode time only after the prompts ahead are prefilled")
+        True, "count decode time only after the prompts ahead are prefilled")
     kv_state_swap: bool = option(
         False, "move an evicted request's KV state over PCIe when cheaper than recompute")
     service_scale: float = option(
