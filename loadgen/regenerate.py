@@ -62,6 +62,9 @@ STEPS: tuple[Step, ...] = (
       for w, cost in (("WA", "5 min"), ("WB", "8 min"), ("WC", "10 min"))),
     *(_sim(f"sim-whole-{w}", f"--workload {w} --prefill-mode whole", f"sim/{w}", cost)
       for w, cost in (("WA", "5 min"), ("WB", "8 min"), ("WC", "10 min"))),
+    _sim("tpot-WA", "--workload WA --rates 160,320,640 --policies "
+         "qlm,fcfs,edf,shepherd,priority,static,vllm-swap --tpot-slo-s 0.04",
+         "sim_tpot/WA", "6 min"),
     *(Step(f"estimator-check-{gpu}", "10 s",
            f"{PY} loadgen.estimator_check --seeds {seeds} --gpu {gpu}",
            f"{PY} loadgen.estimator_check --seeds 1 --groups 10 --gpu {gpu}",

@@ -3,7 +3,8 @@
     python -m loadgen.sim --workload {WA,WB,WC} [--trace FILE [--trace-format F]]
         [--policies qlm,fcfs,...]
         [--rates r1,r2,...] [--seed N] [--quick] [--cluster mini|small|paper]
-        [--workers-file F] [--models m1,m2] [--num-requests N] [--tenants a:1,b:10] --out DIR
+        [--workers-file F] [--models m1,m2] [--num-requests N] [--tenants a:1,b:10]
+        [--tpot-slo-s S] --out DIR
 
 ``--workers-file`` takes the cluster from a workers file (``docker/workers.*.yaml``, first
 model awake) instead of ``--cluster``; ``--models`` (with ``--trace``) builds the requests
@@ -27,6 +28,12 @@ class); prints a table. ``summary.json``::
         wait_r2, wall_s}},
      "cluster": .., "workers": [..], "num_requests": .., "seed": .., "quick": .., "command": ..}
 
+``--tpot-slo-s S`` gives interactive requests a TPOT target of S seconds per output token
+(the workload variant with TPOT targets); each entry then also has ``tpot_attainment``
+(over the requests with a target: finished with mean time per output token after the
+first ≤ S) and ``combined_attainment`` (TTFT and TPOT both met; TTFT alone for requests
+without a target), overall and per class (``*_by_class``).
+
 ``num_refused`` counts the requests refused at admission because they fit no worker of
 the cluster (prompt + ``max_tokens`` beyond every ``max_model_len`` / KV cache of the
 workers able to serve the model: :mod:`qlm.core.fit`, the services' check); they are
@@ -44,6 +51,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -81,7 +89,8 @@ DEFAULT_POLICIES = ("qlm", "fcfs", "edf", "shepherd", "priority")
 #: loadgen.report.ENTRY_KEYS).
 RESULT_KEYS = frozenset({
     "workload", "rates", "policies", "cluster", "models", "workers", "num_requests", "seed",
-    "prefill_mode", "policy_options", "tenants", "quick", "trace", "trace_format", "wall_s",
+    "prefill_mode", "tpot_slo_s", "policy_options", "tenants", "quick", "trace",
+    "trace_format", "wall_s",
     "command",
 })
 #: Rate sweeps (req/s) on the ``mini`` cluster, chosen so that fcfs goes from ~1.0
@@ -134,6 +143,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="arrival window of a request group (s)")
     p.add_argument("--prefill-mode", choices=PREFILL_MODES, default=SimConfig().prefill_mode,
                    help="engine model: vLLM's chunked prefill or whole prefill first")
+    p.add_argument("--tpot-slo-s", type=float,
+                   help="TPOT target (s per output token) of the interactive requests: the "
+                        "workload variant with TPOT targets (not with --models)")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -199,6 +211,7 @@ class Task:
     tenants: Mapping[str, float] = field(default_factory=dict)
     #: Run only these tenants' requests (empty: all).
     only_tenants: tuple[str, ...] = ()
+    tpot_slo_s: float | None = None
 
     def workers(self) -> tuple[WorkerSpec, ...]:
         if self.workers_file is not None:
@@ -218,7 +231,7 @@ class Task:
                              trace=trace, bursty_cv=self.bursty_cv)
         if self.tenants:
             plan = with_tenants(plan, self.tenants, self.seed)
-        jobs = plan.jobs_at(self.rate)
+        jobs = plan.jobs_at(self.rate, tpot_slo_s=self.tpot_slo_s)
         return only_tenants(jobs, self.only_tenants) if self.only_tenants else jobs
 
 
@@ -279,7 +292,7 @@ def write_records(path: Path, runs: Sequence[Run]) -> None:
         "prompt_tokens", "output_tokens", "started_at", "first_token_at", "finished_at",
         "worker_id", "num_evictions", "rejected", "refused", "predicted_at",
         "predicted_first_token_at", "last_predicted_at", "last_predicted_first_token_at",
-        "tenant",
+        "tenant", "tpot_slo_s",
     )
     with gzip.open(path, "wt", newline="") as f:
         w = csv.writer(f)
@@ -350,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
         if models and (args.workload != "WA" or args.trace is None):
             raise InvalidInput("models", "needs --workload WA (the demo's class mix) and --trace")
+        if args.tpot_slo_s is not None:
+            if not (math.isfinite(args.tpot_slo_s) and args.tpot_slo_s > 0):
+                raise InvalidInput("tpot-slo-s", f"must be a finite number > 0, got "
+                                                 f"{args.tpot_slo_s}")
+            if models:
+                raise InvalidInput("tpot-slo-s", "not with --models (the demo's requests)")
         tenants = parse_tenants(args.tenants) if args.tenants else {}
         if tenants and models:
             raise InvalidInput("tenants", "cannot be combined with --models")
@@ -359,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = [
             Task(args.workload, name, rate, args.seed, num_requests, args.cluster,
                  args.trace, args.bursty_cv, args.workers_file, models, config, policy_options,
-                 trace_format, tenants)
+                 trace_format, tenants, tpot_slo_s=args.tpot_slo_s)
             for rate in rates
             for name in policies
         ]
@@ -377,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_requests": num_requests,
         "seed": args.seed,
         "prefill_mode": args.prefill_mode,
+        "tpot_slo_s": args.tpot_slo_s,
         "policy_options": policy_options or None,
         "tenants": tenants or None,
         "quick": args.quick,

@@ -29,6 +29,9 @@ same requests in the same order.
 * ``WC`` — one model (mistral-7b), mega-prompts of 3,000–4,000 tokens (uniform),
   class mix of WA.
 
+Any of them with a TPOT target on its interactive requests (``tpot_slo_s`` of
+:meth:`RequestPlan.jobs_at`; ``python -m loadgen.sim --tpot-slo-s``).
+
 **Clusters.** ``cluster_for(workload, preset)`` with presets (A10-24GB, A100-80GB
 GPUs): ``paper`` (30, 50), ``small`` (3, 5), ``mini`` (1, 2; for WB 1, 5). WA/WC: one
 single-GPU worker per GPU, all mistral-7b. WB: A10s are single-GPU mistral-7b
@@ -147,10 +150,12 @@ class RequestPlan:
     tenants: tuple[str, ...] = ()
 
     def jobs_at(
-        self, rate: float, max_tokens: int = DEFAULT_MAX_TOKENS, prefix: str = "r"
+        self, rate: float, max_tokens: int = DEFAULT_MAX_TOKENS, prefix: str = "r",
+        tpot_slo_s: float | None = None,
     ) -> tuple[Job, ...]:
         """The requests arriving at mean ``rate`` req/s (times divided by ``rate``); with
-        tenants, request ids are ``<tenant>/<id>`` as the services make them."""
+        tenants, request ids are ``<tenant>/<id>`` as the services make them; with
+        ``tpot_slo_s``, interactive requests carry that TPOT target (:func:`tpot_slo_for`)."""
         _check_rate(rate)
         jobs = []
         for i in range(len(self.unit_times)):
@@ -163,11 +168,21 @@ class RequestPlan:
                 prompt_tokens=int(self.prompts[i]),
                 max_tokens=max(max_tokens, output),
                 slo_class=self.classes[i],
-                slo=SLO.for_class(self.classes[i]),
+                slo=tpot_slo_for(self.classes[i], tpot_slo_s),
                 arrival_at=float(self.unit_times[i]) / rate,
             )
             jobs.append(Job(request, output))
         return tuple(jobs)
+
+
+def tpot_slo_for(slo_class: SLOClass, tpot_slo_s: float | None) -> SLO:
+    """The class's SLO, with the TPOT target ``tpot_slo_s`` on interactive requests (the
+    workload variant with TPOT targets: chat users read tokens as they stream; batch
+    classes only need their first token by the deadline and the whole answer eventually)."""
+    slo = SLO.for_class(slo_class)
+    if tpot_slo_s is None or slo_class is not SLOClass.INTERACTIVE:
+        return slo
+    return SLO(ttft_s=slo.ttft_s, tpot_s=tpot_slo_s)
 
 
 WA_CLASSES: Final = {

@@ -335,6 +335,7 @@ class _Worker:
     max_batch_size: int
     order: tuple[GroupKey, ...] = ()
     running: dict[str, _Run] = field(default_factory=dict)
+    batch_cap: int | None = None
 
 
 class InProcessStack:
@@ -409,7 +410,7 @@ class InProcessStack:
             request = replace(run.request, num_generated=progress)
             running.append(RunningRequest(request, run.started_at, outcome.first_token_at))
         return WorkerView(w.id, w.profile.gpu, (w.model,), w.model, w.kv_capacity_tokens,
-                          w.max_batch_size, tuple(running))
+                          w.max_batch_size, tuple(running), batch_cap=w.batch_cap)
 
     # ---------------------------------------------------------------- run
     async def run(self, timeout_s: float) -> dict[str, Any]:
@@ -524,6 +525,9 @@ class InProcessStack:
 
     def keep_model(self, worker_id: str) -> None:
         """Nothing pending to withdraw: this harness never swaps."""
+
+    def cap_batch(self, worker_id: str, max_batch_size: int | None) -> None:
+        self.workers[worker_id].batch_cap = max_batch_size  # the pull honours it
 
     def pull(self, worker_id: str) -> None:
         self._pull(self.workers[worker_id])

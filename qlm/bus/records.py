@@ -185,7 +185,7 @@ def admitted_event_json(
     return to_json(fields)
 
 
-LsoType = Literal["evict", "swap", "migrate"]
+LsoType = Literal["evict", "swap", "migrate", "cap"]
 
 
 def lso_command_id(fence: int, seq: int) -> str:
@@ -201,6 +201,8 @@ class LsoCommand(BusRecord):
       ``keep_kv`` swaps their KV cache to CPU instead of dropping it.
     - swap: put the current model to sleep and wake ``to_model``.
     - migrate: move ``request_ids`` from ``worker`` to ``to_worker``.
+    - cap: admit requests only while fewer than ``max_batch_size`` run (absent: the
+      worker's own limit again); the scheduler's ``BatchCap`` for TPOT targets.
     """
 
     topic_name: ClassVar[str] = "qlm.lso"
@@ -213,6 +215,7 @@ class LsoCommand(BusRecord):
     to_worker: Name | None = None
     keep_kv: bool = False
     reason: Annotated[str, Field(max_length=1024)] | None = None
+    max_batch_size: Annotated[int, Field(ge=1)] | None = None
 
     @property
     def fence(self) -> int | None:
@@ -229,6 +232,8 @@ class LsoCommand(BusRecord):
             _require(bool(self.request_ids), "request_ids", f"must not be empty for {self.type}")
         if self.type == "swap":
             _require(self.to_model is not None, "to_model", "is required for swap")
+        if self.type != "cap":
+            _require(self.max_batch_size is None, "max_batch_size", "is for cap only")
         if self.type == "migrate":
             _require(self.to_worker is not None, "to_worker", "is required for migrate")
             _require(self.to_worker != self.worker, "to_worker", "must differ from worker")
@@ -258,6 +263,7 @@ class Telemetry(BusRecord):
     num_waiting: Count = 0
     kv_used_fraction: Annotated[float, Field(ge=0, le=1)]
     num_context_tokens: Count | None = None
+    batch_cap: Annotated[int, Field(ge=1)] | None = None
     step_time_predicted_s: Seconds
     step_time_observed_s: Seconds
     num_steps: Annotated[int, Field(ge=0)] = 1

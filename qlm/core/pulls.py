@@ -4,7 +4,8 @@ Shared by the simulator and the worker service, so both admit exactly the same
 requests from the same state. A worker takes requests from the head of its
 ordered virtual queue while it has
 
-* a free batch slot (``worker.batch_size < worker.max_batch_size``), and
+* a free batch slot (``worker.batch_size < worker.batch_limit``: its ``max_batch_size``,
+  or the batch cap the scheduler set while requests with a TPOT target run there), and
 * KV-cache headroom for the request's *reservation* (below).
 
 It stops at the first request that does not fit (strict order: a small request
@@ -125,7 +126,7 @@ def plan_pulls(
     """
     if worker.active_model is None or worker.swapping_until is not None:
         return ()
-    free_slots = min(worker.max_batch_size, profile.max_batch_size) - worker.batch_size
+    free_slots = min(worker.batch_limit, profile.max_batch_size) - worker.batch_size
     if free_slots <= 0:
         return ()
     if reserved_tokens is None:

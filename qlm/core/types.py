@@ -123,6 +123,11 @@ class Request:
             raise InvalidInput("arrival_at", f"must be finite, got {self.arrival_at}")
 
     @property
+    def tpot_s(self) -> float | None:
+        """The request's time-per-output-token target, if it has one."""
+        return self.slo.tpot_s
+
+    @property
     def deadline_at(self) -> float:
         """When the first token must have arrived to meet the TTFT SLO."""
         return self.arrival_at + self.slo.ttft_s
@@ -261,6 +266,15 @@ class WorkerView:
     num_gpus: int = 1
     swapping_until: float | None = None
     swapping_to: str | None = None
+    #: The batch cap in force (:class:`BatchCap`), None when the worker's own limit applies.
+    batch_cap: int | None = None
+
+    @property
+    def batch_limit(self) -> int:
+        """Running requests the worker admits up to: ``max_batch_size``, or the batch cap."""
+        if self.batch_cap is None:
+            return self.max_batch_size
+        return min(self.max_batch_size, self.batch_cap)
 
     @property
     def kv_used_tokens(self) -> int:
@@ -361,6 +375,21 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchCap:
+    """From now on worker ``worker_id`` admits requests only while it runs fewer than
+    ``max_batch_size`` (None: its own limit again). Set while requests with a TPOT target
+    run there or head its queue: a smaller batch makes each decode step shorter."""
+
+    worker_id: str
+    max_batch_size: int | None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise InvalidInput("max_batch_size",
+                               f"must be >= 1 when set, got {self.max_batch_size}")
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """Everything one scheduling step wants to happen. Pure data; applied elsewhere."""
 
@@ -369,11 +398,13 @@ class Decision:
     evictions: tuple[Evict, ...] = ()
     swaps: tuple[Swap, ...] = ()
     rejections: tuple[Reject, ...] = ()
+    batch_caps: tuple[BatchCap, ...] = ()
 
     @property
     def is_empty(self) -> bool:
         return not (
             self.placements or self.pulls or self.evictions or self.swaps or self.rejections
+            or self.batch_caps
         )
 
     def order_for(self, worker_id: str) -> tuple[GroupKey, ...]:

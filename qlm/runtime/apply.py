@@ -33,6 +33,10 @@ action          meaning
                 can serve the model (:func:`qlm.core.pulls.can_serve`). A swap to the
                 model the worker already serves (and is not swapping away from)
                 withdraws any swap not yet begun (``Effects.keep_model``).
+``BatchCap``    the worker admits requests only while it runs fewer than the cap (None:
+                its own limit again), from now until another cap: requests already
+                running above it finish, none is evicted for it. Invalid unless the
+                worker is in the snapshot. (``Effects.cap_batch``.)
 ``Pull``        a forecast, not an order: the requests the worker's own backpressure
                 pull (:func:`qlm.core.pulls.plan_pulls` over its new virtual queue) is
                 expected to admit. Workers always admit from the head of their virtual
@@ -87,6 +91,11 @@ class Effects(Protocol):
 
     def keep_model(self, worker_id: str) -> None:
         """Withdraw a swap of the worker that has not begun (it keeps its model)."""
+        ...
+
+    def cap_batch(self, worker_id: str, max_batch_size: int | None) -> None:
+        """Let the worker admit requests only while it runs fewer than ``max_batch_size``
+        (None: its own limit)."""
         ...
 
     def pull(self, worker_id: str) -> None:
@@ -145,6 +154,12 @@ def apply(
             effects.keep_model(swap.worker_id)
         else:
             effects.swap(swap.worker_id, swap.to_model)
+
+    for cap in decision.batch_caps:
+        if cap.worker_id not in workers:
+            num_invalid += 1
+            continue
+        effects.cap_batch(cap.worker_id, cap.max_batch_size)
 
     for pull in decision.pulls:
         known = pull.worker_id in workers

@@ -17,7 +17,9 @@ event), so that all three mean the same by a step:
   prefill in one step while the running batch waits;
 * **decode segments** (:func:`decode_segment_s`, :func:`decode_steps_within`,
   :func:`decode_steps`): k steps of a fixed batch in closed form (below);
-* **KV state swap** (:func:`kv_copy_s`): a copy over PCIe instead of a recompute.
+* **KV state swap** (:func:`kv_copy_s`): a copy over PCIe instead of a recompute;
+* **TPOT** (:func:`steady_step_s`, :func:`tpot_batch_cap`): the mean step of a batch held
+  at a size, and the largest size whose mean step meets a time-per-output-token target.
 
 A decode step advances every running request by one token and takes
 ``decode_step_s(B, ctx) = base + per_seq·B + per_ctx·ctx`` where ``ctx`` is the
@@ -258,3 +260,42 @@ def chunked_prefill_work_s(profile: PerfProfile, prompt_tokens: int, num_decodin
     decode = profile.decode_step_s(num_decoding, 0)
     return sum(mixed_step_s(profile, num_decoding, 0, chunk) - decode
                for chunk in chunk_sizes(prompt_tokens, max_batched_tokens, num_decoding))
+
+
+# ---------------------------------------------------------------- TPOT
+def steady_step_s(
+    profile: PerfProfile, batch: int, mean_prompt_tokens: float, mean_output_tokens: float
+) -> float:
+    """Mean seconds per step of a batch held at ``batch`` requests of ``mean_prompt_tokens``
+    prompts and ``mean_output_tokens`` outputs: what a running request's time per output
+    token averages to.
+
+    Each step is a decode step of the batch at its mean context (prompt + half the output)
+    plus, amortised, the prompt work of the requests that replace finished ones: a request
+    is prefilled once in ``mean_output_tokens`` steps, so ``batch / mean_output_tokens``
+    prompts per step, each costing its chunk's marginal work (:func:`mixed_step_s`). Pure."""
+    if batch <= 0:
+        return 0.0
+    context = int(batch * (mean_prompt_tokens + mean_output_tokens / 2.0))
+    decode = profile.decode_step_s(batch, context)
+    chunk = mixed_step_s(profile, batch, context, max(1, round(mean_prompt_tokens))) - decode
+    return decode + batch / max(1.0, mean_output_tokens) * chunk
+
+
+def tpot_batch_cap(
+    profile: PerfProfile, tpot_s: float, mean_prompt_tokens: float, mean_output_tokens: float
+) -> int:
+    """The largest batch (at most ``profile.max_batch_size``) whose :func:`steady_step_s`
+    is within ``tpot_s``: how many requests a worker may hold while one with that TPOT
+    target decodes. 0 when even a batch of one is too slow (no worker of this profile can
+    meet the target). Pure; the step grows with the batch, so a binary search."""
+    if steady_step_s(profile, 1, mean_prompt_tokens, mean_output_tokens) > tpot_s:
+        return 0
+    low, high = 1, profile.max_batch_size
+    while low < high:
+        mid = (low + high + 1) // 2
+        if steady_step_s(profile, mid, mean_prompt_tokens, mean_output_tokens) <= tpot_s:
+            low = mid
+        else:
+            high = mid - 1
+    return low

@@ -41,7 +41,9 @@ Model (every time is virtual seconds):
   the scheduler service and the GPU harness): its placements become the workers'
   virtual queues; its evictions and swaps take effect at each worker's next step
   boundary; workers pull from the head of their virtual queues at every step boundary
-  (a decision's pulls forecast those). Invalid actions are ignored and counted.
+  (a decision's pulls forecast those); a batch cap (``BatchCap``) limits what a worker
+  admits from then on (running requests above it finish). Invalid actions are ignored
+  and counted.
 * **Predicted waits** (with a ``forecaster``): after every decision the
   :class:`~qlm.core.forecast.Forecaster` forecasts each queued group on the virtual
   queue just written, as the scheduler service does, and every queued request's
@@ -160,6 +162,7 @@ class _Worker:
     pending_swap: str | None = None
     restored: set[str] = field(default_factory=set)  # admitted by KV restore, not prefill
     order: tuple[GroupKey, ...] = ()
+    batch_cap: int | None = None  # set by the scheduler (BatchCap): admit below it only
     busy_s: float = 0.0
     view: WorkerView | None = None
     reserved_tokens: int = 0  # KV reservations of ``view.running`` (valid with ``view``)
@@ -363,6 +366,7 @@ class Simulation:
                 num_gpus=w.spec.num_gpus,
                 swapping_until=w.phase_end_at if w.phase is Phase.SWAP else None,
                 swapping_to=w.swap_target if w.phase is Phase.SWAP else None,
+                batch_cap=w.batch_cap,
             )
             expected = self.config.expected_output_tokens
             w.reserved_tokens = sum(kv_reservation(r.request, expected) for r in running)
@@ -636,7 +640,7 @@ class Simulation:
         count = admit_prefix(
             ((kv_reservation(self.live[rid].request, expected),
               self.live[rid].request.context_tokens) for rid in candidates),
-            profile.max_batch_size - view.batch_size,
+            min(profile.max_batch_size, view.batch_limit) - view.batch_size,
             profile.kv_capacity_tokens - w.reserved_tokens,
             self.config.max_prefill_tokens,
         )
@@ -665,7 +669,7 @@ class Simulation:
         count = admit_prefix(
             ((kv_reservation(self.live[rid].request, expected), 0)
              for rid in candidates[:num_visible]),
-            profile.max_batch_size - view.batch_size,
+            min(profile.max_batch_size, view.batch_limit) - view.batch_size,
             profile.kv_capacity_tokens - w.reserved_tokens,
         )
         # the first request not visible yet stops the pull (if all before it fit)
@@ -796,6 +800,7 @@ class Simulation:
             return RequestRecord(
                 r.id, r.model, r.slo_class.value, r.arrival_at, r.deadline_at, r.prompt_tokens,
                 job.output_tokens, None, None, None, None, 0, False, tenant=r.tenant,
+                tpot_slo_s=r.slo.tpot_s,
             )
         return RequestRecord(
             id=r.id,
@@ -817,6 +822,7 @@ class Simulation:
             last_predicted_at=live.last_predicted_at,
             last_predicted_first_token_at=live.last_predicted_first_token_at,
             tenant=r.tenant,
+            tpot_slo_s=r.slo.tpot_s,
         )
 
 
@@ -861,6 +867,12 @@ class _SimEffects:
 
     def keep_model(self, worker_id: str) -> None:
         self.sim.workers[worker_id].pending_swap = None
+
+    def cap_batch(self, worker_id: str, max_batch_size: int | None) -> None:
+        worker = self.sim.workers[worker_id]
+        if worker.batch_cap != max_batch_size:
+            worker.batch_cap = max_batch_size
+            worker.view = None
 
     def pull(self, worker_id: str) -> None:
         self.scheduled += self.sim._nudge(self.sim.workers[worker_id])

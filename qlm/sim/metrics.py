@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +21,9 @@ class RequestRecord:
     request after it arrived (``predicted_at`` when), ``last_predicted_first_token_at``
     the last one made before its first token (``last_predicted_at`` when), if the run had
     a forecaster.
+    ``tpot_slo_s``: the request's time-per-output-token target, if any; it is met when the
+    request finished and its mean time per output token after the first (:attr:`tpot_s`)
+    is within it.
     """
 
     id: str
@@ -42,10 +45,28 @@ class RequestRecord:
     last_predicted_at: float | None = None
     last_predicted_first_token_at: float | None = None
     tenant: str = DEFAULT_TENANT
+    tpot_slo_s: float | None = None
 
     @property
     def met_slo(self) -> bool:
+        """The TTFT SLO: the first token came by the deadline."""
         return self.first_token_at is not None and self.first_token_at <= self.deadline_at
+
+    @property
+    def met_tpot(self) -> bool:
+        """The TPOT target, if any: finished with a mean time per output token within it
+        (a one-token output has none to miss). True without a target."""
+        if self.tpot_slo_s is None:
+            return True
+        if self.finished_at is None:
+            return False
+        tpot = self.tpot_s
+        return tpot is None or tpot <= self.tpot_slo_s
+
+    @property
+    def met_both(self) -> bool:
+        """TTFT and TPOT both met (the TTFT SLO alone without a TPOT target)."""
+        return self.met_slo and self.met_tpot
 
     @property
     def ttft_s(self) -> float | None:
@@ -81,6 +102,12 @@ class RunMetrics:
     ttft_p99_s: float
     tpot_p50_s: float
     tpot_p99_s: float
+    #: Over admitted requests with a TPOT target (NaN when none has one).
+    tpot_attainment: float
+    tpot_attainment_by_class: Mapping[str, float]
+    #: Over admitted requests: TTFT and (where set) TPOT both met.
+    combined_attainment: float
+    combined_attainment_by_class: Mapping[str, float]
     gpu_util: float
     swaps: int
     evictions: int
@@ -97,6 +124,8 @@ class RunMetrics:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["slo_attainment_by_class"] = dict(self.slo_attainment_by_class)
+        d["tpot_attainment_by_class"] = dict(self.tpot_attainment_by_class)
+        d["combined_attainment_by_class"] = dict(self.combined_attainment_by_class)
         d["num_refused_by_class"] = dict(self.num_refused_by_class)
         d["slo_attainment_by_tenant"] = dict(self.slo_attainment_by_tenant)
         d["slo_attainment_by_tenant_class"] = {
@@ -126,7 +155,9 @@ def summarise(
     out of the attainment, which is over the admitted requests.
 
     Throughput and utilisation are over the makespan (first arrival → last finish).
-    TTFT/TPOT percentiles are over the requests that got a first token / finished.
+    TTFT/TPOT percentiles are over the requests that got a first token / finished. TPOT
+    attainment is over the admitted requests that have a TPOT target (missed when not
+    finished); combined attainment over all admitted ones (:attr:`RequestRecord.met_both`).
     """
     n = len(records)
     admitted = [r for r in records if not r.refused]
@@ -142,6 +173,7 @@ def summarise(
             refused_by_class[r.slo_class] = refused_by_class.get(r.slo_class, 0) + 1
         else:
             by_class.setdefault(r.slo_class, []).append(r.met_slo)
+    with_tpot = [r for r in admitted if r.tpot_slo_s is not None]
     ttfts = [t for r in records if (t := r.ttft_s) is not None]
     tpots = [t for r in records if (t := r.tpot_s) is not None]
     ms = [1000 * s for s in decision_s]
@@ -164,6 +196,10 @@ def summarise(
             c: sum(v) / len(v)
             for c, v in sorted(by_class.items(), key=lambda kv: order.index(kv[0]))
         },
+        tpot_attainment=_share(with_tpot, lambda r: r.met_tpot),
+        tpot_attainment_by_class=_by_class(with_tpot, lambda r: r.met_tpot, order),
+        combined_attainment=_share(admitted, lambda r: r.met_both),
+        combined_attainment_by_class=_by_class(admitted, lambda r: r.met_both, order),
         throughput_rps=len(finished) / makespan,
         throughput_tok_s=sum(r.output_tokens for r in finished) / makespan,
         ttft_p50_s=_pct(ttfts, 50),
@@ -188,6 +224,19 @@ def summarise(
             for t, cls in sorted(by_tenant.items())
         },
     )
+
+
+def _share(records: Sequence[RequestRecord], met: Callable[[RequestRecord], bool]) -> float:
+    return sum(met(r) for r in records) / len(records) if records else float("nan")
+
+
+def _by_class(records: Sequence[RequestRecord], met: Callable[[RequestRecord], bool],
+              order: Sequence[str]) -> dict[str, float]:
+    by_class: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        by_class.setdefault(r.slo_class, []).append(r)
+    return {c: _share(v, met) for c, v in sorted(by_class.items(),
+                                                 key=lambda kv: order.index(kv[0]))}
 
 
 def wait_prediction_r2(records: Sequence[RequestRecord]) -> tuple[float, int]:

@@ -18,6 +18,8 @@ effect                    here
                           (``keep_kv`` = ``state_swap``)
 ``swap``                  one ``swap`` LSO command on ``qlm.lso``
 ``keep_model``            nothing (a swap not yet sent is not sent)
+``cap_batch``             one ``cap`` LSO command, only when the worker's cap differs
+                          from the last one sent to it (``max_batch_size`` absent: lift)
 ``reject``                ``store.reject`` (queued → failed with the reason)
 ``pull``                  nothing: workers pull the head of their virtual queue
                           themselves under backpressure (the same ``plan_pulls``), with a
@@ -43,7 +45,7 @@ import itertools
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand, lso_command_id
@@ -51,6 +53,7 @@ from qlm.core.forecast import Forecaster
 from qlm.core.perf import ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext
 from qlm.core.types import (
+    BatchCap,
     Decision,
     Evict,
     GroupKey,
@@ -85,8 +88,9 @@ def decide(policy: Policy, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decis
 
 def lso_commands(decision: Decision, fence: int, numbers: Iterable[int], issued_at: float
                  ) -> list[LsoCommand]:
-    """The evict and swap commands of ``decision``: one evict per worker (its request ids
-    in decision order; ``keep_kv`` if any eviction asks for a state swap), one per swap."""
+    """The evict, swap and cap commands of ``decision``: one evict per worker (its request
+    ids in decision order; ``keep_kv`` if any eviction asks for a state swap), one per
+    swap, one per batch cap."""
     seq = iter(numbers)
     by_worker: dict[str, list[str]] = {}
     keep_kv: dict[str, bool] = {}
@@ -106,6 +110,11 @@ def lso_commands(decision: Decision, fence: int, numbers: Iterable[int], issued_
                    issued_at=issued_at, to_model=swap.to_model)
         for swap in decision.swaps
     ]
+    commands += [
+        LsoCommand(type="cap", command_id=lso_command_id(fence, next(seq)), worker=cap.worker_id,
+                   issued_at=issued_at, max_batch_size=cap.max_batch_size)
+        for cap in decision.batch_caps
+    ]
     return commands
 
 
@@ -118,6 +127,7 @@ class StoreEffects:
     rejections: list[Reject] = field(default_factory=list)
     evictions: list[Evict] = field(default_factory=list)
     swaps: list[Swap] = field(default_factory=list)
+    caps: dict[str, int | None] = field(default_factory=dict)
 
     def set_virtual_queues(self, orders: Mapping[str, tuple[GroupKey, ...]]) -> None:
         self.orders = dict(orders)
@@ -133,6 +143,9 @@ class StoreEffects:
 
     def keep_model(self, worker_id: str) -> None:
         """Nothing to send: a swap command already sent cannot be withdrawn."""
+
+    def cap_batch(self, worker_id: str, max_batch_size: int | None) -> None:
+        self.caps[worker_id] = max_batch_size
 
     def pull(self, worker_id: str) -> None:
         """Nothing to send: the worker pulls its queue head itself."""
@@ -214,6 +227,8 @@ class SchedulingLoop:
         self.profiles_source = profiles_source
         self.memory = CommandMemory(command_cooldown_s)
         self.forecaster = forecaster
+        #: The batch cap last sent to each worker (absent: none sent, the worker's own).
+        self.caps_sent: dict[str, int | None] = {}
         self._numbers = itertools.count(1)
         self._depth_labels: set[tuple[str, str]] = set()
 
@@ -282,6 +297,10 @@ class SchedulingLoop:
                 self.lease.forfeit()
                 return 0
         fresh = self.memory.fresh(effects.commands, snapshot.now)
+        new_caps = tuple(BatchCap(w, cap) for w, cap in effects.caps.items()
+                         if self.caps_sent.get(w) != cap)
+        fresh = replace(fresh, batch_caps=new_caps)
+        self.caps_sent.update((c.worker_id, c.max_batch_size) for c in new_caps)
         commands = lso_commands(fresh, self.lease.fence, self._numbers, self.clock())
         acknowledged = [await self.producer.publish_soon(self.lso_topic, c) for c in commands]
         for reject in effects.rejections:
@@ -295,7 +314,7 @@ class SchedulingLoop:
                 self.metrics.swaps.labels(command.worker, command.to_model or "").inc()
             log.info("lso_sent", type=command.type, worker=command.worker,
                      command_id=command.command_id, request_ids=list(command.request_ids),
-                     to_model=command.to_model)
+                     to_model=command.to_model, max_batch_size=command.max_batch_size)
         self.metrics.rejections.inc(len(effects.rejections))
         if effects.orders is not None:  # after the commands: they are not held up by it
             await self._forecast(snapshot, effects.orders)

@@ -27,7 +27,10 @@ Loops of a running :class:`Worker` (asyncio tasks):
 LSO commands (:meth:`Worker.on_lso`): ``evict`` / ``migrate`` abort the named running
 requests and requeue them with their progress (``evicted`` event); ``swap`` stops
 pulling, evicts everything running, sleeps the active model and wakes the target, then
-publishes a ``swapped`` event (from and to model, wall time of the swap).
+publishes a ``swapped`` event (from and to model, wall time of the swap); ``cap`` sets
+the batch cap (:meth:`Worker.set_batch_cap`): the pull admits only while fewer requests
+run, which bounds the engine's batch on every engine (vLLM's ``max_num_seqs`` cannot
+change while its engine runs); telemetry reports the cap in force.
 
 Stopping (:meth:`Worker.drain`, on SIGTERM): stop pulling, let running requests
 finish for ``grace_s``, then requeue what is left with its progress.
@@ -149,6 +152,8 @@ class Worker:
         self.running: dict[str, _Running] = {}
         self.draining = False
         self.swapping = False
+        #: The scheduler's batch cap (``cap`` LSO command), None: the profile's limit.
+        self.batch_cap: int | None = None
         #: Set when the worker should look at its queue now (a request left, work queued).
         self.wake = asyncio.Event()
         self.poll_interval_s = self.options.pull_interval_s
@@ -254,6 +259,7 @@ class Worker:
             kv_capacity_tokens=capacity,
             max_batch_size=profile.max_batch_size,
             running=tuple(r.view() for r in self.running.values()),
+            batch_cap=self.batch_cap,
         )
 
     async def pull_once(self) -> int:
@@ -265,11 +271,11 @@ class Worker:
         if self.draining or self.swapping:
             return 0
         view = self.view()
-        if view is None or view.batch_size >= view.max_batch_size:
+        if view is None or view.batch_size >= view.batch_limit:
             return 0
         model = view.active_model
         assert model is not None
-        head = await self.store.queue_head(self.id, model, view.max_batch_size - view.batch_size)
+        head = await self.store.queue_head(self.id, model, view.batch_limit - view.batch_size)
         planned = plan_pulls(view, head, self.profiles[model], self.options.expected_output_tokens,
                              prefill_cap_tokens=self.options.prefill_cap_tokens)
         if not planned:
@@ -587,6 +593,19 @@ class Worker:
                     f"not {command.to_model!r}",
                 )
             await self.swap(command.to_model, reason=command.reason or "lso")
+        elif command.type == "cap":
+            self.set_batch_cap(command.max_batch_size)
+
+    def set_batch_cap(self, max_batch_size: int | None) -> None:
+        """Admit requests only while fewer than ``max_batch_size`` run (None: the profile's
+        limit). The engine runs what the worker pulls, so the pull enforces it on every
+        engine (vLLM's ``max_num_seqs`` is fixed when its engine starts)."""
+        if max_batch_size == self.batch_cap:
+            return
+        self.batch_cap = max_batch_size
+        log.info("batch_cap_set", worker=self.id, max_batch_size=max_batch_size)
+        self.wake.set()  # a lifted cap may let a pull through now
+        self._publish_telemetry()
 
     async def swap(self, to_model: str, reason: str = "") -> None:
         """Make ``to_model`` active: stop pulling, requeue running work, sleep + wake."""
@@ -655,6 +674,7 @@ class Worker:
             num_waiting=stats.num_waiting,
             kv_used_fraction=stats.kv_used_fraction,
             num_context_tokens=stats.kv_used_tokens,
+            batch_cap=self.batch_cap,
             step_time_predicted_s=predicted,
             step_time_observed_s=observed,
             num_steps=num_steps,

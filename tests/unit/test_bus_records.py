@@ -33,8 +33,12 @@ EXAMPLES: list[BusRecord] = [
     LsoCommand(type="swap", command_id="c2", worker="w0", issued_at=1.0, to_model="m2"),
     LsoCommand(type="migrate", command_id="c3", worker="w0", issued_at=1.0,
                request_ids=("r1",), to_worker="w1"),
+    LsoCommand(type="cap", command_id="c4", worker="w0", issued_at=1.0, max_batch_size=40),
+    LsoCommand(type="cap", command_id="c5", worker="w0", issued_at=1.0),
     Telemetry(worker="w0", gpu="H100", at=1.0, batch_size=8, kv_used_fraction=0.5,
               step_time_predicted_s=0.02, step_time_observed_s=0.025),
+    Telemetry(worker="w0", gpu="H100", at=1.0, batch_size=8, kv_used_fraction=0.5,
+              batch_cap=40, step_time_predicted_s=0.02, step_time_observed_s=0.025),
     BatchResult(request_id="r1", model="m", status="finished", at=9.0, num_output_tokens=3,
                 output_token_ids=(1, 2, 3), finish_reason="length", slo_met=True),
     DeadLetter(reason="x: bad", field="x", topic="qlm.events", partition=0, offset=7,
@@ -127,6 +131,8 @@ def test_bad_event_names_the_field(raw: bytes, field: str, problem: str) -> None
         ({"type": "migrate", "request_ids": ["r"]}, "to_worker"),
         ({"type": "migrate", "request_ids": ["r"], "to_worker": "w0"}, "to_worker"),
         ({"type": "drain"}, "type"),
+        ({"type": "cap", "max_batch_size": 0}, "max_batch_size"),
+        ({"type": "swap", "to_model": "m", "max_batch_size": 4}, "max_batch_size"),
     ],
 )
 def test_lso_command_needs_the_fields_of_its_type(fields: dict[str, Any], field: str) -> None:

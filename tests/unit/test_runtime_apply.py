@@ -51,6 +51,9 @@ class Recorder:
     def keep_model(self, worker_id: str) -> None:
         self.calls.append(("keep", worker_id))
 
+    def cap_batch(self, worker_id: str, max_batch_size: int | None) -> None:
+        self.calls.append(("cap", worker_id, max_batch_size))
+
     def pull(self, worker_id: str) -> None:
         self.calls.append(("pull", worker_id))
 

@@ -15,6 +15,7 @@ from qlm.core.estimator import RWTEstimator
 from qlm.core.perf import ProfileBook
 from qlm.core.types import (
     SLO,
+    BatchCap,
     Decision,
     Evict,
     GroupKey,
@@ -103,6 +104,20 @@ def test_lso_commands_group_evictions_per_worker_and_carry_the_fence() -> None:
         ("evict", "w0", ("r1", "r2"), True), ("evict", "w1", ("r3",), False),
         ("swap", "w2", (), False)]
     assert [c.command_id for c in commands] == ["7-1", "7-2", "7-3"]
+
+
+def test_batch_caps_become_cap_commands_and_reach_the_effects() -> None:
+    decision = Decision(batch_caps=(BatchCap("w0", 40), BatchCap("w1", None)))
+    commands = lso_commands(decision, fence=3, numbers=iter(range(1, 10)), issued_at=5.0)
+    assert [(c.type, c.worker, c.max_batch_size) for c in commands] == [
+        ("cap", "w0", 40), ("cap", "w1", None)]
+    view = view_of(WorkerInfo("w0", GPU, (MODEL,), MODEL), PROFILES)
+    assert view is not None
+    effects = StoreEffects()
+    invalid = apply(Decision(batch_caps=(BatchCap("w0", 40), BatchCap("gone", 8))),
+                    QueueSnapshot(0.0, (), (view,)), PROFILES, effects)
+    assert effects.caps == {"w0": 40}
+    assert invalid == 1  # a cap for a worker not in the snapshot
 
 
 def test_the_same_command_is_not_repeated_within_the_cooldown() -> None:

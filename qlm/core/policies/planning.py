@@ -48,6 +48,7 @@ from qlm.core.types import (
     SLOClass,
     WorkerView,
 )
+from qlm.sim.batching import tpot_batch_cap
 
 #: Deadline quantiles at which a group's attainment is evaluated.
 DEADLINE_QUANTILES: tuple[float, ...] = (0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875,
@@ -100,6 +101,8 @@ class GroupStats:
     earliest_deadline_at: float
     latest_deadline_at: float
     ttft_s: float
+    #: The tightest TPOT target of its requests (None: none has one).
+    tpot_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +110,14 @@ class GroupArrays:
     """Per-request terms of a group, in group order: remaining-output mean and variance
     (the estimator's truncated log-normal given the progress kept), tokens to prefill
     (prompt plus progress kept) and deadlines (infinite for a request that already had its
-    first token, e.g. one evicted after it started: its TTFT SLO is settled)."""
+    first token, e.g. one evicted after it started: its TTFT SLO is settled) and TPOT
+    targets (infinite without one)."""
 
     out_mean: np.ndarray
     out_var: np.ndarray
     prompt: np.ndarray
     deadline: np.ndarray
+    tpot: np.ndarray
 
     @classmethod
     def of(cls, requests: Sequence[Request], lengths: LengthStats) -> GroupArrays:
@@ -123,17 +128,20 @@ class GroupArrays:
         # A request that generated tokens had its first token: its TTFT SLO is settled.
         deadline = np.fromiter((r.arrival_at + r.slo.ttft_s if r.num_generated == 0
                                 else math.inf for r in requests), float, n)
+        tpot = np.fromiter((math.inf if r.slo.tpot_s is None else r.slo.tpot_s
+                            for r in requests), float, n)
         mean, var = lengths.remaining_moments(cap, done)
-        return cls(np.maximum(mean, 1.0), var, prompt, deadline)
+        return cls(np.maximum(mean, 1.0), var, prompt, deadline, tpot)
 
     def tail(self, start: int) -> GroupArrays:
         return GroupArrays(self.out_mean[start:], self.out_var[start:], self.prompt[start:],
-                           self.deadline[start:])
+                           self.deadline[start:], self.tpot[start:])
 
     def extended(self, more: GroupArrays) -> GroupArrays:
         return GroupArrays(*(np.concatenate((a, b)) for a, b in (
             (self.out_mean, more.out_mean), (self.out_var, more.out_var),
-            (self.prompt, more.prompt), (self.deadline, more.deadline))))
+            (self.prompt, more.prompt), (self.deadline, more.deadline),
+            (self.tpot, more.tpot))))
 
 
 def stats_of(key: GroupKey, index: int, arrays: GroupArrays, ttft_s: float) -> GroupStats:
@@ -141,12 +149,13 @@ def stats_of(key: GroupKey, index: int, arrays: GroupArrays, ttft_s: float) -> G
     deadlines = np.sort(arrays.deadline)
     out_mean = float(arrays.out_mean.sum())
     picks = [min(n - 1, int(q * n)) for q in DEADLINE_QUANTILES]
+    tpot = float(arrays.tpot.min())
     return GroupStats(
         key=key, model=key.model, index=index, size=n, mean_prompt=float(arrays.prompt.mean()),
         out_mean_total=out_mean, out_var_total=float(arrays.out_var.sum()),
         mean_output=out_mean / n, deadline_points=tuple(float(deadlines[i]) for i in picks),
         earliest_deadline_at=float(deadlines[0]), latest_deadline_at=float(deadlines[-1]),
-        ttft_s=ttft_s,
+        ttft_s=ttft_s, tpot_s=None if math.isinf(tpot) else tpot,
     )
 
 
@@ -262,6 +271,10 @@ class WorkerLoad:
     pending_prefill_tokens: int = 0
     #: Expected remaining output tokens of each of ``eviction_order``.
     eviction_remaining: tuple[float, ...] = ()
+    #: The tightest TPOT target of the running requests (None: none has one) and the mean
+    #: prompt of those that have one.
+    tpot_s: float | None = None
+    tpot_mean_prompt: float = 0.0
 
 
 def resumed(rr: RunningRequest) -> bool:
@@ -298,9 +311,12 @@ def summarise_running(running: Sequence[RunningRequest],
     order = tuple(running[i] for i in ranked)
     num_started = sum(1 for rr in order if rr.first_token_at is not None)
     pending = sum(rr.request.context_tokens for rr in running if rr.first_token_at is None)
+    bound = [rr.request for rr in running if rr.request.slo.tpot_s is not None]
+    tpot = min((r.slo.tpot_s for r in bound if r.slo.tpot_s is not None), default=None)
+    tpot_prompt = sum(r.prompt_tokens for r in bound) / len(bound) if bound else 0.0
     return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
                       int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running), order,
-                      num_started, pending, tuple(left[i] for i in ranked))
+                      num_started, pending, tuple(left[i] for i in ranked), tpot, tpot_prompt)
 
 
 class WorkerLoadCache:
@@ -327,6 +343,12 @@ class WorkerLoadCache:
 
 # --------------------------------------------------------------- cost model
 _MISSING = object()
+#: The share of a TPOT target the modelled mean step may take: the mean hides the steps
+#: that carry a burst of prompt chunks, which a short request may meet several of. Chosen
+#: on WA (7,000 requests, 40 ms on interactive, rates 160 and 320; qlm's combined TTFT+TPOT
+#: attainment): 0.6 → 0.860, 0.753; 0.75 → 0.901, 0.774; 0.85 → 0.914, 0.791; 1.0 →
+#: 0.915, 0.776; ignoring TPOT → 0.913, 0.778 (docs/results/sim_tpot/README.md).
+TPOT_HEADROOM = 0.85
 
 @dataclass(frozen=True, slots=True)
 class Service:
@@ -350,7 +372,9 @@ class CostModel:
     """Per-decision cost tables: service of each group on each worker shape (lazy).
 
     ``charge_swaps=False`` prices every model swap at zero (a planner that is not
-    swap-aware); a model the worker cannot serve stays impossible.
+    swap-aware); a model the worker cannot serve stays impossible. ``tpot_aware``
+    prices groups with a TPOT target at the batch it allows (:meth:`tpot_cap`); a
+    planner that ignores TPOT (shepherd) leaves it off.
     """
 
     def __init__(self, profiles: ProfileBook, workers: Sequence[WorkerView],
@@ -358,9 +382,10 @@ class CostModel:
                  output_stats: Mapping[str, LengthStats],
                  charge_swaps: bool = True,
                  memos: Sequence[dict[Any, Any]] | None = None,
-                 service_scale: float = 1.0) -> None:
+                 service_scale: float = 1.0, tpot_aware: bool = False) -> None:
         self.profiles = profiles
         self.service_scale = service_scale
+        self.tpot_aware = tpot_aware
         self.charge_swaps = charge_swaps
         self.workers = workers
         self.stats = stats
@@ -407,6 +432,12 @@ class CostModel:
         p = self.profiles.get(g.model, w.gpu)
         ctx = g.mean_prompt + g.mean_output / 2.0
         batch = steady_batch(p, w, ctx)
+        if g.tpot_s is not None and self.tpot_aware:
+            cap = self.tpot_cap(group_index, shape)
+            if cap == 0 and any(self.tpot_cap(group_index, s) > 0
+                                for s in range(len(self.shape_keys))):
+                return None  # even a batch of one misses its TPOT here, not elsewhere
+            batch = min(batch, cap or batch)
         theta = p.decode_tokens_per_s(batch, ctx)
         prefill = p.prefill_s(max(1, round(g.mean_prompt)))
         mean = self.service_scale * (g.out_mean_total / theta + g.size * prefill)
@@ -414,6 +445,21 @@ class CostModel:
         spread = mean * max(0.0, 1.0 - batch / g.size)
         lead = batch * (g.mean_output / 2.0) / theta
         return Service(mean, var, prefill, spread, lead, batch, theta)
+
+    def tpot_cap(self, group_index: int, shape: int) -> int:
+        """The batch a worker of ``shape`` may hold while the group's requests decode
+        within their TPOT target (:func:`qlm.sim.batching.tpot_batch_cap`); 0 where even
+        one request alone misses it or the shape cannot serve the group, -1 without a
+        target."""
+        g = self.stats[group_index]
+        if g.tpot_s is None:
+            return -1
+        w = self.shape_worker[shape]
+        if not can_serve(self.profiles, g.model, w.gpu, w.num_gpus):
+            return 0
+        p = self.profiles.get(g.model, w.gpu)
+        return min(w.max_batch_size,
+                   tpot_batch_cap(p, TPOT_HEADROOM * g.tpot_s, g.mean_prompt, g.mean_output))
 
     def drain_rate(self, worker_index: int, model: str) -> float:
         """Tokens/s at which the worker drains its running requests of ``model``."""

@@ -54,6 +54,16 @@ of it that breaks the fair order would not be used). Deciding twice on one snaps
 one decision; the counters are what the instance has seen (docs/scheduler.md: across a
 restart).
 
+**TPOT targets.** A group whose requests have a TPOT target is served, on each worker
+shape, at the largest batch whose mean step (a decode step at the batch's mean context plus
+the amortised prompt chunks of the requests that replace finished ones) meets its tightest
+target (:func:`qlm.sim.batching.tpot_batch_cap`): its service time there is priced at that
+batch, so the groups after it wait for the slower drain; a shape where even one request
+alone misses the target is not a candidate (unless no shape meets it: then TPOT is ignored
+for it). At run time (:func:`.lso.plan_batch_caps`) a worker whose running requests or
+lane head carry a target gets that batch as its cap (``BatchCap``): it admits nothing
+while its batch is at the cap, so those requests decode at or below it.
+
 **LSOs** (:mod:`.lso`): *pull* via :func:`qlm.core.pulls.plan_pulls` (backpressure);
 *model swap* when a worker's head group needs another model and the worker has drained;
 *eviction* when too few slots of a worker free up within the slack of its head group or
@@ -96,6 +106,7 @@ from qlm.core.policies.planning import GroupStatsCache, WorkerLoadCache
 from qlm.core.policies.qlm.context import Plan, PlanningContext, attainment_bound
 from qlm.core.policies.qlm.heuristic import heuristic_plan
 from qlm.core.policies.qlm.lso import (
+    plan_batch_caps,
     plan_evictions,
     plan_pulls_for,
     plan_rejections,
@@ -194,10 +205,11 @@ class QlmPolicy:
             evictions=plan_evictions(pc, plan, options),
             swaps=plan_swaps(pc, plan),
             rejections=plan_rejections(pc, options),
+            batch_caps=plan_batch_caps(pc, plan),
         )
         return replace(decision, pulls=plan_pulls_for(pc, decision))
 
 
 __all__ = ["Plan", "PlanningContext", "QlmOptions", "QlmPolicy", "attainment_bound",
-           "heuristic_plan", "milp_plan", "plan_evictions", "plan_pulls_for", "plan_rejections",
-           "plan_swaps"]
+           "heuristic_plan", "milp_plan", "plan_batch_caps", "plan_evictions", "plan_pulls_for",
+           "plan_rejections", "plan_swaps"]

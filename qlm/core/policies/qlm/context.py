@@ -45,7 +45,7 @@ class PlanningContext:
         self.loads = loads
         self.weights = weights
         self.cost = CostModel(ctx.profiles, snapshot.workers, stats, output_stats, memos=memos,
-                              service_scale=service_scale)
+                              service_scale=service_scale, tpot_aware=True)
         #: Per group: its place in its class's fair order (:meth:`set_fair_order`); None:
         #: no fair share, the planners order groups by urgency alone.
         self.fair_rank: list[int] | None = None

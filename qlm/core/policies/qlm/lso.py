@@ -1,5 +1,5 @@
 """The ``qlm`` policy's low-level operations from a plan: model swaps, evictions,
-rejections and the backpressure pulls."""
+rejections, batch caps and the backpressure pulls."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from qlm.core.policies.planning import TPOT_HEADROOM
 from qlm.core.policies.qlm.context import Plan, PlanningContext, unservable_groups
 from qlm.core.policies.qlm.options import QlmOptions
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
-from qlm.core.types import Decision, Evict, Pull, Reject, Swap
+from qlm.core.types import BatchCap, Decision, Evict, Pull, Reject, Swap
+from qlm.sim.batching import tpot_batch_cap
 
 
 def plan_swaps(pc: PlanningContext, plan: Plan) -> tuple[Swap, ...]:
@@ -160,7 +162,7 @@ def _pull_walk(pc: PlanningContext, wi: int, order: Iterable[int]
     if model is None:
         return
     p = pc.cost.profiles.get(model, w.gpu)
-    free_slots = min(w.max_batch_size, p.max_batch_size) - w.batch_size
+    free_slots = min(w.batch_limit, p.max_batch_size) - w.batch_size
     headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
     for gi in order:
         g = pc.stats[gi]
@@ -245,3 +247,43 @@ def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
         if ids:
             pulls.append(Pull(w.id, tuple(ids)))
     return tuple(pulls)
+
+
+def plan_batch_caps(pc: PlanningContext, plan: Plan) -> tuple[BatchCap, ...]:
+    """The batch cap of every worker: while requests with a TPOT target run on it or the
+    head group of its lane (of its active model) has one, the largest batch whose mean
+    step meets the tightest of those targets (:func:`qlm.sim.batching.tpot_batch_cap`,
+    for the active model's profile on its GPU, their mean prompt and the model's mean
+    output); otherwise None (its own limit). A target no batch meets (not even one
+    request alone) sets no cap: it would cost the other work for nothing.
+
+    The cap stops admissions while the batch is at or above it; the head group is pulled
+    once the batch has drained below it, so its requests decode within their target from
+    their first step. What the cap costs the other work the planner charged already: a
+    group with a TPOT target is served at the capped batch (:meth:`CostModel.tpot_cap`),
+    so the groups after it on the lane wait longer."""
+    caps: list[BatchCap] = []
+    output_stats = pc.cost.output_stats
+    for wi, (w, order) in enumerate(zip(pc.snapshot.workers, plan.orders, strict=True)):
+        model = w.active_model
+        if model is None or w.swapping_until is not None:
+            caps.append(BatchCap(w.id, None))
+            continue
+        load = pc.loads[wi]
+        targets: list[tuple[float, float]] = []
+        if load.tpot_s is not None:
+            targets.append((load.tpot_s, load.tpot_mean_prompt))
+        if order:
+            head = pc.stats[order[0]]
+            if head.tpot_s is not None and head.model == model:
+                targets.append((head.tpot_s, head.mean_prompt))
+        cap: int | None = None
+        if targets and pc.cost.profiles.has(model, w.gpu):
+            profile = pc.cost.profiles.get(model, w.gpu)
+            mean_output = output_stats.get(model, output_stats["*"]).mean
+            found = min(tpot_batch_cap(profile, TPOT_HEADROOM * t, prompt, mean_output)
+                        for t, prompt in targets)
+            if 0 < found < min(w.max_batch_size, profile.max_batch_size):
+                cap = found
+        caps.append(BatchCap(w.id, cap))
+    return tuple(caps)
