@@ -29,6 +29,7 @@ restart by :meth:`VirtualTokenCounters.to_state` / :meth:`VirtualTokenCounters.f
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,10 +75,12 @@ class VirtualTokenCounters:
         self._backlogged: set[Flow] = set()
         #: Per class: the counter of the last flow that left its backlog.
         self._last_left: dict[SLOClass, float] = {}
-        #: Running request id → (flow, output tokens charged so far).
-        self._running: dict[str, tuple[Flow, int]] = {}
-        #: Requests that left the running set (evicted or ended) → (flow, output charged).
-        self._departed: dict[str, tuple[Flow, int]] = {}
+        #: Running request id → output tokens charged so far (a request's flow is its own
+        #: class and tenant). Ids and ints only: the garbage collector does not track these
+        #: dicts, which hold up to MAX_DEPARTED entries beside a queue of 100k requests.
+        self._running: dict[str, int] = {}
+        #: Requests that left the running set (evicted or ended) → output tokens charged.
+        self._departed: dict[str, int] = {}
 
     # ------------------------------------------------------------------ reading
     def counter(self, flow: Flow) -> float:
@@ -121,25 +124,25 @@ class VirtualTokenCounters:
         """Charge what ``snapshot`` shows was served since the last one, then take its
         backlogged flows (:meth:`set_backlogged`). Observing the same snapshot again
         changes nothing."""
-        seen: dict[str, tuple[Flow, int]] = {}
+        seen: dict[str, int] = {}
         for worker in snapshot.workers:
             for run in worker.running:
                 request = run.request
-                known = self._running.get(request.id) or self._departed.pop(request.id, None)
                 flow: Flow = (request.slo_class, request.tenant)
-                if known is None:  # first seen: charge its prompt, and what it made already
+                charged = self._running.get(request.id)
+                if charged is None:
+                    charged = self._departed.pop(request.id, None)
+                if charged is None:  # first seen: charge its prompt, and what it made already
                     self.charge(flow, request.prompt_tokens, request.num_generated)
                     charged = request.num_generated
-                else:
-                    flow, charged = known
-                    if request.num_generated > charged:
-                        self.charge(flow, 0, request.num_generated - charged)
-                        charged = request.num_generated
-                seen[request.id] = (flow, charged)
+                elif request.num_generated > charged:
+                    self.charge(flow, 0, request.num_generated - charged)
+                    charged = request.num_generated
+                seen[request.id] = charged
         for request_id in self._running.keys() - seen.keys():
             self._departed[request_id] = self._running[request_id]
-        while len(self._departed) > MAX_DEPARTED:  # the oldest first (insertion order)
-            del self._departed[next(iter(self._departed))]
+        if (excess := len(self._departed) - MAX_DEPARTED) > 0:  # the oldest (insertion order)
+            self._departed = dict(itertools.islice(self._departed.items(), excess, None))
         self._running = seen
         self.set_backlogged((g.slo_class, g.key.tenant) for g in snapshot.groups)
 
