@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -657,6 +658,32 @@ async def test_cli_submit_status_cancel_and_models(ingest: IngestApp) -> None:
     assert missing.returncode == 1 and "request 'nope' not found" in missing.stderr
 
 
+@contextlib.asynccontextmanager
+async def reporting_worker(app: IngestApp, producer: BusProducer, worker: str, gpu: str
+                           ) -> AsyncIterator[None]:
+    """A worker holding m7b alone, heard by ``app`` (telemetry every 0.5 s, as a worker
+    reports) from entry until exit."""
+    from qlm.bus.records import Telemetry
+
+    async def heartbeat() -> None:
+        while True:
+            await producer.publish(app.topics.telemetry, Telemetry(
+                worker=worker, gpu=gpu, at=time.time(), model="m7b", models=("m7b",),
+                batch_size=0, kv_used_fraction=0.0, step_time_predicted_s=0.0,
+                step_time_observed_s=0.0, num_steps=0))
+            await asyncio.sleep(0.5)
+
+    beating = asyncio.create_task(heartbeat())
+    try:
+        deadline = time.monotonic() + 30
+        while not app.served.known():
+            assert time.monotonic() < deadline, "no telemetry heard"
+            await asyncio.sleep(0.1)
+        yield
+    finally:
+        beating.cancel()
+
+
 async def test_two_ingest_processes_share_a_port_and_stop_together(
     redis_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path,
     raw_redis: aioredis.Redis,
@@ -732,46 +759,31 @@ def _alive(pid: int) -> bool:
 async def test_a_model_no_worker_serves_is_refused_and_not_listed(
     redis_url: str, kafka_bootstrap: str, topic_prefix: str, raw_redis: aioredis.Redis
 ) -> None:
-    from qlm.bus.records import Telemetry
 
     catalogue = {**MODELS, "m13b": ModelLimits("m13b", max_model_len=2048)}
     app = IngestApp(_settings(redis_url, kafka_bootstrap, topic_prefix, batch_consumer=True,
                               served_models_timeout_s=5.0), models=catalogue)
     await app.start()
     try:
-        async with BusProducer(kafka_bootstrap) as producer:
-            async def heartbeat() -> None:  # one worker holding m7b only, as a worker reports
-                while True:
-                    await producer.publish(app.topics.telemetry, Telemetry(
-                        worker="w-0", gpu="H100-80GB", at=time.time(), model="m7b",
-                        models=("m7b",), batch_size=0, kv_used_fraction=0.0,
-                        step_time_predicted_s=0.0, step_time_observed_s=0.0, num_steps=0))
-                    await asyncio.sleep(0.5)
-
-            beating = asyncio.create_task(heartbeat())
-            try:
-                deadline = time.monotonic() + 30
-                while not app.served.known():
-                    assert time.monotonic() < deadline, "no telemetry heard"
-                    await asyncio.sleep(0.1)
-                async with QlmClient(f"127.0.0.1:{app.port}", timeout_s=10) as client:
-                    assert [m.name for m in await client.list_models()] == ["m7b"]
-                    assert (await client.submit(good(request_id="served-1"))).request_id
-                    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-                        stub = qlm_pb2_grpc.QueueManagerStub(channel)
-                        with pytest.raises(grpc.aio.AioRpcError) as refused:
-                            await stub.Submit(pb.SubmitRequest(
-                                request_id="unserved-1", model="m13b", prompt_text="hi",
-                                max_tokens=4))
-                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                assert (refused.value.details() or "").startswith(
-                    "model: no worker serves 'm13b' now; served models: m7b")
-                await producer.publish_raw(app.topics.batch_requests, json.dumps(
-                    {"request_id": "unserved-2", **good(model="m13b")}).encode(), b"u")
-                letters = await read_topic(kafka_bootstrap, app.topics.dlq,
-                                           lambda rs: len(rs) >= 1, 30.0)
-            finally:
-                beating.cancel()
+        # one worker holding m7b only, as a worker reports
+        async with (BusProducer(kafka_bootstrap) as producer,
+                    reporting_worker(app, producer, "w-0", "H100-80GB")):
+            async with QlmClient(f"127.0.0.1:{app.port}", timeout_s=10) as client:
+                assert [m.name for m in await client.list_models()] == ["m7b"]
+                assert (await client.submit(good(request_id="served-1"))).request_id
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                    stub = qlm_pb2_grpc.QueueManagerStub(channel)
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.Submit(pb.SubmitRequest(
+                            request_id="unserved-1", model="m13b", prompt_text="hi",
+                            max_tokens=4))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert (refused.value.details() or "").startswith(
+                "model: no worker serves 'm13b' now; served models: m7b")
+            await producer.publish_raw(app.topics.batch_requests, json.dumps(
+                {"request_id": "unserved-2", **good(model="m13b")}).encode(), b"u")
+            letters = await read_topic(kafka_bootstrap, app.topics.dlq,
+                                       lambda rs: len(rs) >= 1, 30.0)
         letter = DeadLetter.from_json(letters[0].value)
         assert letter.field == "model" and "no worker serves 'm13b'" in letter.reason
         assert await raw_redis.exists(KEYS.request("served-1"))
@@ -789,7 +801,6 @@ async def test_a_request_too_long_for_every_live_worker_is_refused_naming_the_fi
     tokens) holds it: a 3,050-token request that an H100 could take is refused, on gRPC
     (INVALID_ARGUMENT naming max_tokens, the model and the limit) and on Kafka (a dead
     letter), and nothing is written (qlm.core.fit, the simulator's check too)."""
-    from qlm.bus.records import Telemetry
     from qlm.core.fit import SequenceLimit
 
     catalogue = {"m7b": ModelLimits("m7b", 32768, ("A10-24GB", "H100-80GB"),
@@ -799,42 +810,27 @@ async def test_a_request_too_long_for_every_live_worker_is_refused_naming_the_fi
     await app.start()
     long_ids = [7] * 2950
     try:
-        async with BusProducer(kafka_bootstrap) as producer:
-            async def heartbeat() -> None:
-                while True:
-                    await producer.publish(app.topics.telemetry, Telemetry(
-                        worker="w-a10", gpu="A10-24GB", at=time.time(), model="m7b",
-                        models=("m7b",), batch_size=0, kv_used_fraction=0.0,
-                        step_time_predicted_s=0.0, step_time_observed_s=0.0, num_steps=0))
-                    await asyncio.sleep(0.5)
-
-            beating = asyncio.create_task(heartbeat())
-            try:
-                deadline = time.monotonic() + 30
-                while not app.served.known():
-                    assert time.monotonic() < deadline, "no telemetry heard"
-                    await asyncio.sleep(0.1)
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-                    stub = qlm_pb2_grpc.QueueManagerStub(channel)
-                    fits = await stub.Submit(pb.SubmitRequest(
-                        request_id="fits-1", model="m7b",
-                        prompt_token_ids=pb.TokenIds(ids=[7] * 2900), max_tokens=100))
-                    assert fits.state == pb.REQUEST_STATE_QUEUED
-                    with pytest.raises(grpc.aio.AioRpcError) as refused:
-                        await stub.Submit(pb.SubmitRequest(
-                            request_id="long-1", model="m7b",
-                            prompt_token_ids=pb.TokenIds(ids=long_ids), max_tokens=100))
-                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert refused.value.details() == (
-                    "max_tokens: prompt + max_tokens too long for every worker serving model "
-                    "'m7b': 2950 + 100 = 3050 tokens > KV capacity 3000")
-                await producer.publish_raw(app.topics.batch_requests, json.dumps(
-                    {"request_id": "long-2", "model": "m7b", "prompt_token_ids": long_ids,
-                     "max_tokens": 100}).encode(), b"l")
-                letters = await read_topic(kafka_bootstrap, app.topics.dlq,
-                                           lambda rs: len(rs) >= 1, 30.0)
-            finally:
-                beating.cancel()
+        async with (BusProducer(kafka_bootstrap) as producer,
+                    reporting_worker(app, producer, "w-a10", "A10-24GB")):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                stub = qlm_pb2_grpc.QueueManagerStub(channel)
+                fits = await stub.Submit(pb.SubmitRequest(
+                    request_id="fits-1", model="m7b",
+                    prompt_token_ids=pb.TokenIds(ids=[7] * 2900), max_tokens=100))
+                assert fits.state == pb.REQUEST_STATE_QUEUED
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Submit(pb.SubmitRequest(
+                        request_id="long-1", model="m7b",
+                        prompt_token_ids=pb.TokenIds(ids=long_ids), max_tokens=100))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details() == (
+                "max_tokens: prompt + max_tokens too long for every worker serving model "
+                "'m7b': 2950 + 100 = 3050 tokens > KV capacity 3000")
+            await producer.publish_raw(app.topics.batch_requests, json.dumps(
+                {"request_id": "long-2", "model": "m7b", "prompt_token_ids": long_ids,
+                 "max_tokens": 100}).encode(), b"l")
+            letters = await read_topic(kafka_bootstrap, app.topics.dlq,
+                                       lambda rs: len(rs) >= 1, 30.0)
         letter = DeadLetter.from_json(letters[0].value)
         assert letter.field == "max_tokens" and "> KV capacity 3000" in letter.reason
         assert await raw_redis.exists(KEYS.request("fits-1"))
