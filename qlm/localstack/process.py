@@ -82,10 +82,18 @@ def _terminate_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
+class PortTaken(Unavailable):
+    """Something else listens on a port a server was to bind (``port``)."""
+
+    def __init__(self, message: str, port: int) -> None:
+        super().__init__(message)
+        self.port = port
+
+
 def ensure_port_free(host: str, port: int, what: str) -> None:
-    """Raise Unavailable when something already listens on ``host:port``."""
+    """Raise PortTaken when something already listens on ``host:port``."""
     if port_is_open(host, port):
-        raise Unavailable(f"{what}: port {port} on {host} is already in use")
+        raise PortTaken(f"{what}: port {port} on {host} is already in use", port)
 
 
 def _cmdline_of(pid: int) -> str | None:

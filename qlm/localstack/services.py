@@ -44,6 +44,7 @@ from qlm.core.perf import PROFILE_DIR
 from qlm.core.policies.base import check_policy_options
 from qlm.localstack.kafka import KafkaUsers
 from qlm.localstack.process import (
+    PortTaken,
     ServerProcess,
     ensure_port_free,
     free_loopback_port,
@@ -69,6 +70,8 @@ PREFERRED_INGEST_PORT: Final = 50051
 #: The HTTP (OpenAI-compatible) port a client tries first, likewise.
 PREFERRED_HTTP_PORT: Final = 8000
 START_TIMEOUT_S: Final = 90.0
+#: How many times ``ServiceStack.up`` chooses a port again that another process took.
+PORT_ATTEMPTS: Final = 3
 DEV_TENANT: Final = "dev"
 POLICIES: Final = ("qlm", "fcfs", "edf", "shepherd", "priority", "static", "vllm-swap")
 
@@ -160,6 +163,15 @@ class ServicePorts:
             if found == worker_id:
                 return health, metrics
         return 0, 0
+
+    def without(self, port: int) -> ServicePorts:
+        """These ports with ``port`` unchosen (0) wherever it stands."""
+        fields = {name: 0 if getattr(self, name) == port else getattr(self, name)
+                  for name in ("ingest", "estimator", "estimator_metrics", "scheduler_metrics",
+                               "ingest_metrics", "http")}
+        workers = tuple((w, 0 if h == port else h, 0 if m == port else m)
+                        for w, h, m in self.workers)
+        return ServicePorts(**fields, workers=workers)
 
     def resolved(self, prefer_standard: bool = False,
                  worker_ids: tuple[str, ...] = ()) -> ServicePorts:
@@ -409,22 +421,31 @@ class ServiceStack:
 
         A service that does not become ready is stopped, with its log's tail in the
         Unavailable raised; the ones started before it keep running (``down`` stops them).
+        A port chosen by this call and taken by another process before its service bound
+        it is chosen again (everything started is stopped first), up to PORT_ATTEMPTS times.
         """
-        self.prepare()
-        lines = []
-        for name in self.process_names():
-            if kind_of(name) in names:
-                lines.append(self.start_one(name))
-        return lines
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            chose = self.prepare()
+            try:
+                return [self.start_one(name) for name in self.process_names()
+                        if kind_of(name) in names]
+            except PortTaken as taken:
+                if not chose or attempt == PORT_ATTEMPTS:
+                    raise
+                self.down()
+                self.ports = self.ports.without(taken.port)
+        raise AssertionError("unreachable")
 
-    def prepare(self) -> None:
+    def prepare(self) -> bool:
         """When no service runs: choose the ports and write the run directory's files
-        (``services.json``, the workers and profiles the services read)."""
-        if all(p.running_pid() is None for p in self.processes.values()):
-            self.ports = self.ports.resolved(self.prefer_standard_ports, self.worker_ids)
-            self._write_files()
-            if self.options.secure:
-                self._secure_files()
+        (``services.json``, the workers and profiles the services read). Whether it did."""
+        if any(p.running_pid() is not None for p in self.processes.values()):
+            return False
+        self.ports = self.ports.resolved(self.prefer_standard_ports, self.worker_ids)
+        self._write_files()
+        if self.options.secure:
+            self._secure_files()
+        return True
 
     def start_one(self, name: str, timeout_s: float = START_TIMEOUT_S) -> str:
         """Start one service (unless running) and wait until it is ready."""

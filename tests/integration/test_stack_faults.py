@@ -40,9 +40,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadgen.results import write_json
 from qlm.bus.topics import TopicNames
 from qlm.client import QlmClient
-from qlm.core.errors import InvalidInput, Unavailable
+from qlm.core.errors import InvalidInput
 from qlm.localstack.process import free_loopback_port
-from qlm.localstack.services import REPO_ROOT, ServiceOptions, ServicePorts, ServiceStack
+from qlm.localstack.services import REPO_ROOT, ServiceOptions, ServiceStack
 from qlm.localstack.supervisor import Backoff, Supervisor, read_state
 from qlm.store.keys import Keys
 from tests.integration.event_log import EventLog
@@ -88,15 +88,7 @@ def make_stack(tmp_path: Path, redis_url: str, kafka_bootstrap: str, topic_prefi
                                  tick_s=0.25, shutdown_grace_s=0.5, topic_prefix=topic_prefix)
         stack = ServiceStack(tmp_path / "stack", redis_url, kafka_bootstrap, options)
         stacks.append(stack)
-        for attempt in range(3):
-            try:
-                stack.up()
-                return stack
-            except Unavailable as error:  # a chosen port taken before its service bound it
-                if "already in use" not in str(error) or attempt == 2:
-                    raise
-                stack.down()
-                stack.ports = ServicePorts()  # choose them all again
+        stack.up()
         return stack
 
     yield make

@@ -14,7 +14,13 @@ import pytest
 
 from qlm.core.errors import InvalidInput, Unavailable
 from qlm.localstack.kafka import KafkaCluster, KafkaServer, _metadata_request, new_cluster_id
-from qlm.localstack.process import ServerProcess, ensure_port_free, free_loopback_port
+from qlm.localstack.process import (
+    PortTaken,
+    ServerProcess,
+    ensure_port_free,
+    free_loopback_port,
+)
+from qlm.localstack.services import ServicePorts
 from qlm.localstack.stack import LocalStack, StackPorts, read_ports
 
 
@@ -51,9 +57,18 @@ def test_a_busy_port_is_refused() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        with pytest.raises(Unavailable, match="already in use"):
+        with pytest.raises(PortTaken, match="already in use") as taken:
             ensure_port_free("127.0.0.1", port, "redis")
+        assert taken.value.port == port and isinstance(taken.value, Unavailable)
     ensure_port_free("127.0.0.1", free_loopback_port(), "redis")
+
+
+def test_a_taken_port_is_unchosen_wherever_it_stands_and_only_there() -> None:
+    ports = ServicePorts(ingest=5001, http=5002, estimator=5003,
+                         workers=(("w-0", 5001, 5004), ("w-1", 5005, 5006)))
+    assert ports.without(5001) == ServicePorts(
+        ingest=0, http=5002, estimator=5003, workers=(("w-0", 0, 5004), ("w-1", 5005, 5006)))
+    assert ports.without(4999) == ports
 
 
 def test_cluster_id_is_22_url_safe_base64_characters() -> None:
