@@ -59,6 +59,7 @@ frozen), so evaluating a whole order costs O(number of groups) after the first c
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -235,6 +236,10 @@ class WaitEstimate:
         return WaitEstimate(self.mean_s + fraction * self.spread_s, self.std_s)
 
 
+def _arrival_at(request: Request) -> float:
+    return request.arrival_at
+
+
 # ------------------------------------------------------------------ per-group sums
 @dataclass(frozen=True, slots=True)
 class GroupWork:
@@ -251,6 +256,7 @@ class GroupWork:
     tail_cap_tokens: float     # most output any request may still produce
     head_prompt_tokens: int    # the first request's prefill (its own TTFT)
     prompt_tokens: np.ndarray  # every request's prefill tokens (prompt + generated), in order
+    prompt_cum_tokens: np.ndarray  # their running sum (a prefill stream's positions)
     deadlines_at: np.ndarray   # every request's deadline, in group order
 
 
@@ -284,6 +290,7 @@ def _work_of(requests: Sequence[Request], model: str, stats: LengthStats) -> Gro
         tail_cap_tokens=float((cap - done).max()),
         head_prompt_tokens=int(held[0]),
         prompt_tokens=held.astype(np.int64),
+        prompt_cum_tokens=np.cumsum(held.astype(np.int64)),
         deadlines_at=deadlines,
     )
 
@@ -472,6 +479,33 @@ class _Segment:
         return self.start_s + max(self.ahead_s, self.drain_s)
 
 
+@dataclass(frozen=True, slots=True)
+class _HeadStream:
+    """The chunked prefill stream at the head of a worker's active model (see the module
+    docstring): when its next step boundary comes and what is still to prefill then."""
+
+    profile: PerfProfile
+    num_decoding: int         # running requests past their prefill
+    decode_context: int       # the KV tokens they hold
+    boundary_s: float         # seconds from now to the next step boundary (0: idle worker)
+    visible_until: float      # requests queued by then join at that boundary, later a step on
+    backlog_tokens: int       # prompt tokens of the requests being prefilled left by then
+    free_slots: int
+    kv_headroom: float
+
+
+@dataclass(frozen=True, slots=True)
+class _RunningFields:
+    """What the head stream needs of a worker's running requests (memoised per view)."""
+
+    num_decoding: int
+    decode_context: int
+    num_running: int
+    running_context: int
+    reserved_tokens: float
+    admissions: tuple[tuple[float, int], ...]  # (started at, prompt tokens) being prefilled
+
+
 # ------------------------------------------------------------------ estimator
 class RWTEstimator:
     """Waiting-time distributions of request groups on workers. Immutable and pure."""
@@ -591,6 +625,7 @@ class RWTEstimator:
         swapping_in = worker.active_model is None and worker.swapping_until is not None
         running_model = segment.model if worker.running else None
         admit_delay = self._admission_delay_s(worker) if worker.running else 0.0
+        immediate = self._immediate_first_tokens(worker, order, now)
         waits: list[WaitEstimate] = []
         for index, group in enumerate(order):
             if group.model != segment.model:
@@ -603,18 +638,27 @@ class RWTEstimator:
             timing = self._timing_of(worker, group)
             factor = self.correction(group.model, worker.gpu)
             first_s, last_s = self._starts_in(segment, timing, factor, group.size)
-            var = past_var + (segment.ahead_var_s2 if first_s > 0 else 0.0)
-            # Its first token: its own prefill once it starts, or, when it finds free slots,
-            # the prefill of the first admission it shares with its group-mates.
-            # On an idle worker (nothing ahead in its segment) it is in the first
-            # admission; else its own prefill joins a running batch once it starts.
-            joins_batch = first_s > 0.0 or segment.ahead_s > 0.0
-            first_token_s = (max(first_s + timing.head_prefill_s, timing.bulk_prefill_s)
-                             if joins_batch else timing.bulk_prefill_s)
-            if first_s <= 0.0 and group.model == running_model:
-                first_token_s += admit_delay  # it joins the running batch when it may
-            waits.append(WaitEstimate(segment.start_s + first_token_s,
-                                      math.sqrt(var), last_s - first_s))
+            admitted = immediate.get(index)
+            if admitted is not None:
+                # it finds free slots: admitted at the next step boundary, its first tokens
+                # where its prompts come in the head's prefill stream
+                head_s, last_token_s, whole = admitted
+                first_s, last_s = 0.0, (0.0 if whole else last_s)
+                spread = last_token_s - head_s if whole else max(last_s, last_token_s - head_s)
+                waits.append(WaitEstimate(head_s, math.sqrt(past_var), spread))
+            else:
+                var = past_var + (segment.ahead_var_s2 if first_s > 0 else 0.0)
+                # Its first token: its own prefill once it starts, or, when it finds free
+                # slots, the prefill of the first admission it shares with its group-mates.
+                # On an idle worker (nothing ahead in its segment) it is in the first
+                # admission; else its own prefill joins a running batch once it starts.
+                joins_batch = first_s > 0.0 or segment.ahead_s > 0.0
+                first_token_s = (max(first_s + timing.head_prefill_s, timing.bulk_prefill_s)
+                                 if joins_batch else timing.bulk_prefill_s)
+                if first_s <= 0.0 and group.model == running_model:
+                    first_token_s += admit_delay  # it joins the running batch when it may
+                waits.append(WaitEstimate(segment.start_s + first_token_s,
+                                          math.sqrt(var), last_s - first_s))
             segment = _Segment(
                 model=segment.model,
                 start_s=segment.start_s,
@@ -681,6 +725,110 @@ class RWTEstimator:
         if from_model is not None and self._profiles.has(from_model, worker.gpu):
             sleep = self._profiles.get(from_model, worker.gpu).sleep_s
         return sleep + self._profiles.get(to_model, worker.gpu).swap_in_s(resident)
+
+    def _immediate_first_tokens(self, worker: WorkerView, order: Sequence[RequestGroup],
+                                now: float) -> dict[int, tuple[float, float, bool]]:
+        """The groups at the head of ``order`` that the worker admits at its next step
+        boundary, because they fit its free batch slots and KV headroom (the pull,
+        :func:`qlm.core.pulls.plan_pulls`, with each group's mean reservation), under
+        chunked prefill: by index in ``order``, (first token of its first request, first
+        token of its last admitted one, whether all of it was admitted), seconds from
+        ``now``. Their prompts follow those being prefilled in one FIFO stream
+        (:func:`qlm.sim.batching.chunked_stream_first_token_s`); a request queued after the
+        step under way began joins a step later. Per group, O(1) each."""
+        stream = self._head_stream(worker, now)
+        if stream is None:
+            return {}
+        from qlm.sim.batching import chunked_stream_first_token_s  # see chunked_work_s
+
+        entries: list[tuple[int, bool]] = []
+        positions: list[int] = []
+        queued = visible = 0
+        seen = True  # every request so far was queued before the step under way began
+        free, room = stream.free_slots, stream.kv_headroom
+        for index, group in enumerate(order):
+            if group.model != worker.active_model or free <= 0:
+                break
+            work = self.group_work(group)
+            count = min(group.size, free, int(room // max(work.mean_reservation, 1.0)))
+            if count <= 0:
+                break
+            if seen:
+                num_seen = bisect.bisect_right(group.requests, stream.visible_until, hi=count,
+                                               key=_arrival_at)
+                visible = queued + (int(work.prompt_cum_tokens[num_seen - 1]) if num_seen else 0)
+                seen = num_seen == count
+            positions += [queued + int(work.prompt_cum_tokens[0]),
+                          queued + int(work.prompt_cum_tokens[count - 1])]
+            entries.append((index, count == group.size))
+            queued += int(work.prompt_cum_tokens[count - 1])
+            free -= count
+            room -= count * work.mean_reservation
+            if count < group.size:
+                break
+        if not entries:
+            return {}
+        backlog = stream.backlog_tokens
+        times = stream.boundary_s + chunked_stream_first_token_s(
+            stream.profile, stream.num_decoding, stream.decode_context,
+            backlog + np.array(positions), backlog + queued, self.max_batched_tokens,
+            first_step_tokens=backlog + visible)
+        return {index: (float(times[2 * i]), float(times[2 * i + 1]), whole)
+                for i, (index, whole) in enumerate(entries)}
+
+    def _head_stream(self, worker: WorkerView, now: float) -> _HeadStream | None:
+        """The prefill stream at the head of the worker's active model (chunked prefill, not
+        swapping); None otherwise. The next step boundary: on an idle worker now; while
+        prompts are being prefilled, where their admissions put the step clock
+        (:func:`qlm.sim.batching.chunked_step_clock`); while it only decodes, half a decode
+        step away on average (a request queued by the step's start joins then)."""
+        model = worker.active_model
+        if (self.prefill_mode != "chunked" or model is None
+                or worker.swapping_until is not None):
+            return None
+        from qlm.sim.batching import chunked_step_clock  # see chunked_work_s
+
+        profile = self._profiles.get(model, worker.gpu)
+        fields = self._running_fields(worker, profile)
+        free = min(worker.batch_limit, profile.max_batch_size) - fields.num_running
+        room = (min(worker.kv_capacity_tokens, profile.kv_capacity_tokens)
+                - fields.reserved_tokens)
+        if not worker.running:
+            return _HeadStream(profile, 0, 0, 0.0, now, 0, free, room)
+        clock = chunked_step_clock(profile, fields.num_decoding, fields.decode_context,
+                                   fields.admissions, now, self.max_batched_tokens)
+        if clock is None:
+            half = 0.5 * profile.decode_step_s(fields.num_running, fields.running_context)
+            half *= self.correction(model, worker.gpu)
+            return _HeadStream(profile, fields.num_decoding, fields.decode_context, half,
+                               now - half, 0, free, room)
+        began_at, ends_at, backlog = clock
+        return _HeadStream(profile, fields.num_decoding, fields.decode_context,
+                           max(0.0, ends_at - now), began_at, backlog, free, room)
+
+    def _running_fields(self, worker: WorkerView, profile: PerfProfile) -> _RunningFields:
+        """:class:`_RunningFields` of ``worker.running``, memoised by its identity."""
+        key = ("fields", id(worker.running))
+        hit = self._memo.running.get(key)
+        if hit is not None and hit[0] is worker.running:
+            return hit[1]  # type: ignore[return-value]
+        running = worker.running
+        if running:
+            fields = _request_fields([r.request for r in running])
+            prompt, cap, done = fields[:, 0], fields[:, 1], fields[:, 2]
+            held = prompt + done
+            decoding = np.fromiter((r.first_token_at is not None for r in running), bool,
+                                   len(running))
+            admissions = tuple(sorted((r.started_at, r.request.context_tokens)
+                                      for r in running if r.first_token_at is None))
+            value = _RunningFields(int(decoding.sum()), int(held[decoding].sum()),
+                                   len(running), int(held.sum()),
+                                   float(kv_reservations(prompt, cap, done).sum()), admissions)
+        else:
+            value = _RunningFields(0, 0, 0, 0, 0.0, ())
+        self._memo.trim()
+        self._memo.running[key] = (running, value)  # type: ignore[assignment]
+        return value
 
     def _running_segment(self, worker: WorkerView, start_s: float) -> _Segment:
         """The segment of the requests running now (their remaining decode only)."""

@@ -39,6 +39,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import numpy as np
+
 from qlm.core.perf import PerfProfile
 
 #: Bytes of KV state per token when a profile does not say (Mistral-7B: 32 layers ×
@@ -250,6 +252,69 @@ def chunked_first_token_s(
         tokens = chunk if index < len(chunks) - 1 else min(per_step, chunk + shared_tokens)
         total += mixed_step_s(profile, num_decoding, decode_context, tokens)
     return total + output_latency_s(profile)
+
+
+def chunked_stream_first_token_s(
+    profile: PerfProfile, num_decoding: int, decode_context: int, positions: np.ndarray,
+    total_tokens: int, max_batched_tokens: int, first_step_tokens: int | None = None,
+) -> np.ndarray:
+    """Seconds from a step boundary until the first token of each prompt whose last token
+    is at ``positions`` (cumulative prompt tokens, oldest first) of the ``total_tokens``
+    prompt tokens a chunked engine has to prefill from that boundary on, next to
+    ``num_decoding`` requests holding ``decode_context`` tokens.
+
+    :func:`plan_chunks` fills every step's budget (``max_batched_tokens`` less one token per
+    decoding request) with the oldest prompt tokens first, so the steps are full until the
+    stream runs out, and a prompt's first token comes at the end of the step that holds
+    its last token (:func:`mixed_step_s`, the last step carrying whatever is left of the
+    stream, later prompts too) plus the output latency. ``first_step_tokens`` caps the
+    first step (a busy engine plans a step when the previous one begins: prompts queued
+    after that wait for the next one); it is ``min(budget, total_tokens)`` when None.
+    Vectorised over ``positions``. Pure."""
+    per_step = max(1, max_batched_tokens - num_decoding)
+    first = min(per_step, total_tokens) if first_step_tokens is None else min(
+        per_step, max(0, first_step_tokens), total_tokens)
+    x = np.asarray(positions, dtype=float)
+    rest = total_tokens - first  # tokens after the first step: full steps, then the rest
+    num_later = -(-rest // per_step)
+    final_s = mixed_step_s(profile, num_decoding, decode_context,
+                           rest - (num_later - 1) * per_step) if num_later else 0.0
+    full_s = mixed_step_s(profile, num_decoding, decode_context, per_step)
+    # steps after the first one that each position needs (0: it is in the first step)
+    later = np.where(x <= first, 0.0, np.minimum(np.ceil((x - first) / per_step), num_later))
+    out = mixed_step_s(profile, num_decoding, decode_context, first) + np.where(
+        later <= 0, 0.0, (later - 1) * full_s + np.where(later >= num_later, final_s, full_s))
+    return out + output_latency_s(profile)
+
+
+def chunked_step_clock(
+    profile: PerfProfile, num_decoding: int, decode_context: int,
+    admissions: Sequence[tuple[float, int]], now: float, max_batched_tokens: int,
+) -> tuple[float, float, int] | None:
+    """Where a chunked engine's steps stand at ``now``, from the prompts it is prefilling:
+    ``admissions`` are (admitted at, prompt tokens) of each, oldest first (each was admitted
+    at a step boundary and its chunks come in that order, :func:`plan_chunks`). Returns
+    (start of the step under way, its end, prompt tokens left after it), or None when
+    these prompts are all done before ``now`` (the engine only decodes). Steps replayed
+    from the oldest admission at the budget of :func:`chunked_stream_first_token_s`. Pure."""
+    if not admissions:
+        return None
+    per_step = max(1, max_batched_tokens - num_decoding)
+    at, left, index = admissions[0][0], 0, 0
+    while True:
+        while index < len(admissions) and admissions[index][0] <= at + 1e-9:
+            left += admissions[index][1]
+            index += 1
+        if left <= 0:
+            if index >= len(admissions):
+                return None
+            at = admissions[index][0]
+            continue
+        take = min(per_step, left)
+        end = at + mixed_step_s(profile, num_decoding, decode_context, take)
+        if end > now:
+            return at, end, left - take
+        at, left = end, left - take
 
 
 def chunked_prefill_work_s(profile: PerfProfile, prompt_tokens: int, num_decoding: int,
