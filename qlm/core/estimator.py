@@ -437,12 +437,13 @@ def _timing(work: GroupWork, worker: WorkerView, profile: PerfProfile,
 class _Memo:
     """Group sums by group identity (the group is kept alive, so its id stays its own)."""
 
-    __slots__ = ("running", "timings", "works")
+    __slots__ = ("fields", "running", "timings", "works")
 
     def __init__(self) -> None:
         self.works: dict[int, tuple[RequestGroup, GroupWork]] = {}
         self.timings: dict[tuple[int, str, int, int, bool], tuple[RequestGroup, _Timing]] = {}
         self.running: dict[tuple[object, ...], tuple[object, tuple[_Segment, float]]] = {}
+        self.fields: dict[int, tuple[object, _RunningFields]] = {}
 
     def trim(self) -> None:
         if len(self.works) > _MEMO_LIMIT:
@@ -451,6 +452,8 @@ class _Memo:
             self.timings.clear()
         if len(self.running) > _MEMO_LIMIT:
             self.running.clear()
+        if len(self.fields) > _MEMO_LIMIT:
+            self.fields.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -808,10 +811,9 @@ class RWTEstimator:
 
     def _running_fields(self, worker: WorkerView, profile: PerfProfile) -> _RunningFields:
         """:class:`_RunningFields` of ``worker.running``, memoised by its identity."""
-        key = ("fields", id(worker.running))
-        hit = self._memo.running.get(key)
+        hit = self._memo.fields.get(id(worker.running))
         if hit is not None and hit[0] is worker.running:
-            return hit[1]  # type: ignore[return-value]
+            return hit[1]
         running = worker.running
         if running:
             fields = _request_fields([r.request for r in running])
@@ -827,7 +829,7 @@ class RWTEstimator:
         else:
             value = _RunningFields(0, 0, 0, 0, 0.0, ())
         self._memo.trim()
-        self._memo.running[key] = (running, value)  # type: ignore[assignment]
+        self._memo.fields[id(running)] = (running, value)
         return value
 
     def _running_segment(self, worker: WorkerView, start_s: float) -> _Segment:
