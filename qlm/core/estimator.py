@@ -507,6 +507,7 @@ class _RunningFields:
     running_context: int
     reserved_tokens: float
     admissions: tuple[tuple[float, int], ...]  # (started at, prompt tokens) being prefilled
+    last_first_token_at: float | None          # the latest first token of one of them
 
 
 # ------------------------------------------------------------------ estimator
@@ -789,7 +790,7 @@ class RWTEstimator:
         if (self.prefill_mode != "chunked" or model is None
                 or worker.swapping_until is not None):
             return None
-        from qlm.sim.batching import chunked_step_clock  # see chunked_work_s
+        from qlm.sim.batching import chunked_step_clock, output_latency_s  # see chunked_work_s
 
         profile = self._profiles.get(model, worker.gpu)
         fields = self._running_fields(worker, profile)
@@ -798,8 +799,10 @@ class RWTEstimator:
                 - fields.reserved_tokens)
         if not worker.running:
             return _HeadStream(profile, 0, 0, 0.0, now, 0, free, room)
-        clock = chunked_step_clock(profile, fields.num_decoding, fields.decode_context,
-                                   fields.admissions, now, self.max_batched_tokens)
+        last = fields.last_first_token_at
+        clock = chunked_step_clock(
+            profile, fields.num_decoding, fields.decode_context, fields.admissions, now,
+            self.max_batched_tokens, None if last is None else last - output_latency_s(profile))
         if clock is None:
             half = 0.5 * profile.decode_step_s(fields.num_running, fields.running_context)
             half *= self.correction(model, worker.gpu)
@@ -823,11 +826,14 @@ class RWTEstimator:
                                    len(running))
             admissions = tuple(sorted((r.started_at, r.request.context_tokens)
                                       for r in running if r.first_token_at is None))
+            latest = max((r.first_token_at for r in running if r.first_token_at is not None),
+                         default=None)
             value = _RunningFields(int(decoding.sum()), int(held[decoding].sum()),
                                    len(running), int(held.sum()),
-                                   float(kv_reservations(prompt, cap, done).sum()), admissions)
+                                   float(kv_reservations(prompt, cap, done).sum()), admissions,
+                                   latest)
         else:
-            value = _RunningFields(0, 0, 0, 0, 0.0, ())
+            value = _RunningFields(0, 0, 0, 0, 0.0, (), None)
         self._memo.trim()
         self._memo.fields[id(running)] = (running, value)
         return value

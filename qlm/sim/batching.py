@@ -287,27 +287,35 @@ def chunked_stream_first_token_s(
     return out + output_latency_s(profile)
 
 
+#: Decode steps since the last known step boundary within which
+#: :func:`chunked_step_clock` still counts the steps of a decoding engine (past that the
+#: step under way is unknown: it is taken to be half done).
+DECODE_CLOCK_STEPS: Final = 8
+
+
 def chunked_step_clock(
     profile: PerfProfile, num_decoding: int, decode_context: int,
     admissions: Sequence[tuple[float, int]], now: float, max_batched_tokens: int,
+    last_boundary_at: float | None = None,
 ) -> tuple[float, float, int] | None:
-    """Where a chunked engine's steps stand at ``now``, from the prompts it is prefilling:
-    ``admissions`` are (admitted at, prompt tokens) of each, oldest first (each was admitted
-    at a step boundary and its chunks come in that order, :func:`plan_chunks`). Returns
-    (start of the step under way, its end, prompt tokens left after it), or None when
-    these prompts are all done before ``now`` (the engine only decodes). Steps replayed
-    from the oldest admission at the budget of :func:`chunked_stream_first_token_s`. Pure."""
-    if not admissions:
-        return None
+    """Where a chunked engine's steps stand at ``now``: (start of the step under way, its
+    end, prompt tokens still to prefill after it), or None when unknown.
+
+    From the prompts it is prefilling, ``admissions`` (admitted at, prompt tokens) of each,
+    oldest first: each was admitted at a step boundary and its chunks come in that order
+    (:func:`plan_chunks`), so the steps are replayed from the oldest admission at the budget
+    of :func:`chunked_stream_first_token_s`. Once they are done (or with none), the engine
+    decodes in steps of ``decode_step_s`` from the last boundary known, the end of the last
+    prompt step or ``last_boundary_at`` (e.g. where a request's first token came), for at
+    most DECODE_CLOCK_STEPS steps. Pure."""
     per_step = max(1, max_batched_tokens - num_decoding)
-    at, left, index = admissions[0][0], 0, 0
-    while True:
+    at = admissions[0][0] if admissions else -math.inf
+    left, index = 0, 0
+    while index < len(admissions) or left > 0:
         while index < len(admissions) and admissions[index][0] <= at + 1e-9:
             left += admissions[index][1]
             index += 1
         if left <= 0:
-            if index >= len(admissions):
-                return None
             at = admissions[index][0]
             continue
         take = min(per_step, left)
@@ -315,6 +323,13 @@ def chunked_step_clock(
         if end > now:
             return at, end, left - take
         at, left = end, left - take
+    if last_boundary_at is not None:
+        at = max(at, last_boundary_at)
+    step = profile.decode_step_s(num_decoding, decode_context)
+    if not (math.isfinite(at) and step > 0 and 0 <= now - at < DECODE_CLOCK_STEPS * step):
+        return None
+    began_at = at + step * math.floor((now - at) / step)
+    return began_at, began_at + step, 0
 
 
 def chunked_prefill_work_s(profile: PerfProfile, prompt_tokens: int, num_decoding: int,

@@ -11,6 +11,7 @@ from qlm.core.estimator import PREFILL_MODES, RWTEstimator, chunked_work_s
 from qlm.core.types import SLO, Request, RunningRequest, SLOClass
 from qlm.sim import batching
 from qlm.sim.batching import (
+    DECODE_CLOCK_STEPS,
     chunk_sizes,
     chunked_first_token_s,
     chunked_prefill_work_s,
@@ -145,8 +146,17 @@ def test_the_step_clock_replays_the_prompts_being_prefilled() -> None:
     assert joined is not None and joined[2] == 25_000 - 2 * 8190
     last = mixed_step_s(P, 2, 1000, 20_000 - 2 * 8190)
     assert chunked_step_clock(P, 2, 1000, [(10.0, 20_000)], 10.0 + 2 * step + last + 0.1,
-                              8192) is None
+                              8192) is None  # done long ago
     assert chunked_step_clock(P, 2, 1000, [], 10.0, 8192) is None
+    # then it decodes: steps counted from the last boundary known, for a few steps only
+    decode = P.decode_step_s(2, 1000)
+    done_at = 10.0 + 2 * step + last
+    assert chunked_step_clock(P, 2, 1000, [(10.0, 20_000)], done_at + 2.5 * decode, 8192) == (
+        pytest.approx(done_at + 2 * decode), pytest.approx(done_at + 3 * decode), 0)
+    assert chunked_step_clock(P, 2, 1000, [], 5.0 + 0.5 * decode, 8192, 5.0) == (
+        pytest.approx(5.0), pytest.approx(5.0 + decode), 0)
+    assert chunked_step_clock(P, 2, 1000, [], 5.0 + (DECODE_CLOCK_STEPS + 1) * decode, 8192,
+                              5.0) is None
 
 
 def _decoding(n: int) -> tuple[RunningRequest, ...]:
