@@ -32,10 +32,23 @@ Queue model of a worker (``queue_waits``), in seconds from ``now``:
   budget less the B−1 decoding tokens add ``mixed_step_s − decode_step_s`` to their
   steps (:func:`chunked_work_s`), and a request's first token comes after its chunks'
   mixed steps plus the output latency (:func:`qlm.sim.batching.chunked_first_token_s`),
-  after ASYNC_ADMISSION_STEPS of the current decode step when it is queued while the
-  worker is busy; ``whole`` costs one fixed cost per admission step (λ = B/E[R]
+  after ASYNC_ADMISSION_STEPS of the current decode step when it starts at once on a busy
+  worker without fitting its free slots (those that fit: below); ``whole`` costs one fixed cost per admission step (λ = B/E[R]
   completions per step, so about n·(1 − e^−λ)/λ admissions, at least Σ tokens / 8192)
   plus every prompt's marginal prefill (:func:`admission_prefill_s`);
+* the **head of a worker's active model** under chunked prefill: the queued groups that fit
+  its free batch slots and KV headroom (the pull, :func:`qlm.core.pulls.plan_pulls`, by
+  each group's mean reservation) are admitted at its next step boundary, not when slots
+  free; their prompts follow the prompts being prefilled (running requests without a
+  first token) in one FIFO stream that fills every step's token budget, so a request's
+  first token is the end of the step that holds its last prompt token, shared with the
+  prompts around it (:func:`qlm.sim.batching.chunked_stream_first_token_s`). The next
+  boundary comes from the step clock (:func:`qlm.sim.batching.chunked_step_clock`):
+  replayed from the admissions of the prompts being prefilled, else decode steps from the
+  latest first token, else half a decode step away; a request queued after the step under
+  way began joins a step later (asynchronous scheduling). An idle worker admits at once.
+  This is the light-load regime, where waits are one admission and a prefill: sharing a
+  step with a 4,000-token prompt, or waiting for the one being prefilled, is most of them;
 * between segments of different models the worker drains: the segment ends at
   ``max(T, latest (last start of a group + longest in-flight residual · step at half
   the batch))``, the longest residual being the m/(m+1) quantile of the equilibrium
