@@ -23,10 +23,10 @@ rates. Per run it reports, over requests that got a first token:
   each request's start on its worker (first matching case): ``later_arrivals`` (a
   request that arrived after its last prediction started on its worker before its first
   token, so it shared its prefill steps or went ahead of it: no prediction made before
-  that arrival could know it), ``behind_prefill`` (at its start another request there
-  was still prefilling), ``co_admitted`` (started at the same instant as another),
-  ``alone``; for each the requests, their share of the squared error and the mean
-  error (predicted − realised, seconds).
+  that arrival could know it), ``behind_prefill`` (when its last prediction was made,
+  or at its start, another request there was prefilling), ``co_admitted`` (started at
+  the same instant as another), ``alone``; for each the requests, their share of the
+  squared error and the mean error (predicted − realised, seconds).
 
 Writes one JSON (``--out``) with every run and the command that made it.
 ``--compare BEFORE AFTER`` prints the markdown table of two such files side by side
@@ -122,7 +122,8 @@ def error_cases(records: Sequence[RequestRecord]) -> dict[str, dict[str, float]]
         other = ~np.eye(len(members), dtype=bool)
         matches = (
             other & (arrival[None, :] > told[:, None]) & (start[None, :] < first[:, None]),
-            other & (start[None, :] < start[:, None]) & (first[None, :] > start[:, None]),
+            other & (((start[None, :] <= told[:, None]) & (first[None, :] > told[:, None]))
+                     | ((start[None, :] < start[:, None]) & (first[None, :] > start[:, None]))),
             other & (start[None, :] == start[:, None]),
         )
         mine = np.full(len(members), len(ERROR_CASES) - 1)
