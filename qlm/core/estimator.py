@@ -33,9 +33,10 @@ Queue model of a worker (``queue_waits``), in seconds from ``now``:
   steps (:func:`chunked_work_s`), and a request's first token comes after its chunks'
   mixed steps plus the output latency (:func:`qlm.sim.batching.chunked_first_token_s`),
   after ASYNC_ADMISSION_STEPS of the current decode step when it starts at once on a busy
-  worker without fitting its free slots (those that fit: below); ``whole`` costs one fixed cost per admission step (λ = B/E[R]
-  completions per step, so about n·(1 − e^−λ)/λ admissions, at least Σ tokens / 8192)
-  plus every prompt's marginal prefill (:func:`admission_prefill_s`);
+  worker without fitting its free slots (those that fit: below); ``whole`` costs one
+  fixed cost per admission step (λ = B/E[R] completions per step, so about
+  n·(1 − e^−λ)/λ admissions, at least Σ tokens / 8192) plus every prompt's marginal
+  prefill (:func:`admission_prefill_s`);
 * the **head of a worker's active model** under chunked prefill: the queued groups that fit
   its free batch slots and KV headroom (the pull, :func:`qlm.core.pulls.plan_pulls`, by
   each group's mean reservation) are admitted at its next step boundary, not when slots
