@@ -451,13 +451,14 @@ def _timing(work: GroupWork, worker: WorkerView, profile: PerfProfile,
 class _Memo:
     """Group sums by group identity (the group is kept alive, so its id stays its own)."""
 
-    __slots__ = ("fields", "running", "timings", "works")
+    __slots__ = ("fields", "running", "streams", "timings", "works")
 
     def __init__(self) -> None:
         self.works: dict[int, tuple[RequestGroup, GroupWork]] = {}
         self.timings: dict[tuple[int, str, int, int, bool], tuple[RequestGroup, _Timing]] = {}
         self.running: dict[tuple[object, ...], tuple[object, tuple[_Segment, float]]] = {}
         self.fields: dict[int, tuple[object, _RunningFields]] = {}
+        self.streams: dict[tuple[object, ...], list[float]] = {}
 
     def trim(self) -> None:
         if len(self.works) > _MEMO_LIMIT:
@@ -468,6 +469,8 @@ class _Memo:
             self.running.clear()
         if len(self.fields) > _MEMO_LIMIT:
             self.fields.clear()
+        if len(self.streams) > _MEMO_LIMIT:
+            self.streams.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -787,11 +790,18 @@ class RWTEstimator:
         if not entries:
             return {}
         backlog = stream.backlog_tokens
-        times = stream.boundary_s + chunked_stream_first_token_s(
-            stream.profile, stream.num_decoding, stream.decode_context,
-            backlog + np.array(positions), backlog + queued, self.max_batched_tokens,
-            first_step_tokens=backlog + visible)
-        return {index: (float(times[2 * i]), float(times[2 * i + 1]), whole)
+        key = (stream.profile.key, stream.num_decoding, stream.decode_context, backlog,
+               visible, *positions)
+        times = self._memo.streams.get(key)
+        if times is None:  # the same head stream as at the last decision, mostly
+            times = chunked_stream_first_token_s(
+                stream.profile, stream.num_decoding, stream.decode_context,
+                [backlog + x for x in positions], backlog + queued, self.max_batched_tokens,
+                first_step_tokens=backlog + visible)
+            self._memo.trim()
+            self._memo.streams[key] = times
+        at = stream.boundary_s
+        return {index: (at + times[2 * i], at + times[2 * i + 1], whole)
                 for i, (index, whole) in enumerate(entries)}
 
     def _head_stream(self, worker: WorkerView, now: float) -> _HeadStream | None:
@@ -836,16 +846,14 @@ class RWTEstimator:
             fields = _request_fields([r.request for r in running])
             prompt, cap, done = fields[:, 0], fields[:, 1], fields[:, 2]
             held = prompt + done
-            decoding = np.fromiter((r.first_token_at is not None for r in running), bool,
-                                   len(running))
+            first = np.array([r.first_token_at for r in running], dtype=float)  # NaN: none
+            decoding = ~np.isnan(first)
             admissions = tuple(sorted((r.started_at, r.request.context_tokens)
                                       for r in running if r.first_token_at is None))
-            latest = max((r.first_token_at for r in running if r.first_token_at is not None),
-                         default=None)
             value = _RunningFields(int(decoding.sum()), int(held[decoding].sum()),
                                    len(running), int(held.sum()),
                                    float(kv_reservations(prompt, cap, done).sum()), admissions,
-                                   latest)
+                                   float(first[decoding].max()) if decoding.any() else None)
         else:
             value = _RunningFields(0, 0, 0, 0, 0.0, (), None)
         self._memo.trim()

@@ -39,8 +39,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import numpy as np
-
 from qlm.core.perf import PerfProfile
 
 #: Bytes of KV state per token when a profile does not say (Mistral-7B: 32 layers ×
@@ -168,17 +166,21 @@ def output_latency_s(profile: PerfProfile) -> float:
 
 
 def mixed_step_s(
-    profile: PerfProfile, num_decoding: int, decode_context: int, prefill_tokens: int
+    profile: PerfProfile, num_decoding: int, decode_context: int, prefill_tokens: int,
+    latency_s: float | None = None,
 ) -> float:
     """Seconds of one chunked step: ``num_decoding`` requests holding ``decode_context``
     tokens decode one token each and ``prefill_tokens`` prompt tokens are prefilled.
 
     = ``decode_step_s(B, ctx)`` + the chunk's marginal work ``prefill_s(n) − L`` (less
-    the decode step's fixed cost ``base`` when something decodes: it is paid once)."""
+    the decode step's fixed cost ``base`` when something decodes: it is paid once);
+    ``latency_s``: ``L`` (:func:`output_latency_s`) when the caller has it already."""
     decode = profile.decode_step_s(num_decoding, decode_context)
     if prefill_tokens <= 0:
         return decode
-    chunk = profile.prefill_s(prefill_tokens) - output_latency_s(profile)
+    if latency_s is None:
+        latency_s = output_latency_s(profile)
+    chunk = profile.prefill_s(prefill_tokens) - latency_s
     if num_decoding > 0:
         chunk -= profile.decode_base_s
     return decode + max(0.0, chunk)
@@ -255,9 +257,9 @@ def chunked_first_token_s(
 
 
 def chunked_stream_first_token_s(
-    profile: PerfProfile, num_decoding: int, decode_context: int, positions: np.ndarray,
+    profile: PerfProfile, num_decoding: int, decode_context: int, positions: Sequence[int],
     total_tokens: int, max_batched_tokens: int, first_step_tokens: int | None = None,
-) -> np.ndarray:
+) -> list[float]:
     """Seconds from a step boundary until the first token of each prompt whose last token
     is at ``positions`` (cumulative prompt tokens, oldest first) of the ``total_tokens``
     prompt tokens a chunked engine has to prefill from that boundary on, next to
@@ -270,21 +272,24 @@ def chunked_stream_first_token_s(
     stream, later prompts too) plus the output latency. ``first_step_tokens`` caps the
     first step (a busy engine plans a step when the previous one begins: prompts queued
     after that wait for the next one); it is ``min(budget, total_tokens)`` when None.
-    Vectorised over ``positions``. Pure."""
+    Three step times, then arithmetic per position (a few positions per call). Pure."""
     per_step = max(1, max_batched_tokens - num_decoding)
     first = min(per_step, total_tokens) if first_step_tokens is None else min(
         per_step, max(0, first_step_tokens), total_tokens)
-    x = np.asarray(positions, dtype=float)
     rest = total_tokens - first  # tokens after the first step: full steps, then the rest
     num_later = -(-rest // per_step)
+    latency = output_latency_s(profile)
+    first_s = mixed_step_s(profile, num_decoding, decode_context, first, latency) + latency
+    full_s = mixed_step_s(profile, num_decoding, decode_context, per_step, latency)
     final_s = mixed_step_s(profile, num_decoding, decode_context,
-                           rest - (num_later - 1) * per_step) if num_later else 0.0
-    full_s = mixed_step_s(profile, num_decoding, decode_context, per_step)
-    # steps after the first one that each position needs (0: it is in the first step)
-    later = np.where(x <= first, 0.0, np.minimum(np.ceil((x - first) / per_step), num_later))
-    out = mixed_step_s(profile, num_decoding, decode_context, first) + np.where(
-        later <= 0, 0.0, (later - 1) * full_s + np.where(later >= num_later, final_s, full_s))
-    return out + output_latency_s(profile)
+                           rest - (num_later - 1) * per_step, latency) if num_later else 0.0
+    out = []
+    for position in positions:
+        # steps after the first one that this position needs (0: it is in the first step)
+        later = 0 if position <= first else min(-(-(position - first) // per_step), num_later)
+        out.append(first_s if later <= 0 else
+                   first_s + (later - 1) * full_s + (final_s if later >= num_later else full_s))
+    return out
 
 
 #: Decode steps since the last known step boundary within which

@@ -114,20 +114,20 @@ def _replay_first_tokens(prompts: list[int], num_decoding: int,
 @pytest.mark.parametrize("decoding", [0, 10])
 def test_a_prefill_stream_gives_each_prompt_the_end_of_the_step_holding_its_last_token(
         prompts: list[int], decoding: int) -> None:
-    positions = np.cumsum(prompts)
-    got = chunked_stream_first_token_s(P, decoding, 1000, positions, int(positions[-1]), 8192)
+    positions = [int(x) for x in np.cumsum(prompts)]
+    got = np.array(chunked_stream_first_token_s(P, decoding, 1000, positions, positions[-1],
+                                                8192))
     assert got == pytest.approx(_replay_first_tokens(prompts, decoding))
     # the first step sees the first prompt only: the others start a step later
-    capped = chunked_stream_first_token_s(P, decoding, 1000, positions, int(positions[-1]),
-                                          8192, first_step_tokens=prompts[0])
+    capped = np.array(chunked_stream_first_token_s(P, decoding, 1000, positions, positions[-1],
+                                                   8192, first_step_tokens=prompts[0]))
     assert capped == pytest.approx(_replay_first_tokens(prompts, decoding, prompts[0]))
     # the first prompt, alone in its step, is sooner; the others later
     assert capped[0] <= got[0] + 1e-12 and (capped[1:] >= got[1:] - 1e-12).all()
 
 
 def test_a_prefill_stream_with_nothing_visible_first_runs_a_decode_step() -> None:
-    got = chunked_stream_first_token_s(P, 4, 1000, np.array([500]), 500, 8192,
-                                       first_step_tokens=0)
+    got = chunked_stream_first_token_s(P, 4, 1000, [500], 500, 8192, first_step_tokens=0)
     assert got[0] == pytest.approx(P.decode_step_s(4, 1000) + mixed_step_s(P, 4, 1000, 500)
                                    + output_latency_s(P))
 
