@@ -406,9 +406,10 @@ def _prefill_timing(work: GroupWork, profile: PerfProfile, batch: int, mean_outp
     """(all prefills, first token of the head admitted alone, first token of the head
     admitted into free slots) of a group at steady batch ``batch``, in the engine's
     prefill mode: ``whole`` prefills admitted prompts in steps of their own; ``chunked``
-    (vLLM's default) mixes them into decode steps (:mod:`qlm.sim.batching`'s step model)."""
-    first_tokens = first_admission_tokens(work.prompt_tokens, batch)
+    (vLLM's default) mixes them into decode steps (:mod:`qlm.sim.batching`'s step model),
+    the first step filled to its budget by the prompts admitted with the head."""
     if prefill_mode == "whole":
+        first_tokens = first_admission_tokens(work.prompt_tokens, batch)
         return (admission_prefill_s(profile, work.prompt_tokens, batch, mean_output),
                 profile.prefill_s(work.head_prompt_tokens), profile.prefill_s(first_tokens))
     from qlm.sim.batching import chunked_first_token_s  # see chunked_work_s
@@ -417,8 +418,9 @@ def _prefill_timing(work: GroupWork, profile: PerfProfile, batch: int, mean_outp
     context = int(decoding * work.mean_context)
     head = chunked_first_token_s(profile, work.head_prompt_tokens, decoding, context,
                                  max_batched_tokens)
+    admitted = int(work.prompt_cum_tokens[min(batch, work.size) - 1])
     bulk = chunked_first_token_s(profile, work.head_prompt_tokens, 0, 0, max_batched_tokens,
-                                 shared_tokens=first_tokens - work.head_prompt_tokens)
+                                 shared_tokens=admitted - work.head_prompt_tokens)
     return chunked_work_s(profile, work.prompt_tokens, decoding, max_batched_tokens), head, bulk
 
 
