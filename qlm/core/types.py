@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -297,6 +297,9 @@ class QueueSnapshot:
     """A read-only view of the whole queue at ``now``: the input of every policy.
 
     ``virtual_queues`` is the previous decision's order per worker (may be empty).
+    ``queued_ids``, when the environment keeps an index of its queue (the Redis store's
+    mirror, :mod:`qlm.store.mirror`), answers whether an id is queued in ``groups``
+    without a pass over them (:meth:`queued_among`); it takes no part in equality.
     """
 
     now: float
@@ -305,6 +308,7 @@ class QueueSnapshot:
     virtual_queues: Mapping[str, tuple[GroupKey, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    queued_ids: Container[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.virtual_queues, MappingProxyType):
@@ -313,6 +317,17 @@ class QueueSnapshot:
     @property
     def num_queued(self) -> int:
         return sum(g.size for g in self.groups)
+
+    def queued_among(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of ``request_ids`` are queued (in ``groups``): through ``queued_ids``
+        when given (as many lookups as ids), else one pass over the queued requests."""
+        asked = set(request_ids)
+        if not asked:
+            return set()
+        if self.queued_ids is not None:
+            index = self.queued_ids
+            return {i for i in asked if i in index}
+        return {r.id for g in self.groups for r in g.requests if r.id in asked}
 
     def group(self, key: GroupKey) -> RequestGroup:
         for g in self.groups:

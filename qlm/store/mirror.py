@@ -26,11 +26,15 @@ policies memoise by it). :meth:`RedisQueueStore.snapshot
 
 The result equals a whole read (``tests/integration/test_snapshot_incremental.py``
 checks it, and the decisions made from it, over random changes).
+
+:meth:`QueueMirror.queued_ids` answers, for the snapshot just made, whether an id is
+queued in its groups by a lookup in the membership (the applier checks the ids a
+decision names that way, instead of a pass over every queued request).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 from qlm.core.queue import QueueIndex
 from qlm.core.types import GroupKey, Request, RequestGroup
@@ -52,6 +56,8 @@ class QueueMirror:
         self._sizes: dict[GroupKey, int] = {}
         self._unread: dict[str, GroupKey] = {}
         self._keys: dict[str, GroupKey] = {}
+        #: Counts the changes of the membership or of the index (:class:`QueuedIds`).
+        self.version = 0
 
     def key(self, text: str) -> GroupKey:
         """The :class:`GroupKey` of a group name (parsed once per name)."""
@@ -69,6 +75,7 @@ class QueueMirror:
         every id is unread."""
         self.position = position
         self.num_resets += 1
+        self.version += 1
         self.index = QueueIndex()
         self._group_of, self._sizes, self._unread = {}, {}, {}
         for text, ids in groups:
@@ -78,6 +85,7 @@ class QueueMirror:
     def apply(self, position: int, changes: Sequence[str]) -> None:
         """Fold the log entries after :attr:`position` up to ``position``: ``changes``
         flat, ``op, group, id`` per entry, in log order."""
+        self.version += 1
         for n in range(0, len(changes), 3):
             op, text, request_id = changes[n : n + 3]
             self._remove(request_id)
@@ -101,6 +109,7 @@ class QueueMirror:
     def fill(self, requests: Mapping[str, Request | None]) -> None:
         """The requests read for unread ids (None: no record; the id stays a member that
         no group shows). Ids no longer unread are ignored."""
+        self.version += 1
         for request_id, request in requests.items():
             key = self._unread.pop(request_id, None)
             if key is not None and request is not None:
@@ -110,6 +119,15 @@ class QueueMirror:
         """The groups with a request, in ``order`` (group names: the index order)."""
         index = self.index
         return tuple(index.group(key) for key in map(self.key, order) if key in index)
+
+    def holds(self, request_id: str) -> bool:
+        """Whether ``request_id`` is queued with its request read (a group shows it)."""
+        key = self._group_of.get(request_id)
+        return key is not None and self.index.holds(key, request_id)
+
+    def queued_ids(self, groups: tuple[RequestGroup, ...]) -> QueuedIds:
+        """Which ids ``groups`` (just made by :meth:`groups`) hold, by lookups here."""
+        return QueuedIds(self, groups)
 
     def _add(self, key: GroupKey, request_id: str) -> None:
         self._group_of[request_id] = key
@@ -127,3 +145,26 @@ class QueueMirror:
             del self._sizes[key]
         if self._unread.pop(request_id, None) is None and self.index.holds(key, request_id):
             self.index.remove(key, request_id)
+
+
+class QueuedIds(Container[str]):
+    """Whether an id is queued in the groups of one snapshot: a lookup in the mirror
+    while it has not changed since the snapshot; after (the snapshot outlived the next
+    one), from a set of the groups' ids made once."""
+
+    __slots__ = ("_fallback", "_groups", "_mirror", "_version")
+
+    def __init__(self, mirror: QueueMirror, groups: tuple[RequestGroup, ...]) -> None:
+        self._mirror = mirror
+        self._version = mirror.version
+        self._groups = groups
+        self._fallback: frozenset[str] | None = None
+
+    def __contains__(self, request_id: object) -> bool:
+        if not isinstance(request_id, str):
+            return False
+        if self._mirror.version == self._version:
+            return self._mirror.holds(request_id)
+        if self._fallback is None:
+            self._fallback = frozenset(r.id for g in self._groups for r in g.requests)
+        return request_id in self._fallback
