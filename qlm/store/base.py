@@ -30,13 +30,14 @@ when a worker reports on a request it does not hold,
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from qlm.core.errors import InvalidInput
 from qlm.core.types import (
     GroupKey,
+    QueuedIndex,
     QueueSnapshot,
     Request,
     RequestGroup,
@@ -76,14 +77,14 @@ class StoreSnapshot:
     queue) is read atomically, so no request appears twice. ``groups`` are in index
     order (earliest deadline first), each group's requests in pull order (deadline,
     then id). Record fields are read right after, so progress may be slightly newer.
-    ``queued_ids``: whether an id is queued in ``groups``, where the store keeps an index
+    ``queued_ids``: which ids are queued in ``groups``, where the store keeps an index
     (:attr:`QueueSnapshot.queued_ids <qlm.core.types.QueueSnapshot>`); not compared.
     """
 
     groups: tuple[RequestGroup, ...]
     running: Mapping[str, tuple[RunningRequest, ...]]
     virtual_queues: Mapping[str, tuple[GroupKey, ...]]
-    queued_ids: Container[str] | None = field(default=None, compare=False, repr=False)
+    queued_ids: QueuedIndex | None = field(default=None, compare=False, repr=False)
 
     def group(self, key: GroupKey) -> RequestGroup:
         """The queued group ``key``; KeyError when it has no queued request."""

@@ -34,7 +34,7 @@ decision names that way, instead of a pass over every queued request).
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from qlm.core.queue import QueueIndex
 from qlm.core.types import GroupKey, Request, RequestGroup
@@ -55,6 +55,8 @@ class QueueMirror:
         self._group_of: dict[str, GroupKey] = {}
         self._sizes: dict[GroupKey, int] = {}
         self._unread: dict[str, GroupKey] = {}
+        #: Members whose record was missing when read (no group shows them).
+        self._missing: set[str] = set()
         self._keys: dict[str, GroupKey] = {}
         #: Counts the changes of the membership or of the index (:class:`QueuedIds`).
         self.version = 0
@@ -77,7 +79,7 @@ class QueueMirror:
         self.num_resets += 1
         self.version += 1
         self.index = QueueIndex()
-        self._group_of, self._sizes, self._unread = {}, {}, {}
+        self._group_of, self._sizes, self._unread, self._missing = {}, {}, {}, set()
         for text, ids in groups:
             for request_id in ids:
                 self._add(self.key(text), request_id)
@@ -112,7 +114,11 @@ class QueueMirror:
         self.version += 1
         for request_id, request in requests.items():
             key = self._unread.pop(request_id, None)
-            if key is not None and request is not None:
+            if key is None:
+                continue
+            if request is None:
+                self._missing.add(request_id)
+            else:
                 self.index.add(key, request)
 
     def groups(self, order: Iterable[str]) -> tuple[RequestGroup, ...]:
@@ -120,10 +126,14 @@ class QueueMirror:
         index = self.index
         return tuple(index.group(key) for key in map(self.key, order) if key in index)
 
-    def holds(self, request_id: str) -> bool:
-        """Whether ``request_id`` is queued with its request read (a group shows it)."""
-        key = self._group_of.get(request_id)
-        return key is not None and self.index.holds(key, request_id)
+    def among(self, request_ids: set[str]) -> set[str]:
+        """Those of ``request_ids`` queued with their request read (a group shows them)."""
+        found = request_ids & self._group_of.keys()  # one C loop over the fewer
+        if self._unread:
+            found -= self._unread.keys()
+        if self._missing:
+            found -= self._missing
+        return found
 
     def queued_ids(self, groups: tuple[RequestGroup, ...]) -> QueuedIds:
         """Which ids ``groups`` (just made by :meth:`groups`) hold, by lookups here."""
@@ -143,14 +153,16 @@ class QueueMirror:
             self._sizes[key] = size
         else:
             del self._sizes[key]
+        self._missing.discard(request_id)
         if self._unread.pop(request_id, None) is None and self.index.holds(key, request_id):
             self.index.remove(key, request_id)
 
 
-class QueuedIds(Container[str]):
-    """Whether an id is queued in the groups of one snapshot: a lookup in the mirror
-    while it has not changed since the snapshot; after (the snapshot outlived the next
-    one), from a set of the groups' ids made once."""
+class QueuedIds:
+    """Which ids are queued in the groups of one snapshot (a
+    :class:`~qlm.core.types.QueuedIndex`): looked up in the mirror while it has not
+    changed since the snapshot; after (the snapshot outlived the next one), in a set of
+    the groups' ids made once."""
 
     __slots__ = ("_fallback", "_groups", "_mirror", "_version")
 
@@ -160,11 +172,9 @@ class QueuedIds(Container[str]):
         self._groups = groups
         self._fallback: frozenset[str] | None = None
 
-    def __contains__(self, request_id: object) -> bool:
-        if not isinstance(request_id, str):
-            return False
+    def among(self, request_ids: set[str]) -> set[str]:
         if self._mirror.version == self._version:
-            return self._mirror.holds(request_id)
+            return self._mirror.among(request_ids)
         if self._fallback is None:
             self._fallback = frozenset(r.id for g in self._groups for r in g.requests)
-        return request_id in self._fallback
+        return request_ids & self._fallback

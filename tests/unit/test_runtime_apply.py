@@ -131,9 +131,9 @@ class _Lookups:
     ids: frozenset[str]
     asked: list[object] = field(default_factory=list)
 
-    def __contains__(self, request_id: object) -> bool:
-        self.asked.append(request_id)
-        return request_id in self.ids
+    def among(self, request_ids: set[str]) -> set[str]:
+        self.asked.extend(request_ids)
+        return request_ids & self.ids
 
 
 def test_an_index_of_queued_ids_gives_the_same_outcome_by_lookups_only() -> None:
