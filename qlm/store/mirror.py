@@ -51,6 +51,8 @@ class QueueMirror:
         self.position: int | None = None
         #: How many times the membership was read whole (:meth:`reset`).
         self.num_resets = 0
+        #: How many requests were read in all (:meth:`fill`).
+        self.num_read = 0
         self.index = QueueIndex()
         self._group_of: dict[str, GroupKey] = {}
         self._sizes: dict[GroupKey, int] = {}
@@ -112,6 +114,7 @@ class QueueMirror:
         """The requests read for unread ids (None: no record; the id stays a member that
         no group shows). Ids no longer unread are ignored."""
         self.version += 1
+        self.num_read += len(requests)
         for request_id, request in requests.items():
             key = self._unread.pop(request_id, None)
             if key is None:

@@ -206,6 +206,12 @@ class RedisQueueStore:
         return self._mirror.num_resets
 
     @property
+    def num_records_read(self) -> int:
+        """How many queued requests' records this store's snapshots have read in all (the
+        whole queue at a whole read, then those that entered a group since)."""
+        return self._mirror.num_read
+
+    @property
     def client(self) -> RedisClient:
         """The Redis client (shared with what lives next to the queue, e.g. the tenants)."""
         return self._redis

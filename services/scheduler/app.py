@@ -87,6 +87,7 @@ class SchedulerApp:
         self.loop = SchedulingLoop(
             self.store, self.producer, self.topics.lso, self.policy, context, self.roster,
             self.lease, self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock,
+            gc_freeze_records=s.gc_freeze_records,
             profiles_source=self.corrections.book if self.corrections else None,
             forecaster=Forecaster(RWTEstimator(self.profiles)))
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.events, self.topics.telemetry],
