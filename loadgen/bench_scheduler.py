@@ -70,7 +70,7 @@ from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
 from qlm.roster import WorkerInfo, WorkerRoster
 from qlm.store.store import RedisQueueStore, TokenAppend
 from services.scheduler.lease import LeaderLease, LeaseKeys
-from services.scheduler.loop import SchedulingLoop, StepReport
+from services.scheduler.loop import COMMAND_LINGER_MS, SchedulingLoop, StepReport
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.settings import SchedulerSettings
 
@@ -268,7 +268,7 @@ async def bench_policy(spec: str, args: argparse.Namespace, redis_url: str,
     store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S)
     topics = TopicNames(f"bench-{uuid.uuid4().hex[:8]}.")
     await ensure_topics(kafka, topic_specs(topics))
-    producer = BusProducer(kafka, client_id="bench-scheduler")
+    producer = BusProducer(kafka, client_id="bench-scheduler", linger_ms=COMMAND_LINGER_MS)
     await producer.start()
     lease_client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     try:

@@ -931,7 +931,8 @@ class _RunningRequests:
     changed."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple[Any, ...], RunningRequest]] = {}
+        #: id → (its moving fields joined by '|', as the script returns them; the request)
+        self._known: dict[str, tuple[str, RunningRequest]] = {}
         self._by_worker: dict[str, tuple[RunningRequest, ...]] = {}
 
     def fold(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
@@ -940,20 +941,21 @@ class _RunningRequests:
         script's workers); forget the ids no longer running or whose record is gone;
         returns the ids to read whole (then :meth:`add`)."""
         known = self._known
-        fresh: dict[str, tuple[tuple[Any, ...], RunningRequest]] = {}
+        fresh: dict[str, tuple[str, RunningRequest]] = {}
         unknown = []
         for _, _, ids, rows in workers_raw:
             for request_id, row in zip(ids, rows, strict=True):
-                if row[0] is False:  # no record (expired): no group or worker shows it
+                if row is False:  # no record (expired): no group or worker shows it
                     continue
                 entry = known.get(request_id)
-                moving = tuple(row)
-                if entry is None or entry[0][0] != moving[0]:  # new, or its id reused
-                    unknown.append(request_id)
-                elif entry[0] == moving:
+                if entry is not None and entry[0] == row:  # nothing moved
                     fresh[request_id] = entry
+                    continue
+                moving = row.split("|")
+                if entry is None or entry[0].split("|", 1)[0] != moving[0]:  # new, or reused
+                    unknown.append(request_id)
                 else:
-                    fresh[request_id] = (moving, _moved(entry[1], entry[0], moving))
+                    fresh[request_id] = (row, _moved(entry[1], moving))
         self._known = fresh
         return unknown
 
@@ -963,7 +965,7 @@ class _RunningRequests:
         for request_id, row in zip(request_ids, rows, strict=True):
             if row[0] is not False:
                 fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
-                moving = tuple(fields[f] for f in RUNNING_CHANGING_FIELDS)
+                moving = "|".join(fields[f] or "" for f in RUNNING_CHANGING_FIELDS)
                 self._known[request_id] = (moving, _running_from_fields(fields))
 
     def by_worker(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
@@ -982,12 +984,11 @@ class _RunningRequests:
         return out
 
 
-def _moved(before: RunningRequest, was: tuple[Any, ...], now: tuple[Any, ...]
-           ) -> RunningRequest:
+def _moved(before: RunningRequest, now: Sequence[str]) -> RunningRequest:
     """``before`` with the moving fields ``now`` (:data:`RUNNING_CHANGING_FIELDS`, the same
-    ``arrival_at``) instead of ``was``."""
+    ``arrival_at``)."""
     request = before.request
-    if now[1] != was[1]:  # progress: the same request, further on
+    if int(now[1]) != request.num_generated:  # progress: the same request, further on
         request = Request(
             id=request.id, model=request.model, prompt_tokens=request.prompt_tokens,
             max_tokens=request.max_tokens, slo_class=request.slo_class, slo=request.slo,

@@ -57,6 +57,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Final
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand, lso_command_id
@@ -83,6 +84,11 @@ from services.scheduler.lease import LeaderLease
 from services.scheduler.metrics import SchedulerMetrics
 
 log = get_logger("services.scheduler")
+
+#: The ``linger_ms`` of the scheduler's Kafka producer: a step queues all its commands
+#: before it awaits the first acknowledgement, so there is nothing more to wait for, and
+#: the default linger (5 ms) would be added to every step that sends a command.
+COMMAND_LINGER_MS: Final = 0
 
 
 # ------------------------------------------------------------------ pure parts

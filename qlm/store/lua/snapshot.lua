@@ -19,9 +19,9 @@
 --             or ahead of the log, or entries after it were trimmed away);
 --   groups    in index order (earliest deadline first): [group, [id, ...]] (ids by
 --             score) when read whole, else [group, number of queued ids];
---   workers   [[worker, [vq group, ...], [running id, ...], [[field value, ...], ...]], ...]:
---             the values of `fields` of each running id's record, in the same order
---             (false where the record or field is missing).
+--   workers   [[worker, [vq group, ...], [running id, ...], [row, ...]], ...]: each
+--             running id's row is the values of `fields` in its record joined by '|'
+--             (a missing field reads as ''), or false when its record is missing.
 -- An empty list may be encoded as {} (cjson).
 
 local function entry_number(id) return tonumber(string.match(id, '^0%-(%d+)$')) end
@@ -68,7 +68,15 @@ local workers = {}
 for _, worker in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local ids = redis.call('SMEMBERS', running_key(prefix, worker))
   local rows = {}
-  for i, id in ipairs(ids) do rows[i] = redis.call('HMGET', req_key(prefix, id), unpack(fields)) end
+  for i, id in ipairs(ids) do
+    local values = redis.call('HMGET', req_key(prefix, id), unpack(fields))
+    if values[1] then
+      for j = 2, #values do if not values[j] then values[j] = '' end end
+      rows[i] = table.concat(values, '|')
+    else
+      rows[i] = false
+    end
+  end
   workers[#workers + 1] = {worker, redis.call('LRANGE', prefix .. 'vq:' .. worker, 0, -1), ids,
     rows}
 end
