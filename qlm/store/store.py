@@ -531,16 +531,19 @@ class RedisQueueStore:
 
     async def snapshot(self) -> StoreSnapshot:
         """Queued groups with their requests, each worker's running requests and
-        virtual queue: one atomic script for membership, then one pipelined round trip
-        of record reads (1,000 records per script call).
+        virtual queue: one atomic script for membership and the running requests'
+        moving fields, then, when any id is new, one pipelined round trip of record
+        reads (1,000 records per script call).
 
         The membership is kept between snapshots (:mod:`qlm.store.mirror`): the script
         returns only what the queue log says changed since this store's previous
-        snapshot, and only the records of ids that entered a group since are read (and
-        those of the running requests, whose progress moves). A group that did not
+        snapshot, and only the records of ids that entered a group since, or started
+        running, are read whole (a running request already known is updated from the
+        fields the script returned: :class:`_RunningRequests`). A group that did not
         change is the same :class:`RequestGroup` object as in the previous snapshot.
         The first snapshot, and one after the log was trimmed past the previous one or
-        disagrees with the groups' sizes, reads the membership whole."""
+        disagrees with the groups' sizes, reads the membership whole. The snapshot's
+        ``queued_ids`` answers from the mirror which ids are queued."""
         async with self._snapshot_lock:  # one fold of the log at a time
             return await self._snapshot()
 
