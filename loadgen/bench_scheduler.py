@@ -114,20 +114,22 @@ def make_requests(count: int, start_at: float, span_s: float, rng: np.random.Gen
 
 
 async def enqueue_all(store: RedisQueueStore, requests: Sequence[Request],
-                      pipelines: int = 1) -> None:
+                      pipelines: int = 1) -> int:
     """Queue ``requests`` through ``enqueue_many`` (one pipeline per chunk), with up to
-    ``pipelines`` chunks in flight (Redis runs one while this process encodes the next)."""
+    ``pipelines`` chunks in flight (Redis runs one while this process encodes the next);
+    returns how many were new (not already stored)."""
     chunks = [requests[i:i + ENQUEUE_CHUNK] for i in range(0, len(requests), ENQUEUE_CHUNK)]
     gate = asyncio.Semaphore(pipelines)
 
-    async def one(chunk: Sequence[Request]) -> None:
+    async def one(chunk: Sequence[Request]) -> int:
         async with gate:
             results = await store.enqueue_many([(r, "x", None) for r in chunk])
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             raise SystemExit(f"enqueue failed: {errors[0]}")
+        return sum(1 for r in results if not isinstance(r, Exception) and r.created)
 
-    await asyncio.gather(*(one(chunk) for chunk in chunks))
+    return sum(await asyncio.gather(*(one(chunk) for chunk in chunks)))
 
 
 async def fill_running(store: RedisQueueStore, workers: Sequence[WorkerInfo],
@@ -260,8 +262,10 @@ async def serve_some(store: RedisQueueStore, workers: Sequence[WorkerInfo], coun
     return served
 
 
-async def bench_policy(spec: str, args: argparse.Namespace, redis_url: str,
+async def bench_policy(spec: str, number: int, args: argparse.Namespace, redis_url: str,
                        kafka: str, profiles: ProfileBook, queue: Queue) -> dict[str, Any]:
+    """The steps of policy ``spec``, the ``number``-th of the run (its arrivals' ids carry
+    the number: two specs of one policy must not enqueue the same ids)."""
     policy_name, options = policy_spec(spec)
     rng = np.random.default_rng(args.seed + 1)
     workers = queue.workers
@@ -286,7 +290,7 @@ async def bench_policy(spec: str, args: argparse.Namespace, redis_url: str,
         reports: list[StepReport] = []
         client_cpu: list[float] = []
         redis_cpu: list[float] = []
-        num_pulled = 0
+        num_pulled = num_arrived = 0
         meter = redis.Redis.from_url(redis_url, decode_responses=True)
         for step in range(args.steps + 1):
             before = (time.process_time(), redis_cpu_s(meter))
@@ -299,8 +303,9 @@ async def bench_policy(spec: str, args: argparse.Namespace, redis_url: str,
                 redis_cpu.append(redis_cpu_s(meter) - before[1])
             else:
                 cold = report
-            arrivals = make_requests(args.churn, time.time(), 1.0, rng, f"{policy_name}{step}")
-            await enqueue_all(store, arrivals)
+            arrivals = make_requests(args.churn, time.time(), 1.0, rng,
+                                     f"{policy_name}-{number}-{step}")
+            num_arrived += await enqueue_all(store, arrivals)
             num_pulled += await serve_some(store, workers, args.pulls, step)
             await progress(store, queue.running, args.progress)
         meter.close()
@@ -312,6 +317,7 @@ async def bench_policy(spec: str, args: argparse.Namespace, redis_url: str,
             "groups": reports[-1].num_groups,
             "queued_at_last_step": reports[-1].num_queued,
             "served_between_steps": round(num_pulled / (args.steps + 1), 1),
+            "arrived_between_steps": round(num_arrived / (args.steps + 1), 1),
             "commands_per_step": round(float(np.mean([r.num_commands for r in reports])), 2),
             "whole_snapshots": store.num_whole_snapshots,
             "cold_ms": {"snapshot": round(cold.snapshot_s * 1e3, 1),
@@ -341,8 +347,8 @@ async def run(args: argparse.Namespace, redis_url: str, kafka: str) -> dict[str,
     memory: Any = meter.info("memory")
     meter.close()
     specs = args.policies.split(";" if ";" in args.policies else ",")
-    policies = {spec: await bench_policy(spec, args, redis_url, kafka, profiles, queue)
-                for spec in specs}
+    policies = {spec: await bench_policy(spec, number, args, redis_url, kafka, profiles, queue)
+                for number, spec in enumerate(specs)}
     return {"enqueue_s": queue.enqueue_s,
             "running": sum(len(ids) for ids in queue.running.values()),
             "redis_used_memory_after_fill_bytes": int(memory["used_memory"]),

@@ -108,6 +108,11 @@ STEPS: tuple[Step, ...] = (
          "--policies qlm --out {out}/bench_scheduler_workers_1280.json",
          f"{PY} loadgen.bench_scheduler --queued 2000 --workers 32 --steps 2 "
          "--policies qlm --out {out}/bench_scheduler_workers_1280.json"),
+    Step("profile-step", "5 min",
+         f"{PY} loadgen.profile_step --queued 100000 --workers 80 --steps 20 "
+         "--policies 'qlm;qlm:fair_share=false;fcfs' --out {out}/profile_step.json",
+         f"{PY} loadgen.profile_step --queued 2000 --workers 8 --steps 2 "
+         "--policies 'qlm;fcfs' --out {out}/profile_step.json"),
     Step("bench-store", "2 min", f"{PY} loadgen.bench_store --out {{out}}/bench_store.json",
          f"{PY} loadgen.bench_store --requests 500 --repeat 1 --out {{out}}/bench_store.json"),
     Step("bench-redis-memory", "2 min",
