@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -580,9 +580,11 @@ class Lane:
                            self.end_at, self.end_var, with_p)
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
-    """Where a group would sit on a lane: its start distribution and the lane after it."""
+class Slot(NamedTuple):
+    """Where a group would sit on a lane: its start distribution and the lane after it.
+
+    A named tuple, not a frozen dataclass: the planners make thousands per decision (every
+    position they try), and a frozen dataclass costs several times more to build."""
 
     start_at: float
     start_var: float
