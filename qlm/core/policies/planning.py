@@ -79,9 +79,12 @@ def output_stats_from(raw: Mapping[str, Any] | None) -> dict[str, LengthStats]:
     return stats
 
 
+_SQRT2 = math.sqrt(2.0)
+
+
 def phi(x: float) -> float:
     """Standard normal CDF."""
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+    return 0.5 * (1.0 + math.erf(x / _SQRT2))
 
 
 # --------------------------------------------------------------- group summaries
@@ -408,11 +411,11 @@ class CostModel:
 
     def service(self, group_index: int, worker_index: int) -> Service | None:
         """Cost of group ``group_index`` on worker ``worker_index``; None if no profile."""
-        shape = self.shape_of[worker_index]
-        row = self._table[group_index]
-        found = row[shape]
+        found = self._table[group_index][self.shape_of[worker_index]]
         if found is not _MISSING:
             return found
+        shape = self.shape_of[worker_index]
+        row = self._table[group_index]
         memo = self._memos[group_index] if self._memos is not None else None
         key = self.shape_keys[shape]
         if memo is not None and key in memo:
@@ -600,18 +603,17 @@ def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
                 end_var: float, with_p: bool = True) -> Slot:
     """The walk's step: group ``g`` appended after a lane in state (tail, seg, end)."""
     if tail_model == g.model:
-        start = max(seg_start_at, end_at - svc.lead_s)
-        seg = seg_start_at
-        swapped = False
-    else:
-        start = end_at + cost.swap_s(worker_index, g.model, tail_model)
-        if tail_model is not None and end_at > seg_start_at:
-            start += cost.drain_tail_s(worker_index, tail_model)
-        seg = start
-        swapped = True
+        start = end_at - svc.lead_s
+        if not start > seg_start_at:  # max(seg_start_at, end_at - lead), without the call
+            start = seg_start_at
+        p = p_meet(g, svc, start, end_var) if with_p else 0.0
+        return Slot(start, end_var, end_at + svc.mean_s, end_var + svc.var_s2, seg_start_at,
+                    False, p)
+    start = end_at + cost.swap_s(worker_index, g.model, tail_model)
+    if tail_model is not None and end_at > seg_start_at:
+        start += cost.drain_tail_s(worker_index, tail_model)
     p = p_meet(g, svc, start, end_var) if with_p else 0.0
-    return Slot(start, end_var, start + svc.mean_s if swapped else end_at + svc.mean_s,
-                end_var + svc.var_s2, seg, swapped, p)
+    return Slot(start, end_var, start + svc.mean_s, end_var + svc.var_s2, start, True, p)
 
 
 def p_meet(g: GroupStats, svc: Service, start_at: float, start_var: float) -> float:
@@ -619,13 +621,15 @@ def p_meet(g: GroupStats, svc: Service, start_at: float, start_var: float) -> fl
     first_token_at = start_at + svc.prefill_s
     std = math.sqrt(start_var) + MIN_STD_S
     points = g.deadline_points
-    if (points[0] - first_token_at - svc.spread_s) / std > SURE_Z:
+    spread = svc.spread_s
+    if (points[0] - first_token_at - spread) / std > SURE_Z:
         return 1.0
     if (points[-1] - first_token_at) / std < -SURE_Z:
         return 0.0
     total = 0.0
-    for q, d in zip(DEADLINE_QUANTILES, g.deadline_points, strict=True):
-        total += phi((d - first_token_at - q * svc.spread_s) / std)
+    erf = math.erf
+    for q, d in zip(DEADLINE_QUANTILES, points, strict=True):
+        total += 0.5 * (1.0 + erf((d - first_token_at - q * spread) / std / _SQRT2))  # phi
     return total / len(DEADLINE_QUANTILES)
 
 
