@@ -408,6 +408,10 @@ class CostModel:
         self._drain: dict[tuple[int, str], float] = {}
         self._swap: dict[tuple[int, str, str | None], float] = {}
         self._tail: dict[tuple[int, str], float] = {}
+        #: The same values by what they depend on (GPU, model...), computed once for all
+        #: the workers that share it.
+        self._swap_of: dict[tuple[Any, ...], float] = {}
+        self._tail_of: dict[tuple[str, str], float] = {}
 
     def service(self, group_index: int, worker_index: int) -> Service | None:
         """Cost of group ``group_index`` on worker ``worker_index``; None if no profile."""
@@ -490,13 +494,16 @@ class CostModel:
         key = (worker_index, model)
         found = self._tail.get(key)
         if found is None:
-            w = self.workers[worker_index]
-            found = 0.0
-            if self.profiles.has(model, w.gpu):
-                p = self.profiles.get(model, w.gpu)
-                lengths = self.output_stats.get(model, self.output_stats["*"])
-                tokens = lengths.quantile_tokens(0.95)
-                found = tokens * p.decode_step_s(1, int(512 + tokens / 2))
+            gpu = self.workers[worker_index].gpu
+            found = self._tail_of.get((gpu, model))
+            if found is None:
+                found = 0.0
+                if self.profiles.has(model, gpu):
+                    p = self.profiles.get(model, gpu)
+                    lengths = self.output_stats.get(model, self.output_stats["*"])
+                    tokens = lengths.quantile_tokens(0.95)
+                    found = tokens * p.decode_step_s(1, int(512 + tokens / 2))
+                self._tail_of[(gpu, model)] = found
             self._tail[key] = found
         return found
 
@@ -505,7 +512,13 @@ class CostModel:
         key = (worker_index, model, from_model)
         found = self._swap.get(key)
         if found is None:
-            found = self._swap[key] = self._compute_swap(worker_index, model, from_model)
+            w = self.workers[worker_index]
+            basis = (w.gpu, w.num_gpus, model in w.models, model, from_model)
+            found = self._swap_of.get(basis)
+            if found is None:
+                found = self._swap_of[basis] = self._compute_swap(worker_index, model,
+                                                                  from_model)
+            self._swap[key] = found
         return found
 
     def _compute_swap(self, worker_index: int, model: str, from_model: str | None) -> float:
@@ -551,11 +564,18 @@ class Lane:
         self.initial: tuple[str | None, float, float, float] = (model, free_at, end_at, end_var)
         self.reset([], cost)
 
-    def reset(self, order: list[int], cost: CostModel) -> list[Slot]:
-        """Set the order and recompute the tail state; returns the slots of ``order``."""
+    def reset(self, order: list[int], cost: CostModel, kept: Sequence[Slot] = ()) -> list[Slot]:
+        """Set the order and recompute the tail state; returns the slots of ``order``.
+        ``kept``: the slots of a prefix of ``order`` (what a walk gives them), reused: the
+        walk starts after them."""
         self.order = order
         self.version += 1
-        slots = walk(cost, self, order)
+        if kept:
+            n, last = len(kept), kept[-1]
+            slots = [*kept, *walk(cost, self, order[n:], (
+                cost.stats[order[n - 1]].model, last.seg_start_at, last.end_at, last.end_var))]
+        else:
+            slots = walk(cost, self, order)
         if slots:
             last = slots[-1]
             self.tail = cost.stats[order[-1]].model
@@ -633,9 +653,11 @@ def p_meet(g: GroupStats, svc: Service, start_at: float, start_var: float) -> fl
     return total / len(DEADLINE_QUANTILES)
 
 
-def walk(cost: CostModel, lane: Lane, order: Sequence[int]) -> list[Slot]:
-    """Slots of every group of ``order`` on ``lane`` from the lane's initial state."""
-    tail, seg, end, var = lane.initial
+def walk(cost: CostModel, lane: Lane, order: Sequence[int],
+         state: tuple[str | None, float, float, float] | None = None) -> list[Slot]:
+    """Slots of every group of ``order`` on ``lane`` from the lane's initial state (or from
+    ``state``: tail model, segment start, end and its variance)."""
+    tail, seg, end, var = lane.initial if state is None else state
     slots = []
     for gi in order:
         svc = cost.service(gi, lane.index)
