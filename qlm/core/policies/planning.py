@@ -422,9 +422,8 @@ class CostModel:
         row = self._table[group_index]
         memo = self._memos[group_index] if self._memos is not None else None
         key = self.shape_keys[shape]
-        if memo is not None and key in memo:
-            found = memo[key]
-        else:
+        found = _MISSING if memo is None else memo.get(key, _MISSING)
+        if found is _MISSING:
             found = self._compute_service(group_index, shape)
             if memo is not None:
                 memo[key] = found
