@@ -381,8 +381,8 @@ def run_stack(args: argparse.Namespace, workloads: Mapping[str, Workload],
         options = ServiceOptions(
             policy=args.policy, policy_options=options_from_json(args.policy_options),
             workers_file=workers_file, admission=ADMISSION,
-            group_window_s=args.group_window_s, tick_s=args.tick_s, debounce_s=args.debounce_s,
-            shutdown_grace_s=2.0)
+            group_window_s=args.group_window_s, tick_s=args.tick_s, shutdown_grace_s=2.0,
+            **({} if args.debounce_s is None else {"debounce_s": args.debounce_s}))
         services = ServiceStack(args.dir, redis_url, bootstrap, options, profiles_source=(
             write_profiles(args.dir.resolve() / "profiles-planned", args.gpu, kv)))
         started = time.monotonic()
@@ -494,9 +494,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--engine", choices=("vllm", "sim"), default="vllm")
     p.add_argument("--policy", default="qlm", help="the scheduler service's policy")
-    p.add_argument("--debounce-s", type=float, default=0.1,
+    p.add_argument("--debounce-s", type=float, default=None,
                    help="the scheduler's --debounce-s: how long it gathers events before "
-                        "deciding (each decision waits this long after its trigger)")
+                        "deciding (each decision waits this long after its trigger; "
+                        "default: the scheduler's)")
     p.add_argument("--save-logs", action="store_true",
                    help="also write OUT/<name>-logs.tar.gz with every log of the stack")
     p.add_argument("--policy-options", default="{}",

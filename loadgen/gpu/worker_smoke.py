@@ -29,7 +29,7 @@ import numpy as np
 
 from loadgen.gpu.common import MODEL_SHAPES, StepLog, device_facts, stream_to_end
 from qlm.core.perf import PROFILE_DIR, ProfileBook
-from qlm.engine.base import EngineRequest, swap
+from qlm.engine.base import EngineRequest
 from qlm.engine.vllm_engine import VllmEngine, VllmOptions
 
 
@@ -135,12 +135,12 @@ class Smoke(StepLog):
         # Model swap by sleep/wake, there and back.
         if second != first:
             started = time.perf_counter()
-            await swap(engine, second)
+            await engine.swap(second)
             self.step(f"swap {first} -> {second}", time.perf_counter() - started)
             out = await run_one(engine, self.request("b0", second, 256, 32))
             self.check("serves after swap", out["num_generated"] == 32, out=out)
             started = time.perf_counter()
-            await swap(engine, first)
+            await engine.swap(first)
             self.step(f"swap {second} -> {first}", time.perf_counter() - started)
             out = await run_one(engine, self.request("a-back", first, 256, 32))
             self.check("serves after swap back", out["num_generated"] == 32, out=out)

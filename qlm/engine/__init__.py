@@ -4,6 +4,6 @@
 imported only when ``"vllm"`` is chosen.
 """
 
-from qlm.engine.base import Engine, EngineRequest, EngineStats, OutputChunk, Progress, swap
+from qlm.engine.base import Engine, EngineRequest, EngineStats, OutputChunk, Progress
 
-__all__ = ["Engine", "EngineRequest", "EngineStats", "OutputChunk", "Progress", "swap"]
+__all__ = ["Engine", "EngineRequest", "EngineStats", "OutputChunk", "Progress"]

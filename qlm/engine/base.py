@@ -24,8 +24,10 @@ Contract (every implementation):
   id raises :class:`NotFound`. ``keep_kv=True`` asks the engine to keep the request's
   KV state in CPU memory, so that adding it again with the same context restores that
   state instead of recomputing it (an engine that cannot does a plain abort).
-* ``sleep(model)`` / ``wake(model)`` change which model is active (a model swap is
-  ``sleep(current)`` then ``wake(next)``). ``sleep`` requires the model to have no
+* ``sleep(model)`` / ``wake(model)`` change which model is active; ``swap(to_model)``
+  makes ``to_model`` active (a no-op if it is): ``sleep(current)`` then ``wake(to_model)``,
+  or both at once where the engine can hold both (the vLLM engine, when the models' GPU
+  shares add up to at most the card). ``sleep`` (and ``swap``) requires the model to have no
   requests (abort or finish them first) else InvalidInput; while asleep or swapping
   ``active_model`` is None and ``add`` refuses. ``wake`` of a model the engine does
   not hold raises InvalidInput.
@@ -193,14 +195,6 @@ class Engine(Protocol):
 
     async def wake(self, model: str) -> None: ...
 
+    async def swap(self, to_model: str) -> None: ...
+
     def stats(self) -> EngineStats: ...
-
-
-async def swap(engine: Engine, to_model: str) -> None:
-    """Make ``to_model`` the active model: sleep the current one (if any), wake it."""
-    current = engine.active_model
-    if current == to_model:
-        return
-    if current is not None:
-        await engine.sleep(current)
-    await engine.wake(to_model)

@@ -354,6 +354,17 @@ class SimulatedEngine:
         self._active = model
         self._changed.set()
 
+    async def swap(self, to_model: str) -> None:
+        """Sleep the active model (if any), then wake ``to_model``: the profile's
+        ``sleep_s + wake_s``, one after the other, as the simulator prices a swap."""
+        self.profile(to_model)
+        current = self._active
+        if current == to_model:
+            return
+        if current is not None:
+            await self.sleep(current)
+        await self.wake(to_model)
+
     async def _pause(self, engine_s: float) -> None:
         await self._clock.sleep_until(self._clock.now() + engine_s / self.time_scale)
 

@@ -8,8 +8,9 @@ merely imports qlm needs vLLM (use :func:`qlm.engine.factory.make_engine`).
   it is a share of the whole card, so co-resident models must split it). The models
   after the first are started and put to sleep at once; the first stays awake.
   ``sleep(model)`` = ``AsyncLLM.sleep(level)`` (level 1: weights to CPU memory, KV
-  dropped), ``wake(model)`` = ``wake_up()``; a swap is about 0.5 s on an H100 once warm
-  (../shared/gpu/README.md).
+  dropped), ``wake(model)`` = ``wake_up()``; ``swap`` runs the old model's sleep and the
+  new one's wake at once when their shares fit the card together (docs/results/gpu/README.md,
+  Part 3, for the times on an H100).
 * **Models and checkpoints**: a model's checkpoint is the ``path`` its workers-file
   entry names (:class:`qlm.roster.ModelEntry`), else ``<model_dir>/<model>`` (for a known
   shape without a checkpoint, its config.json is written there: dummy weights only).
@@ -42,6 +43,7 @@ merely imports qlm needs vLLM (use :func:`qlm.engine.factory.make_engine`).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -172,6 +174,7 @@ class VllmEngine:
         self._entries = dict(entries or {})
         self._llms: dict[str, Any] = {}
         self._texts: dict[str, TextModel | None] = {}
+        self._shares: dict[str, float] = {}  # each model's gpu_memory_utilization
         self._active: str | None = None
         self._live: dict[str, _Live] = {}
         self._num_swaps = 0
@@ -212,6 +215,7 @@ class VllmEngine:
         known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         check_known_to_vllm(args, known, f"models.{model}.engine_args", vllm.__version__)
         self._texts[model] = TextModel.load(path) if has_tokenizer(path) else None
+        self._shares[model] = float(args["gpu_memory_utilization"])
         return AsyncEngineArgs(**args)
 
     def text_model(self, model: str) -> TextModel | None:
@@ -378,6 +382,40 @@ class VllmEngine:
             raise InvalidInput("model", f"{self._active!r} is awake; put it to sleep first")
         await self._llms[model].wake_up()
         self._active = model
+
+    async def swap(self, to_model: str) -> None:
+        """Make ``to_model`` active. Each model has its own share of the card, so when the
+        shares add up to at most the card (the default ``0.85 / number of models``) the
+        new model's weights and KV cache fit while the old one's leave: the two copies
+        (device → host and host → device, the two directions of PCIe) run at once.
+        Otherwise sleep, then wake."""
+        if to_model not in self._llms:
+            raise InvalidInput("model", f"{to_model!r} is not one of {list(self._models)}")
+        current = self._active
+        if current == to_model:
+            return
+        if current is None:
+            await self.wake(to_model)
+            return
+        if not self.overlapped_swaps(current, to_model):
+            await self.sleep(current)
+            await self.wake(to_model)
+            return
+        if any(live.model == current for live in self._live.values()):
+            raise InvalidInput("model", f"{current!r} still has requests; abort them first")
+        self._active = None
+        self._num_swaps += 1
+        outcomes = await asyncio.gather(
+            self._llms[current].sleep(level=self.options.sleep_level),
+            self._llms[to_model].wake_up(), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise Unavailable(f"swap {current} -> {to_model} failed: {outcome!r}")
+        self._active = to_model
+
+    def overlapped_swaps(self, a: str, b: str) -> bool:
+        """Whether ``a`` and ``b`` fit the card awake together (their shares' sum ≤ 1)."""
+        return self._shares.get(a, 1.0) + self._shares.get(b, 1.0) <= 1.0 + 1e-9
 
     # ---------------------------------------------------------------- stats
     def _context_tokens(self) -> int:

@@ -102,7 +102,7 @@ class ServiceOptions:
     admission: str = "interactive=reject"
     group_window_s: float = 1.0
     tick_s: float = 1.0
-    debounce_s: float = 0.1
+    debounce_s: float = 0.02
     shutdown_grace_s: float = 2.0
     log_level: str = "info"
     topic_prefix: str = ""

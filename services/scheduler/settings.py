@@ -28,7 +28,7 @@ class SchedulerSettings(CommonSettings):
     )
     tick_s: float = Field(1.0, gt=0, description="decide at least this often (seconds)")
     debounce_s: float = Field(
-        0.1, ge=0, description="after an event, wait this long for more before deciding"
+        0.02, ge=0, description="after an event, wait this long for more before deciding"
     )
     lease_ttl_s: float = Field(3.0, gt=0, description="leader lease time to live")
     lease_renew_s: float = Field(1.0, gt=0, description="leader renews this often")

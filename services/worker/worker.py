@@ -26,7 +26,7 @@ Loops of a running :class:`Worker` (asyncio tasks):
 
 LSO commands (:meth:`Worker.on_lso`): ``evict`` / ``migrate`` abort the named running
 requests and requeue them with their progress (``evicted`` event); ``swap`` stops
-pulling, evicts everything running, sleeps the active model and wakes the target, then
+pulling, evicts everything running, swaps the engine (:meth:`Engine.swap`), then
 publishes a ``swapped`` event (from and to model, wall time of the swap); ``cap`` sets
 the batch cap (:meth:`Worker.set_batch_cap`): the pull admits only while fewer requests
 run, which bounds the engine's batch on every engine (vLLM's ``max_num_seqs`` cannot
@@ -608,7 +608,7 @@ class Worker:
         self._publish_telemetry()
 
     async def swap(self, to_model: str, reason: str = "") -> None:
-        """Make ``to_model`` active: stop pulling, requeue running work, sleep + wake."""
+        """Make ``to_model`` active: stop pulling, requeue running work, swap the engine."""
         async with self._swap_lock:
             current = self.engine.active_model
             if current == to_model or self.draining:
@@ -618,10 +618,7 @@ class Worker:
             started = time.monotonic()
             try:
                 await asyncio.gather(*(self._evict(r, "swap") for r in list(self.running.values())))
-                if current is not None:
-                    await self.engine.sleep(current)
-                self._set_active_model_gauge()
-                await self.engine.wake(to_model)
+                await self.engine.swap(to_model)
             finally:
                 self.swapping = False
                 self.wake.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -102,3 +103,41 @@ def test_sim_engine_gets_the_tokenizer_of_a_named_checkpoint(tmp_path: Path,
     with pytest.raises(InvalidInput, match=r"models\.mistral-7b\.path.*no tokenizer"):
         make_engine("sim", "A100-80GB", ["mistral-7b"], ProfileBook.load(),
                     entries={"mistral-7b": ModelEntry("mistral-7b", tmp_path)})
+
+
+class _RecordingLLM:
+    """Stands in for an ``AsyncLLM``: records when its sleep / wake_up start and end."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    async def sleep(self, level: int = 1) -> None:
+        self.log.append(f"sleep {self.name} start")
+        await asyncio.sleep(0.01)
+        self.log.append(f"sleep {self.name} end")
+
+    async def wake_up(self) -> None:
+        self.log.append(f"wake {self.name} start")
+        await asyncio.sleep(0.01)
+        self.log.append(f"wake {self.name} end")
+
+
+@pytest.mark.parametrize(("shares", "overlapped"), [((0.42, 0.42), True), ((0.9, 0.9), False)])
+async def test_vllm_swap_overlaps_sleep_and_wake_only_when_both_models_fit(
+        shares: tuple[float, float], overlapped: bool) -> None:
+    engine = VllmEngine("H100-80GB", ["a", "b"])
+    log: list[str] = []
+    engine._llms = {"a": _RecordingLLM("a", log), "b": _RecordingLLM("b", log)}
+    engine._shares = dict(zip(("a", "b"), shares, strict=True))
+    engine._active = "a"
+    assert engine.overlapped_swaps("a", "b") is overlapped
+    await engine.swap("b")
+    assert engine.active_model == "b" and engine._num_swaps == 1
+    if overlapped:  # the wake starts before the sleep ends
+        assert log.index("wake b start") < log.index("sleep a end")
+    else:
+        assert log == ["sleep a start", "sleep a end", "wake b start", "wake b end"]
+    await engine.swap("b")  # already active: nothing happens
+    assert len(log) == 4
+    with pytest.raises(InvalidInput, match="not one of"):
+        await engine.swap("c")

@@ -13,7 +13,7 @@ from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies.base import make_policy
 from qlm.core.types import SLO, Request, SLOClass
-from qlm.engine.base import EngineRequest, OutputChunk, swap
+from qlm.engine.base import EngineRequest, OutputChunk
 from qlm.engine.clock import VirtualClock
 from qlm.engine.simulated import SimulatedEngine
 from qlm.sim import Job, SimConfig, WorkerSpec, simulate
@@ -176,7 +176,7 @@ async def test_swap_takes_sleep_plus_wake_and_only_the_active_model_runs(
     await engine.abort("y")
     _ = [c async for c in stream]
     t0 = clock.now()
-    await swap(engine, "B")
+    await engine.swap("B")
     assert clock.now() - t0 == pytest.approx(a.sleep_s + b.wake_s)
     assert engine.active_model == "B"
     chunks = await collect(clock, engine.add(request("z", model="B", prompt=100, max_tokens=1)))
