@@ -218,9 +218,16 @@ class GroupStatsCache:
         fresh: dict[GroupKey, _Entry] = {}
         out: list[GroupStats] = []
         memos: list[dict[Any, Any]] = []
+        entries = self._entries
         for index, group in enumerate(groups):
-            entry = self._entry(group, index, output_stats)
-            fresh[group.key] = entry
+            key = group.key
+            entry = entries.get(key)
+            if entry is not None and entry.requests is group.requests:  # unchanged
+                if entry.stats.index != index:
+                    entry.stats = _reindexed(entry.stats, index)
+            else:
+                entry = self._entry(group, index, output_stats)
+            fresh[key] = entry
             out.append(entry.stats)
             memos.append(entry.memo)
         self._entries = fresh
