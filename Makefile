@@ -136,7 +136,7 @@ bench-estimator:
 	$(PYTHON) -m loadgen.bench_estimator --queued 100000 --workers 80 --rounds 10 --queries 50 --out docs/results/bench_estimator.json
 
 bench-decide:
-	taskset -c 0,1 $(PYTHON) -m loadgen.bench_decide --queued 100000 --workers 80 --policies qlm,edf,fcfs,shepherd --iterations 300 --reference-iterations 30 --out docs/results/bench_decide.json
+	taskset -c 0 $(PYTHON) -m loadgen.bench_decide --queued 100000 --workers 80 --policies qlm,qlm:fair_share=false,fcfs,edf,shepherd --iterations 300 --reference-iterations 300 --out docs/results/bench_decide.json
 
 docs:  ## regenerate the generated docs (configuration reference)
 	$(PYTHON) -m services.configdoc > docs/config.md

@@ -72,10 +72,11 @@ STEPS: tuple[Step, ...] = (
       for gpu, seeds in (("A100-80GB", 5), ("A10-24GB", 2), ("H100-80GB", 2))),
     Step("bench-decide", "3 min",
          f"{PY} loadgen.bench_decide --queued 100000 --workers 80 "
-         "--policies qlm,edf,fcfs,shepherd --iterations 300 --reference-iterations 30 "
-         "--out {out}/bench_decide.json",
-         f"{PY} loadgen.bench_decide --queued 2000 --workers 8 --policies qlm,fcfs "
-         "--iterations 5 --reference-iterations 3 --out {out}/bench_decide.json"),
+         "--policies qlm,qlm:fair_share=false,fcfs,edf,shepherd --iterations 300 "
+         "--reference-iterations 300 --out {out}/bench_decide.json",
+         f"{PY} loadgen.bench_decide --queued 2000 --workers 8 "
+         "--policies qlm,qlm:fair_share=false,fcfs --iterations 5 --reference-iterations 3 "
+         "--out {out}/bench_decide.json"),
     Step("bench-decide-gc-freeze", "3 min",
          f"{PY} loadgen.bench_decide --queued 100000 --workers 80 "
          "--policies qlm,edf,fcfs,shepherd --iterations 300 --reference-iterations 30 "

@@ -8,6 +8,7 @@ Times are seconds on whatever clock the caller injects (virtual in the simulator
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -66,7 +67,22 @@ class SLO:
             if slo_class is SLOClass.CUSTOM:
                 raise InvalidInput("slo.ttft_s", "required for class 'custom'")
             ttft_s = DEFAULT_TTFT_SLO_S[slo_class]
-        return cls(ttft_s=ttft_s)
+        return cls.of(ttft_s)
+
+    @classmethod
+    def of(cls, ttft_s: float, tpot_s: float | None = None) -> SLO:
+        """``SLO(ttft_s, tpot_s)``, one shared object per distinct pair: a queue of 100k
+        requests then holds a handful of SLO objects, not one per request for the garbage
+        collector to walk in every full collection (SLOs are frozen: sharing is safe)."""
+        try:
+            return _shared_slo(ttft_s, tpot_s)
+        except TypeError:  # unhashable: let the constructor name the field
+            return cls(ttft_s, tpot_s)
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def _shared_slo(ttft_s: float, tpot_s: float | None) -> SLO:
+    return SLO(ttft_s, tpot_s)
 
 
 #: The tenant of a request that names none (and of a group key without one).

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
@@ -153,14 +152,6 @@ def _float_or_none(text: str | None) -> float | None:
     return float(text) if text else None
 
 
-@lru_cache(maxsize=4096)
-def _slo(ttft_s: float, tpot_s: float | None) -> SLO:
-    """One shared (frozen) SLO per value: a reader holding a million queued requests keeps
-    a few SLO objects, not a million (less memory, and less for the garbage collector to
-    walk)."""
-    return SLO(ttft_s=ttft_s, tpot_s=tpot_s)
-
-
 def request_from_fields(fields: Mapping[str, str]) -> Request:
     """Rebuild the :class:`Request` from a record's fields (see :data:`SCHEDULING_FIELDS`)."""
     slo_class = SLOClass(fields["slo_class"])
@@ -170,7 +161,7 @@ def request_from_fields(fields: Mapping[str, str]) -> Request:
         prompt_tokens=int(fields["prompt_tokens"]),
         max_tokens=int(fields["max_tokens"]),
         slo_class=slo_class,
-        slo=_slo(float(fields["ttft_s"]), _float_or_none(fields.get("tpot_s"))),
+        slo=SLO.of(float(fields["ttft_s"]), _float_or_none(fields.get("tpot_s"))),
         arrival_at=float(fields["arrival_at"]),
         tenant=fields["tenant"],
         num_generated=int(fields["num_generated"]),
