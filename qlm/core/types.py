@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import quote, unquote
 
 from qlm.core.errors import InvalidInput
@@ -308,11 +308,22 @@ def _frozen_mapping(value: VirtualQueues) -> VirtualQueues:
     return MappingProxyType(dict(value))
 
 
+class QueuedIndex(Protocol):
+    """An environment's index of its queued requests (:attr:`QueueSnapshot.queued_ids`)."""
+
+    def among(self, request_ids: set[str]) -> set[str]:
+        """Those of ``request_ids`` that are queued in the snapshot's groups."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class QueueSnapshot:
     """A read-only view of the whole queue at ``now``: the input of every policy.
 
     ``virtual_queues`` is the previous decision's order per worker (may be empty).
+    ``queued_ids``, when the environment keeps an index of its queue (the Redis store's
+    mirror, :mod:`qlm.store.mirror`), answers which ids are queued in ``groups``
+    without a pass over them (:meth:`queued_among`); it takes no part in equality.
     """
 
     now: float
@@ -321,6 +332,7 @@ class QueueSnapshot:
     virtual_queues: Mapping[str, tuple[GroupKey, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    queued_ids: QueuedIndex | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.virtual_queues, MappingProxyType):
@@ -329,6 +341,16 @@ class QueueSnapshot:
     @property
     def num_queued(self) -> int:
         return sum(g.size for g in self.groups)
+
+    def queued_among(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of ``request_ids`` are queued (in ``groups``): through ``queued_ids``
+        when given (as many lookups as ids), else one pass over the queued requests."""
+        asked = set(request_ids)
+        if not asked:
+            return set()
+        if self.queued_ids is not None:
+            return self.queued_ids.among(asked)
+        return {r.id for g in self.groups for r in g.requests if r.id in asked}
 
     def group(self, key: GroupKey) -> RequestGroup:
         for g in self.groups:
