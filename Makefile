@@ -126,17 +126,17 @@ gpu-fidelity:
 	$(PYTHON) -m loadgen.gpu.fidelity docs/results/gpu/h100_replay_mistral-7b.json.gz docs/results/gpu/h100_replay_mistral-7b_high_load.json.gz --out docs/results/gpu/fidelity.json
 
 bench-scheduler:
-	$(PYTHON) -m loadgen.bench_scheduler --queued 100000 --workers 80 --steps 20 --policies qlm,fcfs --out docs/results/bench_scheduler.json
+	$(PYTHON) -m loadgen.bench_scheduler --queued 100000 --workers 80 --steps 20 --policies "qlm;qlm:fair_share=false;fcfs" --out docs/results/bench_scheduler.json
 
 # the same step with a million queued (fills Redis with 1M requests first: several minutes)
 bench-scheduler-1m:
-	$(PYTHON) -m loadgen.bench_scheduler --queued 1000000 --workers 80 --steps 20 --policies qlm --out docs/results/bench_scheduler_1m.json
+	$(PYTHON) -m loadgen.bench_scheduler --queued 1000000 --workers 80 --steps 20 --policies "qlm;qlm:fair_share=false;fcfs" --out docs/results/bench_scheduler_1m.json
 
 bench-estimator:
 	$(PYTHON) -m loadgen.bench_estimator --queued 100000 --workers 80 --rounds 10 --queries 50 --out docs/results/bench_estimator.json
 
 bench-decide:
-	taskset -c 0,1 $(PYTHON) -m loadgen.bench_decide --queued 100000 --workers 80 --policies qlm,edf,fcfs,shepherd --iterations 300 --reference-iterations 30 --out docs/results/bench_decide.json
+	taskset -c 0 $(PYTHON) -m loadgen.bench_decide --queued 100000 --workers 80 --policies qlm,qlm:fair_share=false,fcfs,edf,shepherd --iterations 300 --reference-iterations 300 --out docs/results/bench_decide.json
 
 docs:  ## regenerate the generated docs (configuration reference)
 	$(PYTHON) -m services.configdoc > docs/config.md

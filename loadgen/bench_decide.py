@@ -1,6 +1,11 @@
 """Scheduler decision-time benchmark: ``decide()`` on a snapshot of 100k queued requests.
 
-    python -m loadgen.bench_decide --queued 100000 --workers 80 --policies qlm,edf,fcfs
+    python -m loadgen.bench_decide --queued 100000 --workers 80 \\
+        --policies qlm,qlm:fair_share=false,fcfs
+
+A policy entry is a policy's name, optionally followed by options as ``:name=value``
+(each value read as JSON, else as text): ``qlm:fair_share=false`` is qlm without fair
+share. Results are keyed by the entry as written.
 
 The cluster is the paper's: 3/8 of the workers on A10-24GB and 5/8 on A100-80GB
 (30 + 50 at 80 workers), each worker one instance of one of the three models
@@ -16,6 +21,13 @@ Workers are full but for ``--free-slots`` of room each. The first
 decision of a fresh policy instance (nothing memoised) is reported separately as
 ``cold_ms``. Every policy sees the same sequence of snapshots, in the same process.
 
+Garbage collection: the queue (100k requests) is long-lived, and a full collection walks
+all of it (well over 100 ms on a small machine) wherever it happens to trip. Each policy
+starts from a collected heap (``gc.collect()`` before its cold decision), so that none
+inherits the collection debt that building the queue (or the policy before it) left;
+``gc_full_collections`` / ``gc_full_ms`` count the full collections that still ran
+inside its timed decisions and the wall time they took.
+
 ``forecast_*`` (the subject policy): what the scheduler service does after writing the
 virtual queues, outside ``decide()``: every group's forecast on the queue the decision
 gave it (:class:`qlm.core.forecast.Forecaster`), timed after each decision;
@@ -26,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -39,6 +53,7 @@ from typing import Any, Final
 import numpy as np
 
 from loadgen.results import write_json
+from qlm.core.errors import InvalidInput
 from qlm.core.estimator import RWTEstimator
 from qlm.core.forecast import Forecaster
 from qlm.core.perf import ProfileBook
@@ -134,9 +149,54 @@ def _pct(values: list[float], q: float) -> float:
     return round(values[min(len(values) - 1, int(q * len(values)))], 3)
 
 
-def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContext,
+def policy_entry(entry: str) -> tuple[str, dict[str, Any]]:
+    """``name[:option=value]...`` as (policy name, options); InvalidInput names a bad one."""
+    name, sep, rest = entry.partition(":")
+    options: dict[str, Any] = {}
+    # Options are split at a colon followed by the next option's name and "=" (a JSON
+    # value may hold colons of its own).
+    for pair in re.split(r":(?=[A-Za-z_]\w*=)", rest) if sep else ():
+        key, _, text = pair.partition("=")
+        if not re.fullmatch(r"[A-Za-z_]\w*", key) or "=" not in pair:
+            raise InvalidInput("policies", f"{entry!r}: expected name:option=value, got {pair!r}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return name, options
+
+
+class FullCollections:
+    """Counts the full (oldest-generation) garbage collections while active, and their
+    wall time."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ms = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.count += 1
+            self.ms += (time.perf_counter() - self._started) * 1e3
+
+    def __enter__(self) -> FullCollections:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
+def time_policy(entry: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContext,
                 forecaster: Forecaster | None = None) -> dict[str, Any]:
-    policy = make_policy(name)
+    name, options = policy_entry(entry)
+    policy = make_policy(name, **options)
+    gc.collect()  # start from a collected heap: no debt left by building the queue
     t0 = time.perf_counter()
     decision = policy.decide(snapshots[0], ctx)
     cold_ms = (time.perf_counter() - t0) * 1e3
@@ -148,11 +208,13 @@ def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContex
     times = []
     cpu_times = []  # CPU time of this thread: steadier than wall time on a shared machine
     forecast_times = []
+    full = FullCollections()
     for snap in snapshots[1:]:
-        t0, c0 = time.perf_counter(), time.thread_time()
-        decision = policy.decide(snap, ctx)
-        times.append((time.perf_counter() - t0) * 1e3)
-        cpu_times.append((time.thread_time() - c0) * 1e3)
+        with full:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            decision = policy.decide(snap, ctx)
+            times.append((time.perf_counter() - t0) * 1e3)
+            cpu_times.append((time.thread_time() - c0) * 1e3)
         if forecaster is not None:
             t0 = time.perf_counter()
             forecaster.forecast(snap, orders_of(decision))
@@ -172,6 +234,9 @@ def time_policy(name: str, snapshots: Sequence[QueueSnapshot], ctx: PolicyContex
         "mean_ms": round(statistics.fmean(times), 3),
         "cpu_p50_ms": round(statistics.median(cpu_times), 3),
         "cpu_p99_ms": round(cpu_times[min(len(cpu_times) - 1, int(0.99 * len(cpu_times)))], 3),
+        "cpu_max_ms": round(cpu_times[-1], 3),
+        "gc_full_collections": full.count,
+        "gc_full_ms": round(full.ms, 3),
         **extra,
     }
 
@@ -189,14 +254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="room per worker (requests) left by completions since the last "
                              "decision; the rest of its batch is full")
     parser.add_argument("--gc-freeze", action="store_true",
-                        help="gc.freeze() after building the queue, as a long-running "
-                             "scheduler does for its long-lived state")
+                        help="gc.freeze() after building the queue: full collections then "
+                             "skip it (what a scheduler process could do with the queue "
+                             "it loaded at start)")
     parser.add_argument("--windows", type=int, default=34,
                         help="arrival windows (groups = 3 models × 3 classes × windows)")
     parser.add_argument("--window-s", type=float, default=10.0)
     parser.add_argument("--policy", default="qlm")
     parser.add_argument("--policies", default=None,
-                        help="comma list; the first is the subject, the rest its references")
+                        help="comma list; the first is the subject, the rest its references; "
+                             "an entry may set options: qlm:fair_share=false")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--reference-iterations", type=int, default=30)
     parser.add_argument("--churn", type=int, default=5)
@@ -205,6 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULT_PATH)
     args = parser.parse_args(argv)
     names = [p.strip() for p in (args.policies or args.policy).split(",") if p.strip()]
+    try:  # every entry valid before the queue is built
+        for entry in names:
+            name, options = policy_entry(entry)
+            make_policy(name, **options)
+    except InvalidInput as exc:
+        parser.error(str(exc))
 
     rng = np.random.default_rng(args.seed)
     profiles = ProfileBook.load()
@@ -226,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = results[name]
         print(f"{name:10s} cold {r['cold_ms']:9.2f} ms  p50 {r['p50_ms']:9.2f} ms  "
               f"p99 {r['p99_ms']:9.2f} ms  ({r['iterations']} decisions)")
+        print(f"{'  cpu':10s} {'':17s}p50 {r['cpu_p50_ms']:9.2f} ms  p99 {r['cpu_p99_ms']:9.2f} ms"
+              f"  (full collections: {r['gc_full_collections']}, {r['gc_full_ms']:.0f} ms)")
         if forecaster is not None:
             print(f"{'  forecast':10s} cold {r['forecast_cold_ms']:9.2f} ms  "
                   f"p50 {r['forecast_p50_ms']:9.2f} ms  p99 {r['forecast_p99_ms']:9.2f} ms")

@@ -1,7 +1,10 @@
 """Scheduler step time with 100k (or 1M) queued requests in Redis: snapshot + decide + apply.
 
-    python -m loadgen.bench_scheduler --queued 100000 --workers 80 --policies qlm,fcfs \\
-        --out docs/results/bench_scheduler.json
+    python -m loadgen.bench_scheduler --queued 100000 --workers 80 \\
+        --policies qlm,qlm:fair_share=false,fcfs --out docs/results/bench_scheduler.json
+
+A policy is ``name`` or ``name:option=value,...`` separated by ``;`` when options are
+given (``qlm:fair_share=false``; values are JSON, else text), made with those options.
 
 Starts a local ``redis-server`` (AOF on, as deployed) and a one-node Apache Kafka (KRaft)
 on free loopback ports (or uses ``--redis-url`` / ``--kafka-bootstrap``), queues
@@ -26,7 +29,9 @@ service, every running record moved since the previous step). The first step is
 reported as cold (it reads the whole queue); ``ratio_step_to_decide`` is step (*total*)
 over *decide*, p50 and p99, measured in the same steps, in wall time and in CPU time
 (``cpu_ratio_step_to_decide``: the scheduler process's CPU for the whole step over the
-CPU of ``decide`` alone). The cluster is the paper's mix: 3/8 of the workers A10-24GB,
+CPU of ``decide`` alone). The loop freezes the heap as the service does
+(``gc_freeze_records``, its default); ``gc`` reports the garbage collector's full passes
+during the timed steps and the freezes. The cluster is the paper's mix: 3/8 of the workers A10-24GB,
 5/8 A100-80GB, models round robin. Reports p50/p99/max per phase and policy, with the
 command line, and the CPU seconds each step cost this process (all threads) and the
 Redis server: on a shared machine wall times grow with the load average, CPU seconds
@@ -37,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
 import os
 import platform
 import shlex
@@ -63,13 +70,18 @@ from qlm.localstack import KafkaServer, RedisServer, free_loopback_port
 from qlm.roster import WorkerInfo, WorkerRoster
 from qlm.store.store import RedisQueueStore, TokenAppend
 from services.scheduler.lease import LeaderLease, LeaseKeys
-from services.scheduler.loop import SchedulingLoop, StepReport
+from services.scheduler.loop import COMMAND_LINGER_MS, SchedulingLoop, StepReport
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.settings import SchedulerSettings
+
+#: The service's default (the bench measures the step as deployed).
+GC_FREEZE_RECORDS: Final[int] = SchedulerSettings.model_fields["gc_freeze_records"].default
 
 #: The top-level keys this program writes into its JSON (loadgen.results).
 RESULT_KEYS: Final = frozenset({
-    "benchmark", "churn_per_step", "command", "date_utc", "enqueue_s", "machine", "policies",
-    "queued", "redis_used_memory_after_fill_bytes", "running", "running_per_worker",
+    "benchmark", "churn_per_step", "command", "date_utc", "enqueue_s", "gc_freeze_records",
+    "machine", "policies", "queued", "redis_bytes_per_queued_request",
+    "redis_used_memory_after_fill_bytes", "running", "running_per_worker",
     "served_per_step", "steps", "targets", "tokens_per_running_request_per_step", "workers",
 })
 
@@ -102,20 +114,22 @@ def make_requests(count: int, start_at: float, span_s: float, rng: np.random.Gen
 
 
 async def enqueue_all(store: RedisQueueStore, requests: Sequence[Request],
-                      pipelines: int = 1) -> None:
+                      pipelines: int = 1) -> int:
     """Queue ``requests`` through ``enqueue_many`` (one pipeline per chunk), with up to
-    ``pipelines`` chunks in flight (Redis runs one while this process encodes the next)."""
+    ``pipelines`` chunks in flight (Redis runs one while this process encodes the next);
+    returns how many were new (not already stored)."""
     chunks = [requests[i:i + ENQUEUE_CHUNK] for i in range(0, len(requests), ENQUEUE_CHUNK)]
     gate = asyncio.Semaphore(pipelines)
 
-    async def one(chunk: Sequence[Request]) -> None:
+    async def one(chunk: Sequence[Request]) -> int:
         async with gate:
             results = await store.enqueue_many([(r, "x", None) for r in chunk])
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             raise SystemExit(f"enqueue failed: {errors[0]}")
+        return sum(1 for r in results if not isinstance(r, Exception) and r.created)
 
-    await asyncio.gather(*(one(chunk) for chunk in chunks))
+    return sum(await asyncio.gather(*(one(chunk) for chunk in chunks)))
 
 
 async def fill_running(store: RedisQueueStore, workers: Sequence[WorkerInfo],
@@ -152,6 +166,39 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
             "max": round(float(ms.max()), 1)}
 
 
+def policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:option=value,...`` → (name, options); values are JSON, else text."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for pair in filter(None, rest.split(",")):
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--policies: {spec!r}: option {pair!r} is not name=value")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return name, options
+
+
+class FullCollections:
+    """The garbage collector's full (generation 2) passes while :attr:`on`: how many,
+    and how long each took."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.seconds: list[float] = []
+        self._started_at = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started_at = time.perf_counter()
+        elif self.on:
+            self.seconds.append(time.perf_counter() - self._started_at)
+
+
 class TimedPolicy:
     """A policy whose ``decide`` also records its CPU time (the thread's: the step runs
     ``decide`` in a worker thread), so that decide and the whole step can be compared in
@@ -177,10 +224,14 @@ class Queue:
     workers: tuple[WorkerInfo, ...]
     enqueue_s: float
     running: dict[str, list[str]]
+    redis_memory_empty_bytes: int
 
 
 async def fill(args: argparse.Namespace, redis_url: str) -> Queue:
-    redis.Redis.from_url(redis_url).flushall()
+    empty = redis.Redis.from_url(redis_url)
+    empty.flushall()
+    memory: Any = empty.info("memory")
+    empty.close()
     rng = np.random.default_rng(args.seed)
     workers = cluster(args.workers)
     store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S)
@@ -192,7 +243,7 @@ async def fill(args: argparse.Namespace, redis_url: str) -> Queue:
         running = await fill_running(store, workers, queued, args.running)
     finally:
         await store.aclose()
-    return Queue(workers, round(enqueue_s, 1), running)
+    return Queue(workers, round(enqueue_s, 1), running, int(memory["used_memory"]))
 
 
 async def serve_some(store: RedisQueueStore, workers: Sequence[WorkerInfo], count: int,
@@ -211,14 +262,17 @@ async def serve_some(store: RedisQueueStore, workers: Sequence[WorkerInfo], coun
     return served
 
 
-async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: str,
+async def bench_policy(spec: str, number: int, args: argparse.Namespace, redis_url: str,
                        kafka: str, profiles: ProfileBook, queue: Queue) -> dict[str, Any]:
+    """The steps of policy ``spec``, the ``number``-th of the run (its arrivals' ids carry
+    the number: two specs of one policy must not enqueue the same ids)."""
+    policy_name, options = policy_spec(spec)
     rng = np.random.default_rng(args.seed + 1)
     workers = queue.workers
     store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S)
     topics = TopicNames(f"bench-{uuid.uuid4().hex[:8]}.")
     await ensure_topics(kafka, topic_specs(topics))
-    producer = BusProducer(kafka, client_id="bench-scheduler")
+    producer = BusProducer(kafka, client_id="bench-scheduler", linger_ms=COMMAND_LINGER_MS)
     await producer.start()
     lease_client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -226,29 +280,36 @@ async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: st
                             ttl_s=3600, margin_s=1)
         await lease_client.delete(LeaseKeys.under("qlm:").leader)
         await lease.try_acquire()
-        policy = TimedPolicy(make_policy(policy_name))
+        policy = TimedPolicy(make_policy(policy_name, **options))
         loop = SchedulingLoop(store, producer, topics.lso, policy,  # type: ignore[arg-type]
                               PolicyContext(profiles), WorkerRoster(workers, timeout_s=0),
-                              lease, SchedulerMetrics(), command_cooldown_s=0.0)
+                              lease, SchedulerMetrics(), command_cooldown_s=0.0,
+                              gc_freeze_records=args.gc_freeze_records)
+        collections = FullCollections()
+        gc.callbacks.append(collections)
         reports: list[StepReport] = []
         client_cpu: list[float] = []
         redis_cpu: list[float] = []
-        num_pulled = 0
+        num_pulled = num_arrived = 0
         meter = redis.Redis.from_url(redis_url, decode_responses=True)
         for step in range(args.steps + 1):
             before = (time.process_time(), redis_cpu_s(meter))
+            collections.on = step > 0
             report = await loop.step()
+            collections.on = False
             if step > 0:  # the first step reads the whole queue: reported as cold
                 reports.append(report)
                 client_cpu.append(time.process_time() - before[0])
                 redis_cpu.append(redis_cpu_s(meter) - before[1])
             else:
                 cold = report
-            arrivals = make_requests(args.churn, time.time(), 1.0, rng, f"{policy_name}{step}")
-            await enqueue_all(store, arrivals)
+            arrivals = make_requests(args.churn, time.time(), 1.0, rng,
+                                     f"{policy_name}-{number}-{step}")
+            num_arrived += await enqueue_all(store, arrivals)
             num_pulled += await serve_some(store, workers, args.pulls, step)
             await progress(store, queue.running, args.progress)
         meter.close()
+        gc.callbacks.remove(collections)
         ms = {phase: percentiles([getattr(r, f"{phase}_s") for r in reports])
               for phase in ("snapshot", "decide", "apply", "total")}
         step_cpu, decide_cpu = percentiles(client_cpu), percentiles(policy.cpu_s[1:])
@@ -256,6 +317,7 @@ async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: st
             "groups": reports[-1].num_groups,
             "queued_at_last_step": reports[-1].num_queued,
             "served_between_steps": round(num_pulled / (args.steps + 1), 1),
+            "arrived_between_steps": round(num_arrived / (args.steps + 1), 1),
             "commands_per_step": round(float(np.mean([r.num_commands for r in reports])), 2),
             "whole_snapshots": store.num_whole_snapshots,
             "cold_ms": {"snapshot": round(cold.snapshot_s * 1e3, 1),
@@ -268,6 +330,9 @@ async def bench_policy(policy_name: str, args: argparse.Namespace, redis_url: st
                                 "redis_server": percentiles(redis_cpu)},
             "cpu_ratio_step_to_decide": {q: round(step_cpu[q] / decide_cpu[q], 2)
                                          for q in ("p50", "p99")},
+            "gc": {"freezes": loop.heap.num_freezes,
+                   "full_collections_in_steps": len(collections.seconds),
+                   "full_collection_max_ms": round(max(collections.seconds, default=0) * 1e3, 1)},
         }
     finally:
         await producer.stop()
@@ -281,11 +346,14 @@ async def run(args: argparse.Namespace, redis_url: str, kafka: str) -> dict[str,
     meter = redis.Redis.from_url(redis_url)
     memory: Any = meter.info("memory")
     meter.close()
-    policies = {name: await bench_policy(name, args, redis_url, kafka, profiles, queue)
-                for name in args.policies.split(",")}
+    specs = args.policies.split(";" if ";" in args.policies else ",")
+    policies = {spec: await bench_policy(spec, number, args, redis_url, kafka, profiles, queue)
+                for number, spec in enumerate(specs)}
     return {"enqueue_s": queue.enqueue_s,
             "running": sum(len(ids) for ids in queue.running.values()),
             "redis_used_memory_after_fill_bytes": int(memory["used_memory"]),
+            "redis_bytes_per_queued_request": round(
+                (int(memory["used_memory"]) - queue.redis_memory_empty_bytes) / args.queued),
             "policies": policies}
 
 
@@ -303,7 +371,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fill-pipelines", type=int, default=3,
                         help="enqueue pipelines in flight while filling the queue")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--policies", default="qlm,fcfs")
+    parser.add_argument("--policies", default="qlm,fcfs",
+                        help="comma-separated; ';' between them when one has options "
+                             "(qlm:fair_share=false;fcfs)")
+    parser.add_argument("--gc-freeze-records", type=int, default=GC_FREEZE_RECORDS,
+                        help="the scheduler's gc_freeze_records (0: never freeze)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--redis-url", help="an existing Redis (flushed!); default: start one")
     parser.add_argument("--kafka-bootstrap", help="an existing Kafka; default: start one")
@@ -343,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "queued": args.queued, "workers": args.workers, "running_per_worker": args.running,
         "steps": args.steps, "churn_per_step": args.churn, "served_per_step": args.pulls,
         "tokens_per_running_request_per_step": args.progress,
+        "gc_freeze_records": args.gc_freeze_records,
         "targets": {"step_p99_ms_at_100k": 50, "step_p99_ms_at_1m": 500,
                     "step_over_decide_at_100k": 3},
         **results,

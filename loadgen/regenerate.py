@@ -72,10 +72,11 @@ STEPS: tuple[Step, ...] = (
       for gpu, seeds in (("A100-80GB", 5), ("A10-24GB", 2), ("H100-80GB", 2))),
     Step("bench-decide", "3 min",
          f"{PY} loadgen.bench_decide --queued 100000 --workers 80 "
-         "--policies qlm,edf,fcfs,shepherd --iterations 300 --reference-iterations 30 "
-         "--out {out}/bench_decide.json",
-         f"{PY} loadgen.bench_decide --queued 2000 --workers 8 --policies qlm,fcfs "
-         "--iterations 5 --reference-iterations 3 --out {out}/bench_decide.json"),
+         "--policies qlm,qlm:fair_share=false,fcfs,edf,shepherd --iterations 300 "
+         "--reference-iterations 300 --out {out}/bench_decide.json",
+         f"{PY} loadgen.bench_decide --queued 2000 --workers 8 "
+         "--policies qlm,qlm:fair_share=false,fcfs --iterations 5 --reference-iterations 3 "
+         "--out {out}/bench_decide.json"),
     Step("bench-decide-gc-freeze", "3 min",
          f"{PY} loadgen.bench_decide --queued 100000 --workers 80 "
          "--policies qlm,edf,fcfs,shepherd --iterations 300 --reference-iterations 30 "
@@ -95,19 +96,24 @@ STEPS: tuple[Step, ...] = (
          "--queries 5 --out {out}/bench_estimator.json"),
     Step("bench-scheduler", "5 min",
          f"{PY} loadgen.bench_scheduler --queued 100000 --workers 80 --steps 20 "
-         "--policies qlm,fcfs --out {out}/bench_scheduler.json",
+         "--policies 'qlm;qlm:fair_share=false;fcfs' --out {out}/bench_scheduler.json",
          f"{PY} loadgen.bench_scheduler --queued 2000 --workers 8 --steps 2 "
-         "--policies qlm,fcfs --out {out}/bench_scheduler.json"),
-    Step("bench-scheduler-1m", "20 min",
+         "--policies 'qlm;qlm:fair_share=false;fcfs' --out {out}/bench_scheduler.json"),
+    Step("bench-scheduler-1m", "30 min",
          f"{PY} loadgen.bench_scheduler --queued 1000000 --workers 80 --steps 20 "
-         "--policies qlm --out {out}/bench_scheduler_1m.json",
+         "--policies 'qlm;qlm:fair_share=false;fcfs' --out {out}/bench_scheduler_1m.json",
          f"{PY} loadgen.bench_scheduler --queued 5000 --workers 8 --steps 2 "
-         "--policies qlm --out {out}/bench_scheduler_1m.json"),
+         "--policies 'qlm;qlm:fair_share=false;fcfs' --out {out}/bench_scheduler_1m.json"),
     Step("bench-scheduler-workers-1280", "5 min",
          f"{PY} loadgen.bench_scheduler --queued 100000 --workers 1280 --steps 10 "
          "--policies qlm --out {out}/bench_scheduler_workers_1280.json",
          f"{PY} loadgen.bench_scheduler --queued 2000 --workers 32 --steps 2 "
          "--policies qlm --out {out}/bench_scheduler_workers_1280.json"),
+    Step("profile-step", "5 min",
+         f"{PY} loadgen.profile_step --queued 100000 --workers 80 --steps 20 "
+         "--policies 'qlm;qlm:fair_share=false;fcfs' --out {out}/profile_step.json",
+         f"{PY} loadgen.profile_step --queued 2000 --workers 8 --steps 2 "
+         "--policies 'qlm;fcfs' --out {out}/profile_step.json"),
     Step("bench-store", "2 min", f"{PY} loadgen.bench_store --out {{out}}/bench_store.json",
          f"{PY} loadgen.bench_store --requests 500 --repeat 1 --out {{out}}/bench_store.json"),
     Step("bench-redis-memory", "2 min",

@@ -304,7 +304,7 @@ def _slo(record: Mapping[str, Any], slo_class: SLOClass) -> SLO:
         tpot_s = _number(tpot, "tpot_slo_s")
         if tpot_s <= 0:
             raise InvalidInput("tpot_slo_s", f"must be > 0 when set, got {tpot_s}")
-    return SLO(ttft_s=ttft_s, tpot_s=tpot_s)
+    return SLO.of(ttft_s, tpot_s)
 
 
 def _sampling(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -182,7 +182,7 @@ def tpot_slo_for(slo_class: SLOClass, tpot_slo_s: float | None) -> SLO:
     slo = SLO.for_class(slo_class)
     if tpot_slo_s is None or slo_class is not SLOClass.INTERACTIVE:
         return slo
-    return SLO(ttft_s=slo.ttft_s, tpot_s=tpot_slo_s)
+    return SLO.of(slo.ttft_s, tpot_slo_s)
 
 
 WA_CLASSES: Final = {

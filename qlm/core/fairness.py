@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from qlm.core.errors import InvalidInput
-from qlm.core.types import QueueSnapshot, SLOClass
+from qlm.core.types import QueueSnapshot, RunningRequest, SLOClass
 
 #: A flow: (SLO class, tenant).
 Flow = tuple[SLOClass, str]
@@ -81,6 +81,10 @@ class VirtualTokenCounters:
         self._running: dict[str, int] = {}
         #: Requests that left the running set (evicted or ended) → output tokens charged.
         self._departed: dict[str, int] = {}
+        #: Worker id → its running requests as last observed (the tuple itself: the
+        #: snapshot keeps a worker's tuple while none of its requests moved, so a worker
+        #: whose tuple is the one seen has nothing to charge).
+        self._views: dict[str, tuple[RunningRequest, ...]] = {}
 
     # ------------------------------------------------------------------ reading
     def counter(self, flow: Flow) -> float:
@@ -123,27 +127,50 @@ class VirtualTokenCounters:
     def observe(self, snapshot: QueueSnapshot) -> None:
         """Charge what ``snapshot`` shows was served since the last one, then take its
         backlogged flows (:meth:`set_backlogged`). Observing the same snapshot again
-        changes nothing."""
-        seen: dict[str, int] = {}
+        changes nothing.
+
+        Incremental: only the workers whose tuple of running requests is not the one last
+        observed are read (a request that moved made a new tuple on both workers), so the
+        work is proportional to the running requests that changed, not to all of them."""
+        views = self._views
+        fresh: dict[str, tuple[RunningRequest, ...]] = {}
+        before: list[tuple[RunningRequest, ...]] = []  # changed workers' previous tuples
+        running, departed = self._running, self._departed
+        now_running: set[str] = set()  # the requests on the changed workers now
         for worker in snapshot.workers:
-            for run in worker.running:
+            view = worker.running
+            fresh[worker.id] = view
+            previous = views.pop(worker.id, None)
+            if previous is view:
+                continue
+            if previous:
+                before.append(previous)
+            for run in view:
                 request = run.request
-                flow: Flow = (request.slo_class, request.tenant)
-                charged = self._running.get(request.id)
+                request_id = request.id
+                now_running.add(request_id)
+                charged = running.get(request_id)
                 if charged is None:
-                    charged = self._departed.pop(request.id, None)
+                    charged = departed.pop(request_id, None)
                 if charged is None:  # first seen: charge its prompt, and what it made already
-                    self.charge(flow, request.prompt_tokens, request.num_generated)
-                    charged = request.num_generated
+                    self.charge((request.slo_class, request.tenant), request.prompt_tokens,
+                                request.num_generated)
+                    running[request_id] = request.num_generated
                 elif request.num_generated > charged:
-                    self.charge(flow, 0, request.num_generated - charged)
-                    charged = request.num_generated
-                seen[request.id] = charged
-        for request_id in self._running.keys() - seen.keys():
-            self._departed[request_id] = self._running[request_id]
-        if (excess := len(self._departed) - MAX_DEPARTED) > 0:  # the oldest (insertion order)
-            self._departed = dict(itertools.islice(self._departed.items(), excess, None))
-        self._running = seen
+                    self.charge((request.slo_class, request.tenant), 0,
+                                request.num_generated - charged)
+                    running[request_id] = request.num_generated
+                else:
+                    running[request_id] = charged
+        before.extend(views.values())  # workers no longer in the snapshot
+        for view in before:
+            for run in view:
+                request_id = run.request.id
+                if request_id not in now_running and request_id in running:
+                    departed[request_id] = running.pop(request_id)
+        if (excess := len(departed) - MAX_DEPARTED) > 0:  # the oldest (insertion order)
+            self._departed = dict(itertools.islice(departed.items(), excess, None))
+        self._views = fresh
         self.set_backlogged((g.slo_class, g.key.tenant) for g in snapshot.groups)
 
     # ------------------------------------------------------------------ state

@@ -12,6 +12,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 
 from qlm.core.types import GroupKey, Request, RequestGroup
@@ -36,22 +37,27 @@ def group_order_key(group: RequestGroup) -> tuple[float, str]:
 class QueueIndex:
     """Queued requests by group, read in the contract's order. Pure, synchronous.
 
-    Each group's :class:`RequestGroup` is built once and kept until the group changes.
+    Each group's requests are kept in pull order as they come and go (a binary search
+    and a list insert or delete per change, not a sort of the group per read); its
+    :class:`RequestGroup` is built once and kept until the group changes.
     """
 
     def __init__(self) -> None:
-        self._members: dict[GroupKey, dict[str, Request]] = {}
+        self._members: dict[GroupKey, _Members] = {}
         self._groups: dict[GroupKey, RequestGroup] = {}
 
     def add(self, key: GroupKey, request: Request) -> None:
-        self._members.setdefault(key, {})[request.id] = request
+        members = self._members.get(key)
+        if members is None:
+            members = self._members[key] = _Members()
+        members.add(request)
         self._groups.pop(key, None)
 
     def remove(self, key: GroupKey, request_id: str) -> None:
         """Take ``request_id`` out of group ``key`` (KeyError if it is not there)."""
         members = self._members[key]
-        del members[request_id]
-        if not members:
+        members.remove(request_id)
+        if not members.by_id:
             del self._members[key]
         self._groups.pop(key, None)
 
@@ -62,17 +68,43 @@ class QueueIndex:
         return iter(self._members)
 
     def holds(self, key: GroupKey, request_id: str) -> bool:
-        return request_id in self._members.get(key, ())
+        members = self._members.get(key)
+        return members is not None and request_id in members.by_id
 
     def group(self, key: GroupKey) -> RequestGroup:
         """The queued group ``key``, requests in pull order (KeyError when empty)."""
         group = self._groups.get(key)
         if group is None:
-            requests = sorted(self._members[key].values(), key=request_order_key)
-            group = RequestGroup(key, tuple(requests))
+            group = RequestGroup(key, tuple(self._members[key].ordered))
             self._groups[key] = group
         return group
 
     def groups(self) -> tuple[RequestGroup, ...]:
         """Every queued group, in index order."""
         return tuple(sorted((self.group(k) for k in self._members), key=group_order_key))
+
+
+class _Members:
+    """One group's requests by id and in pull order (:func:`request_order_key`)."""
+
+    __slots__ = ("by_id", "order_keys", "ordered")
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Request] = {}
+        self.order_keys: list[tuple[float, str]] = []
+        self.ordered: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        if request.id in self.by_id:  # the same id again: its new fields replace the old
+            self.remove(request.id)
+        self.by_id[request.id] = request
+        order_key = request_order_key(request)
+        at = bisect_left(self.order_keys, order_key)
+        self.order_keys.insert(at, order_key)
+        self.ordered.insert(at, request)
+
+    def remove(self, request_id: str) -> None:
+        request = self.by_id.pop(request_id)
+        at = bisect_left(self.order_keys, request_order_key(request))
+        del self.order_keys[at]
+        del self.ordered[at]

@@ -8,13 +8,14 @@ Times are seconds on whatever clock the caller injects (virtual in the simulator
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import quote, unquote
 
 from qlm.core.errors import InvalidInput
@@ -66,7 +67,22 @@ class SLO:
             if slo_class is SLOClass.CUSTOM:
                 raise InvalidInput("slo.ttft_s", "required for class 'custom'")
             ttft_s = DEFAULT_TTFT_SLO_S[slo_class]
-        return cls(ttft_s=ttft_s)
+        return cls.of(ttft_s)
+
+    @classmethod
+    def of(cls, ttft_s: float, tpot_s: float | None = None) -> SLO:
+        """``SLO(ttft_s, tpot_s)``, one shared object per distinct pair: a queue of 100k
+        requests then holds a handful of SLO objects, not one per request for the garbage
+        collector to walk in every full collection (SLOs are frozen: sharing is safe)."""
+        try:
+            return _shared_slo(ttft_s, tpot_s)
+        except TypeError:  # unhashable: let the constructor name the field
+            return cls(ttft_s, tpot_s)
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def _shared_slo(ttft_s: float, tpot_s: float | None) -> SLO:
+    return SLO(ttft_s, tpot_s)
 
 
 #: The tenant of a request that names none (and of a group key without one).
@@ -292,11 +308,22 @@ def _frozen_mapping(value: VirtualQueues) -> VirtualQueues:
     return MappingProxyType(dict(value))
 
 
+class QueuedIndex(Protocol):
+    """An environment's index of its queued requests (:attr:`QueueSnapshot.queued_ids`)."""
+
+    def among(self, request_ids: set[str]) -> set[str]:
+        """Those of ``request_ids`` that are queued in the snapshot's groups."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class QueueSnapshot:
     """A read-only view of the whole queue at ``now``: the input of every policy.
 
     ``virtual_queues`` is the previous decision's order per worker (may be empty).
+    ``queued_ids``, when the environment keeps an index of its queue (the Redis store's
+    mirror, :mod:`qlm.store.mirror`), answers which ids are queued in ``groups``
+    without a pass over them (:meth:`queued_among`); it takes no part in equality.
     """
 
     now: float
@@ -305,6 +332,7 @@ class QueueSnapshot:
     virtual_queues: Mapping[str, tuple[GroupKey, ...]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    queued_ids: QueuedIndex | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.virtual_queues, MappingProxyType):
@@ -313,6 +341,16 @@ class QueueSnapshot:
     @property
     def num_queued(self) -> int:
         return sum(g.size for g in self.groups)
+
+    def queued_among(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of ``request_ids`` are queued (in ``groups``): through ``queued_ids``
+        when given (as many lookups as ids), else one pass over the queued requests."""
+        asked = set(request_ids)
+        if not asked:
+            return set()
+        if self.queued_ids is not None:
+            return self.queued_ids.among(asked)
+        return {r.id for g in self.groups for r in g.requests if r.id in asked}
 
     def group(self, key: GroupKey) -> RequestGroup:
         for g in self.groups:

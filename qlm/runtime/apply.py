@@ -117,10 +117,9 @@ def apply(
     workers = {w.id: w for w in snapshot.workers}
     asked = {r.request_id for r in decision.rejections}
     asked.update(rid for pull in decision.pulls for rid in pull.request_ids)
-    # which of the ids the decision names are queued (a set of only those: cheaper than
-    # one of every queued id, which a large queue would make the step's biggest cost)
-    queued = ({r.id for g in snapshot.groups for r in g.requests if r.id in asked}
-              if asked else set())
+    # which of the ids the decision names are queued (a set of only those: a set of every
+    # queued id, or a pass over them, would make a large queue the step's biggest cost)
+    queued = snapshot.queued_among(asked)
     num_invalid = 0
 
     for reject in decision.rejections:

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from qlm.core.errors import InvalidInput
 from qlm.core.types import (
     GroupKey,
+    QueuedIndex,
     QueueSnapshot,
     Request,
     RequestGroup,
@@ -76,11 +77,14 @@ class StoreSnapshot:
     queue) is read atomically, so no request appears twice. ``groups`` are in index
     order (earliest deadline first), each group's requests in pull order (deadline,
     then id). Record fields are read right after, so progress may be slightly newer.
+    ``queued_ids``: which ids are queued in ``groups``, where the store keeps an index
+    (:attr:`QueueSnapshot.queued_ids <qlm.core.types.QueueSnapshot>`); not compared.
     """
 
     groups: tuple[RequestGroup, ...]
     running: Mapping[str, tuple[RunningRequest, ...]]
     virtual_queues: Mapping[str, tuple[GroupKey, ...]]
+    queued_ids: QueuedIndex | None = field(default=None, compare=False, repr=False)
 
     def group(self, key: GroupKey) -> RequestGroup:
         """The queued group ``key``; KeyError when it has no queued request."""
@@ -97,7 +101,8 @@ class StoreSnapshot:
         """A policy input: ``workers`` (their static view) with their running requests."""
         views = tuple(replace(w, running=self.running.get(w.id, ())) for w in workers)
         return QueueSnapshot(
-            now=now, groups=self.groups, workers=views, virtual_queues=self.virtual_queues
+            now=now, groups=self.groups, workers=views, virtual_queues=self.virtual_queues,
+            queued_ids=self.queued_ids,
         )
 
 

@@ -26,6 +26,10 @@ policies memoise by it). :meth:`RedisQueueStore.snapshot
 
 The result equals a whole read (``tests/integration/test_snapshot_incremental.py``
 checks it, and the decisions made from it, over random changes).
+
+:meth:`QueueMirror.queued_ids` answers, for the snapshot just made, whether an id is
+queued in its groups by a lookup in the membership (the applier checks the ids a
+decision names that way, instead of a pass over every queued request).
 """
 
 from __future__ import annotations
@@ -47,11 +51,17 @@ class QueueMirror:
         self.position: int | None = None
         #: How many times the membership was read whole (:meth:`reset`).
         self.num_resets = 0
+        #: How many requests were read in all (:meth:`fill`).
+        self.num_read = 0
         self.index = QueueIndex()
         self._group_of: dict[str, GroupKey] = {}
         self._sizes: dict[GroupKey, int] = {}
         self._unread: dict[str, GroupKey] = {}
+        #: Members whose record was missing when read (no group shows them).
+        self._missing: set[str] = set()
         self._keys: dict[str, GroupKey] = {}
+        #: Counts the changes of the membership or of the index (:class:`QueuedIds`).
+        self.version = 0
 
     def key(self, text: str) -> GroupKey:
         """The :class:`GroupKey` of a group name (parsed once per name)."""
@@ -69,8 +79,9 @@ class QueueMirror:
         every id is unread."""
         self.position = position
         self.num_resets += 1
+        self.version += 1
         self.index = QueueIndex()
-        self._group_of, self._sizes, self._unread = {}, {}, {}
+        self._group_of, self._sizes, self._unread, self._missing = {}, {}, {}, set()
         for text, ids in groups:
             for request_id in ids:
                 self._add(self.key(text), request_id)
@@ -78,6 +89,7 @@ class QueueMirror:
     def apply(self, position: int, changes: Sequence[str]) -> None:
         """Fold the log entries after :attr:`position` up to ``position``: ``changes``
         flat, ``op, group, id`` per entry, in log order."""
+        self.version += 1
         for n in range(0, len(changes), 3):
             op, text, request_id = changes[n : n + 3]
             self._remove(request_id)
@@ -101,15 +113,34 @@ class QueueMirror:
     def fill(self, requests: Mapping[str, Request | None]) -> None:
         """The requests read for unread ids (None: no record; the id stays a member that
         no group shows). Ids no longer unread are ignored."""
+        self.version += 1
+        self.num_read += len(requests)
         for request_id, request in requests.items():
             key = self._unread.pop(request_id, None)
-            if key is not None and request is not None:
+            if key is None:
+                continue
+            if request is None:
+                self._missing.add(request_id)
+            else:
                 self.index.add(key, request)
 
     def groups(self, order: Iterable[str]) -> tuple[RequestGroup, ...]:
         """The groups with a request, in ``order`` (group names: the index order)."""
         index = self.index
         return tuple(index.group(key) for key in map(self.key, order) if key in index)
+
+    def among(self, request_ids: set[str]) -> set[str]:
+        """Those of ``request_ids`` queued with their request read (a group shows them)."""
+        found = request_ids & self._group_of.keys()  # one C loop over the fewer
+        if self._unread:
+            found -= self._unread.keys()
+        if self._missing:
+            found -= self._missing
+        return found
+
+    def queued_ids(self, groups: tuple[RequestGroup, ...]) -> QueuedIds:
+        """Which ids ``groups`` (just made by :meth:`groups`) hold, by lookups here."""
+        return QueuedIds(self, groups)
 
     def _add(self, key: GroupKey, request_id: str) -> None:
         self._group_of[request_id] = key
@@ -125,5 +156,28 @@ class QueueMirror:
             self._sizes[key] = size
         else:
             del self._sizes[key]
+        self._missing.discard(request_id)
         if self._unread.pop(request_id, None) is None and self.index.holds(key, request_id):
             self.index.remove(key, request_id)
+
+
+class QueuedIds:
+    """Which ids are queued in the groups of one snapshot (a
+    :class:`~qlm.core.types.QueuedIndex`): looked up in the mirror while it has not
+    changed since the snapshot; after (the snapshot outlived the next one), in a set of
+    the groups' ids made once."""
+
+    __slots__ = ("_fallback", "_groups", "_mirror", "_version")
+
+    def __init__(self, mirror: QueueMirror, groups: tuple[RequestGroup, ...]) -> None:
+        self._mirror = mirror
+        self._version = mirror.version
+        self._groups = groups
+        self._fallback: frozenset[str] | None = None
+
+    def among(self, request_ids: set[str]) -> set[str]:
+        if self._mirror.version == self._version:
+            return self._mirror.among(request_ids)
+        if self._fallback is None:
+            self._fallback = frozenset(r.id for g in self._groups for r in g.requests)
+        return request_ids & self._fallback

@@ -161,7 +161,7 @@ def request_from_fields(fields: Mapping[str, str]) -> Request:
         prompt_tokens=int(fields["prompt_tokens"]),
         max_tokens=int(fields["max_tokens"]),
         slo_class=slo_class,
-        slo=SLO(ttft_s=float(fields["ttft_s"]), tpot_s=_float_or_none(fields.get("tpot_s"))),
+        slo=SLO.of(float(fields["ttft_s"]), _float_or_none(fields.get("tpot_s"))),
         arrival_at=float(fields["arrival_at"]),
         tenant=fields["tenant"],
         num_generated=int(fields["num_generated"]),

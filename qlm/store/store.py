@@ -206,6 +206,12 @@ class RedisQueueStore:
         return self._mirror.num_resets
 
     @property
+    def num_records_read(self) -> int:
+        """How many queued requests' records this store's snapshots have read in all (the
+        whole queue at a whole read, then those that entered a group since)."""
+        return self._mirror.num_read
+
+    @property
     def client(self) -> RedisClient:
         """The Redis client (shared with what lives next to the queue, e.g. the tenants)."""
         return self._redis
@@ -526,16 +532,19 @@ class RedisQueueStore:
 
     async def snapshot(self) -> StoreSnapshot:
         """Queued groups with their requests, each worker's running requests and
-        virtual queue: one atomic script for membership, then one pipelined round trip
-        of record reads (1,000 records per script call).
+        virtual queue: one atomic script for membership and the running requests'
+        moving fields, then, when any id is new, one pipelined round trip of record
+        reads (1,000 records per script call).
 
         The membership is kept between snapshots (:mod:`qlm.store.mirror`): the script
         returns only what the queue log says changed since this store's previous
-        snapshot, and only the records of ids that entered a group since are read (and
-        those of the running requests, whose progress moves). A group that did not
+        snapshot, and only the records of ids that entered a group since, or started
+        running, are read whole (a running request already known is updated from the
+        fields the script returned: :class:`_RunningRequests`). A group that did not
         change is the same :class:`RequestGroup` object as in the previous snapshot.
         The first snapshot, and one after the log was trimmed past the previous one or
-        disagrees with the groups' sizes, reads the membership whole."""
+        disagrees with the groups' sizes, reads the membership whole. The snapshot's
+        ``queued_ids`` answers from the mirror which ids are queued."""
         async with self._snapshot_lock:  # one fold of the log at a time
             return await self._snapshot()
 
@@ -554,43 +563,42 @@ class RedisQueueStore:
                 mirror.reset(position, groups_raw)
             unread = mirror.unread()
             running = self._running
-            new_ids, known_ids = running.split([i for _, _, ids in workers_raw for i in ids])
-            queued_rows, new_rows, known_rows = await self._read_rows([
-                (unread, SCHEDULING_FIELDS), (new_ids, SCHEDULING_FIELDS),
-                (known_ids, RUNNING_CHANGING_FIELDS),
-            ])
-            reused = running.update(new_ids, new_rows, known_ids, known_rows)
-            if reused:  # ids reused after their records expired: read them whole
-                (rows,) = await self._read_rows([(reused, SCHEDULING_FIELDS)])
-                running.update(reused, rows, [], [])
+            new_ids = running.fold(workers_raw)
+            queued_rows, new_rows = await self._read_rows([
+                (unread, SCHEDULING_FIELDS), (new_ids, SCHEDULING_FIELDS)])
+            running.add(new_ids, new_rows)
         mirror.fill({
             request_id: request_from_fields(dict(zip(SCHEDULING_FIELDS, row, strict=True)))
             if row[0] is not False else None
             for request_id, row in zip(unread, queued_rows, strict=True)
         })
         virtual_queues = {
-            worker: tuple(GroupKey.parse(g) for g in order) for worker, order, _ in workers_raw
+            worker: tuple(map(mirror.key, order)) for worker, order, _, _ in workers_raw
         }
+        groups = mirror.groups(group for group, _ in groups_raw)
         return StoreSnapshot(
-            groups=mirror.groups(group for group, _ in groups_raw),
+            groups=groups,
             running=MappingProxyType(running.by_worker(workers_raw)),
             virtual_queues=MappingProxyType(virtual_queues),
+            queued_ids=mirror.queued_ids(groups),
         )
 
     async def _membership(self, after: str) -> tuple[int, Any, list[Any], list[Any]]:
         """The snapshot script's reply (``qlm/store/lua/snapshot.lua``): the log position,
         the changes after ``after`` (False: ``groups`` holds the ids), the groups in
-        index order, the workers with their virtual queue and running ids."""
+        index order, the workers with their virtual queue, running ids and the
+        :data:`RUNNING_CHANGING_FIELDS` of each."""
         reply = await self._scripts.snapshot(
             keys=[self.keys.groups, self.keys.workers, self.keys.queue_log],
-            args=[self.keys.prefix, after],
+            args=[self.keys.prefix, after, *RUNNING_CHANGING_FIELDS],
         )
         position, changes, groups_raw, workers_raw = json.loads(reply)
         if changes is not False:
             changes = _json_list(changes)
         else:
             groups_raw = [(group, _json_list(ids)) for group, ids in _json_list(groups_raw)]
-        workers = [(w, _json_list(vq), _json_list(run)) for w, vq, run in _json_list(workers_raw)]
+        workers = [(w, _json_list(vq), _json_list(run), _json_list(rows))
+                   for w, vq, run, rows in _json_list(workers_raw)]
         return int(position), changes, _json_list(groups_raw), workers
 
     async def _read_rows(
@@ -918,63 +926,58 @@ RUNNING_CHANGING_FIELDS = ("arrival_at", "num_generated", "started_at", "first_t
 
 
 class _RunningRequests:
-    """The running requests of the previous snapshot, so that the next one reads only
-    the fields that move (:data:`RUNNING_CHANGING_FIELDS`) of the ids it already knows,
-    rebuilds only the requests whose fields moved, and keeps a worker's tuple of running
-    requests (the same object: the policies memoise by it) while none of them changed."""
+    """The running requests of the previous snapshot. The snapshot script returns the
+    fields that move (:data:`RUNNING_CHANGING_FIELDS`) of every running request with the
+    membership; :meth:`fold` rebuilds only the requests whose fields moved and names the
+    ids to read whole (started running since, or reused after their record expired), so
+    no record of a request already known is read again, and a worker's tuple of running
+    requests stays the same object (the policies memoise by it) while none of them
+    changed."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple[Any, ...], RunningRequest]] = {}
+        #: id → (its moving fields joined by '|', as the script returns them; the request)
+        self._known: dict[str, tuple[str, RunningRequest]] = {}
         self._by_worker: dict[str, tuple[RunningRequest, ...]] = {}
 
-    def split(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
-        """``ids`` as (not known: read whole, known: read what moves)."""
+    def fold(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
+             ) -> list[str]:
+        """Take the moving fields of every running id (``workers_raw``: the snapshot
+        script's workers); forget the ids no longer running or whose record is gone;
+        returns the ids to read whole (then :meth:`add`)."""
         known = self._known
-        return [i for i in ids if i not in known], [i for i in ids if i in known]
+        fresh: dict[str, tuple[str, RunningRequest]] = {}
+        unknown = []
+        for _, _, ids, rows in workers_raw:
+            for request_id, row in zip(ids, rows, strict=True):
+                if row is False:  # no record (expired): no group or worker shows it
+                    continue
+                entry = known.get(request_id)
+                if entry is not None and entry[0] == row:  # nothing moved
+                    fresh[request_id] = entry
+                    continue
+                moving = row.split("|")
+                if entry is None or entry[0].split("|", 1)[0] != moving[0]:  # new, or reused
+                    unknown.append(request_id)
+                else:
+                    fresh[request_id] = (row, _moved(entry[1], moving))
+        self._known = fresh
+        return unknown
 
-    def update(self, new_ids: Sequence[str], new_rows: Sequence[Sequence[Any]],
-               known_ids: Sequence[str], known_rows: Sequence[Sequence[Any]]) -> list[str]:
-        """Take the rows read (records that vanished are dropped); returns the known ids
-        whose ``arrival_at`` changed (to read whole)."""
-        known: dict[str, tuple[tuple[Any, ...], RunningRequest]] = self._known
-        fresh = {}
-        reused = []
-        for request_id, row in zip(new_ids, new_rows, strict=True):
+    def add(self, request_ids: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """The records of :meth:`fold`'s ids, read whole (:data:`SCHEDULING_FIELDS`;
+        records that vanished meanwhile are left out)."""
+        for request_id, row in zip(request_ids, rows, strict=True):
             if row[0] is not False:
                 fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
-                moving = tuple(fields[f] for f in RUNNING_CHANGING_FIELDS)
-                fresh[request_id] = (moving, _running_from_fields(fields))
-        for request_id, row in zip(known_ids, known_rows, strict=True):
-            if row[0] is False:
-                continue
-            moving, before = known[request_id]
-            if tuple(row) == moving:
-                fresh[request_id] = known[request_id]
-            elif row[0] != moving[0]:
-                reused.append(request_id)
-            else:
-                request = before.request
-                if row[1] != moving[1]:  # progress: the same request, further on
-                    request = Request(
-                        id=request.id, model=request.model, prompt_tokens=request.prompt_tokens,
-                        max_tokens=request.max_tokens, slo_class=request.slo_class,
-                        slo=request.slo, arrival_at=request.arrival_at, tenant=request.tenant,
-                        num_generated=int(row[1]))
-                fresh[request_id] = (tuple(row), RunningRequest(
-                    request, float(row[2]), float(row[3]) if row[3] else None))
-        for request_id in known_ids:  # vanished or reused: not known any more
-            if request_id not in fresh:
-                known.pop(request_id, None)
-        known.update(fresh)
-        return reused
+                moving = "|".join(fields[f] or "" for f in RUNNING_CHANGING_FIELDS)
+                self._known[request_id] = (moving, _running_from_fields(fields))
 
-    def by_worker(self, workers_raw: Sequence[tuple[str, Any, Sequence[str]]]
+    def by_worker(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
                   ) -> dict[str, tuple[RunningRequest, ...]]:
-        """Each worker's running requests by id (the previous tuple when the same);
-        forgets the requests no longer running."""
+        """Each worker's running requests by id (the previous tuple when the same)."""
         known, before = self._known, self._by_worker
         out = {}
-        for worker, _, ids in workers_raw:
+        for worker, _, ids, _ in workers_raw:
             running = tuple(known[i][1] for i in sorted(ids) if i in known)
             previous = before.get(worker)
             if previous is not None and len(previous) == len(running) and all(
@@ -982,9 +985,19 @@ class _RunningRequests:
                 running = previous
             out[worker] = running
         self._by_worker = out
-        running_now = {i for _, _, ids in workers_raw for i in ids}
-        self._known = {i: e for i, e in known.items() if i in running_now}
         return out
+
+
+def _moved(before: RunningRequest, now: Sequence[str]) -> RunningRequest:
+    """``before`` with the moving fields ``now`` (:data:`RUNNING_CHANGING_FIELDS`, the same
+    ``arrival_at``)."""
+    request = before.request
+    if int(now[1]) != request.num_generated:  # progress: the same request, further on
+        request = Request(
+            id=request.id, model=request.model, prompt_tokens=request.prompt_tokens,
+            max_tokens=request.max_tokens, slo_class=request.slo_class, slo=request.slo,
+            arrival_at=request.arrival_at, tenant=request.tenant, num_generated=int(now[1]))
+    return RunningRequest(request, float(now[2]), float(now[3]) if now[3] else None)
 
 
 def _running_from_fields(fields: Mapping[str, str]) -> RunningRequest:

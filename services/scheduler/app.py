@@ -45,7 +45,7 @@ from qlm.store.client import redis_client
 from qlm.store.store import RedisQueueStore
 from services.common.entrypoint import run_until_signal
 from services.scheduler.lease import LeaderLease, LeaseKeys
-from services.scheduler.loop import SchedulingLoop, StepReport
+from services.scheduler.loop import COMMAND_LINGER_MS, SchedulingLoop, StepReport
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.settings import SchedulerSettings
 
@@ -80,6 +80,7 @@ class SchedulerApp:
         self.lease = LeaderLease(self.redis, LeaseKeys.under(s.key_prefix), self.instance_id,
                                  ttl_s=s.lease_ttl_s, margin_s=s.lease_margin_s)
         self.producer = BusProducer(s.kafka_bootstrap, client_id="qlm-scheduler",
+                                    linger_ms=COMMAND_LINGER_MS,
                                     **s.kafka_auth().client_options())
         self.metrics = SchedulerMetrics()
         self.corrections = (CorrectedProfiles(self.profiles, s.correction_min_change)
@@ -87,6 +88,7 @@ class SchedulerApp:
         self.loop = SchedulingLoop(
             self.store, self.producer, self.topics.lso, self.policy, context, self.roster,
             self.lease, self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock,
+            gc_freeze_records=s.gc_freeze_records,
             profiles_source=self.corrections.book if self.corrections else None,
             forecaster=Forecaster(RWTEstimator(self.profiles)))
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.events, self.topics.telemetry],

@@ -31,6 +31,16 @@ estimator, the simulator's too) forecasts every queued group on the queue it was
 given and ``store.set_forecasts`` replaces the groups' forecasts (one hash field per
 group): the predicted wait GetRequest returns is refreshed at every decision.
 
+The scheduler holds every queued request in memory (the store's mirror): up to a
+million objects that live for minutes, which each full pass of Python's garbage collector
+would walk (about a second at 1M, a step's whole budget). After a step whose snapshots
+have read ``gc_freeze_records`` queued requests since the last time (the first step reads
+the whole queue), :class:`HeapFreezer` moves every object alive into the collector's
+permanent generation (``gc.freeze()``): the full passes then walk only what is younger.
+Frozen objects are still freed when their last reference goes (requests are acyclic); only
+a reference cycle that is alive at a freeze and dies later is never collected, at most
+once per ``gc_freeze_records`` requests read.
+
 The same evict/swap command is not repeated within ``command_cooldown_s`` (the worker
 needs a moment to carry it out and report; until then the snapshot still shows the old
 state and the policy asks again). Commands carry the leader's fencing token in
@@ -41,11 +51,13 @@ nothing; the lease is checked again right before the writes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Final
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand, lso_command_id
@@ -72,6 +84,11 @@ from services.scheduler.lease import LeaderLease
 from services.scheduler.metrics import SchedulerMetrics
 
 log = get_logger("services.scheduler")
+
+#: The ``linger_ms`` of the scheduler's Kafka producer: a step queues all its commands
+#: before it awaits the first acknowledgement, so there is nothing more to wait for, and
+#: the default linger (5 ms) would be added to every step that sends a command.
+COMMAND_LINGER_MS: Final = 0
 
 
 # ------------------------------------------------------------------ pure parts
@@ -186,6 +203,22 @@ def depth_by_class_and_model(snapshot: QueueSnapshot) -> Mapping[tuple[str, str]
     return tally
 
 
+@dataclass
+class HeapFreezer:
+    """``gc.freeze()`` once ``every_records`` queued requests were read since the last
+    (module docstring); 0: never."""
+
+    every_records: int
+    _frozen_at: int = 0
+    num_freezes: int = 0
+
+    def after_step(self, num_records_read: int) -> None:
+        if self.every_records and num_records_read - self._frozen_at >= self.every_records:
+            gc.freeze()
+            self._frozen_at = num_records_read
+            self.num_freezes += 1
+
+
 # ------------------------------------------------------------------ the step
 @dataclass(frozen=True, slots=True)
 class StepReport:
@@ -213,7 +246,7 @@ class SchedulingLoop:
                  metrics: SchedulerMetrics, *, command_cooldown_s: float = 5.0,
                  clock: Callable[[], float] = time.time, decide_in_thread: bool = True,
                  profiles_source: Callable[[], ProfileBook] | None = None,
-                 forecaster: Forecaster | None = None) -> None:
+                 forecaster: Forecaster | None = None, gc_freeze_records: int = 0) -> None:
         self.store = store
         self.producer = producer
         self.lso_topic = lso_topic
@@ -227,6 +260,7 @@ class SchedulingLoop:
         self.profiles_source = profiles_source
         self.memory = CommandMemory(command_cooldown_s)
         self.forecaster = forecaster
+        self.heap = HeapFreezer(gc_freeze_records)
         #: The batch cap last sent to each worker (absent: none sent, the worker's own).
         self.caps_sent: dict[str, int | None] = {}
         self._numbers = itertools.count(1)
@@ -276,6 +310,7 @@ class SchedulingLoop:
                             num_commands, read_at - started, decided_at - read_at,
                             done_at - decided_at)
         self._observe(report, snapshot)
+        self.heap.after_step(self.store.num_records_read)
         return report
 
     async def apply(self, decision: Decision, snapshot: QueueSnapshot,

@@ -51,6 +51,11 @@ class SchedulerSettings(CommonSettings):
     worker_timeout_s: float = Field(
         10.0, ge=0, description="a worker silent this long gets no work (0 = never)"
     )
+    gc_freeze_records: int = Field(
+        10_000, ge=0, description="gc.freeze() after a step once the snapshots have read this "
+        "many queued requests since the last (0 = never): the queue held in memory is kept "
+        "out of the garbage collector's full passes"
+    )
     host: str = Field("127.0.0.1", description="listen address of metrics")
     metrics_port: int = Field(9462, ge=0, le=65535, description="Prometheus (0 = any)")
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")

@@ -68,11 +68,15 @@ def request(request_id: str, slo_class: str) -> dict[str, Any]:
 
 async def predicted(client: QlmClient, request_id: str, timeout_s: float,
                     later_than: float = 0.0) -> pb.RequestInfo:
-    """GetRequest until its predicted first token is set and later than ``later_than``."""
+    """GetRequest until its predicted first token is set, later than ``later_than``, and
+    made at a decision after the request arrived (a request that joins a group is first
+    shown the group's forecast from the decision before it; the scheduler decides again
+    right after its admission)."""
     deadline = time.monotonic() + timeout_s
     while True:
         info = await client.get(request_id)
-        if info.predicted_first_token_at > later_than or time.monotonic() > deadline:
+        if (info.predicted_first_token_at > later_than
+                and info.predicted_at >= info.arrival_at) or time.monotonic() > deadline:
             return info
         await asyncio.sleep(0.1)
 

@@ -6,8 +6,9 @@ admissions (of two tenants, whose groups are their own), pulls, claims, finishes
 evictions (with progress), cancellations, rejections, expired leases and a trimmed
 queue log, on a real redis-server, each
 snapshot of one long-lived store must equal the snapshot a new store takes (which reads
-the whole membership and every record), and the decisions of the scheduler's policies
-made from each must be equal too.
+the whole membership and every record), the decisions of the scheduler's policies
+made from each must be equal too, and so must the ids each says are queued (the
+long-lived store answers from its copy of the membership: the applier's check).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def decisions(policies: dict[str, Policy], stored: StoreSnapshot, now: float
 
 
 async def check_same(store: RedisQueueStore, url: str, prefix: str, clock: FakeClock,
-                     policies: dict[str, Policy]) -> None:
+                     policies: dict[str, Policy], ids: list[str]) -> None:
     incremental = await store.snapshot()
     fresh = RedisQueueStore.from_url(url, group_window_s=WINDOW_S, lease_s=20.0, clock=clock,
                                      prefix=prefix)
@@ -179,6 +180,10 @@ async def check_same(store: RedisQueueStore, url: str, prefix: str, clock: FakeC
     finally:
         await fresh.aclose()
     assert incremental == whole
+    queued = {r.id for g in whole.groups for r in g.requests}
+    asked = {*ids, "never-queued"}
+    assert incremental.queued_ids is not None and whole.queued_ids is not None
+    assert incremental.queued_ids.among(asked) == whole.queued_ids.among(asked) == queued
     now = clock.now
     fresh_policies = {name: make_policy(name) for name in POLICIES}
     assert decisions(policies, incremental, now) == decisions(fresh_policies, whole, now)
@@ -203,7 +208,7 @@ async def test_incremental_snapshot_and_decisions_equal_a_whole_read(
             whole_reads = store.num_whole_snapshots
             with contextlib.suppress(LeaseLost):  # a random pick can name a lost request
                 await program.run(op)
-            await check_same(store, redis_url, prefix, clock, policies)
+            await check_same(store, redis_url, prefix, clock, policies, program.ids)
             if op[0] != "trim":  # every change was logged: nothing was read whole again
                 assert store.num_whole_snapshots == max(1, whole_reads)
     finally:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qlm.core.errors import InvalidInput
-from qlm.core.fairness import TokenWeights, VirtualTokenCounters, fair_order
+from qlm.core.fairness import Flow, TokenWeights, VirtualTokenCounters, fair_order
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
 from qlm.core.types import (
@@ -61,6 +61,90 @@ def test_an_evicted_request_is_not_charged_twice_when_it_resumes() -> None:
     c.observe(snapshot([req("1", "a", prompt=50, generated=30)], []))  # evicted: queued
     c.observe(snapshot([], [req("1", "a", prompt=50, generated=35)]))  # resumed
     assert c.counter((INT, "a")) == 85
+
+
+def recount(views: list[list[tuple[Request, ...]]], weights: TokenWeights) -> dict[Flow, float]:
+    """What the counters must hold after observing each worker set of ``views`` in turn,
+    counted from scratch: a request is charged its prompt when first seen and every output
+    token it shows beyond the most it showed before (whatever worker it runs on, however
+    often it left and came back)."""
+    counters: dict[Flow, float] = {}
+    shown: dict[str, int] = {}
+    for workers in views:
+        for running in workers:
+            for r in running:
+                flow = (r.slo_class, r.tenant)
+                before = shown.get(r.id)
+                if before is None:
+                    counters[flow] = counters.get(flow, 0.0) + weights.cost(r.prompt_tokens,
+                                                                            r.num_generated)
+                elif r.num_generated > before:
+                    counters[flow] = counters.get(flow, 0.0) + weights.cost(
+                        0, r.num_generated - before)
+                shown[r.id] = max(before or 0, r.num_generated)
+    return counters
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_counters_equal_a_recount_as_requests_progress_move_and_resume(
+        seed: int) -> None:
+    """The counters read only the workers whose tuple of running requests changed; on a
+    random run (requests progress, finish, move to another worker, leave and resume,
+    workers come and go, and most workers keep their tuple from one snapshot to the next)
+    they equal a recount over every request of every snapshot."""
+    rng = np.random.default_rng(seed)
+    weights = TokenWeights(1.0, 2.0)
+    c = VirtualTokenCounters(weights)
+    workers: dict[str, tuple[Request, ...]] = {f"w{i}": () for i in range(5)}
+    tuples: dict[str, tuple[RunningRequest, ...]] = {}
+    parked: list[Request] = []  # evicted: they resume later with their progress
+    seen: list[list[tuple[Request, ...]]] = []
+    next_id = 0
+    for _ in range(60):
+        for wid in list(workers):
+            if rng.random() < 0.6:
+                continue  # unchanged: the same tuple object again
+            running = []
+            for r in workers[wid]:
+                roll = rng.random()
+                if roll < 0.1:
+                    continue  # finished
+                if roll < 0.2:
+                    parked.append(r)  # evicted
+                    continue
+                done = min(r.max_tokens, r.num_generated + int(rng.integers(0, 30)))
+                running.append(req(r.id.split("/")[1], r.tenant, prompt=r.prompt_tokens,
+                                   generated=done, slo_class=r.slo_class))
+            while parked and rng.random() < 0.3:
+                running.append(parked.pop(int(rng.integers(len(parked)))))  # resumed
+            for _ in range(int(rng.integers(0, 4))):
+                next_id += 1
+                running.append(req(str(next_id), ("a", "b", "c")[int(rng.integers(3))],
+                                   prompt=int(rng.integers(1, 300)),
+                                   slo_class=(INT, B)[int(rng.integers(2))]))
+            workers[wid] = tuple(running)
+            tuples.pop(wid, None)
+        if rng.random() < 0.2 and len(workers) > 1:  # one moves to another worker
+            a, b = rng.choice(sorted(workers), 2, replace=False)
+            if workers[a]:
+                workers[b] = (*workers[b], workers[a][-1])
+                workers[a] = workers[a][:-1]
+                tuples.pop(a, None)
+                tuples.pop(b, None)
+        if rng.random() < 0.05:  # a worker leaves (its requests back to the queue)
+            gone = sorted(workers)[int(rng.integers(len(workers)))]
+            parked.extend(workers.pop(gone))
+            tuples.pop(gone, None)
+            workers[f"w{next_id}x"] = ()
+        views = tuple(
+            WorkerView(wid, "g", ("m",), "m", 100_000, 64, tuples.setdefault(
+                wid, tuple(RunningRequest(r, 0.0, None) for r in running)))
+            for wid, running in workers.items())
+        c.observe(QueueSnapshot(1.0, (), views))
+        seen.append(list(workers.values()))
+        assert c.counters() == recount(seen, weights)
+        c.observe(QueueSnapshot(1.0, (), views))  # the same snapshot again: nothing more
+        assert c.counters() == recount(seen, weights)
 
 
 def test_a_newly_backlogged_tenant_is_lifted_to_the_least_backlogged_counter() -> None:

@@ -122,3 +122,30 @@ def test_pulls_are_a_forecast_checked_against_the_queue() -> None:
     assert apply(decision, _snapshot(), PROFILES, effects) == 3  # q2 rejected, run, nobody
     # nothing is admitted by the applier: every worker pulls its own queue head
     assert [c for c in effects.calls if c[0] != "reject"] == [("pull", "w0"), ("pull", "w1")]
+
+
+@dataclass
+class _Lookups:
+    """An environment's index of the queued ids, counting the lookups made in it."""
+
+    ids: frozenset[str]
+    asked: list[object] = field(default_factory=list)
+
+    def among(self, request_ids: set[str]) -> set[str]:
+        self.asked.extend(request_ids)
+        return request_ids & self.ids
+
+
+def test_an_index_of_queued_ids_gives_the_same_outcome_by_lookups_only() -> None:
+    decision = Decision(rejections=(Reject("q2", "x"), Reject("run", "x")),
+                        pulls=(Pull("w0", ("q1", "q2", "run")), Pull("nobody", ("q3",))))
+    plain, indexed = Recorder(), Recorder()
+    index = _Lookups(frozenset({"q1", "q2", "q3"}))
+    snapshot = _snapshot()
+    with_index = QueueSnapshot(snapshot.now, snapshot.groups, snapshot.workers,
+                               snapshot.virtual_queues, queued_ids=index)
+    assert with_index == snapshot  # the index takes no part in equality
+    assert apply(decision, snapshot, PROFILES, plain) == 4
+    assert apply(decision, with_index, PROFILES, indexed) == 4
+    assert indexed.calls == plain.calls
+    assert sorted(index.asked) == ["q1", "q2", "q3", "run"]  # each named id once, no pass

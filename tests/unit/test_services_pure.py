@@ -283,3 +283,25 @@ def test_the_estimator_plane_learns_output_lengths_from_finished_events() -> Non
                              num_output_tokens=28))
     learned = plane.estimator.output_stats(MODEL, SLOClass.INTERACTIVE)
     assert before.mean != 28.0 and learned.mean == pytest.approx(28.0)
+
+
+def test_the_scheduler_freezes_the_heap_once_enough_queued_requests_were_read() -> None:
+    import gc
+
+    from services.scheduler.loop import HeapFreezer
+
+    never = HeapFreezer(0)
+    never.after_step(10**9)
+    assert never.num_freezes == 0
+    freezer = HeapFreezer(every_records=100)
+    try:
+        freezer.after_step(99)  # the snapshots read 99 requests so far: not yet
+        assert freezer.num_freezes == 0
+        freezer.after_step(100)
+        assert freezer.num_freezes == 1 and gc.get_freeze_count() > 0
+        freezer.after_step(150)  # 50 since the last freeze
+        assert freezer.num_freezes == 1
+        freezer.after_step(200)
+        assert freezer.num_freezes == 2
+    finally:
+        gc.unfreeze()  # give the test process's objects back to the collector

@@ -47,3 +47,20 @@ def test_an_id_that_leaves_before_its_record_is_read_is_not_shown() -> None:
     assert mirror.unread() == [] and mirror.agrees([])
     mirror.fill({"a": request("a", 1.0)})  # read late: ignored
     assert mirror.groups([G1]) == ()
+
+
+def test_queued_ids_answer_by_lookup_and_stay_true_to_their_snapshot() -> None:
+    mirror = QueueMirror()
+    mirror.reset(1, [(G1, ["a", "b"]), (G2, ["c"])])
+    mirror.fill({"a": request("a", 1.0), "b": request("b", 2.0), "c": None})  # c: no record
+    groups = mirror.groups([G1, G2])
+    queued = mirror.queued_ids(groups)
+    assert queued.among({"a", "b", "c", "zz"}) == {"a", "b"}  # as no group shows c
+
+    mirror.apply(3, ["-", G1, "a", "+", G1, "d"])  # a newer snapshot's changes ...
+    mirror.fill({"d": request("d", 3.0)})
+    assert queued.among({"a", "d"}) == {"a"}  # ... do not change what the older one says
+    later = mirror.queued_ids(mirror.groups([G1]))
+    assert later.among({"a", "b", "d"}) == {"b", "d"}
+    mirror.apply(4, ["+", G2, "e"])  # queued, not read yet: not shown
+    assert mirror.queued_ids(mirror.groups([G1])).among({"b", "e"}) == {"b"}

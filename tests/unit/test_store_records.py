@@ -52,6 +52,24 @@ def test_a_new_record_round_trips_exactly() -> None:
     assert float(fields["deadline_at"]) == request.deadline_at
 
 
+def test_requests_read_back_share_one_slo_object_per_distinct_slo() -> None:
+    """A mirror of 100k queued requests holds a few SLO objects, not one per request for
+    every full garbage collection to walk."""
+    group = GroupKey("m", SLOClass.CUSTOM, 1)
+    slos = []
+    for i in range(3):
+        request = make_request(id=f"r{i}")
+        fields = dict(identity_pairs(request, "[]", "{}") + initial_pairs(request, group, 1.0))
+        slos.append(record_from_fields(fields).request.slo)
+    assert slos[0] is slos[1] is slos[2] == SLO(0.1 + 0.2, 0.05)
+    assert SLO.for_class(SLOClass.BATCH_1) is SLO.for_class(SLOClass.BATCH_1)
+    assert SLO.of(20, None) is not SLO.of(20.0, None)  # equal, but each keeps its own type
+    with pytest.raises(InvalidInput, match=r"slo\.ttft_s"):
+        SLO.of(-1.0)
+    with pytest.raises(InvalidInput, match=r"slo\.ttft_s"):
+        SLO.of([1.0])  # type: ignore[arg-type]
+
+
 def test_identity_covers_the_payload_in_a_fixed_order() -> None:
     pairs = identity_pairs(make_request(slo=SLO(ttft_s=2.0)), "null", "{}")
     assert [name for name, _ in pairs] == list(IDENTITY_FIELDS)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -79,9 +79,12 @@ def output_stats_from(raw: Mapping[str, Any] | None) -> dict[str, LengthStats]:
     return stats
 
 
+_SQRT2 = math.sqrt(2.0)
+
+
 def phi(x: float) -> float:
     """Standard normal CDF."""
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+    return 0.5 * (1.0 + math.erf(x / _SQRT2))
 
 
 # --------------------------------------------------------------- group summaries
@@ -215,9 +218,16 @@ class GroupStatsCache:
         fresh: dict[GroupKey, _Entry] = {}
         out: list[GroupStats] = []
         memos: list[dict[Any, Any]] = []
+        entries = self._entries
         for index, group in enumerate(groups):
-            entry = self._entry(group, index, output_stats)
-            fresh[group.key] = entry
+            key = group.key
+            entry = entries.get(key)
+            if entry is not None and entry.requests is group.requests:  # unchanged
+                if entry.stats.index != index:
+                    entry.stats = _reindexed(entry.stats, index)
+            else:
+                entry = self._entry(group, index, output_stats)
+            fresh[key] = entry
             out.append(entry.stats)
             memos.append(entry.memo)
         self._entries = fresh
@@ -405,19 +415,22 @@ class CostModel:
         self._drain: dict[tuple[int, str], float] = {}
         self._swap: dict[tuple[int, str, str | None], float] = {}
         self._tail: dict[tuple[int, str], float] = {}
+        #: The same values by what they depend on (GPU, model...), computed once for all
+        #: the workers that share it.
+        self._swap_of: dict[tuple[Any, ...], float] = {}
+        self._tail_of: dict[tuple[str, str], float] = {}
 
     def service(self, group_index: int, worker_index: int) -> Service | None:
         """Cost of group ``group_index`` on worker ``worker_index``; None if no profile."""
-        shape = self.shape_of[worker_index]
-        row = self._table[group_index]
-        found = row[shape]
+        found = self._table[group_index][self.shape_of[worker_index]]
         if found is not _MISSING:
             return found
+        shape = self.shape_of[worker_index]
+        row = self._table[group_index]
         memo = self._memos[group_index] if self._memos is not None else None
         key = self.shape_keys[shape]
-        if memo is not None and key in memo:
-            found = memo[key]
-        else:
+        found = _MISSING if memo is None else memo.get(key, _MISSING)
+        if found is _MISSING:
             found = self._compute_service(group_index, shape)
             if memo is not None:
                 memo[key] = found
@@ -487,13 +500,16 @@ class CostModel:
         key = (worker_index, model)
         found = self._tail.get(key)
         if found is None:
-            w = self.workers[worker_index]
-            found = 0.0
-            if self.profiles.has(model, w.gpu):
-                p = self.profiles.get(model, w.gpu)
-                lengths = self.output_stats.get(model, self.output_stats["*"])
-                tokens = lengths.quantile_tokens(0.95)
-                found = tokens * p.decode_step_s(1, int(512 + tokens / 2))
+            gpu = self.workers[worker_index].gpu
+            found = self._tail_of.get((gpu, model))
+            if found is None:
+                found = 0.0
+                if self.profiles.has(model, gpu):
+                    p = self.profiles.get(model, gpu)
+                    lengths = self.output_stats.get(model, self.output_stats["*"])
+                    tokens = lengths.quantile_tokens(0.95)
+                    found = tokens * p.decode_step_s(1, int(512 + tokens / 2))
+                self._tail_of[(gpu, model)] = found
             self._tail[key] = found
         return found
 
@@ -502,7 +518,13 @@ class CostModel:
         key = (worker_index, model, from_model)
         found = self._swap.get(key)
         if found is None:
-            found = self._swap[key] = self._compute_swap(worker_index, model, from_model)
+            w = self.workers[worker_index]
+            basis = (w.gpu, w.num_gpus, model in w.models, model, from_model)
+            found = self._swap_of.get(basis)
+            if found is None:
+                found = self._swap_of[basis] = self._compute_swap(worker_index, model,
+                                                                  from_model)
+            self._swap[key] = found
         return found
 
     def _compute_swap(self, worker_index: int, model: str, from_model: str | None) -> float:
@@ -548,11 +570,18 @@ class Lane:
         self.initial: tuple[str | None, float, float, float] = (model, free_at, end_at, end_var)
         self.reset([], cost)
 
-    def reset(self, order: list[int], cost: CostModel) -> list[Slot]:
-        """Set the order and recompute the tail state; returns the slots of ``order``."""
+    def reset(self, order: list[int], cost: CostModel, kept: Sequence[Slot] = ()) -> list[Slot]:
+        """Set the order and recompute the tail state; returns the slots of ``order``.
+        ``kept``: the slots of a prefix of ``order`` (what a walk gives them), reused: the
+        walk starts after them."""
         self.order = order
         self.version += 1
-        slots = walk(cost, self, order)
+        if kept:
+            n, last = len(kept), kept[-1]
+            slots = [*kept, *walk(cost, self, order[n:], (
+                cost.stats[order[n - 1]].model, last.seg_start_at, last.end_at, last.end_var))]
+        else:
+            slots = walk(cost, self, order)
         if slots:
             last = slots[-1]
             self.tail = cost.stats[order[-1]].model
@@ -580,9 +609,11 @@ class Lane:
                            self.end_at, self.end_var, with_p)
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
-    """Where a group would sit on a lane: its start distribution and the lane after it."""
+class Slot(NamedTuple):
+    """Where a group would sit on a lane: its start distribution and the lane after it.
+
+    A named tuple, not a frozen dataclass: the planners make thousands per decision (every
+    position they try), and a frozen dataclass costs several times more to build."""
 
     start_at: float
     start_var: float
@@ -598,18 +629,17 @@ def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
                 end_var: float, with_p: bool = True) -> Slot:
     """The walk's step: group ``g`` appended after a lane in state (tail, seg, end)."""
     if tail_model == g.model:
-        start = max(seg_start_at, end_at - svc.lead_s)
-        seg = seg_start_at
-        swapped = False
-    else:
-        start = end_at + cost.swap_s(worker_index, g.model, tail_model)
-        if tail_model is not None and end_at > seg_start_at:
-            start += cost.drain_tail_s(worker_index, tail_model)
-        seg = start
-        swapped = True
+        start = end_at - svc.lead_s
+        if not start > seg_start_at:  # max(seg_start_at, end_at - lead), without the call
+            start = seg_start_at
+        p = p_meet(g, svc, start, end_var) if with_p else 0.0
+        return Slot(start, end_var, end_at + svc.mean_s, end_var + svc.var_s2, seg_start_at,
+                    False, p)
+    start = end_at + cost.swap_s(worker_index, g.model, tail_model)
+    if tail_model is not None and end_at > seg_start_at:
+        start += cost.drain_tail_s(worker_index, tail_model)
     p = p_meet(g, svc, start, end_var) if with_p else 0.0
-    return Slot(start, end_var, start + svc.mean_s if swapped else end_at + svc.mean_s,
-                end_var + svc.var_s2, seg, swapped, p)
+    return Slot(start, end_var, start + svc.mean_s, end_var + svc.var_s2, start, True, p)
 
 
 def p_meet(g: GroupStats, svc: Service, start_at: float, start_var: float) -> float:
@@ -617,19 +647,23 @@ def p_meet(g: GroupStats, svc: Service, start_at: float, start_var: float) -> fl
     first_token_at = start_at + svc.prefill_s
     std = math.sqrt(start_var) + MIN_STD_S
     points = g.deadline_points
-    if (points[0] - first_token_at - svc.spread_s) / std > SURE_Z:
+    spread = svc.spread_s
+    if (points[0] - first_token_at - spread) / std > SURE_Z:
         return 1.0
     if (points[-1] - first_token_at) / std < -SURE_Z:
         return 0.0
     total = 0.0
-    for q, d in zip(DEADLINE_QUANTILES, g.deadline_points, strict=True):
-        total += phi((d - first_token_at - q * svc.spread_s) / std)
+    erf = math.erf
+    for q, d in zip(DEADLINE_QUANTILES, points, strict=True):
+        total += 0.5 * (1.0 + erf((d - first_token_at - q * spread) / std / _SQRT2))  # phi
     return total / len(DEADLINE_QUANTILES)
 
 
-def walk(cost: CostModel, lane: Lane, order: Sequence[int]) -> list[Slot]:
-    """Slots of every group of ``order`` on ``lane`` from the lane's initial state."""
-    tail, seg, end, var = lane.initial
+def walk(cost: CostModel, lane: Lane, order: Sequence[int],
+         state: tuple[str | None, float, float, float] | None = None) -> list[Slot]:
+    """Slots of every group of ``order`` on ``lane`` from the lane's initial state (or from
+    ``state``: tail model, segment start, end and its variance)."""
+    tail, seg, end, var = lane.initial if state is None else state
     slots = []
     for gi in order:
         svc = cost.service(gi, lane.index)

@@ -1,6 +1,7 @@
 -- snapshot: read, atomically, the queue's membership (all of it, or only what changed
--- since a position of the queue log), every worker's virtual queue and running ids.
--- Read-only; records are read afterwards.
+-- since a position of the queue log), every worker's virtual queue and running ids with
+-- the fields of their records that move while they run. Read-only; the records of ids
+-- that entered a group (or started running) are read afterwards.
 --
 -- KEYS[1]  groups             the group index
 -- KEYS[2]  workers            set of known workers
@@ -8,6 +9,8 @@
 -- ARGV[1]  prefix             key prefix (group:{group}, vq:{worker}, running:{worker} derived)
 -- ARGV[2]  after              the log position the caller's copy of the membership
 --                             reflects, or '' (no copy: read it all)
+-- ARGV[3..] fields            the record fields to read of each running request
+--                             (qlm.store.store.RUNNING_CHANGING_FIELDS)
 --
 -- Returns one JSON text {position, changes, groups, workers}:
 --   position  the number of the log's last entry (0 when the log is empty);
@@ -16,7 +19,9 @@
 --             or ahead of the log, or entries after it were trimmed away);
 --   groups    in index order (earliest deadline first): [group, [id, ...]] (ids by
 --             score) when read whole, else [group, number of queued ids];
---   workers   [[worker, [vq group, ...], [running id, ...]], ...].
+--   workers   [[worker, [vq group, ...], [running id, ...], [row, ...]], ...]: each
+--             running id's row is the values of `fields` in its record joined by '|'
+--             (a missing field reads as ''), or false when its record is missing.
 -- An empty list may be encoded as {} (cjson).
 
 local function entry_number(id) return tonumber(string.match(id, '^0%-(%d+)$')) end
@@ -58,9 +63,21 @@ for _, group in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   end
   groups[#groups + 1] = {group, members}
 end
+local fields = {unpack(ARGV, 3)}
 local workers = {}
 for _, worker in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  workers[#workers + 1] = {worker, redis.call('LRANGE', prefix .. 'vq:' .. worker, 0, -1),
-    redis.call('SMEMBERS', running_key(prefix, worker))}
+  local ids = redis.call('SMEMBERS', running_key(prefix, worker))
+  local rows = {}
+  for i, id in ipairs(ids) do
+    local values = redis.call('HMGET', req_key(prefix, id), unpack(fields))
+    if values[1] then
+      for j = 2, #values do if not values[j] then values[j] = '' end end
+      rows[i] = table.concat(values, '|')
+    else
+      rows[i] = false
+    end
+  end
+  workers[#workers + 1] = {worker, redis.call('LRANGE', prefix .. 'vq:' .. worker, 0, -1), ids,
+    rows}
 end
 return cjson.encode({position, changes, groups, workers})

@@ -49,6 +49,13 @@ class PlanningContext:
         #: Per group: its place in its class's fair order (:meth:`set_fair_order`); None:
         #: no fair share, the planners order groups by urgency alone.
         self.fair_rank: list[int] | None = None
+        self._deadline_order: list[int] | None = None
+
+    def deadline_order(self) -> list[int]:
+        """Group indices sorted by :meth:`deadline_key` (sorted once per decision)."""
+        if self._deadline_order is None:
+            self._deadline_order = sorted(range(len(self.stats)), key=self.deadline_key)
+        return self._deadline_order
 
     def set_fair_order(self, counters: VirtualTokenCounters) -> None:
         """Rank each class's groups in the order VTC would serve them
@@ -57,7 +64,7 @@ class PlanningContext:
         weights."""
         weights = counters.weights
         by_class: dict[SLOClass, list[int]] = {}
-        for gi in sorted(range(len(self.stats)), key=self.deadline_key):
+        for gi in self.deadline_order():
             by_class.setdefault(self.stats[gi].key.slo_class, []).append(gi)
         rank = [0] * len(self.stats)
         for slo_class, members in by_class.items():
@@ -96,10 +103,10 @@ class PlanningContext:
         """Group indices in the order the heuristic places them: deadline order, in which,
         with fair share, the places a class holds go to its groups in fair order (classes
         keep their urgency against each other; a tenant's groups keep theirs)."""
-        order = sorted(range(len(self.stats)), key=self.deadline_key)
+        order = self.deadline_order()
         rank = self.fair_rank
         if rank is None:
-            return order
+            return list(order)
         by_class: dict[SLOClass, list[int]] = {}
         for gi in order:
             by_class.setdefault(self.stats[gi].key.slo_class, []).append(gi)

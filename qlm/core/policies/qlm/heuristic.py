@@ -42,18 +42,21 @@ class _Heaps:
     def push(self, lane: Lane) -> None:
         shape = self.cost.shape_of[lane.index]
         entry = (lane.end_at, lane.index, lane.version)
-        heapq.heappush(self.tail.setdefault((shape, lane.tail), []), entry)
+        tail = lane.tail
+        heapq.heappush(self.tail.setdefault((shape, tail), []), entry)
+        resident = self.resident
         for m in lane.worker.models:
-            if m != lane.tail:  # ending with m already: the tail heap has it, no swap
-                heapq.heappush(self.resident.setdefault((shape, m), []), entry)
+            if m != tail:  # ending with m already: the tail heap has it, no swap
+                heapq.heappush(resident.setdefault((shape, m), []), entry)
         heapq.heappush(self.any.setdefault(shape, []), entry)
 
     @staticmethod
     def top(heap: list[tuple[float, int, int]] | None, lanes: Sequence[Lane]) -> Lane | None:
         while heap:
             _, index, version = heap[0]
-            if lanes[index].version == version:
-                return lanes[index]
+            lane = lanes[index]
+            if lane.version == version:
+                return lane
             heapq.heappop(heap)
         return None
 
@@ -63,11 +66,12 @@ class _Heaps:
         each only if it drains earlier than the ones before — otherwise it is dominated
         (starts no earlier and pays at least as much swap)."""
         found: dict[int, Lane] = {}
+        top, tail, resident, any_ = self.top, self.tail, self.resident, self.any
         for shape in shapes:
             bound = math.inf
-            for heap in (self.tail.get((shape, model)), self.resident.get((shape, model)),
-                         self.any.get(shape)):
-                lane = self.top(heap, lanes)
+            for heap in (tail.get((shape, model)), resident.get((shape, model)),
+                         any_.get(shape)):
+                lane = top(heap, lanes)
                 if lane is not None and lane.end_at < bound:
                     found[lane.index] = lane
                     bound = lane.end_at
@@ -80,11 +84,13 @@ class _Heaps:
         to be served soon, not at the best position)."""
         cost = self.cost
         model = cost.stats[gi].model
-        best: tuple[float, int] | None = None
+        top, tail, any_ = self.top, self.tail, self.any
+        best: Lane | None = None
+        best_end = 0.0
         for shape in shapes:
             svc = None
-            for heap in (self.tail.get((shape, model)), self.any.get(shape)):
-                lane = self.top(heap, lanes)
+            for heap in (tail.get((shape, model)), any_.get(shape)):
+                lane = top(heap, lanes)
                 if lane is None:
                     continue
                 if svc is None:  # the same for every lane of the shape
@@ -95,9 +101,11 @@ class _Heaps:
                     end += cost.swap_s(lane.index, model, lane.tail)
                     if lane.tail is not None and lane.end_at > lane.seg_start_at:
                         end += cost.drain_tail_s(lane.index, lane.tail)
-                if best is None or (end, lane.index) < best:
-                    best = (end, lane.index)
-        return None if best is None else lanes[best[1]]
+                # the least (end, lane index)
+                if best is None or end < best_end or (end == best_end
+                                                      and lane.index < best.index):
+                    best, best_end = lane, end
+        return best
 
 
 def heuristic_plan(pc: PlanningContext, options: QlmOptions, score: bool = True) -> Plan:
@@ -202,7 +210,7 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
             pos, budget = _harmless_position(pc, target, slots, gi,
                                              floor.get(target.index, 0), budget)
             lane_slots[target.index] = target.reset(
-                [*target.order[:pos], gi, *target.order[pos:]], cost)
+                [*target.order[:pos], gi, *target.order[pos:]], cost, slots[:pos])
             floor[target.index] = pos + 1
         heaps.push(target)
 

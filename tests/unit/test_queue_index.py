@@ -1,0 +1,42 @@
+"""QueueIndex (qlm.core.queue) keeps each group in the contract's order as requests come
+and go: the same groups, in the same order, as sorting what is queued from scratch."""
+
+from __future__ import annotations
+
+import hypothesis
+import hypothesis.strategies as st
+
+from qlm.core.queue import QueueIndex, group_order_key, request_order_key
+from qlm.core.types import SLO, GroupKey, Request, RequestGroup, SLOClass
+
+KEYS = (GroupKey("m", SLOClass.BATCH_1, 0), GroupKey("m", SLOClass.BATCH_1, 1))
+
+# (add?, group, id number, arrival): ties of deadline are common, broken by id.
+CHANGES = st.lists(st.tuples(st.booleans(), st.integers(0, 1), st.integers(0, 30),
+                             st.integers(0, 5)), max_size=80)
+
+
+@hypothesis.given(changes=CHANGES)
+def test_groups_stay_in_pull_order_through_adds_removes_and_replacements(
+    changes: list[tuple[bool, int, int, int]],
+) -> None:
+    index = QueueIndex()
+    expected: dict[GroupKey, dict[str, Request]] = {}
+    for add, k, number, arrival in changes:
+        key, rid = KEYS[k], f"r{number}"
+        members = expected.setdefault(key, {})
+        if add:  # a new request, or the same id again with other fields
+            request = Request(rid, "m", 10, 20, SLOClass.BATCH_1, SLO(60.0), float(arrival))
+            index.add(key, request)
+            members[rid] = request
+        elif rid in members:
+            index.remove(key, rid)
+            del members[rid]
+        if not members:
+            del expected[key]
+        built = index.groups()
+        assert built == tuple(sorted(
+            (RequestGroup(g, tuple(sorted(m.values(), key=request_order_key)))
+             for g, m in expected.items()), key=group_order_key))
+        assert all(index.holds(g, i) for g, m in expected.items() for i in m)
+        assert all(index.group(g.key) is g for g in built)  # kept until the group changes
