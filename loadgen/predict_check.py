@@ -18,7 +18,15 @@ rates. Per run it reports, over requests that got a first token:
   admission, as ``make demo`` measured before).
 * ``r2_from_prediction``: the last prediction, with both waits counted from the moment it
   was made (how well it forecast the time still to go).
-* ``mae_s``: mean absolute error of ``r2_last``'s pairs (seconds).
+* ``mae_s``: mean absolute error of ``r2_last``'s pairs (seconds);
+* ``errors``: where the squared error of ``r2_last`` lies, by what the records show of
+  each request's start on its worker (first matching case): ``later_arrivals`` (a
+  request that arrived after its last prediction started on its worker before its first
+  token, so it shared its prefill steps or went ahead of it: no prediction made before
+  that arrival could know it), ``behind_prefill`` (when its last prediction was made,
+  or at its start, another request there was prefilling), ``co_admitted`` (started at
+  the same instant as another), ``alone``; for each the requests, their share of the
+  squared error and the mean error (predicted − realised, seconds).
 
 Writes one JSON (``--out``) with every run and the command that made it.
 ``--compare BEFORE AFTER`` prints the markdown table of two such files side by side
@@ -90,7 +98,46 @@ def accuracy(records: Sequence[RequestRecord]) -> dict[str, Any]:
         "r2_from_prediction": _r2(re[:, 0], re[:, 1]),
         "mae_s": round(float(np.mean(np.abs(la[:, 0] - la[:, 1]))), 3) if la.size else None,
         "realised_wait_mean_s": round(float(la[:, 1].mean()), 3) if la.size else None,
+        "errors": error_cases(records),
     }
+
+
+#: The cases of ``errors``, in the order they are matched.
+ERROR_CASES = ("later_arrivals", "behind_prefill", "co_admitted", "alone")
+
+
+def error_cases(records: Sequence[RequestRecord]) -> dict[str, dict[str, float]]:
+    """``errors`` of the module docstring: the last prediction's squared error by case."""
+    rows = [r for r in records if r.first_token_at is not None and r.started_at is not None
+            and _last(r)[1] is not None]
+    case = np.full(len(rows), len(ERROR_CASES) - 1)
+    by_worker: dict[str | None, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_worker.setdefault(r.worker_id, []).append(i)
+    for members in by_worker.values():
+        start = np.array([rows[i].started_at for i in members], dtype=float)
+        first = np.array([rows[i].first_token_at for i in members], dtype=float)
+        arrival = np.array([rows[i].arrival_at for i in members], dtype=float)
+        told = np.array([_last(rows[i])[0] for i in members], dtype=float)
+        other = ~np.eye(len(members), dtype=bool)
+        matches = (
+            other & (arrival[None, :] > told[:, None]) & (start[None, :] < first[:, None]),
+            other & (((start[None, :] <= told[:, None]) & (first[None, :] > told[:, None]))
+                     | ((start[None, :] < start[:, None]) & (first[None, :] > start[:, None]))),
+            other & (start[None, :] == start[:, None]),
+        )
+        mine = np.full(len(members), len(ERROR_CASES) - 1)
+        for index in reversed(range(len(matches))):
+            mine = np.where(matches[index].any(axis=1), index, mine)
+        case[members] = mine
+    error = np.array([float(_last(r)[1] or 0.0) - float(r.first_token_at or 0.0) for r in rows])
+    squared = error * error
+    total = float(squared.sum()) or 1.0
+    return {name: {"n": int((case == k).sum()),
+                   "sse_share": round(float(squared[case == k].sum()) / total, 4),
+                   "mean_error_s": round(float(error[case == k].mean()), 4)
+                   if (case == k).any() else 0.0}
+            for k, name in enumerate(ERROR_CASES)}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -158,11 +158,13 @@ NOT_REGENERATED: tuple[tuple[str, str], ...] = (
                        "for every dead letter (CI runs it small)"),
     ("outage_redis_120s.json", "a slow test with Redis stopped for 120 s (make it with "
                                "QLM_TEST_OUTAGE_S=120 QLM_OUTAGE_RESULT=...)"),
-    ("predict/before.json, predict/demo_before/*, predict/bench_decide_main.json, "
+    ("predict/before*.json, predict/after_refresh.json, predict/demo_before/*, "
+     "predict/demo_main/*, predict/demo_after/*, predict/bench_decide_*.json, "
      "predict/demo/*",
-     "the predicted-wait comparison: the code before refreshed forecasts, main's "
-     "bench_decide beside the new one, and the make demo run after (the demo step "
-     "regenerates demo/)"),
+     "the predicted-wait comparisons: main's code before each change (refreshed "
+     "forecasts, then the head prefill stream) beside the code after it, for the "
+     "simulator, make demo and bench_decide (the demo step regenerates demo/, the "
+     "predict-check step predict/after.json)"),
     ("poison_records.json, kill_under_load.json", "written by their tests on real servers "
                                                   "(QLM_POISON_RESULT=..., QLM_KILL_RESULT=...; "
                                                   "the commands are in the files)"),

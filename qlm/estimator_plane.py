@@ -307,16 +307,18 @@ def _block(estimator: RWTEstimator, groups: Sequence[GroupSummary], model: str,
     step = _decode_step(profile, batch, np.floor(batch * context))
     per_token = step / batch
     decode = n * np.clip(mean_r - 1.0, 0.0, None) * per_token * factor
-    # Prefills, and the first token of the group's head once it starts.
-    first = np.maximum(1, np.minimum(np.minimum(n, batch),
-                                     np.floor(PREFILL_TOKENS_PER_STEP / np.maximum(prompt, 1))))
+    # Prefills, and the first token of the group's head once it starts: admitted at once
+    # with the rest of the group that fits the batch (whole prefill: the whole prompts
+    # that fit the step's budget; chunked: the budget filled, as RWTEstimator.queue_waits)
     if estimator.prefill_mode == "whole":
+        first = np.maximum(1, np.minimum(np.minimum(n, batch), np.floor(
+            PREFILL_TOKENS_PER_STEP / np.maximum(prompt, 1))))
         prefill = _admission_prefill(profile, n, prompt, batch, mean_r)
         head_prefill = _prefill(profile, prompt)
         bulk_prefill = _prefill(profile, first * prompt)
     else:
         prefill, head_prefill, bulk_prefill = _chunked_prefill(
-            estimator, profile, n, prompt, batch, context, first)
+            estimator, profile, n, prompt, batch, context, np.minimum(n, batch))
     swap = _swap_s(estimator, worker, model)
     service_mean = decode + prefill + swap
     service_std = np.sqrt(n * var_r) * per_token * factor

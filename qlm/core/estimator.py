@@ -32,10 +32,24 @@ Queue model of a worker (``queue_waits``), in seconds from ``now``:
   budget less the B−1 decoding tokens add ``mixed_step_s − decode_step_s`` to their
   steps (:func:`chunked_work_s`), and a request's first token comes after its chunks'
   mixed steps plus the output latency (:func:`qlm.sim.batching.chunked_first_token_s`),
-  after ASYNC_ADMISSION_STEPS of the current decode step when it is queued while the
-  worker is busy; ``whole`` costs one fixed cost per admission step (λ = B/E[R]
-  completions per step, so about n·(1 − e^−λ)/λ admissions, at least Σ tokens / 8192)
-  plus every prompt's marginal prefill (:func:`admission_prefill_s`);
+  after ASYNC_ADMISSION_STEPS of the current decode step when it starts at once on a busy
+  worker without fitting its free slots (those that fit: below); ``whole`` costs one
+  fixed cost per admission step (λ = B/E[R] completions per step, so about
+  n·(1 − e^−λ)/λ admissions, at least Σ tokens / 8192) plus every prompt's marginal
+  prefill (:func:`admission_prefill_s`);
+* the **head of a worker's active model** under chunked prefill: the queued groups that fit
+  its free batch slots and KV headroom (the pull, :func:`qlm.core.pulls.plan_pulls`, by
+  each group's mean reservation) are admitted at its next step boundary, not when slots
+  free; their prompts follow the prompts being prefilled (running requests without a
+  first token) in one FIFO stream that fills every step's token budget, so a request's
+  first token is the end of the step that holds its last prompt token, shared with the
+  prompts around it (:func:`qlm.sim.batching.chunked_stream_first_token_s`). The next
+  boundary comes from the step clock (:func:`qlm.sim.batching.chunked_step_clock`):
+  replayed from the admissions of the prompts being prefilled, else decode steps from the
+  latest first token, else half a decode step away; a request queued after the step under
+  way began joins a step later (asynchronous scheduling). An idle worker admits at once.
+  This is the light-load regime, where waits are one admission and a prefill: sharing a
+  step with a 4,000-token prompt, or waiting for the one being prefilled, is most of them;
 * between segments of different models the worker drains: the segment ends at
   ``max(T, latest (last start of a group + longest in-flight residual · step at half
   the batch))``, the longest residual being the m/(m+1) quantile of the equilibrium
@@ -59,6 +73,7 @@ frozen), so evaluating a whole order costs O(number of groups) after the first c
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -235,6 +250,10 @@ class WaitEstimate:
         return WaitEstimate(self.mean_s + fraction * self.spread_s, self.std_s)
 
 
+def _arrival_at(request: Request) -> float:
+    return request.arrival_at
+
+
 # ------------------------------------------------------------------ per-group sums
 @dataclass(frozen=True, slots=True)
 class GroupWork:
@@ -251,6 +270,7 @@ class GroupWork:
     tail_cap_tokens: float     # most output any request may still produce
     head_prompt_tokens: int    # the first request's prefill (its own TTFT)
     prompt_tokens: np.ndarray  # every request's prefill tokens (prompt + generated), in order
+    prompt_cum_tokens: np.ndarray  # their running sum (a prefill stream's positions)
     deadlines_at: np.ndarray   # every request's deadline, in group order
 
 
@@ -284,6 +304,7 @@ def _work_of(requests: Sequence[Request], model: str, stats: LengthStats) -> Gro
         tail_cap_tokens=float((cap - done).max()),
         head_prompt_tokens=int(held[0]),
         prompt_tokens=held.astype(np.int64),
+        prompt_cum_tokens=np.cumsum(held.astype(np.int64)),
         deadlines_at=deadlines,
     )
 
@@ -385,9 +406,10 @@ def _prefill_timing(work: GroupWork, profile: PerfProfile, batch: int, mean_outp
     """(all prefills, first token of the head admitted alone, first token of the head
     admitted into free slots) of a group at steady batch ``batch``, in the engine's
     prefill mode: ``whole`` prefills admitted prompts in steps of their own; ``chunked``
-    (vLLM's default) mixes them into decode steps (:mod:`qlm.sim.batching`'s step model)."""
-    first_tokens = first_admission_tokens(work.prompt_tokens, batch)
+    (vLLM's default) mixes them into decode steps (:mod:`qlm.sim.batching`'s step model),
+    the first step filled to its budget by the prompts admitted with the head."""
     if prefill_mode == "whole":
+        first_tokens = first_admission_tokens(work.prompt_tokens, batch)
         return (admission_prefill_s(profile, work.prompt_tokens, batch, mean_output),
                 profile.prefill_s(work.head_prompt_tokens), profile.prefill_s(first_tokens))
     from qlm.sim.batching import chunked_first_token_s  # see chunked_work_s
@@ -396,8 +418,9 @@ def _prefill_timing(work: GroupWork, profile: PerfProfile, batch: int, mean_outp
     context = int(decoding * work.mean_context)
     head = chunked_first_token_s(profile, work.head_prompt_tokens, decoding, context,
                                  max_batched_tokens)
+    admitted = int(work.prompt_cum_tokens[min(batch, work.size) - 1])
     bulk = chunked_first_token_s(profile, work.head_prompt_tokens, 0, 0, max_batched_tokens,
-                                 shared_tokens=first_tokens - work.head_prompt_tokens)
+                                 shared_tokens=admitted - work.head_prompt_tokens)
     return chunked_work_s(profile, work.prompt_tokens, decoding, max_batched_tokens), head, bulk
 
 
@@ -430,12 +453,14 @@ def _timing(work: GroupWork, worker: WorkerView, profile: PerfProfile,
 class _Memo:
     """Group sums by group identity (the group is kept alive, so its id stays its own)."""
 
-    __slots__ = ("running", "timings", "works")
+    __slots__ = ("fields", "running", "streams", "timings", "works")
 
     def __init__(self) -> None:
         self.works: dict[int, tuple[RequestGroup, GroupWork]] = {}
         self.timings: dict[tuple[int, str, int, int, bool], tuple[RequestGroup, _Timing]] = {}
         self.running: dict[tuple[object, ...], tuple[object, tuple[_Segment, float]]] = {}
+        self.fields: dict[int, tuple[object, _RunningFields]] = {}
+        self.streams: dict[tuple[object, ...], list[float]] = {}
 
     def trim(self) -> None:
         if len(self.works) > _MEMO_LIMIT:
@@ -444,6 +469,10 @@ class _Memo:
             self.timings.clear()
         if len(self.running) > _MEMO_LIMIT:
             self.running.clear()
+        if len(self.fields) > _MEMO_LIMIT:
+            self.fields.clear()
+        if len(self.streams) > _MEMO_LIMIT:
+            self.streams.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +499,34 @@ class _Segment:
     def end_s(self) -> float:
         """When everything in the segment has finished (before a swap)."""
         return self.start_s + max(self.ahead_s, self.drain_s)
+
+
+@dataclass(frozen=True, slots=True)
+class _HeadStream:
+    """The chunked prefill stream at the head of a worker's active model (see the module
+    docstring): when its next step boundary comes and what is still to prefill then."""
+
+    profile: PerfProfile
+    num_decoding: int         # running requests past their prefill
+    decode_context: int       # the KV tokens they hold
+    boundary_s: float         # seconds from now to the next step boundary (0: idle worker)
+    visible_until: float      # requests queued by then join at that boundary, later a step on
+    backlog_tokens: int       # prompt tokens of the requests being prefilled left by then
+    free_slots: int
+    kv_headroom: float
+
+
+@dataclass(frozen=True, slots=True)
+class _RunningFields:
+    """What the head stream needs of a worker's running requests (memoised per view)."""
+
+    num_decoding: int
+    decode_context: int
+    num_running: int
+    running_context: int
+    reserved_tokens: float
+    admissions: tuple[tuple[float, int], ...]  # (started at, prompt tokens) being prefilled
+    last_first_token_at: float | None          # the latest first token of one of them
 
 
 # ------------------------------------------------------------------ estimator
@@ -591,6 +648,7 @@ class RWTEstimator:
         swapping_in = worker.active_model is None and worker.swapping_until is not None
         running_model = segment.model if worker.running else None
         admit_delay = self._admission_delay_s(worker) if worker.running else 0.0
+        immediate = self._immediate_first_tokens(worker, order, now)
         waits: list[WaitEstimate] = []
         for index, group in enumerate(order):
             if group.model != segment.model:
@@ -603,18 +661,27 @@ class RWTEstimator:
             timing = self._timing_of(worker, group)
             factor = self.correction(group.model, worker.gpu)
             first_s, last_s = self._starts_in(segment, timing, factor, group.size)
-            var = past_var + (segment.ahead_var_s2 if first_s > 0 else 0.0)
-            # Its first token: its own prefill once it starts, or, when it finds free slots,
-            # the prefill of the first admission it shares with its group-mates.
-            # On an idle worker (nothing ahead in its segment) it is in the first
-            # admission; else its own prefill joins a running batch once it starts.
-            joins_batch = first_s > 0.0 or segment.ahead_s > 0.0
-            first_token_s = (max(first_s + timing.head_prefill_s, timing.bulk_prefill_s)
-                             if joins_batch else timing.bulk_prefill_s)
-            if first_s <= 0.0 and group.model == running_model:
-                first_token_s += admit_delay  # it joins the running batch when it may
-            waits.append(WaitEstimate(segment.start_s + first_token_s,
-                                      math.sqrt(var), last_s - first_s))
+            admitted = immediate.get(index)
+            if admitted is not None:
+                # it finds free slots: admitted at the next step boundary, its first tokens
+                # where its prompts come in the head's prefill stream
+                head_s, last_token_s, whole = admitted
+                first_s, last_s = 0.0, (0.0 if whole else last_s)
+                spread = last_token_s - head_s if whole else max(last_s, last_token_s - head_s)
+                waits.append(WaitEstimate(head_s, math.sqrt(past_var), spread))
+            else:
+                var = past_var + (segment.ahead_var_s2 if first_s > 0 else 0.0)
+                # Its first token: its own prefill once it starts, or, when it finds free
+                # slots, the prefill of the first admission it shares with its group-mates.
+                # On an idle worker (nothing ahead in its segment) it is in the first
+                # admission; else its own prefill joins a running batch once it starts.
+                joins_batch = first_s > 0.0 or segment.ahead_s > 0.0
+                first_token_s = (max(first_s + timing.head_prefill_s, timing.bulk_prefill_s)
+                                 if joins_batch else timing.bulk_prefill_s)
+                if first_s <= 0.0 and group.model == running_model:
+                    first_token_s += admit_delay  # it joins the running batch when it may
+                waits.append(WaitEstimate(segment.start_s + first_token_s,
+                                          math.sqrt(var), last_s - first_s))
             segment = _Segment(
                 model=segment.model,
                 start_s=segment.start_s,
@@ -681,6 +748,119 @@ class RWTEstimator:
         if from_model is not None and self._profiles.has(from_model, worker.gpu):
             sleep = self._profiles.get(from_model, worker.gpu).sleep_s
         return sleep + self._profiles.get(to_model, worker.gpu).swap_in_s(resident)
+
+    def _immediate_first_tokens(self, worker: WorkerView, order: Sequence[RequestGroup],
+                                now: float) -> dict[int, tuple[float, float, bool]]:
+        """The groups at the head of ``order`` that the worker admits at its next step
+        boundary, because they fit its free batch slots and KV headroom (the pull,
+        :func:`qlm.core.pulls.plan_pulls`, with each group's mean reservation), under
+        chunked prefill: by index in ``order``, (first token of its first request, first
+        token of its last admitted one, whether all of it was admitted), seconds from
+        ``now``. Their prompts follow those being prefilled in one FIFO stream
+        (:func:`qlm.sim.batching.chunked_stream_first_token_s`); a request queued after the
+        step under way began joins a step later. Per group, O(1) each."""
+        stream = self._head_stream(worker, now)
+        if stream is None:
+            return {}
+        from qlm.sim.batching import chunked_stream_first_token_s  # see chunked_work_s
+
+        entries: list[tuple[int, bool]] = []
+        positions: list[int] = []
+        queued = visible = 0
+        seen = True  # every request so far was queued before the step under way began
+        free, room = stream.free_slots, stream.kv_headroom
+        for index, group in enumerate(order):
+            if group.model != worker.active_model or free <= 0:
+                break
+            work = self.group_work(group)
+            count = min(group.size, free, int(room // max(work.mean_reservation, 1.0)))
+            if count <= 0:
+                break
+            if seen:
+                num_seen = bisect.bisect_right(group.requests, stream.visible_until, hi=count,
+                                               key=_arrival_at)
+                visible = queued + (int(work.prompt_cum_tokens[num_seen - 1]) if num_seen else 0)
+                seen = num_seen == count
+            positions += [queued + int(work.prompt_cum_tokens[0]),
+                          queued + int(work.prompt_cum_tokens[count - 1])]
+            entries.append((index, count == group.size))
+            queued += int(work.prompt_cum_tokens[count - 1])
+            free -= count
+            room -= count * work.mean_reservation
+            if count < group.size:
+                break
+        if not entries:
+            return {}
+        backlog = stream.backlog_tokens
+        key = (stream.profile.key, stream.num_decoding, stream.decode_context, backlog,
+               visible, *positions)
+        times = self._memo.streams.get(key)
+        if times is None:  # the same head stream as at the last decision, mostly
+            times = chunked_stream_first_token_s(
+                stream.profile, stream.num_decoding, stream.decode_context,
+                [backlog + x for x in positions], backlog + queued, self.max_batched_tokens,
+                first_step_tokens=backlog + visible)
+            self._memo.trim()
+            self._memo.streams[key] = times
+        at = stream.boundary_s
+        return {index: (at + times[2 * i], at + times[2 * i + 1], whole)
+                for i, (index, whole) in enumerate(entries)}
+
+    def _head_stream(self, worker: WorkerView, now: float) -> _HeadStream | None:
+        """The prefill stream at the head of the worker's active model (chunked prefill, not
+        swapping); None otherwise. The next step boundary: on an idle worker now; while
+        prompts are being prefilled, where their admissions put the step clock
+        (:func:`qlm.sim.batching.chunked_step_clock`); while it only decodes, half a decode
+        step away on average (a request queued by the step's start joins then)."""
+        model = worker.active_model
+        if (self.prefill_mode != "chunked" or model is None
+                or worker.swapping_until is not None):
+            return None
+        from qlm.sim.batching import chunked_step_clock, output_latency_s  # see chunked_work_s
+
+        profile = self._profiles.get(model, worker.gpu)
+        fields = self._running_fields(worker, profile)
+        free = min(worker.batch_limit, profile.max_batch_size) - fields.num_running
+        room = (min(worker.kv_capacity_tokens, profile.kv_capacity_tokens)
+                - fields.reserved_tokens)
+        if not worker.running:
+            return _HeadStream(profile, 0, 0, 0.0, now, 0, free, room)
+        last = fields.last_first_token_at
+        clock = chunked_step_clock(
+            profile, fields.num_decoding, fields.decode_context, fields.admissions, now,
+            self.max_batched_tokens, None if last is None else last - output_latency_s(profile))
+        if clock is None:
+            half = 0.5 * profile.decode_step_s(fields.num_running, fields.running_context)
+            half *= self.correction(model, worker.gpu)
+            return _HeadStream(profile, fields.num_decoding, fields.decode_context, half,
+                               now - half, 0, free, room)
+        began_at, ends_at, backlog = clock
+        return _HeadStream(profile, fields.num_decoding, fields.decode_context,
+                           max(0.0, ends_at - now), began_at, backlog, free, room)
+
+    def _running_fields(self, worker: WorkerView, profile: PerfProfile) -> _RunningFields:
+        """:class:`_RunningFields` of ``worker.running``, memoised by its identity."""
+        hit = self._memo.fields.get(id(worker.running))
+        if hit is not None and hit[0] is worker.running:
+            return hit[1]
+        running = worker.running
+        if running:
+            fields = _request_fields([r.request for r in running])
+            prompt, cap, done = fields[:, 0], fields[:, 1], fields[:, 2]
+            held = prompt + done
+            first = np.array([r.first_token_at for r in running], dtype=float)  # NaN: none
+            decoding = ~np.isnan(first)
+            admissions = tuple(sorted((r.started_at, r.request.context_tokens)
+                                      for r in running if r.first_token_at is None))
+            value = _RunningFields(int(decoding.sum()), int(held[decoding].sum()),
+                                   len(running), int(held.sum()),
+                                   float(kv_reservations(prompt, cap, done).sum()), admissions,
+                                   float(first[decoding].max()) if decoding.any() else None)
+        else:
+            value = _RunningFields(0, 0, 0, 0, 0.0, (), None)
+        self._memo.trim()
+        self._memo.fields[id(running)] = (running, value)
+        return value
 
     def _running_segment(self, worker: WorkerView, start_s: float) -> _Segment:
         """The segment of the requests running now (their remaining decode only)."""

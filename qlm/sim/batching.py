@@ -166,17 +166,21 @@ def output_latency_s(profile: PerfProfile) -> float:
 
 
 def mixed_step_s(
-    profile: PerfProfile, num_decoding: int, decode_context: int, prefill_tokens: int
+    profile: PerfProfile, num_decoding: int, decode_context: int, prefill_tokens: int,
+    latency_s: float | None = None,
 ) -> float:
     """Seconds of one chunked step: ``num_decoding`` requests holding ``decode_context``
     tokens decode one token each and ``prefill_tokens`` prompt tokens are prefilled.
 
     = ``decode_step_s(B, ctx)`` + the chunk's marginal work ``prefill_s(n) − L`` (less
-    the decode step's fixed cost ``base`` when something decodes: it is paid once)."""
+    the decode step's fixed cost ``base`` when something decodes: it is paid once);
+    ``latency_s``: ``L`` (:func:`output_latency_s`) when the caller has it already."""
     decode = profile.decode_step_s(num_decoding, decode_context)
     if prefill_tokens <= 0:
         return decode
-    chunk = profile.prefill_s(prefill_tokens) - output_latency_s(profile)
+    if latency_s is None:
+        latency_s = output_latency_s(profile)
+    chunk = profile.prefill_s(prefill_tokens) - latency_s
     if num_decoding > 0:
         chunk -= profile.decode_base_s
     return decode + max(0.0, chunk)
@@ -250,6 +254,87 @@ def chunked_first_token_s(
         tokens = chunk if index < len(chunks) - 1 else min(per_step, chunk + shared_tokens)
         total += mixed_step_s(profile, num_decoding, decode_context, tokens)
     return total + output_latency_s(profile)
+
+
+def chunked_stream_first_token_s(
+    profile: PerfProfile, num_decoding: int, decode_context: int, positions: Sequence[int],
+    total_tokens: int, max_batched_tokens: int, first_step_tokens: int | None = None,
+) -> list[float]:
+    """Seconds from a step boundary until the first token of each prompt whose last token
+    is at ``positions`` (cumulative prompt tokens, oldest first) of the ``total_tokens``
+    prompt tokens a chunked engine has to prefill from that boundary on, next to
+    ``num_decoding`` requests holding ``decode_context`` tokens.
+
+    :func:`plan_chunks` fills every step's budget (``max_batched_tokens`` less one token per
+    decoding request) with the oldest prompt tokens first, so the steps are full until the
+    stream runs out, and a prompt's first token comes at the end of the step that holds
+    its last token (:func:`mixed_step_s`, the last step carrying whatever is left of the
+    stream, later prompts too) plus the output latency. ``first_step_tokens`` caps the
+    first step (a busy engine plans a step when the previous one begins: prompts queued
+    after that wait for the next one); it is ``min(budget, total_tokens)`` when None.
+    Three step times, then arithmetic per position (a few positions per call). Pure."""
+    per_step = max(1, max_batched_tokens - num_decoding)
+    first = min(per_step, total_tokens) if first_step_tokens is None else min(
+        per_step, max(0, first_step_tokens), total_tokens)
+    rest = total_tokens - first  # tokens after the first step: full steps, then the rest
+    num_later = -(-rest // per_step)
+    latency = output_latency_s(profile)
+    first_s = mixed_step_s(profile, num_decoding, decode_context, first, latency) + latency
+    full_s = mixed_step_s(profile, num_decoding, decode_context, per_step, latency)
+    final_s = mixed_step_s(profile, num_decoding, decode_context,
+                           rest - (num_later - 1) * per_step, latency) if num_later else 0.0
+    out = []
+    for position in positions:
+        # steps after the first one that this position needs (0: it is in the first step)
+        later = 0 if position <= first else min(-(-(position - first) // per_step), num_later)
+        out.append(first_s if later <= 0 else
+                   first_s + (later - 1) * full_s + (final_s if later >= num_later else full_s))
+    return out
+
+
+#: Decode steps since the last known step boundary within which
+#: :func:`chunked_step_clock` still counts the steps of a decoding engine (past that the
+#: step under way is unknown: it is taken to be half done).
+DECODE_CLOCK_STEPS: Final = 8
+
+
+def chunked_step_clock(
+    profile: PerfProfile, num_decoding: int, decode_context: int,
+    admissions: Sequence[tuple[float, int]], now: float, max_batched_tokens: int,
+    last_boundary_at: float | None = None,
+) -> tuple[float, float, int] | None:
+    """Where a chunked engine's steps stand at ``now``: (start of the step under way, its
+    end, prompt tokens still to prefill after it), or None when unknown.
+
+    From the prompts it is prefilling, ``admissions`` (admitted at, prompt tokens) of each,
+    oldest first: each was admitted at a step boundary and its chunks come in that order
+    (:func:`plan_chunks`), so the steps are replayed from the oldest admission at the budget
+    of :func:`chunked_stream_first_token_s`. Once they are done (or with none), the engine
+    decodes in steps of ``decode_step_s`` from the last boundary known, the end of the last
+    prompt step or ``last_boundary_at`` (e.g. where a request's first token came), for at
+    most DECODE_CLOCK_STEPS steps. Pure."""
+    per_step = max(1, max_batched_tokens - num_decoding)
+    at = admissions[0][0] if admissions else -math.inf
+    left, index = 0, 0
+    while index < len(admissions) or left > 0:
+        while index < len(admissions) and admissions[index][0] <= at + 1e-9:
+            left += admissions[index][1]
+            index += 1
+        if left <= 0:
+            at = admissions[index][0]
+            continue
+        take = min(per_step, left)
+        end = at + mixed_step_s(profile, num_decoding, decode_context, take)
+        if end > now:
+            return at, end, left - take
+        at, left = end, left - take
+    if last_boundary_at is not None:
+        at = max(at, last_boundary_at)
+    step = profile.decode_step_s(num_decoding, decode_context)
+    if not (math.isfinite(at) and step > 0 and 0 <= now - at < DECODE_CLOCK_STEPS * step):
+        return None
+    began_at = at + step * math.floor((now - at) / step)
+    return began_at, began_at + step, 0
 
 
 def chunked_prefill_work_s(profile: PerfProfile, prompt_tokens: int, num_decoding: int,

@@ -487,8 +487,9 @@ class RedisQueueStore:
     async def forecast_for(self, record: RequestRecord) -> RequestRecord:
         """``record`` with its predicted first token: a queued request's from its group's
         forecast at its current place in the group (one pipelined round trip); any other
-        request keeps the one its pull recorded (the last made before it started)."""
-        if record.state is not RequestState.QUEUED:
+        request, and one evicted after its first token, keeps the one its pull recorded
+        (the last made before it started)."""
+        if record.state is not RequestState.QUEUED or record.first_token_at is not None:
             return record
         group = self.keys.group(record.group)
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from queue_helpers import T0, WINDOW_S, FakeClock, group_of, make_request
 
 from qlm.core.errors import InvalidInput, NotFound, Unavailable
+from qlm.core.forecast import GroupForecast
 from qlm.core.types import RequestState, SLOClass
 from qlm.localstack import RedisServer
 from qlm.store import (
@@ -229,6 +230,30 @@ async def test_eviction_requeue_keeps_progress_and_first_token_time(
     assert await store.append_tokens("w2", "r1", token_ids=[6]) == 6
     await store.requeue("w2", "r1", num_generated=9)  # progress reported explicitly
     assert (await store.get("r1")).request.num_generated == 9
+
+
+async def test_a_request_evicted_after_its_first_token_keeps_the_prediction_made_before_it(
+    store: RedisQueueStore, clock: FakeClock
+) -> None:
+    request = make_request("r1", max_tokens=50)
+    await store.enqueue(request)
+    key = group_of(request)
+    before = GroupForecast("w1", T0, T0 + 2.0, 0.0, 0.1, 1)
+    await store.set_forecasts({key: before})
+    await store.set_virtual_queue("w1", [key])
+    (pulled,) = await store.pull("w1", "llama-8b", 1)
+    assert pulled.predicted_first_token_at == T0 + 2.0
+    clock.advance(1.5)
+    await store.append_tokens("w1", "r1", token_ids=[1])
+    await store.requeue("w1", "r1")
+    # forecasts made after its first token (of its resumption) do not replace it
+    await store.set_forecasts({key: GroupForecast("w2", T0 + 2, T0 + 9.0, 0.0, 0.1, 1)})
+    queued = await store.forecast_for(await store.get("r1"))
+    assert queued.predicted_first_token_at == T0 + 2.0
+    await store.set_virtual_queue("w2", [key])
+    (resumed,) = await store.pull("w2", "llama-8b", 1)
+    assert resumed.predicted_first_token_at == T0 + 2.0
+    assert (await store.get("r1")).predicted_first_token_at == T0 + 2.0
 
 
 # ------------------------------------------------------------------ cancel and reject

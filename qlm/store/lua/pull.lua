@@ -20,8 +20,10 @@
 -- another model: a model swap must come first, pulling past it would reorder the
 -- queue (as qlm.core.pulls.plan_pulls). Each pulled record gets state=running,
 -- worker, started_at, lease_expires_at, num_pulls+1, and, when its group has a
--- forecast, that forecast with the request's place in the group at the pull
--- (forecast, forecast_rank, forecast_size): the last prediction made before it started.
+-- forecast and the request has no first token yet, that forecast with the request's
+-- place in the group at the pull (forecast, forecast_rank, forecast_size): the last
+-- prediction made before it started (a request evicted after its first token keeps the
+-- one made before that token).
 -- Returns the records now running as JSON objects of strings, in pull order.
 
 local prefix, worker, model = ARGV[1], ARGV[2], ARGV[3]
@@ -45,7 +47,8 @@ for i, group in ipairs(order) do
         local rk = req_key(prefix, id)
         redis.call('HSET', rk, 'state', 'running', 'worker', worker, 'started_at', now,
           'lease_expires_at', lease)
-        if forecast then
+        local first_token_at = redis.call('HGET', rk, 'first_token_at')
+        if forecast and (not first_token_at or first_token_at == '') then
           redis.call('HSET', rk, 'forecast', forecast, 'forecast_rank', (j - 1) / 2,
             'forecast_size', size)
         end
