@@ -30,7 +30,8 @@ ARCHIVE="$OUT_DIR/stack.tar.xz"
 RUNTIME_MODULES="jdk.unsupported,java.management,jdk.management,java.naming,java.security.jgss,java.security.sasl,jdk.crypto.ec,jdk.crypto.cryptoki,java.logging,java.xml"
 #: Wheels (exact versions: those the project is developed and tested with).
 WHEELS=(
-  grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
+  # grpcio at least the version the generated code in qlm/api/v1 checks for
+  grpcio==1.85.4 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
   redis==8.1.0 hiredis==3.5.0 aiokafka==0.14.0 async-timeout==5.0.1
   structlog==26.1.0 pydantic-settings==2.14.1 python-dotenv==1.2.2
   # pydantic as the vLLM archive carries it (same versions), so the stack also runs

@@ -4,8 +4,10 @@ the vsite archive from a made-up wheel, parcels that fit a call and unpack in or
 from __future__ import annotations
 
 import json
+import re
 import struct
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from loadgen.gpu.stage import (
     unpack,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 CUBIN_80, CUBIN_90, PTX_80 = b"\xaa" * 32, b"\xbb" * 32, b"\xcc" * 16
 
 
@@ -158,3 +161,28 @@ def test_environment_names_both_unpacked_archives() -> None:
     manifest = {"archives": [{"unpack": "vsite"}, {"unpack": "stack"}]}
     env = environment(manifest, Path("/tmp/v"), Path("/tmp/stack"))
     assert ". /tmp/stack/env.sh" in env and 'PYTHONPATH="/tmp/v/vsite:' in env
+
+
+def staged_wheels() -> dict[str, str]:
+    """name → version of the wheels loadgen/gpu/stage_stack.sh puts in the stack archive."""
+    text = (ROOT / "loadgen/gpu/stage_stack.sh").read_text()
+    block = text.split("WHEELS=(", 1)[1].split("\n)", 1)[0]
+    pins = (word for line in block.splitlines() for word in line.split("#")[0].split())
+    return dict(pin.split("==", 1) for pin in pins)
+
+
+def test_the_stack_archive_carries_the_grpc_and_protobuf_the_code_needs() -> None:
+    """A stack archive with an older grpcio than the generated stubs check for stops the
+    estimator and ingest at import on the GPU host (it happened: 1.85.1 against 1.85.4)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    wheels = staged_wheels()
+    generated = re.findall(r"GRPC_GENERATED_VERSION = '([\d.]+)'",
+                           "".join(p.read_text() for p in (ROOT / "qlm/api/v1").glob("*_grpc.py")))
+    assert generated and all(Version(wheels["grpcio"]) >= Version(v) for v in generated)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for requirement in pyproject["project"]["dependencies"]:
+        name, _, spec = requirement.partition(">=")
+        if name in wheels and spec:
+            assert Version(wheels[name]) in SpecifierSet(f">={spec}"), requirement
