@@ -23,10 +23,12 @@ from loadgen.results import emit, undeclared, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
-#: JSONs whose writer records no command line, and their writer.
-WRITTEN_WITHOUT_COMMAND = {"demo/summary.json": "loadgen.demo",
-                           "predict/demo/summary.json": "loadgen.demo",
-                           "predict/demo_before/summary.json": "loadgen.demo"}
+#: JSONs whose writer records no command line, and their writer: the demo's report
+#: (``python -m loadgen.demo --out DIR`` writes DIR/summary.json; DIR is demo or demo_*).
+WRITTEN_WITHOUT_COMMAND = {
+    str(p.relative_to(RESULTS)): "loadgen.demo"
+    for p in RESULTS.rglob("summary.json") if re.fullmatch(r"demo(_\w+)?", p.parent.name)
+}
 
 
 def _load(path: Path) -> Any:
