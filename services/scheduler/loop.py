@@ -373,7 +373,10 @@ class SchedulingLoop:
             raise InvalidInput(f"{field}.state", "missing")
         if self._saved_fence and fence == self._saved_fence:
             return "kept"  # we saved it ourselves, in our last term: what we hold is newer
-        restore_policy_state(self.policy, saved["state"])
+        try:
+            restore_policy_state(self.policy, saved["state"])
+        except InvalidInput as error:  # named where it lies in the stored value
+            raise InvalidInput(f"{field}.state.{error.field}", error.problem) from None
         return "restored"
 
     async def save_state(self, *, force: bool = False) -> bool:
