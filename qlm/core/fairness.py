@@ -22,8 +22,9 @@ every flow). :func:`fair_order` projects VTC onto a queue: it interleaves the qu
 groups of a class the way VTC would admit them, charging each group its expected cost.
 
 Pure: no I/O, no clock. The counters are state: the scheduler service keeps them across a
-restart by :meth:`VirtualTokenCounters.to_state` / :meth:`VirtualTokenCounters.from_state`
-(docs/scheduler.md says where).
+restart or a failover by :meth:`VirtualTokenCounters.to_state` /
+:meth:`VirtualTokenCounters.from_state` (through the qlm policy's ``state`` / ``restore``;
+docs/scheduler.md says where and how often).
 """
 
 from __future__ import annotations
@@ -175,33 +176,59 @@ class VirtualTokenCounters:
 
     # ------------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:
-        """The counters as JSON-ready data (what a restart needs: per class, each
-        tenant's counter; the backlog and the running requests are seen again)."""
+        """What a restarted scheduler needs to go on where this one stopped, as JSON-ready
+        data: per class each tenant's counter (``counters``), the counter of the last flow
+        that left each class's backlog (``last_left``), the backlogged flows
+        (``backlogged``: per class, tenants; so a flow that stays backlogged across the
+        restart is not lifted as if it had just arrived) and the output tokens charged to
+        each running request (``charged``: id → tokens; so a request that goes on running
+        is not charged its prompt and output again). Requests that ended or were evicted
+        before are forgotten: one evicted before the restart and resumed after it is
+        charged again (prompt and output), as a request never seen."""
         by_class: dict[str, dict[str, float]] = {}
         for (slo_class, tenant), value in sorted(self._counters.items()):
             by_class.setdefault(slo_class.value, {})[tenant] = value
+        backlogged: dict[str, list[str]] = {}
+        for slo_class, tenant in sorted(self._backlogged):
+            backlogged.setdefault(slo_class.value, []).append(tenant)
         return {"counters": by_class,
-                "last_left": {c.value: v for c, v in sorted(self._last_left.items())}}
+                "last_left": {c.value: v for c, v in sorted(self._last_left.items())},
+                "backlogged": backlogged,
+                "charged": dict(sorted(self._running.items()))}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any], weights: TokenWeights | None = None
+    def from_state(cls, state: Any, weights: TokenWeights | None = None
                    ) -> VirtualTokenCounters:
-        """Counters from :meth:`to_state`'s data; InvalidInput names what is wrong."""
+        """Counters from :meth:`to_state`'s data (every field optional; a running request
+        of ``charged`` is charged only the output it makes from there on when it is seen
+        again); InvalidInput names the field that is wrong."""
+        if not isinstance(state, Mapping):
+            raise InvalidInput("fair_share", f"must be an object, got {type(state).__name__}")
         out = cls(weights)
-        counters = state.get("counters", {})
-        last_left = state.get("last_left", {})
-        if not isinstance(counters, Mapping) or not isinstance(last_left, Mapping):
-            raise InvalidInput("fair_share.state", "counters and last_left must be objects")
-        for class_name, tenants in counters.items():
+        for name in ("counters", "last_left", "backlogged", "charged"):
+            if not isinstance(state.get(name, {}), Mapping):
+                raise InvalidInput(f"fair_share.{name}", "must be an object")
+        for class_name, tenants in state.get("counters", {}).items():
             slo_class = _slo_class(class_name)
             if not isinstance(tenants, Mapping):
                 raise InvalidInput(f"fair_share.counters.{class_name}", "must be an object")
             for tenant, value in tenants.items():
                 out._counters[(slo_class, str(tenant))] = _finite(
                     value, f"fair_share.counters.{class_name}.{tenant}")
-        for class_name, value in last_left.items():
+        for class_name, value in state.get("last_left", {}).items():
             out._last_left[_slo_class(class_name)] = _finite(
                 value, f"fair_share.last_left.{class_name}")
+        for class_name, tenants in state.get("backlogged", {}).items():
+            slo_class = _slo_class(class_name)
+            if not isinstance(tenants, list) or not all(isinstance(t, str) for t in tenants):
+                raise InvalidInput(f"fair_share.backlogged.{class_name}",
+                                   "must be a list of tenant names")
+            out._backlogged.update((slo_class, t) for t in tenants)
+        for request_id, tokens in state.get("charged", {}).items():
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise InvalidInput(f"fair_share.charged.{request_id}",
+                                   f"must be an integer >= 0, got {tokens!r}")
+            out._departed[str(request_id)] = tokens  # charged when seen running again
         return out
 
 

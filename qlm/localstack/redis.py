@@ -66,7 +66,7 @@ def ping(host: str, port: int, timeout_s: float = 0.5,
 
 #: Key patterns of the queue a service may touch (``{P}`` is the hash-tagged prefix); the
 #: tenant keys (``tenant:*``, ``apikey:*``, ``tenants``) are ingest's alone, and only the
-#: scheduler writes ``scheduler:*`` (its lease and fencing token).
+#: scheduler writes ``scheduler:*`` (its lease, fencing token and saved policy state).
 _QUEUE_KEYS = ("req:*", "group:*", "groups", "vq:*", "workers", "running:*", "leases",
                "stream:*", "queue:log", "forecast")
 _SERVICE_KEYS: Final = {

@@ -29,6 +29,7 @@ when a worker reports on a request it does not hold,
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -188,6 +189,19 @@ class QueueStore(Protocol):
         """Every request whose lease expired: back to its group (or cancelled)."""
         ...
 
+    async def save_policy_state(self, policy: str, state: Mapping[str, Any], *,
+                                fence: int = 0) -> None:
+        """Keep ``state`` (JSON-ready) as policy ``policy``'s saved state, replacing the
+        one before. With ``fence`` (> 0), only while it is the current fencing token of the
+        scheduler lease, else FenceLost and nothing is written (a store with no lease has
+        no current token)."""
+        ...
+
+    async def policy_state(self, policy: str) -> dict[str, Any] | None:
+        """The state last saved for ``policy`` (None: none saved); InvalidInput naming
+        the field when what is stored is not a JSON object."""
+        ...
+
 
 # ---------------------------------------------------------------- argument checks
 def require_id(value: str, field_name: str) -> str:
@@ -210,3 +224,29 @@ def require_count(value: int, field_name: str, *, minimum: int) -> int:
     if value < minimum:
         raise InvalidInput(field_name, f"must be >= {minimum}, got {value}")
     return value
+
+
+def encode_policy_state(policy: str, state: Mapping[str, Any]) -> str:
+    """``state`` as the JSON text a store keeps; InvalidInput when it is not a JSON object."""
+    require_id(policy, "policy")
+    if not isinstance(state, Mapping):
+        raise InvalidInput("state", f"must be an object, got {type(state).__name__}")
+    try:
+        return json.dumps(state, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput("state", f"must be JSON data: {exc}") from None
+
+
+def decode_policy_state(policy: str, text: str | None) -> dict[str, Any] | None:
+    """The state a store keeps for ``policy`` (None stays None); InvalidInput naming the
+    stored field (``scheduler:state.<policy>``) when it is not a JSON object."""
+    if text is None:
+        return None
+    field_name = f"scheduler:state.{policy}"
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput(field_name, f"not JSON: {exc}") from None
+    if not isinstance(state, dict):
+        raise InvalidInput(field_name, f"must be a JSON object, got {type(state).__name__}")
+    return state

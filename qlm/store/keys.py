@@ -35,6 +35,9 @@ key                         type        contents
                                         about :data:`QUEUE_LOG_MAXLEN` entries
 ``P scheduler:leader``      string      the scheduler leader's token (PX: the lease)
 ``P scheduler:fence``       integer     the fencing token of the current leader's term
+``P scheduler:state``       hash        policy name → the policy's state as its leader
+                                        last saved it (JSON; qlm: fair share's counters),
+                                        written only under the current fencing token
 ``P tenants``               set         every tenant name ever added (revoked ones too)
 ``P tenant:<name>``         hash        a tenant: ``key_sha256``, ``signing_key``,
                                         ``created_at``, ``revoked_at`` (qlm.tenants)
@@ -167,6 +170,10 @@ class Keys:
     @property
     def scheduler_fence(self) -> str:
         return f"{self.prefix}scheduler:fence"
+
+    @property
+    def scheduler_state(self) -> str:
+        return f"{self.prefix}scheduler:state"
 
     @property
     def tenants(self) -> str:

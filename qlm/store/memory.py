@@ -34,7 +34,7 @@ from qlm.core.types import (
 )
 from qlm.store import base
 from qlm.store.base import EnqueueResult, LeaseRenewal, StoreSnapshot
-from qlm.store.errors import IdempotencyConflict, LeaseLost
+from qlm.store.errors import FenceLost, IdempotencyConflict, LeaseLost
 from qlm.store.records import RequestRecord, encode_json, identity_pairs
 
 
@@ -53,6 +53,7 @@ class MemoryQueueStore:
         self._identity: dict[str, list[tuple[str, str]]] = {}
         self._queues: dict[str, tuple[GroupKey, ...]] = {}
         self._running: dict[str, dict[str, None]] = {}  # worker → ids (known workers)
+        self._policy_states: dict[str, str] = {}  # policy → its saved state (JSON text)
 
     def group_of(self, request: Request) -> GroupKey:
         return group_key_for(request, self.group_window_s)
@@ -186,6 +187,19 @@ class MemoryQueueStore:
         for worker, order in checked.items():
             self._queues[worker] = order
             self._running.setdefault(worker, {})
+
+    async def save_policy_state(self, policy: str, state: Mapping[str, Any], *,
+                                fence: int = 0) -> None:
+        """As the Redis store's; there is no scheduler lease here, so no fencing token is
+        current: any ``fence`` > 0 is FenceLost."""
+        text = base.encode_policy_state(policy, state)
+        if fence:
+            raise FenceLost(fence)
+        self._policy_states[policy] = text
+
+    async def policy_state(self, policy: str) -> dict[str, Any] | None:
+        base.require_id(policy, "policy")
+        return base.decode_policy_state(policy, self._policy_states.get(policy))
 
     async def snapshot(self) -> StoreSnapshot:
         running = {

@@ -39,6 +39,7 @@ SCRIPT_NAMES = (
     "cancel",
     "renew",
     "set_virtual_queues",
+    "set_policy_state",
     "set_forecasts",
     "append_tokens",
     "snapshot",
@@ -96,6 +97,7 @@ class Scripts:
     cancel: StoreScript
     renew: StoreScript
     set_virtual_queues: StoreScript
+    set_policy_state: StoreScript
     set_forecasts: StoreScript
     append_tokens: StoreScript
     snapshot: StoreScript

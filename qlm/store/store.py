@@ -52,6 +52,8 @@ from qlm.store.base import (
     EnqueueResult,
     LeaseRenewal,
     StoreSnapshot,
+    decode_policy_state,
+    encode_policy_state,
     require_count,
     require_id,
     require_positive,
@@ -476,6 +478,25 @@ class RedisQueueStore:
             written = await self._scripts.set_virtual_queues(keys=keys, args=args)
         if int(written) < 0:
             raise FenceLost(fence)
+
+    async def save_policy_state(self, policy: str, state: Mapping[str, Any], *,
+                                fence: int = 0) -> None:
+        """Keep ``state`` as ``policy``'s saved state (one hash field of
+        ``scheduler:state``), fenced as :meth:`set_virtual_queues` (checked in the script)."""
+        text = encode_policy_state(policy, state)
+        keys = [self.keys.scheduler_state, self.keys.scheduler_fence]
+        with _redis_errors():
+            written = await self._scripts.set_policy_state(keys=keys,
+                                                           args=[policy, text, str(fence)])
+        if int(written) < 0:
+            raise FenceLost(fence)
+
+    async def policy_state(self, policy: str) -> dict[str, Any] | None:
+        """The state last saved for ``policy`` (:meth:`save_policy_state`), or None."""
+        require_id(policy, "policy")
+        with _redis_errors():
+            text = await self._redis.hget(self.keys.scheduler_state, policy)
+        return decode_policy_state(policy, None if text is None else str(text))
 
     async def set_forecasts(self, forecasts: Mapping[GroupKey, GroupForecast]) -> None:
         """Replace every group's forecast (the scheduler, after each decision) in one

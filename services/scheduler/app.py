@@ -88,7 +88,7 @@ class SchedulerApp:
         self.loop = SchedulingLoop(
             self.store, self.producer, self.topics.lso, self.policy, context, self.roster,
             self.lease, self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock,
-            gc_freeze_records=s.gc_freeze_records,
+            gc_freeze_records=s.gc_freeze_records, state_interval_s=s.policy_state_interval_s,
             profiles_source=self.corrections.book if self.corrections else None,
             forecaster=Forecaster(RWTEstimator(self.profiles)))
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.events, self.topics.telemetry],
@@ -121,6 +121,10 @@ class SchedulerApp:
         """Stop deciding, release the lease (hand over now), flush and close."""
         await self.halt()
         was_leader = self.lease.fence > 0
+        try:  # the successor goes on from the counters as they are now
+            await self.loop.save_state(force=True)
+        except (QlmError, OSError) as error:
+            log.warning("policy_state_not_saved", error=repr(error))
         await self.lease.release()
         self.metrics.is_leader.set(0)
         await self.tail.stop()

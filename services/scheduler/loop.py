@@ -41,6 +41,15 @@ Frozen objects are still freed when their last reference goes (requests are acyc
 a reference cycle that is alive at a freeze and dies later is never collected, at most
 once per ``gc_freeze_records`` requests read.
 
+A policy with state to keep (:class:`~qlm.core.policies.base.StatefulPolicy`: qlm's
+fair-share counters) has it saved while this replica leads, after a step, at most every
+``state_interval_s`` (``store.save_policy_state``, under the fencing token: a deposed
+leader writes nothing), as ``{"fence", "saved_at", "state"}``; on taking the lease (a new
+fencing token), before its first decision, the replica reads it back and restores it into
+its policy, unless it saved it itself under its previous token (then what it holds is
+newer). A malformed saved state is logged with the field named and ignored: the policy
+goes on with what it holds. Other policies save and restore nothing.
+
 The same evict/swap command is not repeated within ``command_cooldown_s`` (the worker
 needs a moment to carry it out and report; until then the snapshot still shows the old
 state and the policy asks again). Commands carry the leader's fencing token in
@@ -53,17 +62,25 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import math
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Any, Final
 
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand, lso_command_id
+from qlm.core.errors import InvalidInput
 from qlm.core.forecast import Forecaster
 from qlm.core.perf import ProfileBook
-from qlm.core.policies.base import Policy, PolicyContext
+from qlm.core.policies.base import (
+    Policy,
+    PolicyContext,
+    StatefulPolicy,
+    policy_state,
+    restore_policy_state,
+)
 from qlm.core.types import (
     BatchCap,
     Decision,
@@ -246,7 +263,8 @@ class SchedulingLoop:
                  metrics: SchedulerMetrics, *, command_cooldown_s: float = 5.0,
                  clock: Callable[[], float] = time.time, decide_in_thread: bool = True,
                  profiles_source: Callable[[], ProfileBook] | None = None,
-                 forecaster: Forecaster | None = None, gc_freeze_records: int = 0) -> None:
+                 forecaster: Forecaster | None = None, gc_freeze_records: int = 0,
+                 state_interval_s: float = 2.0) -> None:
         self.store = store
         self.producer = producer
         self.lso_topic = lso_topic
@@ -264,6 +282,12 @@ class SchedulingLoop:
         #: The batch cap last sent to each worker (absent: none sent, the worker's own).
         self.caps_sent: dict[str, int | None] = {}
         self._numbers = itertools.count(1)
+        self.state_interval_s = state_interval_s
+        #: The fencing token under which the policy state was last restored (or found
+        #: absent, or ignored) and last saved; when it was saved (monotonic seconds).
+        self._restored_fence = 0
+        self._saved_fence = 0
+        self._state_saved_at = -math.inf
         self._depth_labels: set[tuple[str, str]] = set()
 
     @property
@@ -285,6 +309,7 @@ class SchedulingLoop:
             self.metrics.decisions.labels(self.policy.name, "skipped").inc()
             return StepReport(applied=False)
         started = time.perf_counter()
+        await self.restore_state()
         requeued = await self.store.requeue_expired()
         for state in requeued.values():
             self.metrics.requeued.labels(state.value).inc()
@@ -311,7 +336,69 @@ class SchedulingLoop:
                             done_at - decided_at)
         self._observe(report, snapshot)
         self.heap.after_step(self.store.num_records_read)
+        await self.save_state()
         return report
+
+    # ------------------------------------------------------------------ policy state
+    async def restore_state(self) -> str | None:
+        """Once per term (fencing token), before its first decision: the policy's saved
+        state back into it (module docstring). Returns the outcome (the metric's label),
+        None when there was nothing to do."""
+        fence = self.lease.fence
+        if fence == self._restored_fence or not isinstance(self.policy, StatefulPolicy):
+            return None
+        name = self.policy.name
+        saved: dict[str, Any] | None = None
+        try:  # Redis away: Unavailable, the step fails and the next one tries again
+            saved = await self.store.policy_state(name)
+            outcome = self._restore(saved)
+        except InvalidInput as error:
+            log.warning("policy_state_ignored", policy=name, field=error.field,
+                        error=str(error))
+            outcome = "invalid"
+        self._restored_fence = fence
+        self.metrics.state_restores.labels(outcome).inc()
+        log.info("policy_state_read", policy=name, fence=fence, outcome=outcome,
+                 saved_fence=None if saved is None else saved.get("fence"))
+        return outcome
+
+    def _restore(self, saved: dict[str, Any] | None) -> str:
+        if saved is None:
+            return "none"
+        field = f"scheduler:state.{self.policy.name}"
+        fence = saved.get("fence")
+        if isinstance(fence, bool) or not isinstance(fence, int):
+            raise InvalidInput(f"{field}.fence", f"must be an integer, got {fence!r}")
+        if "state" not in saved:
+            raise InvalidInput(f"{field}.state", "missing")
+        if self._saved_fence and fence == self._saved_fence:
+            return "kept"  # we saved it ourselves, in our last term: what we hold is newer
+        try:
+            restore_policy_state(self.policy, saved["state"])
+        except InvalidInput as error:  # named where it lies in the stored value
+            raise InvalidInput(f"{field}.state.{error.field}", error.problem) from None
+        return "restored"
+
+    async def save_state(self, *, force: bool = False) -> bool:
+        """Save the policy's state if this replica leads and ``state_interval_s`` has passed
+        since the last save (``force``: now); returns whether it was written."""
+        if not self.lease.is_held() or not isinstance(self.policy, StatefulPolicy):
+            return False
+        at = time.monotonic()
+        if not force and at - self._state_saved_at < self.state_interval_s:
+            return False
+        fence = self.lease.fence
+        saved = {"fence": fence, "saved_at": self.clock(), "state": policy_state(self.policy)}
+        try:
+            await self.store.save_policy_state(self.policy.name, saved, fence=fence)
+        except FenceLost:  # a newer term began: it owns the state now
+            log.warning("fence_lost", fence=fence)
+            self.lease.forfeit()
+            return False
+        self._state_saved_at = at
+        self._saved_fence = fence
+        self.metrics.state_saves.inc()
+        return True
 
     async def apply(self, decision: Decision, snapshot: QueueSnapshot,
                     known_workers: Iterable[str]) -> int:

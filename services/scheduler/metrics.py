@@ -9,7 +9,7 @@ DECISION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 class SchedulerMetrics:
     """``qlm_scheduler_*``: decisions and their time per phase, queue depth per class and
-    model, LSO commands, rejections, requeued leases, leadership."""
+    model, LSO commands, rejections, requeued leases, leadership, the policy state kept."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -43,6 +43,14 @@ class SchedulerMetrics:
             "qlm_scheduler_is_leader", "1 while this replica holds the leader lease", registry=r)
         self.fence = Gauge("qlm_scheduler_fence", "Fencing token of the current term",
                            registry=r)
+        self.state_saves = Counter(
+            "qlm_scheduler_policy_state_saves_total", "Saves of the policy's state "
+            "(fair-share counters) to Redis by this replica while it led", registry=r)
+        self.state_restores = Counter(
+            "qlm_scheduler_policy_state_restores_total", "Policy state read on taking the "
+            "lease, by outcome (restored; kept: this replica saved it last, its own is "
+            "newer; none: nothing saved; invalid: malformed, ignored)", ["outcome"],
+            registry=r)
         self.correction = Gauge(
             "qlm_scheduler_correction_factor", "Decode-time factor of the profiles in use "
             "(--online-correction)", ["model", "gpu"], registry=r)

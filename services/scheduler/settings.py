@@ -56,6 +56,10 @@ class SchedulerSettings(CommonSettings):
         "many queued requests since the last (0 = never): the queue held in memory is kept "
         "out of the garbage collector's full passes"
     )
+    policy_state_interval_s: float = Field(
+        2.0, gt=0, description="the leader saves its policy's state (qlm: fair-share "
+        "counters) to Redis at most this often (seconds); a new leader restores it"
+    )
     host: str = Field("127.0.0.1", description="listen address of metrics")
     metrics_port: int = Field(9462, ge=0, le=65535, description="Prometheus (0 = any)")
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from qlm.core.errors import InvalidInput
 from qlm.core.types import GroupKey, SLOClass
 from qlm.store.errors import FenceLost
 from qlm.store.store import RedisQueueStore
@@ -43,3 +44,27 @@ async def test_a_deposed_leader_cannot_overwrite_the_virtual_queues(
         await store.set_virtual_queues({}, fence=stale_fence)
     await store.set_virtual_queues({}, fence=new.fence)
     assert (await store.snapshot()).virtual_queues == {"w1": (theirs,)}
+
+
+async def test_a_deposed_leader_cannot_overwrite_the_saved_policy_state(
+    store: RedisQueueStore,
+) -> None:
+    keys = LeaseKeys.under(store.keys.name)
+    old = LeaderLease(store.client, keys, "old", ttl_s=0.2, margin_s=0.05)
+    new = LeaderLease(store.client, keys, "new", ttl_s=30)
+    assert await old.try_acquire()
+    await store.save_policy_state("qlm", {"n": 1}, fence=old.fence)
+    while not await new.try_acquire():
+        await asyncio.sleep(0.05)
+    await store.save_policy_state("qlm", {"n": 2}, fence=new.fence)
+    with pytest.raises(FenceLost):
+        await store.save_policy_state("qlm", {"n": 1}, fence=old.fence)
+    assert await store.policy_state("qlm") == {"n": 2}
+
+
+async def test_a_malformed_saved_state_is_named_on_read(store: RedisQueueStore) -> None:
+    for text, problem in (("{not json", "not JSON"), ("[1, 2]", "must be a JSON object")):
+        await store.client.hset(store.keys.scheduler_state, "qlm", text)
+        with pytest.raises(InvalidInput, match=problem) as raised:
+            await store.policy_state("qlm")
+        assert raised.value.field == "scheduler:state.qlm"

@@ -12,10 +12,11 @@ from dataclasses import replace
 import pytest
 from queue_helpers import T0, WINDOW_S, FakeClock, group_of, make_request
 
-from qlm.core.errors import NotFound
+from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.types import RequestState, SLOClass
 from qlm.store import RedisQueueStore
 from qlm.store.base import QueueStore
+from qlm.store.errors import FenceLost
 from qlm.store.memory import MemoryQueueStore
 
 StoreFactory = Callable[[FakeClock], Awaitable[QueueStore]]
@@ -99,6 +100,39 @@ async def test_queue_contract(make_store: StoreFactory) -> None:
         assert (await queue.cancel("late")) is RequestState.CANCELLED
         with pytest.raises(NotFound):
             await queue.get("missing")
+    finally:
+        await queue.aclose()
+
+
+# One body for the scheduler policy's saved state, run over every store implementation.
+async def test_policy_state_round_trips_and_only_the_current_fence_writes(
+    make_store: StoreFactory,
+) -> None:
+    queue = await make_store(FakeClock())
+    try:
+        assert await queue.policy_state("qlm") is None
+        state = {"fair_share": {"counters": {"interactive": {"a": 1200.5, "b": 40.0}},
+                                "charged": {"r1": 3}}}
+        await queue.save_policy_state("qlm", state)
+        assert await queue.policy_state("qlm") == state
+        await queue.save_policy_state("shepherd", {"x": [1, "y"]})
+        assert await queue.policy_state("qlm") == state  # one entry per policy
+
+        newer = {"fair_share": {"counters": {"interactive": {"a": 1300.0}}}}
+        await queue.save_policy_state("qlm", newer)
+        assert await queue.policy_state("qlm") == newer  # replaced, not merged
+
+        # no leader ever took the lease here: no fencing token is current, nothing written
+        with pytest.raises(FenceLost):
+            await queue.save_policy_state("qlm", state, fence=1)
+        for bad, field_name in ((["not", "an", "object"], "state"),
+                                ({"x": float("nan")}, "state"), ({"x": {1, 2}}, "state")):
+            with pytest.raises(InvalidInput) as raised:
+                await queue.save_policy_state("qlm", bad)  # type: ignore[arg-type]
+            assert raised.value.field == field_name
+        with pytest.raises(InvalidInput, match="policy"):
+            await queue.save_policy_state("", state)
+        assert await queue.policy_state("qlm") == newer
     finally:
         await queue.aclose()
 

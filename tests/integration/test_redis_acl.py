@@ -39,11 +39,14 @@ async def test_each_service_user_is_confined_to_its_keys(
         await scheduler.set_virtual_queues({"w1": [group]}, fence=1)
         assert [r.id for r in await worker.pull("w1", request.model, 4)] == ["r1"]
         assert await worker.scheduler_fence() == 1
+        await scheduler.save_policy_state("qlm", {"fence": 1, "state": {}}, fence=1)
+        assert await scheduler.policy_state("qlm") == {"fence": 1, "state": {}}
 
         for forbidden in (
             raw_worker.get(KEYS.tenant("acme")),  # the tenants are ingest's
             raw_worker.smembers(KEYS.tenants),
             raw_worker.set(KEYS.scheduler_fence, 99),  # the fence is the scheduler's
+            raw_worker.hset(KEYS.scheduler_state, "qlm", "{}"),  # and the policy's state
             raw_worker.flushall(),
             raw_worker.config_set("notify-keyspace-events", ""),
             raw_worker.get("other-app:secret"),

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer
 from qlm.bus.records import LsoCommand
 from qlm.bus.topics import TopicNames
 from qlm.core.policies.base import PolicyContext
+from qlm.core.policies.qlm import QlmPolicy
 from qlm.core.types import (
     SLO,
     Decision,
@@ -405,6 +406,56 @@ async def test_a_failing_decision_does_not_stop_the_leader(
     await eventually(lambda: _true(app.num_steps >= 2), what="steps after a failure")
     assert app.metrics.decisions.labels("scripted", "failed")._value.get() == 1
     assert app.is_leader()
+
+
+# ------------------------------------------------------------------ policy state
+SAVED_COUNTERS = {"fair_share": {"counters": {"interactive": {"heavy": 9000.0, "light": 10.0}},
+                                 "last_left": {"interactive": 10.0}}}
+
+
+def _counters(app: SchedulerApp) -> dict[Any, float]:
+    policy = app.policy
+    assert isinstance(policy, QlmPolicy)
+    return policy.counters.counters()
+
+
+async def test_a_graceful_handover_carries_the_fair_share_counters(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore
+) -> None:
+    await store.save_policy_state("qlm", {"fence": 0, "saved_at": 0.0, "state": SAVED_COUNTERS})
+    first = await start_scheduler("first", policy="qlm")
+    await eventually(lambda: _true(first.num_steps >= 1), what="a first decision")
+    expected = {(SLOClass.INTERACTIVE, "heavy"): 9000.0, (SLOClass.INTERACTIVE, "light"): 10.0}
+    assert _counters(first) == expected  # restored before its first decision
+    assert first.metrics.state_restores.labels("restored")._value.get() == 1
+    second = await start_scheduler("second", policy="qlm")
+    await first.stop()  # saves once more, then hands the lease over at once
+    await eventually(lambda: _true(second.num_steps >= 1), what="the standby decides")
+    assert _counters(second) == expected
+    saved = await store.policy_state("qlm")
+    assert saved is not None and saved["fence"] == second.lease.fence
+
+
+@pytest.mark.parametrize("stored", [
+    "{not json",
+    '["a list"]',
+    '{"fence": "x", "state": {}}',
+    '{"fence": 3}',
+    '{"fence": 3, "state": {"fair_share": {"counters": {"interactive": {"a": "x"}}}}}',
+])
+async def test_a_malformed_saved_state_is_ignored_and_the_leader_decides(
+    start_scheduler: Callable[..., Awaitable[SchedulerApp]], store: RedisQueueStore,
+    stored: str,
+) -> None:
+    await store.client.hset(store.keys.scheduler_state, "qlm", stored)
+    await store.enqueue(_request("mistral-7b"))
+    app = await start_scheduler("solo", policy="qlm", policy_state_interval_s=0.1)
+    await eventually(lambda: _true(app.num_steps >= 2), what="decisions")
+    assert app.metrics.state_restores.labels("invalid")._value.get() == 1
+    assert app.metrics.decisions.labels("qlm", "failed")._value.get() == 0
+    assert (await store.snapshot()).virtual_queues  # it decided and wrote its queues
+    saved = await store.policy_state("qlm")  # replaced by a good one under its fence
+    assert saved is not None and saved["fence"] == app.lease.fence
 
 
 async def test_a_real_policy_eviction_reaches_the_worker_on_kafka(

@@ -8,6 +8,8 @@ simulated workers of two models, 20× faster than their GPUs.
   the queue and another worker finishes them;
 * a scheduler leader killed with SIGKILL hands over to a standby replica, which keeps
   giving new requests virtual queues;
+* a scheduler killed with SIGKILL and started again goes on from the fair-share counters
+  it had saved in Redis, and counts on from them;
 * each service killed with SIGKILL under load is started again by the supervisor
   (:mod:`qlm.localstack.supervisor`), and every request still finishes exactly once.
 
@@ -67,6 +69,7 @@ FAST_FAILOVER = {
     "QLM_QUEUE_DEPTH_INTERVAL_S": "0.5",  # ingest: queue-depth gauge refresh
 }
 LEADER_KEY = Keys().scheduler_leader
+STATE_KEY = Keys().scheduler_state
 Spawn = Callable[[str, list[str]], "subprocess.Popen[bytes]"]
 MakeStack = Callable[..., ServiceStack]
 
@@ -412,6 +415,73 @@ async def test_killed_scheduler_leader_hands_over_to_the_standby(
     assert applied and float(applied[0].split()[-1]) > 0
     assert takeover_s < 20
     assert standby.poll() is None
+
+
+def saved_policy_state(redis_url: str) -> dict[str, Any] | None:
+    """What the scheduler last saved for the qlm policy: {fence, saved_at, state}."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        text = client.hget(STATE_KEY, "qlm")
+        return None if text is None else dict(json.loads(str(text)))
+    finally:
+        client.close()
+
+
+def fair_counters(saved: dict[str, Any] | None) -> dict[str, float]:
+    """The interactive class's counter of each tenant in a saved state."""
+    if saved is None:
+        return {}
+    return dict(saved["state"]["fair_share"]["counters"].get("interactive", {}))
+
+
+async def test_a_restarted_scheduler_goes_on_from_the_saved_fair_share_counters(
+    make_stack: MakeStack, event_log: EventLog, kafka_bootstrap: str,
+    kafka_topics: TopicNames, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QLM_POLICY_STATE_INTERVAL_S", "0.3")
+    stack = make_stack("workers:\n  - {id: t-0, gpu: A100-80GB, models: [mistral-7b]}\n")
+
+    async def serve(prefix: str, tenants: dict[str, int]) -> None:
+        wave = [{**record(f"{prefix}-{tenant}-{i}", "mistral-7b", "interactive", 200, 30),
+                 "tenant": tenant} for tenant, n in tenants.items() for i in range(n)]
+        await send_batch(kafka_bootstrap, kafka_topics, wave)
+        ids = {r["request_id"] for r in wave}
+        await eventually(lambda: set(event_log.count("finished")) >= ids, 60,
+                         f"{prefix} finished", lambda: summary(event_log, ids))
+
+    async def settled() -> dict[str, Any]:
+        """The saved state once two saves in a row agree (nothing left to count)."""
+        last: dict[str, Any] | None = None
+        for _ in range(100):
+            now = saved_policy_state(redis_url)
+            if (now is not None and last is not None and now["saved_at"] > last["saved_at"]
+                    and now["state"] == last["state"]):
+                return now
+            last = now
+            await asyncio.sleep(0.4)
+        raise AssertionError(f"the saved state did not settle: {last}")
+
+    await serve("pre", {"heavy": 12, "light": 2})
+    before = await settled()
+    counters = fair_counters(before)
+    assert counters["heavy"] > 3 * counters["light"] > 0, counters
+
+    scheduler = stack.processes["scheduler"]
+    os.kill(scheduler.running_pid() or 0, signal.SIGKILL)
+    await eventually(lambda: scheduler.running_pid() is None, 10, "the scheduler is dead")
+    stack.start_one("scheduler")  # ready: it holds the lease (a new term)
+    await eventually(lambda: (saved_policy_state(redis_url) or before)["fence"]
+                     > before["fence"], 20, "the restarted scheduler saves")
+    after = saved_policy_state(redis_url)
+    assert after is not None
+    assert after["state"] == before["state"]  # restored whole, then saved unchanged
+    restores = samples(stack.ports.scheduler_metrics)
+    assert total(restores, "qlm_scheduler_policy_state_restores_total", outcome="restored") == 1
+
+    await serve("post", {"light": 1})  # counted on from the restored counters
+    grown = fair_counters(await settled())
+    assert grown["heavy"] == counters["heavy"]
+    assert grown["light"] > counters["light"]
 
 
 def _try_scrape(port: int) -> str:

@@ -78,6 +78,7 @@ async def test_the_queue_contract_holds_on_a_cluster(redis_cluster_url: str) -> 
         return open_store(redis_cluster_url, clock)
 
     await contract.test_queue_contract(on_cluster)
+    await contract.test_policy_state_round_trips_and_only_the_current_fence_writes(on_cluster)
 
 
 async def test_every_script_runs_on_a_cluster_and_a_queue_stays_in_one_slot(

@@ -3,6 +3,8 @@ them, and, in the simulator, that a light tenant keeps its attainment beside a h
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,8 @@ from qlm.core.errors import InvalidInput
 from qlm.core.fairness import Flow, TokenWeights, VirtualTokenCounters, fair_order
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
+from qlm.core.policies.base import StatefulPolicy, policy_state, restore_policy_state
+from qlm.core.policies.qlm import QlmPolicy
 from qlm.core.types import (
     SLO,
     GroupKey,
@@ -243,6 +247,66 @@ def test_the_policy_serves_the_tenant_with_the_least_counter_first() -> None:
     assert order[0].tenant == "light"
     unfair = make_policy("qlm", fair_share=False).decide(snap, ctx).placements[0].order
     assert unfair[0].tenant == "heavy"  # deadline order without fair share
+
+
+def test_a_restored_policy_goes_on_where_the_saved_one_stopped() -> None:
+    """What a scheduler restart does: the leader's state saved as JSON, a fresh policy
+    restores it and decides as the leader would have; a fresh one that does not restore
+    it has forgotten the heavy tenant's service and serves it first."""
+    ctx = PolicyContext(profiles())
+
+    def snap(now: float, running: list[Request], queued: list[Request]) -> QueueSnapshot:
+        return QueueSnapshot(now, group_requests(queued, 1.0), (
+            WorkerView("w", "A100-80GB", ("mistral-7b",), "mistral-7b", 100_000, 64,
+                       tuple(RunningRequest(r, 0.0, 0.1) for r in running)),))
+
+    heavy = [req(f"r{i}", "heavy", model="mistral-7b", generated=200) for i in range(30)]
+    light_queued = [req(f"q{i}", "light", at=0.9, model="mistral-7b") for i in range(10)]
+    heavy_queued = [req(f"q{i}", "heavy", at=0.2, model="mistral-7b") for i in range(2)]
+    leader = make_policy("qlm")
+    leader.decide(snap(1.0, heavy, light_queued + heavy_queued), ctx)
+    saved = json.loads(json.dumps(policy_state(leader)))  # what Redis keeps
+
+    # later: 29 of the heavy requests ended, one still runs and made 50 tokens more
+    still = [req("r0", "heavy", model="mistral-7b", generated=250)]
+    later = snap(2.0, still, light_queued + heavy_queued)
+    restored, forgetful = make_policy("qlm"), make_policy("qlm")
+    assert restore_policy_state(restored, saved)
+    assert isinstance(restored, QlmPolicy) and isinstance(leader, QlmPolicy)
+    assert restored.counters.counters() == leader.counters.counters()
+    decided = leader.decide(later, ctx)
+    assert restored.decide(later, ctx) == decided
+    assert restored.state() == leader.state()  # r0's prompt and output not charged again
+    assert decided.placements[0].order[0].tenant == "light"
+    assert forgetful.decide(later, ctx).placements[0].order[0].tenant == "heavy"
+
+
+def test_a_malformed_state_is_named_and_the_counters_are_kept() -> None:
+    policy = make_policy("qlm")
+    assert isinstance(policy, QlmPolicy)
+    policy.counters.charge((INT, "a"), 10)
+    before = policy.state()
+    for bad, field_name in (
+        ("not an object", "state"),
+        ({"fair_share": []}, "fair_share"),
+        ({"fair_share": {"counters": {"interactive": {"a": "x"}}}},
+         "fair_share.counters.interactive.a"),
+        ({"fair_share": {"backlogged": {"interactive": "a"}}}, "fair_share.backlogged.interactive"),
+        ({"fair_share": {"charged": {"r1": -1}}}, "fair_share.charged.r1"),
+        ({"fair_share": {"last_left": []}}, "fair_share.last_left"),
+    ):
+        with pytest.raises(InvalidInput) as raised:
+            policy.restore(bad)
+        assert raised.value.field == field_name
+        assert policy.state() == before
+
+
+def test_policies_without_state_save_and_restore_nothing() -> None:
+    fcfs = make_policy("fcfs")
+    assert not isinstance(fcfs, StatefulPolicy)
+    assert policy_state(fcfs) is None
+    assert not restore_policy_state(fcfs, {"fair_share": {}})
+    assert isinstance(make_policy("qlm"), StatefulPolicy)
 
 
 def test_parse_tenants_names_the_field() -> None:

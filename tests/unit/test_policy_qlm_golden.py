@@ -65,7 +65,8 @@ def recording(policy: QlmPolicy, out: list[str]) -> QlmPolicy:
 
 
 def counters_state(policy: QlmPolicy) -> dict[str, Any]:
-    return json.loads(json.dumps(policy.counters.to_state()))
+    state = policy.counters.to_state()  # the counters, not what a restart needs besides
+    return json.loads(json.dumps({k: state[k] for k in ("counters", "last_left")}))
 
 
 # ------------------------------------------------------------------ workloads

@@ -20,6 +20,13 @@ field typed, with a default and a one-line ``doc``, see :func:`option`), and
 queued groups (the estimator asks it through :func:`order_key`). Options arrive as a
 mapping (JSON from a command line or settings, or ``PolicyContext.options``) and
 become that dataclass in :func:`parse_options` only.
+
+A policy that keeps state across decisions which a restarted scheduler should go on from
+(qlm's fair-share counters) also implements :class:`StatefulPolicy`: ``state()`` returns
+it as JSON-ready data, ``restore(state)`` takes it back (InvalidInput naming the field
+when it is malformed). The scheduler service saves and restores it through
+:func:`policy_state` / :func:`restore_policy_state`, which do nothing for the other
+policies, so it stays policy-agnostic.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from types import MappingProxyType, NoneType, UnionType
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
@@ -235,6 +242,34 @@ class Policy(Protocol):
     queue_order: ClassVar[QueueOrder]
 
     def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision: ...
+
+
+@runtime_checkable
+class StatefulPolicy(Protocol):
+    """A policy with state worth keeping across a scheduler restart (module docstring)."""
+
+    def state(self) -> dict[str, Any]:
+        """The state as JSON-ready data (a dict of str keys, lists, numbers, strings)."""
+        ...
+
+    def restore(self, state: Any) -> None:
+        """Go on from ``state`` (what :meth:`state` returned, maybe in another process),
+        replacing the state held; InvalidInput naming the field when it is malformed, and
+        then the state held is unchanged."""
+        ...
+
+
+def policy_state(policy: Any) -> dict[str, Any] | None:
+    """``policy``'s state to keep (:class:`StatefulPolicy`), or None: it keeps none."""
+    return policy.state() if isinstance(policy, StatefulPolicy) else None
+
+
+def restore_policy_state(policy: Any, state: Any) -> bool:
+    """Give ``policy`` its saved ``state``; False when it keeps none (nothing done)."""
+    if not isinstance(policy, StatefulPolicy):
+        return False
+    policy.restore(state)
+    return True
 
 
 PolicyClass = type[Policy]

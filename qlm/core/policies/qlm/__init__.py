@@ -51,8 +51,9 @@ first); step 3 displaces only groups of the displacing group's own tenant; step 
 swap two groups of one class and different tenants out of fair order; the MILP, which
 knows no fair order, runs only while no class has queued groups of two tenants (and a plan
 of it that breaks the fair order would not be used). Deciding twice on one snapshot gives
-one decision; the counters are what the instance has seen (docs/scheduler.md: across a
-restart).
+one decision; the counters are what the instance has seen, or was given back by
+:meth:`QlmPolicy.restore` (the scheduler service saves :meth:`QlmPolicy.state` while it
+leads and restores it when it takes the lease: docs/scheduler.md).
 
 **TPOT targets.** A group whose requests have a TPOT target is served, on each worker
 shape, at the largest batch whose mean step (a decode step at the batch's mean context plus
@@ -90,9 +91,11 @@ evictions, rejections, pulls), and the policy here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, ClassVar
 
+from qlm.core.errors import InvalidInput
 from qlm.core.fairness import TokenWeights, VirtualTokenCounters
 from qlm.core.policies.base import (
     ContextOptions,
@@ -193,6 +196,20 @@ class QlmPolicy:
         if weights != self.counters.weights:
             self.counters.weights = weights
         self.counters.observe(snapshot)
+
+    def state(self) -> dict[str, Any]:
+        """Fair share's counters as JSON-ready data (:class:`~qlm.core.policies.base.
+        StatefulPolicy`; :meth:`VirtualTokenCounters.to_state`)."""
+        return {"fair_share": self.counters.to_state()}
+
+    def restore(self, state: Any) -> None:
+        """Go on from :meth:`state`'s data: the counters become the ones saved (weights
+        from this instance's options); InvalidInput naming the field when ``state`` is
+        malformed, and then the counters held are kept."""
+        if not isinstance(state, Mapping):
+            raise InvalidInput("state", f"must be an object, got {type(state).__name__}")
+        self.counters = VirtualTokenCounters.from_state(state.get("fair_share", {}),
+                                                        token_weights(self.options))
 
     def decide(self, snapshot: QueueSnapshot, ctx: PolicyContext) -> Decision:
         options = self.options_for(ctx)
