@@ -167,13 +167,20 @@ def policy_entry(entry: str) -> tuple[str, dict[str, Any]]:
 
 
 class FullCollections:
-    """Counts the full (oldest-generation) garbage collections while active, and their
-    wall time."""
+    """The full (oldest-generation) garbage collections while active (``with``): each
+    one's wall time in :attr:`seconds`."""
 
     def __init__(self) -> None:
-        self.count = 0
-        self.ms = 0.0
+        self.seconds: list[float] = []
         self._started = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.seconds)
+
+    @property
+    def ms(self) -> float:
+        return sum(self.seconds) * 1e3
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if info["generation"] != 2:
@@ -181,8 +188,7 @@ class FullCollections:
         if phase == "start":
             self._started = time.perf_counter()
         else:
-            self.count += 1
-            self.ms += (time.perf_counter() - self._started) * 1e3
+            self.seconds.append(time.perf_counter() - self._started)
 
     def __enter__(self) -> FullCollections:
         gc.callbacks.append(self)

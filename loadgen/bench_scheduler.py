@@ -3,8 +3,9 @@
     python -m loadgen.bench_scheduler --queued 100000 --workers 80 \\
         --policies qlm,qlm:fair_share=false,fcfs --out docs/results/bench_scheduler.json
 
-A policy is ``name`` or ``name:option=value,...`` separated by ``;`` when options are
-given (``qlm:fair_share=false``; values are JSON, else text), made with those options.
+A policy is ``name`` or ``name:option=value[:option=value]...`` (``qlm:fair_share=false``;
+values are JSON, else text; :func:`loadgen.bench_decide.policy_entry`), separated by
+``,`` or ``;``, made with those options.
 
 Starts a local ``redis-server`` (AOF on, as deployed) and a one-node Apache Kafka (KRaft)
 on free loopback ports (or uses ``--redis-url`` / ``--kafka-bootstrap``), queues
@@ -42,8 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import json
+import contextlib
 import os
 import platform
 import shlex
@@ -59,9 +59,11 @@ from typing import Any, Final
 import numpy as np
 import redis
 
+from loadgen.bench_decide import FullCollections, policy_entry
 from loadgen.results import emit
 from qlm.bus.producer import BusProducer
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
+from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
 from qlm.core.policies.base import Policy
@@ -166,39 +168,6 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
             "max": round(float(ms.max()), 1)}
 
 
-def policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``name`` or ``name:option=value,...`` → (name, options); values are JSON, else text."""
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for pair in filter(None, rest.split(",")):
-        key, sep, text = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--policies: {spec!r}: option {pair!r} is not name=value")
-        try:
-            options[key] = json.loads(text)
-        except json.JSONDecodeError:
-            options[key] = text
-    return name, options
-
-
-class FullCollections:
-    """The garbage collector's full (generation 2) passes while :attr:`on`: how many,
-    and how long each took."""
-
-    def __init__(self) -> None:
-        self.on = False
-        self.seconds: list[float] = []
-        self._started_at = 0.0
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if info["generation"] != 2:
-            return
-        if phase == "start":
-            self._started_at = time.perf_counter()
-        elif self.on:
-            self.seconds.append(time.perf_counter() - self._started_at)
-
-
 class TimedPolicy:
     """A policy whose ``decide`` also records its CPU time (the thread's: the step runs
     ``decide`` in a worker thread), so that decide and the whole step can be compared in
@@ -266,7 +235,7 @@ async def bench_policy(spec: str, number: int, args: argparse.Namespace, redis_u
                        kafka: str, profiles: ProfileBook, queue: Queue) -> dict[str, Any]:
     """The steps of policy ``spec``, the ``number``-th of the run (its arrivals' ids carry
     the number: two specs of one policy must not enqueue the same ids)."""
-    policy_name, options = policy_spec(spec)
+    policy_name, options = policy_entry(spec)
     rng = np.random.default_rng(args.seed + 1)
     workers = queue.workers
     store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S)
@@ -286,7 +255,6 @@ async def bench_policy(spec: str, number: int, args: argparse.Namespace, redis_u
                               lease, SchedulerMetrics(), command_cooldown_s=0.0,
                               gc_freeze_records=args.gc_freeze_records)
         collections = FullCollections()
-        gc.callbacks.append(collections)
         reports: list[StepReport] = []
         client_cpu: list[float] = []
         redis_cpu: list[float] = []
@@ -294,9 +262,8 @@ async def bench_policy(spec: str, number: int, args: argparse.Namespace, redis_u
         meter = redis.Redis.from_url(redis_url, decode_responses=True)
         for step in range(args.steps + 1):
             before = (time.process_time(), redis_cpu_s(meter))
-            collections.on = step > 0
-            report = await loop.step()
-            collections.on = False
+            with collections if step > 0 else contextlib.nullcontext():
+                report = await loop.step()
             if step > 0:  # the first step reads the whole queue: reported as cold
                 reports.append(report)
                 client_cpu.append(time.process_time() - before[0])
@@ -309,7 +276,6 @@ async def bench_policy(spec: str, number: int, args: argparse.Namespace, redis_u
             num_pulled += await serve_some(store, workers, args.pulls, step)
             await progress(store, queue.running, args.progress)
         meter.close()
-        gc.callbacks.remove(collections)
         ms = {phase: percentiles([getattr(r, f"{phase}_s") for r in reports])
               for phase in ("snapshot", "decide", "apply", "total")}
         step_cpu, decide_cpu = percentiles(client_cpu), percentiles(policy.cpu_s[1:])
@@ -372,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="enqueue pipelines in flight while filling the queue")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--policies", default="qlm,fcfs",
-                        help="comma-separated; ';' between them when one has options "
+                        help="separated by ',' or ';', each name[:option=value]... "
                              "(qlm:fair_share=false;fcfs)")
     parser.add_argument("--gc-freeze-records", type=int, default=GC_FREEZE_RECORDS,
                         help="the scheduler's gc_freeze_records (0: never freeze)")
@@ -381,6 +347,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kafka-bootstrap", help="an existing Kafka; default: start one")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    for spec in args.policies.split(";" if ";" in args.policies else ","):
+        try:
+            policy_entry(spec)
+        except InvalidInput as error:
+            parser.error(f"--policies: {error}")
 
     with tempfile.TemporaryDirectory(prefix="qlm-bench-sched-") as tmp:
         redis_server = kafka_server = None
