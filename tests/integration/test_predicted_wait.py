@@ -25,7 +25,8 @@ from qlm.api.v1 import qlm_pb2 as pb
 from qlm.client import QlmClient
 from qlm.core.errors import NotServed
 from qlm.core.perf import PROFILE_DIR
-from qlm.localstack.services import ServiceOptions, ServiceStack
+from qlm.localstack.services import ServiceStack
+from tests.integration.stack_helpers import running_stack
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
@@ -46,18 +47,11 @@ def services(tmp_path: Path, redis_url: str, kafka_bootstrap: str,
     data = json.loads((PROFILE_DIR / f"{MODEL}@{GPU}.json").read_text())
     data["max_batch_size"] = BATCH
     (profiles / f"{MODEL}@{GPU}.json").write_text(json.dumps(data))
-    workers = tmp_path / "workers.yaml"
-    workers.write_text(f"workers:\n  - {{id: p-0, gpu: {GPU}, models: [{MODEL}]}}\n")
-    options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=TIME_SCALE,
-                             admission="interactive=queue", group_window_s=0.5, tick_s=0.25,
-                             topic_prefix=topic_prefix)
-    stack = ServiceStack(tmp_path / "stack", redis_url, kafka_bootstrap, options,
-                         profiles_source=profiles)
-    try:
-        stack.up()
+    workers = f"workers:\n  - {{id: p-0, gpu: {GPU}, models: [{MODEL}]}}\n"
+    with running_stack(tmp_path, redis_url, kafka_bootstrap, workers, profiles_source=profiles,
+                       policy="qlm", time_scale=TIME_SCALE, admission="interactive=queue",
+                       group_window_s=0.5, tick_s=0.25, topic_prefix=topic_prefix) as stack:
         yield stack
-    finally:
-        stack.down()
 
 
 def request(request_id: str, slo_class: str) -> dict[str, Any]:

@@ -24,8 +24,9 @@ from event_log import EventLog
 from qlm.api.v1 import qlm_pb2 as pb
 from qlm.bus.topics import TopicNames
 from qlm.client import QlmClient
-from qlm.localstack.services import ServiceOptions, ServiceStack
+from qlm.localstack.services import ServiceStack
 from qlm.tenants import SIGNATURE_HEADER, scoped_id, sign_record, signing_key
+from tests.integration.stack_helpers import running_stack
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
@@ -39,22 +40,13 @@ WAIT_S = 40.0
 @pytest.fixture
 def services(tmp_path: Path, redis_url: str, kafka_bootstrap: str,
              topic_prefix: str) -> Iterator[ServiceStack]:
-    workers = tmp_path / "workers.yaml"
-    workers.write_text(
-        "workers:\n"
-        "  - {id: e2e-0, gpu: A100-80GB, models: [mistral-7b, vicuna-13b]}\n"
-        "  - {id: e2e-1, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}\n"
-    )
-    options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=TIME_SCALE,
-                             admission="interactive=queue", group_window_s=0.2, tick_s=0.25,
-                             topic_prefix=topic_prefix, secure=True)
-    stack = ServiceStack(tmp_path / "stack", redis_url, kafka_bootstrap, options)
-    try:
-        stack.up()
+    workers = ("workers:\n"
+               "  - {id: e2e-0, gpu: A100-80GB, models: [mistral-7b, vicuna-13b]}\n"
+               "  - {id: e2e-1, gpu: A100-80GB, models: [vicuna-13b, mistral-7b]}\n")
+    with running_stack(tmp_path, redis_url, kafka_bootstrap, workers, policy="qlm",
+                       time_scale=TIME_SCALE, admission="interactive=queue", group_window_s=0.2,
+                       tick_s=0.25, topic_prefix=topic_prefix, secure=True) as stack:
         yield stack
-    finally:
-        stack.down()
-    assert all(p.running_pid() is None for p in stack.processes.values())
 
 
 @pytest.fixture

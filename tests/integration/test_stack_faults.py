@@ -21,6 +21,7 @@ test within seconds. Cancelling a running request through gRPC is shown by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,7 @@ from qlm.localstack.services import REPO_ROOT, ServiceOptions, ServiceStack
 from qlm.localstack.supervisor import Backoff, Supervisor, read_state
 from qlm.store.keys import Keys
 from tests.integration.event_log import EventLog
+from tests.integration.stack_helpers import running_stack
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
@@ -81,23 +83,14 @@ def make_stack(tmp_path: Path, redis_url: str, kafka_bootstrap: str, topic_prefi
     """``make_stack(workers_yaml, time_scale=20)`` starts the four services (qlm policy)."""
     for name, value in FAST_FAILOVER.items():
         monkeypatch.setenv(name, value)
-    stacks: list[ServiceStack] = []
+    with contextlib.ExitStack() as stacks:
+        def make(workers_yaml: str, time_scale: float = TIME_SCALE) -> ServiceStack:
+            return stacks.enter_context(running_stack(
+                tmp_path, redis_url, kafka_bootstrap, workers_yaml, policy="qlm",
+                time_scale=time_scale, admission="interactive=queue", group_window_s=0.2,
+                tick_s=0.25, shutdown_grace_s=0.5, topic_prefix=topic_prefix))
 
-    def make(workers_yaml: str, time_scale: float = TIME_SCALE) -> ServiceStack:
-        workers = tmp_path / "workers.yaml"
-        workers.write_text(workers_yaml)
-        options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=time_scale,
-                                 admission="interactive=queue", group_window_s=0.2,
-                                 tick_s=0.25, shutdown_grace_s=0.5, topic_prefix=topic_prefix)
-        stack = ServiceStack(tmp_path / "stack", redis_url, kafka_bootstrap, options)
-        stacks.append(stack)
-        stack.up()
-        return stack
-
-    yield make
-    for stack in stacks:
-        stack.down()
-        assert all(p.running_pid() is None for p in stack.processes.values())
+        yield make
 
 
 @pytest.fixture

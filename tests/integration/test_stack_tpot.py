@@ -20,8 +20,9 @@ from qlm.client import NotServed, QlmClient
 from qlm.core.perf import ProfileBook
 from qlm.core.policies.planning import TPOT_HEADROOM
 from qlm.core.policies.qlm.options import QlmOptions
-from qlm.localstack.services import ServiceOptions, ServiceStack
+from qlm.localstack.services import ServiceStack
 from qlm.sim.batching import tpot_batch_cap
+from tests.integration.stack_helpers import running_stack
 
 pytestmark = [pytest.mark.redis, pytest.mark.kafka, pytest.mark.slow]
 
@@ -32,18 +33,11 @@ PROMPT_TOKENS, MAX_TOKENS, TPOT_S = 40, 1500, 0.02
 @pytest.fixture
 def services(tmp_path: Path, redis_url: str, kafka_bootstrap: str,
              topic_prefix: str) -> Iterator[ServiceStack]:
-    workers = tmp_path / "workers.yaml"
-    workers.write_text(f"workers:\n  - {{id: {WORKER}, gpu: {GPU}, models: [{MODEL}]}}\n")
-    options = ServiceOptions(policy="qlm", workers_file=workers, time_scale=1.0,
-                             admission="interactive=queue", group_window_s=0.2, tick_s=0.25,
-                             topic_prefix=topic_prefix)
-    stack = ServiceStack(tmp_path / "stack", redis_url, kafka_bootstrap, options)
-    try:
-        stack.up()
+    workers = f"workers:\n  - {{id: {WORKER}, gpu: {GPU}, models: [{MODEL}]}}\n"
+    with running_stack(tmp_path, redis_url, kafka_bootstrap, workers, policy="qlm",
+                       time_scale=1.0, admission="interactive=queue", group_window_s=0.2,
+                       tick_s=0.25, topic_prefix=topic_prefix) as stack:
         yield stack
-    finally:
-        stack.down()
-    assert all(p.running_pid() is None for p in stack.processes.values())
 
 
 class Telemetry:
