@@ -38,6 +38,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from qlm.aio import wait_event
 from qlm.bus.producer import BusProducer, connect
 from qlm.bus.records import DeadLetter
 from qlm.bus.security import PLAINTEXT, KafkaAuth
@@ -256,12 +257,9 @@ class BusConsumer(Generic[T]):
         """Sleep the backoff of ``attempt`` (capped); raises _StopRequested on stop()."""
         delay_s = min(self.options.max_backoff_s,
                       self.options.retry_backoff_s * 2 ** min(attempt - 1, 30))
-        delay_s = max(delay_s, MIN_BACKOFF_S)  # wait_for(timeout=0) would not yield
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
-        except TimeoutError:
-            return
-        raise _StopRequested
+        delay_s = max(delay_s, MIN_BACKOFF_S)  # a zero timeout would not yield
+        if await wait_event(self._stopping, delay_s):
+            raise _StopRequested
 
     async def _dead_letter(self, record: ConsumerRecord[Any, Any], error: BaseException) -> None:
         """Write the record's dead letter and wait for the broker's acknowledgement.

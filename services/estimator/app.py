@@ -16,7 +16,6 @@ drains for ``shutdown_grace_s``, then the tail and the clients close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -26,6 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from qlm.aio import cancel_and_wait
 from qlm.api.v1 import estimator_pb2, estimator_pb2_grpc
 from qlm.bus.records import Event, Telemetry
 from qlm.bus.tail import TopicTail
@@ -110,11 +110,7 @@ class EstimatorApp:
     async def stop(self) -> None:
         """Health NOT_SERVING → stop taking calls → drain (grace) → close."""
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s)
         await self.tail.stop()

@@ -19,7 +19,6 @@ takes over on its next try), the producer flushes, the clients close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from aiokafka.errors import KafkaError
 from prometheus_client import start_http_server
 
+from qlm.aio import cancel_and_wait, wait_event
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import Event, Telemetry
 from qlm.bus.tail import TopicTail
@@ -137,11 +137,7 @@ class SchedulerApp:
     async def halt(self) -> None:
         """Stop every task *without* releasing the lease: what a crashed replica looks like
         to the others (the lease expires on its own). :meth:`stop` still closes."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
 
     def is_leader(self) -> bool:
@@ -179,10 +175,8 @@ class SchedulerApp:
     async def _decide_loop(self) -> None:
         s = self.settings
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=s.tick_s)
-                if s.debounce_s > 0:
-                    await asyncio.sleep(s.debounce_s)
+            if await wait_event(self._wake, s.tick_s) and s.debounce_s > 0:
+                await asyncio.sleep(s.debounce_s)
             self._wake.clear()
             if not self.lease.is_held():
                 continue

@@ -22,7 +22,6 @@ worker (``shutdown_grace_s`` to finish, then requeue with progress), close clien
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
 
 from qlm import roster
+from qlm.aio import cancel_and_wait
 from qlm.bus.consumer import BusConsumer
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand
@@ -298,11 +298,7 @@ class WorkerProcess:
         await asyncio.gather(
             *(w.drain(self.settings.shutdown_grace_s) for w in self.workers.values())
         )
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         await self.watcher.stop()
         await self.producer.stop()
         await self.store.aclose()

@@ -49,6 +49,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from qlm.aio import cancel_and_wait, wait_event
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import BatchResult, BusRecord, Event, LsoCommand, Telemetry
 from qlm.bus.topics import TopicNames
@@ -209,11 +210,7 @@ class Worker:
         if leftover:
             log.info("worker_requeue_on_shutdown", worker=self.id, num_requests=len(leftover))
         await asyncio.gather(*(self._evict(r, "shutdown") for r in leftover))
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         await self.engine.close()
         await self._streams.close()
         await self._outbox.join()
@@ -238,8 +235,7 @@ class Worker:
                 num_pulled = 0
                 await asyncio.sleep(0.5)
             if num_pulled == 0 and not self.draining:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=self.poll_interval_s)
+                await wait_event(self.wake, self.poll_interval_s)
 
     def view(self) -> WorkerView | None:
         """This worker as the scheduler sees it (None while it has no active model)."""

@@ -310,21 +310,27 @@ async def test_expired_leases_go_back_to_the_queue(
 
 # ------------------------------------------------------------------ real processes
 def _spawn(instance_id: str, redis_url: str, kafka: str, topics: TopicNames,
-           workers_file: Path) -> subprocess.Popen[bytes]:
+           workers_file: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Start a scheduler process logging to ``log``: a pipe nobody reads would fill
+    (64 KiB) and block the process on its next log line, shutdown included."""
     argv = [sys.executable, "-m", "services.scheduler", "--instance-id", instance_id,
             "--redis-url", redis_url, "--kafka-bootstrap", kafka,
             "--topic-prefix", topics.prefix, "--workers-file", str(workers_file),
             "--policy", "fcfs", "--metrics-port", "0", "--host", "127.0.0.1",
             "--lease-ttl-s", "2", "--lease-renew-s", "0.5", "--lease-margin-s", "0.3",
             "--log-json", "false"]
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with log.open("wb") as sink:
+        return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink)
 
 
 async def test_killing_the_leader_process_hands_over_to_the_standby_process(
-    redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNames, workers_file: Path
+    redis_url: str, kafka_bootstrap: str, kafka_topics: TopicNames, workers_file: Path,
+    tmp_path: Path,
 ) -> None:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    processes = {name: _spawn(name, redis_url, kafka_bootstrap, kafka_topics, workers_file)
+    logs = {name: tmp_path / f"{name}.log" for name in ("proc-a", "proc-b")}
+    processes = {name: _spawn(name, redis_url, kafka_bootstrap, kafka_topics, workers_file,
+                              logs[name])
                  for name in ("proc-a", "proc-b")}
     try:
         async def owner() -> str | None:
@@ -343,7 +349,7 @@ async def test_killing_the_leader_process_hands_over_to_the_standby_process(
 
         await eventually(standby_leads, TAKEOVER_TIMEOUT_S, "standby process takeover")
         processes[standby].send_signal(signal.SIGTERM)  # graceful: releases the lease
-        assert processes[standby].wait(timeout=30) == 0, processes[standby].stderr
+        assert processes[standby].wait(timeout=30) == 0, logs[standby].read_text()[-4000:]
         assert await owner() is None
     finally:
         for process in processes.values():
