@@ -16,10 +16,11 @@ share is served at once without ever owning the GPU.
 anyway: each :class:`~qlm.core.types.QueueSnapshot` (:meth:`VirtualTokenCounters.observe`)
 charges every running request for the prompt it was admitted with (once) and for the
 output tokens it generated since it was last seen, and marks the flows with queued
-requests as backlogged. Tokens generated after a request's last snapshot before it
-finished are not seen (at most one decision interval of its decoding, the same bias for
-every flow). :func:`fair_order` projects VTC onto a queue: it interleaves the queued
-groups of a class the way VTC would admit them, charging each group its expected cost.
+requests as backlogged; :meth:`VirtualTokenCounters.on_finished` charges, from the
+request's finished event, what no snapshot saw (the output made after its last snapshot;
+all of a request that started and ended between two decisions). :func:`fair_order`
+projects VTC onto a queue: it interleaves the queued groups of a class the way VTC would
+admit them, charging each group its expected cost.
 
 Pure: no I/O, no clock. The counters are state: the scheduler service keeps them across a
 restart or a failover by :meth:`VirtualTokenCounters.to_state` /
@@ -173,6 +174,25 @@ class VirtualTokenCounters:
             self._departed = dict(itertools.islice(departed.items(), excess, None))
         self._views = fresh
         self.set_backlogged((g.slo_class, g.key.tenant) for g in snapshot.groups)
+
+    def on_finished(self, request_id: str, flow: Flow, prompt_tokens: int,
+                    output_tokens: int) -> None:
+        """Charge a request that finished what no snapshot showed of it: its prompt and
+        all of its output when it was never seen running (it started and ended between
+        two decisions), else the output made since it was last seen. A snapshot read
+        before the finish that still shows it running charges nothing more."""
+        if prompt_tokens < 0 or output_tokens < 0:
+            raise InvalidInput("tokens", f"must be >= 0, got {prompt_tokens}, {output_tokens}")
+        charged = self._running.pop(request_id, None)
+        if charged is None:
+            charged = self._departed.pop(request_id, None)
+        if charged is None:
+            self.charge(flow, prompt_tokens, output_tokens)
+        elif output_tokens > charged:
+            self.charge(flow, 0, output_tokens - charged)
+        self._departed[request_id] = max(output_tokens, charged or 0)
+        if len(self._departed) > MAX_DEPARTED:  # the oldest (insertion order)
+            del self._departed[next(iter(self._departed))]
 
     # ------------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:

@@ -73,7 +73,7 @@ from qlm.core.errors import InvalidInput
 from qlm.core.fit import SequenceLimit, refusal, serving_limits
 from qlm.core.forecast import Forecaster
 from qlm.core.perf import PerfProfile, ProfileBook
-from qlm.core.policies.base import Policy, PolicyContext
+from qlm.core.policies.base import FinishObserver, Policy, PolicyContext
 from qlm.core.pulls import kv_reservation, plan_pulls
 from qlm.core.queue import QueueIndex
 from qlm.core.types import (
@@ -769,9 +769,12 @@ class Simulation:
         self.running_views.pop(live.request.id, None)
         live.finished_at = self.now + self._output_latency_s(w)
         self.num_open -= 1
+        request = live.request
         if self.forecaster is not None:
-            request = live.request
             self.forecaster.on_finished(request.model, request.slo_class, live.job.output_tokens)
+        if isinstance(self.policy, FinishObserver):
+            self.policy.on_finished(request.id, request.slo_class, request.tenant,
+                                    request.prompt_tokens, live.job.output_tokens)
 
     def _reject(self, rid: str) -> None:
         live = self.live[rid]

@@ -38,7 +38,7 @@ from qlm.core.estimator import RWTEstimator
 from qlm.core.forecast import Forecaster
 from qlm.core.perf import PROFILE_DIR, ProfileBook
 from qlm.core.policies.base import Policy, PolicyContext, make_policy
-from qlm.core.types import QueueSnapshot, SLOClass
+from qlm.core.types import DEFAULT_TENANT, QueueSnapshot, SLOClass
 from qlm.log import get_logger
 from qlm.roster import WorkerRoster, read_workers_file
 from qlm.store.client import redis_client
@@ -211,6 +211,12 @@ class SchedulerApp:
                         and event.slo_class is not None and self.loop.forecaster is not None):
                     self.loop.forecaster.on_finished(event.model, SLOClass(event.slo_class),
                                                      event.num_output_tokens)
+                if (event.type == "finished" and event.request_id is not None
+                        and event.slo_class is not None):
+                    self.loop.note_finished(
+                        event.request_id, SLOClass(event.slo_class), event.tenant or
+                        DEFAULT_TENANT, event.num_prompt_tokens or 0,
+                        event.num_output_tokens or 0)
                 if event.type in WAKING_EVENTS:
                     self.wake()
         except InvalidInput as error:

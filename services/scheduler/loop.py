@@ -65,6 +65,7 @@ import itertools
 import math
 import time
 from collections import Counter as Tally
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
@@ -75,6 +76,7 @@ from qlm.core.errors import InvalidInput
 from qlm.core.forecast import Forecaster
 from qlm.core.perf import ProfileBook
 from qlm.core.policies.base import (
+    FinishObserver,
     Policy,
     PolicyContext,
     StatefulPolicy,
@@ -89,6 +91,7 @@ from qlm.core.types import (
     QueueSnapshot,
     Reject,
     RequestState,
+    SLOClass,
     Swap,
     WorkerView,
 )
@@ -106,6 +109,9 @@ log = get_logger("services.scheduler")
 #: before it awaits the first acknowledgement, so there is nothing more to wait for, and
 #: the default linger (5 ms) would be added to every step that sends a command.
 COMMAND_LINGER_MS: Final = 0
+
+#: Finished requests kept for the policy between two steps, at most (the oldest go).
+MAX_PENDING_FINISHED: Final = 100_000
 
 
 # ------------------------------------------------------------------ pure parts
@@ -286,6 +292,10 @@ class SchedulingLoop:
         #: The fencing token under which the policy state was last restored (or found
         #: absent, or ignored) and last saved; when it was saved (monotonic seconds).
         self._restored_fence = 0
+        #: Finished requests (id, class, tenant, prompt, output) not yet given to the
+        #: policy: events arrive between steps, the policy may be deciding in a thread.
+        self._finished: deque[tuple[str, SLOClass, str, int, int]] = deque(
+            maxlen=MAX_PENDING_FINISHED)
         self._saved_fence = 0
         self._state_saved_at = -math.inf
         self._depth_labels: set[tuple[str, str]] = set()
@@ -310,6 +320,7 @@ class SchedulingLoop:
             return StepReport(applied=False)
         started = time.perf_counter()
         await self.restore_state()
+        self._charge_finished()
         requeued = await self.store.requeue_expired()
         for state in requeued.values():
             self.metrics.requeued.labels(state.value).inc()
@@ -379,6 +390,22 @@ class SchedulingLoop:
             raise InvalidInput(f"{field}.state.{error.field}", error.problem) from None
         return "restored"
 
+    def note_finished(self, request_id: str, slo_class: SLOClass, tenant: str,
+                      num_prompt_tokens: int, num_output_tokens: int) -> None:
+        """A request finished (its event): the policy learns it before its next decision
+        (:class:`~qlm.core.policies.base.FinishObserver`). Only the leader keeps these: a
+        standby's would be counted again over the state it restores on taking over."""
+        if self.lease.is_held() and isinstance(self.policy, FinishObserver):
+            self._finished.append((request_id, slo_class, tenant, num_prompt_tokens,
+                                   num_output_tokens))
+
+    def _charge_finished(self) -> None:
+        policy = self.policy
+        if not isinstance(policy, FinishObserver):
+            return
+        while self._finished:
+            policy.on_finished(*self._finished.popleft())
+
     async def save_state(self, *, force: bool = False) -> bool:
         """Save the policy's state if this replica leads and ``state_interval_s`` has passed
         since the last save (``force``: now); returns whether it was written."""
@@ -387,6 +414,8 @@ class SchedulingLoop:
         at = time.monotonic()
         if not force and at - self._state_saved_at < self.state_interval_s:
             return False
+        if not self.decide_in_thread or force:  # no decision runs now (force: stopping)
+            self._charge_finished()
         fence = self.lease.fence
         saved = {"fence": fence, "saved_at": self.clock(), "state": policy_state(self.policy)}
         try:

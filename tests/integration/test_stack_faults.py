@@ -457,7 +457,9 @@ async def test_a_restarted_scheduler_goes_on_from_the_saved_fair_share_counters(
     await serve("pre", {"heavy": 12, "light": 2})
     before = await settled()
     counters = fair_counters(before)
-    assert counters["heavy"] > 3 * counters["light"] > 0, counters
+    # every request is charged, also one that started and ended between two decisions
+    # (by its finished event); light may have been lifted to heavy's counter on arrival
+    assert counters["heavy"] > counters["light"] > 0, counters
 
     scheduler = stack.processes["scheduler"]
     os.kill(scheduler.running_pid() or 0, signal.SIGKILL)

@@ -58,6 +58,28 @@ def test_running_requests_are_charged_prompt_once_and_output_as_it_grows() -> No
     assert c.counter((INT, "b")) == 0
 
 
+def test_a_request_no_snapshot_saw_is_charged_whole_when_it_finishes() -> None:
+    c = VirtualTokenCounters(TokenWeights(input=1.0, output=2.0))
+    c.on_finished("a/1", (INT, "a"), 100, 30)  # started and ended between two decisions
+    assert c.counter((INT, "a")) == 100 + 2 * 30
+    c.on_finished("a/1", (INT, "a"), 100, 30)  # the same event again (a replayed record)
+    assert c.counter((INT, "a")) == 160
+
+
+def test_a_finished_request_is_charged_only_what_its_snapshots_did_not_see() -> None:
+    c = VirtualTokenCounters(TokenWeights(input=1.0, output=2.0))
+    c.observe(snapshot([], [req("1", "a", prompt=100, generated=10)]))
+    assert c.counter((INT, "a")) == 100 + 2 * 10
+    c.on_finished("a/1", (INT, "a"), 100, 25)
+    assert c.counter((INT, "a")) == 100 + 2 * 25
+    # a snapshot read before the finish, observed after it, charges nothing more
+    c.observe(snapshot([], [req("1", "a", prompt=100, generated=20)]))
+    c.observe(snapshot([], []))
+    assert c.counter((INT, "a")) == 150
+    with pytest.raises(InvalidInput, match="tokens"):
+        c.on_finished("a/2", (INT, "a"), -1, 0)
+
+
 def test_an_evicted_request_is_not_charged_twice_when_it_resumes() -> None:
     c = VirtualTokenCounters(TokenWeights(input=1.0, output=1.0))
     c.observe(snapshot([], [req("1", "a", prompt=50, generated=30)]))

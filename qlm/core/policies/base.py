@@ -259,6 +259,16 @@ class StatefulPolicy(Protocol):
         ...
 
 
+@runtime_checkable
+class FinishObserver(Protocol):
+    """A policy that learns from each finished request (fair share charges it what no
+    snapshot saw); the scheduler and the simulator call it once per finished request,
+    never while the policy decides."""
+
+    def on_finished(self, request_id: str, slo_class: SLOClass, tenant: str,
+                    num_prompt_tokens: int, num_output_tokens: int) -> None: ...
+
+
 def policy_state(policy: Any) -> dict[str, Any] | None:
     """``policy``'s state to keep (:class:`StatefulPolicy`), or None: it keeps none."""
     return policy.state() if isinstance(policy, StatefulPolicy) else None

@@ -117,7 +117,7 @@ from qlm.core.policies.qlm.lso import (
 )
 from qlm.core.policies.qlm.milp import milp_plan
 from qlm.core.policies.qlm.options import QlmOptions
-from qlm.core.types import Decision, Place, QueueSnapshot
+from qlm.core.types import Decision, Place, QueueSnapshot, SLOClass
 
 
 def token_weights(options: QlmOptions) -> TokenWeights:
@@ -196,6 +196,14 @@ class QlmPolicy:
         if weights != self.counters.weights:
             self.counters.weights = weights
         self.counters.observe(snapshot)
+
+    def on_finished(self, request_id: str, slo_class: SLOClass, tenant: str,
+                    num_prompt_tokens: int, num_output_tokens: int) -> None:
+        """Charge fair share's counters what no snapshot saw of a finished request
+        (:meth:`VirtualTokenCounters.on_finished`; :class:`~qlm.core.policies.base.
+        FinishObserver`)."""
+        self.counters.on_finished(request_id, (slo_class, tenant), num_prompt_tokens,
+                                  num_output_tokens)
 
     def state(self) -> dict[str, Any]:
         """Fair share's counters as JSON-ready data (:class:`~qlm.core.policies.base.
