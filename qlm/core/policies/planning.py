@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -136,9 +137,11 @@ class GroupArrays:
         mean, var = lengths.remaining_moments(cap, done)
         return cls(np.maximum(mean, 1.0), var, prompt, deadline, tpot)
 
-    def tail(self, start: int) -> GroupArrays:
-        return GroupArrays(self.out_mean[start:], self.out_var[start:], self.prompt[start:],
-                           self.deadline[start:], self.tpot[start:])
+    def taken(self, positions: np.ndarray) -> GroupArrays:
+        """The terms at ``positions`` (an index array), in that order."""
+        return GroupArrays(self.out_mean[positions], self.out_var[positions],
+                           self.prompt[positions], self.deadline[positions],
+                           self.tpot[positions])
 
     def extended(self, more: GroupArrays) -> GroupArrays:
         return GroupArrays(*(np.concatenate((a, b)) for a, b in (
@@ -178,26 +181,30 @@ class _Entry:
     memo: dict[Any, Any]
 
 
-def dropped_at_head(old: tuple[Request, ...], new: tuple[Request, ...]) -> int | None:
-    """k if ``new`` is ``old`` without its first k requests plus requests appended at the
-    tail (what pulls and arrivals do to a group); None otherwise."""
-    try:
-        k = old.index(new[0])
-    except ValueError:
-        return None
-    kept = len(old) - k
-    if kept > len(new) or old[k:] != new[:kept]:
-        return None
-    return k
+def updated_arrays(old: tuple[Request, ...], arrays: GroupArrays, new: tuple[Request, ...],
+                   lengths: LengthStats) -> GroupArrays:
+    """The :class:`GroupArrays` of ``new`` from those of ``old`` (``arrays``): the terms of
+    a request object in both are taken over (they depend only on the request), only the
+    requests new to the group are read. Pulls take requests from a group's head,
+    arrivals join it anywhere in deadline order (one that arrived a moment after another
+    may have the earlier deadline), an evicted request returns with its progress (a new
+    object): each costs the new requests, not the group."""
+    at = dict(zip(map(id, old), range(len(old))))
+    positions = list(map(at.get, map(id, new), repeat(-1)))
+    if -1 in positions:
+        added = [j for j, i in enumerate(positions) if i < 0]
+        arrays = arrays.extended(GroupArrays.of([new[j] for j in added], lengths))
+        for k, j in enumerate(added):
+            positions[j] = len(old) + k
+    return arrays.taken(np.array(positions, dtype=np.intp))
 
 
 class GroupStatsCache:
     """Memo of :class:`GroupStats` across decisions.
 
     An entry is reused while the group's request tuple is the same object. When a group
-    only lost requests at its head (pulled) and gained some at its tail (arrivals), its
-    per-request terms are sliced and extended, so only the new requests are read; any
-    other change recomputes the group. Entries of groups that left the queue are dropped
+    changed, the per-request terms of the requests it kept are taken over and only its
+    new requests are read (:func:`updated_arrays`). Entries of groups that left the queue are dropped
     at every refresh. Exact: a summary never differs from a fresh one.
     """
 
@@ -244,12 +251,8 @@ class GroupStatsCache:
                 cached.stats = _reindexed(cached.stats, index)
             return cached
         lengths = output_stats.get(group.model, output_stats["*"])
-        k = dropped_at_head(cached.requests, reqs) if cached is not None else None
-        if cached is not None and k is not None:
-            kept = len(cached.requests) - k
-            arrays = cached.arrays.tail(k)
-            if kept < len(reqs):
-                arrays = arrays.extended(GroupArrays.of(reqs[kept:], lengths))
+        if cached is not None:
+            arrays = updated_arrays(cached.requests, cached.arrays, reqs, lengths)
         else:
             arrays = GroupArrays.of(reqs, lengths)
         return _Entry(reqs, arrays, stats_of(group.key, index, arrays, ttft_s), {})
@@ -296,28 +299,58 @@ def summarise_running(running: Sequence[RunningRequest],
                       output_stats: Mapping[str, LengthStats]) -> WorkerLoad:
     """Remaining-output moments of a worker's running requests and their KV reservations
     (the same reservation as :func:`qlm.core.pulls.kv_reservation`)."""
-    n = len(running)
-    if n == 0:
-        return WorkerLoad(0.0, 0.0, (), 0, 0.0)
-    lengths = output_stats.get(running[0].request.model, output_stats["*"])
-    cap = np.fromiter((rr.request.max_tokens for rr in running), float, n)
-    done = np.fromiter((rr.request.num_generated for rr in running), float, n)
-    prompt = np.fromiter((rr.request.prompt_tokens for rr in running), np.int64, n)
-    mean, var = lengths.remaining_moments(cap, done)
-    expected = DEFAULT_EXPECTED_OUTPUT_TOKENS
-    reserved = prompt + np.minimum(cap.astype(np.int64),
-                                   np.maximum(done.astype(np.int64) + 1, expected))
+    return summarise_workers([running], output_stats)[0]
+
+
+_IDLE = WorkerLoad(0.0, 0.0, (), 0, 0.0)
+
+
+def summarise_workers(runnings: Sequence[Sequence[RunningRequest]],
+                      output_stats: Mapping[str, LengthStats]) -> list[WorkerLoad]:
+    """:func:`summarise_running` of each of ``runnings`` (the running requests of several
+    workers). The remaining-output moments are elementwise, so they are computed in one
+    vectorised pass over the requests of all the workers that share a length model, then
+    cut per worker: every worker's running requests move between two snapshots of a
+    live queue (they generate tokens), and one pass per worker spent most of its time in
+    numpy's per-call overhead on arrays of a few dozen elements."""
+    out: list[WorkerLoad] = [_IDLE] * len(runnings)
+    by_lengths: dict[int, tuple[LengthStats, list[int]]] = {}
+    for k, running in enumerate(runnings):
+        if running:
+            lengths = output_stats.get(running[0].request.model, output_stats["*"])
+            by_lengths.setdefault(id(lengths), (lengths, []))[1].append(k)
+    for lengths, members in by_lengths.values():
+        requests = [rr.request for k in members for rr in runnings[k]]
+        n = len(requests)
+        cap = np.fromiter([r.max_tokens for r in requests], float, n)
+        done = np.fromiter([r.num_generated for r in requests], float, n)
+        prompt = np.fromiter([r.prompt_tokens for r in requests], np.int64, n)
+        mean, var = lengths.remaining_moments(cap, done)
+        reserved = prompt + np.minimum(cap.astype(np.int64), np.maximum(
+            done.astype(np.int64) + 1, DEFAULT_EXPECTED_OUTPUT_TOKENS))
+        starts = [0]
+        for k in members:
+            starts.append(starts[-1] + len(runnings[k]))
+        reserved_sums = np.add.reduceat(reserved, starts[:-1]).tolist()
+        for m, k in enumerate(members):
+            a, b = starts[m], starts[m + 1]
+            out[k] = _load_of(runnings[k], mean[a:b], var[a:b], int(reserved_sums[m]))
+    return out
+
+
+def _load_of(running: Sequence[RunningRequest], mean: np.ndarray, var: np.ndarray,
+             reserved_tokens: int) -> WorkerLoad:
+    """One worker's :class:`WorkerLoad` from its requests' remaining-output moments."""
     # A request resumed after an eviction (its first token came before this start) is
     # not evicted again: each eviction pays a re-prefill of prompt + progress, and a
     # request taken again and again loses throughput for nobody's gain (anti-churn).
     left = mean.tolist()
-    ranked = sorted((i for i, rr in enumerate(running) if not resumed(rr)), key=lambda i: (
-        running[i].first_token_at is None,
-        -running[i].request.slo.ttft_s,
-        -running[i].request.deadline_at if running[i].first_token_at is None else 0.0,
-        running[i].request.num_generated,
-        running[i].request.id,
-    ))
+    keys = [(rr.first_token_at is None, -rr.request.slo.ttft_s,
+             -rr.request.deadline_at if rr.first_token_at is None else 0.0,
+             rr.request.num_generated, rr.request.id, i)
+            for i, rr in enumerate(running) if not resumed(rr)]
+    keys.sort()
+    ranked = [key[-1] for key in keys]
     order = tuple(running[i] for i in ranked)
     num_started = sum(1 for rr in order if rr.first_token_at is not None)
     pending = sum(rr.request.context_tokens for rr in running if rr.first_token_at is None)
@@ -325,29 +358,35 @@ def summarise_running(running: Sequence[RunningRequest],
     tpot = min((r.slo.tpot_s for r in bound if r.slo.tpot_s is not None), default=None)
     tpot_prompt = sum(r.prompt_tokens for r in bound) / len(bound) if bound else 0.0
     return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
-                      int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running), order,
+                      reserved_tokens, max(rr.request.slo.ttft_s for rr in running), order,
                       num_started, pending, tuple(left[i] for i in ranked), tpot, tpot_prompt)
 
 
 class WorkerLoadCache:
-    """Memo of :class:`WorkerLoad` keyed by worker, reused while ``running`` is unchanged."""
+    """Memo of :class:`WorkerLoad` keyed by worker, reused while ``running`` is unchanged;
+    the workers whose running requests changed are summarised together
+    (:func:`summarise_workers`)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[tuple[RunningRequest, ...], WorkerLoad]] = {}
 
     def refresh(self, workers: Sequence[WorkerView],
                 output_stats: Mapping[str, LengthStats]) -> list[WorkerLoad]:
-        fresh = {}
-        out = []
-        for w in workers:
-            cached = self._entries.get(w.id)
+        entries = self._entries
+        out: list[WorkerLoad] = []
+        changed: list[int] = []
+        for k, w in enumerate(workers):
+            cached = entries.get(w.id)
             if cached is not None and cached[0] is w.running:
-                load = cached[1]
+                out.append(cached[1])
             else:
-                load = summarise_running(w.running, output_stats)
-            fresh[w.id] = (w.running, load)
-            out.append(load)
-        self._entries = fresh
+                out.append(_IDLE)
+                changed.append(k)
+        if changed:
+            loads = summarise_workers([workers[k].running for k in changed], output_stats)
+            for k, load in zip(changed, loads, strict=True):
+                out[k] = load
+        self._entries = {w.id: (w.running, load) for w, load in zip(workers, out, strict=True)}
         return out
 
 
