@@ -40,7 +40,7 @@ from qlm.core.errors import InvalidInput
 from qlm.core.estimator import DEFAULT_OUTPUT_STATS, LengthStats
 from qlm.core.fit import can_serve
 from qlm.core.perf import PerfProfile, ProfileBook
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservations
 from qlm.core.types import (
     GroupKey,
     Request,
@@ -54,6 +54,9 @@ from qlm.sim.batching import tpot_batch_cap
 #: Deadline quantiles at which a group's attainment is evaluated.
 DEADLINE_QUANTILES: tuple[float, ...] = (0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875,
                                          0.8125, 0.9375)
+#: The key, in a group's memo (:attr:`GroupStatsCache.memos`), of the KV reservations of
+#: its requests in pull order summed from its head (a list of ints).
+CUMULATIVE_RESERVATIONS = "cumulative_reservations"
 #: Floor on a start time's standard deviation (s): keeps Φ finite and smooth.
 MIN_STD_S = 0.25
 #: Beyond this many standard deviations a deadline counts as surely met or missed.
@@ -114,40 +117,43 @@ class GroupArrays:
     """Per-request terms of a group, in group order: remaining-output mean and variance
     (the estimator's truncated log-normal given the progress kept), tokens to prefill
     (prompt plus progress kept) and deadlines (infinite for a request that already had its
-    first token, e.g. one evicted after it started: its TTFT SLO is settled) and TPOT
-    targets (infinite without one)."""
+    first token, e.g. one evicted after it started: its TTFT SLO is settled), TPOT
+    targets (infinite without one) and KV reservations (:func:`qlm.core.pulls.
+    kv_reservation`)."""
 
     out_mean: np.ndarray
     out_var: np.ndarray
     prompt: np.ndarray
     deadline: np.ndarray
     tpot: np.ndarray
+    reserved: np.ndarray
 
     @classmethod
     def of(cls, requests: Sequence[Request], lengths: LengthStats) -> GroupArrays:
         n = len(requests)
         cap = np.fromiter((r.max_tokens for r in requests), float, n)
         done = np.fromiter((r.num_generated for r in requests), float, n)
-        prompt = np.fromiter((r.prompt_tokens + r.num_generated for r in requests), float, n)
+        prompt_tokens = np.fromiter((r.prompt_tokens for r in requests), np.int64, n)
         # A request that generated tokens had its first token: its TTFT SLO is settled.
         deadline = np.fromiter((r.arrival_at + r.slo.ttft_s if r.num_generated == 0
                                 else math.inf for r in requests), float, n)
         tpot = np.fromiter((math.inf if r.slo.tpot_s is None else r.slo.tpot_s
                             for r in requests), float, n)
         mean, var = lengths.remaining_moments(cap, done)
-        return cls(np.maximum(mean, 1.0), var, prompt, deadline, tpot)
+        reserved = kv_reservations(prompt_tokens, cap.astype(np.int64), done.astype(np.int64))
+        return cls(np.maximum(mean, 1.0), var, prompt_tokens + done, deadline, tpot, reserved)
 
     def taken(self, positions: np.ndarray) -> GroupArrays:
         """The terms at ``positions`` (an index array), in that order."""
         return GroupArrays(self.out_mean[positions], self.out_var[positions],
                            self.prompt[positions], self.deadline[positions],
-                           self.tpot[positions])
+                           self.tpot[positions], self.reserved[positions])
 
     def extended(self, more: GroupArrays) -> GroupArrays:
         return GroupArrays(*(np.concatenate((a, b)) for a, b in (
             (self.out_mean, more.out_mean), (self.out_var, more.out_var),
             (self.prompt, more.prompt), (self.deadline, more.deadline),
-            (self.tpot, more.tpot))))
+            (self.tpot, more.tpot), (self.reserved, more.reserved))))
 
 
 def stats_of(key: GroupKey, index: int, arrays: GroupArrays, ttft_s: float) -> GroupStats:
@@ -189,7 +195,7 @@ def updated_arrays(old: tuple[Request, ...], arrays: GroupArrays, new: tuple[Req
     arrivals join it anywhere in deadline order (one that arrived a moment after another
     may have the earlier deadline), an evicted request returns with its progress (a new
     object): each costs the new requests, not the group."""
-    at = dict(zip(map(id, old), range(len(old))))
+    at = dict(zip(map(id, old), range(len(old)), strict=True))
     positions = list(map(at.get, map(id, new), repeat(-1)))
     if -1 in positions:
         added = [j for j, i in enumerate(positions) if i < 0]
@@ -204,15 +210,17 @@ class GroupStatsCache:
 
     An entry is reused while the group's request tuple is the same object. When a group
     changed, the per-request terms of the requests it kept are taken over and only its
-    new requests are read (:func:`updated_arrays`). Entries of groups that left the queue are dropped
-    at every refresh. Exact: a summary never differs from a fresh one.
+    new requests are read (:func:`updated_arrays`). Entries of groups that left the queue
+    are dropped at every refresh. Exact: a summary never differs from a fresh one.
     """
 
     def __init__(self) -> None:
         self._entries: dict[GroupKey, _Entry] = {}
         self._basis: tuple[Any, ...] = ()
         #: Per group of the last refresh (same order): a memo the cost model fills with
-        #: the group's :class:`Service` per worker shape; survives while the group does.
+        #: the group's :class:`Service` per worker shape, which holds its cumulative KV
+        #: reservations (:data:`CUMULATIVE_RESERVATIONS`); survives while the group's
+        #: request tuple does.
         self.memos: list[dict[Any, Any]] = []
 
     def refresh(self, groups: Sequence[RequestGroup],
@@ -255,7 +263,8 @@ class GroupStatsCache:
             arrays = updated_arrays(cached.requests, cached.arrays, reqs, lengths)
         else:
             arrays = GroupArrays.of(reqs, lengths)
-        return _Entry(reqs, arrays, stats_of(group.key, index, arrays, ttft_s), {})
+        return _Entry(reqs, arrays, stats_of(group.key, index, arrays, ttft_s),
+                      {CUMULATIVE_RESERVATIONS: np.cumsum(arrays.reserved).tolist()})
 
 
 def _reindexed(stats: GroupStats, index: int) -> GroupStats:
