@@ -973,11 +973,15 @@ class _RunningRequests:
                 if row is False:  # no record (expired): no group or worker shows it
                     continue
                 entry = known.get(request_id)
-                if entry is not None and entry[0] == row:  # nothing moved
+                if entry is None:
+                    unknown.append(request_id)
+                    continue
+                seen = entry[0]
+                if seen == row:  # nothing moved
                     fresh[request_id] = entry
                     continue
                 moving = row.split("|")
-                if entry is None or entry[0].split("|", 1)[0] != moving[0]:  # new, or reused
+                if seen.partition("|")[0] != moving[0]:  # reused after its record expired
                     unknown.append(request_id)
                 else:
                     fresh[request_id] = (row, _moved(entry[1], moving))
@@ -999,7 +1003,7 @@ class _RunningRequests:
         known, before = self._known, self._by_worker
         out = {}
         for worker, _, ids, _ in workers_raw:
-            running = tuple(known[i][1] for i in sorted(ids) if i in known)
+            running = tuple([known[i][1] for i in sorted(ids) if i in known])
             previous = before.get(worker)
             if previous is not None and len(previous) == len(running) and all(
                     a is b for a, b in zip(previous, running, strict=True)):
@@ -1013,11 +1017,11 @@ def _moved(before: RunningRequest, now: Sequence[str]) -> RunningRequest:
     """``before`` with the moving fields ``now`` (:data:`RUNNING_CHANGING_FIELDS`, the same
     ``arrival_at``)."""
     request = before.request
-    if int(now[1]) != request.num_generated:  # progress: the same request, further on
-        request = Request(
-            id=request.id, model=request.model, prompt_tokens=request.prompt_tokens,
-            max_tokens=request.max_tokens, slo_class=request.slo_class, slo=request.slo,
-            arrival_at=request.arrival_at, tenant=request.tenant, num_generated=int(now[1]))
+    num_generated = int(now[1])
+    if num_generated != request.num_generated:  # progress: the same request, further on
+        request = Request(request.id, request.model, request.prompt_tokens,  # positional:
+                          request.max_tokens, request.slo_class, request.slo,  # one per
+                          request.arrival_at, request.tenant, num_generated)  # running id
     return RunningRequest(request, float(now[2]), float(now[3]) if now[3] else None)
 
 
