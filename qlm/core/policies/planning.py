@@ -143,6 +143,12 @@ class GroupArrays:
         reserved = kv_reservations(prompt_tokens, cap.astype(np.int64), done.astype(np.int64))
         return cls(np.maximum(mean, 1.0), var, prompt_tokens + done, deadline, tpot, reserved)
 
+    def part(self, start: int, stop: int) -> GroupArrays:
+        """The terms of requests ``start`` to ``stop`` (views)."""
+        return GroupArrays(self.out_mean[start:stop], self.out_var[start:stop],
+                           self.prompt[start:stop], self.deadline[start:stop],
+                           self.tpot[start:stop], self.reserved[start:stop])
+
     def taken(self, positions: np.ndarray) -> GroupArrays:
         """The terms at ``positions`` (an index array), in that order."""
         return GroupArrays(self.out_mean[positions], self.out_var[positions],
@@ -187,22 +193,13 @@ class _Entry:
     memo: dict[Any, Any]
 
 
-def updated_arrays(old: tuple[Request, ...], arrays: GroupArrays, new: tuple[Request, ...],
-                   lengths: LengthStats) -> GroupArrays:
-    """The :class:`GroupArrays` of ``new`` from those of ``old`` (``arrays``): the terms of
-    a request object in both are taken over (they depend only on the request), only the
-    requests new to the group are read. Pulls take requests from a group's head,
-    arrivals join it anywhere in deadline order (one that arrived a moment after another
-    may have the earlier deadline), an evicted request returns with its progress (a new
-    object): each costs the new requests, not the group."""
+def kept_positions(old: tuple[Request, ...], new: tuple[Request, ...]) -> list[int]:
+    """For each request of ``new``, its position in ``old`` (the same object), -1 for a
+    request new to the group. Pulls take requests from a group's head, arrivals join it
+    anywhere in deadline order (one that arrived a moment after another may have the
+    earlier deadline), an evicted request returns with its progress (a new object)."""
     at = dict(zip(map(id, old), range(len(old)), strict=True))
-    positions = list(map(at.get, map(id, new), repeat(-1)))
-    if -1 in positions:
-        added = [j for j, i in enumerate(positions) if i < 0]
-        arrays = arrays.extended(GroupArrays.of([new[j] for j in added], lengths))
-        for k, j in enumerate(added):
-            positions[j] = len(old) + k
-    return arrays.taken(np.array(positions, dtype=np.intp))
+    return list(map(at.get, map(id, new), repeat(-1)))
 
 
 class GroupStatsCache:
@@ -210,7 +207,7 @@ class GroupStatsCache:
 
     An entry is reused while the group's request tuple is the same object. When a group
     changed, the per-request terms of the requests it kept are taken over and only its
-    new requests are read (:func:`updated_arrays`). Entries of groups that left the queue
+    new requests are read (:meth:`_changed`). Entries of groups that left the queue
     are dropped at every refresh. Exact: a summary never differs from a fresh one.
     """
 
@@ -230,41 +227,64 @@ class GroupStatsCache:
         if basis != self._basis:
             self._entries = {}
             self._basis = basis
-        fresh: dict[GroupKey, _Entry] = {}
-        out: list[GroupStats] = []
-        memos: list[dict[Any, Any]] = []
         entries = self._entries
+        out: list[_Entry] = []
+        changed: list[int] = []
         for index, group in enumerate(groups):
-            key = group.key
-            entry = entries.get(key)
+            entry = entries.get(group.key)
             if entry is not None and entry.requests is group.requests:  # unchanged
                 if entry.stats.index != index:
                     entry.stats = _reindexed(entry.stats, index)
             else:
-                entry = self._entry(group, index, output_stats)
-            fresh[key] = entry
-            out.append(entry.stats)
-            memos.append(entry.memo)
-        self._entries = fresh
-        self.memos = memos
-        return out
+                changed.append(index)
+            out.append(entry)  # type: ignore[arg-type]  # the changed ones are set below
+        if changed:
+            for index, entry in zip(changed, self._changed([(i, groups[i]) for i in changed],
+                                                           output_stats), strict=True):
+                out[index] = entry
+        self._entries = {group.key: entry for group, entry in zip(groups, out, strict=True)}
+        self.memos = [entry.memo for entry in out]
+        return [entry.stats for entry in out]
 
-    def _entry(self, group: RequestGroup, index: int,
-               output_stats: Mapping[str, LengthStats]) -> _Entry:
-        reqs = group.requests
-        ttft_s = reqs[0].slo.ttft_s
-        cached = self._entries.get(group.key)
-        if cached is not None and cached.requests is reqs:
-            if cached.stats.index != index:
-                cached.stats = _reindexed(cached.stats, index)
-            return cached
-        lengths = output_stats.get(group.model, output_stats["*"])
-        if cached is not None:
-            arrays = updated_arrays(cached.requests, cached.arrays, reqs, lengths)
-        else:
-            arrays = GroupArrays.of(reqs, lengths)
-        return _Entry(reqs, arrays, stats_of(group.key, index, arrays, ttft_s),
-                      {CUMULATIVE_RESERVATIONS: np.cumsum(arrays.reserved).tolist()})
+    def _changed(self, changed: Sequence[tuple[int, RequestGroup]],
+                 output_stats: Mapping[str, LengthStats]) -> list[_Entry]:
+        """The entries of the groups (index, group) whose request tuple is new: the terms
+        of the requests a group kept are taken over (:func:`kept_positions`), and the
+        requests new to the groups are read together, one vectorised
+        :meth:`GroupArrays.of` per length model (a few dozen arrivals in each of a few
+        groups per decision: one pass per group was mostly numpy's per-call overhead)."""
+        new_requests: dict[int, tuple[LengthStats, list[Request]]] = {}
+        plans = []
+        for index, group in changed:
+            lengths = output_stats.get(group.model, output_stats["*"])
+            cached = self._entries.get(group.key)
+            reqs = group.requests
+            positions = kept_positions(cached.requests, reqs) if cached is not None else None
+            added = (range(len(reqs)) if positions is None
+                     else [j for j, i in enumerate(positions) if i < 0])
+            bucket = new_requests.setdefault(id(lengths), (lengths, []))[1]
+            plans.append((index, group, cached, positions, added, id(lengths), len(bucket)))
+            bucket.extend(reqs[j] for j in added)
+        read = {k: GroupArrays.of(reqs, lengths)
+                for k, (lengths, reqs) in new_requests.items() if reqs}
+        entries = []
+        for index, group, cached, positions, added, k, start in plans:
+            fresh = read[k].part(start, start + len(added)) if added else None
+            if cached is None or positions is None:
+                assert fresh is not None
+                arrays = fresh
+            else:
+                arrays = cached.arrays
+                if fresh is not None:
+                    arrays = arrays.extended(fresh)
+                    for n, j in enumerate(added):
+                        positions[j] = len(cached.requests) + n
+                arrays = arrays.taken(np.array(positions, dtype=np.intp))
+            entries.append(_Entry(
+                group.requests, arrays,
+                stats_of(group.key, index, arrays, group.requests[0].slo.ttft_s),
+                {CUMULATIVE_RESERVATIONS: np.cumsum(arrays.reserved).tolist()}))
+        return entries
 
 
 def _reindexed(stats: GroupStats, index: int) -> GroupStats:
@@ -366,7 +386,7 @@ def _load_of(running: Sequence[RunningRequest], mean: np.ndarray, var: np.ndarra
     bound = [rr.request for rr in running if rr.request.slo.tpot_s is not None]
     tpot = min((r.slo.tpot_s for r in bound if r.slo.tpot_s is not None), default=None)
     tpot_prompt = sum(r.prompt_tokens for r in bound) / len(bound) if bound else 0.0
-    return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
+    return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(sorted(left)),
                       reserved_tokens, max(rr.request.slo.ttft_s for rr in running), order,
                       num_started, pending, tuple(left[i] for i in ranked), tpot, tpot_prompt)
 
