@@ -193,6 +193,18 @@ class _Entry:
     memo: dict[Any, Any]
 
 
+def kept_tail(old: tuple[Request, ...], new: tuple[Request, ...]) -> int | None:
+    """k when ``new`` is ``old`` without its first k requests, then requests appended
+    (what pulls and arrivals at the tail do to a group): its terms are then a slice of
+    the old ones, without a lookup per request (groups hold thousands at 1M queued)."""
+    first = new[0]
+    for k, request in enumerate(old):
+        if request is first:
+            kept = len(old) - k
+            return k if kept <= len(new) and old[k:] == new[:kept] else None
+    return None
+
+
 def kept_positions(old: tuple[Request, ...], new: tuple[Request, ...]) -> list[int]:
     """For each request of ``new``, its position in ``old`` (the same object), -1 for a
     request new to the group. Pulls take requests from a group's head, arrivals join it
@@ -249,7 +261,8 @@ class GroupStatsCache:
     def _changed(self, changed: Sequence[tuple[int, RequestGroup]],
                  output_stats: Mapping[str, LengthStats]) -> list[_Entry]:
         """The entries of the groups (index, group) whose request tuple is new: the terms
-        of the requests a group kept are taken over (:func:`kept_positions`), and the
+        of the requests a group kept are taken over (:func:`kept_tail`, else
+        :func:`kept_positions`), and the
         requests new to the groups are read together, one vectorised
         :meth:`GroupArrays.of` per length model (a few dozen arrivals in each of a few
         groups per decision: one pass per group was mostly numpy's per-call overhead)."""
@@ -259,20 +272,33 @@ class GroupStatsCache:
             lengths = output_stats.get(group.model, output_stats["*"])
             cached = self._entries.get(group.key)
             reqs = group.requests
-            positions = kept_positions(cached.requests, reqs) if cached is not None else None
-            added = (range(len(reqs)) if positions is None
-                     else [j for j, i in enumerate(positions) if i < 0])
+            head: int | None = None
+            positions: list[int] | None = None
+            added: Sequence[int] = range(len(reqs))  # a new group: every request
+            if cached is not None:
+                head = kept_tail(cached.requests, reqs)
+                if head is not None:
+                    added = range(len(cached.requests) - head, len(reqs))
+                else:
+                    positions = kept_positions(cached.requests, reqs)
+                    added = [j for j, i in enumerate(positions) if i < 0]
             bucket = new_requests.setdefault(id(lengths), (lengths, []))[1]
-            plans.append((index, group, cached, positions, added, id(lengths), len(bucket)))
+            plans.append((index, group, cached, head, positions, added, id(lengths),
+                          len(bucket)))
             bucket.extend(reqs[j] for j in added)
         read = {k: GroupArrays.of(reqs, lengths)
                 for k, (lengths, reqs) in new_requests.items() if reqs}
         entries = []
-        for index, group, cached, positions, added, k, start in plans:
+        for index, group, cached, head, positions, added, k, start in plans:
             fresh = read[k].part(start, start + len(added)) if added else None
-            if cached is None or positions is None:
+            if cached is None:
                 assert fresh is not None
                 arrays = fresh
+            elif positions is None:  # the old tail from ``head`` on, then the new ones
+                assert head is not None
+                arrays = cached.arrays.part(head, len(cached.requests))
+                if fresh is not None:
+                    arrays = arrays.extended(fresh)
             else:
                 arrays = cached.arrays
                 if fresh is not None:
