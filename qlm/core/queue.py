@@ -12,7 +12,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections.abc import Iterator
 
 from qlm.core.types import GroupKey, Request, RequestGroup
@@ -39,12 +39,18 @@ class QueueIndex:
 
     Each group's requests are kept in pull order as they come and go (a binary search
     and a list insert or delete per change, not a sort of the group per read); its
-    :class:`RequestGroup` is built once and kept until the group changes.
+    :class:`RequestGroup` is built once and kept until the group changes. The groups
+    are kept in index order the same way (a group moves when its head's score does),
+    and :meth:`groups` is built once per change of the queue, not sorted per read.
     """
 
     def __init__(self) -> None:
         self._members: dict[GroupKey, _Members] = {}
         self._groups: dict[GroupKey, RequestGroup] = {}
+        #: Every group's place in index order: (head score, key text, key), sorted.
+        self._order: list[tuple[float, str, GroupKey]] = []
+        self._place: dict[GroupKey, tuple[float, str, GroupKey]] = {}
+        self._all: tuple[RequestGroup, ...] | None = None
 
     def add(self, key: GroupKey, request: Request) -> None:
         members = self._members.get(key)
@@ -52,6 +58,7 @@ class QueueIndex:
             members = self._members[key] = _Members()
         members.add(request)
         self._groups.pop(key, None)
+        self._reorder(key, members)
 
     def remove(self, key: GroupKey, request_id: str) -> None:
         """Take ``request_id`` out of group ``key`` (KeyError if it is not there)."""
@@ -60,6 +67,26 @@ class QueueIndex:
         if not members.by_id:
             del self._members[key]
         self._groups.pop(key, None)
+        self._reorder(key, members)
+
+    def _reorder(self, key: GroupKey, members: _Members) -> None:
+        """Move group ``key`` to its place in index order after a change of its members
+        (out of the order once empty)."""
+        self._all = None
+        old = self._place.get(key)
+        if members.order_keys:
+            score = members.order_keys[0][0]
+            if old is not None and old[0] == score:
+                return
+            new = (score, old[1] if old is not None else str(key), key)
+            self._place[key] = new
+        else:
+            new = None
+            del self._place[key]
+        if old is not None:
+            del self._order[bisect_left(self._order, old)]
+        if new is not None:
+            insort(self._order, new)
 
     def __contains__(self, key: object) -> bool:
         return key in self._members
@@ -80,8 +107,11 @@ class QueueIndex:
         return group
 
     def groups(self) -> tuple[RequestGroup, ...]:
-        """Every queued group, in index order."""
-        return tuple(sorted((self.group(k) for k in self._members), key=group_order_key))
+        """Every queued group, in index order (:func:`group_order_key`)."""
+        if self._all is None:
+            group = self.group
+            self._all = tuple(group(key) for _, _, key in self._order)
+        return self._all
 
 
 class _Members:
