@@ -681,3 +681,29 @@ def lane_value(cost: CostModel, lane: Lane, order: Sequence[int],
     """Σ weight·size·p_meet over the lane's groups."""
     return sum(weights.get(cost.stats[gi].key.slo_class, 1.0) * cost.stats[gi].size * s.p_meet
                for gi, s in zip(order, walk(cost, lane, order), strict=True))
+
+
+def lane_terms(cost: CostModel, order: Sequence[int], slots: Sequence[Slot],
+               weights: Mapping[SLOClass, float]) -> list[float]:
+    """The terms of :func:`lane_value` (weight·size·p_meet per group, in order) of a lane
+    whose walk of ``order`` is ``slots``: ``sum`` of them is its value, to the last bit."""
+    stats = cost.stats
+    return [weights.get(stats[gi].key.slo_class, 1.0) * stats[gi].size * s.p_meet
+            for gi, s in zip(order, slots, strict=True)]
+
+
+def state_before(cost: CostModel, lane: Lane, order: Sequence[int], slots: Sequence[Slot],
+                 k: int) -> tuple[str | None, float, float, float]:
+    """The walk's state (tail model, segment start, end, its variance) before position
+    ``k`` of ``order``, whose walk on ``lane`` is ``slots``."""
+    if k == 0:
+        return lane.initial
+    before = slots[k - 1]
+    return cost.stats[order[k - 1]].model, before.seg_start_at, before.end_at, before.end_var
+
+
+def same_state(a: tuple[str | None, float, float, float],
+               b: tuple[str | None, float, float, float]) -> bool:
+    """Whether a walk goes on identically from states ``a`` and ``b``: equal, and no
+    zero among the times (0.0 and -0.0 compare equal but may round apart)."""
+    return a == b and 0.0 not in (a[1], a[2], a[3])

@@ -12,8 +12,11 @@ from qlm.core.policies.planning import (
     CostModel,
     Lane,
     Slot,
+    lane_terms,
     lane_value,
     place_after,
+    same_state,
+    state_before,
     walk,
 )
 from qlm.core.policies.qlm.context import (
@@ -288,8 +291,14 @@ def _displace_one(pc: PlanningContext, lane: Lane, gi: int) -> int | None:
 
 
 def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
-    """Adjacent swaps inside each lane that raise its value, until no gain or no budget."""
-    cost = pc.cost
+    """Adjacent swaps inside each lane that raise its value, until no gain or no budget.
+
+    Each trial walks only what the swap changes: the groups before the pair keep their
+    slots, and the groups after it keep theirs when the walk's state after the pair is
+    the same as before the swap (else they are walked again); the value is the sum of
+    the same terms in the same order as :func:`lane_value`'s, so it is the same float."""
+    cost, weights = pc.cost, pc.weights
+    stats = cost.stats
     for lane in lanes:
         if len(lane.order) < 2 or budget <= 0:
             continue
@@ -299,6 +308,7 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
         current = lane.order
         value = sum(pc.weight(gi) * cost.stats[gi].size * s.p_meet  # = lane_value
                     for gi, s in zip(current, slots, strict=True))
+        terms = lane_terms(cost, current, slots, weights)
         improved = True
         while improved and budget > 0:
             improved = False
@@ -309,9 +319,22 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
                     continue  # fair share keeps this pair in order
                 trial = [*current[:i], current[i + 1], current[i], *current[i + 2:]]
                 budget -= 1
-                v = lane_value(cost, lane, trial, pc.weights)
+                pair = walk(cost, lane, trial[i:i + 2],
+                            state_before(cost, lane, current, slots, i))
+                after = (stats[trial[i + 1]].model, pair[1].seg_start_at, pair[1].end_at,
+                         pair[1].end_var)
+                if same_state(after, state_before(cost, lane, current, slots, i + 2)):
+                    trial_slots = [*slots[:i], *pair, *slots[i + 2:]]
+                    trial_terms = [*terms[:i], *lane_terms(cost, trial[i:i + 2], pair, weights),
+                                   *terms[i + 2:]]
+                else:
+                    rest = walk(cost, lane, trial[i + 2:], after)
+                    trial_slots = [*slots[:i], *pair, *rest]
+                    trial_terms = [*terms[:i],
+                                   *lane_terms(cost, trial[i:], trial_slots[i:], weights)]
+                v = sum(trial_terms)
                 if v > value + 1e-9:
                     current, value, improved = trial, v, True
+                    slots, terms = trial_slots, trial_terms
         if current is not lane.order:
-            lane.reset(current, cost)
-
+            lane.reset(current, cost, slots)
