@@ -51,12 +51,16 @@ class QueueIndex:
         self._order: list[tuple[float, str, GroupKey]] = []
         self._place: dict[GroupKey, tuple[float, str, GroupKey]] = {}
         self._all: tuple[RequestGroup, ...] | None = None
+        self._key_of: dict[str, GroupKey] = {}
+        #: Counts the changes (a :class:`QueuedIds` answers from the index while unchanged).
+        self.version = 0
 
     def add(self, key: GroupKey, request: Request) -> None:
         members = self._members.get(key)
         if members is None:
             members = self._members[key] = _Members()
         members.add(request)
+        self._key_of[request.id] = key
         self._groups.pop(key, None)
         self._reorder(key, members)
 
@@ -64,6 +68,8 @@ class QueueIndex:
         """Take ``request_id`` out of group ``key`` (KeyError if it is not there)."""
         members = self._members[key]
         members.remove(request_id)
+        if self._key_of.get(request_id) == key:
+            del self._key_of[request_id]
         if not members.by_id:
             del self._members[key]
         self._groups.pop(key, None)
@@ -73,6 +79,7 @@ class QueueIndex:
         """Move group ``key`` to its place in index order after a change of its members
         (out of the order once empty)."""
         self._all = None
+        self.version += 1
         old = self._place.get(key)
         if members.order_keys:
             score = members.order_keys[0][0]
@@ -112,6 +119,32 @@ class QueueIndex:
             group = self.group
             self._all = tuple(group(key) for _, _, key in self._order)
         return self._all
+
+
+    def queued_ids(self) -> QueuedIds:
+        """Which ids :meth:`groups` holds now (a :class:`~qlm.core.types.QueuedIndex` for a
+        snapshot of them), by lookups in this index instead of a pass over the groups."""
+        return QueuedIds(self)
+
+
+class QueuedIds:
+    """Which ids a :class:`QueueIndex` held when this was made: looked up in the index
+    while it has not changed since; after, in a set of the ids of its groups then."""
+
+    __slots__ = ("_fallback", "_groups", "_index", "_version")
+
+    def __init__(self, index: QueueIndex) -> None:
+        self._index = index
+        self._version = index.version
+        self._groups = index.groups()
+        self._fallback: frozenset[str] | None = None
+
+    def among(self, request_ids: set[str]) -> set[str]:
+        if self._index.version == self._version:
+            return request_ids & self._index._key_of.keys()
+        if self._fallback is None:
+            self._fallback = frozenset(r.id for g in self._groups for r in g.requests)
+        return request_ids & self._fallback
 
 
 class _Members:
