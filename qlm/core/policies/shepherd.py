@@ -41,6 +41,7 @@ from qlm.core.policies.base import (
 )
 from qlm.core.policies.planning import (
     CostModel,
+    GroupStats,
     GroupStatsCache,
     Lane,
     WorkerLoadCache,
@@ -66,6 +67,14 @@ class ShepherdOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_stats", output_stats_from(self.output_stats))
+
+
+def _cannot_beat(g: GroupStats, best: tuple[float, float, int]) -> bool:
+    """Whether group ``g``, met or not, ranks behind ``best`` (-goodput, deadline, index),
+    found earlier in deadline order: its goodput is at most its size (p_meet ≤ 1), and at
+    equal goodput the later deadline ranks behind."""
+    size, goodput = g.size, -best[0]
+    return size < goodput or (size == goodput and g.deadline_points[0] > best[1])
 
 
 @register("shepherd")
@@ -109,6 +118,8 @@ class ShepherdPolicy:
             lane = lanes[li]
             best: tuple[float, float, int] | None = None
             for gi in pending[:window]:
+                if best is not None and _cannot_beat(stats[gi], best):
+                    continue
                 slot = lane.slot_for(gi, cost)
                 if slot is None:
                     continue
