@@ -39,7 +39,7 @@ scheduler can still reorder it. The worker pulls again as each first token arriv
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Final
 

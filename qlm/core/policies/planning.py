@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -255,8 +255,12 @@ class GroupStatsCache:
         return _Entry(reqs, arrays, stats_of(group.key, index, arrays, ttft_s), {})
 
 
-def _reindexed(stats: GroupStats, index: int) -> GroupStats:
-    return replace(stats, index=index)
+def _reindexed(s: GroupStats, index: int) -> GroupStats:
+    """``replace(s, index=index)``, by the constructor (every group behind one that left
+    the queue moves, every decision)."""
+    return GroupStats(s.key, s.model, index, s.size, s.mean_prompt, s.out_mean_total,
+                      s.out_var_total, s.mean_output, s.deadline_points,
+                      s.earliest_deadline_at, s.latest_deadline_at, s.ttft_s, s.tpot_s)
 
 
 # --------------------------------------------------------------- worker summaries

@@ -41,7 +41,6 @@ from qlm.core.policies.base import (
 )
 from qlm.core.policies.planning import (
     CostModel,
-    GroupStats,
     GroupStatsCache,
     Lane,
     WorkerLoadCache,
@@ -67,14 +66,6 @@ class ShepherdOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_stats", output_stats_from(self.output_stats))
-
-
-def _cannot_beat(g: GroupStats, best: tuple[float, float, int]) -> bool:
-    """Whether group ``g``, met or not, ranks behind ``best`` (-goodput, deadline, index),
-    found earlier in deadline order: its goodput is at most its size (p_meet ≤ 1), and at
-    equal goodput the later deadline ranks behind."""
-    size, goodput = g.size, -best[0]
-    return size < goodput or (size == goodput and g.deadline_points[0] > best[1])
 
 
 @register("shepherd")
@@ -104,8 +95,9 @@ class ShepherdPolicy:
         window = options.window
         min_p = options.min_goodput_p
 
-        pending = sorted(range(len(stats)), key=lambda i: (stats[i].deadline_points[0],
-                                                           stats[i].key))
+        sizes = [g.size for g in stats]
+        firsts = [g.deadline_points[0] for g in stats]
+        pending = sorted(range(len(stats)), key=lambda i: (firsts[i], stats[i].key))
         servable = {gi for gi in pending
                     if any(cost.service(gi, lane.index) is not None for lane in lanes)}
         pending = [gi for gi in pending if gi in servable]
@@ -118,7 +110,11 @@ class ShepherdPolicy:
             lane = lanes[li]
             best: tuple[float, float, int] | None = None
             for gi in pending[:window]:
-                if best is not None and _cannot_beat(stats[gi], best):
+                # skip a group that cannot outrank the best so far (found earlier in
+                # deadline order): its goodput is at most its size (p_meet ≤ 1), and at
+                # equal goodput the later deadline ranks behind
+                if best is not None and (sizes[gi] < -best[0] or (
+                        sizes[gi] == -best[0] and firsts[gi] > best[1])):
                     continue
                 slot = lane.slot_for(gi, cost)
                 if slot is None:
