@@ -14,6 +14,7 @@ from qlm.core.policies.planning import (
     Slot,
     lane_terms,
     lane_value,
+    p_meet,
     place_after,
     same_state,
     state_before,
@@ -158,13 +159,19 @@ def heuristic_plan(pc: PlanningContext, options: QlmOptions, score: bool = True)
         lane.append(gi, slot, cost)
         heaps.push(lane)
 
+    behind_of_model: dict[str, list[int]] = {}
+
     def shapes_behind(gi: int) -> list[int]:
         """Where a deferred or late group may go: with ``spare_versatile``, only on the
-        least versatile shapes that serve it."""
-        shapes = shapes_for(gi)
-        if reach is not None and shapes:
-            least = min(reach[s] for s in shapes)
-            shapes = [s for s in shapes if reach[s] == least]
+        least versatile shapes that serve it (per model: asked of every late group)."""
+        model = stats[gi].model
+        shapes = behind_of_model.get(model)
+        if shapes is None:
+            shapes = shapes_for(gi)
+            if reach is not None and shapes:
+                least = min(reach[s] for s in shapes)
+                shapes = [s for s in shapes if reach[s] == least]
+            behind_of_model[model] = shapes
         return shapes
 
     _improve(pc, lanes, options.improve_budget)
@@ -210,21 +217,31 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
             slots = lane_slots.get(target.index)
             if slots is None:
                 slots = walk(cost, target, target.order)
-            pos, budget = _harmless_position(pc, target, slots, gi,
-                                             floor.get(target.index, 0), budget)
+            pos, budget, walked = _harmless_position(pc, target, slots, gi,
+                                                     floor.get(target.index, 0), budget)
+            kept = slots[:pos]
+            if walked:  # the search walked gi and the groups behind it: no walk again
+                first = walked[0]
+                svc = cost.service(gi, target.index)
+                assert svc is not None
+                walked[0] = first._replace(p_meet=p_meet(stats[gi], svc, first.start_at,
+                                                         first.start_var))
+                kept = [*kept, *walked]
             lane_slots[target.index] = target.reset(
-                [*target.order[:pos], gi, *target.order[pos:]], cost, slots[:pos])
+                [*target.order[:pos], gi, *target.order[pos:]], cost, kept)
             floor[target.index] = pos + 1
         heaps.push(target)
 
 
 def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], gi: int,
-                       floor: int, budget: int) -> tuple[int, int]:
+                       floor: int, budget: int) -> tuple[int, int, list[Slot]]:
     """The earliest position ≥ ``floor`` in ``lane`` (whose walk is ``slots``) where
     inserting ``gi`` lowers no later group's value (scanning from the back, stopping at
-    the first that does), and the budget left."""
+    the first that does), the budget left, and the walk of ``gi`` and the groups behind
+    it from that position (``gi``'s ``p_meet`` left at 0; empty: ``gi`` goes last)."""
     cost, order = pc.cost, lane.order
     best, suffix = len(order), 0.0
+    best_walk: list[Slot] = []
     for k in range(len(order) - 1, floor - 1, -1):
         steps = len(order) - k + 1
         if steps > budget:
@@ -238,18 +255,20 @@ def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], g
             tail, seg, end, var = (cost.stats[order[k - 1]].model, before.seg_start_at,
                                    before.end_at, before.end_var)
         delayed = 0.0
+        walked = []
         for g in (gi, *order[k:]):
             svc = cost.service(g, lane.index)
             assert svc is not None  # the lane serves every group placed on it
             slot = place_after(cost, lane.index, cost.stats[g], svc, tail, seg, end, var,
                                with_p=g != gi)
+            walked.append(slot)
             if g != gi:
                 delayed += pc.weight(g) * cost.stats[g].size * slot.p_meet
             tail, seg, end, var = cost.stats[g].model, slot.seg_start_at, slot.end_at, slot.end_var
         if delayed < suffix - 1e-9 * (1.0 + suffix):
             break
-        best = k
-    return best, budget
+        best, best_walk = k, walked
+    return best, budget, best_walk
 
 
 def _best_slot(gi: int, candidates: Sequence[Lane], cost: CostModel,
