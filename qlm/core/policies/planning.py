@@ -706,6 +706,29 @@ def state_before(cost: CostModel, lane: Lane, order: Sequence[int], slots: Seque
     return cost.stats[order[k - 1]].model, before.seg_start_at, before.end_at, before.end_var
 
 
+def rewalk(cost: CostModel, lane: Lane, order: Sequence[int], slots: Sequence[Slot],
+           start: int, state: tuple[str | None, float, float, float]
+           ) -> tuple[list[Slot], int]:
+    """The walk of ``order[start:]`` on ``lane`` from ``state``, given ``slots``, its walk
+    from another state: ``(fresh, k)``, the slots of ``order[start:k]`` walked, and those
+    from ``k`` on are ``slots[k:]`` (the walk reached the same state there: the same
+    groups then sit the same)."""
+    stats = cost.stats
+    fresh: list[Slot] = []
+    for k in range(start, len(order)):
+        if same_state(state, state_before(cost, lane, order, slots, k)):
+            return fresh, k
+        gi = order[k]
+        svc = cost.service(gi, lane.index)
+        if svc is None:
+            raise InvalidInput("placement", f"no profile for {stats[gi].key} on "
+                               f"worker {lane.worker.id}")
+        slot = place_after(cost, lane.index, stats[gi], svc, *state)
+        fresh.append(slot)
+        state = (stats[gi].model, slot.seg_start_at, slot.end_at, slot.end_var)
+    return fresh, len(order)
+
+
 def same_state(a: tuple[str | None, float, float, float],
                b: tuple[str | None, float, float, float]) -> bool:
     """Whether a walk goes on identically from states ``a`` and ``b``: equal, and no

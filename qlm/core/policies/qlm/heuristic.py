@@ -16,7 +16,7 @@ from qlm.core.policies.planning import (
     lane_value,
     p_meet,
     place_after,
-    same_state,
+    rewalk,
     state_before,
     walk,
 )
@@ -313,9 +313,9 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
     """Adjacent swaps inside each lane that raise its value, until no gain or no budget.
 
     Each trial walks only what the swap changes: the groups before the pair keep their
-    slots, and the groups after it keep theirs when the walk's state after the pair is
-    the same as before the swap (else they are walked again); the value is the sum of
-    the same terms in the same order as :func:`lane_value`'s, so it is the same float."""
+    slots, and those after it are walked again only until the walk is back in the state
+    it had there before the swap (:func:`rewalk`); the value is the sum of the same
+    terms in the same order as :func:`lane_value`'s, so it is the same float."""
     cost, weights = pc.cost, pc.weights
     stats = cost.stats
     for lane in lanes:
@@ -342,15 +342,12 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
                             state_before(cost, lane, current, slots, i))
                 after = (stats[trial[i + 1]].model, pair[1].seg_start_at, pair[1].end_at,
                          pair[1].end_var)
-                if same_state(after, state_before(cost, lane, current, slots, i + 2)):
-                    trial_slots = [*slots[:i], *pair, *slots[i + 2:]]
-                    trial_terms = [*terms[:i], *lane_terms(cost, trial[i:i + 2], pair, weights),
-                                   *terms[i + 2:]]
-                else:
-                    rest = walk(cost, lane, trial[i + 2:], after)
-                    trial_slots = [*slots[:i], *pair, *rest]
-                    trial_terms = [*terms[:i],
-                                   *lane_terms(cost, trial[i:], trial_slots[i:], weights)]
+                fresh, kept_from = rewalk(cost, lane, current, slots, i + 2, after)
+                changed = [*pair, *fresh]
+                trial_slots = [*slots[:i], *changed, *slots[kept_from:]]
+                trial_terms = [*terms[:i],
+                               *lane_terms(cost, trial[i:kept_from], changed, weights),
+                               *terms[kept_from:]]
                 v = sum(trial_terms)
                 if v > value + 1e-9:
                     current, value, improved = trial, v, True
