@@ -40,3 +40,23 @@ def test_groups_stay_in_pull_order_through_adds_removes_and_replacements(
              for g, m in expected.items()), key=group_order_key))
         assert all(index.holds(g, i) for g, m in expected.items() for i in m)
         assert all(index.group(g.key) is g for g in built)  # kept until the group changes
+
+
+@hypothesis.given(changes=CHANGES)
+def test_queued_ids_answer_for_the_groups_they_were_made_with(
+    changes: list[tuple[bool, int, int, int]],
+) -> None:
+    index = QueueIndex()
+    asked = {f"r{n}" for n in range(31)}
+    for add, k, number, arrival in changes:
+        ids = index.queued_ids()
+        held = {r.id for g in index.groups() for r in g.requests}
+        if add:
+            index.add(KEYS[k], Request(f"r{number}", "m", 10, 20, SLOClass.BATCH_1,
+                                       SLO(60.0), float(arrival)))
+        elif index.holds(KEYS[k], f"r{number}"):
+            index.remove(KEYS[k], f"r{number}")
+        # made before the change: still the ids of its groups, not the index's now
+        assert ids.among(set(asked)) == held
+        assert index.queued_ids().among(set(asked)) == {
+            r.id for g in index.groups() for r in g.requests}
