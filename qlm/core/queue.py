@@ -51,7 +51,8 @@ class QueueIndex:
         self._order: list[tuple[float, str, GroupKey]] = []
         self._place: dict[GroupKey, tuple[float, str, GroupKey]] = {}
         self._all: tuple[RequestGroup, ...] | None = None
-        self._key_of: dict[str, GroupKey] = {}
+        #: How many groups hold each queued id (one, unless the caller queues an id twice).
+        self._holders: dict[str, int] = {}
         #: Counts the changes (a :class:`QueuedIds` answers from the index while unchanged).
         self.version = 0
 
@@ -59,8 +60,9 @@ class QueueIndex:
         members = self._members.get(key)
         if members is None:
             members = self._members[key] = _Members()
+        if request.id not in members.by_id:
+            self._holders[request.id] = self._holders.get(request.id, 0) + 1
         members.add(request)
-        self._key_of[request.id] = key
         self._groups.pop(key, None)
         self._reorder(key, members)
 
@@ -68,8 +70,11 @@ class QueueIndex:
         """Take ``request_id`` out of group ``key`` (KeyError if it is not there)."""
         members = self._members[key]
         members.remove(request_id)
-        if self._key_of.get(request_id) == key:
-            del self._key_of[request_id]
+        holders = self._holders[request_id] - 1
+        if holders:
+            self._holders[request_id] = holders
+        else:
+            del self._holders[request_id]
         if not members.by_id:
             del self._members[key]
         self._groups.pop(key, None)
@@ -141,7 +146,7 @@ class QueuedIds:
 
     def among(self, request_ids: set[str]) -> set[str]:
         if self._index.version == self._version:
-            return request_ids & self._index._key_of.keys()
+            return request_ids & self._index._holders.keys()
         if self._fallback is None:
             self._fallback = frozenset(r.id for g in self._groups for r in g.requests)
         return request_ids & self._fallback

@@ -60,3 +60,13 @@ def test_queued_ids_answer_for_the_groups_they_were_made_with(
         assert ids.among(set(asked)) == held
         assert index.queued_ids().among(set(asked)) == {
             r.id for g in index.groups() for r in g.requests}
+
+
+def test_an_id_queued_in_two_groups_stays_queued_until_it_leaves_both() -> None:
+    index = QueueIndex()
+    for key in KEYS:
+        index.add(key, Request("r0", "m", 10, 20, SLOClass.BATCH_1, SLO(60.0), 0.0))
+    index.remove(KEYS[1], "r0")
+    assert index.queued_ids().among({"r0"}) == {"r0"}
+    index.remove(KEYS[0], "r0")
+    assert index.queued_ids().among({"r0"}) == set()
