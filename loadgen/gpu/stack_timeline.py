@@ -14,6 +14,10 @@ group. ::
         run3-logs.tar.gz --out docs/results/gpu/h100_stack_timeline_run3.json
 
 Times are seconds since the replay's start (the result's arrival times), latencies ms.
+A result of several runs (``--repeat``, several ``--slice``) holds one variant per run and
+one logs archive for all: ``--variant NAME`` picks the run (default: the first); its
+requests are told from the other runs' by their id prefix (``qlm-<pid>-``), the k-th
+prefix to appear in the logs being the k-th variant's.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from qlm.core.types import GroupKey, SLOClass
 #: The top-level keys this program writes into its JSON (loadgen.results).
 RESULT_KEYS: Final = frozenset({
     "result", "logs", "command", "evictions", "interactive_misses", "issued_to_aborted_ms",
-    "num_evict_commands", "num_evicted",
+    "num_evict_commands", "num_evicted", "variant",
 })
 
 #: Record batch header: base offset (int64) and batch length (int32), then the batch.
@@ -81,9 +85,37 @@ def short_id(request_id: str) -> str:
     return request_id.rsplit("-", 1)[-1]
 
 
+def run_prefix(request_id: str) -> str:
+    """The id prefix one replay run gave its requests (``qlm-123-`` of ``qlm-123-i7``)."""
+    return request_id[:len(request_id) - len(short_id(request_id))]
+
+
+def of_run(result: dict[str, Any], variant: str, events: Sequence[dict[str, Any]],
+           commands: Sequence[tuple[float, dict[str, Any]]]
+           ) -> tuple[list[dict[str, Any]], list[tuple[float, dict[str, Any]]]]:
+    """The events and evict commands of ``variant``'s run (module docstring)."""
+    names = list(result["variants"])
+    if variant not in names:
+        raise ValueError(f"variant {variant!r} is not in the result: {names}")
+    ids = {r[0] for v in result["variants"].values() for r in v["requests"]}
+    prefixes: list[str] = []
+    for e in events:
+        rid = e.get("request_id")
+        if rid and short_id(rid) in ids and run_prefix(rid) not in prefixes:
+            prefixes.append(run_prefix(rid))
+    if len(prefixes) != len(names):
+        raise ValueError(f"{len(names)} runs in the result but {len(prefixes)} id prefixes "
+                         "in the logs")
+    prefix = prefixes[names.index(variant)]
+    return ([e for e in events if str(e.get("request_id", "")).startswith(prefix)],
+            [(t, c) for t, c in commands
+             if any(str(r).startswith(prefix) for r in c.get("request_ids", ()))])
+
+
 def analyse(result: dict[str, Any], events: Sequence[dict[str, Any]],
-            commands: Sequence[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
-    variant = next(iter(result["variants"].values()))
+            commands: Sequence[tuple[float, dict[str, Any]]], name: str | None = None
+            ) -> dict[str, Any]:
+    variant = result["variants"][name or next(iter(result["variants"]))]
     slo_s = result["slos_s"]
     rows = {r[0]: r for r in variant["requests"]}  # id, arrival, first token, finish, ...
     t0 = None
@@ -174,13 +206,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("result", type=Path, help="stack_replay's result JSON (.json or .json.gz)")
     p.add_argument("logs", type=Path, help="its --save-logs archive (<name>-logs.tar.gz)")
+    p.add_argument("--variant", help="the run to read, by its name in the result "
+                   "(default: the first)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     result = dict(read_json(args.result))
     events = [payload for _, payload in topic_payloads(args.logs, "qlm.events")]
     events.sort(key=lambda e: e["at"])
-    report = analyse(result, events, topic_payloads(args.logs, "qlm.lso"))
-    report = {"result": str(args.result), "logs": args.logs.name,
+    commands = topic_payloads(args.logs, "qlm.lso")
+    variant = args.variant or next(iter(result["variants"]))
+    try:
+        events, commands = of_run(result, variant, events, commands)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report = analyse(result, events, commands, variant)
+    report = {"result": str(args.result), "logs": args.logs.name, "variant": variant,
               "command": "python -m loadgen.gpu.stack_timeline " + " ".join(sys.argv[1:]),
               **report}
     for e in report["evictions"]:

@@ -11,6 +11,8 @@ deployment's :class:`TopicLayout` (settings ``kafka_partitions``,
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -201,6 +203,32 @@ async def ensure_topics(bootstrap_servers: str, specs: Sequence[TopicSpec],
                 message = rest[0] if rest and rest[0] else for_code(error_code).__name__
                 raise Unavailable(f"creating Kafka topic {topic!r} failed: {message}")
             created.append(topic)
+        await _until_described(admin, created)
         return created
     finally:
         await admin.close()
+
+
+#: How long :func:`ensure_topics` waits for topics it created to be known with a leader
+#: for every partition.
+TOPIC_READY_TIMEOUT_S = 30.0
+
+
+async def _until_described(admin: AIOKafkaAdminClient, topics: Sequence[str]) -> None:
+    """Wait until every broker asked knows ``topics`` with a leader for each partition: a
+    new topic's metadata reaches the brokers of a cluster a moment after it is created,
+    and a client that asks another broker meanwhile is told the topic does not exist."""
+    if not topics:
+        return
+    deadline = time.monotonic() + TOPIC_READY_TIMEOUT_S
+    while True:
+        described = await admin.describe_topics(list(topics))
+        pending = [d["topic"] for d in described
+                   if d["error_code"] != 0 or not d["partitions"]
+                   or any(p["leader"] < 0 for p in d["partitions"])]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise Unavailable(f"Kafka topics {sorted(pending)} created but not ready after "
+                              f"{TOPIC_READY_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.1)

@@ -39,7 +39,7 @@ scheduler can still reorder it. The worker pulls again as each first token arriv
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Final
 
@@ -107,7 +107,7 @@ def can_serve(worker: WorkerView, model: str, profiles: ProfileBook) -> bool:
 
 def plan_pulls(
     worker: WorkerView,
-    queue: Sequence[RequestGroup],
+    queue: Iterable[RequestGroup],
     profile: PerfProfile,
     expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS,
     exclude: frozenset[str] = frozenset(),
@@ -134,13 +134,20 @@ def plan_pulls(
     headroom = min(worker.kv_capacity_tokens, profile.kv_capacity_tokens) - reserved_tokens
     pending = pending_prefill_tokens(worker) if prefill_cap_tokens > 0 else 0
     pulled: list[str] = []
+    model = worker.active_model
     for group in queue:
-        if group.model != worker.active_model:
+        if group.model != model:
             break
         for request in group.requests:
             if request.id in exclude:
                 continue
-            need = kv_reservation(request, expected_output_tokens)
+            # kv_reservation(request, expected_output_tokens), inline: the hottest line
+            expected_total = request.num_generated + 1
+            if expected_total < expected_output_tokens:
+                expected_total = expected_output_tokens
+            max_tokens = request.max_tokens
+            need = request.prompt_tokens + (
+                max_tokens if max_tokens < expected_total else expected_total)
             if free_slots <= 0 or need > headroom:
                 return tuple(pulled)
             if not fits_prefill_cap(pending, request, prefill_cap_tokens):
@@ -184,7 +191,8 @@ def with_pulls(
             continue
         ids = plan_pulls(
             worker,
-            ordered_groups(place.order, groups_by_key),
+            # lazily: the pull stops at the first group that does not fit, the lane is long
+            (groups_by_key[k] for k in place.order if k in groups_by_key),
             profiles.get(worker.active_model, worker.gpu),
             expected_output_tokens,
             exclude=taken,

@@ -347,6 +347,7 @@ class Simulation:
             groups=self.queued.groups(),
             workers=tuple(self._view(w) for w in self.workers.values()),
             virtual_queues={w.id: w.order for w in self.workers.values()},
+            queued_ids=self.queued.queued_ids(),
         )
 
     def _view(self, w: _Worker) -> WorkerView:

@@ -222,3 +222,25 @@ def test_stack_timeline_reads_kafka_segments_and_times_an_eviction(tmp_path: Pat
     (miss,) = report["interactive_misses"]
     assert miss["id"] == "i0" and miss["group"] == group and miss["ttft_s"] == pytest.approx(2.3)
     assert miss["group_first_evict_s"] == pytest.approx(1.3)
+
+
+def test_stack_timeline_picks_one_run_of_several_by_its_id_prefix() -> None:
+    """Two runs of the same replay in one result and one log: each variant reads only
+    the events and commands of its own id prefix, in the order the runs appeared."""
+    from loadgen.gpu.stack_timeline import of_run
+
+    def event(pid: int, rid: str, at: float) -> dict[str, object]:
+        return {"type": "admitted", "request_id": f"qlm-{pid}-{rid}", "at": at}
+
+    events = [event(7, "i0", 1.0), event(7, "b0", 1.5), event(3, "i0", 9.0)]
+    commands = [(1.6, {"type": "evict", "request_ids": ["qlm-7-b0"]}),
+                (9.5, {"type": "evict", "request_ids": ["qlm-3-b0"]})]
+    rows = [["i0", 0.0, 0.5, 1.0, 1, 0], ["b0", 0.5, 1.0, 2.0, 1, 1]]
+    result = {"variants": {"run 1": {"requests": rows}, "run 2": {"requests": rows}}}
+    second, its_commands = of_run(result, "run 2", events, commands)
+    assert [e["request_id"] for e in second] == ["qlm-3-i0"]
+    assert [t for t, _ in its_commands] == [9.5]
+    with pytest.raises(ValueError, match="run 3"):
+        of_run(result, "run 3", events, commands)
+    with pytest.raises(ValueError, match="2 runs in the result but 1"):
+        of_run(result, "run 1", events[:2], commands)

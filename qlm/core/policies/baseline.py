@@ -107,15 +107,27 @@ def steady_throughput(profile: PerfProfile, expected_output_tokens: int) -> floa
     return profile.decode_tokens_per_s(batch, TYPICAL_PROMPT_TOKENS + expected_output_tokens / 2)
 
 
+_work_memo: dict[tuple[int, int, int], tuple[RequestGroup, PerfProfile, float]] = {}
+
+
 def group_work_s(group: RequestGroup, profile: PerfProfile, expected_output_tokens: int) -> float:
-    """Seconds of worker time the group needs: its prefills plus its expected decode tokens."""
+    """Seconds of worker time the group needs: its prefills plus its expected decode tokens
+    (memoised per group and profile object: dispatch asks it of every group per decision)."""
+    key = (id(group), id(profile), expected_output_tokens)
+    hit = _work_memo.get(key)
+    if hit is not None and hit[0] is group and hit[1] is profile:
+        return hit[2]
     context, tokens = _memoised(
         group,
         f"tokens/{expected_output_tokens}",
         lambda: _group_tokens(group, expected_output_tokens),
     )
     prefill = group.size * profile.prefill_s(round(context / group.size))
-    return float(prefill + tokens / steady_throughput(profile, expected_output_tokens))
+    work = float(prefill + tokens / steady_throughput(profile, expected_output_tokens))
+    if len(_work_memo) >= _MEMO_LIMIT:
+        _work_memo.clear()
+    _work_memo[key] = (group, profile, work)
+    return work
 
 
 def _group_tokens(group: RequestGroup, expected_output_tokens: int) -> tuple[int, int]:
@@ -187,12 +199,14 @@ class OrderedDispatchPolicy:
         if options is not self.options:  # context options: this decision runs with them
             return replace(self, options=options).decide(snapshot, replace(ctx, options={}))
         key = type(self).queue_order
+        what = f"sort/{id(key)}"  # the order key is a function of the class
 
         def sort_key(g: RequestGroup) -> tuple[Any, ...]:
             o = group_order(g)
             return (*key(o), o.first_arrival_at, g.key)
 
-        order = sorted(snapshot.groups, key=sort_key)
+        order = sorted(snapshot.groups,
+                       key=lambda g: _memoised(g, what, lambda: sort_key(g)))
         state = self._initial_state(snapshot, ctx.profiles)
         swaps = self.plan_swaps(snapshot, order, state, ctx.profiles)
         swaps += self.dispatch(snapshot, order, state, ctx.profiles)
@@ -287,7 +301,10 @@ class OrderedDispatchPolicy:
             candidates = by_model.get(group.model)
             if not candidates:
                 continue
-            target = min(candidates, key=lambda w: (state.load_s[w.id], w.id))
+            if len(candidates) == 1:
+                target = candidates[0]
+            else:
+                target = min(candidates, key=lambda w: (state.load_s[w.id], w.id))
             profile = profiles.get(group.model, target.gpu)
             state.load_s[target.id] += group_work_s(group, profile, self.expected_output_tokens)
             state.queues.setdefault(target.id, []).append(group.key)

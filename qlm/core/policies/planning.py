@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -313,8 +313,12 @@ class GroupStatsCache:
         return entries
 
 
-def _reindexed(stats: GroupStats, index: int) -> GroupStats:
-    return replace(stats, index=index)
+def _reindexed(s: GroupStats, index: int) -> GroupStats:
+    """``replace(s, index=index)``, by the constructor (every group behind one that left
+    the queue moves, every decision)."""
+    return GroupStats(s.key, s.model, index, s.size, s.mean_prompt, s.out_mean_total,
+                      s.out_var_total, s.mean_output, s.deadline_points,
+                      s.earliest_deadline_at, s.latest_deadline_at, s.ttft_s, s.tpot_s)
 
 
 # --------------------------------------------------------------- worker summaries
@@ -775,3 +779,52 @@ def lane_value(cost: CostModel, lane: Lane, order: Sequence[int],
     """Σ weight·size·p_meet over the lane's groups."""
     return sum(weights.get(cost.stats[gi].key.slo_class, 1.0) * cost.stats[gi].size * s.p_meet
                for gi, s in zip(order, walk(cost, lane, order), strict=True))
+
+
+def lane_terms(cost: CostModel, order: Sequence[int], slots: Sequence[Slot],
+               weights: Mapping[SLOClass, float]) -> list[float]:
+    """The terms of :func:`lane_value` (weight·size·p_meet per group, in order) of a lane
+    whose walk of ``order`` is ``slots``: ``sum`` of them is its value, to the last bit."""
+    stats = cost.stats
+    return [weights.get(stats[gi].key.slo_class, 1.0) * stats[gi].size * s.p_meet
+            for gi, s in zip(order, slots, strict=True)]
+
+
+def state_before(cost: CostModel, lane: Lane, order: Sequence[int], slots: Sequence[Slot],
+                 k: int) -> tuple[str | None, float, float, float]:
+    """The walk's state (tail model, segment start, end, its variance) before position
+    ``k`` of ``order``, whose walk on ``lane`` is ``slots``."""
+    if k == 0:
+        return lane.initial
+    before = slots[k - 1]
+    return cost.stats[order[k - 1]].model, before.seg_start_at, before.end_at, before.end_var
+
+
+def rewalk(cost: CostModel, lane: Lane, order: Sequence[int], slots: Sequence[Slot],
+           start: int, state: tuple[str | None, float, float, float]
+           ) -> tuple[list[Slot], int]:
+    """The walk of ``order[start:]`` on ``lane`` from ``state``, given ``slots``, its walk
+    from another state: ``(fresh, k)``, the slots of ``order[start:k]`` walked, and those
+    from ``k`` on are ``slots[k:]`` (the walk reached the same state there: the same
+    groups then sit the same)."""
+    stats = cost.stats
+    fresh: list[Slot] = []
+    for k in range(start, len(order)):
+        if same_state(state, state_before(cost, lane, order, slots, k)):
+            return fresh, k
+        gi = order[k]
+        svc = cost.service(gi, lane.index)
+        if svc is None:
+            raise InvalidInput("placement", f"no profile for {stats[gi].key} on "
+                               f"worker {lane.worker.id}")
+        slot = place_after(cost, lane.index, stats[gi], svc, *state)
+        fresh.append(slot)
+        state = (stats[gi].model, slot.seg_start_at, slot.end_at, slot.end_var)
+    return fresh, len(order)
+
+
+def same_state(a: tuple[str | None, float, float, float],
+               b: tuple[str | None, float, float, float]) -> bool:
+    """Whether a walk goes on identically from states ``a`` and ``b``: equal, and no
+    zero among the times (0.0 and -0.0 compare equal but may round apart)."""
+    return a == b and 0.0 not in (a[1], a[2], a[3])

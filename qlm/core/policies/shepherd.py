@@ -95,8 +95,9 @@ class ShepherdPolicy:
         window = options.window
         min_p = options.min_goodput_p
 
-        pending = sorted(range(len(stats)), key=lambda i: (stats[i].deadline_points[0],
-                                                           stats[i].key))
+        sizes = [g.size for g in stats]
+        firsts = [g.deadline_points[0] for g in stats]
+        pending = sorted(range(len(stats)), key=lambda i: (firsts[i], stats[i].key))
         servable = {gi for gi in pending
                     if any(cost.service(gi, lane.index) is not None for lane in lanes)}
         pending = [gi for gi in pending if gi in servable]
@@ -109,6 +110,12 @@ class ShepherdPolicy:
             lane = lanes[li]
             best: tuple[float, float, int] | None = None
             for gi in pending[:window]:
+                # skip a group that cannot outrank the best so far (found earlier in
+                # deadline order): its goodput is at most its size (p_meet ≤ 1), and at
+                # equal goodput the later deadline ranks behind
+                if best is not None and (sizes[gi] < -best[0] or (
+                        sizes[gi] == -best[0] and firsts[gi] > best[1])):
+                    continue
                 slot = lane.slot_for(gi, cost)
                 if slot is None:
                     continue

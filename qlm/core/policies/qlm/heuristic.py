@@ -12,8 +12,12 @@ from qlm.core.policies.planning import (
     CostModel,
     Lane,
     Slot,
+    lane_terms,
     lane_value,
+    p_meet,
     place_after,
+    rewalk,
+    state_before,
     walk,
 )
 from qlm.core.policies.qlm.context import (
@@ -155,13 +159,19 @@ def heuristic_plan(pc: PlanningContext, options: QlmOptions, score: bool = True)
         lane.append(gi, slot, cost)
         heaps.push(lane)
 
+    behind_of_model: dict[str, list[int]] = {}
+
     def shapes_behind(gi: int) -> list[int]:
         """Where a deferred or late group may go: with ``spare_versatile``, only on the
-        least versatile shapes that serve it."""
-        shapes = shapes_for(gi)
-        if reach is not None and shapes:
-            least = min(reach[s] for s in shapes)
-            shapes = [s for s in shapes if reach[s] == least]
+        least versatile shapes that serve it (per model: asked of every late group)."""
+        model = stats[gi].model
+        shapes = behind_of_model.get(model)
+        if shapes is None:
+            shapes = shapes_for(gi)
+            if reach is not None and shapes:
+                least = min(reach[s] for s in shapes)
+                shapes = [s for s in shapes if reach[s] == least]
+            behind_of_model[model] = shapes
         return shapes
 
     _improve(pc, lanes, options.improve_budget)
@@ -207,21 +217,31 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
             slots = lane_slots.get(target.index)
             if slots is None:
                 slots = walk(cost, target, target.order)
-            pos, budget = _harmless_position(pc, target, slots, gi,
-                                             floor.get(target.index, 0), budget)
+            pos, budget, walked = _harmless_position(pc, target, slots, gi,
+                                                     floor.get(target.index, 0), budget)
+            kept = slots[:pos]
+            if walked:  # the search walked gi and the groups behind it: no walk again
+                first = walked[0]
+                svc = cost.service(gi, target.index)
+                assert svc is not None
+                walked[0] = first._replace(p_meet=p_meet(stats[gi], svc, first.start_at,
+                                                         first.start_var))
+                kept = [*kept, *walked]
             lane_slots[target.index] = target.reset(
-                [*target.order[:pos], gi, *target.order[pos:]], cost, slots[:pos])
+                [*target.order[:pos], gi, *target.order[pos:]], cost, kept)
             floor[target.index] = pos + 1
         heaps.push(target)
 
 
 def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], gi: int,
-                       floor: int, budget: int) -> tuple[int, int]:
+                       floor: int, budget: int) -> tuple[int, int, list[Slot]]:
     """The earliest position ≥ ``floor`` in ``lane`` (whose walk is ``slots``) where
     inserting ``gi`` lowers no later group's value (scanning from the back, stopping at
-    the first that does), and the budget left."""
+    the first that does), the budget left, and the walk of ``gi`` and the groups behind
+    it from that position (``gi``'s ``p_meet`` left at 0; empty: ``gi`` goes last)."""
     cost, order = pc.cost, lane.order
     best, suffix = len(order), 0.0
+    best_walk: list[Slot] = []
     for k in range(len(order) - 1, floor - 1, -1):
         steps = len(order) - k + 1
         if steps > budget:
@@ -235,18 +255,20 @@ def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], g
             tail, seg, end, var = (cost.stats[order[k - 1]].model, before.seg_start_at,
                                    before.end_at, before.end_var)
         delayed = 0.0
+        walked = []
         for g in (gi, *order[k:]):
             svc = cost.service(g, lane.index)
             assert svc is not None  # the lane serves every group placed on it
             slot = place_after(cost, lane.index, cost.stats[g], svc, tail, seg, end, var,
                                with_p=g != gi)
+            walked.append(slot)
             if g != gi:
                 delayed += pc.weight(g) * cost.stats[g].size * slot.p_meet
             tail, seg, end, var = cost.stats[g].model, slot.seg_start_at, slot.end_at, slot.end_var
         if delayed < suffix - 1e-9 * (1.0 + suffix):
             break
-        best = k
-    return best, budget
+        best, best_walk = k, walked
+    return best, budget, best_walk
 
 
 def _best_slot(gi: int, candidates: Sequence[Lane], cost: CostModel,
@@ -288,8 +310,14 @@ def _displace_one(pc: PlanningContext, lane: Lane, gi: int) -> int | None:
 
 
 def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
-    """Adjacent swaps inside each lane that raise its value, until no gain or no budget."""
-    cost = pc.cost
+    """Adjacent swaps inside each lane that raise its value, until no gain or no budget.
+
+    Each trial walks only what the swap changes: the groups before the pair keep their
+    slots, and those after it are walked again only until the walk is back in the state
+    it had there before the swap (:func:`rewalk`); the value is the sum of the same
+    terms in the same order as :func:`lane_value`'s, so it is the same float."""
+    cost, weights = pc.cost, pc.weights
+    stats = cost.stats
     for lane in lanes:
         if len(lane.order) < 2 or budget <= 0:
             continue
@@ -299,6 +327,7 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
         current = lane.order
         value = sum(pc.weight(gi) * cost.stats[gi].size * s.p_meet  # = lane_value
                     for gi, s in zip(current, slots, strict=True))
+        terms = lane_terms(cost, current, slots, weights)
         improved = True
         while improved and budget > 0:
             improved = False
@@ -309,9 +338,19 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
                     continue  # fair share keeps this pair in order
                 trial = [*current[:i], current[i + 1], current[i], *current[i + 2:]]
                 budget -= 1
-                v = lane_value(cost, lane, trial, pc.weights)
+                pair = walk(cost, lane, trial[i:i + 2],
+                            state_before(cost, lane, current, slots, i))
+                after = (stats[trial[i + 1]].model, pair[1].seg_start_at, pair[1].end_at,
+                         pair[1].end_var)
+                fresh, kept_from = rewalk(cost, lane, current, slots, i + 2, after)
+                changed = [*pair, *fresh]
+                trial_slots = [*slots[:i], *changed, *slots[kept_from:]]
+                trial_terms = [*terms[:i],
+                               *lane_terms(cost, trial[i:kept_from], changed, weights),
+                               *terms[kept_from:]]
+                v = sum(trial_terms)
                 if v > value + 1e-9:
                     current, value, improved = trial, v, True
+                    slots, terms = trial_slots, trial_terms
         if current is not lane.order:
-            lane.reset(current, cost)
-
+            lane.reset(current, cost, slots)
