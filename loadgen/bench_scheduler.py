@@ -20,8 +20,10 @@ leader) ``--steps`` times:
    previous step, the records of requests that entered a group) → ``QueueSnapshot``
    (*snapshot*);
 2. the policy's pure ``decide`` (*decide*), in a worker thread as in the service;
-3. ``set_virtual_queues`` for every worker + LSO commands on ``qlm.lso`` + rejections
-   (*apply*).
+3. ``set_virtual_queues`` for every worker + LSO commands queued on ``qlm.lso`` +
+   rejections (*apply*; as in the service, the broker's acknowledgement of a step's
+   commands is awaited at the start of the next step's apply, so its round trip overlaps
+   the next snapshot and decision, and is counted in the step only where it is longer).
 
 Between steps ``--churn`` new requests arrive, ``--pulls`` requests are pulled from the
 head of the workers' virtual queues and finished (so groups change at both ends, as in

@@ -137,7 +137,8 @@ class VirtualTokenCounters:
         views = self._views
         fresh: dict[str, tuple[RunningRequest, ...]] = {}
         before: list[tuple[RunningRequest, ...]] = []  # changed workers' previous tuples
-        running, departed = self._running, self._departed
+        running, departed, counters = self._running, self._departed, self._counters
+        cost = self.weights.cost
         now_running: set[str] = set()  # the requests on the changed workers now
         for worker in snapshot.workers:
             view = worker.running
@@ -151,17 +152,21 @@ class VirtualTokenCounters:
                 request = run.request
                 request_id = request.id
                 now_running.add(request_id)
+                generated = request.num_generated
                 charged = running.get(request_id)
                 if charged is None:
                     charged = departed.pop(request_id, None)
+                # charge() inlined (every running request moves at every snapshot; the
+                # amounts here are never negative)
                 if charged is None:  # first seen: charge its prompt, and what it made already
-                    self.charge((request.slo_class, request.tenant), request.prompt_tokens,
-                                request.num_generated)
-                    running[request_id] = request.num_generated
-                elif request.num_generated > charged:
-                    self.charge((request.slo_class, request.tenant), 0,
-                                request.num_generated - charged)
-                    running[request_id] = request.num_generated
+                    flow = (request.slo_class, request.tenant)
+                    counters[flow] = counters.get(flow, 0.0) + cost(request.prompt_tokens,
+                                                                     generated)
+                    running[request_id] = generated
+                elif generated > charged:
+                    flow = (request.slo_class, request.tenant)
+                    counters[flow] = counters.get(flow, 0.0) + cost(0, generated - charged)
+                    running[request_id] = generated
                 else:
                     running[request_id] = charged
         before.extend(views.values())  # workers no longer in the snapshot

@@ -176,6 +176,21 @@ class GroupKey:
     slo_class: SLOClass
     window: int
     tenant: str = DEFAULT_TENANT
+    #: The hash, computed once: keys are looked up thousands of times a scheduling step
+    #: (the store's mirror, the policies' memos, the applier), and the generated hash
+    #: built a tuple and called the class enum's hash each time. The same value.
+    _hash: int = field(init=False, repr=False, compare=False, hash=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash",
+                           hash((self.model, self.slo_class, self.window, self.tenant)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[GroupKey], tuple[str, SLOClass, int, str]]:
+        """Pickled by its fields: the hash of a string differs between processes."""
+        return GroupKey, (self.model, self.slo_class, self.window, self.tenant)
 
     def __str__(self) -> str:
         text = f"{self.model}|{self.slo_class.value}|{self.window}"

@@ -584,9 +584,25 @@ class RedisQueueStore:
                 mirror.reset(position, groups_raw)
             unread = mirror.unread()
             running = self._running
-            new_ids = running.fold(workers_raw)
-            queued_rows, new_rows = await self._read_rows([
-                (unread, SCHEDULING_FIELDS), (new_ids, SCHEDULING_FIELDS)])
+            new_ids = running.new_ids(workers_raw)
+            queued_rows: list[list[Any]] = []
+            new_rows: list[list[Any]] = []
+            reading = None
+            if unread or new_ids:  # sent before the fold, which runs while Redis reads
+                reading = asyncio.ensure_future(self._read_rows([
+                    (unread, SCHEDULING_FIELDS), (new_ids, SCHEDULING_FIELDS)]))
+                await asyncio.sleep(0)
+            try:
+                reused = running.fold(workers_raw)
+            except BaseException:
+                if reading is not None:
+                    reading.cancel()
+                raise
+            if reading is not None:
+                queued_rows, new_rows = await reading
+            if reused:  # ids whose record was replaced (expired, then reused): read whole
+                [reused_rows] = await self._read_rows([(reused, SCHEDULING_FIELDS)])
+                new_ids, new_rows = [*new_ids, *reused], [*new_rows, *reused_rows]
             running.add(new_ids, new_rows)
         mirror.fill({
             request_id: request_from_fields(dict(zip(SCHEDULING_FIELDS, row, strict=True)))
@@ -953,18 +969,29 @@ class _RunningRequests:
     ids to read whole (started running since, or reused after their record expired), so
     no record of a request already known is read again, and a worker's tuple of running
     requests stays the same object (the policies memoise by it) while none of them
-    changed."""
+    changed. The records of new ids are read while the known ones are folded
+    (:meth:`new_ids`, :meth:`fold`, :meth:`add`)."""
 
     def __init__(self) -> None:
         #: id → (its moving fields joined by '|', as the script returns them; the request)
         self._known: dict[str, tuple[str, RunningRequest]] = {}
         self._by_worker: dict[str, tuple[RunningRequest, ...]] = {}
 
+    def new_ids(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
+                ) -> list[str]:
+        """The running ids (of ``workers_raw``, the snapshot script's workers) not known
+        yet: their records are read whole (then :meth:`add`), while :meth:`fold` runs."""
+        known = self._known
+        return [request_id for _, _, ids, rows in workers_raw
+                for request_id, row in zip(ids, rows, strict=True)
+                if row is not False and request_id not in known]
+
     def fold(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
              ) -> list[str]:
-        """Take the moving fields of every running id (``workers_raw``: the snapshot
-        script's workers); forget the ids no longer running or whose record is gone;
-        returns the ids to read whole (then :meth:`add`)."""
+        """Take the moving fields of every running id already known (``workers_raw``: the
+        snapshot script's workers); forget the ids no longer running or whose record is
+        gone; returns the known ids whose record was replaced (the id reused after its
+        record expired), to read whole too (then :meth:`add`)."""
         known = self._known
         fresh: dict[str, tuple[str, RunningRequest]] = {}
         unknown = []
@@ -973,11 +1000,14 @@ class _RunningRequests:
                 if row is False:  # no record (expired): no group or worker shows it
                     continue
                 entry = known.get(request_id)
-                if entry is not None and entry[0] == row:  # nothing moved
+                if entry is None:  # new: read by the caller (new_ids)
+                    continue
+                seen = entry[0]
+                if seen == row:  # nothing moved
                     fresh[request_id] = entry
                     continue
                 moving = row.split("|")
-                if entry is None or entry[0].split("|", 1)[0] != moving[0]:  # new, or reused
+                if seen.partition("|")[0] != moving[0]:  # reused after its record expired
                     unknown.append(request_id)
                 else:
                     fresh[request_id] = (row, _moved(entry[1], moving))
@@ -999,7 +1029,7 @@ class _RunningRequests:
         known, before = self._known, self._by_worker
         out = {}
         for worker, _, ids, _ in workers_raw:
-            running = tuple(known[i][1] for i in sorted(ids) if i in known)
+            running = tuple([known[i][1] for i in sorted(ids) if i in known])
             previous = before.get(worker)
             if previous is not None and len(previous) == len(running) and all(
                     a is b for a, b in zip(previous, running, strict=True)):
@@ -1013,11 +1043,11 @@ def _moved(before: RunningRequest, now: Sequence[str]) -> RunningRequest:
     """``before`` with the moving fields ``now`` (:data:`RUNNING_CHANGING_FIELDS`, the same
     ``arrival_at``)."""
     request = before.request
-    if int(now[1]) != request.num_generated:  # progress: the same request, further on
-        request = Request(
-            id=request.id, model=request.model, prompt_tokens=request.prompt_tokens,
-            max_tokens=request.max_tokens, slo_class=request.slo_class, slo=request.slo,
-            arrival_at=request.arrival_at, tenant=request.tenant, num_generated=int(now[1]))
+    num_generated = int(now[1])
+    if num_generated != request.num_generated:  # progress: the same request, further on
+        request = Request(request.id, request.model, request.prompt_tokens,  # positional:
+                          request.max_tokens, request.slo_class, request.slo,  # one per
+                          request.arrival_at, request.tenant, num_generated)  # running id
     return RunningRequest(request, float(now[2]), float(now[3]) if now[3] else None)
 
 

@@ -128,6 +128,10 @@ class SchedulerApp:
         await self.lease.release()
         self.metrics.is_leader.set(0)
         await self.tail.stop()
+        try:  # the last step's commands: acknowledged before the producer closes
+            await self.loop.settle_commands()
+        except (QlmError, OSError, KafkaError) as error:
+            log.warning("commands_not_acknowledged", error=repr(error))
         await self.producer.stop()
         await self.redis.aclose()
         if self.metrics_port is not None:

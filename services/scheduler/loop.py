@@ -50,6 +50,13 @@ its policy, unless it saved it itself under its previous token (then what it hol
 newer). A malformed saved state is logged with the field named and ignored: the policy
 goes on with what it holds. Other policies save and restore nothing.
 
+The commands of a step are queued on the producer (linger 0: sent at once), and their
+acknowledgements are awaited before the next step writes anything (:meth:`SchedulingLoop.
+settle_commands`, at the start of its apply, and on stop): the broker's round trip
+(acks=all) overlaps the next snapshot and decision instead of holding up the step, the
+worker gets the command as soon, and a command the broker refused fails the next step
+(then retried as any failed step) instead of this one.
+
 The same evict/swap command is not repeated within ``command_cooldown_s`` (the worker
 needs a moment to carry it out and report; until then the snapshot still shows the old
 state and the policy asks again). Commands carry the leader's fencing token in
@@ -299,6 +306,9 @@ class SchedulingLoop:
         self._saved_fence = 0
         self._state_saved_at = -math.inf
         self._depth_labels: set[tuple[str, str]] = set()
+        #: The broker's acknowledgements of the commands sent by the last apply, awaited
+        #: before the next one writes (module docstring).
+        self._unacknowledged: list[asyncio.Future[Any]] = []
 
     @property
     def profiles(self) -> ProfileBook:
@@ -434,6 +444,7 @@ class SchedulingLoop:
         """Carry the decision out (:func:`qlm.runtime.apply.apply`, effects in the module
         docstring); returns the commands sent. The virtual queues are written only while
         this scheduler's fencing token is current (checked inside Redis)."""
+        await self.settle_commands()
         effects = StoreEffects()
         num_invalid = apply(decision, snapshot, self.profiles, effects, known_workers)
         if num_invalid:
@@ -453,11 +464,10 @@ class SchedulingLoop:
         fresh = replace(fresh, batch_caps=new_caps)
         self.caps_sent.update((c.worker_id, c.max_batch_size) for c in new_caps)
         commands = lso_commands(fresh, self.lease.fence, self._numbers, self.clock())
-        acknowledged = [await self.producer.publish_soon(self.lso_topic, c) for c in commands]
+        self._unacknowledged = [await self.producer.publish_soon(self.lso_topic, c)
+                                for c in commands]
         for reject in effects.rejections:
             await self.store.reject(reject.request_id, reject.reason)
-        if acknowledged:
-            await asyncio.gather(*acknowledged)
         for command in commands:
             if command.type == "evict":
                 self.metrics.evictions.labels(command.worker).inc(len(command.request_ids))
@@ -470,6 +480,13 @@ class SchedulingLoop:
         if effects.orders is not None:  # after the commands: they are not held up by it
             await self._forecast(snapshot, effects.orders)
         return len(commands)
+
+    async def settle_commands(self) -> None:
+        """Wait for the broker to acknowledge the commands sent by the last apply (raises
+        what their publishing raised: Kafka away, a record refused)."""
+        pending, self._unacknowledged = self._unacknowledged, []
+        if pending:
+            await asyncio.gather(*pending)
 
     async def _forecast(self, snapshot: QueueSnapshot,
                         orders: Mapping[str, tuple[GroupKey, ...]]) -> None:

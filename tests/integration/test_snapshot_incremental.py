@@ -32,6 +32,7 @@ from qlm.core.types import Decision, RequestState, SLOClass, WorkerView
 from qlm.roster import WorkerInfo, view_of
 from qlm.store import LeaseLost, RedisQueueStore
 from qlm.store.base import StoreSnapshot
+from qlm.store.store import RUNNING_CHANGING_FIELDS
 from services.scheduler.loop import decide, queue_snapshot
 
 pytestmark = pytest.mark.redis
@@ -241,6 +242,54 @@ async def test_a_snapshot_reads_only_the_records_of_requests_that_entered_a_grou
     finally:
         await store.aclose()
         await raw.aclose()
+
+
+async def test_running_rows_come_from_the_run_field_or_from_the_fields(redis_url: str) -> None:
+    """Pull, claim and append_tokens keep a running record's moving fields joined in its
+    ``run`` field, which the snapshot reads (one field per running request); a record
+    without it (written before records kept it) is read field by field, to the same
+    snapshot as a new store's whole read."""
+    clock = FakeClock(T0 + 1000)
+    store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    program = Program(store, raw, clock)
+    keys = store.keys
+    try:
+        await program.enqueue(6, 0, SLOClass.BATCH_1, 5)
+        (group,) = (await store.snapshot()).groups
+        await store.set_virtual_queue("w0", [group.key])
+        pulled = await store.pull("w0", MODELS[0], 2)
+        await store.claim("w1", [group.requests[5].id])
+        await store.snapshot()  # the long-lived store now knows the three running ids
+        clock.now += 1
+        await store.append_tokens("w0", pulled[0].request.id, token_ids=[1, 2, 3])
+        running = [pulled[0].request.id, pulled[1].request.id, group.requests[5].id]
+        for rid in running:
+            fields = await raw.hmget(keys.request(rid), *RUNNING_CHANGING_FIELDS)
+            assert await raw.hget(keys.request(rid), "run") == "|".join(f or "" for f in fields)
+        assert await store.snapshot() == await whole_read(redis_url, clock)
+
+        # records from before `run`: progress written without it is read all the same
+        for rid in running:
+            await raw.hdel(keys.request(rid), "run")
+        await raw.hset(keys.request(pulled[1].request.id), mapping={
+            "num_generated": 4, "first_token_at": repr(clock.now)})
+        snap = await store.snapshot()
+        assert snap == await whole_read(redis_url, clock)
+        (moved,) = [r for r in snap.running["w0"] if r.request.id == pulled[1].request.id]
+        assert moved.request.num_generated == 4 and moved.first_token_at == clock.now
+    finally:
+        await store.aclose()
+        await raw.aclose()
+
+
+async def whole_read(redis_url: str, clock: FakeClock) -> StoreSnapshot:
+    """The snapshot of a new store (reads every record whole)."""
+    fresh = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
+    try:
+        return await fresh.snapshot()
+    finally:
+        await fresh.aclose()
 
 
 async def count_record_reads(raw: aioredis.Redis, store: RedisQueueStore) -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,7 +40,7 @@ from qlm.core.errors import InvalidInput
 from qlm.core.estimator import DEFAULT_OUTPUT_STATS, LengthStats
 from qlm.core.fit import can_serve
 from qlm.core.perf import PerfProfile, ProfileBook
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservations
 from qlm.core.types import (
     GroupKey,
     Request,
@@ -53,6 +54,9 @@ from qlm.sim.batching import tpot_batch_cap
 #: Deadline quantiles at which a group's attainment is evaluated.
 DEADLINE_QUANTILES: tuple[float, ...] = (0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875,
                                          0.8125, 0.9375)
+#: The key, in a group's memo (:attr:`GroupStatsCache.memos`), of the KV reservations of
+#: its requests in pull order summed from its head (a list of ints).
+CUMULATIVE_RESERVATIONS = "cumulative_reservations"
 #: Floor on a start time's standard deviation (s): keeps Φ finite and smooth.
 MIN_STD_S = 0.25
 #: Beyond this many standard deviations a deadline counts as surely met or missed.
@@ -113,38 +117,49 @@ class GroupArrays:
     """Per-request terms of a group, in group order: remaining-output mean and variance
     (the estimator's truncated log-normal given the progress kept), tokens to prefill
     (prompt plus progress kept) and deadlines (infinite for a request that already had its
-    first token, e.g. one evicted after it started: its TTFT SLO is settled) and TPOT
-    targets (infinite without one)."""
+    first token, e.g. one evicted after it started: its TTFT SLO is settled), TPOT
+    targets (infinite without one) and KV reservations (:func:`qlm.core.pulls.
+    kv_reservation`)."""
 
     out_mean: np.ndarray
     out_var: np.ndarray
     prompt: np.ndarray
     deadline: np.ndarray
     tpot: np.ndarray
+    reserved: np.ndarray
 
     @classmethod
     def of(cls, requests: Sequence[Request], lengths: LengthStats) -> GroupArrays:
         n = len(requests)
         cap = np.fromiter((r.max_tokens for r in requests), float, n)
         done = np.fromiter((r.num_generated for r in requests), float, n)
-        prompt = np.fromiter((r.prompt_tokens + r.num_generated for r in requests), float, n)
+        prompt_tokens = np.fromiter((r.prompt_tokens for r in requests), np.int64, n)
         # A request that generated tokens had its first token: its TTFT SLO is settled.
         deadline = np.fromiter((r.arrival_at + r.slo.ttft_s if r.num_generated == 0
                                 else math.inf for r in requests), float, n)
         tpot = np.fromiter((math.inf if r.slo.tpot_s is None else r.slo.tpot_s
                             for r in requests), float, n)
         mean, var = lengths.remaining_moments(cap, done)
-        return cls(np.maximum(mean, 1.0), var, prompt, deadline, tpot)
+        reserved = kv_reservations(prompt_tokens, cap.astype(np.int64), done.astype(np.int64))
+        return cls(np.maximum(mean, 1.0), var, prompt_tokens + done, deadline, tpot, reserved)
 
-    def tail(self, start: int) -> GroupArrays:
-        return GroupArrays(self.out_mean[start:], self.out_var[start:], self.prompt[start:],
-                           self.deadline[start:], self.tpot[start:])
+    def part(self, start: int, stop: int) -> GroupArrays:
+        """The terms of requests ``start`` to ``stop`` (views)."""
+        return GroupArrays(self.out_mean[start:stop], self.out_var[start:stop],
+                           self.prompt[start:stop], self.deadline[start:stop],
+                           self.tpot[start:stop], self.reserved[start:stop])
+
+    def taken(self, positions: np.ndarray) -> GroupArrays:
+        """The terms at ``positions`` (an index array), in that order."""
+        return GroupArrays(self.out_mean[positions], self.out_var[positions],
+                           self.prompt[positions], self.deadline[positions],
+                           self.tpot[positions], self.reserved[positions])
 
     def extended(self, more: GroupArrays) -> GroupArrays:
         return GroupArrays(*(np.concatenate((a, b)) for a, b in (
             (self.out_mean, more.out_mean), (self.out_var, more.out_var),
             (self.prompt, more.prompt), (self.deadline, more.deadline),
-            (self.tpot, more.tpot))))
+            (self.tpot, more.tpot), (self.reserved, more.reserved))))
 
 
 def stats_of(key: GroupKey, index: int, arrays: GroupArrays, ttft_s: float) -> GroupStats:
@@ -178,34 +193,43 @@ class _Entry:
     memo: dict[Any, Any]
 
 
-def dropped_at_head(old: tuple[Request, ...], new: tuple[Request, ...]) -> int | None:
-    """k if ``new`` is ``old`` without its first k requests plus requests appended at the
-    tail (what pulls and arrivals do to a group); None otherwise."""
-    try:
-        k = old.index(new[0])
-    except ValueError:
-        return None
-    kept = len(old) - k
-    if kept > len(new) or old[k:] != new[:kept]:
-        return None
-    return k
+def kept_tail(old: tuple[Request, ...], new: tuple[Request, ...]) -> int | None:
+    """k when ``new`` is ``old`` without its first k requests, then requests appended
+    (what pulls and arrivals at the tail do to a group): its terms are then a slice of
+    the old ones, without a lookup per request (groups hold thousands at 1M queued)."""
+    first = new[0]
+    for k, request in enumerate(old):
+        if request is first:
+            kept = len(old) - k
+            return k if kept <= len(new) and old[k:] == new[:kept] else None
+    return None
+
+
+def kept_positions(old: tuple[Request, ...], new: tuple[Request, ...]) -> list[int]:
+    """For each request of ``new``, its position in ``old`` (the same object), -1 for a
+    request new to the group. Pulls take requests from a group's head, arrivals join it
+    anywhere in deadline order (one that arrived a moment after another may have the
+    earlier deadline), an evicted request returns with its progress (a new object)."""
+    at = dict(zip(map(id, old), range(len(old)), strict=True))
+    return list(map(at.get, map(id, new), repeat(-1)))
 
 
 class GroupStatsCache:
     """Memo of :class:`GroupStats` across decisions.
 
     An entry is reused while the group's request tuple is the same object. When a group
-    only lost requests at its head (pulled) and gained some at its tail (arrivals), its
-    per-request terms are sliced and extended, so only the new requests are read; any
-    other change recomputes the group. Entries of groups that left the queue are dropped
-    at every refresh. Exact: a summary never differs from a fresh one.
+    changed, the per-request terms of the requests it kept are taken over and only its
+    new requests are read (:meth:`_changed`). Entries of groups that left the queue
+    are dropped at every refresh. Exact: a summary never differs from a fresh one.
     """
 
     def __init__(self) -> None:
         self._entries: dict[GroupKey, _Entry] = {}
         self._basis: tuple[Any, ...] = ()
         #: Per group of the last refresh (same order): a memo the cost model fills with
-        #: the group's :class:`Service` per worker shape; survives while the group does.
+        #: the group's :class:`Service` per worker shape, which holds its cumulative KV
+        #: reservations (:data:`CUMULATIVE_RESERVATIONS`); survives while the group's
+        #: request tuple does.
         self.memos: list[dict[Any, Any]] = []
 
     def refresh(self, groups: Sequence[RequestGroup],
@@ -215,44 +239,78 @@ class GroupStatsCache:
         if basis != self._basis:
             self._entries = {}
             self._basis = basis
-        fresh: dict[GroupKey, _Entry] = {}
-        out: list[GroupStats] = []
-        memos: list[dict[Any, Any]] = []
         entries = self._entries
+        out: list[_Entry] = []
+        changed: list[int] = []
         for index, group in enumerate(groups):
-            key = group.key
-            entry = entries.get(key)
+            entry = entries.get(group.key)
             if entry is not None and entry.requests is group.requests:  # unchanged
                 if entry.stats.index != index:
                     entry.stats = _reindexed(entry.stats, index)
             else:
-                entry = self._entry(group, index, output_stats)
-            fresh[key] = entry
-            out.append(entry.stats)
-            memos.append(entry.memo)
-        self._entries = fresh
-        self.memos = memos
-        return out
+                changed.append(index)
+            out.append(entry)  # type: ignore[arg-type]  # the changed ones are set below
+        if changed:
+            for index, entry in zip(changed, self._changed([(i, groups[i]) for i in changed],
+                                                           output_stats), strict=True):
+                out[index] = entry
+        self._entries = {group.key: entry for group, entry in zip(groups, out, strict=True)}
+        self.memos = [entry.memo for entry in out]
+        return [entry.stats for entry in out]
 
-    def _entry(self, group: RequestGroup, index: int,
-               output_stats: Mapping[str, LengthStats]) -> _Entry:
-        reqs = group.requests
-        ttft_s = reqs[0].slo.ttft_s
-        cached = self._entries.get(group.key)
-        if cached is not None and cached.requests is reqs:
-            if cached.stats.index != index:
-                cached.stats = _reindexed(cached.stats, index)
-            return cached
-        lengths = output_stats.get(group.model, output_stats["*"])
-        k = dropped_at_head(cached.requests, reqs) if cached is not None else None
-        if cached is not None and k is not None:
-            kept = len(cached.requests) - k
-            arrays = cached.arrays.tail(k)
-            if kept < len(reqs):
-                arrays = arrays.extended(GroupArrays.of(reqs[kept:], lengths))
-        else:
-            arrays = GroupArrays.of(reqs, lengths)
-        return _Entry(reqs, arrays, stats_of(group.key, index, arrays, ttft_s), {})
+    def _changed(self, changed: Sequence[tuple[int, RequestGroup]],
+                 output_stats: Mapping[str, LengthStats]) -> list[_Entry]:
+        """The entries of the groups (index, group) whose request tuple is new: the terms
+        of the requests a group kept are taken over (:func:`kept_tail`, else
+        :func:`kept_positions`), and the
+        requests new to the groups are read together, one vectorised
+        :meth:`GroupArrays.of` per length model (a few dozen arrivals in each of a few
+        groups per decision: one pass per group was mostly numpy's per-call overhead)."""
+        new_requests: dict[int, tuple[LengthStats, list[Request]]] = {}
+        plans = []
+        for index, group in changed:
+            lengths = output_stats.get(group.model, output_stats["*"])
+            cached = self._entries.get(group.key)
+            reqs = group.requests
+            head: int | None = None
+            positions: list[int] | None = None
+            added: Sequence[int] = range(len(reqs))  # a new group: every request
+            if cached is not None:
+                head = kept_tail(cached.requests, reqs)
+                if head is not None:
+                    added = range(len(cached.requests) - head, len(reqs))
+                else:
+                    positions = kept_positions(cached.requests, reqs)
+                    added = [j for j, i in enumerate(positions) if i < 0]
+            bucket = new_requests.setdefault(id(lengths), (lengths, []))[1]
+            plans.append((index, group, cached, head, positions, added, id(lengths),
+                          len(bucket)))
+            bucket.extend(reqs[j] for j in added)
+        read = {k: GroupArrays.of(reqs, lengths)
+                for k, (lengths, reqs) in new_requests.items() if reqs}
+        entries = []
+        for index, group, cached, head, positions, added, k, start in plans:
+            fresh = read[k].part(start, start + len(added)) if added else None
+            if cached is None:
+                assert fresh is not None
+                arrays = fresh
+            elif positions is None:  # the old tail from ``head`` on, then the new ones
+                assert head is not None
+                arrays = cached.arrays.part(head, len(cached.requests))
+                if fresh is not None:
+                    arrays = arrays.extended(fresh)
+            else:
+                arrays = cached.arrays
+                if fresh is not None:
+                    arrays = arrays.extended(fresh)
+                    for n, j in enumerate(added):
+                        positions[j] = len(cached.requests) + n
+                arrays = arrays.taken(np.array(positions, dtype=np.intp))
+            entries.append(_Entry(
+                group.requests, arrays,
+                stats_of(group.key, index, arrays, group.requests[0].slo.ttft_s),
+                {CUMULATIVE_RESERVATIONS: np.cumsum(arrays.reserved).tolist()}))
+        return entries
 
 
 def _reindexed(s: GroupStats, index: int) -> GroupStats:
@@ -300,58 +358,94 @@ def summarise_running(running: Sequence[RunningRequest],
                       output_stats: Mapping[str, LengthStats]) -> WorkerLoad:
     """Remaining-output moments of a worker's running requests and their KV reservations
     (the same reservation as :func:`qlm.core.pulls.kv_reservation`)."""
-    n = len(running)
-    if n == 0:
-        return WorkerLoad(0.0, 0.0, (), 0, 0.0)
-    lengths = output_stats.get(running[0].request.model, output_stats["*"])
-    cap = np.fromiter((rr.request.max_tokens for rr in running), float, n)
-    done = np.fromiter((rr.request.num_generated for rr in running), float, n)
-    prompt = np.fromiter((rr.request.prompt_tokens for rr in running), np.int64, n)
-    mean, var = lengths.remaining_moments(cap, done)
-    expected = DEFAULT_EXPECTED_OUTPUT_TOKENS
-    reserved = prompt + np.minimum(cap.astype(np.int64),
-                                   np.maximum(done.astype(np.int64) + 1, expected))
+    return summarise_workers([running], output_stats)[0]
+
+
+_IDLE = WorkerLoad(0.0, 0.0, (), 0, 0.0)
+
+
+def summarise_workers(runnings: Sequence[Sequence[RunningRequest]],
+                      output_stats: Mapping[str, LengthStats]) -> list[WorkerLoad]:
+    """:func:`summarise_running` of each of ``runnings`` (the running requests of several
+    workers). The remaining-output moments are elementwise, so they are computed in one
+    vectorised pass over the requests of all the workers that share a length model, then
+    cut per worker: every worker's running requests move between two snapshots of a
+    live queue (they generate tokens), and one pass per worker spent most of its time in
+    numpy's per-call overhead on arrays of a few dozen elements."""
+    out: list[WorkerLoad] = [_IDLE] * len(runnings)
+    by_lengths: dict[int, tuple[LengthStats, list[int]]] = {}
+    for k, running in enumerate(runnings):
+        if running:
+            lengths = output_stats.get(running[0].request.model, output_stats["*"])
+            by_lengths.setdefault(id(lengths), (lengths, []))[1].append(k)
+    for lengths, members in by_lengths.values():
+        requests = [rr.request for k in members for rr in runnings[k]]
+        n = len(requests)
+        cap = np.fromiter([r.max_tokens for r in requests], float, n)
+        done = np.fromiter([r.num_generated for r in requests], float, n)
+        prompt = np.fromiter([r.prompt_tokens for r in requests], np.int64, n)
+        mean, var = lengths.remaining_moments(cap, done)
+        reserved = prompt + np.minimum(cap.astype(np.int64), np.maximum(
+            done.astype(np.int64) + 1, DEFAULT_EXPECTED_OUTPUT_TOKENS))
+        starts = [0]
+        for k in members:
+            starts.append(starts[-1] + len(runnings[k]))
+        reserved_sums = np.add.reduceat(reserved, starts[:-1]).tolist()
+        for m, k in enumerate(members):
+            a, b = starts[m], starts[m + 1]
+            out[k] = _load_of(runnings[k], mean[a:b], var[a:b], int(reserved_sums[m]))
+    return out
+
+
+def _load_of(running: Sequence[RunningRequest], mean: np.ndarray, var: np.ndarray,
+             reserved_tokens: int) -> WorkerLoad:
+    """One worker's :class:`WorkerLoad` from its requests' remaining-output moments."""
     # A request resumed after an eviction (its first token came before this start) is
     # not evicted again: each eviction pays a re-prefill of prompt + progress, and a
     # request taken again and again loses throughput for nobody's gain (anti-churn).
     left = mean.tolist()
-    ranked = sorted((i for i, rr in enumerate(running) if not resumed(rr)), key=lambda i: (
-        running[i].first_token_at is None,
-        -running[i].request.slo.ttft_s,
-        -running[i].request.deadline_at if running[i].first_token_at is None else 0.0,
-        running[i].request.num_generated,
-        running[i].request.id,
-    ))
+    keys = [(rr.first_token_at is None, -rr.request.slo.ttft_s,
+             -rr.request.deadline_at if rr.first_token_at is None else 0.0,
+             rr.request.num_generated, rr.request.id, i)
+            for i, rr in enumerate(running) if not resumed(rr)]
+    keys.sort()
+    ranked = [key[-1] for key in keys]
     order = tuple(running[i] for i in ranked)
     num_started = sum(1 for rr in order if rr.first_token_at is not None)
     pending = sum(rr.request.context_tokens for rr in running if rr.first_token_at is None)
     bound = [rr.request for rr in running if rr.request.slo.tpot_s is not None]
     tpot = min((r.slo.tpot_s for r in bound if r.slo.tpot_s is not None), default=None)
     tpot_prompt = sum(r.prompt_tokens for r in bound) / len(bound) if bound else 0.0
-    return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(np.sort(mean).tolist()),
-                      int(reserved.sum()), max(rr.request.slo.ttft_s for rr in running), order,
+    return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(sorted(left)),
+                      reserved_tokens, max(rr.request.slo.ttft_s for rr in running), order,
                       num_started, pending, tuple(left[i] for i in ranked), tpot, tpot_prompt)
 
 
 class WorkerLoadCache:
-    """Memo of :class:`WorkerLoad` keyed by worker, reused while ``running`` is unchanged."""
+    """Memo of :class:`WorkerLoad` keyed by worker, reused while ``running`` is unchanged;
+    the workers whose running requests changed are summarised together
+    (:func:`summarise_workers`)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[tuple[RunningRequest, ...], WorkerLoad]] = {}
 
     def refresh(self, workers: Sequence[WorkerView],
                 output_stats: Mapping[str, LengthStats]) -> list[WorkerLoad]:
-        fresh = {}
-        out = []
-        for w in workers:
-            cached = self._entries.get(w.id)
+        entries = self._entries
+        out: list[WorkerLoad] = []
+        changed: list[int] = []
+        for k, w in enumerate(workers):
+            cached = entries.get(w.id)
             if cached is not None and cached[0] is w.running:
-                load = cached[1]
+                out.append(cached[1])
             else:
-                load = summarise_running(w.running, output_stats)
-            fresh[w.id] = (w.running, load)
-            out.append(load)
-        self._entries = fresh
+                out.append(_IDLE)
+                changed.append(k)
+        if changed:
+            loads = summarise_workers([workers[k].running for k in changed], output_stats)
+            for k, load in zip(changed, loads, strict=True):
+                out[k] = load
+        self._entries = {w.id: (w.running, load) for w, load in zip(workers, out, strict=True)}
         return out
 
 

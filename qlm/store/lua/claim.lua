@@ -19,11 +19,12 @@ redis.call('SADD', KEYS[3], worker)
 for i = 5, #ARGV do
   local id = ARGV[i]
   local rk = req_key(prefix, id)
-  local rec = redis.call('HMGET', rk, 'state', 'group')
+  local rec = redis.call('HMGET', rk, 'state', 'group', 'arrival_at', 'num_generated',
+    'first_token_at')
   if rec[1] == 'queued' then
     remove_from_group(prefix, id, rec[2])
     redis.call('HSET', rk, 'state', 'running', 'worker', worker, 'started_at', now,
-      'lease_expires_at', lease)
+      'lease_expires_at', lease, 'run', run_row(rec[3], rec[4], now, rec[5]))
     redis.call('HINCRBY', rk, 'num_pulls', 1)
     redis.call('ZADD', KEYS[2], lease, id)
     redis.call('SADD', KEYS[1], id)

@@ -19,7 +19,8 @@
 -- (earliest deadlines) until N requests are taken, and stops at the first group of
 -- another model: a model swap must come first, pulling past it would reorder the
 -- queue (as qlm.core.pulls.plan_pulls). Each pulled record gets state=running,
--- worker, started_at, lease_expires_at, num_pulls+1, and, when its group has a
+-- worker, started_at, lease_expires_at, run (_lib.lua's run_row), num_pulls+1, and,
+-- when its group has a
 -- forecast and the request has no first token yet, that forecast with the request's
 -- place in the group at the pull (forecast, forecast_rank, forecast_size): the last
 -- prediction made before it started (a request evicted after its first token keeps the
@@ -45,9 +46,10 @@ for i, group in ipairs(order) do
         local id = popped[j]
         log_change(queue_log_key(prefix), '-', group, id)
         local rk = req_key(prefix, id)
+        local kept = redis.call('HMGET', rk, 'arrival_at', 'num_generated', 'first_token_at')
+        local first_token_at = kept[3]
         redis.call('HSET', rk, 'state', 'running', 'worker', worker, 'started_at', now,
-          'lease_expires_at', lease)
-        local first_token_at = redis.call('HGET', rk, 'first_token_at')
+          'lease_expires_at', lease, 'run', run_row(kept[1], kept[2], now, first_token_at))
         if forecast and (not first_token_at or first_token_at == '') then
           redis.call('HSET', rk, 'forecast', forecast, 'forecast_rank', (j - 1) / 2,
             'forecast_size', size)

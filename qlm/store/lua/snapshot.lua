@@ -21,7 +21,9 @@
 --             score) when read whole, else [group, number of queued ids];
 --   workers   [[worker, [vq group, ...], [running id, ...], [row, ...]], ...]: each
 --             running id's row is the values of `fields` in its record joined by '|'
---             (a missing field reads as ''), or false when its record is missing.
+--             (a missing field reads as ''), or false when its record is missing: the
+--             record's `run` field, which holds them so joined (_lib.lua's run_row),
+--             else (a record written before) the fields themselves.
 -- An empty list may be encoded as {} (cjson).
 
 local function entry_number(id) return tonumber(string.match(id, '^0%-(%d+)$')) end
@@ -69,13 +71,16 @@ for _, worker in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local ids = redis.call('SMEMBERS', running_key(prefix, worker))
   local rows = {}
   for i, id in ipairs(ids) do
-    local values = redis.call('HMGET', req_key(prefix, id), unpack(fields))
-    if values[1] then
-      for j = 2, #values do if not values[j] then values[j] = '' end end
-      rows[i] = table.concat(values, '|')
-    else
-      rows[i] = false
+    local rk = req_key(prefix, id)
+    local row = redis.call('HGET', rk, 'run')  -- kept by pull, claim and append_tokens
+    if not row then  -- no record, or one written before records kept `run`
+      local values = redis.call('HMGET', rk, unpack(fields))
+      if values[1] then
+        for j = 2, #values do if not values[j] then values[j] = '' end end
+        row = table.concat(values, '|')
+      end
     end
+    rows[i] = row
   end
   workers[#workers + 1] = {worker, redis.call('LRANGE', prefix .. 'vq:' .. worker, 0, -1), ids,
     rows}

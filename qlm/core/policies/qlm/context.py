@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from qlm.core.estimator import LengthStats
 from qlm.core.fairness import VirtualTokenCounters, fair_order
 from qlm.core.policies.base import PolicyContext
 from qlm.core.policies.planning import (
+    CUMULATIVE_RESERVATIONS,
     CostModel,
     GroupStats,
     Lane,
@@ -18,6 +20,7 @@ from qlm.core.policies.planning import (
     lane_value,
     p_meet,
 )
+from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
 from qlm.core.types import GroupKey, QueueSnapshot, SLOClass
 
 
@@ -50,6 +53,22 @@ class PlanningContext:
         #: no fair share, the planners order groups by urgency alone.
         self.fair_rank: list[int] | None = None
         self._deadline_order: list[int] | None = None
+        self._memos = memos
+
+    def cumulative_reservations(self, gi: int) -> list[int]:
+        """The KV reservations (:func:`qlm.core.pulls.kv_reservation`) of group ``gi``'s
+        requests in pull order, summed from its head: how far a pull of its first k
+        requests takes a worker's headroom. Kept in the group's memo
+        (:class:`~qlm.core.policies.planning.GroupStatsCache` computes it with the
+        group's other terms), so a lane head is not walked request by request at every
+        decision."""
+        memo = self._memos[gi] if self._memos is not None else {}
+        found: list[int] | None = memo.get(CUMULATIVE_RESERVATIONS)
+        if found is None:  # a context made without the group memos
+            requests = self.snapshot.groups[self.stats[gi].index].requests
+            found = memo[CUMULATIVE_RESERVATIONS] = list(accumulate(
+                kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS) for r in requests))
+        return found
 
     def deadline_order(self) -> list[int]:
         """Group indices sorted by :meth:`deadline_key` (sorted once per decision)."""

@@ -3,6 +3,7 @@ rejections, batch caps and the backpressure pulls."""
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -10,7 +11,6 @@ from typing import Any
 from qlm.core.policies.planning import TPOT_HEADROOM
 from qlm.core.policies.qlm.context import Plan, PlanningContext, unservable_groups
 from qlm.core.policies.qlm.options import QlmOptions
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
 from qlm.core.types import BatchCap, Decision, Evict, Pull, Reject, Swap
 from qlm.sim.batching import tpot_batch_cap
 
@@ -165,24 +165,22 @@ def _pull_walk(pc: PlanningContext, wi: int, order: Iterable[int]
     free_slots = min(w.batch_limit, p.max_batch_size) - w.batch_size
     headroom = min(w.kv_capacity_tokens, p.kv_capacity_tokens) - load.kv_reserved_tokens
     for gi in order:
-        g = pc.stats[gi]
-        if g.model != model:
+        if pc.stats[gi].model != model:
             return
-        admitted = 0
-        for r in pc.snapshot.groups[g.index].requests:
-            need = kv_reservation(r, DEFAULT_EXPECTED_OUTPUT_TOKENS)
-            if free_slots <= 0 or need > headroom:
-                free_slots = 0
-                break
-            admitted += 1
-            free_slots -= 1
-            headroom -= need
+        # Request by request, a pull admits while a slot is free and the next request's
+        # reservation fits the headroom left: the first k fit while their sum does.
+        reserved = pc.cumulative_reservations(gi)
+        admitted = min(max(free_slots, 0), bisect.bisect_right(reserved, headroom))
+        if admitted < len(reserved):
+            free_slots = 0  # stopped inside this group: nothing after it is admitted
+        else:
+            free_slots -= admitted
+        if admitted:
+            headroom -= reserved[admitted - 1]
         yield gi, admitted
 
 
 def _count_at_most(sorted_values: Sequence[float], limit: float) -> int:
-    import bisect
-
     return bisect.bisect_right(sorted_values, limit)
 
 
