@@ -11,7 +11,8 @@ cancellation.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from qlm.log import get_logger
@@ -52,3 +53,26 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]],
     if names:
         log.warning("tasks_not_stopped", tasks=names, grace_s=grace_s)
     return names
+
+
+#: How often :func:`watch_loop_lag` wakes, and the lag above which it logs.
+LAG_INTERVAL_S = 0.1
+LAG_WARN_S = 0.25
+#: Buckets of the services' event-loop lag histograms (seconds).
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+async def watch_loop_lag(observe: Callable[[float], None], service: str,
+                         interval_s: float = LAG_INTERVAL_S, warn_s: float = LAG_WARN_S,
+                         clock: Callable[[], float] = time.monotonic) -> None:
+    """Measure how late the event loop runs a timer, forever: each ``interval_s`` sleep
+    that wakes late reports its lateness to ``observe`` (0 when on time) and logs one
+    over ``warn_s``. A busy loop (CPU starved, or one callback running long) delays
+    every task on it — a worker's pulls, a scheduler's decisions — by that much."""
+    while True:
+        started = clock()
+        await asyncio.sleep(interval_s)
+        lag = max(0.0, clock() - started - interval_s)
+        observe(lag)
+        if lag > warn_s:
+            log.warning("event_loop_lag", service=service, lag_s=round(lag, 3))

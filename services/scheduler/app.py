@@ -27,7 +27,7 @@ from collections.abc import Callable
 from aiokafka.errors import KafkaError
 from prometheus_client import start_http_server
 
-from qlm.aio import cancel_and_wait, wait_event
+from qlm.aio import cancel_and_wait, wait_event, watch_loop_lag
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import Event, Telemetry
 from qlm.bus.tail import TopicTail
@@ -112,7 +112,9 @@ class SchedulerApp:
             self.metrics_port = server.server_port
             self._metrics_server = server
         for name, job in (("lease", self._lease_loop), ("tail", self.tail.run),
-                          ("decide", self._decide_loop)):
+                          ("decide", self._decide_loop),
+                          ("loop-lag", lambda: watch_loop_lag(self.metrics.loop_lag.observe,
+                                                             "scheduler"))):
             self._tasks.append(asyncio.create_task(job(), name=f"scheduler-{name}"))
         log.info("scheduler_started", instance=self.instance_id, policy=self.policy.name,
                  workers=sorted(self.roster.workers), metrics_port=self.metrics_port)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from qlm.aio import LAG_BUCKETS
+
 DECISION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -22,6 +24,10 @@ class SchedulerMetrics:
             "qlm_scheduler_decision_seconds", "Time of a scheduling step by phase "
             "(snapshot: Redis read; decide: the policy; apply: Redis + Kafka writes; total)",
             ["phase"], buckets=DECISION_BUCKETS, registry=r)
+        self.loop_lag = Histogram(
+            "qlm_scheduler_event_loop_lag_seconds",
+            "How late the process's event loop ran a 0.1 s timer (decisions wait as long)",
+            buckets=LAG_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "qlm_scheduler_queue_depth", "Queued requests by class and model",
             ["slo_class", "model"], registry=r)

@@ -36,7 +36,7 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
 
 from qlm import roster
-from qlm.aio import cancel_and_wait
+from qlm.aio import cancel_and_wait, watch_loop_lag
 from qlm.bus.consumer import BusConsumer
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import LsoCommand
@@ -205,6 +205,7 @@ class WorkerProcess:
         )  # fmt: skip
         await self.consumer.start()
         self._spawn(self._read_commands(), "lso-reader")
+        self._spawn(watch_loop_lag(self.metrics.loop_lag.observe, "worker"), "loop-lag")
         self._start_metrics()
         await self._start_health()
         log.info("worker_process_ready", workers=list(self.workers), health_port=self.health_port,

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from qlm.aio import LAG_BUCKETS
+
 
 @dataclass
 class WorkerMetrics:
@@ -16,6 +18,11 @@ class WorkerMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        self.loop_lag = Histogram(
+            "qlm_worker_event_loop_lag_seconds",
+            "How late the process's event loop ran a 0.1 s timer (pulls wait as long)",
+            buckets=LAG_BUCKETS, registry=r,
+        )
         self.batch_size = Gauge(
             "qlm_worker_batch_size", "Requests running in the engine", ["worker"], registry=r
         )

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from qlm.aio import cancel_and_wait, wait_event
+import pytest
+
+from qlm.aio import cancel_and_wait, wait_event, watch_loop_lag
 
 
 async def _service_loop(wake: asyncio.Event, rounds: list[int]) -> None:
@@ -65,3 +67,20 @@ async def test_cancel_and_wait_retrieves_a_task_error() -> None:
     await asyncio.sleep(0)
     assert await cancel_and_wait([task], grace_s=0.1) == []
     assert isinstance(task.exception(), RuntimeError)
+
+
+async def test_watch_loop_lag_reports_how_late_each_timer_ran() -> None:
+    """Lateness = elapsed − interval, never negative; measured with the clock given."""
+    ticks = iter([0.0, 0.35, 1.0, 1.05])  # the second timer fires early: lag 0
+    seen: list[float] = []
+
+    def observe(lag: float) -> None:
+        seen.append(lag)
+        if len(seen) == 2:
+            raise asyncio.CancelledError  # stop after two readings
+
+    task = asyncio.create_task(watch_loop_lag(observe, "test", interval_s=0.1,
+                                              clock=lambda: next(ticks)))
+    done, _ = await asyncio.wait([task], timeout=5.0)
+    assert task in done
+    assert seen[0] == pytest.approx(0.25) and seen[1] == 0.0
