@@ -66,9 +66,14 @@ DEFAULT_PREFILL_CAP_TOKENS: Final[int] = 16_384
 def kv_reservation(
     request: Request, expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS
 ) -> int:
-    """KV tokens a request is expected to hold at its end (see the module docstring)."""
-    expected_total = max(request.num_generated + 1, expected_output_tokens)
-    return request.prompt_tokens + min(request.max_tokens, expected_total)
+    """KV tokens a request is expected to hold at its end (see the module docstring).
+    Comparisons instead of ``max``/``min``: a pull asks it of every request it walks."""
+    expected_total = request.num_generated + 1
+    if expected_total < expected_output_tokens:
+        expected_total = expected_output_tokens
+    max_tokens = request.max_tokens
+    return request.prompt_tokens + (max_tokens if max_tokens < expected_total
+                                    else expected_total)
 
 
 def kv_reservations(prompt_tokens: np.ndarray, max_tokens: np.ndarray,
@@ -141,13 +146,7 @@ def plan_pulls(
         for request in group.requests:
             if request.id in exclude:
                 continue
-            # kv_reservation(request, expected_output_tokens), inline: the hottest line
-            expected_total = request.num_generated + 1
-            if expected_total < expected_output_tokens:
-                expected_total = expected_output_tokens
-            max_tokens = request.max_tokens
-            need = request.prompt_tokens + (
-                max_tokens if max_tokens < expected_total else expected_total)
+            need = kv_reservation(request, expected_output_tokens)
             if free_slots <= 0 or need > headroom:
                 return tuple(pulled)
             if not fits_prefill_cap(pending, request, prefill_cap_tokens):

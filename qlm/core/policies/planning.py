@@ -40,7 +40,7 @@ from qlm.core.errors import InvalidInput
 from qlm.core.estimator import DEFAULT_OUTPUT_STATS, LengthStats
 from qlm.core.fit import can_serve
 from qlm.core.perf import PerfProfile, ProfileBook
-from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservations
+from qlm.core.pulls import kv_reservations
 from qlm.core.types import (
     GroupKey,
     Request,
@@ -385,8 +385,7 @@ def summarise_workers(runnings: Sequence[Sequence[RunningRequest]],
         done = np.fromiter([r.num_generated for r in requests], float, n)
         prompt = np.fromiter([r.prompt_tokens for r in requests], np.int64, n)
         mean, var = lengths.remaining_moments(cap, done)
-        reserved = prompt + np.minimum(cap.astype(np.int64), np.maximum(
-            done.astype(np.int64) + 1, DEFAULT_EXPECTED_OUTPUT_TOKENS))
+        reserved = kv_reservations(prompt, cap.astype(np.int64), done.astype(np.int64))
         starts = [0]
         for k in members:
             starts.append(starts[-1] + len(runnings[k]))
@@ -776,9 +775,8 @@ def walk(cost: CostModel, lane: Lane, order: Sequence[int],
 
 def lane_value(cost: CostModel, lane: Lane, order: Sequence[int],
                weights: Mapping[SLOClass, float]) -> float:
-    """Σ weight·size·p_meet over the lane's groups."""
-    return sum(weights.get(cost.stats[gi].key.slo_class, 1.0) * cost.stats[gi].size * s.p_meet
-               for gi, s in zip(order, walk(cost, lane, order), strict=True))
+    """Σ weight·size·p_meet over the lane's groups (:func:`lane_terms` of its walk)."""
+    return sum(lane_terms(cost, order, walk(cost, lane, order), weights))
 
 
 def lane_terms(cost: CostModel, order: Sequence[int], slots: Sequence[Slot],

@@ -248,12 +248,7 @@ def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], g
             break
         budget -= steps
         suffix += pc.weight(order[k]) * cost.stats[order[k]].size * slots[k].p_meet
-        if k == 0:
-            tail, seg, end, var = lane.initial
-        else:
-            before = slots[k - 1]
-            tail, seg, end, var = (cost.stats[order[k - 1]].model, before.seg_start_at,
-                                   before.end_at, before.end_var)
+        tail, seg, end, var = state_before(cost, lane, order, slots, k)
         delayed = 0.0
         walked = []
         for g in (gi, *order[k:]):
@@ -325,9 +320,8 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
         if all(s.p_meet > 0.99 or s.p_meet < 0.01 for s in slots):
             continue  # every group surely met or surely missed: no adjacent swap helps
         current = lane.order
-        value = sum(pc.weight(gi) * cost.stats[gi].size * s.p_meet  # = lane_value
-                    for gi, s in zip(current, slots, strict=True))
         terms = lane_terms(cost, current, slots, weights)
+        value = sum(terms)  # = lane_value
         improved = True
         while improved and budget > 0:
             improved = False
