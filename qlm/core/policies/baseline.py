@@ -34,7 +34,7 @@ on ``snapshot`` and ``ctx``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -64,20 +64,22 @@ TYPICAL_PROMPT_TOKENS = 512
 
 
 _MEMO_LIMIT = 50_000
-_memo: dict[tuple[int, str], tuple[RequestGroup, Any]] = {}
+_memo: dict[tuple[int, int, Hashable], tuple[RequestGroup, object, Any]] = {}
 
 
-def _memoised(group: RequestGroup, what: str, compute: Callable[[], Any]) -> Any:
-    """``compute()`` remembered per group object (groups are immutable; a caller that keeps
-    unchanged groups between decisions saves the per-request sums). Pure in effect."""
-    key = (id(group), what)
+def _memoised(group: RequestGroup, what: Hashable, compute: Callable[[], Any],
+              also: object = None) -> Any:
+    """``compute()`` remembered per group object, and per ``also`` object when the value
+    depends on one (a profile); groups are immutable, so a caller that keeps unchanged
+    groups between decisions saves the per-request sums. Pure in effect."""
+    key = (id(group), id(also), what)
     hit = _memo.get(key)
-    if hit is not None and hit[0] is group:
-        return hit[1]
+    if hit is not None and hit[0] is group and hit[1] is also:
+        return hit[2]
     value = compute()
     if len(_memo) >= _MEMO_LIMIT:
         _memo.clear()
-    _memo[key] = (group, value)
+    _memo[key] = (group, also, value)
     return value
 
 
@@ -107,27 +109,17 @@ def steady_throughput(profile: PerfProfile, expected_output_tokens: int) -> floa
     return profile.decode_tokens_per_s(batch, TYPICAL_PROMPT_TOKENS + expected_output_tokens / 2)
 
 
-_work_memo: dict[tuple[int, int, int], tuple[RequestGroup, PerfProfile, float]] = {}
-
-
 def group_work_s(group: RequestGroup, profile: PerfProfile, expected_output_tokens: int) -> float:
     """Seconds of worker time the group needs: its prefills plus its expected decode tokens
     (memoised per group and profile object: dispatch asks it of every group per decision)."""
-    key = (id(group), id(profile), expected_output_tokens)
-    hit = _work_memo.get(key)
-    if hit is not None and hit[0] is group and hit[1] is profile:
-        return hit[2]
-    context, tokens = _memoised(
-        group,
-        f"tokens/{expected_output_tokens}",
-        lambda: _group_tokens(group, expected_output_tokens),
-    )
-    prefill = group.size * profile.prefill_s(round(context / group.size))
-    work = float(prefill + tokens / steady_throughput(profile, expected_output_tokens))
-    if len(_work_memo) >= _MEMO_LIMIT:
-        _work_memo.clear()
-    _work_memo[key] = (group, profile, work)
-    return work
+    def work() -> float:
+        context, tokens = _memoised(group, ("tokens", expected_output_tokens),
+                                    lambda: _group_tokens(group, expected_output_tokens))
+        prefill = group.size * profile.prefill_s(round(context / group.size))
+        return float(prefill + tokens / steady_throughput(profile, expected_output_tokens))
+
+    work_s: float = _memoised(group, ("work", expected_output_tokens), work, also=profile)
+    return work_s
 
 
 def _group_tokens(group: RequestGroup, expected_output_tokens: int) -> tuple[int, int]:
