@@ -156,19 +156,18 @@ class VirtualTokenCounters:
                 charged = running.get(request_id)
                 if charged is None:
                     charged = departed.pop(request_id, None)
-                # charge() inlined (every running request moves at every snapshot; the
-                # amounts here are never negative)
-                if charged is None:  # first seen: charge its prompt, and what it made already
-                    flow = (request.slo_class, request.tenant)
-                    counters[flow] = counters.get(flow, 0.0) + cost(request.prompt_tokens,
-                                                                     generated)
-                    running[request_id] = generated
+                if charged is None:  # first seen: its prompt, and what it made already
+                    prompt, charged = request.prompt_tokens, 0
                 elif generated > charged:
-                    flow = (request.slo_class, request.tenant)
-                    counters[flow] = counters.get(flow, 0.0) + cost(0, generated - charged)
-                    running[request_id] = generated
+                    prompt = 0
                 else:
                     running[request_id] = charged
+                    continue
+                # charge() inlined (every running request moves at every snapshot; the
+                # amounts here are never negative)
+                flow = (request.slo_class, request.tenant)
+                counters[flow] = counters.get(flow, 0.0) + cost(prompt, generated - charged)
+                running[request_id] = generated
         before.extend(views.values())  # workers no longer in the snapshot
         for view in before:
             for run in view:

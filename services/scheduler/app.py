@@ -213,16 +213,15 @@ class SchedulerApp:
             elif topic == self.topics.events:
                 event = Event.from_json(value)
                 self.roster.on_event(event)
-                if (event.type == "finished" and event.num_output_tokens
-                        and event.slo_class is not None and self.loop.forecaster is not None):
-                    self.loop.forecaster.on_finished(event.model, SLOClass(event.slo_class),
-                                                     event.num_output_tokens)
-                if (event.type == "finished" and event.request_id is not None
-                        and event.slo_class is not None):
-                    self.loop.note_finished(
-                        event.request_id, SLOClass(event.slo_class), event.tenant or
-                        DEFAULT_TENANT, event.num_prompt_tokens or 0,
-                        event.num_output_tokens or 0)
+                if event.type == "finished" and event.slo_class is not None:
+                    slo_class = SLOClass(event.slo_class)
+                    if event.num_output_tokens and self.loop.forecaster is not None:
+                        self.loop.forecaster.on_finished(event.model, slo_class,
+                                                         event.num_output_tokens)
+                    if event.request_id is not None:
+                        self.loop.note_finished(
+                            event.request_id, slo_class, event.tenant or DEFAULT_TENANT,
+                            event.num_prompt_tokens or 0, event.num_output_tokens or 0)
                 if event.type in WAKING_EVENTS:
                     self.wake()
         except InvalidInput as error:

@@ -424,8 +424,7 @@ class SchedulingLoop:
         at = time.monotonic()
         if not force and at - self._state_saved_at < self.state_interval_s:
             return False
-        if not self.decide_in_thread or force:  # no decision runs now (force: stopping)
-            self._charge_finished()
+        self._charge_finished()  # no decision runs now: after a step's, or stopped
         fence = self.lease.fence
         saved = {"fence": fence, "saved_at": self.clock(), "state": policy_state(self.policy)}
         try:
