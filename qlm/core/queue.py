@@ -125,7 +125,6 @@ class QueueIndex:
             self._all = tuple(group(key) for _, _, key in self._order)
         return self._all
 
-
     def queued_ids(self) -> QueuedIds:
         """Which ids :meth:`groups` holds now (a :class:`~qlm.core.types.QueuedIndex` for a
         snapshot of them), by lookups in this index instead of a pass over the groups."""
