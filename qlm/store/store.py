@@ -970,11 +970,17 @@ class _RunningRequests:
     no record of a request already known is read again, and a worker's tuple of running
     requests stays the same object (the policies memoise by it) while none of them
     changed. The records of new ids are read while the known ones are folded
-    (:meth:`new_ids`, :meth:`fold`, :meth:`add`)."""
+    (:meth:`new_ids`, :meth:`fold`, :meth:`add`).
+
+    A running request that only progressed (every one, every step, while it generates)
+    is rebuilt from the one before with its new ``num_generated`` alone
+    (:meth:`Request.with_generated <qlm.core.types.Request.with_generated>`): its start
+    and first token are parsed again only when their text moved."""
 
     def __init__(self) -> None:
-        #: id → (its moving fields joined by '|', as the script returns them; the request)
-        self._known: dict[str, tuple[str, RunningRequest]] = {}
+        #: id → (its moving fields joined by '|', as the script returns them; of that row,
+        #: the ``arrival_at`` and the ``started_at|first_token_at`` texts; the request)
+        self._known: dict[str, tuple[str, str, str, RunningRequest]] = {}
         self._by_worker: dict[str, tuple[RunningRequest, ...]] = {}
 
     def new_ids(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
@@ -993,24 +999,33 @@ class _RunningRequests:
         gone; returns the known ids whose record was replaced (the id reused after its
         record expired), to read whole too (then :meth:`add`)."""
         known = self._known
-        fresh: dict[str, tuple[str, RunningRequest]] = {}
+        fresh: dict[str, tuple[str, str, str, RunningRequest]] = {}
         unknown = []
         for _, _, ids, rows in workers_raw:
             for request_id, row in zip(ids, rows, strict=True):
-                if row is False:  # no record (expired): no group or worker shows it
-                    continue
                 entry = known.get(request_id)
-                if entry is None:  # new: read by the caller (new_ids)
+                if entry is None or row is False:  # new (new_ids), or no record (expired)
                     continue
-                seen = entry[0]
-                if seen == row:  # nothing moved
+                if entry[0] == row:  # nothing moved
                     fresh[request_id] = entry
                     continue
-                moving = row.split("|")
-                if seen.partition("|")[0] != moving[0]:  # reused after its record expired
+                arrival_at, generated, since = row.split("|", 2)
+                if arrival_at != entry[1]:  # reused after its record expired
                     unknown.append(request_id)
-                else:
-                    fresh[request_id] = (row, _moved(entry[1], moving))
+                    continue
+                running = entry[3]
+                request = running.request
+                num_generated = int(generated)
+                if num_generated != request.num_generated:
+                    request = request.with_generated(num_generated)
+                if since == entry[2]:
+                    running = RunningRequest(request, running.started_at,
+                                             running.first_token_at)
+                else:  # pulled again, or its first token came
+                    started_at, _, first_token_at = since.partition("|")
+                    running = RunningRequest(request, float(started_at),
+                                             float(first_token_at) if first_token_at else None)
+                fresh[request_id] = (row, arrival_at, since, running)
         self._known = fresh
         return unknown
 
@@ -1021,7 +1036,9 @@ class _RunningRequests:
             if row[0] is not False:
                 fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
                 moving = "|".join(fields[f] or "" for f in RUNNING_CHANGING_FIELDS)
-                self._known[request_id] = (moving, _running_from_fields(fields))
+                arrival_at, _, rest = moving.partition("|")
+                self._known[request_id] = (moving, arrival_at, rest.partition("|")[2],
+                                           _running_from_fields(fields))
 
     def by_worker(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
                   ) -> dict[str, tuple[RunningRequest, ...]]:
@@ -1029,7 +1046,7 @@ class _RunningRequests:
         known, before = self._known, self._by_worker
         out = {}
         for worker, _, ids, _ in workers_raw:
-            running = tuple([known[i][1] for i in sorted(ids) if i in known])
+            running = tuple([known[i][3] for i in sorted(ids) if i in known])
             previous = before.get(worker)
             if previous is not None and len(previous) == len(running) and all(
                     a is b for a, b in zip(previous, running, strict=True)):
@@ -1037,18 +1054,6 @@ class _RunningRequests:
             out[worker] = running
         self._by_worker = out
         return out
-
-
-def _moved(before: RunningRequest, now: Sequence[str]) -> RunningRequest:
-    """``before`` with the moving fields ``now`` (:data:`RUNNING_CHANGING_FIELDS`, the same
-    ``arrival_at``)."""
-    request = before.request
-    num_generated = int(now[1])
-    if num_generated != request.num_generated:  # progress: the same request, further on
-        request = Request(request.id, request.model, request.prompt_tokens,  # positional:
-                          request.max_tokens, request.slo_class, request.slo,  # one per
-                          request.arrival_at, request.tenant, num_generated)  # running id
-    return RunningRequest(request, float(now[2]), float(now[3]) if now[3] else None)
 
 
 def _running_from_fields(fields: Mapping[str, str]) -> RunningRequest:
