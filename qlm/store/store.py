@@ -22,6 +22,7 @@ holds, :class:`~qlm.core.errors.Unavailable` when Redis does not answer.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import time
@@ -553,18 +554,18 @@ class RedisQueueStore:
 
     async def snapshot(self) -> StoreSnapshot:
         """Queued groups with their requests, each worker's running requests and
-        virtual queue: one atomic script for membership and the running requests'
-        moving fields, then, when any id is new, one pipelined round trip of record
-        reads (1,000 records per script call).
+        virtual queue: one atomic script for membership, the running requests' moving
+        fields and the records of the ids that changed.
 
         The membership is kept between snapshots (:mod:`qlm.store.mirror`): the script
         returns only what the queue log says changed since this store's previous
-        snapshot, and only the records of ids that entered a group since, or started
-        running, are read whole (a running request already known is updated from the
-        fields the script returned: :class:`_RunningRequests`). A group that did not
-        change is the same :class:`RequestGroup` object as in the previous snapshot.
-        The first snapshot, and one after the log was trimmed past the previous one or
-        disagrees with the groups' sizes, reads the membership whole. The snapshot's
+        snapshot, with the whole records of the ids that entered a group since, or
+        started running (a running request already known is updated from the fields
+        the script returned: :class:`_RunningRequests`); one round trip in all. A group
+        that did not change is the same :class:`RequestGroup` object as in the previous
+        snapshot. The first snapshot, and one after the log was trimmed past the previous
+        one or disagrees with the groups' sizes, reads the membership whole, then every
+        record in pipelined round trips (1,000 records per script call). The snapshot's
         ``queued_ids`` answers from the mirror which ids are queued."""
         async with self._snapshot_lock:  # one fold of the log at a time
             return await self._snapshot()
@@ -573,41 +574,31 @@ class RedisQueueStore:
         mirror = self._mirror
         with _redis_errors():
             after = "" if mirror.position is None else str(mirror.position)
-            position, changes, groups_raw, workers_raw = await self._membership(after)
+            position, changes, groups_raw, workers_raw, records = await self._membership(after)
             if changes is not False:
                 mirror.apply(position, changes)
                 if not mirror.agrees(groups_raw):
                     log.warning("queue_log_disagrees", position=position,
                                 num_members=mirror.num_members)
-                    position, changes, groups_raw, workers_raw = await self._membership("")
+                    position, changes, groups_raw, workers_raw, records = (
+                        await self._membership(""))
             if changes is False:
                 mirror.reset(position, groups_raw)
             unread = mirror.unread()
             running = self._running
             new_ids = running.new_ids(workers_raw)
-            queued_rows: list[list[Any]] = []
-            new_rows: list[list[Any]] = []
-            reading = None
-            if unread or new_ids:  # sent before the fold, which runs while Redis reads
-                reading = asyncio.ensure_future(self._read_rows([
-                    (unread, SCHEDULING_FIELDS), (new_ids, SCHEDULING_FIELDS)]))
-                await asyncio.sleep(0)
-            try:
-                reused = running.fold(workers_raw)
-            except BaseException:
-                if reading is not None:
-                    reading.cancel()
-                raise
-            if reading is not None:
-                queued_rows, new_rows = await reading
-            if reused:  # ids whose record was replaced (expired, then reused): read whole
-                [reused_rows] = await self._read_rows([(reused, SCHEDULING_FIELDS)])
-                new_ids, new_rows = [*new_ids, *reused], [*new_rows, *reused_rows]
-            running.add(new_ids, new_rows)
+            new_ids += running.fold(workers_raw)  # and the known ids whose record was replaced
+            # the script returned the records of the ids its changes name; read the others
+            # (all of them after a whole read of the membership)
+            missing = [i for i in itertools.chain(unread, new_ids) if i not in records]
+            if missing:
+                [rows] = await self._read_rows([(missing, SCHEDULING_FIELDS)])
+                records = {**records, **dict(zip(missing, rows, strict=True))}
+        running.add(new_ids, [records[i] for i in new_ids])
         mirror.fill({
             request_id: request_from_fields(dict(zip(SCHEDULING_FIELDS, row, strict=True)))
             if row[0] is not False else None
-            for request_id, row in zip(unread, queued_rows, strict=True)
+            for request_id, row in ((i, records[i]) for i in unread)
         })
         virtual_queues = {
             worker: tuple(map(mirror.key, order)) for worker, order, _, _ in workers_raw
@@ -620,23 +611,26 @@ class RedisQueueStore:
             queued_ids=mirror.queued_ids(groups),
         )
 
-    async def _membership(self, after: str) -> tuple[int, Any, list[Any], list[Any]]:
+    async def _membership(self, after: str
+                          ) -> tuple[int, Any, list[Any], list[Any], dict[str, list[Any]]]:
         """The snapshot script's reply (``qlm/store/lua/snapshot.lua``): the log position,
         the changes after ``after`` (False: ``groups`` holds the ids), the groups in
         index order, the workers with their virtual queue, running ids and the
-        :data:`RUNNING_CHANGING_FIELDS` of each."""
+        :data:`RUNNING_CHANGING_FIELDS` of each, and the :data:`SCHEDULING_FIELDS` of the
+        ids the changes queued or started running (id → values)."""
         reply = await self._scripts.snapshot(
             keys=[self.keys.groups, self.keys.workers, self.keys.queue_log],
-            args=[self.keys.prefix, after, *RUNNING_CHANGING_FIELDS],
+            args=[self.keys.prefix, after, str(len(RUNNING_CHANGING_FIELDS)),
+                  *RUNNING_CHANGING_FIELDS, *SCHEDULING_FIELDS],
         )
-        position, changes, groups_raw, workers_raw = json.loads(reply)
+        position, changes, groups_raw, workers_raw, records = json.loads(reply)
         if changes is not False:
             changes = _json_list(changes)
         else:
             groups_raw = [(group, _json_list(ids)) for group, ids in _json_list(groups_raw)]
         workers = [(w, _json_list(vq), _json_list(run), _json_list(rows))
                    for w, vq, run, rows in _json_list(workers_raw)]
-        return int(position), changes, _json_list(groups_raw), workers
+        return int(position), changes, _json_list(groups_raw), workers, records or {}
 
     async def _read_rows(
         self, reads: Sequence[tuple[Sequence[str], Sequence[str]]]
@@ -969,8 +963,7 @@ class _RunningRequests:
     ids to read whole (started running since, or reused after their record expired), so
     no record of a request already known is read again, and a worker's tuple of running
     requests stays the same object (the policies memoise by it) while none of them
-    changed. The records of new ids are read while the known ones are folded
-    (:meth:`new_ids`, :meth:`fold`, :meth:`add`).
+    changed (:meth:`new_ids`, :meth:`fold`, then :meth:`add` with the records of both).
 
     A running request that only progressed (every one, every step, while it generates)
     is rebuilt from the one before with its new ``num_generated`` alone
@@ -986,7 +979,7 @@ class _RunningRequests:
     def new_ids(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
                 ) -> list[str]:
         """The running ids (of ``workers_raw``, the snapshot script's workers) not known
-        yet: their records are read whole (then :meth:`add`), while :meth:`fold` runs."""
+        yet: their records are read whole (then :meth:`add`)."""
         known = self._known
         return [request_id for _, _, ids, rows in workers_raw
                 for request_id, row in zip(ids, rows, strict=True)
@@ -1067,7 +1060,7 @@ def _running_from_fields(fields: Mapping[str, str]) -> RunningRequest:
 
 def _json_list(value: Any) -> list[Any]:
     """A list from a script's JSON, where cjson writes an empty list as ``{}``."""
-    return list(value) if value else []
+    return value if value else []
 
 
 def _chunk_from_entry(entry_id: str, fields: Mapping[str, str]) -> TokenChunk:
