@@ -460,7 +460,7 @@ class RedisQueueStore:
         lease (checked inside the script), else FenceLost and nothing is written; with a
         fence and no worker, only the check."""
         workers = [require_id(w, "worker_id") for w in orders]
-        flat: list[str] = []
+        texts: list[list[str]] = []
         for worker in workers:
             order = orders[worker]
             for group in order:
@@ -468,13 +468,12 @@ class RedisQueueStore:
                     raise InvalidInput("order", f"worker {worker!r}: not a GroupKey: {group!r}")
             if len(set(order)) != len(order):
                 raise InvalidInput("order", f"worker {worker!r}: a group appears twice")
-            flat.extend(str(g) for g in order)
+            texts.append([str(g) for g in order])
         if not workers and not fence:
             return
         keys = [*(self.keys.virtual_queue(w) for w in workers), self.keys.workers,
                 self.keys.scheduler_fence]
-        args = [str(len(workers)), *workers, *(str(len(orders[w])) for w in workers), *flat,
-                str(fence)]
+        args = [str(len(workers)), *workers, json.dumps(texts, ensure_ascii=False), str(fence)]
         with _redis_errors():
             written = await self._scripts.set_virtual_queues(keys=keys, args=args)
         if int(written) < 0:
