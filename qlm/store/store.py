@@ -585,8 +585,7 @@ class RedisQueueStore:
                 mirror.reset(position, groups_raw)
             unread = mirror.unread()
             running = self._running
-            new_ids = running.new_ids(workers_raw)
-            new_ids += running.fold(workers_raw)  # and the known ids whose record was replaced
+            new_ids = running.fold(workers_raw)
             # the script returned the records of the ids its changes name; read the others
             # (all of them after a whole read of the membership)
             missing = [i for i in itertools.chain(unread, new_ids) if i not in records]
@@ -962,7 +961,7 @@ class _RunningRequests:
     ids to read whole (started running since, or reused after their record expired), so
     no record of a request already known is read again, and a worker's tuple of running
     requests stays the same object (the policies memoise by it) while none of them
-    changed (:meth:`new_ids`, :meth:`fold`, then :meth:`add` with the records of both).
+    changed (:meth:`fold`, then :meth:`add` with the records of the ids it names).
 
     A running request that only progressed (every one, every step, while it generates)
     is rebuilt from the one before with its new ``num_generated`` alone
@@ -975,28 +974,22 @@ class _RunningRequests:
         self._known: dict[str, tuple[str, str, str, RunningRequest]] = {}
         self._by_worker: dict[str, tuple[RunningRequest, ...]] = {}
 
-    def new_ids(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
-                ) -> list[str]:
-        """The running ids (of ``workers_raw``, the snapshot script's workers) not known
-        yet: their records are read whole (then :meth:`add`)."""
-        known = self._known
-        return [request_id for _, _, ids, rows in workers_raw
-                for request_id, row in zip(ids, rows, strict=True)
-                if row is not False and request_id not in known]
-
     def fold(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
              ) -> list[str]:
         """Take the moving fields of every running id already known (``workers_raw``: the
         snapshot script's workers); forget the ids no longer running or whose record is
-        gone; returns the known ids whose record was replaced (the id reused after its
-        record expired), to read whole too (then :meth:`add`)."""
+        gone; returns the ids to read whole (then :meth:`add`): those not known yet, and
+        the known ids whose record was replaced (the id reused after its record expired)."""
         known = self._known
         fresh: dict[str, tuple[str, str, str, RunningRequest]] = {}
         unknown = []
         for _, _, ids, rows in workers_raw:
             for request_id, row in zip(ids, rows, strict=True):
+                if row is False:  # no record (expired): no group or worker shows it
+                    continue
                 entry = known.get(request_id)
-                if entry is None or row is False:  # new (new_ids), or no record (expired)
+                if entry is None:  # started running since
+                    unknown.append(request_id)
                     continue
                 if entry[0] == row:  # nothing moved
                     fresh[request_id] = entry
