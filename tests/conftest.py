@@ -27,16 +27,24 @@ Each server starts once per test session, and only when a test asks for it
   session by :func:`qlm.engine.checkpoint.write_checkpoint`.
 
 Servers started here get SIGTERM if the test process dies, so none outlives a run.
+
+A test that hangs fails after pytest-timeout's ``timeout`` (pyproject.toml) instead of
+holding up the run: the stacks of every thread and of every pending asyncio task are
+printed first (:func:`pytest_timeout_set_timer`), so the log shows what it waited on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import re
+import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import NoReturn
+from types import FrameType
+from typing import Any, NoReturn
 
 import pytest
 import redis
@@ -50,6 +58,36 @@ from qlm.localstack.redis import RedisUsers
 def in_ci() -> bool:
     """Whether the tests run under CI (``CI=true``): missing servers are then failures."""
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None, Any, Any]:
+    """Around pytest-timeout's SIGALRM handler: print the pending asyncio tasks' stacks
+    before it prints the threads' and fails the test. A hung async test sits in the
+    event loop's select(), where thread stacks alone say nothing of what it awaits."""
+    result = yield
+    inner = signal.getsignal(signal.SIGALRM) if settings.method == "signal" else None
+    if callable(inner):
+        def dump_tasks_then_fail(signum: int, frame: FrameType | None) -> None:
+            __tracebackhide__ = True
+            _print_pending_tasks(item)
+            inner(signum, frame)
+
+        signal.signal(signal.SIGALRM, dump_tasks_then_fail)
+    return result
+
+
+def _print_pending_tasks(item: pytest.Item) -> None:
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:  # no loop running: a synchronous test
+        return
+    out = io.StringIO()
+    for task in tasks:
+        task.print_stack(file=out)
+    terminal = item.config.get_terminal_writer()
+    terminal.sep("+", title=f"Timeout: {len(tasks)} pending asyncio tasks")
+    terminal.write(out.getvalue())
 
 
 def server_unavailable(reason: str) -> NoReturn:

@@ -57,13 +57,13 @@ i.e. what the real GPU would take. The clock is injected (the loop's by default)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from qlm.aio import cancel_and_wait
 from qlm.core.errors import InvalidInput, NotFound
 from qlm.core.perf import PerfProfile
 from qlm.engine.base import EngineRequest, EngineStats, FinishReason, OutputChunk, Progress
@@ -262,9 +262,7 @@ class SimulatedEngine:
         for request_id in list(self._seqs):
             self._end(self._seqs[request_id], "abort")
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
         if self._deliveries:  # chunks still on their way (at most one output latency)
             await asyncio.gather(*self._deliveries, return_exceptions=True)

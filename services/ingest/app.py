@@ -25,6 +25,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from qlm.aio import cancel_and_wait
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import admitted_event_json
 from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
@@ -252,9 +253,7 @@ class IngestApp:
     async def stop(self) -> None:
         """Graceful: stop taking work, drain, close (module docstring)."""
         if self._depth_task is not None:
-            self._depth_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._depth_task
+            await cancel_and_wait([self._depth_task])
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
         if self.batch_driver is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
+from qlm.aio import cancel_and_wait
 from qlm.bus.consumer import BusConsumer
 from qlm.bus.producer import BusProducer
 from qlm.bus.records import DeadLetter
@@ -202,9 +203,7 @@ class BatchIngest:
 
     async def stop(self) -> None:
         if self._drainer is not None:
-            self._drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drainer
+            await cancel_and_wait([self._drainer])
         await self.consumer.stop()
         if self._task is not None:
             with contextlib.suppress(Exception):

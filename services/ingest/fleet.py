@@ -15,11 +15,11 @@ A new ingest process knows a worker after its first telemetry record (one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from qlm.aio import cancel_and_wait
 from qlm.bus.records import Event, Telemetry
 from qlm.bus.security import PLAINTEXT, KafkaAuth
 from qlm.bus.tail import TopicTail
@@ -112,6 +112,4 @@ class Fleet:
     async def stop(self) -> None:
         await self._tail.stop()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait([self._task])

@@ -17,7 +17,6 @@ the store and the producer (drain).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -25,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from qlm.aio import cancel_and_wait
 from qlm.api.v1 import qlm_pb2, qlm_pb2_grpc
 from qlm.log import get_logger
 from services.common.auth import Authenticator, AuthInterceptor
@@ -107,9 +107,7 @@ class IngestServer:
         """Health NOT_SERVING → stop taking calls → let calls in flight finish (grace)."""
         self._stopping = True
         if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+            await cancel_and_wait([self._health_task])
         await self.health.enter_graceful_shutdown()
         log.info("ingest_stopping", grace_s=grace_s)
         await self.server.stop(grace_s)

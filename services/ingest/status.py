@@ -28,13 +28,13 @@ Redis.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from qlm.aio import cancel_and_wait
 from qlm.bus.records import Event, Telemetry
 from qlm.log import get_logger
 from qlm.store.store import RedisQueueStore
@@ -171,9 +171,7 @@ class StatusBoard:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
 
     # -------------------------------------------------------------- view
     def snapshot(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import redis.exceptions
 from redis.asyncio import Redis, RedisCluster
 
+from qlm.aio import cancel_and_wait
 from qlm.log import get_logger
 from qlm.store.client import cluster_node_url, is_cluster_url
 from qlm.store.keys import Keys
@@ -103,9 +104,7 @@ class QueueWatcher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
         if self._pubsub is not None:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self._pubsub.aclose()

@@ -215,9 +215,7 @@ class Worker:
         await self._streams.close()
         await self._outbox.join()
         if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+            await cancel_and_wait([self._sender])
         log.info("worker_stopped", worker=self.id)
 
     # ================================================================ pull
@@ -390,16 +388,25 @@ class Worker:
         arrived = asyncio.Event()
 
         async def pump() -> None:
-            async for chunk in stream:
-                pending.append(chunk)
+            try:
+                async for chunk in stream:
+                    pending.append(chunk)
+                    arrived.set()
+            finally:  # the stream's end or error wakes the writer too
                 arrived.set()
 
         pump_task = asyncio.create_task(pump(), name=f"pump-{run.id}")
         try:
             with request_context(request_id=run.id):
                 while True:
-                    await arrived.wait()
-                    arrived.clear()
+                    if not pending:
+                        if pump_task.done():  # no finish reason will come: fail the request
+                            pump_task.result()  # the engine's error, if it raised one
+                            raise RuntimeError("the engine's output stream ended without "
+                                               "a finish reason")
+                        await arrived.wait()
+                        arrived.clear()
+                        continue
                     chunks, pending[:] = list(pending), []
                     if not await self._write(run, chunks):
                         return
@@ -423,9 +430,7 @@ class Worker:
                 await self._fail(run.record, f"worker error: {error!r}", run)
             self._forget(run, "failed")
         finally:
-            pump_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump_task
+            await cancel_and_wait([pump_task])
             run.done.set()
 
     async def _write(self, run: _Running, chunks: list[OutputChunk]) -> bool:

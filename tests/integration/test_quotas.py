@@ -28,6 +28,7 @@ from qlm.tenants import (
 )
 from services.ingest.app import IngestApp
 from services.ingest.openai.batches import request_id_for
+from services.ingest.quotas import QuotaGate
 from services.ingest.settings import IngestSettings
 from tests.integration.test_ingest import read_topic
 from tests.integration.test_tenants import (  # noqa: F401
@@ -54,6 +55,17 @@ async def ingest(redis_url: str, kafka_bootstrap: str,
     await app.start()
     yield app
     await app.stop()
+
+
+def mid_minute(app: IngestApp) -> float:
+    """Pin ``app``'s quota clock 20 s into the current minute, so that a test of the
+    tokens-per-minute window (a wall-clock minute) never straddles two of them however
+    slow the machine; returns the pinned time."""
+    gate = app.plane.quotas
+    assert isinstance(gate, QuotaGate)
+    pinned = time.time() // 60 * 60 + 20.0
+    gate.clock = lambda: pinned
+    return pinned
 
 
 def grpc_client(app: IngestApp, key: str) -> Any:
@@ -100,17 +112,14 @@ async def test_tokens_per_minute_refuses_with_the_seconds_to_the_next_minute(
 ) -> None:
     import openai
 
-    # The window is the wall-clock minute: start where the whole test fits in one.
-    into_minute = time.time() % 60
-    if into_minute > 40:
-        await asyncio.sleep(60.5 - into_minute)
+    pinned = mid_minute(ingest)
     key = await tenants.add("metered")
     await tenants.set_limits("metered", TenantLimits(tokens_per_minute=300))
     async with grpc_client(ingest, key) as client:
         await client.submit(good(request_id="t1", max_tokens=200))  # ~205 tokens
         with pytest.raises(Overloaded) as caught:
             await client.submit(good(request_id="t2", max_tokens=200))
-        assert 0 < caught.value.retry_after_s <= 60
+        assert caught.value.retry_after_s == pytest.approx(60 - pinned % 60)  # to the next minute
         assert caught.value.details.get("quota") == "tokens_per_minute"
         await client.submit(good(request_id="t3", max_tokens=50))  # still fits
     http = openai_client(ingest, key)
@@ -120,7 +129,7 @@ async def test_tokens_per_minute_refuses_with_the_seconds_to_the_next_minute(
             extra_body={"background": True, "slo_class": "batch-1"})
     assert limited.value.status_code == 429
     assert limited.value.body["code"] == "rate_limit_exceeded"
-    assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
+    assert limited.value.response.headers["retry-after"] == "40"
 
 
 # ------------------------------------------------------------------ batch lines
@@ -218,6 +227,7 @@ async def test_kafka_batch_records_over_quota_wait_parked_and_hold_up_no_one(
     assert "kq" not in await app.consumer.parking.tenants()
 
     await tenants.set_limits("kq", TenantLimits(tokens_per_minute=300))
+    mid_minute(app)
     await _produce_signed(app, key, "kq", [good(request_id="t1", max_tokens=200),
                                            good(request_id="t2", max_tokens=200)])
     tokens = [scoped_id("kq", "t1"), scoped_id("kq", "t2")]

@@ -599,3 +599,54 @@ async def test_evicted_text_request_resumes_where_its_text_stopped(
     assert final is RequestState.FINISHED
     assert text == prompt  # nothing lost or repeated across the eviction
     assert len(tokens) == record.request.num_generated
+
+
+class _BreaksAfterFirstChunk:
+    """A simulated engine whose output stream raises after its first chunk, as vLLM's
+    does when its engine process dies mid-request."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def add(self, request: Any) -> AsyncIterator[Any]:
+        async for chunk in self._engine.add(request):
+            yield chunk
+            raise RuntimeError("engine core died")
+
+
+async def test_an_engine_stream_that_breaks_fails_its_request_and_the_worker_goes_on(
+    store: RedisQueueStore, kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    """The request whose stream raised is failed (not left running forever under a lease
+    the worker keeps renewing), and the worker still drains and stops."""
+    from qlm.bus.topics import ensure_topics, topic_specs
+    from qlm.core.perf import PROFILE_DIR, ProfileBook
+    from qlm.engine.simulated import SimulatedEngine
+    from services.worker.metrics import WorkerMetrics
+    from services.worker.worker import Worker, WorkerOptions
+
+    topics = TopicNames(topic_prefix)
+    await ensure_topics(kafka_bootstrap, topic_specs(topics))
+    profile = ProfileBook.load(PROFILE_DIR).get(MODEL, GPU)
+    engine = _BreaksAfterFirstChunk(SimulatedEngine([profile], time_scale=0.05))
+    async with BusProducer(kafka_bootstrap, client_id="t-broken") as producer:
+        worker = Worker("w1", engine, store, producer, topics,  # type: ignore[arg-type]
+                        {MODEL: profile}, WorkerMetrics(),
+                        WorkerOptions(pull_interval_s=0.05))
+        await worker.start()
+        try:
+            await enqueue(store, "w1", [make_request("broken", max_tokens=50)])
+
+            async def ended() -> RequestRecord | None:
+                record = await store.get("broken")
+                return record if record.state.is_terminal else None
+
+            record = await wait_for(ended, timeout_s=20, what="the request to end")
+        finally:
+            await worker.drain(grace_s=1.0)
+    assert record.state is RequestState.FAILED
+    assert "engine core died" in record.error
+    assert not worker.running

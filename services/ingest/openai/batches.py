@@ -59,6 +59,7 @@ from typing import Any, Final
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
+from qlm.aio import cancel_and_wait
 from qlm.core.errors import InvalidInput, NotFound, QlmError, QuotaExceeded, UnknownModel
 from qlm.core.types import RequestState, SLOClass
 from qlm.log import get_logger
@@ -489,9 +490,7 @@ class BatchDriver:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
         if self._holding:
             with contextlib.suppress(Exception):
                 await self._lock.release()
