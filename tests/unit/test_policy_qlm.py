@@ -276,16 +276,16 @@ def test_the_eviction_lookahead_stops_at_a_group_it_cannot_bring_in_on_time() ->
 
 
 def test_evictions_count_the_decode_time_that_prompts_ahead_take() -> None:
-    """Two 40k-token prompts take ~7.8 s to prefill, all of their 7.5 s SLO: the running
-    interactive request two tokens from its end frees no slot in time, because vLLM mixes
-    those prompt chunks into its decode steps. With ``evict_prefill_aware`` (the default)
-    both slots come from batch work."""
+    """Two 40k-token prompts take ~7.8 s to prefill, nearly all of their 8 s SLO: the
+    running interactive request two tokens from its end frees no slot in time, because
+    vLLM mixes those prompt chunks into its decode steps. With ``evict_prefill_aware``
+    (the default) both slots come from batch work."""
     running = list(busy_worker(interactive_running=False).running[:3])
     running.append(RunningRequest(request("inter-run", "A", -1.0, 20.0, SLOClass.INTERACTIVE,
                                           max_tokens=12, num_generated=10),
                                   started_at=-0.5, first_token_at=-0.4))
     full = worker("w0", ("A",), "A", running=tuple(running), max_batch=4)
-    long_prompts = [Request(f"i{k}", "A", 40_000, 100, SLOClass.INTERACTIVE, SLO(7.5), 0.0)
+    long_prompts = [Request(f"i{k}", "A", 40_000, 100, SLOClass.INTERACTIVE, SLO(8.0), 0.0)
                     for k in range(2)]
     snap = QueueSnapshot(0.0, group_requests(long_prompts, 1.0), (full,))
     aware = make_policy("qlm").decide(snap, PolicyContext(slow_book()))  # the default
@@ -293,6 +293,24 @@ def test_evictions_count_the_decode_time_that_prompts_ahead_take() -> None:
     plain = QlmPolicy(evict_prefill_aware=False, evict_rate_credit=1.0).decide(
         snap, PolicyContext(slow_book()))
     assert [e.request_id for e in plain.evictions] == ["batch0"]
+
+
+def test_the_head_group_is_provided_for_only_as_far_as_its_prompts_can_be_prefilled() -> None:
+    """A 40k-token prompt takes ~3.9 s to prefill: of two due at 6 s only the first can be
+    ready in time, so one slot is freed for the group, not two; due at 3 s neither can,
+    and nothing is evicted (each eviction would pay a re-prefill for a miss)."""
+    full = busy_worker(interactive_running=False)
+
+    def evictions(ttft_s: float) -> list[str]:
+        reqs = [Request(f"i{k}", "A", 40_000, 100, SLOClass.INTERACTIVE, SLO(ttft_s), 0.0)
+                for k in range(2)]
+        snap = QueueSnapshot(0.0, group_requests(reqs, 1.0), (full,))
+        decision = make_policy("qlm").decide(snap, PolicyContext(slow_book()))
+        return [e.request_id for e in decision.evictions]
+
+    assert evictions(8.0) == ["batch0", "batch1"]
+    assert evictions(6.0) == ["batch0"]
+    assert evictions(3.0) == []
 
 
 def test_a_late_group_goes_ahead_of_groups_with_slack_not_of_tight_ones() -> None:

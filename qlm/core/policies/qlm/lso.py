@@ -45,7 +45,10 @@ def plan_evictions(pc: PlanningContext, plan: Plan, options: QlmOptions) -> tupl
     TTFT SLO is settled). They keep their progress. Requests of a group's own class are
     never taken for it: they would return to a group of the same deadlines and be
     pulled right back. A group whose deadlines have all passed is never evicted for,
-    but its requests count: a pull admits them first.
+    but its requests count: a pull admits them first. The head group is provided for
+    only as far as its prompts can be prefilled before its last deadline, after those of
+    running requests still prefilling: with long prompts under overload, a slot freed
+    for a request that misses anyway costs the evicted request's re-prefill for nothing.
 
     Looking past the head group (``evict_lookahead_groups`` > 1, the default) helps
     bursts: several groups of one class arrive within a few seconds, the slots that free
@@ -122,6 +125,16 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
             break  # no profile for it here: nothing to size evictions by
         admitted += num_admitted
         total += g.size
+        need = total  # slots groups 0..k need
+        if k == 0:
+            # The head is provided for as far as its prompts can be prefilled before its
+            # last deadline (after those of running requests still prefilling): a slot
+            # freed for a request whose prompt cannot be ready in time is a re-prefill
+            # paid for nothing (long prompts under overload).
+            need = _prefillable(p, now, prompt_tokens, g.mean_prompt, g.size,
+                                g.latest_deadline_at)
+            if need == 0:
+                break
         prompt_tokens += g.size * g.mean_prompt
         if k > 0 and (total > svc.batch
                       or now + p.prefill_s(round(prompt_tokens)) > g.latest_deadline_at):
@@ -141,10 +154,24 @@ def _shortfalls(pc: PlanningContext, wi: int, order: Sequence[int], credit: floa
                     if prefill_aware else slack_s)
         per_slot_rate = credit * svc.tokens_per_s / svc.batch
         freed = _count_at_most(remaining, max(0.0, decode_s) * per_slot_rate)
-        short = min(total, svc.batch) - admitted - freed
+        short = min(need, svc.batch) - admitted - freed
         if short > 0:
             out.append((gi, short))
     return out
+
+
+def _prefillable(profile: Any, now: float, ahead_tokens: float, mean_prompt: float,
+                 size: int, deadline_at: float) -> int:
+    """How many of a group's ``size`` prompts (``mean_prompt`` tokens each) are prefilled
+    by ``deadline_at``, after ``ahead_tokens`` of prompts ahead of them, starting ``now``."""
+    lo, hi = 0, size  # the answer is in [lo, hi]; prefill time grows with the count
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if now + profile.prefill_s(round(ahead_tokens + mid * mean_prompt)) <= deadline_at:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _pull_walk(pc: PlanningContext, wi: int, order: Iterable[int]
