@@ -145,6 +145,8 @@ NOT_REGENERATED: tuple[tuple[str, str], ...] = (
     ("gpu/sim_check/*", "simulator runs of the GPU notes, each pinned to the commit and "
                         "policy options they compared (before/defaults/burst/now)"),
     ("runtime_check/before, after", "a before/after comparison of two past commits"),
+    ("step_round2/*", "bench_scheduler runs of main's code and of the second round of step "
+                      "work beside it, the same afternoon as bench_scheduler.json"),
     ("qlm/WB_paper/summary_qlm_default.json", "qlm alone on the paper cluster with the "
                                               "options of its day; qlm-WB_paper has the "
                                               "three policies at HEAD"),

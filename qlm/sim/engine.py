@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -383,7 +383,7 @@ class Simulation:
             or view.started_at != live.admitted_at
             or view.first_token_at != live.first_token_at
         ):
-            request = _with_generated(live.job.request, live.generated)
+            request = live.job.request.with_generated(live.generated)
             view = RunningRequest(request, live.admitted_at, live.first_token_at)
             self.running_views[rid] = view
         return view
@@ -759,7 +759,7 @@ class Simulation:
         live.prefilled = 0
         live.num_evictions += 1
         self.num_evictions += 1
-        live.request = replace(live.job.request, num_generated=live.generated)
+        live.request = live.job.request.with_generated(live.generated)
         if state_swap:
             live.kv_on_worker = w.id
             w.stall_s += self._kv_copy_s(w, live)
@@ -828,19 +828,6 @@ class Simulation:
             tenant=r.tenant,
             tpot_slo_s=r.slo.tpot_s,
         )
-
-
-_REQUEST_FIELDS = tuple(f.name for f in fields(Request))
-
-
-def _with_generated(request: Request, num_generated: int) -> Request:
-    """``replace(request, num_generated=...)`` without re-validation (the simulator keeps
-    ``0 <= num_generated < max_tokens``); the simulator makes many of these."""
-    clone = object.__new__(Request)
-    for name in _REQUEST_FIELDS:
-        object.__setattr__(clone, name, getattr(request, name))
-    object.__setattr__(clone, "num_generated", num_generated)
-    return clone
 
 
 class _SimEffects:

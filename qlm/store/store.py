@@ -22,6 +22,7 @@ holds, :class:`~qlm.core.errors.Unavailable` when Redis does not answer.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import time
@@ -459,7 +460,7 @@ class RedisQueueStore:
         lease (checked inside the script), else FenceLost and nothing is written; with a
         fence and no worker, only the check."""
         workers = [require_id(w, "worker_id") for w in orders]
-        flat: list[str] = []
+        texts: list[list[str]] = []
         for worker in workers:
             order = orders[worker]
             for group in order:
@@ -467,13 +468,12 @@ class RedisQueueStore:
                     raise InvalidInput("order", f"worker {worker!r}: not a GroupKey: {group!r}")
             if len(set(order)) != len(order):
                 raise InvalidInput("order", f"worker {worker!r}: a group appears twice")
-            flat.extend(str(g) for g in order)
+            texts.append([str(g) for g in order])
         if not workers and not fence:
             return
         keys = [*(self.keys.virtual_queue(w) for w in workers), self.keys.workers,
                 self.keys.scheduler_fence]
-        args = [str(len(workers)), *workers, *(str(len(orders[w])) for w in workers), *flat,
-                str(fence)]
+        args = [str(len(workers)), *workers, json.dumps(texts, ensure_ascii=False), str(fence)]
         with _redis_errors():
             written = await self._scripts.set_virtual_queues(keys=keys, args=args)
         if int(written) < 0:
@@ -553,18 +553,18 @@ class RedisQueueStore:
 
     async def snapshot(self) -> StoreSnapshot:
         """Queued groups with their requests, each worker's running requests and
-        virtual queue: one atomic script for membership and the running requests'
-        moving fields, then, when any id is new, one pipelined round trip of record
-        reads (1,000 records per script call).
+        virtual queue: one atomic script for membership, the running requests' moving
+        fields and the records of the ids that changed.
 
         The membership is kept between snapshots (:mod:`qlm.store.mirror`): the script
         returns only what the queue log says changed since this store's previous
-        snapshot, and only the records of ids that entered a group since, or started
-        running, are read whole (a running request already known is updated from the
-        fields the script returned: :class:`_RunningRequests`). A group that did not
-        change is the same :class:`RequestGroup` object as in the previous snapshot.
-        The first snapshot, and one after the log was trimmed past the previous one or
-        disagrees with the groups' sizes, reads the membership whole. The snapshot's
+        snapshot, with the whole records of the ids that entered a group since, or
+        started running (a running request already known is updated from the fields
+        the script returned: :class:`_RunningRequests`); one round trip in all. A group
+        that did not change is the same :class:`RequestGroup` object as in the previous
+        snapshot. The first snapshot, and one after the log was trimmed past the previous
+        one or disagrees with the groups' sizes, reads the membership whole, then every
+        record in pipelined round trips (1,000 records per script call). The snapshot's
         ``queued_ids`` answers from the mirror which ids are queued."""
         async with self._snapshot_lock:  # one fold of the log at a time
             return await self._snapshot()
@@ -573,41 +573,30 @@ class RedisQueueStore:
         mirror = self._mirror
         with _redis_errors():
             after = "" if mirror.position is None else str(mirror.position)
-            position, changes, groups_raw, workers_raw = await self._membership(after)
+            position, changes, groups_raw, workers_raw, records = await self._membership(after)
             if changes is not False:
                 mirror.apply(position, changes)
                 if not mirror.agrees(groups_raw):
                     log.warning("queue_log_disagrees", position=position,
                                 num_members=mirror.num_members)
-                    position, changes, groups_raw, workers_raw = await self._membership("")
+                    position, changes, groups_raw, workers_raw, records = (
+                        await self._membership(""))
             if changes is False:
                 mirror.reset(position, groups_raw)
             unread = mirror.unread()
             running = self._running
-            new_ids = running.new_ids(workers_raw)
-            queued_rows: list[list[Any]] = []
-            new_rows: list[list[Any]] = []
-            reading = None
-            if unread or new_ids:  # sent before the fold, which runs while Redis reads
-                reading = asyncio.ensure_future(self._read_rows([
-                    (unread, SCHEDULING_FIELDS), (new_ids, SCHEDULING_FIELDS)]))
-                await asyncio.sleep(0)
-            try:
-                reused = running.fold(workers_raw)
-            except BaseException:
-                if reading is not None:
-                    reading.cancel()
-                raise
-            if reading is not None:
-                queued_rows, new_rows = await reading
-            if reused:  # ids whose record was replaced (expired, then reused): read whole
-                [reused_rows] = await self._read_rows([(reused, SCHEDULING_FIELDS)])
-                new_ids, new_rows = [*new_ids, *reused], [*new_rows, *reused_rows]
-            running.add(new_ids, new_rows)
+            new_ids = running.fold(workers_raw)
+            # the script returned the records of the ids its changes name; read the others
+            # (all of them after a whole read of the membership)
+            missing = [i for i in itertools.chain(unread, new_ids) if i not in records]
+            if missing:
+                [rows] = await self._read_rows([(missing, SCHEDULING_FIELDS)])
+                records = {**records, **dict(zip(missing, rows, strict=True))}
+        running.add(new_ids, [records[i] for i in new_ids])
         mirror.fill({
             request_id: request_from_fields(dict(zip(SCHEDULING_FIELDS, row, strict=True)))
             if row[0] is not False else None
-            for request_id, row in zip(unread, queued_rows, strict=True)
+            for request_id, row in ((i, records[i]) for i in unread)
         })
         virtual_queues = {
             worker: tuple(map(mirror.key, order)) for worker, order, _, _ in workers_raw
@@ -620,23 +609,26 @@ class RedisQueueStore:
             queued_ids=mirror.queued_ids(groups),
         )
 
-    async def _membership(self, after: str) -> tuple[int, Any, list[Any], list[Any]]:
+    async def _membership(self, after: str
+                          ) -> tuple[int, Any, list[Any], list[Any], dict[str, list[Any]]]:
         """The snapshot script's reply (``qlm/store/lua/snapshot.lua``): the log position,
         the changes after ``after`` (False: ``groups`` holds the ids), the groups in
         index order, the workers with their virtual queue, running ids and the
-        :data:`RUNNING_CHANGING_FIELDS` of each."""
+        :data:`RUNNING_CHANGING_FIELDS` of each, and the :data:`SCHEDULING_FIELDS` of the
+        ids the changes queued or started running (id → values)."""
         reply = await self._scripts.snapshot(
             keys=[self.keys.groups, self.keys.workers, self.keys.queue_log],
-            args=[self.keys.prefix, after, *RUNNING_CHANGING_FIELDS],
+            args=[self.keys.prefix, after, str(len(RUNNING_CHANGING_FIELDS)),
+                  *RUNNING_CHANGING_FIELDS, *SCHEDULING_FIELDS],
         )
-        position, changes, groups_raw, workers_raw = json.loads(reply)
+        position, changes, groups_raw, workers_raw, records = json.loads(reply)
         if changes is not False:
             changes = _json_list(changes)
         else:
             groups_raw = [(group, _json_list(ids)) for group, ids in _json_list(groups_raw)]
         workers = [(w, _json_list(vq), _json_list(run), _json_list(rows))
                    for w, vq, run, rows in _json_list(workers_raw)]
-        return int(position), changes, _json_list(groups_raw), workers
+        return int(position), changes, _json_list(groups_raw), workers, records or {}
 
     async def _read_rows(
         self, reads: Sequence[tuple[Sequence[str], Sequence[str]]]
@@ -969,48 +961,56 @@ class _RunningRequests:
     ids to read whole (started running since, or reused after their record expired), so
     no record of a request already known is read again, and a worker's tuple of running
     requests stays the same object (the policies memoise by it) while none of them
-    changed. The records of new ids are read while the known ones are folded
-    (:meth:`new_ids`, :meth:`fold`, :meth:`add`)."""
+    changed (:meth:`fold`, then :meth:`add` with the records of the ids it names).
+
+    A running request that only progressed (every one, every step, while it generates)
+    is rebuilt from the one before with its new ``num_generated`` alone
+    (:meth:`Request.with_generated <qlm.core.types.Request.with_generated>`): its start
+    and first token are parsed again only when their text moved."""
 
     def __init__(self) -> None:
-        #: id → (its moving fields joined by '|', as the script returns them; the request)
-        self._known: dict[str, tuple[str, RunningRequest]] = {}
+        #: id → (its moving fields joined by '|', as the script returns them; of that row,
+        #: the ``arrival_at`` and the ``started_at|first_token_at`` texts; the request)
+        self._known: dict[str, tuple[str, str, str, RunningRequest]] = {}
         self._by_worker: dict[str, tuple[RunningRequest, ...]] = {}
-
-    def new_ids(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
-                ) -> list[str]:
-        """The running ids (of ``workers_raw``, the snapshot script's workers) not known
-        yet: their records are read whole (then :meth:`add`), while :meth:`fold` runs."""
-        known = self._known
-        return [request_id for _, _, ids, rows in workers_raw
-                for request_id, row in zip(ids, rows, strict=True)
-                if row is not False and request_id not in known]
 
     def fold(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
              ) -> list[str]:
         """Take the moving fields of every running id already known (``workers_raw``: the
         snapshot script's workers); forget the ids no longer running or whose record is
-        gone; returns the known ids whose record was replaced (the id reused after its
-        record expired), to read whole too (then :meth:`add`)."""
+        gone; returns the ids to read whole (then :meth:`add`): those not known yet, and
+        the known ids whose record was replaced (the id reused after its record expired)."""
         known = self._known
-        fresh: dict[str, tuple[str, RunningRequest]] = {}
+        fresh: dict[str, tuple[str, str, str, RunningRequest]] = {}
         unknown = []
         for _, _, ids, rows in workers_raw:
             for request_id, row in zip(ids, rows, strict=True):
                 if row is False:  # no record (expired): no group or worker shows it
                     continue
                 entry = known.get(request_id)
-                if entry is None:  # new: read by the caller (new_ids)
+                if entry is None:  # started running since
+                    unknown.append(request_id)
                     continue
-                seen = entry[0]
-                if seen == row:  # nothing moved
+                if entry[0] == row:  # nothing moved
                     fresh[request_id] = entry
                     continue
-                moving = row.split("|")
-                if seen.partition("|")[0] != moving[0]:  # reused after its record expired
+                arrival_at, generated, since = row.split("|", 2)
+                if arrival_at != entry[1]:  # reused after its record expired
                     unknown.append(request_id)
-                else:
-                    fresh[request_id] = (row, _moved(entry[1], moving))
+                    continue
+                running = entry[3]
+                request = running.request
+                num_generated = int(generated)
+                if num_generated != request.num_generated:
+                    request = request.with_generated(num_generated)
+                if since == entry[2]:
+                    running = RunningRequest(request, running.started_at,
+                                             running.first_token_at)
+                else:  # pulled again, or its first token came
+                    started_at, _, first_token_at = since.partition("|")
+                    running = RunningRequest(request, float(started_at),
+                                             float(first_token_at) if first_token_at else None)
+                fresh[request_id] = (row, arrival_at, since, running)
         self._known = fresh
         return unknown
 
@@ -1021,7 +1021,9 @@ class _RunningRequests:
             if row[0] is not False:
                 fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
                 moving = "|".join(fields[f] or "" for f in RUNNING_CHANGING_FIELDS)
-                self._known[request_id] = (moving, _running_from_fields(fields))
+                arrival_at, _, rest = moving.partition("|")
+                self._known[request_id] = (moving, arrival_at, rest.partition("|")[2],
+                                           _running_from_fields(fields))
 
     def by_worker(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
                   ) -> dict[str, tuple[RunningRequest, ...]]:
@@ -1029,7 +1031,7 @@ class _RunningRequests:
         known, before = self._known, self._by_worker
         out = {}
         for worker, _, ids, _ in workers_raw:
-            running = tuple([known[i][1] for i in sorted(ids) if i in known])
+            running = tuple([known[i][3] for i in sorted(ids) if i in known])
             previous = before.get(worker)
             if previous is not None and len(previous) == len(running) and all(
                     a is b for a, b in zip(previous, running, strict=True)):
@@ -1037,18 +1039,6 @@ class _RunningRequests:
             out[worker] = running
         self._by_worker = out
         return out
-
-
-def _moved(before: RunningRequest, now: Sequence[str]) -> RunningRequest:
-    """``before`` with the moving fields ``now`` (:data:`RUNNING_CHANGING_FIELDS`, the same
-    ``arrival_at``)."""
-    request = before.request
-    num_generated = int(now[1])
-    if num_generated != request.num_generated:  # progress: the same request, further on
-        request = Request(request.id, request.model, request.prompt_tokens,  # positional:
-                          request.max_tokens, request.slo_class, request.slo,  # one per
-                          request.arrival_at, request.tenant, num_generated)  # running id
-    return RunningRequest(request, float(now[2]), float(now[3]) if now[3] else None)
 
 
 def _running_from_fields(fields: Mapping[str, str]) -> RunningRequest:
@@ -1062,7 +1052,7 @@ def _running_from_fields(fields: Mapping[str, str]) -> RunningRequest:
 
 def _json_list(value: Any) -> list[Any]:
     """A list from a script's JSON, where cjson writes an empty list as ``{}``."""
-    return list(value) if value else []
+    return value if value else []
 
 
 def _chunk_from_entry(entry_id: str, fields: Mapping[str, str]) -> TokenChunk:

@@ -292,6 +292,41 @@ async def whole_read(redis_url: str, clock: FakeClock) -> StoreSnapshot:
         await fresh.aclose()
 
 
+async def test_a_snapshot_after_arrivals_and_pulls_is_one_script_call(redis_url: str) -> None:
+    """The records of the ids that entered a group or started running since the previous
+    snapshot come with the membership, in the same script: no second round trip."""
+    clock = FakeClock(T0 + 1000)
+    store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    program = Program(store, raw, clock)
+    try:
+        await program.enqueue(20, 0, SLOClass.BATCH_1, 5)
+        (group,) = (await store.snapshot()).groups
+        await store.set_virtual_queue("w0", [group.key])
+        pulled = await store.pull("w0", MODELS[0], 3)
+        await program.enqueue(2, 1, SLOClass.INTERACTIVE, 0)
+
+        calls = await count_script_calls(raw)
+        snap = await store.snapshot()
+        assert await count_script_calls(raw) - calls == 1
+        assert {r.request.id for r in snap.running["w0"]} == {p.request.id for p in pulled}
+        assert sum(g.size for g in snap.groups) == 19
+        fresh = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
+        try:
+            assert snap == await fresh.snapshot()  # as a whole read of every record
+        finally:
+            await fresh.aclose()
+    finally:
+        await store.aclose()
+        await raw.aclose()
+
+
+async def count_script_calls(raw: aioredis.Redis) -> int:
+    stats = await raw.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
+               for c in ("evalsha", "eval", "evalsha_ro", "eval_ro"))
+
+
 async def count_record_reads(raw: aioredis.Redis, store: RedisQueueStore) -> int:
     """How many records were read so far (HMGET calls, counted by Redis also inside
     scripts: the snapshot reads each record with one)."""

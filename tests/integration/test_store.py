@@ -12,7 +12,7 @@ from queue_helpers import T0, WINDOW_S, FakeClock, group_of, make_request
 
 from qlm.core.errors import InvalidInput, NotFound, Unavailable
 from qlm.core.forecast import GroupForecast
-from qlm.core.types import RequestState, SLOClass
+from qlm.core.types import GroupKey, RequestState, SLOClass
 from qlm.localstack import RedisServer
 from qlm.store import (
     EnqueueResult,
@@ -350,6 +350,26 @@ async def test_snapshot_sees_progress_made_between_two_snapshots(store: RedisQue
     assert by_id["r2"] == make_request("r2")
     await store.cancel("r2")
     assert [r.id for g in (await store.snapshot()).groups for r in g.requests] == ["r1"]
+
+
+async def test_virtual_queues_are_stored_exactly_as_given(
+    store: RedisQueueStore, raw: aioredis.Redis
+) -> None:
+    """Every order is kept group for group, whatever characters the keys hold, an empty
+    order empties its queue, and the queues of other workers are left as they were."""
+    odd = [GroupKey("m|o\"d,e[l]\n", SLOClass.BATCH_1, 7, "t\u00e9nant \U0001f600|x"),
+           GroupKey("m\u00f8del", SLOClass.CUSTOM, -3), GroupKey("m", SLOClass.INTERACTIVE, 0)]
+    many = [GroupKey("m", SLOClass.BATCH_2, w) for w in range(1203)]  # RPUSH in chunks
+    await store.set_virtual_queues({"w1": odd, "w2": many, "w3": odd[:1]})
+    await store.set_virtual_queues({"w1": list(reversed(odd)), "w3": []})
+    keys = Keys()
+    assert await raw.lrange(keys.virtual_queue("w1"), 0, -1) == [str(g) for g in reversed(odd)]
+    assert await raw.lrange(keys.virtual_queue("w2"), 0, -1) == [str(g) for g in many]
+    assert not await raw.exists(keys.virtual_queue("w3"))
+    assert await raw.smembers(keys.workers) == {"w1", "w2", "w3"}
+    snap = await store.snapshot()
+    assert snap.virtual_queues["w1"] == tuple(reversed(odd))
+    assert snap.virtual_queues["w3"] == ()
 
 
 # ------------------------------------------------------------------ token streams

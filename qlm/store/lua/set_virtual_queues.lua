@@ -5,9 +5,10 @@
 -- KEYS[w+2]        scheduler:fence  the fencing token of the current leader's term
 -- ARGV[1]          w           number of workers
 -- ARGV[2 .. w+1]               worker ids
--- ARGV[w+2 .. 2w+1]            length of each worker's new order
--- ARGV[2w+2 ..]                the group keys of all orders, concatenated, head first
--- ARGV[#ARGV]      fence       the writer's fencing token ("0": no check)
+-- ARGV[w+2]        orders      JSON array: each worker's new order, an array of group
+--                              keys head first, in the order of the worker ids (one
+--                              argument: the client encodes one text, not one per group)
+-- ARGV[w+3]        fence       the writer's fencing token ("0": no check)
 --
 -- Returns the number of workers updated. An empty order deletes the list; the
 -- worker stays known. Returns -1 and writes nothing when ``fence`` is not the current
@@ -15,20 +16,18 @@
 -- the orders of the new leader, however late its write arrives.
 
 local w = tonumber(ARGV[1])
-local fence = ARGV[#ARGV]
+local fence = ARGV[w + 3]
 if fence ~= '0' and redis.call('GET', KEYS[w + 2]) ~= fence then
   return -1
 end
-local pos = 2 * w + 2
+local orders = cjson.decode(ARGV[w + 2])
 for i = 1, w do
   local vq = KEYS[i]
-  local n = tonumber(ARGV[w + 1 + i])
+  local order = orders[i]
   redis.call('DEL', vq)
-  local last = pos + n - 1
-  for j = pos, last, 500 do
-    redis.call('RPUSH', vq, unpack(ARGV, j, math.min(j + 499, last)))
+  for j = 1, #order, 500 do
+    redis.call('RPUSH', vq, unpack(order, j, math.min(j + 499, #order)))
   end
-  pos = last + 1
   redis.call('SADD', KEYS[w + 1], ARGV[1 + i])
 end
 return w
