@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 import hypothesis
@@ -217,70 +218,69 @@ async def test_incremental_snapshot_and_decisions_equal_a_whole_read(
         await raw.aclose()
 
 
-async def test_a_snapshot_reads_only_the_records_of_requests_that_entered_a_group(
-    redis_url: str,
-) -> None:
+@pytest.fixture
+async def program(redis_url: str) -> AsyncIterator[Program]:
+    """A store on a fake clock, a raw client and a program over them; closed after."""
     clock = FakeClock(T0 + 1000)
     store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
     raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    program = Program(store, raw, clock)
-    try:
-        await program.enqueue(50, 0, SLOClass.BATCH_1, 5)
-        first = await store.snapshot()
-        (group,) = first.groups
-        assert (await store.snapshot()).groups[0] is group  # unchanged: the same object
-        await store.set_virtual_queue("w0", [group.key])
-        await store.pull("w0", MODELS[0], 1)
-        await program.enqueue(1, 1, SLOClass.INTERACTIVE, 0)
-        await store.requeue("w0", group.requests[0].id, num_generated=5)
-
-        reads = await count_record_reads(raw, store)
-        snap = await store.snapshot()
-        assert await count_record_reads(raw, store) - reads == 2  # the new one, the evicted
-        assert {g.size for g in snap.groups} == {50, 1}
-        assert snap.group(group.key).requests[0].num_generated == 5
-    finally:
-        await store.aclose()
-        await raw.aclose()
+    yield Program(store, raw, clock)
+    await store.aclose()
+    await raw.aclose()
 
 
-async def test_running_rows_come_from_the_run_field_or_from_the_fields(redis_url: str) -> None:
+async def test_a_snapshot_reads_only_the_records_of_requests_that_entered_a_group(
+    program: Program,
+) -> None:
+    store, raw = program.store, program.raw
+    await program.enqueue(50, 0, SLOClass.BATCH_1, 5)
+    first = await store.snapshot()
+    (group,) = first.groups
+    assert (await store.snapshot()).groups[0] is group  # unchanged: the same object
+    await store.set_virtual_queue("w0", [group.key])
+    await store.pull("w0", MODELS[0], 1)
+    await program.enqueue(1, 1, SLOClass.INTERACTIVE, 0)
+    await store.requeue("w0", group.requests[0].id, num_generated=5)
+
+    reads = await count_record_reads(raw, store)
+    snap = await store.snapshot()
+    assert await count_record_reads(raw, store) - reads == 2  # the new one, the evicted
+    assert {g.size for g in snap.groups} == {50, 1}
+    assert snap.group(group.key).requests[0].num_generated == 5
+
+
+async def test_running_rows_come_from_the_run_field_or_from_the_fields(
+    program: Program, redis_url: str
+) -> None:
     """Pull, claim and append_tokens keep a running record's moving fields joined in its
     ``run`` field, which the snapshot reads (one field per running request); a record
     without it (written before records kept it) is read field by field, to the same
     snapshot as a new store's whole read."""
-    clock = FakeClock(T0 + 1000)
-    store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
-    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    program = Program(store, raw, clock)
+    clock, store, raw = program.clock, program.store, program.raw
     keys = store.keys
-    try:
-        await program.enqueue(6, 0, SLOClass.BATCH_1, 5)
-        (group,) = (await store.snapshot()).groups
-        await store.set_virtual_queue("w0", [group.key])
-        pulled = await store.pull("w0", MODELS[0], 2)
-        await store.claim("w1", [group.requests[5].id])
-        await store.snapshot()  # the long-lived store now knows the three running ids
-        clock.now += 1
-        await store.append_tokens("w0", pulled[0].request.id, token_ids=[1, 2, 3])
-        running = [pulled[0].request.id, pulled[1].request.id, group.requests[5].id]
-        for rid in running:
-            fields = await raw.hmget(keys.request(rid), *RUNNING_CHANGING_FIELDS)
-            assert await raw.hget(keys.request(rid), "run") == "|".join(f or "" for f in fields)
-        assert await store.snapshot() == await whole_read(redis_url, clock)
+    await program.enqueue(6, 0, SLOClass.BATCH_1, 5)
+    (group,) = (await store.snapshot()).groups
+    await store.set_virtual_queue("w0", [group.key])
+    pulled = await store.pull("w0", MODELS[0], 2)
+    await store.claim("w1", [group.requests[5].id])
+    await store.snapshot()  # the long-lived store now knows the three running ids
+    clock.now += 1
+    await store.append_tokens("w0", pulled[0].request.id, token_ids=[1, 2, 3])
+    running = [pulled[0].request.id, pulled[1].request.id, group.requests[5].id]
+    for rid in running:
+        fields = await raw.hmget(keys.request(rid), *RUNNING_CHANGING_FIELDS)
+        assert await raw.hget(keys.request(rid), "run") == "|".join(f or "" for f in fields)
+    assert await store.snapshot() == await whole_read(redis_url, clock)
 
-        # records from before `run`: progress written without it is read all the same
-        for rid in running:
-            await raw.hdel(keys.request(rid), "run")
-        await raw.hset(keys.request(pulled[1].request.id), mapping={
-            "num_generated": 4, "first_token_at": repr(clock.now)})
-        snap = await store.snapshot()
-        assert snap == await whole_read(redis_url, clock)
-        (moved,) = [r for r in snap.running["w0"] if r.request.id == pulled[1].request.id]
-        assert moved.request.num_generated == 4 and moved.first_token_at == clock.now
-    finally:
-        await store.aclose()
-        await raw.aclose()
+    # records from before `run`: progress written without it is read all the same
+    for rid in running:
+        await raw.hdel(keys.request(rid), "run")
+    await raw.hset(keys.request(pulled[1].request.id), mapping={
+        "num_generated": 4, "first_token_at": repr(clock.now)})
+    snap = await store.snapshot()
+    assert snap == await whole_read(redis_url, clock)
+    (moved,) = [r for r in snap.running["w0"] if r.request.id == pulled[1].request.id]
+    assert moved.request.num_generated == 4 and moved.first_token_at == clock.now
 
 
 async def whole_read(redis_url: str, clock: FakeClock) -> StoreSnapshot:
@@ -292,33 +292,24 @@ async def whole_read(redis_url: str, clock: FakeClock) -> StoreSnapshot:
         await fresh.aclose()
 
 
-async def test_a_snapshot_after_arrivals_and_pulls_is_one_script_call(redis_url: str) -> None:
+async def test_a_snapshot_after_arrivals_and_pulls_is_one_script_call(
+    program: Program, redis_url: str
+) -> None:
     """The records of the ids that entered a group or started running since the previous
     snapshot come with the membership, in the same script: no second round trip."""
-    clock = FakeClock(T0 + 1000)
-    store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
-    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    program = Program(store, raw, clock)
-    try:
-        await program.enqueue(20, 0, SLOClass.BATCH_1, 5)
-        (group,) = (await store.snapshot()).groups
-        await store.set_virtual_queue("w0", [group.key])
-        pulled = await store.pull("w0", MODELS[0], 3)
-        await program.enqueue(2, 1, SLOClass.INTERACTIVE, 0)
+    clock, store, raw = program.clock, program.store, program.raw
+    await program.enqueue(20, 0, SLOClass.BATCH_1, 5)
+    (group,) = (await store.snapshot()).groups
+    await store.set_virtual_queue("w0", [group.key])
+    pulled = await store.pull("w0", MODELS[0], 3)
+    await program.enqueue(2, 1, SLOClass.INTERACTIVE, 0)
 
-        calls = await count_script_calls(raw)
-        snap = await store.snapshot()
-        assert await count_script_calls(raw) - calls == 1
-        assert {r.request.id for r in snap.running["w0"]} == {p.request.id for p in pulled}
-        assert sum(g.size for g in snap.groups) == 19
-        fresh = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
-        try:
-            assert snap == await fresh.snapshot()  # as a whole read of every record
-        finally:
-            await fresh.aclose()
-    finally:
-        await store.aclose()
-        await raw.aclose()
+    calls = await count_script_calls(raw)
+    snap = await store.snapshot()
+    assert await count_script_calls(raw) - calls == 1
+    assert {r.request.id for r in snap.running["w0"]} == {p.request.id for p in pulled}
+    assert sum(g.size for g in snap.groups) == 19
+    assert snap == await whole_read(redis_url, clock)  # as a read of every record
 
 
 async def count_script_calls(raw: aioredis.Redis) -> int:
@@ -334,52 +325,36 @@ async def count_record_reads(raw: aioredis.Redis, store: RedisQueueStore) -> int
     return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
 
 
-async def test_a_trimmed_or_reset_log_falls_back_to_a_whole_read(redis_url: str) -> None:
-    clock = FakeClock(T0 + 1000)
-    store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
-    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    program = Program(store, raw, clock)
-    try:
-        await program.enqueue(5, 0, SLOClass.BATCH_1, 5)
-        assert sum(g.size for g in (await store.snapshot()).groups) == 5
-        await program.enqueue(3, 1, SLOClass.BATCH_1, 5)
-        # the log loses two of the three new entries
-        await raw.xtrim(store.keys.queue_log, maxlen=1, approximate=False)
-        assert sum(g.size for g in (await store.snapshot()).groups) == 8
-        assert store.num_whole_snapshots == 2
+async def test_a_trimmed_or_reset_log_falls_back_to_a_whole_read(program: Program) -> None:
+    store, raw = program.store, program.raw
+    await program.enqueue(5, 0, SLOClass.BATCH_1, 5)
+    assert sum(g.size for g in (await store.snapshot()).groups) == 5
+    await program.enqueue(3, 1, SLOClass.BATCH_1, 5)
+    # the log loses two of the three new entries
+    await raw.xtrim(store.keys.queue_log, maxlen=1, approximate=False)
+    assert sum(g.size for g in (await store.snapshot()).groups) == 8
+    assert store.num_whole_snapshots == 2
 
-        await raw.flushall()  # the queue is gone (or restored from an older copy) ...
-        await program.enqueue(9, 1, SLOClass.BATCH_1, 5)  # ... and the log starts over
-        snap = await store.snapshot()
-        assert sorted(r.id for g in snap.groups for r in g.requests) == sorted(program.ids[-9:])
-        assert store.num_whole_snapshots == 3
-        assert (await store.get(program.ids[-1])).state is RequestState.QUEUED
-    finally:
-        await store.aclose()
-        await raw.aclose()
+    await raw.flushall()  # the queue is gone (or restored from an older copy) ...
+    await program.enqueue(9, 1, SLOClass.BATCH_1, 5)  # ... and the log starts over
+    snap = await store.snapshot()
+    assert sorted(r.id for g in snap.groups for r in g.requests) == sorted(program.ids[-9:])
+    assert store.num_whole_snapshots == 3
+    assert (await store.get(program.ids[-1])).state is RequestState.QUEUED
 
 
-async def test_concurrent_snapshots_of_one_store_fold_the_log_once(redis_url: str) -> None:
-    clock = FakeClock(T0 + 1000)
-    store = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
-    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    program = Program(store, raw, clock)
-    try:
-        await program.enqueue(40, 0, SLOClass.BATCH_1, 5)
-        await program.place(0)
+async def test_concurrent_snapshots_of_one_store_fold_the_log_once(
+    program: Program, redis_url: str
+) -> None:
+    clock, store = program.clock, program.store
+    await program.enqueue(40, 0, SLOClass.BATCH_1, 5)
+    await program.place(0)
 
-        async def churn() -> None:
-            for n in range(20):
-                await program.enqueue(2, n, SLOClass.INTERACTIVE, n % 3)
-                await program.pull(0, 3)
+    async def churn() -> None:
+        for n in range(20):
+            await program.enqueue(2, n, SLOClass.INTERACTIVE, n % 3)
+            await program.pull(0, 3)
 
-        await asyncio.gather(churn(), *(store.snapshot() for _ in range(20)))
-        fresh = RedisQueueStore.from_url(redis_url, group_window_s=WINDOW_S, clock=clock)
-        try:
-            assert await store.snapshot() == await fresh.snapshot()
-        finally:
-            await fresh.aclose()
-        assert store.num_whole_snapshots == 1
-    finally:
-        await store.aclose()
-        await raw.aclose()
+    await asyncio.gather(churn(), *(store.snapshot() for _ in range(20)))
+    assert await store.snapshot() == await whole_read(redis_url, clock)
+    assert store.num_whole_snapshots == 1
