@@ -1021,8 +1021,8 @@ class _RunningRequests:
             if row[0] is not False:
                 fields = dict(zip(SCHEDULING_FIELDS, row, strict=True))
                 moving = "|".join(fields[f] or "" for f in RUNNING_CHANGING_FIELDS)
-                arrival_at, _, rest = moving.partition("|")
-                self._known[request_id] = (moving, arrival_at, rest.partition("|")[2],
+                arrival_at, _, since = moving.split("|", 2)  # as fold() splits a row
+                self._known[request_id] = (moving, arrival_at, since,
                                            _running_from_fields(fields))
 
     def by_worker(self, workers_raw: Sequence[tuple[str, Any, Sequence[str], Sequence[Any]]]
