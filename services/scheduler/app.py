@@ -89,6 +89,7 @@ class SchedulerApp:
             self.store, self.producer, self.topics.lso, self.policy, context, self.roster,
             self.lease, self.metrics, command_cooldown_s=s.command_cooldown_s, clock=clock,
             gc_freeze_records=s.gc_freeze_records, state_interval_s=s.policy_state_interval_s,
+            log_worker_state=s.log_worker_state,
             profiles_source=self.corrections.book if self.corrections else None,
             forecaster=Forecaster(RWTEstimator(self.profiles)))
         self.tail = TopicTail(s.kafka_bootstrap, [self.topics.events, self.topics.telemetry],

@@ -90,6 +90,8 @@ from qlm.core.policies.base import (
     policy_state,
     restore_policy_state,
 )
+from qlm.core.policies.planning import resumed
+from qlm.core.pulls import kv_reserved_tokens
 from qlm.core.types import (
     BatchCap,
     Decision,
@@ -226,6 +228,34 @@ class CommandMemory:
                         decision.rejections)
 
 
+def worker_states(snapshot: QueueSnapshot, decision: Decision) -> list[dict[str, Any]]:
+    """One decision's view of each worker with running requests or a lane
+    (``--log-worker-state``): its running requests by class (``/resumed``: running again
+    after an eviction; ``prefilling``: no first token yet), the KV its running requests
+    reserve (:func:`qlm.core.pulls.kv_reserved_tokens`) against its capacity, its lane's
+    head group and length, and the evictions this decision sends it."""
+    lanes = {p.worker_id: p.order for p in decision.placements}
+    sizes = {g.key: g.size for g in snapshot.groups}
+    evicted = Tally(e.worker_id for e in decision.evictions)
+    out = []
+    for w in snapshot.workers:
+        lane = lanes.get(w.id, ())
+        if not w.running and not lane:
+            continue
+        running = Tally(rr.request.slo_class.value + ("/resumed" if resumed(rr) else "")
+                        for rr in w.running)
+        out.append({
+            "worker": w.id, "model": w.active_model, "running": dict(sorted(running.items())),
+            "prefilling": sum(1 for rr in w.running if rr.first_token_at is None),
+            "kv_reserved_tokens": kv_reserved_tokens(w),
+            "kv_capacity_tokens": w.kv_capacity_tokens,
+            "lane_head": str(lane[0]) if lane else None,
+            "lane_head_size": sizes.get(lane[0], 0) if lane else 0,
+            "lane_groups": len(lane), "evictions": evicted[w.id],
+        })
+    return out
+
+
 def depth_by_class_and_model(snapshot: QueueSnapshot) -> Mapping[tuple[str, str], int]:
     tally: Tally[tuple[str, str]] = Tally()
     for group in snapshot.groups:
@@ -277,7 +307,7 @@ class SchedulingLoop:
                  clock: Callable[[], float] = time.time, decide_in_thread: bool = True,
                  profiles_source: Callable[[], ProfileBook] | None = None,
                  forecaster: Forecaster | None = None, gc_freeze_records: int = 0,
-                 state_interval_s: float = 2.0) -> None:
+                 state_interval_s: float = 2.0, log_worker_state: bool = False) -> None:
         self.store = store
         self.producer = producer
         self.lso_topic = lso_topic
@@ -292,6 +322,7 @@ class SchedulingLoop:
         self.memory = CommandMemory(command_cooldown_s)
         self.forecaster = forecaster
         self.heap = HeapFreezer(gc_freeze_records)
+        self.log_worker_state = log_worker_state
         #: The batch cap last sent to each worker (absent: none sent, the worker's own).
         self.caps_sent: dict[str, int | None] = {}
         self._numbers = itertools.count(1)
@@ -356,6 +387,9 @@ class SchedulingLoop:
                             num_commands, read_at - started, decided_at - read_at,
                             done_at - decided_at)
         self._observe(report, snapshot)
+        if self.log_worker_state:
+            for view in worker_states(snapshot, decision):
+                log.info("worker_state", now=round(now, 3), **view)
         self.heap.after_step(self.store.num_records_read)
         await self.save_state()
         return report

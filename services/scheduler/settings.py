@@ -60,6 +60,11 @@ class SchedulerSettings(CommonSettings):
         2.0, gt=0, description="the leader saves its policy's state (qlm: fair-share "
         "counters) to Redis at most this often (seconds); a new leader restores it"
     )
+    log_worker_state: bool = Field(
+        False, description="log each applied decision's view of every busy worker "
+        "(running requests by class, KV reserved, its lane's head, the evictions sent): "
+        "for reading why a run missed, one line per worker and decision"
+    )
     host: str = Field("127.0.0.1", description="listen address of metrics")
     metrics_port: int = Field(9462, ge=0, le=65535, description="Prometheus (0 = any)")
     serve_metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")

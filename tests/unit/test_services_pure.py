@@ -7,6 +7,8 @@ admission, EstimateBatch's monotonicity, and the admission rules' parser.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from qlm.bus.records import Event, Telemetry
@@ -37,7 +39,7 @@ from qlm.estimator_plane import (
 from qlm.roster import WorkerInfo, WorkerRoster, view_of, workers_from
 from qlm.runtime.apply import apply
 from services.ingest.plane import AdmissionRules
-from services.scheduler.loop import CommandMemory, StoreEffects, lso_commands
+from services.scheduler.loop import CommandMemory, StoreEffects, lso_commands, worker_states
 
 PROFILES = ProfileBook.load()
 MODEL, GPU = "mistral-7b", "A100-80GB"
@@ -139,6 +141,29 @@ def test_workers_that_are_gone_get_an_empty_queue() -> None:
           ["live", "gone"])
     orders = effects.orders
     assert orders == {"live": (key,), "gone": ()}
+
+
+def test_the_worker_state_log_counts_running_work_by_class_and_names_the_lane_head() -> None:
+    def running(rid: str, slo_class: SLOClass, started: float, first: float | None
+                ) -> RunningRequest:
+        r = Request(rid, MODEL, 500, 100, slo_class, SLO.for_class(slo_class), 0.0)
+        return RunningRequest(r, started, first)
+
+    idle = view_of(WorkerInfo("idle", GPU, (MODEL,), MODEL), PROFILES)
+    assert idle is not None
+    busy = replace(idle, id="busy", running=(
+        running("a", SLOClass.BATCH_1, 1.0, 1.5), running("b", SLOClass.BATCH_1, 3.0, 1.5),
+        running("c", SLOClass.INTERACTIVE, 4.0, None)))
+    head = _group(2)
+    snapshot = QueueSnapshot(5.0, (head,), (busy, idle))
+    decision = Decision(placements=(Place("busy", (head.key,)), Place("idle", ())),
+                        evictions=(Evict("busy", "a", "slo"),))
+    (view,) = worker_states(snapshot, decision)  # the idle worker, with no lane: no line
+    # b runs again after an eviction (its first token predates its start); c prefills
+    assert view["running"] == {"batch-1": 1, "batch-1/resumed": 1, "interactive": 1}
+    assert view["prefilling"] == 1 and view["evictions"] == 1
+    assert view["kv_reserved_tokens"] == 3 * (500 + 100)  # max_tokens 100 < the expected 338
+    assert view["lane_head"] == str(head.key) and view["lane_head_size"] == 2
 
 
 # ------------------------------------------------------------------ estimator plane
