@@ -30,6 +30,7 @@ attainment, interactive TTFT p50/p99, throughput and evictions per variant and s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -59,32 +60,41 @@ BURST_OPTIONS: Mapping[str, Any] = {
     "hopeless_p": 0, "displace_below_p": 0, "evict_rate_credit": 0.5,
     "evict_lookahead_groups": 32, "evict_prefill_aware": True, "late_insert_budget": 300}
 #: Keys of the JSON this writes.
-RESULT_KEYS = frozenset({"slowdown", "seeds", "starts", "runs", "command"})
+RESULT_KEYS = frozenset({"slowdown", "seeds", "starts", "kv_tokens", "policy_options", "runs",
+                         "command"})
 
 
-def scenario(seed: int, slowdown: float, start: int = 0
+def scenario(seed: int, slowdown: float, start: int = 0,
+             kv_tokens: Mapping[str, int] = KV_TOKENS
              ) -> tuple[list[Job], list[WorkerSpec], ProfileBook, ProfileBook]:
     """(jobs, workers, engine profiles, planning profiles) of the GPU burst replay on
-    rows ``start .. start+399`` of the trace."""
+    rows ``start .. start+399`` of the trace, each model's worker with the KV pool
+    ``kv_tokens`` gives it."""
     args = harness_args(["--seed", str(seed)])
     # as `python -m loadgen.gpu.common --start START --count 400` cuts them
     rows = load_trace_slice(TRACE, start, 400, 1.0, 16384)
     workload = build_workload(args, rows)
     models = args.models.split(",")
     base = ProfileBook.load()
-    planning = [replace(base.get(m, GPU), kv_capacity_tokens=KV_TOKENS[m]) for m in models]
+    planning = [replace(base.get(m, GPU), kv_capacity_tokens=kv_tokens[m]) for m in models]
     engine = [corrected(p, slowdown) for p in planning]
     jobs = [Job(r, r.max_tokens) for r in workload.requests]
     workers = [WorkerSpec(f"w-{m}", GPU, m, (m,)) for m in models]
     return jobs, workers, ProfileBook.of(engine), ProfileBook.of(planning)
 
 
-def run_variant(variant: str, seed: int, slowdown: float, start: int = 0) -> dict[str, Any]:
+def run_variant(variant: str, seed: int, slowdown: float, start: int = 0,
+                kv_tokens: Mapping[str, int] = KV_TOKENS,
+                options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One variant: ``options`` go to every qlm variant, over its profile's."""
     name, _, profile = variant.partition("+")
     if profile not in ("", "burst"):
         raise InvalidInput("variants", f"{variant!r}: the only profile is '+burst'")
-    jobs, workers, engine, planning = scenario(seed, slowdown, start)
-    policy = make_policy(name, **(dict(BURST_OPTIONS) if profile else {}))
+    jobs, workers, engine, planning = scenario(seed, slowdown, start, kv_tokens)
+    given = dict(BURST_OPTIONS) if profile else {}
+    if name == "qlm":
+        given.update(options or {})
+    policy = make_policy(name, **given)
     config = SimConfig(tick_s=0.25, min_decision_interval_s=0.05, group_window_s=1.0)
     started = time.perf_counter()
     result = simulate(jobs, workers, engine, policy, config, seed=seed,
@@ -108,6 +118,24 @@ def run_variant(variant: str, seed: int, slowdown: float, start: int = 0) -> dic
     }
 
 
+def parse_kv_tokens(text: str) -> dict[str, int]:
+    """``mistral-7b=120000,...`` → {model: tokens}; InvalidInput naming the bad item."""
+    out: dict[str, int] = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        model, sep, value = item.partition("=")
+        if not sep or model not in KV_TOKENS:
+            raise InvalidInput("kv_tokens", f"{item!r}: expected MODEL=TOKENS with MODEL one "
+                               f"of {sorted(KV_TOKENS)}")
+        try:
+            tokens = int(value)
+        except ValueError:
+            tokens = 0
+        if tokens <= 0:
+            raise InvalidInput("kv_tokens", f"{item!r}: TOKENS must be a positive integer")
+        out[model] = tokens
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadgen.sim_burst",
                                 description=__doc__.splitlines()[0])
@@ -117,8 +145,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="simulated decode steps take this times the profile's")
     p.add_argument("--starts", default="0",
                    help="first trace row of each 400-row slice (the GPU runs: 0)")
+    p.add_argument("--kv-tokens", default="",
+                   help="MODEL=TOKENS,...: a worker's KV pool other than the H100's")
+    p.add_argument("--policy-options", default="{}",
+                   help="options of every qlm variant (JSON object), over its profile's")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    try:
+        kv_tokens = {**KV_TOKENS, **parse_kv_tokens(args.kv_tokens)}
+        options = json.loads(args.policy_options)
+        if not isinstance(options, dict):
+            raise InvalidInput("policy_options", "must be a JSON object")
+    except json.JSONDecodeError as exc:
+        print(f"error: policy_options: not JSON: {exc}", file=sys.stderr)
+        return 2
+    except InvalidInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -138,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for start, seed in ((a, b) for a in starts for b in seeds):
             for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
-                run = run_variant(variant, seed, args.slowdown, start)
+                run = run_variant(variant, seed, args.slowdown, start, kv_tokens, options)
                 runs.append(run)
                 print(f"rows {start}+400 seed {seed} {variant:<12} interactive "
                       f"{run['slo_attainment_by_class'].get('interactive', 1.0):.3f} "
@@ -148,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InvalidInput, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = {"slowdown": args.slowdown, "seeds": seeds, "starts": starts, "runs": runs,
+    out = {"slowdown": args.slowdown, "seeds": seeds, "starts": starts,
+           "kv_tokens": kv_tokens, "policy_options": options, "runs": runs,
            "command": "python -m loadgen.sim_burst "
                       + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.out:
