@@ -126,14 +126,28 @@ def parse_kv_tokens(text: str) -> dict[str, int]:
         if not sep or model not in KV_TOKENS:
             raise InvalidInput("kv_tokens", f"{item!r}: expected MODEL=TOKENS with MODEL one "
                                f"of {sorted(KV_TOKENS)}")
-        try:
-            tokens = int(value)
-        except ValueError:
-            tokens = 0
-        if tokens <= 0:
+        if not value.isdecimal() or int(value) <= 0:
             raise InvalidInput("kv_tokens", f"{item!r}: TOKENS must be a positive integer")
-        out[model] = tokens
+        out[model] = int(value)
     return out
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``--policy-options``: a JSON object; InvalidInput otherwise."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput("policy_options", f"not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise InvalidInput("policy_options", "must be a JSON object")
+    return options
+
+
+def _ints(field: str, text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InvalidInput(field, f"not a comma-separated list of integers: {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,32 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     try:
+        seeds = _ints("seeds", args.seeds)
+        starts = _ints("starts", args.starts)
         kv_tokens = {**KV_TOKENS, **parse_kv_tokens(args.kv_tokens)}
-        options = json.loads(args.policy_options)
-        if not isinstance(options, dict):
-            raise InvalidInput("policy_options", "must be a JSON object")
-    except json.JSONDecodeError as exc:
-        print(f"error: policy_options: not JSON: {exc}", file=sys.stderr)
-        return 2
-    except InvalidInput as exc:
+        options = parse_options(args.policy_options)
+        if not args.slowdown > 0:
+            raise InvalidInput("slowdown", "must be > 0")
+    except InvalidInput as exc:  # nothing has run
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        print(f"error: seeds: not a comma-separated list of integers: {args.seeds!r}",
-              file=sys.stderr)
-        return 2
-    if not args.slowdown > 0:
-        print("error: slowdown: must be > 0", file=sys.stderr)
-        return 2
     runs = []
-    try:
-        starts = [int(s) for s in args.starts.split(",") if s.strip()]
-    except ValueError:
-        print(f"error: starts: not a comma-separated list of integers: {args.starts!r}",
-              file=sys.stderr)
-        return 2
     try:
         for start, seed in ((a, b) for a in starts for b in seeds):
             for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
