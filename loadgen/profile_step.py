@@ -99,7 +99,7 @@ class Spans:
         running, loop = store_module._RunningRequests, loop_module.SchedulingLoop
         self.timed_async(store, "requeue_expired", "requeue_expired")
         self.timed_async(store, "_membership", "snapshot_script")
-        self.timed_async(store, "_read_rows", "record_reads")
+        self.timed_async(store, "_read_records", "record_reads")
         self.timed_async(store, "set_virtual_queues", "set_virtual_queues")
         self.timed_sync(mirror, "apply", "log_fold")
         self.timed_sync(mirror, "agrees", "sizes_check")

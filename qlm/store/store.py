@@ -590,7 +590,7 @@ class RedisQueueStore:
             # (all of them after a whole read of the membership)
             missing = [i for i in itertools.chain(unread, new_ids) if i not in records]
             if missing:
-                [rows] = await self._read_rows([(missing, SCHEDULING_FIELDS)])
+                rows = await self._read_records(missing)
                 records = {**records, **dict(zip(missing, rows, strict=True))}
         running.add(new_ids, [records[i] for i in new_ids])
         mirror.fill({
@@ -630,27 +630,19 @@ class RedisQueueStore:
                    for w, vq, run, rows in _json_list(workers_raw)]
         return int(position), changes, _json_list(groups_raw), workers, records or {}
 
-    async def _read_rows(
-        self, reads: Sequence[tuple[Sequence[str], Sequence[str]]]
-    ) -> list[list[list[Any]]]:
-        """For each ``(ids, fields)``, the field values of each id (``False`` when the
-        record or field is missing); one pipelined round trip per
-        :data:`_READ_CALLS_PER_TRIP` script calls (a whole read of a million records is
-        fifty round trips, none of them holding the connection long enough to time out)."""
-        chunked = [
-            [ids[i : i + _SNAPSHOT_CHUNK] for i in range(0, len(ids), _SNAPSHOT_CHUNK)]
-            for ids, _ in reads
-        ]
-        if not any(chunked):
-            return [[] for _ in reads]
-        calls = [([self.keys.request(i) for i in chunk], fields)
-                 for chunks, (_, fields) in zip(chunked, reads, strict=True) for chunk in chunks]
+    async def _read_records(self, ids: Sequence[str]) -> list[list[Any]]:
+        """The :data:`SCHEDULING_FIELDS` of each of ``ids`` (``False`` where the record or
+        a field is missing); one pipelined round trip per :data:`_READ_CALLS_PER_TRIP`
+        script calls of :data:`_SNAPSHOT_CHUNK` records (a whole read of a million records
+        is fifty round trips, none of them holding the connection long enough to time
+        out)."""
+        calls = [([self.keys.request(i) for i in ids[start : start + _SNAPSHOT_CHUNK]],
+                  SCHEDULING_FIELDS) for start in range(0, len(ids), _SNAPSHOT_CHUNK)]
         replies: list[Any] = []
         for start in range(0, len(calls), _READ_CALLS_PER_TRIP):
             replies += await self._run_pipelined(
                 self._scripts.read_records, calls[start : start + _READ_CALLS_PER_TRIP])
-        rows = iter(replies)
-        return [[row for _ in chunks for row in json.loads(next(rows))] for chunks in chunked]
+        return [row for reply in replies for row in json.loads(reply)]
 
     async def requeue_expired(self) -> dict[str, RequestState]:
         """Return every request whose lease expired before now to its group (progress
