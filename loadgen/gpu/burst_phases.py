@@ -1,0 +1,159 @@
+"""How fast each model decoded, phase by phase, in a GPU replay: from its result alone.
+
+The replays of ``loadgen.gpu.stack_replay`` and ``loadgen.gpu.qlm_vs_fcfs`` put two
+models on one GPU as two engines. What one engine runs slows the other's steps, and no
+profile (measured one engine at a time) or policy sees it. This reads a result's
+per-request rows (id, arrival, first token, finish, output tokens, evictions) and
+reports, per run:
+
+* for each model and each window of interactive arrivals (``--window-s``): how many
+  arrived, how many missed the interactive SLO, their mean time per output token after
+  the first (TPOT), and their mean residency on the worker from first token to finish;
+* at each sampled time (``--every-s``), the batch requests of each model between their
+  first token and their finish, those never evicted apart from the others (an evicted
+  request's row keeps its first token, so while it waits in the queue it cannot be told
+  from a running one here: the saved logs can, ``loadgen.gpu.stack_timeline``).
+
+::
+
+    python -m loadgen.gpu.burst_phases docs/results/gpu/h100_stack_replay_head_400.json.gz \\
+        --out docs/results/gpu/h100_burst_phases_head_400.json
+
+Request ids say what a request is (``loadgen.gpu.qlm_vs_fcfs.build_workload``): ``i<k>``
+interactive, on the second model when k is a multiple of ``second_model_every``;
+``b<first 4 letters of the model><j>`` batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from loadgen.gpu.common import read_json
+from loadgen.results import emit
+from qlm.core.errors import InvalidInput
+
+#: The top-level keys this program writes into its JSON (loadgen.results).
+RESULT_KEYS: Final = frozenset({"result", "command", "window_s", "every_s", "runs"})
+
+#: One request row of a result: id, arrival, first token, finish, output tokens, evictions.
+Row = Sequence[Any]
+
+
+def model_of(request_id: str, models: Sequence[str], second_every: int) -> str:
+    """The model a request of the replay went to, from its id."""
+    first, second = models
+    if request_id.startswith("i"):
+        k = int(request_id[1:])
+        return second if second_every and k % second_every == 0 else first
+    for model in models:
+        if request_id.startswith("b" + model[:4]):
+            return model
+    raise InvalidInput("requests", f"{request_id!r}: not an id of the replay's workload")
+
+
+def decode_windows(rows: Sequence[Row], models: Sequence[str], second_every: int,
+                   slo_s: float, window_s: float) -> dict[str, list[dict[str, Any]]]:
+    """Per model, per window of interactive arrivals: count, misses, mean TPOT (ms) and
+    mean residency from first token to finish (s) of those that finished."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    interactive = [r for r in rows if str(r[0]).startswith("i")]
+    end = max((float(r[1]) for r in interactive), default=0.0)
+    for model in models:
+        windows = []
+        for k in range(int(end // window_s) + 1):
+            lo, hi = k * window_s, (k + 1) * window_s
+            mine = [r for r in interactive if lo <= float(r[1]) < hi
+                    and model_of(str(r[0]), models, second_every) == model]
+            if not mine:
+                continue
+            done = [r for r in mine if r[2] is not None and r[3] is not None and r[4] > 1]
+            tpot = [(r[3] - r[2]) / (r[4] - 1) for r in done]
+            windows.append({
+                "arrivals_s": [lo, hi], "num": len(mine),
+                "missed": sum(1 for r in mine if r[2] is None or r[2] - r[1] > slo_s),
+                "tpot_ms": round(1000 * sum(tpot) / len(tpot), 1) if tpot else None,
+                "residency_s": (round(sum(r[3] - r[2] for r in done) / len(done), 2)
+                                if done else None),
+            })
+        out[model] = windows
+    return out
+
+
+def batch_between(rows: Sequence[Row], models: Sequence[str], second_every: int,
+                  every_s: float) -> list[dict[str, Any]]:
+    """At each sampled time, per model, the batch requests between first token and finish:
+    ``never_evicted`` and ``evicted`` (running again or waiting in the queue)."""
+    batch = [r for r in rows if str(r[0]).startswith("b") and r[2] is not None]
+    end = max((float(r[3]) for r in batch if r[3] is not None), default=0.0)
+    samples = []
+    for k in range(int(end // every_s) + 1):
+        t = k * every_s
+        at: dict[str, Any] = {"t_s": t}
+        for model in models:
+            live = [r for r in batch if model_of(str(r[0]), models, second_every) == model
+                    and r[2] <= t < (r[3] if r[3] is not None else math.inf)]
+            at[model] = {"never_evicted": sum(1 for r in live if not r[5]),
+                         "evicted": sum(1 for r in live if r[5])}
+        samples.append(at)
+    return samples
+
+
+def phases(result: Mapping[str, Any], window_s: float, every_s: float
+           ) -> dict[str, dict[str, Any]]:
+    """Both reports for every run (variant) of ``result``."""
+    args = result.get("args") or {}
+    try:
+        models = str(args["models"]).split(",")
+        second_every = int(args["second_model_every"])
+        slo_s = float(args["interactive_slo_s"])
+    except KeyError as missing:
+        raise InvalidInput("args", f"the result records no {missing}: not a GPU replay's "
+                           "result") from None
+    if len(models) != 2:
+        raise InvalidInput("args.models", f"{args['models']!r}: expected two models")
+    runs = {}
+    for name, run in (result.get("variants") or {}).items():
+        rows = run.get("requests")
+        if not isinstance(rows, list):
+            raise InvalidInput(f"variants.{name}.requests", "missing: a result without rows")
+        runs[name] = {
+            "interactive_decode": decode_windows(rows, models, second_every, slo_s, window_s),
+            "batch_between_first_token_and_finish": batch_between(rows, models,
+                                                                  second_every, every_s),
+        }
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadgen.gpu.burst_phases",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("result", type=Path, help="a replay's result (.json or .json.gz)")
+    p.add_argument("--window-s", type=float, default=8.0,
+                   help="width of the windows of interactive arrivals (s)")
+    p.add_argument("--every-s", type=float, default=2.0,
+                   help="spacing of the batch samples (s)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    try:
+        if not (args.window_s > 0 and args.every_s > 0):
+            raise InvalidInput("window_s/every_s", "must be > 0")
+        runs = phases(read_json(args.result), args.window_s, args.every_s)
+    except (InvalidInput, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = {"result": str(args.result), "window_s": args.window_s, "every_s": args.every_s,
+           "runs": runs,
+           "command": "python -m loadgen.gpu.burst_phases "
+                      + " ".join(sys.argv[1:] if argv is None else argv)}
+    shown = {name: run["interactive_decode"] for name, run in runs.items()}
+    emit(out, args.out, shown, keys=RESULT_KEYS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

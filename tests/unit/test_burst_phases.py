@@ -1,0 +1,73 @@
+"""loadgen.gpu.burst_phases: decode speed per window of interactive arrivals and the batch
+requests alive at each time, from a replay's per-request rows."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from loadgen.gpu.burst_phases import batch_between, decode_windows, main, model_of, phases
+from qlm.core.errors import InvalidInput
+
+MODELS = ["mistral-7b", "qwen2.5-1.5b"]
+ARGS = {"models": ",".join(MODELS), "second_model_every": 4, "interactive_slo_s": 2.0}
+# id, arrival, first token, finish, output tokens, evictions
+ROWS = [
+    ["i0", 0.5, 0.7, 1.7, 11, 0],     # qwen (0 % 4 == 0): 100 ms per token
+    ["i1", 1.0, 1.5, 3.5, 21, 0],     # mistral: 100 ms per token, residency 2 s
+    ["i2", 2.0, 5.0, 6.0, 11, 0],     # mistral: missed (TTFT 3 s), 100 ms per token
+    ["i3", 9.0, None, None, 0, 0],    # mistral, second window: never served, missed
+    ["bmist0", 2.0, 2.5, 9.0, 50, 1],  # evicted once
+    ["bmist1", 2.0, 2.6, 4.5, 50, 0],
+    ["bqwen0", 2.0, 3.0, 5.0, 50, 0],
+]
+
+
+def test_a_request_id_names_its_model() -> None:
+    assert model_of("i8", MODELS, 4) == "qwen2.5-1.5b"
+    assert model_of("i9", MODELS, 4) == "mistral-7b"
+    assert model_of("bqwen12", MODELS, 4) == "qwen2.5-1.5b"
+    with pytest.raises(InvalidInput, match="requests"):
+        model_of("x1", MODELS, 4)
+
+
+def test_each_window_of_arrivals_gets_its_misses_tpot_and_residency() -> None:
+    out = decode_windows(ROWS, MODELS, 4, 2.0, 8.0)
+    first, second = out["mistral-7b"]
+    assert first == {"arrivals_s": [0.0, 8.0], "num": 2, "missed": 1, "tpot_ms": 100.0,
+                     "residency_s": 1.5}
+    assert second == {"arrivals_s": [8.0, 16.0], "num": 1, "missed": 1, "tpot_ms": None,
+                      "residency_s": None}
+    assert out["qwen2.5-1.5b"] == [{"arrivals_s": [0.0, 8.0], "num": 1, "missed": 0,
+                                    "tpot_ms": 100.0, "residency_s": 1.0}]
+
+
+def test_batch_requests_are_counted_between_first_token_and_finish_evicted_apart() -> None:
+    samples = {s["t_s"]: s for s in batch_between(ROWS, MODELS, 4, 2.0)}
+    assert samples[4.0]["mistral-7b"] == {"never_evicted": 1, "evicted": 1}
+    assert samples[4.0]["qwen2.5-1.5b"] == {"never_evicted": 1, "evicted": 0}
+    assert samples[6.0]["mistral-7b"] == {"never_evicted": 0, "evicted": 1}
+    assert samples[0.0]["mistral-7b"] == {"never_evicted": 0, "evicted": 0}
+
+
+def test_a_result_without_the_replays_arguments_is_refused_by_name() -> None:
+    with pytest.raises(InvalidInput, match="second_model_every"):
+        phases({"args": {"models": "a,b"}, "variants": {}}, 8.0, 2.0)
+    with pytest.raises(InvalidInput, match="requests"):
+        phases({"args": ARGS, "variants": {"run 1": {}}}, 8.0, 2.0)
+
+
+def test_the_program_reads_a_gzipped_result_and_writes_only_its_keys(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "r.json.gz"
+    source.write_bytes(gzip.compress(json.dumps(
+        {"args": ARGS, "variants": {"run 1": {"requests": ROWS}}}).encode()))
+    out = tmp_path / "phases.json"
+    assert main([str(source), "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["runs"]["run 1"]["interactive_decode"]["mistral-7b"][0]["missed"] == 1
+    assert main([str(source), "--window-s", "0"]) == 2
+    assert "window_s" in capsys.readouterr().err
