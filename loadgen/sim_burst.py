@@ -79,7 +79,7 @@ def scenario(seed: int, slowdown: float, start: int = 0,
     planning = [replace(base.get(m, GPU), kv_capacity_tokens=kv_tokens[m]) for m in models]
     engine = [corrected(p, slowdown) for p in planning]
     jobs = [Job(r, r.max_tokens) for r in workload.requests]
-    workers = [WorkerSpec(f"w-{m}", GPU, m, (m,)) for m in models]
+    workers = [WorkerSpec(f"w-{m}", GPU, m, (m,), device="gpu0") for m in models]
     return jobs, workers, ProfileBook.of(engine), ProfileBook.of(planning)
 
 

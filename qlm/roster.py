@@ -9,7 +9,9 @@ comes from two sources, merged here:
   known before they say anything. A model is a name, or a mapping ``{name, path,
   engine_args}``: ``path`` a Hugging Face-format checkpoint directory on the worker's
   host (weights, config, tokenizer, chat template), ``engine_args`` vLLM engine
-  arguments (:mod:`qlm.engine.engine_args`); profiles stay keyed by (name, GPU);
+  arguments (:mod:`qlm.engine.engine_args`); profiles stay keyed by (name, GPU); an
+  optional ``device`` names the physical GPU a worker shares with the other workers that
+  name it (several engines side by side on one card: :attr:`WorkerView.device`);
 * **telemetry** (``qlm.telemetry``, one record per worker per interval) and worker events
   (``started`` / ``first_token`` / ``finished`` / ``evicted`` on ``qlm.events``): a worker
   that reports is alive; telemetry also names its GPU and awake model (and its resident
@@ -69,6 +71,7 @@ class WorkerInfo:
     active_model: str | None
     heard_at: float | None = None
     model_entries: tuple[ModelEntry, ...] = ()
+    device: str | None = None
 
 
 def read_workers_file(path: Path) -> tuple[WorkerInfo, ...]:
@@ -93,9 +96,13 @@ def workers_from(data: Any, where: str = "workers_file") -> tuple[WorkerInfo, ..
         for name in ("id", "gpu"):
             if not isinstance(entry.get(name), str) or not entry[name]:
                 raise InvalidInput(f"{at}.{name}", "must be a non-empty string")
-        unknown = set(entry) - {"id", "gpu", "models"}
+        unknown = set(entry) - {"id", "gpu", "models", "device"}
         if unknown:
             raise InvalidInput(f"{at}.{sorted(unknown)[0]}", "unknown field")
+        device = entry.get("device")
+        if device is not None and (not isinstance(device, str) or not device):
+            raise InvalidInput(f"{at}.device", "must be a non-empty string (the GPU the "
+                               "worker shares with the others naming it)")
         models = entry.get("models")
         if not isinstance(models, list) or not models:
             raise InvalidInput(f"{at}.models", "must be a non-empty list of models")
@@ -104,7 +111,7 @@ def workers_from(data: Any, where: str = "workers_file") -> tuple[WorkerInfo, ..
         if len(set(names)) != len(names):
             raise InvalidInput(f"{at}.models", "a model appears twice")
         infos.append(WorkerInfo(entry["id"], entry["gpu"], names, names[0],
-                                model_entries=found))
+                                model_entries=found, device=device))
     if len({w.id for w in infos}) != len(infos):
         raise InvalidInput(f"{where}.workers", "worker ids must be unique")
     return tuple(infos)
@@ -201,4 +208,5 @@ def view_of(worker: WorkerInfo, profiles: ProfileBook) -> WorkerView | None:
         kv_capacity_tokens=profile.kv_capacity_tokens,
         max_batch_size=profile.max_batch_size,
         num_gpus=profile.num_gpus,
+        device=worker.device,
     )

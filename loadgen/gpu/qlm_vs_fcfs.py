@@ -410,7 +410,8 @@ class InProcessStack:
             request = replace(run.request, num_generated=progress)
             running.append(RunningRequest(request, run.started_at, outcome.first_token_at))
         return WorkerView(w.id, w.profile.gpu, (w.model,), w.model, w.kv_capacity_tokens,
-                          w.max_batch_size, tuple(running), batch_cap=w.batch_cap)
+                          w.max_batch_size, tuple(running), batch_cap=w.batch_cap,
+                          device="gpu0")  # the engines share the host's one GPU
 
     # ---------------------------------------------------------------- run
     async def run(self, timeout_s: float) -> dict[str, Any]:

@@ -109,10 +109,12 @@ def worker_id(model: str) -> str:
 
 
 def workers_yaml(models: Sequence[str], gpu: str) -> str:
-    """The workers file the scheduler and estimator read: one worker per model."""
+    """The workers file the scheduler and estimator read: one worker per model, all on the
+    host's one GPU (``device``: their engines share it)."""
     lines = ["workers:"]
     for model in models:
-        lines += [f"  - id: {worker_id(model)}", f"    gpu: {gpu}", f"    models: [{model}]"]
+        lines += [f"  - id: {worker_id(model)}", f"    gpu: {gpu}", "    device: gpu0",
+                  f"    models: [{model}]"]
     return "\n".join(lines) + "\n"
 
 

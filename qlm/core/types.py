@@ -332,6 +332,10 @@ class WorkerView:
     swapping_to: str | None = None
     #: The batch cap in force (:class:`BatchCap`), None when the worker's own limit applies.
     batch_cap: int | None = None
+    #: The physical GPU(s) this worker shares with others (the workers file's ``device``):
+    #: workers of one device run their engines side by side, each slowing the other's
+    #: steps. None: a device of its own.
+    device: str | None = None
 
     @property
     def batch_limit(self) -> int:

@@ -39,6 +39,9 @@ class WorkerSpec:
     active_model: str
     models: tuple[str, ...]
     num_gpus: int = 1
+    #: The GPU it shares with the other workers naming it (None: its own); the policy
+    #: sees it (:attr:`WorkerView.device`), the simulated engines do not slow each other.
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.active_model not in self.models:

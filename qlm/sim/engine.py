@@ -368,6 +368,7 @@ class Simulation:
                 swapping_until=w.phase_end_at if w.phase is Phase.SWAP else None,
                 swapping_to=w.swap_target if w.phase is Phase.SWAP else None,
                 batch_cap=w.batch_cap,
+                device=w.spec.device,
             )
             expected = self.config.expected_output_tokens
             w.reserved_tokens = sum(kv_reservation(r.request, expected) for r in running)

@@ -11,7 +11,7 @@ from typing import Any
 from qlm.core.policies.planning import TPOT_HEADROOM
 from qlm.core.policies.qlm.context import Plan, PlanningContext, unservable_groups
 from qlm.core.policies.qlm.options import QlmOptions
-from qlm.core.types import BatchCap, Decision, Evict, Pull, Reject, Swap
+from qlm.core.types import BatchCap, Decision, Evict, Pull, Reject, SLOClass, Swap
 from qlm.sim.batching import tpot_batch_cap
 
 
@@ -274,7 +274,8 @@ def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
     return tuple(pulls)
 
 
-def plan_batch_caps(pc: PlanningContext, plan: Plan) -> tuple[BatchCap, ...]:
+def plan_batch_caps(pc: PlanningContext, plan: Plan, colocated_loose_batch: int = 0
+                    ) -> tuple[BatchCap, ...]:
     """The batch cap of every worker: while requests with a TPOT target run on it or the
     head group of its lane (of its active model) has one, the largest batch whose mean
     step meets the tightest of those targets (:func:`qlm.sim.batching.tpot_batch_cap`,
@@ -286,8 +287,12 @@ def plan_batch_caps(pc: PlanningContext, plan: Plan) -> tuple[BatchCap, ...]:
     once the batch has drained below it, so its requests decode within their target from
     their first step. What the cap costs the other work the planner charged already: a
     group with a TPOT target is served at the capped batch (:meth:`CostModel.tpot_cap`),
-    so the groups after it on the lane wait longer."""
+    so the groups after it on the lane wait longer.
+
+    With ``colocated_loose_batch`` > 0, the caps of :func:`colocated_caps` apply too (the
+    tighter of the two)."""
     caps: list[BatchCap] = []
+    colocated = colocated_caps(pc, plan, colocated_loose_batch)
     output_stats = pc.cost.output_stats
     for wi, (w, order) in enumerate(zip(pc.snapshot.workers, plan.orders, strict=True)):
         model = w.active_model
@@ -310,5 +315,71 @@ def plan_batch_caps(pc: PlanningContext, plan: Plan) -> tuple[BatchCap, ...]:
                         for t, prompt in targets)
             if 0 < found < min(w.max_batch_size, profile.max_batch_size):
                 cap = found
+        if wi in colocated and (cap is None or colocated[wi] < cap):
+            cap = colocated[wi]
         caps.append(BatchCap(w.id, cap))
     return tuple(caps)
+
+
+#: A looser group left less than this share of its TTFT SLO before its earliest deadline
+#: lifts the co-location cap of its worker: the cap defers loose work, never past its SLO.
+COLOCATED_SLACK_SHARE = 0.5
+
+
+def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[int, int]:
+    """Batch caps for workers that share a GPU (:attr:`WorkerView.device`) with a worker
+    serving interactive work: {worker index: cap}.
+
+    Engines side by side on one card slow each other's steps: a batch job pulled in full
+    on one stretches the decode of the other's interactive requests, which then hold
+    their KV longer, and the next burst finds no room (measured on the H100, two engines
+    on one card: docs/results/gpu/README.md). While a co-located worker has interactive
+    requests running or at the head of its lane, a worker admits its own interactive work
+    (running and queued on its lane) plus at most ``loose_batch`` others; requests above
+    the cap finish. Not while a looser group on its lane has less than
+    :data:`COLOCATED_SLACK_SHARE` of its SLO left before its earliest deadline: deferring
+    loose work must not make it miss. ``loose_batch`` = 0: no caps.
+    """
+    if loose_batch <= 0:
+        return {}
+    by_device: dict[str, list[int]] = {}
+    for wi, w in enumerate(pc.snapshot.workers):
+        if w.device is not None and w.active_model is not None and w.swapping_until is None:
+            by_device.setdefault(w.device, []).append(wi)
+    caps: dict[int, int] = {}
+    interactive = SLOClass.INTERACTIVE
+    for members in by_device.values():
+        if len(members) < 2:
+            continue
+        busy = {wi for wi in members if _has_interactive(pc, wi, plan.orders[wi])}
+        for wi in members:
+            if not busy - {wi}:
+                continue  # no other worker of this card serves interactive work now
+            w, order = pc.snapshot.workers[wi], plan.orders[wi]
+            model = w.active_model
+            assert model is not None  # members are workers with an active model
+            own = sum(1 for rr in w.running if rr.request.slo_class is interactive)
+            urgent = False
+            for gi in order:
+                g = pc.stats[gi]
+                if g.model != model:
+                    break  # a swap first: nothing after it runs on these slots
+                if g.key.slo_class is interactive:
+                    own += g.size
+                elif g.earliest_deadline_at - pc.now < COLOCATED_SLACK_SHARE * g.ttft_s:
+                    urgent = True
+                    break
+            profile_limit = (pc.cost.profiles.get(model, w.gpu).max_batch_size
+                             if pc.cost.profiles.has(model, w.gpu) else w.max_batch_size)
+            if not urgent and own + loose_batch < min(w.max_batch_size, profile_limit):
+                caps[wi] = own + loose_batch
+    return caps
+
+
+def _has_interactive(pc: PlanningContext, wi: int, order: Sequence[int]) -> bool:
+    """Whether worker ``wi`` runs an interactive request or its lane starts with a group
+    of interactive requests."""
+    w = pc.snapshot.workers[wi]
+    if any(rr.request.slo_class is SLOClass.INTERACTIVE for rr in w.running):
+        return True
+    return bool(order) and pc.stats[order[0]].key.slo_class is SLOClass.INTERACTIVE

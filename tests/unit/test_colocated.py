@@ -1,0 +1,132 @@
+"""Workers that share a GPU (the workers file's ``device``): the qlm policy's co-location
+cap (``colocated_loose_batch``), in a decision and in the simulator, and the roster."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlm.core.errors import InvalidInput
+from qlm.core.perf import ProfileBook
+from qlm.core.policies import PolicyContext, make_policy
+from qlm.core.types import (
+    SLO,
+    BatchCap,
+    QueueSnapshot,
+    Request,
+    RunningRequest,
+    SLOClass,
+    WorkerView,
+    group_requests,
+)
+from qlm.roster import view_of, workers_from
+from qlm.sim import SimConfig, simulate
+from qlm.sim.cluster import Job, WorkerSpec
+
+BIG, SMALL, GPU = "mistral-7b", "qwen2.5-1.5b", "H100-80GB"
+BOOK = ProfileBook.load()
+
+
+def _request(rid: str, model: str, slo_class: SLOClass, at: float = 0.0) -> Request:
+    return Request(rid, model, 200, 300, slo_class, SLO.for_class(slo_class), at)
+
+
+def _worker(wid: str, model: str, running: tuple[RunningRequest, ...] = (),
+            device: str | None = "card0") -> WorkerView:
+    p = BOOK.get(model, GPU)
+    return WorkerView(wid, GPU, (model,), model, p.kv_capacity_tokens, p.max_batch_size,
+                      running, device=device)
+
+
+def _running(rid: str, model: str, slo_class: SLOClass) -> RunningRequest:
+    return RunningRequest(_request(rid, model, slo_class), 0.0, 0.1)
+
+
+def _caps(workers: tuple[WorkerView, ...], queued: tuple[Request, ...], now: float = 1.0,
+          **options: object) -> dict[str, int | None]:
+    snapshot = QueueSnapshot(now, group_requests(queued, 1.0), workers)
+    decision = make_policy("qlm", **options).decide(snapshot, PolicyContext(BOOK))
+    return {c.worker_id: c.max_batch_size for c in decision.batch_caps}
+
+
+#: The big model's worker serves interactive work; the small one's has a batch job queued
+#: and two interactive requests of its own queued too.
+CHAT = (_running("i0", BIG, SLOClass.INTERACTIVE),)
+QUEUED = (*(_request(f"b{k}", SMALL, SLOClass.BATCH_2, 0.5) for k in range(300)),
+          *(_request(f"j{k}", SMALL, SLOClass.INTERACTIVE, 0.9) for k in range(2)))
+
+
+def test_a_worker_beside_interactive_work_admits_its_own_interactive_ones_and_a_few_more(
+        ) -> None:
+    workers = (_worker("big", BIG, CHAT), _worker("small", SMALL))
+    batch_only = QUEUED[:300]
+    assert _caps(workers, batch_only, colocated_loose_batch=16) == {"big": None, "small": 16}
+    # its own interactive requests, queued and running, come on top; and now the big one
+    # is beside interactive work too (queued at the head of the small one's lane): its
+    # own interactive one plus 16
+    caps = _caps(workers, QUEUED, colocated_loose_batch=16)
+    assert caps == {"big": 1 + 16, "small": 2 + 16}
+    mine = tuple(_running(f"s{k}", SMALL, SLOClass.INTERACTIVE) for k in range(5))
+    workers = (_worker("big", BIG, CHAT), _worker("small", SMALL, mine))
+    assert _caps(workers, QUEUED, colocated_loose_batch=16)["small"] == 5 + 2 + 16
+
+
+@pytest.mark.parametrize("devices", [(None, None), ("card0", "card1"), ("card0", None)])
+def test_workers_on_cards_of_their_own_get_no_cap(devices: tuple[str | None, str | None]
+                                                  ) -> None:
+    workers = (_worker("big", BIG, CHAT, devices[0]), _worker("small", SMALL, (), devices[1]))
+    assert _caps(workers, QUEUED, colocated_loose_batch=16) == {"big": None, "small": None}
+
+
+def test_no_cap_without_the_option_or_without_interactive_work_beside() -> None:
+    workers = (_worker("big", BIG, CHAT), _worker("small", SMALL))
+    assert _caps(workers, QUEUED) == {"big": None, "small": None}
+    batch_only = (_running("b-big", BIG, SLOClass.BATCH_1),)
+    workers = (_worker("big", BIG, batch_only), _worker("small", SMALL))
+    assert _caps(workers, QUEUED, colocated_loose_batch=16)["small"] is None
+
+
+def test_loose_work_short_of_slack_lifts_the_cap() -> None:
+    workers = (_worker("big", BIG, CHAT), _worker("small", SMALL))
+    ttft = SLO.for_class(SLOClass.BATCH_2).ttft_s
+    # 0.4 of its SLO left before the batch job's earliest deadline (< 0.5): no cap
+    late = 0.5 + ttft * 0.6
+    assert _caps(workers, QUEUED, now=late, colocated_loose_batch=16)["small"] is None
+    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.4, colocated_loose_batch=16)["small"] == 18
+
+
+def test_in_the_simulator_the_batch_job_beside_interactive_work_runs_at_the_cap() -> None:
+    """A batch job on the small model's worker and a stream of interactive requests on
+    the big one's, one card: while the stream lasts, at most the cap of batch requests
+    run at once; once it ends, the rest run in full."""
+    jobs = [Job(_request(f"b{k:03d}", SMALL, SLOClass.BATCH_2, 0.5), 100) for k in range(200)]
+    jobs += [Job(_request(f"i{k:03d}", BIG, SLOClass.INTERACTIVE, 0.25 * k), 200)
+             for k in range(80)]
+    workers = (WorkerSpec("big", GPU, BIG, (BIG,), device="card0"),
+               WorkerSpec("small", GPU, SMALL, (SMALL,), device="card0"))
+
+    def most_batch_at_once(policy_options: dict[str, int], until: float) -> int:
+        result = simulate(jobs, workers, BOOK, make_policy("qlm", **policy_options),
+                          SimConfig(tick_s=0.25), seed=0)
+        spans = [(r.started_at, r.finished_at) for r in result.records
+                 if r.slo_class == "batch-2"]
+        assert all(s is not None and f is not None for s, f in spans)  # all served
+        times = sorted({s for s, _ in spans if s is not None and s < until})
+        # a finish is recorded after the engine's output latency (ms): a request whose
+        # finish falls within 50 ms of a start had freed its slot by then
+        return max((sum(1 for s, f in spans if s is not None and f is not None
+                        and s <= t < f - 0.05) for t in times), default=0)
+
+    stream_ends = 0.25 * 79
+    assert most_batch_at_once({"colocated_loose_batch": 8}, stream_ends - 1) <= 8
+    assert most_batch_at_once({}, stream_ends - 1) > 100  # the whole job at once
+
+
+def test_the_workers_file_names_a_device_and_the_view_carries_it() -> None:
+    workers = workers_from({"workers": [
+        {"id": "a", "gpu": GPU, "models": [BIG], "device": "host1:0"},
+        {"id": "b", "gpu": GPU, "models": [SMALL]}]})
+    views = [view_of(w, BOOK) for w in workers]
+    assert [v.device for v in views if v is not None] == ["host1:0", None]
+    with pytest.raises(InvalidInput, match=r"workers\[0\]\.device"):
+        workers_from({"workers": [{"id": "a", "gpu": GPU, "models": [BIG], "device": 3}]})
+    assert BatchCap("a", None).max_batch_size is None
