@@ -233,8 +233,10 @@ def worker_states(snapshot: QueueSnapshot, decision: Decision) -> list[dict[str,
     (``--log-worker-state``): its running requests by class (``/resumed``: running again
     after an eviction; ``prefilling``: no first token yet), the KV its running requests
     reserve (:func:`qlm.core.pulls.kv_reserved_tokens`) against its capacity, its lane's
-    head group and length, and the evictions this decision sends it."""
+    head group and length, the evictions this decision sends it and the batch cap it
+    gives it (None: its own limit)."""
     lanes = {p.worker_id: p.order for p in decision.placements}
+    caps = {c.worker_id: c.max_batch_size for c in decision.batch_caps}
     sizes = {g.key: g.size for g in snapshot.groups}
     evicted = Tally(e.worker_id for e in decision.evictions)
     out = []
@@ -252,6 +254,7 @@ def worker_states(snapshot: QueueSnapshot, decision: Decision) -> list[dict[str,
             "lane_head": str(lane[0]) if lane else None,
             "lane_head_size": sizes.get(lane[0], 0) if lane else 0,
             "lane_groups": len(lane), "evictions": evicted[w.id],
+            "batch_cap": caps.get(w.id),
         })
     return out
 

@@ -157,13 +157,15 @@ def test_the_worker_state_log_counts_running_work_by_class_and_names_the_lane_he
     head = _group(2)
     snapshot = QueueSnapshot(5.0, (head,), (busy, idle))
     decision = Decision(placements=(Place("busy", (head.key,)), Place("idle", ())),
-                        evictions=(Evict("busy", "a", "slo"),))
+                        evictions=(Evict("busy", "a", "slo"),),
+                        batch_caps=(BatchCap("busy", 40), BatchCap("idle", None)))
     (view,) = worker_states(snapshot, decision)  # the idle worker, with no lane: no line
     # b runs again after an eviction (its first token predates its start); c prefills
     assert view["running"] == {"batch-1": 1, "batch-1/resumed": 1, "interactive": 1}
     assert view["prefilling"] == 1 and view["evictions"] == 1
     assert view["kv_reserved_tokens"] == 3 * (500 + 100)  # max_tokens 100 < the expected 338
     assert view["lane_head"] == str(head.key) and view["lane_head_size"] == 2
+    assert view["batch_cap"] == 40
 
 
 # ------------------------------------------------------------------ estimator plane
