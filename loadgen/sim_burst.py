@@ -60,8 +60,8 @@ BURST_OPTIONS: Mapping[str, Any] = {
     "hopeless_p": 0, "displace_below_p": 0, "evict_rate_credit": 0.5,
     "evict_lookahead_groups": 32, "evict_prefill_aware": True, "late_insert_budget": 300}
 #: Keys of the JSON this writes.
-RESULT_KEYS = frozenset({"slowdown", "seeds", "starts", "kv_tokens", "policy_options", "runs",
-                         "command"})
+RESULT_KEYS = frozenset({"slowdown", "colocation_slowdown", "seeds", "starts", "kv_tokens",
+                         "policy_options", "runs", "command"})
 
 
 def scenario(seed: int, slowdown: float, start: int = 0,
@@ -85,7 +85,8 @@ def scenario(seed: int, slowdown: float, start: int = 0,
 
 def run_variant(variant: str, seed: int, slowdown: float, start: int = 0,
                 kv_tokens: Mapping[str, int] = KV_TOKENS,
-                options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                options: Mapping[str, Any] | None = None,
+                colocation_slowdown: float = 0.0) -> dict[str, Any]:
     """One variant: ``options`` go to every qlm variant, over its profile's."""
     name, _, profile = variant.partition("+")
     if profile not in ("", "burst"):
@@ -95,7 +96,8 @@ def run_variant(variant: str, seed: int, slowdown: float, start: int = 0,
     if name == "qlm":
         given.update(options or {})
     policy = make_policy(name, **given)
-    config = SimConfig(tick_s=0.25, min_decision_interval_s=0.05, group_window_s=1.0)
+    config = SimConfig(tick_s=0.25, min_decision_interval_s=0.05, group_window_s=1.0,
+                       colocation_slowdown=colocation_slowdown)
     started = time.perf_counter()
     result = simulate(jobs, workers, engine, policy, config, seed=seed,
                       planning_profiles=planning)
@@ -163,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="MODEL=TOKENS,...: a worker's KV pool other than the H100's")
     p.add_argument("--policy-options", default="{}",
                    help="options of every qlm variant (JSON object), over its profile's")
+    p.add_argument("--colocation-slowdown", type=float, default=0.0,
+                   help="the two engines slow each other: a step takes 1 + this × the "
+                        "other's batch share times its (slowed) profile's (SimConfig)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     try:
@@ -172,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = parse_options(args.policy_options)
         if not args.slowdown > 0:
             raise InvalidInput("slowdown", "must be > 0")
+        if not args.colocation_slowdown >= 0:
+            raise InvalidInput("colocation_slowdown", "must be >= 0")
     except InvalidInput as exc:  # nothing has run
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -179,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for start, seed in ((a, b) for a in starts for b in seeds):
             for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
-                run = run_variant(variant, seed, args.slowdown, start, kv_tokens, options)
+                run = run_variant(variant, seed, args.slowdown, start, kv_tokens, options,
+                                  args.colocation_slowdown)
                 runs.append(run)
                 print(f"rows {start}+400 seed {seed} {variant:<12} interactive "
                       f"{run['slo_attainment_by_class'].get('interactive', 1.0):.3f} "
@@ -189,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InvalidInput, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = {"slowdown": args.slowdown, "seeds": seeds, "starts": starts,
+    out = {"slowdown": args.slowdown, "colocation_slowdown": args.colocation_slowdown,
+           "seeds": seeds, "starts": starts,
            "kv_tokens": kv_tokens, "policy_options": options, "runs": runs,
            "command": "python -m loadgen.sim_burst "
                       + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -69,7 +69,11 @@ class SimConfig:
       ``chunked`` is vLLM's: each step has a budget of ``max_prefill_tokens`` tokens,
       one per decoding request first, then prompt chunks; a request joins one step
       late (asynchronous scheduling) and every token reaches the client the profile's
-      output latency after its step.
+      output latency after its step;
+    * ``colocation_slowdown``: workers of one ``device`` share a card and slow each
+      other: a step of one takes ``1 + colocation_slowdown × load`` times its profile's,
+      ``load`` the others' running batch as a share of their ``max_batch_size``, as it
+      stands when the step (or a decode segment) starts (0: engines do not interfere).
     """
 
     tick_s: float = 1.0
@@ -80,6 +84,7 @@ class SimConfig:
     horizon_s: float = 6 * 3600.0
     expected_output_tokens: int = DEFAULT_EXPECTED_OUTPUT_TOKENS
     prefill_mode: str = "chunked"
+    colocation_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("tick_s", "group_window_s", "pcie_gb_s", "horizon_s"):
@@ -87,6 +92,8 @@ class SimConfig:
                 raise InvalidInput(f"sim.{name}", "must be > 0")
         if self.min_decision_interval_s < 0:
             raise InvalidInput("sim.min_decision_interval_s", "must be >= 0")
+        if not self.colocation_slowdown >= 0:
+            raise InvalidInput("sim.colocation_slowdown", "must be >= 0")
         if self.max_prefill_tokens <= 0:
             raise InvalidInput("sim.max_prefill_tokens", "must be > 0")
         if self.prefill_mode not in PREFILL_MODES:

@@ -156,6 +156,9 @@ class _Worker:
     seg_batch: int = 0
     seg_ctx0: int = 0
     seg_steps: int = 0
+    #: How much slower than its profile the current phase runs (engines beside it on its
+    #: card, ``SimConfig.colocation_slowdown``); fixed when the phase starts.
+    seg_factor: float = 1.0
     swap_target: str | None = None
     stall_s: float = 0.0
     pending_evictions: dict[str, bool] = field(default_factory=dict)
@@ -454,12 +457,13 @@ class Simulation:
 
     def _cut_segment(self, w: _Worker) -> Scheduled:
         profile = self._profile(w, self._active(w))
-        done = decode_steps_within(profile, w.seg_batch, w.seg_ctx0, self.now - w.phase_started_at)
+        done = decode_steps_within(profile, w.seg_batch, w.seg_ctx0,
+                                   (self.now - w.phase_started_at) / w.seg_factor)
         steps = min(done + 1, w.seg_steps)
         if steps == w.seg_steps:
             return []
         w.seg_steps = steps
-        w.phase_end_at = w.phase_started_at + decode_segment_s(
+        w.phase_end_at = w.phase_started_at + w.seg_factor * decode_segment_s(
             profile, w.seg_batch, w.seg_ctx0, steps
         )
         w.epoch += 1
@@ -479,7 +483,7 @@ class Simulation:
         elif w.phase is Phase.DECODE:
             w.busy_s += self.now - w.phase_started_at
             profile = self._profile(w, self._active(w))
-            w.last_step_at = w.phase_started_at + decode_segment_s(
+            w.last_step_at = w.phase_started_at + w.seg_factor * decode_segment_s(
                 profile, w.seg_batch, w.seg_ctx0, w.seg_steps - 1
             )
             for rid in list(w.running):
@@ -594,11 +598,32 @@ class Simulation:
         return []
 
     def _start_phase(self, w: _Worker, phase: Phase, duration: float) -> Scheduled:
+        w.seg_factor = 1.0
+        if phase in (Phase.DECODE, Phase.MIXED, Phase.PREFILL):
+            w.seg_factor = self._colocation_factor(w)
+            duration *= w.seg_factor
         w.phase = phase
         w.phase_started_at = self.now
         w.phase_end_at = self.now + duration
         w.epoch += 1
         return [(w.phase_end_at, Boundary(w.id, w.epoch))]
+
+    def _colocation_factor(self, w: _Worker) -> float:
+        """How much slower than its profile a step of ``w`` runs now: 1 + the configured
+        ``colocation_slowdown`` × the running batch of the other workers of its device, as
+        a share of their ``max_batch_size`` (1.0 without a device or without the
+        setting)."""
+        kappa = self.config.colocation_slowdown
+        if not kappa or w.spec.device is None:
+            return 1.0
+        load = 0.0
+        for other in self.workers.values():
+            if other is w or other.spec.device != w.spec.device or other.active_model is None:
+                continue
+            batch = len(other.running) + len(other.admitting)
+            if batch:
+                load += batch / self._profile(other, other.active_model).max_batch_size
+        return 1.0 + kappa * load
 
     def _start_swap(self, w: _Worker, target: str) -> Scheduled:
         for rid in [*w.running, *w.admitting]:
