@@ -142,6 +142,11 @@ class _Live:
     prefilled: int = 0  # chunked: of which done
 
 
+#: A co-located worker's decode segment is cut short when its slowdown would move by more
+#: than this (``SimConfig.colocation_slowdown``): small moves wait for its next segment.
+RECUT_FACTOR_CHANGE = 0.05
+
+
 @dataclass
 class _Worker:
     spec: WorkerSpec
@@ -606,7 +611,22 @@ class Simulation:
         w.phase_started_at = self.now
         w.phase_end_at = self.now + duration
         w.epoch += 1
-        return [(w.phase_end_at, Boundary(w.id, w.epoch))]
+        return [(w.phase_end_at, Boundary(w.id, w.epoch)), *self._recut_neighbours(w)]
+
+    def _recut_neighbours(self, w: _Worker) -> Scheduled:
+        """A phase of ``w`` starts (its batch may have changed): the decode segments of the
+        other workers of its card whose slowdown moved by more than
+        :data:`RECUT_FACTOR_CHANGE` end at their next step, to go on at the new pace."""
+        if not self.config.colocation_slowdown or w.spec.device is None:
+            return []
+        out: Scheduled = []
+        for other in self.workers.values():
+            if (other is not w and other.spec.device == w.spec.device
+                    and other.phase is Phase.DECODE
+                    and abs(self._colocation_factor(other) - other.seg_factor)
+                    > RECUT_FACTOR_CHANGE):
+                out += self._cut_segment(other)
+        return out
 
     def _colocation_factor(self, w: _Worker) -> float:
         """How much slower than its profile a step of ``w`` runs now: 1 + the configured

@@ -130,3 +130,33 @@ def test_the_workers_file_names_a_device_and_the_view_carries_it() -> None:
     with pytest.raises(InvalidInput, match=r"workers\[0\]\.device"):
         workers_from({"workers": [{"id": "a", "gpu": GPU, "models": [BIG], "device": 3}]})
     assert BatchCap("a", None).max_batch_size is None
+
+
+def test_in_the_simulator_engines_of_one_card_slow_each_other_by_the_setting() -> None:
+    """One request on the big model's worker finishes later while a batch job runs on the
+    small model's worker of the same card, by the configured slowdown; not on cards of
+    their own, nor without the setting."""
+    alone = [Job(_request("i0", BIG, SLOClass.INTERACTIVE, 0.0), 200)]
+    busy = alone + [Job(_request(f"b{k:03d}", SMALL, SLOClass.BATCH_2, 0.0), 300)
+                    for k in range(128)]
+
+    def decode_s(jobs: list[Job], kappa: float, devices: tuple[str | None, str | None]
+                 ) -> float:
+        workers = (WorkerSpec("big", GPU, BIG, (BIG,), device=devices[0]),
+                   WorkerSpec("small", GPU, SMALL, (SMALL,), device=devices[1]))
+        result = simulate(jobs, workers, BOOK, make_policy("fcfs"),
+                          SimConfig(tick_s=0.25, colocation_slowdown=kappa), seed=0)
+        (r,) = (r for r in result.records if r.id == "i0")
+        assert r.finished_at is not None and r.first_token_at is not None
+        return r.finished_at - r.first_token_at
+
+    card = ("card0", "card0")
+    base = decode_s(alone, 1.0, card)
+    assert decode_s(busy, 0.0, card) == pytest.approx(base)
+    assert decode_s(busy, 1.0, ("card0", "card1")) == pytest.approx(base)
+    # 128 of the small model's 256 slots busy: a share of 0.5, so about 1.5 x (the batch
+    # job's first steps are prompt chunks, then decode at 128)
+    slowed = decode_s(busy, 1.0, card)
+    assert 1.3 * base < slowed < 1.6 * base
+    with pytest.raises(InvalidInput, match="colocation_slowdown"):
+        SimConfig(colocation_slowdown=-1.0)
