@@ -3,6 +3,8 @@ cap (``colocated_loose_batch``), in a decision and in the simulator, and the ros
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from qlm.core.errors import InvalidInput
@@ -31,10 +33,10 @@ def _request(rid: str, model: str, slo_class: SLOClass, at: float = 0.0) -> Requ
 
 
 def _worker(wid: str, model: str, running: tuple[RunningRequest, ...] = (),
-            device: str | None = "card0") -> WorkerView:
+            device: str | None = "card0", kv_tokens: int | None = None) -> WorkerView:
     p = BOOK.get(model, GPU)
-    return WorkerView(wid, GPU, (model,), model, p.kv_capacity_tokens, p.max_batch_size,
-                      running, device=device)
+    return WorkerView(wid, GPU, (model,), model, kv_tokens or p.kv_capacity_tokens,
+                      p.max_batch_size, running, device=device)
 
 
 def _running(rid: str, model: str, slo_class: SLOClass) -> RunningRequest:
@@ -48,77 +50,92 @@ def _caps(workers: tuple[WorkerView, ...], queued: tuple[Request, ...], now: flo
     return {c.worker_id: c.max_batch_size for c in decision.batch_caps}
 
 
-#: The big model's worker serves interactive work; the small one's has a batch job queued
-#: and two interactive requests of its own queued too.
+#: The big model's worker serves interactive work, its KV pool full (one request reserving
+#: 200 + 300 tokens of a 500-token pool); the small one's has a batch job queued and two
+#: interactive requests of its own queued too.
 CHAT = (_running("i0", BIG, SLOClass.INTERACTIVE),)
+FULL = 500
 QUEUED = (*(_request(f"b{k}", SMALL, SLOClass.BATCH_2, 0.5) for k in range(300)),
           *(_request(f"j{k}", SMALL, SLOClass.INTERACTIVE, 0.9) for k in range(2)))
+LIMIT = BOOK.get(SMALL, GPU).max_batch_size
 
 
-def test_a_worker_beside_interactive_work_admits_its_own_interactive_ones_and_a_few_more(
+def test_beside_a_full_interactive_worker_one_admits_its_own_interactive_work_and_a_few_more(
         ) -> None:
-    workers = (_worker("big", BIG, CHAT), _worker("small", SMALL))
+    workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL))
     batch_only = QUEUED[:300]
     assert _caps(workers, batch_only, colocated_loose_batch=16) == {"big": None, "small": 16}
-    # its own interactive requests, queued and running, come on top; and now the big one
-    # is beside interactive work too (queued at the head of the small one's lane): its
-    # own interactive one plus 16
-    caps = _caps(workers, QUEUED, colocated_loose_batch=16)
-    assert caps == {"big": 1 + 16, "small": 2 + 16}
+    # its own interactive requests, queued and running, come on top
+    assert _caps(workers, QUEUED, colocated_loose_batch=16)["small"] == 2 + 16
     mine = tuple(_running(f"s{k}", SMALL, SLOClass.INTERACTIVE) for k in range(5))
-    workers = (_worker("big", BIG, CHAT), _worker("small", SMALL, mine))
-    assert _caps(workers, QUEUED, colocated_loose_batch=16)["small"] == 5 + 2 + 16
+    workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL, mine))
+    caps = _caps(workers, QUEUED, colocated_loose_batch=16)
+    assert caps["small"] == 5 + 2 + 16
+    # the big one is beside interactive work too, but that worker's pool is almost empty:
+    # it may fill its batch (no cap)
+    assert caps["big"] is None
+
+
+def test_the_cap_opens_as_the_interactive_workers_pool_empties() -> None:
+    for reserved_share in (1.0, 0.5, 0.25):
+        workers = (_worker("big", BIG, CHAT, kv_tokens=round(FULL / reserved_share)),
+                   _worker("small", SMALL))
+        cap = _caps(workers, QUEUED[:300])["small"]  # the default floor, 8
+        assert cap == 8 + int((1 - reserved_share) ** 2 * (LIMIT - 8))
 
 
 @pytest.mark.parametrize("devices", [(None, None), ("card0", "card1"), ("card0", None)])
 def test_workers_on_cards_of_their_own_get_no_cap(devices: tuple[str | None, str | None]
                                                   ) -> None:
-    workers = (_worker("big", BIG, CHAT, devices[0]), _worker("small", SMALL, (), devices[1]))
-    assert _caps(workers, QUEUED, colocated_loose_batch=16) == {"big": None, "small": None}
-
-
-def test_no_cap_without_the_option_or_without_interactive_work_beside() -> None:
-    workers = (_worker("big", BIG, CHAT), _worker("small", SMALL))
+    workers = (_worker("big", BIG, CHAT, devices[0], kv_tokens=FULL),
+               _worker("small", SMALL, (), devices[1]))
     assert _caps(workers, QUEUED) == {"big": None, "small": None}
+
+
+def test_no_cap_when_turned_off_or_without_interactive_work_beside() -> None:
+    workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL))
+    assert _caps(workers, QUEUED, colocated_loose_batch=0) == {"big": None, "small": None}
     batch_only = (_running("b-big", BIG, SLOClass.BATCH_1),)
-    workers = (_worker("big", BIG, batch_only), _worker("small", SMALL))
-    assert _caps(workers, QUEUED, colocated_loose_batch=16)["small"] is None
+    workers = (_worker("big", BIG, batch_only, kv_tokens=FULL), _worker("small", SMALL))
+    assert _caps(workers, QUEUED)["small"] is None
 
 
 def test_loose_work_short_of_slack_lifts_the_cap() -> None:
-    workers = (_worker("big", BIG, CHAT), _worker("small", SMALL))
+    workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL))
     ttft = SLO.for_class(SLOClass.BATCH_2).ttft_s
     # 0.4 of its SLO left before the batch job's earliest deadline (< 0.5): no cap
-    late = 0.5 + ttft * 0.6
-    assert _caps(workers, QUEUED, now=late, colocated_loose_batch=16)["small"] is None
-    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.4, colocated_loose_batch=16)["small"] == 18
+    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.6)["small"] is None
+    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.4)["small"] == 2 + 8
 
 
-def test_in_the_simulator_the_batch_job_beside_interactive_work_runs_at_the_cap() -> None:
-    """A batch job on the small model's worker and a stream of interactive requests on
-    the big one's, one card: while the stream lasts, at most the cap of batch requests
-    run at once; once it ends, the rest run in full."""
-    jobs = [Job(_request(f"b{k:03d}", SMALL, SLOClass.BATCH_2, 0.5), 100) for k in range(200)]
+def test_in_the_simulator_the_batch_job_beside_a_full_interactive_worker_is_held_back(
+        ) -> None:
+    """A batch job on the small model's worker and a stream of interactive requests that
+    fills the big one's (small) KV pool, one card: while the stream lasts, far fewer batch
+    requests run at once than without the cap, and all are served."""
+    jobs = [Job(_request(f"b{k:03d}", SMALL, SLOClass.BATCH_2, 0.5), 300) for k in range(600)]
     jobs += [Job(_request(f"i{k:03d}", BIG, SLOClass.INTERACTIVE, 0.25 * k), 200)
              for k in range(80)]
+    book = ProfileBook.of([replace(BOOK.get(BIG, GPU), kv_capacity_tokens=4000),
+                           BOOK.get(SMALL, GPU)])
     workers = (WorkerSpec("big", GPU, BIG, (BIG,), device="card0"),
                WorkerSpec("small", GPU, SMALL, (SMALL,), device="card0"))
 
     def most_batch_at_once(policy_options: dict[str, int], until: float) -> int:
-        result = simulate(jobs, workers, BOOK, make_policy("qlm", **policy_options),
+        result = simulate(jobs, workers, book, make_policy("qlm", **policy_options),
                           SimConfig(tick_s=0.25), seed=0)
         spans = [(r.started_at, r.finished_at) for r in result.records
                  if r.slo_class == "batch-2"]
         assert all(s is not None and f is not None for s, f in spans)  # all served
-        times = sorted({s for s, _ in spans if s is not None and s < until})
-        # a finish is recorded after the engine's output latency (ms): a request whose
-        # finish falls within 50 ms of a start had freed its slot by then
-        return max((sum(1 for s, f in spans if s is not None and f is not None
-                        and s <= t < f - 0.05) for t in times), default=0)
+        # sampled once the stream has filled the pool; a finish is recorded after the
+        # engine's output latency (ms): a request finishing within 50 ms had its slot freed
+        times = [3.0 + 0.25 * k for k in range(int((until - 3.0) / 0.25))]
+        return max(sum(1 for s, f in spans if s is not None and f is not None
+                       and s <= t < f - 0.05) for t in times)
 
-    stream_ends = 0.25 * 79
-    assert most_batch_at_once({"colocated_loose_batch": 8}, stream_ends - 1) <= 8
-    assert most_batch_at_once({}, stream_ends - 1) > 100  # the whole job at once
+    held = most_batch_at_once({}, 6.0)  # the default floor (8), opened by what is free
+    assert held <= 100
+    assert most_batch_at_once({"colocated_loose_batch": 0}, 6.0) > 2 * held
 
 
 def test_the_workers_file_names_a_device_and_the_view_carries_it() -> None:

@@ -324,6 +324,13 @@ def plan_batch_caps(pc: PlanningContext, plan: Plan, colocated_loose_batch: int 
 #: A looser group left less than this share of its TTFT SLO before its earliest deadline
 #: lifts the co-location cap of its worker: the cap defers loose work, never past its SLO.
 COLOCATED_SLACK_SHARE = 0.5
+#: How fast the co-location cap closes as the interactive worker beside it fills: the
+#: loose admissions above ``colocated_loose_batch`` shrink as (1 - KV share reserved) to
+#: this power. Chosen on the simulator's copies of the H100 replays (engines slowing each
+#: other, docs/results/gpu/README.md): 2 kept interactive attainment ≥ 0.993 at the output
+#: rate of the cap off (a fixed cap, the power ∞, met 1.000 but cost up to 9 % of the
+#: rate on rows 0–399; the power 1 let more batch in and missed more).
+COLOCATED_PRESSURE_POWER = 2.0
 
 
 def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[int, int]:
@@ -335,8 +342,11 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[in
     their KV longer, and the next burst finds no room (measured on the H100, two engines
     on one card: docs/results/gpu/README.md). While a co-located worker has interactive
     requests running or at the head of its lane, a worker admits its own interactive work
-    (running and queued on its lane) plus at most ``loose_batch`` others; requests above
-    the cap finish. Not while a looser group on its lane has less than
+    (running and queued on its lane) plus ``loose_batch`` + (1 − p)^k × (its batch limit −
+    ``loose_batch``) others, p the largest share of its KV pool such a worker has reserved
+    and k :data:`COLOCATED_PRESSURE_POWER`: the batch job runs in full beside an idle
+    neighbour and is held to ``loose_batch`` beside a full one. Requests above the cap
+    finish. Not while a looser group on its lane has less than
     :data:`COLOCATED_SLACK_SHARE` of its SLO left before its earliest deadline: deferring
     loose work must not make it miss. ``loose_batch`` = 0: no caps.
     """
@@ -371,8 +381,14 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[in
                     break
             profile_limit = (pc.cost.profiles.get(model, w.gpu).max_batch_size
                              if pc.cost.profiles.has(model, w.gpu) else w.max_batch_size)
-            if not urgent and own + loose_batch < min(w.max_batch_size, profile_limit):
-                caps[wi] = own + loose_batch
+            limit = min(w.max_batch_size, profile_limit)
+            pressure = max(min(1.0, pc.loads[o].kv_reserved_tokens
+                               / max(1, pc.snapshot.workers[o].kv_capacity_tokens))
+                           for o in busy - {wi})
+            loose = loose_batch + int((1.0 - pressure) ** COLOCATED_PRESSURE_POWER
+                                      * max(0, limit - loose_batch))
+            if not urgent and own + loose < limit:
+                caps[wi] = own + loose
     return caps
 
 

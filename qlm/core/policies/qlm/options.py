@@ -40,9 +40,9 @@ class QlmOptions:
     evict_rate_credit: float = option(
         0.5, "fraction of the modelled decode rate trusted when counting freed slots", ge=0)
     colocated_loose_batch: int = option(
-        0, "while a worker sharing this one's GPU (workers file 'device') has interactive "
-        "work, this worker admits at most this many requests beyond its own interactive "
-        "ones (0: no such cap)", ge=0)
+        8, "while a worker sharing this one's GPU (workers file 'device') has interactive "
+        "work and a full KV pool, this worker admits at most this many requests beyond its "
+        "own interactive ones, more as that pool empties (0: no such cap)", ge=0)
     evict_prefill_aware: bool = option(
         True, "count decode time only after the prompts ahead are prefilled")
     kv_state_swap: bool = option(
