@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.gpu.burst_phases import decode_windows
 from loadgen.gpu.common import load_trace_slice
 from loadgen.gpu.qlm_vs_fcfs import build_workload
 from loadgen.gpu.qlm_vs_fcfs import parse_args as harness_args
@@ -102,6 +103,9 @@ def run_variant(variant: str, seed: int, slowdown: float, start: int = 0,
     result = simulate(jobs, workers, engine, policy, config, seed=seed,
                       planning_profiles=planning)
     m = result.metrics
+    harness = harness_args(["--seed", str(seed)])
+    rows = [[r.id, r.arrival_at, r.first_token_at, r.finished_at, r.output_tokens,
+             r.num_evictions] for r in result.records]
     interactive = [r for r in result.records if r.slo_class == "interactive"]
     ttft = [r.first_token_at - r.arrival_at if r.first_token_at is not None else np.inf
             for r in interactive]
@@ -116,6 +120,11 @@ def run_variant(variant: str, seed: int, slowdown: float, start: int = 0,
         "makespan_s": round(m.makespan_s, 2),
         "evictions": m.evictions,
         "evicted_requests": sum(1 for r in result.records if r.num_evictions),
+        # each model's interactive decode pace per 8 s of arrivals, as burst_phases reads
+        # the GPU replays
+        "interactive_decode": decode_windows(rows, harness.models.split(","),
+                                             harness.second_model_every,
+                                             harness.interactive_slo_s, 8.0),
         "wall_s": round(time.perf_counter() - started, 2),
     }
 
