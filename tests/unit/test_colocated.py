@@ -80,7 +80,7 @@ def test_the_cap_opens_as_the_interactive_workers_pool_empties() -> None:
     for reserved_share in (1.0, 0.5, 0.25):
         workers = (_worker("big", BIG, CHAT, kv_tokens=round(FULL / reserved_share)),
                    _worker("small", SMALL))
-        cap = _caps(workers, QUEUED[:300])["small"]  # the default floor, 8
+        cap = _caps(workers, QUEUED[:300], colocated_loose_batch=8)["small"]
         assert cap == 8 + int((1 - reserved_share) ** 2 * (LIMIT - 8))
 
 
@@ -89,23 +89,23 @@ def test_workers_on_cards_of_their_own_get_no_cap(devices: tuple[str | None, str
                                                   ) -> None:
     workers = (_worker("big", BIG, CHAT, devices[0], kv_tokens=FULL),
                _worker("small", SMALL, (), devices[1]))
-    assert _caps(workers, QUEUED) == {"big": None, "small": None}
+    assert _caps(workers, QUEUED, colocated_loose_batch=8) == {"big": None, "small": None}
 
 
-def test_no_cap_when_turned_off_or_without_interactive_work_beside() -> None:
+def test_no_cap_by_default_or_without_interactive_work_beside() -> None:
     workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL))
-    assert _caps(workers, QUEUED, colocated_loose_batch=0) == {"big": None, "small": None}
+    assert _caps(workers, QUEUED) == {"big": None, "small": None}  # off by default
     batch_only = (_running("b-big", BIG, SLOClass.BATCH_1),)
     workers = (_worker("big", BIG, batch_only, kv_tokens=FULL), _worker("small", SMALL))
-    assert _caps(workers, QUEUED)["small"] is None
+    assert _caps(workers, QUEUED, colocated_loose_batch=8)["small"] is None
 
 
 def test_loose_work_short_of_slack_lifts_the_cap() -> None:
     workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL))
     ttft = SLO.for_class(SLOClass.BATCH_2).ttft_s
     # 0.4 of its SLO left before the batch job's earliest deadline (< 0.5): no cap
-    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.6)["small"] is None
-    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.4)["small"] == 2 + 8
+    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.6, colocated_loose_batch=8)["small"] is None
+    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.4, colocated_loose_batch=8)["small"] == 2 + 8
 
 
 def test_in_the_simulator_the_batch_job_beside_a_full_interactive_worker_is_held_back(
@@ -133,9 +133,9 @@ def test_in_the_simulator_the_batch_job_beside_a_full_interactive_worker_is_held
         return max(sum(1 for s, f in spans if s is not None and f is not None
                        and s <= t < f - 0.05) for t in times)
 
-    held = most_batch_at_once({}, 6.0)  # the default floor (8), opened by what is free
+    held = most_batch_at_once({"colocated_loose_batch": 8}, 6.0)  # 8, opened by what is free
     assert held <= 100
-    assert most_batch_at_once({"colocated_loose_batch": 0}, 6.0) > 2 * held
+    assert most_batch_at_once({}, 6.0) > 2 * held  # off by default
 
 
 def test_the_workers_file_names_a_device_and_the_view_carries_it() -> None:

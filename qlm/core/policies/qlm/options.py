@@ -40,7 +40,7 @@ class QlmOptions:
     evict_rate_credit: float = option(
         0.5, "fraction of the modelled decode rate trusted when counting freed slots", ge=0)
     colocated_loose_batch: int = option(
-        8, "while a worker sharing this one's GPU (workers file 'device') has interactive "
+        0, "while a worker sharing this one's GPU (workers file 'device') has interactive "
         "work and a full KV pool, this worker admits at most this many requests beyond its "
         "own interactive ones, more as that pool empties (0: no such cap)", ge=0)
     evict_prefill_aware: bool = option(
