@@ -27,9 +27,11 @@ interactive, on the second model when k is a multiple of ``second_model_every``;
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,7 +40,8 @@ from loadgen.results import emit
 from qlm.core.errors import InvalidInput
 
 #: The top-level keys this program writes into its JSON (loadgen.results).
-RESULT_KEYS: Final = frozenset({"result", "command", "window_s", "every_s", "runs"})
+RESULT_KEYS: Final = frozenset({"result", "command", "window_s", "every_s", "runs",
+                                "worker_states"})
 
 #: One request row of a result: id, arrival, first token, finish, output tokens, evictions.
 Row = Sequence[Any]
@@ -103,6 +106,53 @@ def batch_between(rows: Sequence[Row], models: Sequence[str], second_every: int,
     return samples
 
 
+def read_log(path: Path) -> str:
+    """A scheduler log: the file itself, or ``services/scheduler.log`` inside a logs
+    archive (``.tar.gz``, as the GPU runs bring them back)."""
+    if not tarfile.is_tarfile(path):
+        return path.read_text()
+    with tarfile.open(path) as archive:
+        for member in archive.getmembers():
+            if member.name.endswith("services/scheduler.log"):
+                extracted = archive.extractfile(member)
+                if extracted is not None:
+                    return extracted.read().decode()
+    raise InvalidInput("scheduler_log", f"{path}: no services/scheduler.log in the archive")
+
+
+def worker_states(log_lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """The scheduler's ``worker_state`` lines (``--log-worker-state``), per worker and
+    whole second since the log's first such line: the most requests running of each
+    class, the most KV reserved, its capacity, the lane head's class and size (the last of
+    the second), the evictions sent and the batch cap."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    start: float | None = None
+    for line in log_lines:
+        if '"worker_state"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short when the service stopped
+        if record.get("event") != "worker_state":
+            continue
+        now = float(record["now"])
+        start = now if start is None else start
+        second = int(now - start)
+        at = out.setdefault(str(record["worker"]), {}).setdefault(
+            second, {"t_s": second, "running": {}, "kv_reserved_tokens": 0, "evictions": 0})
+        for cls, n in record["running"].items():
+            at["running"][cls] = max(at["running"].get(cls, 0), int(n))
+        at["kv_reserved_tokens"] = max(at["kv_reserved_tokens"], int(record["kv_reserved_tokens"]))
+        at["kv_capacity_tokens"] = record["kv_capacity_tokens"]
+        head = record.get("lane_head")
+        at["lane_head_class"] = head.split("|")[1] if head else None
+        at["lane_head_size"] = record.get("lane_head_size", 0)
+        at["evictions"] += int(record.get("evictions", 0))
+        at["batch_cap"] = record.get("batch_cap")
+    return {worker: [seconds[k] for k in sorted(seconds)] for worker, seconds in out.items()}
+
+
 def phases(result: Mapping[str, Any], window_s: float, every_s: float
            ) -> dict[str, dict[str, Any]]:
     """Both reports for every run (variant) of ``result``."""
@@ -137,17 +187,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="width of the windows of interactive arrivals (s)")
     p.add_argument("--every-s", type=float, default=2.0,
                    help="spacing of the batch samples (s)")
+    p.add_argument("--scheduler-log", type=Path,
+                   help="the scheduler's log of the run (services/scheduler.log, or a logs "
+                        "archive holding it), with --log-worker-state: its view per worker "
+                        "and second")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     try:
         if not (args.window_s > 0 and args.every_s > 0):
             raise InvalidInput("window_s/every_s", "must be > 0")
         runs = phases(read_json(args.result), args.window_s, args.every_s)
+        states = (worker_states(read_log(args.scheduler_log).splitlines())
+                  if args.scheduler_log else None)
     except (InvalidInput, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = {"result": str(args.result), "window_s": args.window_s, "every_s": args.every_s,
            "runs": runs,
+           **({"worker_states": states} if states is not None else {}),
            "command": "python -m loadgen.gpu.burst_phases "
                       + " ".join(sys.argv[1:] if argv is None else argv)}
     shown = {name: run["interactive_decode"] for name, run in runs.items()}

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import gzip
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from loadgen.gpu.burst_phases import batch_between, decode_windows, main, model_of, phases
+from loadgen.gpu.burst_phases import (
+    batch_between,
+    decode_windows,
+    main,
+    model_of,
+    phases,
+    read_log,
+    worker_states,
+)
 from qlm.core.errors import InvalidInput
 
 MODELS = ["mistral-7b", "qwen2.5-1.5b"]
@@ -71,3 +80,42 @@ def test_the_program_reads_a_gzipped_result_and_writes_only_its_keys(
     assert written["runs"]["run 1"]["interactive_decode"]["mistral-7b"][0]["missed"] == 1
     assert main([str(source), "--window-s", "0"]) == 2
     assert "window_s" in capsys.readouterr().err
+
+
+def test_the_schedulers_worker_state_log_is_summarised_per_worker_and_second(
+        tmp_path: Path) -> None:
+    def line(now: float, worker: str, running: dict[str, int], kv: int, cap: int | None,
+             evictions: int = 0) -> str:
+        return json.dumps({"event": "worker_state", "now": now, "worker": worker,
+                           "running": running, "kv_reserved_tokens": kv,
+                           "kv_capacity_tokens": 1000, "lane_head": "m|interactive|7",
+                           "lane_head_size": 3, "evictions": evictions, "batch_cap": cap})
+    log = "\n".join([
+        "not json at all", json.dumps({"event": "step", "now": 1.0}),
+        line(100.0, "w0", {"interactive": 2}, 500, None),
+        line(100.5, "w0", {"interactive": 5, "batch-1": 1}, 900, None, evictions=2),
+        '{"event": "worker_state", "now": 101.2, "worker"',  # cut short
+        line(101.2, "w0", {"interactive": 4}, 800, 12, evictions=1),
+        line(101.3, "w1", {"batch-2": 9}, 100, 9),
+    ])
+    states = worker_states(log.splitlines())
+    assert states["w0"] == [
+        {"t_s": 0, "running": {"interactive": 5, "batch-1": 1}, "kv_reserved_tokens": 900,
+         "kv_capacity_tokens": 1000, "lane_head_class": "interactive", "lane_head_size": 3,
+         "evictions": 2, "batch_cap": None},
+        {"t_s": 1, "running": {"interactive": 4}, "kv_reserved_tokens": 800,
+         "kv_capacity_tokens": 1000, "lane_head_class": "interactive", "lane_head_size": 3,
+         "evictions": 1, "batch_cap": 12}]
+    assert states["w1"][0]["running"] == {"batch-2": 9}
+    # read from a logs archive as the GPU runs bring them back
+    (tmp_path / "services").mkdir()
+    (tmp_path / "services" / "scheduler.log").write_text(log)
+    archive = tmp_path / "logs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "services" / "scheduler.log", arcname="services/scheduler.log")
+    assert read_log(archive) == log
+    empty = tmp_path / "empty.tar.gz"
+    with tarfile.open(empty, "w:gz"):
+        pass
+    with pytest.raises(InvalidInput, match="scheduler_log"):
+        read_log(empty)
