@@ -348,7 +348,9 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[in
     neighbour and is held to ``loose_batch`` beside a full one. Requests above the cap
     finish. Not while a looser group on its lane has less than
     :data:`COLOCATED_SLACK_SHARE` of its SLO left before its earliest deadline: deferring
-    loose work must not make it miss. ``loose_batch`` = 0: no caps.
+    loose work must not make it miss. ``loose_batch`` = 0 (the default): no caps. On the
+    H100 the cap made the replay worse (the neighbour slowed the card for longer, held
+    thin): docs/scheduler.md, "Engines sharing a GPU".
     """
     if loose_batch <= 0:
         return {}
