@@ -163,7 +163,7 @@ class _Worker:
     seg_steps: int = 0
     #: How much slower than its profile the current phase runs (engines beside it on its
     #: card, ``SimConfig.colocation_slowdown``); fixed when the phase starts.
-    seg_factor: float = 1.0
+    pace_factor: float = 1.0
     swap_target: str | None = None
     stall_s: float = 0.0
     pending_evictions: dict[str, bool] = field(default_factory=dict)
@@ -230,6 +230,15 @@ class Simulation:
             s.id: _Worker(spec=s, active_model=s.active_model, models=set(s.models))
             for s in workers
         }
+        #: The other workers of each worker's card, for the workers that share one and only
+        #: when the engines slow each other (``SimConfig.colocation_slowdown``).
+        self.card_peers: dict[str, tuple[_Worker, ...]] = {}
+        if self.config.colocation_slowdown:
+            for w in self.workers.values():
+                peers = tuple(o for o in self.workers.values() if o is not w
+                              and o.spec.device is not None and o.spec.device == w.spec.device)
+                if peers:
+                    self.card_peers[w.id] = peers
         self.decide_pending = False
         self.last_decide_at = -math.inf
         self.decision_s: list[float] = []
@@ -463,12 +472,12 @@ class Simulation:
     def _cut_segment(self, w: _Worker) -> Scheduled:
         profile = self._profile(w, self._active(w))
         done = decode_steps_within(profile, w.seg_batch, w.seg_ctx0,
-                                   (self.now - w.phase_started_at) / w.seg_factor)
+                                   (self.now - w.phase_started_at) / w.pace_factor)
         steps = min(done + 1, w.seg_steps)
         if steps == w.seg_steps:
             return []
         w.seg_steps = steps
-        w.phase_end_at = w.phase_started_at + w.seg_factor * decode_segment_s(
+        w.phase_end_at = w.phase_started_at + w.pace_factor * decode_segment_s(
             profile, w.seg_batch, w.seg_ctx0, steps
         )
         w.epoch += 1
@@ -488,7 +497,7 @@ class Simulation:
         elif w.phase is Phase.DECODE:
             w.busy_s += self.now - w.phase_started_at
             profile = self._profile(w, self._active(w))
-            w.last_step_at = w.phase_started_at + w.seg_factor * decode_segment_s(
+            w.last_step_at = w.phase_started_at + w.pace_factor * decode_segment_s(
                 profile, w.seg_batch, w.seg_ctx0, w.seg_steps - 1
             )
             for rid in list(w.running):
@@ -603,47 +612,37 @@ class Simulation:
         return []
 
     def _start_phase(self, w: _Worker, phase: Phase, duration: float) -> Scheduled:
-        w.seg_factor = 1.0
-        if phase in (Phase.DECODE, Phase.MIXED, Phase.PREFILL):
-            w.seg_factor = self._colocation_factor(w)
-            duration *= w.seg_factor
         w.phase = phase
         w.phase_started_at = self.now
-        w.phase_end_at = self.now + duration
         w.epoch += 1
-        return [(w.phase_end_at, Boundary(w.id, w.epoch)), *self._recut_neighbours(w)]
-
-    def _recut_neighbours(self, w: _Worker) -> Scheduled:
-        """A phase of ``w`` starts (its batch may have changed): the decode segments of the
-        other workers of its card whose slowdown moved by more than
-        :data:`RECUT_FACTOR_CHANGE` end at their next step, to go on at the new pace."""
-        if not self.config.colocation_slowdown or w.spec.device is None:
-            return []
-        out: Scheduled = []
-        for other in self.workers.values():
-            if (other is not w and other.spec.device == w.spec.device
-                    and other.phase is Phase.DECODE
-                    and abs(self._colocation_factor(other) - other.seg_factor)
-                    > RECUT_FACTOR_CHANGE):
+        peers = self.card_peers.get(w.id)
+        if not peers:  # a card of its own, or engines that do not slow each other
+            w.pace_factor = 1.0
+            w.phase_end_at = self.now + duration
+            return [(w.phase_end_at, Boundary(w.id, w.epoch))]
+        w.pace_factor = (self._colocation_factor(peers)
+                         if phase in (Phase.DECODE, Phase.MIXED, Phase.PREFILL) else 1.0)
+        w.phase_end_at = self.now + duration * w.pace_factor
+        out: Scheduled = [(w.phase_end_at, Boundary(w.id, w.epoch))]
+        # its batch may have changed: the decode segments of the others on its card whose
+        # pace moved by more than RECUT_FACTOR_CHANGE end at their next step
+        for other in peers:
+            if (other.phase is Phase.DECODE
+                    and abs(self._colocation_factor(self.card_peers[other.id])
+                            - other.pace_factor) > RECUT_FACTOR_CHANGE):
                 out += self._cut_segment(other)
         return out
 
-    def _colocation_factor(self, w: _Worker) -> float:
-        """How much slower than its profile a step of ``w`` runs now: 1 + the configured
-        ``colocation_slowdown`` × the running batch of the other workers of its device, as
-        a share of their ``max_batch_size`` (1.0 without a device or without the
-        setting)."""
-        kappa = self.config.colocation_slowdown
-        if not kappa or w.spec.device is None:
-            return 1.0
+    def _colocation_factor(self, peers: Sequence[_Worker]) -> float:
+        """How much slower than its profile a step runs beside ``peers`` (the other workers
+        of its card): 1 + ``colocation_slowdown`` × their running batch as a share of their
+        ``max_batch_size``."""
         load = 0.0
-        for other in self.workers.values():
-            if other is w or other.spec.device != w.spec.device or other.active_model is None:
-                continue
+        for other in peers:
             batch = len(other.running) + len(other.admitting)
-            if batch:
+            if batch and other.active_model is not None:
                 load += batch / self._profile(other, other.active_model).max_batch_size
-        return 1.0 + kappa * load
+        return 1.0 + self.config.colocation_slowdown * load
 
     def _start_swap(self, w: _Worker, target: str) -> Scheduled:
         for rid in [*w.running, *w.admitting]:
