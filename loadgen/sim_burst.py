@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from loadgen.gpu.burst_phases import decode_windows
-from loadgen.gpu.common import load_trace_slice
+from loadgen.gpu.common import HOST_DEVICE, load_trace_slice
 from loadgen.gpu.qlm_vs_fcfs import build_workload
 from loadgen.gpu.qlm_vs_fcfs import parse_args as harness_args
 from loadgen.results import write_json
@@ -80,7 +80,7 @@ def scenario(seed: int, slowdown: float, start: int = 0,
     planning = [replace(base.get(m, GPU), kv_capacity_tokens=kv_tokens[m]) for m in models]
     engine = [corrected(p, slowdown) for p in planning]
     jobs = [Job(r, r.max_tokens) for r in workload.requests]
-    workers = [WorkerSpec(f"w-{m}", GPU, m, (m,), device="gpu0") for m in models]
+    workers = [WorkerSpec(f"w-{m}", GPU, m, (m,), device=HOST_DEVICE) for m in models]
     return jobs, workers, ProfileBook.of(engine), ProfileBook.of(planning)
 
 

@@ -34,6 +34,10 @@ ENGINE_SETTINGS: dict[str, Any] = {
     "enable_sleep_mode": True,
 }
 
+#: The ``device`` of the replays' workers: every engine of a replay runs on the host's one
+#: GPU (:attr:`qlm.core.types.WorkerView.device`).
+HOST_DEVICE = "gpu0"
+
 
 def max_model_len_for(model: str) -> int:
     """The context limit used for ``model``: its positions, capped at 16k tokens."""

@@ -72,6 +72,7 @@ from typing import Any, Final
 import numpy as np
 
 from loadgen.gpu.common import (
+    HOST_DEVICE,
     MODEL_SHAPES,
     TraceRequest,
     device_facts,
@@ -411,7 +412,7 @@ class InProcessStack:
             running.append(RunningRequest(request, run.started_at, outcome.first_token_at))
         return WorkerView(w.id, w.profile.gpu, (w.model,), w.model, w.kv_capacity_tokens,
                           w.max_batch_size, tuple(running), batch_cap=w.batch_cap,
-                          device="gpu0")  # the engines share the host's one GPU
+                          device=HOST_DEVICE)
 
     # ---------------------------------------------------------------- run
     async def run(self, timeout_s: float) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from loadgen.gpu import qlm_vs_fcfs
-from loadgen.gpu.common import device_facts, percentile, write_json
+from loadgen.gpu.common import HOST_DEVICE, device_facts, percentile, write_json
 from loadgen.gpu.qlm_vs_fcfs import Outcome, Workload, build_workload, draw_prompts, summarise
 from qlm.core.errors import Unavailable
 from qlm.core.perf import PROFILE_DIR
@@ -113,7 +113,7 @@ def workers_yaml(models: Sequence[str], gpu: str) -> str:
     host's one GPU (``device``: their engines share it)."""
     lines = ["workers:"]
     for model in models:
-        lines += [f"  - id: {worker_id(model)}", f"    gpu: {gpu}", "    device: gpu0",
+        lines += [f"  - id: {worker_id(model)}", f"    gpu: {gpu}", f"    device: {HOST_DEVICE}",
                   f"    models: [{model}]"]
     return "\n".join(lines) + "\n"
 
