@@ -363,14 +363,18 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[in
     for members in by_device.values():
         if len(members) < 2:
             continue
-        busy = {wi for wi in members if _has_interactive(pc, wi, plan.orders[wi])}
+        running = {wi: sum(1 for rr in pc.snapshot.workers[wi].running
+                           if rr.request.slo_class is interactive) for wi in members}
+        # serving interactive work: some running, or a group of it at the lane's head
+        busy = {wi for wi in members if running[wi] or (
+            plan.orders[wi] and pc.stats[plan.orders[wi][0]].key.slo_class is interactive)}
         for wi in members:
             if not busy - {wi}:
                 continue  # no other worker of this card serves interactive work now
             w, order = pc.snapshot.workers[wi], plan.orders[wi]
             model = w.active_model
             assert model is not None  # members are workers with an active model
-            own = sum(1 for rr in w.running if rr.request.slo_class is interactive)
+            own = running[wi]
             urgent = False
             for gi in order:
                 g = pc.stats[gi]
@@ -392,12 +396,3 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[in
             if not urgent and own + loose < limit:
                 caps[wi] = own + loose
     return caps
-
-
-def _has_interactive(pc: PlanningContext, wi: int, order: Sequence[int]) -> bool:
-    """Whether worker ``wi`` runs an interactive request or its lane starts with a group
-    of interactive requests."""
-    w = pc.snapshot.workers[wi]
-    if any(rr.request.slo_class is SLOClass.INTERACTIVE for rr in w.running):
-        return True
-    return bool(order) and pc.stats[order[0]].key.slo_class is SLOClass.INTERACTIVE
