@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from loadgen.gpu.common import read_json
+from loadgen.gpu.common import RequestTiming, read_json
 from loadgen.results import emit
 from qlm.core.errors import InvalidInput
 
@@ -59,6 +59,15 @@ def model_of(request_id: str, models: Sequence[str], second_every: int) -> str:
     raise InvalidInput("requests", f"{request_id!r}: not an id of the replay's workload")
 
 
+def by_model(rows: Sequence[Row], models: Sequence[str], second_every: int
+             ) -> dict[str, list[Row]]:
+    """The rows of each model (:func:`model_of`), in their order."""
+    out: dict[str, list[Row]] = {model: [] for model in models}
+    for r in rows:
+        out[model_of(str(r[0]), models, second_every)].append(r)
+    return out
+
+
 def decode_windows(rows: Sequence[Row], models: Sequence[str], second_every: int,
                    slo_s: float, window_s: float) -> dict[str, list[dict[str, Any]]]:
     """Per model, per window of interactive arrivals: count, misses, mean TPOT (ms) and
@@ -66,16 +75,15 @@ def decode_windows(rows: Sequence[Row], models: Sequence[str], second_every: int
     out: dict[str, list[dict[str, Any]]] = {}
     interactive = [r for r in rows if str(r[0]).startswith("i")]
     end = max((float(r[1]) for r in interactive), default=0.0)
-    for model in models:
+    for model, model_rows in by_model(interactive, models, second_every).items():
         windows = []
         for k in range(int(end // window_s) + 1):
             lo, hi = k * window_s, (k + 1) * window_s
-            mine = [r for r in interactive if lo <= float(r[1]) < hi
-                    and model_of(str(r[0]), models, second_every) == model]
+            mine = [r for r in model_rows if lo <= float(r[1]) < hi]
             if not mine:
                 continue
             done = [r for r in mine if r[2] is not None and r[3] is not None and r[4] > 1]
-            tpot = [(r[3] - r[2]) / (r[4] - 1) for r in done]
+            tpot = [RequestTiming(r[1], r[2], r[3], r[4]).tpot_s or 0.0 for r in done]
             windows.append({
                 "arrivals_s": [lo, hi], "num": len(mine),
                 "missed": sum(1 for r in mine if r[2] is None or r[2] - r[1] > slo_s),
@@ -93,13 +101,14 @@ def batch_between(rows: Sequence[Row], models: Sequence[str], second_every: int,
     ``never_evicted`` and ``evicted`` (running again or waiting in the queue)."""
     batch = [r for r in rows if str(r[0]).startswith("b") and r[2] is not None]
     end = max((float(r[3]) for r in batch if r[3] is not None), default=0.0)
+    mine = by_model(batch, models, second_every)
     samples = []
     for k in range(int(end // every_s) + 1):
         t = k * every_s
         at: dict[str, Any] = {"t_s": t}
-        for model in models:
-            live = [r for r in batch if model_of(str(r[0]), models, second_every) == model
-                    and r[2] <= t < (r[3] if r[3] is not None else math.inf)]
+        for model, model_rows in mine.items():
+            live = [r for r in model_rows
+                    if r[2] <= t < (r[3] if r[3] is not None else math.inf)]
             at[model] = {"never_evicted": sum(1 for r in live if not r[5]),
                          "evicted": sum(1 for r in live if r[5])}
         samples.append(at)
