@@ -33,13 +33,16 @@ SURE_P = 0.999
 
 
 class _Heaps:
-    """Least-drained lanes per (shape, tail model), (shape, resident model) and shape."""
+    """Least-drained lanes per (shape, tail model), (shape, resident model) and shape;
+    ``resident=False`` keeps no heaps of resident models (:meth:`earliest_end` does not
+    ask them)."""
 
-    def __init__(self, lanes: Sequence[Lane], cost: CostModel) -> None:
+    def __init__(self, lanes: Sequence[Lane], cost: CostModel, resident: bool = True) -> None:
         self.cost = cost
         self.tail: dict[tuple[int, str | None], list[tuple[float, int, int]]] = {}
         self.resident: dict[tuple[int, str], list[tuple[float, int, int]]] = {}
         self.any: dict[int, list[tuple[float, int, int]]] = {}
+        self._with_resident = resident
         for lane in lanes:
             self.push(lane)
 
@@ -48,10 +51,11 @@ class _Heaps:
         entry = (lane.end_at, lane.index, lane.version)
         tail = lane.tail
         heapq.heappush(self.tail.setdefault((shape, tail), []), entry)
-        resident = self.resident
-        for m in lane.worker.models:
-            if m != tail:  # ending with m already: the tail heap has it, no swap
-                heapq.heappush(resident.setdefault((shape, m), []), entry)
+        if self._with_resident:
+            resident = self.resident
+            for m in lane.worker.models:
+                if m != tail:  # ending with m already: the tail heap has it, no swap
+                    heapq.heappush(resident.setdefault((shape, m), []), entry)
         heapq.heappush(self.any.setdefault(shape, []), entry)
 
     @staticmethod
@@ -93,10 +97,12 @@ class _Heaps:
         best_end = 0.0
         for shape in shapes:
             svc = None
+            seen = None
             for heap in (tail.get((shape, model)), any_.get(shape)):
                 lane = top(heap, lanes)
-                if lane is None:
+                if lane is None or lane is seen:  # the same lane: the same end
                     continue
+                seen = lane
                 if svc is None:  # the same for every lane of the shape
                     svc = cost.service(gi, lane.index)
                     assert svc is not None
@@ -201,7 +207,7 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
     if not late:
         return
     cost, stats = pc.cost, pc.stats
-    heaps = _Heaps(lanes, cost)  # the local search reset lanes: fresh heaps
+    heaps = _Heaps(lanes, cost, resident=False)  # the local search reset lanes: fresh heaps
     floor: dict[int, int] = {}  # per lane: the position after its last late group
     lane_slots: dict[int, list[Slot]] = {}  # per lane: the walk of its current order
     for gi in sorted(late, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
