@@ -202,7 +202,7 @@ class LsoCommand(BusRecord):
     - swap: put the current model to sleep and wake ``to_model``.
     - migrate: move ``request_ids`` from ``worker`` to ``to_worker``.
     - cap: admit requests only while fewer than ``max_batch_size`` run (absent: the
-      worker's own limit again); the scheduler's ``BatchCap`` for TPOT targets.
+      worker's own limit again; 0: none for now); the scheduler's ``BatchCap``.
     """
 
     topic_name: ClassVar[str] = "qlm.lso"
@@ -215,7 +215,7 @@ class LsoCommand(BusRecord):
     to_worker: Name | None = None
     keep_kv: bool = False
     reason: Annotated[str, Field(max_length=1024)] | None = None
-    max_batch_size: Annotated[int, Field(ge=1)] | None = None
+    max_batch_size: Annotated[int, Field(ge=0)] | None = None
 
     @property
     def fence(self) -> int | None:
@@ -263,7 +263,7 @@ class Telemetry(BusRecord):
     num_waiting: Count = 0
     kv_used_fraction: Annotated[float, Field(ge=0, le=1)]
     num_context_tokens: Count | None = None
-    batch_cap: Annotated[int, Field(ge=1)] | None = None
+    batch_cap: Annotated[int, Field(ge=0)] | None = None
     step_time_predicted_s: Seconds
     step_time_observed_s: Seconds
     num_steps: Annotated[int, Field(ge=0)] = 1

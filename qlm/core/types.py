@@ -467,16 +467,18 @@ class Reject:
 @dataclass(frozen=True, slots=True)
 class BatchCap:
     """From now on worker ``worker_id`` admits requests only while it runs fewer than
-    ``max_batch_size`` (None: its own limit again). Set while requests with a TPOT target
-    run there or head its queue: a smaller batch makes each decode step shorter."""
+    ``max_batch_size`` (None: its own limit again; 0: it admits nothing for now). Set
+    while requests with a TPOT target run there or head its queue (a smaller batch makes
+    each decode step shorter), and beside interactive work on a shared GPU
+    (:func:`qlm.core.policies.qlm.lso.colocated_caps`)."""
 
     worker_id: str
     max_batch_size: int | None
 
     def __post_init__(self) -> None:
-        if self.max_batch_size is not None and self.max_batch_size < 1:
+        if self.max_batch_size is not None and self.max_batch_size < 0:
             raise InvalidInput("max_batch_size",
-                               f"must be >= 1 when set, got {self.max_batch_size}")
+                               f"must be >= 0 when set, got {self.max_batch_size}")
 
 
 @dataclass(frozen=True, slots=True)

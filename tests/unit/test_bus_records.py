@@ -131,7 +131,7 @@ def test_bad_event_names_the_field(raw: bytes, field: str, problem: str) -> None
         ({"type": "migrate", "request_ids": ["r"]}, "to_worker"),
         ({"type": "migrate", "request_ids": ["r"], "to_worker": "w0"}, "to_worker"),
         ({"type": "drain"}, "type"),
-        ({"type": "cap", "max_batch_size": 0}, "max_batch_size"),
+        ({"type": "cap", "max_batch_size": -1}, "max_batch_size"),
         ({"type": "swap", "to_model": "m", "max_batch_size": 4}, "max_batch_size"),
     ],
 )

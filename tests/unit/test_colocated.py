@@ -1,5 +1,6 @@
 """Workers that share a GPU (the workers file's ``device``): the qlm policy's co-location
-cap (``colocated_loose_batch``), in a decision and in the simulator, and the roster."""
+caps (``colocated_loose_batch``, ``colocated_pause_share``), in a decision and in the
+simulator, and the roster."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def _caps(workers: tuple[WorkerView, ...], queued: tuple[Request, ...], now: flo
     return {c.worker_id: c.max_batch_size for c in decision.batch_caps}
 
 
+def _thin(loose_batch: int) -> dict[str, float]:
+    """The thinning cap alone (the pause off)."""
+    return {"colocated_loose_batch": loose_batch, "colocated_pause_share": 0}
+
+
 #: The big model's worker serves interactive work, its KV pool full (one request reserving
 #: 200 + 300 tokens of a 500-token pool); the small one's has a batch job queued and two
 #: interactive requests of its own queued too.
@@ -64,12 +70,12 @@ def test_beside_a_full_interactive_worker_one_admits_its_own_interactive_work_an
         ) -> None:
     workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL))
     batch_only = QUEUED[:300]
-    assert _caps(workers, batch_only, colocated_loose_batch=16) == {"big": None, "small": 16}
+    assert _caps(workers, batch_only, **_thin(16)) == {"big": None, "small": 16}
     # its own interactive requests, queued and running, come on top
-    assert _caps(workers, QUEUED, colocated_loose_batch=16)["small"] == 2 + 16
+    assert _caps(workers, QUEUED, **_thin(16))["small"] == 2 + 16
     mine = tuple(_running(f"s{k}", SMALL, SLOClass.INTERACTIVE) for k in range(5))
     workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL, mine))
-    caps = _caps(workers, QUEUED, colocated_loose_batch=16)
+    caps = _caps(workers, QUEUED, **_thin(16))
     assert caps["small"] == 5 + 2 + 16
     # the big one is beside interactive work too, but that worker's pool is almost empty:
     # it may fill its batch (no cap)
@@ -80,8 +86,33 @@ def test_the_cap_opens_as_the_interactive_workers_pool_empties() -> None:
     for reserved_share in (1.0, 0.5, 0.25):
         workers = (_worker("big", BIG, CHAT, kv_tokens=round(FULL / reserved_share)),
                    _worker("small", SMALL))
-        cap = _caps(workers, QUEUED[:300], colocated_loose_batch=8)["small"]
+        cap = _caps(workers, QUEUED[:300], **_thin(8))["small"]
         assert cap == 8 + int((1 - reserved_share) ** 2 * (LIMIT - 8))
+
+
+def test_the_pause_admits_only_own_interactive_work_while_the_neighbour_is_that_full() -> None:
+    for reserved_share, expected in ((1.0, 2), (0.5, 2), (0.49, None), (0.25, None)):
+        workers = (_worker("big", BIG, CHAT, kv_tokens=round(FULL / reserved_share)),
+                   _worker("small", SMALL))
+        # the two interactive requests queued on the small model, nothing of the batch job
+        assert _caps(workers, QUEUED, colocated_pause_share=0.5)["small"] == expected
+    # below the share, the thin cap applies where it is set
+    workers = (_worker("big", BIG, CHAT, kv_tokens=FULL * 4), _worker("small", SMALL))
+    both = {"colocated_pause_share": 0.5, "colocated_loose_batch": 8}
+    assert _caps(workers, QUEUED, **both)["small"] == 2 + 8 + int(0.75 ** 2 * (LIMIT - 8))
+    # its own running interactive requests are never held back
+    mine = tuple(_running(f"s{k}", SMALL, SLOClass.INTERACTIVE) for k in range(5))
+    workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL, mine))
+    assert _caps(workers, QUEUED, colocated_pause_share=0.5)["small"] == 5 + 2
+
+
+def test_the_pause_lifts_for_loose_work_short_of_slack_and_beside_batch_only_work() -> None:
+    workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL))
+    ttft = SLO.for_class(SLOClass.BATCH_2).ttft_s
+    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.6, colocated_pause_share=0.5)["small"] is None
+    batch_only = (_running("b-big", BIG, SLOClass.BATCH_1),)
+    workers = (_worker("big", BIG, batch_only, kv_tokens=FULL), _worker("small", SMALL))
+    assert _caps(workers, QUEUED, colocated_pause_share=0.5)["small"] is None
 
 
 @pytest.mark.parametrize("devices", [(None, None), ("card0", "card1"), ("card0", None)])
@@ -92,9 +123,10 @@ def test_workers_on_cards_of_their_own_get_no_cap(devices: tuple[str | None, str
     assert _caps(workers, QUEUED, colocated_loose_batch=8) == {"big": None, "small": None}
 
 
-def test_no_cap_by_default_or_without_interactive_work_beside() -> None:
+def test_the_pause_is_the_default_and_no_cap_without_interactive_work_beside() -> None:
     workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL))
-    assert _caps(workers, QUEUED) == {"big": None, "small": None}  # off by default
+    assert _caps(workers, QUEUED) == {"big": None, "small": 2}  # paused by default
+    assert _caps(workers, QUEUED, colocated_pause_share=0) == {"big": None, "small": None}
     batch_only = (_running("b-big", BIG, SLOClass.BATCH_1),)
     workers = (_worker("big", BIG, batch_only, kv_tokens=FULL), _worker("small", SMALL))
     assert _caps(workers, QUEUED, colocated_loose_batch=8)["small"] is None
@@ -105,7 +137,7 @@ def test_loose_work_short_of_slack_lifts_the_cap() -> None:
     ttft = SLO.for_class(SLOClass.BATCH_2).ttft_s
     # 0.4 of its SLO left before the batch job's earliest deadline (< 0.5): no cap
     assert _caps(workers, QUEUED, now=0.5 + ttft * 0.6, colocated_loose_batch=8)["small"] is None
-    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.4, colocated_loose_batch=8)["small"] == 2 + 8
+    assert _caps(workers, QUEUED, now=0.5 + ttft * 0.4, **_thin(8))["small"] == 2 + 8
 
 
 def test_in_the_simulator_the_batch_job_beside_a_full_interactive_worker_is_held_back(
@@ -133,9 +165,11 @@ def test_in_the_simulator_the_batch_job_beside_a_full_interactive_worker_is_held
         return max(sum(1 for s, f in spans if s is not None and f is not None
                        and s <= t < f - 0.05) for t in times)
 
-    held = most_batch_at_once({"colocated_loose_batch": 8}, 6.0)  # 8, opened by what is free
-    assert held <= 100
-    assert most_batch_at_once({}, 6.0) > 2 * held  # off by default
+    off = most_batch_at_once({"colocated_pause_share": 0}, 6.0)
+    held = most_batch_at_once({"colocated_loose_batch": 8, "colocated_pause_share": 0}, 6.0)
+    assert held <= 100  # 8, opened by what is free
+    assert off > 2 * held
+    assert most_batch_at_once({}, 6.0) < held  # the default pauses it
 
 
 def test_the_workers_file_names_a_device_and_the_view_carries_it() -> None:

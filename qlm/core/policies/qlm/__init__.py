@@ -230,7 +230,8 @@ class QlmPolicy:
             evictions=plan_evictions(pc, plan, options),
             swaps=plan_swaps(pc, plan),
             rejections=plan_rejections(pc, options),
-            batch_caps=plan_batch_caps(pc, plan, options.colocated_loose_batch),
+            batch_caps=plan_batch_caps(pc, plan, options.colocated_loose_batch,
+                                       options.colocated_pause_share),
         )
         return replace(decision, pulls=plan_pulls_for(pc, decision))
 

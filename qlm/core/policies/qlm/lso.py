@@ -274,8 +274,8 @@ def plan_pulls_for(pc: PlanningContext, decision: Decision) -> tuple[Pull, ...]:
     return tuple(pulls)
 
 
-def plan_batch_caps(pc: PlanningContext, plan: Plan, colocated_loose_batch: int = 0
-                    ) -> tuple[BatchCap, ...]:
+def plan_batch_caps(pc: PlanningContext, plan: Plan, colocated_loose_batch: int = 0,
+                    colocated_pause_share: float = 0.0) -> tuple[BatchCap, ...]:
     """The batch cap of every worker: while requests with a TPOT target run on it or the
     head group of its lane (of its active model) has one, the largest batch whose mean
     step meets the tightest of those targets (:func:`qlm.sim.batching.tpot_batch_cap`,
@@ -289,10 +289,10 @@ def plan_batch_caps(pc: PlanningContext, plan: Plan, colocated_loose_batch: int 
     group with a TPOT target is served at the capped batch (:meth:`CostModel.tpot_cap`),
     so the groups after it on the lane wait longer.
 
-    With ``colocated_loose_batch`` > 0, the caps of :func:`colocated_caps` apply too (the
-    tighter of the two)."""
+    With ``colocated_loose_batch`` or ``colocated_pause_share`` > 0, the caps of
+    :func:`colocated_caps` apply too (the tighter of the two)."""
     caps: list[BatchCap] = []
-    colocated = colocated_caps(pc, plan, colocated_loose_batch)
+    colocated = colocated_caps(pc, plan, colocated_loose_batch, colocated_pause_share)
     output_stats = pc.cost.output_stats
     for wi, (w, order) in enumerate(zip(pc.snapshot.workers, plan.orders, strict=True)):
         model = w.active_model
@@ -333,7 +333,8 @@ COLOCATED_SLACK_SHARE = 0.5
 COLOCATED_PRESSURE_POWER = 2.0
 
 
-def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[int, int]:
+def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int,
+                   pause_share: float = 0.0) -> dict[int, int]:
     """Batch caps for workers that share a GPU (:attr:`WorkerView.device`) with a worker
     serving interactive work: {worker index: cap}.
 
@@ -348,11 +349,18 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[in
     neighbour and is held to ``loose_batch`` beside a full one. Requests above the cap
     finish. Not while a looser group on its lane has less than
     :data:`COLOCATED_SLACK_SHARE` of its SLO left before its earliest deadline: deferring
-    loose work must not make it miss. ``loose_batch`` = 0 (the default): no caps. On the
-    H100 the cap made the replay worse (the neighbour slowed the card for longer, held
-    thin): docs/scheduler.md, "Engines sharing a GPU".
+    loose work must not make it miss. ``loose_batch`` = 0 (the default): no such cap. On
+    the H100 this cap made the replay worse (the neighbour slowed the card for longer,
+    held thin): docs/scheduler.md, "Engines sharing a GPU".
+
+    ``pause_share`` > 0 pauses instead of thinning: while such a worker has at least
+    that share of its KV pool reserved, this worker admits its own interactive work and
+    nothing else (0 others, whatever ``loose_batch`` says), and below it ``loose_batch``
+    applies as above (no cap when it is 0). A neighbour that steps at all slows the
+    card's steps by about its own step time, whatever its batch (the H100 runs), so the
+    loose work is better run in full while the card is quiet than thin all along.
     """
-    if loose_batch <= 0:
+    if loose_batch <= 0 and pause_share <= 0:
         return {}
     by_device: dict[str, list[int]] = {}
     for wi, w in enumerate(pc.snapshot.workers):
@@ -391,8 +399,13 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int) -> dict[in
             pressure = max(min(1.0, pc.loads[o].kv_reserved_tokens
                                / max(1, pc.snapshot.workers[o].kv_capacity_tokens))
                            for o in busy - {wi})
-            loose = loose_batch + int((1.0 - pressure) ** COLOCATED_PRESSURE_POWER
-                                      * max(0, limit - loose_batch))
+            if 0 < pause_share <= pressure:
+                loose = 0
+            elif loose_batch > 0:
+                loose = loose_batch + int((1.0 - pressure) ** COLOCATED_PRESSURE_POWER
+                                          * max(0, limit - loose_batch))
+            else:
+                continue
             if not urgent and own + loose < limit:
                 caps[wi] = own + loose
     return caps
