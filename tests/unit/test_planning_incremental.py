@@ -1,7 +1,6 @@
 """The incremental paths of the planners (what the simulator's speed rests on) give
 exactly what recomputing from scratch gives: a group summary moved to a new index, a
-worker summary after its requests progressed, a lane walked again from a changed state,
-qlm's local search against its plain form."""
+lane walked again from a changed state, qlm's local search against its plain form."""
 
 from __future__ import annotations
 
@@ -15,19 +14,16 @@ from qlm.core.policies.planning import (
     CostModel,
     GroupStats,
     Lane,
-    WorkerLoadCache,
     _reindexed,
     lane_value,
-    output_stats_from,
     rewalk,
     state_before,
-    summarise_running,
     walk,
 )
 from qlm.core.policies.qlm import QlmPolicy
 from qlm.core.policies.qlm.heuristic import _improve
-from qlm.core.types import SLO, GroupKey, Request, RunningRequest, SLOClass
-from tests.unit.test_policy_qlm import random_instance, worker
+from qlm.core.types import GroupKey, SLOClass
+from tests.unit.test_policy_qlm import random_instance
 
 
 def test_a_summary_moved_to_a_new_index_differs_only_in_its_index() -> None:
@@ -38,52 +34,6 @@ def test_a_summary_moved_to_a_new_index_differs_only_in_its_index() -> None:
         "mean_output", "deadline_points", "earliest_deadline_at", "latest_deadline_at",
         "ttft_s", "tpot_s"]
     assert _reindexed(stats, 7) == replace(stats, index=7)
-
-
-def running_request(rng: random.Random, n: int) -> RunningRequest:
-    """A running request of few classes and little progress (so eviction-order ties,
-    broken by progress, are common); some still without a first token, some resumed."""
-    slo_class = rng.choice([SLOClass.INTERACTIVE, SLOClass.BATCH_1])
-    request = Request(f"r{n}", "m", rng.randint(10, 50), 40, slo_class,
-                      SLO(rng.choice([1.0, 20.0]), rng.choice([None, 0.05])),
-                      float(rng.randint(0, 3)), num_generated=rng.randint(0, 3))
-    first = rng.choice([None, 4.0, 6.0]) if request.num_generated == 0 else rng.choice([4.0, 6.0])
-    return RunningRequest(request, 5.0, first)
-
-
-def progressed(rng: random.Random, rr: RunningRequest) -> RunningRequest:
-    """``rr`` after a step: most requests gain a token or a few, some gain none, some get
-    their first token."""
-    request = rr.request
-    done = min(request.max_tokens, request.num_generated + rng.choice([0, 1, 1, 2, 5]))
-    first = rr.first_token_at
-    if first is None and (done > 0 or rng.random() < 0.2):
-        first, done = 7.0, max(done, 1)
-    if done == request.num_generated and first is rr.first_token_at and rng.random() < 0.5:
-        return rr  # the same object: nothing moved
-    return RunningRequest(request.with_generated(done), rr.started_at, first)
-
-
-@pytest.mark.parametrize("seed", range(10))
-def test_a_worker_whose_requests_progressed_is_summarised_as_from_scratch(seed: int) -> None:
-    rng = random.Random(seed)
-    stats = output_stats_from(None)
-    cache = WorkerLoadCache()
-    made = 0
-    runnings: list[list[RunningRequest]] = [[] for _ in range(4)]
-    for _ in range(40):
-        for running in runnings:
-            roll = rng.random()
-            if roll < 0.1 and running:  # one ends
-                running.pop(rng.randrange(len(running)))
-            elif roll < 0.2 or not running:  # one starts
-                made += 1
-                running.insert(rng.randint(0, len(running)), running_request(rng, made))
-            running[:] = [progressed(rng, rr) for rr in running]
-        workers = [worker(f"w{k}", ("m",), "m", running=tuple(running))
-                   for k, running in enumerate(runnings)]
-        got = cache.refresh(workers, stats)
-        assert got == [summarise_running(w.running, stats) for w in workers]
 
 
 def lanes_of(seed: int) -> tuple[CostModel, list[Lane], list[list[int]], QlmPolicy, object]:

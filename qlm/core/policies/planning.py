@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import pairwise, repeat
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -364,43 +364,15 @@ def summarise_running(running: Sequence[RunningRequest],
 _IDLE = WorkerLoad(0.0, 0.0, (), 0, 0.0)
 
 
-@dataclass(frozen=True, slots=True)
-class _Summary:
-    """A worker's :class:`WorkerLoad` and what a refresh after mere progress reuses of it:
-    the eviction order as positions in ``running`` (``ranked``), the adjacent pairs of it
-    that only progress and ids order (``ties``: positions ``a`` before ``b`` and whether
-    ``a``'s id sorts first) and the positions of the requests without a first token."""
-
-    running: tuple[RunningRequest, ...]
-    load: WorkerLoad
-    ranked: tuple[int, ...] = ()
-    ties: tuple[tuple[int, int, bool], ...] = ()
-    unstarted: tuple[int, ...] = ()
-    #: Per request of ``running``: its id, start and first token (what must not move).
-    marks: tuple[list[str], list[float], list[float | None]] = ([], [], [])
-
-
-_IDLE_SUMMARY = _Summary((), _IDLE)
-
-
 def summarise_workers(runnings: Sequence[Sequence[RunningRequest]],
                       output_stats: Mapping[str, LengthStats]) -> list[WorkerLoad]:
     """:func:`summarise_running` of each of ``runnings`` (the running requests of several
-    workers)."""
-    return [s.load for s in _summarise(runnings, output_stats, [None] * len(runnings))]
-
-
-def _summarise(runnings: Sequence[Sequence[RunningRequest]],
-               output_stats: Mapping[str, LengthStats],
-               previous: Sequence[_Summary | None]) -> list[_Summary]:
-    """The summaries of ``runnings`` (the running requests of several workers), each
-    worker's ``previous`` summary (None: none) reused where its requests only progressed
-    (:func:`_progressed`). The remaining-output moments are elementwise, so they are
-    computed in one vectorised pass over the requests of all the workers that share a
-    length model, then cut per worker: every worker's running requests move between two
-    snapshots of a live queue (they generate tokens), and one pass per worker spent most
-    of its time in numpy's per-call overhead on arrays of a few dozen elements."""
-    out: list[_Summary] = [_IDLE_SUMMARY] * len(runnings)
+    workers). The remaining-output moments are elementwise, so they are computed in one
+    vectorised pass over the requests of all the workers that share a length model, then
+    cut per worker: every worker's running requests move between two snapshots of a
+    live queue (they generate tokens), and one pass per worker spent most of its time in
+    numpy's per-call overhead on arrays of a few dozen elements."""
+    out: list[WorkerLoad] = [_IDLE] * len(runnings)
     by_lengths: dict[int, tuple[LengthStats, list[int]]] = {}
     for k, running in enumerate(runnings):
         if running:
@@ -420,17 +392,13 @@ def _summarise(runnings: Sequence[Sequence[RunningRequest]],
         reserved_sums = np.add.reduceat(reserved, starts[:-1]).tolist()
         for m, k in enumerate(members):
             a, b = starts[m], starts[m + 1]
-            before = previous[k]
-            found = None if before is None else _progressed(
-                before, runnings[k], mean[a:b], var[a:b], int(reserved_sums[m]))
-            out[k] = found or _summary_of(runnings[k], mean[a:b], var[a:b],
-                                          int(reserved_sums[m]))
+            out[k] = _load_of(runnings[k], mean[a:b], var[a:b], int(reserved_sums[m]))
     return out
 
 
-def _summary_of(running: Sequence[RunningRequest], mean: np.ndarray, var: np.ndarray,
-                reserved_tokens: int) -> _Summary:
-    """One worker's summary from its requests' remaining-output moments."""
+def _load_of(running: Sequence[RunningRequest], mean: np.ndarray, var: np.ndarray,
+             reserved_tokens: int) -> WorkerLoad:
+    """One worker's :class:`WorkerLoad` from its requests' remaining-output moments."""
     # A request resumed after an eviction (its first token came before this start) is
     # not evicted again: each eviction pays a re-prefill of prompt + progress, and a
     # request taken again and again loses throughput for nobody's gain (anti-churn).
@@ -440,86 +408,44 @@ def _summary_of(running: Sequence[RunningRequest], mean: np.ndarray, var: np.nda
              rr.request.num_generated, rr.request.id, i)
             for i, rr in enumerate(running) if not resumed(rr)]
     keys.sort()
-    ranked = tuple(key[-1] for key in keys)
-    ties = tuple((a[-1], b[-1], a[4] < b[4]) for a, b in pairwise(keys)
-                 if a[:3] == b[:3])
+    ranked = [key[-1] for key in keys]
     order = tuple(running[i] for i in ranked)
     num_started = sum(1 for rr in order if rr.first_token_at is not None)
-    unstarted = tuple(i for i, rr in enumerate(running) if rr.first_token_at is None)
-    pending = sum(running[i].request.context_tokens for i in unstarted)
+    pending = sum(rr.request.context_tokens for rr in running if rr.first_token_at is None)
     bound = [rr.request for rr in running if rr.request.slo.tpot_s is not None]
     tpot = min((r.slo.tpot_s for r in bound if r.slo.tpot_s is not None), default=None)
     tpot_prompt = sum(r.prompt_tokens for r in bound) / len(bound) if bound else 0.0
-    load = WorkerLoad(float(mean.sum()), float(var.sum()), tuple(sorted(left)),
+    return WorkerLoad(float(mean.sum()), float(var.sum()), tuple(sorted(left)),
                       reserved_tokens, max(rr.request.slo.ttft_s for rr in running), order,
-                      num_started, pending, tuple(left[i] for i in ranked), tpot,
-                      tpot_prompt)
-    return _Summary(tuple(running), load, ranked, ties, unstarted, _marks(running))
-
-
-def _marks(running: Sequence[RunningRequest]
-           ) -> tuple[list[str], list[float], list[float | None]]:
-    """The ids, starts and first tokens of ``running`` (:attr:`_Summary.marks`)."""
-    return ([rr.request.id for rr in running], [rr.started_at for rr in running],
-            [rr.first_token_at for rr in running])
-
-
-def _progressed(before: _Summary, running: Sequence[RunningRequest], mean: np.ndarray,
-                var: np.ndarray, reserved_tokens: int) -> _Summary | None:
-    """:func:`_summary_of` of ``running`` when its requests are ``before``'s, in the same
-    places, with the same start and first token, and only generated more tokens (what a
-    worker's batch does between two decisions); None otherwise. A request id names its
-    prompt, limits, SLO and arrival, so what moved is each request's progress: the
-    remaining-output moments (given), the eviction order where it rests on progress (the
-    ``ties``; when one flips, None: the order is sorted again) and the context of those
-    still without a first token; the rest is taken over."""
-    marks = _marks(running)
-    if marks != before.marks:
-        return None
-    if before.ties:
-        done = [rr.request.num_generated for rr in running]
-        for a, b, id_first in before.ties:
-            if done[a] > done[b] or (done[a] == done[b] and not id_first):
-                return None
-    left = mean.tolist()
-    ranked = before.ranked
-    load = before.load
-    return _Summary(tuple(running), WorkerLoad(
-        float(mean.sum()), float(var.sum()), tuple(sorted(left)), reserved_tokens,
-        load.loosest_ttft_s, tuple(map(running.__getitem__, ranked)), load.num_started,
-        sum(running[i].request.context_tokens for i in before.unstarted),
-        tuple(map(left.__getitem__, ranked)), load.tpot_s, load.tpot_mean_prompt),
-        ranked, before.ties, before.unstarted, marks)
+                      num_started, pending, tuple(left[i] for i in ranked), tpot, tpot_prompt)
 
 
 class WorkerLoadCache:
     """Memo of :class:`WorkerLoad` keyed by worker, reused while ``running`` is unchanged;
     the workers whose running requests changed are summarised together
-    (:func:`_summarise`), a worker whose requests only progressed from its previous
-    summary (:func:`_progressed`)."""
+    (:func:`summarise_workers`)."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, _Summary] = {}
+        self._entries: dict[str, tuple[tuple[RunningRequest, ...], WorkerLoad]] = {}
 
     def refresh(self, workers: Sequence[WorkerView],
                 output_stats: Mapping[str, LengthStats]) -> list[WorkerLoad]:
         entries = self._entries
-        out: list[_Summary] = []
+        out: list[WorkerLoad] = []
         changed: list[int] = []
         for k, w in enumerate(workers):
             cached = entries.get(w.id)
-            if cached is not None and cached.running is w.running:
-                out.append(cached)
+            if cached is not None and cached[0] is w.running:
+                out.append(cached[1])
             else:
-                out.append(_IDLE_SUMMARY)
+                out.append(_IDLE)
                 changed.append(k)
         if changed:
-            summaries = _summarise([workers[k].running for k in changed], output_stats,
-                                   [entries.get(workers[k].id) for k in changed])
-            for k, summary in zip(changed, summaries, strict=True):
-                out[k] = summary
-        self._entries = {w.id: s for w, s in zip(workers, out, strict=True)}
-        return [s.load for s in out]
+            loads = summarise_workers([workers[k].running for k in changed], output_stats)
+            for k, load in zip(changed, loads, strict=True):
+                out[k] = load
+        self._entries = {w.id: (w.running, load) for w, load in zip(workers, out, strict=True)}
+        return out
 
 
 # --------------------------------------------------------------- cost model
