@@ -49,6 +49,7 @@ from qlm.core.corrections import corrected
 from qlm.core.errors import InvalidInput
 from qlm.core.perf import ProfileBook
 from qlm.core.policies import make_policy
+from qlm.core.types import SLOClass
 from qlm.sim import SimConfig, simulate
 from qlm.sim.cluster import Job, WorkerSpec
 
@@ -61,16 +62,17 @@ BURST_OPTIONS: Mapping[str, Any] = {
     "hopeless_p": 0, "displace_below_p": 0, "evict_rate_credit": 0.5,
     "evict_lookahead_groups": 32, "evict_prefill_aware": True, "late_insert_budget": 300}
 #: Keys of the JSON this writes.
-RESULT_KEYS = frozenset({"slowdown", "colocation_slowdown", "seeds", "starts", "kv_tokens",
-                         "policy_options", "runs", "command"})
+RESULT_KEYS = frozenset({"slowdown", "colocation_slowdown", "interactive_only", "seeds",
+                         "starts", "kv_tokens", "policy_options", "runs", "command"})
 
 
 def scenario(seed: int, slowdown: float, start: int = 0,
-             kv_tokens: Mapping[str, int] = KV_TOKENS
+             kv_tokens: Mapping[str, int] = KV_TOKENS, interactive_only: bool = False
              ) -> tuple[list[Job], list[WorkerSpec], ProfileBook, ProfileBook]:
     """(jobs, workers, engine profiles, planning profiles) of the GPU burst replay on
     rows ``start .. start+399`` of the trace, each model's worker with the KV pool
-    ``kv_tokens`` gives it."""
+    ``kv_tokens`` gives it; ``interactive_only`` leaves the batch jobs out (what the
+    interactive stream alone asks of the card: a bound for the runs with them)."""
     args = harness_args(["--seed", str(seed)])
     # as `python -m loadgen.gpu.common --start START --count 400` cuts them
     rows = load_trace_slice(TRACE, start, 400, 1.0, 16384)
@@ -79,7 +81,8 @@ def scenario(seed: int, slowdown: float, start: int = 0,
     base = ProfileBook.load()
     planning = [replace(base.get(m, GPU), kv_capacity_tokens=kv_tokens[m]) for m in models]
     engine = [corrected(p, slowdown) for p in planning]
-    jobs = [Job(r, r.max_tokens) for r in workload.requests]
+    jobs = [Job(r, r.max_tokens) for r in workload.requests
+            if not interactive_only or r.slo_class is SLOClass.INTERACTIVE]
     workers = [WorkerSpec(f"w-{m}", GPU, m, (m,), device=HOST_DEVICE) for m in models]
     return jobs, workers, ProfileBook.of(engine), ProfileBook.of(planning)
 
@@ -87,12 +90,14 @@ def scenario(seed: int, slowdown: float, start: int = 0,
 def run_variant(variant: str, seed: int, slowdown: float, start: int = 0,
                 kv_tokens: Mapping[str, int] = KV_TOKENS,
                 options: Mapping[str, Any] | None = None,
-                colocation_slowdown: float = 0.0) -> dict[str, Any]:
+                colocation_slowdown: float = 0.0, interactive_only: bool = False
+                ) -> dict[str, Any]:
     """One variant: ``options`` go to every qlm variant, over its profile's."""
     name, _, profile = variant.partition("+")
     if profile not in ("", "burst"):
         raise InvalidInput("variants", f"{variant!r}: the only profile is '+burst'")
-    jobs, workers, engine, planning = scenario(seed, slowdown, start, kv_tokens)
+    jobs, workers, engine, planning = scenario(seed, slowdown, start, kv_tokens,
+                                               interactive_only)
     given = dict(BURST_OPTIONS) if profile else {}
     if name == "qlm":
         given.update(options or {})
@@ -177,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--colocation-slowdown", type=float, default=0.0,
                    help="the two engines slow each other: a step takes 1 + this × the "
                         "other's batch share times its (slowed) profile's (SimConfig)")
+    p.add_argument("--interactive-only", action="store_true",
+                   help="leave the batch jobs out: the interactive stream alone")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     try:
@@ -196,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for start, seed in ((a, b) for a in starts for b in seeds):
             for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
                 run = run_variant(variant, seed, args.slowdown, start, kv_tokens, options,
-                                  args.colocation_slowdown)
+                                  args.colocation_slowdown, args.interactive_only)
                 runs.append(run)
                 print(f"rows {start}+400 seed {seed} {variant:<12} interactive "
                       f"{run['slo_attainment_by_class'].get('interactive', 1.0):.3f} "
@@ -207,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = {"slowdown": args.slowdown, "colocation_slowdown": args.colocation_slowdown,
+           "interactive_only": args.interactive_only,
            "seeds": seeds, "starts": starts,
            "kv_tokens": kv_tokens, "policy_options": options, "runs": runs,
            "command": "python -m loadgen.sim_burst "

@@ -123,10 +123,10 @@ def test_workers_on_cards_of_their_own_get_no_cap(devices: tuple[str | None, str
     assert _caps(workers, QUEUED, colocated_loose_batch=8) == {"big": None, "small": None}
 
 
-def test_the_pause_is_the_default_and_no_cap_without_interactive_work_beside() -> None:
+def test_no_cap_by_default_or_without_interactive_work_beside() -> None:
     workers = (_worker("big", BIG, CHAT, kv_tokens=FULL), _worker("small", SMALL))
-    assert _caps(workers, QUEUED) == {"big": None, "small": 2}  # paused by default
-    assert _caps(workers, QUEUED, colocated_pause_share=0) == {"big": None, "small": None}
+    assert _caps(workers, QUEUED) == {"big": None, "small": None}  # off by default
+    assert _caps(workers, QUEUED, colocated_pause_share=0.3) == {"big": None, "small": 2}
     batch_only = (_running("b-big", BIG, SLOClass.BATCH_1),)
     workers = (_worker("big", BIG, batch_only, kv_tokens=FULL), _worker("small", SMALL))
     assert _caps(workers, QUEUED, colocated_loose_batch=8)["small"] is None
@@ -169,7 +169,8 @@ def test_in_the_simulator_the_batch_job_beside_a_full_interactive_worker_is_held
     held = most_batch_at_once({"colocated_loose_batch": 8, "colocated_pause_share": 0}, 6.0)
     assert held <= 100  # 8, opened by what is free
     assert off > 2 * held
-    assert most_batch_at_once({}, 6.0) < held  # the default pauses it
+    assert most_batch_at_once({"colocated_pause_share": 0.3}, 6.0) < held  # paused
+    assert most_batch_at_once({}, 6.0) == off  # off by default
 
 
 def test_the_workers_file_names_a_device_and_the_view_carries_it() -> None:

@@ -1,11 +1,12 @@
-"""The simulator's copy of the GPU burst replay: its command line's checks."""
+"""The simulator's copy of the GPU burst replay: its scenario and its command line's checks."""
 
 from __future__ import annotations
 
 import pytest
 
-from loadgen.sim_burst import KV_TOKENS, main, parse_kv_tokens
+from loadgen.sim_burst import KV_TOKENS, main, parse_kv_tokens, scenario
 from qlm.core.errors import InvalidInput
+from qlm.core.types import SLOClass
 
 
 def test_kv_pools_are_given_per_model() -> None:
@@ -35,3 +36,12 @@ def test_the_command_line_names_the_bad_argument_and_runs_nothing(
         argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_interactive_only_leaves_the_batch_jobs_out() -> None:
+    jobs, workers, _, _ = scenario(0, 2.0, 400)
+    alone, same_workers, _, _ = scenario(0, 2.0, 400, interactive_only=True)
+    interactive = [j for j in jobs if j.request.slo_class is SLOClass.INTERACTIVE]
+    assert 0 < len(alone) == len(interactive) < len(jobs)
+    assert [j.request.id for j in alone] == [j.request.id for j in interactive]
+    assert same_workers == workers

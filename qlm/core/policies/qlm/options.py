@@ -44,7 +44,7 @@ class QlmOptions:
         "work and a full KV pool, this worker admits at most this many requests beyond its "
         "own interactive ones, more as that pool empties (0: no such cap)", ge=0)
     colocated_pause_share: float = option(
-        0.3, "while a worker sharing this one's GPU (workers file 'device') has interactive "
+        0.0, "while a worker sharing this one's GPU (workers file 'device') has interactive "
         "work and at least this share of its KV pool reserved, this worker admits only its "
         "own interactive requests (0: never)", ge=0, le=1)
     evict_prefill_aware: bool = option(
