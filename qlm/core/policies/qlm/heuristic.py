@@ -33,13 +33,16 @@ SURE_P = 0.999
 
 
 class _Heaps:
-    """Least-drained lanes per (shape, tail model), (shape, resident model) and shape."""
+    """Least-drained lanes per (shape, tail model), (shape, resident model) and shape;
+    ``resident=False`` keeps no heaps of resident models (:meth:`earliest_end` does not
+    ask them)."""
 
-    def __init__(self, lanes: Sequence[Lane], cost: CostModel) -> None:
+    def __init__(self, lanes: Sequence[Lane], cost: CostModel, resident: bool = True) -> None:
         self.cost = cost
         self.tail: dict[tuple[int, str | None], list[tuple[float, int, int]]] = {}
         self.resident: dict[tuple[int, str], list[tuple[float, int, int]]] = {}
         self.any: dict[int, list[tuple[float, int, int]]] = {}
+        self._with_resident = resident
         for lane in lanes:
             self.push(lane)
 
@@ -48,10 +51,11 @@ class _Heaps:
         entry = (lane.end_at, lane.index, lane.version)
         tail = lane.tail
         heapq.heappush(self.tail.setdefault((shape, tail), []), entry)
-        resident = self.resident
-        for m in lane.worker.models:
-            if m != tail:  # ending with m already: the tail heap has it, no swap
-                heapq.heappush(resident.setdefault((shape, m), []), entry)
+        if self._with_resident:
+            resident = self.resident
+            for m in lane.worker.models:
+                if m != tail:  # ending with m already: the tail heap has it, no swap
+                    heapq.heappush(resident.setdefault((shape, m), []), entry)
         heapq.heappush(self.any.setdefault(shape, []), entry)
 
     @staticmethod
@@ -93,10 +97,12 @@ class _Heaps:
         best_end = 0.0
         for shape in shapes:
             svc = None
+            seen = None
             for heap in (tail.get((shape, model)), any_.get(shape)):
                 lane = top(heap, lanes)
-                if lane is None:
+                if lane is None or lane is seen:  # the same lane: the same end
                     continue
+                seen = lane
                 if svc is None:  # the same for every lane of the shape
                     svc = cost.service(gi, lane.index)
                     assert svc is not None
@@ -174,16 +180,18 @@ def heuristic_plan(pc: PlanningContext, options: QlmOptions, score: bool = True)
             behind_of_model[model] = shapes
         return shapes
 
-    _improve(pc, lanes, options.improve_budget)
+    lane_walks = _improve(pc, lanes, options.improve_budget)
     # Hopeless and displaced groups count (almost) nothing wherever they go, like late
     # ones: each goes as early as it costs nobody, not behind the whole backlog.
-    _insert_late(pc, lanes, [*deferred, *late], shapes_behind, options.late_insert_budget)
+    _insert_late(pc, lanes, [*deferred, *late], shapes_behind, options.late_insert_budget,
+                 lane_walks)
     orders = tuple(tuple(lane.order) for lane in lanes)
     return Plan(orders, pc.score(orders) if score else math.nan, "heuristic")
 
 
 def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int],
-                 shapes_for: Callable[[int], list[int]], budget: int) -> None:
+                 shapes_for: Callable[[int], list[int]], budget: int,
+                 lane_walks: dict[int, list[Slot]] | None = None) -> None:
     """Place each group whose deadlines have all passed as early as it costs nobody.
 
     No position changes such a group's own value (it counts 0 anywhere), so the search
@@ -196,14 +204,15 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
     groups go after earlier ones. Positions are tried from the back, each costing one
     placement per group after it; once ``budget`` placements are spent, late groups go
     last. Runs after the local search, which would otherwise move them back for gains
-    of float noise.
+    of float noise. ``lane_walks``: per lane index, the walk of its order (what the local
+    search walked), not walked again.
     """
     if not late:
         return
     cost, stats = pc.cost, pc.stats
-    heaps = _Heaps(lanes, cost)  # the local search reset lanes: fresh heaps
+    heaps = _Heaps(lanes, cost, resident=False)  # the local search reset lanes: fresh heaps
     floor: dict[int, int] = {}  # per lane: the position after its last late group
-    lane_slots: dict[int, list[Slot]] = {}  # per lane: the walk of its current order
+    lane_slots = dict(lane_walks or {})  # per lane: the walk of its current order
     for gi in sorted(late, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
         target = heaps.earliest_end(gi, shapes_for(gi), lanes)
         if target is None:
@@ -304,8 +313,10 @@ def _displace_one(pc: PlanningContext, lane: Lane, gi: int) -> int | None:
     return removed
 
 
-def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
-    """Adjacent swaps inside each lane that raise its value, until no gain or no budget.
+def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int
+             ) -> dict[int, list[Slot]]:
+    """Adjacent swaps inside each lane that raise its value, until no gain or no budget;
+    returns the walks of the lanes it walked (lane index → the slots of its order).
 
     Each trial walks only what the swap changes: the groups before the pair keep their
     slots, and those after it are walked again only until the walk is back in the state
@@ -313,10 +324,11 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
     terms in the same order as :func:`lane_value`'s, so it is the same float."""
     cost, weights = pc.cost, pc.weights
     stats = cost.stats
+    walked: dict[int, list[Slot]] = {}
     for lane in lanes:
         if len(lane.order) < 2 or budget <= 0:
             continue
-        slots = walk(cost, lane, lane.order)
+        slots = walked[lane.index] = walk(cost, lane, lane.order)
         if all(s.p_meet > 0.99 or s.p_meet < 0.01 for s in slots):
             continue  # every group surely met or surely missed: no adjacent swap helps
         current = lane.order
@@ -348,3 +360,5 @@ def _improve(pc: PlanningContext, lanes: Sequence[Lane], budget: int) -> None:
                     slots, terms = trial_slots, trial_terms
         if current is not lane.order:
             lane.reset(current, cost, slots)
+        walked[lane.index] = slots
+    return walked
