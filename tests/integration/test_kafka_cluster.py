@@ -42,12 +42,24 @@ async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def describe(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    """The partitions of ``topic`` as the cluster reports them (leader, replicas, ISR)."""
+#: Kafka's error code for a topic the answering broker does not know (yet).
+UNKNOWN_TOPIC_OR_PARTITION = 3
+
+
+async def describe(bootstrap: str, topic: str, wait_s: float = 30.0) -> list[dict[str, Any]]:
+    """The partitions of ``topic`` as the cluster reports them (leader, replicas, ISR).
+    A topic just created may be unknown to the broker that answers until the metadata
+    reaches it; that is waited for, up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        (described,) = await admin.describe_topics([topic])
+        while True:
+            (described,) = await admin.describe_topics([topic])
+            if (described["error_code"] != UNKNOWN_TOPIC_OR_PARTITION
+                    or time.monotonic() > deadline):
+                break
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
     assert described["error_code"] == 0, described

@@ -356,9 +356,14 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int,
     ``pause_share`` > 0 pauses instead of thinning: while such a worker has at least
     that share of its KV pool reserved, this worker admits its own interactive work and
     nothing else (0 others, whatever ``loose_batch`` says), and below it ``loose_batch``
-    applies as above (no cap when it is 0). A neighbour that steps at all slows the
-    card's steps by about its own step time, whatever its batch (the H100 runs), so the
-    loose work is better run in full while the card is quiet than thin all along.
+    applies as above (no cap when it is 0): the loose work then runs in full once the
+    card is quiet instead of thin all along. Off by default too: on the H100 it did not
+    lift the missed slice and cost ~5 % of the output rate on the other
+    (docs/results/gpu/README.md, Part 4, finding 6). Both caps bound the whole batch, so
+    while loose requests admitted earlier run above the cap, this worker's own
+    interactive arrivals wait for them too (its interactive attainment fell to
+    0.95–0.98 under either cap there): a cap on loose admissions alone would be needed
+    before either is tried again.
     """
     if loose_batch <= 0 and pause_share <= 0:
         return {}
