@@ -384,20 +384,9 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int,
         for wi in members:
             if not busy - {wi}:
                 continue  # no other worker of this card serves interactive work now
-            w, order = pc.snapshot.workers[wi], plan.orders[wi]
+            w = pc.snapshot.workers[wi]
             model = w.active_model
             assert model is not None  # members are workers with an active model
-            own = running[wi]
-            urgent = False
-            for gi in order:
-                g = pc.stats[gi]
-                if g.model != model:
-                    break  # a swap first: nothing after it runs on these slots
-                if g.key.slo_class is interactive:
-                    own += g.size
-                elif g.earliest_deadline_at - pc.now < COLOCATED_SLACK_SHARE * g.ttft_s:
-                    urgent = True
-                    break
             profile_limit = (pc.cost.profiles.get(model, w.gpu).max_batch_size
                              if pc.cost.profiles.has(model, w.gpu) else w.max_batch_size)
             limit = min(w.max_batch_size, profile_limit)
@@ -410,7 +399,18 @@ def colocated_caps(pc: PlanningContext, plan: Plan, loose_batch: int,
                 loose = loose_batch + int((1.0 - pressure) ** COLOCATED_PRESSURE_POWER
                                           * max(0, limit - loose_batch))
             else:
-                continue
-            if not urgent and own + loose < limit:
-                caps[wi] = own + loose
+                continue  # beside a pool below the pause share, and no thinning cap
+            # its own interactive work on the lane (up to a swap) comes on top; the walk
+            # ends once that leaves no cap or a looser group is short of slack
+            cap: int | None = running[wi] + loose
+            for gi in plan.orders[wi]:
+                g = pc.stats[gi]
+                if cap is None or cap >= limit or g.model != model:
+                    break  # no cap, or a swap first: nothing after it runs on these slots
+                if g.key.slo_class is interactive:
+                    cap += g.size
+                elif g.earliest_deadline_at - pc.now < COLOCATED_SLACK_SHARE * g.ttft_s:
+                    cap = None
+            if cap is not None and cap < limit:
+                caps[wi] = cap
     return caps
