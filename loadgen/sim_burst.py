@@ -61,6 +61,9 @@ KV_TOKENS: Mapping[str, int] = {"mistral-7b": 152_896, "qwen2.5-1.5b": 1_105_200
 BURST_OPTIONS: Mapping[str, Any] = {
     "hopeless_p": 0, "displace_below_p": 0, "evict_rate_credit": 0.5,
     "evict_lookahead_groups": 32, "evict_prefill_aware": True, "late_insert_budget": 300}
+#: The replay's shape as the GPU harness defines it (models, which interactive requests
+#: go to the second, their SLO): the same for every seed.
+HARNESS = harness_args([])
 #: Keys of the JSON this writes.
 RESULT_KEYS = frozenset({"slowdown", "colocation_slowdown", "interactive_only", "seeds",
                          "starts", "kv_tokens", "policy_options", "runs", "command"})
@@ -108,7 +111,6 @@ def run_variant(variant: str, seed: int, slowdown: float, start: int = 0,
     result = simulate(jobs, workers, engine, policy, config, seed=seed,
                       planning_profiles=planning)
     m = result.metrics
-    harness = harness_args(["--seed", str(seed)])
     rows = [[r.id, r.arrival_at, r.first_token_at, r.finished_at, r.output_tokens,
              r.num_evictions] for r in result.records]
     interactive = [r for r in result.records if r.slo_class == "interactive"]
@@ -127,9 +129,9 @@ def run_variant(variant: str, seed: int, slowdown: float, start: int = 0,
         "evicted_requests": sum(1 for r in result.records if r.num_evictions),
         # each model's interactive decode pace per 8 s of arrivals, as burst_phases reads
         # the GPU replays
-        "interactive_decode": decode_windows(rows, harness.models.split(","),
-                                             harness.second_model_every,
-                                             harness.interactive_slo_s, 8.0),
+        "interactive_decode": decode_windows(rows, HARNESS.models.split(","),
+                                             HARNESS.second_model_every,
+                                             HARNESS.interactive_slo_s, 8.0),
         "wall_s": round(time.perf_counter() - started, 2),
     }
 
