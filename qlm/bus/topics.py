@@ -203,7 +203,7 @@ async def ensure_topics(bootstrap_servers: str, specs: Sequence[TopicSpec],
                 message = rest[0] if rest and rest[0] else for_code(error_code).__name__
                 raise Unavailable(f"creating Kafka topic {topic!r} failed: {message}")
             created.append(topic)
-        await _until_described(admin, created)
+        await until_described(admin, created)
         return created
     finally:
         await admin.close()
@@ -214,7 +214,7 @@ async def ensure_topics(bootstrap_servers: str, specs: Sequence[TopicSpec],
 TOPIC_READY_TIMEOUT_S = 30.0
 
 
-async def _until_described(admin: AIOKafkaAdminClient, topics: Sequence[str]) -> None:
+async def until_described(admin: AIOKafkaAdminClient, topics: Sequence[str]) -> None:
     """Wait until every broker asked knows ``topics`` with a leader for each partition: a
     new topic's metadata reaches the brokers of a cluster a moment after it is created,
     and a client that asks another broker meanwhile is told the topic does not exist."""

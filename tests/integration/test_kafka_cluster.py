@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from qlm.bus.producer import BusProducer
-from qlm.bus.topics import TopicNames, ensure_topics, topic_specs
+from qlm.bus.topics import TopicNames, ensure_topics, topic_specs, until_described
 from qlm.localstack import KafkaCluster
 from qlm.store.keys import Keys
 from qlm.submission import ModelLimits
@@ -42,24 +42,15 @@ async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-#: Kafka's error code for a topic the answering broker does not know (yet).
-UNKNOWN_TOPIC_OR_PARTITION = 3
-
-
-async def describe(bootstrap: str, topic: str, wait_s: float = 30.0) -> list[dict[str, Any]]:
-    """The partitions of ``topic`` as the cluster reports them (leader, replicas, ISR).
-    A topic just created may be unknown to the broker that answers until the metadata
-    reaches it; that is waited for, up to ``wait_s``."""
-    deadline = time.monotonic() + wait_s
+async def describe(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    """The partitions of ``topic`` as the cluster reports them (leader, replicas, ISR),
+    once the broker that answers knows it (a topic just created reaches the brokers'
+    metadata a moment later: :func:`until_described`)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        while True:
-            (described,) = await admin.describe_topics([topic])
-            if (described["error_code"] != UNKNOWN_TOPIC_OR_PARTITION
-                    or time.monotonic() > deadline):
-                break
-            await asyncio.sleep(0.1)
+        await until_described(admin, [topic])
+        (described,) = await admin.describe_topics([topic])
     finally:
         await admin.close()
     assert described["error_code"] == 0, described
