@@ -522,8 +522,14 @@ class CostModel:
         found = self._table[group_index][self.shape_of[worker_index]]
         if found is not _MISSING:
             return found
-        shape = self.shape_of[worker_index]
+        return self.shape_service(group_index, self.shape_of[worker_index])
+
+    def shape_service(self, group_index: int, shape: int) -> Service | None:
+        """:meth:`service` on any worker of shape ``shape`` (all of them cost the same)."""
         row = self._table[group_index]
+        found = row[shape]
+        if found is not _MISSING:
+            return found
         memo = self._memos[group_index] if self._memos is not None else None
         key = self.shape_keys[shape]
         found = _MISSING if memo is None else memo.get(key, _MISSING)
@@ -721,6 +727,12 @@ class Slot(NamedTuple):
     p_meet: float
 
 
+#: ``new_slot(Slot, (start_at, ..., p_meet))`` is ``Slot(start_at, ..., p_meet)`` without
+#: the named tuple's ``__new__``, a Python function: a call from C into Python per slot
+#: (about twice the cost of the tuple itself) for the thousand slots of a decision.
+new_slot = tuple.__new__
+
+
 def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
                 tail_model: str | None, seg_start_at: float, end_at: float,
                 end_var: float, with_p: bool = True) -> Slot:
@@ -730,13 +742,14 @@ def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
         if not start > seg_start_at:  # max(seg_start_at, end_at - lead), without the call
             start = seg_start_at
         p = p_meet(g, svc, start, end_var) if with_p else 0.0
-        return Slot(start, end_var, end_at + svc.mean_s, end_var + svc.var_s2, seg_start_at,
-                    False, p)
+        return new_slot(Slot, (start, end_var, end_at + svc.mean_s, end_var + svc.var_s2,
+                               seg_start_at, False, p))
     start = end_at + cost.swap_s(worker_index, g.model, tail_model)
     if tail_model is not None and end_at > seg_start_at:
         start += cost.drain_tail_s(worker_index, tail_model)
     p = p_meet(g, svc, start, end_var) if with_p else 0.0
-    return Slot(start, end_var, start + svc.mean_s, end_var + svc.var_s2, start, True, p)
+    return new_slot(Slot, (start, end_var, start + svc.mean_s, end_var + svc.var_s2, start,
+                           True, p))
 
 
 def p_meet(g: GroupStats, svc: Service, start_at: float, start_var: float) -> float:

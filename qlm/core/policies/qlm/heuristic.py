@@ -14,6 +14,7 @@ from qlm.core.policies.planning import (
     Slot,
     lane_terms,
     lane_value,
+    new_slot,
     p_meet,
     place_after,
     rewalk,
@@ -92,28 +93,36 @@ class _Heaps:
         to be served soon, not at the best position)."""
         cost = self.cost
         model = cost.stats[gi].model
-        top, tail, any_ = self.top, self.tail, self.any
+        tail, any_ = self.tail, self.any
+        pop = heapq.heappop
         best: Lane | None = None
         best_end = 0.0
         for shape in shapes:
             svc = None
             seen = None
             for heap in (tail.get((shape, model)), any_.get(shape)):
-                lane = top(heap, lanes)
-                if lane is None or lane is seen:  # the same lane: the same end
+                while heap:  # :meth:`top`, inlined: one call per late group and heap
+                    _, index, version = heap[0]
+                    lane = lanes[index]
+                    if lane.version == version:
+                        break
+                    pop(heap)
+                else:
+                    continue  # no lane in this heap
+                if lane is seen:  # the same lane: the same end
                     continue
                 seen = lane
                 if svc is None:  # the same for every lane of the shape
-                    svc = cost.service(gi, lane.index)
+                    svc = cost.shape_service(gi, shape)
                     assert svc is not None
                 end = lane.end_at + svc.mean_s
-                if lane.tail != model:
-                    end += cost.swap_s(lane.index, model, lane.tail)
-                    if lane.tail is not None and lane.end_at > lane.seg_start_at:
-                        end += cost.drain_tail_s(lane.index, lane.tail)
+                lane_tail = lane.tail
+                if lane_tail != model:
+                    end += cost.swap_s(index, model, lane_tail)
+                    if lane_tail is not None and lane.end_at > lane.seg_start_at:
+                        end += cost.drain_tail_s(index, lane_tail)
                 # the least (end, lane index)
-                if best is None or end < best_end or (end == best_end
-                                                      and lane.index < best.index):
+                if best is None or end < best_end or (end == best_end and index < best.index):
                     best, best_end = lane, end
         return best
 
@@ -233,8 +242,8 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
                 first = walked[0]
                 svc = cost.service(gi, target.index)
                 assert svc is not None
-                walked[0] = first._replace(p_meet=p_meet(stats[gi], svc, first.start_at,
-                                                         first.start_var))
+                walked[0] = new_slot(Slot, (*first[:-1], p_meet(stats[gi], svc, first.start_at,
+                                                                  first.start_var)))
                 kept = [*kept, *walked]
             lane_slots[target.index] = target.reset(
                 [*target.order[:pos], gi, *target.order[pos:]], cost, kept)
