@@ -507,8 +507,7 @@ class CostModel:
         for i, w in enumerate(workers):
             if self.shape_worker[self.shape_of[i]] is None:
                 self.shape_worker[self.shape_of[i]] = w
-        self._table: list[list[Any]] = [[_MISSING] * len(shapes) for _ in stats]
-        self._memos = memos
+        self._table: list[list[Any]] = self._service_rows(memos, len(stats))
         self._drain: dict[tuple[int, str], float] = {}
         self._swap: dict[tuple[int, str, str | None], float] = {}
         self._tail: dict[tuple[int, str], float] = {}
@@ -516,6 +515,26 @@ class CostModel:
         #: the workers that share it.
         self._swap_of: dict[tuple[Any, ...], float] = {}
         self._tail_of: dict[tuple[str, str], float] = {}
+
+    def _service_rows(self, memos: Sequence[dict[Any, Any]] | None, num_groups: int
+                      ) -> list[list[Any]]:
+        """Per group, its services by shape index (:data:`_MISSING` until computed). With
+        ``memos``, each group's row lives in its memo under the shapes and pricing options
+        it was computed for, so a group unchanged since the last decision keeps the
+        services computed then: a decision reads a row per group instead of a memo lookup
+        per (group, shape) pair it asks about (1,300 at 100k queued, 80 workers). The key
+        is text, whose hash Python computes once."""
+        width = len(self.shape_keys)
+        if memos is None:
+            return [[_MISSING] * width for _ in range(num_groups)]
+        layout = repr(("services", self.shape_keys, self.service_scale, self.tpot_aware))
+        rows = []
+        for memo in memos:
+            row = memo.get(layout)
+            if row is None:
+                row = memo[layout] = [_MISSING] * width
+            rows.append(row)
+        return rows
 
     def service(self, group_index: int, worker_index: int) -> Service | None:
         """Cost of group ``group_index`` on worker ``worker_index``; None if no profile."""
@@ -528,16 +547,8 @@ class CostModel:
         """:meth:`service` on any worker of shape ``shape`` (all of them cost the same)."""
         row = self._table[group_index]
         found = row[shape]
-        if found is not _MISSING:
-            return found
-        memo = self._memos[group_index] if self._memos is not None else None
-        key = self.shape_keys[shape]
-        found = _MISSING if memo is None else memo.get(key, _MISSING)
         if found is _MISSING:
-            found = self._compute_service(group_index, shape)
-            if memo is not None:
-                memo[key] = found
-        row[shape] = found
+            found = row[shape] = self._compute_service(group_index, shape)
         return found
 
     def _compute_service(self, group_index: int, shape: int) -> Service | None:
