@@ -87,6 +87,12 @@ class PlanningContext:
             by_class.setdefault(self.stats[gi].key.slo_class, []).append(gi)
         rank = [0] * len(self.stats)
         for slo_class, members in by_class.items():
+            tenant = self.stats[members[0]].key.tenant
+            if all(self.stats[gi].key.tenant == tenant for gi in members):
+                # one flow: fair share serves it in its own (deadline) order
+                for position, gi in enumerate(members):
+                    rank[gi] = position
+                continue
             items = [((slo_class, self.stats[gi].key.tenant),
                       weights.cost(self.stats[gi].mean_prompt * self.stats[gi].size,
                                    self.stats[gi].out_mean_total)) for gi in members]
