@@ -222,7 +222,8 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
     heaps = _Heaps(lanes, cost, resident=False)  # the local search reset lanes: fresh heaps
     floor: dict[int, int] = {}  # per lane: the position after its last late group
     lane_slots = dict(lane_walks or {})  # per lane: the walk of its current order
-    for gi in sorted(late, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
+    placing = set(late)
+    for gi in [gi for gi in pc.deadline_order() if gi in placing]:
         target = heaps.earliest_end(gi, shapes_for(gi), lanes)
         if target is None:
             continue
@@ -286,15 +287,24 @@ def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], g
 
 def _best_slot(gi: int, candidates: Sequence[Lane], cost: CostModel,
                reach: Sequence[int] | None = None) -> tuple[Lane | None, Slot | None]:
-    """Among the candidates within 0.02 of the best p_meet: the least versatile shape
-    (with ``reach``), then the earliest drain."""
-    options = [(lane, lane.slot_for(gi, cost)) for lane in candidates]
-    valid = [(lane, s) for lane, s in options if s is not None]
+    """Among the candidates (in lane order) within 0.02 of the best p_meet: the least
+    versatile shape (with ``reach``), then the earliest drain."""
+    valid = []
+    best_p = -math.inf
+    for lane in candidates:
+        s = lane.slot_for(gi, cost)
+        if s is not None:
+            valid.append((lane, s))
+            if s.p_meet > best_p:
+                best_p = s.p_meet
     if not valid:
         return None, None
-    best_p = max(s.p_meet for _, s in valid)
-    good = [(lane, s) for lane, s in valid if s.p_meet >= best_p - 0.02]
-    earliest = min(good, key=lambda ls: (ls[1].end_at, ls[0].index))
+    least_p = best_p - 0.02
+    good = [(lane, s) for lane, s in valid if s.p_meet >= least_p]
+    earliest = good[0]  # the least (end, lane index): candidates come in lane order
+    for lane, s in good:
+        if s.end_at < earliest[1].end_at:
+            earliest = (lane, s)
     if reach is not None:
         sure = [(lane, s) for lane, s in good if s.p_meet >= SURE_P]
         if sure:  # only work that is surely met there moves to a less versatile shape
