@@ -55,8 +55,11 @@ from qlm.sim.batching import tpot_batch_cap
 DEADLINE_QUANTILES: tuple[float, ...] = (0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875,
                                          0.8125, 0.9375)
 #: The key, in a group's memo (:attr:`GroupStatsCache.memos`), of the KV reservations of
-#: its requests in pull order summed from its head (a list of ints).
+#: its requests in pull order summed from its head (a list of ints), computed on first use
+#: (:func:`memo_cumulative_reservations`) from its reservations (an int array, under
+#: :data:`RESERVATIONS`): a decision asks it of the groups at the head of a lane only.
 CUMULATIVE_RESERVATIONS = "cumulative_reservations"
+RESERVATIONS = "reservations"
 #: Floor on a start time's standard deviation (s): keeps Φ finite and smooth.
 MIN_STD_S = 0.25
 #: Beyond this many standard deviations a deadline counts as surely met or missed.
@@ -242,6 +245,7 @@ class GroupStatsCache:
         entries = self._entries
         out: list[_Entry] = []
         changed: list[int] = []
+        num_new = 0  # groups without an entry
         for index, group in enumerate(groups):
             entry = entries.get(group.key)
             if entry is not None and entry.requests is group.requests:  # unchanged
@@ -249,12 +253,17 @@ class GroupStatsCache:
                     entry.stats = _reindexed(entry.stats, index)
             else:
                 changed.append(index)
+                num_new += entry is None
             out.append(entry)  # type: ignore[arg-type]  # the changed ones are set below
         if changed:
             for index, entry in zip(changed, self._changed([(i, groups[i]) for i in changed],
                                                            output_stats), strict=True):
                 out[index] = entry
-        self._entries = {group.key: entry for group, entry in zip(groups, out, strict=True)}
+        if num_new or len(groups) != len(entries):  # groups joined or left: entries anew
+            self._entries = {group.key: entry for group, entry in zip(groups, out, strict=True)}
+        else:  # the same groups: only the changed entries are new
+            for index in changed:
+                entries[groups[index].key] = out[index]
         self.memos = [entry.memo for entry in out]
         return [entry.stats for entry in out]
 
@@ -309,8 +318,20 @@ class GroupStatsCache:
             entries.append(_Entry(
                 group.requests, arrays,
                 stats_of(group.key, index, arrays, group.requests[0].slo.ttft_s),
-                {CUMULATIVE_RESERVATIONS: np.cumsum(arrays.reserved).tolist()}))
+                {RESERVATIONS: arrays.reserved}))
         return entries
+
+
+def memo_cumulative_reservations(memo: dict[Any, Any]) -> list[int] | None:
+    """The group's :data:`CUMULATIVE_RESERVATIONS` from its memo, summed the first time it
+    is asked; None for a memo without its reservations."""
+    found: list[int] | None = memo.get(CUMULATIVE_RESERVATIONS)
+    if found is None:
+        reserved = memo.get(RESERVATIONS)
+        if reserved is None:
+            return None
+        found = memo[CUMULATIVE_RESERVATIONS] = np.cumsum(reserved).tolist()
+    return found
 
 
 def _reindexed(s: GroupStats, index: int) -> GroupStats:

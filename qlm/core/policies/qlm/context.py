@@ -18,6 +18,7 @@ from qlm.core.policies.planning import (
     Lane,
     WorkerLoad,
     lane_value,
+    memo_cumulative_reservations,
     p_meet,
 )
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
@@ -59,11 +60,11 @@ class PlanningContext:
         """The KV reservations (:func:`qlm.core.pulls.kv_reservation`) of group ``gi``'s
         requests in pull order, summed from its head: how far a pull of its first k
         requests takes a worker's headroom. Kept in the group's memo
-        (:class:`~qlm.core.policies.planning.GroupStatsCache` computes it with the
-        group's other terms), so a lane head is not walked request by request at every
-        decision."""
+        (:class:`~qlm.core.policies.planning.GroupStatsCache` reads the reservations with
+        the group's other terms), so a lane head is not walked request by request at
+        every decision."""
         memo = self._memos[gi] if self._memos is not None else {}
-        found: list[int] | None = memo.get(CUMULATIVE_RESERVATIONS)
+        found = memo_cumulative_reservations(memo)
         if found is None:  # a context made without the group memos
             requests = self.snapshot.groups[self.stats[gi].index].requests
             found = memo[CUMULATIVE_RESERVATIONS] = list(accumulate(
