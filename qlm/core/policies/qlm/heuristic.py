@@ -90,39 +90,36 @@ class _Heaps:
                      ) -> Lane | None:
         """The lane that would finish group ``gi`` first, among each shape's least-drained
         lane ending with its model and least-drained lane overall (late groups only need
-        to be served soon, not at the best position)."""
+        to be served soon, not at the best position).
+
+        A shape whose least-drained lane would end ``gi`` later than the best found so far
+        even with no swap is passed over: its lanes' ends are that at least (times only
+        grow by what the walk adds)."""
         cost = self.cost
         model = cost.stats[gi].model
-        tail, any_ = self.tail, self.any
-        pop = heapq.heappop
+        top, tail, any_ = self.top, self.tail, self.any
         best: Lane | None = None
         best_end = 0.0
         for shape in shapes:
-            svc = None
-            seen = None
-            for heap in (tail.get((shape, model)), any_.get(shape)):
-                while heap:  # :meth:`top`, inlined: one call per late group and heap
-                    _, index, version = heap[0]
-                    lane = lanes[index]
-                    if lane.version == version:
-                        break
-                    pop(heap)
-                else:
-                    continue  # no lane in this heap
-                if lane is seen:  # the same lane: the same end
-                    continue
-                seen = lane
-                if svc is None:  # the same for every lane of the shape
-                    svc = cost.shape_service(gi, shape)
-                    assert svc is not None
-                end = lane.end_at + svc.mean_s
+            least = top(any_.get(shape), lanes)
+            if least is None:
+                continue  # no lane of this shape
+            svc = cost.shape_service(gi, shape)  # the same for every lane of the shape
+            assert svc is not None
+            mean = svc.mean_s
+            if best is not None and least.end_at + mean > best_end:
+                continue
+            same = top(tail.get((shape, model)), lanes)
+            for lane in (least,) if same is None or same is least else (same, least):
+                end = lane.end_at + mean
                 lane_tail = lane.tail
                 if lane_tail != model:
-                    end += cost.swap_s(index, model, lane_tail)
+                    end += cost.swap_s(lane.index, model, lane_tail)
                     if lane_tail is not None and lane.end_at > lane.seg_start_at:
-                        end += cost.drain_tail_s(index, lane_tail)
+                        end += cost.drain_tail_s(lane.index, lane_tail)
                 # the least (end, lane index)
-                if best is None or end < best_end or (end == best_end and index < best.index):
+                if best is None or end < best_end or (end == best_end
+                                                      and lane.index < best.index):
                     best, best_end = lane, end
         return best
 
