@@ -75,15 +75,21 @@ class _Heaps:
         each only if it drains earlier than the ones before — otherwise it is dominated
         (starts no earlier and pays at least as much swap)."""
         found: dict[int, Lane] = {}
-        top, tail, resident, any_ = self.top, self.tail, self.resident, self.any
+        tail, resident, any_ = self.tail, self.resident, self.any
+        pop = heapq.heappop
         for shape in shapes:
             bound = math.inf
-            for heap in (tail.get((shape, model)), resident.get((shape, model)),
-                         any_.get(shape)):
-                lane = top(heap, lanes)
-                if lane is not None and lane.end_at < bound:
-                    found[lane.index] = lane
-                    bound = lane.end_at
+            key = (shape, model)
+            for heap in (tail.get(key), resident.get(key), any_.get(shape)):
+                while heap:  # :meth:`top`, inlined (a dozen heaps per group placed)
+                    _, index, version = heap[0]
+                    lane = lanes[index]
+                    if lane.version == version:
+                        if lane.end_at < bound:
+                            found[index] = lane
+                            bound = lane.end_at
+                        break
+                    pop(heap)
         return [found[i] for i in sorted(found)]
 
     def earliest_end(self, gi: int, shapes: Sequence[int], lanes: Sequence[Lane]
