@@ -229,10 +229,11 @@ class GroupStatsCache:
     def __init__(self) -> None:
         self._entries: dict[GroupKey, _Entry] = {}
         self._basis: tuple[Any, ...] = ()
-        #: Per group of the last refresh (same order): a memo the cost model fills with
-        #: the group's :class:`Service` per worker shape, which holds its cumulative KV
-        #: reservations (:data:`CUMULATIVE_RESERVATIONS`); survives while the group's
-        #: request tuple does.
+        #: Per group of the last refresh (same order): a memo holding the group's KV
+        #: reservations (:data:`RESERVATIONS`, summed on first use into
+        #: :data:`CUMULATIVE_RESERVATIONS`) and the row of its :class:`Service` per worker
+        #: shape the cost model fills (:meth:`CostModel._service_rows`); survives while
+        #: the group's request tuple does.
         self.memos: list[dict[Any, Any]] = []
 
     def refresh(self, groups: Sequence[RequestGroup],
