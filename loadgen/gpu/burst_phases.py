@@ -31,17 +31,18 @@ import json
 import math
 import sys
 import tarfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from loadgen.gpu.common import RequestTiming, read_json
+from loadgen.gpu.stack_timeline import topic_payloads
 from loadgen.results import emit
 from qlm.core.errors import InvalidInput
 
 #: The top-level keys this program writes into its JSON (loadgen.results).
 RESULT_KEYS: Final = frozenset({"result", "command", "window_s", "every_s", "runs",
-                                "worker_states"})
+                                "worker_states", "engine_states"})
 
 #: One request row of a result: id, arrival, first token, finish, output tokens, evictions.
 Row = Sequence[Any]
@@ -129,13 +130,8 @@ def read_log(path: Path) -> str:
     raise InvalidInput("scheduler_log", f"{path}: no services/scheduler.log in the archive")
 
 
-def worker_states(log_lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """The scheduler's ``worker_state`` lines (``--log-worker-state``), per worker and
-    whole second since the log's first such line: the most requests running of each
-    class, the most KV reserved, its capacity, the lane head's class and size (the last of
-    the second), the evictions sent and the batch cap."""
-    out: dict[str, dict[int, dict[str, Any]]] = {}
-    start: float | None = None
+def _state_lines(log_lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The scheduler's ``worker_state`` records, in the log's order."""
     for line in log_lines:
         if '"worker_state"' not in line:
             continue
@@ -143,8 +139,24 @@ def worker_states(log_lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short when the service stopped
-        if record.get("event") != "worker_state":
-            continue
+        if record.get("event") == "worker_state":
+            yield record
+
+
+def first_state_at(log_lines: Iterable[str]) -> float | None:
+    """When the log's first ``worker_state`` line was written (its ``now``), if any: the
+    zero of the seconds of :func:`worker_states` and :func:`engine_states`."""
+    return next((float(r["now"]) for r in _state_lines(log_lines)), None)
+
+
+def worker_states(log_lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """The scheduler's ``worker_state`` lines (``--log-worker-state``), per worker and
+    whole second since the log's first such line: the most requests running of each
+    class, the most KV reserved, its capacity, the lane head's class and size (the last of
+    the second), the evictions sent and the batch cap."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    start: float | None = None
+    for record in _state_lines(log_lines):
         now = float(record["now"])
         start = now if start is None else start
         second = int(now - start)
@@ -159,6 +171,36 @@ def worker_states(log_lines: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         at["lane_head_size"] = record.get("lane_head_size", 0)
         at["evictions"] += int(record.get("evictions", 0))
         at["batch_cap"] = record.get("batch_cap")
+    return {worker: [seconds[k] for k in sorted(seconds)] for worker, seconds in out.items()}
+
+
+def engine_states(telemetry: Iterable[Mapping[str, Any]], start: float
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """The workers' ``qlm.telemetry`` records (one per worker and telemetry window), per
+    worker and whole second since ``start`` (records before it are left out): the engine's
+    largest batch and largest number of requests it holds unscheduled, the largest share
+    of its KV blocks in use, its steps, and their mean time (ms; None in a second without
+    steps)."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    step_s: dict[tuple[str, int], float] = {}
+    for record in telemetry:
+        at = float(record["at"]) - start
+        if at < 0:
+            continue
+        worker, second = str(record["worker"]), int(at)
+        row = out.setdefault(worker, {}).setdefault(second, {
+            "t_s": second, "batch_size": 0, "num_waiting": 0, "kv_used_fraction": 0.0,
+            "num_steps": 0, "step_ms": None})
+        row["batch_size"] = max(row["batch_size"], int(record.get("batch_size", 0)))
+        row["num_waiting"] = max(row["num_waiting"], int(record.get("num_waiting", 0)))
+        row["kv_used_fraction"] = max(row["kv_used_fraction"],
+                                      round(float(record.get("kv_used_fraction", 0.0)), 4))
+        steps = int(record.get("num_steps", 0))
+        if steps > 0:
+            row["num_steps"] += steps
+            key = (worker, second)
+            step_s[key] = step_s.get(key, 0.0) + steps * float(record["step_time_observed_s"])
+            row["step_ms"] = round(1000.0 * step_s[key] / row["num_steps"], 2)
     return {worker: [seconds[k] for k in sorted(seconds)] for worker, seconds in out.items()}
 
 
@@ -199,21 +241,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scheduler-log", type=Path,
                    help="the scheduler's log of the run (services/scheduler.log, or a logs "
                         "archive holding it), with --log-worker-state: its view per worker "
-                        "and second")
+                        "and second; from an archive, also the engines' own (qlm.telemetry)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     try:
         if not (args.window_s > 0 and args.every_s > 0):
             raise InvalidInput("window_s/every_s", "must be > 0")
         runs = phases(read_json(args.result), args.window_s, args.every_s)
-        states = (worker_states(read_log(args.scheduler_log).splitlines())
-                  if args.scheduler_log else None)
+        states = engines = None
+        if args.scheduler_log:
+            lines = read_log(args.scheduler_log).splitlines()
+            states = worker_states(lines)
+            start = first_state_at(lines)
+            if tarfile.is_tarfile(args.scheduler_log) and start is not None:
+                telemetry = [p for _, p in topic_payloads(args.scheduler_log, "qlm.telemetry")]
+                engines = engine_states(telemetry, start) if telemetry else None
     except (InvalidInput, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = {"result": str(args.result), "window_s": args.window_s, "every_s": args.every_s,
            "runs": runs,
            **({"worker_states": states} if states is not None else {}),
+           **({"engine_states": engines} if engines is not None else {}),
            "command": "python -m loadgen.gpu.burst_phases "
                       + " ".join(sys.argv[1:] if argv is None else argv)}
     shown = {name: run["interactive_decode"] for name, run in runs.items()}

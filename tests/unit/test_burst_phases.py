@@ -119,3 +119,49 @@ def test_the_schedulers_worker_state_log_is_summarised_per_worker_and_second(
         pass
     with pytest.raises(InvalidInput, match="scheduler_log"):
         read_log(empty)
+
+
+def test_the_engines_telemetry_in_a_logs_archive_is_summarised_beside_the_plans_view(
+        tmp_path: Path) -> None:
+    """A saved logs archive with the scheduler's log and the workers' qlm.telemetry
+    segments: the program reports, per worker and second from the first worker_state
+    line, the engine's batch, unscheduled requests, KV blocks in use and mean step time
+    (weighted by steps), beside the scheduler's reservation for the same seconds."""
+    import io
+
+    from tests.unit.test_gpu_tools import kafka_segment
+
+    t0 = 5000.0
+    state = {"event": "worker_state", "now": t0, "worker": "w0", "running": {"interactive": 3},
+             "kv_reserved_tokens": 990, "kv_capacity_tokens": 1000, "lane_head": None,
+             "lane_head_size": 0, "evictions": 0, "batch_cap": None}
+
+    def telemetry(at: float, batch: int, waiting: int, kv: float, steps: int, step_s: float
+                  ) -> dict[str, object]:
+        return {"worker": "w0", "gpu": "H100-80GB", "at": t0 + at, "model": "m",
+                "batch_size": batch, "num_waiting": waiting, "kv_used_fraction": kv,
+                "step_time_predicted_s": 0.01, "step_time_observed_s": step_s,
+                "num_steps": steps}
+
+    records = [telemetry(-3.0, 1, 0, 0.1, 5, 0.5),  # before the first worker_state: left out
+               telemetry(0.2, 3, 0, 0.62, 10, 0.030), telemetry(0.7, 4, 2, 0.70, 30, 0.040),
+               telemetry(1.5, 0, 0, 0.0, 0, 0.0)]  # an idle heartbeat
+    archive = tmp_path / "logs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in (("services/scheduler.log", (json.dumps(state) + "\n").encode()),
+                           ("kafka/data/qlm.telemetry-0/00000000000000000000.log",
+                            kafka_segment(records, int(t0 * 1000)))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"args": ARGS, "variants": {"run": {"requests": ROWS}}}))
+    out = tmp_path / "phases.json"
+    assert main([str(result), "--scheduler-log", str(archive), "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["worker_states"]["w0"][0]["kv_reserved_tokens"] == 990
+    assert written["engine_states"]["w0"] == [
+        {"t_s": 0, "batch_size": 4, "num_waiting": 2, "kv_used_fraction": 0.7,
+         "num_steps": 40, "step_ms": 37.5},
+        {"t_s": 1, "batch_size": 0, "num_waiting": 0, "kv_used_fraction": 0.0,
+         "num_steps": 0, "step_ms": None}]

@@ -161,7 +161,9 @@ def test_chunked_simulator_agrees_with_the_step_model_per_request(budget: int) -
         assert g.finish_s == pytest.approx(w.finish_s, abs=1e-9)
 
 
-def _segment(payloads: list[dict[str, object]], at_ms: int) -> bytes:
+def kafka_segment(payloads: list[dict[str, object]], at_ms: int) -> bytes:
+    """The bytes of a Kafka log segment holding ``payloads`` as JSON records (one batch
+    each, timestamps from ``at_ms``), as a stack run's saved logs hold them."""
     from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
     out = b""
@@ -201,9 +203,9 @@ def test_stack_timeline_reads_kafka_segments_and_times_an_eviction(tmp_path: Pat
     archive = tmp_path / "logs.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for name, data in (("kafka/data/qlm.events-0/00000000000000000000.log",
-                            _segment(events, 1_000_000)),
+                            kafka_segment(events, 1_000_000)),
                            ("kafka/data/qlm.lso-1/00000000000000000000.log",
-                            _segment([command], int((t0 + 1.3) * 1000)))):
+                            kafka_segment([command], int((t0 + 1.3) * 1000)))):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -55,8 +55,11 @@ from qlm.sim.batching import tpot_batch_cap
 DEADLINE_QUANTILES: tuple[float, ...] = (0.0625, 0.1875, 0.3125, 0.4375, 0.5625, 0.6875,
                                          0.8125, 0.9375)
 #: The key, in a group's memo (:attr:`GroupStatsCache.memos`), of the KV reservations of
-#: its requests in pull order summed from its head (a list of ints).
+#: its requests in pull order summed from its head (a list of ints), computed on first use
+#: (:func:`memo_cumulative_reservations`) from its reservations (an int array, under
+#: :data:`RESERVATIONS`): a decision asks it of the groups at the head of a lane only.
 CUMULATIVE_RESERVATIONS = "cumulative_reservations"
+RESERVATIONS = "reservations"
 #: Floor on a start time's standard deviation (s): keeps Φ finite and smooth.
 MIN_STD_S = 0.25
 #: Beyond this many standard deviations a deadline counts as surely met or missed.
@@ -226,10 +229,11 @@ class GroupStatsCache:
     def __init__(self) -> None:
         self._entries: dict[GroupKey, _Entry] = {}
         self._basis: tuple[Any, ...] = ()
-        #: Per group of the last refresh (same order): a memo the cost model fills with
-        #: the group's :class:`Service` per worker shape, which holds its cumulative KV
-        #: reservations (:data:`CUMULATIVE_RESERVATIONS`); survives while the group's
-        #: request tuple does.
+        #: Per group of the last refresh (same order): a memo holding the group's KV
+        #: reservations (:data:`RESERVATIONS`, summed on first use into
+        #: :data:`CUMULATIVE_RESERVATIONS`) and the row of its :class:`Service` per worker
+        #: shape the cost model fills (:meth:`CostModel._service_rows`); survives while
+        #: the group's request tuple does.
         self.memos: list[dict[Any, Any]] = []
 
     def refresh(self, groups: Sequence[RequestGroup],
@@ -242,6 +246,7 @@ class GroupStatsCache:
         entries = self._entries
         out: list[_Entry] = []
         changed: list[int] = []
+        num_new = 0  # groups without an entry
         for index, group in enumerate(groups):
             entry = entries.get(group.key)
             if entry is not None and entry.requests is group.requests:  # unchanged
@@ -249,12 +254,17 @@ class GroupStatsCache:
                     entry.stats = _reindexed(entry.stats, index)
             else:
                 changed.append(index)
+                num_new += entry is None
             out.append(entry)  # type: ignore[arg-type]  # the changed ones are set below
         if changed:
             for index, entry in zip(changed, self._changed([(i, groups[i]) for i in changed],
                                                            output_stats), strict=True):
                 out[index] = entry
-        self._entries = {group.key: entry for group, entry in zip(groups, out, strict=True)}
+        if num_new or len(groups) != len(entries):  # groups joined or left: entries anew
+            self._entries = {group.key: entry for group, entry in zip(groups, out, strict=True)}
+        else:  # the same groups: only the changed entries are new
+            for index in changed:
+                entries[groups[index].key] = out[index]
         self.memos = [entry.memo for entry in out]
         return [entry.stats for entry in out]
 
@@ -309,8 +319,20 @@ class GroupStatsCache:
             entries.append(_Entry(
                 group.requests, arrays,
                 stats_of(group.key, index, arrays, group.requests[0].slo.ttft_s),
-                {CUMULATIVE_RESERVATIONS: np.cumsum(arrays.reserved).tolist()}))
+                {RESERVATIONS: arrays.reserved}))
         return entries
+
+
+def memo_cumulative_reservations(memo: dict[Any, Any]) -> list[int] | None:
+    """The group's :data:`CUMULATIVE_RESERVATIONS` from its memo, summed the first time it
+    is asked; None for a memo without its reservations."""
+    found: list[int] | None = memo.get(CUMULATIVE_RESERVATIONS)
+    if found is None:
+        reserved = memo.get(RESERVATIONS)
+        if reserved is None:
+            return None
+        found = memo[CUMULATIVE_RESERVATIONS] = np.cumsum(reserved).tolist()
+    return found
 
 
 def _reindexed(s: GroupStats, index: int) -> GroupStats:
@@ -507,8 +529,7 @@ class CostModel:
         for i, w in enumerate(workers):
             if self.shape_worker[self.shape_of[i]] is None:
                 self.shape_worker[self.shape_of[i]] = w
-        self._table: list[list[Any]] = [[_MISSING] * len(shapes) for _ in stats]
-        self._memos = memos
+        self._table: list[list[Any]] = self._service_rows(memos, len(stats))
         self._drain: dict[tuple[int, str], float] = {}
         self._swap: dict[tuple[int, str, str | None], float] = {}
         self._tail: dict[tuple[int, str], float] = {}
@@ -517,21 +538,39 @@ class CostModel:
         self._swap_of: dict[tuple[Any, ...], float] = {}
         self._tail_of: dict[tuple[str, str], float] = {}
 
+    def _service_rows(self, memos: Sequence[dict[Any, Any]] | None, num_groups: int
+                      ) -> list[list[Any]]:
+        """Per group, its services by shape index (:data:`_MISSING` until computed). With
+        ``memos``, each group's row lives in its memo under the shapes and pricing options
+        it was computed for, so a group unchanged since the last decision keeps the
+        services computed then: a decision reads a row per group instead of a memo lookup
+        per (group, shape) pair it asks about (1,300 at 100k queued, 80 workers). The key
+        is text, whose hash Python computes once."""
+        width = len(self.shape_keys)
+        if memos is None:
+            return [[_MISSING] * width for _ in range(num_groups)]
+        layout = repr(("services", self.shape_keys, self.service_scale, self.tpot_aware))
+        rows = []
+        for memo in memos:
+            row = memo.get(layout)
+            if row is None:
+                row = memo[layout] = [_MISSING] * width
+            rows.append(row)
+        return rows
+
     def service(self, group_index: int, worker_index: int) -> Service | None:
         """Cost of group ``group_index`` on worker ``worker_index``; None if no profile."""
         found = self._table[group_index][self.shape_of[worker_index]]
         if found is not _MISSING:
             return found
-        shape = self.shape_of[worker_index]
+        return self.shape_service(group_index, self.shape_of[worker_index])
+
+    def shape_service(self, group_index: int, shape: int) -> Service | None:
+        """:meth:`service` on any worker of shape ``shape`` (all of them cost the same)."""
         row = self._table[group_index]
-        memo = self._memos[group_index] if self._memos is not None else None
-        key = self.shape_keys[shape]
-        found = _MISSING if memo is None else memo.get(key, _MISSING)
+        found = row[shape]
         if found is _MISSING:
-            found = self._compute_service(group_index, shape)
-            if memo is not None:
-                memo[key] = found
-        row[shape] = found
+            found = row[shape] = self._compute_service(group_index, shape)
         return found
 
     def _compute_service(self, group_index: int, shape: int) -> Service | None:
@@ -721,6 +760,12 @@ class Slot(NamedTuple):
     p_meet: float
 
 
+#: ``new_slot(Slot, (start_at, ..., p_meet))`` is ``Slot(start_at, ..., p_meet)`` without
+#: the named tuple's ``__new__``, a Python function: a call from C into Python per slot
+#: (about twice the cost of the tuple itself) for the thousand slots of a decision.
+new_slot = tuple.__new__
+
+
 def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
                 tail_model: str | None, seg_start_at: float, end_at: float,
                 end_var: float, with_p: bool = True) -> Slot:
@@ -730,13 +775,14 @@ def place_after(cost: CostModel, worker_index: int, g: GroupStats, svc: Service,
         if not start > seg_start_at:  # max(seg_start_at, end_at - lead), without the call
             start = seg_start_at
         p = p_meet(g, svc, start, end_var) if with_p else 0.0
-        return Slot(start, end_var, end_at + svc.mean_s, end_var + svc.var_s2, seg_start_at,
-                    False, p)
+        return new_slot(Slot, (start, end_var, end_at + svc.mean_s, end_var + svc.var_s2,
+                               seg_start_at, False, p))
     start = end_at + cost.swap_s(worker_index, g.model, tail_model)
     if tail_model is not None and end_at > seg_start_at:
         start += cost.drain_tail_s(worker_index, tail_model)
     p = p_meet(g, svc, start, end_var) if with_p else 0.0
-    return Slot(start, end_var, start + svc.mean_s, end_var + svc.var_s2, start, True, p)
+    return new_slot(Slot, (start, end_var, start + svc.mean_s, end_var + svc.var_s2, start,
+                           True, p))
 
 
 def p_meet(g: GroupStats, svc: Service, start_at: float, start_var: float) -> float:

@@ -19,6 +19,7 @@ from qlm.core.policies.planning import (
     Lane,
     WorkerLoad,
     lane_value,
+    memo_cumulative_reservations,
     p_meet,
 )
 from qlm.core.pulls import DEFAULT_EXPECTED_OUTPUT_TOKENS, kv_reservation
@@ -61,11 +62,11 @@ class PlanningContext:
         """The KV reservations (:func:`qlm.core.pulls.kv_reservation`) of group ``gi``'s
         requests in pull order, summed from its head: how far a pull of its first k
         requests takes a worker's headroom. Kept in the group's memo
-        (:class:`~qlm.core.policies.planning.GroupStatsCache` computes it with the
-        group's other terms), so a lane head is not walked request by request at every
-        decision."""
+        (:class:`~qlm.core.policies.planning.GroupStatsCache` reads the reservations with
+        the group's other terms), so a lane head is not walked request by request at
+        every decision."""
         memo = self._memos[gi] if self._memos is not None else {}
-        found: list[int] | None = memo.get(CUMULATIVE_RESERVATIONS)
+        found = memo_cumulative_reservations(memo)
         if found is None:  # a context made without the group memos
             requests = self.snapshot.groups[self.stats[gi].index].requests
             found = memo[CUMULATIVE_RESERVATIONS] = list(accumulate(
@@ -89,6 +90,12 @@ class PlanningContext:
             by_class.setdefault(self.stats[gi].key.slo_class, []).append(gi)
         rank = [0] * len(self.stats)
         for slo_class, members in by_class.items():
+            tenant = self.stats[members[0]].key.tenant
+            if all(self.stats[gi].key.tenant == tenant for gi in members):
+                # one flow: fair share serves it in its own (deadline) order
+                for position, gi in enumerate(members):
+                    rank[gi] = position
+                continue
             items = [((slo_class, self.stats[gi].key.tenant),
                       weights.cost(self.stats[gi].mean_prompt * self.stats[gi].size,
                                    self.stats[gi].out_mean_total)) for gi in members]

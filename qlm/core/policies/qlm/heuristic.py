@@ -14,6 +14,7 @@ from qlm.core.policies.planning import (
     Slot,
     lane_terms,
     lane_value,
+    new_slot,
     p_meet,
     place_after,
     rewalk,
@@ -77,43 +78,54 @@ class _Heaps:
         each only if it drains earlier than the ones before — otherwise it is dominated
         (starts no earlier and pays at least as much swap)."""
         found: dict[int, Lane] = {}
-        top, tail, resident, any_ = self.top, self.tail, self.resident, self.any
+        tail, resident, any_ = self.tail, self.resident, self.any
+        pop = heapq.heappop
         for shape in shapes:
             bound = math.inf
-            for heap in (tail.get((shape, model)), resident.get((shape, model)),
-                         any_.get(shape)):
-                lane = top(heap, lanes)
-                if lane is not None and lane.end_at < bound:
-                    found[lane.index] = lane
-                    bound = lane.end_at
+            key = (shape, model)
+            for heap in (tail.get(key), resident.get(key), any_.get(shape)):
+                while heap:  # :meth:`top`, inlined (a dozen heaps per group placed)
+                    _, index, version = heap[0]
+                    lane = lanes[index]
+                    if lane.version == version:
+                        if lane.end_at < bound:
+                            found[index] = lane
+                            bound = lane.end_at
+                        break
+                    pop(heap)
         return [found[i] for i in sorted(found)]
 
     def earliest_end(self, gi: int, shapes: Sequence[int], lanes: Sequence[Lane]
                      ) -> Lane | None:
         """The lane that would finish group ``gi`` first, among each shape's least-drained
         lane ending with its model and least-drained lane overall (late groups only need
-        to be served soon, not at the best position)."""
+        to be served soon, not at the best position).
+
+        A shape whose least-drained lane would end ``gi`` later than the best found so far
+        even with no swap is passed over: its lanes' ends are that at least (times only
+        grow by what the walk adds)."""
         cost = self.cost
         model = cost.stats[gi].model
         top, tail, any_ = self.top, self.tail, self.any
         best: Lane | None = None
         best_end = 0.0
         for shape in shapes:
-            svc = None
-            seen = None
-            for heap in (tail.get((shape, model)), any_.get(shape)):
-                lane = top(heap, lanes)
-                if lane is None or lane is seen:  # the same lane: the same end
-                    continue
-                seen = lane
-                if svc is None:  # the same for every lane of the shape
-                    svc = cost.service(gi, lane.index)
-                    assert svc is not None
-                end = lane.end_at + svc.mean_s
-                if lane.tail != model:
-                    end += cost.swap_s(lane.index, model, lane.tail)
-                    if lane.tail is not None and lane.end_at > lane.seg_start_at:
-                        end += cost.drain_tail_s(lane.index, lane.tail)
+            least = top(any_.get(shape), lanes)
+            if least is None:
+                continue  # no lane of this shape
+            svc = cost.shape_service(gi, shape)  # the same for every lane of the shape
+            assert svc is not None
+            mean = svc.mean_s
+            if best is not None and least.end_at + mean > best_end:
+                continue
+            same = top(tail.get((shape, model)), lanes)
+            for lane in (least,) if same is None or same is least else (same, least):
+                end = lane.end_at + mean
+                lane_tail = lane.tail
+                if lane_tail != model:
+                    end += cost.swap_s(lane.index, model, lane_tail)
+                    if lane_tail is not None and lane.end_at > lane.seg_start_at:
+                        end += cost.drain_tail_s(lane.index, lane_tail)
                 # the least (end, lane index)
                 if best is None or end < best_end or (end == best_end
                                                       and lane.index < best.index):
@@ -218,7 +230,8 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
     heaps = _Heaps(lanes, cost, resident=False)  # the local search reset lanes: fresh heaps
     floor: dict[int, int] = {}  # per lane: the position after its last late group
     lane_slots = dict(lane_walks or {})  # per lane: the walk of its current order
-    for gi in sorted(late, key=lambda i: (stats[i].deadline_points[0], stats[i].key)):
+    placing = set(late)
+    for gi in [gi for gi in pc.deadline_order() if gi in placing]:
         target = heaps.earliest_end(gi, shapes_for(gi), lanes)
         if target is None:
             continue
@@ -238,8 +251,8 @@ def _insert_late(pc: PlanningContext, lanes: Sequence[Lane], late: Sequence[int]
                 first = walked[0]
                 svc = cost.service(gi, target.index)
                 assert svc is not None
-                walked[0] = first._replace(p_meet=p_meet(stats[gi], svc, first.start_at,
-                                                         first.start_var))
+                walked[0] = new_slot(Slot, (*first[:-1], p_meet(stats[gi], svc, first.start_at,
+                                                                  first.start_var)))
                 kept = [*kept, *walked]
             lane_slots[target.index] = target.reset(
                 [*target.order[:pos], gi, *target.order[pos:]], cost, kept)
@@ -402,15 +415,24 @@ def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], g
 
 def _best_slot(gi: int, candidates: Sequence[Lane], cost: CostModel,
                reach: Sequence[int] | None = None) -> tuple[Lane | None, Slot | None]:
-    """Among the candidates within 0.02 of the best p_meet: the least versatile shape
-    (with ``reach``), then the earliest drain."""
-    options = [(lane, lane.slot_for(gi, cost)) for lane in candidates]
-    valid = [(lane, s) for lane, s in options if s is not None]
+    """Among the candidates (in lane order) within 0.02 of the best p_meet: the least
+    versatile shape (with ``reach``), then the earliest drain."""
+    valid = []
+    best_p = -math.inf
+    for lane in candidates:
+        s = lane.slot_for(gi, cost)
+        if s is not None:
+            valid.append((lane, s))
+            if s.p_meet > best_p:
+                best_p = s.p_meet
     if not valid:
         return None, None
-    best_p = max(s.p_meet for _, s in valid)
-    good = [(lane, s) for lane, s in valid if s.p_meet >= best_p - 0.02]
-    earliest = min(good, key=lambda ls: (ls[1].end_at, ls[0].index))
+    least_p = best_p - 0.02
+    good = [(lane, s) for lane, s in valid if s.p_meet >= least_p]
+    earliest = good[0]  # the least (end, lane index): candidates come in lane order
+    for lane, s in good:
+        if s.end_at < earliest[1].end_at:
+            earliest = (lane, s)
     if reach is not None:
         sure = [(lane, s) for lane, s in good if s.p_meet >= SURE_P]
         if sure:  # only work that is surely met there moves to a less versatile shape
