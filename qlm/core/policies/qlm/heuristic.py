@@ -1,6 +1,7 @@
-"""The ``qlm`` heuristic planner (steps 1–5 of the package docstring): deadline order,
+"""The ``qlm`` heuristic planner (steps 1–6 of the package docstring): deadline order,
 candidate lanes from heaps, weighted Moore–Hodgson displacement, adjacent-swap local
-search, and the placement of groups whose deadlines have all passed."""
+search, the placement of groups whose deadlines have all passed, and each model's
+settled work in one run."""
 
 from __future__ import annotations
 
