@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+from typing import Any
 
 import pytest
 
 from qlm.core.perf import PerfProfile, ProfileBook
 from qlm.core.policies import PolicyContext, make_policy
-from qlm.core.policies.qlm import Plan, QlmPolicy, plan_evictions
+from qlm.core.policies.qlm import Plan, QlmPolicy, heuristic_plan, milp_plan, plan_evictions
 from qlm.core.types import (
     SLO,
     Decision,
@@ -55,7 +57,8 @@ def attainment(policy: QlmPolicy, snapshot: QueueSnapshot, ctx: PolicyContext,
 SHORT_OUTPUTS = {"output_stats": {"*": (100.0, 10.0)}}
 
 
-def interleaved_deadlines() -> tuple[QueueSnapshot, ProfileBook]:
+def interleaved_deadlines(deadlines: tuple[float, ...] = (10.0, 12.0, 14.0, 16.0)
+                          ) -> tuple[QueueSnapshot, ProfileBook]:
     """Two models on one worker, deadlines alternating A, B, A, B; a swap costs ~8 s
     (5.5 s of sleep and wake, ~2.4 s for the longest request to drain).
 
@@ -64,8 +67,7 @@ def interleaved_deadlines() -> tuple[QueueSnapshot, ProfileBook]:
     """
     book = ProfileBook.of([profile("A", "g"), profile("B", "g")])
     reqs = []
-    for window, (model, deadline) in enumerate([("A", 10.0), ("B", 12.0), ("A", 14.0),
-                                                 ("B", 16.0)]):
+    for window, (model, deadline) in enumerate(zip("ABAB", deadlines, strict=True)):
         reqs += [request(f"{model}{window}-{i}", model, float(window), deadline - window)
                  for i in range(4)]
     snap = QueueSnapshot(0.0, group_requests(reqs, 1.0), (worker("w0", ("A", "B"), "A"),))
@@ -76,14 +78,19 @@ def test_milp_groups_by_model_where_edf_misses_because_of_swaps() -> None:
     snap, book = interleaved_deadlines()
     ctx = PolicyContext(book, {"milp_time_limit_s": 10.0, **SHORT_OUTPUTS})
     policy = QlmPolicy()
-    pc, plan = policy.plan(snap, ctx)
-    assert plan.mode == "milp"
+    pc = policy.planning_context(snap, ctx, policy.options_for(ctx))
+    plan = milp_plan(pc, 10.0, 100)
+    assert isinstance(plan, Plan) and plan.mode == "milp"
     models = [pc.stats[g].model for g in plan.orders[0]]
     assert models == ["A", "A", "B", "B"]  # one swap, not three
     edf = sorted(range(4), key=lambda g: pc.stats[g].earliest_deadline_at)
     assert [pc.stats[g].model for g in edf] == ["A", "B", "A", "B"]
     assert attainment(policy, snap, ctx, [list(plan.orders[0])]) > 0.99
     assert attainment(policy, snap, ctx, [edf]) < 0.8
+    # the heuristic gets there too: the last A group, lost in deadline order, is settled
+    # work that its step 6 puts with the first one
+    heuristic = heuristic_plan(pc, policy.options_for(ctx))
+    assert [pc.stats[g].model for g in heuristic.orders[0]] == ["A", "A", "B", "B"]
 
 
 def test_decision_places_every_group_once_and_pulls_only_the_head_model() -> None:
@@ -129,7 +136,8 @@ def test_heuristic_is_close_to_the_milp_on_small_instances(seed: int) -> None:
 
 
 def test_milp_with_no_time_falls_back_to_the_heuristic() -> None:
-    snap, book = interleaved_deadlines()
+    # deadlines so tight that the heuristic falls short of the bound: the MILP is tried
+    snap, book = interleaved_deadlines((8.0, 9.0, 10.0, 11.0))
     ctx = PolicyContext(book, {"milp_time_limit_s": 0.0, **SHORT_OUTPUTS})
     pc, plan = QlmPolicy().plan(snap, ctx)
     assert plan.mode.startswith("heuristic (milp:")
@@ -329,7 +337,7 @@ def test_a_late_group_goes_ahead_of_groups_with_slack_not_of_tight_ones() -> Non
         decision = QlmPolicy(**options).decide(snap, PolicyContext(book))
         return [f"{k.slo_class.value}@{k.window:g}" for k in decision.placements[0].order]
 
-    options: dict[str, object] = {}  # the default: late_insert_budget 300
+    options: dict[str, Any] = {}  # the default: late_insert_budget 300
     assert order_with(1.0) == ["interactive@0", "interactive@-5", "batch-1@-2"]
     assert order_with(30.0) == ["interactive@-5", "interactive@0", "batch-1@-2"]
     options = {"late_insert_budget": 0}  # no budget: last
@@ -467,3 +475,65 @@ def test_eviction_is_sized_by_the_kv_room_a_pull_would_find() -> None:
     snap = QueueSnapshot(0.0, interactive_group(20.0), (full_kv,))
     decision = make_policy("qlm").decide(snap, PolicyContext(book))
     assert [e.request_id for e in decision.evictions] == ["batch0", "batch1"]
+
+
+def settled_backlog(batch2_ttft_s: float) -> tuple[QueueSnapshot, ProfileBook]:
+    """One worker on model A, twelve groups alternating A, B (arrival windows 0..11) of
+    batch-2 requests due ``batch2_ttft_s`` after arrival: with an hour every group is met
+    with slack in any order; the planner's deadline order alone swaps eleven times."""
+    book = ProfileBook.of([profile("A", "g"), profile("B", "g")])
+    reqs = [request(f"{'AB'[w % 2]}{w}-{i}", "AB"[w % 2], float(w), batch2_ttft_s,
+                    SLOClass.BATCH_2) for w in range(12) for i in range(3)]
+    snap = QueueSnapshot(12.0, group_requests(reqs, 1.0), (worker("w0", ("A", "B"), "A"),))
+    return snap, book
+
+
+def model_changes(models: list[str]) -> int:
+    return sum(1 for a, b in itertools.pairwise(models) if a != b)
+
+
+def test_settled_work_of_one_model_is_served_in_one_run() -> None:
+    snap, book = settled_backlog(3600.0)
+    ctx = PolicyContext(book, {"milp_max_cells": 0, **SHORT_OUTPUTS})
+    policy = QlmPolicy()
+    pc, plan = policy.plan(snap, ctx)
+    models = [pc.stats[gi].model for gi in plan.orders[0]]
+    assert models == ["A"] * 6 + ["B"] * 6  # the active model first: one swap, not eleven
+    assert model_changes(models) == 1
+    # each model's groups keep their deadline order
+    windows = [pc.stats[gi].key.window for gi in plan.orders[0]]
+    assert windows == [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 11]
+    assert attainment(policy, snap, ctx, [list(plan.orders[0])]) == pytest.approx(1.0)
+
+
+def test_a_swap_that_serves_a_deadline_is_kept() -> None:
+    # on A, with A's work due in an hour and one B group due 7 s from now: putting A's
+    # work together first (no swap now) would make the B group miss, so B goes first
+    book = ProfileBook.of([profile("A", "g"), profile("B", "g")])
+    reqs = [request(f"A{w}-{i}", "A", float(w), 3600.0, SLOClass.BATCH_2)
+            for w in (0, 2, 3) for i in range(3)]
+    reqs += [request(f"B1-{i}", "B", 1.0, 10.0, SLOClass.BATCH_1) for i in range(3)]
+    snap = QueueSnapshot(4.0, group_requests(reqs, 1.0), (worker("w0", ("A", "B"), "A"),))
+    ctx = PolicyContext(book, {"milp_max_cells": 0, **SHORT_OUTPUTS})
+    policy = QlmPolicy()
+    pc, plan = policy.plan(snap, ctx)
+    assert pc.stats[plan.orders[0][0]].model == "B"
+    assert attainment(policy, snap, ctx, [list(plan.orders[0])]) == pytest.approx(1.0)
+
+
+def test_the_model_fewest_workers_serve_goes_first_in_a_settled_stretch() -> None:
+    # w0 serves A and B, w1 only A (and is busy): on w0, B's settled work, which only w0
+    # can do, goes before A's, which w1 can take over at a later decision
+    book = ProfileBook.of([profile("A", "g"), profile("B", "g"), profile("A", "h")])
+    reqs = [request(f"{'BA'[w % 2]}{w}-{i}", "BA"[w % 2], float(w), 3600.0,
+                    SLOClass.BATCH_2) for w in range(8) for i in range(3)]
+    busy = tuple(RunningRequest(request(f"r{i}", "A", 0.0, 3600.0, SLOClass.BATCH_2,
+                                        max_tokens=2000), 0) for i in range(16))
+    snap = QueueSnapshot(8.0, group_requests(reqs, 1.0), (
+        worker("w0", ("A", "B"), "A"),
+        worker("w1", ("A",), "A", gpu="h", running=busy)))
+    ctx = PolicyContext(book, {"milp_max_cells": 0, **SHORT_OUTPUTS})
+    pc, plan = QlmPolicy().plan(snap, ctx)
+    models = [pc.stats[gi].model for gi in plan.orders[0]]
+    assert models[0] == "B"
+    assert model_changes(models) <= 1

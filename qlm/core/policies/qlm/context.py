@@ -10,6 +10,7 @@ from typing import Any
 
 from qlm.core.estimator import LengthStats
 from qlm.core.fairness import VirtualTokenCounters, fair_order
+from qlm.core.fit import can_serve
 from qlm.core.policies.base import PolicyContext
 from qlm.core.policies.planning import (
     CUMULATIVE_RESERVATIONS,
@@ -55,6 +56,7 @@ class PlanningContext:
         self.fair_rank: list[int] | None = None
         self._deadline_order: list[int] | None = None
         self._memos = memos
+        self._serving: dict[str | None, int] = {}
 
     def cumulative_reservations(self, gi: int) -> list[int]:
         """The KV reservations (:func:`qlm.core.pulls.kv_reservation`) of group ``gi``'s
@@ -164,6 +166,17 @@ class PlanningContext:
     def fresh_lanes(self) -> list[Lane]:
         return [Lane(i, w, self.loads[i], self.cost, self.now)
                 for i, w in enumerate(self.snapshot.workers)]
+
+    def num_workers_serving(self, model: str | None) -> int:
+        """How many workers of the snapshot can serve ``model`` (a profile for it on their
+        GPU, enough GPUs); counted once per model and decision."""
+        counts = self._serving
+        found = counts.get(model)
+        if found is None:
+            profiles = self.cost.profiles
+            found = counts[model] = 0 if model is None else sum(
+                1 for w in self.snapshot.workers if can_serve(profiles, model, w.gpu, w.num_gpus))
+        return found
 
     def weight(self, gi: int) -> float:
         return self.weights.get(self.stats[gi].key.slo_class, 1.0)
