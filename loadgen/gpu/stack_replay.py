@@ -318,17 +318,25 @@ def variant_result(run: Any, workload: Workload, decide_s: Sequence[float],
     }
 
 
-def replays(workloads: Mapping[str, Workload], repeat: int
-            ) -> list[tuple[str, Workload, int]]:
-    """(slice, workload, run number from 1) in the order they are replayed: each slice's
-    runs back to back."""
-    return [(label, w, k) for label, w in workloads.items() for k in range(1, repeat + 1)]
+def replays(workloads: Mapping[str, Workload], repeat: int, policy: str,
+            alone: Mapping[str, Workload] | None = None) -> list[tuple[str, str, Workload]]:
+    """(variant name, slice, workload) in the order they are replayed: each slice's
+    interactive stream alone first (``alone``: the slices' workloads without their batch
+    jobs, ``--interactive-only-first``), then each slice's runs back to back."""
+    alone = alone or {}
+    single = len(workloads) == 1 and repeat == 1 and not alone
+    return [
+        *((f"stack-{policy} {Path(label).stem} interactive only", label, w)
+          for label, w in alone.items()),
+        *((variant_name(policy, label, k, single), label, w)
+          for label, w in workloads.items() for k in range(1, repeat + 1)),
+    ]
 
 
-def variant_name(policy: str, label: str, k: int, num_slices: int, repeat: int) -> str:
-    """``stack-<policy>`` for one run of one slice (the schema of single runs), else
-    ``stack-<policy> <slice file stem> run <k>``."""
-    if num_slices == 1 and repeat == 1:
+def variant_name(policy: str, label: str, k: int, single: bool = False) -> str:
+    """``stack-<policy>`` for the one run of a replay of one slice (``single``: the
+    schema of single runs), else ``stack-<policy> <slice file stem> run <k>``."""
+    if single:
         return f"stack-{policy}"
     return f"stack-{policy} {Path(label).stem} run {k}"
 
@@ -404,7 +412,9 @@ def run_stack(args: argparse.Namespace, workloads: Mapping[str, Workload],
             1.0, budget.within(WARMUP_TIMEOUT_S, "the warm-up"), check_alive,
             draw_prompts(warm.requests, args.seed + 7)))
         startup["warmup"] = round(time.monotonic() - started, 1)
-        for label, workload, k in replays(workloads, args.repeat):
+        alone = (slice_workloads(args, interactive_only=True)
+                 if args.interactive_only_first else None)
+        for name, label, workload in replays(workloads, args.repeat, args.policy, alone):
             plan = replay_plan(workload, label, args.seed)
             span_s = plan.span_s
             wait_s = budget.within(args.replay_timeout_s, "the replay") - span_s
@@ -418,9 +428,10 @@ def run_stack(args: argparse.Namespace, workloads: Mapping[str, Workload],
             timed_out = run.num_done() < len(run.tracked)
             decide_s = samples_since(decided_before,
                                      decision_seconds(services.ports.scheduler_metrics))
-            name = variant_name(args.policy, label, k, len(workloads), args.repeat)
             result["variants"][name] = variant_result(run, workload, decide_s, timed_out)
             result["variants"][name]["slice"] = label
+            result["variants"][name]["interactive_only"] = alone is not None and name.endswith(
+                " interactive only")
     finally:
         with stop_signals_deferred():
             stop_all(fleet, services, stack, run_dir, result)
@@ -529,6 +540,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="replay each --slice this many times, one after the other, on the "
                         "same running stack (engines start once)")
+    p.add_argument("--interactive-only-first", action="store_true",
+                   help="before those runs, replay each slice's interactive stream alone "
+                        "(its batch jobs left out) once on the same stack: what the card "
+                        "gives the stream by itself, the bound of the runs beside batch work")
     args = p.parse_args(argv)
     if len(args.models.split(",")) != 2:
         p.error("--models: two models, comma-separated")
@@ -539,9 +554,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def slice_workloads(args: argparse.Namespace) -> dict[str, Workload]:
-    """The workload of each comma-separated ``--slice``, as qlm_vs_fcfs builds it."""
-    return {label: build_workload(argparse.Namespace(**{**vars(args), "slice": label}))
+def slice_workloads(args: argparse.Namespace, interactive_only: bool = False
+                    ) -> dict[str, Workload]:
+    """The workload of each comma-separated ``--slice``, as qlm_vs_fcfs builds it
+    (``interactive_only``: without its batch jobs)."""
+    extra = {"num_batch": 0} if interactive_only else {}
+    return {label: build_workload(argparse.Namespace(**{**vars(args), "slice": label, **extra}))
             for label in args.slice.split(",")}
 
 

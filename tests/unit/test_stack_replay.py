@@ -153,12 +153,20 @@ def test_each_slice_is_replayed_repeat_times_back_to_back(tmp_path: Path) -> Non
     workloads = slice_workloads(args)
     assert list(workloads) == [a, b]
     assert "a.csv" in workloads[a].description["interactive"]
-    order = [(label, k) for label, _, k in replays(workloads, args.repeat)]
-    assert order == [(a, 1), (a, 2), (b, 1), (b, 2)]
-    names = {variant_name("qlm", label, k, len(workloads), args.repeat) for label, k in order}
-    assert names == {"stack-qlm a run 1", "stack-qlm a run 2", "stack-qlm b run 1",
-                     "stack-qlm b run 2"}
-    assert variant_name("qlm", a, 1, 1, 1) == "stack-qlm"
+    order = [(name, label) for name, label, _ in replays(workloads, args.repeat, "qlm")]
+    assert order == [("stack-qlm a run 1", a), ("stack-qlm a run 2", a),
+                     ("stack-qlm b run 1", b), ("stack-qlm b run 2", b)]
+    assert variant_name("qlm", a, 1, single=True) == "stack-qlm"
+    assert variant_name("qlm", a, 1) == "stack-qlm a run 1"
+    one = {a: workloads[a]}
+    assert [name for name, _, _ in replays(one, 1, "qlm")] == ["stack-qlm"]
+    # --interactive-only-first: each slice's stream alone first, then the runs, every
+    # name apart (the single-run name too)
+    alone = slice_workloads(parse_args(["--slice", a, "--num-batch", "1"]), interactive_only=True)
+    assert all(r.slo_class.value == "interactive" for r in alone[a].requests)
+    assert len(alone[a].requests) == 2 and len(workloads[a].requests) == 4
+    assert [(name, w is alone[a]) for name, _, w in replays(one, 1, "qlm", alone)] == [
+        ("stack-qlm a interactive only", True), ("stack-qlm a run 1", False)]
 
 
 def test_bad_repeat_or_empty_slice_is_refused() -> None:
