@@ -56,7 +56,7 @@ class PlanningContext:
         self.fair_rank: list[int] | None = None
         self._deadline_order: list[int] | None = None
         self._memos = memos
-        self._serving: dict[str | None, int] = {}
+        self._serving: dict[str, int] = {}
 
     def cumulative_reservations(self, gi: int) -> list[int]:
         """The KV reservations (:func:`qlm.core.pulls.kv_reservation`) of group ``gi``'s
@@ -154,27 +154,39 @@ class PlanningContext:
         return False
 
     def respects_fair_order(self, orders: Sequence[Sequence[int]]) -> bool:
-        """Whether no lane of ``orders`` puts a group behind one it should precede."""
-        if self.fair_rank is None:
+        """Whether no lane of ``orders`` puts a group behind one it should precede
+        (:meth:`fair_before`). One pass per lane: per class, the highest fair rank seen so
+        far of each of the two tenants that hold the highest; a group breaks the order
+        when another tenant's group ahead of it ranks after it."""
+        rank = self.fair_rank
+        if rank is None:
             return True
+        stats = self.stats
         for order in orders:
-            for i, a in enumerate(order):
-                if any(self.fair_before(b, a) for b in order[i + 1:]):
+            top: dict[SLOClass, list[tuple[int, str]]] = {}  # ≤ 2 (rank, tenant) a class
+            for gi in order:
+                key = stats[gi].key
+                r = rank[gi]
+                seen = top.setdefault(key.slo_class, [])
+                if any(other > r and tenant != key.tenant for other, tenant in seen):
                     return False
+                mine = [(max(r, x), t) for x, t in seen if t == key.tenant] or [(r, key.tenant)]
+                seen[:] = sorted([*mine, *((x, t) for x, t in seen if t != key.tenant)],
+                                 reverse=True)[:2]
         return True
 
     def fresh_lanes(self) -> list[Lane]:
         return [Lane(i, w, self.loads[i], self.cost, self.now)
                 for i, w in enumerate(self.snapshot.workers)]
 
-    def num_workers_serving(self, model: str | None) -> int:
+    def num_workers_serving(self, model: str) -> int:
         """How many workers of the snapshot can serve ``model`` (a profile for it on their
         GPU, enough GPUs); counted once per model and decision."""
         counts = self._serving
         found = counts.get(model)
         if found is None:
             profiles = self.cost.profiles
-            found = counts[model] = 0 if model is None else sum(
+            found = counts[model] = sum(
                 1 for w in self.snapshot.workers if can_serve(profiles, model, w.gpu, w.num_gpus))
         return found
 

@@ -29,7 +29,6 @@ from qlm.core.policies.qlm.context import (
     shape_representatives,
 )
 from qlm.core.policies.qlm.options import QlmOptions
-from qlm.core.types import SLOClass
 
 #: p_meet at which ``spare_versatile`` may move a group to a less versatile shape.
 SURE_P = 0.999
@@ -329,6 +328,11 @@ def _loses_nothing(pc: PlanningContext, order: Sequence[int], slots: Sequence[Sl
     return sum(lane_terms(cost, regrouped, fresh, weights)) >= value - 1e-9 * (1.0 + value)
 
 
+def _settled(slot: Slot) -> bool:
+    """Whether a group in ``slot`` is surely met or surely missed there (step 6)."""
+    return not SETTLED_P < slot.p_meet < 1.0 - SETTLED_P
+
+
 def _stretch_runs(pc: PlanningContext, lane: Lane, order: Sequence[int],
                   slots: Sequence[Slot], binds: bool) -> list[tuple[int, list[int]]]:
     """The stretches of settled groups of ``order`` (walked: ``slots``) that grouping by
@@ -337,11 +341,11 @@ def _stretch_runs(pc: PlanningContext, lane: Lane, order: Sequence[int],
     changes: list[tuple[int, list[int]]] = []
     k, n = 0, len(order)
     while k < n:
-        if SETTLED_P < slots[k].p_meet < 1.0 - SETTLED_P:
+        if not _settled(slots[k]):
             k += 1
             continue
         j = k + 1
-        while j < n and not SETTLED_P < slots[j].p_meet < 1.0 - SETTLED_P:
+        while j < n and _settled(slots[j]):
             j += 1
         stretch = order[k:j]
         runs: dict[str, list[int]] = {}
@@ -349,36 +353,13 @@ def _stretch_runs(pc: PlanningContext, lane: Lane, order: Sequence[int],
             runs.setdefault(stats[gi].model, []).append(gi)
         if len(runs) > 1:
             before = stats[order[k - 1]].model if k else lane.initial[0]
-            first_seen = {m: i for i, m in enumerate(runs)}
-            ranked = sorted(runs, key=lambda m: (pc.num_workers_serving(m), m != before,
-                                                 first_seen[m]))
+            # a stable sort: models that tie keep their order of first appearance
+            ranked = sorted(runs, key=lambda m: (pc.num_workers_serving(m), m != before))
             together = [gi for m in ranked for gi in runs[m]]
-            if together != stretch and not (binds and _breaks_fair_order(pc, together)):
+            if together != stretch and not (binds and not pc.respects_fair_order([together])):
                 changes.append((k, together))
         k = j
     return changes
-
-
-def _breaks_fair_order(pc: PlanningContext, order: Sequence[int]) -> bool:
-    """Whether ``order`` puts some group ahead of one that fair share keeps before it
-    (:meth:`PlanningContext.fair_before`: same class, another tenant, earlier in the fair
-    order). One pass: per class, the latest fair rank seen so far of the two tenants that
-    hold the largest ones."""
-    rank = pc.fair_rank
-    if rank is None:
-        return False
-    stats = pc.cost.stats
-    top: dict[SLOClass, list[tuple[int, str]]] = {}  # per class: ≤ 2 (rank, tenant), tenants apart
-    for gi in order:
-        key = stats[gi].key
-        r = rank[gi]
-        seen = top.setdefault(key.slo_class, [])
-        if any(other_rank > r and tenant != key.tenant for other_rank, tenant in seen):
-            return True
-        mine = [(max(r, x), t) for x, t in seen if t == key.tenant] or [(r, key.tenant)]
-        seen[:] = sorted([*mine, *((x, t) for x, t in seen if t != key.tenant)],
-                         reverse=True)[:2]
-    return False
 
 
 def _harmless_position(pc: PlanningContext, lane: Lane, slots: Sequence[Slot], gi: int,
