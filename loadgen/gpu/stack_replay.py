@@ -430,8 +430,8 @@ def run_stack(args: argparse.Namespace, workloads: Mapping[str, Workload],
                                      decision_seconds(services.ports.scheduler_metrics))
             result["variants"][name] = variant_result(run, workload, decide_s, timed_out)
             result["variants"][name]["slice"] = label
-            result["variants"][name]["interactive_only"] = alone is not None and name.endswith(
-                " interactive only")
+            result["variants"][name]["interactive_only"] = (alone is not None
+                                                            and alone.get(label) is workload)
     finally:
         with stop_signals_deferred():
             stop_all(fleet, services, stack, run_dir, result)
